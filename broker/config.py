@@ -1,0 +1,243 @@
+"""The broker's configuration: one TOML file, typed and checked before anything starts.
+
+Every setting has a default, so no file is needed. A file that names an
+unknown section or key, a value of the wrong type or outside its range, or
+that cannot be read, stops startup with one line naming the file, the key
+and the problem: a broker never starts half configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message is one line for the operator."""
+
+
+def _setting(default: Any, *, minimum: float | None = None, maximum: float | None = None,
+             choices: tuple | None = None, item_type: type | None = None) -> Any:
+    """Declare a setting with its default and the checks its value must pass."""
+    metadata = {"minimum": minimum, "maximum": maximum, "choices": choices,
+                "item_type": item_type}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Process-wide settings."""
+
+    data_dir: str = _setting("broker-data")
+    workers: int = _setting(1, minimum=1, maximum=64)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """Where log events go and in which format."""
+
+    level: str = _setting("info", choices=("debug", "info", "warn", "error", "critical"))
+    format: str = _setting("text", choices=("text", "json"))
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPSettings:
+    """The HTTP listener: REST API, long polling, WebSocket, dashboard, health."""
+
+    endpoint: str = _setting("tcp:8080:interface=127.0.0.1")
+    public_url: str = _setting("")
+    allowed_origins: tuple = _setting((), item_type=str)
+    max_request_bytes: int = _setting(65536, minimum=1024, maximum=16 * 1024 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class SSPSettings:
+    """The UDP SSP endpoint for sensor nodes (wire.md)."""
+
+    enabled: bool = _setting(True)
+    host: str = _setting("127.0.0.1")
+    port: int = _setting(60001, minimum=0, maximum=65535)
+    receive_buffer_bytes: int = _setting(4 * 1024 * 1024, minimum=65536, maximum=1 << 30)
+    device_heartbeat: float = _setting(25.0, minimum=1.0, maximum=3600.0)
+    offline_after: float = _setting(75.0, minimum=1.0, maximum=86400.0)
+    broker_heartbeats: bool = _setting(False)
+    max_sessions: int = _setting(2_000_000, minimum=1, maximum=100_000_000)
+    max_datagrams_per_second: int = _setting(200_000, minimum=1, maximum=100_000_000)
+    max_device_datagrams_per_second: int = _setting(50, minimum=1, maximum=100_000)
+    max_new_sessions_per_second: int = _setting(2_000, minimum=1, maximum=1_000_000)
+    cipher_cache_size: int = _setting(4096, minimum=16, maximum=1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    """The device-state registry and its store."""
+
+    backend: str = _setting("sqlite", choices=("sqlite", "memory"))
+    history_size: int = _setting(32, minimum=0, maximum=10_000)
+    max_state_bytes: int = _setting(8192, minimum=256, maximum=1 << 20)
+    feed_retention: int = _setting(1_000_000, minimum=1000, maximum=1 << 40)
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    """The dashboard WebSocket endpoint (Autobahn) at /ws."""
+
+    enabled: bool = _setting(True)
+    max_message_bytes: int = _setting(65536, minimum=1024, maximum=16 * 1024 * 1024)
+    max_subscriptions: int = _setting(100, minimum=1, maximum=100_000)
+    max_clients: int = _setting(1000, minimum=1, maximum=1_000_000)
+    ping_interval: float = _setting(30.0, minimum=0.0, maximum=3600.0)
+    ping_timeout: float = _setting(10.0, minimum=0.0, maximum=3600.0)
+    max_behind: float = _setting(60.0, minimum=1.0, maximum=86400.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PollingSettings:
+    """The HTTP polling fallback: short polling, long polling, server-sent events."""
+
+    enabled: bool = _setting(True)
+    max_wait: float = _setting(30.0, minimum=0.0, maximum=3600.0)
+    min_interval: float = _setting(1.0, minimum=0.0, maximum=3600.0)
+    max_waiters: int = _setting(10_000, minimum=1, maximum=10_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Prometheus metrics at /metrics, optionally on a listener of their own."""
+
+    enabled: bool = _setting(True)
+    endpoint: str = _setting("")
+    require_token: bool = _setting(False)
+
+
+_SECTIONS = {
+    "broker": BrokerSettings,
+    "log": LogSettings,
+    "http": HTTPSettings,
+    "ssp": SSPSettings,
+    "registry": RegistrySettings,
+    "websocket": WebSocketSettings,
+    "polling": PollingSettings,
+    "metrics": MetricsSettings,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """All settings, one frozen dataclass per TOML section."""
+
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    http: HTTPSettings = field(default_factory=HTTPSettings)
+    ssp: SSPSettings = field(default_factory=SSPSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
+    polling: PollingSettings = field(default_factory=PollingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    source: str = "<defaults>"
+
+    @property
+    def data_path(self) -> Path:
+        """The data directory; relative paths are taken from the working directory."""
+        return Path(self.broker.data_dir)
+
+
+_ANNOTATED_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "tuple": tuple}
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               tuple: "an array"}
+
+
+def _check_value(section: str, spec: dataclasses.Field, value: Any) -> Any:
+    """Return the value converted to the setting's type, or raise ValueError saying why not."""
+    kind = _ANNOTATED_TYPES[spec.type] if isinstance(spec.type, str) else spec.type
+    meta = spec.metadata
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"must be {_TYPE_NAMES[tuple]}, not {_toml_type(value)}")
+        item_type = meta["item_type"]
+        for item in value:
+            if item_type is not None and not isinstance(item, item_type):
+                raise ValueError(f"every item must be {_TYPE_NAMES[item_type]}, "
+                                 f"found {_toml_type(item)}")
+        return tuple(value)
+    if type(value) is not kind:
+        raise ValueError(f"must be {_TYPE_NAMES[kind]}, not {_toml_type(value)}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        allowed = ", ".join(repr(choice) for choice in meta["choices"])
+        raise ValueError(f"must be one of {allowed}, not {value!r}")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise ValueError(f"must be at least {meta['minimum']}, not {value!r}")
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise ValueError(f"must be at most {meta['maximum']}, not {value!r}")
+    return value
+
+
+def _toml_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _cross_checks(config: Config) -> list[tuple[str, str]]:
+    """Rules that relate two settings; each problem as (key, message)."""
+    problems = []
+    if config.ssp.offline_after < config.ssp.device_heartbeat:
+        problems.append(("ssp.offline_after",
+                         "must be at least ssp.device_heartbeat, or every device flaps offline"))
+    if config.http.endpoint == config.metrics.endpoint:
+        problems.append(("metrics.endpoint", "must differ from http.endpoint"))
+    return problems
+
+
+def parse_config(document: dict, source: str = "<string>") -> Config:
+    """Build a Config from a parsed TOML document, or raise ConfigError naming the key."""
+    sections = {}
+    for name, table in document.items():
+        if name not in _SECTIONS:
+            known = ", ".join(sorted(_SECTIONS))
+            raise ConfigError(f"{source}: [{name}]: unknown section (known: {known})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {name}: must be a table ([{name}]), not {_toml_type(table)}")
+        settings_type = _SECTIONS[name]
+        fields = {spec.name: spec for spec in dataclasses.fields(settings_type)}
+        values = {}
+        for key, value in table.items():
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                raise ConfigError(f"{source}: {name}.{key}: unknown setting (known: {known})")
+            try:
+                values[key] = _check_value(name, fields[key], value)
+            except ValueError as problem:
+                raise ConfigError(f"{source}: {name}.{key}: {problem}") from None
+        sections[name] = settings_type(**values)
+    config = Config(source=source, **sections)
+    for key, message in _cross_checks(config):
+        raise ConfigError(f"{source}: {key}: {message}")
+    return config
+
+
+def load_config(path: str | None) -> Config:
+    """Read and check the TOML file at path; None gives the embedded defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as problem:
+        raise ConfigError(f"{path}: cannot read: {problem.strerror or problem}") from None
+    except tomllib.TOMLDecodeError as problem:
+        raise ConfigError(f"{path}: not valid TOML: {problem}") from None
+    return parse_config(document, source=str(path))
+
+
+def replace(config: Config, section: str, **changes: Any) -> Config:
+    """Return a copy of config with some settings of one section changed (tests, reloads)."""
+    current = getattr(config, section)
+    return dataclasses.replace(config, **{section: dataclasses.replace(current, **changes)})

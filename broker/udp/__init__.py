@@ -1,0 +1,1 @@
+"""The UDP SSP endpoint: one port for a whole fleet of sensor nodes."""

@@ -1,0 +1,1 @@
+"""The HTTP port: REST API, long polling, WebSocket, dashboard, health and metrics."""

@@ -1,0 +1,1 @@
+"""Tests for ssp-broker (run with trial)."""

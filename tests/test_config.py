@@ -1,0 +1,140 @@
+"""Tests for broker.config: defaults, the example file, and every kind of bad input."""
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.config import Config, ConfigError, load_config, parse_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "broker.toml"
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_no_file_gives_embedded_defaults(self):
+        """Without a file every setting has its default: HTTP and UDP on loopback."""
+        config = load_config(None)
+        self.assertEqual(config.http.endpoint, "tcp:8080:interface=127.0.0.1")
+        self.assertEqual((config.ssp.host, config.ssp.port), ("127.0.0.1", 60001))
+        self.assertEqual(config.broker.data_dir, "broker-data")
+
+    def test_example_file_names_every_setting_with_its_default(self):
+        """etc/broker.toml sets every known setting, each to its default value."""
+        with open(EXAMPLE, "rb") as handle:
+            document = tomllib.load(handle)
+        defaults = Config()
+        for section in dataclasses.fields(Config):
+            if section.name == "source":
+                continue
+            settings = getattr(defaults, section.name)
+            for spec in dataclasses.fields(settings):
+                self.assertIn(spec.name, document.get(section.name, {}),
+                              f"{section.name}.{spec.name} missing from etc/broker.toml")
+        self.assertEqual(dataclasses.replace(load_config(str(EXAMPLE)), source="x"),
+                         dataclasses.replace(defaults, source="x"))
+
+    def test_partial_file_keeps_other_defaults(self):
+        """A file that sets one key changes that key only."""
+        config = parse_config({"ssp": {"port": 7000}})
+        self.assertEqual(config.ssp.port, 7000)
+        self.assertEqual(config.ssp.host, "127.0.0.1")
+        self.assertEqual(config.http, Config().http)
+
+    def test_integer_accepted_for_float(self):
+        """TOML integers are accepted where a number of seconds is expected."""
+        self.assertEqual(parse_config({"polling": {"max_wait": 5}}).polling.max_wait, 5.0)
+
+
+class BadInputTests(SynchronousTestCase):
+    def assertRefused(self, document, *fragments):
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(document, source="broker.toml")
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertTrue(message.startswith("broker.toml: "), message)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        return message
+
+    def test_unknown_section(self):
+        """An unknown section is named, with the known ones listed."""
+        self.assertRefused({"sssp": {}}, "[sssp]", "unknown section", "ssp")
+
+    def test_unknown_key(self):
+        """An unknown key is named with its section."""
+        self.assertRefused({"ssp": {"prot": 1}}, "ssp.prot", "unknown setting", "port")
+
+    def test_wrong_type(self):
+        """A string where an integer belongs names the key and both types."""
+        self.assertRefused({"ssp": {"port": "60001"}}, "ssp.port", "must be an integer",
+                           "not a string")
+
+    def test_boolean_is_not_an_integer(self):
+        """true is refused where a number is expected, though Python counts bool as int."""
+        self.assertRefused({"ssp": {"port": True}}, "ssp.port", "not a boolean")
+
+    def test_out_of_range(self):
+        """A port above 65535 is refused with the bound."""
+        self.assertRefused({"ssp": {"port": 70000}}, "ssp.port", "at most 65535")
+
+    def test_below_range(self):
+        """A negative wait is refused with the bound."""
+        self.assertRefused({"polling": {"max_wait": -1}}, "polling.max_wait", "at least 0")
+
+    def test_not_a_choice(self):
+        """A log level outside the list names the allowed values."""
+        self.assertRefused({"log": {"level": "loud"}}, "log.level", "'debug'", "'loud'")
+
+    def test_section_not_a_table(self):
+        """A section given as a plain value is refused."""
+        self.assertRefused({"ssp": 3}, "ssp", "must be a table")
+
+    def test_array_items_checked(self):
+        """Every item of an array setting is type checked."""
+        self.assertRefused({"http": {"allowed_origins": ["https://a", 3]}},
+                           "http.allowed_origins", "every item must be a string")
+
+    def test_related_settings_checked(self):
+        """offline_after shorter than the heartbeat is refused."""
+        self.assertRefused({"ssp": {"offline_after": 5.0, "device_heartbeat": 25.0}},
+                           "ssp.offline_after", "device_heartbeat")
+
+
+class FileTests(SynchronousTestCase):
+    def test_unreadable_file(self):
+        """A missing file is one line naming the file and the reason."""
+        path = self.mktemp()
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertEqual(str(caught.exception), f"{path}: cannot read: No such file or directory")
+
+    def test_permission_denied(self):
+        """A file the broker may not read is refused, not ignored."""
+        if os.getuid() == 0:
+            path = self.mktemp()
+            os.mkdir(path)  # root reads any file; a directory is unreadable as a file for all
+        else:
+            path = self.mktemp()
+            Path(path).write_text("")
+            os.chmod(path, 0)
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertIn("cannot read", str(caught.exception))
+
+    def test_invalid_toml(self):
+        """A syntax error names the file and the position."""
+        path = self.mktemp()
+        Path(path).write_text("[ssp]\nport = \n")
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertIn(f"{path}: not valid TOML", str(caught.exception))
+        self.assertIn("line 2", str(caught.exception))
+
+    def test_file_source_recorded(self):
+        """A loaded config remembers its file, for messages and reloads."""
+        path = self.mktemp()
+        Path(path).write_text("[http]\nendpoint = 'tcp:0'\n")
+        config = load_config(path)
+        self.assertEqual((config.source, config.http.endpoint), (path, "tcp:0"))

@@ -1,0 +1,98 @@
+"""The distribution installs the plugin where twistd finds it: regular and editable installs.
+
+Each test makes a fresh virtual environment and installs the project into
+it without dependencies (no network); the dependencies come from the
+environment running the tests, through a .pth file.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+PROJECT = Path(__file__).resolve().parent.parent
+_NOT_SOURCE = shutil.ignore_patterns(".venv", "_trial_temp*", "build", "dist", "*.egg-info",
+                                     ".git", "__pycache__", "dropin.cache", "broker-data",
+                                     ".hypothesis")
+
+
+def run(command, **kwargs):
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+class InstallTests(SynchronousTestCase):
+    def fresh_venv(self):
+        """A new venv that sees this environment's packages (not the work tree)."""
+        home = Path(self.mktemp()).absolute()
+        venv.EnvBuilder(with_pip=False).create(home)
+        python = home / "bin" / "python"
+        site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+        deps = sysconfig.get_paths()["purelib"]
+        Path(site.stdout.strip(), "test-deps.pth").write_text(deps + "\n")
+        return home, python
+
+    def project_copy(self):
+        """A private copy of the source tree, so parallel builds never share build/ or egg-info."""
+        copy = Path(self.mktemp()).absolute()
+        shutil.copytree(PROJECT, copy, ignore=_NOT_SOURCE)
+        return copy
+
+    def install(self, python, *args):
+        result = run([sys.executable, "-m", "pip", "--python", str(python), "install",
+                      "--no-deps", "--no-build-isolation", "--no-index", "--quiet", *args],
+                     cwd=args[-1] if Path(args[-1]).is_dir() else None)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def assertTwistdRunsBroker(self, home):
+        """twistd --help lists broker, and twistd -n broker starts and answers /healthz."""
+        twistd = [str(home / "bin" / "python"), "-c",
+                  "from twisted.scripts.twistd import run; run()"]
+        workdir = Path(self.mktemp()).absolute()
+        workdir.mkdir()
+        env = {**os.environ, "PYTHONPATH": ""}
+        helped = run([*twistd, "--help"], cwd=workdir, env=env)
+        self.assertIn("broker ", helped.stdout, helped.stderr)
+        (workdir / "broker.toml").write_text(
+            "[http]\nendpoint = 'tcp:0:interface=127.0.0.1'\n[ssp]\nport = 0\n")
+        process = subprocess.Popen(
+            [*twistd, "-n", "--pidfile=", "broker",
+             "--config", "broker.toml"], cwd=workdir, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            started = []
+            for line in process.stdout:
+                started.append(line)
+                if "Site starting on" in line or len(started) > 50:
+                    break
+            self.assertIn("Site starting on", "".join(started))
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        return workdir
+
+    def test_regular_install(self):
+        """A wheel installed into a fresh venv puts the plugin in twisted/plugins and runs."""
+        home, python = self.fresh_venv()
+        wheels = Path(self.mktemp()).absolute()
+        built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                     "--no-index", "--quiet", "-w", str(wheels), str(self.project_copy())])
+        self.assertEqual(built.returncode, 0, built.stderr)
+        wheel = next(wheels.glob("*.whl"))
+        self.install(python, str(wheel))
+        site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+        plugins = Path(site.stdout.strip(), "twisted", "plugins")
+        self.assertTrue((plugins / "broker_plugin.py").exists())
+        self.assertFalse((plugins / "__init__.py").exists())
+        self.assertTwistdRunsBroker(home)
+
+    def test_editable_install(self):
+        """An editable (compat mode) install exposes the plugin from the work tree."""
+        home, python = self.fresh_venv()
+        self.install(python, "--config-settings", "editable_mode=compat", "-e",
+                     str(self.project_copy()))
+        self.assertTwistdRunsBroker(home)
