@@ -44,8 +44,7 @@ class InstallTests(SynchronousTestCase):
 
     def install(self, python, *args):
         result = run([sys.executable, "-m", "pip", "--python", str(python), "install",
-                      "--no-deps", "--no-build-isolation", "--no-index", "--quiet", *args],
-                     cwd=args[-1] if Path(args[-1]).is_dir() else None)
+                      "--no-deps", "--no-build-isolation", "--no-index", "--quiet", *args])
         self.assertEqual(result.returncode, 0, result.stderr)
 
     def assertTwistdRunsBroker(self, home):
