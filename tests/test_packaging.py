@@ -44,7 +44,8 @@ class InstallTests(SynchronousTestCase):
 
     def install(self, python, *args):
         result = run([sys.executable, "-m", "pip", "--python", str(python), "install",
-                      "--no-deps", "--no-build-isolation", "--no-index", "--quiet", *args])
+                      "--no-deps", "--no-build-isolation", "--no-index", "--ignore-installed", "--quiet",
+                      *args])
         self.assertEqual(result.returncode, 0, result.stderr)
 
     def assertTwistdRunsBroker(self, home):
