@@ -35,6 +35,7 @@ class BrokerSettings:
 
     data_dir: str = _setting("broker-data")
     workers: int = _setting(1, minimum=1, maximum=64)
+    stop_timeout: float = _setting(10.0, minimum=0.0, maximum=300.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,7 @@ class HTTPSettings:
     public_url: str = _setting("")
     allowed_origins: tuple = _setting((), item_type=str)
     max_request_bytes: int = _setting(65536, minimum=1024, maximum=16 * 1024 * 1024)
+    max_requests_per_second: float = _setting(50.0, minimum=0.0, maximum=1_000_000.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +79,21 @@ class SSPSettings:
 class RegistrySettings:
     """The device-state registry and its store."""
 
-    backend: str = _setting("sqlite", choices=("sqlite", "memory"))
+    backend: str = _setting("sqlite", choices=("sqlite", "memory", "redis"))
     history_size: int = _setting(32, minimum=0, maximum=10_000)
     max_state_bytes: int = _setting(8192, minimum=256, maximum=1 << 20)
     feed_retention: int = _setting(1_000_000, minimum=1000, maximum=1 << 40)
+    redis_url: str = _setting("redis://127.0.0.1:6379/0")
+    redis_cluster: bool = _setting(False)
+    redis_key_prefix: str = _setting("ssp")
+    redis_username: str = _setting("")
+    redis_password_file: str = _setting("")
+    redis_tls_ca_file: str = _setting("")
+    redis_tls_cert_file: str = _setting("")
+    redis_tls_key_file: str = _setting("")
+    redis_wait_replicas: int = _setting(0, minimum=0, maximum=16)
+    redis_wait_timeout: float = _setting(1.0, minimum=0.001, maximum=60.0)
+    redis_stream_length: int = _setting(100_000, minimum=1000, maximum=100_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +107,7 @@ class WebSocketSettings:
     ping_interval: float = _setting(30.0, minimum=0.0, maximum=3600.0)
     ping_timeout: float = _setting(10.0, minimum=0.0, maximum=3600.0)
     max_behind: float = _setting(60.0, minimum=1.0, maximum=86400.0)
+    send_buffer_bytes: int = _setting(262144, minimum=65536, maximum=16 * 1024 * 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +118,7 @@ class PollingSettings:
     max_wait: float = _setting(30.0, minimum=0.0, maximum=3600.0)
     min_interval: float = _setting(1.0, minimum=0.0, maximum=3600.0)
     max_waiters: int = _setting(10_000, minimum=1, maximum=10_000_000)
+    sse_keepalive: float = _setting(15.0, minimum=0.0, maximum=3600.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +206,17 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
     if config.ssp.offline_after < config.ssp.device_heartbeat:
         problems.append(("ssp.offline_after",
                          "must be at least ssp.device_heartbeat, or every device flaps offline"))
+    for key in ("ping_interval", "ping_timeout"):
+        value = getattr(config.websocket, key)
+        if 0 < value < 1:
+            # Autobahn truncates its ping deadlines to whole seconds.
+            problems.append((f"websocket.{key}", f"must be 0 (off) or at least 1.0, not {value!r}"))
+    if config.broker.workers > 1 and config.registry.backend != "redis":
+        problems.append(("broker.workers",
+                         "more than 1 worker needs registry.backend = \"redis\" (a shared registry)"))
+    if config.registry.backend == "redis" and not config.registry.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")):
+        problems.append(("registry.redis_url", "must start with redis://, rediss:// or unix://"))
     if config.http.endpoint == config.metrics.endpoint:
         problems.append(("metrics.endpoint", "must differ from http.endpoint"))
     return problems

@@ -96,6 +96,11 @@ class BadInputTests(SynchronousTestCase):
         self.assertRefused({"http": {"allowed_origins": ["https://a", 3]}},
                            "http.allowed_origins", "every item must be a string")
 
+    def test_subsecond_ping_refused(self):
+        """A ping interval between 0 and 1 s is refused: Autobahn would drop live clients."""
+        self.assertRefused({"websocket": {"ping_timeout": 0.5}}, "websocket.ping_timeout",
+                           "at least 1.0")
+
     def test_related_settings_checked(self):
         """offline_after shorter than the heartbeat is refused."""
         self.assertRefused({"ssp": {"offline_after": 5.0, "device_heartbeat": 25.0}},

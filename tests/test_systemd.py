@@ -50,3 +50,26 @@ class ServiceUnitTests(SynchronousTestCase):
                                 capture_output=True, text=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stderr.strip(), "")
+
+
+class NotifyAndSocketUnitTests(SynchronousTestCase):
+    def test_service_waits_for_readiness_and_has_a_watchdog(self):
+        """The service is Type=notify with a watchdog, and reloads with SIGHUP."""
+        service = read_unit("broker.service")["Service"]
+        self.assertEqual(service["Type"], "notify")
+        self.assertEqual(service["NotifyAccess"], "main")
+        self.assertTrue(service["WatchdogSec"].endswith("s"))
+        self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
+        self.assertIn("AF_UNIX", service["RestrictAddressFamilies"], "sd_notify needs AF_UNIX")
+
+    def test_socket_unit_passes_http_then_udp(self):
+        """broker.socket passes the HTTP port first (index 0) and the SSP datagram port, on loopback, to broker.service."""
+        text = (UNIT_DIR / "broker.socket").read_text()
+        listens = [line.split("=", 1) for line in text.splitlines()
+                   if line.startswith(("ListenStream=", "ListenDatagram="))]
+        self.assertEqual([kind for kind, _ in listens], ["ListenStream", "ListenDatagram"])
+        self.assertEqual([address for _, address in listens], ["127.0.0.1:8080", "127.0.0.1:60001"])
+        socket = read_unit("broker.socket")
+        self.assertEqual(socket["Socket"]["Service"], "broker.service")
+        self.assertEqual(socket["Install"]["WantedBy"], "sockets.target")
+        self.assertIn('endpoint = "systemd:domain=INET:index=0"', text)

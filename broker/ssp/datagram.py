@@ -74,8 +74,9 @@ class RTTEstimator:
     BETA = 1 / 4
 
     def __init__(self) -> None:
-        self._srtt_ms = self.INITIAL_SRTT * 1000
-        self._rttvar_ms = self.INITIAL_RTTVAR * 1000
+        # Module constants: no two new floats per session.
+        self._srtt_ms = _INITIAL_SRTT_MS
+        self._rttvar_ms = _INITIAL_RTTVAR_MS
         self.hit = False
 
     @property
@@ -108,6 +109,10 @@ class RTTEstimator:
     def add_sample(self, seconds: float) -> bool:
         """Feed one sample in seconds; returns False if it was ignored."""
         return self.add_sample_ms(seconds * 1000)
+
+
+_INITIAL_SRTT_MS = RTTEstimator.INITIAL_SRTT * 1000
+_INITIAL_RTTVAR_MS = RTTEstimator.INITIAL_RTTVAR * 1000
 
 
 class DatagramLayer:
@@ -167,8 +172,10 @@ class DatagramLayer:
             held = now_ms - self.saved_timestamp_at
             if held < ECHO_WINDOW * 1000:
                 reply = (saved + held) & 0xFFFF
-            # Echo each received timestamp at most once.
+            # Echo each received timestamp at most once (and keep no int
+            # for an idle session: small ints are shared).
             self.saved_timestamp = -1
+            self.saved_timestamp_at = 0
         seq = self.next_seq
         datagram = seal(cipher, self.direction_out, seq,
                         _ts_pack(timestamp, reply) + payload, prefix)
@@ -187,7 +194,20 @@ class DatagramLayer:
         address and last_heard change only for an in-order datagram (seq >=
         expected); an older one's payload is still returned, as mosh does.
         """
-        # open_sealed() inlined: this is the per-datagram hot path.
+        before = self.remote_address
+        plaintext = self.open(cipher, data, address, now, offset,
+                              congestion_experienced)
+        return (plaintext[TIMESTAMP_SIZE:],
+                self.remote_address is not before)
+
+    def open(self, cipher, data, address, now: float, offset: int = 0,
+             congestion_experienced: bool = False) -> bytes:
+        """``decode`` returning the whole plaintext (timestamps first);
+        the peer roamed if ``remote_address`` is another object after.
+
+        The per-datagram hot path (open_sealed() inlined): the session
+        reads the fragment header straight from the plaintext.
+        """
         if len(data) - offset < OVERHEAD:
             raise DatagramDropped(DropReason.SHORT,
                                   f"{len(data) - offset} bytes, need at "
@@ -210,7 +230,7 @@ class DatagramLayer:
         if seq < self.expected_seq:
             # Out of order or replayed: "don't use (but do return)
             # out-of-order packets for timestamp or targeting".
-            return plaintext[TIMESTAMP_SIZE:], False
+            return plaintext
         self.expected_seq = seq + 1
         timestamp, reply = _ts_unpack_from(plaintext)
         now_ms = int(now * 1000)
@@ -230,5 +250,4 @@ class DatagramLayer:
             # Only the client roams: any authentic datagram newer than all
             # seen moves the session to its source address.
             self.remote_address = address
-            return plaintext[TIMESTAMP_SIZE:], True
-        return plaintext[TIMESTAMP_SIZE:], False
+        return plaintext

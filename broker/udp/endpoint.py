@@ -1,18 +1,480 @@
-"""The DatagramProtocol bound to the SSP port (placeholder until the endpoint lands)."""
+"""The DatagramProtocol bound to the SSP port: one port, every device.
+
+Called from Twisted: ``datagramReceived`` for each datagram, the single
+scheduler timer for sessions that want to send.  Calls into the sans-IO
+core: ``SSPSession.receive_datagram`` / ``datagrams_to_send`` /
+``next_wakeup`` / ``pop_events``.  Calls into the registry through the
+``RegistryBridge``.
+
+The cleartext 17-byte header (wire.md 1) says which device and session a
+datagram claims to be.  Everything that did not authenticate is dropped
+without a reply and counted by reason; cheap checks come first, and the
+expensive ones (a decryption, a key derivation) are rate limited so a
+flood of garbage cannot crowd out authentic devices (wire.md 3).
+"""
 
 from __future__ import annotations
+
+import enum
+import os
+import struct
+from collections import Counter
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from broker.ssp import events as ssp_events
+from broker.ssp.crypto import OVERHEAD
+from broker.ssp.datagram import TIMESTAMP_SIZE
+from broker.ssp.errors import DatagramDropped, DropReason
+from broker.ssp.fragment import FRAGMENT_HEADER_SIZE
+from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE
+from broker.udp.bridge import RegistryBridge
+from broker.udp.convert import decode_state, desired_state
+from broker.udp.limits import TokenBucket, WindowCounter
+from broker.udp.park import Parked
+from broker.udp.profile import endpoint_profile
+from broker.udp.sessions import (EMPTY, SEQ_RESERVATION_BLOCK, LiveSession,
+                                 new_session, resumed_session)
+from broker.udp.table import SessionTable
+
+__all__ = ["SSPEndpoint", "EndpointDrop"]
+
+#: The shortest datagram that can carry anything: header, nonce and tag,
+#: timestamps and a fragment header (shorter ones are dropped unopened).
+MIN_DATAGRAM = HEADER_SIZE + OVERHEAD + TIMESTAMP_SIZE + FRAGMENT_HEADER_SIZE
+#: Failed authentications per device and second before datagrams naming it
+#: from addresses other than its session's are dropped unopened.
+AUTH_FAILURE_BUDGET = 8
+#: Seconds a session stays live after its last datagram before it is parked.
+PARK_AFTER = 0.5
+
+_HEADER = struct.Struct(">BQQ")
+_unpack_header = _HEADER.unpack_from
+
+# Rejections that mean "did not authenticate" (no reply, charged to the
+# device's failure budget) rather than "authentic but unusable".
+_NOT_AUTHENTIC = frozenset((DropReason.AUTH_FAILED, DropReason.SHORT,
+                            DropReason.WRONG_DIRECTION, DropReason.BAD_HEADER,
+                            DropReason.UNKNOWN_FRAMING))
+_SESSION_OVER = (ssp_events.ShutdownAcknowledged, ssp_events.PeerShutdownAcknowledged,
+                 ssp_events.ShutdownTimedOut)
+
+
+class EndpointDrop(str, enum.Enum):
+    """Reasons the endpoint drops a datagram before a session sees it."""
+
+    UNKNOWN_DEVICE = "unknown_device"
+    OLD_SESSION = "old_session"
+    RATE_LIMITED = "rate_limited"
+    DEVICE_RATE_LIMITED = "device_rate_limited"
+    NEW_SESSION_RATE_LIMITED = "new_session_rate_limited"
+    SESSION_CAP = "session_cap"
+    BAD_RECORD = "bad_record"
+    INTERNAL_ERROR = "internal_error"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 class SSPEndpoint(DatagramProtocol):
-    """Receives every datagram of the fleet on one port."""
+    """Every device's sessions on one UDP port, bridged into the registry.
+
+    ``clock`` is the reactor (IReactorTime) for the one timer; ``now`` the
+    monotonic time source sessions run on (``clock.seconds`` by default,
+    ``time.monotonic`` in production).  ``settings`` is the config's
+    ``[ssp]`` section.
+    """
 
     log = Logger()
 
-    def __init__(self) -> None:
-        self.datagrams_received = 0
+    def __init__(self, registry, settings, *, clock=None, now=None, ciphers=None,
+                 random_bytes=os.urandom, park_after: float | None = PARK_AFTER) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        from broker.ssp.crypto import CipherCache
 
-    def datagramReceived(self, datagram: bytes, addr) -> None:
-        self.datagrams_received += 1
+        self.settings = settings
+        self._now = now or clock.seconds
+        self._bridge = RegistryBridge(registry)
+        self._profile = endpoint_profile(settings)
+        self._ciphers = ciphers if ciphers is not None else CipherCache(settings.cipher_cache_size)
+        self._random_bytes = random_bytes
+        #: datagrams in and out, sessions started, resumed, parked, roams ...
+        self.counters: Counter = Counter()
+        #: dropped datagrams by reason (DropReason or EndpointDrop value).
+        self.drops: Counter = Counter()
+        self._table = SessionTable(bridge=self._bridge, ciphers=self._ciphers,
+                                   profile=self._profile, random_bytes=random_bytes,
+                                   clock=clock, now=self._now,
+                                   offline_after=settings.offline_after,
+                                   park_after=park_after, flush=self._flush,
+                                   counters=self.counters)
+        self._limits(settings)
+        self._failures = WindowCounter(AUTH_FAILURE_BUDGET)
+        self._sendto = None
+
+    def _limits(self, settings) -> None:
+        start = self._now()
+        self._global = TokenBucket(settings.max_datagrams_per_second, now=start)
+        self._new_sessions = TokenBucket(settings.max_new_sessions_per_second, now=start)
+        self._device_rate = WindowCounter(settings.max_device_datagrams_per_second)
+
+    def reconfigure(self, settings) -> None:
+        """New [ssp] limits and timings (SIGHUP): limits at once, timings for new sessions.
+
+        The bind address, port and receive buffer need a restart.
+        """
+        self.settings = settings
+        self._limits(settings)
+        self._profile = endpoint_profile(settings)
+        self._table.profile = self._profile
+        self._table.presence.offline_after = settings.offline_after
+
+    # -- the table --------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def session_of(self, device_number: int) -> LiveSession | None:
+        """The device's session, unparked if it was parked (None if it has none)."""
+        return self._table.live(device_number, self._now())
+
+    def entry_of(self, device_number: int):
+        """The device's table entry as it is (LiveSession, Parked or None)."""
+        return self._table.get(device_number)
+
+    @property
+    def table(self) -> SessionTable:
+        return self._table
+
+    @property
+    def scheduler(self):
+        return self._table.scheduler
+
+    @property
+    def bridge(self) -> RegistryBridge:
+        return self._bridge
+
+    # -- called by Twisted ------------------------------------------------------
+
+    def startProtocol(self) -> None:
+        socket = getattr(self.transport, "socket", None)
+        self._sendto = socket.sendto if socket is not None else self.transport.write
+        self._bridge.watch(self.desired_changed, self.key_changed)
+
+    def stopProtocol(self) -> None:
+        self._table.stop()
+        self._bridge.stop()
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        """Demultiplex one datagram by its header; never raises, never answers garbage."""
+        now = self._now()
+        self.counters["datagrams_in"] += 1
+        if len(data) < MIN_DATAGRAM or data[0] != FRAMING_VERSION:
+            if data and data[0] != FRAMING_VERSION:
+                self._drop(DropReason.UNKNOWN_FRAMING)
+            else:
+                self._drop(DropReason.SHORT)
+            return
+        _, number, session_id = _unpack_header(data)
+        if not number or not session_id:
+            self._drop(DropReason.BAD_HEADER)
+            return
+        try:
+            entry = self._table.get(number)
+            if entry is not None and session_id == entry.session_id:
+                self._receive_current(entry, number, data, addr, now)
+            elif entry is not None and session_id < entry.session_id:
+                # A replay of a retired session: it can neither revive nor displace.
+                self._drop(EndpointDrop.OLD_SESSION)
+            else:
+                self._receive_other(entry, number, session_id, data, addr, now)
+        except Exception:
+            self._drop(EndpointDrop.INTERNAL_ERROR)
+            self.log.failure("datagram of device {number} failed", number=number)
+
+    # -- receiving --------------------------------------------------------------
+
+    def _drop(self, reason) -> None:
+        self.drops[reason.value if isinstance(reason, enum.Enum) else reason] += 1
+
+    def _receive_current(self, entry, number: int, data: bytes, addr, now: float) -> None:
+        """A datagram of the device's current session, live or parked."""
+        parked = type(entry) is Parked
+        address = entry.remote_address() if parked else entry.session.remote_address
+        if addr != address:
+            # Possibly spoofed: spend a decryption only within the budgets.
+            if self._failures.exhausted(number, now) or not self._global.allow(now):
+                self._drop(EndpointDrop.RATE_LIMITED)
+                return
+        if self._device_rate.exhausted(number, now):
+            self._drop(EndpointDrop.DEVICE_RATE_LIMITED)
+            return
+        if parked:
+            live = self._table.wake(entry, number, now)
+            if live is None:
+                self._table.drop(number)
+                self._drop(EndpointDrop.BAD_RECORD)
+                return
+        else:
+            live = entry
+        session = live.session
+        session.receive_datagram(data, addr, now)
+        found = session.pop_events()
+        if session.last_heard is now:
+            # Authentic and in order: it counts against the device's rate.
+            if parked:
+                self._table.install(live)
+                self.counters["sessions_unparked"] += 1
+            self._device_rate.allow(number, now)
+            self._table.heard(live, addr, now)
+        elif parked:
+            # Not authentic, or an old datagram: the parked form stays as it was.
+            if self._not_authentic(found):
+                self._failures.allow(number, now)
+            for event in found:
+                if type(event) is ssp_events.DatagramRejected:
+                    self._drop(event.reason)
+            return
+        elif self._not_authentic(found):
+            self._failures.allow(number, now)
+        if found:
+            self._handle(live, found, now)
+        self._flush(live, now)
+
+    def _not_authentic(self, found) -> bool:
+        for event in found:
+            if type(event) is ssp_events.DatagramRejected and event.reason in _NOT_AUTHENTIC:
+                return True
+        return False
+
+    def _receive_other(self, entry, number: int, session_id: int, data: bytes, addr,
+                       now: float) -> None:
+        """A datagram of a session not in the table: new, or to resume after a restart."""
+        bridge = self._bridge
+        secret = bridge.secret(number)
+        if secret is None:
+            self._drop(EndpointDrop.UNKNOWN_DEVICE)
+            return
+        record = None
+        if entry is None:
+            record = bridge.record(number)
+            if record is not None and session_id < record.session_id:
+                self._drop(EndpointDrop.OLD_SESSION)
+                return
+            if len(self._table) >= self.settings.max_sessions:
+                self._drop(EndpointDrop.SESSION_CAP)
+                return
+            trusted = False
+        elif type(entry) is Parked:
+            trusted = addr == entry.remote_address()
+        else:
+            trusted = addr == entry.session.remote_address
+        if not trusted:
+            if self._failures.exhausted(number, now):
+                self._drop(EndpointDrop.RATE_LIMITED)
+                return
+            if not self._new_sessions.allow(now):
+                self._drop(EndpointDrop.NEW_SESSION_RATE_LIMITED)
+                return
+        resume = record is not None and session_id == record.session_id
+        common = dict(secret=secret, device_number=number, session_id=session_id,
+                      ciphers=self._ciphers, profile=self._profile,
+                      random_bytes=self._random_bytes, now=now)
+        if resume:
+            try:
+                remote = decode_state(record.acked_remote_state)
+            except DatagramDropped:
+                self.log.error("session record of device {number} holds a bad state",
+                               number=number)
+                self._drop(EndpointDrop.BAD_RECORD)
+                return
+            session = resumed_session(remote_num=record.acked_remote_num,
+                                      remote_state=remote,
+                                      seq_floor=record.seq_reservation, **common)
+        else:
+            remote = EMPTY
+            session = new_session(**common)
+        session.receive_datagram(data, addr, now)
+        found = session.pop_events()
+        if session.last_heard is not now:
+            # Not authentic: forget the key schedule it cost, answer nothing.
+            self._ciphers.discard(session.key)
+            self._failures.allow(number, now)
+            for event in found:
+                if type(event) is ssp_events.DatagramRejected:
+                    self._drop(event.reason)
+            return
+        live = self._install(entry, number, session_id, session, remote, resume, record, now)
+        self._device_rate.allow(number, now)
+        self._table.heard(live, addr, now)
+        if found:
+            self._handle(live, found, now)
+        self._flush(live, now)
+
+    def _install(self, old, number, session_id, session, remote, resume, record, now):
+        """Make an authenticated session the device's live one (wire.md 3 and 7)."""
+        bridge = self._bridge
+        table = self._table
+        if old is not None:
+            table.retire(number, old, "replaced")
+        name = bridge.name(number) if old is None else old.name
+        reserved = record.seq_reservation if resume else SEQ_RESERVATION_BLOCK
+        live = LiveSession(number, name, session_id, session, remote, reserved)
+        if old is not None and old.online:
+            # Still online: the presence wheel keeps following the device.
+            live.online, live.wheel_slot, old.wheel_slot = True, old.wheel_slot, -1
+        table.install(live)
+        if resume:
+            self.counters["sessions_resumed"] += 1
+            self.log.info("resumed session {session_id} of {name}", session_id=session_id,
+                          name=name)
+        else:
+            self.counters["sessions_started"] += 1
+            # The new id is durable before anything is sent or acknowledged.
+            live.writes += 1
+            bridge.start(live, SEQ_RESERVATION_BLOCK).addCallbacks(
+                self._reserved, self._write_failed,
+                callbackArgs=(live, SEQ_RESERVATION_BLOCK), errbackArgs=(live, "session start"))
+        outgoing = bridge.outgoing(number, EMPTY)
+        if outgoing is not None and outgoing is not EMPTY:
+            session.set_local_state(outgoing, now)
+        return live
+
+    # -- events of a session ----------------------------------------------------
+
+    def _handle(self, live: LiveSession, found, now: float) -> None:
+        for event in found:
+            kind = type(event)
+            if kind is ssp_events.StateReceived:
+                self._report(live, event.state, event.num)
+            elif kind is ssp_events.DatagramRejected:
+                self._drop(event.reason)
+            elif kind is ssp_events.SequenceReservationRequested:
+                self._reserve(live, event.limit)
+            elif kind is ssp_events.PeerRoamed:
+                self.counters["roams"] += 1
+                self._table.moved(live, event.address, now)
+            elif kind is ssp_events.StateAcknowledged:
+                self.counters["states_acknowledged"] += 1
+            elif kind in _SESSION_OVER:
+                self.counters["sessions_shut_down"] += 1
+
+    def _current(self, live: LiveSession) -> bool:
+        return self._table.get(live.number) is live
+
+    def _report(self, live: LiveSession, state, num: int) -> None:
+        live.writes += 1
+        self._bridge.report(live, state, num).addCallbacks(
+            self._reported, self._write_failed,
+            callbackArgs=(live, num), errbackArgs=(live, "report"))
+
+    def _reported(self, _, live: LiveSession, num: int) -> None:
+        live.writes -= 1
+        self.counters["updates_durable"] += 1
+        if self._current(live):
+            live.session.confirm_durable(num)
+            self._table.settle(live, self._now())
+
+    def _reserve(self, live: LiveSession, limit: int) -> None:
+        if limit <= live.reserved:
+            return  # a write covering it is on its way
+        live.reserved = limit
+        live.writes += 1
+        self._bridge.reserve(live, limit).addCallbacks(
+            self._reserved, self._write_failed,
+            callbackArgs=(live, limit), errbackArgs=(live, "reservation"))
+
+    def _reserved(self, _, live: LiveSession, limit: int) -> None:
+        live.writes -= 1
+        if self._current(live):
+            live.session.confirm_seq_reservation(limit)
+            self._table.settle(live, self._now())
+
+    def _write_failed(self, failure, live: LiveSession, what: str) -> None:
+        live.writes -= 1
+        self.counters["store_failures"] += 1
+        self.log.failure("{what} of {name} not durable: nothing is acknowledged",
+                         failure, what=what, name=live.name)
+
+    # -- sending ------------------------------------------------------------------
+
+    def _flush(self, live: LiveSession, now: float) -> None:
+        """Send what the session has due, act on its events, and set its wake-up."""
+        session = live.session
+        out = session.datagrams_to_send(now)
+        if out:
+            self._send(out)
+        found = session.pop_events()
+        if found:
+            self._handle(live, found, now)
+        if session.closed:
+            self._table.retire(live.number, live, "shut down")
+            return
+        self._table.settle(live, now)
+
+    def _send(self, out) -> None:
+        sendto = self._sendto
+        if sendto is None:
+            return
+        for data, address in out:
+            try:
+                sendto(data, address)
+            except OSError as error:
+                # A full socket buffer or an unreachable peer is loss: SSP resends.
+                self.counters["send_errors"] += 1
+                self.log.debug("sendto {address} failed: {error}", address=address,
+                               error=error)
+        self.counters["datagrams_out"] += len(out)
+
+    # -- called by the registry -----------------------------------------------------
+
+    def desired_changed(self, device_number: int, desired) -> None:
+        """The device's desired map changed: it becomes the session's outgoing state."""
+        entry = self._table.get(device_number)
+        if entry is None:
+            return
+        if type(entry) is Parked:
+            # Cheap test first: most notifications (e.g. our own reports, with
+            # the subscribe fallback) change nothing for the device.
+            base = entry.local
+            if desired_state(desired, base) is base:
+                return
+        now = self._now()
+        live = self._table.live(device_number, now)  # unparking applies desired already
+        if live is None:
+            return
+        session = live.session
+        base = session.local_state
+        state = desired_state(desired, base)
+        if state is not base:
+            session.set_local_state(state, now)
+        self._table.settle(live, now)
+
+    def key_changed(self, device_number: int) -> None:
+        """The device was removed or its key rotated: its session ends now."""
+        entry = self._table.get(device_number)
+        if entry is not None:
+            self._table.retire(device_number, entry, "key changed")
+
+    # -- commands -------------------------------------------------------------------
+
+    def send_command(self, device_number: int, *commands) -> bool:
+        """Queue commands (events of the outgoing state) for a connected device.
+
+        They reach the device once, in order, with the next send; they live
+        in memory only (a broker restart before the device acknowledged
+        them loses them rather than ever delivering one twice).  False if
+        the device has no session.
+        """
+        if not commands:
+            return False
+        now = self._now()
+        live = self._table.live(device_number, now)
+        if live is None:
+            return False
+        session = live.session
+        session.set_local_state(session.local_state.with_events(*commands), now)
+        self._table.settle(live, now)
+        return True

@@ -10,12 +10,22 @@ from twisted.web.iweb import IRequest
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
 
-def json_body(request: IRequest, body: Any, status: int = 200) -> bytes:
-    """Set status and content type on request and return body encoded as JSON."""
+def json_bytes(body: Any) -> bytes:
+    """Compact UTF-8 JSON and a newline: every JSON answer's bytes (shared, so written once)."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def json_headers(request: IRequest, status: int = 200) -> None:
+    """Status, JSON content type and no caching: the headers of every JSON answer."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON_CONTENT_TYPE)
     request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def json_body(request: IRequest, body: Any, status: int = 200) -> bytes:
+    """Set status and content type on request and return body encoded as JSON."""
+    json_headers(request, status)
+    return json_bytes(body)
 
 
 def json_error(request: IRequest, status: int, code: str, message: str, **details: Any) -> bytes:

@@ -386,3 +386,40 @@ class RoamingTests(SynchronousTestCase):
                          (PAYLOAD, False))
         self.assertIsNone(pair.client.remote_address)
         self.assertEqual(pair.client.last_heard, 1.2)
+
+
+class OpenTests(SynchronousTestCase):
+    """DatagramLayer.open, the session's receive path, and idle memory."""
+
+    def test_open_returns_whole_plaintext(self):
+        """open() gives the timestamps and payload; decode() the payload."""
+        client, server = DatagramLayer(TO_SERVER), DatagramLayer(TO_CLIENT)
+        wire = client.encode(CIPHER, PAYLOAD, 10.0)
+        plaintext = server.open(CIPHER, wire, A, 10.0)
+        self.assertEqual(decode_plaintext(plaintext),
+                         (10000, NO_TIMESTAMP, PAYLOAD))
+        self.assertEqual(server.remote_address, A)
+
+    def test_roaming_to_an_equal_address_is_no_roam(self):
+        """An equal address in a new tuple object is not a roam."""
+        pair = LinkPair()
+        pair.to_server(1.0, 1.0, ("127.0.0.1", 5000))
+        self.assertEqual(pair.to_server(2.0, 2.0, ("127.0.0.1", 5000)),
+                         (PAYLOAD, False))
+
+    def test_echo_forgets_arrival_time(self):
+        """Once echoed, the saved timestamp and its arrival time are reset
+        (an idle session keeps no int of its own)."""
+        pair = LinkPair()
+        pair.to_server(10.0, 10.02)
+        self.assertEqual(pair.server.saved_timestamp_at, 10020)
+        pair.server.encode(CIPHER, PAYLOAD, 10.03)
+        self.assertEqual((pair.server.saved_timestamp,
+                          pair.server.saved_timestamp_at), (-1, 0))
+
+    def test_initial_rtt_shared(self):
+        """Two fresh estimators share their initial floats."""
+        one, two = RTTEstimator(), RTTEstimator()
+        self.assertIs(one._srtt_ms, two._srtt_ms)
+        self.assertIs(one._rttvar_ms, two._rttvar_ms)
+        self.assertEqual((one.srtt, one.rttvar), (1.0, 0.5))

@@ -1,0 +1,147 @@
+"""broker-node: a sensor node on the command line, or a simulated fleet.
+
+``broker-node run --device N --secret KEY --broker HOST:PORT`` reads JSON
+lines on stdin, each an object of values to report (``"$event"`` /
+``"$events"`` keys append events), and prints every change of the desired
+values as one JSON line (commands as ``{"$command": ...}``).
+
+``broker-node simulate --devices N --rate R --broker HOST:PORT`` drives N
+devices from one process (their numbers and keys from ``broker-admin
+--json device add`` output, one JSON object per line, on stdin or
+``--keys FILE``) and prints a JSON summary.
+
+Bad usage exits with status 2 and one line on stderr; an unreachable
+broker is not an error (SSP keeps trying), a bad line on stdin is reported
+on stderr and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from broker.ssp.keys import parse_key
+
+DEFAULT_PORT = 60001
+
+
+class UsageError(Exception):
+    """A command-line value that cannot be used; the message is one line."""
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    """HOST:PORT or [V6]:PORT, resolved to a numeric address (Twisted's UDP needs one)."""
+    host, port = text, DEFAULT_PORT
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise UsageError(f"--broker {text!r}: expected [ADDRESS]:PORT")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise UsageError(f"--broker {text!r}: port must be a number") from None
+    if not 0 < port < 65536:
+        raise UsageError(f"--broker {text!r}: port must be 1..65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as problem:
+        raise UsageError(f"--broker {text!r}: cannot resolve {host!r}: {problem}") from None
+    return infos[0][4][0], port
+
+
+def parse_secret(text: str) -> bytes:
+    try:
+        return parse_key(text)
+    except ValueError as problem:
+        raise UsageError(f"--secret: {problem}") from None
+
+
+def parse_device(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise UsageError(f"--device {text!r}: a device number is a decimal integer") from None
+    if not 0 < number < 2**64:
+        raise UsageError(f"--device {text!r}: a device number is a non-zero u64")
+    return number
+
+
+def default_state_path(device_number: int) -> Path:
+    """Where `run` keeps the last session id: $XDG_STATE_HOME/broker-node/<device>.json."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "broker-node" / f"{device_number}.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker-node", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="one sensor node: JSON lines in, desired values out")
+    run.add_argument("--device", required=True, help="the device number from broker-admin")
+    run.add_argument("--secret", required=True, help="the device key (22 characters)")
+    run.add_argument("--broker", required=True, help="HOST:PORT of the SSP endpoint")
+    run.add_argument("--state", help="file keeping the last session id "
+                     "(default: $XDG_STATE_HOME/broker-node/<device>.json)")
+    run.add_argument("--heartbeat", type=float, default=25.0, help="seconds (default 25)")
+    run.add_argument("--rekey-after", type=float, default=None,
+                     help="start a new session after this many silent seconds "
+                          "(default 3 heartbeats)")
+    run.add_argument("--linger", type=float, default=5.0,
+                     help="seconds to wait for acknowledgements after end of input")
+
+    sim = commands.add_parser("simulate", help="many simulated devices from one process")
+    sim.add_argument("--devices", type=int, required=True, help="how many devices to run")
+    sim.add_argument("--rate", type=float, default=0.0,
+                     help="reports per second across all devices (0: idle, heartbeats only)")
+    sim.add_argument("--broker", required=True, help="HOST:PORT of the SSP endpoint")
+    sim.add_argument("--keys", help="broker-admin --json output (default: stdin)")
+    sim.add_argument("--duration", type=float, default=10.0, help="seconds to run")
+    sim.add_argument("--sockets", type=int, default=16, help="UDP sockets to spread devices on")
+    sim.add_argument("--heartbeat", type=float, default=25.0)
+    sim.add_argument("--connect-rate", type=float, default=1000.0,
+                     help="new sessions started per second")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            from broker.node.run import run_node
+            return run_node(args)
+        from broker.node.simulate import run_simulation
+        return run_simulation(args)
+    except UsageError as problem:
+        sys.stderr.write(f"broker-node: {problem}\n")
+        return 2
+
+
+def read_keys(lines) -> list[tuple[int, bytes]]:
+    """(device number, secret) pairs from broker-admin --json output (lines or one array)."""
+    text = "".join(lines).strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        items = json.loads(text)
+    else:
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    found = []
+    for item in items:
+        if not isinstance(item, dict) or "device_number" not in item or "key" not in item:
+            raise UsageError("keys: every entry needs device_number and key "
+                             "(broker-admin --json device add)")
+        found.append((parse_device(str(item["device_number"])), parse_secret(item["key"])))
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())

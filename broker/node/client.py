@@ -1,0 +1,234 @@
+"""The Twisted side of sensor nodes: UDP sockets, one timer, many devices.
+
+``NodeEndpoint`` hosts any number of ``NodeSession`` objects on a few UDP
+sockets (one for a real device, a handful for a simulated fleet): replies
+are routed by the device number in their header, and one scheduler drives
+every session's wake-up.  ``SSPNode`` is the one-device convenience API.
+
+Called from Twisted: ``_NodeSocket.datagramReceived`` and the scheduler's
+timer.  Calls into the core through ``NodeSession``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import time
+
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from broker.node.session import NodeSession
+from broker.node.session_ids import SessionIds
+from broker.ssp.crypto import CipherCache
+from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE
+from broker.ssp.profile import FLEET
+from broker.udp.scheduler import WakeupScheduler
+
+__all__ = ["NodeEndpoint", "SSPNode", "node_profile"]
+
+_HEADER = struct.Struct(">BQQ")
+
+
+def node_profile(heartbeat: float = FLEET.ack_interval):
+    """The device's timing: FLEET with its heartbeat (wire.md 6)."""
+    return dataclasses.replace(FLEET, ack_interval=heartbeat)
+
+
+def _bind_address(broker_host: str) -> str:
+    """Bind on the loopback the broker is on, else on every address of its family."""
+    if broker_host in ("127.0.0.1", "::1"):
+        return broker_host
+    return "::" if ":" in broker_host else "0.0.0.0"
+
+
+class _NodeSocket(DatagramProtocol):
+    """One UDP socket of a NodeEndpoint; hands every datagram to it."""
+
+    def __init__(self, owner: "NodeEndpoint") -> None:
+        self.owner = owner
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.owner.datagram_received(data, addr)
+
+
+class NodeEndpoint:
+    """Node sessions on ``sockets`` UDP sockets, talking to one broker address.
+
+    ``now`` is the monotonic clock the sessions run on; ``reactor`` gives
+    the sockets and the one timer.
+    """
+
+    log = Logger()
+
+    def __init__(self, broker_address, *, reactor=None, now=None, sockets: int = 1,
+                 interface: str | None = None, cipher_cache_size: int = 1024) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.broker_address = (broker_address[0], broker_address[1])
+        self.reactor = reactor
+        self._now = now or time.monotonic
+        self._interface = interface or _bind_address(self.broker_address[0])
+        self._socket_count = max(1, sockets)
+        self._ports: list = []
+        self._nodes: dict[int, NodeSession] = {}
+        self._slot: dict[int, int] = {}
+        self.ciphers = CipherCache(cipher_cache_size)
+        self.scheduler = WakeupScheduler(reactor, self._wakeup, self._now)
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+        self.send_errors = 0
+        self._stopped = False
+
+    # -- sockets -----------------------------------------------------------------
+
+    def listen(self) -> None:
+        """Open the sockets (ephemeral ports)."""
+        while len(self._ports) < self._socket_count:
+            self._ports.append(self.reactor.listenUDP(0, _NodeSocket(self),
+                                                      interface=self._interface))
+
+    def local_ports(self) -> list[int]:
+        """The source ports in use."""
+        return [port.getHost().port for port in self._ports]
+
+    def move(self):
+        """Change every source port (a NAT rebinding or a new network): sessions stay.
+
+        Returns a Deferred that fires when the old sockets are closed.
+        """
+        from twisted.internet import defer
+        old, self._ports = self._ports, []
+        self.listen()
+        return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in old])
+
+    def stop(self):
+        """Close the sockets and the timer; returns a Deferred."""
+        from twisted.internet import defer
+        self._stopped = True
+        self.scheduler.stop()
+        ports, self._ports = self._ports, []
+        return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
+
+    # -- sessions ------------------------------------------------------------------
+
+    def add(self, node: NodeSession) -> NodeSession:
+        """Host node and start its first session now."""
+        number = node.device_number
+        self._nodes[number] = node
+        self._slot[number] = len(self._nodes) % self._socket_count
+        node.start(self._now())
+        self.kick(node)
+        return node
+
+    def remove(self, node: NodeSession) -> None:
+        self._nodes.pop(node.device_number, None)
+        self._slot.pop(node.device_number, None)
+        self.scheduler.cancel(node.device_number)
+
+    def node(self, device_number: int) -> NodeSession | None:
+        return self._nodes.get(device_number)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def kick(self, node: NodeSession) -> None:
+        """Node has something new (a report): wake it when its sender wants to send.
+
+        mosh's sender waits SEND_MINDELAY after a change before it sends, so
+        reports in quick succession leave in one state.
+        """
+        wakeup = node.next_wakeup()
+        if wakeup is None or wakeup <= self._now():
+            self._flush(node, self._now())
+        else:
+            self.scheduler.schedule(node.device_number, wakeup)
+
+    # -- I/O -------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        if self._stopped:
+            return
+        self.datagrams_in += 1
+        if len(data) < HEADER_SIZE or data[0] != FRAMING_VERSION:
+            return
+        _, number, _ = _HEADER.unpack_from(data)
+        node = self._nodes.get(number)
+        if node is None:
+            return
+        now = self._now()
+        node.receive(data, addr, now)
+        self._flush(node, now)
+
+    def _flush(self, node: NodeSession, now: float) -> None:
+        out = node.datagrams(now)
+        if out and self._ports:
+            port = self._ports[self._slot.get(node.device_number, 0) % len(self._ports)]
+            for data, address in out:
+                try:
+                    port.write(data, address)
+                    self.datagrams_out += 1
+                except OSError:
+                    self.send_errors += 1  # loss: SSP resends
+        self.scheduler.schedule(node.device_number, node.next_wakeup())
+
+    def _wakeup(self, number: int, now: float) -> None:
+        node = self._nodes.get(number)
+        if node is not None:
+            self._flush(node, now)
+
+
+class SSPNode:
+    """One sensor node: report values and events, get desired values and commands.
+
+    ``state_path``: a file that keeps the last session id, so a reboot
+    starts a strictly newer session (required for a real device).
+    """
+
+    def __init__(self, device_number: int, secret: bytes, broker_address, *,
+                 state_path=None, heartbeat: float = FLEET.ack_interval,
+                 rekey_after: float | None = None, on_desired=None, on_command=None,
+                 reactor=None, now=None, interface=None, random_bytes=os.urandom,
+                 session_ids: SessionIds | None = None) -> None:
+        self.endpoint = NodeEndpoint(broker_address, reactor=reactor, now=now,
+                                     interface=interface)
+        if session_ids is None:
+            session_ids = SessionIds(state_path, random_bytes=random_bytes)
+        self.session = NodeSession(
+            device_number, secret, self.endpoint.broker_address, session_ids=session_ids,
+            profile=node_profile(heartbeat), ciphers=self.endpoint.ciphers,
+            rekey_after=rekey_after if rekey_after is not None else 3 * heartbeat,
+            random_bytes=random_bytes, on_desired=on_desired, on_command=on_command)
+
+    def start(self) -> None:
+        """Open the socket and start the first session."""
+        self.endpoint.listen()
+        self.endpoint.add(self.session)
+
+    def stop(self):
+        return self.endpoint.stop()
+
+    def report(self, values) -> None:
+        self.session.report(values, self.endpoint._now())
+        self.endpoint.kick(self.session)
+
+    def emit(self, *events) -> None:
+        self.session.emit(*events, now=self.endpoint._now())
+        self.endpoint.kick(self.session)
+
+    def move(self):
+        """Change the source port mid-session (the session stays)."""
+        return self.endpoint.move()
+
+    @property
+    def desired(self) -> dict:
+        return self.session.desired
+
+    @property
+    def session_id(self) -> int | None:
+        return self.session.session_id
+
+    @property
+    def acknowledged(self) -> int:
+        return self.session.acknowledged

@@ -1,0 +1,180 @@
+"""A sensor node's side of SSP with the broker, without I/O.
+
+``NodeSession`` wraps the core's ``SSPSession`` (as the mosh "client") with
+what a device application needs: report values and events, hear about
+desired values and commands, start a strictly newer session after a reboot
+(``SessionIds``) or when the broker stayed silent for ``rekey_after``
+seconds, and carry unacknowledged values and events into the new session.
+Roaming needs nothing here: the broker follows the newest authentic
+datagram's source address.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from broker.ssp import events as ssp_events
+from broker.ssp.device_state import DeviceState
+from broker.ssp.framing import BrokerFraming
+from broker.ssp.session import SSPSession
+
+EMPTY = DeviceState.empty()
+
+
+def plain(value):
+    """A frozen device-state value as plain JSON-like data (maps -> dict, arrays -> list)."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if type(value) is tuple:
+        return [plain(item) for item in value]
+    return value
+
+
+class NodeSession:
+    """One device's SSP state: its current session and what the app sees.
+
+    ``on_desired(values: dict)`` is called when the desired values change;
+    ``on_command(command)`` once per command, in order.  Times are
+    monotonic seconds passed in by the owner.
+    """
+
+    __slots__ = ("device_number", "broker_address", "rekey_after", "on_desired",
+                 "on_command", "session", "session_id", "sessions_started",
+                 "_secret", "_ids", "_profile", "_ciphers", "_random_bytes", "_pending",
+                 "_desired", "_events_end", "_acked")
+
+    def __init__(self, device_number: int, secret: bytes, broker_address, *, session_ids,
+                 profile, ciphers, rekey_after: float, random_bytes=os.urandom,
+                 on_desired=None, on_command=None) -> None:
+        if len(secret) != 16:
+            raise ValueError("a device secret is 16 bytes")
+        self.device_number = device_number
+        self.broker_address = broker_address
+        self.rekey_after = rekey_after
+        self.on_desired = on_desired
+        self.on_command = on_command
+        self.session = None
+        self.session_id = None
+        self.sessions_started = 0
+        self._secret = secret
+        self._ids = session_ids
+        self._profile = profile
+        self._ciphers = ciphers
+        self._random_bytes = random_bytes
+        self._pending = EMPTY
+        self._desired = None
+        self._events_end = 0
+        self._acked = 0  # reports the broker acknowledged (states, not datagrams)
+
+    # -- what the application does ----------------------------------------------
+
+    @property
+    def state(self) -> DeviceState:
+        """The values and unacknowledged events the node is sending."""
+        return self.session.local_state if self.session is not None else self._pending
+
+    @property
+    def desired(self) -> dict:
+        """The latest desired values received (empty before any)."""
+        return plain(self._desired) if self._desired is not None else {}
+
+    @property
+    def acknowledged(self) -> int:
+        """How many of our states the broker acknowledged (durable at the broker)."""
+        return self._acked
+
+    def report(self, values: Mapping, now: float) -> None:
+        """Merge values into the reported state (None deletes a key)."""
+        self._set(self.state.with_values(values), now)
+
+    def emit(self, *events, now: float) -> None:
+        """Append events (telemetry) to send, each delivered once, in order."""
+        self._set(self.state.with_events(*events), now)
+
+    def _set(self, state: DeviceState, now: float) -> None:
+        if self.session is None:
+            self._pending = state
+        else:
+            self.session.set_local_state(state, now)
+
+    def idle(self) -> bool:
+        """Everything we sent is acknowledged."""
+        return self.session is not None and self.session.idle
+
+    # -- driven by the owner ------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Start a new session (boot, or the broker went silent), keeping what is unsent."""
+        carry = self.state
+        self.session_id = self._ids.next(self.device_number)
+        self.session = SSPSession(
+            key=self._secret, cipher_provider=self._ciphers, is_server=False,
+            local_state=EMPTY, remote_state=EMPTY, random_bytes=self._random_bytes,
+            now=now, profile=self._profile,
+            framing=BrokerFraming(self.device_number, self.session_id),
+            remote_address=self.broker_address)
+        if carry is not EMPTY:
+            self.session.set_local_state(carry, now)
+        self._pending = EMPTY
+        self._events_end = 0
+        self.sessions_started += 1
+
+    def receive(self, data: bytes, address, now: float) -> None:
+        """A datagram from the broker (any header: the session checks it is ours)."""
+        if self.session is None:
+            return
+        self.session.receive_datagram(data, address, now)
+        self._handle(self.session.pop_events())
+
+    def _handle(self, found) -> None:
+        for event in found:
+            kind = type(event)
+            if kind is ssp_events.StateReceived:
+                self._deliver(event.state)
+            elif kind is ssp_events.StateAcknowledged:
+                self._acked += 1
+
+    def _deliver(self, state: DeviceState) -> None:
+        values = state.values
+        if self._desired is None or dict(values) != dict(self._desired):
+            self._desired = values
+            if self.on_desired is not None:
+                self.on_desired(plain(values))
+        end = self._events_end
+        if state.event_end < end or state.event_base > end:
+            # The broker started its outgoing state anew (a restart): its
+            # commands are numbered from this state on.
+            end = state.event_base
+        commands = state.events_since(end)
+        self._events_end = state.event_end
+        if self.on_command is not None:
+            for command in commands:
+                self.on_command(plain(command))
+
+    def datagrams(self, now: float) -> list:
+        """The datagrams due now, as (bytes, address); starts a new session if the
+        broker has been silent for rekey_after."""
+        session = self.session
+        if session is None:
+            self.start(now)
+            session = self.session
+        heard = session.last_heard
+        if heard is not None and now - heard >= self.rekey_after:
+            self.start(now)
+            session = self.session
+        out = session.datagrams_to_send(now)
+        self._handle(session.pop_events())
+        return out
+
+    def next_wakeup(self) -> float | None:
+        """When datagrams() next has work."""
+        session = self.session
+        if session is None:
+            return None
+        wakeup = session.next_wakeup()
+        heard = session.last_heard
+        if heard is not None:
+            rekey = heard + self.rekey_after
+            wakeup = rekey if wakeup is None else min(wakeup, rekey)
+        return wakeup

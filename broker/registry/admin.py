@@ -1,0 +1,144 @@
+"""Synchronous administration of a registry database (used by broker-admin).
+
+Works whether or not a broker runs on the same data directory: each change
+is one short ``BEGIN IMMEDIATE`` transaction (SQLite WAL lets the broker
+keep reading and waits for our write lock), and it appends an entry to
+``admin_log``, which a running broker polls (``DeviceRegistry.reload``) to
+pick up added, removed or re-keyed devices and changed tokens.
+"""
+
+import os
+import time
+
+from . import errors
+from .database import (connect, database_path, decode_state, encode_state, next_cursor,
+                       prepare_directory)
+from .model import Device, DeviceView, TokenInfo
+from .registry import check_name
+from .secrets import ROLES, hash_token, new_device_number, new_secret, new_token
+
+#: admin_log entries kept (a running broker reads them within seconds).
+ADMIN_LOG_KEEP = 1000
+
+
+class AdminDatabase:
+    """One registry database opened for administration."""
+
+    def __init__(self, data_dir, *, create=False, random_bytes=os.urandom, now=time.time):
+        if create:
+            prepare_directory(data_dir)
+        elif not os.path.isdir(data_dir):
+            raise errors.StoreError(f"no data directory {data_dir}")
+        self._conn = connect(database_path(data_dir), create=create)
+        self._random_bytes = random_bytes
+        self._now = now
+
+    def close(self):
+        self._conn.close()
+
+    def _log(self, op, name=None, number=None):
+        conn = self._conn
+        seq = conn.execute("INSERT INTO admin_log (op, name, number) VALUES (?, ?, ?)",
+                           (op, name, number)).lastrowid
+        conn.execute("DELETE FROM admin_log WHERE seq <= ?", (seq - ADMIN_LOG_KEEP,))
+
+    def _write(self, fn):
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def _row(self, conn, name):
+        row = conn.execute("SELECT number, name, secret, version, cursor, state FROM devices"
+                           " WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise errors.UnknownDevice(name)
+        return row
+
+    # -- devices ---------------------------------------------------------------
+
+    def add_device(self, name):
+        """Provision ``name``: returns ``(device_number, secret)``."""
+        check_name(name)
+
+        def add(conn):
+            if conn.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
+                raise errors.DeviceExists(name)
+            number = new_device_number(self._random_bytes)
+            while conn.execute("SELECT 1 FROM devices WHERE number = ?", (number,)).fetchone():
+                number = new_device_number(self._random_bytes)
+            secret = new_secret(self._random_bytes)
+            cursor = next_cursor(conn)
+            dev = Device(name, number, secret, 1, cursor)
+            conn.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?)",
+                         (number, name, secret, 1, cursor, encode_state(dev.state())))
+            self._log("device_add", name, number)
+            return number, secret
+        return self._write(add)
+
+    def remove_device(self, name):
+        def remove(conn):
+            number, _, _, version, _, _ = self._row(conn, name)
+            conn.execute("DELETE FROM devices WHERE number = ?", (number,))
+            conn.execute("DELETE FROM sessions WHERE number = ?", (number,))
+            conn.execute("INSERT INTO tombstones (cursor, name, number, version) VALUES (?, ?, ?, ?)",
+                         (next_cursor(conn), name, number, version + 1))
+            self._log("device_remove", name, number)
+            return number
+        return self._write(remove)
+
+    def rotate_key(self, name):
+        """A new secret for ``name``: returns ``(device_number, secret)``."""
+        def rotate(conn):
+            number = self._row(conn, name)[0]
+            secret = new_secret(self._random_bytes)
+            conn.execute("UPDATE devices SET secret = ? WHERE number = ?", (secret, number))
+            self._log("device_key", name, number)
+            return number, secret
+        return self._write(rotate)
+
+    def devices(self):
+        """Views of every device, in name order."""
+        return [self._view(row) for row in self._conn.execute(
+            "SELECT number, name, secret, version, cursor, state FROM devices ORDER BY name")]
+
+    def device(self, name):
+        return self._view(self._row(self._conn, name))
+
+    def _view(self, row):
+        number, name, secret, version, cursor, state = row
+        dev = Device(name, number, bytes(secret), version, cursor)
+        if state is not None:
+            dev.restore_state(decode_state(state))
+        return DeviceView.of(dev)
+
+    # -- tokens ----------------------------------------------------------------
+
+    def add_token(self, role):
+        """A new token: returns ``(token_id, token_text)``; only its hash is stored."""
+        if role not in ROLES:
+            raise errors.InvalidValue(f"token role must be one of {', '.join(ROLES)}")
+
+        def add(conn):
+            token_id, text = new_token(self._random_bytes)
+            conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?)",
+                         (token_id, hash_token(text), role, self._now()))
+            self._log("token")
+            return token_id, text
+        return self._write(add)
+
+    def tokens(self):
+        return [TokenInfo(tid, role, created) for tid, role, created in self._conn.execute(
+            "SELECT token_id, role, created_at FROM tokens ORDER BY created_at, token_id")]
+
+    def revoke_token(self, token_id):
+        def revoke(conn):
+            if conn.execute("DELETE FROM tokens WHERE token_id = ?", (token_id,)).rowcount == 0:
+                raise errors.UnknownToken(f"unknown token {token_id!r}")
+            self._log("token")
+        return self._write(revoke)

@@ -1,0 +1,153 @@
+"""broker-admin: provision devices and dashboard tokens in a data directory.
+
+Works on a stopped or a running broker (a running broker picks the
+changes up within ``reload_interval`` seconds). Human output by default,
+``--json`` for scripts; an error is one line on stderr and exit status 1
+(2 for bad usage).
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from . import errors
+from .admin import AdminDatabase
+from .secrets import ROLES, format_key
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="broker-admin", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="./broker-data",
+                        help="the broker's data directory (default ./broker-data)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    top = parser.add_subparsers(dest="group", required=True)
+
+    device = top.add_parser("device", help="provisioned sensor nodes").add_subparsers(
+        dest="command", required=True)
+    for command, text in (("add", "provision a device (prints its number and secret once)"),
+                          ("show", "show a device's state as JSON"),
+                          ("remove", "remove a device and its state"),
+                          ("rotate-key", "give a device a new secret (prints it once)")):
+        sub = device.add_parser(command, help=text)
+        sub.add_argument("name")
+    device.add_parser("list", help="list devices")
+
+    token = top.add_parser("token", help="dashboard access tokens").add_subparsers(
+        dest="command", required=True)
+    add = token.add_parser("add", help="create a token (prints it once)")
+    add.add_argument("--role", choices=ROLES, required=True)
+    token.add_parser("list", help="list tokens (never their text)")
+    revoke = token.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("token_id")
+    return parser
+
+
+def run(args, out):
+    """Carry out one parsed command, writing to ``out``."""
+    create = args.command == "add"
+    db = AdminDatabase(args.data_dir, create=create)
+    try:
+        return COMMANDS[(args.group, args.command)](db, args, out)
+    finally:
+        db.close()
+
+
+def _emit(args, out, data, human):
+    if args.json:
+        out.write(json.dumps(data, sort_keys=True) + "\n")
+    else:
+        out.write(human + "\n")
+
+
+def device_add(db, args, out):
+    number, secret = db.add_device(args.name)
+    _emit(args, out, {"name": args.name, "device_number": str(number), "key": format_key(secret)},
+          f"device {args.name}\nnumber  {number}\nkey     {format_key(secret)}\n"
+          "(the key is shown only now; configure the device with it)")
+
+
+def device_rotate(db, args, out):
+    number, secret = db.rotate_key(args.name)
+    _emit(args, out, {"name": args.name, "device_number": str(number), "key": format_key(secret)},
+          f"device {args.name}\nnumber  {number}\nkey     {format_key(secret)}\n"
+          "(the old key no longer works; the key is shown only now)")
+
+
+def device_list(db, args, out):
+    views = db.devices()
+    if args.json:
+        _emit(args, out, [{"name": v.name, "device_number": str(v.device_number),
+                           "version": v.version, "online": v.online,
+                           "last_heard": v.last_heard} for v in views], "")
+        return
+    lines = [f"{'NAME':<24} {'NUMBER':>20} {'VERSION':>8}  ONLINE"]
+    lines += [f"{v.name:<24} {v.device_number:>20} {v.version:>8}  {'yes' if v.online else 'no'}"
+              for v in views]
+    out.write("\n".join(lines) + "\n")
+
+
+def device_show(db, args, out):
+    body = db.device(args.name).to_json()
+    out.write(json.dumps(body, sort_keys=True, indent=None if args.json else 2) + "\n")
+
+
+def device_remove(db, args, out):
+    number = db.remove_device(args.name)
+    _emit(args, out, {"name": args.name, "device_number": str(number), "removed": True},
+          f"removed device {args.name}")
+
+
+def token_add(db, args, out):
+    token_id, text = db.add_token(args.role)
+    _emit(args, out, {"token_id": token_id, "role": args.role, "token": text},
+          f"token {token_id} ({args.role})\n{text}\n(the token is shown only now)")
+
+
+def token_list(db, args, out):
+    tokens = db.tokens()
+    if args.json:
+        _emit(args, out, [{"token_id": t.token_id, "role": t.role, "created_at": t.created_at}
+                          for t in tokens], "")
+        return
+    lines = [f"{'ID':<14} {'ROLE':<6} CREATED"]
+    lines += [f"{t.token_id:<14} {t.role:<6} "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(t.created_at))}Z" for t in tokens]
+    out.write("\n".join(lines) + "\n")
+
+
+def token_revoke(db, args, out):
+    db.revoke_token(args.token_id)
+    _emit(args, out, {"token_id": args.token_id, "revoked": True}, f"revoked token {args.token_id}")
+
+
+COMMANDS = {
+    ("device", "add"): device_add,
+    ("device", "list"): device_list,
+    ("device", "show"): device_show,
+    ("device", "remove"): device_remove,
+    ("device", "rotate-key"): device_rotate,
+    ("token", "add"): token_add,
+    ("token", "list"): token_list,
+    ("token", "revoke"): token_revoke,
+}
+
+
+def main(argv=None, out=None, err=None):
+    """Console entry point ``broker-admin``; returns the exit status."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, out)
+    except errors.RegistryError as e:
+        if args.json:
+            err.write(json.dumps(e.to_json()) + "\n")
+        else:
+            err.write(f"broker-admin: {e.message}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

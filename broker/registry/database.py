@@ -1,0 +1,329 @@
+"""The SQLite database file: creation, identity checks, schema, encoding.
+
+Shared by the writer-thread store (sqlite_store.py) and broker-admin
+(admin.py). A database is ours only if its ``application_id`` and
+``user_version`` say so; anything else (another program's file, a damaged
+file, a newer schema) stops with StoreError and is never written to.
+"""
+
+import os
+import sqlite3
+import struct
+import sys
+
+import cbor2
+
+from .errors import StoreError
+from .model import SessionRecord
+from .values import thaw
+
+APPLICATION_ID = 0x53535042      # "SSPB"
+SCHEMA_VERSION = 1
+DB_NAME = "registry.sqlite3"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS = 10_000         # broker and broker-admin may wait on each other
+
+SCHEMA = """
+CREATE TABLE devices (
+    number  INTEGER PRIMARY KEY,          -- device number (u64 < 2**63)
+    name    TEXT NOT NULL UNIQUE,
+    secret  BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    cursor  INTEGER NOT NULL,
+    state   BLOB                          -- CBOR of Device.state()
+);
+CREATE TABLE tombstones (
+    id      INTEGER PRIMARY KEY,
+    cursor  INTEGER NOT NULL,
+    name    TEXT NOT NULL,
+    number  INTEGER NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE INDEX tombstones_cursor ON tombstones (cursor);
+CREATE TABLE sessions (
+    number INTEGER PRIMARY KEY,
+    session_id INTEGER NOT NULL,          -- u64 stored as signed i64
+    acked_remote_num INTEGER NOT NULL,
+    acked_remote_state BLOB NOT NULL,
+    local_num INTEGER NOT NULL,
+    local_state BLOB NOT NULL,
+    seq_reservation INTEGER NOT NULL
+);
+CREATE TABLE tokens (
+    token_id   TEXT PRIMARY KEY,
+    digest     BLOB NOT NULL,             -- SHA-256 of the token text
+    role       TEXT NOT NULL CHECK (role IN ('read', 'write')),
+    created_at REAL NOT NULL
+);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE admin_log (                  -- changes broker-admin made, for a running broker
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    op     TEXT NOT NULL,
+    name   TEXT,
+    number INTEGER
+);
+"""
+
+
+def to_i64(n):
+    """A u64 as SQLite's signed 64-bit integer."""
+    return n - (1 << 64) if n >= 1 << 63 else n
+
+
+def from_i64(n):
+    """Inverse of to_i64."""
+    return n + (1 << 64) if n < 0 else n
+
+
+def database_path(data_dir):
+    return os.path.join(data_dir, DB_NAME)
+
+
+def prepare_directory(data_dir):
+    """Create the data directory private (0700) if missing."""
+    if not os.path.isdir(data_dir):
+        try:
+            os.makedirs(data_dir, mode=0o700)
+        except OSError as e:
+            raise StoreError(f"cannot create data directory {data_dir}: {e.strerror}") from None
+        os.chmod(data_dir, 0o700)
+
+
+def connect(path, *, create=True, synchronous="FULL"):
+    """Open (or create, private 0600) the registry database at ``path``, checked."""
+    fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+    if fresh and not create:
+        raise StoreError(f"no registry database at {path}")
+    if not fresh:
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(len(_SQLITE_MAGIC))
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e.strerror}") from None
+        if magic != _SQLITE_MAGIC:
+            raise StoreError(f"{path} is not an SQLite database (damaged or foreign); "
+                             "refusing to touch it")
+    else:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot create {path}: {e.strerror}") from None
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if app_id == 0 and user_version == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if app_id == 0 and tables:
+                conn.execute("ROLLBACK")
+                raise StoreError(f"{path} is an SQLite database of another program; "
+                                 "refusing to touch it")
+            if app_id == 0:      # still empty: another process did not just create it
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            raise StoreError(f"{path} belongs to another program (application_id {app_id:#x}); "
+                             "refusing to touch it")
+        elif user_version != SCHEMA_VERSION:
+            raise StoreError(f"{path} has registry schema {user_version}; this broker "
+                             f"understands {SCHEMA_VERSION}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{path}: cannot switch to WAL journal mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise StoreError(f"{path} is damaged or not a registry database: {e}") from None
+    except StoreError:
+        conn.close()
+        raise
+    return conn
+
+
+# -- encoding -------------------------------------------------------------
+
+#: RFC 8746 tag of a big-endian float64 typed array: sensor readings and
+#: update times are mostly floats, and packing them is much faster.
+TAG_FLOAT64 = 86
+_FLOAT = frozenset((float,))
+_FLOAT64 = struct.Struct(">Bd")
+_U64 = 1 << 64
+_PAIRS = {}
+
+
+def _f64_head(n):
+    size = 8 * n
+    if size < 24:
+        return bytes((0xd8, TAG_FLOAT64, 0x40 | size))
+    if size < 256:
+        return bytes((0xd8, TAG_FLOAT64, 0x58, size))
+    return bytes((0xd8, TAG_FLOAT64, 0x59)) + size.to_bytes(2, "big")
+
+
+def _pair_packer(n):
+    """A precompiled packer of two float64 typed arrays of ``n`` items (values, times)."""
+    packer = _PAIRS.get(n)
+    if packer is None:
+        head = _f64_head(n)
+        fmt = struct.Struct(f">{len(head)}s{n}d{len(head)}s{n}d")
+
+        def packer(values, times, pack=fmt.pack, head=head):
+            return pack(head, *values, head, *times)
+        if n <= 256:
+            _PAIRS[n] = packer
+    return packer
+
+
+def _float_array(items, dumps):
+    """CBOR of a tuple: a float64 typed array if it holds only floats."""
+    if not _FLOAT.issuperset(map(type, items)):
+        return dumps(items)
+    return _f64_head(len(items)) + struct.pack(f">{len(items)}d", *items)
+
+
+def _head(major, n):
+    """CBOR head of major type ``major`` (shifted) with argument ``n`` (0 <= n < 2**64)."""
+    if n < 24:
+        return bytes((major | n,))
+    if n < 0x100:
+        return bytes((major | 24, n))
+    if n < 0x10000:
+        return bytes((major | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major | 26,)) + n.to_bytes(4, "big")
+    return bytes((major | 27,)) + n.to_bytes(8, "big")
+
+
+def _scalar(v, dumps=cbor2.dumps):
+    """CBOR of one connection fact (float, int, text, None, bool); others via cbor2."""
+    tv = type(v)
+    if tv is float:
+        return _FLOAT64.pack(0xfb, v)
+    if v is None:
+        return b"\xf6"
+    if tv is bool:
+        return b"\xf5" if v else b"\xf4"
+    if tv is int and -_U64 <= v < _U64:
+        return _head(0, v) if v >= 0 else _head(0x20, -1 - v)
+    if tv is str:
+        data = v.encode("utf-8")
+        return _head(0x60, len(data)) + data
+    return dumps(v)
+
+
+_EMPTY_ARRAY = b"\x80"
+_EMPTY_MAP = b"\x80\x80\x80"
+_KEYS_CACHE = {}
+_KEYS_CACHE_SIZE = 10_000
+
+
+def _keys_cbor(keys, dumps=cbor2.dumps):
+    """CBOR of a key tuple; cached, as key tuples are shared by many devices."""
+    encoded = _KEYS_CACHE.get(keys)
+    if encoded is None:
+        encoded = dumps(keys)
+        if len(_KEYS_CACHE) < _KEYS_CACHE_SIZE:
+            _KEYS_CACHE[keys] = encoded
+    return encoded
+
+
+def _map_cbor(keys, values, times, dumps=cbor2.dumps):
+    """CBOR of one map kept as parallel tuples: three array items."""
+    if not keys:
+        return _EMPTY_MAP
+    if _FLOAT.issuperset(map(type, values)) and _FLOAT.issuperset(map(type, times)):
+        return _keys_cbor(keys) + _pair_packer(len(keys))(values, times)
+    return _keys_cbor(keys) + _float_array(values, dumps) + _float_array(times, dumps)
+
+
+def encode_state(state):
+    """CBOR array of a Device.state() tuple (12 items); see ``_encode``."""
+    return _encode(*state)
+
+
+def encode_device(dev):
+    """``encode_state(dev.state())`` without building the tuple (the store's hot path)."""
+    return _encode(dev.rkeys, dev.rvals, dev.rtimes, dev.dkeys, dev.dvals, dev.dtimes,
+                   dev.online, dev.last_heard, dev.address, dev.rtt, dev.session_id,
+                   dev.history)
+
+
+def _encode(rkeys, rvals, rtimes, dkeys, dvals, dtimes, online, last_heard, address,
+            rtt, session_id, history, dumps=cbor2.dumps):
+    """CBOR array of the 12 items of a device state.
+
+    Hand-written for the common shapes, because it runs once per stored
+    write: key tuples come from a cache, an all-float map becomes two
+    float64 typed arrays packed by one precompiled struct, connection facts
+    are encoded directly; anything unusual (nested values, history) goes
+    through cbor2. ``decode_state`` (plain cbor2) reads either form.
+    """
+    if address is None:
+        where = b"\xf6"
+    elif len(address) == 2:
+        where = b"\x82" + _scalar(address[0]) + _scalar(address[1])
+    else:
+        where = dumps(list(address))
+    return b"".join((
+        b"\x8c", _map_cbor(rkeys, rvals, rtimes), _map_cbor(dkeys, dvals, dtimes),
+        b"\xf5" if online is True else _scalar(online), _scalar(last_heard), where,
+        _scalar(rtt), _scalar(session_id), dumps(history) if history else _EMPTY_ARRAY))
+
+
+def _tag_hook(*args):
+    # cbor2 5 calls hook(decoder, tag), cbor2 6 hook(tag, immutable)
+    tag = args[1] if len(args) > 1 and isinstance(args[1], cbor2.CBORTag) else args[0]
+    if tag.tag == TAG_FLOAT64 and type(tag.value) is bytes and len(tag.value) % 8 == 0:
+        return struct.unpack(f">{len(tag.value) // 8}d", tag.value)
+    return tag
+
+
+def decode_state(blob):
+    """Device.state() tuple from its CBOR (frozen values, interned keys).
+
+    Raises StoreError if the blob is damaged.
+    """
+    if blob is None:
+        return None
+    try:
+        (rkeys, rvals, rtimes, dkeys, dvals, dtimes, online, last_heard, address,
+         rtt, session_id, history) = cbor2.loads(blob, tag_hook=_tag_hook)
+        intern = sys.intern
+        return (tuple(map(intern, rkeys)), tuple(map(thaw, rvals)), tuple(rtimes),
+                tuple(map(intern, dkeys)), tuple(map(thaw, dvals)), tuple(dtimes),
+                online, last_heard, address, rtt, session_id,
+                tuple((v, c, at, kind, thaw(data)) for v, c, at, kind, data in history))
+    except (cbor2.CBORError, ValueError, TypeError, struct.error) as e:
+        raise StoreError(f"damaged device state in the registry database: {e}") from None
+
+
+def session_params(number, record):
+    return (number, to_i64(record.session_id), to_i64(record.acked_remote_num),
+            record.acked_remote_state, to_i64(record.local_num), record.local_state,
+            to_i64(record.seq_reservation))
+
+
+def session_from_row(row):
+    number, sid, arn, ars, ln, ls, res = row
+    return number, SessionRecord(from_i64(sid), from_i64(arn), bytes(ars), from_i64(ln),
+                                 bytes(ls), from_i64(res))
+
+
+def next_cursor(conn):
+    """One above every cursor stored (for changes made outside a running registry)."""
+    row = conn.execute(
+        "SELECT max(coalesce((SELECT max(cursor) FROM devices), 0),"
+        " coalesce((SELECT max(cursor) FROM tombstones), 0),"
+        " coalesce((SELECT max(value) FROM meta WHERE key IN ('sequence', 'horizon')), 0))"
+    ).fetchone()
+    return row[0] + 1

@@ -1,0 +1,179 @@
+"""The change feed and the observer table.
+
+The feed is an index "device -> its last cursor" kept as an append-only log
+sorted by cursor (an ``array`` of cursors beside a list of records). When a
+device changes again its older entry goes stale; ``changes_since`` skips
+stale entries, so a reader gets each changed device once, at its latest
+state. The log is compacted when stale entries outnumber live ones, which
+keeps it within twice the number of devices (16 bytes an entry).
+"""
+
+from array import array
+from bisect import bisect_right
+from collections import deque
+from fnmatch import translate
+import re
+
+from twisted.logger import Logger
+
+from .model import ChangeBatch, DeviceView
+
+#: compaction never runs for fewer stale entries than this.
+MIN_COMPACT = 1024
+_GLOB_CHARS = frozenset("*?[")
+
+
+class ChangeFeed:
+    """Cursor-ordered log of device records and removal tombstones."""
+
+    __slots__ = ("_cursors", "_entries", "_stale", "_tombstones", "horizon", "retention")
+
+    def __init__(self, retention=100_000):
+        self._cursors = array("q")
+        self._entries = []
+        self._stale = 0
+        self._tombstones = deque()
+        #: cursors below this (and above 0) cannot be served any more.
+        self.horizon = 0
+        self.retention = retention
+
+    def __len__(self):
+        return len(self._entries)
+
+    def append(self, entry, replaced):
+        """Log ``entry`` (a Device, or a tombstone DeviceView) at ``entry.cursor``.
+
+        ``replaced`` says an older entry of this device is now stale.
+        """
+        self._cursors.append(entry.cursor)
+        self._entries.append(entry)
+        if replaced:
+            self._stale += 1
+            if self._stale > MIN_COMPACT and self._stale > len(self._entries) // 2:
+                self._compact()
+        if type(entry) is DeviceView:
+            self._tombstones.append(entry.cursor)
+            while len(self._tombstones) > self.retention:
+                self.horizon = self._tombstones.popleft()
+                self._stale += 1
+
+    def stale(self):
+        """Note that one logged entry went stale without a new one (device removed)."""
+        self._stale += 1
+
+    def _live(self, cursor, entry):
+        return entry.cursor == cursor and (type(entry) is not DeviceView or cursor > self.horizon)
+
+    def _compact(self):
+        live = [(c, e) for c, e in zip(self._cursors, self._entries) if self._live(c, e)]
+        self._cursors = array("q", (c for c, _ in live))
+        self._entries = [e for _, e in live]
+        self._stale = 0
+
+    def changes_since(self, cursor, current, limit, view=DeviceView.of):
+        """Latest views of devices changed after ``cursor`` (see DeviceRegistry.changes_since)."""
+        reset = cursor < 0 or cursor > current or 0 < cursor < self.horizon
+        if reset:
+            cursor = 0
+        cursors, entries = self._cursors, self._entries
+        i = bisect_right(cursors, cursor)
+        n = len(entries)
+        out = []
+        last = cursor
+        while i < n and len(out) < limit:
+            c, e = cursors[i], entries[i]
+            if self._live(c, e):
+                out.append(e if type(e) is DeviceView else view(e))
+                last = c
+            i += 1
+        while i < n and not self._live(cursors[i], entries[i]):
+            i += 1
+        more = i < n
+        if not more:
+            last = max(last, current)
+        if reset:
+            out = [e for e in out if not e.removed]
+        return ChangeBatch(out, last, more, reset)
+
+
+class Subscription:
+    """One observer: call ``cancel()`` to stop it."""
+
+    __slots__ = ("_table", "patterns", "callback", "active")
+
+    def __init__(self, table, patterns, callback):
+        self._table = table
+        self.patterns = patterns
+        self.callback = callback
+        self.active = True
+
+    def cancel(self):
+        """Stop calling the callback; harmless to call twice."""
+        if self.active:
+            self.active = False
+            self._table._remove(self)
+
+
+class Subscriptions:
+    """Observers by exact device name or fnmatch glob pattern."""
+
+    log = Logger()
+
+    def __init__(self):
+        self._exact = {}
+        self._globs = []          # (pattern, compiled match, subscription)
+        #: False while nobody observes anything: writers skip notify() then.
+        self.watching = False
+        #: observer callbacks that raised (counted, logged, never propagated).
+        self.errors = 0
+
+    def add(self, patterns, callback):
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        sub = Subscription(self, tuple(patterns), callback)
+        for pattern in sub.patterns:
+            if _GLOB_CHARS.intersection(pattern):
+                self._globs.append((pattern, re.compile(translate(pattern)).match, sub))
+            else:
+                self._exact.setdefault(pattern, []).append(sub)
+        self.watching = bool(self._exact or self._globs)
+        return sub
+
+    def _remove(self, sub):
+        for pattern in sub.patterns:
+            subs = self._exact.get(pattern)
+            if subs is not None and sub in subs:
+                subs.remove(sub)
+                if not subs:
+                    del self._exact[pattern]
+        self._globs = [g for g in self._globs if g[2] is not sub]
+        self.watching = bool(self._exact or self._globs)
+
+    def matching(self, name):
+        """Distinct active subscriptions observing ``name``."""
+        found = list(self._exact.get(name, ()))
+        for _, match, sub in self._globs:
+            if match(name) is not None and sub not in found:
+                found.append(sub)
+        return found
+
+    def count(self, name):
+        """How many observers watch the device ``name``."""
+        return len(self.matching(name))
+
+    def notify(self, name, make_view):
+        """Call every observer of ``name`` with one shared view (built only if needed)."""
+        if name not in self._exact and not self._globs:
+            return
+        subs = self.matching(name)
+        if not subs:
+            return
+        view = make_view()
+        for sub in subs:
+            if not sub.active:
+                continue
+            try:
+                sub.callback(view)
+            except Exception:
+                self.errors += 1
+                self.log.failure("observer of {name} raised", name=name)

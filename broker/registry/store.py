@@ -1,0 +1,196 @@
+"""The storage interface of the registry, and the in-memory store.
+
+A store is small on purpose: load everything once at start, then take
+writes (small tuples, below) and say when each is durable. The registry
+keeps the live state in memory; the store only makes it survive restarts.
+
+Write operations (the first item names the kind):
+
+* ``("add", number, name, secret, version, cursor, state)``: new device row
+* ``("state", version, cursor, state, number)``: a device's state changed;
+  consecutive state writes of one device may be coalesced (last wins)
+* ``("remove", number, name, version, cursor)``: delete the device and its
+  session, remember a tombstone at ``cursor``
+* ``("secret", number, secret)``: key rotation
+* ``("session", number, SessionRecord)``
+* ``("token_add", token_id, digest, role, created_at)``, ``("token_del", token_id)``
+* ``("prune", horizon)``: forget tombstones at or below ``horizon`` and
+  remember it (cursors below it get a reset answer, also after a restart)
+
+``state`` is ``Device.state()``: a tuple of plain values the store encodes.
+"""
+
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+
+from .model import UpdateResult
+
+
+@dataclass
+class DeviceRow:
+    """One stored device as loaded (``state`` already decoded and frozen, or None)."""
+
+    number: int
+    name: str
+    secret: bytes
+    version: int
+    cursor: int
+    state: tuple | None
+
+
+@dataclass
+class Loaded:
+    """Everything a store holds, read once at start."""
+
+    devices: list = field(default_factory=list)       # DeviceRow
+    tombstones: list = field(default_factory=list)    # (cursor, name, number, version)
+    tokens: list = field(default_factory=list)        # (token_id, digest, role, created_at)
+    sessions: list = field(default_factory=list)      # (number, SessionRecord)
+    sequence: int = 0                                 # highest cursor ever stored
+    admin_seq: int = 0                                # last admin-log entry seen
+    horizon: int = 0                                  # tombstones pruned up to here
+
+
+class Store:
+    """What DeviceRegistry needs from a storage backend (documentation base class)."""
+
+    def load(self):
+        """Read everything: returns ``Loaded`` (synchronously, at start)."""
+        raise NotImplementedError
+
+    def write(self, op, result=None):
+        """Queue one write; the Deferred fires with ``result`` once it is durable."""
+        raise NotImplementedError
+
+    def barrier(self, result=None):
+        """A Deferred firing with ``result`` once every earlier write is durable."""
+        raise NotImplementedError
+
+    def write_state(self, dev, token=None):
+        """Queue a changed Device's state: Deferred[UpdateResult] once durable.
+
+        The registry's hot path. This default queues a ``("state", ...)``
+        write; a store may override it to keep less per write (the SQLite
+        store reads the device's latest state when it plans the commit).
+        """
+        return self.write(("state", dev.version, dev.cursor, dev.state(), dev.number),
+                          UpdateResult(dev.name, dev.version, dev.cursor, token))
+
+    def write_states(self, devs, result=None):
+        """Queue the states of several changed Devices: ONE Deferred, firing
+        with ``result`` once all are durable (``update_reported_many``)."""
+        writes = [self.write(("state", dev.version, dev.cursor, dev.state(), dev.number))
+                  for dev in devs]
+        return defer.gatherResults(writes, consumeErrors=True).addCallbacks(
+            lambda _: result, lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+
+    def admin_changes(self, after):
+        """Deferred list of ``(seq, op, name, number)`` written by other processes after ``after``."""
+        return defer.succeed([])
+
+    def fetch_device(self, number):
+        """Deferred DeviceRow (or None) read from storage, for admin reloads."""
+        return defer.succeed(None)
+
+    def fetch_tokens(self):
+        """Deferred list of stored tokens, for admin reloads."""
+        return defer.succeed([])
+
+    def close(self):
+        """Commit what is pending and release resources: a Deferred."""
+        return defer.succeed(None)
+
+
+class MemoryStore(Store):
+    """Storage in dictionaries: for tests, and as the reference behaviour.
+
+    Writes are durable at once, unless ``hold()`` was called: then they wait
+    until ``release()``, which lets tests check that nothing is acknowledged
+    before it is durable. A new registry over the same MemoryStore sees the
+    previous one's data, like a restart.
+    """
+
+    def __init__(self):
+        self.devices = {}       # number -> DeviceRow
+        self.tombstones = []
+        self.tokens = {}
+        self.sessions = {}
+        self.sequence = 0
+        self.horizon = 0
+        self.writes = 0
+        self._held = None
+
+    def load(self):
+        return Loaded(
+            devices=[DeviceRow(r.number, r.name, r.secret, r.version, r.cursor, r.state)
+                     for r in self.devices.values()],
+            tombstones=list(self.tombstones),
+            tokens=[(tid,) + rest for tid, rest in self.tokens.items()],
+            sessions=list(self.sessions.items()),
+            sequence=self.sequence, horizon=self.horizon)
+
+    def hold(self):
+        """Keep further writes pending (not durable) until ``release()``."""
+        if self._held is None:
+            self._held = []
+
+    def release(self):
+        """Make every held write durable, in order, and fire their Deferreds."""
+        held, self._held = self._held or [], None
+        for op, d, result in held:
+            if op is not None:
+                self._apply(op)
+            d.callback(result)
+
+    def write(self, op, result=None):
+        if self._held is not None:
+            d = defer.Deferred()
+            self._held.append((op, d, result))
+            return d
+        self._apply(op)
+        return defer.succeed(result)
+
+    def barrier(self, result=None):
+        if self._held is not None:
+            d = defer.Deferred()
+            self._held.append((None, d, result))
+            return d
+        return defer.succeed(result)
+
+    def _apply(self, op):
+        self.writes += 1
+        kind = op[0]
+        if kind == "state":
+            _, version, cursor, state, number = op
+            row = self.devices.get(number)
+            if row is not None:
+                row.version, row.cursor, row.state = version, cursor, state
+                self.sequence = max(self.sequence, cursor)
+        elif kind == "add":
+            _, number, name, secret, version, cursor, state = op
+            self.devices[number] = DeviceRow(number, name, secret, version, cursor, state)
+            self.sequence = max(self.sequence, cursor)
+        elif kind == "remove":
+            _, number, name, version, cursor = op
+            self.devices.pop(number, None)
+            self.sessions.pop(number, None)
+            self.tombstones.append((cursor, name, number, version))
+            self.sequence = max(self.sequence, cursor)
+        elif kind == "secret":
+            _, number, secret = op
+            if number in self.devices:
+                self.devices[number].secret = secret
+        elif kind == "session":
+            _, number, record = op
+            self.sessions[number] = record
+        elif kind == "token_add":
+            _, token_id, digest, role, created_at = op
+            self.tokens[token_id] = (digest, role, created_at)
+        elif kind == "token_del":
+            self.tokens.pop(op[1], None)
+        elif kind == "prune":
+            self.horizon = max(self.horizon, op[1])
+            self.tombstones = [t for t in self.tombstones if t[0] > self.horizon]
+        else:
+            raise ValueError(f"unknown store operation {kind!r}")

@@ -1,0 +1,405 @@
+"""The device state: values plus an event queue, synchronized by SSP.
+
+wire.md section 5. Values follow "latest state wins" (a diff carries each
+changed key once, however often it changed); events are delivered exactly
+once and in order, so every event has an absolute index that survives
+``subtract``. A diff is one CBOR item, laid out in docs/protocol.md:
+
+    {0: {key: value or null, ...},   changed values; null deletes (optional)
+     1: first_event_index,           absolute index of the first event
+     2: [event, ...]}                events appended since the old state
+
+Both ``1`` and ``2`` are present or both absent; ``b""`` is the diff of equal
+states. Senders emit the deterministic (canonical) encoding, receivers accept
+any well-formed encoding of the same layout.
+
+Values and events are text, byte strings, integers (-2**64 .. 2**64-1),
+floats (not NaN: a state must equal itself), booleans, and arrays or maps of
+these (maps with text keys, null allowed inside), nested at most
+``MAX_DEPTH`` deep. They are frozen on entry (arrays become tuples, maps
+read-only mappings) so states can share them.
+"""
+
+import io
+from collections.abc import Mapping
+from math import copysign
+from types import MappingProxyType
+
+import cbor2
+
+from broker.ssp.state import EMPTY_DIFF, bad_diff
+
+#: How deep arrays and maps may nest inside one value or event.
+MAX_DEPTH = 16
+
+#: Keys of the diff map (small integers: one byte each on the wire).
+VALUES_KEY = 0
+FIRST_EVENT_KEY = 1
+EVENTS_KEY = 2
+_DIFF_KEYS = frozenset((VALUES_KEY, FIRST_EVENT_KEY, EVENTS_KEY))
+
+_INT_MIN = -(2**64)
+_INT_MAX = 2**64 - 1
+_NO_VALUES: dict = {}
+_MISSING = object()
+
+
+def freeze(value, depth=0):
+    """``value`` checked and made immutable (TypeError/ValueError if not
+    allowed)."""
+    kind = type(value)
+    if kind is str or kind is bytes or kind is bool:
+        return value
+    if kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValueError(f"integer out of CBOR range: {value}")
+        return value
+    if kind is float:
+        if value != value:
+            raise ValueError("NaN is not allowed (a state must equal itself)")
+        return value
+    if value is None:
+        if depth == 0:
+            raise TypeError("null is only allowed inside arrays and maps")
+        return None
+    if depth >= MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH}")
+    if kind is tuple or kind is list:
+        return tuple([freeze(item, depth + 1) for item in value])
+    if isinstance(value, Mapping):
+        frozen = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(
+                    f"map keys must be text, not {type(key).__name__}")
+            frozen[key] = freeze(item, depth + 1)
+        return MappingProxyType(frozen)
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return freeze(int(value), depth)
+    if isinstance(value, float):
+        return freeze(float(value), depth)
+    if isinstance(value, str):
+        return str(value)
+    raise TypeError(f"not a device-state value: {kind.__name__}")
+
+
+def thaw(value):
+    """A frozen value as plain lists and dicts (for JSON and callers that
+    want mutable copies)."""
+    kind = type(value)
+    if kind is tuple:
+        return [thaw(item) for item in value]
+    if kind is MappingProxyType or kind is dict:
+        return {key: thaw(item) for key, item in value.items()}
+    return value
+
+
+def encode(item) -> bytes:
+    """The deterministic (canonical) CBOR encoding of a frozen value."""
+    return cbor2.dumps(item, canonical=True)
+
+
+def same(a, b) -> bool:
+    """Whether two frozen values are the same on the wire (1 is not True,
+    0.0 is not -0.0), without encoding them."""
+    if a is b:
+        return True
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is float:
+        return a == b and (a != 0.0 or copysign(1.0, a) == copysign(1.0, b))
+    if kind is tuple:
+        return len(a) == len(b) and all(map(same, a, b))
+    if kind is MappingProxyType:
+        return len(a) == len(b) and all(
+            same(value, b.get(key, _MISSING)) for key, value in a.items())
+    return a == b
+
+
+_BytesIO = io.BytesIO
+_CBORDecoder = cbor2.CBORDecoder
+_NOT_CBOR = (cbor2.CBORError, ValueError, TypeError, OverflowError,
+             LookupError, RecursionError)
+# The diff map and the values map add two levels to MAX_DEPTH.
+_DECODE_DEPTH = MAX_DEPTH + 3
+
+
+# Idle decoders for reuse: building a CBORDecoder costs about half of a
+# whole diff's decoding, and a decoder keeps nothing from one decode() to
+# the next (tests/ssp/test_device_state.py checks that). Taking one from
+# the list and putting it back are atomic, so threads never share one; one
+# that failed is not put back.
+_decoders: list = []
+
+
+def _decode_one(data: bytes):
+    """Exactly one CBOR item from ``data``, else DatagramDropped(BAD_DIFF).
+
+    A decoder over a stream, not ``cbor2.loads``: loads ignores bytes after
+    the item, the stream's position tells.
+    """
+    stream = _BytesIO(data)
+    try:
+        decoder = _decoders.pop()
+    except IndexError:
+        decoder = _CBORDecoder(stream, max_depth=_DECODE_DEPTH,
+                               allow_duplicate_keys=False)
+    else:
+        decoder.fp = stream
+    try:
+        item = decoder.decode()
+    except _NOT_CBOR as error:
+        raise bad_diff(f"not CBOR: {error}") from None
+    _decoders.append(decoder)
+    if stream.tell() != len(data):
+        raise bad_diff(
+            f"{len(data) - stream.tell()} bytes after the CBOR item")
+    return item
+
+
+class DeviceState:
+    """Immutable device state: ``values`` and events from ``event_base`` on."""
+
+    __slots__ = ("_values", "_events", "_event_base")
+    __hash__ = None  # equal states may hold unhashable maps
+
+    def __init__(self, values=None, events=(), event_base=0):
+        """Build from plain Python data (frozen and checked here)."""
+        if type(event_base) is not int or not 0 <= event_base <= _INT_MAX:
+            raise ValueError(f"bad event_base: {event_base!r}")
+        frozen = {}
+        for key, value in (values or {}).items():
+            if type(key) is not str:
+                raise TypeError(f"keys must be text, not {type(key).__name__}")
+            frozen[key] = freeze(value)
+        self._values = frozen or _NO_VALUES
+        self._events = tuple([freeze(event) for event in events])
+        self._event_base = event_base
+
+    @classmethod
+    def _make(cls, values, events, event_base):
+        """Build from already frozen parts, sharing them."""
+        state = object.__new__(cls)
+        state._values = values
+        state._events = events
+        state._event_base = event_base
+        return state
+
+    @classmethod
+    def empty(cls):
+        """State 0: no values, no events (a shared singleton)."""
+        return _EMPTY
+
+    @property
+    def values(self) -> Mapping:
+        """The values, read-only."""
+        return MappingProxyType(self._values)
+
+    @property
+    def events(self) -> tuple:
+        """The events still held, the first one at index ``event_base``."""
+        return self._events
+
+    @property
+    def event_base(self) -> int:
+        """Absolute index of the first event held."""
+        return self._event_base
+
+    @property
+    def event_end(self) -> int:
+        """Absolute index the next event appended will get."""
+        return self._event_base + len(self._events)
+
+    def events_since(self, index: int) -> tuple:
+        """The held events whose absolute index is ``index`` or more."""
+        return self._events[max(0, index - self._event_base):]
+
+    def _is_blank(self) -> bool:
+        return not self._values and self._event_base == 0 and not self._events
+
+    def with_values(self, patch: Mapping) -> "DeviceState":
+        """This state with ``patch`` merged in (None deletes a key)."""
+        values = None
+        for key, value in patch.items():
+            if type(key) is not str:
+                raise TypeError(f"keys must be text, not {type(key).__name__}")
+            current = (self._values if values is None else values).get(
+                key, _MISSING)
+            if value is None:
+                if current is _MISSING:
+                    continue
+                if values is None:
+                    values = dict(self._values)
+                del values[key]
+                continue
+            value = freeze(value)
+            if current is not _MISSING and same(current, value):
+                continue
+            if values is None:
+                values = dict(self._values)
+            values[key] = value
+        if values is None:
+            return self
+        return DeviceState._make(values or _NO_VALUES, self._events,
+                                 self._event_base)
+
+    def with_events(self, *events) -> "DeviceState":
+        """This state with ``events`` appended to the queue."""
+        if not events:
+            return self
+        added = tuple([freeze(event) for event in events])
+        if self.event_end + len(added) > _INT_MAX:
+            raise ValueError("event index would exceed 2**64 - 1")
+        return DeviceState._make(self._values, self._events + added,
+                                 self._event_base)
+
+    def subtract(self, prefix: "DeviceState") -> "DeviceState":
+        """This state without the events ``prefix`` (acknowledged) holds."""
+        base = self._event_base
+        cut = prefix._event_base + len(prefix._events)
+        if cut <= base:
+            return self
+        events = self._events
+        if cut >= base + len(events):
+            if not events:
+                return self
+            cut = base + len(events)
+        return DeviceState._make(self._values, events[cut - base:], cut)
+
+    def diff_from(self, existing: "DeviceState") -> bytes:
+        """The diff that turns ``existing`` (an ancestor) into this state."""
+        if existing is self:
+            return EMPTY_DIFF
+        start = existing.event_end
+        if start > self.event_end:
+            raise ValueError(f"not an ancestor: it ends at event {start}, "
+                             f"this state at {self.event_end}")
+        if start < self._event_base:
+            if not existing._is_blank():
+                raise ValueError(f"events {start}..{self._event_base - 1} "
+                                 "were dropped; only state 0 may skip them")
+            start = self._event_base
+        body = {}
+        changed = self._changed_since(existing._values)
+        if changed:
+            body[VALUES_KEY] = changed
+        events = self._events[start - self._event_base:]
+        if events:
+            body[FIRST_EVENT_KEY] = start
+            body[EVENTS_KEY] = events
+        return encode(body) if body else EMPTY_DIFF
+
+    def _changed_since(self, old: dict) -> dict:
+        """Merge patch from ``old`` values to ours."""
+        mine = self._values
+        if old is mine:
+            return {}
+        changed = {}
+        for key, value in mine.items():
+            previous = old.get(key, _MISSING)
+            if previous is _MISSING or not same(previous, value):
+                changed[key] = value
+        for key in old:
+            if key not in mine:
+                changed[key] = None
+        return changed
+
+    def apply(self, diff: bytes) -> "DeviceState":
+        """The state ``diff`` leads to, else DatagramDropped(BAD_DIFF)."""
+        if not diff:
+            return self
+        body = _decode_one(diff if type(diff) is bytes else bytes(diff))
+        if type(body) is not dict:
+            raise bad_diff(f"diff is a {type(body).__name__}, not a map")
+        if not body.keys() <= _DIFF_KEYS:
+            key = next(key for key in body if key not in _DIFF_KEYS)
+            raise bad_diff(f"unknown diff key {key!r}")
+        patch = body.get(VALUES_KEY, _MISSING)
+        values = (self._values if patch is _MISSING
+                  else self._apply_patch(patch))
+        if FIRST_EVENT_KEY in body or EVENTS_KEY in body:
+            base, events = self._apply_events(body)
+        else:
+            base, events = self._event_base, self._events
+        if values is self._values and events is self._events:
+            return self
+        return _make(values, events, base)
+
+    def _apply_patch(self, patch) -> dict:
+        if type(patch) is not dict:
+            raise bad_diff("values (key 0) is not a map")
+        values = self._values.copy()
+        for key, value in patch.items():
+            if type(key) is not str:
+                raise bad_diff(
+                    f"value key is a {type(key).__name__}, not text")
+            kind = type(value)
+            if (kind is str or kind is bytes or kind is bool
+                    or (kind is int and _INT_MIN <= value <= _INT_MAX)
+                    or (kind is float and value == value)):
+                values[key] = value  # a scalar: freeze() keeps it as is
+            elif value is None:
+                values.pop(key, None)
+            else:
+                try:
+                    values[key] = freeze(value)
+                except (TypeError, ValueError) as error:
+                    raise bad_diff(f"value of {key!r}: {error}") from None
+        return values or _NO_VALUES
+
+    def _apply_events(self, body) -> tuple:
+        if not (FIRST_EVENT_KEY in body and EVENTS_KEY in body):
+            raise bad_diff("keys 1 (first event) and 2 (events) go together")
+        first, raw = body[FIRST_EVENT_KEY], body[EVENTS_KEY]
+        if type(first) is not int or not 0 <= first <= _INT_MAX:
+            raise bad_diff(f"first event index is not a uint64: {first!r}")
+        if type(raw) is not list:
+            raise bad_diff("events (key 2) is not an array")
+        if first + len(raw) > _INT_MAX:
+            raise bad_diff("event index would exceed 2**64 - 1")
+        try:
+            added = tuple([freeze(event) for event in raw])
+        except (TypeError, ValueError) as error:
+            raise bad_diff(f"event: {error}") from None
+        end = self._event_base + len(self._events)
+        if first == end:
+            return self._event_base, self._events + added
+        if first > end and self._is_blank():
+            # State 0: events below `first` were acknowledged earlier
+            # (wire.md section 4, a sender resending everything it holds).
+            return first, added
+        kind = "gap" if first > end else "overlap"
+        raise bad_diff(f"event {kind}: diff starts at {first}, "
+                       f"state ends at {end}")
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if not isinstance(other, DeviceState):
+            return NotImplemented
+        mine, theirs = self._values, other._values
+        if (self._event_base != other._event_base
+                or len(self._events) != len(other._events)
+                or mine != theirs or self._events != other._events):
+            # Python's == first (fast): wire-equal values are also ==.
+            return False
+        if mine is not theirs and not all(
+                same(value, theirs.get(key, _MISSING))
+                for key, value in mine.items()):
+            return False
+        return (self._events is other._events
+                or all(map(same, self._events, other._events)))
+
+    def __repr__(self):
+        return (f"DeviceState(values={thaw(self._values)!r}, "
+                f"events={thaw(self._events)!r}, "
+                f"event_base={self._event_base})")
+
+
+_make = DeviceState._make
+_EMPTY = _make(_NO_VALUES, (), 0)

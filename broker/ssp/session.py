@@ -1,0 +1,535 @@
+"""One SSP session: datagrams in, datagrams and events out, time as argument.
+
+The driver of the sans-IO core (the shape of aioquic's connection): the
+owner feeds ``receive_datagram(data, address, now)``, sends what
+``datagrams_to_send(now)`` returns, calls again at ``next_wakeup()`` and
+reads ``pop_events()``. Inside, the layers are mosh's: datagram (nonce,
+OCB3, timestamps, roaming), fragments, the zlib'd instruction, and the
+sender and receiver of states.
+
+Two framings: plain mosh (no header, the key is the session key) and the
+broker's (wire.md: a 17-byte header both ways, the key is the device secret
+and the session key is derived from it and the header).
+
+Peer input never raises: every refusal is a :class:`DatagramDropped`, caught
+in ``receive_datagram`` and reported as
+:class:`~broker.ssp.events.DatagramRejected` (``drops`` counts them by
+reason until the next ``pop_events``).
+
+Memory: a million idle sessions must fit, so a session keeps its 16-byte
+key (the cipher comes from the shared ``cipher_provider`` per call) and its
+17-byte header, slots only, and builds what only an active session needs
+(fragment assembly, the event list) on demand, dropping it again when done.
+Sent and received states beyond the acknowledged ones are pruned by acks.
+"""
+
+import collections
+import struct
+import zlib
+
+from broker.ssp import events
+from broker.ssp.errors import DatagramDropped, DropReason
+from broker.ssp.crypto import TO_CLIENT, TO_SERVER
+from broker.ssp.datagram import TIMESTAMP_SIZE, DatagramLayer
+from broker.ssp.fragment import (FINAL_BIT, FRAGMENT_HEADER_SIZE,
+                                 MAX_FRAGMENTS, Fragment, FragmentAssembly)
+from broker.ssp.framing import HEADER_SIZE, BrokerFraming, parse_header
+from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
+                                    MTU_IPV4, MTU_IPV6, UINT64_MAX,
+                                    encode_instruction, fragment_payload_size,
+                                    inflate, parse_instruction)
+from broker.ssp.keys import derive_session_key
+from broker.ssp.parking import ParkedSession, Parking, Resumption
+from broker.ssp.profile import MOSH
+from broker.ssp.receiver import UNCHANGED, Receiver, ResumedReceiver
+from broker.ssp.sender import Sender
+
+__all__ = ["SSPSession", "Resumption", "ParkedSession",
+           "SEQ_RESERVATION_BLOCK"]
+
+#: Sequence numbers reserved per persisted reservation (one durable write
+#: per this many datagrams of a session).
+SEQ_RESERVATION_BLOCK = 4096
+
+_CLOSED = 1  # the shutdown handshake is over (either side's)
+_SERVER = 2  # we are the server (direction bit 1); only a server roams
+_HOLD_ACKS = 4  # acknowledge a state only after confirm_durable()
+_PEER_SHUTDOWN = 8  # the peer's shutdown state arrived (reported once)
+_SEQ_REQUESTED = 16  # a SequenceReservationRequested awaits confirmation
+
+# The receive path, flat (see _receive).
+_fragment_header = struct.Struct(">QH").unpack_from
+_FRAGMENT_END = TIMESTAMP_SIZE + FRAGMENT_HEADER_SIZE
+_INFLATE_AT_ONCE = DEFAULT_MAX_INFLATED // MAX_DEFLATE_RATIO
+_decompress = zlib.decompress
+_state_received = events.state_received
+_state_acknowledged = events.state_acknowledged
+_datagram_rejected = events.datagram_rejected
+
+_PAYLOAD_IPV4 = {0: fragment_payload_size(MTU_IPV4, 0),
+                 HEADER_SIZE: fragment_payload_size(MTU_IPV4, HEADER_SIZE)}
+_PAYLOAD_IPV6 = {0: fragment_payload_size(MTU_IPV6, 0),
+                 HEADER_SIZE: fragment_payload_size(MTU_IPV6, HEADER_SIZE)}
+
+
+def _payload_size(address, header_size: int) -> int:
+    """Fragment payload for the peer's address family (ssp-mosh.md 5.1)."""
+    host = address[0] if type(address) is tuple and address else address
+    if isinstance(host, str) and ":" in host:
+        return _PAYLOAD_IPV6[header_size]
+    return _PAYLOAD_IPV4[header_size]
+
+
+class SSPSession(Parking):
+    """One SSP session with one peer (see the module docstring).
+
+    ``local_state`` and ``remote_state`` are state 0 of each direction (both
+    ends must agree; the empty device state for the broker framing); the
+    application then calls ``set_local_state``. With
+    ``ack_requires_confirm`` a received state is acknowledged only after
+    ``confirm_durable(num)``. ``seq_reserved`` (broker) is the persisted
+    sequence reservation: the session uses numbers below it only and asks
+    for more with :class:`~broker.ssp.events.SequenceReservationRequested`.
+    """
+
+    __slots__ = ("_key", "_ciphers", "_random_bytes", "_header", "_link",
+                 "_sender", "_receiver", "_assembly", "_events", "_flags",
+                 "_ack_since", "_emitted_num", "_seq_reserved")
+
+    def __init__(self, *, key: bytes, cipher_provider, is_server: bool,
+                 local_state, remote_state, random_bytes, now: float,
+                 profile=MOSH, framing: BrokerFraming | None = None,
+                 remote_address=None, ack_requires_confirm: bool = False,
+                 resume: Resumption | None = None,
+                 seq_reserved: int | None = None) -> None:
+        if framing is not None:
+            key = derive_session_key(key, framing.device_number,
+                                     framing.session_id)
+            self._header = framing.header
+        else:
+            self._header = None
+        if len(key) != 16:
+            raise ValueError(f"key must be 16 bytes, got {len(key)}")
+        self._key = bytes(key)
+        self._ciphers = cipher_provider
+        self._random_bytes = random_bytes
+        self._link = link = DatagramLayer(
+            TO_CLIENT if is_server else TO_SERVER)
+        if remote_address is not None:
+            link.remote_address = remote_address
+            link.last_heard = now
+        self._assembly = None
+        self._events = None
+        self._flags = self._initial_flags(is_server, ack_requires_confirm)
+        self._ack_since = None
+        heartbeats = profile.broker_heartbeats or not is_server
+        zero = remote_state if framing is not None else None
+        if resume is None:
+            self._sender = Sender(local_state, now, profile,
+                                  heartbeats=heartbeats)
+            self._receiver = Receiver(remote_state, zero=zero)
+            self._emitted_num = 0
+        else:
+            link.reserve_seq(resume.seq_floor)
+            self._sender = sender = Sender(local_state, now, profile,
+                                           heartbeats=heartbeats,
+                                           first_num=resume.seq_floor + 1)
+            # With acks held until durable, states acknowledged above the
+            # persisted one equal it (see ResumedReceiver).
+            kind = ResumedReceiver if ack_requires_confirm else Receiver
+            self._receiver = kind(resume.remote_state, resume.remote_num,
+                                  zero=zero)
+            self._emitted_num = resume.remote_num
+            # The peer may be stuck sending diffs from a state it has not
+            # seen acknowledged: the first tick (due at once, the timers
+            # start at now) tells it where we are.
+            sender.ack_num = resume.remote_num
+        if seq_reserved is not None and seq_reserved < link.next_seq:
+            raise ValueError(f"seq_reserved {seq_reserved} is below the "
+                             f"next sequence number {link.next_seq}")
+        self._seq_reserved = seq_reserved
+
+    # -- facts for the owner ------------------------------------------------
+
+    @property
+    def key(self) -> bytes:
+        """The session key (derived, for the broker framing)."""
+        return self._key
+
+    @property
+    def framing(self) -> BrokerFraming | None:
+        if self._header is None:
+            return None
+        device_number, session_id = parse_header(self._header)
+        return BrokerFraming(device_number, session_id)
+
+    @property
+    def is_server(self) -> bool:
+        return bool(self._flags & _SERVER)
+
+    @property
+    def remote_address(self):
+        """Where datagrams go (None: a server that has no client)."""
+        return self._link.remote_address
+
+    @property
+    def last_heard(self) -> float | None:
+        """When the last in-order authentic datagram arrived."""
+        return self._link.last_heard
+
+    @property
+    def rtt(self):
+        """The RTT estimator (srtt, rttvar, rto in seconds)."""
+        return self._link.rtt
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next datagram will carry."""
+        return self._link.next_seq
+
+    @property
+    def seq_reservation(self) -> int | None:
+        """The confirmed reservation: numbers below it may be used."""
+        return self._seq_reserved
+
+    @property
+    def latest_remote_state(self):
+        """The newest state the peer sent us (in order)."""
+        return self._receiver.newest_state
+
+    @property
+    def latest_remote_num(self) -> int:
+        return self._receiver.newest_num
+
+    @property
+    def local_state(self):
+        """Our current state, less what the peer acknowledged."""
+        return self._sender.current
+
+    @property
+    def acknowledged_num(self) -> int:
+        """Our newest state the peer acknowledged."""
+        return self._sender.front_num
+
+    @property
+    def acknowledged_state(self):
+        return self._sender.front_state
+
+    @property
+    def ack_num(self) -> int:
+        """The peer state number we acknowledge."""
+        return self._sender.ack_num
+
+    @property
+    def closed(self) -> bool:
+        """The shutdown handshake is over; the owner may forget us."""
+        return bool(self._flags & _CLOSED)
+
+    @property
+    def shutdown_in_progress(self) -> bool:
+        return self._sender.shutdown_in_progress
+
+    @property
+    def drops(self) -> collections.Counter:
+        """Datagrams dropped since the last ``pop_events``, by DropReason.
+
+        Not kept longer: a flood of forged datagrams naming many sessions
+        must not leave a counter in each; the DatagramRejected events are
+        the record to count.
+        """
+        return collections.Counter(
+            event.reason for event in self._events or ()
+            if type(event) is events.DatagramRejected)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: all acknowledged, nothing held or assembled."""
+        return (self._sender.idle and self._assembly is None
+                and self._events is None and self._ack_since is None
+                and self._sender.ack_num == self._receiver.newest_num)
+
+    # -- for parking (see broker.ssp.parking) -------------------------------
+
+    def _parking_blocked(self) -> bool:
+        """Closed, or the peer began its shutdown: never park."""
+        return bool(self._flags & (_CLOSED | _PEER_SHUTDOWN))
+
+    @staticmethod
+    def _initial_flags(is_server: bool, ack_requires_confirm: bool) -> int:
+        return ((_SERVER if is_server else 0)
+                | (_HOLD_ACKS if ack_requires_confirm else 0))
+
+    # -- inputs -------------------------------------------------------------
+
+    def pop_events(self) -> list:
+        """The events since the last call, oldest first (and forget
+        ``drops``)."""
+        found = self._events
+        self._events = None
+        return found if found is not None else []
+
+    def set_local_state(self, state, now: float | None = None) -> None:
+        """The application's current outgoing state; pass ``now`` so the
+        send timer starts at the change (then ``next_wakeup`` is exact)."""
+        self._sender.set_current_state(state, now)
+        if now is not None:
+            self._refresh(now)
+
+    def start_shutdown(self, now: float) -> None:
+        """Begin mosh's shutdown handshake (state number UINT64_MAX)."""
+        self._sender.start_shutdown(now)
+        self._refresh(now)
+
+    def confirm_durable(self, num: int) -> None:
+        """The owner made our received state ``num`` durable: ack it."""
+        sender = self._sender
+        newest = self._receiver.newest_num
+        if num <= sender.ack_num or num > newest:
+            return
+        if num >= self._emitted_num:
+            # The newest state equals the one reported as ``num``.
+            sender.ack_num = newest
+            since, self._ack_since = self._ack_since, None
+        else:
+            sender.ack_num = num
+            since = self._ack_since
+        if since is not None:
+            sender.set_data_ack(since)
+
+    def confirm_seq_reservation(self, limit: int) -> None:
+        """The owner persisted the reservation ``limit``."""
+        if self._seq_reserved is not None and limit > self._seq_reserved:
+            self._seq_reserved = limit
+            self._flags &= ~_SEQ_REQUESTED
+
+    def receive_datagram(self, data, address, now: float,
+                         congestion_experienced: bool = False) -> None:
+        """Take one datagram from the network; never raises for its content."""
+        try:
+            self._receive(data, address, now, congestion_experienced)
+        except DatagramDropped as error:
+            self._emit(_datagram_rejected(error.reason))
+        if not self._flags & _CLOSED:
+            # mosh: recalculate the timers before every wait.
+            self._sender.calculate_timers(now, self._link.rtt)
+
+    # -- outputs ------------------------------------------------------------
+
+    def next_wakeup(self) -> float | None:
+        """When ``datagrams_to_send`` next has work (None: only on input)."""
+        flags = self._flags
+        if flags & _CLOSED or self._link.remote_address is None:
+            return None
+        if (flags & _SEQ_REQUESTED
+                and self._link.next_seq >= self._seq_reserved):
+            return None  # waiting for confirm_seq_reservation
+        return self._sender.next_wakeup()
+
+    def datagrams_to_send(self, now: float) -> list:
+        """The datagrams due at ``now``, as (bytes, address) pairs."""
+        flags = self._flags
+        if flags & _CLOSED:
+            return []
+        sender = self._sender
+        if sender.shutdown_timed_out(now):
+            self._close(events.ShutdownTimedOut())
+            return []
+        link = self._link
+        address = link.remote_address
+        if address is None:
+            return []
+        if (flags & _SERVER and link.last_heard is not None
+                and now - link.last_heard
+                > sender.profile.server_association_timeout):
+            # network.cc send(): "Server now detached from client"; the
+            # next authentic in-order datagram attaches it again.
+            link.remote_address = None
+            self._emit(events.PeerDetached())
+            return []
+        if (self._seq_reserved is not None
+                and link.next_seq >= self._seq_reserved):
+            self._request_seqs()
+            return []
+        inst = sender.tick(now, link.rtt, self._random_bytes)
+        if inst is None:
+            return []
+        out = self._send_instruction(inst, address, now)
+        if inst.ack_num == UINT64_MAX and not self._flags & _CLOSED:
+            self._close(events.PeerShutdownAcknowledged())
+        else:
+            sender.calculate_timers(now, link.rtt)
+        return out
+
+    # -- internals ----------------------------------------------------------
+
+    def _emit(self, event) -> None:
+        if self._events is None:
+            self._events = [event]
+        else:
+            self._events.append(event)
+
+    def _close(self, event) -> None:
+        self._flags |= _CLOSED
+        self._assembly = None
+        self._emit(event)
+
+    def _count_drop(self, reason: DropReason) -> None:
+        self._emit(_datagram_rejected(reason))
+
+    def _refresh(self, now: float) -> None:
+        """Recompute the sender's timers (mosh: before every wait)."""
+        if self._flags & _CLOSED:
+            return
+        self._sender.calculate_timers(now, self._link.rtt)
+
+    def _request_seqs(self) -> None:
+        if not self._flags & _SEQ_REQUESTED:
+            self._flags |= _SEQ_REQUESTED
+            limit = (max(self._seq_reserved, self._link.next_seq)
+                     + SEQ_RESERVATION_BLOCK)
+            self._emit(events.SequenceReservationRequested(limit))
+
+    def _receive(self, data, address, now, congestion_experienced) -> None:
+        """Datagram to instruction (the hot path, written out flat: one
+        datagram, one fragment, one small instruction is the usual case)."""
+        if self._flags & _CLOSED:
+            return
+        header = self._header
+        if header is None:
+            offset = 0
+        else:
+            if type(data) is not bytes:
+                data = bytes(data)
+            if not data.startswith(header):
+                parse_header(data)  # raises the precise reason
+                raise DatagramDropped(DropReason.BAD_HEADER,
+                                      "header names another session")
+            offset = HEADER_SIZE
+        link = self._link
+        before = link.remote_address
+        plaintext = link.open(self._ciphers.get(self._key), data, address,
+                              now, offset, congestion_experienced)
+        if link.remote_address is not before:
+            self._emit(events.PeerRoamed(address))
+        if len(plaintext) < _FRAGMENT_END:
+            raise DatagramDropped(
+                DropReason.BAD_FRAGMENT,
+                f"{len(plaintext) - TIMESTAMP_SIZE} payload bytes, fragment "
+                f"header needs {FRAGMENT_HEADER_SIZE}")
+        fragment_id, word = _fragment_header(plaintext, TIMESTAMP_SIZE)
+        if word == FINAL_BIT:
+            # Fragment 0 and final: a whole instruction in one datagram.
+            # Like a fragment of another id, it ends any partial assembly.
+            self._assembly = None
+            compressed = plaintext[_FRAGMENT_END:]
+        else:
+            assembly = self._assembly
+            if assembly is None:
+                self._assembly = assembly = FragmentAssembly()
+            try:
+                compressed = assembly.add(Fragment(
+                    fragment_id, word & 0x7FFF, word >= FINAL_BIT,
+                    plaintext[_FRAGMENT_END:]))
+            except DatagramDropped:
+                self._assembly = None
+                raise
+            if compressed is None:
+                return
+            self._assembly = None
+        if len(compressed) < _INFLATE_AT_ONCE:
+            # Too short to inflate past the cap (see instruction.inflate).
+            try:
+                raw = _decompress(compressed)
+            except zlib.error as error:
+                raise DatagramDropped(DropReason.BAD_ZLIB,
+                                      str(error)) from None
+        else:
+            raw = inflate(compressed)
+        self._process(parse_instruction(raw), now)
+
+    def _process(self, inst, now: float) -> None:
+        """mosh's Transport::recv for one complete instruction."""
+        sender = self._sender
+        if sender.process_acknowledgment_through(inst.ack_num):
+            self._emit(_state_acknowledged(sender.front_num))
+            if sender.shutdown_acknowledged:
+                self._close(events.ShutdownAcknowledged())
+                return
+        profile = sender._profile  # (the property, without a call)
+        flags = self._flags
+        answering = flags & _SERVER and profile.answer_heartbeats
+        try:
+            state = self._receiver.receive(inst, now, profile)
+        except DatagramDropped as error:
+            if answering and error.reason is DropReason.UNKNOWN_REFERENCE:
+                # The peer builds on a state we no longer hold (it missed
+                # our ack, or we were restarted or parked): tell it which
+                # one we have, or it would retry the same diff forever.
+                sender.set_data_ack(now)
+            raise
+        if state is None:
+            # Duplicate or out of order: no news. But a peer resending the
+            # state we acknowledged has lost our ack; mosh-server would
+            # repeat it with its heartbeat, an answering server has none.
+            if answering and inst.new_num == sender.ack_num:
+                sender.set_data_ack(now)
+            return
+        num = inst.new_num
+        sender.last_heard = now  # remote_heard(): on new states only, as mosh
+        wants_ack = answering or inst.diff
+        if state is not UNCHANGED:
+            self._emitted_num = num
+            found = self._events
+            if found is None:
+                self._events = [_state_received(state, num)]
+            else:
+                found.append(_state_received(state, num))
+        if num == UINT64_MAX and not flags & _PEER_SHUTDOWN:
+            self._flags = flags | _PEER_SHUTDOWN
+            self._emit(events.ShutdownRequested())
+        if not flags & _HOLD_ACKS or (
+                state is UNCHANGED and sender.ack_num >= self._emitted_num):
+            # Nothing new to make durable (or nobody asked us to wait).
+            sender.ack_num = num
+            if wants_ack:
+                sender.set_data_ack(now)
+        elif wants_ack and self._ack_since is None:
+            self._ack_since = now
+
+    def _send_instruction(self, inst, address, now: float) -> list:
+        compressed = encode_instruction(inst)
+        header = self._header
+        size = _payload_size(address, HEADER_SIZE if header else 0)
+        count = -(-len(compressed) // size)
+        if count > MAX_FRAGMENTS:
+            # A mosh peer aborts on fragment numbers of 15 bits or more.
+            raise ValueError(f"instruction needs {count} fragments; states "
+                             f"must diff to under {MAX_FRAGMENTS * size} "
+                             "compressed bytes")
+        link = self._link
+        reserved = self._seq_reserved
+        if reserved is not None:
+            if link.next_seq + count > reserved:
+                # Not covered by a durable reservation: treat it as lost
+                # (the sender retransmits) rather than risk a nonce. Burn
+                # one number (below the reservation, unsent) so that state
+                # numbers stay within sequence numbers + 1 (Resumption).
+                link.reserve_seq(link.next_seq + 1)
+                self._request_seqs()
+                return []
+            if reserved - (link.next_seq + count) < SEQ_RESERVATION_BLOCK // 2:
+                self._request_seqs()
+        # Instruction ids only need to differ from the previous one; the
+        # sequence number of the first fragment is unique and increasing,
+        # also across restarts and without keeping a Fragmenter.
+        fragment_id = link.next_seq + 1
+        cipher = self._ciphers.get(self._key)
+        prefix = header or b""
+        last = count - 1
+        out = []
+        for number in range(count):
+            payload = Fragment(fragment_id, number, number == last,
+                               compressed[number * size:(number + 1) * size]
+                               ).encode()
+            out.append((link.encode(cipher, payload, now, prefix), address))
+        return out

@@ -1,0 +1,168 @@
+"""The UDP endpoint's side of the device registry.
+
+Everything the endpoint asks of the registry goes through here: secrets and
+session records to authenticate and resume, the reported state and events
+of a device (acknowledged only once durable), the session record (session
+id, last durable device state, sequence reservation), connection facts,
+and the two notifications the endpoint acts on: a changed ``desired`` and a
+removed device or rotated key.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from broker.registry import SessionRecord, errors
+from broker.udp.convert import desired_state, encode_state, new_events, reported_patch
+
+#: Registry refusals of a device's (authentic) report: counted, logged and
+#: acknowledged anyway, or the device would resend the refused state forever.
+REFUSALS = (errors.InvalidKey, errors.InvalidValue, errors.StateTooLarge)
+
+
+class RegistryBridge:
+    """Reads and writes of the UDP endpoint against one DeviceRegistry."""
+
+    log = Logger()
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+        self._watches = []
+        #: refused reports by error code (the endpoint exports them).
+        self.refused: dict[str, int] = {}
+
+    # -- reads -----------------------------------------------------------------
+
+    def secret(self, device_number: int) -> bytes | None:
+        """The device's secret, None for a device the registry does not know."""
+        return self.registry.secret_for(device_number)
+
+    def record(self, device_number: int) -> SessionRecord | None:
+        """The device's persisted session record (latest written), or None."""
+        return self.registry.session_record(device_number)
+
+    def name(self, device_number: int) -> str | None:
+        """The device's name (once per session start)."""
+        view = self.registry.device_by_number(device_number)
+        return None if view is None else view.name
+
+    def outgoing(self, device_number: int, base=None):
+        """The device's desired map as its outgoing state, built on base."""
+        registry = self.registry
+        desired_of = getattr(registry, "desired_of", None)
+        if desired_of is not None:
+            desired = desired_of(device_number)
+        else:
+            view = registry.device_by_number(device_number)
+            desired = None if view is None else view.desired
+        if desired is None:
+            return base
+        return desired_state(desired, base)
+
+    # -- writes ----------------------------------------------------------------
+
+    def _save(self, live, num: int, state: bytes) -> defer.Deferred:
+        """Write the session record: id, the device's newest durable state, reservation."""
+        record = SessionRecord(live.session_id, num, state, 0, b"", live.reserved)
+        return self.registry.save_session(live.number, record)
+
+    def start(self, live, reservation: int) -> defer.Deferred:
+        """Make a new session's id (and its first sequence reservation) durable.
+
+        The record starts from nothing: the device's last state of an older
+        session is not the reference of any diff in this one.
+        """
+        record = SessionRecord(session_id=live.session_id, seq_reservation=reservation)
+        return self.registry.save_session(live.number, record)
+
+    def reserve(self, live, limit: int) -> defer.Deferred:
+        """Persist a higher sequence reservation of the live session."""
+        current = self.registry.session_record(live.number)
+        if current is None or current.session_id != live.session_id:
+            return self._save(live, 0, b"")
+        return self._save(live, current.acked_remote_num, current.acked_remote_state)
+
+    def report(self, live, state, num: int) -> defer.Deferred:
+        """Hand the device's new state to the registry with the session record.
+
+        Fires once every write is durable (the record is queued last); a
+        refusal of the registry (invalid key or value, too large) is counted
+        and does not hold it up, a store failure fails it (the state then
+        stays unacknowledged).
+        """
+        registry = self.registry
+        previous, live.reported = live.reported, state
+        patch = reported_patch(previous, state)
+        events = new_events(previous, state)
+        if patch or events:
+            # The report and the record must share one commit, or a crash
+            # between them doubles its events after a restart (state first)
+            # or loses it (record first).  Until the registry writes them
+            # atomically (REGISTRY-PLAN, UDP requests), an empty report (a
+            # barrier) goes first: an idle store commits it alone, and the
+            # two writes below, queued in this same reactor turn, wait
+            # together for the next commit.
+            registry.update_reported(live.name, {})
+            # Writes become durable in order: the record, queued last, is
+            # durable only once the reports before it are.
+            limit = max(1, getattr(registry.settings, "max_events", 64))
+            first, rest = events[:limit], events[limit:]
+            self._refusals(registry.update_reported(live.name, patch, first), live)
+            while rest:
+                chunk, rest = rest[:limit], rest[limit:]
+                self._refusals(registry.update_reported(live.name, {}, chunk), live)
+        return self._save(live, num, encode_state(state))
+
+    def _refusals(self, d: defer.Deferred, live) -> None:
+        def refused(failure):
+            if failure.check(*REFUSALS, errors.UnknownDevice):
+                error = failure.value
+                self.refused[error.code] = self.refused.get(error.code, 0) + 1
+                self.log.warn("registry refused a report of {name}: {message}",
+                              name=live.name, message=error.message)
+            else:
+                # A store failure: the record written after it fails too, so
+                # the state stays unacknowledged; log it once here.
+                self.log.failure("report of {name} not stored", failure, name=live.name)
+        d.addErrback(refused)
+
+    def connection(self, live, *, online: bool, address=None, rtt=None) -> None:
+        """Refresh the registry's connection facts (only a flip of online is a write)."""
+        self.connection_of(live.number, live.session_id, online=online, address=address,
+                           rtt=rtt)
+
+    def connection_of(self, number: int, session_id: int, *, online: bool, address=None,
+                      rtt=None) -> None:
+        """connection() by device number and session id."""
+        d = self.registry.set_connection(number, online=online, address=address, rtt=rtt,
+                                         session_id=session_id)
+        d.addErrback(self._connection_failed, number)
+
+    def _connection_failed(self, failure, number) -> None:
+        if failure.check(errors.UnknownDevice):
+            return None
+        self.log.failure("connection facts of device {number} not stored", failure,
+                         number=number)
+        return None
+
+    # -- notifications ---------------------------------------------------------
+
+    def watch(self, on_desired, on_key_change) -> None:
+        """Call ``on_desired(device_number, desired)`` and ``on_key_change(device_number)``."""
+        registry = self.registry
+        watch_desired = getattr(registry, "watch_desired", None)
+        if watch_desired is not None:
+            self._watches.append(watch_desired(on_desired))
+        else:
+            def changed(view):
+                if not view.removed:
+                    on_desired(view.device_number, view.desired)
+            self._watches.append(registry.subscribe(["*"], changed))
+        self._watches.append(registry.watch_keys(on_key_change))
+
+    def stop(self) -> None:
+        """Stop every notification."""
+        watches, self._watches = self._watches, []
+        for watch in watches:
+            watch.cancel()

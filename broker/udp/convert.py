@@ -1,0 +1,102 @@
+"""Between SSP device states and the registry's maps.
+
+A device state (``broker.ssp.device_state.DeviceState``) holds frozen CBOR
+values (tuples, read-only mappings); the registry takes JSON-like patches
+whose nested maps merge (RFC 7386).  So a changed nested map is sent as a
+merge patch of its own (removed inner keys as null), which makes the
+registry's ``reported`` equal the device's values after every update.  The
+one thing a merge patch cannot say is "an inner key holds null": such inner
+nulls are left out (documented in docs/protocol.md's value rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from broker.ssp.device_state import (EVENTS_KEY, FIRST_EVENT_KEY, VALUES_KEY, DeviceState,
+                                      encode, same)
+
+_MISSING = object()
+
+
+def plain(value):
+    """A frozen device-state value as the plain data the registry validates."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items() if item is not None}
+    if type(value) is tuple:
+        return [plain(item) for item in value]
+    return value
+
+
+def _merge_patch(old, new):
+    """The RFC 7386 patch that turns value old into value new (maps recursively)."""
+    if isinstance(new, Mapping) and isinstance(old, Mapping):
+        patch = {}
+        for key, item in new.items():
+            previous = old.get(key, _MISSING)
+            if item is None:
+                if previous is not _MISSING and previous is not None:
+                    patch[key] = None
+                continue
+            if previous is _MISSING or not same(previous, item):
+                patch[key] = _merge_patch(previous, item)
+        for key in old:
+            if key not in new:
+                patch[key] = None
+        return patch
+    return plain(new)
+
+
+def reported_patch(old: DeviceState, new: DeviceState) -> dict:
+    """The registry patch from the values of old to those of new."""
+    old_values, new_values = old.values, new.values
+    patch = {}
+    for key, value in new_values.items():
+        previous = old_values.get(key, _MISSING)
+        if previous is _MISSING:
+            patch[key] = plain(value)
+        elif previous is not value and not same(previous, value):
+            patch[key] = _merge_patch(previous, value)
+    for key in old_values:
+        if key not in new_values:
+            patch[key] = None
+    return patch
+
+
+def new_events(old: DeviceState, new: DeviceState) -> list:
+    """The events new holds beyond old's end, as plain data, in order."""
+    return [plain(event) for event in new.events_since(old.event_end)]
+
+
+def desired_state(desired: Mapping, base: DeviceState | None = None) -> DeviceState:
+    """The outgoing device state for the registry's ``desired`` map.
+
+    Built on base (the session's current outgoing state) so that its queued
+    events (commands) stay, and base itself comes back when nothing changed.
+    """
+    if base is None:
+        return DeviceState(dict(desired))
+    patch = dict(desired)
+    for key in base.values:
+        if key not in patch:
+            patch[key] = None
+    return base.with_values(patch)
+
+
+def encode_state(state: DeviceState) -> bytes:
+    """A device state as bytes for the session record.
+
+    The diff layout of docs/protocol.md from state 0, always with the first
+    event index (keys 1 and 2, the list maybe empty): after a restart the
+    resumed state must end its events where the device thinks it does, even
+    when every event it held was acknowledged and forgotten.
+    """
+    body = {FIRST_EVENT_KEY: state.event_base, EVENTS_KEY: list(state.events)}
+    if state.values:
+        body[VALUES_KEY] = dict(state.values)
+    return encode(body)
+
+
+def decode_state(data: bytes) -> DeviceState:
+    """Inverse of encode_state (raises DatagramDropped(BAD_DIFF) on bad bytes)."""
+    return DeviceState.empty().apply(data)

@@ -1,0 +1,76 @@
+"""The endpoint's record of one device's live session, and how one is built.
+
+A ``LiveSession`` is what the broker keeps per connected device beside the
+sans-IO ``SSPSession``: the device's name (shared with the registry), the
+state last forwarded to the registry, and a few facts for the bridge.  It
+has slots only; the session keeps just its key, and its cipher object comes
+from the shared, bounded ``CipherCache`` while the device is active.
+"""
+
+from __future__ import annotations
+
+from broker.ssp.device_state import DeviceState
+from broker.ssp.framing import BrokerFraming
+from broker.ssp.session import SEQ_RESERVATION_BLOCK, Resumption, SSPSession
+
+__all__ = ["LiveSession", "new_session", "resumed_session", "SEQ_RESERVATION_BLOCK"]
+
+EMPTY = DeviceState.empty()
+
+
+class LiveSession:
+    """One device's live session as the endpoint holds it.
+
+    ``reported``: the device state last handed to the registry (the patch
+    of the next one is computed from it).  ``reserved``: the highest
+    sequence reservation written to the store.  ``facts_at``: when the
+    registry's connection facts were last refreshed (monotonic seconds).
+    ``wheel_slot``: the presence bucket holding it, -1 if none.
+    """
+
+    __slots__ = ("number", "name", "session_id", "session", "reported",
+                 "reserved", "online", "facts_at", "wheel_slot", "writes")
+
+    def __init__(self, number: int, name: str, session_id: int, session: SSPSession,
+                 reported: DeviceState, reserved: int) -> None:
+        self.number = number
+        self.name = name
+        self.session_id = session_id
+        self.session = session
+        self.reported = reported
+        self.reserved = reserved
+        self.online = False
+        self.facts_at = float("-inf")
+        self.wheel_slot = -1
+        self.writes = 0  # registry writes not yet durable
+
+    def __repr__(self) -> str:
+        return (f"<LiveSession device={self.number} name={self.name!r} "
+                f"session={self.session_id}>")
+
+
+def new_session(*, secret: bytes, device_number: int, session_id: int, ciphers,
+                profile, random_bytes, now: float) -> SSPSession:
+    """A brand-new broker session: no sequence number may be used until the
+    owner confirms a durable reservation (so a crash before the record is
+    durable can never reuse a nonce under this key)."""
+    return SSPSession(key=secret, cipher_provider=ciphers, is_server=True,
+                      local_state=EMPTY, remote_state=EMPTY,
+                      random_bytes=random_bytes, now=now, profile=profile,
+                      framing=BrokerFraming(device_number, session_id),
+                      ack_requires_confirm=True, seq_reserved=0)
+
+
+def resumed_session(*, secret: bytes, device_number: int, session_id: int, ciphers,
+                    profile, random_bytes, now: float, remote_num: int,
+                    remote_state: DeviceState, seq_floor: int) -> SSPSession:
+    """A session resumed from its persisted record after a restart (wire.md 7):
+    it knows the device's last durable state and numbers above the old
+    reservation, and it asks for a new reservation before sending."""
+    return SSPSession(key=secret, cipher_provider=ciphers, is_server=True,
+                      local_state=EMPTY, remote_state=EMPTY,
+                      random_bytes=random_bytes, now=now, profile=profile,
+                      framing=BrokerFraming(device_number, session_id),
+                      ack_requires_confirm=True,
+                      resume=Resumption(remote_num, remote_state, seq_floor),
+                      seq_reserved=seq_floor)

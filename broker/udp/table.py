@@ -1,0 +1,231 @@
+"""Every device's session, live or parked, and the one timer that drives them.
+
+The table maps a device number to its ``LiveSession`` (recently active) or
+``Parked`` form (idle: a few packed bytes).  It owns the wake-up scheduler
+(one reactor timer for all sessions), the presence wheel (online/offline
+without a timer per device), and the lifecycle: install, park after
+``park_after`` idle seconds, unpark on demand, retire, evict offline
+sessions whose record says everything.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from twisted.logger import Logger
+
+from broker.ssp.errors import DatagramDropped
+from broker.udp.convert import decode_state
+from broker.udp.park import Parked, can_park, park, unpark
+from broker.udp.presence import PresenceWheel
+from broker.udp.scheduler import WakeupScheduler
+from broker.udp.sessions import LiveSession
+
+#: The scheduler key of the presence wheel (sessions use device numbers).
+PRESENCE = "presence"
+#: Longest wait between two checks whether a session can be parked (s).
+MAX_RECHECK = 60.0
+#: Connection facts (last heard, RTT) are refreshed at most this often (s).
+FACTS_INTERVAL = 1.0
+
+
+def _srtt(live: LiveSession) -> float | None:
+    """The smoothed RTT in seconds once measured (None before the first sample)."""
+    rtt = live.session.rtt
+    return rtt.srtt if rtt.hit else None
+
+
+class SessionTable:
+    """Live and parked sessions by device number (see the module docstring).
+
+    ``flush(live, now)`` is the owner's "send what is due" callback, run
+    when a live session's wake-up time comes.
+    """
+
+    log = Logger()
+
+    def __init__(self, *, bridge, ciphers, profile, random_bytes, clock, now,
+                 offline_after: float, park_after: float, flush, counters: Counter) -> None:
+        self.bridge = bridge
+        self.ciphers = ciphers
+        self.profile = profile
+        self.random_bytes = random_bytes
+        self.park_after = park_after
+        self.counters = counters
+        self._now = now
+        self._flush = flush
+        self._sessions: dict[int, LiveSession | Parked] = {}
+        self.scheduler = WakeupScheduler(clock, self._wakeup, now)
+        self.presence = PresenceWheel(offline_after)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, number: int):
+        """The device's LiveSession or Parked entry, or None."""
+        return self._sessions.get(number)
+
+    def parked_count(self) -> int:
+        return sum(1 for entry in self._sessions.values() if type(entry) is Parked)
+
+    # -- live and parked --------------------------------------------------------
+
+    def wake(self, parked: Parked, number: int, now: float) -> LiveSession | None:
+        """A live copy of a parked session (not installed: see install), or None
+        if its record is gone or damaged."""
+        bridge = self.bridge
+        secret = bridge.secret(number)
+        record = bridge.record(number)
+        if secret is None or record is None or record.session_id != parked.session_id:
+            return None
+        try:
+            remote = decode_state(record.acked_remote_state)
+        except DatagramDropped:
+            self.log.error("session record of {name} holds a bad state", name=parked.name)
+            return None
+        live = unpark(parked, number, secret=secret, remote_state=remote, ciphers=self.ciphers,
+                      profile=self.profile, random_bytes=self.random_bytes, now=now)
+        # Desired values the device has not acknowledged yet were left to the
+        # registry when the session was parked: they go out again now.
+        session = live.session
+        outgoing = bridge.outgoing(number, session.local_state)
+        if outgoing is not None and outgoing is not session.local_state:
+            session.set_local_state(outgoing, now)
+        return live
+
+    def live(self, number: int, now: float) -> LiveSession | None:
+        """The device's session as a live one (unparking it), or None."""
+        entry = self._sessions.get(number)
+        if type(entry) is Parked:
+            live = self.wake(entry, number, now)
+            if live is None:
+                self.drop(number)
+                return None
+            self.counters["sessions_unparked"] += 1
+            self._sessions[number] = live
+            return live
+        return entry
+
+    def install(self, live: LiveSession) -> None:
+        """Make live the device's session (replacing any other entry)."""
+        self._sessions[live.number] = live
+
+    def settle(self, live: LiveSession, now: float) -> None:
+        """Set the live session's next wake-up: its own timer, or a park check."""
+        session = live.session
+        wakeup = session.next_wakeup()
+        if wakeup is None and self.park_after is not None:
+            wakeup = now + self.park_after
+        self.scheduler.schedule(live.number, wakeup)
+
+    def _wakeup(self, key, now: float) -> None:
+        """The scheduler's callback: a session's timer, a park check, or the presence wheel."""
+        if key == PRESENCE and type(key) is str:
+            self._expire(now)
+            return
+        live = self._sessions.get(key)
+        if type(live) is not LiveSession:
+            return
+        session = live.session
+        if session.next_wakeup() is None:
+            if self.park_after is None:
+                return
+            heard = session.last_heard
+            if heard is not None and now - heard >= self.park_after - 0.001 and can_park(live):
+                self._park(live)
+            else:
+                # Not idle yet (a write or a command on its way): look again
+                # later, less often the longer the device has been silent.
+                silent = 0.0 if heard is None else now - heard
+                self.scheduler.schedule(live.number,
+                                        now + min(MAX_RECHECK, max(self.park_after, silent / 2)))
+            return
+        self._flush(live, now)
+
+    def _park(self, live: LiveSession) -> None:
+        self._sessions[live.number] = park(live)
+        self.ciphers.discard(live.session.key)
+        self.counters["sessions_parked"] += 1
+
+    # -- presence -----------------------------------------------------------------
+
+    def heard(self, live: LiveSession, address, now: float) -> None:
+        """An authentic datagram: the device is online; facts refreshed at most once a second."""
+        if not live.online:
+            live.online = True
+            live.facts_at = now
+            heard = live.session.last_heard
+            live.wheel_slot = self.presence.add(live.number, now if heard is None else heard)
+            self._arm_presence()
+            self.bridge.connection(live, online=True, address=address, rtt=_srtt(live))
+        elif now - live.facts_at >= FACTS_INTERVAL:
+            live.facts_at = now
+            self.bridge.connection(live, online=True, address=address, rtt=_srtt(live))
+
+    def moved(self, live: LiveSession, address, now: float) -> None:
+        """The session roamed: the registry hears of the new address at once."""
+        live.facts_at = now
+        self.bridge.connection(live, online=True, address=address, rtt=_srtt(live))
+
+    def _arm_presence(self) -> None:
+        due = self.presence.next_due()
+        current = self.scheduler.when(PRESENCE)
+        if due is not None and (current is None or due < current):
+            self.scheduler.schedule(PRESENCE, due)
+
+    def _expire(self, now: float) -> None:
+        sessions = self._sessions
+        offline_after = self.presence.offline_after
+        for slot, number in self.presence.due(now):
+            entry = sessions.get(number)
+            if entry is None or entry.wheel_slot != slot or not entry.online:
+                continue  # stale: replaced or retired since
+            if type(entry) is Parked:
+                heard = entry.last_heard()
+            else:
+                heard = entry.session.last_heard
+            if heard is not None and heard + offline_after > now:
+                entry.wheel_slot = self.presence.add(number, heard)
+                continue
+            entry.wheel_slot = -1
+            entry.online = False
+            self.counters["went_offline"] += 1
+            self.bridge.connection_of(number, entry.session_id, online=False)
+            if type(entry) is Parked or self.evictable(entry):
+                # Its record is durable and complete: a returning device
+                # resumes from it, and the memory goes back to the pool.
+                self.drop(number)
+                self.counters["sessions_evicted"] += 1
+        due = self.presence.next_due()
+        if due is not None:
+            self.scheduler.schedule(PRESENCE, due)
+
+    @staticmethod
+    def evictable(live: LiveSession) -> bool:
+        """Its record and the registry say it all: nothing unwritten, no command on its way."""
+        session = live.session
+        return (live.writes == 0 and session.ack_num == session.latest_remote_num
+                and session.local_state.event_end == session.acknowledged_state.event_end)
+
+    # -- retiring -------------------------------------------------------------------
+
+    def drop(self, number: int) -> None:
+        """Forget the device's entry from memory (its durable record stays)."""
+        entry = self._sessions.pop(number, None)
+        self.scheduler.cancel(number)
+        if type(entry) is LiveSession:
+            self.ciphers.discard(entry.session.key)
+
+    def retire(self, number: int, entry, why: str) -> None:
+        """End a session for good (replaced, shut down, key changed)."""
+        if self._sessions.get(number) is entry:
+            self.drop(number)
+        self.counters["sessions_retired"] += 1
+        if entry.online and why != "replaced":
+            entry.online = False
+            self.bridge.connection_of(number, entry.session_id, online=False)
+        self.log.debug("session {session_id} of {name} retired: {why}",
+                       session_id=entry.session_id, name=entry.name, why=why)
+
+    def stop(self) -> None:
+        self.scheduler.stop()

@@ -1,0 +1,107 @@
+"""Who is asking: dashboard tokens (Bearer) and device keys (Device), and what each may do.
+
+* ``Authorization: Bearer <token>``: a dashboard token from
+  ``registry.add_token(role)``; role ``read`` or ``write``. Requests that
+  only read may pass it as ``?token=`` instead (EventSource cannot set
+  headers).
+* ``Authorization: Device <key>``: a device's own 22-character key; it
+  reaches only that device's resources. The key is compared with
+  ``hmac.compare_digest``, and an unknown device costs the same compare,
+  so an unauthenticated client learns nothing about which names exist.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from broker.registry.secrets import parse_key
+from broker.web.credentials import split_authorization
+
+from .errors import ApiError, forbidden, unauthorized
+
+#: what a route needs
+READ = "read"
+WRITE = "write"
+DEVICE = "device"
+DEVICE_OR_READ = "device_or_read"
+
+_DUMMY_SECRET = bytes(16)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: a token role or a device, and its rate-limit key."""
+
+    role: str           # "read", "write" or "device"
+    key: str            # token id, or "device:<name>"
+    device: str | None = None
+
+
+def authenticate(request, registry, device_name: str | None, allow_query_token: bool) -> Principal:
+    """The Principal of a request, or ApiError 401."""
+    authorization = split_authorization(request.getHeader(b"authorization"))
+    if authorization is not None:
+        scheme, credentials = authorization
+        if scheme == "bearer":
+            return _token(registry, credentials)
+        if scheme == "device":
+            return _device(registry, device_name, credentials)
+        raise unauthorized("unsupported_scheme",
+                           "the Authorization scheme must be Bearer (token) or Device (device key)")
+    token = request.args.get(b"token")
+    if token is not None:
+        if not allow_query_token:
+            raise unauthorized("token_in_query",
+                               "?token= is accepted only by GET requests; "
+                               "send Authorization: Bearer <token>")
+        return _token(registry, token[-1].decode("latin-1"))
+    raise unauthorized("missing_credentials",
+                       "send Authorization: Bearer <token> or Device <key>")
+
+
+def _token(registry, text: str) -> Principal:
+    role = registry.check_token(text) if text else None
+    if role is None:
+        raise unauthorized("invalid_token", "the access token is not valid")
+    return Principal(role, text.partition(".")[0])
+
+
+def _device(registry, device_name: str | None, credentials: str) -> Principal:
+    if device_name is None:
+        raise unauthorized("invalid_device_key",
+                           "a device key is accepted only on its own /api/v1/devices/NAME paths")
+    try:
+        presented = parse_key(credentials)
+    except ValueError:
+        raise unauthorized("invalid_device_key",
+                           "a device key is its 22-character base64 form") from None
+    view = registry.device(device_name)
+    secret = registry.secret_for(view.device_number) if view is not None else None
+    # Same work whether or not the device exists.
+    matches = hmac.compare_digest(presented, secret if secret is not None else _DUMMY_SECRET)
+    if not matches or secret is None:
+        raise unauthorized("invalid_device_key", "the device key does not match this device")
+    return Principal("device", "device:" + device_name, device_name)
+
+
+def authorize(principal: Principal, needs: str) -> None:
+    """Raise ApiError 403 unless the principal may use a route that needs ``needs``."""
+    role = principal.role
+    if needs == READ and role in (READ, WRITE):
+        return
+    if needs == WRITE and role == WRITE:
+        return
+    if needs == DEVICE and role == DEVICE:
+        return
+    if needs == DEVICE_OR_READ and role in (READ, WRITE, DEVICE):
+        return
+    raise _refusal(role, needs)
+
+
+def _refusal(role: str, needs: str) -> ApiError:
+    if needs == DEVICE:
+        return forbidden("device_only", "only the device itself, with its key, reports its state")
+    if role == DEVICE:
+        return forbidden("forbidden", "a device key reaches only its own device")
+    return forbidden("forbidden", "this token's role is read; writing needs a write token")

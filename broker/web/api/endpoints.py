@@ -1,0 +1,192 @@
+"""The endpoints of /api/v1: what each one reads, writes and answers.
+
+Each endpoint function gets the Api (shared parts), the request, the
+authenticated Principal and the device name from the path (or None), and
+returns (status, body bytes, headers or None), a Deferred of that, or
+NOT_DONE_YET when the request waits in the WaitingRoom or streams.
+"""
+
+from __future__ import annotations
+
+from twisted.web.server import NOT_DONE_YET
+
+from broker.registry.errors import RegistryError
+from broker.web.responses import json_bytes
+
+from .errors import ApiError, bad_request, etag, from_registry, not_found
+from .feed import changes_body, device_answer, name_matcher, select
+from .inputs import int_arg, parse_int, read_json, text_arg, wait_arg
+from .ratelimit import retry_after
+from .stream import EventStream
+
+#: cursors and versions accepted (18 digits; the registry's sequence will not get there).
+MAX_CURSOR = 10**18 - 1
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+def _address(request):
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    return None if host is None else (host, peer.port)
+
+
+def _heard(api, request, principal, name):
+    """A device talking for itself is connected: record it as an SSP session would be."""
+    if principal.device is not None:
+        api.presence.heard(name, _address(request))
+
+
+def _require_polling(api, what: str) -> None:
+    if not api.settings.polling_enabled:
+        raise not_found("polling_disabled",
+                        f"{what} is turned off on this broker ([polling] enabled = false)")
+
+
+def _admit(api) -> None:
+    """Raise 503 when the waiting room is full."""
+    if api.room.full():
+        raise ApiError(503, "too_many_waiters",
+                       f"{api.settings.max_waiters} requests are already waiting; retry later",
+                       headers={b"retry-after": retry_after(max(1.0, api.settings.min_interval))})
+
+
+def _written(d, api, name):
+    """The Deferred answer of a registry write: the device as this write left it."""
+    view = api.registry.device(name)     # memory changed synchronously; durability follows
+
+    def done(result):
+        if view is None or view.version != result.version:
+            return device_answer(api.registry.device(name), name)
+        return device_answer(view, name)
+
+    def failed(failure):
+        failure.trap(RegistryError)
+        raise from_registry(failure.value)
+
+    return d.addCallbacks(done, failed)
+
+
+# -- devices ----------------------------------------------------------------------
+
+def list_devices(api, request, principal, name):
+    """GET /devices?name=&after=&limit=: a page of devices in name order."""
+    pattern = text_arg(request, b"name", 128)
+    after = text_arg(request, b"after", 128)
+    limit = int_arg(request, b"limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    views = api.registry.devices(pattern or None, after, limit + 1)
+    more = len(views) > limit
+    views = views[:limit]
+    return 200, json_bytes({"devices": [view.to_json() for view in views],
+                       "next_after": views[-1].name if more else None}), None
+
+
+def get_device(api, request, principal, name):
+    """GET /devices/NAME[?version=V&wait=S]: the device; a long poll until its version is not V."""
+    _heard(api, request, principal, name)
+    view = api.registry.device(name)
+    if view is None:
+        raise not_found("unknown_device", f"unknown device {name!r}")
+    version = int_arg(request, b"version", None, 0, MAX_CURSOR)
+    wait = wait_arg(request, api.settings.max_wait)
+    if wait > 0:
+        _require_polling(api, "long polling")
+        if version is None or version == view.version:
+            _admit(api)
+            address = _address(request) if principal.device is not None else None
+            api.room.wait_device(request, name, view.version, wait, address)
+            return NOT_DONE_YET
+    return device_answer(view, name)
+
+
+def _if_match(request, api, name):
+    """The version an If-Match header requires (None if absent or "*"); 412 if stale."""
+    header = request.getHeader(b"if-match")
+    if header is None:
+        return None
+    view = api.registry.device(name)
+    if view is None:
+        raise not_found("unknown_device", f"unknown device {name!r}")
+    tags = [tag.strip(b" \t") for tag in header.split(b",")]
+    if tags == [b"*"]:
+        return None
+    versions = set()
+    for tag in tags:
+        if len(tag) >= 3 and tag[:1] == tag[-1:] == b'"':
+            tag = tag[1:-1]                 # an entity tag, "7"; a bare 7 is accepted too
+        if not tag.isdigit():
+            raise bad_request("invalid_parameter",
+                              'If-Match must be "*" or versions as entity tags, e.g. "7"')
+        versions.add(parse_int(tag, "If-Match", 0, MAX_CURSOR))
+    if view.version not in versions:
+        raise ApiError(412, "version_conflict",
+                       f"device {name!r} is at version {view.version}, not "
+                       f"{', '.join(str(v) for v in sorted(versions))}",
+                       headers={b"etag": etag(view.version)}, current_version=view.version)
+    return view.version
+
+
+def update_desired(api, request, principal, name):
+    """PATCH /devices/NAME/desired: merge a patch into desired (null deletes), If-Match guarded."""
+    patch = read_json(request, api.settings.max_request_bytes)
+    if not isinstance(patch, dict):
+        raise bad_request("invalid_patch", "the body must be a JSON object (a merge patch)")
+    expected = _if_match(request, api, name)
+    return _written(api.registry.update_desired(name, patch, expected_version=expected), api, name)
+
+
+def post_reported(api, request, principal, name):
+    """POST /devices/NAME/reported: the device merges a patch into its reported state."""
+    patch = read_json(request, api.settings.max_request_bytes)
+    if not isinstance(patch, dict):
+        raise bad_request("invalid_patch", "the body must be a JSON object (a merge patch)")
+    _heard(api, request, principal, name)
+    return _written(api.registry.update_reported(name, patch), api, name)
+
+
+def post_events(api, request, principal, name):
+    """POST /devices/NAME/events: the device sends events ({"events": [...]})."""
+    body = read_json(request, api.settings.max_request_bytes)
+    events = body.get("events") if isinstance(body, dict) else None
+    if not isinstance(events, list) or not events or set(body) != {"events"}:
+        raise bad_request("invalid_events", 'the body must be {"events": [one or more values]}')
+    _heard(api, request, principal, name)
+    return _written(api.registry.update_reported(name, {}, events=events), api, name)
+
+
+# -- the change feed --------------------------------------------------------------
+
+def changes(api, request, principal, name):
+    """GET /changes?since=C[&wait=S][&name=][&limit=]: devices changed after cursor C."""
+    _require_polling(api, "polling")
+    since = int_arg(request, b"since", 0, 0, MAX_CURSOR)
+    limit = int_arg(request, b"limit", MAX_PAGE, 1, MAX_PAGE)
+    match = name_matcher(text_arg(request, b"name", 128))
+    wait = wait_arg(request, api.settings.max_wait)
+    batch = api.registry.changes_since(since, limit)
+    views = select(batch, match)
+    if wait <= 0 or views or batch.reset or batch.more:
+        headers = None
+        if wait <= 0:
+            headers = {b"x-poll-interval": b"%g" % api.settings.min_interval}
+        return 200, changes_body(batch, views), headers
+    _admit(api)
+    api.room.wait_feed(request, batch.cursor, match, limit, wait)
+    return NOT_DONE_YET
+
+
+def events(api, request, principal, name):
+    """GET /events?since=C[&name=]: the feed as server-sent events (Last-Event-ID wins)."""
+    _require_polling(api, "the event stream")
+    since = int_arg(request, b"since", 0, 0, MAX_CURSOR)
+    last = request.getHeader(b"last-event-id")
+    if last is not None:
+        since = parse_int(last, "Last-Event-ID", 0, MAX_CURSOR)
+    match = name_matcher(text_arg(request, b"name", 128))
+    _admit(api)
+    request.setResponseCode(200)
+    request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-accel-buffering", b"no")
+    EventStream(api.room, request, since, match).start(int(api.settings.min_interval * 1000))
+    return NOT_DONE_YET

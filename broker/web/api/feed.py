@@ -1,0 +1,73 @@
+"""The change feed as the API sends it: name filters, JSON pages and SSE events.
+
+Shared by the short poll, the long poll and the event stream, so that all
+three send the same bytes for the same changes.
+"""
+
+from __future__ import annotations
+
+import json
+from fnmatch import fnmatchcase
+from functools import lru_cache
+
+from broker.web.responses import json_bytes
+
+from .errors import etag
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+@lru_cache(maxsize=1024)
+def name_matcher(pattern: str | None):
+    """A predicate on device names (prefix, or fnmatch glob if it has * ? [), or None for all.
+
+    Cached, so that waiters with the same filter share one predicate and the
+    waiting room reads the feed once for all of them.
+    """
+    if not pattern:
+        return None
+    if _GLOB_CHARS.intersection(pattern):
+        return lambda name: fnmatchcase(name, pattern)
+    return lambda name: name.startswith(pattern)
+
+
+def select(batch, match) -> list:
+    """The views of a ChangeBatch that pass the name filter."""
+    if match is None:
+        return batch.devices
+    return [view for view in batch.devices if match(view.name)]
+
+
+def device_answer(view, name: str):
+    """(status, body, headers) answering a read or a long poll of one device."""
+    if view is None:
+        body = {"error": {"code": "unknown_device", "message": f"unknown device {name!r}"}}
+        return 404, json_bytes(body), None
+    return 200, json_bytes(view.to_json()), {b"etag": etag(view.version)}
+
+
+def changes_body(batch, views) -> bytes:
+    """The JSON answer of /changes for one batch."""
+    return json_bytes({"devices": [view.to_json() for view in views], "cursor": batch.cursor,
+                  "more": batch.more, "reset": batch.reset})
+
+
+def sse_events(batch, views, last_id: int) -> tuple[bytes, int]:
+    """Server-sent events for one batch, and the last event id they carry.
+
+    Each device is one ``device`` event whose id is its cursor; a reset comes
+    first as a ``reset`` event; if the batch ends past the last device sent
+    (filtered out or compacted entries), an id-only message moves the
+    client's Last-Event-ID there without dispatching an event.
+    """
+    parts = []
+    if batch.reset:
+        parts.append(b"event: reset\ndata: %s\n\n" % json.dumps({"cursor": batch.cursor}).encode())
+    for view in views:
+        data = json.dumps(view.to_json(), separators=(",", ":"), ensure_ascii=False)
+        parts.append(b"id: %d\nevent: device\ndata: %s\n\n" % (view.cursor, data.encode("utf-8")))
+        last_id = view.cursor
+    if batch.cursor > last_id:
+        parts.append(b"id: %d\n\n" % batch.cursor)
+        last_id = batch.cursor
+    return b"".join(parts), last_id

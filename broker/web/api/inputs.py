@@ -1,0 +1,155 @@
+"""What a request brings: query parameters, a JSON body, and the body size limit.
+
+Every malformed input ends here as an ApiError naming the parameter or
+header and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+
+from twisted.web import server
+
+from .errors import ApiError, bad_request
+
+JSON_TYPES = (b"application/json", b"application/merge-patch+json")
+
+
+# -- query parameters ------------------------------------------------------------
+
+def _arg(request, name: bytes):
+    values = request.args.get(name)
+    return None if not values else values[-1]
+
+
+def text_arg(request, name: bytes, max_length: int = 256) -> str | None:
+    """A text parameter, or None if absent."""
+    raw = _arg(request, name)
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("invalid_parameter", f"{name.decode()} is not UTF-8") from None
+    if len(text) > max_length:
+        raise bad_request("invalid_parameter",
+                          f"{name.decode()} is longer than {max_length} characters")
+    return text
+
+
+def int_arg(request, name: bytes, default, minimum: int, maximum: int):
+    """An integer parameter within [minimum, maximum], or default if absent."""
+    raw = _arg(request, name)
+    if raw is None:
+        return default
+    return parse_int(raw, name.decode(), minimum, maximum)
+
+
+def parse_int(raw: bytes, what: str, minimum: int, maximum: int) -> int:
+    if not raw.isdigit() or len(raw) > 18:
+        raise bad_request("invalid_parameter", f"{what} must be a whole number")
+    value = int(raw)
+    if not minimum <= value <= maximum:
+        raise bad_request("invalid_parameter", f"{what} must be between {minimum} and {maximum}")
+    return value
+
+
+def wait_arg(request, max_wait: float) -> float:
+    """The ``wait`` parameter in seconds (0 if absent), cut to max_wait."""
+    raw = _arg(request, b"wait")
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise bad_request("invalid_parameter", "wait must be a number of seconds >= 0")
+    return min(value, max_wait)
+
+
+# -- JSON bodies ------------------------------------------------------------------
+
+def _bytes_hook(obj):
+    if len(obj) == 1 and "$bytes" in obj and isinstance(obj["$bytes"], str):
+        try:
+            return base64.b64decode(obj["$bytes"], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("a {\"$bytes\": ...} value must be standard base64") from None
+    return obj
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(request, max_bytes: int):
+    """The request's JSON body, checked for size and media type ({"$bytes": b64} -> bytes)."""
+    if getattr(request, "body_too_large", False) or declared_length(request) > max_bytes:
+        raise ApiError(413, "request_too_large",
+                       f"the request body exceeds {max_bytes} bytes")
+    media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise ApiError(415, "unsupported_media_type",
+                       "send the body as application/json (or application/merge-patch+json)")
+    request.content.seek(0)
+    raw = request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(413, "request_too_large", f"the request body exceeds {max_bytes} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"), object_hook=_bytes_hook,
+                          parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as problem:
+        raise bad_request("invalid_json", f"the body is not valid JSON: {problem}") from None
+
+
+def declared_length(request) -> int:
+    raw = request.getHeader(b"content-length")
+    try:
+        return int(raw) if raw is not None else 0
+    except ValueError:
+        return 0
+
+
+class _Discard(io.BytesIO):
+    """A request body sink that keeps nothing (the body is over the limit)."""
+
+    def write(self, data):
+        return len(data)
+
+
+class LimitedRequest(server.Request):
+    """A Request that stops keeping its body once it exceeds ``max_body`` bytes.
+
+    The body is still read off the connection (so the next request on it is
+    parsed right), but not stored; the API answers 413.
+    """
+
+    max_body = 65536
+    body_too_large = False
+    _received = 0
+
+    def gotLength(self, length):
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+            self.content = _Discard()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if not self.body_too_large:
+            self._received += len(data)
+            if self._received > self.max_body:
+                self.body_too_large = True
+                self.content.close()
+                self.content = _Discard()
+        self.content.write(data)
+
+
+def limited_request_factory(max_bytes: int):
+    """A requestFactory for Site whose requests keep at most max_bytes of body."""
+    return type("LimitedRequest", (LimitedRequest,), {"max_body": max_bytes})

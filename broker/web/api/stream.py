@@ -1,0 +1,110 @@
+"""Server-sent events: the change feed as ``text/event-stream``, paced by the reader.
+
+A stream holds only its cursor. It is the request's push producer: while
+the transport's buffer is full (``pauseProducing``) it writes nothing and
+only remembers that something changed; when the transport drains
+(``resumeProducing``) it reads the feed from its cursor, which gives the
+latest state of each device changed meanwhile, once. So a slow reader
+costs one cursor, never a queue, and a reader that reconnects with
+``Last-Event-ID`` (the cursor of the last event it got) misses nothing.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .feed import select, sse_events
+
+#: feed entries per page; a pump writes pages until the transport pushes back.
+PAGE = 50
+#: pages one pump writes before it lets the reactor serve others.
+MAX_PAGES = 20
+
+
+@implementer(IPushProducer)
+class EventStream:
+    """One open ``/events`` response."""
+
+    __slots__ = ("room", "request", "cursor", "match", "paused", "pending", "done")
+
+    log = Logger()
+
+    def __init__(self, room, request, cursor: int, match) -> None:
+        self.room = room
+        self.request = request
+        self.cursor = cursor
+        self.match = match
+        self.paused = False
+        self.pending = False
+        self.done = False
+
+    def start(self, retry_ms: int) -> None:
+        """Send the preamble and everything since the cursor; then follow changes."""
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addBoth(self._finished)
+        self.room.add_stream(self)
+        preamble = b": ssp-broker change feed\n"
+        if retry_ms > 0:
+            preamble += b"retry: %d\n" % retry_ms
+        self.request.write(preamble + b"\n")
+        self.pump()
+
+    def pump(self) -> None:
+        """Write what changed since the cursor, as far as the transport takes it."""
+        if self.done:
+            return
+        if self.paused:
+            self.pending = True
+            return
+        self.pending = False
+        registry = self.room.registry
+        for _ in range(MAX_PAGES):
+            batch = registry.changes_since(self.cursor, PAGE)
+            chunk, self.cursor = sse_events(batch, select(batch, self.match), self.cursor)
+            if chunk:
+                self.request.write(chunk)
+            if not batch.more or self.done:
+                return
+            if self.paused:
+                self.pending = True
+                return
+        # A long backlog: continue in the next wake-up pass, so others get served.
+        self.room.pump_later(self)
+
+    def keepalive(self) -> None:
+        """A comment line, so that proxies keep an idle stream open."""
+        if not self.done and not self.paused:
+            self.request.write(b":\n\n")
+
+    # IPushProducer, called by the HTTP channel
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.pending:
+            self.pump()
+
+    def stopProducing(self) -> None:
+        self._end()
+
+    # ending
+
+    def close(self) -> None:
+        """End the response (the broker is stopping); the client reconnects elsewhere."""
+        if not self.done:
+            self._end()
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def _finished(self, result) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.room.remove_stream(self)

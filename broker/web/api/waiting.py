@@ -1,0 +1,306 @@
+"""The waiting room: every long poll and event stream, woken by one registry subscription.
+
+Waiting costs memory only: each waiter is a small slotted object in a dict
+and one deadline in the broker's shared timer heap (the WakeupScheduler
+that also runs the SSP sessions); no thread, no timer of its own. A registry change sets a flag and schedules one wake-up pass for the
+next reactor turn (so a burst of changes is answered once); that pass reads
+the feed once per distinct cursor, encodes each answer once, and writes
+the same bytes to every waiter that shares it. A client that goes away
+leaves at once through its request's notifyFinish errback.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from broker.udp.scheduler import WakeupScheduler
+
+from .feed import changes_body, device_answer, select
+
+#: answers written per reactor turn; the rest follow on the next turns, so
+#: that answering ten thousand waiters never holds the reactor for long.
+ANSWER_SLICE = 1000
+
+
+class FeedWaiter:
+    """A long poll of /changes: answers once the filtered feed past its cursor is non-empty."""
+
+    __slots__ = ("room", "request", "cursor", "match", "limit", "done")
+
+    def __init__(self, room, request, cursor, match, limit):
+        self.room = room
+        self.request = request
+        self.cursor = cursor
+        self.match = match
+        self.limit = limit
+        self.done = False
+
+    def expire(self):
+        self.room.expire_feed(self)
+
+
+class DeviceWaiter:
+    """A long poll of one device: answers once its version differs from the one the client has."""
+
+    __slots__ = ("room", "request", "name", "version", "address", "done")
+
+    def __init__(self, room, request, name, version, address):
+        self.room = room
+        self.request = request
+        self.name = name
+        self.version = version
+        self.address = address       # set for a device polling itself (presence), else None
+        self.done = False
+
+    def expire(self):
+        self.room.expire_device(self)
+
+
+class WaitingRoom:
+    """Holds long polls and event streams; answers them on change or at their deadline."""
+
+    log = Logger()
+
+    def __init__(self, registry, clock, settings, respond, presence=None, gauge=None) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.settings = settings
+        self._respond = respond       # respond(request, status, body_bytes, headers=None)
+        self.presence = presence
+        self._gauge = gauge
+        self.scheduler = WakeupScheduler(clock, self._deadline)
+        self._feed: dict[FeedWaiter, None] = {}
+        self._devices: dict[str, dict[DeviceWaiter, None]] = {}
+        self._device_count = 0
+        self._streams: dict = {}
+        self._changed: set[str] = set()
+        self._feed_dirty = False
+        self._backlog: dict = {}
+        self._outbox: deque = deque()     # (waiter, status, body, headers) to write
+        self._drain_call = None
+        self._wake_call = None
+        self._subscription = None
+        self._keepalive = None
+        if settings.sse_keepalive > 0:
+            self._keepalive = LoopingCall(self._send_keepalives)
+            self._keepalive.clock = clock
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Follow every registry change."""
+        if self._subscription is None:
+            self._subscription = self.registry.subscribe(["*"], self._on_change)
+
+    def stop(self) -> None:
+        """Stop following changes, cancel the timers, close every waiting request."""
+        if self._subscription is not None:
+            self._subscription.cancel()
+            self._subscription = None
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        self.scheduler.stop()
+        self.scheduler = WakeupScheduler(self.clock, self._deadline)   # for a restart
+        for waiter in list(self._feed):
+            self.expire_feed(waiter)
+        for waiters in list(self._devices.values()):
+            for waiter in list(waiters):
+                self.expire_device(waiter)
+        for stream in list(self._streams):
+            stream.close()
+        self._drain(everything=True)
+
+    def apply(self, settings) -> None:
+        """New limits (a reload): max_waiters for new requests, the keepalive period."""
+        old, self.settings = self.settings, settings
+        if settings.sse_keepalive == old.sse_keepalive:
+            return
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        self._keepalive = None
+        if settings.sse_keepalive > 0:
+            self._keepalive = LoopingCall(self._send_keepalives)
+            self._keepalive.clock = self.clock
+            if self._streams:
+                self._keepalive.start(settings.sse_keepalive, now=False)
+
+    # -- admission ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Requests waiting now: long polls and event streams."""
+        return len(self._feed) + self._device_count + len(self._streams)
+
+    def full(self) -> bool:
+        return len(self) >= self.settings.max_waiters
+
+    def _counted(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(len(self))
+
+    def wait_feed(self, request, cursor, match, limit, wait) -> None:
+        """Hold ``request`` until the feed past ``cursor`` has a match, or ``wait`` seconds."""
+        waiter = FeedWaiter(self, request, cursor, match, limit)
+        self._feed[waiter] = None
+        self._enter(waiter, wait)
+
+    def wait_device(self, request, name, version, wait, address=None) -> None:
+        """Hold ``request`` until device ``name`` has a version other than ``version``."""
+        waiter = DeviceWaiter(self, request, name, version, address)
+        self._devices.setdefault(name, {})[waiter] = None
+        self._device_count += 1
+        if address is not None and self.presence is not None:
+            self.presence.hold(name)
+        self._enter(waiter, wait)
+
+    def _enter(self, waiter, wait) -> None:
+        self.scheduler.schedule(waiter, self.clock.seconds() + wait)
+        waiter.request.notifyFinish().addErrback(self._gone, waiter)
+        self._counted()
+
+    def add_stream(self, stream) -> None:
+        """Keep an event stream (see stream.EventStream) woken by changes."""
+        self._streams[stream] = None
+        if self._keepalive is not None and not self._keepalive.running:
+            self._keepalive.start(self.settings.sse_keepalive, now=False)
+        self._counted()
+
+    def remove_stream(self, stream) -> None:
+        if self._streams.pop(stream, 0) is None:
+            self._counted()
+        if not self._streams and self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+
+    # -- leaving --------------------------------------------------------------
+
+    def _gone(self, failure, waiter) -> None:
+        """The client went away while waiting: free its place at once."""
+        if not waiter.done:
+            self._leave(waiter)
+            self.scheduler.cancel(waiter)
+        waiter.request = None          # answered but not yet written: nothing to write to
+
+    def _leave(self, waiter) -> None:
+        waiter.done = True
+        if type(waiter) is FeedWaiter:
+            self._feed.pop(waiter, None)
+        else:
+            waiters = self._devices.get(waiter.name)
+            if waiters is not None and waiters.pop(waiter, 0) is None:
+                self._device_count -= 1
+                if not waiters:
+                    del self._devices[waiter.name]
+            if waiter.address is not None and self.presence is not None:
+                self.presence.release(waiter.name, waiter.address)
+        self._counted()
+
+    def _answer(self, waiter, status, body, headers=None) -> None:
+        """Take waiter out of the room and queue its answer for writing."""
+        self._leave(waiter)
+        self.scheduler.cancel(waiter)
+        self._outbox.append((waiter, status, body, headers))
+        if self._drain_call is None:
+            self._drain_call = self.clock.callLater(0, self._drain)
+
+    def _drain(self, everything=False) -> None:
+        """Write queued answers, a slice of them (or all); the rest on the next turn."""
+        call, self._drain_call = self._drain_call, None
+        if call is not None and call.active():
+            call.cancel()              # called directly, ahead of its scheduled turn
+        outbox = self._outbox
+        count = len(outbox) if everything else min(ANSWER_SLICE, len(outbox))
+        for _ in range(count):
+            waiter, status, body, headers = outbox.popleft()
+            if waiter.request is None:
+                continue               # the client left after its answer was decided
+            try:
+                self._respond(waiter.request, status, body, headers)
+            except Exception:
+                # One broken answer must not keep the others waiting.
+                self.log.failure("answering a waiting request failed")
+            waiter.request = None
+        if outbox and self._drain_call is None:
+            self._drain_call = self.clock.callLater(0, self._drain)
+
+    def expire_feed(self, waiter) -> None:
+        """Deadline of a feed waiter: answer what there is (usually nothing)."""
+        batch = self.registry.changes_since(waiter.cursor, waiter.limit)
+        self._answer(waiter, 200, changes_body(batch, select(batch, waiter.match)))
+
+    def expire_device(self, waiter) -> None:
+        """Deadline of a device waiter: answer its current state (same version)."""
+        self._answer(waiter, *self._device_answer(waiter.name))
+
+    def _deadline(self, waiter, now) -> None:
+        """The scheduler's callback: a waiter's time is up."""
+        if not waiter.done:
+            waiter.expire()
+
+    def _device_answer(self, name):
+        return device_answer(self.registry.device(name), name)
+
+    # -- waking ---------------------------------------------------------------
+
+    def _on_change(self, view) -> None:
+        if view.name in self._devices:
+            self._changed.add(view.name)
+        self._feed_dirty = True
+        self._schedule_wake()
+
+    def pump_later(self, stream) -> None:
+        """Let ``stream`` write more of its backlog in the next wake-up pass."""
+        self._backlog[stream] = None
+        self._schedule_wake()
+
+    def _schedule_wake(self) -> None:
+        if self._wake_call is None:
+            self._wake_call = self.clock.callLater(0, self.wake)
+
+    def wake(self) -> None:
+        """Answer every waiter the changes since the last pass concern; pump every stream."""
+        self._wake_call = None
+        changed, self._changed = self._changed, set()
+        for name in changed:
+            waiters = self._devices.get(name)
+            if not waiters:
+                continue
+            view = self.registry.device(name)
+            answer = None
+            for waiter in list(waiters):
+                if view is None or view.version != waiter.version:
+                    if answer is None:
+                        answer = self._device_answer(name)
+                    self._answer(waiter, *answer)
+        backlog, self._backlog = self._backlog, {}
+        if self._feed_dirty:
+            self._feed_dirty = False
+            self._wake_feed()
+            backlog = self._streams
+        for stream in list(backlog):
+            stream.pump()
+        if self._outbox:
+            self._drain()              # the first slice in this very turn
+
+    def _wake_feed(self) -> None:
+        groups: dict[tuple, list] = {}
+        for waiter in self._feed:
+            groups.setdefault((waiter.cursor, waiter.match, waiter.limit), []).append(waiter)
+        for (cursor, match, limit), waiters in groups.items():
+            batch = self.registry.changes_since(cursor, limit)
+            views = select(batch, match)
+            if views or batch.reset or batch.more:
+                body = changes_body(batch, views)
+                for waiter in waiters:
+                    self._answer(waiter, 200, body)
+            else:
+                for waiter in waiters:
+                    waiter.cursor = batch.cursor   # nothing of interest: skip it next time
+
+    def _send_keepalives(self) -> None:
+        for stream in list(self._streams):
+            stream.keepalive()

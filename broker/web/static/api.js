@@ -1,0 +1,90 @@
+// The broker's HTTP API as the page uses it: the session check, the long
+// poll of the change feed, one device, and writes of desired values.
+// Every URL is relative to the page, so a broker behind a reverse proxy
+// under a path prefix works unchanged.
+
+/** A failed request: HTTP status (0: no answer) and the broker's error code and message. */
+export class ApiError extends Error {
+  constructor(status, code, message, details = {}) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.code = code;
+    this.details = details;
+  }
+
+  /** Seconds the broker asked us to wait (Retry-After), or null. */
+  get retryAfter() {
+    return this.details.retryAfter ?? null;
+  }
+}
+
+export class Api {
+  constructor(token, base = document.baseURI) {
+    this.token = token;
+    this.base = base;
+  }
+
+  url(path, query = {}) {
+    const url = new URL(path, this.base);
+    for (const [name, value] of Object.entries(query)) url.searchParams.set(name, String(value));
+    return url;
+  }
+
+  async request(method, path, {query, body, headers = {}, signal} = {}) {
+    const init = {
+      method, signal, cache: "no-store", credentials: "omit",
+      headers: {accept: "application/json", authorization: `Bearer ${this.token}`, ...headers},
+    };
+    if (body !== undefined) {
+      init.body = JSON.stringify(body);
+      init.headers["content-type"] = "application/json";
+    }
+    let response;
+    try {
+      response = await fetch(this.url(path, query), init);
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      throw new ApiError(0, "network", "the broker cannot be reached");
+    }
+    const text = await response.text();
+    let data = null;
+    try {
+      data = text ? JSON.parse(text) : null;
+    } catch (error) {
+      if (!(error instanceof SyntaxError)) throw error;
+    }
+    if (!response.ok) {
+      const problem = data?.error ?? {};
+      const retry = Number(response.headers.get("retry-after"));
+      throw new ApiError(response.status, problem.code ?? `http_${response.status}`,
+        problem.message ?? `the broker answered ${response.status}`,
+        {...problem, retryAfter: Number.isFinite(retry) && retry > 0 ? retry : null});
+    }
+    return {data, headers: response.headers};
+  }
+
+  /** The token's role and the transports on offer: {role, token_id, transports, max_wait}. */
+  async session() {
+    return (await this.request("GET", "dashboard/session")).data;
+  }
+
+  /** One page of the change feed after `since`, waiting up to `wait` s for a change. */
+  async changes(since, wait, signal) {
+    const {data, headers} = await this.request("GET", "api/v1/changes", {query: {since, wait}, signal});
+    const interval = Number(headers.get("x-poll-interval"));
+    return {...data, pollInterval: Number.isFinite(interval) ? interval : 0};
+  }
+
+  /** The current state of one device. */
+  async device(name) {
+    return (await this.request("GET", `api/v1/devices/${encodeURIComponent(name)}`)).data;
+  }
+
+  /** Merge `patch` into a device's desired values if it is still at `version` (412 if not). */
+  async setDesired(name, patch, version) {
+    const headers = version === null || version === undefined ? {} : {"if-match": `"${version}"`};
+    return (await this.request("PATCH", `api/v1/devices/${encodeURIComponent(name)}/desired`,
+      {body: patch, headers})).data;
+  }
+}

@@ -1,0 +1,201 @@
+// The editor of one device's desired values: change, delete or add a key.
+//
+// Writes carry the device version the page last saw (expected_version /
+// If-Match). The version counts every change of the device, reports
+// included, so a refusal alone does not mean another writer touched the
+// key: the editor reads the device again, and only when the key's desired
+// value is no longer the one the user started from does it show a
+// conflict. Otherwise it retries with the new version.
+
+import {editable, h, parseValue, same, show} from "./dom.js";
+
+/** Writes tried before giving up on a device that keeps changing. */
+const MAX_ATTEMPTS = 3;
+
+/** One desired key: its input keeps what the user types across updates. */
+class DesiredRow {
+  constructor(key, editor) {
+    this.key = key;
+    this.editing = false;
+    this.base = undefined;      // the desired value when the edit began
+    this._original = "";
+    this._desired = h("td", {class: "value"});
+    this._reported = h("td", {class: "value"});
+    this._state = h("td", {});
+    this.row = h("tr", {"data-key": key}, h("th", {scope: "row"}, key), this._desired,
+      this._reported, this._state);
+    if (editor.readOnly) return;
+    this.input = h("input", {type: "text", "aria-label": `desired value of ${key}`,
+                             spellcheck: "false"});
+    this.input.addEventListener("input", () => {
+      if (!this.editing) this.base = editor.device?.desired[key];
+      this.editing = this.input.value !== this._original;
+    });
+    const save = () => {
+      const base = this.editing ? this.base : editor.device?.desired[key];
+      editor.write(key, parseValue(this.input.value), base, () => { this.editing = false; });
+    };
+    this.input.addEventListener("keydown", (event) => { if (event.key === "Enter") save(); });
+    this._desired.append(this.input);
+    this.row.append(h("td", {class: "actions"},
+      h("button", {type: "button", class: "save", onclick: save}, "Save"),
+      h("button", {type: "button", class: "delete", title: `delete ${key}`,
+                   onclick: () => editor.write(key, null, editor.device?.desired[key], () => {})},
+        "Delete")));
+  }
+
+  refresh(device) {
+    const key = this.key;
+    const present = key in device.desired;
+    const pending = key in device.delta;
+    this.row.className = !present ? "removed" : pending ? "has-delta" : "";
+    if (!this.input) {
+      this._desired.textContent = present ? show(device.desired[key]) : "";
+    } else if (!this.editing) {
+      this._original = present ? editable(device.desired[key]) : "";
+      this.input.value = this._original;
+    }
+    this._reported.textContent = key in device.reported ? show(device.reported[key]) : "\u2014";
+    this._state.replaceChildren(
+      !present ? h("span", {class: "badge"}, "deleted elsewhere")
+        : pending ? h("span", {class: "badge pending",
+                               title: "the device has not reported this value yet"}, "pending")
+          : h("span", {class: "badge reached"}, "reached"));
+  }
+}
+
+export class DesiredEditor {
+  /**
+   * `current()` gives the page's copy of the device; writes go through `link`,
+   * re-reads after a refusal through `api`; `changed()` redraws the page.
+   */
+  constructor(name, {readOnly, link, api, current, changed}) {
+    this.name = name;
+    this.readOnly = readOnly;
+    this.link = link;
+    this.api = api;
+    this._current = current;
+    this._changed = changed;
+    this._rows = new Map();
+    this._body = h("tbody");
+    this.message = h("p", {class: "message", role: "status", "aria-live": "polite"});
+    this.conflict = h("div", {id: "conflict", class: "conflict", role: "alert", hidden: true});
+    const columns = ["Key", "Desired", "Reported", "State", ...(readOnly ? [] : [""])];
+    this.element = h("section", {class: "card"}, h("h2", {}, "Desired"),
+      readOnly ? h("p", {class: "note"}, "Read-only token: desired values cannot be changed.") : null,
+      this.conflict,
+      h("table", {class: "state", id: "desired"},
+        h("thead", {}, h("tr", {}, ...columns.map((label) => h("th", {}, label)))),
+        this._body,
+        readOnly ? null : h("tfoot", {}, this._addRow())),
+      this.message);
+  }
+
+  get device() {
+    return this._current();
+  }
+
+  /** Redraw for the device's latest state (rows being edited keep their input). */
+  refresh(device) {
+    for (const [key, row] of this._rows) {
+      if (!(key in device.desired) && !row.editing) this._rows.delete(key);
+    }
+    for (const key of Object.keys(device.desired)) {
+      if (!this._rows.has(key)) this._rows.set(key, new DesiredRow(key, this));
+    }
+    const rows = [...this._rows.keys()].sort().map((key) => {
+      const row = this._rows.get(key);
+      row.refresh(device);
+      return row.row;
+    });
+    if (rows.length === 0) {
+      rows.push(h("tr", {}, h("td", {colspan: 5, class: "note"}, "No desired values.")));
+    }
+    // Rows move only when the keys change: moving a row takes the focus from its input.
+    const shown = [...this._body.rows];
+    if (rows.length !== shown.length || rows.some((row, i) => row !== shown[i])) {
+      this._body.replaceChildren(...rows);
+    }
+  }
+
+  /** The row that adds a key. */
+  _addRow() {
+    const key = h("input", {type: "text", placeholder: "key", "aria-label": "new desired key",
+                            spellcheck: "false"});
+    const value = h("input", {type: "text", placeholder: "value (JSON or text)",
+                              "aria-label": "new desired value", spellcheck: "false"});
+    const add = () => {
+      const name = key.value.trim();
+      if (!name) return this.say("Type a key first.", true);
+      this.write(name, parseValue(value.value), this.device?.desired[name], () => {
+        key.value = "";
+        value.value = "";
+      });
+    };
+    value.addEventListener("keydown", (event) => { if (event.key === "Enter") add(); });
+    return h("tr", {class: "add"}, h("td", {}, key), h("td", {}, value), h("td", {}), h("td", {}),
+      h("td", {class: "actions"}, h("button", {type: "button", class: "add", onclick: add}, "Add")));
+  }
+
+  /**
+   * Set `key` to `value` (null deletes) if its desired value is still `base`.
+   * `done` runs once the broker accepted the write (or the user kept theirs).
+   */
+  async write(key, value, base, done) {
+    this.conflict.hidden = true;
+    let device = this.device;
+    for (let attempt = 1; device && attempt <= MAX_ATTEMPTS; attempt++) {
+      if (!same(device.desired[key], base)) return this._showConflict(key, value, device, done);
+      this.say(`Sending ${key}\u2026`);
+      try {
+        await this.link.setDesired(this.name, {[key]: value}, device.version);
+        done();
+        this.say(value === null ? `Deleted ${key}.` : `Saved ${key} = ${show(value)}.`);
+        this._changed();
+        return;
+      } catch (error) {
+        if (error.code !== "version_conflict") return this.say(`Not saved: ${error.message}`, true);
+      }
+      // The device changed since the page saw it: was it this key?
+      try {
+        device = await this.api.device(this.name);
+      } catch (error) {
+        return this.say(`Not saved: ${error.message}`, true);
+      }
+    }
+    this.say(device ? `Not saved: ${this.name} keeps changing; try again.`
+      : `Not saved: there is no device ${this.name}.`, true);
+  }
+
+  _showConflict(key, value, device, done) {
+    const now = device.desired[key];
+    const theirs = now === undefined ? "it deleted the key" : `it is now ${JSON.stringify(now)}`;
+    const mine = value === null ? "Your delete" : `Your value ${JSON.stringify(value)}`;
+    const overwrite = () => {
+      this.conflict.hidden = true;
+      this.write(key, value, now, done);
+    };
+    const discard = () => {
+      this.conflict.hidden = true;
+      const row = this._rows.get(key);
+      if (row) row.editing = false;
+      done();
+      this._changed();
+    };
+    this.say("");
+    this.conflict.replaceChildren(
+      h("strong", {}, "Conflict. "),
+      `Another writer changed "${key}" first: ${theirs} (device version ${device.version}). `,
+      `${mine} was not saved. `,
+      h("button", {type: "button", class: "overwrite", onclick: overwrite},
+        value === null ? "Delete anyway" : "Save mine anyway"),
+      " ",
+      h("button", {type: "button", class: "discard", onclick: discard}, "Keep theirs"));
+    this.conflict.hidden = false;
+  }
+
+  say(text, error = false) {
+    this.message.textContent = text;
+    this.message.classList.toggle("error", error);
+  }
+}

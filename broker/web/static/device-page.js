@@ -1,0 +1,123 @@
+// The device view: connection facts, reported state with a sparkline per
+// numeric reading, and the desired values (desired-editor.js).
+
+import {ago, h, rtt, show, when} from "./dom.js";
+import {DesiredEditor} from "./desired-editor.js";
+import {series, sparkline} from "./sparkline.js";
+
+/** How often the open device is read again (ms): its last-heard time and RTT change in place. */
+const REFRESH_MS = 10_000;
+
+export class DevicePage {
+  constructor(fleet, root) {
+    this.fleet = fleet;
+    this.root = root;
+    this.name = null;
+    this.editor = null;
+    this._refresh = null;
+    fleet.addEventListener("change", (event) => {
+      if (this.name !== null && event.detail.has(this.name)) this.update();
+    });
+    setInterval(() => { if (this.name !== null) this._refreshTimes(); }, 5000);
+  }
+
+  get device() {
+    return this.fleet.devices.get(this.name);
+  }
+
+  /** Show device `name`; its desired values are editable unless readOnly. */
+  show(name, {readOnly, link, api}) {
+    clearInterval(this._refresh);
+    this.name = name;
+    this.editor = new DesiredEditor(name, {readOnly, link, api, current: () => this.device,
+                                           changed: () => { if (this.name === name) this.update(); }});
+    this.status = h("span", {class: "status"});
+    this.missing = h("p", {class: "missing", hidden: true});
+    this.facts = h("dl", {class: "facts"});
+    this.reported = h("tbody");
+    const headings = ["Key", "Value", "Updated", "History"].map((label) => h("th", {}, label));
+    this.cards = [
+      h("div", {class: "columns"},
+        h("section", {class: "card"}, h("h2", {}, "Connection"), this.facts),
+        h("section", {class: "card"}, h("h2", {}, "Reported"),
+          h("table", {class: "state", id: "reported"}, h("thead", {}, h("tr", {}, ...headings)),
+            this.reported))),
+      this.editor.element,
+    ];
+    this.root.replaceChildren(
+      h("p", {}, h("a", {href: "#/"}, "\u2190 All devices")),
+      h("div", {class: "title"}, h("h1", {}, name), this.status),
+      this.missing,
+      ...this.cards);
+    this.update();
+    // The registry updates last heard and RTT without a change (no feed entry) until the
+    // device reports again: read the device now and then, so the view shows them fresh.
+    this._refresh = setInterval(() => {
+      api.device(name).then((device) => this.fleet.apply(device), () => {});
+    }, REFRESH_MS);
+  }
+
+  hide() {
+    clearInterval(this._refresh);
+    this.name = null;
+    this.editor = null;
+    this.root.replaceChildren();
+  }
+
+  update() {
+    const device = this.device;
+    this.missing.hidden = device !== undefined;
+    this.status.hidden = device === undefined;
+    for (const card of this.cards) card.hidden = device === undefined;
+    if (device === undefined) {
+      this.missing.textContent = this.fleet.cursor === null
+        ? "Loading\u2026" : `There is no device named "${this.name}" (it may have been removed).`;
+      return;
+    }
+    const online = device.connection.online;
+    this.status.className = `status ${online ? "online" : "offline"}`;
+    this.status.textContent = online ? "online" : "offline";
+    this._renderFacts(device);
+    this._renderReported(device);
+    this.editor.refresh(device);
+  }
+
+  _renderFacts(device) {
+    const c = device.connection;
+    const facts = [
+      ["Last heard", h("span", {class: "heard", title: when(c.last_heard)}, ago(c.last_heard))],
+      ["Address", c.address ?? "\u2014"],
+      ["RTT", rtt(c.rtt) || "\u2014"],
+      ["Session", c.session_id ?? "\u2014"],
+      ["Device number", device.device_number],
+      ["Version", String(device.version)],
+    ];
+    this.facts.replaceChildren(
+      ...facts.flatMap(([term, value]) => [h("dt", {}, term), h("dd", {}, value)]));
+  }
+
+  _renderReported(device) {
+    const rows = Object.keys(device.reported).sort().map((key) => {
+      const at = device.updated_at?.reported?.[key];
+      return h("tr", {class: key in device.delta ? "has-delta" : "", "data-key": key},
+        h("th", {scope: "row"}, key),
+        h("td", {class: "value"}, show(device.reported[key])),
+        h("td", {class: "heard", "data-at": at ?? "", title: when(at)}, ago(at)),
+        h("td", {}, sparkline(series(device, key), key)));
+    });
+    if (rows.length === 0) {
+      rows.push(h("tr", {}, h("td", {colspan: 4, class: "note"}, "Nothing reported yet.")));
+    }
+    this.reported.replaceChildren(...rows);
+  }
+
+  /** Relative times age without any change: rewrite just those. */
+  _refreshTimes() {
+    const now = Date.now() / 1000;
+    for (const cell of this.reported.querySelectorAll("td.heard")) {
+      cell.textContent = ago(cell.dataset.at === "" ? null : Number(cell.dataset.at), now);
+    }
+    const heard = this.facts.querySelector(".heard");
+    if (heard && this.device) heard.textContent = ago(this.device.connection.last_heard, now);
+  }
+}

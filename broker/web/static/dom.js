@@ -1,0 +1,80 @@
+// Small DOM and formatting helpers. The page builds every element with
+// these (text nodes only, never HTML strings), which is what lets the
+// Content-Security-Policy forbid inline script and require Trusted Types.
+
+/** Create an element: h("td", {class: "num", title: "x"}, "text", child). */
+export function h(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === false || value === null || value === undefined) continue;
+    if (name.startsWith("on")) element.addEventListener(name.slice(2), value);
+    else element.setAttribute(name, value === true ? "" : String(value));
+  }
+  element.append(...children.filter((child) => child !== null && child !== undefined));
+  return element;
+}
+
+/** Create an SVG element with attributes. */
+export function svg(tag, attributes = {}) {
+  const element = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, String(value));
+  return element;
+}
+
+/** "just now", "12 s ago", "5 min ago", "3 h ago", "2 d ago"; "never" for null. */
+export function ago(epochSeconds, nowSeconds = Date.now() / 1000) {
+  if (epochSeconds === null || epochSeconds === undefined) return "never";
+  const seconds = Math.max(0, nowSeconds - epochSeconds);
+  if (seconds < 2) return "just now";
+  if (seconds < 60) return `${Math.floor(seconds)} s ago`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+  return `${Math.floor(seconds / 86400)} d ago`;
+}
+
+/** A full local date and time for an epoch-seconds value (tooltips). */
+export function when(epochSeconds) {
+  return epochSeconds === null || epochSeconds === undefined
+    ? "" : new Date(epochSeconds * 1000).toLocaleString();
+}
+
+/** Round-trip time in seconds as "12 ms". */
+export function rtt(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  if (seconds < 0.0001) return "<0.1 ms";
+  return seconds < 0.01 ? `${(seconds * 1000).toFixed(1)} ms` : `${Math.round(seconds * 1000)} ms`;
+}
+
+/** A reported or desired value as short text ({"$bytes": b64} shown as its size). */
+export function show(value) {
+  if (value === null || value === undefined) return "null";
+  if (typeof value === "string") return value;
+  if (typeof value === "object" && !Array.isArray(value)
+      && Object.keys(value).length === 1 && typeof value.$bytes === "string") {
+    return `<${Math.floor(value.$bytes.replace(/=+$/, "").length * 3 / 4)} bytes>`;
+  }
+  return JSON.stringify(value);
+}
+
+/** Text typed in the editor as a value: JSON if it parses (42, true, "x", {...}), else the text. */
+export function parseValue(text) {
+  const trimmed = text.trim();
+  if (trimmed === "") return "";
+  try {
+    return JSON.parse(trimmed);
+  } catch (error) {
+    if (error instanceof SyntaxError) return text;
+    throw error;
+  }
+}
+
+/** A value as the editor shows it: strings bare unless they would parse as something else. */
+export function editable(value) {
+  if (typeof value !== "string") return JSON.stringify(value);
+  return parseValue(value) === value ? value : JSON.stringify(value);
+}
+
+/** Whether two JSON values are equal (as the registry compares them). */
+export function same(a, b) {
+  return JSON.stringify(a) === JSON.stringify(b);
+}

@@ -1,0 +1,371 @@
+// How the page stays in step with the broker: a WebSocket subscription
+// first, long polling of the change feed when the WebSocket cannot be
+// used. Both feed the same Fleet and resume from its cursor, so switching
+// (or reconnecting) misses nothing. Protocol: docs/websocket.md and
+// docs/http-api.md; the policy is described in docs/dashboard.md.
+
+import {ApiError} from "./api.js";
+
+const SUBPROTOCOL = "ssp-broker.v1.json";
+const TOKEN_SUBPROTOCOL_PREFIX = "bearer.";
+/** The broker closes with this code when the connection's token is revoked. */
+const CLOSE_TOKEN_REVOKED = 4001;
+
+/** How long things may take; a Link takes others (tests use short ones). */
+export const TIMING = Object.freeze({
+  /** A WebSocket must deliver its first snapshot within this many ms. */
+  openTimeoutMs: 10_000,
+  /** A connection that dies sooner than this after going live counts as a failure. */
+  stableAfterMs: 10_000,
+  /** Consecutive WebSocket failures after which the page switches to long polling. */
+  fallbackAfter: 2,
+  /** While long polling, try the WebSocket again this often. */
+  probeIntervalMs: 5 * 60_000,
+  /** An application ping this often; no pong by the next one: the link is dead. */
+  pingIntervalMs: 25_000,
+  /** Longest long-poll wait asked for (the broker cuts it to its polling.max_wait). */
+  longPollWaitS: 25,
+});
+
+/** Seconds before retry number `failures` (1, 2, 4 ... 30, with jitter). */
+function backoff(failures) {
+  const base = Math.min(30, 2 ** Math.max(0, failures - 1));
+  return Math.round(base * (0.75 + Math.random() * 0.5) * 10) / 10;
+}
+
+/** Resolves after `ms`, or at once when `signal` aborts. */
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, {once: true});
+  });
+}
+
+/** The fleet over one WebSocket: subscribe to every device, resume from the fleet's cursor. */
+class WebSocketFeed {
+  constructor(fleet, token, timing, {onLive, onClose}) {
+    this.fleet = fleet;
+    this.token = token;
+    this.timing = timing;
+    this.onLive = onLive;
+    this.onClose = onClose;
+    this.live = false;
+    this.closed = false;
+    this._snapshot = false;
+    this._pending = new Map();
+    this._nextId = 1;
+    this._pinged = null;
+    this._timers = [];
+  }
+
+  start() {
+    const url = new URL("ws", document.baseURI);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    const socket = new WebSocket(url, [SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX + this.token]);
+    this.socket = socket;
+    socket.addEventListener("open", () => {
+      const subscribe = {op: "subscribe", id: "fleet", patterns: ["*"], history: true};
+      if (this.fleet.cursor !== null) subscribe.cursor = this.fleet.cursor;
+      socket.send(JSON.stringify(subscribe));
+    });
+    socket.addEventListener("message", (event) => this._receive(event.data));
+    socket.addEventListener("close", (event) => this._closed(event.code, event.reason || ""));
+    this._timers.push(setTimeout(() => {
+      if (!this.live) this._abandon(`no snapshot within ${this.timing.openTimeoutMs / 1000} s`);
+    }, this.timing.openTimeoutMs));
+  }
+
+  stop() {
+    if (this._snapshot) this.fleet.cursor = null;
+    this.closed = true;
+    this._cleanUp("the page stopped this connection");
+    this.socket?.close(1000, "done");
+  }
+
+  /** Merge `patch` into a device's desired values if it is still at `version`. */
+  setDesired(name, patch, version) {
+    return this._request({op: "set_desired", name, desired: patch, expected_version: version});
+  }
+
+  _request(message) {
+    const id = `r${this._nextId++}`;
+    return new Promise((resolve, reject) => {
+      this._pending.set(id, {resolve, reject});
+      this.socket.send(JSON.stringify({...message, id}));
+    });
+  }
+
+  _receive(data) {
+    if (this.closed) return;
+    let message;
+    try {
+      message = JSON.parse(data);
+    } catch (error) {
+      if (error instanceof SyntaxError) return this._abandon("the broker sent invalid JSON");
+      throw error;
+    }
+    const fleet = this.fleet;
+    switch (message.type) {
+      case "snapshot":
+        if (message.full && !this._snapshot) {
+          fleet.beginSnapshot();
+          this._snapshot = true;
+        }
+        for (const device of message.devices) fleet.apply(device);
+        fleet.cursor = message.cursor;
+        if (message.done) {
+          if (this._snapshot) fleet.endSnapshot();
+          this._snapshot = false;
+          if (!this.live) this._goLive();
+        }
+        break;
+      case "update":
+        fleet.apply(message.device);
+        fleet.cursor = message.cursor;
+        break;
+      case "result":
+        this._settle(message.id, (waiter) => waiter.resolve(message));
+        break;
+      case "pong":
+        fleet.cursor = message.cursor;
+        this._settle(message.id, (waiter) => waiter.resolve(message));
+        break;
+      case "error":
+        if (message.id === "fleet") return this._abandon(`subscription refused: ${message.message}`);
+        if (!this._settle(message.id, (waiter) => waiter.reject(
+          new ApiError(null, message.code, message.message, message)))) {
+          console.warn("broker error", message.code, message.message);
+        }
+        break;
+      default:
+        break;      // newer message types: ignored
+    }
+  }
+
+  _goLive() {
+    this.live = true;
+    this._timers.push(setInterval(() => this._ping(), this.timing.pingIntervalMs));
+    this.onLive();
+  }
+
+  _ping() {
+    if (this._pinged !== null) return this._abandon("no answer to a ping");
+    const sent = this._pinged = this._request({op: "ping"});
+    sent.then(() => { if (this._pinged === sent) this._pinged = null; }, () => {});
+  }
+
+  _settle(id, how) {
+    const waiter = this._pending.get(id);
+    if (!waiter) return false;
+    this._pending.delete(id);
+    how(waiter);
+    return true;
+  }
+
+  /** Give up on this socket now (do not wait for a closing handshake on a dead link). */
+  _abandon(reason) {
+    if (this.closed) return;
+    this.socket.close(4000, reason.slice(0, 100));
+    this._closed(4000, reason);
+  }
+
+  _closed(code, reason) {
+    if (this.closed) return;
+    this.closed = true;
+    // A snapshot's pages do not count in the resume cursor: an unfinished one starts over.
+    if (this._snapshot) this.fleet.cursor = null;
+    this._cleanUp(reason || `closed (${code})`);
+    this.onClose({code, reason, live: this.live});
+  }
+
+  _cleanUp(reason) {
+    for (const timer of this._timers) { clearTimeout(timer); clearInterval(timer); }
+    this._timers = [];
+    for (const waiter of this._pending.values()) {
+      waiter.reject(new ApiError(0, "disconnected", `the connection closed first: ${reason}`));
+    }
+    this._pending.clear();
+  }
+}
+
+/** The fleet by long polling /api/v1/changes from the fleet's cursor. */
+class PollingFeed {
+  constructor(fleet, api, wait, {onLive, onTrouble, onUnauthorized}) {
+    this.fleet = fleet;
+    this.api = api;
+    this.wait = wait;
+    this.onLive = onLive;
+    this.onTrouble = onTrouble;
+    this.onUnauthorized = onUnauthorized;
+    this.live = false;
+    this._snapshot = false;
+    this._controller = new AbortController();
+  }
+
+  start() {
+    this._run();
+  }
+
+  stop() {
+    this._controller.abort();
+    if (this._snapshot) this.fleet.cursor = null;
+  }
+
+  async _run() {
+    const signal = this._controller.signal;
+    const fleet = this.fleet;
+    let failures = 0;
+    if (fleet.cursor === null) {
+      // Nothing held yet (or an unfinished snapshot): the whole feed from 0 is the snapshot.
+      fleet.beginSnapshot();
+      this._snapshot = true;
+    }
+    while (!signal.aborted) {
+      let page;
+      // The first request answers at once; the next ones wait for a change.
+      const wait = this.live ? this.wait : 0;
+      try {
+        page = await this.api.changes(fleet.cursor ?? 0, wait, signal);
+      } catch (error) {
+        if (signal.aborted) return;
+        if (error.status === 401) return this.onUnauthorized(error);
+        failures += 1;
+        const delay = error.retryAfter ?? backoff(failures);
+        this.onTrouble(error, delay);
+        await sleep(delay * 1000, signal);
+        continue;
+      }
+      if (signal.aborted) return;
+      failures = 0;
+      if (page.reset && !this._snapshot) {
+        fleet.beginSnapshot();
+        this._snapshot = true;
+      }
+      for (const device of page.devices) fleet.apply(device);
+      fleet.cursor = page.cursor;
+      if (this._snapshot && !page.more) {
+        fleet.endSnapshot();
+        this._snapshot = false;
+      }
+      if (!this.live) {
+        this.live = true;
+        this.onLive();
+      }
+      // A broker that only answers short polls ([polling] max_wait = 0) says how often to ask.
+      if (wait > 0 && !page.more && page.pollInterval > 0) {
+        await sleep(page.pollInterval * 1000, signal);
+      }
+    }
+  }
+}
+
+/**
+ * Chooses the transport and keeps it going. Dispatches "status" events
+ * (detail: {transport: "websocket" | "polling" | "none", state: "connecting" |
+ * "live" | "retrying" | "stopped", detail}) and "unauthorized" (detail: message).
+ */
+export class Link extends EventTarget {
+  constructor(fleet, api, session, {forcePolling = false, timing = {}} = {}) {
+    super();
+    this.fleet = fleet;
+    this.api = api;
+    this.session = session;
+    this.timing = {...TIMING, ...timing};
+    this.webSocket = session.transports.websocket && !forcePolling;
+    this.polling = session.transports.polling;
+    this.wait = Math.min(this.timing.longPollWaitS, session.max_wait ?? this.timing.longPollWaitS);
+    this.status = {transport: "none", state: "connecting", detail: ""};
+    this._feed = null;
+    this._failures = 0;
+    this._liveSince = 0;
+    this._timer = null;
+    this._stopped = false;
+  }
+
+  start() {
+    if (this.webSocket) this._useWebSocket();
+    else if (this.polling) this._usePolling(this.session.transports.websocket
+      ? "WebSocket turned off for this page (?transport=polling)"
+      : "WebSocket turned off on this broker");
+    else this._report("none", "stopped", "the broker offers neither WebSocket nor polling");
+  }
+
+  stop() {
+    this._stopped = true;
+    clearTimeout(this._timer);
+    this._feed?.stop();
+  }
+
+  /** Write desired values over the WebSocket when it is live, else over HTTP. */
+  setDesired(name, patch, version) {
+    if (this._feed instanceof WebSocketFeed && this._feed.live && !this._feed.closed) {
+      return this._feed.setDesired(name, patch, version);
+    }
+    return this.api.setDesired(name, patch, version);
+  }
+
+  _report(transport, state, detail = "") {
+    this.status = {transport, state, detail};
+    this.dispatchEvent(new CustomEvent("status", {detail: this.status}));
+  }
+
+  _unauthorized(message) {
+    this.stop();
+    this._report("none", "stopped", message);
+    this.dispatchEvent(new CustomEvent("unauthorized", {detail: message}));
+  }
+
+  _useWebSocket() {
+    this._report("websocket", "connecting");
+    this._feed = new WebSocketFeed(this.fleet, this.api.token, this.timing, {
+      onLive: () => {
+        this._liveSince = Date.now();
+        this._report("websocket", "live");
+      },
+      onClose: (closed) => this._webSocketClosed(closed),
+    });
+    this._feed.start();
+  }
+
+  async _webSocketClosed({code, reason, live}) {
+    if (this._stopped) return;
+    if (code === CLOSE_TOKEN_REVOKED) return this._unauthorized("The access token was revoked.");
+    const lasted = live && Date.now() - this._liveSince >= this.timing.stableAfterMs;
+    this._failures = lasted ? 0 : this._failures + 1;
+    if (!live) {
+      // A browser cannot see why a handshake was refused: ask whether the token is the reason.
+      try {
+        await this.api.session();
+      } catch (error) {
+        if (error.status === 401) return this._unauthorized(error.message);
+      }
+      if (this._stopped) return;
+    }
+    const why = reason || (live ? "connection lost" : "the WebSocket could not be opened");
+    if (this._failures >= this.timing.fallbackAfter && this.polling) {
+      return this._usePolling(`WebSocket failed ${this._failures} times in a row (${why})`);
+    }
+    const delay = lasted ? 1 : backoff(this._failures);
+    this._report("websocket", "retrying", `${why}; reconnecting in ${delay} s`);
+    this._timer = setTimeout(() => this._useWebSocket(), delay * 1000);
+  }
+
+  _usePolling(reason) {
+    this._report("polling", "connecting", reason);
+    this._feed = new PollingFeed(this.fleet, this.api, this.wait, {
+      onLive: () => this._report("polling", "live", reason),
+      onTrouble: (error, delay) => this._report("polling", "retrying",
+        `${error.message}; retrying in ${delay} s`),
+      onUnauthorized: (error) => this._unauthorized(error.message),
+    });
+    this._feed.start();
+    if (this.webSocket) this._timer = setTimeout(() => this._probe(), this.timing.probeIntervalMs);
+  }
+
+  /** Try the WebSocket again; one more failure brings the page back to polling. */
+  _probe() {
+    this._feed.stop();
+    this._failures = this.timing.fallbackAfter - 1;
+    this._useWebSocket();
+  }
+}

@@ -1,0 +1,248 @@
+"""The Autobahn adapter for one dashboard connection (thin: policy and bytes).
+
+Called from Autobahn: ``onConnect`` (handshake: origin, subprotocol, token),
+``onOpen``, ``onMessage``, ``onClose``. Called from Twisted: the
+IPushProducer methods, which the transport uses to tell us its buffer is
+full (``pauseProducing``) or drained (``resumeProducing``). Everything
+else, what to send and when, is the sans-IO ClientSync in sync.py.
+"""
+
+from __future__ import annotations
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from broker.registry.errors import RegistryError, VersionConflict
+from broker.web.origins import Refused
+
+from .access import authorize, bearer_token, choose_subprotocol
+from .messages import (CLOSE_TOO_MANY_REPLIES, WRITE_OPERATIONS, ProtocolError, encode,
+                       error_from, error_message, parse_request, result_message)
+from .sync import ClientSync
+
+
+@implementer(IPushProducer)
+class DashboardProtocol(WebSocketServerProtocol):
+    """One dashboard: its role, its ClientSync, its requests in flight."""
+
+    # ``log`` is Autobahn's own (txaio) logger: its many debug calls on the
+    # hot path cost nothing there, but microseconds each on a twisted Logger.
+    logger = Logger()
+
+    sync = None
+    role = None
+    token = None
+
+    # -- called from Autobahn ------------------------------------------------
+
+    def onConnect(self, request):
+        """Check the handshake; answer with our subprotocol or refuse with an HTTP error."""
+        endpoint = self.factory
+        try:
+            endpoint.origins.check(request.headers.get("origin"), request.headers.get("host"),
+                                   ISSLTransport.providedBy(self.transport))
+            subprotocol = choose_subprotocol(request.protocols)
+            token = bearer_token(request.headers, request.protocols)
+            role = authorize(endpoint.registry, token)
+        except Refused as refusal:
+            endpoint.counters[f"refused_{refusal.status}"] += 1
+            self.logger.info("WebSocket handshake from {peer} refused: {status} {reason}",
+                             peer=request.peer, status=refusal.status, reason=refusal.reason)
+            raise ConnectionDeny(refusal.status, refusal.reason) from None
+        self.token, self.role = token, role
+        return subprotocol
+
+    def onOpen(self):
+        # Autobahn applies its tcpNoDelay option before copying its options
+        # in, that is never: without this, Nagle holds small updates back.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        tcp = getattr(self.transport, "transport", self.transport)   # under TLS, its TCP
+        if hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = self.factory.send_buffer_bytes
+        # The HTTP channel registered itself as the transport's producer
+        # before the WebSocket took the connection over; flow control is ours now.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+        endpoint = self.factory
+        self.inflight = 0
+        self.reply_backlog = 0
+        self.sync = ClientSync(endpoint.registry, self.send_framed, clock=endpoint.clock,
+                               cache=endpoint.cache, frame=endpoint.prepareMessage,
+                               max_patterns=endpoint.max_subscriptions)
+        endpoint.opened(self)
+
+    def onMessage(self, payload, isBinary):
+        endpoint = self.factory
+        endpoint.messages["in"] += 1
+        try:
+            self._handle(payload, isBinary)
+        finally:
+            endpoint.flush_metrics()
+
+    def _handle(self, payload, isBinary):
+        endpoint = self.factory
+        if isBinary:
+            self.reply(error_message("binary_not_supported",
+                                     "binary messages are not part of "
+                                     f"{self.websocket_protocol_in_use}: send JSON text"))
+            return
+        try:
+            request = parse_request(payload)
+            if request.op in WRITE_OPERATIONS and self.role != "write":
+                raise ProtocolError("forbidden", f"a '{self.role}' token cannot {request.op}",
+                                    request_id=request.request_id, op=request.op)
+            getattr(self, "op_" + request.op)(request)
+        except ProtocolError as problem:
+            endpoint.counters["error_" + problem.code] += 1
+            self.reply(error_from(problem))
+        except Exception:
+            # The boundary: a bug in one request must not take the connection
+            # (or the reactor turn of other clients) with it.
+            endpoint.counters["error_internal_error"] += 1
+            self.logger.failure("WebSocket request from {peer} failed", peer=self.peer)
+            self.reply(error_message("internal_error", "the broker failed to handle this "
+                                     "request (logged)"))
+
+    def onClose(self, wasClean, code, reason):
+        if self.sync is not None:
+            self.sync.close()
+            self.factory.closed(self)
+        # Autobahn leaves its handshake timers armed when the TCP connection
+        # goes first (it cancels only the ping ones): disarm them here.
+        for name in ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall"):
+            call = getattr(self, name, None)
+            if call is not None:
+                setattr(self, name, None)
+                try:
+                    call.cancel()
+                except ValueError:
+                    pass  # its batch is already running
+
+    # -- called from Twisted (IPushProducer) ---------------------------------
+
+    def pauseProducing(self):
+        if self.sync is not None:
+            self.sync.pause()
+
+    def resumeProducing(self):
+        self.reply_backlog = 0
+        if self.sync is not None:
+            self.sync.resume()
+
+    def stopProducing(self):
+        if self.sync is not None:
+            self.sync.close()
+
+    # -- sending ---------------------------------------------------------------
+
+    def accepts_frames(self) -> bool:
+        """Whether data frames may still be sent (no close frame sent or received)."""
+        return self.state == self.STATE_OPEN
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Start the closing handshake with a code and a reason (RFC 6455 section 7).
+
+        Autobahn's sendClose() refuses 1001 (going away), which a broker
+        shutting down must send; its close-frame call takes any valid code.
+        """
+        if self.sync is not None:
+            self.sync.close()
+        if self.accepts_frames():
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+    def send_framed(self, prepared) -> None:
+        """Write one prepared message (state updates, snapshot pages, answers).
+
+        The frame goes straight to the transport: Autobahn's sendData()
+        formats colored debug arguments (click.style) for every message even
+        with debug logging off, about 50 us a message, the whole budget of a
+        10,000 updates/s fanout. Its own queue is used only if it holds
+        something (never, as the broker sends nothing with ``sync``), so
+        frames keep their order either way. Compression is never on.
+        """
+        if self.accepts_frames():
+            if self.send_queue:
+                self.sendPreparedMessage(prepared)
+            else:
+                self.transport.write(prepared.payloadHybi)
+            self.factory.messages["out"] += 1
+
+    def reply(self, payload: bytes) -> None:
+        """Write an answer to a request, even while paused, within a byte budget.
+
+        Answers are not state, so they cannot be coalesced; a client that
+        sends requests but does not read the answers is closed once they
+        exceed ``max_reply_backlog`` bytes instead of growing our buffer.
+        """
+        if not self.accepts_frames():
+            return
+        if self.sync is not None and self.sync.paused:
+            self.reply_backlog += len(payload)
+            if self.reply_backlog > self.factory.max_reply_backlog:
+                self.factory.counters["closed_replies_unread"] += 1
+                self.close_with(CLOSE_TOO_MANY_REPLIES,
+                                "too many answers unread: read what the broker sends")
+                return
+        self.send_framed(self.factory.prepareMessage(payload))
+
+    # -- operations --------------------------------------------------------------
+
+    def op_subscribe(self, request):
+        args = request.args
+        self.sync.subscribe(request.request_id, args["patterns"], args.get("cursor"),
+                            args.get("history"))
+
+    def op_unsubscribe(self, request):
+        left = self.sync.unsubscribe(request.request_id, request.args["patterns"])
+        self.reply(result_message(request.request_id, "unsubscribe", patterns=list(left)))
+
+    def op_get(self, request):
+        name = request.args["name"]
+        view = self.factory.registry.device(name)
+        if view is None:
+            raise ProtocolError("unknown_device", f"unknown device {name[:64]!r}",
+                                request_id=request.request_id, op="get")
+        self.reply(result_message(request.request_id, "get", device=view.to_json()))
+
+    def op_ping(self, request):
+        self.reply(encode({"type": "pong", "id": request.request_id,
+                           "cursor": self.sync.resume_cursor()}))
+
+    def op_set_desired(self, request):
+        if self.inflight >= self.factory.max_inflight:
+            raise ProtocolError("too_many_requests",
+                                f"at most {self.factory.max_inflight} writes in flight per "
+                                "connection: wait for their results",
+                                request_id=request.request_id, op="set_desired")
+        args = request.args
+        self.inflight += 1
+        d = self.factory.registry.update_desired(args["name"], args["desired"],
+                                                 args.get("expected_version"),
+                                                 token=request.request_id)
+        d.addBoth(self._written, request)
+
+    def _written(self, outcome, request):
+        self.inflight -= 1
+        if not isinstance(outcome, Failure):
+            self.reply(result_message(request.request_id, "set_desired", name=outcome.name,
+                                      version=outcome.version, cursor=outcome.cursor))
+            return None
+        problem = outcome.value
+        if isinstance(problem, RegistryError):
+            details = {}
+            if isinstance(problem, VersionConflict):
+                details["current_version"] = problem.current_version
+            self.factory.counters["error_" + problem.code] += 1
+            self.reply(error_message(problem.code, problem.message, request.request_id,
+                                     "set_desired", **details))
+            return None
+        self.logger.failure("set_desired of {name} failed", outcome, name=request.args["name"])
+        self.reply(error_message("internal_error", "the broker could not store the change",
+                                 request.request_id, "set_desired"))
+        return None

@@ -1,0 +1,362 @@
+"""Worker processes on one host: ``[broker] workers = N``.
+
+The supervisor (what ``twistd broker`` runs when workers > 1) opens N UDP
+sockets on the SSP port with SO_REUSEPORT and attaches a classic BPF
+program to the group (SO_ATTACH_REUSEPORT_CBPF) that picks the socket from
+the device number in the datagram's header (wire.md 1). Worker i inherits
+socket i. So every datagram of a device reaches the same worker, whatever
+its source address: roaming keeps the session on its worker.
+
+The supervisor keeps its copy of every socket open. When a worker dies,
+its socket stays in the group (the kernel would otherwise renumber the
+group and move other workers' devices); datagrams wait in its buffer until
+the restarted worker adopts the same socket and resumes the sessions from
+their records in the shared registry (Redis).
+
+HTTP: each worker listens on the HTTP port with its own SO_REUSEPORT
+socket, so the kernel spreads connections over the live workers; requests
+need no steering because all state is in the shared registry.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from broker.config import ConfigError
+
+log = Logger()
+
+#: Linux socket option numbers (asm-generic/socket.h).
+SO_ATTACH_REUSEPORT_CBPF = 51
+#: seconds before a crashed worker is started again (doubling up to the max).
+RESTART_DELAY = 0.5
+RESTART_DELAY_MAX = 10.0
+#: seconds between the status lines a worker writes to its supervisor.
+STATUS_INTERVAL = 1.0
+#: the inherited descriptors of a worker.
+UDP_FD = 3
+STATUS_FD = 4
+
+# Classic BPF opcodes (linux/filter.h).
+_LD_W_ABS = 0x20
+_TAX = 0x07
+_XOR_X = 0xAC
+_MOD_K = 0x94
+_RET_A = 0x16
+
+
+def worker_of(device_number: int, workers: int) -> int:
+    """The worker the steering program picks for a device (the program's arithmetic)."""
+    return ((device_number >> 32) ^ (device_number & 0xFFFFFFFF)) % workers
+
+
+def steering_program(workers: int) -> list[tuple[int, int, int, int]]:
+    """The BPF program: socket index = (high u32 ^ low u32 of the device number) % workers.
+
+    For UDP the program sees the datagram from its first payload byte, so
+    the device number is at offset 1 (after the framing version). A
+    datagram too short to hold it makes the load fail and the program
+    return 0: worker 0 drops it as malformed.
+    """
+    return [(_LD_W_ABS, 0, 0, 1), (_TAX, 0, 0, 0), (_LD_W_ABS, 0, 0, 5), (_XOR_X, 0, 0, 0),
+            (_MOD_K, 0, 0, workers), (_RET_A, 0, 0, 0)]
+
+
+def attach_steering(sock: socket.socket, workers: int) -> None:
+    """Attach the steering program to sock's reuseport group; OSError if the kernel cannot."""
+    program = steering_program(workers)
+    code = b"".join(struct.pack("HBBI", *insn) for insn in program)
+    buffer = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(buffer))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def steered_udp_sockets(host: str, port: int, workers: int) -> list[socket.socket]:
+    """N UDP sockets on one port with SO_REUSEPORT and the steering program.
+
+    Raises ConfigError with the fallback when the kernel lacks the option.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = []
+    try:
+        for _ in range(workers):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]
+        attach_steering(sockets[0], workers)
+    except OSError as problem:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(
+            f"broker.workers: cannot steer UDP datagrams by device on {host}:{port} "
+            f"({problem.strerror or problem}); this needs Linux >= 4.5 "
+            "(SO_ATTACH_REUSEPORT_CBPF). Run workers = 1, one broker per port or host "
+            "(see docs/scaling.md)") from None
+    for sock in sockets:
+        sock.setblocking(False)
+    return sockets
+
+
+def reserve_tcp_port(host: str, port: int) -> socket.socket:
+    """A bound, not listening, SO_REUSEPORT socket holding the HTTP port for the workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def parse_tcp_endpoint(description: str) -> tuple[str, int, int]:
+    """(interface, port, backlog) of a ``tcp:PORT[:interface=H][:backlog=N]`` endpoint string."""
+    parts = description.split(":")
+    if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit():
+        raise ConfigError(f"http.endpoint: workers > 1 need a plain tcp:PORT endpoint "
+                          f"(TLS belongs on a proxy in front), not {description!r}")
+    options = dict(part.split("=", 1) for part in parts[2:] if "=" in part)
+    return options.get("interface", "0.0.0.0"), int(parts[1]), int(options.get("backlog", 50))
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """A TCP server endpoint whose listening socket has SO_REUSEPORT (a worker's HTTP port)."""
+
+    def __init__(self, reactor, host, port, backlog=50):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.backlog = backlog
+
+    def listen(self, factory):
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
+        except OSError as problem:
+            return defer.fail(error.CannotListenError(self.host, self.port, problem))
+        finally:
+            sock.close()  # the port holds its own duplicate
+        return defer.succeed(port)
+
+
+# -- the supervisor -------------------------------------------------------------
+
+
+class _Worker(protocol.ProcessProtocol):
+    """One worker process as the supervisor sees it: its status lines and its exit."""
+
+    def __init__(self, supervisor, index):
+        self.supervisor = supervisor
+        self.index = index
+        self.status = {}
+        self.ended = defer.Deferred()
+        self._buffer = b""
+
+    def childDataReceived(self, fd, data):
+        if fd != STATUS_FD:
+            return
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            try:
+                self.status = json.loads(line)
+            except ValueError:
+                continue
+            self.supervisor.status_changed(self)
+
+    def processEnded(self, reason):
+        self.supervisor.worker_ended(self, reason.value)
+        self.ended.callback(None)
+
+
+class SupervisorService(MultiService):
+    """Starts N workers, restarts the ones that die, stops them on SIGTERM."""
+
+    def __init__(self, config, config_path, reactor=None, environ=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.config_path = config_path
+        self.reactor = reactor
+        self.environ = dict(os.environ if environ is None else environ)
+        # systemd notifications come from the supervisor only.
+        self.environ.pop("NOTIFY_SOCKET", None)
+        self.count = config.broker.workers
+        self.workers = {}
+        self.processes = {}
+        self.restarts = 0
+        self._delay = {}
+        self._stopping = False
+        host, port, _ = parse_tcp_endpoint(config.http.endpoint)
+        self.udp_sockets = (steered_udp_sockets(config.ssp.host, config.ssp.port, self.count)
+                            if config.ssp.enabled else [])
+        self.http_reservation = reserve_tcp_port(host, port)
+        self.http_port = self.http_reservation.getsockname()[1]
+        self.udp_port = self.udp_sockets[0].getsockname()[1] if self.udp_sockets else None
+        self.ready = defer.Deferred()
+
+    #: twistd's log observer (set by broker.tap), handed to the Application.
+    log_observer = None
+
+    def setServiceParent(self, parent):
+        super().setServiceParent(parent)
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+            parent.setComponent(ILogObserver, self.log_observer)
+
+    def startService(self):
+        super().startService()
+        self._stopping = False
+        for index in range(self.count):
+            self._spawn(index)
+
+    def _spawn(self, index):
+        worker = _Worker(self, index)
+        args = [sys.executable, "-m", "broker.workers", "--index", str(index),
+                "--http-port", str(self.http_port)]
+        if self.config_path:
+            args += ["--config", os.path.abspath(self.config_path)]
+        fds = {0: "w", 1: 1, 2: 2, STATUS_FD: "r"}
+        if self.udp_sockets:
+            fds[UDP_FD] = self.udp_sockets[index].fileno()
+        self.workers[index] = worker
+        self.processes[index] = self.reactor.spawnProcess(worker, sys.executable, args,
+                                                          env=self.environ, childFDs=fds)
+        log.info("worker {index} started (pid {pid})", index=index,
+                 pid=self.processes[index].pid)
+
+    def status_changed(self, worker):
+        if not self.ready.called and all(w.status.get("ready") for w in self.workers.values()) \
+                and len(self.workers) == self.count:
+            self.ready.callback(self)
+
+    def worker_ended(self, worker, reason):
+        if self.workers.get(worker.index) is not worker:
+            return
+        if self._stopping:
+            return
+        delay = self._delay.get(worker.index, RESTART_DELAY)
+        self._delay[worker.index] = min(RESTART_DELAY_MAX, delay * 2)
+        self.restarts += 1
+        log.error("worker {index} exited ({reason}); restarting it in {delay} s",
+                  index=worker.index, reason=str(reason), delay=delay)
+        self.reactor.callLater(delay, self._restart, worker.index)
+
+    def _restart(self, index):
+        if not self._stopping:
+            self._spawn(index)
+
+    def signal_worker(self, index, number):
+        """Send a signal to one worker (tests kill workers with SIGKILL)."""
+        try:
+            self.processes[index].signalProcess(number)
+        except error.ProcessExitedAlready:
+            pass
+
+    def reload(self):
+        """SIGHUP: every worker re-reads the config file."""
+        for index in list(self.processes):
+            self.signal_worker(index, "HUP")
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        self._stopping = True
+        yield super().stopService()
+        ends = [w.ended for w in self.workers.values() if not w.ended.called]
+        for index in list(self.processes):
+            self.signal_worker(index, "TERM")
+        timeout = self.config.broker.stop_timeout + 5.0
+        killer = self.reactor.callLater(timeout, self._kill_all)
+        yield defer.DeferredList(ends)
+        if killer.active():
+            killer.cancel()
+        for sock in self.udp_sockets:
+            sock.close()
+        self.http_reservation.close()
+
+    def _kill_all(self):
+        for index in list(self.processes):
+            self.signal_worker(index, "KILL")
+
+
+# -- a worker process -------------------------------------------------------------
+
+
+def _status_writer(service, index, stream):
+    def write(ready=True):
+        udp = getattr(service, "ssp_endpoint", None)
+        status = {"index": index, "pid": os.getpid(), "ready": ready,
+                  "sessions": len(udp) if udp is not None else 0,
+                  "counters": dict(udp.counters) if udp is not None else {},
+                  "devices": sorted(getattr(udp.table, "_sessions", ())) if udp is not None
+                  and os.environ.get("SSP_WORKER_REPORT_DEVICES") else None}
+        try:
+            stream.write(json.dumps(status) + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    return write
+
+
+def worker_main(argv=None):
+    """``python -m broker.workers --index I --http-port P [--config PATH]``: one worker."""
+    import argparse
+
+    from twisted.internet import reactor
+    from twisted.internet.task import LoopingCall
+    from twisted.logger import globalLogBeginner
+
+    from broker.config import load_config
+    from broker.lifecycle import SignalHandlers
+    from broker.logs import LogControl, make_observer
+    from broker.service import make_service
+    from broker.systemd import Activation
+
+    parser = argparse.ArgumentParser(prog="broker.workers")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--config")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    control = LogControl(config.log.level)
+    globalLogBeginner.beginLoggingTo([make_observer(config.log, control, None)],
+                                     redirectStandardIO=False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    service = make_service(config, reactor=reactor, config_path=args.config, log_control=control,
+                           activation=Activation([UDP_FD] if config.ssp.enabled else []),
+                           worker=(args.index, args.http_port))
+    SignalHandlers(service).setServiceParent(service)
+    status = os.fdopen(STATUS_FD, "w")
+    write = _status_writer(service, args.index, status)
+
+    def started():
+        service.startService()
+        loop = LoopingCall(write)
+        loop.start(STATUS_INTERVAL, now=False)
+        reactor.callLater(0.1, write)
+    reactor.callWhenRunning(started)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    worker_main()

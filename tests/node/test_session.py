@@ -1,0 +1,126 @@
+"""Tests for broker.node.session.NodeSession against a real broker SSPSession, no sockets."""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.node.client import node_profile
+from broker.node.session import NodeSession
+from broker.node.session_ids import SessionIds
+from broker.ssp.crypto import CipherCache
+from broker.ssp.device_state import DeviceState
+from broker.ssp.events import StateReceived
+from broker.ssp.framing import BrokerFraming
+from broker.ssp.session import SSPSession
+
+SECRET = bytes(range(16))
+DEVICE = 77
+EMPTY = DeviceState.empty()
+
+
+class Broker:
+    """The broker's side of one session, as a bare SSPSession (acks at once)."""
+
+    def __init__(self, session_id, now):
+        self.session = SSPSession(key=SECRET, cipher_provider=CipherCache(8), is_server=True,
+                                  local_state=EMPTY, remote_state=EMPTY,
+                                  random_bytes=os.urandom, now=now,
+                                  framing=BrokerFraming(DEVICE, session_id))
+        self.received = []
+
+    def receive(self, data, now):
+        self.session.receive_datagram(data, ("127.0.0.2", 1), now)
+        for event in self.session.pop_events():
+            if type(event) is StateReceived:
+                self.received.append(event.state)
+
+
+class NodeSessionTests(SynchronousTestCase):
+    """The device side: reports, desired values, commands, rekeying."""
+
+    def setUp(self):
+        self.now = 100.0
+        self.desired = []
+        self.commands = []
+        self.node = NodeSession(DEVICE, SECRET, ("127.0.0.1", 60001),
+                                session_ids=SessionIds(None, wall_clock=lambda: 1),
+                                profile=node_profile(25.0), ciphers=CipherCache(8),
+                                rekey_after=60.0, on_desired=self.desired.append,
+                                on_command=self.commands.append)
+        self.brokers = {}
+
+    def broker(self):
+        sid = self.node.session_id
+        if sid not in self.brokers:
+            self.brokers[sid] = Broker(sid, self.now)
+        return self.brokers[sid]
+
+    def exchange(self, seconds=1.0, dt=0.01, deliver=True):
+        for _ in range(int(seconds / dt)):
+            for data, _ in self.node.datagrams(self.now):
+                if deliver:
+                    self.broker().receive(data, self.now)
+            if deliver:
+                for data, _ in self.broker().session.datagrams_to_send(self.now):
+                    self.node.receive(data, ("127.0.0.1", 60001), self.now)
+            self.now += dt
+
+    def test_report_before_start_is_carried(self):
+        """Values reported before the first session are its first state."""
+        self.node.report({"t": 1}, self.now)
+        self.node.start(self.now)
+        self.exchange()
+        self.assertEqual(dict(self.broker().received[-1].values), {"t": 1})
+        self.assertTrue(self.node.idle())
+
+    def test_desired_callback_only_on_change(self):
+        """on_desired fires for each new desired map, not for resends of the same one."""
+        self.node.start(self.now)
+        self.exchange()
+        broker = self.broker().session
+        broker.set_local_state(EMPTY.with_values({"led": "on"}), self.now)
+        self.exchange()
+        broker.set_local_state(EMPTY.with_values({"led": "on", "x": 1}).with_values({"x": None}),
+                               self.now)
+        self.exchange()
+        self.assertEqual(self.desired, [{"led": "on"}])
+        self.assertEqual(self.node.desired, {"led": "on"})
+
+    def test_commands_once_and_after_a_reset(self):
+        """Commands are delivered once; a broker that starts its state anew is followed."""
+        self.node.start(self.now)
+        self.exchange()
+        broker = self.broker().session
+        state = EMPTY.with_events("a", "b")
+        broker.set_local_state(state, self.now)
+        self.exchange()
+        broker.set_local_state(broker.local_state.with_events("c"), self.now)
+        self.exchange()
+        self.assertEqual(self.commands, ["a", "b", "c"])
+        # A state whose events end before what was delivered: numbering started anew.
+        self.node._deliver(EMPTY.with_events("d"))
+        self.assertEqual(self.commands, ["a", "b", "c", "d"])
+
+    def test_silent_broker_means_new_session(self):
+        """After rekey_after seconds without the broker, a strictly newer session starts,
+        carrying the values and events not yet acknowledged."""
+        self.node.start(self.now)
+        self.exchange()
+        first = self.node.session_id
+        self.node.report({"v": 2}, self.now)
+        self.node.emit("lost?", now=self.now)
+        self.exchange(seconds=61.0, dt=0.5, deliver=False)
+        self.assertGreater(self.node.session_id, first)
+        self.assertEqual(self.node.sessions_started, 2)
+        self.exchange(seconds=30.0, dt=0.1)  # its first datagram was lost: next heartbeat
+        received = self.broker().received[-1]
+        self.assertEqual(dict(received.values), {"v": 2})
+        self.assertEqual(received.events, ("lost?",))
+
+    def test_next_wakeup_includes_rekey(self):
+        """With nothing to send, the next wake-up is the rekey deadline."""
+        self.node.start(self.now)
+        self.exchange()
+        wakeup = self.node.next_wakeup()
+        self.assertIsNotNone(wakeup)
+        self.assertLessEqual(wakeup, self.node.session.last_heard + 60.0)

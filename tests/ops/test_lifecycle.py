@@ -1,0 +1,290 @@
+"""Graceful stop, reload and signal handling of a BrokerService, in process.
+
+The stop and reload tests run a real broker on loopback (memory registry);
+the rules (which settings a reload may change, bounded waits, signals) run
+on task.Clock and fakes. tests/ops/test_process.py does the same with real
+signals on a twistd subprocess.
+"""
+
+import signal
+import time
+from pathlib import Path
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet import task
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from broker.config import load_config, replace
+from broker.lifecycle import SignalHandlers, reloadable, within
+from tests.helpers import http_json, loopback_config, start_broker
+from tests.web.wsclient import connect
+
+
+class ReloadRulesTests(SynchronousTestCase):
+    def test_limits_change_sockets_stay(self):
+        """A reload applies limits and the log level; ports, paths and formats keep running values."""
+        running = load_config(None)
+        loaded = replace(running, "log", level="debug", format="json")
+        loaded = replace(loaded, "polling", max_waiters=5)
+        loaded = replace(loaded, "http", endpoint="tcp:9999")
+        loaded = replace(loaded, "registry", history_size=3)
+        config, kept = reloadable(running, loaded)
+        self.assertEqual((config.log.level, config.polling.max_waiters), ("debug", 5))
+        self.assertEqual(config.log.format, running.log.format)
+        self.assertEqual(config.http.endpoint, running.http.endpoint)
+        self.assertEqual(config.registry, running.registry)
+        self.assertEqual(sorted(kept), ["http.endpoint", "log.format", "registry.history_size"])
+
+    def test_nothing_changed(self):
+        """Reloading the same file changes nothing and warns about nothing."""
+        running = load_config(None)
+        self.assertEqual(reloadable(running, running), (running, []))
+
+
+class WithinTests(SynchronousTestCase):
+    def test_gives_up_at_the_deadline(self):
+        """within() fires after its seconds when the work is not done, and leaves the work alone."""
+        clock = Clock()
+        work = defer.Deferred()
+        bounded = within(work, 2.0, clock, "test")
+        clock.advance(1.9)
+        self.assertNoResult(bounded)
+        clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(bounded))
+        work.callback("late")
+        self.assertEqual(self.successResultOf(work), None)
+
+    def test_fires_early_and_swallows_failures(self):
+        """within() fires as soon as the work does, and a failure is logged, not passed on."""
+        clock = Clock()
+        work = defer.Deferred()
+        bounded = within(work, 2.0, clock, "test")
+        work.errback(ValueError("boom"))
+        self.assertIsNone(self.successResultOf(bounded))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class FakeSignals:
+    def __init__(self):
+        self.handlers = {}
+
+    def signal(self, number, handler):
+        previous = self.handlers.get(number)
+        self.handlers[number] = handler
+        return previous
+
+
+class ThreadCallReactor(MemoryReactorClock):
+    """MemoryReactorClock that queues callFromThread calls for the test to run."""
+
+    def __init__(self):
+        super().__init__()
+        self.from_thread = []
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.from_thread.append((f, args, kwargs))
+
+    def run_thread_calls(self):
+        calls, self.from_thread = self.from_thread, []
+        for f, args, kwargs in calls:
+            f(*args, **kwargs)
+
+
+class FakeBroker:
+    def __init__(self):
+        self.reactor = ThreadCallReactor()
+        self.reloads = 0
+
+    def reload(self):
+        self.reloads += 1
+
+
+class SignalHandlersTests(SynchronousTestCase):
+    def test_installed_once_running(self):
+        """Handlers go in when the reactor runs (after Twisted's own), not at startService."""
+        broker, signals = FakeBroker(), FakeSignals()
+        service = SignalHandlers(broker, signals)
+        service.startService()
+        self.assertEqual(signals.handlers, {})
+        broker.reactor.run()
+        self.assertEqual(set(signals.handlers), {signal.SIGTERM, signal.SIGHUP})
+
+    def test_term_stops_reactor_hup_reloads(self):
+        """SIGTERM stops the reactor once (no exit signal recorded); SIGHUP calls reload."""
+        broker, signals = FakeBroker(), FakeSignals()
+        service = SignalHandlers(broker, signals)
+        service.startService()
+        broker.reactor.run()
+        signals.handlers[signal.SIGHUP](signal.SIGHUP, None)
+        self.assertEqual(broker.reloads, 0, "reloaded inside the signal handler")
+        signals.handlers[signal.SIGTERM](signal.SIGTERM, None)
+        signals.handlers[signal.SIGTERM](signal.SIGTERM, None)
+        broker.reactor.run_thread_calls()
+        self.assertEqual(broker.reloads, 1)
+        self.assertFalse(broker.reactor.running)
+        self.assertIsNone(getattr(broker.reactor, "_exitSignal", None))
+
+    def test_hup_ignored_while_stopping(self):
+        """After stop, SIGHUP is ignored instead of killing the process mid-drain."""
+        broker, signals = FakeBroker(), FakeSignals()
+        service = SignalHandlers(broker, signals)
+        service.startService()
+        broker.reactor.run()
+        service.stopService()
+        self.assertIs(signals.handlers[signal.SIGHUP], signal.SIG_IGN)
+
+
+class GracefulStopTests(TestCase):
+    """A running broker stops in the documented order and answers everyone first."""
+
+    timeout = 40
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        config = loopback_config(self, registry={"backend": "memory"}, ssp={"enabled": False},
+                                 broker={"stop_timeout": 5.0})
+        self.running = yield start_broker(self, config)
+        self.service = self.running.service
+        self.registry = self.service.registry
+        yield self.registry.add_device("pump-1")
+        _, self.token = yield self.registry.add_token("write")
+
+    @defer.inlineCallbacks
+    def test_stop_answers_everyone_then_commits(self):
+        """On stop: listeners close first, drains run, long polls are answered, idle keep-alives close, the store last."""
+        url = self.running.http_url
+        seen = []
+
+        def drain():
+            seen.append(("drain", self.service.getServiceNamed("http").running,
+                         self.service.registry_service.running))
+        self.service.drains.append(drain)
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        response = yield treq.get(url + "/healthz", pool=pool)
+        yield response.content()
+        self.assertEqual(len(self.service.connections), 1, "keep-alive connection not tracked")
+
+        poll = treq.get(f"{url}/api/v1/changes?since={self.registry.cursor}&wait=30",
+                        headers={b"authorization": [f"Bearer {self.token}".encode()]},
+                        persistent=False)
+        yield wait_until(lambda: self.service.api.room and len(self.service.api.room) == 1)
+
+        started = time.monotonic()
+        yield self.service.stopService()
+        elapsed = time.monotonic() - started
+
+        self.assertEqual(seen, [("drain", False, True)])
+        self.assertFalse(self.service.registry_service.running)
+        answer = yield poll
+        self.assertEqual(answer.code, 200)
+        body = yield answer.json()
+        self.assertEqual(body["devices"], [])
+        self.assertEqual(len(self.service.connections), 0)
+        self.assertLess(elapsed, 5.0)
+        with self.assertRaises(ConnectionRefusedError):
+            yield treq.get(url + "/healthz", persistent=False)
+
+    @defer.inlineCallbacks
+    def test_websocket_clients_told_going_away(self):
+        """On stop every WebSocket client gets close code 1001 (going away) before the port closes."""
+        client = yield connect(self.running.http_url, self.token)
+        yield self.service.stopService()
+        was_clean, code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+        self.assertEqual(len(self.service.connections), 0)
+
+    @defer.inlineCallbacks
+    def test_readiness_says_stopping(self):
+        """While draining, /readyz (still reachable on a kept connection) says why it is not ready."""
+        reasons = []
+
+        def drain():
+            reasons.append(self.service.readiness.checks[0]())
+        self.service.drains.append(drain)
+        self.assertIsNone(self.service.readiness.checks[0]())
+        yield self.service.stopService()
+        self.assertEqual(reasons, ["stopping"])
+
+    @defer.inlineCallbacks
+    def test_slow_drain_is_bounded(self):
+        """A drain that never finishes holds the stop only for stop_timeout seconds."""
+        self.service.config = replace(self.service.config, "broker", stop_timeout=0.5)
+        never = defer.Deferred()
+        self.service.drains.append(lambda: never)
+        started = time.monotonic()
+        yield self.service.stopService()
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertFalse(self.service.registry_service.running)
+
+
+
+@defer.inlineCallbacks
+def wait_until(condition, timeout=5.0):
+    """Poll condition on the real reactor (integration tests only) until true or timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        yield task.deferLater(reactor, 0.02, lambda: None)
+
+
+class ReloadTests(TestCase):
+    """broker.reload() re-reads the file: what SIGHUP does."""
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.path = Path(self.mktemp())
+        self.data = self.mktemp()
+        self.write(level="info", require_token="false")
+        from broker.service import make_service
+        self.service = make_service(load_config(str(self.path)), reactor,
+                                    config_path=str(self.path))
+        yield defer.maybeDeferred(self.service.startService)
+        self.addCleanup(self.service.stopService)
+
+    def write(self, level, require_token, extra=""):
+        self.path.write_text(
+            f'[broker]\ndata_dir = "{self.data}"\n'
+            f'[registry]\nbackend = "memory"\n[ssp]\nenabled = false\n'
+            f'[http]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+            f'[log]\nlevel = "{level}"\n[metrics]\nrequire_token = {require_token}\n{extra}')
+
+    def sample(self, outcome):
+        return self.service.metrics.registry.get_sample_value(
+            "broker_config_reloads_total", {"outcome": outcome}) or 0
+
+    @defer.inlineCallbacks
+    def test_reload_applies_new_settings(self):
+        """Level, token rule and endpoint limits change; reloaders get the new config; nobody restarts."""
+        got = []
+        self.service.reloaders.append(got.append)
+        port = self.service.listening["http"]
+        self.write(level="debug", require_token="true", extra="[polling]\nmax_waiters = 7\n")
+        yield self.service.reload()
+        self.assertEqual(self.service.log_control.level, "debug")
+        self.assertTrue(self.service.config.metrics.require_token)
+        self.assertEqual([config.polling.max_waiters for config in got], [7])
+        self.assertIs(self.service.listening["http"], port)
+        self.assertEqual(self.sample("applied"), 1)
+        code, _, _ = yield http_json(self, "GET",
+                                     f"http://127.0.0.1:{port.getHost().port}/metrics")
+        self.assertEqual(code, 401)
+
+    @defer.inlineCallbacks
+    def test_bad_file_keeps_running_config(self):
+        """A reload of a broken file is refused, logged and counted; the running config stays."""
+        before = self.service.config
+        self.path.write_text("[log]\nlevel = 'loud'\n")
+        yield self.service.reload()
+        self.assertIs(self.service.config, before)
+        self.assertEqual(self.sample("refused"), 1)

@@ -1,0 +1,158 @@
+"""Tests for broker.registry.feed: the change feed and observers."""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.registry.feed import MIN_COMPACT
+from .helpers import make_registry
+
+
+class ChangeFeedTests(SynchronousTestCase):
+    """changes_since orders, coalesces and resets as documented."""
+
+    def setUp(self):
+        self.registry, self.store, self.clock = make_registry()
+        for name in ("a", "b", "c"):
+            self.successResultOf(self.registry.add_device(name))
+        self.start = self.registry.cursor
+
+    def test_order_and_coalescing(self):
+        """Each changed device comes once, at its latest state, in order of last change."""
+        r = self.registry
+        r.update_reported("a", {"v": 1})
+        r.update_reported("b", {"v": 1})
+        r.update_reported("a", {"v": 2})
+        r.update_reported("c", {"v": 1})
+        r.update_reported("a", {"v": 3})
+        batch = r.changes_since(self.start)
+        self.assertEqual([(v.name, v.reported["v"]) for v in batch.devices],
+                         [("b", 1), ("c", 1), ("a", 3)])
+        self.assertEqual(batch.cursor, r.cursor)
+        self.assertFalse(batch.more)
+        self.assertFalse(batch.reset)
+
+    def test_nothing_new(self):
+        """A current cursor gets no devices and keeps its place."""
+        batch = self.registry.changes_since(self.registry.cursor)
+        self.assertEqual((batch.devices, batch.cursor, batch.more), ([], self.registry.cursor, False))
+
+    def test_paging(self):
+        """A limit splits the answer; resuming from the returned cursor gives the rest."""
+        for i in range(5):
+            self.registry.update_reported("abc"[i % 3], {"i": i})
+        first = self.registry.changes_since(self.start, limit=2)
+        self.assertTrue(first.more)
+        rest = self.registry.changes_since(first.cursor, limit=10)
+        names = [v.name for v in first.devices + rest.devices]
+        self.assertEqual(names, ["c", "a", "b"])
+        self.assertFalse(rest.more)
+
+    def test_from_zero_is_a_snapshot(self):
+        """Cursor 0 returns every device."""
+        self.assertEqual(sorted(v.name for v in self.registry.changes_since(0).devices), ["a", "b", "c"])
+
+    def test_removal_is_in_feed(self):
+        """A removed device appears once as a tombstone."""
+        self.registry.remove_device("b")
+        batch = self.registry.changes_since(self.start)
+        self.assertEqual([(v.name, v.removed) for v in batch.devices], [("b", True)])
+        self.assertTrue(batch.devices[0].to_json()["removed"])
+
+    def test_future_cursor_resets(self):
+        """A cursor beyond the sequence (e.g. from before a crash) gets reset and a snapshot."""
+        batch = self.registry.changes_since(self.registry.cursor + 10)
+        self.assertTrue(batch.reset)
+        self.assertEqual(sorted(v.name for v in batch.devices), ["a", "b", "c"])
+
+    def test_expired_cursor_resets(self):
+        """A cursor older than the oldest kept tombstone gets reset, without tombstones."""
+        registry, _, _ = make_registry(feed_retention=1)
+        for name in ("a", "b", "c"):
+            self.successResultOf(registry.add_device(name))
+        old = registry.cursor
+        registry.remove_device("a")
+        registry.remove_device("b")
+        batch = registry.changes_since(old)
+        self.assertTrue(batch.reset)
+        self.assertEqual([v.name for v in batch.devices], ["c"])
+        recent = registry.changes_since(old + 1)
+        self.assertFalse(recent.reset)
+        self.assertEqual([(v.name, v.removed) for v in recent.devices], [("b", True)])
+
+    def test_cursor_survives_restart(self):
+        """A cursor taken before a restart resumes with exactly the later changes."""
+        self.registry.update_reported("a", {"v": 1})
+        cursor = self.registry.cursor
+        self.registry.update_reported("c", {"v": 2})
+        again, _, _ = make_registry(self.store)
+        batch = again.changes_since(cursor)
+        self.assertFalse(batch.reset)
+        self.assertEqual([(v.name, v.reported["v"]) for v in batch.devices], [("c", 2)])
+
+    def test_compaction_keeps_answers(self):
+        """After many rewrites (compaction) the feed still answers in order, once per device."""
+        for i in range(MIN_COMPACT * 3):
+            self.registry.update_reported("abc"[i % 3], {"i": i})
+        self.assertLess(len(self.registry._feed), MIN_COMPACT * 2)
+        batch = self.registry.changes_since(0)
+        self.assertEqual([(v.name, v.reported["i"]) for v in batch.devices],
+                         [("a", 3 * MIN_COMPACT - 3), ("b", 3 * MIN_COMPACT - 2),
+                          ("c", 3 * MIN_COMPACT - 1)])
+
+
+class SubscriptionTests(SynchronousTestCase):
+    """Observers by name and glob, and observer counts."""
+
+    def setUp(self):
+        self.registry, _, _ = make_registry()
+        for name in ("greenhouse-1", "greenhouse-2", "barn"):
+            self.successResultOf(self.registry.add_device(name))
+
+    def test_exact_and_glob(self):
+        """Observers get every change of matching devices only."""
+        exact, glob = [], []
+        self.registry.subscribe(["barn"], exact.append)
+        self.registry.subscribe(["greenhouse-*"], glob.append)
+        self.registry.update_reported("barn", {"a": 1})
+        self.registry.update_reported("greenhouse-2", {"a": 1})
+        self.registry.update_desired("greenhouse-2", {"a": 2})
+        self.assertEqual([v.name for v in exact], ["barn"])
+        self.assertEqual([(v.name, v.version) for v in glob], [("greenhouse-2", 2), ("greenhouse-2", 3)])
+
+    def test_counts_and_cancel(self):
+        """observer_count counts distinct subscriptions; cancel removes them."""
+        s1 = self.registry.subscribe(["greenhouse-1", "greenhouse-*"], lambda v: None)
+        s2 = self.registry.subscribe(["*"], lambda v: None)
+        self.assertEqual(self.registry.observer_count("greenhouse-1"), 2)
+        self.assertEqual(self.registry.observer_count("barn"), 1)
+        s1.cancel()
+        s1.cancel()
+        self.assertEqual(self.registry.observer_count("greenhouse-1"), 1)
+        s2.cancel()
+        self.assertEqual(self.registry.observer_count("greenhouse-1"), 0)
+
+    def test_one_view_per_change(self):
+        """A subscription matching twice is called once per change."""
+        seen = []
+        self.registry.subscribe(["barn", "b*"], seen.append)
+        self.registry.update_reported("barn", {"a": 1})
+        self.assertEqual(len(seen), 1)
+
+    def test_raising_observer_is_contained(self):
+        """An observer that raises neither stops others nor fails the write."""
+        seen = []
+
+        def bad(view):
+            raise RuntimeError("boom")
+        self.registry.subscribe(["barn"], bad)
+        self.registry.subscribe(["barn"], seen.append)
+        self.successResultOf(self.registry.update_reported("barn", {"a": 1}))
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(self.registry._subs.errors, 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_removal_notifies(self):
+        """Observers learn of a removal with a removed view."""
+        seen = []
+        self.registry.subscribe(["barn"], seen.append)
+        self.registry.remove_device("barn")
+        self.assertTrue(seen[-1].removed)

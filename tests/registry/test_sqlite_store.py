@@ -1,0 +1,278 @@
+"""Tests for broker.registry.sqlite_store and database: the embedded SQLite store."""
+
+import os
+import sqlite3
+import stat
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from broker.registry import RegistrySettings, SessionRecord, errors, open_registry
+from broker.registry.admin import AdminDatabase
+from broker.registry.database import DB_NAME
+
+
+class SQLiteRegistryTests(TestCase):
+    """A registry over SQLite on the real reactor (writer thread, group commit)."""
+
+    def setUp(self):
+        self.data_dir = os.path.join(self.mktemp(), "data")
+        self.registries = []
+
+    def open(self, **settings):
+        registry = open_registry(self.data_dir, clock=reactor,
+                                 settings=RegistrySettings(**settings))
+        self.registries.append(registry)
+        self.addCleanup(registry.stop)
+        return registry
+
+    @defer.inlineCallbacks
+    def test_restart_restores_everything(self):
+        """Devices, state, versions, tokens, sessions and the change sequence survive a restart."""
+        registry = self.open()
+        prov = yield registry.add_device("a")
+        yield registry.add_device("b")
+        yield registry.update_reported("a", {"t": 1.25, "m": {"x": [1, b"\x00"]}, "s": "é"})
+        yield registry.update_desired("a", {"t": 2})
+        yield registry.remove_device("b")
+        _, text = yield registry.add_token("write")
+        record = SessionRecord(session_id=(1 << 64) - 2, acked_remote_num=3,
+                               acked_remote_state=b"abc", local_num=4, local_state=b"",
+                               seq_reservation=(1 << 63) + 5)
+        yield registry.save_session(prov.device_number, record)
+        cursor = registry.cursor
+        before = registry.device("a")
+        yield registry.stop()
+        again = self.open()
+        after = again.device("a")
+        self.assertEqual((after.version, after.reported, after.desired, after.updated_at, after.history),
+                         (before.version, before.reported, before.desired, before.updated_at,
+                          before.history))
+        self.assertEqual(again.secret_for(prov.device_number), prov.secret)
+        self.assertEqual(again.session_record(prov.device_number), record)
+        self.assertEqual(again.check_token(text), "write")
+        self.assertIsNone(again.device("b"))
+        self.assertEqual(again.cursor, cursor)
+        removed = again.changes_since(before.cursor)
+        self.assertEqual([(v.name, v.removed) for v in removed.devices], [("b", True)])
+
+    @defer.inlineCallbacks
+    def test_group_commit(self):
+        """Writes issued together are made durable by a few commits, each acked with its version."""
+        registry = self.open()
+        yield registry.add_device("a")
+        yield registry.add_device("b")
+        store = registry._store
+        commits = store.commits
+        results = yield defer.gatherResults(
+            [registry.update_reported("ab"[i % 2], {"i": i}) for i in range(2000)])
+        self.assertEqual([r.cursor for r in results], list(range(3, 2003)))
+        self.assertLess(store.commits - commits, 100)
+        yield registry.stop()
+        again = self.open()
+        self.assertEqual(again.device("a").reported["i"], 1998)
+        self.assertEqual(again.device("b").reported["i"], 1999)
+
+    @defer.inlineCallbacks
+    def test_writes_of_one_turn_share_a_commit(self):
+        """Writes queued in one reactor turn, even at an idle store, land in ONE transaction."""
+        registry = self.open()
+        prov = yield registry.add_device("a")
+        store = registry._store
+        commits = store.commits
+        report = registry.update_reported("a", {"t": 1.0}, events=("e",))
+        saved = registry.save_session(prov.device_number, SessionRecord(7, acked_remote_num=1))
+        yield defer.gatherResults([report, saved])
+        self.assertEqual(store.commits - commits, 1)
+
+    @defer.inlineCallbacks
+    def test_update_reported_many_is_one_durable_write(self):
+        """A batch is one store write in one commit and survives a restart."""
+        registry = self.open()
+        for name in "abc":
+            yield registry.add_device(name)
+        store = registry._store
+        commits, operations = store.commits, store.operations
+        results = yield registry.update_reported_many(
+            [(name, {"t": float(i)}) for i, name in enumerate("abcabc")])
+        self.assertEqual([r.version for r in results], [2, 2, 2, 3, 3, 3])
+        self.assertEqual((store.commits - commits, store.operations - operations), (1, 1))
+        yield registry.stop()
+        again = self.open()
+        self.assertEqual([again.device(n).reported["t"] for n in "abc"], [3.0, 4.0, 5.0])
+        self.assertEqual(again.device("c").version, 3)
+
+    @defer.inlineCallbacks
+    def test_stop_in_the_same_turn_commits(self):
+        """stop() right after writes (before the end-of-turn hand-over) still commits them."""
+        registry = self.open()
+        yield registry.add_device("a")
+        yield registry.stop()
+        registry = self.open()
+        pending = registry.update_reported("a", {"t": 2.0})
+        yield registry.stop()
+        self.assertEqual((yield pending).version, 2)
+        self.assertEqual(self.open().device("a").reported["t"], 2.0)
+
+    @defer.inlineCallbacks
+    def test_files_are_private(self):
+        """The data directory is created 0700 and the database 0600."""
+        registry = self.open()
+        yield registry.add_device("a")
+        self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.data_dir, DB_NAME)).st_mode), 0o600)
+
+    @defer.inlineCallbacks
+    def test_stop_commits_pending(self):
+        """stop() makes everything already written durable before it fires."""
+        registry = self.open()
+        yield registry.add_device("a")
+        pending = [registry.update_reported("a", {"i": i}) for i in range(50)]
+        yield registry.stop()
+        self.assertEqual((yield pending[-1]).version, 51)
+        again = self.open()
+        self.assertEqual(again.device("a").reported["i"], 49)
+
+    @defer.inlineCallbacks
+    def test_admin_changes_reach_running_registry(self):
+        """Devices and tokens changed by broker-admin appear in a running registry after reload."""
+        registry = self.open()
+        yield registry.add_device("old")
+        yield registry.update_reported("old", {"x": 1})
+        admin = AdminDatabase(self.data_dir)
+        self.addCleanup(admin.close)
+        number, secret = admin.add_device("new")
+        _, text = admin.add_token("read")
+        told = []
+        registry.watch_keys(told.append)
+        yield registry.reload()
+        self.assertEqual(registry.secret_for(number), secret)
+        self.assertEqual(registry.check_token(text), "read")
+        self.assertGreater(registry.device("new").cursor, registry.device("old").cursor)
+        _, rotated = admin.rotate_key("new")
+        admin.remove_device("old")
+        yield registry.reload()
+        self.assertEqual(registry.secret_for(number), rotated)
+        self.assertIsNone(registry.device("old"))
+        self.assertEqual(len(told), 2)
+        yield registry.update_reported("new", {"t": 1})
+        yield registry.stop()
+        again = self.open()
+        self.assertEqual(again.device("new").reported["t"], 1)
+        self.assertIsNone(again.device("old"))
+
+    @defer.inlineCallbacks
+    def test_cli_process_beside_running_registry(self):
+        """broker-admin run as a separate process adds a device a running registry then serves."""
+        import json
+        import subprocess
+        import sys
+        registry = self.open()
+        yield registry.add_device("first")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        done = subprocess.run([sys.executable, "-m", "broker.registry.cli", "--json",
+                               "--data-dir", os.path.abspath(self.data_dir),
+                               "device", "add", "second"],
+                              cwd=root, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        added = json.loads(done.stdout)
+        yield registry.reload()
+        view = registry.device_by_number(int(added["device_number"]))
+        self.assertEqual(view.name, "second")
+        result = yield registry.update_reported("second", {"t": 1.0})
+        self.assertEqual(result.version, view.version + 1)
+
+    @defer.inlineCallbacks
+    def test_reload_polls_after_start(self):
+        """After start() the registry picks up admin changes by itself."""
+        from twisted.internet.task import deferLater
+        registry = self.open(reload_interval=0.05)
+        yield registry.start()
+        admin = AdminDatabase(self.data_dir)
+        self.addCleanup(admin.close)
+        admin.add_device("late")
+        for _ in range(100):
+            if registry.device("late") is not None:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertIsNotNone(registry.device("late"))
+
+
+class DatabaseGuardTests(TestCase):
+    """Damaged or foreign files stop startup with a clear error and stay untouched."""
+
+    def setUp(self):
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir)
+        self.path = os.path.join(self.data_dir, DB_NAME)
+
+    def assertRefused(self, fragment):
+        with open(self.path, "rb") as f:
+            before = f.read()
+        with self.assertRaises(errors.StoreError) as caught:
+            open_registry(self.data_dir, clock=reactor)
+        self.assertIn(fragment, str(caught.exception))
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_junk_file(self):
+        """A file that is not SQLite is refused."""
+        with open(self.path, "wb") as f:
+            f.write(b"not a database at all" * 100)
+        self.assertRefused("not an SQLite database")
+
+    def test_foreign_sqlite(self):
+        """Another program's SQLite database is refused."""
+        conn = sqlite3.connect(self.path)
+        conn.execute("CREATE TABLE photos (id INTEGER)")
+        conn.commit()
+        conn.close()
+        self.assertRefused("another program")
+
+    def test_other_application_id(self):
+        """An SQLite database with another application_id is refused."""
+        conn = sqlite3.connect(self.path)
+        conn.execute("PRAGMA application_id = 1234")
+        conn.execute("CREATE TABLE t (id INTEGER)")
+        conn.commit()
+        conn.close()
+        self.assertRefused("another program")
+
+    def test_newer_schema(self):
+        """Our database with an unknown schema version is refused."""
+        open_registry(self.data_dir, clock=reactor)._store.close()
+        conn = sqlite3.connect(self.path)
+        conn.execute("PRAGMA user_version = 99")
+        conn.commit()
+        conn.close()
+        self.assertRefused("schema 99")
+
+    def test_truncated_database(self):
+        """A database cut short (damaged) is refused."""
+        store = open_registry(self.data_dir, clock=reactor)._store
+        store.close()
+        admin = AdminDatabase(self.data_dir)
+        for i in range(200):
+            admin.add_device(f"d{i}")
+        admin._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        admin.close()
+        size = os.path.getsize(self.path)
+        with open(self.path, "r+b") as f:
+            f.seek(4096)
+            f.write(b"\xff" * (size - 4096))
+        self.assertRefused("damaged")
+
+
+class DamagedRowTests(TestCase):
+    """A damaged row stops startup with a clear error."""
+
+    def test_damaged_state_blob(self):
+        """A device whose stored state is not CBOR stops the registry from opening."""
+        data_dir = self.mktemp()
+        admin = AdminDatabase(data_dir, create=True)
+        admin.add_device("a")
+        admin._conn.execute("UPDATE devices SET state = x'ff00ff'")
+        admin.close()
+        with self.assertRaises(errors.StoreError) as caught:
+            open_registry(data_dir, clock=reactor)
+        self.assertIn("damaged device state", str(caught.exception))

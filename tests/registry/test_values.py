@@ -1,0 +1,73 @@
+"""Tests for broker.registry.values: limits and validation."""
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.registry import errors
+from .helpers import make_registry
+
+
+class LimitTests(SynchronousTestCase):
+    """Every violation is a precise error and changes nothing."""
+
+    def setUp(self):
+        self.registry, self.store, _ = make_registry(max_state_bytes=256, max_depth=2, max_items=4)
+        self.successResultOf(self.registry.add_device("d"))
+        self.successResultOf(self.registry.update_reported("d", {"ok": 1}))
+        self.before = self.registry.device("d")
+
+    def assertRejected(self, patch, error):
+        failure = self.failureResultOf(self.registry.update_reported("d", patch, token="tk"), error)
+        self.assertEqual(failure.value.token, "tk")
+        self.assertEqual(self.registry.device("d"), self.before)
+        return failure.value
+
+    def test_bad_keys(self):
+        """Empty, too long, non-text and oddly spelled keys are InvalidKey."""
+        for key in ("", "k" * 65, "a b", "-a", "ü", 7, "a/b"):
+            self.assertRejected({key: 1}, errors.InvalidKey)
+        self.assertRejected({"m": {"bad key": 1}}, errors.InvalidKey)
+
+    def test_bad_values(self):
+        """Wrong types, non-finite floats, huge ints, deep or long containers are InvalidValue."""
+        for value in (object(), float("nan"), float("inf"), 2 ** 70, {1, 2},
+                      [[[1]]], [1, 2, 3, 4, 5], {"a": {"b": {"c": 1}}}):
+            self.assertRejected({"v": value}, errors.InvalidValue)
+
+    def test_not_a_map(self):
+        """A patch that is not a map is InvalidValue."""
+        self.assertRejected([1, 2], errors.InvalidValue)
+
+    def test_state_too_large(self):
+        """A patch making the state exceed max_state_bytes is StateTooLarge."""
+        self.assertRejected({"big": "x" * 300}, errors.StateTooLarge)
+        self.failureResultOf(self.registry.update_desired("d", {"big": "x" * 300}), errors.StateTooLarge)
+
+    def test_error_codes(self):
+        """Errors carry stable codes for the wire."""
+        self.assertEqual(self.assertRejected({"": 1}, errors.InvalidKey).to_json()["error"], "invalid_key")
+
+    def test_accepted_types(self):
+        """Scalars of JSON and CBOR, small arrays and maps are accepted."""
+        patch = {"i": -5, "f": 1.5, "s": "x", "b": True, "y": b"\x00", "a": [1, "x", None],
+                 "m": {"k": [1]}, "u": 2 ** 64 - 1}
+        self.successResultOf(self.registry.update_reported("d", patch))
+        self.assertEqual(self.registry.device("d").reported["a"], (1, "x", None))
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.dictionaries(st.sampled_from("abcde"),
+                                    st.one_of(st.none(), st.integers(-10, 10), st.text(max_size=3)),
+                                    max_size=4), max_size=8))
+    def test_merge_matches_reference(self, patches):
+        """Any sequence of flat patches gives the state a plain dict merge gives."""
+        registry, _, _ = make_registry()
+        self.successResultOf(registry.add_device("p"))
+        expected = {}
+        for patch in patches:
+            self.successResultOf(registry.update_reported("p", patch))
+            for k, v in patch.items():
+                if v is None:
+                    expected.pop(k, None)
+                else:
+                    expected[k] = v
+        self.assertEqual(dict(registry.device("p").reported), expected)

@@ -1,0 +1,515 @@
+"""Tests for broker.udp.endpoint: demultiplexing, sessions, bridging, limits.
+
+A real registry (MemoryStore) and sans-IO nodes joined to the endpoint by a
+fake link on a task.Clock (tests/udp/helpers.py); no sockets, no sleeps.
+"""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.ssp.crypto import TO_SERVER, seal
+from broker.ssp.framing import build_header
+from broker.ssp.keys import derive_session_key
+from broker.udp.park import Parked
+from broker.udp.sessions import SEQ_RESERVATION_BLOCK
+
+from .helpers import Harness
+
+
+def authentic(provisioned, session_id, seq, payload):
+    """A datagram sealed with the device's real session key (authentic, content chosen)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
+    key = derive_session_key(provisioned.secret, provisioned.device_number, session_id)
+    header = build_header(provisioned.device_number, session_id)
+    return seal(AESOCB3(key), TO_SERVER, seq, b"\x00\x01\xff\xff" + payload, header)
+
+
+class DemultiplexTests(SynchronousTestCase):
+    """What the endpoint does with datagrams that are not (yet) a session's."""
+
+    def setUp(self):
+        self.h = Harness(self)
+        self.device = self.h.provision("dev")
+
+    def assertSilent(self):
+        self.assertEqual(self.h.transport.written, [])
+
+    def test_unknown_framing_version_dropped_and_counted(self):
+        """A datagram with another framing version is counted and never answered."""
+        self.h.endpoint.datagramReceived(b"\x02" + os.urandom(80), ("127.0.0.9", 1))
+        self.assertEqual(self.h.endpoint.drops["unknown_framing"], 1)
+        self.assertSilent()
+
+    def test_short_and_zero_headers_dropped(self):
+        """Datagrams too short to hold anything, or naming device/session 0, are dropped."""
+        endpoint = self.h.endpoint
+        endpoint.datagramReceived(b"", ("127.0.0.9", 1))
+        endpoint.datagramReceived(b"\x01" * 20, ("127.0.0.9", 1))
+        endpoint.datagramReceived(build_header(1, 1)[:1] + bytes(16) + os.urandom(60),
+                                  ("127.0.0.9", 1))
+        self.assertEqual(endpoint.drops["short"], 2)
+        self.assertEqual(endpoint.drops["bad_header"], 1)
+        self.assertSilent()
+
+    def test_unknown_device_dropped(self):
+        """A datagram naming a device the registry does not know is dropped unopened."""
+        self.h.endpoint.datagramReceived(build_header(12345, 1) + os.urandom(60),
+                                         ("127.0.0.9", 1))
+        self.assertEqual(self.h.endpoint.drops["unknown_device"], 1)
+        self.assertEqual(len(self.h.endpoint), 0)
+        self.assertSilent()
+
+    def test_failed_authentication_gets_no_reply(self):
+        """Garbage under a real device's header starts no session and gets no reply."""
+        header = build_header(self.device.device_number, 99)
+        for _ in range(3):
+            self.h.endpoint.datagramReceived(header + os.urandom(60), ("127.0.0.9", 1))
+        self.assertEqual(self.h.endpoint.drops["auth_failed"], 3)
+        self.assertEqual(len(self.h.endpoint), 0)
+        self.assertIsNone(self.h.registry.session_record(self.device.device_number))
+        self.assertSilent()
+
+    def test_failed_authentication_does_not_pollute_cipher_cache(self):
+        """Key schedules built for datagrams that failed authentication are discarded."""
+        header = build_header(self.device.device_number, 99)
+        for _ in range(5):
+            self.h.endpoint.datagramReceived(header + os.urandom(60), ("127.0.0.9", 1))
+        self.assertEqual(len(self.h.endpoint._ciphers), 0)
+
+    def test_authentic_but_malformed_is_counted_and_survived(self):
+        """An authentic datagram with a bad fragment or bad zlib is dropped and counted, no crash."""
+        endpoint = self.h.endpoint
+        endpoint.datagramReceived(authentic(self.device, 5, 0, b"short"), ("127.0.0.9", 1))
+        endpoint.datagramReceived(
+            authentic(self.device, 5, 1, b"\x00" * 8 + b"\x80\x00" + b"not zlib"),
+            ("127.0.0.9", 1))
+        endpoint.datagramReceived(
+            authentic(self.device, 5, 2, b"\x00" * 7 + b"\x02\x80\x00" + b"x\x9c\x03\x00"
+                      + b"\x00\x00\x00\x01"), ("127.0.0.9", 1))
+        self.assertEqual(endpoint.drops["short"], 1)  # under 10 payload bytes: unopened
+        self.assertEqual(endpoint.drops["bad_zlib"], 1)
+        self.assertEqual(endpoint.drops["bad_version"], 1)  # empty protobuf: no version 2
+        self.assertEqual(endpoint.drops["internal_error"], 0)
+        self.assertEqual(endpoint.session_of(self.device.device_number).session_id, 5)
+
+
+class SessionTests(SynchronousTestCase):
+    """Sessions: start, replacement, replay, roaming, durability of acks."""
+
+    def setUp(self):
+        self.h = Harness(self)
+        self.device = self.h.provision("dev")
+
+    def test_report_updates_registry_and_is_acknowledged(self):
+        """A reported value reaches the registry (new version) and the node gets its ack."""
+        node = self.h.node(self.device)
+        before = self.h.registry.device("dev").version
+        node.report({"temp": 21.5}, self.h.clock.seconds())
+        node.emit({"kind": "boot"}, now=self.h.clock.seconds())
+        self.h.run(1.0)
+        view = self.h.registry.device("dev")
+        self.assertEqual(dict(view.reported), {"temp": 21.5})
+        self.assertGreater(view.version, before)
+        self.assertTrue(view.online)
+        self.assertEqual(view.address, ("127.0.0.2", 40000))
+        self.assertGreater(node.acknowledged, 0)
+        self.assertTrue(node.idle())
+        kinds = [entry[3] for entry in view.history]
+        self.assertIn("reported", kinds)
+
+    def test_ack_waits_until_durable(self):
+        """No acknowledgement of a report leaves the broker before the registry made it durable."""
+        node = self.h.node(self.device)
+        self.h.run(0.5)
+        acked = node.acknowledged
+        self.h.store.hold()
+        node.report({"temp": 1}, self.h.clock.seconds())
+        self.h.run(2.0)
+        self.assertEqual(node.acknowledged, acked)
+        self.assertFalse(node.idle())
+        self.h.store.release()
+        self.h.run(1.0)
+        self.assertGreater(node.acknowledged, acked)
+        self.assertTrue(node.idle())
+
+    def test_nothing_sent_before_the_session_is_durable(self):
+        """A new session's id and sequence reservation are durable before its first datagram."""
+        self.h.store.hold()
+        self.h.node(self.device)
+        self.h.run(1.0)
+        self.assertEqual(self.h.delivered, 0)
+        self.h.store.release()
+        self.h.run(0.5)
+        self.assertGreater(self.h.delivered, 0)
+        record = self.h.registry.session_record(self.device.device_number)
+        self.assertEqual(record.seq_reservation, SEQ_RESERVATION_BLOCK)
+
+    def test_desired_reaches_the_node(self):
+        """A change of desired in the registry arrives at the node as a callback."""
+        seen = []
+        node = self.h.node(self.device, on_desired=seen.append)
+        self.h.run(0.5)
+        self.successResultOf(self.h.registry.update_desired("dev", {"led": "on"}))
+        self.h.run(1.0)
+        self.assertEqual(seen[-1], {"led": "on"})
+        self.assertEqual(node.desired, {"led": "on"})
+
+    def test_desired_before_session_is_sent_at_start(self):
+        """Desired values written while the device was away are its first incoming state."""
+        self.successResultOf(self.h.registry.update_desired("dev", {"rate": 5}))
+        node = self.h.node(self.device)
+        self.h.run(1.0)
+        self.assertEqual(node.desired, {"rate": 5})
+
+    def test_commands_delivered_once_in_order(self):
+        """Commands queued at the endpoint reach the node once each, in order."""
+        got = []
+        node = self.h.node(self.device, on_command=got.append)
+        self.h.run(0.5)
+        self.assertTrue(self.h.endpoint.send_command(self.device.device_number, "a", "b"))
+        self.h.run(0.5)
+        self.h.endpoint.send_command(self.device.device_number, {"c": 1})
+        self.h.run(1.0)
+        self.assertEqual(got, ["a", "b", {"c": 1}])
+        self.assertTrue(node.idle())
+
+    def test_heartbeat_answered_without_registry_write(self):
+        """A device heartbeat is acknowledged within the ack delay and writes nothing durable."""
+        node = self.h.node(self.device)
+        node.report({"x": 1}, self.h.clock.seconds())
+        self.h.run(1.0)
+        writes = self.h.store.writes
+        acked = node.acknowledged
+        self.h.run(26.0, dt=0.05)  # one heartbeat (25 s)
+        self.assertGreater(node.acknowledged, acked)
+        self.assertEqual(self.h.store.writes, writes)
+
+    def test_new_session_replaces_old_and_old_replay_is_ignored(self):
+        """A newer session id retires the live one; a replay of the old one changes nothing."""
+        node = self.h.node(self.device)
+        node.report({"v": 1}, self.h.clock.seconds())
+        captured = []
+        self.h.run(0.3)
+        old_id = node.session_id
+        captured.extend(node.datagrams(self.h.clock.seconds() + 30))  # a later datagram, unseen
+        node.start(self.h.clock.seconds())  # reboot: strictly newer id
+        self.h.run(1.0)
+        self.assertGreater(node.session_id, old_id)
+        live = self.h.endpoint.session_of(self.device.device_number)
+        self.assertEqual(live.session_id, node.session_id)
+        for data, _ in captured:
+            self.h.endpoint.datagramReceived(data, ("127.0.0.66", 6666))
+        self.assertEqual(self.h.endpoint.session_of(self.device.device_number), live)
+        self.assertGreaterEqual(self.h.endpoint.drops["old_session"], 1)
+        record = self.h.registry.session_record(self.device.device_number)
+        self.assertEqual(record.session_id, node.session_id)
+
+    def test_roaming_moves_the_session(self):
+        """A node's newer datagrams from another address move the session and its replies."""
+        node = self.h.node(self.device)
+        self.h.run(0.5)
+        live = self.h.endpoint.session_of(self.device.device_number)
+        self.h.move(node, ("127.0.0.3", 41000))
+        node.report({"moved": True}, self.h.clock.seconds())
+        self.h.run(1.0)
+        live = self.h.endpoint.session_of(self.device.device_number)
+        self.assertEqual(live.session_id, node.session_id)
+        self.assertEqual(self.h.endpoint.counters["sessions_started"], 1)
+        self.assertEqual(live.session.remote_address, ("127.0.0.3", 41000))
+        self.assertEqual(self.h.registry.device("dev").address, ("127.0.0.3", 41000))
+        self.assertTrue(node.idle())
+        self.assertEqual(self.h.endpoint.counters["roams"], 2)
+
+    def test_replayed_datagram_from_elsewhere_does_not_move_the_session(self):
+        """An old authentic datagram replayed from another address leaves the session where it is."""
+        node = self.h.node(self.device)
+        node.report({"v": 1}, self.h.clock.seconds())
+        now = self.h.clock.seconds()
+        first = node.datagrams(now)
+        for data, _ in first:
+            self.h.endpoint.datagramReceived(data, ("127.0.0.2", 40000))
+        self.h.run(1.0)
+        for data, _ in first:
+            self.h.endpoint.datagramReceived(data, ("127.0.0.66", 6666))
+        live = self.h.endpoint.session_of(self.device.device_number)
+        self.assertEqual(live.session.remote_address, ("127.0.0.2", 40000))
+
+    def test_key_rotation_ends_the_session(self):
+        """Rotating a device's key retires its live session at once."""
+        self.h.node(self.device)
+        self.h.run(0.5)
+        self.successResultOf(self.h.registry.rotate_key("dev"))
+        self.assertIsNone(self.h.endpoint.session_of(self.device.device_number))
+
+    def test_one_timer_for_all_sessions(self):
+        """A hundred busy sessions share one reactor timer; idle ones need none."""
+        nodes = []
+        for i in range(100):
+            device = self.h.provision(f"d{i}")
+            node = self.h.node(device, address=("127.0.1.1", 20000 + i))
+            node.report({"i": i}, self.h.clock.seconds())
+            nodes.append(node)
+        self.h.step()
+        self.h.step()
+        self.assertLessEqual(len(self.h.clock.getDelayedCalls()), 1)
+        self.h.run(2.0)
+        self.assertTrue(all(node.idle() for node in nodes))
+        self.assertEqual(len(self.h.endpoint), 100)
+        # Idle: only the presence wheel keeps a wake-up.
+        self.assertLessEqual(len(self.h.endpoint.scheduler), 1)
+
+
+class PresenceTests(SynchronousTestCase):
+    """Connection facts: online, offline after silence, eviction and return."""
+
+    def test_offline_after_silence_then_resume(self):
+        """A silent device goes offline after offline_after; when it speaks again it resumes."""
+        h = Harness(self, offline_after=30.0, device_heartbeat=10.0)
+        device = h.provision("dev")
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(1.0)
+        self.assertTrue(h.registry.device("dev").online)
+        address = h.address_of(node)
+        del h.nodes[address]  # the device goes quiet (out of range)
+        h.run(31.0, dt=0.5)
+        self.assertFalse(h.registry.device("dev").online)
+        self.assertIsNone(h.endpoint.session_of(device.device_number))  # evicted from memory
+        h.nodes[address] = node
+        node.report({"v": 2}, h.clock.seconds())
+        h.run(2.0)
+        self.assertEqual(h.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(h.endpoint.session_of(device.device_number).session_id, node.session_id)
+        self.assertTrue(h.registry.device("dev").online)
+        self.assertEqual(dict(h.registry.device("dev").reported), {"v": 2})
+
+
+class RestartTests(SynchronousTestCase):
+    """wire.md 7 on a fake link: a new endpoint over the same store resumes sessions."""
+
+    def test_restart_resumes_without_loss_or_doubles(self):
+        """After a restart the session resumes: acked reports kept, events once, no new session."""
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        node.emit("e1", now=h.clock.seconds())
+        h.run(1.0)
+        session_id = node.session_id
+        old_seq = h.endpoint.session_of(device.device_number).session.next_seq
+        h2 = h.restart()
+        h2.nodes = h.nodes
+        node.report({"v": 2}, h.clock.seconds())
+        node.emit("e2", now=h.clock.seconds())
+        h2.run(3.0)
+        self.assertEqual(node.session_id, session_id)
+        live = h2.endpoint.session_of(device.device_number)
+        self.assertEqual(live.session_id, session_id)
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assertGreaterEqual(live.session.next_seq, SEQ_RESERVATION_BLOCK)
+        self.assertGreater(SEQ_RESERVATION_BLOCK, old_seq)
+        view = h2.registry.device("dev")
+        self.assertEqual(dict(view.reported), {"v": 2})
+        events = [e for entry in view.history if entry[3] in ("reported", "events")
+                  for e in (entry[4].get("events", ()) if hasattr(entry[4], "get") else entry[4])]
+        self.assertEqual(list(events), ["e1", "e2"])
+        self.assertTrue(node.idle())
+
+    def test_restart_after_heartbeat_resumes(self):
+        """A restart after heartbeats (acked, never written) still resumes the session."""
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(1.0)
+        h.run(26.0, dt=0.05)  # a heartbeat acked above the durable state
+        h2 = h.restart()
+        h2.nodes = h.nodes
+        node.report({"v": 2}, h.clock.seconds())
+        h2.run(3.0)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 2})
+        self.assertTrue(node.idle())
+        self.assertEqual(node.sessions_started, 1)
+
+    def test_old_session_replay_after_restart_is_ignored(self):
+        """A datagram of a retired session replayed after a restart is dropped, not revived."""
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        first = node.datagrams(h.clock.seconds())
+        for data, _ in first:
+            h.endpoint.datagramReceived(data, h.address_of(node))
+        node.start(h.clock.seconds())
+        h.run(1.0)
+        h2 = h.restart()
+        for data, _ in first:
+            h2.endpoint.datagramReceived(data, ("127.0.0.66", 6666))
+        self.assertEqual(h2.endpoint.drops["old_session"], len(first))
+        self.assertEqual(len(h2.endpoint), 0)
+        self.assertEqual(h2.transport.written, [])
+
+
+class LimitTests(SynchronousTestCase):
+    """Abuse limits: rates, new sessions, the session cap, failure budgets."""
+
+    def test_device_rate_limit(self):
+        """Authentic datagrams beyond the per-device rate are dropped before the session sees them."""
+        h = Harness(self, max_device_datagrams_per_second=3)
+        device = h.provision("dev")
+        node = h.node(device)
+        h.run(0.1)
+        address = h.address_of(node)
+        now = h.clock.seconds()
+        for i in range(10):
+            node.report({"i": i}, now)
+            for data, _ in node.session.datagrams_to_send(now + i * 0.03):
+                h.endpoint.datagramReceived(data, address)
+        self.assertGreater(h.endpoint.drops["device_rate_limited"], 0)
+
+    def test_new_session_rate_limit(self):
+        """New sessions beyond the global rate are refused within the same second."""
+        h = Harness(self, max_new_sessions_per_second=1)
+        nodes = [h.node(h.provision(f"d{i}"), address=("127.0.0.2", 40000 + i))
+                 for i in range(3)]
+        for node in nodes:
+            node.report({"up": True}, h.clock.seconds())
+        h.step(0.001)
+        self.assertEqual(len(h.endpoint), 1)
+        self.assertEqual(h.endpoint.drops["new_session_rate_limited"], 2)
+        h.run(55.0, dt=0.1)  # the refused ones try again with their next heartbeats
+        self.assertEqual(len(h.endpoint), 3)
+        self.assertTrue(all(node.idle() for node in nodes))
+
+    def test_session_cap(self):
+        """Beyond max_sessions a new device's session is refused and counted."""
+        h = Harness(self, max_sessions=1)
+        h.node(h.provision("a"), address=("127.0.0.2", 1))
+        h.node(h.provision("b"), address=("127.0.0.2", 2))
+        h.run(0.5)
+        self.assertEqual(len(h.endpoint), 1)
+        self.assertGreater(h.endpoint.drops["session_cap"], 0)
+
+    def test_forgery_flood_does_not_starve_the_device(self):
+        """Forged datagrams for a live session from elsewhere are capped; the device is still served."""
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        h.run(0.5)
+        live = h.endpoint.session_of(device.device_number)
+        header = build_header(device.device_number, live.session_id)
+        for _ in range(500):
+            h.endpoint.datagramReceived(header + os.urandom(80), ("127.0.0.66", 6666))
+        self.assertEqual(h.transport.written, [])
+        self.assertGreater(h.endpoint.drops["rate_limited"], 400)
+        self.assertLessEqual(h.endpoint.drops["auth_failed"], 10)
+        node.report({"still": "here"}, h.clock.seconds())
+        h.run(0.5)
+        self.assertEqual(dict(h.registry.device("dev").reported), {"still": "here"})
+        self.assertTrue(node.idle())
+
+
+class ParkingTests(SynchronousTestCase):
+    """Idle sessions are parked in a few bytes and rebuilt when needed."""
+
+    def setUp(self):
+        self.h = Harness(self)
+        self.device = self.h.provision("dev")
+        self.node = self.h.node(self.device)
+        self.node.report({"v": 1}, self.h.clock.seconds())
+        self.h.run(3.0, dt=0.05)
+
+    def entry(self):
+        return self.h.endpoint.entry_of(self.device.device_number)
+
+    def test_idle_session_is_parked_small(self):
+        """After park_after idle seconds the session is a packed entry of a few bytes."""
+        entry = self.entry()
+        self.assertIsInstance(entry, Parked)
+        self.assertLess(len(entry.data), 100)
+        self.assertEqual(entry.session_id, self.node.session_id)
+        self.assertEqual(len(self.h.endpoint._ciphers), 0)
+        self.assertEqual(len(self.h.endpoint.scheduler), 1)  # only the presence wheel
+
+    def test_heartbeat_wakes_and_is_answered(self):
+        """A heartbeat to a parked session is authenticated, answered, and the session parks again."""
+        acked = self.node.acknowledged
+        self.h.run(26.0, dt=0.05)
+        self.assertGreater(self.node.acknowledged, acked)
+        self.assertGreaterEqual(self.h.endpoint.counters["sessions_unparked"], 1)
+        self.assertIsInstance(self.entry(), Parked)
+        self.assertEqual(self.node.sessions_started, 1)
+
+    def test_report_to_parked_session(self):
+        """A report to a parked session is made durable and acknowledged in the same session."""
+        self.node.report({"v": 2}, self.h.clock.seconds())
+        self.node.emit("e", now=self.h.clock.seconds())
+        self.h.run(1.0)
+        view = self.h.registry.device("dev")
+        self.assertEqual(dict(view.reported), {"v": 2})
+        self.assertTrue(self.node.idle())
+        self.assertEqual(self.h.endpoint.counters["sessions_resumed"], 0)
+
+    def test_desired_change_reaches_parked_device(self):
+        """A desired change wakes the parked session and reaches the device."""
+        self.successResultOf(self.h.registry.update_desired("dev", {"led": "off"}))
+        self.h.run(1.0)
+        self.assertEqual(self.node.desired, {"led": "off"})
+
+    def test_forgery_and_replay_leave_parked_session_alone(self):
+        """Forged or replayed datagrams neither wake a parked session nor get a reply."""
+        parked = self.entry()
+        header = build_header(self.device.device_number, self.node.session_id)
+        self.h.endpoint.datagramReceived(header + os.urandom(70), ("127.0.0.66", 6666))
+        self.assertIs(self.entry(), parked)
+        self.assertEqual(self.h.transport.written, [])
+        self.assertEqual(self.h.endpoint.drops["auth_failed"], 1)
+
+    def test_parked_device_goes_offline_and_is_evicted(self):
+        """A parked device silent for offline_after goes offline and leaves memory; it resumes later."""
+        address = self.h.address_of(self.node)
+        del self.h.nodes[address]
+        self.h.run(80.0, dt=0.5)
+        self.assertFalse(self.h.registry.device("dev").online)
+        self.assertIsNone(self.entry())
+        self.h.nodes[address] = self.node
+        self.node.report({"v": 3}, self.h.clock.seconds())
+        self.h.run(1.0)
+        self.assertEqual(dict(self.h.registry.device("dev").reported), {"v": 3})
+        self.assertTrue(self.h.registry.device("dev").online)
+
+
+class ReconfigureTests(SynchronousTestCase):
+    """SIGHUP: new limits and timings without a restart."""
+
+    def test_new_limits_apply_at_once(self):
+        """After reconfigure() a lower session cap refuses the next new device."""
+        import dataclasses
+        h = Harness(self)
+        h.node(h.provision("a"), address=("127.0.0.2", 1))
+        h.run(0.2)
+        h.endpoint.reconfigure(dataclasses.replace(h.settings, max_sessions=1,
+                                                   offline_after=99.0))
+        h.node(h.provision("b"), address=("127.0.0.2", 2))
+        h.run(0.2)
+        self.assertEqual(len(h.endpoint), 1)
+        self.assertGreater(h.endpoint.drops["session_cap"], 0)
+        self.assertEqual(h.endpoint.table.presence.offline_after, 99.0)
+        self.assertEqual(h.endpoint.table.profile.offline_after, 99.0)
+
+    def test_pending_desired_of_a_silent_device_is_parked_and_resent(self):
+        """Desired values a gone device never acknowledged do not keep its session live;
+        they reach it when it comes back."""
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        h.run(1.0)
+        address = h.address_of(node)
+        del h.nodes[address]
+        self.successResultOf(h.registry.update_desired("dev", {"led": "blink"}))
+        h.run(25.0, dt=0.1)
+        self.assertIsInstance(h.endpoint.entry_of(device.device_number), Parked)
+        h.nodes[address] = node
+        node.report({"back": True}, h.clock.seconds())
+        h.run(1.0)
+        self.assertEqual(node.desired, {"led": "blink"})

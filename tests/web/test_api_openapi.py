@@ -1,0 +1,119 @@
+"""docs/openapi.yaml matches the running API: its routes, and schemathesis against a real broker."""
+
+import dataclasses
+import os
+import re
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
+
+from broker.web.api.resource import ROUTES
+from tests.helpers import start_broker
+from tests.web.test_api_rest import broker_config
+
+OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
+#: schemathesis examples per operation and phase: bounded, the machine is shared.
+MAX_EXAMPLES = 10
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        raise SkipTest("PyYAML (installed with schemathesis) is missing")
+    return yaml
+
+
+class OpenAPIDocumentTests(TestCase):
+
+    def test_documented_operations_are_the_routes(self):
+        """Every route of the resource is documented, with its methods, and nothing else is."""
+        document = _yaml().safe_load(OPENAPI.read_text())
+        documented = {(path, method.upper()) for path, item in document["paths"].items()
+                      for method in item if method != "parameters"}
+        routed = {("/" + "/".join("{name}" if part == "*" else part for part in route),
+                   method.decode()) for route, methods in ROUTES.items() for method in methods}
+        self.assertEqual(documented, routed)
+        self.assertEqual(document["servers"], [{"url": "/api/v1"}])
+
+
+class SchemathesisTests(TestCase):
+    """Runs the schemathesis CLI (a subprocess) against a broker on loopback."""
+
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        try:
+            import schemathesis  # noqa: F401 - only to know it is installed
+        except ImportError:
+            if os.environ.get("CI"):
+                raise
+            raise SkipTest("schemathesis is not installed")
+        self.broker = yield start_broker(self, broker_config(
+            self, polling={"max_wait": 0.2}, http={"max_request_bytes": 65536},
+            registry={"max_state_bytes": 8192}))
+        api = self.broker.service.api                # fuzzing is fast on purpose: no rate limit
+        api.apply(dataclasses.replace(api.settings, max_requests_per_second=0))
+        registry = self.broker.service.registry
+        self.node = yield registry.add_device("node-1")
+        yield registry.add_device("node-2")
+        _, self.token = yield registry.add_token("write")
+
+    def write_config(self, directory: Path) -> Path:
+        config = directory / "schemathesis.toml"
+        config.write_text(f'''
+base-url = "{self.broker.http_url}/api/v1"
+workers = 1
+color = false
+
+[generation]
+max-examples = {MAX_EXAMPLES}
+database = "none"
+
+[auth.openapi.bearer]
+bearer = "{self.token}"
+[auth.openapi.queryToken]
+api_key = "{self.token}"
+[auth.openapi.deviceKey]
+api_key = "Device {self.node.key}"
+
+[parameters]
+"path.name" = "node-1"
+
+# 412 (a stale If-Match) and 413 (a generated body over max_request_bytes)
+# answer valid requests too; 413 and 412 also reject invalid ones.
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "401", "403", "404", "409", "412", "413", "429", "503"]
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "409", "412", "413", "415", "429"]
+
+# The event stream stays open: read one event, or give up after a second.
+[[operations]]
+include-path = "/events"
+max-stream-events = 1
+request-timeout = 1.0
+''')
+        return config
+
+    @defer.inlineCallbacks
+    def test_schemathesis_finds_no_mismatch(self):
+        """Generated valid and invalid requests get answers that match docs/openapi.yaml (all checks)."""
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        config = self.write_config(directory)
+        args = ["-m", "schemathesis.cli", "--config-file", str(config), "run", str(OPENAPI),
+                "--checks", "all", "--no-shrink", "--seed", "1",
+                "--phases", "examples,coverage,fuzzing,stateful"]
+        env = dict(os.environ, NO_COLOR="1", SCHEMATHESIS_TELEMETRY="false")
+        out, err, code = yield getProcessOutputAndValue(sys.executable, args, env=env,
+                                                        path=str(directory), reactor=reactor)
+        text = (out + err).decode("utf-8", "replace")
+        self.assertEqual(code, 0, text[-6000:])
+        self.assertRegex(text, r"Tested: 7\b")
+        self.assertIsNone(re.search(r"\d+ failures?", text), text[-3000:])

@@ -1,0 +1,124 @@
+"""Server-sent events at /api/v1/events: ids, resumption, flow control (task.Clock, memory transports)."""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.web.api.settings import ApiSettings
+from tests.web.api_support import MemoryAPI, bearer, sse_messages
+
+
+class EventStreamTests(SynchronousTestCase):
+
+    def setUp(self):
+        self.m = MemoryAPI(self, ApiSettings(sse_keepalive=15.0, min_interval=2.0))
+        for name in ("a", "b"):
+            self.m.add_device(name)
+        self.token = self.m.token("read")
+        self.auth = bearer(self.token)
+
+    def open(self, query="since=0", headers=None):
+        return self.m.open("GET", "/api/v1/events?" + query, {**self.auth, **(headers or {})})
+
+    def events(self, stream):
+        return [m for m in sse_messages(stream.stream_body()) if m.get("event") == "device"]
+
+    def test_headers_and_snapshot(self):
+        """The stream is text/event-stream, advises retry, and starts with every device since the cursor."""
+        stream = self.open()
+        head = stream.raw().split(b"\r\n\r\n")[0].lower()
+        self.assertIn(b"content-type: text/event-stream; charset=utf-8", head)
+        self.assertIn(b"cache-control: no-store", head)
+        self.assertIn(b"retry: 2000\n", stream.stream_body())
+        events = self.events(stream)
+        self.assertEqual([(e["data"]["name"], int(e["id"])) for e in events],
+                         [("a", 1), ("b", 2)])
+
+    def test_live_changes_follow(self):
+        """A change is sent as one device event, id = its cursor, on the next reactor turn."""
+        stream = self.open()
+        self.m.registry.update_reported("b", {"t": 3})
+        self.m.clock.advance(0)
+        last = self.events(stream)[-1]
+        self.assertEqual((last["data"]["reported"], int(last["id"])), ({"t": 3}, self.m.registry.cursor))
+
+    def test_last_event_id_resumes_without_gap(self):
+        """Reconnecting with Last-Event-ID yields exactly the changes after it: no gap, no repeat."""
+        stream = self.open()
+        self.m.registry.update_desired("a", {"v": 1})
+        self.m.clock.advance(0)
+        seen = self.events(stream)
+        stream.disconnect()
+        self.assertEqual(len(self.m.api.room), 0)
+        self.m.registry.update_desired("b", {"v": 2})      # while the client is away
+        self.m.registry.update_desired("a", {"v": 3})
+        again = self.open(headers={b"Last-Event-ID": seen[-1]["id"]})
+        resumed = self.events(again)
+        self.assertEqual([(e["data"]["name"], e["data"]["desired"]) for e in resumed],
+                         [("b", {"v": 2}), ("a", {"v": 3})])
+        self.assertTrue(all(int(e["id"]) > int(seen[-1]["id"]) for e in resumed))
+
+    def test_last_event_id_wins_over_since(self):
+        """The browser's Last-Event-ID overrides the since= of the (unchanged) URL."""
+        stream = self.open("since=0", {b"Last-Event-ID": b"1"})
+        self.assertEqual([e["data"]["name"] for e in self.events(stream)], ["b"])
+
+    def test_slow_reader_gets_latest_state_once(self):
+        """While the transport is full nothing is queued; on drain each changed device goes once, latest."""
+        stream = self.open()
+        before = len(stream.raw())
+        stream.transport.producer.pauseProducing()   # what a full transport buffer does
+        for i in range(500):
+            self.m.registry.update_reported("a", {"n": i})
+            self.m.clock.advance(0)
+        self.assertEqual(len(stream.raw()), before)
+        stream.transport.producer.resumeProducing()
+        events = self.events(stream)
+        self.assertEqual(events[-1]["data"]["reported"], {"n": 499})
+        self.assertEqual([e["data"]["name"] for e in events].count("a"), 2)   # snapshot + latest
+
+    def test_filter_moves_last_event_id(self):
+        """With name=, changes of other devices move the client's id without events."""
+        stream = self.open("since=0&name=a")
+        self.m.registry.update_desired("b", {"v": 1})
+        self.m.clock.advance(0)
+        messages = sse_messages(stream.stream_body())
+        self.assertEqual([m["data"]["name"] for m in messages if m.get("event") == "device"], ["a"])
+        self.assertEqual(messages[-1], {"id": str(self.m.registry.cursor)})
+
+    def test_keepalive_comments(self):
+        """An idle stream gets a comment line every sse_keepalive seconds (one timer for all)."""
+        stream = self.open()
+        size = len(stream.stream_body())
+        self.m.clock.advance(15)
+        self.assertEqual(stream.stream_body()[size:], b":\n\n")
+
+    def test_token_in_query(self):
+        """EventSource cannot set headers: ?token= authenticates a GET."""
+        stream = self.m.open("GET", "/api/v1/events?token=" + self.token.decode())
+        self.assertEqual(len(self.events(stream)), 2)
+
+    def test_reset_event_for_unknown_cursor(self):
+        """A cursor from the future starts with a reset event, then the snapshot."""
+        stream = self.open("since=424242")
+        messages = sse_messages(stream.stream_body())
+        kinds = [m.get("event") for m in messages if "event" in m]
+        self.assertEqual(kinds, ["reset", "device", "device"])
+
+    def test_bad_last_event_id(self):
+        """A Last-Event-ID that is not a cursor gets 400."""
+        status, _, body = self.open(headers={b"Last-Event-ID": b"yesterday"}).response()
+        self.assertEqual((status, body["error"]["code"]), (400, "invalid_parameter"))
+
+    def test_streams_count_as_waiters(self):
+        """Open streams take places in the waiting room; beyond max_waiters: 503."""
+        m = MemoryAPI(self, ApiSettings(max_waiters=1))
+        auth = bearer(m.token("read"))
+        m.open("GET", "/api/v1/events", auth)
+        status, _, body = m.open("GET", "/api/v1/events", auth).response()
+        self.assertEqual((status, body["error"]["code"]), (503, "too_many_waiters"))
+
+    def test_stop_ends_streams(self):
+        """Stopping the API finishes every stream (the terminating chunk is sent)."""
+        stream = self.open()
+        self.m.api.stop()
+        self.assertTrue(stream.raw().endswith(b"0\r\n\r\n"))
+        self.assertEqual(len(self.m.api.room), 0)

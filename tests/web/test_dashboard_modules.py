@@ -1,0 +1,225 @@
+"""The dashboard's JavaScript modules, imported one by one in a real headless Chromium.
+
+The page's own origin serves the modules (a broker on loopback, SSP off);
+each test imports what it checks with ``import()`` inside the page, so the
+Content-Security-Policy applies, and asserts on what the code returns.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from tests.helpers import loopback_config, start_broker
+
+from .browser import in_browser, require_browser, wait_for
+
+FLEET_STORE = """async () => {
+  const {Fleet} = await import("./dashboard/fleet.js");
+  const device = (name, version, number = "1", extra = {}) => ({
+    name, version, device_number: number, connection: {online: version % 2 === 0},
+    reported: {}, desired: {}, delta: {}, ...extra});
+  const fleet = new Fleet();
+  const events = [];
+  fleet.addEventListener("change", (event) => events.push([...event.detail].sort()));
+  const out = {};
+  fleet.apply(device("a", 2));
+  fleet.apply(device("a", 1));
+  out.older_ignored = fleet.devices.get("a").version;
+  fleet.apply(device("a", 1, "9"));
+  out.new_device_same_name = fleet.devices.get("a").device_number;
+  fleet.apply({...device("a", 7, "9"), removed: true});
+  out.removed = fleet.devices.has("a");
+  for (const name of ["b", "c", "d"]) fleet.apply(device(name, 2));
+  fleet.beginSnapshot();
+  fleet.apply(device("c", 3));
+  fleet.apply(device("e", 4));
+  fleet.endSnapshot();
+  out.after_snapshot = [...fleet.devices.keys()].sort();
+  out.counts = fleet.counts();
+  await new Promise((resolve) => setTimeout(resolve, 10));
+  out.events = events;
+  return out;
+}"""
+
+HELPERS = """async () => {
+  const dom = await import("./dashboard/dom.js");
+  const {nameFilter} = await import("./dashboard/fleet-table.js");
+  const {series, sparkline} = await import("./dashboard/sparkline.js");
+  const names = ["greenhouse-1", "Greenhouse-2", "cellar-1", "a.b"];
+  const pick = (text) => names.filter(nameFilter(text));
+  const device = {
+    reported: {temp: 22, fw: "1.0"},
+    updated_at: {reported: {temp: 40, fw: 10}},
+    history: [
+      {kind: "reported", at: 10, data: {temp: 20, fw: "1.0"}},
+      {kind: "desired", at: 15, data: {temp: 99}},
+      {kind: "reported", at: 20, data: {patch: {temp: 21}, events: [{boot: true}]}},
+      {kind: "events", at: 25, data: [{temp: 98}]},
+      {kind: "reported", at: 30, data: {hum: 50}},
+    ],
+  };
+  const chart = sparkline(series(device, "temp"), "temp");
+  return {
+    filters: [pick(""), pick("green"), pick("green*"), pick("*-?"), pick("a.b"), pick("a?b")],
+    ago: [dom.ago(null), dom.ago(100, 101), dom.ago(100, 112), dom.ago(0, 7200),
+          dom.ago(0, 3 * 86400), dom.ago(200, 100)],
+    parsed: ["42", "on", '"42"', '{"a": 1}', " true ", "null"].map(dom.parseValue),
+    editable: ["42", "on", 5, {a: 1}, ""].map(dom.editable),
+    shown: [dom.show({$bytes: "AAECAw=="}), dom.show("text"), dom.show([1, 2]), dom.show(null)],
+    rtt: [dom.rtt(null), dom.rtt(0.00001), dom.rtt(0.0042), dom.rtt(0.125)],
+    series: series(device, "temp"),
+    none: [series(device, "fw"), sparkline([], "fw")],
+    chart: [chart.tagName, chart.querySelectorAll("polyline").length,
+            chart.getAttribute("aria-label")],
+  };
+}"""
+
+LINK = """async ([token, timing]) => {
+  const {Api} = await import("./dashboard/api.js");
+  const {Fleet} = await import("./dashboard/fleet.js");
+  const {Link} = await import("./dashboard/transport.js");
+  const api = new Api(token);
+  const fleet = new Fleet();
+  const link = new Link(fleet, api, await api.session(), {timing});
+  window.statuses = [];
+  link.addEventListener("status", (event) => window.statuses.push(event.detail));
+  window.link = link;
+  window.fleet = fleet;
+  link.start();
+}"""
+
+
+class ModulesTestCase(TestCase):
+    """A broker (SSP off) that serves the modules, with one device and a read token."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        require_browser()
+        self.broker = yield start_broker(self, loopback_config(self, ssp={"enabled": False}))
+        self.registry = self.broker.service.registry
+        yield self.registry.add_device("porch")
+        _, self.token = yield self.registry.add_token("read")
+        self.url = self.broker.http_url + "/"
+
+
+class PureModuleTests(ModulesTestCase):
+    """Modules that need no broker: the fleet store, formatting, filters and sparklines."""
+
+    def test_fleet_store(self):
+        """The store keeps the newest version, replaces a new device of the same name, drops
+        tombstones and, after a full snapshot, devices the snapshot did not include."""
+        results = {}
+
+        def scenario(page, url):
+            page.goto(url)
+            results.update(page.evaluate(FLEET_STORE))
+        d = in_browser(scenario, self.url)
+
+        def check(_):
+            self.assertEqual(results["older_ignored"], 2)
+            self.assertEqual(results["new_device_same_name"], "9")
+            self.assertFalse(results["removed"])
+            self.assertEqual(results["after_snapshot"], ["c", "e"])
+            self.assertEqual(results["counts"], {"online": 1, "offline": 1, "total": 2})
+            self.assertEqual(results["events"], [["a", "b", "c", "d", "e"]])
+        return d.addCallback(check)
+
+    def test_helpers(self):
+        """Name filters, relative times, value parsing and display, and sparkline series."""
+        results = {}
+
+        def scenario(page, url):
+            page.goto(url)
+            results.update(page.evaluate(HELPERS))
+        d = in_browser(scenario, self.url)
+
+        def check(_):
+            everything = ["greenhouse-1", "Greenhouse-2", "cellar-1", "a.b"]
+            self.assertEqual(results["filters"], [
+                everything, ["greenhouse-1", "Greenhouse-2"], ["greenhouse-1", "Greenhouse-2"],
+                ["greenhouse-1", "Greenhouse-2", "cellar-1"], ["a.b"], ["a.b"]])
+            self.assertEqual(results["ago"], ["never", "just now", "12 s ago", "2 h ago", "3 d ago",
+                                              "just now"])
+            self.assertEqual(results["parsed"], [42, "on", "42", {"a": 1}, True, None])
+            self.assertEqual(results["editable"], ['"42"', "on", "5", '{"a":1}', ""])
+            self.assertEqual(results["shown"], ["<4 bytes>", "text", "[1,2]", "null"])
+            self.assertEqual(results["rtt"], ["", "<0.1 ms", "4.2 ms", "125 ms"])
+            # Reported patches only (also inside a report with events), then the current value.
+            self.assertEqual(results["series"], [[10, 20], [20, 21], [40, 22]])
+            self.assertEqual(results["none"], [[], None])
+            self.assertEqual(results["chart"][:2], ["svg", 1])
+            self.assertIn("3 values from 20 to 22", results["chart"][2])
+        return d.addCallback(check)
+
+
+class LinkTests(ModulesTestCase):
+    """The transport chooser, and the whole page, against the real broker."""
+
+    def test_pings_keep_the_websocket(self):
+        """Application pings are answered (pong) and the WebSocket stays up: no reconnect."""
+        sockets, pongs = [], []
+
+        def scenario(page, url):
+            def opened(ws):
+                sockets.append(ws.url)
+                ws.on("framereceived",
+                      lambda payload: pongs.append(payload) if '"pong"' in payload else None)
+            page.on("websocket", opened)
+            page.goto(url)
+            page.evaluate(LINK, [self.token, {"pingIntervalMs": 200}])
+            wait_for(page, "window.link.status.state === 'live'", "the link to go live")
+            page.wait_for_timeout(1500)
+            status = page.evaluate("window.link.status")
+            self.assertEqual((status["transport"], status["state"]), ("websocket", "live"))
+            self.assertEqual(page.evaluate("window.fleet.devices.size"), 1)
+        d = in_browser(scenario, self.url)
+
+        def check(_):
+            self.assertEqual(len(sockets), 1)
+            self.assertGreaterEqual(len(pongs), 5)
+            self.assertIn("cursor", json.loads(pongs[0]))
+        return d.addCallback(check)
+
+    def test_polling_tries_the_websocket_again(self):
+        """After falling back to polling, the page tries the WebSocket again and returns to it."""
+        attempts = []
+
+        def scenario(page, url):
+            def flaky(ws):
+                attempts.append(ws.url)
+                if len(attempts) <= 2:
+                    ws.close(code=1011, reason="blocked by a proxy")
+                else:
+                    ws.connect_to_server()
+            page.route_web_socket(re.compile(r"/ws$"), flaky)
+            page.goto(url)
+            page.evaluate(LINK, [self.token, {"probeIntervalMs": 500}])
+            wait_for(page, "window.link.status.transport === 'websocket' "
+                           "&& window.link.status.state === 'live'", "the WebSocket again")
+            seen = [(s["transport"], s["state"]) for s in page.evaluate("window.statuses")]
+            self.assertIn(("polling", "live"), seen)
+            self.assertEqual(seen[-1], ("websocket", "live"))
+            self.assertLess(seen.index(("polling", "live")), len(seen) - 1)
+            self.assertEqual(page.evaluate("window.fleet.devices.size"), 1)
+        d = in_browser(scenario, self.url)
+        return d.addCallback(lambda _: self.assertEqual(len(attempts), 3))
+
+    @defer.inlineCallbacks
+    def test_empty_fleet(self):
+        """With no device at all the page says so, counts zero, and says how to provision one."""
+        yield self.registry.remove_device("porch")
+
+        def scenario(page, url):
+            page.goto(url)
+            wait_for(page, "document.getElementById('transport').dataset.state === 'live'", "live")
+            wait_for(page, "!document.getElementById('empty').hidden", "the empty-fleet note")
+            self.assertIn("broker-admin device add", page.inner_text("#empty"))
+            self.assertEqual(page.inner_text("#count-total"), "0")
+        yield in_browser(scenario, f"{self.url}#token={self.token}")
+

@@ -1,0 +1,104 @@
+"""Requests checked on the way in and messages encoded on the way out (no sockets)."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.trial import unittest
+
+from broker.web.websocket.messages import (ProtocolError, Request, error_message, parse_request,
+                                           snapshot_message, update_message)
+
+
+class ParseTests(unittest.SynchronousTestCase):
+    """parse_request: one precise code per kind of mistake."""
+
+    def code_of(self, payload: bytes) -> ProtocolError:
+        with self.assertRaises(ProtocolError) as caught:
+            parse_request(payload)
+        return caught.exception
+
+    def test_valid_requests(self):
+        """Each operation parses with its arguments; duplicate patterns are dropped."""
+        self.assertEqual(
+            parse_request(b'{"op":"subscribe","id":"a","patterns":["p*","p*","q"],"cursor":3}'),
+            Request("subscribe", "a", {"patterns": ("p*", "q"), "cursor": 3}))
+        self.assertEqual(
+            parse_request(b'{"op":"set_desired","id":1,"name":"n","desired":{"x":null},'
+                          b'"expected_version":null}'),
+            Request("set_desired", 1, {"name": "n", "desired": {"x": None},
+                                       "expected_version": None}))
+        self.assertEqual(parse_request(b'{"op":"ping"}'), Request("ping", None, {}))
+
+    def test_not_json(self):
+        """Bytes that are not JSON (or not UTF-8) are invalid_json with the parser's position."""
+        problem = self.code_of(b'{"op": ')
+        self.assertEqual(problem.code, "invalid_json")
+        self.assertIn("char 7", problem.message)
+        self.assertEqual(self.code_of(b"\xff\xfe").code, "invalid_json")
+
+    def test_nesting_bomb(self):
+        """Deeply nested JSON is refused as invalid_json instead of exhausting the stack."""
+        problem = self.code_of(b"[" * 100_000 + b"]" * 100_000)
+        self.assertEqual((problem.code, problem.message),
+                         ("invalid_json", "message is not valid JSON: nested too deeply"))
+
+    def test_shape_errors(self):
+        """Non-objects, a missing op and an unknown op each have their code; the id is echoed."""
+        self.assertEqual(self.code_of(b'"hi"').code, "invalid_message")
+        problem = self.code_of(b'{"id": 5}')
+        self.assertEqual((problem.code, problem.request_id), ("invalid_message", 5))
+        problem = self.code_of(b'{"op": "launch", "id": "x"}')
+        self.assertEqual((problem.code, problem.request_id), ("unknown_op", "x"))
+        self.assertIn("subscribe", problem.message)
+
+    def test_field_errors_name_the_field(self):
+        """Wrong types, unknown and missing fields are invalid_field naming the field."""
+        cases = [
+            (b'{"op":"get","id":1}', "name"),
+            (b'{"op":"get","id":1,"name":7}', "name"),
+            (b'{"op":"get","id":1,"name":"a","extra":1}', "extra"),
+            (b'{"op":"subscribe","patterns":[]}', "patterns"),
+            (b'{"op":"subscribe","patterns":[1]}', "patterns"),
+            (b'{"op":"subscribe","patterns":["a"],"cursor":true}', "cursor"),
+            (b'{"op":"subscribe","patterns":["a"],"history":1}', "history"),
+            (b'{"op":"set_desired","name":"a","desired":{},"expected_version":-2}',
+             "expected_version"),
+            (b'{"op":"ping","id":[1]}', "id"),
+            (b'{"op":"ping","id":"' + b"x" * 200 + b'"}', "id"),
+        ]
+        for payload, field in cases:
+            problem = self.code_of(payload)
+            self.assertEqual((problem.code, problem.details["field"]), ("invalid_field", field),
+                             payload)
+
+    def test_bad_patterns(self):
+        """Patterns with characters no device name has are invalid_pattern."""
+        for pattern in ("a b", "", "x" * 200, "a/b", "é"):
+            problem = self.code_of(json.dumps({"op": "subscribe", "patterns": [pattern]}).encode())
+            self.assertEqual(problem.code, "invalid_pattern", pattern)
+
+
+class EncodeTests(unittest.SynchronousTestCase):
+    """Outgoing messages are compact JSON with their documented fields."""
+
+    def test_update_and_snapshot_embed_device_json(self):
+        """Pre-encoded device JSON is embedded as JSON, not as a string."""
+        update = json.loads(update_message('{"name":"a"}', 7))
+        self.assertEqual(update, {"type": "update", "cursor": 7, "device": {"name": "a"}})
+        page = json.loads(snapshot_message("r", ['{"name":"a"}', '{"name":"b"}'], full=True,
+                                           done=False, cursor=3,
+                                           reset={"code": "cursor_expired", "message": "m"}))
+        self.assertEqual(page["devices"], [{"name": "a"}, {"name": "b"}])
+        self.assertEqual((page["id"], page["full"], page["done"], page["cursor"],
+                          page["reset"]["code"]), ("r", True, False, 3, "cursor_expired"))
+        empty = json.loads(snapshot_message(None, [], full=False, done=True, cursor=0))
+        self.assertEqual(empty["devices"], [])
+
+    def test_error_carries_id_code_and_details(self):
+        """An error message carries the request id, op, code, message and extra details."""
+        error = json.loads(error_message("version_conflict", "m", "w1", "set_desired",
+                                         current_version=4))
+        self.assertEqual(error, {"type": "error", "id": "w1", "op": "set_desired",
+                                 "code": "version_conflict", "message": "m",
+                                 "current_version": 4})
