@@ -1,0 +1,57 @@
+"""Helpers of the scale tests: shared registries on real Redis, bounded waits."""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import defer, reactor, task
+
+from broker.registry import RegistrySettings
+from broker.registry.redis_store import RedisOptions
+from broker.registry.shared import open_shared_registry
+
+from .redis_support import start_cluster, start_single
+
+DEADLINE = 20.0
+
+
+@defer.inlineCallbacks
+def wait_until(testcase, predicate, timeout=DEADLINE, what="condition"):
+    """Poll predicate every 10 ms on the real reactor until true, or fail the test."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            testcase.fail(f"timed out after {timeout} s waiting for {what}")
+        yield task.deferLater(reactor, 0.01, lambda: None)
+
+
+class SingleRedis:
+    """Mixin: the tests run against one Redis server."""
+
+    cluster = False
+
+    def start_redis(self):
+        return start_single(self)
+
+
+class ClusterRedis:
+    """Mixin: the tests run against a three-node Redis Cluster."""
+
+    cluster = True
+
+    def start_redis(self):
+        url, self.cluster_ports = start_cluster(self)
+        return url
+
+
+def redis_options(testcase, url, **changes):
+    return RedisOptions(url=url, cluster=testcase.cluster, **changes)
+
+
+def open_registry_on(testcase, url, **settings):
+    """A started SharedRegistry on the real reactor, stopped at cleanup."""
+    registry = open_shared_registry(redis_options(testcase, url), reactor=reactor,
+                                    settings=RegistrySettings(**settings))
+    registry.start()
+    testcase.addCleanup(registry.stop)
+    return registry

@@ -1,0 +1,163 @@
+"""SharedRegistry: several registries (standing for broker processes) on one real Redis."""
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from broker.registry import SessionRecord, errors
+
+from .support import ClusterRedis, SingleRedis, open_registry_on, wait_until
+
+
+class SharedRegistryTestsMixin:
+    """Behaviour every broker process must see the same way, whatever the Redis topology."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.url = self.start_redis()
+        self.a = open_registry_on(self, self.url)
+        self.b = open_registry_on(self, self.url)
+
+    @defer.inlineCallbacks
+    def test_change_on_one_process_reaches_the_other(self):
+        """A report made through A shows on B with the same version and cursor, and B's observer hears it with its events."""
+        yield self.a.add_device("dev-1")
+        yield wait_until(self, lambda: self.b.device("dev-1") is not None, what="add on B")
+        heard = []
+        self.b.subscribe(["dev-*"], heard.append)
+        result = yield self.a.update_reported("dev-1", {"t": 21.5}, events=["boot"])
+        yield wait_until(self, lambda: heard, what="B's observer")
+        view = self.b.device("dev-1")
+        self.assertEqual((view.version, view.cursor), (result.version, result.cursor))
+        self.assertEqual(dict(view.reported), {"t": 21.5})
+        self.assertEqual(heard[-1].events, ("boot",))
+        self.assertEqual(self.a.device("dev-1").version, result.version)
+
+    @defer.inlineCallbacks
+    def test_concurrent_expected_versions_exactly_one_wins(self):
+        """Desired writes with the same expected version on A and B: one succeeds, the other gets VersionConflict."""
+        yield self.a.add_device("dev-2")
+        yield wait_until(self, lambda: self.b.device("dev-2") is not None, what="add on B")
+        for round_ in range(5):
+            yield wait_until(self, lambda: self.a.cursor == self.b.cursor, what="A and B in step")
+            version = self.a.device("dev-2").version
+            outcomes = yield defer.DeferredList([
+                self.a.update_desired("dev-2", {"led": f"a{round_}"}, expected_version=version),
+                self.b.update_desired("dev-2", {"led": f"b{round_}"}, expected_version=version)],
+                consumeErrors=True)
+            wins = [result for ok, result in outcomes if ok]
+            losses = [result for ok, result in outcomes if not ok]
+            self.assertEqual(len(wins), 1, outcomes)
+            self.assertEqual(len(losses), 1)
+            losses[0].trap(errors.VersionConflict)
+            self.assertEqual(losses[0].value.to_json()["current_version"], version + 1)
+            self.assertEqual(wins[0].version, version + 1)
+
+    @defer.inlineCallbacks
+    def test_writes_without_expected_version_from_both_are_merged(self):
+        """Unconditional writes to one device from A and B both land: B retries on A's newer version."""
+        yield self.a.add_device("dev-3")
+        yield wait_until(self, lambda: self.b.device("dev-3") is not None, what="add on B")
+        writes = []
+        for i in range(10):
+            writes.append(self.a.update_desired("dev-3", {f"a{i}": i}))
+            writes.append(self.b.update_desired("dev-3", {f"b{i}": i}))
+        results = yield defer.gatherResults(writes)
+        self.assertEqual(len({r.version for r in results}), 20)
+        yield wait_until(self, lambda: self.a.device("dev-3").version == 21
+                         and self.b.device("dev-3").version == 21, what="A and B current")
+        desired = dict(self.b.device("dev-3").desired)
+        self.assertEqual(len(desired), 20)
+        self.assertEqual(dict(self.a.device("dev-3").desired), desired)
+
+    @defer.inlineCallbacks
+    def test_cursor_taken_on_one_process_resumes_on_the_other(self):
+        """changes_since on B with a cursor A handed out returns exactly the later changes."""
+        yield self.a.add_device("dev-4")
+        yield self.a.add_device("dev-5")
+        cursor = self.a.cursor
+        yield self.a.update_reported("dev-5", {"x": 1})
+        yield wait_until(self, lambda: self.b.cursor >= self.a.cursor, what="B caught up")
+        batch = self.b.changes_since(cursor)
+        self.assertFalse(batch.reset)
+        self.assertEqual([v.name for v in batch.devices], ["dev-5"])
+        self.assertEqual(batch.cursor, self.a.cursor)
+
+    @defer.inlineCallbacks
+    def test_cursor_ahead_of_a_lagging_replica_waits_instead_of_reset(self):
+        """A cursor B has not reached yet but Redis has is answered with an empty batch, not a reset."""
+        yield self.a.add_device("dev-6")
+        self.b._top = self.a.cursor + 5
+        batch = self.b.changes_since(self.a.cursor + 5)
+        self.assertEqual((batch.devices, batch.reset, batch.cursor),
+                         ([], False, self.a.cursor + 5))
+
+    @defer.inlineCallbacks
+    def test_session_record_and_key_changes_reach_the_other_process(self):
+        """A session record saved on A is B's record; a rotated key and a removal reach B's key watchers."""
+        provisioned = yield self.a.add_device("dev-7")
+        number = provisioned.device_number
+        yield wait_until(self, lambda: self.b.secret_for(number) == provisioned.secret, what="secret")
+        record = SessionRecord(session_id=77, acked_remote_num=3, seq_reservation=4096)
+        yield self.a.save_session(number, record)
+        yield wait_until(self, lambda: self.b.session_record(number) == record, what="record")
+        changed = []
+        self.b.watch_keys(changed.append)
+        rotated = yield self.a.rotate_key("dev-7")
+        yield wait_until(self, lambda: self.b.secret_for(number) == rotated.secret, what="key")
+        yield self.a.remove_device("dev-7")
+        yield wait_until(self, lambda: self.b.device("dev-7") is None, what="removal")
+        self.assertEqual(changed, [number, number])
+        batch = self.b.changes_since(0)
+        self.assertEqual([v.removed for v in batch.devices if v.name == "dev-7"], [True])
+
+    @defer.inlineCallbacks
+    def test_desired_change_on_one_process_reaches_desired_watchers_of_the_other(self):
+        """B's watch_desired hears a desired write made on A (what its UDP endpoint forwards to the device)."""
+        provisioned = yield self.a.add_device("dev-8")
+        heard = []
+        self.b.watch_desired(lambda number, desired: heard.append((number, dict(desired))))
+        yield self.a.update_reported("dev-8", {"t": 1})
+        yield self.a.update_desired("dev-8", {"led": "on"})
+        yield wait_until(self, lambda: heard, what="desired on B")
+        self.assertEqual(heard, [(provisioned.device_number, {"led": "on"})])
+
+    @defer.inlineCallbacks
+    def test_tokens_are_valid_on_every_process(self):
+        """A token made on A is accepted by B; revoked on A, B refuses it."""
+        token_id, text = yield self.a.add_token("write")
+        yield wait_until(self, lambda: self.b.check_token(text) == "write", what="token on B")
+        yield self.a.revoke_token(token_id)
+        yield wait_until(self, lambda: self.b.check_token(text) is None, what="revocation on B")
+
+    @defer.inlineCallbacks
+    def test_new_process_loads_everything(self):
+        """A process started later loads devices, versions, the cursor and session records from Redis."""
+        provisioned = yield self.a.add_device("dev-9")
+        yield self.a.update_reported("dev-9", {"t": 2})
+        record = SessionRecord(session_id=5, seq_reservation=8192)
+        yield self.a.save_session(provisioned.device_number, record)
+        c = open_registry_on(self, self.url)
+        view = c.device("dev-9")
+        self.assertEqual((view.version, view.cursor, dict(view.reported)),
+                         (self.a.device("dev-9").version, self.a.device("dev-9").cursor, {"t": 2}))
+        self.assertEqual(c.cursor, self.a.cursor)
+        self.assertEqual(c.session_record(provisioned.device_number), record)
+        self.assertEqual([h[1] for h in view.history], [h[1] for h in self.a.device("dev-9").history])
+
+    @defer.inlineCallbacks
+    def test_too_large_state_is_refused_and_nothing_is_written(self):
+        """A patch that would exceed max_state_bytes fails with StateTooLarge and bumps no version."""
+        small = open_registry_on(self, self.url, max_state_bytes=300)
+        yield small.add_device("dev-10")
+        with self.assertRaises(errors.StateTooLarge):
+            yield small.update_reported("dev-10", {"blob": "x" * 400})
+        self.assertEqual(small.device("dev-10").version, 1)
+
+
+class SingleRedisTests(SingleRedis, SharedRegistryTestsMixin, TestCase):
+    """SharedRegistry on one Redis server."""
+
+
+class ClusterRedisTests(ClusterRedis, SharedRegistryTestsMixin, TestCase):
+    """SharedRegistry on a three-node Redis Cluster."""

@@ -1,0 +1,92 @@
+"""The kernel steers each device's datagrams to one socket of the reuseport group (real sockets)."""
+
+import os
+import random
+import select
+import socket
+import struct
+
+from twisted.trial.unittest import TestCase
+
+from broker.config import ConfigError
+from broker.workers import steered_udp_sockets, steering_program, worker_of
+
+
+def datagram(number, session_id=1):
+    """A datagram with the broker header (wire.md 1) and some ciphertext-sized padding."""
+    return struct.pack(">BQQ", 1, number, session_id) + os.urandom(40)
+
+
+class SteeringTests(TestCase):
+    """SO_ATTACH_REUSEPORT_CBPF steering on loopback."""
+
+    def setUp(self):
+        self.workers = steered_udp_sockets("127.0.0.1", 0, 2)
+        self.port = self.workers[0].getsockname()[1]
+        self.clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+        for client in self.clients:
+            client.bind(("127.0.0.1", 0))
+        for sock in self.workers + self.clients:
+            self.addCleanup(sock.close)
+
+    def drain(self, seen, expect):
+        """Read datagrams from the worker sockets until ``expect`` arrived (bounded)."""
+        got = 0
+        while got < expect:
+            ready, _, _ = select.select(self.workers, [], [], 2.0)
+            self.assertTrue(ready, f"only {got} of {expect} datagrams arrived")
+            for sock in ready:
+                data = sock.recv(2048)
+                index = self.workers.index(sock)
+                if len(data) >= 9:
+                    number = struct.unpack_from(">Q", data, 1)[0]
+                    seen.setdefault(number, set()).add(index)
+                else:
+                    seen.setdefault("short", set()).add(index)
+                got += 1
+
+    def send_all(self, numbers, rotation, seen):
+        for start in range(0, len(numbers), 100):
+            chunk = numbers[start:start + 100]
+            for i, number in enumerate(chunk):
+                client = self.clients[(start + i + rotation) % len(self.clients)]
+                client.sendto(datagram(number, session_id=rotation + 1), ("127.0.0.1", self.port))
+            self.drain(seen, len(chunk))
+
+    def test_every_device_reaches_one_worker_also_after_roaming(self):
+        """1,000 devices from 4 source ports, then each from another port and session: each always lands on worker_of(number)."""
+        rng = random.Random(7)
+        numbers = [rng.getrandbits(63) | 1 for _ in range(1000)]
+        seen = {}
+        self.send_all(numbers, 0, seen)
+        self.send_all(numbers, 1, seen)
+        self.send_all(numbers, 2, seen)
+        for number in numbers:
+            self.assertEqual(seen[number], {worker_of(number, 2)}, number)
+        shares = [sum(1 for n in numbers if worker_of(n, 2) == i) for i in range(2)]
+        self.assertGreater(min(shares), 400)
+
+    def test_short_datagram_goes_to_worker_zero(self):
+        """A datagram too short for a device number is steered to worker 0 (which drops it)."""
+        self.clients[0].sendto(b"\x01\x02", ("127.0.0.1", self.port))
+        seen = {}
+        self.drain(seen, 1)
+        self.assertEqual(seen["short"], {0})
+
+    def test_program_matches_python_mapping(self):
+        """The BPF program divides by the worker count it was built for."""
+        self.assertEqual(steering_program(3)[4][3], 3)
+        self.assertEqual(worker_of((5 << 32) | 6, 3), (5 ^ 6) % 3)
+
+
+class SteeringFallbackTests(TestCase):
+    """Where steering cannot be set up, workers > 1 refuse to start with the fallback named."""
+
+    def test_port_in_use_without_reuseport_is_a_config_error(self):
+        """A port held by a socket without SO_REUSEPORT gives a ConfigError naming docs/scaling.md."""
+        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        with self.assertRaises(ConfigError) as caught:
+            steered_udp_sockets("127.0.0.1", holder.getsockname()[1], 2)
+        self.assertIn("docs/scaling.md", str(caught.exception))
