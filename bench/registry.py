@@ -192,7 +192,8 @@ def main():
             print(f"registry {label}: {n} durable updates to {args.devices} devices in "
                   f"{elapsed:.3f} s = {n / elapsed:,.0f}/s; CPU {cpu:.3f} s = "
                   f"{cpu / n * 1e6:.1f} us/update ({commits} group commits, "
-                  f"{ops / max(commits, 1):.0f} writes each)")
+                  f"{n / max(commits, 1):.0f} updates in {ops / max(commits, 1):.0f} "
+                  "store writes each)")
             print(f"  ratio to baseline: wall {base / elapsed:.2f}, CPU {base_cpu / cpu:.2f}")
         print(f"baseline: raw sqlite executemany of the same rows in one transaction: {base:.3f} s "
               f"= {n / base:,.0f}/s; CPU {base_cpu:.3f} s = {base_cpu / n * 1e6:.1f} us/row")

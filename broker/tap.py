@@ -14,7 +14,7 @@ from broker.config import ConfigError, load_config
 from broker.lifecycle import SignalHandlers
 from broker.logs import LogControl, ObserverFactory
 from broker.registry.errors import StoreError
-from broker.service import make_service
+from broker.service import make_service, tune_garbage_collector
 
 
 class Options(usage.Options):
@@ -69,6 +69,7 @@ def makeService(options: Options):
         sys.stderr.write(f"twistd broker: {problem}\n")
         raise SystemExit(2) from None
     SignalHandlers(service).setServiceParent(service)
+    tune_garbage_collector()
     return service
 
 

@@ -328,7 +328,7 @@ def worker_main(argv=None):
     from broker.config import load_config
     from broker.lifecycle import SignalHandlers
     from broker.logs import LogControl, make_observer
-    from broker.service import make_service
+    from broker.service import make_service, tune_garbage_collector
     from broker.systemd import Activation
 
     parser = argparse.ArgumentParser(prog="broker.workers")
@@ -345,6 +345,7 @@ def worker_main(argv=None):
                            activation=Activation([UDP_FD] if config.ssp.enabled else []),
                            worker=(args.index, args.http_port))
     SignalHandlers(service).setServiceParent(service)
+    tune_garbage_collector()
     status = os.fdopen(STATUS_FD, "w")
     write = _status_writer(service, args.index, status)
 

@@ -87,6 +87,7 @@ class DeviceRegistry:
         self._subs = Subscriptions()
         self._tokens = TokenTable()
         self._key_watches = []
+        self._desired_watches = []
         self._poll = None
         self._polling = False
         #: counters of notable events (the lead wires them to metrics).
@@ -218,6 +219,18 @@ class DeviceRegistry:
         watch = KeyWatch(self._key_watches, callback)
         self._key_watches.append(watch)
         return watch
+
+    def watch_desired(self, callback):
+        """Call ``callback(device_number, desired)`` after every change of a device's
+        desired map (no view built: for the UDP endpoint, instead of observing ``*``)."""
+        watch = KeyWatch(self._desired_watches, callback)
+        self._desired_watches.append(watch)
+        return watch
+
+    def desired_of(self, device_number):
+        """The desired map of a device (no view built), or None."""
+        dev = self._by_number.get(device_number)
+        return None if dev is None else FrozenMap(zip(dev.dkeys, dev.dvals))
 
     def _keys_changed(self, number):
         for watch in list(self._key_watches):
@@ -397,7 +410,16 @@ class DeviceRegistry:
                 token=token))
         dev.dkeys, dev.dvals, dev.dtimes = keys, vals, times
         self._bump(dev, "desired", patch, now)
-        return self._changed(dev, token)
+        d = self._changed(dev, token)
+        if self._desired_watches:
+            desired = FrozenMap(zip(keys, vals))
+            for watch in list(self._desired_watches):
+                try:
+                    watch.callback(dev.number, desired)
+                except Exception:
+                    self.log.failure("desired watcher raised for device {number}",
+                                     number=dev.number)
+        return d
 
     def set_connection(self, name, *, online, last_heard=None, address=None, rtt=None,
                        session_id=None):

@@ -3,12 +3,17 @@
 Division of work, chosen for the GIL: every Python step happens on the
 reactor thread, the writer thread runs (almost) only SQLite's C code.
 
-* ``write`` (reactor thread) queues an operation and returns a Deferred.
+* ``write`` (reactor thread) queues an operation and returns a Deferred;
+  ``write_state`` (the hot path) queues the Device itself, and
+  ``write_states`` several devices behind one Deferred. A queued write
+  keeps no object but its Deferred alive until its commit: objects that
+  live that long reach the GC's oldest generation and make full
+  collections frequent and slow.
 * At the end of the reactor turn (``callLater(0)``) in which the first
   write arrived at an idle writer, or when the writer finishes a commit,
-  the reactor thread turns everything queued into a *plan*: state writes
-  coalesced per device (latest wins), encoded, and packed into a few
-  multi-row statements; other operations in order. Writes queued in one
+  the reactor thread turns everything queued into a *plan*: each changed
+  device's current state encoded once (coalescing: latest wins) and packed
+  into a few multi-row statements; other operations in order. Writes queued in one
   reactor turn therefore always share a commit (unless ``max_batch`` cuts).
 * The writer thread runs the plan in ONE transaction and commits (fsync
   with ``synchronous`` FULL); writes arriving meanwhile wait for the next

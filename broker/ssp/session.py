@@ -373,9 +373,6 @@ class SSPSession(Parking):
         self._assembly = None
         self._emit(event)
 
-    def _count_drop(self, reason: DropReason) -> None:
-        self._emit(_datagram_rejected(reason))
-
     def _refresh(self, now: float) -> None:
         """Recompute the sender's timers (mosh: before every wait)."""
         if self._flags & _CLOSED:

@@ -123,3 +123,23 @@ class ManyTests(SynchronousTestCase):
         self.assertEqual(seen, [("a", 2, ()), ("a", 3, ("e",)), ("b", 2, ())])
         batch = self.registry.changes_since(2)
         self.assertEqual([(v.name, v.version) for v in batch.devices], [("a", 3), ("b", 2)])
+
+
+class DesiredWatchTests(SynchronousTestCase):
+    """watch_desired / desired_of: desired changes without building views."""
+
+    def test_watch_and_read_desired(self):
+        """A watcher gets (number, desired) after each desired change, never for reported ones."""
+        registry, _, _ = make_registry()
+        number = self.successResultOf(registry.add_device("d")).device_number
+        told = []
+        watch = registry.watch_desired(lambda n, desired: told.append((n, dict(desired))))
+        self.successResultOf(registry.update_desired("d", {"led": True}))
+        self.successResultOf(registry.update_reported("d", {"t": 1.0}))
+        self.successResultOf(registry.update_desired("d", {"fan": 2}))
+        self.assertEqual(told, [(number, {"led": True}), (number, {"led": True, "fan": 2})])
+        self.assertEqual(dict(registry.desired_of(number)), {"led": True, "fan": 2})
+        self.assertIsNone(registry.desired_of(number + 1))
+        watch.cancel()
+        self.successResultOf(registry.update_desired("d", {"fan": 3}))
+        self.assertEqual(len(told), 2)

@@ -91,7 +91,7 @@ def start_cluster(testcase, nodes=3):
     """A Redis Cluster of three primaries (no replicas): the URL of its first node."""
     ports = [start_server(testcase, "--cluster-enabled", "yes",
                           "--cluster-config-file", "nodes.conf",
-                          "--cluster-node-timeout", "2000", bus=True)
+                          "--cluster-node-timeout", "15000", bus=True)
              for _ in range(nodes)]
     subprocess.run([REDIS_CLI, "--cluster", "create",
                     *[f"127.0.0.1:{port}" for port in ports],
