@@ -97,17 +97,7 @@ class Metrics:
         """Make the device and feed gauges read a DeviceRegistry when scraped."""
         self.devices_known.set_function(registry.__len__)
         self.feed_cursor.set_function(lambda: registry.cursor)
-        online = getattr(registry, "online_count", None)
-        if online is None:
-            # Until the registry keeps the count itself (REGISTRY-PLAN.md,
-            # requests from OPS): one pass over the records per scrape.
-            records = registry._by_number
-            self.devices_online.set_function(
-                lambda: sum(1 for record in records.values() if record.online))
-        elif callable(online):
-            self.devices_online.set_function(online)
-        else:
-            self.devices_online.set_function(lambda: registry.online_count)
+        self.devices_online.set_function(lambda: registry.online_count)
 
 
 class CommitFigures:
@@ -182,8 +172,12 @@ class InstrumentedStore:
         """The registry's hot path (a store may queue the device itself): a "state" write."""
         return self._counted("state", self.store.write_state(dev, token))
 
-    def _counted(self, kind: str, d):
-        self._kinds[kind] += 1
+    def write_states(self, devs, result=None):
+        """A batch of device states in one commit: counted per device, timed as one write."""
+        return self._counted("state", self.store.write_states(devs, result), len(devs))
+
+    def _counted(self, kind: str, d, count: int = 1):
+        self._kinds[kind] += count
         self._writes += 1
         if not self._writes % SAMPLE_EVERY:
             d.addCallback(self._durable, self._clock())

@@ -14,7 +14,7 @@ from . import errors
 from .database import (connect, database_path, decode_state, encode_state, next_cursor,
                        prepare_directory)
 from .model import Device, DeviceView, TokenInfo
-from .registry import check_name
+from .provisioning import check_name
 from .secrets import ROLES, hash_token, new_device_number, new_secret, new_token
 
 #: admin_log entries kept (a running broker reads them within seconds).

@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from .database import decode_state
 from .errors import StoreError
 from .model import SessionRecord
+from .redis_scripts import ADD, CHANGE, REMOVE, SECRET, TOKENS
 from .store import DeviceRow, Loaded, Store
 from .values import thaw
 
@@ -50,84 +51,6 @@ from .values import thaw
 READ_BLOCK = 0.5
 #: stream entries taken per XREAD.
 READ_COUNT = 2000
-
-# The scripts. Stream fields: t (type) n (number) v (version) c (cursor)
-# s (state) e (events, CBOR) o (origin process) and per type below.
-CHANGE = """
-local v = redis.call('HGET', KEYS[1], 'v')
-if not v then return {'missing', 0, 0} end
-v = tonumber(v)
-if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= v then return {'conflict', 0, v} end
-if tonumber(ARGV[1]) ~= v then return {'stale', 0, v} end
-local number, origin, maxlen, k = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
-local first, c, blob = 0, 0, nil
-for i = 1, k do
-  c = redis.call('INCR', KEYS[2])
-  if i == 1 then first = c end
-  v = v + 1
-  blob = ARGV[5 + 2 * i]
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, c .. '-*', 't', 's', 'n', number,
-             'v', v, 'c', c, 's', blob, 'e', ARGV[6 + 2 * i], 'o', origin)
-end
-if k > 0 then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob) end
-local record = ARGV[7 + 2 * k]
-if record ~= '' then
-  redis.call('HSET', KEYS[1], 'r', record)
-  local top = redis.call('GET', KEYS[2]) or '0'
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, top .. '-*', 't', 'r', 'n', number,
-             'r', record, 'o', origin)
-end
-return {'ok', first, v}
-"""
-
-ADD = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'exists', 0, 0} end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken', 0, 0} end
-local c = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[1], 'v', 1, 'c', c, 'n', ARGV[1], 'k', ARGV[3], 's', ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], c .. '-*', 't', 'a', 'n', ARGV[2],
-           'v', 1, 'c', c, 'm', ARGV[1], 'k', ARGV[3], 's', ARGV[4], 'o', ARGV[5])
-return {'ok', c, 1}
-"""
-
-REMOVE = """
-local v = redis.call('HGET', KEYS[1], 'v')
-if not v then return {'missing', 0, 0} end
-local name = redis.call('HGET', KEYS[1], 'n')
-v = tonumber(v) + 1
-local c = redis.call('INCR', KEYS[3])
-redis.call('DEL', KEYS[1])
-redis.call('HDEL', KEYS[2], name)
-redis.call('ZADD', KEYS[5], c, ARGV[1] .. ':' .. v .. ':' .. name)
-local keep = tonumber(ARGV[4])
-if redis.call('ZCARD', KEYS[5]) > keep then
-  local old = redis.call('ZRANGE', KEYS[5], 0, -keep - 1, 'WITHSCORES')
-  redis.call('SET', KEYS[6], old[#old])
-  redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -keep - 1)
-end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], c .. '-*', 't', 'x', 'n', ARGV[1],
-           'v', v, 'c', c, 'm', name, 'o', ARGV[2])
-return {'ok', c, v}
-"""
-
-SECRET = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing', 0, 0} end
-redis.call('HSET', KEYS[1], 'k', ARGV[2])
-local top = redis.call('GET', KEYS[2]) or '0'
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], top .. '-*', 't', 'k', 'n', ARGV[1],
-           'k', ARGV[2], 'o', ARGV[3])
-return {'ok', 0, 0}
-"""
-
-TOKENS = """
-if ARGV[1] == 'add' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-else redis.call('HDEL', KEYS[1], ARGV[2]) end
-local top = redis.call('GET', KEYS[2]) or '0'
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], top .. '-*', 't', 't', 'o', ARGV[4])
-return {'ok', 0, 0}
-"""
-
 
 @dataclass(frozen=True)
 class RedisOptions:
@@ -313,6 +236,20 @@ class RedisStore(Store):
         """Queue one script call; Deferred firing with its reply ``[status, a, b]``."""
         if self._closing:
             return defer.fail(StoreError("the registry store is closed"))
+        return self._queued(script, keys, args)
+
+    def write(self, op, result=None):
+        """Queue ``(kind, script, keys, args)``: ``call`` under a write kind
+        (state, session, add, remove, secret, token_add, token_del) that store
+        wrappers count. Fires with the script's reply (``result`` is unused)."""
+        _, script, keys, args = op
+        return self.call(script, keys, args)
+
+    def fetch_tokens(self):
+        return self._queued(None, None, None)
+
+    def _queued(self, script, keys, args):
+        """Hand an item to the writer thread (started on first use)."""
         d = defer.Deferred()
         self._queue.append((script, keys, args, d))
         self._wake.set()
@@ -321,19 +258,6 @@ class RedisStore(Store):
                                             daemon=True)
             self._writer.start()
         return d
-
-    def fetch_tokens(self):
-        d = defer.Deferred()
-        self._queue.append((None, None, None, d))
-        self._wake.set()
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="registry-redis-writer",
-                                            daemon=True)
-            self._writer.start()
-        return d
-
-    def write(self, op, result=None):
-        raise NotImplementedError("RedisStore is driven by SharedRegistry")
 
     def top(self):
         """Deferred: the global change sequence now in Redis (after every queued write)."""
@@ -506,13 +430,18 @@ def _fire(outcomes):
             d.callback(outcome)
 
 
-def wait_for_redis(url, timeout=10.0):
-    """Block until a Redis server answers PING (tools and tests)."""
+def wait_for_redis(url, timeout=10.0, check=None):
+    """Block until a Redis server answers PING (tools and tests).
+
+    ``check()``, if given, runs before each attempt and raises to give up
+    early (a test's server process that exited)."""
     import redis
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
     end = time.monotonic() + timeout
     try:
         while True:
+            if check is not None:
+                check()
             try:
                 if client.ping():
                     return

@@ -72,6 +72,14 @@ class TokenTable:
     def __init__(self):
         self._tokens = {}    # token_id -> (digest, role, created_at)
 
+    @classmethod
+    def from_rows(cls, rows):
+        """A table of stored ``(token_id, digest, role, created_at)`` rows."""
+        table = cls()
+        for token_id, digest, role, created_at in rows:
+            table.add(token_id, digest, role, created_at)
+        return table
+
     def add(self, token_id, digest, role, created_at):
         if role not in ROLES:
             raise ValueError(f"token role must be one of {', '.join(ROLES)}")

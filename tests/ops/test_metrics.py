@@ -87,6 +87,15 @@ class RegistryFiguresTests(SynchronousTestCase):
         self.assertEqual(sample(self.metrics, "broker_registry_commit_seconds_bucket", le="0.0025"), 0)
         self.assertAlmostEqual(sample(self.metrics, "broker_registry_commit_seconds_sum"), 0.004)
 
+    def test_batched_reports_counted_per_device(self):
+        """A batch of reports (one commit) counts one state update per device it carries."""
+        for name in ("kitchen", "garage", "attic"):
+            self.registry.add_device(name)
+        done = self.registry.update_reported_many(
+            [("kitchen", {"t": 1}), ("garage", {"t": 2}), ("attic", {"t": 3})])
+        self.assertEqual(len(self.successResultOf(done)), 3)
+        self.assertEqual(sample(self.metrics, "broker_registry_updates_total", kind="state"), 3)
+
     def test_store_extras_still_reachable(self):
         """The wrapper forwards what it does not know to the store (e.g. the memory store's hold)."""
         wrapped = InstrumentedStore(self.store, self.metrics)

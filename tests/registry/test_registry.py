@@ -1,5 +1,6 @@
 """Tests for broker.registry.registry: the device-shadow semantics."""
 
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.registry import errors
@@ -276,3 +277,67 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(again.cursor, registry.cursor + 1)
         batch = again.changes_since(before.cursor)
         self.assertEqual([(v.name, v.online) for v in batch.devices], [("a", False)])
+
+
+class OnlineCountTests(SynchronousTestCase):
+    """``online_count`` follows every change of a device's online flag."""
+
+    def setUp(self):
+        self.registry, self.store, self.clock = make_registry()
+        self.numbers = [self.successResultOf(self.registry.add_device(f"dev-{i}")).device_number
+                        for i in range(3)]
+
+    def assertCountMatches(self):
+        online = sum(1 for view in self.registry.devices("dev-") if view.online)
+        self.assertEqual(self.registry.online_count, online)
+
+    def test_flips_by_name_and_number_counted_once(self):
+        """Going online counts once however many heartbeats follow; going offline uncounts."""
+        self.assertEqual(self.registry.online_count, 0)
+        self.successResultOf(self.registry.set_connection(self.numbers[0], online=True))
+        self.successResultOf(self.registry.set_connection("dev-0", online=True))
+        self.successResultOf(self.registry.set_connection("dev-1", online=True))
+        self.assertEqual(self.registry.online_count, 2)
+        self.successResultOf(self.registry.set_connection("dev-0", online=False))
+        self.successResultOf(self.registry.set_connection("dev-2", online=False))
+        self.assertEqual(self.registry.online_count, 1)
+        self.assertCountMatches()
+
+    def test_removing_an_online_device_uncounts_it(self):
+        """Removing an online device lowers the count; removing an offline one does not."""
+        self.successResultOf(self.registry.set_connection("dev-0", online=True))
+        self.successResultOf(self.registry.set_connection("dev-1", online=True))
+        self.successResultOf(self.registry.remove_device("dev-0"))
+        self.successResultOf(self.registry.remove_device("dev-2"))
+        self.assertEqual(self.registry.online_count, 1)
+        self.successResultOf(self.registry.add_device("dev-0"))
+        self.assertEqual(self.registry.online_count, 1)
+        self.assertCountMatches()
+
+    def test_restart_starts_with_nobody_online(self):
+        """Devices stored online are flipped offline when a registry loads: the count starts at 0."""
+        self.successResultOf(self.registry.set_connection("dev-0", online=True))
+        self.successResultOf(self.registry.set_connection("dev-1", online=True))
+        again, _, _ = make_registry(self.store)
+        self.assertEqual(again.online_count, 0)
+        self.assertFalse(again.device("dev-0").online)
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from(["online", "offline", "remove", "add"]),
+                              st.integers(0, 3)), max_size=30))
+    def test_count_equals_online_devices_after_any_sequence(self, steps):
+        """After any sequence of flips, removals and additions the count equals the online devices."""
+        registry, _, _ = make_registry()
+        for i in range(4):
+            registry.add_device(f"dev-{i}")
+        for action, i in steps:
+            name = f"dev-{i}"
+            if action == "add":
+                d = registry.add_device(name)
+            elif action == "remove":
+                d = registry.remove_device(name)
+            else:
+                d = registry.set_connection(name, online=action == "online")
+            d.addErrback(lambda f: f.trap(errors.UnknownDevice, errors.DeviceExists))
+        online = sum(1 for view in registry.devices("dev-") if view.online)
+        self.assertEqual(registry.online_count, online)

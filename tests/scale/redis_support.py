@@ -11,6 +11,8 @@ import time
 
 from twisted.trial.unittest import SkipTest
 
+from broker.registry.redis_store import wait_for_redis
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
@@ -43,22 +45,10 @@ def free_port(bus=False):
 
 
 def _wait_ping(port, process, timeout=10.0):
-    import redis
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
-    end = time.monotonic() + timeout
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"redis-server on port {port} exited ({process.returncode})")
-            try:
-                if client.ping():
-                    return
-            except (redis.RedisError, OSError):
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
-    finally:
-        client.close()
+    def running():
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server on port {port} exited ({process.returncode})")
+    wait_for_redis(f"redis://127.0.0.1:{port}/0", timeout, check=running)
 
 
 def start_server(testcase, *extra, bus=False):

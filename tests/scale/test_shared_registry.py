@@ -1,11 +1,13 @@
 """SharedRegistry: several registries (standing for broker processes) on one real Redis."""
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
+from broker.metrics import SAMPLE_EVERY, InstrumentedStore, Metrics
 from broker.registry import SessionRecord, errors
+from broker.registry.shared import open_shared_registry
 
-from .support import ClusterRedis, SingleRedis, open_registry_on, wait_until
+from .support import ClusterRedis, SingleRedis, open_registry_on, redis_options, wait_until
 
 
 class SharedRegistryTestsMixin:
@@ -153,6 +155,46 @@ class SharedRegistryTestsMixin:
         with self.assertRaises(errors.StateTooLarge):
             yield small.update_reported("dev-10", {"blob": "x" * 400})
         self.assertEqual(small.device("dev-10").version, 1)
+
+    @defer.inlineCallbacks
+    def test_online_count_follows_every_process(self):
+        """A flip made on A is counted on A and B once applied; a removal uncounts it; a new process loads it online."""
+        yield self.a.add_device("dev-11")
+        yield self.a.add_device("dev-12")
+        yield wait_until(self, lambda: self.b.device("dev-12") is not None, what="adds on B")
+        yield self.a.set_connection("dev-11", online=True)
+        yield self.b.set_connection("dev-12", online=True)
+        yield wait_until(self, lambda: (self.a.online_count, self.b.online_count) == (2, 2),
+                         what="both flips counted on A and B")
+        c = open_registry_on(self, self.url)
+        self.assertEqual(c.online_count, 2)
+        yield self.a.remove_device("dev-11")
+        yield wait_until(self, lambda: self.b.online_count == 1, what="removal counted on B")
+        self.assertEqual(self.a.online_count, 1)
+
+
+class InstrumentedRedisTests(SingleRedis, TestCase):
+    """The broker's metrics wrapper sees the writes a SharedRegistry sends to Redis."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_writes_counted_by_kind_and_timed(self):
+        """Adds, state changes, session records and tokens are counted by kind; sampled commits are timed."""
+        metrics = Metrics()
+        registry = open_shared_registry(
+            redis_options(self, self.start_redis()), reactor=reactor,
+            store_wrapper=lambda store: InstrumentedStore(store, metrics))
+        registry.start()
+        self.addCleanup(registry.stop)
+        provisioned = yield registry.add_device("dev-1")
+        for i in range(SAMPLE_EVERY):
+            yield registry.update_reported("dev-1", {"t": float(i)})
+        yield registry.save_session(provisioned.device_number, SessionRecord(session_id=3))
+        yield registry.add_token("read")
+        self.assertEqual(dict(metrics.commits.kinds), {
+            "add": 1, "state": SAMPLE_EVERY, "session": 1, "token_add": 1})
+        self.assertEqual(sum(metrics.commits.counts), 1)
 
 
 class SingleRedisTests(SingleRedis, SharedRegistryTestsMixin, TestCase):

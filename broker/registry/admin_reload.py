@@ -1,0 +1,63 @@
+"""Changes broker-admin made in the database, applied to a running registry.
+
+``broker-admin`` writes the SQLite file directly and appends to its admin
+log; the registry reads that log (polled, or at once on ``reload()``)
+through the store's writer thread, so datagrams naming unknown devices
+never make the broker read the disk.
+"""
+
+from twisted.internet import defer
+
+from . import errors
+from .model import Device, DeviceView
+from .secrets import TokenTable
+
+
+class AdminReload:
+    """DeviceRegistry's admin-reload half (a mixin: see registry.py)."""
+
+    __slots__ = ()
+
+    @defer.inlineCallbacks
+    def reload(self):
+        """Apply devices and tokens another process (broker-admin) changed in the store."""
+        if self._polling:
+            return
+        self._polling = True
+        try:
+            entries = yield self._store.admin_changes(self._admin_seq)
+            for seq, op, name, number in entries:
+                yield self._apply_admin(op, name, number)
+                self._admin_seq = max(self._admin_seq, seq)
+        except errors.StoreError:
+            self.log.failure("reading admin changes failed")
+        finally:
+            self._polling = False
+
+    @defer.inlineCallbacks
+    def _apply_admin(self, op, name, number):
+        self.counters["admin_" + op] += 1
+        if op == "token":
+            rows = yield self._store.fetch_tokens()
+            self._tokens = TokenTable.from_rows(rows)
+            return
+        dev = self._by_number.get(number)
+        if op == "device_remove":
+            if dev is not None and dev.name == name:
+                yield self._remove(dev)
+            return
+        row = yield self._store.fetch_device(number)
+        if row is None:
+            return
+        if op == "device_key" and dev is not None:
+            dev.secret = row.secret
+            self._keys_changed(number)
+        elif op == "device_add" and dev is None and row.name not in self._by_name:
+            dev = Device(row.name, row.number, row.secret, row.version)
+            if row.state is not None:
+                dev.restore_state(row.state)
+            self._insert(dev)
+            dev.cursor = 0
+            self._bump(dev, "created", None, self._clock.seconds())
+            self._persist(dev, None)
+            self._subs.notify(dev.name, lambda: DeviceView.of(dev))

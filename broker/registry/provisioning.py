@@ -1,0 +1,161 @@
+"""Provisioning of DeviceRegistry: devices, their keys, SSP session records
+and dashboard tokens (the admin CLI and the UDP endpoint's persistence)."""
+
+import re
+from bisect import bisect_left, insort
+
+from twisted.internet import defer
+
+from . import errors
+from .model import Device, DeviceView, Provisioned, TokenInfo, UpdateResult
+from .secrets import ROLES, hash_token, new_device_number, new_secret, new_token
+
+#: device names: letters, digits, ``. _ -``, starting with a letter or digit.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def check_name(name):
+    """Raise InvalidName unless ``name`` is a valid device name."""
+    if not isinstance(name, str) or not name.isascii() or NAME_RE.match(name) is None:
+        raise errors.InvalidName(
+            f"invalid device name {name!r}: 1-64 of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit")
+    return name
+
+
+class Provisioning:
+    """DeviceRegistry's provisioning half (a mixin: see registry.py)."""
+
+    __slots__ = ()
+
+    # -- the device index (SharedRegistry uses these too) --------------------
+
+    def _free_number(self, name):
+        """An unused device number for a new device ``name``; raises InvalidName or DeviceExists."""
+        check_name(name)
+        if name in self._by_name:
+            raise errors.DeviceExists(name)
+        number = new_device_number(self._random_bytes)
+        while number in self._by_number:
+            number = new_device_number(self._random_bytes)
+        return number
+
+    def _insert(self, dev):
+        self._by_name[dev.name] = dev
+        self._by_number[dev.number] = dev
+        insort(self._names, dev.name)
+        self.online_count += dev.online
+
+    def _forget(self, dev):
+        """Drop ``dev`` from the indexes and the feed (its tombstone is the caller's)."""
+        del self._by_name[dev.name]
+        del self._by_number[dev.number]
+        i = bisect_left(self._names, dev.name)
+        if i < len(self._names) and self._names[i] == dev.name:
+            del self._names[i]
+        self.online_count -= dev.online
+        if dev.cursor > 0:
+            self._feed.stale()
+        dev.cursor = 0
+
+    def _removed(self, tomb):
+        """Tell observers and key watchers that the device of ``tomb`` is gone."""
+        self._subs.notify(tomb.name, lambda: tomb)
+        self._keys_changed(tomb.device_number)
+
+    # -- devices ---------------------------------------------------------------
+
+    def add_device(self, name):
+        """Provision a device: Deferred[Provisioned] (number and secret) once durable."""
+        try:
+            number = self._free_number(name)
+        except (errors.InvalidName, errors.DeviceExists) as e:
+            return defer.fail(e)
+        dev = Device(name, number, new_secret(self._random_bytes))
+        self._insert(dev)
+        self._bump(dev, "created", None, self._clock.seconds())
+        d = self._store.write(("add", number, name, dev.secret, dev.version, dev.cursor, dev.state()),
+                              Provisioned(name, number, dev.secret))
+        self._subs.notify(name, lambda: DeviceView.of(dev))
+        return d
+
+    def remove_device(self, name):
+        """Remove a device, its state and session; Deferred once durable."""
+        dev = self._by_name.get(name)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(name))
+        return self._remove(dev)
+
+    def _remove(self, dev):
+        self._forget(dev)
+        self.cursor += 1
+        tomb = DeviceView.tombstone(dev.name, dev.number, dev.version + 1, self.cursor)
+        self._feed.append(tomb, False)
+        d = self._store.write(("remove", dev.number, dev.name, tomb.version, tomb.cursor),
+                              UpdateResult(dev.name, tomb.version, tomb.cursor))
+        self._removed(tomb)
+        return d
+
+    def rotate_key(self, name):
+        """Give a device a new secret (live sessions end): Deferred[Provisioned] once durable."""
+        dev = self._by_name.get(name)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(name))
+        dev.secret = new_secret(self._random_bytes)
+        d = self._store.write(("secret", dev.number, dev.secret),
+                              Provisioned(name, dev.number, dev.secret))
+        self._keys_changed(dev.number)
+        return d
+
+    # -- SSP session persistence ----------------------------------------------
+
+    def session_record(self, device_number):
+        """The saved SessionRecord of a device, or None."""
+        dev = self._by_number.get(device_number)
+        return None if dev is None else dev.session
+
+    def save_session(self, device_number, record):
+        """Keep a SessionRecord; Deferred once durable."""
+        dev = self._by_number.get(device_number)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(device_number))
+        dev.session = record
+        return self._store.write(("session", device_number, record), record)
+
+    # -- access tokens -----------------------------------------------------------
+
+    def _new_token(self, role):
+        """Make and keep a token in memory: ``(token_id, text, digest, created_at)``.
+
+        Raises InvalidValue for an unknown role."""
+        if role not in ROLES:
+            raise errors.InvalidValue(f"token role must be one of {', '.join(ROLES)}")
+        token_id, text = new_token(self._random_bytes)
+        while token_id in self._tokens:
+            token_id, text = new_token(self._random_bytes)
+        digest = hash_token(text)
+        now = self._clock.seconds()
+        self._tokens.add(token_id, digest, role, now)
+        return token_id, text, digest, now
+
+    def add_token(self, role):
+        """A new dashboard token: Deferred[(token_id, token_text)] once durable; the text is shown once."""
+        try:
+            token_id, text, digest, now = self._new_token(role)
+        except errors.InvalidValue as e:
+            return defer.fail(e)
+        return self._store.write(("token_add", token_id, digest, role, now), (token_id, text))
+
+    def check_token(self, token_text):
+        """The role (``read`` or ``write``) of a valid token, or None."""
+        return self._tokens.check(token_text)
+
+    def revoke_token(self, token_id):
+        """Forget a token; Deferred once durable."""
+        if not self._tokens.remove(token_id):
+            return defer.fail(errors.UnknownToken(f"unknown token {token_id!r}"))
+        return self._store.write(("token_del", token_id), token_id)
+
+    def tokens(self):
+        """Every token as TokenInfo (id, role, creation time), never its text."""
+        return [TokenInfo(tid, role, created) for tid, (_, role, created) in self._tokens.items()]

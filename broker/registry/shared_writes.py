@@ -1,0 +1,261 @@
+"""The write path of a SharedRegistry: proposals to Redis and its answers.
+
+A write is computed here on a scratch copy of the device and sent as the
+"change" script with the version it was computed from; Redis refuses it
+("stale") if another process changed the device meanwhile, and the write
+is recomputed once the replica caught up. Writes of one device from one
+process are pipelined: while a batch is in flight, later writes wait and
+go together in the next one (one script, one round trip). A write's
+Deferred fires once the stream brought its cursor back to this process.
+"""
+
+from collections import deque
+
+import cbor2
+from twisted.internet import defer
+
+from . import errors
+from .database import encode_state
+from .model import Device, UpdateResult
+from .redis_store import encode_record
+from .values import FrozenMap
+
+
+class _Op:
+    """One queued write of a device."""
+
+    __slots__ = ("kind", "patch", "events", "expected", "token", "record", "d", "index", "error")
+
+    def __init__(self, kind, patch=None, events=(), expected=None, token=None, record=None):
+        self.kind = kind
+        self.patch = patch
+        self.events = events
+        self.expected = expected
+        self.token = token
+        self.record = record
+        self.d = defer.Deferred()
+        self.index = None
+        self.error = None
+
+
+def _copy(dev):
+    scratch = Device(dev.name, dev.number, dev.secret, dev.version, dev.cursor)
+    for slot in Device.__slots__:
+        setattr(scratch, slot, getattr(dev, slot))
+    return scratch
+
+
+class SharedWrites:
+    """SharedRegistry's write half (a mixin: see shared.py)."""
+
+    __slots__ = ()
+
+    # -- proposals -------------------------------------------------------------
+
+    def update_reported(self, name, patch, events=(), token=None):
+        """Merge a patch into ``reported`` (by name or device number); durable via Redis."""
+        dev = self._lookup(name)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(name, token=token))
+        try:
+            patch = self._validator.patch(patch)
+            if events:
+                events = self._check_events(events)
+        except errors.RegistryError as e:
+            return defer.fail(self._refused(e, token))
+        kind = "reported" if patch or events else "barrier"
+        return self._enqueue(dev, _Op(kind, patch, events, token=token))
+
+    def update_desired(self, name, patch, expected_version=None, token=None):
+        """Merge a patch into ``desired``; ``expected_version`` is checked by Redis."""
+        dev = self._lookup(name)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(name, token=token))
+        try:
+            patch = self._validator.patch(patch)
+        except errors.RegistryError as e:
+            return defer.fail(self._refused(e, token))
+        if not patch and expected_version is None:
+            return self._enqueue(dev, _Op("barrier", token=token))
+        return self._enqueue(dev, _Op("desired", patch, expected=expected_version, token=token))
+
+    def _set_online(self, dev, online):
+        return self._enqueue(dev, _Op("connection", {"online": online}))
+
+    def save_session(self, device_number, record):
+        """Keep a SessionRecord (here at once, in Redis with the device's next batch)."""
+        dev = self._by_number.get(device_number)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(device_number))
+        dev.session = record
+        return self._enqueue(dev, _Op("session", record=record))
+
+    # -- batching per device -----------------------------------------------------
+
+    def _enqueue(self, dev, op):
+        queue = self._queues.get(dev.number)
+        if queue is None:
+            queue = self._queues[dev.number] = deque()
+        queue.append(op)
+        if dev.number not in self._busy:
+            self._schedule(dev.number)
+        return op.d
+
+    def _schedule(self, number):
+        """Send the queued writes of device ``number`` at the end of this reactor turn."""
+        self._ready[number] = None
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush)
+
+    def _flush(self):
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        ready, self._ready = self._ready, {}
+        for number in ready:
+            if number in self._busy or not self._queues.get(number):
+                continue
+            dev = self._by_number.get(number)
+            if dev is None:
+                for op in self._queues.pop(number):
+                    op.d.errback(errors.UnknownDevice(number, token=op.token))
+                continue
+            self._send(dev, self._queues[number])
+
+    def _mark_ready(self, number):
+        self._busy.pop(number, None)
+        if self._queues.get(number):
+            self._schedule(number)
+
+    def _send(self, dev, queue):
+        ops = []
+        while queue:
+            if queue[0].expected is not None and ops:
+                break
+            ops.append(queue.popleft())
+            if ops[-1].expected is not None:
+                break
+        if not queue:
+            del self._queues[dev.number]
+        scratch = _copy(dev)
+        now = self._clock.seconds()
+        states = []
+        record = None
+        for op in ops:
+            if op.kind == "session":
+                record = op.record
+            elif op.kind != "barrier":
+                try:
+                    if self._change(scratch, op, now):
+                        op.index = len(states) // 2
+                        states += (encode_state(scratch.state()),
+                                   cbor2.dumps(op.events) if op.events else b"")
+                except errors.RegistryError as e:
+                    op.error = self._refused(e, op.token)
+        if not states and record is None and ops[0].expected is None:
+            self._settle(dev, ops, 0, None)
+            self._mark_ready(dev.number)
+            return
+        store = self._store
+        args = [dev.version, "" if ops[0].expected is None else ops[0].expected, dev.number,
+                self.origin, store.options.stream_length, len(states) // 2, *states,
+                b"" if record is None else encode_record(record)]
+        self._busy[dev.number] = "reply"
+        kind = "state" if states else "session" if record is not None else "version_check"
+        store.write((kind, "change", [store.device_key(dev.number), store.key_seq,
+                                      store.key_feed], args)
+                    ).addCallbacks(self._replied, self._failed,
+                                   callbackArgs=(dev.number, ops, dev.version),
+                                   errbackArgs=(dev.number, ops))
+
+    def _change(self, dev, op, now):
+        """Apply one op to a scratch copy; True if it makes a new version."""
+        kind = op.kind
+        if kind == "connection":
+            if dev.online == op.patch["online"]:
+                return False
+            dev.online = op.patch["online"]
+            data = op.patch
+        elif kind == "reported":
+            if op.patch:
+                self._merge_reported(dev, op.patch, now)
+            if op.events:
+                data = FrozenMap({"patch": FrozenMap(op.patch), "events": op.events})
+                if not op.patch:
+                    kind, data = "events", op.events
+            else:
+                data = FrozenMap(op.patch)
+        else:
+            if not op.patch:
+                return False
+            self._merge_desired(dev, op.patch, now)
+            data = FrozenMap(op.patch)
+        dev.version += 1
+        self._remember(dev, 0, now, kind, data)   # its cursor is known once Redis took it
+        return True
+
+    # -- Redis's answer ------------------------------------------------------------
+
+    def _replied(self, reply, number, ops, base):
+        status, first, version = reply
+        dev = self._by_number.get(number)
+        name = dev.name if dev is not None else number
+        if status == "ok":
+            self._top = max(self._top, first + version - base - 1)
+            self._settle(dev, ops, first, base)
+            last = max((first + op.index for op in ops if op.index is not None), default=0)
+            if last and last > self.cursor:
+                self._busy[number] = last
+            else:
+                self._mark_ready(number)
+            return
+        if status == "stale":
+            self.counters["retried_stale"] += 1
+            queue = self._queues.setdefault(number, deque())
+            for op in reversed(ops):
+                op.index = op.error = None
+                queue.appendleft(op)
+            if dev is not None and dev.version < version:
+                self._busy[number] = ("v", version)
+            else:
+                self._mark_ready(number)
+            return
+        for op in ops:
+            if status == "conflict" and op.expected is not None:
+                self.counters["rejected_version_conflict"] += 1
+                op.d.errback(errors.VersionConflict(name, op.expected, version, token=op.token))
+            else:
+                op.d.errback(errors.UnknownDevice(name, token=op.token))
+        self._mark_ready(number)
+
+    def _failed(self, failure, number, ops):
+        for op in ops:
+            op.d.errback(failure)
+        self._mark_ready(number)
+
+    def _settle(self, dev, ops, first, base):
+        """Fire or park each op's Deferred once its change is applied here."""
+        name = dev.name if dev is not None else None
+        last = None
+        for op in ops:
+            if op.error is not None:
+                op.d.errback(op.error)
+            elif op.index is not None:
+                cursor = first + op.index
+                last = (cursor, base + op.index + 1)
+                self._wait(cursor, op.d, UpdateResult(name, last[1], cursor, op.token))
+        for op in ops:
+            if op.error is None and op.index is None:
+                if op.kind == "session":
+                    result = op.record
+                elif last is not None:
+                    result = UpdateResult(name, last[1], last[0], op.token)
+                else:
+                    result = UpdateResult(name, dev.version, dev.cursor, op.token)
+                self._wait(last[0] if last else 0, op.d, result)
+
+    def _wait(self, cursor, d, result):
+        if cursor <= self.cursor:
+            d.callback(result)
+        else:
+            self._waiters.append((cursor, d, result))

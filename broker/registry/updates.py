@@ -1,0 +1,259 @@
+"""State updates of DeviceRegistry: reported, desired and connection facts.
+
+Each write changes memory at once (version and cursor assigned in call
+order), tells observers, and returns the store's Deferred that fires once
+the change is durable. The common report (known keys, numbers replacing
+numbers) is checked and merged in one pass.
+"""
+
+from twisted.internet import defer
+
+from . import errors
+from .model import EMPTY, DeviceView, UpdateResult, merge_map, replace_numbers
+from .values import FrozenMap, map_size, value_size
+
+
+def _refusal(failure):
+    """A refused update as a value (batch answers); a store failure stays a failure."""
+    if failure.check(errors.RegistryError) and not failure.check(errors.StoreError):
+        return failure.value
+    return failure
+
+
+def _first_error(failure):
+    failure.trap(defer.FirstError)
+    return failure.value.subFailure
+
+
+def _unpack(update):
+    """``(name_or_number, patch[, events[, token]])`` as four values."""
+    return (update[0], update[1], update[2] if len(update) > 2 else (),
+            update[3] if len(update) > 3 else None)
+
+
+class StateUpdates:
+    """DeviceRegistry's write half for device state (a mixin: see registry.py)."""
+
+    __slots__ = ()
+
+    # -- shared steps (SharedRegistry uses them too) -------------------------
+
+    def _lookup(self, name):
+        """The record of a device by name, or by number when ``name`` is an int."""
+        return self._by_number.get(name) if isinstance(name, int) else self._by_name.get(name)
+
+    def _refused(self, e, token):
+        """Count a refused write and echo its token; returns the error."""
+        e.token = token
+        self.counters["rejected_" + e.code] += 1
+        return e
+
+    def _remember(self, dev, cursor, now, kind, data):
+        """Append a history entry to ``dev`` (kept to ``history_size``)."""
+        size = self.settings.history_size
+        if size:
+            if type(data) is dict:
+                data = FrozenMap(data)
+            dev.history = (dev.history + ((dev.version, cursor, now, kind, data),))[-size:]
+
+    def _merge_reported(self, dev, patch, now):
+        """Merge a validated patch into ``dev.reported``; StateTooLarge leaves it as it was."""
+        keys, vals, times, grow = merge_map(self._shapes, dev.rkeys, dev.rvals, dev.rtimes,
+                                            patch, now)
+        self._fits(keys, vals, grow, "reported", dev.name)
+        dev.rkeys, dev.rvals, dev.rtimes = keys, vals, times
+
+    def _merge_desired(self, dev, patch, now):
+        """Merge a validated patch into ``dev.desired``; StateTooLarge leaves it as it was."""
+        keys, vals, times, grow = merge_map(self._shapes, dev.dkeys, dev.dvals, dev.dtimes,
+                                            patch, now)
+        self._fits(keys, vals, grow, "desired", dev.name)
+        dev.dkeys, dev.dvals, dev.dtimes = keys, vals, times
+
+    def _fits(self, keys, vals, grow, which, name):
+        limit = self.settings.max_state_bytes
+        if grow and map_size(keys, vals) > limit:
+            raise errors.StateTooLarge(f"{which} state of {name!r} would exceed {limit} bytes")
+
+    def _check_events(self, events):
+        if not isinstance(events, (list, tuple)):
+            raise errors.InvalidValue("events must be a list")
+        if len(events) > self.settings.max_events:
+            raise errors.InvalidValue(f"at most {self.settings.max_events} events per update")
+        checked = tuple(self._validator.value(e, 1, "events") for e in events)
+        for e in checked:
+            if value_size(e) > self.settings.max_state_bytes:
+                raise errors.StateTooLarge(
+                    f"an event exceeds {self.settings.max_state_bytes} bytes")
+        return checked
+
+    # -- the change machinery ------------------------------------------------
+
+    def _bump(self, dev, kind, data, now):
+        """Give ``dev`` its next version and the next global cursor."""
+        replaced = dev.cursor > 0
+        dev.version += 1
+        self.cursor += 1
+        dev.cursor = self.cursor
+        self._feed.append(dev, replaced)
+        self._remember(dev, dev.cursor, now, kind, data)
+
+    def _persist(self, dev, result):
+        return self._store.write(("state", dev.version, dev.cursor, dev.state(), dev.number), result)
+
+    def _changed(self, dev, token, events=EMPTY):
+        """Queue the durable write of a changed device, then tell its observers."""
+        d = self._store.write_state(dev, token)
+        if self._subs.watching:
+            self._subs.notify(dev.name, lambda: DeviceView.of(dev, events))
+        return d
+
+    # -- reported --------------------------------------------------------------
+
+    def update_reported(self, name, patch, events=(), token=None):
+        """Merge a patch into ``reported`` (null deletes); Deferred[UpdateResult] once durable.
+
+        ``name`` may also be the device number (an int), as for set_connection.
+        """
+        dev = self._lookup(name)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(name, token=token))
+        try:
+            events = self._apply_reported(dev, patch, events, token)
+        except errors.RegistryError as e:
+            return defer.fail(e)
+        if events is None:
+            return self._store.barrier(UpdateResult(dev.name, dev.version, dev.cursor, token))
+        return self._changed(dev, token, events)
+
+    def update_reported_many(self, updates):
+        """Apply many reported updates with ONE Deferred for all of them.
+
+        ``updates``: ``(name_or_number, patch)``, ``(.., patch, events)`` or
+        ``(.., patch, events, token)`` tuples. Each is applied (validated,
+        versioned, observed) exactly as ``update_reported`` would, and all
+        accepted ones are written in one store transaction. Fires once they
+        are durable with a list in the same order: the UpdateResult of each
+        accepted update, or the RegistryError (not raised) of a refused one;
+        errbacks (StoreError) if the store failed. For callers that gather
+        the reports of a reactor turn (the UDP endpoint): no Deferred per write.
+        """
+        if type(self).update_reported is not StateUpdates.update_reported:
+            # A subclass with its own write path (SharedRegistry): one by one.
+            return defer.gatherResults([self.update_reported(*u).addErrback(_refusal)
+                                        for u in updates], consumeErrors=True
+                                       ).addErrback(_first_error)
+        out = []
+        changed = []
+        for update in updates:
+            name, patch, events, token = _unpack(update)
+            dev = self._lookup(name)
+            if dev is None:
+                out.append(errors.UnknownDevice(name, token=token))
+                continue
+            try:
+                events = self._apply_reported(dev, patch, events, token)
+            except errors.RegistryError as e:
+                out.append(e)
+                continue
+            if events is not None:
+                changed.append(dev)
+                if self._subs.watching:
+                    self._subs.notify(dev.name, lambda: DeviceView.of(dev, events))
+            out.append(UpdateResult(dev.name, dev.version, dev.cursor, token))
+        if not changed:
+            return self._store.barrier(out)
+        return self._store.write_states(changed, out)
+
+    def _apply_reported(self, dev, patch, events, token):
+        """Apply one reported update to ``dev`` in memory (version, feed, history).
+
+        Returns the checked events (a tuple, maybe empty), or None if nothing
+        changed; raises RegistryError (counted, carrying ``token``).
+        """
+        now = self._clock.seconds()
+        if not events and type(patch) is dict and 0 < len(patch) <= self._validator.max_keys:
+            # The common update (known keys, numbers replacing numbers) is
+            # checked and merged in one pass; anything else takes the full path.
+            fast = replace_numbers(self._shapes, dev.rkeys, dev.rvals, dev.rtimes, patch, now)
+            if fast is not None:
+                dev.rvals, dev.rtimes = fast
+                if self.settings.history_size:
+                    pos = self._shapes.positions(dev.rkeys)
+                    patch = {dev.rkeys[pos[k]]: v for k, v in patch.items()}   # interned keys
+                self._bump(dev, "reported", patch, now)
+                return EMPTY
+        try:
+            patch = self._validator.patch(patch)
+            events = self._check_events(events) if events else EMPTY
+            if patch:
+                self._merge_reported(dev, patch, now)
+        except errors.RegistryError as e:
+            raise self._refused(e, token)
+        if patch and events:
+            self._bump(dev, "reported", FrozenMap({"patch": FrozenMap(patch), "events": events}),
+                       now)
+        elif patch:
+            self._bump(dev, "reported", patch, now)
+        elif events:
+            self._bump(dev, "events", events, now)
+        else:
+            return None
+        return events
+
+    # -- desired ---------------------------------------------------------------
+
+    def update_desired(self, name, patch, expected_version=None, token=None):
+        """Merge a patch into ``desired``, refused with VersionConflict if
+        ``expected_version`` is given and differs; Deferred[UpdateResult] once durable."""
+        dev = self._by_name.get(name)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(name, token=token))
+        if expected_version is not None and expected_version != dev.version:
+            self.counters["rejected_version_conflict"] += 1
+            return defer.fail(errors.VersionConflict(name, expected_version, dev.version, token=token))
+        now = self._clock.seconds()
+        try:
+            patch = self._validator.patch(patch)
+            if patch:
+                self._merge_desired(dev, patch, now)
+        except errors.RegistryError as e:
+            return defer.fail(self._refused(e, token))
+        if not patch:
+            return self._store.barrier(UpdateResult(name, dev.version, dev.cursor, token))
+        self._bump(dev, "desired", patch, now)
+        d = self._changed(dev, token)
+        self._desired_changed(dev)
+        return d
+
+    # -- connection facts --------------------------------------------------------
+
+    def set_connection(self, name, *, online, last_heard=None, address=None, rtt=None,
+                       session_id=None):
+        """Record connection facts of a device (by name, or by number if an int).
+
+        Only a flip of ``online`` is a change (version, cursor, observers,
+        a durable write whose Deferred is returned); the other facts update
+        in place. ``last_heard`` defaults to the clock's time (epoch seconds).
+        """
+        dev = self._lookup(name)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(name))
+        dev.last_heard = self._clock.seconds() if last_heard is None else last_heard
+        if address is not None:
+            dev.address = address
+        if rtt is not None:
+            dev.rtt = rtt
+        if session_id is not None:
+            dev.session_id = session_id
+        if bool(online) == dev.online:
+            return defer.succeed(UpdateResult(dev.name, dev.version, dev.cursor))
+        return self._set_online(dev, bool(online))
+
+    def _set_online(self, dev, online):
+        dev.online = online
+        self.online_count += 1 if online else -1
+        self._bump(dev, "connection", {"online": online}, self._clock.seconds())
+        d = self._persist(dev, UpdateResult(dev.name, dev.version, dev.cursor))
+        self._subs.notify(dev.name, lambda: DeviceView.of(dev))
+        return d
