@@ -73,6 +73,9 @@ class SSPSettings:
     max_device_datagrams_per_second: int = _setting(50, minimum=1, maximum=100_000)
     max_new_sessions_per_second: int = _setting(2_000, minimum=1, maximum=1_000_000)
     cipher_cache_size: int = _setting(4096, minimum=16, maximum=1_000_000)
+    park_after: float = _setting(0.5, minimum=0.05, maximum=60.0)
+    auth_failure_budget: int = _setting(8, minimum=1, maximum=1000)
+    facts_interval: float = _setting(1.0, minimum=0.1, maximum=60.0)
 
 
 @dataclass(frozen=True, slots=True)
