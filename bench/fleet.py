@@ -51,6 +51,8 @@ SLAB_CACHES = ("TCP", "TCPv6", "UDP", "UDPv6", "sock_inode_cache", "filp", "dent
 PAGE = os.sysconf("SC_PAGE_SIZE")
 HEARTBEAT = 60.0  # device heartbeat during the memory runs (s): idle means idle
 LOAD_PERIOD = 0.02  # each device reports this often during the throughput run (s)
+CONNECT_RATE = 1500  # new sessions per second the simulated fleet starts
+THROUGHPUT_DEVICES = 600  # x 50 reports/s each: more than one broker process can take
 
 
 # -- measuring ------------------------------------------------------------------
@@ -182,29 +184,29 @@ def _commands(reactor, handlers) -> None:
     stdio.StandardIO(Commands(), reactor=reactor)
 
 
-def child_broker(devices: int, workdir: str) -> None:
-    """The real broker service (SQLite store); provisions devices, writes their keys."""
-    from twisted.internet import defer, reactor
-
+def _broker_config(workdir: str):
     from broker.config import load_config, replace
-    from broker.service import make_service
-    from broker.ssp.keys import format_key
 
-    raise_fd_limit()
     config = load_config(None)
     config = replace(config, "broker", data_dir=os.path.join(workdir, "data"))
     config = replace(config, "http", endpoint="tcp:0:interface=127.0.0.1")
     config = replace(config, "registry", history_size=0)
-    config = replace(config, "ssp", port=0, device_heartbeat=HEARTBEAT,
-                     offline_after=3 * HEARTBEAT,
-                     max_datagrams_per_second=1_000_000,
-                     max_device_datagrams_per_second=1000)
-    service = make_service(config, reactor=reactor)
+    return replace(config, "ssp", port=0, device_heartbeat=HEARTBEAT,
+                   offline_after=3 * HEARTBEAT, max_datagrams_per_second=1_000_000,
+                   max_device_datagrams_per_second=1000)
+
+
+def child_provision(devices: int, workdir: str) -> None:
+    """Provision devices in the broker's store and write their keys (admin --json form)."""
+    from twisted.internet import defer, reactor
+
+    from broker.registry import RegistrySettings, open_registry
+    from broker.ssp.keys import format_key
 
     @defer.inlineCallbacks
-    def start():
-        yield defer.maybeDeferred(service.startService)
-        registry = service.registry
+    def run():
+        registry = open_registry(os.path.join(workdir, "data"), clock=reactor,
+                                 settings=RegistrySettings(history_size=0))
         with open(os.path.join(workdir, "keys.jsonl"), "w", encoding="ascii") as keys:
             for start_at in range(0, devices, 5000):
                 batch = [registry.add_device(f"dev-{i:07d}")
@@ -212,41 +214,37 @@ def child_broker(devices: int, workdir: str) -> None:
                 for provisioned in (yield defer.gatherResults(batch)):
                     keys.write(json.dumps({"device_number": str(provisioned.device_number),
                                            "key": format_key(provisioned.secret)}) + "\n")
-        gc.collect()
+        yield registry.stop()
+        _emit(provisioned=devices)
+        reactor.stop()
+
+    reactor.callWhenRunning(run)
+    reactor.run()
+
+
+def child_broker(workdir: str) -> None:
+    """The real broker service over the provisioned store (loaded at start, as in production)."""
+    from twisted.internet import defer, reactor
+
+    from broker.service import make_service
+
+    raise_fd_limit()
+    service = make_service(_broker_config(workdir), reactor=reactor)
+
+    @defer.inlineCallbacks
+    def start():
+        yield defer.maybeDeferred(service.startService)
         port = service.getServiceNamed("udp")._port.getHost().port
         endpoint = service.ssp_endpoint
 
         def stats():
             gc.collect()
-            rss_before_trim = rss_of(os.getpid())
-            if os.environ.get("BENCH_TRIM"):
-                import ctypes
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            return {"rss": rss_of(os.getpid()), "untrimmed": rss_before_trim,
-                    "sessions": len(endpoint),
+            return {"rss": rss_of(os.getpid()), "sessions": len(endpoint),
                     "parked": endpoint.table.parked_count(),
                     "counters": dict(endpoint.counters), "drops": dict(endpoint.drops)}
 
-        handlers = {"stats": stats}
-        if os.environ.get("BENCH_MALLOCSTATS"):
-            def mallocstats():
-                gc.collect()
-                sys._debugmallocstats()
-                return {}
-            handlers["mallocstats"] = mallocstats
-        if os.environ.get("BENCH_TRACE"):
-            import tracemalloc
-            tracemalloc.start(4)
-            snapshots = {"base": tracemalloc.take_snapshot()}
-
-            def top():
-                gc.collect()
-                diff = tracemalloc.take_snapshot().compare_to(snapshots["base"], "traceback")
-                return {"top": [(round(stat.size_diff / devices), stat.count_diff,
-                                 [str(frame) for frame in stat.traceback][:4])
-                                for stat in diff[:25]]}
-            handlers["top"] = top
-        _commands(reactor, handlers)
+        _commands(reactor, {"stats": stats})
+        gc.collect()
         _emit(ready=True, port=port, rss=rss_of(os.getpid()))
 
     reactor.callWhenRunning(start)
@@ -279,8 +277,10 @@ def child_ssp_clients(port: int, keys_path: str, devices: int, mode: str,
     def connect():
         started = time.monotonic()
         while len(fleet.nodes) < len(keys):
-            # Bounded steps, so the reactor answers datagrams in between.
-            fleet.connect(500)
+            # Below the broker's default max_new_sessions_per_second (2000):
+            # a refused first datagram is only tried again with the next
+            # heartbeat, as a real device would.
+            fleet.connect(int(CONNECT_RATE * 0.02))
             yield task.deferLater(reactor, 0.02, lambda: None)
             # Keep at most a few thousand handshakes in flight.
             while len(fleet.nodes) - fleet.connected() > 3000:
@@ -300,7 +300,7 @@ def child_ssp_clients(port: int, keys_path: str, devices: int, mode: str,
         updates = 0
         nodes = fleet.nodes
         while time.monotonic() - begin < seconds:
-            now = endpoint._now()
+            now = endpoint.now()
             for node in nodes:
                 updates += 1
                 node.report({"value": updates}, now)
@@ -470,7 +470,8 @@ def child_million(devices: int) -> None:
 
 
 CHILDREN = {
-    "broker": lambda a: child_broker(int(a[0]), a[1]),
+    "provision": lambda a: child_provision(int(a[0]), a[1]),
+    "broker": lambda a: child_broker(a[0]),
     "ssp-clients": lambda a: child_ssp_clients(int(a[0]), a[1], int(a[2]), a[3], float(a[4])),
     "ws-server": lambda a: child_ws_server(),
     "bare-server": lambda a: child_bare_server(),
@@ -497,8 +498,18 @@ def mqtt_connect(client_id: bytes) -> bytes:
 
 # -- the runs ---------------------------------------------------------------------
 
+def provision(devices: int, workdir: str) -> None:
+    """N devices in a fresh store; the broker then loads them at start, as in production."""
+    child = Child("provision", devices, workdir)
+    try:
+        child.read()
+    finally:
+        child.stop()
+
+
 def measure_ssp(devices: int, workdir: str) -> dict:
-    broker = Child("broker", devices, workdir)
+    provision(devices, workdir)
+    broker = Child("broker", workdir)
     try:
         ready = broker.read()
         before_kernel = kernel_socket_memory()
@@ -643,7 +654,8 @@ def _open_batch(port, requests, answer_prefix, answer_size):
 
 
 def measure_throughput(devices: int, seconds: float, workdir: str) -> dict:
-    broker = Child("broker", devices, workdir)
+    provision(devices, workdir)
+    broker = Child("broker", workdir)
     try:
         ready = broker.read()
         clients = Child("ssp-clients", ready["port"], os.path.join(workdir, "keys.jsonl"),
@@ -724,8 +736,7 @@ def main(argv=None) -> int:
         if "throughput" in only:
             run = os.path.join(workdir, "throughput")
             os.makedirs(run)
-            report["throughput"] = measure_throughput(200 if not args.quick else 100, seconds,
-                                                      run)
+            report["throughput"] = measure_throughput(THROUGHPUT_DEVICES, seconds, run)
             print(json.dumps(report["throughput"]), file=sys.stderr)
         if "million" in only:
             report["million"] = measure_million(million)

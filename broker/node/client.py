@@ -24,7 +24,7 @@ from broker.node.session_ids import SessionIds
 from broker.ssp.crypto import CipherCache
 from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE
 from broker.ssp.profile import FLEET
-from broker.udp.scheduler import WakeupScheduler
+from broker.scheduler import WakeupScheduler
 
 __all__ = ["NodeEndpoint", "SSPNode", "node_profile"]
 
@@ -127,6 +127,10 @@ class NodeEndpoint:
         self._slot.pop(node.device_number, None)
         self.scheduler.cancel(node.device_number)
 
+    def now(self) -> float:
+        """The monotonic time the sessions run on."""
+        return self._now()
+
     def node(self, device_number: int) -> NodeSession | None:
         return self._nodes.get(device_number)
 
@@ -210,11 +214,11 @@ class SSPNode:
         return self.endpoint.stop()
 
     def report(self, values) -> None:
-        self.session.report(values, self.endpoint._now())
+        self.session.report(values, self.endpoint.now())
         self.endpoint.kick(self.session)
 
     def emit(self, *events) -> None:
-        self.session.emit(*events, now=self.endpoint._now())
+        self.session.emit(*events, now=self.endpoint.now())
         self.endpoint.kick(self.session)
 
     def move(self):

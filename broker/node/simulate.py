@@ -46,7 +46,7 @@ class Fleet:
             node = NodeSession(number, secret, self.endpoint.broker_address,
                                session_ids=self.ids, profile=profile,
                                ciphers=self.endpoint.ciphers, rekey_after=self.rekey_after)
-            node.report({"seq": 0}, self.endpoint._now())
+            node.report({"seq": 0}, self.endpoint.now())
             self.nodes.append(node)
             self.endpoint.add(node)
             count -= 1
@@ -58,7 +58,7 @@ class Fleet:
         nodes = self.nodes
         if not nodes:
             return
-        now = self.endpoint._now()
+        now = self.endpoint.now()
         while self._credit >= 1:
             self._credit -= 1
             node = nodes[self._next % len(nodes)]

@@ -31,8 +31,9 @@ from broker.ssp import events
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.crypto import TO_CLIENT, TO_SERVER
 from broker.ssp.datagram import TIMESTAMP_SIZE, DatagramLayer
-from broker.ssp.fragment import (FINAL_BIT, FRAGMENT_HEADER_SIZE,
-                                 MAX_FRAGMENTS, Fragment, FragmentAssembly)
+from broker.ssp.fragment import (DEFAULT_MAX_ASSEMBLY, FINAL_BIT,
+                                 FRAGMENT_HEADER_SIZE, MAX_FRAGMENTS, Fragment,
+                                 FragmentAssembly)
 from broker.ssp.framing import HEADER_SIZE, BrokerFraming, parse_header
 from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
                                     MTU_IPV4, MTU_IPV6, UINT64_MAX,
@@ -80,6 +81,15 @@ def _payload_size(address, header_size: int) -> int:
     return _PAYLOAD_IPV4[header_size]
 
 
+def _assembly_cap(max_bytes: int | None) -> int:
+    if max_bytes is None:
+        return DEFAULT_MAX_ASSEMBLY
+    if max_bytes < 1:
+        raise ValueError(f"max_assembly_bytes must be positive, got "
+                         f"{max_bytes}")
+    return max_bytes
+
+
 class SSPSession(Parking):
     """One SSP session with one peer (see the module docstring).
 
@@ -90,18 +100,23 @@ class SSPSession(Parking):
     ``confirm_durable(num)``. ``seq_reserved`` (broker) is the persisted
     sequence reservation: the session uses numbers below it only and asks
     for more with :class:`~broker.ssp.events.SequenceReservationRequested`.
+    ``max_assembly_bytes`` bounds the compressed bytes of a half-assembled
+    instruction (a larger one is dropped as TOO_LARGE): an authentic peer
+    can make us hold no more (pass a shared int: it costs a pointer).
     """
 
     __slots__ = ("_key", "_ciphers", "_random_bytes", "_header", "_link",
                  "_sender", "_receiver", "_assembly", "_events", "_flags",
-                 "_ack_since", "_emitted_num", "_seq_reserved")
+                 "_ack_since", "_emitted_num", "_seq_reserved",
+                 "_max_assembly")
 
     def __init__(self, *, key: bytes, cipher_provider, is_server: bool,
                  local_state, remote_state, random_bytes, now: float,
                  profile=MOSH, framing: BrokerFraming | None = None,
                  remote_address=None, ack_requires_confirm: bool = False,
                  resume: Resumption | None = None,
-                 seq_reserved: int | None = None) -> None:
+                 seq_reserved: int | None = None,
+                 max_assembly_bytes: int | None = None) -> None:
         if framing is not None:
             key = derive_session_key(key, framing.device_number,
                                      framing.session_id)
@@ -119,6 +134,7 @@ class SSPSession(Parking):
             link.remote_address = remote_address
             link.last_heard = now
         self._assembly = None
+        self._max_assembly = _assembly_cap(max_assembly_bytes)
         self._events = None
         self._flags = self._initial_flags(is_server, ack_requires_confirm)
         self._ack_since = None
@@ -148,6 +164,14 @@ class SSPSession(Parking):
             raise ValueError(f"seq_reserved {seq_reserved} is below the "
                              f"next sequence number {link.next_seq}")
         self._seq_reserved = seq_reserved
+
+    @classmethod
+    def unpark(cls, parked: ParkedSession, *, max_assembly_bytes=None,
+               **options) -> "SSPSession":
+        """``Parking.unpark`` (see there), with the assembly cap of __init__."""
+        session = super().unpark(parked, **options)
+        session._max_assembly = _assembly_cap(max_assembly_bytes)
+        return session
 
     # -- facts for the owner ------------------------------------------------
 
@@ -196,6 +220,16 @@ class SSPSession(Parking):
     def latest_remote_state(self):
         """The newest state the peer sent us (in order)."""
         return self._receiver.newest_state
+
+    @property
+    def newest_sent_num(self) -> int:
+        """The number of the newest state sent: unchanged by a send that
+        repeats it (a retransmission), bumped by any other."""
+        return self._sender.back_num
+
+    @property
+    def max_assembly_bytes(self) -> int:
+        return self._max_assembly
 
     @property
     def latest_remote_num(self) -> int:
@@ -422,7 +456,8 @@ class SSPSession(Parking):
         else:
             assembly = self._assembly
             if assembly is None:
-                self._assembly = assembly = FragmentAssembly()
+                self._assembly = assembly = FragmentAssembly(
+                    self._max_assembly)
             try:
                 compressed = assembly.add(Fragment(
                     fragment_id, word & 0x7FFF, word >= FINAL_BIT,

@@ -49,13 +49,7 @@ class RegistryBridge:
 
     def outgoing(self, device_number: int, base=None):
         """The device's desired map as its outgoing state, built on base."""
-        registry = self.registry
-        desired_of = getattr(registry, "desired_of", None)
-        if desired_of is not None:
-            desired = desired_of(device_number)
-        else:
-            view = registry.device_by_number(device_number)
-            desired = None if view is None else view.desired
+        desired = self.registry.desired_of(device_number)
         if desired is None:
             return base
         return desired_state(desired, base)
@@ -98,20 +92,16 @@ class RegistryBridge:
         if patch or events:
             # The report and the record must share one commit, or a crash
             # between them doubles its events after a restart (state first)
-            # or loses it (record first).  Until the registry writes them
-            # atomically (REGISTRY-PLAN, UDP requests), an empty report (a
-            # barrier) goes first: an idle store commits it alone, and the
-            # two writes below, queued in this same reactor turn, wait
-            # together for the next commit.
-            registry.update_reported(live.name, {})
-            # Writes become durable in order: the record, queued last, is
-            # durable only once the reports before it are.
-            limit = max(1, getattr(registry.settings, "max_events", 64))
+            # or loses it (record first): the store commits the writes
+            # queued in one reactor turn together, and they are queued here
+            # back to back.  The record, queued last, is durable only once
+            # the reports before it are.
+            limit = max(1, registry.settings.max_events)
             first, rest = events[:limit], events[limit:]
-            self._refusals(registry.update_reported(live.name, patch, first), live)
+            self._refusals(registry.update_reported(live.number, patch, first), live)
             while rest:
                 chunk, rest = rest[:limit], rest[limit:]
-                self._refusals(registry.update_reported(live.name, {}, chunk), live)
+                self._refusals(registry.update_reported(live.number, {}, chunk), live)
         return self._save(live, num, encode_state(state))
 
     def _refusals(self, d: defer.Deferred, live) -> None:
@@ -151,14 +141,7 @@ class RegistryBridge:
     def watch(self, on_desired, on_key_change) -> None:
         """Call ``on_desired(device_number, desired)`` and ``on_key_change(device_number)``."""
         registry = self.registry
-        watch_desired = getattr(registry, "watch_desired", None)
-        if watch_desired is not None:
-            self._watches.append(watch_desired(on_desired))
-        else:
-            def changed(view):
-                if not view.removed:
-                    on_desired(view.device_number, view.desired)
-            self._watches.append(registry.subscribe(["*"], changed))
+        self._watches.append(registry.watch_desired(on_desired))
         self._watches.append(registry.watch_keys(on_key_change))
 
     def stop(self) -> None:

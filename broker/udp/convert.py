@@ -47,6 +47,19 @@ def _merge_patch(old, new):
     return plain(new)
 
 
+_SCALARS = frozenset((int, float, str, bytes, bool))
+
+
+def _unchanged(previous, value) -> bool:
+    """Whether a value is the same on the wire (scalars compared directly: fast)."""
+    if previous is value:
+        return True
+    kind = type(value)
+    if kind is type(previous) and kind in _SCALARS:
+        return previous == value and (kind is not float or str(previous) == str(value))
+    return same(previous, value)
+
+
 def reported_patch(old: DeviceState, new: DeviceState) -> dict:
     """The registry patch from the values of old to those of new."""
     old_values, new_values = old.values, new.values
@@ -55,7 +68,7 @@ def reported_patch(old: DeviceState, new: DeviceState) -> dict:
         previous = old_values.get(key, _MISSING)
         if previous is _MISSING:
             patch[key] = plain(value)
-        elif previous is not value and not same(previous, value):
+        elif not _unchanged(previous, value):
             patch[key] = _merge_patch(previous, value)
     for key in old_values:
         if key not in new_values:

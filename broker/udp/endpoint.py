@@ -43,11 +43,10 @@ __all__ = ["SSPEndpoint", "EndpointDrop"]
 #: The shortest datagram that can carry anything: header, nonce and tag,
 #: timestamps and a fragment header (shorter ones are dropped unopened).
 MIN_DATAGRAM = HEADER_SIZE + OVERHEAD + TIMESTAMP_SIZE + FRAGMENT_HEADER_SIZE
-#: Failed authentications per device and second before datagrams naming it
-#: from addresses other than its session's are dropped unopened.
-AUTH_FAILURE_BUDGET = 8
-#: Seconds a session stays live after its last datagram before it is parked.
-PARK_AFTER = 0.5
+#: Compressed bytes of one half-assembled instruction a session may hold
+#: (the sans-IO default is 1 MiB): a device's state is bounded by the
+#: registry's max_state_bytes, so an authentic device needs far less.
+MAX_ASSEMBLY_BYTES = 64 * 1024
 
 _HEADER = struct.Struct(">BQQ")
 _unpack_header = _HEADER.unpack_from
@@ -77,19 +76,28 @@ class EndpointDrop(str, enum.Enum):
         return self.value
 
 
+def assembly_bytes(registry) -> int:
+    """The fragment assembly cap of the broker's sessions: room for the largest
+    state the registry takes (twice over, for CBOR and diff overhead)."""
+    return max(MAX_ASSEMBLY_BYTES, 2 * registry.settings.max_state_bytes)
+
+
 class SSPEndpoint(DatagramProtocol):
     """Every device's sessions on one UDP port, bridged into the registry.
 
     ``clock`` is the reactor (IReactorTime) for the one timer; ``now`` the
     monotonic time source sessions run on (``clock.seconds`` by default,
     ``time.monotonic`` in production).  ``settings`` is the config's
-    ``[ssp]`` section.
+    ``[ssp]`` section: limits, timings, ``park_after`` (idle seconds before
+    a session is packed), ``auth_failure_budget`` (failed authentications
+    per device and second before datagrams naming it from a stranger's
+    address are dropped unopened) and ``facts_interval``.
     """
 
     log = Logger()
 
     def __init__(self, registry, settings, *, clock=None, now=None, ciphers=None,
-                 random_bytes=os.urandom, park_after: float | None = PARK_AFTER) -> None:
+                 random_bytes=os.urandom) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         from broker.ssp.crypto import CipherCache
@@ -108,10 +116,11 @@ class SSPEndpoint(DatagramProtocol):
                                    profile=self._profile, random_bytes=random_bytes,
                                    clock=clock, now=self._now,
                                    offline_after=settings.offline_after,
-                                   park_after=park_after, flush=self._flush,
-                                   counters=self.counters)
+                                   park_after=settings.park_after,
+                                   facts_interval=settings.facts_interval,
+                                   max_assembly_bytes=assembly_bytes(registry),
+                                   flush=self._flush, counters=self.counters)
         self._limits(settings)
-        self._failures = WindowCounter(AUTH_FAILURE_BUDGET)
         self._sendto = None
 
     def _limits(self, settings) -> None:
@@ -119,6 +128,7 @@ class SSPEndpoint(DatagramProtocol):
         self._global = TokenBucket(settings.max_datagrams_per_second, now=start)
         self._new_sessions = TokenBucket(settings.max_new_sessions_per_second, now=start)
         self._device_rate = WindowCounter(settings.max_device_datagrams_per_second)
+        self._failures = WindowCounter(settings.auth_failure_budget)
 
     def reconfigure(self, settings) -> None:
         """New [ssp] limits and timings (SIGHUP): limits at once, timings for new sessions.
@@ -129,7 +139,10 @@ class SSPEndpoint(DatagramProtocol):
         self._limits(settings)
         self._profile = endpoint_profile(settings)
         self._table.profile = self._profile
-        self._table.presence.offline_after = settings.offline_after
+        table = self._table
+        table.presence.offline_after = settings.offline_after
+        table.park_after = settings.park_after
+        table.facts_interval = settings.facts_interval
 
     # -- the table --------------------------------------------------------------
 
@@ -281,7 +294,8 @@ class SSPEndpoint(DatagramProtocol):
         resume = record is not None and session_id == record.session_id
         common = dict(secret=secret, device_number=number, session_id=session_id,
                       ciphers=self._ciphers, profile=self._profile,
-                      random_bytes=self._random_bytes, now=now)
+                      random_bytes=self._random_bytes, now=now,
+                      max_assembly_bytes=self._table.max_assembly_bytes)
         if resume:
             try:
                 remote = decode_state(record.acked_remote_state)
@@ -403,8 +417,12 @@ class SSPEndpoint(DatagramProtocol):
     def _flush(self, live: LiveSession, now: float) -> None:
         """Send what the session has due, act on its events, and set its wake-up."""
         session = live.session
+        sent_num = session.newest_sent_num
         out = session.datagrams_to_send(now)
         if out:
+            if session.newest_sent_num == sent_num:
+                # The same state number again: a retransmission for want of an ack.
+                self.counters["retransmissions"] += 1
             self._send(out)
         found = session.pop_events()
         if found:
@@ -436,8 +454,8 @@ class SSPEndpoint(DatagramProtocol):
         if entry is None:
             return
         if type(entry) is Parked:
-            # Cheap test first: most notifications (e.g. our own reports, with
-            # the subscribe fallback) change nothing for the device.
+            # Cheap test first: a notification that changes nothing for the
+            # device leaves it parked.
             base = entry.local
             if desired_state(desired, base) is base:
                 return

@@ -2,7 +2,8 @@
 
 The hot path only bumps integers in a ``collections.Counter`` (a
 prometheus-client ``inc()`` takes a lock, too dear per datagram); once a
-second the deltas go to the collectors of ``broker.metrics.Metrics``.
+second the deltas go to the collectors of ``broker.metrics.Metrics``, and
+the smoothed RTTs the session table sampled are observed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ _COUNTERS = {
     "datagrams_out": "datagrams_out",
     "sessions_started": "new_sessions",
     "roams": "roams",
+    "retransmissions": "retransmissions",
 }
 
 
@@ -39,6 +41,12 @@ class EndpointMetrics:
             if delta > 0:
                 metrics.datagrams_dropped.labels(reason=str(reason)).inc(delta)
                 self._seen_drops[reason] = value
+        samples = endpoint.table.rtt_samples
+        if samples:
+            observe = metrics.rtt_seconds.observe
+            for srtt in samples:
+                observe(srtt)
+            samples.clear()
         metrics.ssp_sessions.set(len(endpoint))
         if kernel_errors is not None:
             errors = kernel_errors()

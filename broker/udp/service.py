@@ -75,15 +75,18 @@ class UDPService(internet.UDPServer):
 
 
 def attach_udp(broker) -> None:
-    """Add the UDP listener for SSP as the child service named "udp"."""
+    """Add the UDP listener for SSP as the child service named "udp".
+
+    Its settings are the config's [ssp] section (limits, timings,
+    park_after, auth_failure_budget, facts_interval); a SIGHUP reload
+    applies the new ones.
+    """
     settings = broker.config.ssp
     endpoint = SSPEndpoint(broker.registry, settings, clock=broker.reactor,
                            now=time.monotonic)
     broker.ssp_endpoint = endpoint
     udp = UDPService(endpoint, settings, metrics=broker.metrics, reactor=broker.reactor,
-                     activation=getattr(broker, "activation", None))
+                     activation=broker.activation)
     udp.setName("udp")
     udp.setServiceParent(broker)
-    reloaders = getattr(broker, "reloaders", None)
-    if reloaders is not None:
-        reloaders.append(udp.reload)
+    broker.reloaders.append(udp.reload)

@@ -50,7 +50,8 @@ class LiveSession:
 
 
 def new_session(*, secret: bytes, device_number: int, session_id: int, ciphers,
-                profile, random_bytes, now: float) -> SSPSession:
+                profile, random_bytes, now: float,
+                max_assembly_bytes: int | None = None) -> SSPSession:
     """A brand-new broker session: no sequence number may be used until the
     owner confirms a durable reservation (so a crash before the record is
     durable can never reuse a nonce under this key)."""
@@ -58,12 +59,14 @@ def new_session(*, secret: bytes, device_number: int, session_id: int, ciphers,
                       local_state=EMPTY, remote_state=EMPTY,
                       random_bytes=random_bytes, now=now, profile=profile,
                       framing=BrokerFraming(device_number, session_id),
-                      ack_requires_confirm=True, seq_reserved=0)
+                      ack_requires_confirm=True, seq_reserved=0,
+                      max_assembly_bytes=max_assembly_bytes)
 
 
 def resumed_session(*, secret: bytes, device_number: int, session_id: int, ciphers,
                     profile, random_bytes, now: float, remote_num: int,
-                    remote_state: DeviceState, seq_floor: int) -> SSPSession:
+                    remote_state: DeviceState, seq_floor: int,
+                    max_assembly_bytes: int | None = None) -> SSPSession:
     """A session resumed from its persisted record after a restart (wire.md 7):
     it knows the device's last durable state and numbers above the old
     reservation, and it asks for a new reservation before sending."""
@@ -73,4 +76,4 @@ def resumed_session(*, secret: bytes, device_number: int, session_id: int, ciphe
                       framing=BrokerFraming(device_number, session_id),
                       ack_requires_confirm=True,
                       resume=Resumption(remote_num, remote_state, seq_floor),
-                      seq_reserved=seq_floor)
+                      seq_reserved=seq_floor, max_assembly_bytes=max_assembly_bytes)

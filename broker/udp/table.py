@@ -16,41 +16,42 @@ from twisted.logger import Logger
 
 from broker.ssp.errors import DatagramDropped
 from broker.udp.convert import decode_state
-from broker.udp.park import Parked, can_park, park, unpark
+from broker.udp.park import Parked, park, unpark
 from broker.udp.presence import PresenceWheel
-from broker.udp.scheduler import WakeupScheduler
+from broker.scheduler import WakeupScheduler
 from broker.udp.sessions import LiveSession
 
 #: The scheduler key of the presence wheel (sessions use device numbers).
 PRESENCE = "presence"
 #: Longest wait between two checks whether a session can be parked (s).
 MAX_RECHECK = 60.0
-#: Connection facts (last heard, RTT) are refreshed at most this often (s).
-FACTS_INTERVAL = 1.0
-
-
-def _srtt(live: LiveSession) -> float | None:
-    """The smoothed RTT in seconds once measured (None before the first sample)."""
-    rtt = live.session.rtt
-    return rtt.srtt if rtt.hit else None
+#: Smoothed RTTs kept between two metric updates (the rest of a burst is not sampled).
+MAX_RTT_SAMPLES = 4096
 
 
 class SessionTable:
     """Live and parked sessions by device number (see the module docstring).
 
     ``flush(live, now)`` is the owner's "send what is due" callback, run
-    when a live session's wake-up time comes.
+    when a live session's wake-up time comes.  ``facts_interval``: the
+    registry's connection facts (last heard, RTT) of a device are refreshed
+    at most this often (seconds).  ``rtt_samples`` holds the smoothed RTTs
+    measured at those refreshes until the metrics take them.
     """
 
     log = Logger()
 
     def __init__(self, *, bridge, ciphers, profile, random_bytes, clock, now,
-                 offline_after: float, park_after: float, flush, counters: Counter) -> None:
+                 offline_after: float, park_after: float | None, flush, counters: Counter,
+                 facts_interval: float = 1.0, max_assembly_bytes: int | None = None) -> None:
         self.bridge = bridge
         self.ciphers = ciphers
         self.profile = profile
         self.random_bytes = random_bytes
         self.park_after = park_after
+        self.facts_interval = facts_interval
+        self.max_assembly_bytes = max_assembly_bytes
+        self.rtt_samples: list[float] = []
         self.counters = counters
         self._now = now
         self._flush = flush
@@ -74,19 +75,20 @@ class SessionTable:
         """A live copy of a parked session (not installed: see install), or None
         if its record is gone or damaged."""
         bridge = self.bridge
-        secret = bridge.secret(number)
         record = bridge.record(number)
-        if secret is None or record is None or record.session_id != parked.session_id:
+        if (bridge.secret(number) is None or record is None
+                or record.session_id != parked.session_id):
             return None
         try:
             remote = decode_state(record.acked_remote_state)
         except DatagramDropped:
             self.log.error("session record of {name} holds a bad state", name=parked.name)
             return None
-        live = unpark(parked, number, secret=secret, remote_state=remote, ciphers=self.ciphers,
-                      profile=self.profile, random_bytes=self.random_bytes, now=now)
-        # Desired values the device has not acknowledged yet were left to the
-        # registry when the session was parked: they go out again now.
+        live = unpark(parked, number, remote_state=remote, ciphers=self.ciphers,
+                      profile=self.profile, random_bytes=self.random_bytes, now=now,
+                      max_assembly_bytes=self.max_assembly_bytes)
+        # A desired change made while the session was parked (and not yet
+        # seen by it) goes out now.
         session = live.session
         outgoing = bridge.outgoing(number, session.local_state)
         if outgoing is not None and outgoing is not session.local_state:
@@ -131,8 +133,13 @@ class SessionTable:
             if self.park_after is None:
                 return
             heard = session.last_heard
-            if heard is not None and now - heard >= self.park_after - 0.001 and can_park(live):
-                self._park(live)
+            parked = None
+            if heard is not None and now - heard >= self.park_after - 0.001:
+                parked = park(live)
+            if parked is not None:
+                self._sessions[live.number] = parked
+                self.ciphers.discard(session.key)
+                self.counters["sessions_parked"] += 1
             else:
                 # Not idle yet (a write or a command on its way): look again
                 # later, less often the longer the device has been silent.
@@ -141,11 +148,6 @@ class SessionTable:
                                         now + min(MAX_RECHECK, max(self.park_after, silent / 2)))
             return
         self._flush(live, now)
-
-    def _park(self, live: LiveSession) -> None:
-        self._sessions[live.number] = park(live)
-        self.ciphers.discard(live.session.key)
-        self.counters["sessions_parked"] += 1
 
     # -- presence -----------------------------------------------------------------
 
@@ -157,15 +159,23 @@ class SessionTable:
             heard = live.session.last_heard
             live.wheel_slot = self.presence.add(live.number, now if heard is None else heard)
             self._arm_presence()
-            self.bridge.connection(live, online=True, address=address, rtt=_srtt(live))
-        elif now - live.facts_at >= FACTS_INTERVAL:
+            self._facts(live, address)
+        elif now - live.facts_at >= self.facts_interval:
             live.facts_at = now
-            self.bridge.connection(live, online=True, address=address, rtt=_srtt(live))
+            self._facts(live, address)
 
     def moved(self, live: LiveSession, address, now: float) -> None:
         """The session roamed: the registry hears of the new address at once."""
         live.facts_at = now
-        self.bridge.connection(live, online=True, address=address, rtt=_srtt(live))
+        self._facts(live, address)
+
+    def _facts(self, live: LiveSession, address) -> None:
+        """Refresh the registry's connection facts; a measured RTT is also a metric sample."""
+        rtt = live.session.rtt
+        srtt = rtt.srtt if rtt.hit else None
+        if srtt is not None and len(self.rtt_samples) < MAX_RTT_SAMPLES:
+            self.rtt_samples.append(srtt)
+        self.bridge.connection(live, online=True, address=address, rtt=srtt)
 
     def _arm_presence(self) -> None:
         due = self.presence.next_due()

@@ -35,7 +35,7 @@ class NextSessionIdTests(SynchronousTestCase):
                          1_700_000_000)
 
     def test_low_bits_never_zero(self):
-        """Zero random bits are replaced so the id is never a bare epoch... and never 0."""
+        """Thirty-two zero random bits are replaced by 1, so an id is never 0."""
         value = next_session_id(0, lambda n: bytes(n), lambda: 0)
         self.assertNotEqual(value, 0)
         self.assertEqual(value & 0xFFFFFFFF, 1)

@@ -12,7 +12,7 @@ from broker.ssp.crypto import TO_SERVER, seal
 from broker.ssp.framing import build_header
 from broker.ssp.keys import derive_session_key
 from broker.udp.park import Parked
-from broker.udp.sessions import SEQ_RESERVATION_BLOCK
+from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession
 
 from .helpers import Harness
 
@@ -497,19 +497,153 @@ class ReconfigureTests(SynchronousTestCase):
         self.assertEqual(h.endpoint.table.presence.offline_after, 99.0)
         self.assertEqual(h.endpoint.table.profile.offline_after, 99.0)
 
-    def test_pending_desired_of_a_silent_device_is_parked_and_resent(self):
-        """Desired values a gone device never acknowledged do not keep its session live;
-        they reach it when it comes back."""
-        h = Harness(self)
+    def test_pending_desired_of_a_silent_device(self):
+        """Desired values a gone device never acknowledged stay with its live session until
+        it goes offline, then with the registry; either way they reach it when it is back."""
+        h = Harness(self, offline_after=30.0, device_heartbeat=10.0)
         device = h.provision("dev")
         node = h.node(device)
         h.run(1.0)
         address = h.address_of(node)
         del h.nodes[address]
         self.successResultOf(h.registry.update_desired("dev", {"led": "blink"}))
-        h.run(25.0, dt=0.1)
-        self.assertIsInstance(h.endpoint.entry_of(device.device_number), Parked)
+        h.run(20.0, dt=0.1)
+        self.assertIsInstance(h.endpoint.entry_of(device.device_number), LiveSession)
+        h.run(15.0, dt=0.1)
+        self.assertIsNone(h.endpoint.entry_of(device.device_number))  # offline, evicted
         h.nodes[address] = node
         node.report({"back": True}, h.clock.seconds())
         h.run(1.0)
         self.assertEqual(node.desired, {"led": "blink"})
+
+
+class ConfiguredSettingsTests(SynchronousTestCase):
+    """park_after, auth_failure_budget and facts_interval come from the [ssp] settings."""
+
+    def test_park_after_is_the_configured_one(self):
+        """With park_after 5 s an idle session stays live for 3 s and is parked after 6 s."""
+        h = Harness(self, park_after=5.0)
+        device = h.provision("dev")
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(3.0, dt=0.05)
+        self.assertIsInstance(h.endpoint.entry_of(device.device_number), LiveSession)
+        h.run(3.0, dt=0.05)
+        self.assertIsInstance(h.endpoint.entry_of(device.device_number), Parked)
+
+    def test_auth_failure_budget_is_the_configured_one(self):
+        """With a budget of 2 only two forgeries from a stranger's address are opened per second."""
+        h = Harness(self, auth_failure_budget=2)
+        device = h.provision("dev")
+        h.node(device)
+        h.run(0.5)
+        live = h.endpoint.session_of(device.device_number)
+        header = build_header(device.device_number, live.session_id)
+        for _ in range(50):
+            h.endpoint.datagramReceived(header + os.urandom(80), ("127.0.0.66", 6666))
+        self.assertEqual(h.endpoint.drops["auth_failed"], 2)
+        self.assertEqual(h.endpoint.drops["rate_limited"], 48)
+
+    def facts_refreshes(self, facts_interval):
+        h = Harness(self, facts_interval=facts_interval, park_after=60.0)
+        device = h.provision("dev")
+        node = h.node(device)
+        calls = []
+        connection = h.endpoint.bridge.connection
+
+        def counted(live, **facts):
+            calls.append(facts)
+            return connection(live, **facts)
+        h.endpoint.bridge.connection = counted
+        for i in range(8):
+            node.report({"i": i}, h.clock.seconds())
+            h.run(0.5)
+        return calls
+
+    def test_facts_interval_is_the_configured_one(self):
+        """Connection facts of a busy device are refreshed every facts_interval, not more often."""
+        often, rarely = self.facts_refreshes(0.5), self.facts_refreshes(10.0)
+        self.assertGreaterEqual(len(often), 6)
+        self.assertLessEqual(len(rarely), 2)  # going online (and its first address)
+
+    def test_reload_applies_new_timings(self):
+        """reconfigure() gives the table the new park_after and facts_interval and the new budget."""
+        import dataclasses
+        h = Harness(self)
+        h.endpoint.reconfigure(dataclasses.replace(h.settings, park_after=7.0,
+                                                   facts_interval=4.0, auth_failure_budget=3))
+        self.assertEqual(h.endpoint.table.park_after, 7.0)
+        self.assertEqual(h.endpoint.table.facts_interval, 4.0)
+        self.assertEqual(h.endpoint._failures.limit, 3)
+
+
+class SessionFiguresTests(SynchronousTestCase):
+    """The RTT and retransmission figures of docs/operations.md are fed."""
+
+    def test_retransmissions_counted(self):
+        """A command the device never acknowledges is sent again, and each resend is counted."""
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        h.run(1.0)
+        self.assertEqual(h.endpoint.counters["retransmissions"], 0)
+        del h.nodes[h.address_of(node)]  # the broker's datagrams are lost from now on
+        h.endpoint.send_command(device.device_number, "reboot")
+        h.run(3.0)
+        self.assertGreaterEqual(h.endpoint.counters["retransmissions"], 2)
+
+    def test_rtt_sampled_once_measured(self):
+        """Facts refreshes after the first RTT sample leave the smoothed RTT for the histogram."""
+        h = Harness(self, facts_interval=0.5, park_after=60.0)
+        device = h.provision("dev")
+        node = h.node(device)
+        samples = h.endpoint.table.rtt_samples
+        self.assertEqual(samples, [])
+        for i in range(6):
+            node.report({"i": i}, h.clock.seconds())
+            h.run(0.5)
+        self.assertGreaterEqual(len(samples), 3)
+        # Measured on a loopback-fast fake link (the unmeasured default is 1 s).
+        self.assertTrue(all(0 <= srtt < 1.0 for srtt in samples), samples)
+        rtt = h.endpoint.session_of(device.device_number).session.rtt
+        self.assertTrue(rtt.hit)
+        self.assertIn(rtt.srtt, samples)
+
+
+class AssemblyCapTests(SynchronousTestCase):
+    """An authentic device cannot make the broker hold a megabyte of fragments."""
+
+    def fragment(self, device, seq, number, final=False):
+        word = number | (0x8000 if final else 0)
+        payload = (7).to_bytes(8, "big") + word.to_bytes(2, "big") + b"\x55" * 1000
+        return authentic(device, 5, seq, payload)
+
+    def test_broker_sessions_have_the_small_cap(self):
+        """The endpoint's sessions hold at most MAX_ASSEMBLY_BYTES, also after parking."""
+        from broker.udp.endpoint import MAX_ASSEMBLY_BYTES
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(3.0, dt=0.05)
+        self.assertIsInstance(h.endpoint.entry_of(device.device_number), Parked)
+        live = h.endpoint.session_of(device.device_number)  # unparked
+        self.assertEqual(live.session.max_assembly_bytes, MAX_ASSEMBLY_BYTES)
+        self.assertLess(MAX_ASSEMBLY_BYTES, 1 << 20)
+
+    def test_oversized_instruction_dropped(self):
+        """Fragments past the cap are dropped as too_large and the partial assembly is freed."""
+        from broker.udp.endpoint import MAX_ASSEMBLY_BYTES
+        h = Harness(self, max_device_datagrams_per_second=1000)
+        device = h.provision("dev")
+        address = ("127.0.0.9", 1)
+        fits = MAX_ASSEMBLY_BYTES // 1000
+        for seq in range(fits):
+            h.endpoint.datagramReceived(self.fragment(device, seq, seq), address)
+        session = h.endpoint.session_of(device.device_number).session
+        self.assertEqual(h.endpoint.drops["too_large"], 0)
+        self.assertEqual(session._assembly.pending_bytes, fits * 1000)
+        h.endpoint.datagramReceived(self.fragment(device, fits, fits), address)
+        self.assertEqual(h.endpoint.drops["too_large"], 1)
+        self.assertIsNone(session._assembly)
+        self.assertIs(h.endpoint.session_of(device.device_number).session, session)

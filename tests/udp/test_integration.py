@@ -134,7 +134,7 @@ class EndToEndTests(TestCase):
         yield wait_until(self, lambda: self.registry.device("replayed").reported.get("v") == "old")
         captured = list(proxy.captured)
         old_id = node.session_id
-        node.session.start(node.endpoint._now())  # a reboot: strictly newer session
+        node.session.start(node.endpoint.now())  # a reboot: strictly newer session
         node.report({"v": "new"})
         yield wait_until(self, lambda: self.registry.device("replayed").reported.get("v") == "new")
         self.assertGreater(node.session_id, old_id)

@@ -1,8 +1,9 @@
 """The waiting room: every long poll and event stream, woken by one registry subscription.
 
 Waiting costs memory only: each waiter is a small slotted object in a dict
-and one deadline in the broker's shared timer heap (the WakeupScheduler
-that also runs the SSP sessions); no thread, no timer of its own. A registry change sets a flag and schedules one wake-up pass for the
+and one deadline in the waiting room's timer heap (broker.scheduler's
+WakeupScheduler, one reactor timer for every waiter); no thread, no timer
+of its own. A registry change sets a flag and schedules one wake-up pass for the
 next reactor turn (so a burst of changes is answered once); that pass reads
 the feed once per distinct cursor, encodes each answer once, and writes
 the same bytes to every waiter that shares it. A client that goes away
@@ -16,7 +17,7 @@ from collections import deque
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from broker.udp.scheduler import WakeupScheduler
+from broker.scheduler import WakeupScheduler
 
 from .feed import changes_body, device_answer, select
 

@@ -1,6 +1,10 @@
-"""One timer for every session: a heap of wake-up times.
+"""One reactor timer for many deadlines: a heap of wake-up times.
 
-mosh gives each connection its own select() timeout; a broker holding a
+Used by each part of the broker that holds a deadline per client (the SSP
+sessions of broker.udp, the long polls of broker.web.api, the node
+simulator): one heap and one reactor timer per part, whatever the number of
+clients.  mosh
+gives each connection its own select() timeout; a broker holding a
 million sessions cannot keep a million reactor timers.  Sessions here only
 say when they next need to run (``next_wakeup``); the scheduler keeps those
 times in one binary heap and arms a single ``IDelayedCall`` for the earliest.

@@ -1,9 +1,9 @@
-"""Tests for broker.udp.scheduler: one reactor timer for every session."""
+"""Tests for broker.scheduler: one reactor timer for the whole broker."""
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from broker.udp.scheduler import MIN_COMPACT, WakeupScheduler
+from broker.scheduler import MIN_COMPACT, WakeupScheduler
 
 
 class WakeupSchedulerTests(SynchronousTestCase):

@@ -1,0 +1,1 @@
+"""The sensor-node side: an SSP client on Twisted (``client``) and the ``broker-node`` CLI."""
