@@ -75,6 +75,7 @@ class SessionIds:
                            for device, session_id in sorted(self._last.items())})
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # a stale temporary file may be looser
             os.write(fd, data.encode("utf-8"))
             os.fsync(fd)
         finally:

@@ -79,14 +79,23 @@ def database_path(data_dir):
     return os.path.join(data_dir, DB_NAME)
 
 
+def _make_private(path, mode):
+    """Take group and other permission bits off an existing file or directory."""
+    current = os.stat(path).st_mode & 0o777
+    if current & 0o077:
+        os.chmod(path, current & mode)
+
+
 def prepare_directory(data_dir):
-    """Create the data directory private (0700) if missing."""
-    if not os.path.isdir(data_dir):
-        try:
+    """Create the data directory private (0700) if missing; make an existing one private."""
+    try:
+        if not os.path.isdir(data_dir):
             os.makedirs(data_dir, mode=0o700)
-        except OSError as e:
-            raise StoreError(f"cannot create data directory {data_dir}: {e.strerror}") from None
-        os.chmod(data_dir, 0o700)
+            os.chmod(data_dir, 0o700)
+        else:
+            _make_private(data_dir, 0o700)
+    except OSError as e:
+        raise StoreError(f"cannot create data directory {data_dir}: {e.strerror}") from None
 
 
 def connect(path, *, create=True, synchronous="FULL"):
@@ -103,6 +112,7 @@ def connect(path, *, create=True, synchronous="FULL"):
         if magic != _SQLITE_MAGIC:
             raise StoreError(f"{path} is not an SQLite database (damaged or foreign); "
                              "refusing to touch it")
+        _make_private(path, 0o600)  # SQLite gives its -wal and -shm files this mode too
     else:
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))

@@ -6,7 +6,7 @@ tuple is shared between devices with the same keys, and no per-device JSON.
 Views (``DeviceView``) are built on demand for readers and observers.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -275,7 +275,7 @@ class Provisioned:
 
     name: str
     device_number: int
-    secret: bytes
+    secret: bytes = field(repr=False)  # shown once, never in a log line
 
     @property
     def key(self):

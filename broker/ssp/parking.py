@@ -47,7 +47,7 @@ class ParkedSession:
     None before any RTT sample.
     """
 
-    key: bytes
+    key: bytes = dataclasses.field(repr=False)  # a secret: never logged
     header: bytes | None
     is_server: bool
     next_seq: int

@@ -13,6 +13,8 @@ from broker.ssp.events import StateReceived
 from broker.ssp.framing import BrokerFraming
 from broker.ssp.session import SSPSession
 
+from tests.ssp.linksim import RecordingCiphers
+
 SECRET = bytes(range(16))
 DEVICE = 77
 EMPTY = DeviceState.empty()
@@ -124,3 +126,34 @@ class NodeSessionTests(SynchronousTestCase):
         wakeup = self.node.next_wakeup()
         self.assertIsNotNone(wakeup)
         self.assertLessEqual(wakeup, self.node.session.last_heard + 60.0)
+
+
+class RebootNonceTests(SynchronousTestCase):
+    """A rebooted device never seals under a (key, nonce) it used before."""
+
+    def test_reboot_and_rekey_never_reuse_a_nonce(self):
+        """Boots over one state file, and a rekey within a boot, each seal
+        under a new session key, so no (key, nonce) pair repeats although
+        every session numbers its datagrams from 0."""
+        path = os.path.join(self.mktemp(), "ids.json")
+        ciphers = RecordingCiphers()
+        used_ids = []
+        for boot in range(2):
+            # The clock stands still: only the state file keeps ids apart.
+            node = NodeSession(DEVICE, SECRET, ("127.0.0.1", 60001),
+                               session_ids=SessionIds(path, wall_clock=lambda: 1),
+                               profile=node_profile(25.0), ciphers=ciphers,
+                               rekey_after=60.0)
+            node.report({"boot": boot}, 100.0)
+            node.start(100.0)
+            for step in range(71):  # the broker stays silent: a rekey at 160 s
+                node.datagrams(100.0 + step)
+                if node.session_id not in used_ids:
+                    used_ids.append(node.session_id)
+            self.assertEqual(node.sessions_started, 2)
+        self.assertEqual(len(set(used_ids)), 4)
+        self.assertEqual(used_ids, sorted(used_ids))
+        # Nonces alone do repeat (each session counts from 0): keys differ.
+        self.assertLess(len({nonce for _, nonce in ciphers.sealed}), len(ciphers.sealed))
+        self.assertEqual(len({key for key, _ in ciphers.sealed}), 4)
+        self.assertEqual(len(ciphers.sealed), len(set(ciphers.sealed)))

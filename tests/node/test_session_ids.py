@@ -64,6 +64,17 @@ class SessionIdsTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
 
+    def test_stale_temporary_file_does_not_loosen_the_mode(self):
+        """A leftover world-readable temporary file still yields a 0600 file."""
+        directory = self.mktemp()
+        os.mkdir(directory, 0o700)
+        path = os.path.join(directory, "ids.json")
+        with open(path + ".tmp", "w") as stale:
+            stale.write("{}")
+        os.chmod(path + ".tmp", 0o644)
+        SessionIds(path).next(5)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
     def test_bad_file_is_a_clear_error(self):
         """A damaged file stops with a message naming it, instead of reusing ids."""
         path = self.mktemp()

@@ -121,6 +121,23 @@ class SQLiteRegistryTests(TestCase):
         yield registry.add_device("a")
         self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.data_dir, DB_NAME)).st_mode), 0o600)
+        for suffix in ("-wal", "-shm"):
+            path = os.path.join(self.data_dir, DB_NAME + suffix)
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, suffix)
+
+    @defer.inlineCallbacks
+    def test_loose_existing_files_made_private(self):
+        """A data directory and database that others could read are made private on open."""
+        registry = self.open()
+        yield registry.add_device("a")
+        yield registry.stop()
+        database = os.path.join(self.data_dir, DB_NAME)
+        os.chmod(self.data_dir, 0o755)
+        os.chmod(database, 0o644)
+        registry = self.open()
+        self.assertEqual(registry.device("a").name, "a")
+        self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(database).st_mode), 0o600)
 
     @defer.inlineCallbacks
     def test_stop_commits_pending(self):

@@ -271,13 +271,14 @@ class DiffVectorTests(SynchronousTestCase):
     def test_whole_datagram(self):
         """The documented datagram decodes to example 1 with the documented key."""
         from broker.ssp.framing import parse_header
-        from broker.ssp.keys import derive_session_key
+        from broker.ssp.keys import derive_session_key, format_key
         for text in (HEADER, SESSION_KEY, SERIALIZED, ZLIB, PLAINTEXT, WIRE):
             self.assertIn(text, self.doc)
         wire = bytes.fromhex(WIRE)
         self.assertEqual(parse_header(wire), (42, 30370212813))
         key = derive_session_key(bytes.fromhex(SECRET), 42, 30370212813)
         self.assertEqual(key.hex(), SESSION_KEY)
+        self.assertIn(f"`{format_key(bytes.fromhex(SECRET))}`", self.doc)
         nonce = wire[17:25]
         plaintext = AESOCB3(key).decrypt(b"\0" * 4 + nonce, wire[25:], None)
         self.assertEqual(plaintext.hex(), PLAINTEXT)

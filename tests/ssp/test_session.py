@@ -4,11 +4,13 @@ import dataclasses
 import json
 import os
 import random
+import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.ssp import events
-from broker.ssp.crypto import TO_SERVER, CipherCache, open_sealed, seal
+from broker.ssp.crypto import (TO_CLIENT, TO_SERVER, CipherCache,
+                               open_sealed, seal)
 from broker.ssp.datagram import decode_plaintext
 from broker.ssp.device_state import DeviceState
 from broker.ssp.errors import DropReason
@@ -599,6 +601,55 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(len(out), 1)
         self.assertNotEqual(decode_out(broker, out[0][0]).diff, b"")
 
+    def test_forged_datagrams_get_no_answer(self):
+        """Datagrams that fail authentication (garbage, another key, our
+        own direction) set no timer, draw no reply and move no address."""
+        device, broker = broker_pair(10.0)
+        link = Link(device, broker)
+        device.set_local_state(DeviceState.empty().with_values({"a": 1}),
+                               10.0)
+        link.run_until(12.0, 10.0)
+        self.assertIsNone(broker.next_wakeup())  # idle: FLEET only answers
+        header = broker.framing.header
+        forged = [
+            header + bytes(40),
+            seal(CipherCache().get(bytes(16)), TO_SERVER, 10**6, bytes(16),
+                 header),
+            seal(CipherCache().get(broker.key), TO_CLIENT, 10**6, bytes(16),
+                 header),
+        ]
+        for data in forged:
+            broker.receive_datagram(data, ("203.0.113.9", 4), 13.0)
+        self.assertEqual(dict(broker.drops),
+                         {DropReason.AUTH_FAILED: 2,
+                          DropReason.WRONG_DIRECTION: 1})
+        self.assertIsNone(broker.next_wakeup())
+        self.assertEqual(broker.datagrams_to_send(13.5), [])
+        self.assertEqual(broker.remote_address, DEVICE_ADDRESS)
+
+    def test_resume_never_seals_below_the_floor(self):
+        """A resumed session seals its first datagram at the persisted
+        floor, and refuses a reservation below it (a reused nonce)."""
+        ciphers = RecordingCiphers()
+        empty = DeviceState.empty()
+        options = dict(key=DEVICE_SECRET, cipher_provider=ciphers,
+                       is_server=True, local_state=empty, remote_state=empty,
+                       now=30.0, profile=FLEET, random_bytes=zeros,
+                       framing=BrokerFraming(42, 7),
+                       remote_address=DEVICE_ADDRESS,
+                       resume=Resumption(0, empty, 5000))
+        self.assertRaises(ValueError, SSPSession, seq_reserved=4999,
+                          **options)
+        resumed = SSPSession(seq_reserved=5000 + SEQ_RESERVATION_BLOCK,
+                             **options)
+        resumed.set_local_state(empty.with_values({"cmd": 1}), 30.0)
+        out = resumed.datagrams_to_send(30.0 + FLEET.send_mindelay)
+        self.assertEqual(len(out), 1)
+        (nonce_value,) = struct.unpack_from(">Q", out[0][0], HEADER_SIZE)
+        self.assertEqual(nonce_value, (1 << 63) | 5000)
+        [(_, nonce)] = ciphers.sealed
+        self.assertEqual(nonce, struct.pack(">4xQ", (1 << 63) | 5000))
+
     def test_pop_events_empties(self):
         """Events are handed out once."""
         device, broker = broker_pair(10.0)
@@ -668,6 +719,13 @@ class ParkTests(SynchronousTestCase):
         self.assertEqual(of_type(link.device_events, events.DatagramRejected),
                          [])
         self.assertEqual(len(ciphers.sealed), len(set(ciphers.sealed)))
+
+    def test_parked_session_repr_hides_the_key(self):
+        """A parked session logged by its owner does not show its key."""
+        _, _, broker, _ = self.settle()
+        parked = broker.park()
+        self.assertNotIn(repr(parked.key), repr(parked))
+        self.assertIn("next_seq", repr(parked))
 
     def test_parked_session_keeps_replay_protection(self):
         """The unparked session still refuses to move for an old sequence
