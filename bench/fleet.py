@@ -21,6 +21,8 @@ Every figure is a ratio against a baseline measured in the same run:
    (acknowledged only once durable in SQLite), versus a bare Twisted UDP
    loop (receive, AESOCB3 decrypt, encrypt a reply, send) driven by the
    same kind of closed-loop client (one outstanding request per device).
+   Each process's CPU per update (user + system, /proc/<pid>/stat) is
+   reported too: the wall rates depend on what else runs on the machine.
 3. One million idle devices in one broker process, built in process through
    the endpoint's real datagram path: each device's first datagram is made by
    a real node session and handed to ``SSPEndpoint.datagramReceived``; the
@@ -64,6 +66,13 @@ def rss_of(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (s), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def kernel_socket_memory() -> dict:
@@ -662,29 +671,54 @@ def measure_throughput(devices: int, seconds: float, workdir: str) -> dict:
                         devices, "load", seconds)
         try:
             clients.read()  # connected
-            first = broker.ask("stats")["counters"].get("updates_durable", 0)
+            counters = broker.ask("stats")["counters"]
+            first = counters.get("updates_durable", 0)
+            first_writes = counters.get("registry_writes", 0)
+            cpu = cpu_seconds(broker.pid), cpu_seconds(clients.pid)
             begin = time.monotonic()
             result = clients.read()
             elapsed = time.monotonic() - begin
-            last = broker.ask("stats")["counters"].get("updates_durable", 0)
+            ssp_cpu = cpu_seconds(broker.pid) - cpu[0]
+            ssp_client_cpu = cpu_seconds(clients.pid) - cpu[1]
+            counters = broker.ask("stats")["counters"]
+            last = counters.get("updates_durable", 0)
+            writes = counters.get("registry_writes", 0) - first_writes
         finally:
             clients.stop()
     finally:
         broker.stop()
+    updates = max(1, last - first)
     ssp_rate = (last - first) / elapsed
     bare = Child("bare-server")
     try:
         ready = bare.read()
         load = Child("bare-clients", ready["port"], devices, seconds)
+        cpu = cpu_seconds(bare.pid), cpu_seconds(load.pid)
         outcome = load.read()
+        bare_cpu = cpu_seconds(bare.pid) - cpu[0]
+        bare_client_cpu = cpu_seconds(load.pid) - cpu[1]
         load.stop()
     finally:
         bare.stop()
     bare_rate = outcome["replies"] / outcome["seconds"]
+    replies = max(1, outcome["replies"])
     return {"devices": devices, "ssp_durable_updates_per_second": round(ssp_rate),
             "ssp_reports_acknowledged_client_side": result["reports"],
+            # Device updates written to the registry (a device's reports of one
+            # reactor turn are written as one).
+            "ssp_registry_writes_per_second": round(writes / elapsed),
             "bare_replies_per_second": round(bare_rate),
-            "ratio": round(ssp_rate / bare_rate, 3) if bare_rate else None}
+            "ratio": round(ssp_rate / bare_rate, 3) if bare_rate else None,
+            # CPU (user + system) per update of each process, and its share of the run.
+            "ssp_broker_cpu_us_per_update": round(ssp_cpu / updates * 1e6, 1),
+            "ssp_broker_cpu_share": round(ssp_cpu / elapsed, 2),
+            "ssp_clients_cpu_us_per_update": round(ssp_client_cpu / updates * 1e6, 1),
+            "ssp_clients_cpu_share": round(ssp_client_cpu / elapsed, 2),
+            "bare_server_cpu_us_per_reply": round(bare_cpu / replies * 1e6, 1),
+            "bare_server_cpu_share": round(bare_cpu / outcome["seconds"], 2),
+            "bare_clients_cpu_share": round(bare_client_cpu / outcome["seconds"], 2),
+            "cpu_ratio": round((bare_cpu / replies) / (ssp_cpu / updates), 3)
+            if ssp_cpu and replies else None}
 
 
 def measure_million(devices: int) -> dict:

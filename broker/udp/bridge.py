@@ -21,6 +21,13 @@ from broker.udp.convert import desired_state, encode_state, new_events, reported
 REFUSALS = (errors.InvalidKey, errors.InvalidValue, errors.StateTooLarge)
 
 
+def _unless_failed(result, failed):
+    """A record's Deferred: fails if the reports committed before it did not store."""
+    if failed:
+        return failed[0]
+    return result
+
+
 class RegistryBridge:
     """Reads and writes of the UDP endpoint against one DeviceRegistry."""
 
@@ -77,45 +84,67 @@ class RegistryBridge:
             return self._save(live, 0, b"")
         return self._save(live, current.acked_remote_num, current.acked_remote_state)
 
-    def report(self, live, state, num: int) -> defer.Deferred:
-        """Hand the device's new state to the registry with the session record.
+    def report_many(self, reports) -> list:
+        """Hand several devices' new states to the registry, each with its session record.
 
-        Fires once every write is durable (the record is queued last); a
-        refusal of the registry (invalid key or value, too large) is counted
-        and does not hold it up, a store failure fails it (the state then
-        stays unacknowledged).
+        ``reports``: ``(live, state, num)`` of distinct sessions.  Every
+        patch and event goes to the registry as ONE ``update_reported_many``
+        (one transaction), followed by each session record: they are queued
+        back to back in one reactor turn, so the store commits them together
+        (a crash between a report and its record would double its events
+        after a restart, or lose it).  Returns a Deferred per report, in
+        order, firing once its record is durable; a registry refusal
+        (invalid key or value, too large) is counted and does not hold it
+        up, a store failure of the reports fails every one of them (the
+        states then stay unacknowledged).
         """
         registry = self.registry
-        previous, live.reported = live.reported, state
-        patch = reported_patch(previous, state)
-        events = new_events(previous, state)
-        if patch or events:
-            # The report and the record must share one commit, or a crash
-            # between them doubles its events after a restart (state first)
-            # or loses it (record first): the store commits the writes
-            # queued in one reactor turn together, and they are queued here
-            # back to back.  The record, queued last, is durable only once
-            # the reports before it are.
-            limit = max(1, registry.settings.max_events)
-            first, rest = events[:limit], events[limit:]
-            self._refusals(registry.update_reported(live.number, patch, first), live)
-            while rest:
-                chunk, rest = rest[:limit], rest[limit:]
-                self._refusals(registry.update_reported(live.number, {}, chunk), live)
-        return self._save(live, num, encode_state(state))
+        limit = max(1, registry.settings.max_events)
+        updates = []
+        lives = []
+        for live, state, _ in reports:
+            previous, live.reported = live.reported, state
+            patch = reported_patch(previous, state)
+            events = new_events(previous, state) if state.event_end != previous.event_end \
+                else ()
+            if patch or events:
+                number = live.number
+                updates.append((number, patch, events[:limit]))
+                lives.append(live)
+                rest = events[limit:]
+                while rest:
+                    updates.append((number, {}, rest[:limit]))
+                    lives.append(live)
+                    rest = rest[limit:]
+        failed = []
+        if updates:
+            registry.update_reported_many(updates).addCallbacks(
+                self._answered, self._not_stored, callbackArgs=(lives,),
+                errbackArgs=(failed,))
+        out = []
+        for live, state, num in reports:
+            d = self._save(live, num, encode_state(state))
+            if updates:
+                d.addCallback(_unless_failed, failed)
+            out.append(d)
+        return out
 
-    def _refusals(self, d: defer.Deferred, live) -> None:
-        def refused(failure):
-            if failure.check(*REFUSALS, errors.UnknownDevice):
-                error = failure.value
-                self.refused[error.code] = self.refused.get(error.code, 0) + 1
-                self.log.warn("registry refused a report of {name}: {message}",
-                              name=live.name, message=error.message)
-            else:
-                # A store failure: the record written after it fails too, so
-                # the state stays unacknowledged; log it once here.
-                self.log.failure("report of {name} not stored", failure, name=live.name)
-        d.addErrback(refused)
+    def _answered(self, results, lives) -> None:
+        for live, result in zip(lives, results):
+            if isinstance(result, errors.RegistryError):
+                if isinstance(result, REFUSALS + (errors.UnknownDevice,)):
+                    self.refused[result.code] = self.refused.get(result.code, 0) + 1
+                    self.log.warn("registry refused a report of {name}: {message}",
+                                  name=live.name, message=result.message)
+                else:
+                    self.log.error("registry refused a report of {name}: {error!r}",
+                                   name=live.name, error=result)
+
+    def _not_stored(self, failure, failed) -> None:
+        # A store failure: the records queued after the reports are not
+        # confirmed either, so nothing of them is acknowledged; logged once here.
+        failed.append(failure)
+        self.log.failure("reports not stored", failure)
 
     def connection(self, live, *, online: bool, address=None, rtt=None) -> None:
         """Refresh the registry's connection facts (only a flip of online is a write)."""

@@ -104,6 +104,8 @@ class SSPEndpoint(DatagramProtocol):
 
         self.settings = settings
         self._now = now or clock.seconds
+        self._clock = clock
+        self._pending: list[LiveSession] = []   # sessions with a report to write this turn
         self._bridge = RegistryBridge(registry)
         self._profile = endpoint_profile(settings)
         self._ciphers = ciphers if ciphers is not None else CipherCache(settings.cipher_cache_size)
@@ -177,6 +179,7 @@ class SSPEndpoint(DatagramProtocol):
         self._bridge.watch(self.desired_changed, self.key_changed)
 
     def stopProtocol(self) -> None:
+        self.write_reports(flush=False)   # what this turn received still goes to the store
         self._table.stop()
         self._bridge.stop()
 
@@ -254,6 +257,8 @@ class SSPEndpoint(DatagramProtocol):
             self._failures.allow(number, now)
         if found:
             self._handle(live, found, now)
+        if live.pending_num:
+            return  # flushed once at the end of the turn, after its report is queued
         self._flush(live, now)
 
     def _not_authentic(self, found) -> bool:
@@ -379,14 +384,62 @@ class SSPEndpoint(DatagramProtocol):
         return self._table.get(live.number) is live
 
     def _report(self, live: LiveSession, state, num: int) -> None:
+        # Gathered for the end of the reactor turn: one registry write for
+        # every report of the turn, and one per device however many states
+        # it sent meanwhile (the newest one covers the others' acks).
+        if live.pending_num:
+            live.pending_state, live.pending_num = state, num
+            live.pending_count += 1
+            return
         live.writes += 1
-        self._bridge.report(live, state, num).addCallbacks(
-            self._reported, self._write_failed,
-            callbackArgs=(live, num), errbackArgs=(live, "report"))
+        live.pending_state, live.pending_num, live.pending_count = state, num, 1
+        pending = self._pending
+        pending.append(live)
+        if len(pending) == 1:
+            self._clock.callLater(0, self.write_reports)
 
-    def _reported(self, _, live: LiveSession, num: int) -> None:
+    def write_reports(self, flush: bool = True) -> None:
+        """Hand the reports gathered this turn to the registry (called at its end),
+        then send what those sessions have due (once per session, not per datagram)."""
+        pending, self._pending = self._pending, []
+        reports = []
+        counts = []
+        table = self._table
+        for live in pending:
+            state, num, count = live.pending_state, live.pending_num, live.pending_count
+            live.pending_state, live.pending_num, live.pending_count = None, 0, 0
+            if table.get(live.number) is not live:
+                # Retired meanwhile (replaced, key changed): its record must
+                # not overwrite the new session's, and it is never acknowledged.
+                live.writes -= 1
+                continue
+            reports.append((live, state, num))
+            counts.append(count)
+        if not reports:
+            return
+        self.counters["registry_writes"] += len(reports)
+        try:
+            answers = self._bridge.report_many(reports)
+        except Exception:
+            # Never leave a session waiting for a write that was not queued.
+            self.counters["store_failures"] += 1
+            self.log.failure("the reports of a turn could not be written")
+            for live, _, _ in reports:
+                live.writes -= 1
+            return
+        for (live, _, num), count, d in zip(reports, counts, answers):
+            d.addCallbacks(self._reported, self._write_failed,
+                           callbackArgs=(live, num, count), errbackArgs=(live, "report"))
+        if flush:
+            now = self._now()
+            for live, _, _ in reports:
+                if table.get(live.number) is live:
+                    self._flush(live, now)
+
+    def _reported(self, _, live: LiveSession, num: int, count: int = 1) -> None:
         live.writes -= 1
-        self.counters["updates_durable"] += 1
+        # Every report the write covered is durable (and acknowledged with num).
+        self.counters["updates_durable"] += count
         if self._current(live):
             live.session.confirm_durable(num)
             self._table.settle(live, self._now())

@@ -23,13 +23,16 @@ class LiveSession:
 
     ``reported``: the device state last handed to the registry (the patch
     of the next one is computed from it).  ``reserved``: the highest
-    sequence reservation written to the store.  ``facts_at``: when the
+    sequence reservation written to the store.  ``pending_state`` /
+    ``pending_num``: the newest report, not yet handed to the registry
+    (written at the end of the reactor turn).  ``facts_at``: when the
     registry's connection facts were last refreshed (monotonic seconds).
     ``wheel_slot``: the presence bucket holding it, -1 if none.
     """
 
     __slots__ = ("number", "name", "session_id", "session", "reported",
-                 "reserved", "online", "facts_at", "wheel_slot", "writes")
+                 "reserved", "online", "facts_at", "wheel_slot", "writes",
+                 "pending_state", "pending_num", "pending_count")
 
     def __init__(self, number: int, name: str, session_id: int, session: SSPSession,
                  reported: DeviceState, reserved: int) -> None:
@@ -43,6 +46,9 @@ class LiveSession:
         self.facts_at = float("-inf")
         self.wheel_slot = -1
         self.writes = 0  # registry writes not yet durable
+        self.pending_state = None  # newest state received, written at the end of the turn
+        self.pending_num = 0
+        self.pending_count = 0  # reports it covers (the newer ones include the older ones)
 
     def __repr__(self) -> str:
         return (f"<LiveSession device={self.number} name={self.name!r} "

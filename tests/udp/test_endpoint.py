@@ -6,7 +6,11 @@ fake link on a task.Clock (tests/udp/helpers.py); no sockets, no sleeps.
 
 import os
 
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
+
+from broker.registry import MemoryStore
+from broker.registry.errors import StoreError
 
 from broker.ssp.crypto import TO_SERVER, seal
 from broker.ssp.framing import build_header
@@ -647,3 +651,102 @@ class AssemblyCapTests(SynchronousTestCase):
         self.assertEqual(h.endpoint.drops["too_large"], 1)
         self.assertIsNone(session._assembly)
         self.assertIs(h.endpoint.session_of(device.device_number).session, session)
+
+
+class _FailingStates(MemoryStore):
+    """A memory store whose batched state writes fail (a full disk, say)."""
+
+    def write_states(self, devs, result=None):
+        return defer.fail(StoreError("disk full"))
+
+
+class ReportBatchTests(SynchronousTestCase):
+    """Reports are gathered per reactor turn: one registry write per turn and device."""
+
+    def setUp(self):
+        self.h = Harness(self)
+
+    def deliver(self, node, now):
+        for data, _ in node.datagrams(now):
+            self.h.endpoint.datagramReceived(data, self.h.address_of(node))
+
+    def connected(self, name, address):
+        node = self.h.node(self.h.provision(name), address=address)
+        self.h.run(0.5)
+        self.assertTrue(node.idle())
+        return node
+
+    def test_reports_of_one_turn_share_one_registry_call(self):
+        """Two devices' reports received in one turn reach the registry in one batched call, at its end."""
+        a = self.connected("a", ("127.0.0.2", 40000))
+        b = self.connected("b", ("127.0.0.3", 40000))
+        registry = self.h.registry
+        calls = []
+        many = registry.update_reported_many
+        registry.update_reported_many = lambda updates: (calls.append(list(updates)),
+                                                         many(updates))[1]
+        now = self.h.clock.seconds()
+        a.report({"t": 1}, now)
+        b.report({"t": 2}, now)
+        self.deliver(a, now + 0.05)
+        self.deliver(b, now + 0.05)
+        self.assertEqual(dict(registry.device("a").reported), {})
+        self.h.clock.advance(0)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(len(calls[0]), 2)
+        self.assertEqual(dict(registry.device("a").reported), {"t": 1})
+        self.assertEqual(dict(registry.device("b").reported), {"t": 2})
+        self.h.run(1.0)
+        self.assertTrue(a.idle() and b.idle())
+
+    def test_states_of_one_device_in_one_turn_written_once(self):
+        """Two states of one device in one turn are one registry update; both count, events once."""
+        node = self.connected("dev", ("127.0.0.2", 40000))
+        endpoint = self.h.endpoint
+        writes = endpoint.counters["registry_writes"]
+        durable = endpoint.counters["updates_durable"]
+        now = self.h.clock.seconds()
+        node.report({"v": 1}, now)
+        node.emit("e1", now=now)
+        self.deliver(node, now + 0.05)
+        node.report({"v": 2}, now + 0.05)
+        node.emit("e2", now=now + 0.05)
+        self.deliver(node, now + 0.2)
+        self.h.clock.advance(0)
+        self.assertEqual(endpoint.counters["registry_writes"] - writes, 1)
+        self.assertEqual(endpoint.counters["updates_durable"] - durable, 2)
+        view = self.h.registry.device("dev")
+        self.assertEqual(dict(view.reported), {"v": 2})
+        events = [e for entry in view.history if entry[3] in ("reported", "events")
+                  for e in (entry[4].get("events", ()) if hasattr(entry[4], "get") else entry[4])]
+        self.assertEqual(list(events), ["e1", "e2"])
+        self.h.run(1.0)
+        self.assertTrue(node.idle())
+
+    def test_report_of_a_session_retired_before_the_turn_ends_is_not_written(self):
+        """A report whose session was retired in the same turn writes neither state nor record."""
+        node = self.connected("dev", ("127.0.0.2", 40000))
+        number = node.device_number
+        live = self.h.endpoint.session_of(number)
+        record = self.h.registry.session_record(number)
+        now = self.h.clock.seconds()
+        node.report({"v": 9}, now)
+        self.deliver(node, now + 0.05)
+        self.assertGreater(live.pending_num, 0)
+        self.h.endpoint.key_changed(number)
+        self.h.clock.advance(0)
+        self.assertEqual(dict(self.h.registry.device("dev").reported), {})
+        self.assertEqual(self.h.registry.session_record(number), record)
+        self.assertEqual(live.writes, 0)
+
+    def test_failed_batch_acknowledges_nothing(self):
+        """When the store fails the batched reports, their records do not confirm them: no ack."""
+        self.h = Harness(self, store=_FailingStates())
+        node = self.connected("dev", ("127.0.0.2", 40000))
+        acked = node.acknowledged
+        node.report({"v": 1}, self.h.clock.seconds())
+        self.h.run(2.0)
+        self.assertEqual(node.acknowledged, acked)
+        self.assertFalse(node.idle())
+        self.assertGreaterEqual(self.h.endpoint.counters["store_failures"], 1)
+        self.assertTrue(self.flushLoggedErrors(StoreError))
