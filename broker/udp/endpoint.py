@@ -31,9 +31,11 @@ from broker.ssp.fragment import FRAGMENT_HEADER_SIZE
 from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE
 from broker.udp.bridge import RegistryBridge
 from broker.udp.convert import decode_state, desired_state
+from broker.udp.drops import EndpointDrop, not_authentic
 from broker.udp.limits import TokenBucket, WindowCounter
 from broker.udp.park import Parked
 from broker.udp.profile import endpoint_profile
+from broker.udp.reports import SessionWrites
 from broker.udp.sessions import (EMPTY, SEQ_RESERVATION_BLOCK, LiveSession,
                                  new_session, resumed_session)
 from broker.udp.table import SessionTable
@@ -51,29 +53,8 @@ MAX_ASSEMBLY_BYTES = 64 * 1024
 _HEADER = struct.Struct(">BQQ")
 _unpack_header = _HEADER.unpack_from
 
-# Rejections that mean "did not authenticate" (no reply, charged to the
-# device's failure budget) rather than "authentic but unusable".
-_NOT_AUTHENTIC = frozenset((DropReason.AUTH_FAILED, DropReason.SHORT,
-                            DropReason.WRONG_DIRECTION, DropReason.BAD_HEADER,
-                            DropReason.UNKNOWN_FRAMING))
 _SESSION_OVER = (ssp_events.ShutdownAcknowledged, ssp_events.PeerShutdownAcknowledged,
                  ssp_events.ShutdownTimedOut)
-
-
-class EndpointDrop(str, enum.Enum):
-    """Reasons the endpoint drops a datagram before a session sees it."""
-
-    UNKNOWN_DEVICE = "unknown_device"
-    OLD_SESSION = "old_session"
-    RATE_LIMITED = "rate_limited"
-    DEVICE_RATE_LIMITED = "device_rate_limited"
-    NEW_SESSION_RATE_LIMITED = "new_session_rate_limited"
-    SESSION_CAP = "session_cap"
-    BAD_RECORD = "bad_record"
-    INTERNAL_ERROR = "internal_error"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def assembly_bytes(registry) -> int:
@@ -105,7 +86,6 @@ class SSPEndpoint(DatagramProtocol):
         self.settings = settings
         self._now = now or clock.seconds
         self._clock = clock
-        self._pending: list[LiveSession] = []   # sessions with a report to write this turn
         self._bridge = RegistryBridge(registry)
         self._profile = endpoint_profile(settings)
         self._ciphers = ciphers if ciphers is not None else CipherCache(settings.cipher_cache_size)
@@ -122,6 +102,9 @@ class SSPEndpoint(DatagramProtocol):
                                    facts_interval=settings.facts_interval,
                                    max_assembly_bytes=assembly_bytes(registry),
                                    flush=self._flush, counters=self.counters)
+        self._writes = SessionWrites(table=self._table, bridge=self._bridge, clock=clock,
+                                     now=self._now, flush=self._flush,
+                                     counters=self.counters)
         self._limits(settings)
         self._sendto = None
 
@@ -247,25 +230,19 @@ class SSPEndpoint(DatagramProtocol):
             self._table.heard(live, addr, now)
         elif parked:
             # Not authentic, or an old datagram: the parked form stays as it was.
-            if self._not_authentic(found):
+            if not_authentic(found):
                 self._failures.allow(number, now)
             for event in found:
                 if type(event) is ssp_events.DatagramRejected:
                     self._drop(event.reason)
             return
-        elif self._not_authentic(found):
+        elif not_authentic(found):
             self._failures.allow(number, now)
         if found:
             self._handle(live, found, now)
         if live.pending_num:
             return  # flushed once at the end of the turn, after its report is queued
         self._flush(live, now)
-
-    def _not_authentic(self, found) -> bool:
-        for event in found:
-            if type(event) is ssp_events.DatagramRejected and event.reason in _NOT_AUTHENTIC:
-                return True
-        return False
 
     def _receive_other(self, entry, number: int, session_id: int, data: bytes, addr,
                        now: float) -> None:
@@ -352,10 +329,7 @@ class SSPEndpoint(DatagramProtocol):
         else:
             self.counters["sessions_started"] += 1
             # The new id is durable before anything is sent or acknowledged.
-            live.writes += 1
-            bridge.start(live, SEQ_RESERVATION_BLOCK).addCallbacks(
-                self._reserved, self._write_failed,
-                callbackArgs=(live, SEQ_RESERVATION_BLOCK), errbackArgs=(live, "session start"))
+            self._writes.start(live)
         outgoing = bridge.outgoing(number, EMPTY)
         if outgoing is not None and outgoing is not EMPTY:
             session.set_local_state(outgoing, now)
@@ -367,11 +341,11 @@ class SSPEndpoint(DatagramProtocol):
         for event in found:
             kind = type(event)
             if kind is ssp_events.StateReceived:
-                self._report(live, event.state, event.num)
+                self._writes.report(live, event.state, event.num)
             elif kind is ssp_events.DatagramRejected:
                 self._drop(event.reason)
             elif kind is ssp_events.SequenceReservationRequested:
-                self._reserve(live, event.limit)
+                self._writes.reserve(live, event.limit)
             elif kind is ssp_events.PeerRoamed:
                 self.counters["roams"] += 1
                 self._table.moved(live, event.address, now)
@@ -380,90 +354,10 @@ class SSPEndpoint(DatagramProtocol):
             elif kind in _SESSION_OVER:
                 self.counters["sessions_shut_down"] += 1
 
-    def _current(self, live: LiveSession) -> bool:
-        return self._table.get(live.number) is live
-
-    def _report(self, live: LiveSession, state, num: int) -> None:
-        # Gathered for the end of the reactor turn: one registry write for
-        # every report of the turn, and one per device however many states
-        # it sent meanwhile (the newest one covers the others' acks).
-        if live.pending_num:
-            live.pending_state, live.pending_num = state, num
-            live.pending_count += 1
-            return
-        live.writes += 1
-        live.pending_state, live.pending_num, live.pending_count = state, num, 1
-        pending = self._pending
-        pending.append(live)
-        if len(pending) == 1:
-            self._clock.callLater(0, self.write_reports)
-
     def write_reports(self, flush: bool = True) -> None:
         """Hand the reports gathered this turn to the registry (called at its end),
         then send what those sessions have due (once per session, not per datagram)."""
-        pending, self._pending = self._pending, []
-        reports = []
-        counts = []
-        table = self._table
-        for live in pending:
-            state, num, count = live.pending_state, live.pending_num, live.pending_count
-            live.pending_state, live.pending_num, live.pending_count = None, 0, 0
-            if table.get(live.number) is not live:
-                # Retired meanwhile (replaced, key changed): its record must
-                # not overwrite the new session's, and it is never acknowledged.
-                live.writes -= 1
-                continue
-            reports.append((live, state, num))
-            counts.append(count)
-        if not reports:
-            return
-        self.counters["registry_writes"] += len(reports)
-        try:
-            answers = self._bridge.report_many(reports)
-        except Exception:
-            # Never leave a session waiting for a write that was not queued.
-            self.counters["store_failures"] += 1
-            self.log.failure("the reports of a turn could not be written")
-            for live, _, _ in reports:
-                live.writes -= 1
-            return
-        for (live, _, num), count, d in zip(reports, counts, answers):
-            d.addCallbacks(self._reported, self._write_failed,
-                           callbackArgs=(live, num, count), errbackArgs=(live, "report"))
-        if flush:
-            now = self._now()
-            for live, _, _ in reports:
-                if table.get(live.number) is live:
-                    self._flush(live, now)
-
-    def _reported(self, _, live: LiveSession, num: int, count: int = 1) -> None:
-        live.writes -= 1
-        # Every report the write covered is durable (and acknowledged with num).
-        self.counters["updates_durable"] += count
-        if self._current(live):
-            live.session.confirm_durable(num)
-            self._table.settle(live, self._now())
-
-    def _reserve(self, live: LiveSession, limit: int) -> None:
-        if limit <= live.reserved:
-            return  # a write covering it is on its way
-        live.reserved = limit
-        live.writes += 1
-        self._bridge.reserve(live, limit).addCallbacks(
-            self._reserved, self._write_failed,
-            callbackArgs=(live, limit), errbackArgs=(live, "reservation"))
-
-    def _reserved(self, _, live: LiveSession, limit: int) -> None:
-        live.writes -= 1
-        if self._current(live):
-            live.session.confirm_seq_reservation(limit)
-            self._table.settle(live, self._now())
-
-    def _write_failed(self, failure, live: LiveSession, what: str) -> None:
-        live.writes -= 1
-        self.counters["store_failures"] += 1
-        self.log.failure("{what} of {name} not durable: nothing is acknowledged",
-                         failure, what=what, name=live.name)
+        self._writes.write_reports(flush)
 
     # -- sending ------------------------------------------------------------------
 

@@ -1,5 +1,12 @@
 """The waiting room: every long poll and event stream, woken by one registry subscription.
 
+The subscription exists only while something waits: with nobody waiting
+the registry builds no view per change. Nothing is missed meanwhile,
+because every newcomer reads the feed or the device before it waits (a
+stream reads after the subscription is back, a long poll in the same
+reactor turn as its admission), and the wake-up pass reads from cursors
+and versions, not from the notifications themselves.
+
 Waiting costs memory only: each waiter is a small slotted object in a dict
 and one deadline in the waiting room's timer heap (broker.scheduler's
 WakeupScheduler, one reactor timer for every waiter); no thread, no timer
@@ -84,6 +91,7 @@ class WaitingRoom:
         self._drain_call = None
         self._wake_call = None
         self._subscription = None
+        self._running = False
         self._keepalive = None
         if settings.sse_keepalive > 0:
             self._keepalive = LoopingCall(self._send_keepalives)
@@ -92,15 +100,14 @@ class WaitingRoom:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        """Follow every registry change."""
-        if self._subscription is None:
-            self._subscription = self.registry.subscribe(["*"], self._on_change)
+        """Follow every registry change while something waits."""
+        self._running = True
+        self._follow()
 
     def stop(self) -> None:
         """Stop following changes, cancel the timers, close every waiting request."""
-        if self._subscription is not None:
-            self._subscription.cancel()
-            self._subscription = None
+        self._running = False
+        self._follow()
         if self._wake_call is not None and self._wake_call.active():
             self._wake_call.cancel()
         self._wake_call = None
@@ -141,8 +148,18 @@ class WaitingRoom:
         return len(self) >= self.settings.max_waiters
 
     def _counted(self) -> None:
+        self._follow()
         if self._gauge is not None:
             self._gauge.set(len(self))
+
+    def _follow(self) -> None:
+        """Subscribe to "*" when the first waiter arrives, cancel when the last leaves."""
+        wanted = self._running and len(self) > 0
+        if wanted and self._subscription is None:
+            self._subscription = self.registry.subscribe(["*"], self._on_change)
+        elif not wanted and self._subscription is not None:
+            self._subscription.cancel()
+            self._subscription = None
 
     def wait_feed(self, request, cursor, match, limit, wait) -> None:
         """Hold ``request`` until the feed past ``cursor`` has a match, or ``wait`` seconds."""

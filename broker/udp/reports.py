@@ -1,0 +1,140 @@
+"""The endpoint's writes to the store: reports, session starts, sequence reservations.
+
+Reports are gathered for the end of the reactor turn so the registry sees
+one write for every report of the turn, and one per device however many
+states it sent meanwhile (the newest one covers the others' acks).  A
+write's answer is what lets a session acknowledge (``confirm_durable``)
+or use its reserved sequence numbers (``confirm_seq_reservation``):
+nothing is acknowledged before it is durable.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession
+
+__all__ = ["SessionWrites"]
+
+
+class SessionWrites:
+    """The durable writes of every live session on one endpoint.
+
+    ``table`` is the endpoint's SessionTable (a session retired meanwhile
+    is never written nor confirmed), ``bridge`` its RegistryBridge,
+    ``clock`` the reactor for the end-of-turn call, ``now`` the session
+    time source, ``flush`` the endpoint's send-what-is-due callable and
+    ``counters`` the endpoint's Counter (registry_writes,
+    updates_durable, store_failures).
+    """
+
+    log = Logger()
+
+    __slots__ = ("_table", "_bridge", "_clock", "_now", "_flush", "_counters", "_pending")
+
+    def __init__(self, *, table, bridge, clock, now, flush, counters) -> None:
+        self._table = table
+        self._bridge = bridge
+        self._clock = clock
+        self._now = now
+        self._flush = flush
+        self._counters = counters
+        self._pending: list[LiveSession] = []   # sessions with a report to write this turn
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _current(self, live: LiveSession) -> bool:
+        return self._table.get(live.number) is live
+
+    # -- reports ------------------------------------------------------------------
+
+    def report(self, live: LiveSession, state, num: int) -> None:
+        """Queue the session's newest received state for the end of the turn."""
+        if live.pending_num:
+            live.pending_state, live.pending_num = state, num
+            live.pending_count += 1
+            return
+        live.writes += 1
+        live.pending_state, live.pending_num, live.pending_count = state, num, 1
+        pending = self._pending
+        pending.append(live)
+        if len(pending) == 1:
+            self._clock.callLater(0, self.write_reports)
+
+    def write_reports(self, flush: bool = True) -> None:
+        """Hand the reports gathered this turn to the registry (called at its end),
+        then send what those sessions have due (once per session, not per datagram)."""
+        pending, self._pending = self._pending, []
+        reports = []
+        counts = []
+        table = self._table
+        for live in pending:
+            state, num, count = live.pending_state, live.pending_num, live.pending_count
+            live.pending_state, live.pending_num, live.pending_count = None, 0, 0
+            if table.get(live.number) is not live:
+                # Retired meanwhile (replaced, key changed): its record must
+                # not overwrite the new session's, and it is never acknowledged.
+                live.writes -= 1
+                continue
+            reports.append((live, state, num))
+            counts.append(count)
+        if not reports:
+            return
+        self._counters["registry_writes"] += len(reports)
+        try:
+            answers = self._bridge.report_many(reports)
+        except Exception:
+            # Never leave a session waiting for a write that was not queued.
+            self._counters["store_failures"] += 1
+            self.log.failure("the reports of a turn could not be written")
+            for live, _, _ in reports:
+                live.writes -= 1
+            return
+        for (live, _, num), count, d in zip(reports, counts, answers):
+            d.addCallbacks(self._reported, self._failed,
+                           callbackArgs=(live, num, count), errbackArgs=(live, "report"))
+        if flush:
+            now = self._now()
+            for live, _, _ in reports:
+                if table.get(live.number) is live:
+                    self._flush(live, now)
+
+    def _reported(self, _, live: LiveSession, num: int, count: int = 1) -> None:
+        live.writes -= 1
+        # Every report the write covered is durable (and acknowledged with num).
+        self._counters["updates_durable"] += count
+        if self._current(live):
+            live.session.confirm_durable(num)
+            self._table.settle(live, self._now())
+
+    # -- session ids and sequence reservations --------------------------------------
+
+    def start(self, live: LiveSession) -> None:
+        """Make a new session's id durable, with the first reservation block."""
+        live.writes += 1
+        self._bridge.start(live, SEQ_RESERVATION_BLOCK).addCallbacks(
+            self._reserved, self._failed,
+            callbackArgs=(live, SEQ_RESERVATION_BLOCK), errbackArgs=(live, "session start"))
+
+    def reserve(self, live: LiveSession, limit: int) -> None:
+        """Reserve sequence numbers up to ``limit`` (once per limit)."""
+        if limit <= live.reserved:
+            return  # a write covering it is on its way
+        live.reserved = limit
+        live.writes += 1
+        self._bridge.reserve(live, limit).addCallbacks(
+            self._reserved, self._failed,
+            callbackArgs=(live, limit), errbackArgs=(live, "reservation"))
+
+    def _reserved(self, _, live: LiveSession, limit: int) -> None:
+        live.writes -= 1
+        if self._current(live):
+            live.session.confirm_seq_reservation(limit)
+            self._table.settle(live, self._now())
+
+    def _failed(self, failure, live: LiveSession, what: str) -> None:
+        live.writes -= 1
+        self._counters["store_failures"] += 1
+        self.log.failure("{what} of {name} not durable: nothing is acknowledged",
+                         failure, what=what, name=live.name)
