@@ -8,6 +8,11 @@ the key layout).
 
 # The scripts. Stream fields: t (type) n (number) v (version) c (cursor)
 # s (state) e (events, CBOR) o (origin process) and per type below.
+# CHANGE takes its states as triples (state, events, flags); f (flags) is
+# what a follower needs without decoding the state: the online bit (1) and
+# "desired may have changed" (2), see shared_stream.py. A session record
+# written with states rides on the last state's entry (field r: one stream
+# entry fewer for every follower to read); alone, it is an entry of type r.
 CHANGE = """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {'missing', 0, 0} end
@@ -16,21 +21,30 @@ if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= v then return {'conflict', 0, v} end
 if tonumber(ARGV[1]) ~= v then return {'stale', 0, v} end
 local number, origin, maxlen, k = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local first, c, blob = 0, 0, nil
+local record = ARGV[7 + 3 * k]
 for i = 1, k do
   c = redis.call('INCR', KEYS[2])
   if i == 1 then first = c end
   v = v + 1
-  blob = ARGV[5 + 2 * i]
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, c .. '-*', 't', 's', 'n', number,
-             'v', v, 'c', c, 's', blob, 'e', ARGV[6 + 2 * i], 'o', origin)
+  blob = ARGV[4 + 3 * i]
+  if i == k and record ~= '' then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, c .. '-*', 't', 's', 'n', number,
+               'v', v, 'c', c, 's', blob, 'e', ARGV[5 + 3 * i], 'f', ARGV[6 + 3 * i],
+               'o', origin, 'r', record)
+  else
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, c .. '-*', 't', 's', 'n', number,
+               'v', v, 'c', c, 's', blob, 'e', ARGV[5 + 3 * i], 'f', ARGV[6 + 3 * i],
+               'o', origin)
+  end
 end
 if k > 0 then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob) end
-local record = ARGV[7 + 2 * k]
 if record ~= '' then
   redis.call('HSET', KEYS[1], 'r', record)
-  local top = redis.call('GET', KEYS[2]) or '0'
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, top .. '-*', 't', 'r', 'n', number,
-             'r', record, 'o', origin)
+  if k == 0 then
+    local top = redis.call('GET', KEYS[2]) or '0'
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, top .. '-*', 't', 'r', 'n', number,
+               'r', record, 'o', origin)
+  end
 end
 return {'ok', first, v}
 """

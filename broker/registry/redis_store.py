@@ -8,7 +8,9 @@ So two threads do all Redis I/O: a writer that sends everything queued
 as ONE pipeline (group commit: one round trip for every write of a
 reactor turn) and a reader blocked in ``XREAD`` on the change stream. The
 reactor thread never waits on Redis; results come back through
-``callFromThread``.
+``callFromThread``. Every process parses every process's stream entries,
+so the C reply parser (hiredis, which redis-py uses when installed) is a
+dependency of the redis extra.
 
 Key layout (``{p}`` is the hash tag, ``key_prefix`` in braces). Every key
 of one registry carries the same tag, so it lives in one Cluster slot:
@@ -359,7 +361,8 @@ class RedisStore(Store):
 
     def follow(self, after, deliver):
         """Call ``deliver(entries)`` on the reactor thread with every stream
-        entry after id ``after`` (decoded in the reader thread)."""
+        entry after id ``after`` (parsed in the reader thread; states and
+        records stay raw, see ``decode_entry``)."""
         self._reader = threading.Thread(target=self._read_loop, args=(after, deliver),
                                         name="registry-redis-reader", daemon=True)
         self._reader.start()
@@ -399,16 +402,28 @@ class RedisStore(Store):
         client.close()
 
 
+def decode_events(blob):
+    """The events of a change from the CBOR the writer sent (b"": none)."""
+    return tuple(thaw(e) for e in cbor2.loads(blob)) if blob else ()
+
+
 def decode_entry(fields):
-    """A stream entry as a tuple (type first), decoded off the reactor thread."""
+    """A stream entry as a tuple (type first), decoded off the reactor thread.
+
+    The state and events of an ``s`` entry and the record of an ``r`` entry
+    stay raw bytes: most entries are other processes' changes that this
+    process may never read (shared_stream.py decodes them when needed).
+    ``flags`` is None for an entry written without them; ``record`` is the
+    raw session record written with the state, or None."""
     kind = fields[b"t"]
     origin = fields.get(b"o", b"").decode()
     if kind == b"s":
-        events = fields.get(b"e", b"")
+        flags = fields.get(b"f")
         return ("s", int(fields[b"n"]), int(fields[b"v"]), int(fields[b"c"]),
-                decode_state(fields[b"s"]), tuple(thaw(e) for e in cbor2.loads(events)) if events else (), origin)
+                bytes(fields[b"s"]), fields.get(b"e", b""), origin,
+                None if flags is None else int(flags), fields.get(b"r"))
     if kind == b"r":
-        return ("r", int(fields[b"n"]), decode_record(fields[b"r"]), origin)
+        return ("r", int(fields[b"n"]), bytes(fields[b"r"]), origin)
     if kind == b"a":
         return ("a", int(fields[b"n"]), int(fields[b"v"]), int(fields[b"c"]),
                 fields[b"m"].decode(), bytes(fields[b"k"]), decode_state(fields[b"s"]), origin)

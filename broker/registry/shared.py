@@ -21,11 +21,12 @@ from collections import deque
 from twisted.internet import defer
 
 from . import errors
+from .redis_store import decode_record
 from .model import ChangeBatch
 from .registry import DeviceRegistry
 from .secrets import TokenTable
 from .shared_provisioning import SharedProvisioning
-from .shared_stream import ChangeStream, OrderedFeed
+from .shared_stream import ChangeStream, OrderedFeed, lazy_device_type
 from .shared_writes import SharedWrites
 
 __all__ = ["OrderedFeed", "SharedRegistry", "TOP_FRESH", "open_shared_registry"]
@@ -49,6 +50,9 @@ class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegis
         self._top = 0
         self._top_at = float("-inf")
         self._following = False
+        self._pending = {}         # number -> [raw state, version, cursor, old state]
+        self._own_states = {}      # (number, version) -> state sent, until the stream brings it
+        self._lazy_type = lazy_device_type(self)
         super().__init__(store, clock=clock, settings=settings, random_bytes=random_bytes)
 
     # -- loading -------------------------------------------------------------
@@ -102,6 +106,23 @@ class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegis
         return self._store.fetch_tokens().addCallback(apply)
 
     # -- reads ---------------------------------------------------------------
+
+    def session_record(self, device_number):
+        """The saved SessionRecord of a device, or None (another process's record
+        arrives raw on the stream and is decoded here, when a session needs it)."""
+        dev = self._by_number.get(device_number)
+        if dev is None:
+            return None
+        record = dev.session
+        if type(record) is bytes:
+            try:
+                record = decode_record(record)
+            except errors.StoreError:
+                self.log.failure("damaged session record of device {number}",
+                                 number=device_number)
+                record = None
+            dev.session = record
+        return record
 
     def changes_since(self, cursor, limit=1000):
         """As DeviceRegistry.changes_since; a cursor another process handed out

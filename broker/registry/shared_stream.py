@@ -1,16 +1,86 @@
 """The Redis change stream, applied to a SharedRegistry's replica.
 
 Every process's changes arrive here in cursor order (RedisStore.follow
-decodes them off the reactor thread). Applying an entry is what makes a
+reads them off the reactor thread). Applying an entry is what makes a
 change visible in this process: versions, the feed, observers, and the
 Deferreds of this process's own writes waiting for their cursor.
+
+Why lazily: every process applies every process's changes, so decoding
+them all would make each worker's cost per update grow with the number of
+workers. Another process's change of reported state (flags say desired is
+untouched) only sets the device's version, cursor, feed place and online
+flag here; its state stays a raw blob until something reads the device
+(a view, the feed, a write of it, an observer being notified), which
+decodes it once. Session records of other processes stay raw until this
+process needs one (a device's session arrives here). Redis still decides
+versions (the Lua check), so nothing about conflicts depends on this.
 """
 
 from bisect import bisect_right
 
 from . import errors
 from .feed import ChangeFeed
+from .database import decode_state
 from .model import Device, DeviceView
+from .redis_store import decode_events
+
+#: stream flag: the change may have changed ``desired`` (decode at once:
+#: desired watchers must hear it). Bit 1 is the new ``online``.
+FLAG_DESIRED = 2
+
+#: the Device slots a raw state stands for (``online`` is kept from the flags).
+_LAZY = ("rkeys", "rvals", "rtimes", "dkeys", "dvals", "dtimes",
+         "last_heard", "address", "rtt", "session_id", "history")
+_LAZY_SET = frozenset(_LAZY)
+_FACTS = ("last_heard", "address", "rtt", "session_id")
+_get = object.__getattribute__
+
+
+def lazy_device_type(registry):
+    """A Device class whose missing state slots decode the pending raw state of
+    ``registry`` on first read (same layout, so ``__class__`` can switch)."""
+    class LazyDevice(Device):
+        __slots__ = ()
+
+        def __getattr__(self, name):
+            if name in _LAZY_SET and registry._materialize(self):
+                return getattr(self, name)
+            raise AttributeError(name)
+    return LazyDevice
+
+
+class RawView:
+    """What observers get for a change applied raw: name, device number, version
+    and cursor at once; reading anything else decodes (once) the state the
+    change carried, so an observer that only wants the name (a long-poll hub
+    following every device) costs no decoding, and one that reads the state
+    gets exactly this change's, whatever happened to the device since."""
+
+    __slots__ = ("name", "device_number", "version", "cursor", "_build", "_view")
+    removed = False
+
+    def __init__(self, name, device_number, version, cursor, build):
+        self.name = name
+        self.device_number = device_number
+        self.version = version
+        self.cursor = cursor
+        self._build = build
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self.view(), attr)
+
+    def __repr__(self):
+        return f"RawView of {self.view()!r}"
+
+    def view(self):
+        """The DeviceView this stands for (decoded on first use)."""
+        try:
+            return _get(self, "_view")
+        except AttributeError:
+            self._view = self._build()
+            return self._view
 
 
 class OrderedFeed(ChangeFeed):
@@ -41,10 +111,11 @@ class ChangeStream:
             kind = entry[0]
             try:
                 if kind == "s":
-                    self._apply_state(*entry[1:6])
+                    self._apply_state(*entry[1:8])
+                    if entry[8] is not None:
+                        self._apply_record(entry[1], entry[8], entry[6])
                 elif kind == "r":
-                    if entry[3] != self.origin and entry[1] in self._by_number:
-                        self._by_number[entry[1]].session = entry[2]
+                    self._apply_record(*entry[1:])
                 elif kind == "a":
                     self._apply_add(*entry[1:7])
                 elif kind == "x":
@@ -62,15 +133,33 @@ class ChangeStream:
             _, d, result = waiters.popleft()
             d.callback(result)
 
+    def _apply_record(self, number, record, origin):
+        dev = self._by_number.get(number)
+        if dev is not None and origin != self.origin:
+            dev.session = record    # raw bytes: session_record() decodes when needed
+
     def _advance(self, cursor):
         if cursor > self.cursor:
             self.cursor = cursor
 
-    def _apply_state(self, number, version, cursor, state, events):
+    def _apply_state(self, number, version, cursor, blob, events, origin, flags):
         dev = self._by_number.get(number)
         self._advance(cursor)
+        # This process's own change: the state it sent is still here, no decoding.
+        state = self._own_states.pop((number, version), None) if origin == self.origin else None
         if dev is None or version <= dev.version:
             return
+        if state is not None or flags is None or flags & FLAG_DESIRED:
+            self._apply_decoded(dev, version, cursor, state or decode_state(blob),
+                                decode_events(events))
+        else:
+            self._defer(dev, version, cursor, blob, bool(flags & 1))
+            self._applied(dev, version, cursor,
+                          lambda: RawView(dev.name, number, version, cursor,
+                                          lambda: self._raw_view(dev, blob, version, cursor,
+                                                                 events)))
+
+    def _apply_decoded(self, dev, version, cursor, state, events):
         old_desired = (dev.dkeys, dev.dvals)
         facts = (dev.last_heard, dev.address, dev.rtt, dev.session_id)
         was_online = dev.online
@@ -78,17 +167,76 @@ class ChangeStream:
         self.online_count += dev.online - was_online
         if facts[0] is not None and (dev.last_heard is None or facts[0] > dev.last_heard):
             dev.last_heard, dev.address, dev.rtt, dev.session_id = facts
+        self._applied(dev, version, cursor, lambda: DeviceView.of(dev, events))
+        if (dev.dkeys, dev.dvals) != old_desired:
+            self._desired_changed(dev)
+
+    def _applied(self, dev, version, cursor, make_view):
         replaced = dev.cursor > 0
         dev.version = version
         dev.cursor = cursor
         self._feed.place(dev, replaced)
         self.counters["applied"] += 1
-        self._subs.notify(dev.name, lambda: DeviceView.of(dev, events))
-        if (dev.dkeys, dev.dvals) != old_desired:
-            self._desired_changed(dev)
-        busy = self._busy.get(number)
+        self._subs.notify(dev.name, make_view)
+        busy = self._busy.get(dev.number)
         if (type(busy) is int and cursor >= busy) or (type(busy) is tuple and version >= busy[1]):
-            self._mark_ready(number)
+            self._mark_ready(dev.number)
+
+    # -- raw states, decoded on first read ----------------------------------------
+
+    def _defer(self, dev, version, cursor, blob, online):
+        """Keep ``blob`` as the device's state without decoding it (module docstring)."""
+        pending = self._pending.get(dev.number)
+        if pending is None:
+            old = tuple(getattr(dev, slot) for slot in _LAZY)
+            for slot in _LAZY:
+                delattr(dev, slot)
+            dev.__class__ = self._lazy_type
+            self._pending[dev.number] = [blob, version, cursor, old]
+        else:
+            pending[0], pending[1], pending[2] = blob, version, cursor
+        self.online_count += online - dev.online
+        dev.online = online
+        self.counters["applied_lazily"] += 1
+
+    def _raw_view(self, dev, blob, version, cursor, events):
+        """The DeviceView of one raw change, decoded apart from the device."""
+        scratch = Device(dev.name, dev.number, dev.secret, version, cursor)
+        try:
+            self._restore(scratch, decode_state(blob), version, cursor)
+        except errors.StoreError:
+            self.log.failure("damaged device state on the change stream: {number}",
+                             number=dev.number)
+        return DeviceView.of(scratch, decode_events(events))
+
+    def _materialize(self, dev):
+        """Decode the pending raw state of ``dev``; False if it has none."""
+        pending = self._pending.pop(dev.number, None)
+        if pending is None:
+            return False
+        blob, version, cursor, old = pending
+        values = list(old)
+        for i, slot in enumerate(_LAZY):
+            try:
+                values[i] = _get(dev, slot)     # set here since (connection facts)
+            except AttributeError:
+                pass
+        dev.__class__ = Device
+        for slot, value in zip(_LAZY, values):
+            setattr(dev, slot, value)
+        try:
+            state = decode_state(blob)
+        except errors.StoreError:
+            self.log.failure("damaged device state on the change stream: {number}",
+                             number=dev.number)
+            return True
+        online = dev.online
+        facts = (dev.last_heard, dev.address, dev.rtt, dev.session_id)
+        self._restore(dev, state, version, cursor)
+        dev.online = online     # counted when the flags arrived
+        if facts[0] is not None and (dev.last_heard is None or facts[0] > dev.last_heard):
+            dev.last_heard, dev.address, dev.rtt, dev.session_id = facts
+        return True
 
     def _apply_add(self, number, version, cursor, name, secret, state):
         self._advance(cursor)
@@ -106,6 +254,7 @@ class ChangeStream:
         dev = self._by_number.get(number)
         if dev is None or dev.name != name:
             return
+        self._materialize(dev)
         self._forget(dev)
         tomb = DeviceView.tombstone(name, number, version, cursor)
         self._feed.place(tomb, False)

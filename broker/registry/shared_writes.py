@@ -18,6 +18,7 @@ from . import errors
 from .database import encode_state
 from .model import Device, UpdateResult
 from .redis_store import encode_record
+from .shared_stream import FLAG_DESIRED
 from .values import FrozenMap
 
 
@@ -147,9 +148,12 @@ class SharedWrites:
             elif op.kind != "barrier":
                 try:
                     if self._change(scratch, op, now):
-                        op.index = len(states) // 2
-                        states += (encode_state(scratch.state()),
-                                   cbor2.dumps(op.events) if op.events else b"")
+                        op.index = len(states) // 3
+                        flags = int(scratch.online) | (FLAG_DESIRED if op.kind == "desired" else 0)
+                        state = scratch.state()
+                        self._own_states[(dev.number, scratch.version)] = state
+                        states += (encode_state(state),
+                                   cbor2.dumps(op.events) if op.events else b"", flags)
                 except errors.RegistryError as e:
                     op.error = self._refused(e, op.token)
         if not states and record is None and ops[0].expected is None:
@@ -158,7 +162,7 @@ class SharedWrites:
             return
         store = self._store
         args = [dev.version, "" if ops[0].expected is None else ops[0].expected, dev.number,
-                self.origin, store.options.stream_length, len(states) // 2, *states,
+                self.origin, store.options.stream_length, len(states) // 3, *states,
                 b"" if record is None else encode_record(record)]
         self._busy[dev.number] = "reply"
         kind = "state" if states else "session" if record is not None else "version_check"
@@ -166,7 +170,7 @@ class SharedWrites:
                                       store.key_feed], args)
                     ).addCallbacks(self._replied, self._failed,
                                    callbackArgs=(dev.number, ops, dev.version),
-                                   errbackArgs=(dev.number, ops))
+                                   errbackArgs=(dev.number, ops, dev.version))
 
     def _change(self, dev, op, now):
         """Apply one op to a scratch copy; True if it makes a new version."""
@@ -209,6 +213,7 @@ class SharedWrites:
             else:
                 self._mark_ready(number)
             return
+        self._forget_own(number, ops, base)
         if status == "stale":
             self.counters["retried_stale"] += 1
             queue = self._queues.setdefault(number, deque())
@@ -228,7 +233,14 @@ class SharedWrites:
                 op.d.errback(errors.UnknownDevice(name, token=op.token))
         self._mark_ready(number)
 
-    def _failed(self, failure, number, ops):
+    def _forget_own(self, number, ops, base):
+        """Drop the states kept for a batch Redis did not take (shared_stream._apply_state)."""
+        for op in ops:
+            if op.index is not None:
+                self._own_states.pop((number, base + op.index + 1), None)
+
+    def _failed(self, failure, number, ops, base):
+        self._forget_own(number, ops, base)
         for op in ops:
             op.d.errback(failure)
         self._mark_ready(number)

@@ -115,5 +115,5 @@ request-timeout = 1.0
                                                         path=str(directory), reactor=reactor)
         text = (out + err).decode("utf-8", "replace")
         self.assertEqual(code, 0, text[-6000:])
-        self.assertRegex(text, r"Tested: 7\b")
+        self.assertRegex(text, r"Tested: 8\b")
         self.assertIsNone(re.search(r"\d+ failures?", text), text[-3000:])

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from broker.config import ConfigError
+from broker.web.commands import CommandSender
 from broker.web.origins import OriginPolicy
 
 from .inputs import limited_request_factory
@@ -31,8 +32,10 @@ class Api:
     log = Logger()
 
     def __init__(self, registry, clock, settings: ApiSettings, metrics=None,
-                 request_factory=None) -> None:
+                 request_factory=None, ssp_endpoint=None) -> None:
         self.registry = registry
+        #: queues commands on SSP sessions (refuses them all without an SSP endpoint).
+        self.commands = CommandSender(registry, ssp_endpoint)
         self.clock = clock
         self.settings = settings
         self.origins = OriginPolicy.from_settings(settings.allowed_origins, settings.public_url)
@@ -90,20 +93,25 @@ class ApiService(Service):
 
 
 def build_api(registry, clock, settings: ApiSettings | None = None, metrics=None,
-              request_factory=None) -> Api:
+              request_factory=None, ssp_endpoint=None) -> Api:
     """An Api over a registry (tests mount api.resource on a Site of their own)."""
-    return Api(registry, clock, settings or ApiSettings(), metrics, request_factory)
+    return Api(registry, clock, settings or ApiSettings(), metrics, request_factory,
+               ssp_endpoint)
 
 
 def attach_api(broker) -> None:
-    """Mount /api on broker.root, add the "api" child service and its reloader."""
+    """Mount /api on broker.root, add the "api" child service and its reloader.
+
+    Commands go through ``broker.ssp_endpoint``, so attach_udp runs first.
+    """
     settings = from_config(broker.config)
     factory = None
     if broker.site.requestFactory is server.Request:
         # Bodies over [http] max_request_bytes are read but not kept (the API answers 413).
         factory = broker.site.requestFactory = limited_request_factory(settings.max_request_bytes)
     try:
-        api = build_api(broker.registry, broker.reactor, settings, broker.metrics, factory)
+        api = build_api(broker.registry, broker.reactor, settings, broker.metrics, factory,
+                        getattr(broker, "ssp_endpoint", None))
     except ValueError as problem:
         raise ConfigError(f"{broker.config.source}: http.allowed_origins: {problem}") from None
     broker.api = api

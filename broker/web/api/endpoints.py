@@ -11,6 +11,7 @@ from __future__ import annotations
 from twisted.web.server import NOT_DONE_YET
 
 from broker.registry.errors import RegistryError
+from broker.web.commands import CommandRefused
 from broker.web.responses import json_bytes
 
 from .errors import ApiError, bad_request, etag, from_registry, not_found
@@ -152,6 +153,16 @@ def post_events(api, request, principal, name):
         raise bad_request("invalid_events", 'the body must be {"events": [one or more values]}')
     _heard(api, request, principal, name)
     return _written(api.registry.update_reported(name, {}, events=events), api, name)
+
+
+def post_command(api, request, principal, name):
+    """POST /devices/NAME/commands: queue the body (a JSON value) on the device's SSP session."""
+    command = read_json(request, api.settings.max_request_bytes)
+    try:
+        api.commands.send(name, command)
+    except CommandRefused as refusal:
+        raise ApiError(refusal.status, refusal.code, refusal.message) from None
+    return 202, json_bytes({"device": name, "queued": True}), None
 
 
 # -- the change feed --------------------------------------------------------------

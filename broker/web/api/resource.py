@@ -27,6 +27,7 @@ ROUTES = {
     ("devices", "*", "desired"): {b"PATCH": (WRITE, endpoints.update_desired)},
     ("devices", "*", "reported"): {b"POST": (DEVICE, endpoints.post_reported)},
     ("devices", "*", "events"): {b"POST": (DEVICE, endpoints.post_events)},
+    ("devices", "*", "commands"): {b"POST": (WRITE, endpoints.post_command)},
     ("changes",): {b"GET": (READ, endpoints.changes)},
     ("events",): {b"GET": (READ, endpoints.events)},
 }

@@ -40,6 +40,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from broker.web.commands import CommandSender
 from broker.web.origins import OriginPolicy
 
 from .messages import CLOSE_GOING_AWAY, CLOSE_TOKEN_REVOKED, CLOSE_TOO_SLOW
@@ -74,7 +75,8 @@ class DashboardFactory(WebSocketServerFactory):
     milliseconds of a busy fleet, so one burst would turn every client into
     a slow one); ``max_reply_backlog``, answers written while paused before
     the client is closed (4009); ``max_inflight``, set_desired writes
-    awaiting the store per connection.
+    awaiting the store per connection; ``ssp_endpoint``, the SSPEndpoint
+    the ``command`` op queues commands on (None: [ssp] is off).
     """
 
     protocol = DashboardProtocol
@@ -82,9 +84,12 @@ class DashboardFactory(WebSocketServerFactory):
     logger = Logger()
 
     def __init__(self, registry, *, clock, metrics=None, max_reply_backlog: int = 1 << 20,
-                 max_inflight: int = 100, send_buffer_bytes: int = 1 << 18, **limits) -> None:
+                 max_inflight: int = 100, send_buffer_bytes: int = 1 << 18,
+                 ssp_endpoint=None, **limits) -> None:
         super().__init__(server=None, reactor=clock)
         self.registry = registry
+        #: queues the ``command`` op's commands on SSP sessions (none without an endpoint).
+        self.commands = CommandSender(registry, ssp_endpoint)
         self.clock = clock
         self.metrics = metrics
         self.max_reply_backlog = max_reply_backlog
@@ -151,7 +156,8 @@ class DashboardFactory(WebSocketServerFactory):
         """The factory for a BrokerService (ValueError names a setting it cannot use)."""
         ws = broker.config.websocket
         return cls(broker.registry, clock=broker.reactor, metrics=broker.metrics,
-                   send_buffer_bytes=ws.send_buffer_bytes, **cls.limits(broker.config))
+                   send_buffer_bytes=ws.send_buffer_bytes,
+                   ssp_endpoint=getattr(broker, "ssp_endpoint", None), **cls.limits(broker.config))
 
     # -- called by the protocols -------------------------------------------------
 

@@ -104,6 +104,12 @@ def _object(value, name):
     return value
 
 
+def _command(value, name):
+    if value is None:
+        raise ValueError(f"'{name}' must be a JSON value other than null")
+    return value   # its limits are the registry's, checked by broker.web.commands
+
+
 class _PatternError(ValueError):
     """A pattern with characters no device name has."""
 
@@ -115,10 +121,11 @@ OPERATIONS = {
     "get": {"name": (_name, True)},
     "set_desired": {"name": (_name, True), "desired": (_object, True),
                     "expected_version": (_optional_version, False)},
+    "command": {"device": (_name, True), "command": (_command, True)},
     "ping": {},
 }
-#: Operations that change state: refused to ``read`` tokens.
-WRITE_OPERATIONS = frozenset({"set_desired"})
+#: Operations that change state or reach devices: refused to ``read`` tokens.
+WRITE_OPERATIONS = frozenset({"set_desired", "command"})
 
 
 def _json_type(value) -> str:

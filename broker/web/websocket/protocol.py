@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.registry.errors import RegistryError, VersionConflict
+from broker.web.commands import CommandRefused
 from broker.web.origins import Refused
 
 from .access import authorize, bearer_token, choose_subprotocol
@@ -213,6 +214,15 @@ class DashboardProtocol(WebSocketServerProtocol):
     def op_ping(self, request):
         self.reply(encode({"type": "pong", "id": request.request_id,
                            "cursor": self.sync.resume_cursor()}))
+
+    def op_command(self, request):
+        device = request.args["device"]
+        try:
+            self.factory.commands.send(device, request.args["command"])
+        except CommandRefused as refusal:
+            raise ProtocolError(refusal.code, refusal.message, request_id=request.request_id,
+                                op="command") from None
+        self.reply(result_message(request.request_id, "command", device=device, queued=True))
 
     def op_set_desired(self, request):
         if self.inflight >= self.factory.max_inflight:
