@@ -5,7 +5,9 @@ owner feeds ``receive_datagram(data, address, now)``, sends what
 ``datagrams_to_send(now)`` returns, calls again at ``next_wakeup()`` and
 reads ``pop_events()``. Inside, the layers are mosh's: datagram (nonce,
 OCB3, timestamps, roaming), fragments, the zlib'd instruction, and the
-sender and receiver of states.
+sender and receiver of states. The send path and the sequence
+reservation are in :mod:`broker.ssp.outgoing`, park/unpark in
+:mod:`broker.ssp.parking` (mixins: no extra call per datagram).
 
 Two framings: plain mosh (no header, the key is the session key) and the
 broker's (wire.md: a 17-byte header both ways, the key is the device secret
@@ -32,14 +34,14 @@ from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.crypto import TO_CLIENT, TO_SERVER
 from broker.ssp.datagram import TIMESTAMP_SIZE, DatagramLayer
 from broker.ssp.fragment import (DEFAULT_MAX_ASSEMBLY, FINAL_BIT,
-                                 FRAGMENT_HEADER_SIZE, MAX_FRAGMENTS, Fragment,
+                                 FRAGMENT_HEADER_SIZE, Fragment,
                                  FragmentAssembly)
 from broker.ssp.framing import HEADER_SIZE, BrokerFraming, parse_header
 from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
-                                    MTU_IPV4, MTU_IPV6, UINT64_MAX,
-                                    encode_instruction, fragment_payload_size,
-                                    inflate, parse_instruction)
+                                    UINT64_MAX, inflate, parse_instruction)
 from broker.ssp.keys import derive_session_key
+from broker.ssp.outgoing import SEQ_RESERVATION_BLOCK, Outgoing
+from broker.ssp.outgoing import SEQ_REQUESTED as _SEQ_REQUESTED
 from broker.ssp.parking import ParkedSession, Parking, Resumption
 from broker.ssp.profile import MOSH
 from broker.ssp.receiver import UNCHANGED, Receiver, ResumedReceiver
@@ -48,15 +50,12 @@ from broker.ssp.sender import Sender
 __all__ = ["SSPSession", "Resumption", "ParkedSession",
            "SEQ_RESERVATION_BLOCK"]
 
-#: Sequence numbers reserved per persisted reservation (one durable write
-#: per this many datagrams of a session).
-SEQ_RESERVATION_BLOCK = 4096
-
 _CLOSED = 1  # the shutdown handshake is over (either side's)
 _SERVER = 2  # we are the server (direction bit 1); only a server roams
 _HOLD_ACKS = 4  # acknowledge a state only after confirm_durable()
 _PEER_SHUTDOWN = 8  # the peer's shutdown state arrived (reported once)
-_SEQ_REQUESTED = 16  # a SequenceReservationRequested awaits confirmation
+# _SEQ_REQUESTED = 16: a SequenceReservationRequested awaits confirmation
+# (imported: broker.ssp.outgoing owns it)
 
 # The receive path, flat (see _receive).
 _fragment_header = struct.Struct(">QH").unpack_from
@@ -66,19 +65,6 @@ _decompress = zlib.decompress
 _state_received = events.state_received
 _state_acknowledged = events.state_acknowledged
 _datagram_rejected = events.datagram_rejected
-
-_PAYLOAD_IPV4 = {0: fragment_payload_size(MTU_IPV4, 0),
-                 HEADER_SIZE: fragment_payload_size(MTU_IPV4, HEADER_SIZE)}
-_PAYLOAD_IPV6 = {0: fragment_payload_size(MTU_IPV6, 0),
-                 HEADER_SIZE: fragment_payload_size(MTU_IPV6, HEADER_SIZE)}
-
-
-def _payload_size(address, header_size: int) -> int:
-    """Fragment payload for the peer's address family (ssp-mosh.md 5.1)."""
-    host = address[0] if type(address) is tuple and address else address
-    if isinstance(host, str) and ":" in host:
-        return _PAYLOAD_IPV6[header_size]
-    return _PAYLOAD_IPV4[header_size]
 
 
 def _assembly_cap(max_bytes: int | None) -> int:
@@ -90,7 +76,7 @@ def _assembly_cap(max_bytes: int | None) -> int:
     return max_bytes
 
 
-class SSPSession(Parking):
+class SSPSession(Parking, Outgoing):
     """One SSP session with one peer (see the module docstring).
 
     ``local_state`` and ``remote_state`` are state 0 of each direction (both
@@ -212,11 +198,6 @@ class SSPSession(Parking):
         return self._link.next_seq
 
     @property
-    def seq_reservation(self) -> int | None:
-        """The confirmed reservation: numbers below it may be used."""
-        return self._seq_reserved
-
-    @property
     def latest_remote_state(self):
         """The newest state the peer sent us (in order)."""
         return self._receiver.newest_state
@@ -330,12 +311,6 @@ class SSPSession(Parking):
         if since is not None:
             sender.set_data_ack(since)
 
-    def confirm_seq_reservation(self, limit: int) -> None:
-        """The owner persisted the reservation ``limit``."""
-        if self._seq_reserved is not None and limit > self._seq_reserved:
-            self._seq_reserved = limit
-            self._flags &= ~_SEQ_REQUESTED
-
     def receive_datagram(self, data, address, now: float,
                          congestion_experienced: bool = False) -> None:
         """Take one datagram from the network; never raises for its content."""
@@ -412,13 +387,6 @@ class SSPSession(Parking):
         if self._flags & _CLOSED:
             return
         self._sender.calculate_timers(now, self._link.rtt)
-
-    def _request_seqs(self) -> None:
-        if not self._flags & _SEQ_REQUESTED:
-            self._flags |= _SEQ_REQUESTED
-            limit = (max(self._seq_reserved, self._link.next_seq)
-                     + SEQ_RESERVATION_BLOCK)
-            self._emit(events.SequenceReservationRequested(limit))
 
     def _receive(self, data, address, now, congestion_experienced) -> None:
         """Datagram to instruction (the hot path, written out flat: one
@@ -527,41 +495,3 @@ class SSPSession(Parking):
                 sender.set_data_ack(now)
         elif wants_ack and self._ack_since is None:
             self._ack_since = now
-
-    def _send_instruction(self, inst, address, now: float) -> list:
-        compressed = encode_instruction(inst)
-        header = self._header
-        size = _payload_size(address, HEADER_SIZE if header else 0)
-        count = -(-len(compressed) // size)
-        if count > MAX_FRAGMENTS:
-            # A mosh peer aborts on fragment numbers of 15 bits or more.
-            raise ValueError(f"instruction needs {count} fragments; states "
-                             f"must diff to under {MAX_FRAGMENTS * size} "
-                             "compressed bytes")
-        link = self._link
-        reserved = self._seq_reserved
-        if reserved is not None:
-            if link.next_seq + count > reserved:
-                # Not covered by a durable reservation: treat it as lost
-                # (the sender retransmits) rather than risk a nonce. Burn
-                # one number (below the reservation, unsent) so that state
-                # numbers stay within sequence numbers + 1 (Resumption).
-                link.reserve_seq(link.next_seq + 1)
-                self._request_seqs()
-                return []
-            if reserved - (link.next_seq + count) < SEQ_RESERVATION_BLOCK // 2:
-                self._request_seqs()
-        # Instruction ids only need to differ from the previous one; the
-        # sequence number of the first fragment is unique and increasing,
-        # also across restarts and without keeping a Fragmenter.
-        fragment_id = link.next_seq + 1
-        cipher = self._ciphers.get(self._key)
-        prefix = header or b""
-        last = count - 1
-        out = []
-        for number in range(count):
-            payload = Fragment(fragment_id, number, number == last,
-                               compressed[number * size:(number + 1) * size]
-                               ).encode()
-            out.append((link.encode(cipher, payload, now, prefix), address))
-        return out

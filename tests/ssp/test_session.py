@@ -53,6 +53,17 @@ def deliver(source, target, now, address):
     return out
 
 
+def restarted_broker(ciphers, now, resume, **options):
+    """The broker session of broker_pair rebuilt after a restart from the
+    persisted ``resume`` (options: ack_requires_confirm, seq_reserved)."""
+    empty = DeviceState.empty()
+    return SSPSession(
+        key=DEVICE_SECRET, cipher_provider=ciphers, is_server=True,
+        local_state=empty, remote_state=empty, now=now, profile=FLEET,
+        random_bytes=seeded_random_bytes(9), framing=BrokerFraming(42, 7),
+        resume=resume, **options)
+
+
 def decode_out(session, data):
     """The instruction inside one of ``session``'s outgoing datagrams."""
     if session.framing is not None:
@@ -471,13 +482,10 @@ class SessionTests(SynchronousTestCase):
         link.run_until(12.0, 10.0)
         floor = broker.next_seq + 10  # the persisted reservation
         old_nums = broker.acknowledged_num
-        restarted = SSPSession(
-            key=DEVICE_SECRET, cipher_provider=ciphers, is_server=True,
-            local_state=empty, remote_state=empty, now=30.0, profile=FLEET,
-            random_bytes=seeded_random_bytes(9),
-            framing=BrokerFraming(42, 7),
-            resume=Resumption(broker.latest_remote_num,
-                              broker.latest_remote_state, floor),
+        restarted = restarted_broker(
+            ciphers, 30.0,
+            Resumption(broker.latest_remote_num, broker.latest_remote_state,
+                       floor),
             seq_reserved=floor + SEQ_RESERVATION_BLOCK)
         restarted.set_local_state(empty.with_values({"cmd": "y"}), 30.0)
         link.broker = restarted
@@ -510,13 +518,10 @@ class SessionTests(SynchronousTestCase):
         second = of_type(link.broker_events, events.StateReceived)[-1]
         self.assertEqual(dict(second.state.values), {"a": 2})
         # Persisted, then the broker died before confirming on the wire.
-        restarted = SSPSession(
-            key=DEVICE_SECRET, cipher_provider=ciphers, is_server=True,
-            local_state=empty, remote_state=empty, now=11.0, profile=FLEET,
-            random_bytes=seeded_random_bytes(9),
-            framing=BrokerFraming(42, 7), ack_requires_confirm=True,
-            resume=Resumption(second.num, second.state,
-                              broker.next_seq + 100))
+        restarted = restarted_broker(
+            ciphers, 11.0,
+            Resumption(second.num, second.state, broker.next_seq + 100),
+            ack_requires_confirm=True)
         link.broker = restarted
         link.broker_events = []
         device.set_local_state(empty.with_values({"a": 3}), 11.0)
@@ -542,13 +547,10 @@ class SessionTests(SynchronousTestCase):
         [persisted] = of_type(link.broker_events, events.StateReceived)
         link.run_until(40.0, 11.0)  # a heartbeat, acked as unchanged
         self.assertGreater(device.acknowledged_num, persisted.num)
-        restarted = SSPSession(
-            key=DEVICE_SECRET, cipher_provider=ciphers, is_server=True,
-            local_state=empty, remote_state=empty, now=41.0, profile=FLEET,
-            random_bytes=seeded_random_bytes(9),
-            framing=BrokerFraming(42, 7), ack_requires_confirm=True,
-            resume=Resumption(persisted.num, persisted.state,
-                              broker.next_seq + 100))
+        restarted = restarted_broker(
+            ciphers, 41.0,
+            Resumption(persisted.num, persisted.state, broker.next_seq + 100),
+            ack_requires_confirm=True)
         link.broker = restarted
         link.broker_events = []
         device.set_local_state(empty.with_values({"a": 2}), 41.0)
@@ -667,6 +669,16 @@ class SessionTests(SynchronousTestCase):
                          (MOSH.ack_delay, MOSH.send_interval_min))
         self.assertRaises(ValueError, dataclasses.replace, MOSH,
                           ack_delay=0)
+
+    def test_outgoing_names_importable_from_session(self):
+        """SEQ_RESERVATION_BLOCK still imports from session (the send path
+        lives in broker.ssp.outgoing) and sessions stay slotted."""
+        from broker.ssp import outgoing, session
+        self.assertEqual(session.SEQ_RESERVATION_BLOCK, 4096)
+        self.assertIs(session.SEQ_RESERVATION_BLOCK,
+                      outgoing.SEQ_RESERVATION_BLOCK)
+        self.assertTrue(issubclass(SSPSession, outgoing.Outgoing))
+        self.assertFalse(hasattr(broker_pair(1.0)[1], "__dict__"))
 
 
 class ParkTests(SynchronousTestCase):
