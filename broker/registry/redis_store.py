@@ -22,6 +22,8 @@ of one registry carries the same tag, so it lives in one Cluster slot:
 * ``{p}:feed`` stream of changes, entry id ``<cursor>-<n>``
 * ``{p}:tombs`` sorted set of removed devices, ``{p}:horizon``
 * ``{p}:tokens`` hash token_id -> CBOR [digest, role, created_at]
+* ``{p}:cmd`` pub/sub channel of relayed commands, CBOR [number, origin,
+  command] (commands live in memory only, so pub/sub, not a stream)
 
 A change is one Lua script: check the device's version, take the next
 cursor(s) with INCR, store the new state and append it to the stream, all
@@ -168,6 +170,7 @@ class RedisStore(Store):
         self.key_tombs = f"{tag}:tombs"
         self.key_horizon = f"{tag}:horizon"
         self.key_tokens = f"{tag}:tokens"
+        self.key_commands = f"{tag}:cmd"
         self._device_prefix = f"{tag}:d:"
         self._main = self._connector.client()
         self._scripts = {name: self._main.register_script(text) for name, text in
@@ -178,6 +181,7 @@ class RedisStore(Store):
         self._closing = False
         self._writer = None
         self._reader = None
+        self._listener = None
         self._stop_reading = threading.Event()
         #: pipelines sent and calls made (the benchmark reports them).
         self.commits = 0
@@ -265,6 +269,11 @@ class RedisStore(Store):
         """Deferred: the global change sequence now in Redis (after every queued write)."""
         return self.call("barrier", None, None)
 
+    def publish_command(self, payload):
+        """Queue a PUBLISH of ``payload`` on the command channel; Deferred
+        firing with how many processes received it."""
+        return self.call("publish", None, payload)
+
     def barrier(self, result=None):
         return self.top().addCallback(lambda _: result)
 
@@ -273,7 +282,7 @@ class RedisStore(Store):
         self._closing = True
         self._stop_reading.set()
         self._wake.set()
-        threads = [t for t in (self._writer, self._reader) if t is not None]
+        threads = [t for t in (self._writer, self._reader, self._listener) if t is not None]
 
         def join():
             for thread in threads:
@@ -325,6 +334,9 @@ class RedisStore(Store):
             elif script == "barrier":
                 pipe.get(self.key_seq)
                 slots.append("barrier")
+            elif script == "publish":
+                pipe.publish(self.key_commands, args)
+                slots.append("publish")
             else:
                 self._scripts[script](keys=keys, args=args, client=pipe)
                 slots.append(script)
@@ -351,7 +363,7 @@ class RedisStore(Store):
             elif kind == "fetch_tokens":
                 outcomes.append((d, [(tid.decode(), bytes(dg), role, created) for tid, (dg, role, created)
                                      in ((t, cbor2.loads(b)) for t, b in reply.items())]))
-            elif kind == "barrier":
+            elif kind in ("barrier", "publish"):
                 outcomes.append((d, int(reply or 0)))
             else:
                 outcomes.append((d, (reply[0].decode(), int(reply[1]), int(reply[2]))))
@@ -400,6 +412,41 @@ class RedisStore(Store):
                                    id=entry_id, error=str(e))
             self._reactor.callFromThread(deliver, entries)
         client.close()
+
+
+    # -- relayed commands -------------------------------------------------------
+
+    def listen_commands(self, deliver):
+        """Call ``deliver(payload)`` on the reactor thread with every message
+        published on the command channel (a thread blocked in the subscription)."""
+        if self._listener is None and not self._closing:
+            self._listener = threading.Thread(target=self._listen_loop, args=(deliver,),
+                                              name="registry-redis-commands", daemon=True)
+            self._listener.start()
+
+    def _listen_loop(self, deliver):
+        import redis
+        pause = 0.05
+        pubsub = None
+        while not self._stop_reading.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._connector.client().pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.key_commands)
+                message = pubsub.get_message(timeout=READ_BLOCK)
+                pause = 0.05
+            except (redis.RedisError, OSError) as e:
+                self.log.warn("listening for relayed commands failed: {error}", error=str(e))
+                if pubsub is not None:
+                    pubsub.close()
+                    pubsub = None
+                self._stop_reading.wait(pause)
+                pause = min(2.0, pause * 2)
+                continue
+            if message is not None and message.get("type") == "message":
+                self._reactor.callFromThread(deliver, bytes(message["data"]))
+        if pubsub is not None:
+            pubsub.close()
 
 
 def decode_events(blob):

@@ -13,11 +13,16 @@ A write's Deferred fires once Redis acknowledged it (durable in the sense
 docs/scaling.md states) AND this process applied it, so a read after a
 write sees it. The write path is in shared_writes.py, provisioning in
 shared_provisioning.py, the change stream in shared_stream.py.
+
+Commands for a device whose SSP session another process holds are relayed
+over a Redis pub/sub channel (``relay_command`` / ``relay_to``): they live
+in memory only, so nothing is stored, and the holder delivers them.
 """
 
 import os
 from collections import deque
 
+import cbor2
 from twisted.internet import defer
 
 from . import errors
@@ -28,6 +33,7 @@ from .secrets import TokenTable
 from .shared_provisioning import SharedProvisioning
 from .shared_stream import ChangeStream, OrderedFeed, lazy_device_type
 from .shared_writes import SharedWrites
+from .values import thaw
 
 __all__ = ["OrderedFeed", "SharedRegistry", "TOP_FRESH", "open_shared_registry"]
 
@@ -53,6 +59,7 @@ class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegis
         self._pending = {}         # number -> [raw state, version, cursor, old state]
         self._own_states = {}      # (number, version) -> state sent, until the stream brings it
         self._lazy_type = lazy_device_type(self)
+        self._relay_target = None  # deliver(number, command) for relayed commands
         super().__init__(store, clock=clock, settings=settings, random_bytes=random_bytes)
 
     # -- loading -------------------------------------------------------------
@@ -104,6 +111,33 @@ class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegis
             self._tokens = TokenTable.from_rows(rows)
             self.counters["admin_token"] += 1
         return self._store.fetch_tokens().addCallback(apply)
+
+    # -- relayed commands ----------------------------------------------------
+
+    def relay_to(self, deliver):
+        """Hand every command another process relays to ``deliver(number, command)``
+        (on the reactor thread; it returns False when no session here holds the device)."""
+        self._relay_target = deliver
+        self._store.listen_commands(self._relayed)
+
+    def relay_command(self, device_number, command):
+        """Publish a frozen command for the process holding the device's session;
+        a Deferred firing with how many processes received it."""
+        payload = cbor2.dumps([device_number, self.origin, command])
+        self.counters["command_relayed"] += 1
+        return self._store.publish_command(payload)
+
+    def _relayed(self, payload):
+        try:
+            number, origin, command = cbor2.loads(payload)
+        except (cbor2.CBORError, TypeError, ValueError):
+            self.counters["command_relay_damaged"] += 1
+            self.log.warn("dropped a damaged relayed command")
+            return
+        if origin == self.origin or self._relay_target is None:
+            return      # the sender already tried its own sessions
+        if self._relay_target(number, thaw(command)):
+            self.counters["command_relay_delivered"] += 1
 
     # -- reads ---------------------------------------------------------------
 

@@ -9,12 +9,19 @@ caller is told so rather than left believing it was queued.
 
 Both the REST endpoint and the WebSocket op use ``CommandSender`` so that
 every failure has the same code in both.
+
+With several workers or brokers sharing a registry on Redis, the device's
+session may live in another process. When there is no session here but
+the shared registry says the device is online, the command is relayed:
+published on Redis, delivered by the process that holds the session
+(docs/scaling.md). Only a device the registry says is offline gets 409.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from broker.registry.errors import InvalidKey, InvalidValue
@@ -47,6 +54,17 @@ class CommandSender:
         self.counters: Counter = Counter()
         self._settings = None
         self._validator = None
+        relay_to = getattr(registry, "relay_to", None)
+        if endpoint is not None and relay_to is not None:
+            relay_to(self._deliver_relayed)
+
+    def _deliver_relayed(self, device_number: int, command) -> bool:
+        """A command another process relayed: queue it if the session is here."""
+        try:
+            return self.endpoint.send_command(device_number, command)
+        except (TypeError, ValueError):
+            self.log.failure("a relayed command could not be queued")
+            return False
 
     def _check(self, command):
         """The command frozen as the registry freezes values, or CommandRefused."""
@@ -65,16 +83,22 @@ class CommandSender:
                                  f"the command exceeds {settings.max_state_bytes} bytes")
         return frozen
 
-    def send(self, name: str, command) -> None:
-        """Queue ``command`` for device ``name``, or raise CommandRefused saying why not."""
+    def send(self, name: str, command):
+        """Queue ``command`` for device ``name``, or raise CommandRefused saying why not.
+
+        None when queued on a session of this process; when relayed to
+        another process, a Deferred firing with how many processes received
+        it (0 if Redis failed, which is logged).
+        """
         try:
-            self._send(name, command)
+            relayed = self._send(name, command)
         except CommandRefused as refusal:
             self.counters[refusal.code] += 1
             raise
         self.counters["queued"] += 1
+        return relayed
 
-    def _send(self, name: str, command) -> None:
+    def _send(self, name: str, command):
         view = self.registry.device(name)
         if view is None:
             raise CommandRefused(404, "unknown_device", f"unknown device {name[:64]!r}")
@@ -87,8 +111,54 @@ class CommandSender:
         except (TypeError, ValueError) as problem:
             # Beyond what an SSP state can carry (wire.md 5), though the registry takes it.
             raise CommandRefused(400, "invalid_command", f"not a device value: {problem}") from None
-        if not queued:
+        if queued:
+            self.log.debug("command queued for {name}", name=name)
+            return None
+        relay = getattr(self.registry, "relay_command", None)
+        if relay is not None and view.online:
+            # Another worker or broker holds the session (module docstring).
+            self.counters["relayed"] += 1
+            return relay(view.device_number, frozen).addCallbacks(
+                self._published, self._relay_failed, callbackArgs=(name,), errbackArgs=(name,))
+        raise CommandRefused(409, "device_offline",
+                             f"device {name[:64]!r} has no live SSP session to carry "
+                             "the command; send it when the device is connected")
+
+    def send_confirmed(self, name: str, command):
+        """Like send(), as a Deferred of the answer's fields once it is known.
+
+        {"queued": True} for a session of this process; {"queued": True,
+        "relayed": True} once another process heard the relayed command;
+        a CommandRefused failure (409 device_offline when no other process
+        heard it, 503 relay_failed when Redis did not take it) otherwise.
+        """
+        try:
+            relayed = self.send(name, command)
+        except CommandRefused:
+            return defer.fail()
+        if relayed is None:
+            return defer.succeed({"queued": True})
+        return relayed.addCallback(self.relay_answer, name)
+
+    @staticmethod
+    def relay_answer(receivers: int, name: str) -> dict:
+        """The answer's fields for a command relayed to receivers processes (this one included)."""
+        if receivers == 0:
+            raise CommandRefused(503, "relay_failed",
+                                 "the command could not be handed to the other brokers; retry")
+        if receivers < 2:
             raise CommandRefused(409, "device_offline",
-                                 f"device {name[:64]!r} has no live SSP session to carry "
-                                 "the command; send it when the device is connected")
-        self.log.debug("command queued for {name}", name=name)
+                                 f"no broker holds a live SSP session of device {name[:64]!r}")
+        return {"queued": True, "relayed": True}
+
+    def _published(self, receivers: int, name: str) -> int:
+        if receivers < 2:
+            # Every process subscribes, this one included: nobody else heard it.
+            self.counters["relay_unheard"] += 1
+            self.log.warn("relayed command for {name} reached no other process", name=name)
+        return receivers
+
+    def _relay_failed(self, failure, name: str) -> int:
+        self.counters["relay_failed"] += 1
+        self.log.failure("relaying a command for {name} failed", failure, name=name)
+        return 0

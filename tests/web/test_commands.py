@@ -259,3 +259,23 @@ class CommandMessageTests(SynchronousTestCase):
                 parse_request(payload)
             self.assertEqual((caught.exception.code, caught.exception.details["field"]),
                              ("invalid_field", name))
+
+
+class RelayAnswerTests(SynchronousTestCase):
+    """What a relayed command's sender is told, from how many processes heard it."""
+
+    def test_heard_by_another_process(self):
+        """Two or more receivers (this process is one of them): queued and relayed."""
+        self.assertEqual(CommandSender.relay_answer(2, "pump"), {"queued": True, "relayed": True})
+
+    def test_heard_by_nobody_else(self):
+        """Only this process heard it: no broker holds the session, 409 device_offline."""
+        with self.assertRaises(CommandRefused) as caught:
+            CommandSender.relay_answer(1, "pump")
+        self.assertEqual((caught.exception.status, caught.exception.code), (409, "device_offline"))
+
+    def test_redis_did_not_take_it(self):
+        """Zero receivers means the publish failed: 503 relay_failed, so the client retries."""
+        with self.assertRaises(CommandRefused) as caught:
+            CommandSender.relay_answer(0, "pump")
+        self.assertEqual((caught.exception.status, caught.exception.code), (503, "relay_failed"))

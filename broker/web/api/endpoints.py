@@ -158,11 +158,16 @@ def post_events(api, request, principal, name):
 def post_command(api, request, principal, name):
     """POST /devices/NAME/commands: queue the body (a JSON value) on the device's SSP session."""
     command = read_json(request, api.settings.max_request_bytes)
-    try:
-        api.commands.send(name, command)
-    except CommandRefused as refusal:
-        raise ApiError(refusal.status, refusal.code, refusal.message) from None
-    return 202, json_bytes({"device": name, "queued": True}), None
+
+    def answered(fields):
+        return 202, json_bytes({"device": name, **fields}), None
+
+    def refused(failure):
+        failure.trap(CommandRefused)
+        refusal = failure.value
+        raise ApiError(refusal.status, refusal.code, refusal.message)
+
+    return api.commands.send_confirmed(name, command).addCallbacks(answered, refused)
 
 
 # -- the change feed --------------------------------------------------------------

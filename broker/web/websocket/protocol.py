@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.registry.errors import RegistryError, VersionConflict
-from broker.web.commands import CommandRefused
+from broker.web.commands import CommandRefused, CommandSender
 from broker.web.origins import Refused
 
 from .access import authorize, bearer_token, choose_subprotocol
@@ -218,11 +218,26 @@ class DashboardProtocol(WebSocketServerProtocol):
     def op_command(self, request):
         device = request.args["device"]
         try:
-            self.factory.commands.send(device, request.args["command"])
+            relayed = self.factory.commands.send(device, request.args["command"])
         except CommandRefused as refusal:
             raise ProtocolError(refusal.code, refusal.message, request_id=request.request_id,
                                 op="command") from None
-        self.reply(result_message(request.request_id, "command", device=device, queued=True))
+        if relayed is None:
+            self.reply(result_message(request.request_id, "command", device=device, queued=True))
+            return
+        relayed.addCallback(CommandSender.relay_answer, device)
+        relayed.addCallbacks(self._command_relayed, self._command_refused,
+                             callbackArgs=(request, device), errbackArgs=(request,))
+
+    def _command_relayed(self, fields, request, device):
+        self.reply(result_message(request.request_id, "command", device=device, **fields))
+
+    def _command_refused(self, failure, request):
+        failure.trap(CommandRefused)
+        refusal = failure.value
+        self.factory.counters["error_" + refusal.code] += 1
+        self.reply(error_from(ProtocolError(refusal.code, refusal.message,
+                                            request_id=request.request_id, op="command")))
 
     def op_set_desired(self, request):
         if self.inflight >= self.factory.max_inflight:
