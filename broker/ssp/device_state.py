@@ -27,7 +27,7 @@ from types import MappingProxyType
 
 import cbor2
 
-from broker.ssp.state import EMPTY_DIFF, bad_diff
+from broker.ssp.state import EMPTY_DIFF, EventQueue, bad_diff
 
 #: How deep arrays and maps may nest inside one value or event.
 MAX_DEPTH = 16
@@ -162,7 +162,7 @@ def _decode_one(data: bytes):
     return item
 
 
-class DeviceState:
+class DeviceState(EventQueue):
     """Immutable device state: ``values`` and events from ``event_base`` on."""
 
     __slots__ = ("_values", "_events", "_event_base")
@@ -199,21 +199,6 @@ class DeviceState:
     def values(self) -> Mapping:
         """The values, read-only."""
         return MappingProxyType(self._values)
-
-    @property
-    def events(self) -> tuple:
-        """The events still held, the first one at index ``event_base``."""
-        return self._events
-
-    @property
-    def event_base(self) -> int:
-        """Absolute index of the first event held."""
-        return self._event_base
-
-    @property
-    def event_end(self) -> int:
-        """Absolute index the next event appended will get."""
-        return self._event_base + len(self._events)
 
     def events_since(self, index: int) -> tuple:
         """The held events whose absolute index is ``index`` or more."""

@@ -13,7 +13,7 @@ from typing import NamedTuple
 from google.protobuf.message import DecodeError
 
 from broker.ssp import hostinput_pb2, userinput_pb2
-from broker.ssp.state import EMPTY_DIFF, bad_diff
+from broker.ssp.state import EMPTY_DIFF, EventQueue, bad_diff
 
 #: Terminal size mosh-server starts with when its stdin is not a tty
 #: (``run_server`` in src/frontend/mosh-server.cc).
@@ -35,7 +35,7 @@ def _parse(message_type, diff: bytes):
         raise bad_diff(f"not a {message_type.__name__}: {error}") from None
 
 
-class UserStream:
+class UserStream(EventQueue):
     """Immutable queue of user events: byte values (0..255) and Resizes.
 
     Events carry absolute positions (``event_base`` is the position of the
@@ -65,21 +65,6 @@ class UserStream:
     def empty(cls):
         """State 0: nothing typed (a shared singleton)."""
         return _EMPTY_STREAM
-
-    @property
-    def events(self) -> tuple:
-        """Events still held, the first at position ``event_base``."""
-        return self._events
-
-    @property
-    def event_base(self) -> int:
-        """Absolute position of the first event held."""
-        return self._event_base
-
-    @property
-    def event_end(self) -> int:
-        """Absolute position the next event gets."""
-        return self._event_base + len(self._events)
 
     def with_keys(self, data: bytes) -> "UserStream":
         """This stream with the bytes ``data`` typed."""

@@ -69,3 +69,30 @@ def replay_diffs(state: S, diffs) -> S:
     for diff in diffs:
         state = state.apply(diff)
     return state
+
+
+class EventQueue:
+    """The read side of an append-only event queue with absolute indexes.
+
+    Mixed into the state types that carry events (DeviceState, UserStream):
+    they keep ``_events`` (the events still held) and ``_event_base`` (the
+    absolute index of the first), so acknowledged events can be dropped by
+    ``subtract`` while every index stays what the peer saw.
+    """
+
+    __slots__ = ()
+
+    @property
+    def events(self) -> tuple:
+        """The events still held, the first one at index ``event_base``."""
+        return self._events
+
+    @property
+    def event_base(self) -> int:
+        """Absolute index of the first event held."""
+        return self._event_base
+
+    @property
+    def event_end(self) -> int:
+        """Absolute index the next event appended will get."""
+        return self._event_base + len(self._events)

@@ -55,3 +55,20 @@ def open_registry_on(testcase, url, **settings):
     registry.start()
     testcase.addCleanup(registry.stop)
     return registry
+
+
+@defer.inlineCallbacks
+def start_two_brokers(testcase):
+    """Brokers A and B sharing the test's Redis (testcase.start_redis(), testcase.cluster).
+
+    Sets testcase.a / testcase.b (RunningBroker) and testcase.ra / testcase.rb
+    (their registries).
+    """
+    from tests.helpers import loopback_config, start_broker
+
+    url = testcase.start_redis()
+    registry = {"backend": "redis", "redis_url": url, "redis_cluster": testcase.cluster}
+    testcase.a = yield start_broker(testcase, loopback_config(testcase, registry=registry))
+    testcase.b = yield start_broker(testcase, loopback_config(testcase, registry=registry))
+    testcase.ra = testcase.a.service.registry
+    testcase.rb = testcase.b.service.registry

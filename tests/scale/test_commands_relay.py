@@ -13,10 +13,10 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from broker.node.client import SSPNode
-from tests.helpers import http_pool, loopback_config, start_broker
+from tests.helpers import http_pool
 from tests.udp.loopback import pause
 
-from .support import ClusterRedis, SingleRedis, wait_until
+from .support import ClusterRedis, SingleRedis, start_two_brokers, wait_until
 
 #: Seconds a test keeps listening after a delivery, to see that nothing comes twice.
 SETTLE = 0.5
@@ -29,12 +29,7 @@ class CommandRelayTestsMixin:
 
     @defer.inlineCallbacks
     def setUp(self):
-        url = self.start_redis()
-        registry = {"backend": "redis", "redis_url": url, "redis_cluster": self.cluster}
-        self.a = yield start_broker(self, loopback_config(self, registry=registry))
-        self.b = yield start_broker(self, loopback_config(self, registry=registry))
-        self.ra = self.a.service.registry
-        self.rb = self.b.service.registry
+        yield start_two_brokers(self)
         self.device = yield self.ra.add_device("pump-1")
         yield self.ra.add_device("idle-1")
         _, token = yield self.ra.add_token("write")

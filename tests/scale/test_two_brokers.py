@@ -12,9 +12,9 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from broker.node.client import SSPNode
-from tests.helpers import http_pool, loopback_config, start_broker
+from tests.helpers import http_pool
 
-from .support import ClusterRedis, SingleRedis, wait_until
+from .support import ClusterRedis, SingleRedis, start_two_brokers, wait_until
 
 
 class TwoBrokersTestsMixin:
@@ -24,12 +24,7 @@ class TwoBrokersTestsMixin:
 
     @defer.inlineCallbacks
     def setUp(self):
-        url = self.start_redis()
-        registry = {"backend": "redis", "redis_url": url, "redis_cluster": self.cluster}
-        self.a = yield start_broker(self, loopback_config(self, registry=registry))
-        self.b = yield start_broker(self, loopback_config(self, registry=registry))
-        self.ra = self.a.service.registry
-        self.rb = self.b.service.registry
+        yield start_two_brokers(self)
         self.device = yield self.ra.add_device("sensor-1")
         _, token = yield self.rb.add_token("write")
         self.headers = {b"authorization": [b"Bearer " + token.encode()]}
