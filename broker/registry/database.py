@@ -14,6 +14,7 @@ import sys
 import cbor2
 
 from .errors import StoreError
+from .history import History
 from .model import SessionRecord
 from .values import thaw
 
@@ -287,7 +288,16 @@ def _encode(rkeys, rvals, rtimes, dkeys, dvals, dtimes, online, last_heard, addr
     return b"".join((
         b"\x8c", _map_cbor(rkeys, rvals, rtimes), _map_cbor(dkeys, dvals, dtimes),
         b"\xf5" if online is True else _scalar(online), _scalar(last_heard), where,
-        _scalar(rtt), _scalar(session_id), dumps(history) if history else _EMPTY_ARRAY))
+        _scalar(rtt), _scalar(session_id), _history_cbor(history)))
+
+
+def _history_cbor(history):
+    """The stored form of a history (a History, or entry tuples)."""
+    if not history:
+        return _EMPTY_ARRAY
+    if type(history) is not History:
+        history = History.of(history)
+    return history.cbor()
 
 
 def _tag_hook(*args):
@@ -311,8 +321,7 @@ def decode_state(blob):
         intern = sys.intern
         return (tuple(map(intern, rkeys)), tuple(map(thaw, rvals)), tuple(rtimes),
                 tuple(map(intern, dkeys)), tuple(map(thaw, dvals)), tuple(dtimes),
-                online, last_heard, address, rtt, session_id,
-                tuple((v, c, at, kind, thaw(data)) for v, c, at, kind, data in history))
+                online, last_heard, address, rtt, session_id, History.from_stored(history))
     except (cbor2.CBORError, ValueError, TypeError, struct.error) as e:
         raise StoreError(f"damaged device state in the registry database: {e}") from None
 

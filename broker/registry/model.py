@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
+from .history import EMPTY_HISTORY
 from .values import INT_MAX, INT_MIN, FrozenMap, merge_value, to_json_value
 
 EMPTY = ()
@@ -126,7 +127,7 @@ class Device:
         self.dkeys = self.dvals = self.dtimes = EMPTY
         self.online = False
         self.last_heard = self.address = self.rtt = self.session_id = None
-        self.history = EMPTY
+        self.history = EMPTY_HISTORY
         self.session = None
 
     def state(self):

@@ -21,7 +21,8 @@ from twisted.logger import Logger
 
 from .admin_reload import AdminReload
 from .feed import ChangeFeed, Subscriptions
-from .model import EMPTY, Device, DeviceView, KeyShapes
+from .history import EMPTY_HISTORY
+from .model import Device, DeviceView, KeyShapes
 from .observers import KeyWatch, Observers
 from .provisioning import NAME_RE, Provisioning, check_name
 from .secrets import TokenTable
@@ -110,7 +111,7 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
         dev.rkeys = self._shapes.intern(dev.rkeys)
         dev.dkeys = self._shapes.intern(dev.dkeys)
         size = self.settings.history_size
-        dev.history = dev.history[-size:] if size else EMPTY
+        dev.history = dev.history[-size:] if size else EMPTY_HISTORY
 
     def _load_feed(self, devices, tombstones, horizon, sequence):
         """A new feed of the loaded devices and tombstones, in cursor order; sets the cursor."""

@@ -26,6 +26,7 @@ import cbor2
 from twisted.internet import defer
 
 from . import errors
+from .history import History
 from .redis_store import decode_record
 from .model import ChangeBatch
 from .registry import DeviceRegistry
@@ -79,8 +80,8 @@ class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegis
         if history and history[-1][1] == 0:
             # Cursors of one script are consecutive: fill in the ones the
             # writer could not know when it built the state.
-            dev.history = tuple((v, cursor - (version - v), at, kind, data) if c == 0 else
-                                (v, c, at, kind, data) for v, c, at, kind, data in history)
+            dev.history = History.of((v, cursor - (version - v), at, kind, data) if c == 0 else
+                                     (v, c, at, kind, data) for v, c, at, kind, data in history)
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -10,6 +10,7 @@ from twisted.internet import defer
 
 from . import errors
 from .database import encode_state
+from .history import History
 from .model import Device, Provisioned, UpdateResult
 from .secrets import new_secret
 
@@ -27,7 +28,7 @@ class SharedProvisioning:
             return defer.fail(e)
         dev = Device(name, number, new_secret(self._random_bytes), 1)
         if self.settings.history_size:
-            dev.history = ((1, 0, self._clock.seconds(), "created", None),)
+            dev.history = History.of(((1, 0, self._clock.seconds(), "created", None),))
         store = self._store
         keys = [store.device_key(number), store.keys_names, store.key_seq, store.key_feed]
         args = [name, number, dev.secret, encode_state(dev.state()), self.origin,

@@ -52,9 +52,7 @@ class StateUpdates:
         """Append a history entry to ``dev`` (kept to ``history_size``)."""
         size = self.settings.history_size
         if size:
-            if type(data) is dict:
-                data = FrozenMap(data)
-            dev.history = (dev.history + ((dev.version, cursor, now, kind, data),))[-size:]
+            dev.history = dev.history.appended(dev.version, cursor, now, kind, data, size)
 
     def _merge_reported(self, dev, patch, now):
         """Merge a validated patch into ``dev.reported``; StateTooLarge leaves it as it was."""
