@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import cbor2
+
 from broker.ssp.device_state import (EVENTS_KEY, FIRST_EVENT_KEY, VALUES_KEY, DeviceState,
-                                      encode, same)
+                                      same)
 
 _MISSING = object()
 
@@ -96,18 +98,24 @@ def desired_state(desired: Mapping, base: DeviceState | None = None) -> DeviceSt
     return base.with_values(patch)
 
 
+_dumps = cbor2.dumps
+
+
 def encode_state(state: DeviceState) -> bytes:
     """A device state as bytes for the session record.
 
     The diff layout of docs/protocol.md from state 0, always with the first
     event index (keys 1 and 2, the list maybe empty): after a restart the
     resumed state must end its events where the device thinks it does, even
-    when every event it held was acknowledged and forgotten.
+    when every event it held was acknowledged and forgotten.  Written once
+    per durable report and read only by ``decode_state``, so it is plain
+    CBOR: the canonical form (sorted keys) costs twice as much and nothing
+    compares these bytes.
     """
     body = {FIRST_EVENT_KEY: state.event_base, EVENTS_KEY: list(state.events)}
     if state.values:
         body[VALUES_KEY] = dict(state.values)
-    return encode(body)
+    return _dumps(body)
 
 
 def decode_state(data: bytes) -> DeviceState:
