@@ -87,9 +87,32 @@ def serialize_instruction(inst: Instruction) -> bytes:
     ).SerializeToString()
 
 
+# zlib.compress() sets up deflate with memLevel 8: a 64 KiB hash table to
+# clear and 64 KiB of symbol buffer, several times the cost of compressing
+# an ack. memLevel 1 (a 256-entry table, a block per 127 symbols) gives the
+# same bytes for inputs this short: the same level, window and so header,
+# fewer symbols than one block holds, and no hash chain long enough for the
+# smaller table to change which match is found (tests check byte identity).
+SMALL_INSTRUCTION = 96  # bytes of protobuf; acks and small diffs
+_SMALL_MEM_LEVEL = 1
+_compressobj = zlib.compressobj
+_DEFLATED = zlib.DEFLATED
+_DEFAULT_LEVEL = 6  # zlib's Z_DEFAULT_COMPRESSION, as mosh's compress2()
+_WINDOW_BITS = 15
+
+
+def deflate(raw: bytes) -> bytes:
+    """One zlib stream at zlib's default level and window, as mosh makes."""
+    if len(raw) > SMALL_INSTRUCTION:
+        return zlib.compress(raw)
+    compressor = _compressobj(_DEFAULT_LEVEL, _DEFLATED, _WINDOW_BITS,
+                              _SMALL_MEM_LEVEL)
+    return compressor.compress(raw) + compressor.flush()
+
+
 def encode_instruction(inst: Instruction) -> bytes:
     """zlib(protobuf) at zlib's default level, byte-identical to mosh."""
-    return zlib.compress(serialize_instruction(inst))
+    return deflate(serialize_instruction(inst))
 
 
 def inflate(data: bytes, max_inflated: int = DEFAULT_MAX_INFLATED) -> bytes:

@@ -8,8 +8,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.framing import HEADER_SIZE
 from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MTU_IPV4, MTU_IPV6,
-                                    UINT64_MAX, Instruction,
-                                    decode_instruction, encode_instruction,
+                                    SMALL_INSTRUCTION, UINT64_MAX, Instruction,
+                                    decode_instruction, deflate,
+                                    encode_instruction,
                                     fragment_payload_size, inflate,
                                     parse_instruction, serialize_instruction)
 from broker.ssp.transportinstruction_pb2 import Instruction as PBInstruction
@@ -37,6 +38,24 @@ class SerializeTests(SynchronousTestCase):
         self.assertEqual(data[:2], b"\x78\x9c")
         self.assertEqual(zlib.decompress(data),
                          serialize_instruction(Instruction(new_num=1)))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.one_of(
+        st.binary(max_size=SMALL_INSTRUCTION),
+        st.text("ab\x00", max_size=SMALL_INSTRUCTION).map(str.encode),
+        st.tuples(st.binary(min_size=1, max_size=5), st.integers(0, SMALL_INSTRUCTION))
+        .map(lambda pattern: (pattern[0] * SMALL_INSTRUCTION)[:pattern[1]])))
+    def test_small_deflate_is_zlib_compress(self, raw):
+        """The cheaper deflate of short instructions gives zlib.compress()'s bytes,
+        random, two-letter and repeating inputs alike."""
+        self.assertEqual(deflate(raw), zlib.compress(raw))
+
+    def test_long_deflate_is_zlib_compress(self):
+        """Longer instructions take zlib.compress() itself."""
+        raw = bytes(range(256)) * 3
+        self.assertEqual(deflate(raw), zlib.compress(raw))
+        self.assertEqual(deflate(raw[:SMALL_INSTRUCTION + 1]),
+                         zlib.compress(raw[:SMALL_INSTRUCTION + 1]))
 
     def test_fragment_key_ignores_diff(self):
         """The fragmenter's key covers every field except the diff."""
