@@ -12,6 +12,7 @@ reuses a nonce); the session asks its owner for more in time with
 """
 
 from broker.ssp import events
+from broker.ssp.flags import SEQ_REQUESTED
 from broker.ssp.fragment import MAX_FRAGMENTS, Fragment
 from broker.ssp.framing import HEADER_SIZE
 from broker.ssp.instruction import (MTU_IPV4, MTU_IPV6, encode_instruction,
@@ -23,9 +24,6 @@ __all__ = ["Outgoing", "SEQ_RESERVATION_BLOCK", "SEQ_REQUESTED"]
 #: per this many datagrams of a session).
 SEQ_RESERVATION_BLOCK = 4096
 
-#: Session flag bit (``SSPSession._flags``; the other bits are in
-#: broker.ssp.session): a SequenceReservationRequested awaits confirmation.
-SEQ_REQUESTED = 16
 
 _PAYLOAD_IPV4 = {0: fragment_payload_size(MTU_IPV4, 0),
                  HEADER_SIZE: fragment_payload_size(MTU_IPV4, HEADER_SIZE)}

@@ -5,9 +5,10 @@ owner feeds ``receive_datagram(data, address, now)``, sends what
 ``datagrams_to_send(now)`` returns, calls again at ``next_wakeup()`` and
 reads ``pop_events()``. Inside, the layers are mosh's: datagram (nonce,
 OCB3, timestamps, roaming), fragments, the zlib'd instruction, and the
-sender and receiver of states. The send path and the sequence
-reservation are in :mod:`broker.ssp.outgoing`, park/unpark in
-:mod:`broker.ssp.parking` (mixins: no extra call per datagram).
+sender and receiver of states. The receive path is in
+:mod:`broker.ssp.incoming`, the send path and the sequence reservation in
+:mod:`broker.ssp.outgoing`, park/unpark in :mod:`broker.ssp.parking`
+(mixins: no extra call per datagram).
 
 Two framings: plain mosh (no header, the key is the session key) and the
 broker's (wire.md: a 17-byte header both ways, the key is the device secret
@@ -26,45 +27,26 @@ Sent and received states beyond the acknowledged ones are pruned by acks.
 """
 
 import collections
-import struct
-import zlib
 
 from broker.ssp import events
-from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.crypto import TO_CLIENT, TO_SERVER
-from broker.ssp.datagram import TIMESTAMP_SIZE, DatagramLayer
-from broker.ssp.fragment import (DEFAULT_MAX_ASSEMBLY, FINAL_BIT,
-                                 FRAGMENT_HEADER_SIZE, Fragment,
-                                 FragmentAssembly)
-from broker.ssp.framing import HEADER_SIZE, BrokerFraming, parse_header
-from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
-                                    UINT64_MAX, inflate, parse_instruction)
+from broker.ssp.datagram import DatagramLayer
+from broker.ssp.flags import (CLOSED, HOLD_ACKS, PEER_SHUTDOWN, SEQ_REQUESTED,
+                              SERVER)
+from broker.ssp.fragment import DEFAULT_MAX_ASSEMBLY
+from broker.ssp.framing import BrokerFraming, parse_header
+from broker.ssp.incoming import Incoming
+from broker.ssp.instruction import UINT64_MAX
 from broker.ssp.keys import derive_session_key
 from broker.ssp.outgoing import SEQ_RESERVATION_BLOCK, Outgoing
-from broker.ssp.outgoing import SEQ_REQUESTED as _SEQ_REQUESTED
 from broker.ssp.parking import ParkedSession, Parking, Resumption
 from broker.ssp.profile import MOSH
-from broker.ssp.receiver import UNCHANGED, Receiver, ResumedReceiver
+from broker.ssp.receiver import Receiver, ResumedReceiver
 from broker.ssp.sender import Sender
 
 __all__ = ["SSPSession", "Resumption", "ParkedSession",
            "SEQ_RESERVATION_BLOCK"]
 
-_CLOSED = 1  # the shutdown handshake is over (either side's)
-_SERVER = 2  # we are the server (direction bit 1); only a server roams
-_HOLD_ACKS = 4  # acknowledge a state only after confirm_durable()
-_PEER_SHUTDOWN = 8  # the peer's shutdown state arrived (reported once)
-# _SEQ_REQUESTED = 16: a SequenceReservationRequested awaits confirmation
-# (imported: broker.ssp.outgoing owns it)
-
-# The receive path, flat (see _receive).
-_fragment_header = struct.Struct(">QH").unpack_from
-_FRAGMENT_END = TIMESTAMP_SIZE + FRAGMENT_HEADER_SIZE
-_INFLATE_AT_ONCE = DEFAULT_MAX_INFLATED // MAX_DEFLATE_RATIO
-_decompress = zlib.decompress
-_state_received = events.state_received
-_state_acknowledged = events.state_acknowledged
-_datagram_rejected = events.datagram_rejected
 
 
 def _assembly_cap(max_bytes: int | None) -> int:
@@ -76,7 +58,7 @@ def _assembly_cap(max_bytes: int | None) -> int:
     return max_bytes
 
 
-class SSPSession(Parking, Outgoing):
+class SSPSession(Incoming, Parking, Outgoing):
     """One SSP session with one peer (see the module docstring).
 
     ``local_state`` and ``remote_state`` are state 0 of each direction (both
@@ -175,7 +157,7 @@ class SSPSession(Parking, Outgoing):
 
     @property
     def is_server(self) -> bool:
-        return bool(self._flags & _SERVER)
+        return bool(self._flags & SERVER)
 
     @property
     def remote_address(self):
@@ -238,7 +220,7 @@ class SSPSession(Parking, Outgoing):
     @property
     def closed(self) -> bool:
         """The shutdown handshake is over; the owner may forget us."""
-        return bool(self._flags & _CLOSED)
+        return bool(self._flags & CLOSED)
 
     @property
     def shutdown_in_progress(self) -> bool:
@@ -267,12 +249,12 @@ class SSPSession(Parking, Outgoing):
 
     def _parking_blocked(self) -> bool:
         """Closed, or the peer began its shutdown: never park."""
-        return bool(self._flags & (_CLOSED | _PEER_SHUTDOWN))
+        return bool(self._flags & (CLOSED | PEER_SHUTDOWN))
 
     @staticmethod
     def _initial_flags(is_server: bool, ack_requires_confirm: bool) -> int:
-        return ((_SERVER if is_server else 0)
-                | (_HOLD_ACKS if ack_requires_confirm else 0))
+        return ((SERVER if is_server else 0)
+                | (HOLD_ACKS if ack_requires_confirm else 0))
 
     # -- inputs -------------------------------------------------------------
 
@@ -311,25 +293,14 @@ class SSPSession(Parking, Outgoing):
         if since is not None:
             sender.set_data_ack(since)
 
-    def receive_datagram(self, data, address, now: float,
-                         congestion_experienced: bool = False) -> None:
-        """Take one datagram from the network; never raises for its content."""
-        try:
-            self._receive(data, address, now, congestion_experienced)
-        except DatagramDropped as error:
-            self._emit(_datagram_rejected(error.reason))
-        if not self._flags & _CLOSED:
-            # mosh: recalculate the timers before every wait.
-            self._sender.calculate_timers(now, self._link.rtt)
-
     # -- outputs ------------------------------------------------------------
 
     def next_wakeup(self) -> float | None:
         """When ``datagrams_to_send`` next has work (None: only on input)."""
         flags = self._flags
-        if flags & _CLOSED or self._link.remote_address is None:
+        if flags & CLOSED or self._link.remote_address is None:
             return None
-        if (flags & _SEQ_REQUESTED
+        if (flags & SEQ_REQUESTED
                 and self._link.next_seq >= self._seq_reserved):
             return None  # waiting for confirm_seq_reservation
         return self._sender.next_wakeup()
@@ -337,7 +308,7 @@ class SSPSession(Parking, Outgoing):
     def datagrams_to_send(self, now: float) -> list:
         """The datagrams due at ``now``, as (bytes, address) pairs."""
         flags = self._flags
-        if flags & _CLOSED:
+        if flags & CLOSED:
             return []
         sender = self._sender
         if sender.shutdown_timed_out(now):
@@ -347,7 +318,7 @@ class SSPSession(Parking, Outgoing):
         address = link.remote_address
         if address is None:
             return []
-        if (flags & _SERVER and link.last_heard is not None
+        if (flags & SERVER and link.last_heard is not None
                 and now - link.last_heard
                 > sender.profile.server_association_timeout):
             # network.cc send(): "Server now detached from client"; the
@@ -363,7 +334,7 @@ class SSPSession(Parking, Outgoing):
         if inst is None:
             return []
         out = self._send_instruction(inst, address, now)
-        if inst.ack_num == UINT64_MAX and not self._flags & _CLOSED:
+        if inst.ack_num == UINT64_MAX and not self._flags & CLOSED:
             self._close(events.PeerShutdownAcknowledged())
         else:
             sender.calculate_timers(now, link.rtt)
@@ -378,120 +349,12 @@ class SSPSession(Parking, Outgoing):
             self._events.append(event)
 
     def _close(self, event) -> None:
-        self._flags |= _CLOSED
+        self._flags |= CLOSED
         self._assembly = None
         self._emit(event)
 
     def _refresh(self, now: float) -> None:
         """Recompute the sender's timers (mosh: before every wait)."""
-        if self._flags & _CLOSED:
+        if self._flags & CLOSED:
             return
         self._sender.calculate_timers(now, self._link.rtt)
-
-    def _receive(self, data, address, now, congestion_experienced) -> None:
-        """Datagram to instruction (the hot path, written out flat: one
-        datagram, one fragment, one small instruction is the usual case)."""
-        if self._flags & _CLOSED:
-            return
-        header = self._header
-        if header is None:
-            offset = 0
-        else:
-            if type(data) is not bytes:
-                data = bytes(data)
-            if not data.startswith(header):
-                parse_header(data)  # raises the precise reason
-                raise DatagramDropped(DropReason.BAD_HEADER,
-                                      "header names another session")
-            offset = HEADER_SIZE
-        link = self._link
-        before = link.remote_address
-        plaintext = link.open(self._ciphers.get(self._key), data, address,
-                              now, offset, congestion_experienced)
-        if link.remote_address is not before:
-            self._emit(events.PeerRoamed(address))
-        if len(plaintext) < _FRAGMENT_END:
-            raise DatagramDropped(
-                DropReason.BAD_FRAGMENT,
-                f"{len(plaintext) - TIMESTAMP_SIZE} payload bytes, fragment "
-                f"header needs {FRAGMENT_HEADER_SIZE}")
-        fragment_id, word = _fragment_header(plaintext, TIMESTAMP_SIZE)
-        if word == FINAL_BIT:
-            # Fragment 0 and final: a whole instruction in one datagram.
-            # Like a fragment of another id, it ends any partial assembly.
-            self._assembly = None
-            compressed = plaintext[_FRAGMENT_END:]
-        else:
-            assembly = self._assembly
-            if assembly is None:
-                self._assembly = assembly = FragmentAssembly(
-                    self._max_assembly)
-            try:
-                compressed = assembly.add(Fragment(
-                    fragment_id, word & 0x7FFF, word >= FINAL_BIT,
-                    plaintext[_FRAGMENT_END:]))
-            except DatagramDropped:
-                self._assembly = None
-                raise
-            if compressed is None:
-                return
-            self._assembly = None
-        if len(compressed) < _INFLATE_AT_ONCE:
-            # Too short to inflate past the cap (see instruction.inflate).
-            try:
-                raw = _decompress(compressed)
-            except zlib.error as error:
-                raise DatagramDropped(DropReason.BAD_ZLIB,
-                                      str(error)) from None
-        else:
-            raw = inflate(compressed)
-        self._process(parse_instruction(raw), now)
-
-    def _process(self, inst, now: float) -> None:
-        """mosh's Transport::recv for one complete instruction."""
-        sender = self._sender
-        if sender.process_acknowledgment_through(inst.ack_num):
-            self._emit(_state_acknowledged(sender.front_num))
-            if sender.shutdown_acknowledged:
-                self._close(events.ShutdownAcknowledged())
-                return
-        profile = sender._profile  # (the property, without a call)
-        flags = self._flags
-        answering = flags & _SERVER and profile.answer_heartbeats
-        try:
-            state = self._receiver.receive(inst, now, profile)
-        except DatagramDropped as error:
-            if answering and error.reason is DropReason.UNKNOWN_REFERENCE:
-                # The peer builds on a state we no longer hold (it missed
-                # our ack, or we were restarted or parked): tell it which
-                # one we have, or it would retry the same diff forever.
-                sender.set_data_ack(now)
-            raise
-        if state is None:
-            # Duplicate or out of order: no news. But a peer resending the
-            # state we acknowledged has lost our ack; mosh-server would
-            # repeat it with its heartbeat, an answering server has none.
-            if answering and inst.new_num == sender.ack_num:
-                sender.set_data_ack(now)
-            return
-        num = inst.new_num
-        sender.last_heard = now  # remote_heard(): on new states only, as mosh
-        wants_ack = answering or inst.diff
-        if state is not UNCHANGED:
-            self._emitted_num = num
-            found = self._events
-            if found is None:
-                self._events = [_state_received(state, num)]
-            else:
-                found.append(_state_received(state, num))
-        if num == UINT64_MAX and not flags & _PEER_SHUTDOWN:
-            self._flags = flags | _PEER_SHUTDOWN
-            self._emit(events.ShutdownRequested())
-        if not flags & _HOLD_ACKS or (
-                state is UNCHANGED and sender.ack_num >= self._emitted_num):
-            # Nothing new to make durable (or nobody asked us to wait).
-            sender.ack_num = num
-            if wants_ack:
-                sender.set_data_ack(now)
-        elif wants_ack and self._ack_since is None:
-            self._ack_since = now
