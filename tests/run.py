@@ -44,16 +44,30 @@ def main(argv: list[str]) -> int:
         print("no trial summary found: the suite did not run")
         print("0 passed, 1 failed")
         return 1
-    passed, failed, skipped = count_results(summary.group("counts"))
+    lines, code = verdict(summary.group("counts"), status)
+    for line in lines:
+        print(line)
+    return code
+
+
+def verdict(summary_counts: str, status: int) -> tuple[list[str], int]:
+    """The lines to print (the count line last) and the exit code, from
+    trial's summary counts and its exit status."""
+    lines = []
+    passed, failed, skipped = count_results(summary_counts)
     if passed + failed == 0:
-        print("trial ran no test")
+        lines.append("trial ran no test")
+        failed = 1
+    elif status != 0 and failed == 0:
+        # Nothing counted as failed, yet trial failed (an error outside any
+        # test, a crashed worker): the run must not read as a success.
+        lines.append(f"trial exited with status {status}")
         failed = 1
     line = f"{passed} passed, {failed} failed"
     if skipped:
         line += f", {skipped} skipped"
-    print(line)
-    return 0 if status == 0 and failed == 0 else 1
-
+    lines.append(line)
+    return lines, 0 if status == 0 and failed == 0 else 1
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -4,7 +4,7 @@ import os
 import sqlite3
 import stat
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
 from broker.registry import RegistrySettings, SessionRecord, errors, open_registry
@@ -201,17 +201,23 @@ class SQLiteRegistryTests(TestCase):
 
     @defer.inlineCallbacks
     def test_reload_polls_after_start(self):
-        """After start() the registry picks up admin changes by itself."""
-        from twisted.internet.task import deferLater
-        registry = self.open(reload_interval=0.05)
+        """After start() the registry picks up admin changes by itself, every reload_interval."""
+        clock = task.Clock()
+        registry = open_registry(self.data_dir, clock=clock,
+                                 settings=RegistrySettings(reload_interval=5.0))
+        self.addCleanup(registry.stop)
+        polls = []
+        reload = registry.reload
+        registry.reload = lambda: polls.append(reload()) or polls[-1]
         yield registry.start()
         admin = AdminDatabase(self.data_dir)
         self.addCleanup(admin.close)
         admin.add_device("late")
-        for _ in range(100):
-            if registry.device("late") is not None:
-                break
-            yield deferLater(reactor, 0.02, lambda: None)
+        clock.advance(4.9)
+        self.assertEqual(polls, [])
+        clock.advance(0.1)
+        self.assertEqual(len(polls), 1)
+        yield polls[0]
         self.assertIsNotNone(registry.device("late"))
 
 
