@@ -1,18 +1,21 @@
 """The broker's configuration: one TOML file, typed and checked before anything starts.
 
 Every setting has a default, so no file is needed. A file that names an
-unknown section or key, a value of the wrong type or outside its range, or
-that cannot be read, stops startup with one line naming the file, the key
-and the problem: a broker never starts half configured.
+unknown section or key, a value of the wrong type, outside its range or not
+of its form (an ssp.host that is no IP address), or that cannot be read,
+stops startup with one line naming the file, the key and the problem: a
+broker never starts half configured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 
 class ConfigError(Exception):
@@ -20,13 +23,46 @@ class ConfigError(Exception):
 
 
 def _setting(default: Any, *, minimum: float | None = None, maximum: float | None = None,
-             choices: tuple | None = None, item_type: type | None = None) -> Any:
-    """Declare a setting with its default and the checks its value must pass."""
+             choices: tuple | None = None, item_type: type | None = None,
+             check: Callable[[Any], None] | None = None) -> Any:
+    """Declare a setting with its default and the checks its value must pass.
+
+    check, if given, is called with a value of the right type and raises
+    ValueError saying what is wrong with it.
+    """
     metadata = {"minimum": minimum, "maximum": maximum, "choices": choices,
-                "item_type": item_type}
+                "item_type": item_type, "check": check}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _ip_address(value: str) -> None:
+    """The UDP socket binds an IP literal: Twisted's listenUDP takes no host name."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"must be an IP address such as \"127.0.0.1\", \"0.0.0.0\" or \"::\" "
+                         f"(the UDP socket binds an address, not a host name), not {value!r}"
+                         ) from None
+
+
+def _http_url(value: str) -> None:
+    """Empty, or an absolute http(s) URL: the address users open (its origin is allowed too)."""
+    if not value:
+        return
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"must be empty or a URL starting with http:// or https://, "
+                         f"not {value!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port: {value!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"has no host: {value!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"must not carry a user name or password: {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +87,7 @@ class HTTPSettings:
     """The HTTP listener: REST API, long polling, WebSocket, dashboard, health."""
 
     endpoint: str = _setting("tcp:8080:interface=127.0.0.1")
-    public_url: str = _setting("")
+    public_url: str = _setting("", check=_http_url)
     allowed_origins: tuple = _setting((), item_type=str)
     max_request_bytes: int = _setting(65536, minimum=1024, maximum=16 * 1024 * 1024)
     max_requests_per_second: float = _setting(50.0, minimum=0.0, maximum=1_000_000.0)
@@ -62,7 +98,7 @@ class SSPSettings:
     """The UDP SSP endpoint for sensor nodes (wire.md)."""
 
     enabled: bool = _setting(True)
-    host: str = _setting("127.0.0.1")
+    host: str = _setting("127.0.0.1", check=_ip_address)
     port: int = _setting(60001, minimum=0, maximum=65535)
     receive_buffer_bytes: int = _setting(4 * 1024 * 1024, minimum=65536, maximum=1 << 30)
     device_heartbeat: float = _setting(25.0, minimum=1.0, maximum=3600.0)
@@ -72,6 +108,8 @@ class SSPSettings:
     max_datagrams_per_second: int = _setting(200_000, minimum=1, maximum=100_000_000)
     max_device_datagrams_per_second: int = _setting(50, minimum=1, maximum=100_000)
     max_new_sessions_per_second: int = _setting(2_000, minimum=1, maximum=1_000_000)
+    # 0: ten times max_new_sessions_per_second (broker/udp/admission.py).
+    max_auth_attempts_per_second: int = _setting(0, minimum=0, maximum=10_000_000)
     cipher_cache_size: int = _setting(4096, minimum=16, maximum=1_000_000)
     park_after: float = _setting(0.5, minimum=0.05, maximum=60.0)
     auth_failure_budget: int = _setting(8, minimum=1, maximum=1000)
@@ -97,6 +135,8 @@ class RegistrySettings:
     redis_wait_replicas: int = _setting(0, minimum=0, maximum=16)
     redis_wait_timeout: float = _setting(1.0, minimum=0.001, maximum=60.0)
     redis_stream_length: int = _setting(100_000, minimum=1000, maximum=100_000_000)
+    redis_lease_ttl: float = _setting(15.0, minimum=1.0, maximum=3600.0)
+    redis_lease_check_interval: float = _setting(5.0, minimum=0.1, maximum=1800.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +234,8 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any) -> Any:
         raise ValueError(f"must be at least {meta['minimum']}, not {value!r}")
     if meta["maximum"] is not None and value > meta["maximum"]:
         raise ValueError(f"must be at most {meta['maximum']}, not {value!r}")
+    if meta.get("check") is not None:
+        meta["check"](value)
     return value
 
 
@@ -220,6 +262,9 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
     if config.registry.backend == "redis" and not config.registry.redis_url.startswith(
             ("redis://", "rediss://", "unix://")):
         problems.append(("registry.redis_url", "must start with redis://, rediss:// or unix://"))
+    if config.registry.redis_lease_check_interval > config.registry.redis_lease_ttl / 2:
+        problems.append(("registry.redis_lease_check_interval",
+                         "must be at most half of registry.redis_lease_ttl"))
     if config.http.endpoint == config.metrics.endpoint:
         problems.append(("metrics.endpoint", "must differ from http.endpoint"))
     return problems

@@ -36,14 +36,15 @@ Stop order (SIGTERM), steps 1-4 within [broker] stop_timeout seconds:
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 from pathlib import Path
 
-from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError, InvalidAddressError
 from twisted.logger import ILogObserver, Logger
 from twisted.web.resource import Resource
 
@@ -93,9 +94,30 @@ def registry_settings(config: Config) -> RegistrySettings:
                             feed_retention=section.feed_retention)
 
 
+#: [registry] settings naming files the Redis client reads when it connects.
+REDIS_FILES = ("redis_password_file", "redis_tls_ca_file", "redis_tls_cert_file",
+               "redis_tls_key_file")
+
+
+def check_readable_files(config: Config, section: str, keys) -> None:
+    """Raise ConfigError naming the first key whose file cannot be read (empty: not used)."""
+    settings = getattr(config, section)
+    for key in keys:
+        path = getattr(settings, key)
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as problem:
+            raise ConfigError(f"{config.source}: {section}.{key}: cannot read {path!r}: "
+                              f"{problem.strerror or problem}") from None
+
+
 def redis_options(config: Config):
-    """How to reach Redis, from the [registry] redis_* settings."""
+    """How to reach Redis, from the [registry] redis_* settings (ConfigError: a file is unreadable)."""
     from broker.registry.redis_store import RedisOptions
+    check_readable_files(config, "registry", REDIS_FILES)
     section = config.registry
     return RedisOptions(url=section.redis_url, cluster=section.redis_cluster,
                         key_prefix=section.redis_key_prefix, username=section.redis_username,
@@ -119,7 +141,9 @@ def open_configured_registry(config: Config, data_dir: Path, reactor,
         from broker.registry.shared import open_shared_registry
         wrapper = None if metrics is None else (lambda store: InstrumentedStore(store, metrics))
         return open_shared_registry(redis_options(config), reactor=reactor, settings=settings,
-                                    store_wrapper=wrapper)
+                                    store_wrapper=wrapper,
+                                    lease_ttl=config.registry.redis_lease_ttl,
+                                    lease_check_interval=config.registry.redis_lease_check_interval)
     if config.registry.backend == "memory":
         store = MemoryStore()
     else:
@@ -200,7 +224,10 @@ class BrokerService(MultiService):
         self.stopping = False
         self.listening = {}
         self.metrics = Metrics()
-        self.data_dir = ensure_private_directory(config.data_path)
+        # Every setting that can be checked without binding is checked before
+        # anything is created: endpoint strings (and the TLS files they name) first.
+        self._endpoints = self._parse_endpoints()
+        self.data_dir = self._data_directory()
         self.registry = open_configured_registry(config, self.data_dir, reactor, self.metrics)
         self.metrics.watch_registry(self.registry)
         self.registry_service = RegistryService(self.registry)
@@ -216,7 +243,7 @@ class BrokerService(MultiService):
         self._attach_endpoints()
         self._add_metrics()
         self.connections = ConnectionTracker(self.site, reactor)
-        self._add_listener("http", "http.endpoint", config.http.endpoint, self.connections)
+        self._add_listener("http", self.connections)
 
     def setServiceParent(self, parent) -> None:
         """Under twistd, hand our log observer to the Application, where its AppLogger looks."""
@@ -261,26 +288,85 @@ class BrokerService(MultiService):
         root = Resource()
         root.putChild(b"metrics", resource)
         site = BrokerSite(root, metrics=self.metrics, reactor=self.reactor)
-        self._add_listener("metrics", "metrics.endpoint", settings.endpoint,
-                           ConnectionTracker(site, self.reactor))
+        self._add_listener("metrics", ConnectionTracker(site, self.reactor))
 
-    def _add_listener(self, name: str, key: str, description: str, factory) -> None:
+    # -- settings checked before anything starts -------------------------------
+
+    def _data_directory(self) -> Path:
+        path = self.config.data_path
+        try:
+            return ensure_private_directory(path)
+        except OSError as problem:
+            raise ConfigError(f"{self.config.source}: broker.data_dir: cannot create or use "
+                              f"{str(path)!r}: {problem.strerror or problem}") from None
+
+    def _parse_endpoints(self) -> dict:
+        """{listener name: (endpoint, raise at start)} for the HTTP and metrics listeners."""
+        parsed = {"http": self._parse_endpoint("http", self.config.http.endpoint)}
+        metrics = self.config.metrics
+        if metrics.enabled and metrics.endpoint:
+            parsed["metrics"] = self._parse_endpoint("metrics", metrics.endpoint)
+        return parsed
+
+    def _parse_endpoint(self, name: str, description: str):
+        key = f"{name}.endpoint"
         try:
             if self.worker is not None and name == "http":
                 from broker.workers import ReusePortEndpoint, parse_tcp_endpoint
                 host, _, backlog = parse_tcp_endpoint(description)
-                listener = StreamServerEndpointService(
-                    ReusePortEndpoint(self.reactor, host, self.worker[1], backlog), factory)
-            else:
-                listener = strports.service(description, factory, reactor=self.reactor)
+                return ReusePortEndpoint(self.reactor, host, self.worker[1], backlog), False
+            return endpoints.serverFromString(self.reactor, description), True
+        except OSError as problem:
+            # ssl: endpoints read their certificate and key files while parsing.
+            raise ConfigError(f"{self.config.source}: {key}: cannot use {description!r}: cannot "
+                              f"read {problem.filename or 'a file it names'}: "
+                              f"{problem.strerror or problem}") from None
         except (ValueError, KeyError, IndexError) as problem:
             hint = ""
             if description.startswith("systemd:") and not self.activation.fds:
                 hint = " (no socket was passed by systemd: is the .socket unit enabled?)"
             raise ConfigError(f"{self.config.source}: {key}: cannot use {description!r}: "
                               f"{problem!r}{hint}") from None
+
+    def _add_listener(self, name: str, factory) -> None:
+        endpoint, raise_at_start = self._endpoints[name]
+        listener = StreamServerEndpointService(endpoint, factory)
+        # What strports.service sets: a port that cannot be bound raises from
+        # (privileged)startService, where _start_child names its setting.
+        listener._raiseSynchronously = raise_at_start
         listener.setName(name)
         listener.setServiceParent(self)
+
+    def _listen_problem(self, name: str, problem: Exception) -> str | None:
+        """One line naming the setting behind a listener that could not bind, or None."""
+        reason = problem.socketError if isinstance(problem, CannotListenError) else problem
+        if isinstance(reason, InvalidAddressError):
+            text = reason.message
+        else:
+            text = getattr(reason, "strerror", None) or str(reason)
+        if name == "udp":
+            ssp = self.config.ssp
+            wrong_host = (isinstance(reason, InvalidAddressError)
+                          or getattr(reason, "errno", None) == errno.EADDRNOTAVAIL)
+            key = "ssp.host" if wrong_host else "ssp.port"
+            host = f"[{ssp.host}]" if ":" in ssp.host else ssp.host
+            where = f"UDP {host}:{ssp.port}"
+        elif name in FRONT_DOORS:
+            key = f"{name}.endpoint"
+            where = repr(getattr(self.config, name).endpoint)
+        else:
+            return None
+        return f"{self.config.source}: {key}: cannot listen on {where}: {text}"
+
+    def _start_child(self, child, start) -> None:
+        """Run a child's (privileged)startService; a port it cannot bind is a ConfigError."""
+        try:
+            start()
+        except (CannotListenError, InvalidAddressError, OSError) as problem:
+            message = self._listen_problem(child.name, problem)
+            if message is None:
+                raise
+            raise ConfigError(message) from None
 
     # -- readiness -----------------------------------------------------------
 
@@ -302,9 +388,22 @@ class BrokerService(MultiService):
 
     # -- start ---------------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        """Bind the ports (twistd calls this before dropping privileges).
+
+        Raises ConfigError naming the setting when a port cannot be bound;
+        the children started so far stay started (stopService stops them).
+        """
+        Service.privilegedStartService(self)
+        for child in self:
+            self._start_child(child, child.privilegedStartService)
+
     def startService(self) -> None:
+        """Start every child (binding what privilegedStartService did not); see there for errors."""
         self.stopping = False
-        super().startService()
+        Service.startService(self)
+        for child in self:
+            self._start_child(child, child.startService)
         waits = [when_listening(child).addCallback(self._listening_on, child.name)
                  for child in self._listeners()]
         done = defer.DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)

@@ -1,4 +1,11 @@
-"""`twistd broker`: command-line options and the service they build."""
+"""`twistd broker`: command-line options and the service they build.
+
+A setting the broker cannot use stops startup with one line on stderr,
+"twistd broker: FILE: KEY: PROBLEM", and exit status 2: `refuse` is the only
+way out for a ConfigError (or a store that cannot be opened), whether it is
+found while reading the file, while building the service, or while binding
+the ports when twistd starts it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,9 @@ from __future__ import annotations
 # imports twisted.internet.endpoints, which removes them from the environment.
 import broker.systemd  # noqa: F401,I001
 
+import os
 import sys
+from typing import NoReturn
 
 from twisted.python import usage
 
@@ -14,7 +23,19 @@ from broker.config import ConfigError, load_config
 from broker.lifecycle import SignalHandlers
 from broker.logs import LogControl, ObserverFactory
 from broker.registry.errors import StoreError
-from broker.service import make_service, tune_garbage_collector
+from broker.service import BrokerService, tune_garbage_collector
+
+#: exit status of a broker that refused to start.
+REFUSED = 2
+
+
+def refuse(problem, stream=None) -> NoReturn:
+    """Write one line naming the file, key and problem, and exit with status 2.
+
+    twistd would bury the line under its usage text or a traceback.
+    """
+    (stream or sys.stderr).write(f"twistd broker: {problem}\n")
+    raise SystemExit(REFUSED)
 
 
 class Options(usage.Options):
@@ -31,9 +52,7 @@ class Options(usage.Options):
         try:
             self["settings"] = settings = load_config(self["config"])
         except ConfigError as problem:
-            # One line naming file, key and problem: twistd would bury it under the usage text.
-            sys.stderr.write(f"twistd broker: {problem}\n")
-            raise SystemExit(2) from None
+            refuse(problem)
         self["log_control"] = control = LogControl(settings.log.level)
         self["log_factory"] = self._log_factory(settings, control)
 
@@ -55,6 +74,48 @@ class Options(usage.Options):
         return ObserverFactory(settings.log, control, path)
 
 
+class TwistdBrokerService(BrokerService):
+    """The broker as twistd runs it: a port it cannot bind ends startup like a bad setting.
+
+    twistd binds the ports after makeService returned, in
+    privilegedStartService, with its log already capturing sys.stderr: the
+    one line goes to the process's real stderr. A daemon's stderr is
+    /dev/null, so there the ConfigError goes on to twistd, which hands it to
+    the waiting parent process ("An error has occurred: ...").
+    """
+
+    def __init__(self, *args, twistd_options=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.twistd_options = twistd_options
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ConfigError as problem:
+            self._refuse(problem)
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ConfigError as problem:
+            self._refuse(problem)
+
+    def _refuse(self, problem: ConfigError) -> NoReturn:
+        twistd = self.twistd_options
+        if twistd is None:
+            refuse(problem)
+        if not twistd.get("nodaemon"):
+            raise problem
+        pidfile = twistd.get("pidfile")
+        if pidfile:
+            # twistd removes it only for an Exception, and we leave with SystemExit.
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+        refuse(problem, sys.__stderr__)
+
+
 def makeService(options: Options):
     """Called by twistd with parsed options; a store or endpoint that cannot be used stops startup."""
     factory = options.get("log_factory")
@@ -62,12 +123,12 @@ def makeService(options: Options):
     if settings.broker.workers > 1:
         return _supervisor(options, factory)
     try:
-        service = make_service(options["settings"], config_path=options["config"],
-                               log_control=options.get("log_control"),
-                               log_observer=factory() if factory is not None else None)
+        service = TwistdBrokerService(settings, config_path=options["config"],
+                                      log_control=options.get("log_control"),
+                                      log_observer=factory() if factory is not None else None,
+                                      twistd_options=options.parent)
     except (StoreError, ConfigError) as problem:
-        sys.stderr.write(f"twistd broker: {problem}\n")
-        raise SystemExit(2) from None
+        refuse(problem)
     SignalHandlers(service).setServiceParent(service)
     tune_garbage_collector()
     return service
@@ -80,8 +141,7 @@ def _supervisor(options: Options, factory):
     try:
         service = SupervisorService(options["settings"], options["config"])
     except (ConfigError, OSError) as problem:
-        sys.stderr.write(f"twistd broker: {problem}\n")
-        raise SystemExit(2) from None
+        refuse(problem)
     if factory is not None and hasattr(service, "setServiceParent"):
         service.log_observer = factory()
     SignalHandlers(service).setServiceParent(service)

@@ -106,6 +106,49 @@ class BadInputTests(SynchronousTestCase):
         self.assertRefused({"ssp": {"offline_after": 5.0, "device_heartbeat": 25.0}},
                            "ssp.offline_after", "device_heartbeat")
 
+    def test_lease_check_interval_at_most_half_the_ttl(self):
+        """A Redis lease checked less often than twice per TTL is refused; half is accepted."""
+        self.assertRefused({"registry": {"redis_lease_ttl": 10.0,
+                                         "redis_lease_check_interval": 6.0}},
+                           "registry.redis_lease_check_interval", "half")
+        config = parse_config({"registry": {"redis_lease_ttl": 10.0,
+                                            "redis_lease_check_interval": 5.0}})
+        self.assertEqual(config.registry.redis_lease_check_interval, 5.0)
+
+    def test_host_name_refused_for_udp(self):
+        """ssp.host must be an IP literal: the UDP listener binds an address, never a host name."""
+        message = self.assertRefused({"ssp": {"host": "not an address"}}, "ssp.host",
+                                     "must be an IP address", "not a host name",
+                                     "'not an address'")
+        self.assertNotIn("Traceback", message)
+
+    def test_malformed_ipv6_host_refused(self):
+        """A malformed IPv6 literal such as "::1x" is refused with the key."""
+        self.assertRefused({"ssp": {"host": "::1x"}}, "ssp.host", "'::1x'")
+
+    def test_ip_literals_accepted_as_host(self):
+        """IPv4 and IPv6 literals, including the wildcards, are valid hosts."""
+        for host in ("127.0.0.1", "0.0.0.0", "::1", "::"):
+            self.assertEqual(parse_config({"ssp": {"host": host}}).ssp.host, host)
+
+    def test_public_url_not_a_url(self):
+        """A public_url that is no http(s) URL is blamed on http.public_url, not allowed_origins."""
+        message = self.assertRefused({"http": {"public_url": "nope"}}, "http.public_url",
+                                     "http://", "'nope'")
+        self.assertNotIn("allowed_origins", message)
+
+    def test_public_url_without_host_or_with_bad_port(self):
+        """A public_url without a host, or with a port out of range, is refused with the key."""
+        self.assertRefused({"http": {"public_url": "https:///iot"}}, "http.public_url",
+                           "no host")
+        self.assertRefused({"http": {"public_url": "https://iot.example.com:99999/"}},
+                           "http.public_url", "invalid port")
+
+    def test_public_url_with_path_accepted(self):
+        """A public_url with a path (behind a reverse proxy) is accepted as given."""
+        url = "https://broker.example.com/iot/"
+        self.assertEqual(parse_config({"http": {"public_url": url}}).http.public_url, url)
+
 
 class FileTests(SynchronousTestCase):
     def test_unreadable_file(self):
@@ -136,6 +179,18 @@ class FileTests(SynchronousTestCase):
             load_config(path)
         self.assertIn(f"{path}: not valid TOML", str(caught.exception))
         self.assertIn("line 2", str(caught.exception))
+
+    def test_bad_value_in_file_names_file_and_key(self):
+        """load_config reports a bad ssp.host or http.public_url as one line: file, key, problem."""
+        path = self.mktemp()
+        for text, key in (("[ssp]\nhost = 'not an address'\n", "ssp.host"),
+                          ("[http]\npublic_url = 'nope'\n", "http.public_url")):
+            Path(path).write_text(text)
+            with self.assertRaises(ConfigError) as caught:
+                load_config(path)
+            message = str(caught.exception)
+            self.assertTrue(message.startswith(f"{path}: {key}: "), message)
+            self.assertNotIn("\n", message)
 
     def test_file_source_recorded(self):
         """A loaded config remembers its file, for messages and reloads."""

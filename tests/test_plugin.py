@@ -7,6 +7,8 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.test_tap import tree_environ, twistd
+
 
 class PluginTests(SynchronousTestCase):
     def test_discovered(self):
@@ -17,9 +19,7 @@ class PluginTests(SynchronousTestCase):
 
     def test_twistd_help_lists_broker(self):
         """`twistd --help` lists the broker command."""
-        result = subprocess.run(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
-            capture_output=True, text=True, timeout=60)
+        result = twistd("--help")
         self.assertIn("broker ", result.stdout)
         self.assertIn("SSP over UDP", result.stdout)
 
@@ -28,5 +28,5 @@ class PluginTests(SynchronousTestCase):
         code = ("import sys, twisted.plugins.broker_plugin; "
                 "print(any(m == 'broker' or m.startswith('broker.') for m in sys.modules))")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                timeout=60)
+                                env=tree_environ(), timeout=60)
         self.assertEqual(result.stdout.strip(), "False", result.stderr)

@@ -1,24 +1,46 @@
-"""Tests for `twistd broker`: options, the service it builds, and how it refuses bad config."""
+"""Tests for `twistd broker`: options, the service it builds, and how it refuses bad config.
 
+Every setting the broker cannot use, found while reading the file, while
+building the service or while binding its ports, ends startup with exit
+status 2 and one line on stderr naming the file, the key and the problem.
+"""
+
+import dataclasses
+import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from twisted.application.service import IService
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
+import broker
 from broker import tap
-from broker.config import load_config, replace
+from broker.config import ConfigError, load_config, replace
+from broker.service import make_service
+from tests.ops.test_process import absolute_temp, write_config
+
+#: the work tree: twistd subprocesses import the broker and its plugin from here.
+TREE = str(Path(broker.__file__).resolve().parent.parent)
 
 
-def twistd(*args, cwd):
-    """Run twistd in a subprocess; returns the completed process."""
+def tree_environ():
+    """os.environ with this work tree first on PYTHONPATH (whatever the venv has installed)."""
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TREE, environ.get("PYTHONPATH")]))
+    return environ
+
+
+def twistd(*args, cwd=None):
+    """Run twistd on this work tree in a subprocess; returns the completed process."""
     command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
-    return subprocess.run(command, cwd=cwd,
+    return subprocess.run(command, cwd=cwd, env=tree_environ(),
                           capture_output=True, text=True, timeout=60)
 
 
@@ -72,6 +94,24 @@ class UDPMemoryReactor(MemoryReactorClock):
         return _StoppablePort(port, interface)
 
 
+class RefusingReactor(UDPMemoryReactor):
+    """UDPMemoryReactor whose listens fail the way the real reactor's do."""
+
+    def __init__(self, udp_error=None, tcp_error=None):
+        super().__init__()
+        self.udp_error, self.tcp_error = udp_error, tcp_error
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        if self.udp_error is not None:
+            raise self.udp_error
+        return super().listenUDP(port, protocol, interface, maxPacketSize)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if self.tcp_error is not None:
+            raise self.tcp_error
+        return super().listenTCP(port, factory, backlog, interface)
+
+
 class MakeServiceTests(SynchronousTestCase):
     def make(self, **ssp):
         config = load_config(None)
@@ -116,3 +156,125 @@ class MakeServiceTests(SynchronousTestCase):
         config, options = self.make()
         tap.makeService(options)
         self.assertEqual(os.stat(config.broker.data_dir).st_mode & 0o777, 0o700)
+
+
+class ServiceRefusalTests(SynchronousTestCase):
+    """make_service and startService raise one-line ConfigErrors naming file and key."""
+
+    def config(self, **sections):
+        config = load_config(None)
+        config = replace(config, "broker", data_dir=self.mktemp())
+        config = replace(config, "registry", backend="memory")
+        config = replace(config, "ssp", port=0)
+        for section, changes in sections.items():
+            config = replace(config, section, **changes)
+        return dataclasses.replace(config, source="broker.toml")
+
+    def refusal(self, config, reactor=None, start=False):
+        with self.assertRaises(ConfigError) as caught:
+            service = make_service(config, reactor=reactor or UDPMemoryReactor())
+            if start:
+                service.privilegedStartService()
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertTrue(message.startswith("broker.toml: "), message)
+        return message
+
+    def test_data_dir_that_cannot_be_created(self):
+        """A data_dir under a regular file names broker.data_dir and the reason."""
+        blocker = self.mktemp()
+        Path(blocker).write_text("")
+        message = self.refusal(self.config(broker={"data_dir": os.path.join(blocker, "x")}))
+        self.assertIn("broker.data_dir: cannot create or use", message)
+        self.assertIn("Not a directory", message)
+
+    def test_tls_endpoint_with_missing_key_file(self):
+        """An ssl: endpoint naming a missing key file names http.endpoint and the file; nothing is created."""
+        missing = os.path.abspath(self.mktemp())
+        config = self.config(http={"endpoint": f"ssl:0:privateKey={missing}"})
+        message = self.refusal(config)
+        self.assertIn(f"http.endpoint: cannot use 'ssl:0:privateKey={missing}': "
+                      f"cannot read {missing}: No such file or directory", message)
+        self.assertFalse(os.path.exists(config.broker.data_dir), "data dir made before the check")
+
+    def test_missing_redis_password_file(self):
+        """A redis_password_file that cannot be read is named, before any connection to Redis."""
+        missing = os.path.abspath(self.mktemp())
+        message = self.refusal(self.config(registry={"backend": "redis",
+                                                     "redis_password_file": missing}))
+        self.assertIn(f"registry.redis_password_file: cannot read '{missing}': "
+                      "No such file or directory", message)
+        self.assertNotIn("cannot reach Redis", message)
+
+    def test_udp_address_not_available_names_host(self):
+        """A UDP bind refused with EADDRNOTAVAIL blames ssp.host, not the port."""
+        refused = CannotListenError("127.0.0.1", 6000, OSError(
+            errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL)))
+        message = self.refusal(self.config(ssp={"port": 6000}),
+                               RefusingReactor(udp_error=refused), start=True)
+        self.assertEqual(message, "broker.toml: ssp.host: cannot listen on UDP 127.0.0.1:6000: "
+                                  + os.strerror(errno.EADDRNOTAVAIL))
+
+    def test_unresolvable_metrics_interface(self):
+        """A metrics endpoint whose interface does not resolve names metrics.endpoint (no traceback)."""
+        # What the real reactor raises for tcp:0:interface=not-an-ip, without asking a resolver.
+        refused = CannotListenError("not-an-ip", 0, socket.gaierror(
+            socket.EAI_NONAME, "Name or service not known"))
+        endpoint = "tcp:0:interface=not-an-ip"
+        message = self.refusal(self.config(ssp={"enabled": False},
+                                           metrics={"endpoint": endpoint}),
+                               RefusingReactor(tcp_error=refused), start=True)
+        self.assertEqual(message, f"broker.toml: metrics.endpoint: cannot listen on "
+                                  f"'{endpoint}': Name or service not known")
+
+
+class TwistdRefusalTests(SynchronousTestCase):
+    """A real `twistd -n broker` that cannot start exits 2 with one line on stderr."""
+
+    def run_broker(self, **sections):
+        workdir = absolute_temp(self)
+        write_config(workdir, os.path.join(workdir, "data"), **sections)
+        pidfile = os.path.join(workdir, "twistd.pid")
+        result = twistd("-n", f"--pidfile={pidfile}", "broker", "--config", "broker.toml",
+                        cwd=workdir)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertFalse(os.path.exists(pidfile), "pid file left behind")
+        return result.stderr.splitlines()
+
+    def held(self, kind):
+        """A loopback port held by this test (a listening TCP or a bound UDP socket)."""
+        sock = socket.socket(socket.AF_INET, kind)
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1)
+        return sock.getsockname()[1]
+
+    def test_udp_port_in_use(self):
+        """A UDP port held by another socket names ssp.port and the address."""
+        port = self.held(socket.SOCK_DGRAM)
+        lines = self.run_broker(ssp={"port": port})
+        self.assertEqual(lines, [f"twistd broker: broker.toml: ssp.port: cannot listen on "
+                                 f"UDP 127.0.0.1:{port}: Address already in use"])
+
+    def test_http_port_in_use(self):
+        """An HTTP port held by another socket names http.endpoint."""
+        endpoint = f"tcp:{self.held(socket.SOCK_STREAM)}:interface=127.0.0.1"
+        lines = self.run_broker(http={"endpoint": endpoint})
+        self.assertEqual(lines, [f"twistd broker: broker.toml: http.endpoint: cannot listen on "
+                                 f"'{endpoint}': Address already in use"])
+
+    def test_metrics_port_in_use(self):
+        """A metrics port held by another socket names metrics.endpoint."""
+        endpoint = f"tcp:{self.held(socket.SOCK_STREAM)}:interface=127.0.0.1"
+        lines = self.run_broker(metrics={"endpoint": endpoint}, ssp={"enabled": False})
+        self.assertEqual(lines, [f"twistd broker: broker.toml: metrics.endpoint: cannot listen "
+                                 f"on '{endpoint}': Address already in use"])
+
+    def test_missing_tls_key(self):
+        """An ssl: endpoint whose key file is missing is one line, found before the data dir is made."""
+        missing = os.path.abspath(self.mktemp())
+        lines = self.run_broker(http={"endpoint": f"ssl:0:privateKey={missing}"})
+        self.assertEqual(lines, [f"twistd broker: broker.toml: http.endpoint: cannot use "
+                                 f"'ssl:0:privateKey={missing}': cannot read {missing}: "
+                                 "No such file or directory"])

@@ -1,9 +1,13 @@
-"""broker-admin: provision devices and dashboard tokens in a data directory.
+"""broker-admin: provision devices and dashboard tokens in a data directory or in Redis.
 
-Works on a stopped or a running broker (a running broker picks the
-changes up within ``reload_interval`` seconds). Human output by default,
-``--json`` for scripts; an error is one line on stderr and exit status 1
-(2 for bad usage).
+Works on a stopped or a running broker. With the SQLite backend it writes
+the data directory's database, and a running broker picks the changes up
+within ``reload_interval`` seconds. With ``--config`` naming a broker
+config whose ``[registry] backend`` is "redis", it writes Redis with the
+brokers' own scripts, and every running broker sees each change at once
+on the change stream. Human output by default, ``--json`` for scripts; an
+error is one line on stderr and exit status 1 (2 for bad usage or a bad
+config file).
 """
 
 import argparse
@@ -15,11 +19,17 @@ from . import errors
 from .admin import AdminDatabase
 from .secrets import ROLES, format_key
 
+#: the data directory when neither --data-dir nor a config names one.
+DEFAULT_DATA_DIR = "./broker-data"
+
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="broker-admin", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="./broker-data",
-                        help="the broker's data directory (default ./broker-data)")
+    parser.add_argument("--config", help="the broker's TOML config file: its [registry] backend "
+                        "(sqlite or redis, with the redis_* settings) and data_dir are used")
+    parser.add_argument("--data-dir", default=None,
+                        help="the broker's data directory (SQLite backend; default: the "
+                        f"config's data_dir, else {DEFAULT_DATA_DIR})")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     top = parser.add_subparsers(dest="group", required=True)
 
@@ -43,10 +53,31 @@ def build_parser():
     return parser
 
 
+def open_admin(args, create):
+    """The registry to administer: Redis if the config says so, else the SQLite
+    database in the data directory. Raises ConfigError or StoreError."""
+    config = None
+    if args.config:
+        from broker.config import load_config
+        config = load_config(args.config)
+    if config is not None and config.registry.backend == "redis":
+        from broker.service import redis_options
+        from .redis_admin import RedisAdmin
+        return RedisAdmin.open(redis_options(config),
+                               feed_retention=config.registry.feed_retention,
+                               history_size=config.registry.history_size)
+    if config is not None and config.registry.backend == "memory":
+        raise errors.StoreError("the memory backend keeps nothing to administer "
+                                f"({args.config}: registry.backend)")
+    data_dir = args.data_dir or (config.broker.data_dir if config is not None
+                                 else DEFAULT_DATA_DIR)
+    return AdminDatabase(data_dir, create=create)
+
+
 def run(args, out):
     """Carry out one parsed command, writing to ``out``."""
     create = args.command == "add"
-    db = AdminDatabase(args.data_dir, create=create)
+    db = open_admin(args, create)
     try:
         return COMMANDS[(args.group, args.command)](db, args, out)
     finally:
@@ -138,8 +169,15 @@ def main(argv=None, out=None, err=None):
     out = out or sys.stdout
     err = err or sys.stderr
     args = build_parser().parse_args(argv)
+    from broker.config import ConfigError
     try:
         run(args, out)
+    except ConfigError as e:
+        if args.json:
+            err.write(json.dumps({"error": "bad_config", "message": str(e)}) + "\n")
+        else:
+            err.write(f"broker-admin: {e}\n")
+        return 2
     except errors.RegistryError as e:
         if args.json:
             err.write(json.dumps(e.to_json()) + "\n")

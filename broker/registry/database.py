@@ -19,7 +19,13 @@ from .model import SessionRecord
 from .values import thaw
 
 APPLICATION_ID = 0x53535042      # "SSPB"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schema changes a broker applies to an older file of ours: version -> SQL
+#: that takes it to the next version.
+MIGRATIONS = {
+    # 2: the session record keeps the device's datagram sequence mark.
+    1: "ALTER TABLE sessions ADD COLUMN remote_seq INTEGER NOT NULL DEFAULT 0",
+}
 DB_NAME = "registry.sqlite3"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000         # broker and broker-admin may wait on each other
@@ -48,7 +54,8 @@ CREATE TABLE sessions (
     acked_remote_state BLOB NOT NULL,
     local_num INTEGER NOT NULL,
     local_state BLOB NOT NULL,
-    seq_reservation INTEGER NOT NULL
+    seq_reservation INTEGER NOT NULL,
+    remote_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE tokens (
     token_id   TEXT PRIMARY KEY,
@@ -145,7 +152,9 @@ def connect(path, *, create=True, synchronous="FULL"):
         if app_id != APPLICATION_ID:
             raise StoreError(f"{path} belongs to another program (application_id {app_id:#x}); "
                              "refusing to touch it")
-        elif user_version != SCHEMA_VERSION:
+        if user_version in MIGRATIONS:
+            user_version = _migrate(conn)
+        if user_version != SCHEMA_VERSION:
             raise StoreError(f"{path} has registry schema {user_version}; this broker "
                              f"understands {SCHEMA_VERSION}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -326,16 +335,35 @@ def decode_state(blob):
         raise StoreError(f"damaged device state in the registry database: {e}") from None
 
 
+def _migrate(conn):
+    """Bring an older schema of ours up to SCHEMA_VERSION, one version per
+    transaction (another process may be doing the same); returns the version."""
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in MIGRATIONS:
+            conn.execute("COMMIT")
+            return version
+        conn.execute(MIGRATIONS[version])
+        conn.execute(f"PRAGMA user_version = {version + 1}")
+        conn.execute("COMMIT")
+
+
+#: The session columns in row order (the table's own order, migrated or not).
+SESSION_COLUMNS = ("number, session_id, acked_remote_num, acked_remote_state, local_num,"
+                   " local_state, seq_reservation, remote_seq")
+
+
 def session_params(number, record):
     return (number, to_i64(record.session_id), to_i64(record.acked_remote_num),
             record.acked_remote_state, to_i64(record.local_num), record.local_state,
-            to_i64(record.seq_reservation))
+            to_i64(record.seq_reservation), to_i64(record.remote_seq))
 
 
 def session_from_row(row):
-    number, sid, arn, ars, ln, ls, res = row
+    number, sid, arn, ars, ln, ls, res, rseq = row
     return number, SessionRecord(from_i64(sid), from_i64(arn), bytes(ars), from_i64(ln),
-                                 bytes(ls), from_i64(res))
+                                 bytes(ls), from_i64(res), from_i64(rseq))
 
 
 def next_cursor(conn):

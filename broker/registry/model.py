@@ -287,7 +287,12 @@ class Provisioned:
 
 @dataclass(frozen=True, slots=True)
 class SessionRecord:
-    """What the UDP endpoint persists per device to resume a session after a restart."""
+    """What the UDP endpoint persists per device to resume a session after a restart.
+
+    ``remote_seq`` is the device's next expected datagram sequence number
+    when the record was written: an older datagram of the session (a replay)
+    can then neither resume it nor move it to the sender's address.
+    """
 
     session_id: int
     acked_remote_num: int = 0
@@ -295,6 +300,7 @@ class SessionRecord:
     local_num: int = 0
     local_state: bytes = b""
     seq_reservation: int = 0
+    remote_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,10 @@ of one registry carries the same tag, so it lives in one Cluster slot:
 * ``{p}:tokens`` hash token_id -> CBOR [digest, role, created_at]
 * ``{p}:cmd`` pub/sub channel of relayed commands, CBOR [number, origin,
   command] (commands live in memory only, so pub/sub, not a stream)
+* presence (shared_presence.py): ``{p}:lease:<origin>`` a process's lease
+  (expires unless renewed), ``{p}:holders`` set of processes with a lease,
+  ``{p}:held:<origin>`` set of the devices a process holds; field h of a
+  device hash names its holder
 
 A change is one Lua script: check the device's version, take the next
 cursor(s) with INCR, store the new state and append it to the stream, all
@@ -47,7 +51,7 @@ from twisted.python.failure import Failure
 from .database import decode_state
 from .errors import StoreError
 from .model import SessionRecord
-from .redis_scripts import ADD, CHANGE, REMOVE, SECRET, TOKENS
+from .redis_scripts import ADD, CHANGE, EXPIRED, LEASE, REMOVE, SECRET, TOKENS
 from .store import DeviceRow, Loaded, Store
 from .values import thaw
 
@@ -75,8 +79,11 @@ class RedisOptions:
 
 
 def encode_record(record):
+    # Records written before remote_seq existed have six items; they decode
+    # with its default.
     return cbor2.dumps([record.session_id, record.acked_remote_num, record.acked_remote_state,
-                        record.local_num, record.local_state, record.seq_reservation])
+                        record.local_num, record.local_state, record.seq_reservation,
+                        record.remote_seq])
 
 
 def decode_record(blob):
@@ -172,10 +179,14 @@ class RedisStore(Store):
         self.key_tokens = f"{tag}:tokens"
         self.key_commands = f"{tag}:cmd"
         self._device_prefix = f"{tag}:d:"
+        self.key_holders = f"{tag}:holders"
+        self.lease_prefix = f"{tag}:lease:"
+        self.held_prefix = f"{tag}:held:"
         self._main = self._connector.client()
         self._scripts = {name: self._main.register_script(text) for name, text in
                          (("change", CHANGE), ("add", ADD), ("remove", REMOVE),
-                          ("secret", SECRET), ("tokens", TOKENS))}
+                          ("secret", SECRET), ("tokens", TOKENS), ("lease", LEASE),
+                          ("expired", EXPIRED))}
         self._queue = deque()
         self._wake = threading.Event()
         self._closing = False
@@ -191,6 +202,10 @@ class RedisStore(Store):
 
     def device_key(self, number):
         return f"{self._device_prefix}{number}"
+
+    @property
+    def device_prefix(self):
+        return self._device_prefix
 
     # -- loading (synchronous, at start) --------------------------------------
 
@@ -228,6 +243,40 @@ class RedisStore(Store):
             loaded.tombstones.append((int(score), name, int(number), int(version)))
         loaded.tokens = self._tokens(client)
         return loaded
+
+    # -- tools (synchronous: broker-admin, never the reactor thread) -------------
+
+    def run_now(self, script, keys, args):
+        """Run one script now and wait for Redis (and the configured replicas);
+        its reply ``(status, a, b)``. Raises StoreError."""
+        import redis
+        try:
+            reply = self._scripts[script](keys=keys, args=args, client=self._main)
+            if self.options.wait_replicas:
+                acked = self._main.execute_command("WAIT", self.options.wait_replicas,
+                                                   int(self.options.wait_timeout * 1000))
+                if acked < self.options.wait_replicas:
+                    raise StoreError(f"only {acked} of {self.options.wait_replicas} replicas "
+                                     "acknowledged in time")
+        except (redis.RedisError, OSError) as e:
+            raise StoreError(f"Redis failed: {e}") from None
+        return reply[0].decode(), int(reply[1]), int(reply[2])
+
+    def read_now(self, command, *args):
+        """One read command on the main connection, now (tools); raises StoreError."""
+        import redis
+        try:
+            return getattr(self._main, command)(*args)
+        except (redis.RedisError, OSError) as e:
+            raise StoreError(f"Redis failed: {e}") from None
+
+    def tokens_now(self):
+        """Every token row ``(token_id, digest, role, created_at)``, now (tools)."""
+        import redis
+        try:
+            return self._tokens(self._main)
+        except (redis.RedisError, OSError) as e:
+            raise StoreError(f"Redis failed: {e}") from None
 
     def _tokens(self, client):
         rows = []
@@ -365,6 +414,9 @@ class RedisStore(Store):
                                      in ((t, cbor2.loads(b)) for t, b in reply.items())]))
             elif kind in ("barrier", "publish"):
                 outcomes.append((d, int(reply or 0)))
+            elif kind == "expired":
+                outcomes.append((d, [(reply[i].decode(), [int(n) for n in reply[i + 1]])
+                                     for i in range(0, len(reply), 2)]))
             else:
                 outcomes.append((d, (reply[0].decode(), int(reply[1]), int(reply[2]))))
         return outcomes

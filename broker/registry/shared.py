@@ -14,6 +14,10 @@ docs/scaling.md states) AND this process applied it, so a read after a
 write sees it. The write path is in shared_writes.py, provisioning in
 shared_provisioning.py, the change stream in shared_stream.py.
 
+Presence (shared_presence.py): each process holds a lease in Redis, and
+Redis records which process holds each online device, so the devices of a
+process that died are marked offline by the survivors.
+
 Commands for a device whose SSP session another process holds are relayed
 over a Redis pub/sub channel (``relay_command`` / ``relay_to``): they live
 in memory only, so nothing is stored, and the holder delivers them.
@@ -31,6 +35,7 @@ from .redis_store import decode_record
 from .model import ChangeBatch
 from .registry import DeviceRegistry
 from .secrets import TokenTable
+from .shared_presence import LEASE_CHECK_INTERVAL, LEASE_TTL, PresenceLease, SharedPresence
 from .shared_provisioning import SharedProvisioning
 from .shared_stream import ChangeStream, OrderedFeed, lazy_device_type
 from .shared_writes import SharedWrites
@@ -42,13 +47,21 @@ __all__ = ["OrderedFeed", "SharedRegistry", "TOP_FRESH", "open_shared_registry"]
 TOP_FRESH = 1.0
 
 
-class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegistry):
-    """A DeviceRegistry over a RedisStore, shared by every broker process (module docstring)."""
+class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvisioning,
+                     DeviceRegistry):
+    """A DeviceRegistry over a RedisStore, shared by every broker process (module docstring).
+
+    ``lease_ttl`` and ``lease_check_interval`` (seconds) set the presence
+    lease (shared_presence.py); ``lease_ttl=0`` turns it off (a process that
+    holds no sessions, e.g. a tool)."""
 
     feed_type = OrderedFeed
 
-    def __init__(self, store, *, clock=None, settings=None, random_bytes=os.urandom, origin=None):
+    def __init__(self, store, *, clock=None, settings=None, random_bytes=os.urandom, origin=None,
+                 lease_ttl=LEASE_TTL, lease_check_interval=LEASE_CHECK_INTERVAL):
         self.origin = origin or os.urandom(8).hex()
+        self._held = set()         # numbers of the devices this process holds (claimed online)
+        self._reaping = set()      # numbers of another holder's devices being marked offline
         self._queues = {}          # number -> deque of _Op
         self._busy = {}            # number -> "reply" | cursor to apply | ("v", version)
         self._ready = {}           # numbers with queued writes to send (ordered set)
@@ -61,7 +74,10 @@ class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegis
         self._own_states = {}      # (number, version) -> state sent, until the stream brings it
         self._lazy_type = lazy_device_type(self)
         self._relay_target = None  # deliver(number, command) for relayed commands
+        self._token_changes = 0    # tokens added or revoked here (see reload)
         super().__init__(store, clock=clock, settings=settings, random_bytes=random_bytes)
+        self.presence = (PresenceLease(self, ttl=lease_ttl, interval=lease_check_interval)
+                         if lease_ttl else None)
 
     # -- loading -------------------------------------------------------------
 
@@ -90,11 +106,16 @@ class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegis
         if not self._following:
             self._following = True
             self._store.follow(self._store.feed_start, self._deliver)
+            if self.presence is not None:
+                self.presence.start()
         return defer.succeed(None)
 
     @defer.inlineCallbacks
     def stop(self):
-        """Send queued writes, wait until Redis has them, then close."""
+        """Send queued writes, wait until Redis has them, then close (the
+        lease is left to expire: the survivors then mark offline what is held)."""
+        if self.presence is not None:
+            self.presence.stop()
         self._flush()
         try:
             yield self._store.barrier()
@@ -107,11 +128,23 @@ class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegis
         yield self._store.close()
 
     def reload(self):
-        """Re-read the tokens (devices are kept current by the change stream)."""
+        """Re-read the tokens (devices are kept current by the change stream).
+
+        An answer to a read sent before this process added or revoked a
+        token may predate that change; it is not applied, the tokens are read
+        again (the writer thread sends in order, so the new read sees it)."""
+        issued = self._token_changes
+
         def apply(rows):
+            if issued != self._token_changes:
+                return self.reload()
             self._tokens = TokenTable.from_rows(rows)
             self.counters["admin_token"] += 1
         return self._store.fetch_tokens().addCallback(apply)
+
+    def _tokens_call(self, kind, *args):
+        self._token_changes += 1
+        return super()._tokens_call(kind, *args)
 
     # -- relayed commands ----------------------------------------------------
 
@@ -178,9 +211,10 @@ class SharedRegistry(ChangeStream, SharedWrites, SharedProvisioning, DeviceRegis
 
 
 def open_shared_registry(options, *, reactor=None, clock=None, settings=None,
-                         store_wrapper=None, origin=None):
+                         store_wrapper=None, origin=None, **presence):
     """A SharedRegistry over Redis (``options``: a RedisOptions); raises StoreError
-    (clear message) when Redis cannot be reached or holds damaged data."""
+    (clear message) when Redis cannot be reached or holds damaged data.
+    ``presence``: lease_ttl, lease_check_interval (SharedRegistry)."""
     from .redis_store import RedisStore
     from .settings import RegistrySettings
     if reactor is None:
@@ -189,7 +223,7 @@ def open_shared_registry(options, *, reactor=None, clock=None, settings=None,
     wrapped = store if store_wrapper is None else store_wrapper(store)
     try:
         return SharedRegistry(wrapped, clock=clock or reactor,
-                              settings=settings or RegistrySettings(), origin=origin)
+                              settings=settings or RegistrySettings(), origin=origin, **presence)
     except BaseException:
         store.close()
         raise

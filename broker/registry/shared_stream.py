@@ -27,6 +27,9 @@ from .redis_store import decode_events
 #: stream flag: the change may have changed ``desired`` (decode at once:
 #: desired watchers must hear it). Bit 1 is the new ``online``.
 FLAG_DESIRED = 2
+#: stream flag: the writer claims the device, it holds its session now
+#: (shared_presence.py).
+FLAG_CLAIM = 4
 
 #: the Device slots a raw state stands for (``online`` is kept from the flags).
 _LAZY = ("rkeys", "rvals", "rtimes", "dkeys", "dvals", "dtimes",
@@ -112,6 +115,8 @@ class ChangeStream:
             try:
                 if kind == "s":
                     self._apply_state(*entry[1:8])
+                    if entry[7] is not None:
+                        self._track_holder(entry[1], entry[6], entry[7])
                     if entry[8] is not None:
                         self._apply_record(entry[1], entry[8], entry[6])
                 elif kind == "r":

@@ -7,6 +7,9 @@ is recomputed once the replica caught up. Writes of one device from one
 process are pipelined: while a batch is in flight, later writes wait and
 go together in the next one (one script, one round trip). A write's
 Deferred fires once the stream brought its cursor back to this process.
+A write with a condition on the device's holder (shared_presence.py) goes
+alone: Redis answers "moved" when another process holds the device, and
+the write is dropped without failing.
 """
 
 from collections import deque
@@ -18,22 +21,25 @@ from . import errors
 from .database import encode_state
 from .model import Device, UpdateResult
 from .redis_store import encode_record
-from .shared_stream import FLAG_DESIRED
+from .shared_stream import FLAG_CLAIM, FLAG_DESIRED
 from .values import FrozenMap
 
 
 class _Op:
     """One queued write of a device."""
 
-    __slots__ = ("kind", "patch", "events", "expected", "token", "record", "d", "index", "error")
+    __slots__ = ("kind", "patch", "events", "expected", "token", "record", "cond", "d",
+                 "index", "error")
 
-    def __init__(self, kind, patch=None, events=(), expected=None, token=None, record=None):
+    def __init__(self, kind, patch=None, events=(), expected=None, token=None, record=None,
+                 cond=None):
         self.kind = kind
         self.patch = patch
         self.events = events
         self.expected = expected
         self.token = token
         self.record = record
+        self.cond = cond       # holder condition ("=X" or "~X", see redis_scripts.CHANGE)
         self.d = defer.Deferred()
         self.index = None
         self.error = None
@@ -79,9 +85,6 @@ class SharedWrites:
         if not patch and expected_version is None:
             return self._enqueue(dev, _Op("barrier", token=token))
         return self._enqueue(dev, _Op("desired", patch, expected=expected_version, token=token))
-
-    def _set_online(self, dev, online):
-        return self._enqueue(dev, _Op("connection", {"online": online}))
 
     def save_session(self, device_number, record):
         """Keep a SessionRecord (here at once, in Redis with the device's next batch)."""
@@ -131,10 +134,11 @@ class SharedWrites:
     def _send(self, dev, queue):
         ops = []
         while queue:
-            if queue[0].expected is not None and ops:
+            alone = queue[0].expected is not None or queue[0].cond is not None
+            if alone and ops:
                 break
             ops.append(queue.popleft())
-            if ops[-1].expected is not None:
+            if alone:
                 break
         if not queue:
             del self._queues[dev.number]
@@ -149,7 +153,8 @@ class SharedWrites:
                 try:
                     if self._change(scratch, op, now):
                         op.index = len(states) // 3
-                        flags = int(scratch.online) | (FLAG_DESIRED if op.kind == "desired" else 0)
+                        flags = int(scratch.online) | (FLAG_DESIRED if op.kind == "desired" else
+                                                       FLAG_CLAIM if op.kind == "claim" else 0)
                         state = scratch.state()
                         self._own_states[(dev.number, scratch.version)] = state
                         states += (encode_state(state),
@@ -163,7 +168,8 @@ class SharedWrites:
         store = self._store
         args = [dev.version, "" if ops[0].expected is None else ops[0].expected, dev.number,
                 self.origin, store.options.stream_length, len(states) // 3, *states,
-                b"" if record is None else encode_record(record)]
+                b"" if record is None else encode_record(record), ops[0].cond or "",
+                store.held_prefix]
         self._busy[dev.number] = "reply"
         kind = "state" if states else "session" if record is not None else "version_check"
         store.write((kind, "change", [store.device_key(dev.number), store.key_seq,
@@ -175,7 +181,11 @@ class SharedWrites:
     def _change(self, dev, op, now):
         """Apply one op to a scratch copy; True if it makes a new version."""
         kind = op.kind
-        if kind == "connection":
+        if kind == "claim":
+            # This process holds the device's session now (even if it was online elsewhere).
+            dev.online = True
+            kind, data = "connection", op.patch
+        elif kind == "connection":
             if dev.online == op.patch["online"]:
                 return False
             dev.online = op.patch["online"]
@@ -206,6 +216,8 @@ class SharedWrites:
         name = dev.name if dev is not None else number
         if status == "ok":
             self._top = max(self._top, first + version - base - 1)
+            if version > base and (ops[0].cond or " ")[0] == "=":
+                self.counters["presence_reaped"] += 1
             self._settle(dev, ops, first, base)
             last = max((first + op.index for op in ops if op.index is not None), default=0)
             if last and last > self.cursor:
@@ -214,6 +226,14 @@ class SharedWrites:
                 self._mark_ready(number)
             return
         self._forget_own(number, ops, base)
+        if status == "moved":
+            # Another process holds the device: this connection change no longer applies.
+            self.counters["connection_moved"] += 1
+            for op in ops:
+                op.d.callback(UpdateResult(name, dev.version if dev else version,
+                                           dev.cursor if dev else 0, op.token))
+            self._mark_ready(number)
+            return
         if status == "stale":
             self.counters["retried_stale"] += 1
             queue = self._queues.setdefault(number, deque())
@@ -242,6 +262,8 @@ class SharedWrites:
     def _failed(self, failure, number, ops, base):
         self._forget_own(number, ops, base)
         for op in ops:
+            if op.kind == "claim":
+                self._held.discard(number)    # not claimed: the next refresh tries again
             op.d.errback(failure)
         self._mark_ready(number)
 

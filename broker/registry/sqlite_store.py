@@ -37,8 +37,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .database import (connect, database_path, decode_state, encode_device, encode_state,
-                       prepare_directory, session_from_row, session_params)
+from .database import (SESSION_COLUMNS, connect, database_path, decode_state, encode_device,
+                       encode_state, prepare_directory, session_from_row, session_params)
 from .errors import DeviceExists, StoreError
 from .model import UpdateResult
 from .settings import RegistrySettings
@@ -50,7 +50,7 @@ CHUNK = 4096
 
 _STATE_SQL = ("UPDATE devices SET version = v.column1, cursor = v.column2, state = v.column3"
               " FROM (VALUES ", ") AS v WHERE devices.number = v.column4", 4)
-_SESSION_SQL = ("INSERT OR REPLACE INTO sessions VALUES ", "", 7)
+_SESSION_SQL = (f"INSERT OR REPLACE INTO sessions ({SESSION_COLUMNS}) VALUES ", "", 8)
 _SEQUENCE_SQL = ("INSERT INTO meta (key, value) VALUES ('sequence', ?) "
                  "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)")
 _HORIZON_SQL = _SEQUENCE_SQL.replace("'sequence'", "'horizon'")
@@ -147,8 +147,7 @@ class SQLiteStore(Store):
             loaded.tokens = [(tid, bytes(digest), role, created) for tid, digest, role, created in
                              conn.execute("SELECT token_id, digest, role, created_at FROM tokens")]
             loaded.sessions = [session_from_row(row) for row in conn.execute(
-                "SELECT number, session_id, acked_remote_num, acked_remote_state, local_num,"
-                " local_state, seq_reservation FROM sessions")]
+                f"SELECT {SESSION_COLUMNS} FROM sessions")]
             meta = dict(conn.execute("SELECT key, value FROM meta"))
             loaded.sequence = meta.get("sequence", 0)
             loaded.horizon = meta.get("horizon", 0)

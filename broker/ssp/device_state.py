@@ -264,7 +264,8 @@ class DeviceState(EventQueue):
         if start > self.event_end:
             raise ValueError(f"not an ancestor: it ends at event {start}, "
                              f"this state at {self.event_end}")
-        if start < self._event_base:
+        skipped = start < self._event_base
+        if skipped:
             if not existing._is_blank():
                 raise ValueError(f"events {start}..{self._event_base - 1} "
                                  "were dropped; only state 0 may skip them")
@@ -274,7 +275,10 @@ class DeviceState(EventQueue):
         if changed:
             body[VALUES_KEY] = changed
         events = self._events[start - self._event_base:]
-        if events:
+        if events or skipped:
+            # From state 0 past acknowledged events, the first index goes
+            # even with no event: the receiver's copy must end where ours
+            # does, or the next event's index would look like a gap.
             body[FIRST_EVENT_KEY] = start
             body[EVENTS_KEY] = events
         return encode(body) if body else EMPTY_DIFF
@@ -311,7 +315,8 @@ class DeviceState(EventQueue):
             base, events = self._apply_events(body)
         else:
             base, events = self._event_base, self._events
-        if values is self._values and events is self._events:
+        if (values is self._values and events is self._events
+                and base == self._event_base):
             return self
         return _make(values, events, base)
 

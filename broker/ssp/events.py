@@ -45,7 +45,9 @@ class StateAcknowledged:
 
 @_event
 class PeerRoamed:
-    """An authentic, newer datagram came from ``address``; replies go there."""
+    """An authentic, newer datagram came from a new ``address``; replies go
+    there.  A session's first address (new, resumed or attached again after
+    detaching) is not a roam: only a move from one address to another."""
 
     address: Any
 

@@ -73,7 +73,9 @@ class Incoming:
         before = link.remote_address
         plaintext = link.open(self._ciphers.get(self._key), data, address,
                               now, offset, congestion_experienced)
-        if link.remote_address is not before:
+        if link.remote_address is not before and before is not None:
+            # mosh's roaming rule moved the peer; its first address (of a
+            # new, resumed or re-attached session) is no roam.
             self._emit(events.PeerRoamed(address))
         if len(plaintext) < _FRAGMENT_END:
             raise DatagramDropped(

@@ -27,12 +27,15 @@ class Resumption:
     maybe acknowledged); ``seq_floor``: the sequence reservation persisted
     before the restart: every number below it may have been used. Our own
     state numbers resume above it too (a state number never exceeds the
-    sequence number that first carried it plus one).
+    sequence number that first carried it plus one). ``expected_seq``: the
+    peer's next datagram sequence number as last persisted; an older datagram
+    (a replay) is authentic but may not place the session at its address.
     """
 
     remote_num: int
     remote_state: Any
     seq_floor: int
+    expected_seq: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

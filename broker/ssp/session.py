@@ -115,6 +115,7 @@ class SSPSession(Incoming, Parking, Outgoing):
             self._emitted_num = 0
         else:
             link.reserve_seq(resume.seq_floor)
+            link.expected_seq = resume.expected_seq
             self._sender = sender = Sender(local_state, now, profile,
                                            heartbeats=heartbeats,
                                            first_num=resume.seq_floor + 1)
@@ -178,6 +179,12 @@ class SSPSession(Incoming, Parking, Outgoing):
     def next_seq(self) -> int:
         """The sequence number the next datagram will carry."""
         return self._link.next_seq
+
+    @property
+    def expected_seq(self) -> int:
+        """The peer's next datagram sequence number: anything older is a
+        retransmission or a replay (persisted by owners, see Resumption)."""
+        return self._link.expected_seq
 
     @property
     def latest_remote_state(self):

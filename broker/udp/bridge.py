@@ -10,11 +10,15 @@ removed device or rotated key.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from broker.registry import SessionRecord, errors
-from broker.udp.convert import desired_state, encode_state, new_events, reported_patch
+from broker.udp.convert import (desired_state, encode_commands, encode_state, new_events,
+                                reported_patch)
 
 #: Registry refusals of a device's (authentic) report: counted, logged and
 #: acknowledged anyway, or the device would resend the refused state forever.
@@ -38,6 +42,9 @@ class RegistryBridge:
         self._watches = []
         #: refused reports by error code (the endpoint exports them).
         self.refused: dict[str, int] = {}
+        #: device number -> outgoing state with commands whose record write
+        #: is on its way (not on the session yet); empty when none are.
+        self._unsent: dict = {}
 
     # -- reads -----------------------------------------------------------------
 
@@ -63,10 +70,39 @@ class RegistryBridge:
 
     # -- writes ----------------------------------------------------------------
 
+    def _outgoing(self, live):
+        """The broker's outgoing state as records must keep it: with the
+        commands whose own record write is still on its way."""
+        unsent = self._unsent.get(live.number)
+        return live.session.local_state if unsent is None else unsent
+
     def _save(self, live, num: int, state: bytes) -> defer.Deferred:
-        """Write the session record: id, the device's newest durable state, reservation."""
-        record = SessionRecord(live.session_id, num, state, 0, b"", live.reserved)
+        """Write the session record: id, the device's newest durable state, the
+        commands not yet acknowledged, reservation, and the device's sequence
+        mark (replays stay out)."""
+        record = SessionRecord(live.session_id, num, state, 0,
+                               encode_commands(self._outgoing(live)), live.reserved,
+                               live.session.expected_seq)
         return self.registry.save_session(live.number, record)
+
+    def queue_commands(self, live, commands) -> defer.Deferred:
+        """Make ``commands`` durable in the session record, appended to the
+        outgoing state (raises TypeError/ValueError for one an SSP state cannot
+        carry).  The Deferred fires with the outgoing state the record now
+        holds: its events past the session's are the ones to put on it.  Only
+        then may they travel: a command the device saw must survive a crash,
+        or the restarted broker would give its index to another command.
+        """
+        number = live.number
+        unsent = self._unsent.get(number)
+        state = (live.session.local_state if unsent is None else unsent).with_events(*commands)
+        self._unsent[number] = state
+        return self._save_current(live).addBoth(self._commands_written, number, state)
+
+    def _commands_written(self, result, number: int, state):
+        if self._unsent.get(number) is state:
+            del self._unsent[number]   # later writes take the session's state again
+        return state if not isinstance(result, Failure) else result
 
     def start(self, live, reservation: int) -> defer.Deferred:
         """Make a new session's id (and its first sequence reservation) durable.
@@ -74,11 +110,32 @@ class RegistryBridge:
         The record starts from nothing: the device's last state of an older
         session is not the reference of any diff in this one.
         """
-        record = SessionRecord(session_id=live.session_id, seq_reservation=reservation)
+        record = SessionRecord(session_id=live.session_id, seq_reservation=reservation,
+                               remote_seq=live.session.expected_seq)
         return self.registry.save_session(live.number, record)
+
+    def mark(self, device_number: int, session_id: int, expected_seq: int) -> None:
+        """Persist a session's device sequence mark as it leaves memory (evicted):
+        a datagram captured before cannot resume it later. Best effort: the
+        record's older mark still holds if this write fails."""
+        current = self.registry.session_record(device_number)
+        if (current is None or current.session_id != session_id
+                or current.remote_seq >= expected_seq):
+            return
+        self.registry.save_session(device_number, replace(current, remote_seq=expected_seq)
+                                   ).addErrback(self._mark_failed, device_number)
+
+    def _mark_failed(self, failure, device_number: int) -> None:
+        self.log.failure("sequence mark of device {number} not written", failure,
+                         number=device_number)
 
     def reserve(self, live, limit: int) -> defer.Deferred:
         """Persist a higher sequence reservation of the live session."""
+        return self._save_current(live)
+
+    def _save_current(self, live) -> defer.Deferred:
+        """Write the record again, with the device state it holds (or none,
+        if it is another session's)."""
         current = self.registry.session_record(live.number)
         if current is None or current.session_id != live.session_id:
             return self._save(live, 0, b"")

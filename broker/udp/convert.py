@@ -118,6 +118,16 @@ def encode_state(state: DeviceState) -> bytes:
     return _dumps(body)
 
 
+def encode_commands(state: DeviceState) -> bytes:
+    """The broker's outgoing state as the session record keeps it: its
+    commands not yet acknowledged and the index of the first (the desired
+    values live in the registry).  Empty when there is nothing to keep."""
+    if not state.events and not state.event_base:
+        return b""
+    return _dumps({FIRST_EVENT_KEY: state.event_base, EVENTS_KEY: list(state.events)})
+
+
 def decode_state(data: bytes) -> DeviceState:
-    """Inverse of encode_state (raises DatagramDropped(BAD_DIFF) on bad bytes)."""
+    """Inverse of encode_state and encode_commands (raises
+    DatagramDropped(BAD_DIFF) on bad bytes)."""
     return DeviceState.empty().apply(data)

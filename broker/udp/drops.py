@@ -26,6 +26,7 @@ class EndpointDrop(str, enum.Enum):
 
     UNKNOWN_DEVICE = "unknown_device"
     OLD_SESSION = "old_session"
+    GLOBAL_RATE_LIMITED = "global_rate_limited"
     RATE_LIMITED = "rate_limited"
     DEVICE_RATE_LIMITED = "device_rate_limited"
     NEW_SESSION_RATE_LIMITED = "new_session_rate_limited"

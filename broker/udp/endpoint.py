@@ -9,8 +9,8 @@ core: ``SSPSession.receive_datagram`` / ``datagrams_to_send`` /
 The cleartext 17-byte header (wire.md 1) says which device and session a
 datagram claims to be.  Everything that did not authenticate is dropped
 without a reply and counted by reason; cheap checks come first, and the
-expensive ones (a decryption, a key derivation) are rate limited so a
-flood of garbage cannot crowd out authentic devices (wire.md 3).
+expensive ones (a decryption, a key derivation) are within the budgets of
+``admission.py`` so a flood of garbage cannot crowd out authentic devices.
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ from broker.ssp.datagram import TIMESTAMP_SIZE
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.fragment import FRAGMENT_HEADER_SIZE
 from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE
+from broker.udp.admission import Admission, first_datagram_fails
 from broker.udp.bridge import RegistryBridge
-from broker.udp.convert import decode_state, desired_state
+from broker.udp.downstream import Downstream
 from broker.udp.drops import EndpointDrop, not_authentic
-from broker.udp.limits import TokenBucket, WindowCounter
 from broker.udp.park import Parked
 from broker.udp.profile import endpoint_profile
 from broker.udp.reports import SessionWrites
-from broker.udp.sessions import (EMPTY, SEQ_RESERVATION_BLOCK, LiveSession,
-                                 new_session, resumed_session)
+from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession, first_session
 from broker.udp.table import SessionTable
 
 __all__ = ["SSPEndpoint", "EndpointDrop"]
@@ -63,7 +62,7 @@ def assembly_bytes(registry) -> int:
     return max(MAX_ASSEMBLY_BYTES, 2 * registry.settings.max_state_bytes)
 
 
-class SSPEndpoint(DatagramProtocol):
+class SSPEndpoint(Downstream, DatagramProtocol):
     """Every device's sessions on one UDP port, bridged into the registry.
 
     ``clock`` is the reactor (IReactorTime) for the one timer; ``now`` the
@@ -71,8 +70,8 @@ class SSPEndpoint(DatagramProtocol):
     ``time.monotonic`` in production).  ``settings`` is the config's
     ``[ssp]`` section: limits, timings, ``park_after`` (idle seconds before
     a session is packed), ``auth_failure_budget`` (failed authentications
-    per device and second before datagrams naming it from a stranger's
-    address are dropped unopened) and ``facts_interval``.
+    per device or source host and second before datagrams from strangers
+    are dropped unopened, see admission.py) and ``facts_interval``.
     """
 
     log = Logger()
@@ -109,11 +108,9 @@ class SSPEndpoint(DatagramProtocol):
         self._sendto = None
 
     def _limits(self, settings) -> None:
-        start = self._now()
-        self._global = TokenBucket(settings.max_datagrams_per_second, now=start)
-        self._new_sessions = TokenBucket(settings.max_new_sessions_per_second, now=start)
-        self._device_rate = WindowCounter(settings.max_device_datagrams_per_second)
-        self._failures = WindowCounter(settings.auth_failure_budget)
+        #: the budgets a datagram may use before it authenticated (admission.py).
+        self.admission = admission = Admission(settings, self._now())
+        self._admit = admission.datagrams.allow
 
     def reconfigure(self, settings) -> None:
         """New [ssp] limits and timings (SIGHUP): limits at once, timings for new sessions.
@@ -176,6 +173,10 @@ class SSPEndpoint(DatagramProtocol):
             else:
                 self._drop(DropReason.SHORT)
             return
+        if not self._admit(now):
+            # Over the port's rate: no crypto work, whoever sent it.
+            self._drop(EndpointDrop.GLOBAL_RATE_LIMITED)
+            return
         _, number, session_id = _unpack_header(data)
         if not number or not session_id:
             self._drop(DropReason.BAD_HEADER)
@@ -202,12 +203,13 @@ class SSPEndpoint(DatagramProtocol):
         """A datagram of the device's current session, live or parked."""
         parked = type(entry) is Parked
         address = entry.remote_address() if parked else entry.session.remote_address
-        if addr != address:
-            # Possibly spoofed: spend a decryption only within the budgets.
-            if self._failures.exhausted(number, now) or not self._global.allow(now):
-                self._drop(EndpointDrop.RATE_LIMITED)
-                return
-        if self._device_rate.exhausted(number, now):
+        admission = self.admission
+        stranger = None if addr == address else addr[0]
+        if stranger is not None and not admission.stranger(number, stranger, now):
+            # Possibly spoofed: a decryption only within the budgets.
+            self._drop(EndpointDrop.RATE_LIMITED)
+            return
+        if admission.device_rate.exhausted(number, now):
             self._drop(EndpointDrop.DEVICE_RATE_LIMITED)
             return
         if parked:
@@ -226,18 +228,18 @@ class SSPEndpoint(DatagramProtocol):
             if parked:
                 self._table.install(live)
                 self.counters["sessions_unparked"] += 1
-            self._device_rate.allow(number, now)
+            admission.device_rate.allow(number, now)
             self._table.heard(live, addr, now)
         elif parked:
             # Not authentic, or an old datagram: the parked form stays as it was.
             if not_authentic(found):
-                self._failures.allow(number, now)
+                admission.failed(number, stranger, now)
             for event in found:
                 if type(event) is ssp_events.DatagramRejected:
                     self._drop(event.reason)
             return
         elif not_authentic(found):
-            self._failures.allow(number, now)
+            admission.failed(number, stranger, now)
         if found:
             self._handle(live, found, now)
         if live.pending_num:
@@ -261,49 +263,47 @@ class SSPEndpoint(DatagramProtocol):
             if len(self._table) >= self.settings.max_sessions:
                 self._drop(EndpointDrop.SESSION_CAP)
                 return
-            trusted = False
+            stranger = addr[0]
         elif type(entry) is Parked:
-            trusted = addr == entry.remote_address()
+            stranger = None if addr == entry.remote_address() else addr[0]
         else:
-            trusted = addr == entry.session.remote_address
-        if not trusted:
-            if self._failures.exhausted(number, now):
-                self._drop(EndpointDrop.RATE_LIMITED)
-                return
-            if not self._new_sessions.allow(now):
-                self._drop(EndpointDrop.NEW_SESSION_RATE_LIMITED)
-                return
-        resume = record is not None and session_id == record.session_id
-        common = dict(secret=secret, device_number=number, session_id=session_id,
-                      ciphers=self._ciphers, profile=self._profile,
-                      random_bytes=self._random_bytes, now=now,
-                      max_assembly_bytes=self._table.max_assembly_bytes)
-        if resume:
-            try:
-                remote = decode_state(record.acked_remote_state)
-            except DatagramDropped:
-                self.log.error("session record of device {number} holds a bad state",
-                               number=number)
-                self._drop(EndpointDrop.BAD_RECORD)
-                return
-            session = resumed_session(remote_num=record.acked_remote_num,
-                                      remote_state=remote,
-                                      seq_floor=record.seq_reservation, **common)
-        else:
-            remote = EMPTY
-            session = new_session(**common)
+            stranger = None if addr == entry.session.remote_address else addr[0]
+        admission = self.admission
+        if stranger is not None and not admission.stranger(number, stranger, now,
+                                                          entry is not None):
+            self._drop(EndpointDrop.RATE_LIMITED)
+            return
+        # Authenticated on a throwaway cipher first: a forgery builds no session
+        # and uses up no new-session budget (only authentic starts do).
+        mark = record.remote_seq if record is not None and record.session_id == session_id else 0
+        failure = first_datagram_fails(secret, number, session_id, data, mark)
+        if failure is not None:
+            self._drop(failure)
+            admission.failed(number, stranger, now, entry is not None)
+            return
+        if not admission.new_sessions.allow(now):
+            self._drop(EndpointDrop.NEW_SESSION_RATE_LIMITED)
+            return
+        try:
+            session, remote, resume = first_session(
+                record, secret=secret, device_number=number, session_id=session_id,
+                ciphers=self._ciphers, profile=self._profile, random_bytes=self._random_bytes,
+                now=now, max_assembly_bytes=self._table.max_assembly_bytes)
+        except DatagramDropped:
+            self.log.error("session record of device {number} holds a bad state", number=number)
+            self._drop(EndpointDrop.BAD_RECORD)
+            return
         session.receive_datagram(data, addr, now)
         found = session.pop_events()
         if session.last_heard is not now:
-            # Not authentic: forget the key schedule it cost, answer nothing.
+            # Authentic yet unusable: forget its key schedule, answer nothing.
             self._ciphers.discard(session.key)
-            self._failures.allow(number, now)
             for event in found:
                 if type(event) is ssp_events.DatagramRejected:
                     self._drop(event.reason)
             return
         live = self._install(entry, number, session_id, session, remote, resume, record, now)
-        self._device_rate.allow(number, now)
+        admission.device_rate.allow(number, now)
         self._table.heard(live, addr, now)
         if found:
             self._handle(live, found, now)
@@ -330,8 +330,10 @@ class SSPEndpoint(DatagramProtocol):
             self.counters["sessions_started"] += 1
             # The new id is durable before anything is sent or acknowledged.
             self._writes.start(live)
-        outgoing = bridge.outgoing(number, EMPTY)
-        if outgoing is not None and outgoing is not EMPTY:
+        # Desired values on the commands a resumed session kept (or nothing).
+        base = session.local_state
+        outgoing = bridge.outgoing(number, base)
+        if outgoing is not None and outgoing is not base:
             session.set_local_state(outgoing, now)
         return live
 
@@ -392,54 +394,3 @@ class SSPEndpoint(DatagramProtocol):
                 self.log.debug("sendto {address} failed: {error}", address=address,
                                error=error)
         self.counters["datagrams_out"] += len(out)
-
-    # -- called by the registry -----------------------------------------------------
-
-    def desired_changed(self, device_number: int, desired) -> None:
-        """The device's desired map changed: it becomes the session's outgoing state."""
-        entry = self._table.get(device_number)
-        if entry is None:
-            return
-        if type(entry) is Parked:
-            # Cheap test first: a notification that changes nothing for the
-            # device leaves it parked.
-            base = entry.local
-            if desired_state(desired, base) is base:
-                return
-        now = self._now()
-        live = self._table.live(device_number, now)  # unparking applies desired already
-        if live is None:
-            return
-        session = live.session
-        base = session.local_state
-        state = desired_state(desired, base)
-        if state is not base:
-            session.set_local_state(state, now)
-        self._table.settle(live, now)
-
-    def key_changed(self, device_number: int) -> None:
-        """The device was removed or its key rotated: its session ends now."""
-        entry = self._table.get(device_number)
-        if entry is not None:
-            self._table.retire(device_number, entry, "key changed")
-
-    # -- commands -------------------------------------------------------------------
-
-    def send_command(self, device_number: int, *commands) -> bool:
-        """Queue commands (events of the outgoing state) for a connected device.
-
-        They reach the device once, in order, with the next send; they live
-        in memory only (a broker restart before the device acknowledged
-        them loses them rather than ever delivering one twice).  False if
-        the device has no session.
-        """
-        if not commands:
-            return False
-        now = self._now()
-        live = self._table.live(device_number, now)
-        if live is None:
-            return False
-        session = live.session
-        session.set_local_state(session.local_state.with_events(*commands), now)
-        self._table.settle(live, now)
-        return True

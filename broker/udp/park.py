@@ -57,6 +57,10 @@ class Parked:
     def last_heard(self) -> float:
         return _unpack(self.data)[7]
 
+    def expected_seq(self) -> int:
+        """The device's next datagram sequence number (see SSPSession.expected_seq)."""
+        return _unpack(self.data)[3]
+
     def remote_address(self):
         return (self.host, _unpack(self.data)[10])
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 from broker.ssp.device_state import DeviceState
 from broker.ssp.framing import BrokerFraming
 from broker.ssp.session import SEQ_RESERVATION_BLOCK, Resumption, SSPSession
+from broker.udp.convert import decode_state
 
-__all__ = ["LiveSession", "new_session", "resumed_session", "SEQ_RESERVATION_BLOCK"]
+__all__ = ["LiveSession", "new_session", "resumed_session", "first_session",
+           "SEQ_RESERVATION_BLOCK"]
 
 EMPTY = DeviceState.empty()
 
@@ -71,15 +73,35 @@ def new_session(*, secret: bytes, device_number: int, session_id: int, ciphers,
 
 def resumed_session(*, secret: bytes, device_number: int, session_id: int, ciphers,
                     profile, random_bytes, now: float, remote_num: int,
-                    remote_state: DeviceState, seq_floor: int,
+                    remote_state: DeviceState, seq_floor: int, expected_seq: int = 0,
                     max_assembly_bytes: int | None = None) -> SSPSession:
     """A session resumed from its persisted record after a restart (wire.md 7):
     it knows the device's last durable state and numbers above the old
-    reservation, and it asks for a new reservation before sending."""
+    reservation, asks for a new reservation before sending, and takes no
+    datagram older than the device's persisted sequence mark as in order."""
     return SSPSession(key=secret, cipher_provider=ciphers, is_server=True,
                       local_state=EMPTY, remote_state=EMPTY,
                       random_bytes=random_bytes, now=now, profile=profile,
                       framing=BrokerFraming(device_number, session_id),
                       ack_requires_confirm=True,
-                      resume=Resumption(remote_num, remote_state, seq_floor),
+                      resume=Resumption(remote_num, remote_state, seq_floor, expected_seq),
                       seq_reserved=seq_floor, max_assembly_bytes=max_assembly_bytes)
+
+
+def first_session(record, **common):
+    """The session an authentic first datagram starts: resumed from ``record``
+    when the record is of its session id (after a restart or an eviction),
+    else new.  Returns (session, the device state it starts from, resumed);
+    raises DatagramDropped if the record's state does not decode.
+    """
+    if record is not None and common["session_id"] == record.session_id:
+        remote = decode_state(record.acked_remote_state)
+        session = resumed_session(remote_num=record.acked_remote_num, remote_state=remote,
+                                  seq_floor=record.seq_reservation,
+                                  expected_seq=record.remote_seq, **common)
+        if record.local_state:
+            # The commands not yet acknowledged, with their indices: the
+            # device takes those it has not seen, once.
+            session.set_local_state(decode_state(record.local_state))
+        return session, remote, True
+    return new_session(**common), EMPTY, False

@@ -204,6 +204,9 @@ class SessionTable:
             if type(entry) is Parked or self.evictable(entry):
                 # Its record is durable and complete: a returning device
                 # resumes from it, and the memory goes back to the pool.
+                # The record keeps where the device's numbering stood.
+                self.bridge.mark(number, entry.session_id, entry.expected_seq()
+                                 if type(entry) is Parked else entry.session.expected_seq)
                 self.drop(number)
                 self.counters["sessions_evicted"] += 1
         due = self.presence.next_due()

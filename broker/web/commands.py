@@ -3,9 +3,11 @@
 A command is one value (JSON from the REST API or the WebSocket) appended
 to the event queue of the state the broker sends the device (wire.md 5).
 It is checked against the registry's value limits, then handed to
-``SSPEndpoint.send_command``: it travels only on a live SSP session and
-lives in memory only, so a device without one gets nothing, and the
-caller is told so rather than left believing it was queued.
+``SSPEndpoint.send_command``: it travels only on a live SSP session, so a
+device without one gets nothing and the caller is told so rather than left
+believing it was queued. A queued command is first written to the
+session's record, so it survives a broker restart (and is never delivered
+twice); the answer comes once it is.
 
 Both the REST endpoint and the WebSocket op use ``CommandSender`` so that
 every failure has the same code in both.
@@ -61,10 +63,19 @@ class CommandSender:
     def _deliver_relayed(self, device_number: int, command) -> bool:
         """A command another process relayed: queue it if the session is here."""
         try:
-            return self.endpoint.send_command(device_number, command)
+            queued = self.endpoint.send_command(device_number, command)
         except (TypeError, ValueError):
             self.log.failure("a relayed command could not be queued")
             return False
+        if queued is None:
+            return False
+        queued.addErrback(self._relayed_not_stored, device_number)
+        return True
+
+    def _relayed_not_stored(self, failure, device_number: int) -> None:
+        self.counters["store_error"] += 1
+        self.log.failure("relayed command for device {number} not written to its session "
+                         "record", failure, number=device_number)
 
     def _check(self, command):
         """The command frozen as the registry freezes values, or CommandRefused."""
@@ -84,19 +95,32 @@ class CommandSender:
         return frozen
 
     def send(self, name: str, command):
-        """Queue ``command`` for device ``name``, or raise CommandRefused saying why not.
+        """Queue ``command`` for device ``name``: a Deferred of the answer's fields,
+        or CommandRefused (raised at once) for a command refused before any work.
 
-        None when queued on a session of this process; when relayed to
-        another process, a Deferred firing with how many processes received
-        it (0 if Redis failed, which is logged).
+        {"queued": True} once it is durable in the session record of this
+        process's session and on its way; {"queued": True, "relayed": True}
+        once another process heard the relayed command. Failures are
+        CommandRefused: 409 device_offline (no process holds a session, or it
+        ended meanwhile), 503 relay_failed (Redis did not take it), 503
+        store_error (the record write failed; the command may not arrive).
         """
         try:
-            relayed = self._send(name, command)
+            answer = self._send(name, command)
         except CommandRefused as refusal:
             self.counters[refusal.code] += 1
             raise
         self.counters["queued"] += 1
-        return relayed
+        return answer.addErrback(self._count_refusal)
+
+    def send_confirmed(self, name: str, command):
+        """send(), with a refusal as a failed Deferred too."""
+        return defer.maybeDeferred(self.send, name, command)
+
+    def _count_refusal(self, failure):
+        failure.trap(CommandRefused)
+        self.counters[failure.value.code] += 1
+        return failure
 
     def _send(self, name: str, command):
         view = self.registry.device(name)
@@ -111,34 +135,30 @@ class CommandSender:
         except (TypeError, ValueError) as problem:
             # Beyond what an SSP state can carry (wire.md 5), though the registry takes it.
             raise CommandRefused(400, "invalid_command", f"not a device value: {problem}") from None
-        if queued:
-            self.log.debug("command queued for {name}", name=name)
-            return None
+        if queued is not None:
+            return queued.addCallbacks(self._local_answer, self._store_failed,
+                                       callbackArgs=(name,), errbackArgs=(name,))
         relay = getattr(self.registry, "relay_command", None)
         if relay is not None and view.online:
             # Another worker or broker holds the session (module docstring).
             self.counters["relayed"] += 1
             return relay(view.device_number, frozen).addCallbacks(
-                self._published, self._relay_failed, callbackArgs=(name,), errbackArgs=(name,))
-        raise CommandRefused(409, "device_offline",
-                             f"device {name[:64]!r} has no live SSP session to carry "
-                             "the command; send it when the device is connected")
+                self._published, self._relay_failed, callbackArgs=(name,), errbackArgs=(name,)
+            ).addCallback(self.relay_answer, name)
+        raise _offline(name)
 
-    def send_confirmed(self, name: str, command):
-        """Like send(), as a Deferred of the answer's fields once it is known.
+    def _local_answer(self, on_its_way: bool, name: str) -> dict:
+        if not on_its_way:
+            raise CommandRefused(409, "device_offline", f"the SSP session of device "
+                                 f"{name[:64]!r} ended before the command was queued")
+        self.log.debug("command queued for {name}", name=name)
+        return {"queued": True}
 
-        {"queued": True} for a session of this process; {"queued": True,
-        "relayed": True} once another process heard the relayed command;
-        a CommandRefused failure (409 device_offline when no other process
-        heard it, 503 relay_failed when Redis did not take it) otherwise.
-        """
-        try:
-            relayed = self.send(name, command)
-        except CommandRefused:
-            return defer.fail()
-        if relayed is None:
-            return defer.succeed({"queued": True})
-        return relayed.addCallback(self.relay_answer, name)
+    def _store_failed(self, failure, name: str):
+        self.log.failure("command for {name} not written to its session record", failure,
+                         name=name)
+        raise CommandRefused(503, "store_error", "the command could not be made durable "
+                             "and may not reach the device; retry")
 
     @staticmethod
     def relay_answer(receivers: int, name: str) -> dict:
@@ -162,3 +182,9 @@ class CommandSender:
         self.counters["relay_failed"] += 1
         self.log.failure("relaying a command for {name} failed", failure, name=name)
         return 0
+
+
+def _offline(name: str) -> CommandRefused:
+    return CommandRefused(409, "device_offline",
+                          f"device {name[:64]!r} has no live SSP session to carry "
+                          "the command; send it when the device is connected")

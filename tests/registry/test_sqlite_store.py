@@ -9,7 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from broker.registry import RegistrySettings, SessionRecord, errors, open_registry
 from broker.registry.admin import AdminDatabase
-from broker.registry.database import DB_NAME
+from broker.registry.database import DB_NAME, SCHEMA_VERSION
 
 
 class SQLiteRegistryTests(TestCase):
@@ -27,6 +27,29 @@ class SQLiteRegistryTests(TestCase):
         return registry
 
     @defer.inlineCallbacks
+    def test_schema_1_is_migrated(self):
+        """A database of schema 1 (no sequence mark in session records) is brought to
+        the current schema; its records load with mark 0 and take marks from then on."""
+        registry = self.open()
+        prov = yield registry.add_device("a")
+        yield registry.save_session(prov.device_number, SessionRecord(9, seq_reservation=64))
+        yield registry.stop()
+        conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
+        conn.execute("ALTER TABLE sessions DROP COLUMN remote_seq")
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+        conn.close()
+        again = self.open()
+        self.assertEqual(again.session_record(prov.device_number),
+                         SessionRecord(9, seq_reservation=64, remote_seq=0))
+        yield again.save_session(prov.device_number, SessionRecord(9, remote_seq=12))
+        yield again.stop()
+        conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+        self.assertEqual(conn.execute("SELECT remote_seq FROM sessions").fetchall(), [(12,)])
+
+    @defer.inlineCallbacks
     def test_restart_restores_everything(self):
         """Devices, state, versions, tokens, sessions and the change sequence survive a restart."""
         registry = self.open()
@@ -38,7 +61,7 @@ class SQLiteRegistryTests(TestCase):
         _, text = yield registry.add_token("write")
         record = SessionRecord(session_id=(1 << 64) - 2, acked_remote_num=3,
                                acked_remote_state=b"abc", local_num=4, local_state=b"",
-                               seq_reservation=(1 << 63) + 5)
+                               seq_reservation=(1 << 63) + 5, remote_seq=(1 << 63) - 7)
         yield registry.save_session(prov.device_number, record)
         cursor = registry.cursor
         before = registry.device("a")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from twisted.internet import defer, reactor, task
@@ -72,3 +73,29 @@ def start_two_brokers(testcase):
     testcase.b = yield start_broker(testcase, loopback_config(testcase, registry=registry))
     testcase.ra = testcase.a.service.registry
     testcase.rb = testcase.b.service.registry
+
+
+def write_worker_config(testcase, url, workers, ssp="", registry=""):
+    """A broker config file on loopback with the Redis registry at ``url`` and
+    ``workers`` processes; ``ssp`` and ``registry`` add lines to their sections."""
+    path = os.path.abspath(testcase.mktemp() + ".toml")
+    with open(path, "w") as handle:
+        handle.write(f"""
+[broker]
+data_dir = "{os.path.abspath(testcase.mktemp())}"
+workers = {workers}
+stop_timeout = 2.0
+[log]
+level = "warn"
+[http]
+endpoint = "tcp:0:interface=127.0.0.1"
+[ssp]
+host = "127.0.0.1"
+port = 0
+{ssp}
+[registry]
+backend = "redis"
+redis_url = "{url}"
+{registry}
+""")
+    return path

@@ -6,7 +6,6 @@ loopback UDP) connect through the steered port.
 """
 
 import os
-import time
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
@@ -19,7 +18,7 @@ from broker.node.client import node_profile
 from broker.workers import SupervisorService, worker_of
 
 from .redis_support import start_single
-from .support import open_registry_on, wait_until, SingleRedis
+from .support import SingleRedis, open_registry_on, wait_until, write_worker_config
 
 DEVICES = 1000
 
@@ -30,28 +29,9 @@ class WorkersTests(SingleRedis, TestCase):
     timeout = 240
 
     def write_config(self, url):
-        path = os.path.abspath(self.mktemp() + ".toml")
-        with open(path, "w") as handle:
-            handle.write(f'''
-[broker]
-data_dir = "{os.path.abspath(self.mktemp())}"
-workers = 2
-stop_timeout = 2.0
-[log]
-level = "warn"
-[http]
-endpoint = "tcp:0:interface=127.0.0.1"
-[ssp]
-host = "127.0.0.1"
-port = 0
-device_heartbeat = 5.0
-offline_after = 15.0
-max_new_sessions_per_second = 100000
-[registry]
-backend = "redis"
-redis_url = "{url}"
-''')
-        return path
+        return write_worker_config(self, url, workers=2,
+                                   ssp="device_heartbeat = 5.0\noffline_after = 15.0\n"
+                                       "max_new_sessions_per_second = 100000")
 
     @defer.inlineCallbacks
     def setUp(self):

@@ -245,6 +245,22 @@ class DiffVectorTests(SynchronousTestCase):
         self.assertEqual(DeviceState.empty().apply(gap).event_base, 5)
         self.assertRaises(DatagramDropped, DeviceState({"a": 1}).apply, gap)
 
+    def test_diff_from_state_zero_carries_the_event_base(self):
+        """From state 0, a state whose events were all acknowledged still says where
+        its numbering stands (keys 1 and 2, no event), so the next event is no gap."""
+        sender = DeviceState({"a": 1}).with_events("x", "y")
+        sender = sender.subtract(sender)          # both acknowledged: base 2, no events
+        self.assertEqual((sender.event_base, sender.event_end), (2, 2))
+        diff = sender.diff_from(DeviceState.empty())
+        self.assertEqual(diff.hex(), "a300a161610101020280")
+        copy = DeviceState.empty().apply(diff)
+        self.assertEqual(copy, sender)
+        later = sender.with_events("z")
+        self.assertEqual(copy.apply(later.diff_from(sender)).events_since(2), ("z",))
+        bare = DeviceState(event_base=4).diff_from(DeviceState.empty())
+        self.assertEqual(bare.hex(), "a201040280")
+        self.assertEqual(DeviceState.empty().apply(bare).event_base, 4)
+
     def test_depth_limit(self):
         """Nesting past MAX_DEPTH is a bad diff; MAX_DEPTH itself is not."""
         prefix = bytes.fromhex("a100a16161")  # {0: {"a": ...}}

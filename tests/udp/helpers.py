@@ -6,6 +6,7 @@ hands datagrams between nodes and endpoint, with time stepped explicitly.
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 from twisted.internet.task import Clock
@@ -23,13 +24,18 @@ BROKER = ("127.0.0.1", 60001)
 
 
 class FakeTransport:
-    """Records the datagrams an endpoint writes (no socket attribute: write() is used)."""
+    """Records the datagrams an endpoint writes (no socket attribute: write() is used).
+
+    ``written``: not yet handed to the nodes; ``sent``: how many ever went to each address.
+    """
 
     def __init__(self):
         self.written = []
+        self.sent = collections.Counter()
 
     def write(self, data, addr):
         self.written.append((data, addr))
+        self.sent[addr] += 1
 
 
 class Deterministic:

@@ -30,7 +30,8 @@ class LossyProxy(DatagramProtocol):
     """A UDP relay between one node and the broker that drops, duplicates and reorders.
 
     The node talks to the proxy's port; the first address heard from (that is
-    not the broker) is the node, and moves if the node does.
+    not the broker) is the node, and moves if the node does.  While
+    ``cut_replies`` is set, every datagram of the broker is lost on its way.
     """
 
     def __init__(self, broker_address, *, seed=1, drop=0.2, duplicate=0.1, reorder=0.2,
@@ -42,12 +43,15 @@ class LossyProxy(DatagramProtocol):
         self.captured = []       # every datagram node -> broker, as sent
         self.replies = []        # every datagram broker -> node, as sent
         self.stats = {"forwarded": 0, "dropped": 0, "duplicated": 0, "delayed": 0}
+        self.cut_replies = False
         self._pending = []
 
     def datagramReceived(self, data, addr):
         if addr == self.broker:
             target = self.node
             self.replies.append(data)
+            if self.cut_replies:
+                return
         else:
             self.node = addr
             self.captured.append(data)

@@ -9,16 +9,23 @@ import os
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
+from broker.metrics import Metrics
 from broker.registry import MemoryStore
 from broker.registry.errors import StoreError
 
 from broker.ssp.crypto import TO_SERVER, seal
 from broker.ssp.framing import build_header
 from broker.ssp.keys import derive_session_key
+from broker.udp.metrics import EndpointMetrics
 from broker.udp.park import Parked
 from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession
 
 from .helpers import Harness
+
+
+def sample(metrics, name, **labels):
+    """The current value of one Prometheus sample (0.0 before it exists)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def authentic(provisioned, session_id, seq, payload):
@@ -171,7 +178,8 @@ class SessionTests(SynchronousTestCase):
         got = []
         node = self.h.node(self.device, on_command=got.append)
         self.h.run(0.5)
-        self.assertTrue(self.h.endpoint.send_command(self.device.device_number, "a", "b"))
+        self.assertIs(self.successResultOf(
+            self.h.endpoint.send_command(self.device.device_number, "a", "b")), True)
         self.h.run(0.5)
         self.h.endpoint.send_command(self.device.device_number, {"c": 1})
         self.h.run(1.0)
@@ -223,7 +231,38 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(live.session.remote_address, ("127.0.0.3", 41000))
         self.assertEqual(self.h.registry.device("dev").address, ("127.0.0.3", 41000))
         self.assertTrue(node.idle())
-        self.assertEqual(self.h.endpoint.counters["roams"], 2)
+        self.assertEqual(self.h.endpoint.counters["roams"], 1)  # the move, not the start
+
+    def test_roams_metric_counts_moves_not_session_starts(self):
+        """broker_ssp_roams stays put when sessions start, are replaced or resume, and
+        moves by one for each real change of a session's address."""
+        metrics = Metrics()
+        copier = EndpointMetrics(self.h.endpoint, metrics)
+        node = self.h.node(self.device)
+        other = self.h.node(self.h.provision("other"), address=("127.0.0.4", 40004))
+        node.report({"v": 1}, self.h.clock.seconds())
+        other.report({"v": 1}, self.h.clock.seconds())
+        self.h.run(1.0)
+        node.start(self.h.clock.seconds())  # a reboot: a newer session, from a new address
+        self.h.move(node, ("127.0.0.5", 40005))
+        self.h.run(1.0)
+        copier.update()
+        self.assertEqual(sample(metrics, "broker_ssp_new_sessions_total"), 3.0)
+        self.assertEqual(sample(metrics, "broker_ssp_roams_total"), 0.0)
+        self.h.move(node, ("127.0.0.6", 40006))  # a real roam (of a parked session)
+        node.report({"v": 2}, self.h.clock.seconds())
+        self.h.run(1.0)
+        copier.update()
+        self.assertEqual(sample(metrics, "broker_ssp_roams_total"), 1.0)
+        self.assertEqual(self.h.registry.device("dev").address, ("127.0.0.6", 40006))
+        h2 = self.h.restart()  # resuming after a restart is no roam either
+        h2.nodes = self.h.nodes
+        node.report({"v": 3}, h2.clock.seconds())
+        h2.run(1.0)
+        copier2 = EndpointMetrics(h2.endpoint, metrics)
+        copier2.update()
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(sample(metrics, "broker_ssp_roams_total"), 1.0)
 
     def test_replayed_datagram_from_elsewhere_does_not_move_the_session(self):
         """An old authentic datagram replayed from another address leaves the session where it is."""
@@ -483,6 +522,57 @@ class ParkingTests(SynchronousTestCase):
         self.assertTrue(self.h.registry.device("dev").online)
 
 
+class BrokerHeartbeatTests(SynchronousTestCase):
+    """[ssp] broker_heartbeats: the broker's own empty acks to a device that sends nothing."""
+
+    def connected(self, **settings):
+        """A harness and a device whose report was acknowledged, then the device's address."""
+        h = Harness(self, **settings)  # the nodes' heartbeat: device_heartbeat (25 s)
+        device = h.provision("dev")
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(3.0, dt=0.05)
+        self.assertTrue(node.idle())
+        return h, device, node, h.address_of(node)
+
+    def silent_for(self, h, address, seconds):
+        """Datagrams the broker sent to ``address`` while the device there sent nothing."""
+        node = h.nodes.pop(address)
+        before = h.transport.sent[address]
+        h.run(seconds, dt=0.25)
+        h.nodes[address] = node
+        return h.transport.sent[address] - before
+
+    def test_off_sends_nothing_to_an_idle_device(self):
+        """With broker_heartbeats off an idle device gets nothing from the broker (it is parked)."""
+        h, device, _, address = self.connected(broker_heartbeats=False)
+        self.assertIsInstance(h.endpoint.entry_of(device.device_number), Parked)
+        self.assertEqual(self.silent_for(h, address, 60.0), 0)
+
+    def test_on_sends_a_heartbeat_each_interval(self):
+        """With broker_heartbeats on a silent device gets one empty ack every device_heartbeat
+        seconds (its session keeps a timer, so it is not parked), until offline_after."""
+        h, device, _, address = self.connected(broker_heartbeats=True)
+        self.assertIsInstance(h.endpoint.entry_of(device.device_number), LiveSession)
+        self.assertEqual(self.silent_for(h, address, 60.0), 2)
+        self.assertEqual(self.silent_for(h, address, 15.0), 0)
+        self.assertEqual(self.silent_for(h, address, 30.0), 0)  # detached after offline_after
+
+    def test_on_reaches_a_session_that_was_parked(self):
+        """A session parked before broker_heartbeats was switched on (reload) is rebuilt
+        with it by the device's next datagram, and heartbeats from then on."""
+        import dataclasses
+        h, device, node, address = self.connected(broker_heartbeats=False)
+        self.assertIsInstance(h.endpoint.entry_of(device.device_number), Parked)
+        h.endpoint.reconfigure(dataclasses.replace(h.settings, broker_heartbeats=True))
+        unparked = h.endpoint.counters["sessions_unparked"]
+        h.run(26.0, dt=0.05)  # the device's heartbeat wakes the parked session
+        self.assertGreater(h.endpoint.counters["sessions_unparked"], unparked)
+        self.assertIsInstance(h.endpoint.entry_of(device.device_number), LiveSession)
+        self.assertEqual(self.silent_for(h, address, 60.0), 2)
+        self.assertEqual(node.sessions_started, 1)
+
+
 class ReconfigureTests(SynchronousTestCase):
     """SIGHUP: new limits and timings without a restart."""
 
@@ -561,14 +651,14 @@ class ConfiguredSettingsTests(SynchronousTestCase):
         h.endpoint.bridge.connection = counted
         for i in range(8):
             node.report({"i": i}, h.clock.seconds())
-            h.run(0.5)
+            h.run(0.55)
         return calls
 
     def test_facts_interval_is_the_configured_one(self):
         """Connection facts of a busy device are refreshed every facts_interval, not more often."""
         often, rarely = self.facts_refreshes(0.5), self.facts_refreshes(10.0)
-        self.assertGreaterEqual(len(often), 6)
-        self.assertLessEqual(len(rarely), 2)  # going online (and its first address)
+        self.assertGreaterEqual(len(often), 7)
+        self.assertEqual(len(rarely), 1)  # going online, with its first address
 
     def test_reload_applies_new_timings(self):
         """reconfigure() gives the table the new park_after and facts_interval and the new budget."""
@@ -578,7 +668,7 @@ class ConfiguredSettingsTests(SynchronousTestCase):
                                                    facts_interval=4.0, auth_failure_budget=3))
         self.assertEqual(h.endpoint.table.park_after, 7.0)
         self.assertEqual(h.endpoint.table.facts_interval, 4.0)
-        self.assertEqual(h.endpoint._failures.limit, 3)
+        self.assertEqual(h.endpoint.admission.failures.limit, 3)
 
 
 class SessionFiguresTests(SynchronousTestCase):

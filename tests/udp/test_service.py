@@ -73,7 +73,7 @@ class UDPServiceTests(TestCase):
         endpoint = broker.service.ssp_endpoint
         self.assertEqual(endpoint.table.park_after, 2.5)
         self.assertEqual(endpoint.table.facts_interval, 0.25)
-        self.assertEqual(endpoint._failures.limit, 3)
+        self.assertEqual(endpoint.admission.failures.limit, 3)
         udp = broker.service.getServiceNamed("udp")
         self.assertEqual(udp._port.getHost().host, "127.0.0.1")
         self.assertGreaterEqual(udp.receive_buffer, 2 * 65536)  # SO_RCVBUF set (rmem_max may cap it)

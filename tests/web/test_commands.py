@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.node.client import SSPNode
 from broker.registry import DeviceRegistry, MemoryStore, RegistrySettings
+from broker.registry.errors import StoreError
 from broker.web.commands import CommandRefused, CommandSender
 from broker.web.websocket.messages import ProtocolError, parse_request
 from tests.helpers import loopback_config, start_broker
@@ -196,9 +197,10 @@ class RecordingEndpoint:
         self.sent = []
 
     def send_command(self, device_number, *commands):
-        if self.online:
-            self.sent.append((device_number, commands))
-        return self.online
+        if not self.online:
+            return None
+        self.sent.append((device_number, commands))
+        return defer.succeed(True)
 
 
 class CommandSenderTests(SynchronousTestCase):
@@ -239,6 +241,48 @@ class CommandSenderTests(SynchronousTestCase):
         self.assertEqual(self.refusal(offline, "pump-1", 1), (409, "device_offline"))
         self.assertEqual(online.counters["invalid_command"], 4)
         self.assertEqual(online.counters["queued"], 0)
+
+
+class AnsweringEndpoint:
+    """Stands in for SSPEndpoint.send_command with a given answer (a Deferred)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def send_command(self, device_number, *commands):
+        return self.answer
+
+
+class DurableAnswerTests(SynchronousTestCase):
+    """The answer waits for the session record; a failed write or an ended session says so."""
+
+    def setUp(self):
+        self.registry = DeviceRegistry(MemoryStore(), clock=Clock(),
+                                       settings=RegistrySettings(reload_interval=0))
+        self.successResultOf(self.registry.add_device("pump-1"))
+
+    def test_answer_waits_for_the_record(self):
+        """queued: true only once the endpoint's Deferred fired."""
+        pending = defer.Deferred()
+        answer = CommandSender(self.registry, AnsweringEndpoint(pending)).send("pump-1", 1)
+        self.assertNoResult(answer)
+        pending.callback(True)
+        self.assertEqual(self.successResultOf(answer), {"queued": True})
+
+    def test_store_failure_is_503_store_error(self):
+        """A record write that failed is 503 store_error, counted."""
+        sender = CommandSender(self.registry,
+                               AnsweringEndpoint(defer.fail(StoreError("disk full"))))
+        failure = self.failureResultOf(sender.send("pump-1", 1), CommandRefused)
+        self.assertEqual((failure.value.status, failure.value.code), (503, "store_error"))
+        self.assertEqual(sender.counters["store_error"], 1)
+        self.assertEqual(len(self.flushLoggedErrors(StoreError)), 1)
+
+    def test_session_ended_meanwhile_is_409(self):
+        """A session that ended before the command was queued is 409 device_offline."""
+        sender = CommandSender(self.registry, AnsweringEndpoint(defer.succeed(False)))
+        failure = self.failureResultOf(sender.send("pump-1", 1), CommandRefused)
+        self.assertEqual((failure.value.status, failure.value.code), (409, "device_offline"))
 
 
 class CommandMessageTests(SynchronousTestCase):

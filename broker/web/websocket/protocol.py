@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.registry.errors import RegistryError, VersionConflict
-from broker.web.commands import CommandRefused, CommandSender
+from broker.web.commands import CommandRefused
 from broker.web.origins import Refused
 
 from .access import authorize, bearer_token, choose_subprotocol
@@ -218,18 +218,14 @@ class DashboardProtocol(WebSocketServerProtocol):
     def op_command(self, request):
         device = request.args["device"]
         try:
-            relayed = self.factory.commands.send(device, request.args["command"])
+            answer = self.factory.commands.send(device, request.args["command"])
         except CommandRefused as refusal:
             raise ProtocolError(refusal.code, refusal.message, request_id=request.request_id,
                                 op="command") from None
-        if relayed is None:
-            self.reply(result_message(request.request_id, "command", device=device, queued=True))
-            return
-        relayed.addCallback(CommandSender.relay_answer, device)
-        relayed.addCallbacks(self._command_relayed, self._command_refused,
-                             callbackArgs=(request, device), errbackArgs=(request,))
+        answer.addCallbacks(self._command_answered, self._command_refused,
+                            callbackArgs=(request, device), errbackArgs=(request,))
 
-    def _command_relayed(self, fields, request, device):
+    def _command_answered(self, fields, request, device):
         self.reply(result_message(request.request_id, "command", device=device, **fields))
 
     def _command_refused(self, failure, request):

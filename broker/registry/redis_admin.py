@@ -1,0 +1,147 @@
+"""Synchronous administration of the registry in Redis (broker-admin, backend "redis").
+
+Each change is the same Lua script a broker runs (redis_scripts.py), so
+names, numbers and cursors are checked by Redis exactly as for a broker's
+own writes, and every change goes on the change stream: running brokers,
+their dashboards and long polls see it at once. The same methods as
+admin.AdminDatabase, so the CLI does not care which backend it drives.
+"""
+
+import os
+import time
+
+import cbor2
+
+from . import errors
+from .database import decode_state, encode_state
+from .model import Device, DeviceView, TokenInfo
+from .provisioning import check_name
+from .redis_store import RedisStore
+from .secrets import ROLES, hash_token, new_device_number, new_secret, new_token
+
+
+class RedisAdmin:
+    """The registry in Redis opened for administration (no reactor, no threads)."""
+
+    def __init__(self, store, *, feed_retention=1_000_000, history_size=32,
+                 random_bytes=os.urandom, now=time.time):
+        self._store = store
+        self._feed_retention = feed_retention
+        self._history = history_size > 0
+        self._random_bytes = random_bytes
+        self._now = now
+        #: the origin of our stream entries (brokers apply every one of them).
+        self.origin = "admin-" + random_bytes(4).hex()
+
+    @classmethod
+    def open(cls, options, **kwargs):
+        """Connect to Redis (``options``: a RedisOptions); StoreError if it cannot be reached."""
+        store = RedisStore(options, reactor=None)
+        try:
+            store.read_now("ping")
+        except errors.StoreError:
+            store.close()
+            raise
+        return cls(store, **kwargs)
+
+    def close(self):
+        self._store.close()
+
+    def _number(self, name):
+        number = self._store.read_now("hget", self._store.keys_names, name)
+        if number is None:
+            raise errors.UnknownDevice(name)
+        return int(number)
+
+    # -- devices ---------------------------------------------------------------
+
+    def add_device(self, name):
+        """Provision ``name``: returns ``(device_number, secret)``."""
+        check_name(name)
+        store = self._store
+        while True:
+            number = new_device_number(self._random_bytes)
+            secret = new_secret(self._random_bytes)
+            dev = Device(name, number, secret, 1)
+            if self._history:
+                dev.history = ((1, 0, self._now(), "created", None),)
+            status, _, _ = store.run_now(
+                "add", [store.device_key(number), store.keys_names, store.key_seq, store.key_feed],
+                [name, number, secret, encode_state(dev.state()), self.origin,
+                 store.options.stream_length])
+            if status == "exists":
+                raise errors.DeviceExists(name)
+            if status == "ok":
+                return number, secret
+            # "taken": that number is in use, draw another.
+
+    def remove_device(self, name):
+        """Remove ``name`` everywhere (a tombstone in the feed); returns its number."""
+        store = self._store
+        number = self._number(name)
+        status, _, _ = store.run_now(
+            "remove", [store.device_key(number), store.keys_names, store.key_seq, store.key_feed,
+                       store.key_tombs, store.key_horizon],
+            [number, self.origin, store.options.stream_length, self._feed_retention or 1])
+        if status != "ok":
+            raise errors.UnknownDevice(name)
+        return number
+
+    def rotate_key(self, name):
+        """A new secret for ``name``: returns ``(device_number, secret)``."""
+        store = self._store
+        number = self._number(name)
+        secret = new_secret(self._random_bytes)
+        status, _, _ = store.run_now(
+            "secret", [store.device_key(number), store.key_seq, store.key_feed],
+            [number, secret, self.origin, store.options.stream_length])
+        if status != "ok":
+            raise errors.UnknownDevice(name)
+        return number, secret
+
+    def devices(self):
+        """Views of every device, in name order."""
+        rows = self._store.load().devices
+        return [self._view(r.number, r.name, r.secret, r.version, r.cursor, r.state)
+                for r in sorted(rows, key=lambda r: r.name)]
+
+    def device(self, name):
+        number = self._number(name)
+        fields = self._store.read_now("hgetall", self._store.device_key(number))
+        if b"v" not in fields:
+            raise errors.UnknownDevice(name)
+        return self._view(number, name, bytes(fields[b"k"]), int(fields[b"v"]),
+                          int(fields[b"c"]), decode_state(fields[b"s"]))
+
+    @staticmethod
+    def _view(number, name, secret, version, cursor, state):
+        dev = Device(name, number, secret, version, cursor)
+        if state is not None:
+            dev.restore_state(state)
+        return DeviceView.of(dev)
+
+    # -- tokens ----------------------------------------------------------------
+
+    def _tokens_call(self, *args):
+        store = self._store
+        store.run_now("tokens", [store.key_tokens, store.key_seq, store.key_feed],
+                      [*args, self.origin, store.options.stream_length])
+
+    def add_token(self, role):
+        """A new token: returns ``(token_id, token_text)``; only its hash is stored."""
+        if role not in ROLES:
+            raise errors.InvalidValue(f"token role must be one of {', '.join(ROLES)}")
+        token_id, text = new_token(self._random_bytes)
+        while self._store.read_now("hexists", self._store.key_tokens, token_id):
+            token_id, text = new_token(self._random_bytes)
+        self._tokens_call("add", token_id, cbor2.dumps([hash_token(text), role, self._now()]))
+        return token_id, text
+
+    def tokens(self):
+        rows = sorted(self._store.tokens_now(), key=lambda row: (row[3], row[0]))
+        return [TokenInfo(token_id, role, created) for token_id, _, role, created in rows]
+
+    def revoke_token(self, token_id):
+        if not self._store.read_now("hexists", self._store.key_tokens, token_id):
+            raise errors.UnknownToken(f"unknown token {token_id!r}")
+        self._tokens_call("del", token_id, b"")

@@ -1,0 +1,106 @@
+"""What the endpoint lets a datagram cost before it is known to be authentic.
+
+Three global budgets and three per-second windows, all checked before any
+cryptographic work (docs/ssp-endpoint.md, "Limits"):
+
+* ``datagrams``: every datagram of the port (``max_datagrams_per_second``),
+  the endpoint's CPU guard; one token-bucket call, no allocation of its own.
+* ``attempts``: decryptions of datagrams that do not come from their
+  session's address (a new or resumed session, a roaming device, a
+  forgery); a new session's also costs a key derivation.  Its rate is
+  ``max_auth_attempts_per_second`` if the settings have one, else
+  ``AUTH_ATTEMPTS_PER_NEW_SESSION`` times ``max_new_sessions_per_second``.
+* ``new_sessions``: sessions started or resumed, charged only once the
+  first datagram authenticated, so forgeries cannot use it up.
+* ``failures`` (per device) and ``host_failures`` (per source host): failed
+  authentications in the current second; past ``auth_failure_budget`` the
+  device (for its current session) or the host (for anything) gets no more
+  decryptions from strangers' addresses this second.  A flood from a few
+  hosts thus costs a few decryptions a second, and a device's own address,
+  or a genuine device starting a session from a host that sends no
+  forgeries, is still served.
+* ``device_rate``: authentic datagrams per device (counted by the endpoint).
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
+
+from broker.ssp.crypto import TO_SERVER, open_sealed
+from broker.ssp.errors import DatagramDropped, DropReason
+from broker.ssp.framing import HEADER_SIZE
+from broker.ssp.keys import derive_session_key
+from broker.udp.limits import TokenBucket, WindowCounter
+
+__all__ = ["Admission", "AUTH_ATTEMPTS_PER_NEW_SESSION", "first_datagram_fails"]
+
+#: Authentication attempts (key derivation and decryption, about 10 us) a
+#: second per allowed new session, when the settings give no rate of their own.
+AUTH_ATTEMPTS_PER_NEW_SESSION = 10
+
+
+def auth_attempts_per_second(settings) -> int:
+    """The ``attempts`` rate of ``settings`` (see the module docstring)."""
+    rate = getattr(settings, "max_auth_attempts_per_second", None)
+    if rate:
+        return rate
+    return AUTH_ATTEMPTS_PER_NEW_SESSION * settings.max_new_sessions_per_second
+
+
+class Admission:
+    """The endpoint's budgets for one set of ``[ssp]`` settings (replaced on reload)."""
+
+    __slots__ = ("datagrams", "attempts", "new_sessions", "device_rate", "failures",
+                 "host_failures")
+
+    def __init__(self, settings, now: float) -> None:
+        self.datagrams = TokenBucket(settings.max_datagrams_per_second, now=now)
+        self.attempts = TokenBucket(auth_attempts_per_second(settings), now=now)
+        self.new_sessions = TokenBucket(settings.max_new_sessions_per_second, now=now)
+        self.device_rate = WindowCounter(settings.max_device_datagrams_per_second)
+        self.failures = WindowCounter(settings.auth_failure_budget)
+        self.host_failures = WindowCounter(settings.auth_failure_budget)
+
+    def stranger(self, number: int, host, now: float, per_device: bool = True) -> bool:
+        """Whether a datagram naming device ``number`` from a stranger's ``host``
+        may cost a decryption (False: drop it unopened, ``rate_limited``).
+
+        ``per_device``: also within the device's failure budget (a device with
+        a session: its own address stays served whatever strangers send).
+        """
+        if per_device and self.failures.exhausted(number, now):
+            return False
+        if self.host_failures.exhausted(host, now):
+            return False
+        return self.attempts.allow(now)
+
+    def failed(self, number: int, host, now: float, per_device: bool = True) -> None:
+        """A datagram naming ``number`` did not authenticate (``host``: the stranger
+        it came from, None if it came from the session's own address)."""
+        if per_device:
+            self.failures.allow(number, now)
+        if host is not None:
+            self.host_failures.allow(host, now)
+
+
+def first_datagram_fails(secret: bytes, number: int, session_id: int, data: bytes,
+                         expected_seq: int = 0):
+    """Why the first datagram of a session not in memory may not start or
+    resume it (a DropReason), or None if it may.
+
+    A throwaway cipher: a forgery builds no session, and no cipher of it
+    enters the shared cache (where it would push out an active session's).
+    ``expected_seq`` is the device's sequence mark from the session record:
+    an authentic datagram below it is a replay of a captured one (REPLAY),
+    which must not resume the session at the replayer's address.
+    """
+    cipher = AESOCB3(derive_session_key(secret, number, session_id))
+    try:
+        direction, seq, _ = open_sealed(cipher, data, HEADER_SIZE)
+    except DatagramDropped as error:
+        return error.reason
+    if direction != TO_SERVER:
+        return DropReason.WRONG_DIRECTION  # the broker's own datagram, reflected
+    if seq < expected_seq:
+        return DropReason.REPLAY
+    return None

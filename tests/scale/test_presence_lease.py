@@ -1,0 +1,228 @@
+"""Presence leases: registries (standing for broker processes) on one real Redis.
+
+A "dead" process is a registry stopped without a word (no offline writes)
+whose lease key is then deleted, which is what its expiry does; checks are
+run by hand (the timers are set far apart), except where the timer itself
+is the subject.
+"""
+
+import redis
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from broker.registry.shared import open_shared_registry
+from broker.registry.shared_presence import PresenceLease
+
+from .support import ClusterRedis, SingleRedis, redis_options, wait_until
+
+#: lease settings that leave checks to the test (one at start, then by hand).
+MANUAL = {"lease_ttl": 600.0, "lease_check_interval": 300.0}
+
+
+def redis_client(testcase, url):
+    """A plain redis-py client of the test's Redis (one server or the cluster)."""
+    if testcase.cluster:
+        from redis.cluster import RedisCluster
+        client = RedisCluster.from_url(url)
+    else:
+        client = redis.Redis.from_url(url)
+    testcase.addCleanup(client.close)
+    return client
+
+
+class PresenceLeaseTestsMixin:
+    """Devices of a process whose lease expired go offline, and only those."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.url = self.start_redis()
+        self.raw = redis_client(self, self.url)
+        self.a = self.open("aaaa")
+        self.b = self.open("bbbb")
+        self.c = self.open("cccc")
+        self.names = [f"dev-{i}" for i in range(4)]
+        for name in self.names:
+            yield self.a.add_device(name)
+        yield self.in_step()
+
+    def open(self, origin, **lease):
+        registry = open_shared_registry(redis_options(self, self.url), reactor=reactor,
+                                        origin=origin, **(lease or MANUAL))
+        registry.start()
+        self.addCleanup(registry.stop)
+        return registry
+
+    def in_step(self, *registries):
+        registries = registries or (self.a, self.b, self.c)
+        return wait_until(self, lambda: len({r.cursor for r in registries}) == 1
+                          and all(len(r) == len(self.names) for r in registries),
+                          what="registries in step")
+
+    def holder(self, name):
+        number = self.a.device(name).device_number
+        value = self.raw.hget("{ssp}:d:%d" % number, "h")
+        return None if value is None else value.decode()
+
+    def online(self, registry, name):
+        return registry.device(name).online
+
+    @defer.inlineCallbacks
+    def die(self, registry):
+        """Stop ``registry`` without marking anything offline, and let its lease expire."""
+        yield registry.stop()
+        self.raw.delete("{ssp}:lease:" + registry.origin)
+
+    @defer.inlineCallbacks
+    def test_claim_records_the_holder_everywhere(self):
+        """A device going online through A is held by A in Redis and in A's set, and B and C see it online."""
+        yield self.a.set_connection("dev-0", online=True)
+        yield self.in_step()
+        self.assertEqual(self.holder("dev-0"), "aaaa")
+        number = self.a.device("dev-0").device_number
+        self.assertTrue(self.raw.sismember("{ssp}:held:aaaa", str(number)))
+        self.assertTrue(self.online(self.b, "dev-0") and self.online(self.c, "dev-0"))
+        self.assertEqual(self.a._held, {number})
+        self.assertEqual(self.b._held, set())
+        yield self.a.set_connection("dev-0", online=False)
+        self.assertIsNone(self.holder("dev-0"))
+        self.assertFalse(self.raw.sismember("{ssp}:held:aaaa", str(number)))
+
+    @defer.inlineCallbacks
+    def test_devices_of_a_dead_process_go_offline_everywhere(self):
+        """When A's lease expires, B's check marks A's devices offline on the stream (C sees it), and not B's."""
+        for name in self.names[:3]:
+            yield self.a.set_connection(name, online=True)
+        yield self.b.set_connection("dev-3", online=True)
+        yield self.in_step()
+        heard = []
+        self.c.subscribe(["dev-*"], heard.append)
+        yield self.die(self.a)
+        self.b.presence.check()
+        yield wait_until(self, lambda: not any(self.online(self.c, n) for n in self.names[:3]),
+                         what="A's devices offline on C")
+        self.assertTrue(self.online(self.c, "dev-3"))
+        self.assertEqual(self.b.counters["presence_reaped"], 3)
+        self.assertEqual(sorted(v.name for v in heard if not v.online), self.names[:3])
+        for name in self.names[:3]:
+            self.assertIsNone(self.holder(name))
+            kind, data = self.c.device(name).history[-1][3:]
+            self.assertEqual((kind, dict(data)), ("connection", {"online": False}))
+        self.assertTrue(self.raw.sismember("{ssp}:holders", "aaaa"))
+        self.b.presence.check()
+        yield wait_until(self, lambda: not self.raw.sismember("{ssp}:holders", "aaaa"),
+                         what="A forgotten once it holds nothing")
+        self.assertEqual(self.c.online_count, 1)
+
+    @defer.inlineCallbacks
+    def test_device_that_came_online_elsewhere_stays_online(self):
+        """A device A held, now claimed by B while the registry still shows it online, survives the reaping of A."""
+        yield self.a.set_connection("dev-0", online=True)
+        yield self.in_step()
+        yield self.die(self.a)
+        version = self.b.device("dev-0").version
+        yield self.b.set_connection("dev-0", online=True)     # already online: a claim
+        self.assertEqual(self.b.device("dev-0").version, version + 1)
+        self.assertEqual(self.holder("dev-0"), "bbbb")
+        yield self.in_step(self.b, self.c)
+        # C reaps A's device from a replica that shows it online: Redis says moved.
+        yield defer.DeferredList(self.c._reap("aaaa", [self.c.device("dev-0").device_number]))
+        self.assertEqual(self.c.counters["connection_moved"], 1)
+        self.c.presence.check()
+        yield wait_until(self, lambda: not self.raw.sismember("{ssp}:holders", "aaaa"),
+                         what="A forgotten")
+        self.assertTrue(self.online(self.c, "dev-0"))
+        self.assertEqual(self.c.counters["presence_reaped"], 0)
+        self.assertEqual(self.c.device("dev-0").version, version + 1)
+
+    @defer.inlineCallbacks
+    def test_old_session_ending_does_not_mark_a_moved_device_offline(self):
+        """A's old session of a device now held by B ends: A's offline write is refused as moved."""
+        yield self.a.set_connection("dev-1", online=True)
+        yield self.in_step()
+        yield self.b.set_connection("dev-1", online=True)
+        yield self.in_step()
+        self.assertEqual(self.a._held, set())
+        yield self.a.set_connection("dev-1", online=False)
+        yield self.in_step()
+        self.assertTrue(self.online(self.c, "dev-1"))
+        self.assertEqual(self.a.counters["connection_moved"], 1)
+        self.assertEqual(self.holder("dev-1"), "bbbb")
+
+    @defer.inlineCallbacks
+    def test_live_process_whose_lease_lapsed_claims_its_devices_again(self):
+        """B reaps A's devices after A's lease lapsed while A lives: A claims them again at once."""
+        yield self.a.set_connection("dev-2", online=True)
+        yield self.in_step()
+        self.raw.delete("{ssp}:lease:aaaa")
+        self.b.presence.check()
+        yield wait_until(self, lambda: self.a.counters["presence_reclaimed"] == 1,
+                         what="A claims again")
+        yield wait_until(self, lambda: self.holder("dev-2") == "aaaa" and self.a.cursor
+                         == self.c.cursor and self.online(self.c, "dev-2"), what="A holds it")
+        self.assertEqual(self.b.counters["presence_reaped"], 1)
+        self.a.presence.check()
+        yield wait_until(self, lambda: self.a.counters["presence_lease_lost"] == 1,
+                         what="A notices its lease had expired")
+        self.assertTrue(self.raw.exists("{ssp}:lease:aaaa"))
+
+    @defer.inlineCallbacks
+    def test_lease_has_the_configured_time_to_live(self):
+        """A process's lease key expires in Redis after lease_ttl unless renewed."""
+        d = self.open("dddd", lease_ttl=3.0, lease_check_interval=1.0)
+        yield wait_until(self, lambda: d.presence.renewals == 1, what="first renewal")
+        ttl = self.raw.pttl("{ssp}:lease:dddd")
+        self.assertTrue(0 < ttl <= 3000, ttl)
+        self.assertTrue(self.raw.sismember("{ssp}:holders", "dddd"))
+
+
+class PresenceSingleRedisTests(SingleRedis, PresenceLeaseTestsMixin, TestCase):
+    """Presence leases on one Redis server."""
+
+
+class PresenceClusterTests(ClusterRedis, PresenceLeaseTestsMixin, TestCase):
+    """Presence leases on a three-node Redis Cluster (every key in one slot)."""
+
+
+class LeaseTimerTests(SingleRedis, TestCase):
+    """The lease runs on one timer of the registry's clock, whatever the number of devices."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_one_timer_renews_and_checks_each_interval(self):
+        """With 50 devices held, the clock holds one presence timer and each interval renews once."""
+        url = self.start_redis()
+        clock = Clock()
+        registry = open_shared_registry(redis_options(self, url), reactor=reactor, clock=clock,
+                                        lease_ttl=10.0, lease_check_interval=2.0)
+        registry.start()
+        self.addCleanup(registry.stop)
+        adds = [registry.add_device(f"d-{i}") for i in range(50)]
+        clock.advance(0)
+        yield defer.gatherResults(adds)
+        claims = [registry.set_connection(f"d-{i}", online=True) for i in range(50)]
+        clock.advance(0)
+        yield defer.gatherResults(claims)
+        yield wait_until(self, lambda: registry.presence.renewals == 1, what="first check")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        for renewals in (2, 3):
+            clock.advance(2.0)
+            yield wait_until(self, lambda: registry.presence.renewals == renewals,
+                             what=f"check {renewals}")
+            self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.assertEqual(len(registry._held), 50)
+
+
+class LeaseSettingsTests(SynchronousTestCase):
+    """Lease settings are checked when the registry is built."""
+
+    def test_check_interval_must_fit_twice_in_the_ttl(self):
+        """A check interval longer than half the lease TTL is refused with a ValueError."""
+        with self.assertRaises(ValueError):
+            PresenceLease(None, ttl=2.0, interval=1.5)
+        with self.assertRaises(ValueError):
+            PresenceLease(None, ttl=0, interval=1.0)
+        self.assertEqual(PresenceLease(None, ttl=2.0, interval=1.0).interval, 1.0)

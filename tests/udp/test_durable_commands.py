@@ -1,0 +1,128 @@
+"""Commands are written to the session record before they travel: a broker
+restart delivers the ones the device had not acknowledged, once, and never
+gives a used event index to another command."""
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.registry import MemoryStore
+from broker.registry.errors import StoreError
+from broker.udp.convert import decode_state
+
+from .helpers import Harness
+
+
+class _FailingSessions(MemoryStore):
+    """A memory store whose session-record writes fail while ``failing`` is set."""
+
+    failing = False
+
+    def write(self, op, result=None):
+        if self.failing and op[0] == "session":
+            return defer.fail(StoreError("disk full"))
+        return super().write(op, result)
+
+
+class DurableCommandTests(SynchronousTestCase):
+
+    def setUp(self, store=None):
+        self.h = Harness(self, store=store)
+        self.device = self.h.provision("dev")
+        self.got = []
+        self.node = self.h.node(self.device, on_command=self.got.append)
+        self.h.run(1.0)
+
+    def send(self, *commands):
+        return self.h.endpoint.send_command(self.device.device_number, *commands)
+
+    def record_commands(self):
+        record = self.h.registry.session_record(self.device.device_number)
+        return decode_state(record.local_state) if record.local_state else None
+
+    def cut_replies(self):
+        """The broker's datagrams are lost from now on (the device still sends)."""
+        self.h.transport.write = lambda data, addr: None
+
+    def test_nothing_travels_before_the_record_is_durable(self):
+        """While the record write is pending the command is not sent; once durable it is."""
+        self.h.store.hold()
+        d = self.send("open")
+        self.h.run(1.0)
+        self.assertNoResult(d)
+        self.assertEqual(self.got, [])
+        self.h.store.release()
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(self.record_commands().events_since(0), ("open",))
+        self.h.run(1.0)
+        self.assertEqual(self.got, ["open"])
+
+    def test_unacknowledged_commands_survive_a_restart_once(self):
+        """Commands the device never acknowledged arrive after a restart, once, in order,
+        followed by newer ones; an acknowledged one is not delivered again."""
+        self.successResultOf(self.send("first"))
+        self.h.run(1.0)
+        self.assertEqual(self.got, ["first"])
+        self.cut_replies()
+        self.successResultOf(self.send("second", "third"))
+        self.h.run(0.5)
+        h2 = self.h.restart()
+        h2.nodes = self.h.nodes
+        self.node.report({"v": 1}, h2.clock.seconds())
+        h2.run(2.0)
+        self.assertEqual(self.got, ["first", "second", "third"])
+        self.successResultOf(h2.endpoint.send_command(self.device.device_number, "fourth"))
+        h2.run(1.0)
+        self.assertEqual(self.got, ["first", "second", "third", "fourth"])
+        self.assertEqual(self.node.sessions_started, 1)
+        self.assertTrue(self.node.idle())
+
+    def test_numbering_continues_after_a_restart_with_nothing_pending(self):
+        """After a restart with every command acknowledged, a new command still arrives:
+        the resumed state starts its events where the device's end."""
+        for name in ("a", "b"):
+            self.successResultOf(self.send(name))
+            self.h.run(1.0)
+        h2 = self.h.restart()
+        h2.nodes = self.h.nodes
+        self.node.report({"v": 1}, h2.clock.seconds())
+        h2.run(1.0)
+        self.successResultOf(h2.endpoint.send_command(self.device.device_number, "c"))
+        h2.run(1.0)
+        self.assertEqual(self.got, ["a", "b", "c"])
+
+    def test_acknowledged_commands_leave_the_record(self):
+        """Once the device acknowledged them, the next record keeps no command (only where
+        the numbering stands)."""
+        self.successResultOf(self.send("x", "y"))
+        self.h.run(1.0)
+        self.node.report({"v": 2}, self.h.clock.seconds())
+        self.h.run(1.0)
+        kept = self.record_commands()
+        self.assertEqual((kept.event_base, kept.events_since(0)), (2, ()))
+
+    def test_no_session_no_deferred(self):
+        """A device without a session here gets None (the caller relays or refuses)."""
+        other = self.h.provision("other")
+        self.assertIsNone(self.h.endpoint.send_command(other.device_number, "x"))
+
+
+class FailedCommandWriteTests(SynchronousTestCase):
+
+    def setUp(self):
+        self.store = _FailingSessions()
+        DurableCommandTests.setUp(self, store=self.store)
+
+    send = DurableCommandTests.send
+
+    def test_failed_write_sends_nothing_and_later_commands_still_arrive(self):
+        """A command whose record write failed fails its Deferred and is not sent; the next
+        command, written fine, arrives with a consistent index."""
+        self.store.failing = True
+        self.failureResultOf(self.send("lost"), StoreError)
+        self.h.run(1.0)
+        self.assertEqual(self.got, [])
+        self.store.failing = False
+        self.successResultOf(self.send("kept"))
+        self.h.run(1.0)
+        self.assertEqual(self.got, ["kept"])
+        self.assertEqual(self.h.endpoint.counters["store_failures"], 1)

@@ -1,0 +1,82 @@
+"""A session record keeps the device's datagram sequence mark, so a captured
+datagram replayed once the session left memory (evicted, or the broker
+restarted) neither resumes the session nor points it at the replayer."""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from .helpers import Harness
+
+ATTACKER = ("127.0.0.66", 6666)
+
+
+def send_now(harness, node):
+    """Hand the node's due datagrams to the endpoint; return them."""
+    sent = node.datagrams(harness.clock.seconds())
+    for data, _ in sent:
+        harness.endpoint.datagramReceived(data, harness.address_of(node))
+    return sent
+
+
+class ReplayMarkTests(SynchronousTestCase):
+
+    def setUp(self):
+        self.h = Harness(self)
+        self.device = self.h.provision("dev")
+        self.node = self.h.node(self.device)
+        self.node.report({"v": 1}, self.h.clock.seconds())
+        self.captured = send_now(self.h, self.node)
+        self.h.run(1.0)
+        self.node.report({"v": 2}, self.h.clock.seconds())
+        self.h.run(1.0)
+
+    def record(self, harness=None):
+        return (harness or self.h).registry.session_record(self.device.device_number)
+
+    def test_records_carry_the_mark(self):
+        """The record written for a report holds the device's next expected sequence
+        number at that time: above the captured datagram's, at most the session's now."""
+        entry = self.h.endpoint.entry_of(self.device.device_number)
+        expected = (entry.expected_seq() if hasattr(entry, "expected_seq")
+                    else entry.session.expected_seq)
+        record = self.record()
+        self.assertGreater(record.remote_seq, 1)
+        self.assertLessEqual(record.remote_seq, expected)
+
+    def test_replay_after_restart_is_dropped(self):
+        """After a restart a captured older datagram of the live session is dropped as a
+        replay: no session is resumed, nothing is sent; the device itself resumes."""
+        h2 = self.h.restart()
+        for data, _ in self.captured:
+            h2.endpoint.datagramReceived(data, ATTACKER)
+        self.assertEqual(h2.endpoint.drops["replay"], len(self.captured))
+        self.assertEqual(len(h2.endpoint), 0)
+        self.assertEqual(h2.transport.written, [])
+        h2.nodes = self.h.nodes
+        self.node.report({"v": 3}, h2.clock.seconds())
+        h2.run(2.0)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 3})
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(self.node.sessions_started, 1)
+        self.assertTrue(self.node.idle())
+
+    def test_replay_after_eviction_is_dropped(self):
+        """A session evicted after its device went offline keeps its mark (written as it
+        leaves memory, heartbeats included): a replay of any datagram it took is dropped."""
+        address = self.h.address_of(self.node)
+        self.h.run(30.0, dt=0.05)          # a heartbeat: a newer mark than any report's
+        heartbeat_mark = self.h.endpoint.entry_of(self.device.device_number).expected_seq()
+        self.assertGreater(heartbeat_mark, self.record().remote_seq)
+        del self.h.nodes[address]
+        self.h.run(80.0, dt=0.5)
+        self.assertIsNone(self.h.endpoint.entry_of(self.device.device_number))
+        self.assertEqual(self.record().remote_seq, heartbeat_mark)
+        for data, _ in self.captured:
+            self.h.endpoint.datagramReceived(data, ATTACKER)
+        self.assertEqual(self.h.endpoint.drops["replay"], len(self.captured))
+        self.assertIsNone(self.h.endpoint.entry_of(self.device.device_number))
+        self.assertEqual([a for _, a in self.h.transport.written if a == ATTACKER], [])
+        self.h.nodes[address] = self.node
+        self.node.report({"v": 4}, self.h.clock.seconds())
+        self.h.run(1.0)
+        self.assertEqual(dict(self.h.registry.device("dev").reported), {"v": 4})
+        self.assertTrue(self.h.registry.device("dev").online)
