@@ -309,7 +309,7 @@ class Broker:
     def start(self):
         from twisted.internet import defer
 
-        from broker.service import when_listening
+        from broker.listeners import when_listening
 
         @defer.inlineCallbacks
         def go():

@@ -93,7 +93,7 @@ def free_port() -> int:
 
 
 def start_redis(directory: str, fsync: str):
-    from broker.registry.redis_store import wait_for_redis
+    from broker.registry.redis_connection import wait_for_redis
     port = free_port()
     process = subprocess.Popen(
         [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
@@ -134,7 +134,7 @@ max_new_sessions_per_second = 1000000
 def provision(backend: str, url: str | None, data_dir: str, count: int, prefix: str):
     """Add count devices; returns [(number, secret)] once durable. The registry is closed after."""
     from broker.registry import RegistrySettings, open_registry
-    from broker.registry.redis_store import RedisOptions
+    from broker.registry.redis_connection import RedisOptions
     from broker.registry.shared import open_shared_registry
     if backend == "redis":
         registry = open_shared_registry(RedisOptions(url=url), reactor=reactor,

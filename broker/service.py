@@ -5,7 +5,8 @@ child service (`service.getServiceNamed("udp")`), and nothing binds a port
 until the service starts. Every endpoint package exposes one
 `attach_*(broker)` function that adds its children and resources to a
 BrokerService; this module only decides the order and what the config
-turns off.
+turns off. Opening the registry is broker.backend's job; parsing, binding
+and explaining the listening ports is broker.listeners'.
 
 Hooks for the endpoints (register them in attach_*):
 
@@ -36,32 +37,29 @@ Stop order (SIGTERM), steps 1-4 within [broker] stop_timeout seconds:
 
 from __future__ import annotations
 
-import errno
 import gc
 import os
 from pathlib import Path
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, endpoints
-from twisted.internet.error import CannotListenError, InvalidAddressError
+from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.web.resource import Resource
 
+from broker.backend import RegistryService, open_configured_registry
 from broker.config import Config, ConfigError, load_config
 from broker.lifecycle import reloadable, within
+from broker.listeners import (FRONT_DOORS, add_listener, config_error_on_bind_failure,
+                              format_address, parse_endpoints, use_worker_udp_socket,
+                              when_listening)
 from broker.logs import LogControl
-from broker.metrics import InstrumentedStore, Metrics
-from broker.registry import DeviceRegistry, MemoryStore, RegistrySettings
+from broker.metrics import Metrics
 from broker.systemd import INHERITED, Activation, Notifier
 from broker.web.health import HealthResource, ReadinessResource
 from broker.web.metrics import MetricsResource
 from broker.web.site import BrokerSite, ConnectionTracker
 
 log = Logger()
-
-#: listeners that take new clients: closed first on stop.
-FRONT_DOORS = ("http", "metrics")
 
 
 def ensure_private_directory(path: Path) -> Path:
@@ -84,117 +82,6 @@ def tune_garbage_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(10_000, 50, 10)
-
-
-def registry_settings(config: Config) -> RegistrySettings:
-    """The registry's own settings from the [registry] section."""
-    section = config.registry
-    return RegistrySettings(history_size=section.history_size,
-                            max_state_bytes=section.max_state_bytes,
-                            feed_retention=section.feed_retention)
-
-
-#: [registry] settings naming files the Redis client reads when it connects.
-REDIS_FILES = ("redis_password_file", "redis_tls_ca_file", "redis_tls_cert_file",
-               "redis_tls_key_file")
-
-
-def check_readable_files(config: Config, section: str, keys) -> None:
-    """Raise ConfigError naming the first key whose file cannot be read (empty: not used)."""
-    settings = getattr(config, section)
-    for key in keys:
-        path = getattr(settings, key)
-        if not path:
-            continue
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as problem:
-            raise ConfigError(f"{config.source}: {section}.{key}: cannot read {path!r}: "
-                              f"{problem.strerror or problem}") from None
-
-
-def redis_options(config: Config):
-    """How to reach Redis, from the [registry] redis_* settings (ConfigError: a file is unreadable)."""
-    from broker.registry.redis_store import RedisOptions
-    check_readable_files(config, "registry", REDIS_FILES)
-    section = config.registry
-    return RedisOptions(url=section.redis_url, cluster=section.redis_cluster,
-                        key_prefix=section.redis_key_prefix, username=section.redis_username,
-                        password_file=section.redis_password_file,
-                        tls_ca_file=section.redis_tls_ca_file,
-                        tls_cert_file=section.redis_tls_cert_file,
-                        tls_key_file=section.redis_tls_key_file,
-                        wait_replicas=section.redis_wait_replicas,
-                        wait_timeout=section.redis_wait_timeout,
-                        stream_length=section.redis_stream_length)
-
-
-def open_configured_registry(config: Config, data_dir: Path, reactor,
-                             metrics: Metrics | None = None) -> DeviceRegistry:
-    """The registry over the configured backend (raises StoreError on a bad database).
-
-    With metrics, the store is wrapped so that commits are counted and timed.
-    """
-    settings = registry_settings(config)
-    if config.registry.backend == "redis":
-        from broker.registry.shared import open_shared_registry
-        wrapper = None if metrics is None else (lambda store: InstrumentedStore(store, metrics))
-        return open_shared_registry(redis_options(config), reactor=reactor, settings=settings,
-                                    store_wrapper=wrapper,
-                                    lease_ttl=config.registry.redis_lease_ttl,
-                                    lease_check_interval=config.registry.redis_lease_check_interval)
-    if config.registry.backend == "memory":
-        store = MemoryStore()
-    else:
-        from broker.registry.sqlite_store import SQLiteStore
-        store = SQLiteStore.in_directory(data_dir, reactor=reactor, settings=settings)
-    try:
-        wrapped = store if metrics is None else InstrumentedStore(store, metrics)
-        return DeviceRegistry(wrapped, clock=reactor, settings=settings)
-    except BaseException:
-        store.close()
-        raise
-
-
-def when_listening(endpoint_service) -> defer.Deferred:
-    """The IListeningPort of a started StreamServerEndpointService, leaving its own result intact."""
-    found = defer.Deferred()
-
-    def share(port):
-        found.callback(port)
-        return port
-
-    def failed(failure):
-        found.errback(failure)
-        return failure
-
-    endpoint_service._waitingForPort.addCallbacks(share, failed)
-    return found
-
-
-def _address(address) -> str:
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
-
-
-class RegistryService(Service):
-    """Runs the registry's background work; stopping it commits what is pending."""
-
-    name = "registry"
-
-    def __init__(self, registry: DeviceRegistry) -> None:
-        self.registry = registry
-
-    def startService(self) -> None:
-        super().startService()
-        self.registry.start()
-
-    def stopService(self):
-        super().stopService()
-        return defer.maybeDeferred(self.registry.stop)
 
 
 class BrokerService(MultiService):
@@ -226,7 +113,7 @@ class BrokerService(MultiService):
         self.metrics = Metrics()
         # Every setting that can be checked without binding is checked before
         # anything is created: endpoint strings (and the TLS files they name) first.
-        self._endpoints = self._parse_endpoints()
+        self._endpoints = parse_endpoints(config, reactor, self.activation, worker)
         self.data_dir = self._data_directory()
         self.registry = open_configured_registry(config, self.data_dir, reactor, self.metrics)
         self.metrics.watch_registry(self.registry)
@@ -243,7 +130,7 @@ class BrokerService(MultiService):
         self._attach_endpoints()
         self._add_metrics()
         self.connections = ConnectionTracker(self.site, reactor)
-        self._add_listener("http", self.connections)
+        add_listener(self, "http", self._endpoints["http"], self.connections)
 
     def setServiceParent(self, parent) -> None:
         """Under twistd, hand our log observer to the Application, where its AppLogger looks."""
@@ -260,20 +147,12 @@ class BrokerService(MultiService):
         if self.config.ssp.enabled:
             attach_udp(self)
             if self.worker is not None:
-                self._adopt_worker_udp(self.getServiceNamed("udp"))
+                use_worker_udp_socket(self.getServiceNamed("udp"), self.reactor,
+                                      self.activation, self.config.ssp)
         attach_api(self)
         if self.config.websocket.enabled:
             attach_websocket(self)
         attach_dashboard(self)
-
-    def _adopt_worker_udp(self, udp) -> None:
-        """A worker's SSP port is the steered socket its supervisor passed (broker.workers)."""
-        from broker.systemd import listen_udp
-
-        def get_port():
-            return listen_udp(self.reactor, self.activation, udp.endpoint,
-                              port=self.config.ssp.port, interface=self.config.ssp.host)
-        udp._getPort = get_port
 
     def _add_metrics(self) -> None:
         settings = self.config.metrics
@@ -288,7 +167,8 @@ class BrokerService(MultiService):
         root = Resource()
         root.putChild(b"metrics", resource)
         site = BrokerSite(root, metrics=self.metrics, reactor=self.reactor)
-        self._add_listener("metrics", ConnectionTracker(site, self.reactor))
+        add_listener(self, "metrics", self._endpoints["metrics"],
+                     ConnectionTracker(site, self.reactor))
 
     # -- settings checked before anything starts -------------------------------
 
@@ -299,74 +179,6 @@ class BrokerService(MultiService):
         except OSError as problem:
             raise ConfigError(f"{self.config.source}: broker.data_dir: cannot create or use "
                               f"{str(path)!r}: {problem.strerror or problem}") from None
-
-    def _parse_endpoints(self) -> dict:
-        """{listener name: (endpoint, raise at start)} for the HTTP and metrics listeners."""
-        parsed = {"http": self._parse_endpoint("http", self.config.http.endpoint)}
-        metrics = self.config.metrics
-        if metrics.enabled and metrics.endpoint:
-            parsed["metrics"] = self._parse_endpoint("metrics", metrics.endpoint)
-        return parsed
-
-    def _parse_endpoint(self, name: str, description: str):
-        key = f"{name}.endpoint"
-        try:
-            if self.worker is not None and name == "http":
-                from broker.workers import ReusePortEndpoint, parse_tcp_endpoint
-                host, _, backlog = parse_tcp_endpoint(description)
-                return ReusePortEndpoint(self.reactor, host, self.worker[1], backlog), False
-            return endpoints.serverFromString(self.reactor, description), True
-        except OSError as problem:
-            # ssl: endpoints read their certificate and key files while parsing.
-            raise ConfigError(f"{self.config.source}: {key}: cannot use {description!r}: cannot "
-                              f"read {problem.filename or 'a file it names'}: "
-                              f"{problem.strerror or problem}") from None
-        except (ValueError, KeyError, IndexError) as problem:
-            hint = ""
-            if description.startswith("systemd:") and not self.activation.fds:
-                hint = " (no socket was passed by systemd: is the .socket unit enabled?)"
-            raise ConfigError(f"{self.config.source}: {key}: cannot use {description!r}: "
-                              f"{problem!r}{hint}") from None
-
-    def _add_listener(self, name: str, factory) -> None:
-        endpoint, raise_at_start = self._endpoints[name]
-        listener = StreamServerEndpointService(endpoint, factory)
-        # What strports.service sets: a port that cannot be bound raises from
-        # (privileged)startService, where _start_child names its setting.
-        listener._raiseSynchronously = raise_at_start
-        listener.setName(name)
-        listener.setServiceParent(self)
-
-    def _listen_problem(self, name: str, problem: Exception) -> str | None:
-        """One line naming the setting behind a listener that could not bind, or None."""
-        reason = problem.socketError if isinstance(problem, CannotListenError) else problem
-        if isinstance(reason, InvalidAddressError):
-            text = reason.message
-        else:
-            text = getattr(reason, "strerror", None) or str(reason)
-        if name == "udp":
-            ssp = self.config.ssp
-            wrong_host = (isinstance(reason, InvalidAddressError)
-                          or getattr(reason, "errno", None) == errno.EADDRNOTAVAIL)
-            key = "ssp.host" if wrong_host else "ssp.port"
-            host = f"[{ssp.host}]" if ":" in ssp.host else ssp.host
-            where = f"UDP {host}:{ssp.port}"
-        elif name in FRONT_DOORS:
-            key = f"{name}.endpoint"
-            where = repr(getattr(self.config, name).endpoint)
-        else:
-            return None
-        return f"{self.config.source}: {key}: cannot listen on {where}: {text}"
-
-    def _start_child(self, child, start) -> None:
-        """Run a child's (privileged)startService; a port it cannot bind is a ConfigError."""
-        try:
-            start()
-        except (CannotListenError, InvalidAddressError, OSError) as problem:
-            message = self._listen_problem(child.name, problem)
-            if message is None:
-                raise
-            raise ConfigError(message) from None
 
     # -- readiness -----------------------------------------------------------
 
@@ -396,14 +208,16 @@ class BrokerService(MultiService):
         """
         Service.privilegedStartService(self)
         for child in self:
-            self._start_child(child, child.privilegedStartService)
+            with config_error_on_bind_failure(self.config, child.name):
+                child.privilegedStartService()
 
     def startService(self) -> None:
         """Start every child (binding what privilegedStartService did not); see there for errors."""
         self.stopping = False
         Service.startService(self)
         for child in self:
-            self._start_child(child, child.startService)
+            with config_error_on_bind_failure(self.config, child.name):
+                child.startService()
         waits = [when_listening(child).addCallback(self._listening_on, child.name)
                  for child in self._listeners()]
         done = defer.DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
@@ -417,7 +231,7 @@ class BrokerService(MultiService):
         udp = self.namedServices.get("udp")
         if udp is not None and getattr(udp, "_port", None) is not None:
             ports["udp"] = udp._port
-        where = {name: _address(port.getHost()) for name, port in ports.items()}
+        where = {name: format_address(port.getHost()) for name, port in ports.items()}
         status = "serving " + ", ".join(f"{name} on {address}" for name, address in where.items())
         log.info("broker ready: {status}", status=status, **where)
         if self.activation.fds and self.config.ssp.enabled:

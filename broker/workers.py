@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from broker.config import ConfigError
+from broker.listeners import bind_failure
 
 log = Logger()
 
@@ -86,7 +87,8 @@ def attach_steering(sock: socket.socket, workers: int) -> None:
 def steered_udp_sockets(host: str, port: int, workers: int) -> list[socket.socket]:
     """N UDP sockets on one port with SO_REUSEPORT and the steering program.
 
-    Raises ConfigError with the fallback when the kernel lacks the option.
+    OSError when the port cannot be bound; ConfigError with the fallback
+    when the kernel lacks the steering option.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sockets = []
@@ -97,6 +99,11 @@ def steered_udp_sockets(host: str, port: int, workers: int) -> list[socket.socke
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             port = sock.getsockname()[1]
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    try:
         attach_steering(sockets[0], workers)
     except OSError as problem:
         for sock in sockets:
@@ -207,9 +214,17 @@ class SupervisorService(MultiService):
         self._delay = {}
         self._stopping = False
         host, port, _ = parse_tcp_endpoint(config.http.endpoint)
-        self.udp_sockets = (steered_udp_sockets(config.ssp.host, config.ssp.port, self.count)
-                            if config.ssp.enabled else [])
-        self.http_reservation = reserve_tcp_port(host, port)
+        try:
+            self.udp_sockets = (steered_udp_sockets(config.ssp.host, config.ssp.port, self.count)
+                                if config.ssp.enabled else [])
+        except OSError as problem:
+            raise ConfigError(bind_failure(config, "udp", problem)) from None
+        try:
+            self.http_reservation = reserve_tcp_port(host, port)
+        except OSError as problem:
+            for sock in self.udp_sockets:
+                sock.close()
+            raise ConfigError(bind_failure(config, "http", problem)) from None
         self.http_port = self.http_reservation.getsockname()[1]
         self.udp_port = self.udp_sockets[0].getsockname()[1] if self.udp_sockets else None
         self.ready = defer.Deferred()

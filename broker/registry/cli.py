@@ -61,7 +61,7 @@ def open_admin(args, create):
         from broker.config import load_config
         config = load_config(args.config)
     if config is not None and config.registry.backend == "redis":
-        from broker.service import redis_options
+        from broker.backend import redis_options
         from .redis_admin import RedisAdmin
         return RedisAdmin.open(redis_options(config),
                                feed_retention=config.registry.feed_retention,

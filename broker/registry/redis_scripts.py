@@ -2,7 +2,7 @@
 
 A script checks the device's version, takes the next cursor(s) with INCR,
 stores the new state and appends it to the change stream, so every
-broker process sees the same versions and cursors (redis_store.py has
+broker process sees the same versions and cursors (redis_layout.py has
 the key layout).
 """
 

@@ -31,8 +31,8 @@ from twisted.internet import defer
 
 from . import errors
 from .history import History
-from .redis_store import decode_record
 from .model import ChangeBatch
+from .redis_layout import decode_record
 from .registry import DeviceRegistry
 from .secrets import TokenTable
 from .shared_presence import LEASE_CHECK_INTERVAL, LEASE_TTL, PresenceLease, SharedPresence

@@ -22,7 +22,7 @@ from . import errors
 from .feed import ChangeFeed
 from .database import decode_state
 from .model import Device, DeviceView
-from .redis_store import decode_events
+from .redis_layout import decode_events
 
 #: stream flag: the change may have changed ``desired`` (decode at once:
 #: desired watchers must hear it). Bit 1 is the new ``online``.

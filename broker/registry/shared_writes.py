@@ -20,7 +20,7 @@ from twisted.internet import defer
 from . import errors
 from .database import encode_state
 from .model import Device, UpdateResult
-from .redis_store import encode_record
+from .redis_layout import encode_record
 from .shared_stream import FLAG_CLAIM, FLAG_DESIRED
 from .values import FrozenMap
 

@@ -4,7 +4,7 @@ import cbor2
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.registry.model import SessionRecord
-from broker.registry.redis_store import decode_record, encode_record
+from broker.registry.redis_layout import decode_record, encode_record
 
 
 class SessionRecordEncodingTests(SynchronousTestCase):

@@ -11,7 +11,7 @@ import time
 
 from twisted.trial.unittest import SkipTest
 
-from broker.registry.redis_store import wait_for_redis
+from broker.registry.redis_connection import wait_for_redis
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"

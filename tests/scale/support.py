@@ -8,7 +8,7 @@ import time
 from twisted.internet import defer, reactor, task
 
 from broker.registry import RegistrySettings
-from broker.registry.redis_store import RedisOptions
+from broker.registry.redis_connection import RedisOptions
 from broker.registry.shared import open_shared_registry
 
 from .redis_support import start_cluster, start_single

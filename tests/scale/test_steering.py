@@ -9,7 +9,8 @@ import struct
 from twisted.trial.unittest import TestCase
 
 from broker.config import ConfigError
-from broker.workers import steered_udp_sockets, steering_program, worker_of
+from broker import workers as workers_module
+from broker.workers import SupervisorService, steered_udp_sockets, steering_program, worker_of
 
 
 def datagram(number, session_id=1):
@@ -80,13 +81,43 @@ class SteeringTests(TestCase):
 
 
 class SteeringFallbackTests(TestCase):
-    """Where steering cannot be set up, workers > 1 refuse to start with the fallback named."""
+    """Where the workers' ports cannot be set up, the supervisor refuses to start, saying why."""
 
-    def test_port_in_use_without_reuseport_is_a_config_error(self):
-        """A port held by a socket without SO_REUSEPORT gives a ConfigError naming docs/scaling.md."""
-        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def held_port(self, kind):
+        holder = socket.socket(socket.AF_INET, kind)
         self.addCleanup(holder.close)
         holder.bind(("127.0.0.1", 0))
+        return holder.getsockname()[1]
+
+    def config(self, **ssp):
+        from broker.config import parse_config
+        return parse_config({"broker": {"workers": 2, "data_dir": self.mktemp()},
+                             "http": {"endpoint": ssp.pop("http", "tcp:0:interface=127.0.0.1")},
+                             "ssp": {"host": "127.0.0.1", **ssp},
+                             "registry": {"backend": "redis"}}, source="broker.toml")
+
+    def test_udp_port_in_use_names_ssp_port(self):
+        """A UDP port held by another socket is a ConfigError naming ssp.port, not the kernel."""
+        port = self.held_port(socket.SOCK_DGRAM)
         with self.assertRaises(ConfigError) as caught:
-            steered_udp_sockets("127.0.0.1", holder.getsockname()[1], 2)
+            SupervisorService(self.config(port=port), "broker.toml")
+        message = str(caught.exception)
+        self.assertIn(f"broker.toml: ssp.port: cannot listen on UDP 127.0.0.1:{port}", message)
+        self.assertNotIn("Linux", message)
+
+    def test_http_port_in_use_names_http_endpoint(self):
+        """An HTTP port held by another socket is a ConfigError naming http.endpoint."""
+        port = self.held_port(socket.SOCK_STREAM)
+        with self.assertRaises(ConfigError) as caught:
+            SupervisorService(self.config(port=0, http=f"tcp:{port}:interface=127.0.0.1"),
+                              "broker.toml")
+        self.assertIn("broker.toml: http.endpoint: cannot listen on", str(caught.exception))
+
+    def test_kernel_without_steering_names_the_fallback(self):
+        """A kernel that refuses the steering program gives the fallback of docs/scaling.md."""
+        def refuse(sock, workers):
+            raise OSError(92, "Protocol not available")
+        self.patch(workers_module, "attach_steering", refuse)
+        with self.assertRaises(ConfigError) as caught:
+            steered_udp_sockets("127.0.0.1", 0, 2)
         self.assertIn("docs/scaling.md", str(caught.exception))

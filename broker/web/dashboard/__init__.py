@@ -45,7 +45,7 @@ def attach_dashboard(broker) -> None:
         http = broker.config.http
         if http.public_url:
             return defer.succeed(http.public_url)
-        from broker.service import when_listening
+        from broker.listeners import when_listening
         listening = when_listening(broker.getServiceNamed("http"))
         # None: the listener stopped before it was ever bound, so there is nobody to tell.
         return listening.addCallback(

@@ -1,0 +1,118 @@
+"""How the broker reaches Redis: settings, credentials, TLS and clients.
+
+Kept apart from the store so that everything touching secrets on disk
+(the password file, client certificates) and the choice between one
+server and Redis Cluster sits in one place, and tools and tests can wait
+for a server without pulling in the store's threads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisOptions:
+    """How to reach Redis (the ``redis_*`` settings of ``[registry]``)."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False
+    key_prefix: str = "ssp"
+    username: str = ""
+    password_file: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    wait_replicas: int = 0
+    wait_timeout: float = 1.0
+    stream_length: int = 100_000
+    timeout: float = 5.0
+
+
+def _client_options(options):
+    """redis-py keyword arguments for ``options``: timeouts, ACL user,
+    password (read from its file, never from the settings) and TLS."""
+    kwargs = {"socket_timeout": None, "socket_connect_timeout": options.timeout,
+              "health_check_interval": 30}
+    if options.username:
+        kwargs["username"] = options.username
+    if options.password_file:
+        with open(options.password_file, encoding="utf-8") as handle:
+            kwargs["password"] = handle.read().strip()
+    if options.tls_ca_file or options.tls_cert_file:
+        kwargs["ssl_ca_certs"] = options.tls_ca_file or None
+        kwargs["ssl_certfile"] = options.tls_cert_file or None
+        kwargs["ssl_keyfile"] = options.tls_key_file or None
+        if not options.url.startswith("rediss://"):
+            kwargs["ssl"] = True
+    return kwargs
+
+
+class Connector:
+    """Gives a plain redis-py client talking to the primary that holds our slot.
+
+    On one server that is the server. On Cluster, every key has our hash
+    tag, so one node holds them all; after a failover or a moved slot
+    (MOVED, connection refused) ``refresh()`` asks the cluster again.
+    """
+
+    def __init__(self, options):
+        import redis
+        self.options = options
+        self.tag = "{" + options.key_prefix + "}"
+        kwargs = _client_options(options)
+        if options.cluster:
+            from redis.cluster import RedisCluster
+            self._cluster = RedisCluster.from_url(options.url, **kwargs)
+        else:
+            self._cluster = None
+            self._kwargs = kwargs
+            self._redis = redis
+        self._clients = []
+
+    def client(self):
+        """A new connection (each thread keeps its own)."""
+        if self._cluster is None:
+            client = self._redis.Redis.from_url(self.options.url, **self._kwargs)
+        else:
+            node = self._cluster.get_node_from_key(self.tag)
+            pool = self._cluster.get_redis_connection(node).connection_pool
+            import redis
+            client = redis.Redis(connection_pool=redis.ConnectionPool(
+                connection_class=pool.connection_class, **pool.connection_kwargs))
+        self._clients.append(client)
+        return client
+
+    def refresh(self):
+        if self._cluster is not None:
+            self._cluster.nodes_manager.initialize()
+
+    def close(self):
+        for client in self._clients:
+            client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def wait_for_redis(url, timeout=10.0, check=None):
+    """Block until a Redis server answers PING (tools and tests).
+
+    ``check()``, if given, runs before each attempt and raises to give up
+    early (a test's server process that exited)."""
+    import redis
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    end = time.monotonic() + timeout
+    try:
+        while True:
+            if check is not None:
+                check()
+            try:
+                if client.ping():
+                    return
+            except (redis.RedisError, OSError):
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()

@@ -1,0 +1,120 @@
+"""The threads that listen to Redis for the reactor: changes and relayed commands.
+
+Each blocks in Redis (``XREAD`` on the change stream, a pub/sub
+subscription on the command channel) so the reactor never does, and hands
+what arrives to the reactor thread with ``callFromThread``. Stream entries
+are parsed here, off the reactor: every process reads every process's
+changes. After an error they reconnect, pausing longer each time.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from twisted.logger import Logger
+
+from .errors import StoreError
+from .redis_layout import decode_entry
+
+#: seconds a listener blocks in Redis before it checks whether to stop.
+READ_BLOCK = 0.5
+#: stream entries taken per XREAD.
+READ_COUNT = 2000
+
+
+class ChangeFollower:
+    """Reads the change stream ``key_feed`` until the event ``stop`` is set."""
+
+    log = Logger()
+
+    def __init__(self, connector, key_feed, *, reactor, stop):
+        self._connector = connector
+        self._key_feed = key_feed
+        self._reactor = reactor
+        self._stop = stop
+
+    def start(self, after, deliver):
+        """Start the thread calling ``deliver(entries)`` on the reactor thread
+        with every entry after id ``after`` (see ``decode_entry``); returns it."""
+        thread = threading.Thread(target=self._loop, args=(after, deliver),
+                                  name="registry-redis-reader", daemon=True)
+        thread.start()
+        return thread
+
+    def _loop(self, after, deliver):
+        import redis
+        client = self._connector.client()
+        last = after
+        pause = 0.05
+        while not self._stop.is_set():
+            try:
+                found = client.xread({self._key_feed: last}, count=READ_COUNT,
+                                     block=int(READ_BLOCK * 1000))
+                pause = 0.05
+            except (redis.RedisError, OSError) as e:
+                self.log.warn("reading the Redis change stream failed: {error}", error=str(e))
+                try:
+                    self._connector.refresh()
+                    client = self._connector.client()
+                except (redis.RedisError, OSError):
+                    pass
+                self._stop.wait(pause)
+                pause = min(2.0, pause * 2)
+                continue
+            if not found:
+                continue
+            raw = found[0][1]
+            last = raw[-1][0]
+            entries = []
+            for entry_id, fields in raw:
+                try:
+                    entries.append(decode_entry(fields))
+                except (StoreError, KeyError, ValueError) as e:
+                    self.log.error("damaged change-stream entry {id}: {error}",
+                                   id=entry_id, error=str(e))
+            self._reactor.callFromThread(deliver, entries)
+        client.close()
+
+
+class CommandListener:
+    """Receives the command channel ``channel`` until the event ``stop`` is set."""
+
+    log = Logger()
+
+    def __init__(self, connector, channel, *, reactor, stop):
+        self._connector = connector
+        self._channel = channel
+        self._reactor = reactor
+        self._stop = stop
+
+    def start(self, deliver):
+        """Start the thread calling ``deliver(payload)`` on the reactor thread
+        with every message published on the channel; returns it."""
+        thread = threading.Thread(target=self._loop, args=(deliver,),
+                                  name="registry-redis-commands", daemon=True)
+        thread.start()
+        return thread
+
+    def _loop(self, deliver):
+        import redis
+        pause = 0.05
+        pubsub = None
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._connector.client().pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self._channel)
+                message = pubsub.get_message(timeout=READ_BLOCK)
+                pause = 0.05
+            except (redis.RedisError, OSError) as e:
+                self.log.warn("listening for relayed commands failed: {error}", error=str(e))
+                if pubsub is not None:
+                    pubsub.close()
+                    pubsub = None
+                self._stop.wait(pause)
+                pause = min(2.0, pause * 2)
+                continue
+            if message is not None and message.get("type") == "message":
+                self._reactor.callFromThread(deliver, bytes(message["data"]))
+        if pubsub is not None:
+            pubsub.close()

@@ -1,0 +1,149 @@
+"""The writer thread of the Redis store: group commit off the reactor.
+
+Everything the reactor queues is sent by one thread as ONE pipeline (one
+round trip for every write of a reactor turn), so the reactor never
+waits on Redis; the replies come back to it through ``callFromThread``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .errors import StoreError
+from .redis_layout import decode_tokens
+
+#: seconds the idle writer sleeps before it checks whether to stop.
+IDLE_WAIT = 0.5
+
+
+class PipelineWriter:
+    """Queues script calls from the reactor and sends them from its own thread.
+
+    An item is ``(script, keys, args)``; besides the names in ``scripts``,
+    ``None`` reads the tokens, ``"barrier"`` the change sequence and
+    ``"publish"`` publishes ``args`` on the command channel. ``keys`` is a
+    RedisKeys. The thread starts on first use and ends after ``stop()``,
+    once the queue is empty.
+    """
+
+    log = Logger()
+
+    def __init__(self, client, *, connector, scripts, keys, options, reactor):
+        self._client = client
+        self._connector = connector
+        self._scripts = scripts
+        self._keys = keys
+        self._options = options
+        self._reactor = reactor
+        self._queue = deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self.thread = None
+        #: pipelines sent and calls made (the benchmark reports them).
+        self.commits = 0
+        self.operations = 0
+
+    def submit(self, script, keys, args):
+        """Queue one item; a Deferred firing with its decoded reply."""
+        d = defer.Deferred()
+        self._queue.append((script, keys, args, d))
+        self._wake.set()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="registry-redis-writer",
+                                           daemon=True)
+            self.thread.start()
+        return d
+
+    def stop(self):
+        """Let the thread end once everything queued has been sent."""
+        self._closing = True
+        self._wake.set()
+
+    def _loop(self):
+        import redis
+        client = self._client
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._closing:
+                    return
+                self._wake.wait(IDLE_WAIT)
+                self._wake.clear()
+                continue
+            batch = [queue.popleft() for _ in range(len(queue))]
+            try:
+                outcomes = self._send(client, batch)
+            except Exception as e:
+                # Last resort, on purpose broad: if this thread died, every
+                # later write would wait forever. Fail this batch loudly instead.
+                self.log.error("Redis pipeline of {count} calls failed: {error}",
+                               count=len(batch), error=str(e))
+                try:
+                    self._connector.refresh()
+                except (redis.RedisError, OSError):
+                    pass
+                failure = Failure(StoreError(f"Redis failed: {e}"))
+                outcomes = [(item[3], failure) for item in batch]
+            self._reactor.callFromThread(_fire, outcomes)
+
+    def _send(self, client, batch):
+        import redis
+        options = self._options
+        pipe = client.pipeline(transaction=False)
+        slots = []
+        for script, keys, args, _ in batch:
+            if script is None:
+                pipe.hgetall(self._keys.key_tokens)
+                slots.append("fetch_tokens")
+            elif script == "barrier":
+                pipe.get(self._keys.key_seq)
+                slots.append("barrier")
+            elif script == "publish":
+                pipe.publish(self._keys.key_commands, args)
+                slots.append("publish")
+            else:
+                self._scripts[script](keys=keys, args=args, client=pipe)
+                slots.append(script)
+        if options.wait_replicas:
+            pipe.execute_command("WAIT", options.wait_replicas,
+                                 int(options.wait_timeout * 1000))
+        replies = pipe.execute(raise_on_error=False)
+        self.commits += 1
+        self.operations += len(batch)
+        problem = None
+        if options.wait_replicas:
+            acked = replies.pop()
+            if isinstance(acked, Exception) or acked < options.wait_replicas:
+                problem = StoreError(f"only {acked} of {options.wait_replicas} replicas "
+                                     "acknowledged in time")
+        outcomes = []
+        for (script, _, _, d), kind, reply in zip(batch, slots, replies):
+            if isinstance(reply, redis.ConnectionError):
+                raise reply
+            if isinstance(reply, Exception):
+                outcomes.append((d, Failure(StoreError(f"Redis refused {kind}: {reply}"))))
+            elif problem is not None:
+                outcomes.append((d, Failure(problem)))
+            elif kind == "fetch_tokens":
+                outcomes.append((d, decode_tokens(reply)))
+            elif kind in ("barrier", "publish"):
+                outcomes.append((d, int(reply or 0)))
+            elif kind == "expired":
+                outcomes.append((d, [(reply[i].decode(), [int(n) for n in reply[i + 1]])
+                                     for i in range(0, len(reply), 2)]))
+            else:
+                outcomes.append((d, (reply[0].decode(), int(reply[1]), int(reply[2]))))
+        return outcomes
+
+
+def _fire(outcomes):
+    for d, outcome in outcomes:
+        if isinstance(outcome, Failure):
+            d.errback(outcome)
+        else:
+            d.callback(outcome)
