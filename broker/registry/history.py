@@ -66,6 +66,24 @@ class History:
             encoded = encoded[-size:]
         return History(encoded)
 
+    def with_cursors(self, version: int, cursor: int) -> "History":
+        """This history with the cursor of its newest entries, written as 0
+        by a writer that could not know it, taken from the change that has
+        ``version`` at ``cursor`` (one cursor per version in between).  Only
+        those entries are decoded and encoded again."""
+        encoded = self.encoded
+        index = len(encoded)
+        fixed = []
+        while index:
+            v, c, at, kind, data = _loads(encoded[index - 1])
+            if c != 0:
+                break
+            index -= 1
+            fixed.append(encode_entry(v, cursor - (version - v), at, kind, data))
+        if not fixed:
+            return self
+        return History(encoded[:index] + tuple(reversed(fixed)))
+
     def cbor(self) -> bytes:
         """The stored form: a CBOR array of each entry's bytes."""
         return _dumps(self.encoded)

@@ -30,7 +30,6 @@ import cbor2
 from twisted.internet import defer
 
 from . import errors
-from .history import History
 from .model import ChangeBatch
 from .redis_layout import decode_record
 from .registry import DeviceRegistry
@@ -92,12 +91,9 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
 
     def _restore(self, dev, state, version, cursor):
         super()._restore(dev, state, version, cursor)
-        history = dev.history
-        if history and history[-1][1] == 0:
-            # Cursors of one script are consecutive: fill in the ones the
-            # writer could not know when it built the state.
-            dev.history = History.of((v, cursor - (version - v), at, kind, data) if c == 0 else
-                                     (v, c, at, kind, data) for v, c, at, kind, data in history)
+        # Cursors of one script are consecutive: fill in the ones the writer
+        # could not know when it built the state.
+        dev.history = dev.history.with_cursors(version, cursor)
 
     # -- lifecycle -----------------------------------------------------------
 

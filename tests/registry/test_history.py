@@ -61,3 +61,16 @@ class HistoryTests(SynchronousTestCase):
         self.assertEqual(restored[-1].encoded, dev.history.encoded)
         dev.history = ENTRIES   # plain tuples are encoded the same way
         self.assertEqual(decode_state(encode_state(dev.state()))[-1], History.of(ENTRIES))
+
+    def test_with_cursors_fills_only_the_newest_zeros(self):
+        """Entries written with cursor 0 (a writer on Redis) get their cursors from the
+        change's version and cursor; older entries keep their very bytes."""
+        history = History.of(ENTRIES[:2] + ((3, 0, 102.25, "events", ("x",)),
+                                            (4, 0, 103.0, "reported", {"t": 2.0})))
+        filled = history.with_cursors(version=4, cursor=50)
+        self.assertEqual([entry[:2] for entry in filled], [(1, 10), (2, 11), (3, 49), (4, 50)])
+        self.assertEqual(filled.encoded[:2], history.encoded[:2])
+        self.assertEqual(filled[3][4], {"t": 2.0})
+        done = History.of(ENTRIES)
+        self.assertIs(done.with_cursors(version=3, cursor=12), done)
+        self.assertIs(EMPTY_HISTORY.with_cursors(version=1, cursor=1), EMPTY_HISTORY)
