@@ -9,6 +9,12 @@
    for ``update_reported_many`` (one Deferred per burst of BURST updates).
 2. Bytes per device in memory (tracemalloc) for N devices with 5 numeric
    readings each, history off.
+3. The cost of a device's history (``history_size`` entries, 32 by default)
+   in every stored write: encoding one device for storage with a full
+   history, against the same device without history and against encoding
+   the history's entries from their tuples in one cbor2 call (what every
+   write did before entries were kept encoded); and the memory of a full
+   history both ways (tracemalloc).
 
 ``--gc-threshold 10000,50,10`` runs with those ``gc.set_threshold`` values
 (default: Python's own): every update in flight holds a few GC-tracked
@@ -18,7 +24,7 @@ full collections.
 
 Usage: python bench/registry.py [--updates 200000] [--devices 10000]
                                 [--memory-devices 1000000] [--skip-memory]
-                                [--gc-threshold A,B,C]
+                                [--gc-threshold A,B,C] [--history-size 32]
 """
 
 import argparse
@@ -153,6 +159,41 @@ def memory(n_devices):
     return (after - before) / n_devices
 
 
+def history_cost(size, rounds=20000):
+    """(us per stored encode: no history, kept encoded, from tuples;
+    bytes per full history: kept encoded, as tuples)."""
+    import timeit
+
+    import cbor2
+
+    from broker.registry.history import History
+
+    entries = tuple((v, 1000 + v, 1.7e9 + v, "reported", {"temperature": 20.0 + v})
+                    for v in range(size))
+    dev = Device("sensor", 1, b"k" * 16)
+    dev.rkeys, dev.rvals, dev.rtimes = ("temperature",), (21.5,), (1.7e9,)
+    dev.online, dev.last_heard, dev.address, dev.rtt = True, 1.7e9, ("127.0.0.1", 4000), 0.01
+    bare = dev.state()
+    dev.history = History.of(entries)
+    kept = dev.state()
+
+    def per_call(fn):
+        return min(timeit.repeat(fn, number=rounds, repeat=5)) / rounds * 1e6
+
+    timings = (per_call(lambda: encode_state(bare)), per_call(lambda: encode_state(kept)),
+               per_call(lambda: encode_state(bare) + cbor2.dumps(entries)))
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    as_bytes = [History.of(entries) for _ in range(200)]
+    middle = tracemalloc.get_traced_memory()[0]
+    as_tuples = [tuple((v, c, at, kind, dict(data)) for v, c, at, kind, data in entries)
+                 for _ in range(200)]
+    end = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(as_bytes) == len(as_tuples)
+    return timings, ((middle - start) / 200, (end - middle) / 200)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=200_000)
@@ -161,6 +202,8 @@ def main():
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--gc-threshold", default=None,
                         help="gc.set_threshold values, e.g. 10000,50,10 (default: Python's)")
+    parser.add_argument("--history-size", type=int, default=32,
+                        help="history entries for the history figures (the default setting)")
     args = parser.parse_args()
     if args.gc_threshold:
         gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
@@ -199,6 +242,11 @@ def main():
               f"= {n / base:,.0f}/s; CPU {base_cpu:.3f} s = {base_cpu / n * 1e6:.1f} us/row")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    (bare, kept, tuples), (kept_bytes, tuple_bytes) = history_cost(args.history_size)
+    print(f"history of {args.history_size} entries, per stored write: {kept:.2f} us kept "
+          f"encoded, {tuples:.2f} us encoding the entries' tuples, {bare:.2f} us without "
+          f"history (ratio tuples / kept {tuples / kept:.1f}x); memory per full history "
+          f"{kept_bytes:,.0f} B kept encoded, {tuple_bytes:,.0f} B as tuples")
     if not args.skip_memory:
         per_device = memory(args.memory_devices)
         print(f"memory: {per_device:.0f} bytes/device for {args.memory_devices:,} devices "
