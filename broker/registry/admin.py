@@ -29,7 +29,9 @@ class AdminDatabase:
             prepare_directory(data_dir)
         elif not os.path.isdir(data_dir):
             raise errors.StoreError(f"no data directory {data_dir}")
-        self._conn = connect(database_path(data_dir), create=create)
+        # A broker of the older version may be running on an older file: only
+        # a starting broker migrates it.
+        self._conn = connect(database_path(data_dir), create=create, migrate=False)
         self._random_bytes = random_bytes
         self._now = now
 

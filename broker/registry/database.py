@@ -106,8 +106,13 @@ def prepare_directory(data_dir):
         raise StoreError(f"cannot create data directory {data_dir}: {e.strerror}") from None
 
 
-def connect(path, *, create=True, synchronous="FULL"):
-    """Open (or create, private 0600) the registry database at ``path``, checked."""
+def connect(path, *, create=True, synchronous="FULL", migrate=True):
+    """Open (or create, private 0600) the registry database at ``path``, checked.
+
+    An older schema of ours is brought up to date only with ``migrate``: the
+    broker does it as it starts; broker-admin refuses instead, as a broker
+    of the older version may still be running on the file.
+    """
     fresh = not os.path.exists(path) or os.path.getsize(path) == 0
     if fresh and not create:
         raise StoreError(f"no registry database at {path}")
@@ -153,6 +158,10 @@ def connect(path, *, create=True, synchronous="FULL"):
             raise StoreError(f"{path} belongs to another program (application_id {app_id:#x}); "
                              "refusing to touch it")
         if user_version in MIGRATIONS:
+            if not migrate:
+                raise StoreError(f"{path} has registry schema {user_version}, older than this "
+                                 f"version's {SCHEMA_VERSION}: start the broker (this version) "
+                                 "once to upgrade it, then run this again")
             user_version = _migrate(conn)
         if user_version != SCHEMA_VERSION:
             raise StoreError(f"{path} has registry schema {user_version}; this broker "

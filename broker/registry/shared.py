@@ -179,12 +179,9 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
             return None
         record = dev.session
         if type(record) is bytes:
-            try:
-                record = decode_record(record)
-            except errors.StoreError:
-                self.log.failure("damaged session record of device {number}",
-                                 number=device_number)
-                record = None
+            # A damaged one raises StoreError, every time: a session must
+            # never start over a record it cannot read (its sequence numbers).
+            record = decode_record(record)
             dev.session = record
         return record
 

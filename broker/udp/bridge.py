@@ -25,6 +25,10 @@ from broker.udp.convert import (desired_state, encode_commands, encode_state, ne
 REFUSALS = (errors.InvalidKey, errors.InvalidValue, errors.StateTooLarge)
 
 
+#: ``_current_record``: the device's record belongs to another session.
+_OTHER_SESSION = object()
+
+
 def _unless_failed(result, failed):
     """A record's Deferred: fails if the reports committed before it did not store."""
     if failed:
@@ -53,7 +57,11 @@ class RegistryBridge:
         return self.registry.secret_for(device_number)
 
     def record(self, device_number: int) -> SessionRecord | None:
-        """The device's persisted session record (latest written), or None."""
+        """The device's persisted session record (latest written), or None.
+
+        StoreError for a record that cannot be read: never start a session
+        over it (a new one with its id would use its sequence numbers again).
+        """
         return self.registry.session_record(device_number)
 
     def name(self, device_number: int) -> str | None:
@@ -72,9 +80,12 @@ class RegistryBridge:
 
     def _outgoing(self, live):
         """The broker's outgoing state as records must keep it: with the
-        commands whose own record write is still on its way."""
+        commands whose own record write is still on its way (this session's
+        only: a device's next session starts without them)."""
         unsent = self._unsent.get(live.number)
-        return live.session.local_state if unsent is None else unsent
+        if unsent is None or unsent[0] is not live:
+            return live.session.local_state
+        return unsent[1]
 
     def _save(self, live, num: int, state: bytes) -> defer.Deferred:
         """Write the session record: id, the device's newest durable state, the
@@ -94,13 +105,19 @@ class RegistryBridge:
         or the restarted broker would give its index to another command.
         """
         number = live.number
+        if self._current_record(live) is _OTHER_SESSION:
+            # The record is another session's (the device moved on, maybe to
+            # another process): writing ours would overwrite it.
+            return defer.succeed(None)
         unsent = self._unsent.get(number)
-        state = (live.session.local_state if unsent is None else unsent).with_events(*commands)
-        self._unsent[number] = state
+        base = live.session.local_state if unsent is None or unsent[0] is not live else unsent[1]
+        state = base.with_events(*commands)
+        self._unsent[number] = (live, state)
         return self._save_current(live).addBoth(self._commands_written, number, state)
 
     def _commands_written(self, result, number: int, state):
-        if self._unsent.get(number) is state:
+        unsent = self._unsent.get(number)
+        if unsent is not None and unsent[1] is state:
             del self._unsent[number]   # later writes take the session's state again
         return state if not isinstance(result, Failure) else result
 
@@ -114,16 +131,25 @@ class RegistryBridge:
                                remote_seq=live.session.expected_seq)
         return self.registry.save_session(live.number, record)
 
-    def mark(self, device_number: int, session_id: int, expected_seq: int) -> None:
+    def mark(self, device_number: int, session_id: int, expected_seq: int,
+             outgoing) -> None:
         """Persist a session's device sequence mark as it leaves memory (evicted):
-        a datagram captured before cannot resume it later. Best effort: the
-        record's older mark still holds if this write fails."""
-        current = self.registry.session_record(device_number)
-        if (current is None or current.session_id != session_id
-                or current.remote_seq >= expected_seq):
+        a datagram captured before cannot resume it later. ``outgoing`` is the
+        session's own outgoing state (not the record's, which may hold commands
+        whose write failed). Best effort: the older mark holds if this fails."""
+        try:
+            current = self.registry.session_record(device_number)
+        except errors.StoreError:
             return
-        self.registry.save_session(device_number, replace(current, remote_seq=expected_seq)
-                                   ).addErrback(self._mark_failed, device_number)
+        if current is None or current.session_id != session_id:
+            return
+        commands = encode_commands(outgoing)
+        if current.remote_seq >= expected_seq and current.local_state == commands:
+            return
+        record = replace(current, remote_seq=max(expected_seq, current.remote_seq),
+                         local_state=commands)
+        self.registry.save_session(device_number, record).addErrback(
+            self._mark_failed, device_number)
 
     def _mark_failed(self, failure, device_number: int) -> None:
         self.log.failure("sequence mark of device {number} not written", failure,
@@ -133,11 +159,22 @@ class RegistryBridge:
         """Persist a higher sequence reservation of the live session."""
         return self._save_current(live)
 
+    def _current_record(self, live):
+        """The device's record if it is this session's; None if there is none
+        (or it cannot be read); _OTHER_SESSION if it is another session's."""
+        try:
+            current = self.registry.session_record(live.number)
+        except errors.StoreError:
+            return None
+        if current is None:
+            return None
+        return current if current.session_id == live.session_id else _OTHER_SESSION
+
     def _save_current(self, live) -> defer.Deferred:
         """Write the record again, with the device state it holds (or none,
         if it is another session's)."""
-        current = self.registry.session_record(live.number)
-        if current is None or current.session_id != live.session_id:
+        current = self._current_record(live)
+        if current is None or current is _OTHER_SESSION:
             return self._save(live, 0, b"")
         return self._save(live, current.acked_remote_num, current.acked_remote_state)
 

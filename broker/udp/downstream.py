@@ -65,10 +65,15 @@ class Downstream:
         too (until the device starts a new session).  TypeError/ValueError
         for a command an SSP state cannot carry.
         """
-        live = self._table.live(device_number, self._now()) if commands else None
+        now = self._now()
+        live = self._table.live(device_number, now) if commands else None
         if live is None:
             return None
-        d = self._bridge.queue_commands(live, commands)
+        try:
+            d = self._bridge.queue_commands(live, commands)
+        except (TypeError, ValueError):
+            self._table.settle(live, now)   # unparked for nothing: may park again
+            raise
         live.writes += 1   # keeps the session live (not parked) until then
         return d.addBoth(self._commands_durable, live)
 
@@ -77,8 +82,8 @@ class Downstream:
         if isinstance(result, Failure):
             self.counters["store_failures"] += 1
             return result
-        if self._table.get(live.number) is not live:
-            return False
+        if result is None or self._table.get(live.number) is not live:
+            return False   # the session ended, or its record is another's
         now = self._now()
         session = live.session
         current = session.local_state

@@ -23,6 +23,7 @@ from collections import Counter
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from broker.registry.errors import StoreError
 from broker.ssp import events as ssp_events
 from broker.ssp.crypto import OVERHEAD
 from broker.ssp.datagram import TIMESTAMP_SIZE
@@ -256,7 +257,12 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             return
         record = None
         if entry is None:
-            record = bridge.record(number)
+            try:
+                record = bridge.record(number)
+            except StoreError:
+                self.log.error("session record of device {number} cannot be read", number=number)
+                self._drop(EndpointDrop.BAD_RECORD)
+                return
             if record is not None and session_id < record.session_id:
                 self._drop(EndpointDrop.OLD_SESSION)
                 return

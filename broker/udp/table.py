@@ -205,8 +205,12 @@ class SessionTable:
                 # Its record is durable and complete: a returning device
                 # resumes from it, and the memory goes back to the pool.
                 # The record keeps where the device's numbering stood.
-                self.bridge.mark(number, entry.session_id, entry.expected_seq()
-                                 if type(entry) is Parked else entry.session.expected_seq)
+                if type(entry) is Parked:
+                    self.bridge.mark(number, entry.session_id, entry.expected_seq(), entry.local)
+                else:
+                    session = entry.session
+                    self.bridge.mark(number, entry.session_id, session.expected_seq,
+                                     session.local_state)
                 self.drop(number)
                 self.counters["sessions_evicted"] += 1
         due = self.presence.next_due()

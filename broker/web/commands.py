@@ -103,7 +103,8 @@ class CommandSender:
         once another process heard the relayed command. Failures are
         CommandRefused: 409 device_offline (no process holds a session, or it
         ended meanwhile), 503 relay_failed (Redis did not take it), 503
-        store_error (the record write failed; the command may not arrive).
+        store_error (the record write failed; its fate is unknown, as after a
+        timeout).
         """
         try:
             answer = self._send(name, command)
@@ -157,8 +158,8 @@ class CommandSender:
     def _store_failed(self, failure, name: str):
         self.log.failure("command for {name} not written to its session record", failure,
                          name=name)
-        raise CommandRefused(503, "store_error", "the command could not be made durable "
-                             "and may not reach the device; retry")
+        raise CommandRefused(503, "store_error", "the command could not be made durable; "
+                             "it may or may not reach the device")
 
     @staticmethod
     def relay_answer(receivers: int, name: str) -> dict:

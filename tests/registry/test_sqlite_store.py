@@ -29,7 +29,8 @@ class SQLiteRegistryTests(TestCase):
     @defer.inlineCallbacks
     def test_schema_1_is_migrated(self):
         """A database of schema 1 (no sequence mark in session records) is brought to
-        the current schema; its records load with mark 0 and take marks from then on."""
+        the current schema by a starting broker (broker-admin refuses: an older broker
+        may still run on it); its records load with mark 0 and take marks from then on."""
         registry = self.open()
         prov = yield registry.add_device("a")
         yield registry.save_session(prov.device_number, SessionRecord(9, seq_reservation=64))
@@ -39,6 +40,9 @@ class SQLiteRegistryTests(TestCase):
         conn.execute("PRAGMA user_version = 1")
         conn.commit()
         conn.close()
+        with self.assertRaises(errors.StoreError) as caught:
+            AdminDatabase(self.data_dir)           # broker-admin never migrates
+        self.assertIn("start the broker", str(caught.exception))
         again = self.open()
         self.assertEqual(again.session_record(prov.device_number),
                          SessionRecord(9, seq_reservation=64, remote_seq=0))

@@ -25,11 +25,12 @@ class _FailingSessions(MemoryStore):
 
 class DurableCommandTests(SynchronousTestCase):
 
-    def setUp(self, store=None):
+    def setUp(self, store=None, rekey_after=75.0):
         self.h = Harness(self, store=store)
         self.device = self.h.provision("dev")
         self.got = []
-        self.node = self.h.node(self.device, on_command=self.got.append)
+        self.node = self.h.node(self.device, on_command=self.got.append,
+                                rekey_after=rekey_after)
         self.h.run(1.0)
 
     def send(self, *commands):
@@ -100,6 +101,23 @@ class DurableCommandTests(SynchronousTestCase):
         kept = self.record_commands()
         self.assertEqual((kept.event_base, kept.events_since(0)), (2, ()))
 
+    def test_a_new_session_takes_no_command_of_the_old_one(self):
+        """A command whose write was pending when the device started a new session is
+        answered False (409) and reaches neither the new session nor its record."""
+        number = self.device.device_number
+        self.h.store.hold()
+        old = self.send("old-cmd")
+        self.node.start(self.h.clock.seconds())       # a reboot: a new session id
+        self.h.step()
+        new = self.send("new-cmd")
+        self.h.store.release()
+        self.assertIs(self.successResultOf(old), False)
+        self.assertIs(self.successResultOf(new), True)
+        self.h.run(2.0)
+        self.assertEqual(self.got, ["new-cmd"])
+        record = self.h.registry.session_record(number)
+        self.assertNotIn("old-cmd", decode_state(record.local_state).events_since(0))
+
     def test_no_session_no_deferred(self):
         """A device without a session here gets None (the caller relays or refuses)."""
         other = self.h.provision("other")
@@ -110,7 +128,8 @@ class FailedCommandWriteTests(SynchronousTestCase):
 
     def setUp(self):
         self.store = _FailingSessions()
-        DurableCommandTests.setUp(self, store=self.store)
+        # The node keeps its session however long the broker is silent.
+        DurableCommandTests.setUp(self, store=self.store, rekey_after=1e6)
 
     send = DurableCommandTests.send
 
@@ -126,3 +145,20 @@ class FailedCommandWriteTests(SynchronousTestCase):
         self.h.run(1.0)
         self.assertEqual(self.got, ["kept"])
         self.assertEqual(self.h.endpoint.counters["store_failures"], 1)
+
+    def test_failed_command_is_not_written_back_when_the_session_leaves_memory(self):
+        """The record cached after a failed write still names the command; the sequence
+        mark written as the session is evicted takes the session's own state instead, so a
+        returning device does not get it."""
+        self.store.failing = True
+        self.failureResultOf(self.send("failed-cmd"), StoreError)
+        self.store.failing = False
+        address = self.h.address_of(self.node)
+        del self.h.nodes[address]
+        self.h.run(self.h.settings.offline_after + 5.0, dt=0.5)
+        self.assertIsNone(self.h.endpoint.entry_of(self.device.device_number))
+        self.h.nodes[address] = self.node
+        self.node.report({"back": 1}, self.h.clock.seconds())
+        self.h.run(3.0)
+        self.assertEqual(self.h.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(self.got, [])

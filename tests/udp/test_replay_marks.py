@@ -4,6 +4,8 @@ restarted) neither resumes the session nor points it at the replayer."""
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from broker.registry.errors import StoreError
+
 from .helpers import Harness
 
 ATTACKER = ("127.0.0.66", 6666)
@@ -80,3 +82,18 @@ class ReplayMarkTests(SynchronousTestCase):
         self.h.run(1.0)
         self.assertEqual(dict(self.h.registry.device("dev").reported), {"v": 4})
         self.assertTrue(self.h.registry.device("dev").online)
+
+    def test_unreadable_record_starts_no_session(self):
+        """A session record that cannot be read (damaged, or written by a newer broker)
+        drops the datagram: a session started over it would reuse its sequence numbers."""
+        h2 = self.h.restart()
+
+        def damaged(number):
+            raise StoreError("damaged session record")
+        h2.registry.session_record = damaged
+        for data, _ in self.captured:
+            h2.endpoint.datagramReceived(data, self.h.address_of(self.node))
+        self.assertEqual(h2.endpoint.drops["bad_record"], len(self.captured))
+        self.assertEqual(len(h2.endpoint), 0)
+        self.assertEqual(h2.transport.written, [])
+        self.flushLoggedErrors()
