@@ -30,6 +30,8 @@ costs and why the cursor needs it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import cbor2
 
 from .database import decode_state
@@ -66,9 +68,25 @@ def encode_record(record):
                         record.remote_seq])
 
 
+#: The type of each field a session record has in this version; a newer
+#: broker's record may carry more after them (ignored), an older one's fewer
+#: (their defaults).
+_RECORD_TYPES = tuple(int if field.type in (int, "int") else bytes
+                      for field in dataclasses.fields(SessionRecord))
+_RECORD_FIELDS = len(_RECORD_TYPES)
+
+
 def decode_record(blob):
+    """The SessionRecord of ``encode_record``'s bytes; StoreError if damaged."""
     try:
-        return SessionRecord(*cbor2.loads(blob))
+        items = cbor2.loads(blob)
+        if type(items) is not list or not items:
+            raise TypeError(f"a {type(items).__name__}, not an array of fields")
+        items = items[:_RECORD_FIELDS]
+        for item, kind in zip(items, _RECORD_TYPES):
+            if type(item) is not kind:
+                raise TypeError(f"a field is a {type(item).__name__}, not {kind.__name__}")
+        return SessionRecord(*items)
     except (cbor2.CBORError, TypeError, ValueError) as e:
         raise StoreError(f"damaged session record in Redis: {e}") from None
 

@@ -3,6 +3,7 @@
 import cbor2
 from twisted.trial.unittest import SynchronousTestCase
 
+from broker.registry.errors import StoreError
 from broker.registry.model import SessionRecord
 from broker.registry.redis_layout import decode_record, encode_record
 
@@ -21,3 +22,13 @@ class SessionRecordEncodingTests(SynchronousTestCase):
         old = cbor2.dumps([7, 2, b"\xa0", 0, b"", 4096])
         self.assertEqual(decode_record(old),
                          SessionRecord(7, 2, b"\xa0", 0, b"", 4096, remote_seq=0))
+
+    def test_newer_records_decode(self):
+        """A record with more items (written by a newer broker) reads with the known ones."""
+        newer = cbor2.dumps([7, 2, b"\xa0", 0, b"", 4096, 33, "a later field"])
+        self.assertEqual(decode_record(newer), SessionRecord(7, 2, b"\xa0", 0, b"", 4096, 33))
+
+    def test_damaged_records_are_store_errors(self):
+        """Bytes that are not a record array raise StoreError, never a bare exception."""
+        for blob in (b"\xff", cbor2.dumps({"a": 1}), cbor2.dumps(["x"])):
+            self.assertRaises(StoreError, decode_record, blob)
