@@ -2,6 +2,8 @@
 restart delivers the ones the device had not acknowledged, once, and never
 gives a used event index to another command."""
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -162,3 +164,54 @@ class FailedCommandWriteTests(SynchronousTestCase):
         self.h.run(3.0)
         self.assertEqual(self.h.endpoint.counters["sessions_resumed"], 1)
         self.assertEqual(self.got, [])
+
+
+class CommandPropertyTests(SynchronousTestCase):
+    """Any interleaving of commands, lost replies and broker restarts (kill -9
+    style, over the same store) delivers every queued command exactly once, in
+    order."""
+
+    @settings(max_examples=25, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.one_of(st.tuples(st.just("command"), st.integers(1, 3)),
+                              st.tuples(st.just("run"), st.sampled_from([0.05, 0.3, 1.0])),
+                              st.tuples(st.just("lose_replies"), st.booleans()),
+                              st.tuples(st.just("restart"), st.just(0))),
+                    min_size=1, max_size=12))
+    def test_exactly_once_in_order(self, steps):
+        """Every command whose send succeeded arrives once, in the order sent."""
+        h = Harness(self)
+        device = h.provision("dev")
+        got = []
+        node = h.node(device, on_command=got.append, rekey_after=1e6)
+        h.run(1.0)
+        sent = []
+        lost = [False]
+        counter = iter(range(10_000))
+
+        def wire(harness):
+            write = harness.transport.write
+            harness.transport.write = (
+                lambda data, addr: None if lost[0] else write(data, addr))
+        wire(h)
+        for kind, value in steps:
+            if kind == "command":
+                names = [f"c{next(counter)}" for _ in range(value)]
+                d = h.endpoint.send_command(device.device_number, *names)
+                if d is not None and self.successResultOf(d):
+                    sent.extend(names)
+            elif kind == "run":
+                h.run(value)
+            elif kind == "lose_replies":
+                lost[0] = value
+            else:
+                nodes = h.nodes
+                h = h.restart()
+                h.nodes = nodes
+                wire(h)
+                node.report({"after": next(counter)}, h.clock.seconds())
+        lost[0] = False
+        node.report({"end": True}, h.clock.seconds())
+        h.run(5.0, dt=0.05)
+        self.assertEqual(got, sent)
+        self.assertEqual(node.sessions_started, 1)
