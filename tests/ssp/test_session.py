@@ -64,6 +64,18 @@ def restarted_broker(ciphers, now, resume, **options):
         resume=resume, **options)
 
 
+def recorded_link(link_type=Link, **options):
+    """A device and a broker session (broker_pair at t=10, options such as
+    ack_requires_confirm) joined by ``link_type``, every sealed nonce recorded,
+    the device's first state ({"a": 1}) set. Returns (ciphers, device,
+    broker, link)."""
+    ciphers = RecordingCiphers()
+    device, broker = broker_pair(10.0, ciphers=ciphers, **options)
+    link = link_type(device, broker)
+    device.set_local_state(DeviceState.empty().with_values({"a": 1}), 10.0)
+    return ciphers, device, broker, link
+
+
 def decode_out(session, data):
     """The instruction inside one of ``session``'s outgoing datagrams."""
     if session.framing is not None:
@@ -475,11 +487,8 @@ class SessionTests(SynchronousTestCase):
         """A broker rebuilt from persisted facts continues the session: no
         sequence number reused, new state numbers above the old ones, the
         device's next state accepted."""
-        ciphers = RecordingCiphers()
-        device, broker = broker_pair(10.0, ciphers=ciphers)
-        link = Link(device, broker)
+        ciphers, device, broker, link = recorded_link()
         empty = DeviceState.empty()
-        device.set_local_state(empty.with_values({"a": 1}), 10.0)
         broker.set_local_state(empty.with_values({"cmd": "x"}), 10.0)
         link.run_until(12.0, 10.0)
         floor = broker.next_seq + 10  # the persisted reservation
@@ -504,12 +513,8 @@ class SessionTests(SynchronousTestCase):
         """If the broker made a state durable but crashed before acking it,
         the device still sends diffs from an older state; the resumed broker
         acks the durable state on first contact so the device moves on."""
-        ciphers = RecordingCiphers()
-        device, broker = broker_pair(10.0, ciphers=ciphers,
-                                     ack_requires_confirm=True)
-        link = Link(device, broker)
+        ciphers, device, broker, link = recorded_link(ack_requires_confirm=True)
         empty = DeviceState.empty()
-        device.set_local_state(empty.with_values({"a": 1}), 10.0)
         link.run_until(10.05, 10.0)
         [first] = of_type(link.broker_events, events.StateReceived)
         broker.confirm_durable(first.num)
@@ -539,12 +544,9 @@ class SessionTests(SynchronousTestCase):
         device's acknowledged front (a heartbeat acked as unchanged, not
         persisted); the resumed broker applies the device's diffs from that
         front to the persisted state, which has the same content."""
-        ciphers = RecordingCiphers()
-        device, broker = broker_pair(10.0, ciphers=ciphers,
-                                     ack_requires_confirm=True)
-        link = ConfirmingLink(device, broker)
+        ciphers, device, broker, link = recorded_link(ConfirmingLink,
+                                                      ack_requires_confirm=True)
         empty = DeviceState.empty()
-        device.set_local_state(empty.with_values({"a": 1}), 10.0)
         link.run_until(11.0, 10.0)
         [persisted] = of_type(link.broker_events, events.StateReceived)
         link.run_until(40.0, 11.0)  # a heartbeat, acked as unchanged
@@ -687,12 +689,9 @@ class ParkTests(SynchronousTestCase):
     """Idle sessions reduced to plain values and rebuilt."""
 
     def settle(self):
-        ciphers = RecordingCiphers()
-        device, broker = broker_pair(10.0, ciphers=ciphers,
-                                     ack_requires_confirm=True)
-        link = ConfirmingLink(device, broker)
+        ciphers, device, broker, link = recorded_link(ConfirmingLink,
+                                                      ack_requires_confirm=True)
         empty = DeviceState.empty()
-        device.set_local_state(empty.with_values({"a": 1}), 10.0)
         broker.set_local_state(empty.with_values({"led": 1}), 10.0)
         link.run_until(12.0, 10.0)
         return ciphers, device, broker, link
