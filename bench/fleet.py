@@ -402,29 +402,16 @@ def child_bare_clients(port: int, devices: int, seconds: float) -> None:
 
 def child_million(devices: int) -> None:
     """N idle devices in one process through the endpoint's real datagram path."""
-    from twisted.internet import defer
     from twisted.internet.task import Clock
 
     from broker.config import SSPSettings
     from broker.node.client import node_profile
     from broker.node.session import NodeSession
     from broker.node.session_ids import SessionIds
-    from broker.registry import DeviceRegistry, RegistrySettings, Store
-    from broker.registry.store import Loaded
+    from bench._stores import NullStore
+    from broker.registry import DeviceRegistry, RegistrySettings
     from broker.ssp.crypto import CipherCache
     from broker.udp.endpoint import SSPEndpoint
-
-    class NullStore(Store):
-        """Acknowledges every write at once and keeps nothing."""
-
-        def load(self):
-            return Loaded()
-
-        def write(self, op, result=None):
-            return defer.succeed(result)
-
-        def barrier(self, result=None):
-            return defer.succeed(result)
 
     class Discard:
         def write(self, data, addr):
