@@ -55,7 +55,8 @@ for i = 1, k do
                'o', origin)
   end
 end
-if k > 0 then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob) end
+if k > 0 and record ~= '' then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob, 'r', record)
+elseif k > 0 then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob) end
 if holder and held ~= '' then
   local old = redis.call('HGET', KEYS[1], 'h')
   if old and old ~= holder then redis.call('SREM', held .. old, number) end
@@ -65,13 +66,11 @@ if holder and held ~= '' then
     redis.call('SADD', held .. holder, number)
   end
 end
-if record ~= '' then
+if record ~= '' and k == 0 then
   redis.call('HSET', KEYS[1], 'r', record)
-  if k == 0 then
-    local top = redis.call('GET', KEYS[2]) or '0'
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, top .. '-*', 't', 'r', 'n', number,
-               'r', record, 'o', origin)
-  end
+  local top = redis.call('GET', KEYS[2]) or '0'
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, top .. '-*', 't', 'r', 'n', number,
+             'r', record, 'o', origin)
 end
 return {'ok', first, v}
 """
