@@ -89,8 +89,11 @@ class RTTEstimator:
 
     @property
     def rto(self) -> float:
-        rto_ms = math.ceil(self._srtt_ms + 4 * self._rttvar_ms)
-        return min(max(rto_ms / 1000, self.MIN_RTO), self.MAX_RTO)
+        # Read once or twice per datagram: a clamp without min()/max().
+        rto = math.ceil(self._srtt_ms + 4 * self._rttvar_ms) / 1000
+        if rto < _MIN_RTO:
+            return _MIN_RTO
+        return _MAX_RTO if rto > _MAX_RTO else rto
 
     def add_sample_ms(self, r: float) -> bool:
         """Feed one sample in ms; returns False if it was ignored (>= 5 s)."""
@@ -113,6 +116,8 @@ class RTTEstimator:
 
 _INITIAL_SRTT_MS = RTTEstimator.INITIAL_SRTT * 1000
 _INITIAL_RTTVAR_MS = RTTEstimator.INITIAL_RTTVAR * 1000
+_MIN_RTO = RTTEstimator.MIN_RTO
+_MAX_RTO = RTTEstimator.MAX_RTO
 
 
 class DatagramLayer:

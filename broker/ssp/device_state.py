@@ -20,13 +20,13 @@ these (maps with text keys, null allowed inside), nested at most
 read-only mappings) so states can share them.
 """
 
-import io
 from collections.abc import Mapping
 from math import copysign
 from types import MappingProxyType
 
 import cbor2
 
+from broker.ssp.cbor import OneItemDecoder
 from broker.ssp.state import EMPTY_DIFF, EventQueue, bad_diff
 
 #: How deep arrays and maps may nest inside one value or event.
@@ -121,45 +121,8 @@ def same(a, b) -> bool:
     return a == b
 
 
-_BytesIO = io.BytesIO
-_CBORDecoder = cbor2.CBORDecoder
-_NOT_CBOR = (cbor2.CBORError, ValueError, TypeError, OverflowError,
-             LookupError, RecursionError)
-# The diff map and the values map add two levels to MAX_DEPTH.
-_DECODE_DEPTH = MAX_DEPTH + 3
-
-
-# Idle decoders for reuse: building a CBORDecoder costs about half of a
-# whole diff's decoding, and a decoder keeps nothing from one decode() to
-# the next (tests/ssp/test_device_state.py checks that). Taking one from
-# the list and putting it back are atomic, so threads never share one; one
-# that failed is not put back.
-_decoders: list = []
-
-
-def _decode_one(data: bytes):
-    """Exactly one CBOR item from ``data``, else DatagramDropped(BAD_DIFF).
-
-    A decoder over a stream, not ``cbor2.loads``: loads ignores bytes after
-    the item, the stream's position tells.
-    """
-    stream = _BytesIO(data)
-    try:
-        decoder = _decoders.pop()
-    except IndexError:
-        decoder = _CBORDecoder(stream, max_depth=_DECODE_DEPTH,
-                               allow_duplicate_keys=False)
-    else:
-        decoder.fp = stream
-    try:
-        item = decoder.decode()
-    except _NOT_CBOR as error:
-        raise bad_diff(f"not CBOR: {error}") from None
-    _decoders.append(decoder)
-    if stream.tell() != len(data):
-        raise bad_diff(
-            f"{len(data) - stream.tell()} bytes after the CBOR item")
-    return item
+# One diff, exactly (the diff map and the values map add two levels).
+_decode_one = OneItemDecoder(max_depth=MAX_DEPTH + 3).decode
 
 
 class DeviceState(EventQueue):
@@ -291,7 +254,10 @@ class DeviceState(EventQueue):
         changed = {}
         for key, value in mine.items():
             previous = old.get(key, _MISSING)
-            if previous is _MISSING or not same(previous, value):
+            # (Unchanged values are mostly the very same object: states
+            # share them.)
+            if previous is not value and (previous is _MISSING
+                                          or not same(previous, value)):
                 changed[key] = value
         for key in old:
             if key not in mine:
@@ -305,10 +271,16 @@ class DeviceState(EventQueue):
         body = _decode_one(diff if type(diff) is bytes else bytes(diff))
         if type(body) is not dict:
             raise bad_diff(f"diff is a {type(body).__name__}, not a map")
+        patch = body.get(VALUES_KEY, _MISSING)
+        if patch is not _MISSING and len(body) == 1:
+            # The usual diff, changed values only: no other key to check.
+            values = self._apply_patch(patch)
+            if values is self._values:
+                return self
+            return _make(values, self._events, self._event_base)
         if not body.keys() <= _DIFF_KEYS:
             key = next(key for key in body if key not in _DIFF_KEYS)
             raise bad_diff(f"unknown diff key {key!r}")
-        patch = body.get(VALUES_KEY, _MISSING)
         values = (self._values if patch is _MISSING
                   else self._apply_patch(patch))
         if FIRST_EVENT_KEY in body or EVENTS_KEY in body:

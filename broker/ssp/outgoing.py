@@ -11,9 +11,11 @@ reuses a nonce); the session asks its owner for more in time with
 ``broker.ssp.parking.Parking``: no extra call per datagram.
 """
 
+import struct
+
 from broker.ssp import events
 from broker.ssp.flags import SEQ_REQUESTED
-from broker.ssp.fragment import MAX_FRAGMENTS, Fragment
+from broker.ssp.fragment import FINAL_BIT, MAX_FRAGMENTS, Fragment
 from broker.ssp.framing import HEADER_SIZE
 from broker.ssp.instruction import (MTU_IPV4, MTU_IPV6, encode_instruction,
                                     fragment_payload_size)
@@ -25,10 +27,13 @@ __all__ = ["Outgoing", "SEQ_RESERVATION_BLOCK", "SEQ_REQUESTED"]
 SEQ_RESERVATION_BLOCK = 4096
 
 
+_fragment_header = struct.Struct(">QH").pack
 _PAYLOAD_IPV4 = {0: fragment_payload_size(MTU_IPV4, 0),
                  HEADER_SIZE: fragment_payload_size(MTU_IPV4, HEADER_SIZE)}
 _PAYLOAD_IPV6 = {0: fragment_payload_size(MTU_IPV6, 0),
                  HEADER_SIZE: fragment_payload_size(MTU_IPV6, HEADER_SIZE)}
+_SMALLEST_PAYLOAD = {size: min(_PAYLOAD_IPV4[size], _PAYLOAD_IPV6[size])
+                     for size in _PAYLOAD_IPV4}
 
 
 def _payload_size(address, header_size: int) -> int:
@@ -65,13 +70,17 @@ class Outgoing:
     def _send_instruction(self, inst, address, now: float) -> list:
         compressed = encode_instruction(inst)
         header = self._header
-        size = _payload_size(address, HEADER_SIZE if header else 0)
-        count = -(-len(compressed) // size)
-        if count > MAX_FRAGMENTS:
-            # A mosh peer aborts on fragment numbers of 15 bits or more.
-            raise ValueError(f"instruction needs {count} fragments; states "
-                             f"must diff to under {MAX_FRAGMENTS * size} "
-                             "compressed bytes")
+        header_size = HEADER_SIZE if header else 0
+        if len(compressed) <= _SMALLEST_PAYLOAD[header_size]:
+            count = 1  # one fragment, whatever the address family
+        else:
+            size = _payload_size(address, header_size)
+            count = -(-len(compressed) // size)
+            if count > MAX_FRAGMENTS:
+                # A mosh peer aborts on fragment numbers of 15 bits or more.
+                raise ValueError(f"instruction needs {count} fragments; "
+                                 "states must diff to under "
+                                 f"{MAX_FRAGMENTS * size} compressed bytes")
         link = self._link
         reserved = self._seq_reserved
         if reserved is not None:
@@ -91,8 +100,13 @@ class Outgoing:
         fragment_id = link.next_seq + 1
         cipher = self._ciphers.get(self._key)
         prefix = header or b""
-        last = count - 1
+        if count == 1:
+            # The usual case, Fragment(fragment_id, 0, True, compressed)
+            # .encode() written out.
+            payload = _fragment_header(fragment_id, FINAL_BIT) + compressed
+            return [(link.encode(cipher, payload, now, prefix), address)]
         out = []
+        last = count - 1
         for number in range(count):
             payload = Fragment(fragment_id, number, number == last,
                                compressed[number * size:(number + 1) * size]

@@ -91,22 +91,24 @@ class Receiver:
         quench time, or a diff the state refuses (BAD_DIFF).
         """
         states = self._states
+        size = len(states)
+        newest_num = states[size - _STRIDE + _NUM]
         new_num = inst.new_num
         old_num = inst.old_num
         reference = None
         borrowed = False  # the reference is not in the list
-        if new_num > states[-_STRIDE + _NUM]:
+        if new_num > newest_num:
             # The usual case: a new newest state (so not a duplicate: the
             # list is sorted), mostly from the newest one held.
-            if old_num == states[-_STRIDE + _NUM]:
-                reference = states[-_STRIDE + _STATE]
+            if old_num == newest_num:
+                reference = states[size - _STRIDE + _STATE]
             else:
-                for index in range(_NUM, len(states), _STRIDE):
+                for index in range(_NUM, size, _STRIDE):
                     if states[index] == old_num:
                         reference = states[index + 1]
                         break
         else:
-            for index in range(_NUM, len(states), _STRIDE):
+            for index in range(_NUM, size, _STRIDE):
                 num = states[index]
                 if num == new_num:
                     return None  # duplicate: we already have this state
@@ -122,30 +124,29 @@ class Receiver:
                 # hold; this is how idempotency is enforced.
                 raise DatagramDropped(
                     DropReason.UNKNOWN_REFERENCE,
-                    f"state {old_num} is not held (newest {states[-2]})")
+                    f"state {old_num} is not held (newest {newest_num})")
             borrowed = True
         throwaway = inst.throwaway_num
-        if throwaway > states[-_STRIDE + _NUM] and not borrowed:
+        if throwaway > newest_num and not borrowed:
             # mosh would erase every state and abort. (A diff from a state
             # not in the list, the empty one or a resumed alias, may come
             # from a sender whose front we lost: it becomes the only state.)
             raise DatagramDropped(
                 DropReason.BAD_THROWAWAY,
                 f"throwaway {throwaway} above every state held "
-                f"(newest {states[-2]})")
+                f"(newest {newest_num})")
         keep_from = 0
-        while keep_from < len(states) and states[keep_from] < throwaway:
+        while keep_from < size and states[keep_from] < throwaway:
             keep_from += _STRIDE
         quench = False
-        if (len(states) - keep_from) // _STRIDE > profile.received_states_cap:
+        if (size - keep_from) // _STRIDE > profile.received_states_cap:
             if now < self._quench_until:
                 # Rather than drop states from the middle (and maybe one we
                 # acknowledged), refuse to grow: a malicious sender or long
                 # one-way connectivity.
                 raise DatagramDropped(
                     DropReason.QUEUE_FULL,
-                    f"{len(states) // _STRIDE} states held, "
-                    f"refusing {new_num}")
+                    f"{size // _STRIDE} states held, refusing {new_num}")
             quench = True
         new_state = reference
         if inst.diff:
@@ -162,7 +163,7 @@ class Receiver:
         unchanged = new_state is reference and reference is states[-1]
         # Lists are rebuilt at their exact size rather than resized: an idle
         # session keeps them.
-        if keep_from == len(states):
+        if keep_from == size:
             self._states = [new_num, new_state]
             if self._tracks_accepted:
                 self._accepted(new_num)
@@ -171,7 +172,7 @@ class Receiver:
             self._states = states = states[keep_from:]
             self._rationalize()
         new_state = new_state.subtract(states[_STATE])
-        if new_num > states[-_STRIDE + _NUM]:
+        if new_num > newest_num:
             self._states = states + [new_num, new_state]
             if self._tracks_accepted:
                 self._accepted(new_num)

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 
-from broker.ssp.instruction import UINT64_MAX, Instruction
+from broker.ssp.instruction import PROTOCOL_VERSION, UINT64_MAX, Instruction
 
 __all__ = ["Sender", "NEVER", "make_chaff", "CHAFF_MAX"]
 
@@ -35,6 +35,7 @@ PROSPECTIVE_RESEND_LIMIT = 1000
 PROSPECTIVE_RESEND_SLACK = 100
 
 _TIME, _NUM, _STATE, _STRIDE = 0, 1, 2, 3
+_new_instruction = tuple.__new__
 
 
 def make_chaff(random_bytes) -> bytes:
@@ -149,10 +150,16 @@ class Sender:
         """The application's live state (sent at the next due tick)."""
         sent = self._sent
         state = state.subtract(sent[_STATE])
-        for kept in (self.current, sent[-1], sent[_STATE]):
-            if state is kept or state == kept:
-                state = kept  # one object per value: compare by identity
-                break
+        current, back, front = self.current, sent[-1], sent[_STATE]
+        # One object per value, so the timers compare by identity. (Often
+        # two of the three are one object: compare each once.)
+        if state is current or state == current:
+            state = current
+        elif back is not current and (state is back or state == back):
+            state = back
+        elif (front is not current and front is not back
+              and (state is front or state == front)):
+            state = front
         self.current = state
         if (now is not None and self._mindelay_clock is None
                 and state is not sent[-1]):
@@ -223,8 +230,12 @@ class Sender:
         """Two frames per RTT: ceil(SRTT/2) ms, clamped to [20, 250] ms."""
         interval = math.ceil(srtt * 500) / 1000
         profile = self._profile
-        return min(max(interval, profile.send_interval_min),
-                   profile.send_interval_max)
+        # A clamp without min()/max() calls (this runs per datagram).
+        if interval < profile.send_interval_min:
+            return profile.send_interval_min
+        if interval > profile.send_interval_max:
+            return profile.send_interval_max
+        return interval
 
     def _assumed_index(self, now: float, rto: float) -> int:
         """Index of the state the peer probably has (mosh's walk from the
@@ -303,17 +314,25 @@ class Sender:
         current = self.current
         assumed = (self._assumed_index(now, rtt.rto) if len(sent) > _STRIDE
                    else 0)
-        diff = current.diff_from(sent[assumed + _STATE])
-        if assumed != 0:
+        if assumed == 0:
+            diff = current.diff_from(sent[_STATE])
+        else:
             # Prospective resend: a diff from the acknowledged state is
-            # safe even if the assumed one was lost.
+            # safe even if the assumed one was lost. One shorter than the
+            # slack wins whatever the other's length, so the diff from the
+            # assumed state is built only when it could win.
             resend = current.diff_from(sent[_STATE])
-            if (len(resend) <= len(diff)
-                    or (len(resend) < PROSPECTIVE_RESEND_LIMIT
-                        and len(resend) - len(diff)
-                        < PROSPECTIVE_RESEND_SLACK)):
+            if len(resend) < PROSPECTIVE_RESEND_SLACK:
                 assumed = 0
                 diff = resend
+            else:
+                diff = current.diff_from(sent[assumed + _STATE])
+                if (len(resend) <= len(diff)
+                        or (len(resend) < PROSPECTIVE_RESEND_LIMIT
+                            and len(resend) - len(diff)
+                            < PROSPECTIVE_RESEND_SLACK)):
+                    assumed = 0
+                    diff = resend
         self._mindelay_clock = None
         old_num = sent[assumed + _NUM]
         if not diff:
@@ -349,10 +368,11 @@ class Sender:
         interval = self._profile.ack_interval
         self._next_ack_time = NEVER if interval == NEVER else now + interval
         self._next_send_time = NEVER
-        return Instruction(old_num=old_num, new_num=new_num,
-                           ack_num=self.ack_num,
-                           throwaway_num=self._sent[_NUM], diff=diff,
-                           chaff=make_chaff(random_bytes))
+        # Built from a tuple in field order: a NamedTuple's keyword
+        # constructor costs several times more (this runs per datagram).
+        return _new_instruction(Instruction, (
+            PROTOCOL_VERSION, old_num, new_num, self.ack_num,
+            self._sent[_NUM], diff, make_chaff(random_bytes)))
 
     def _add_sent_state(self, now: float, num: int) -> None:
         sent = self._sent + [now, num, self.current]

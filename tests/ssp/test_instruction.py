@@ -68,6 +68,32 @@ class SerializeTests(SynchronousTestCase):
             self.assertNotEqual(a.fragment_key(),
                                 a._replace(**change).fragment_key())
 
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(u64, u64, u64, u64, st.binary(max_size=300),
+                              st.binary(max_size=16)), min_size=2,
+                    max_size=4))
+    def test_reused_messages_carry_nothing_over(self, fields):
+        """Each serialization equals that of a fresh protobuf message with
+        the seven fields set, whatever was serialized before."""
+        for old, new, ack, throwaway, diff, chaff in fields:
+            inst = Instruction(old_num=old, new_num=new, ack_num=ack,
+                               throwaway_num=throwaway, diff=diff,
+                               chaff=chaff)
+            fresh = PBInstruction(
+                protocol_version=2, old_num=old, new_num=new, ack_num=ack,
+                throwaway_num=throwaway, diff=diff, chaff=chaff)
+            self.assertEqual(serialize_instruction(inst),
+                             fresh.SerializeToString())
+
+    def test_refused_field_leaves_no_trace(self):
+        """A field protobuf refuses raises, and the next instruction still
+        serializes exactly."""
+        with self.assertRaises(ValueError):
+            serialize_instruction(Instruction(new_num=UINT64_MAX + 1))
+        self.assertEqual(
+            serialize_instruction(Instruction(old_num=0, new_num=1)).hex(),
+            "0802" "1000" "1801" "2000" "2800" "3200" "3a00")
+
     def test_immutable(self):
         """Instructions are values: no attribute can be changed."""
         inst = Instruction(new_num=1)

@@ -25,6 +25,34 @@ class FixedRTT:
 RTT = FixedRTT()
 
 
+class SizedState:
+    """A test-only state whose diff from each ancestor (an object) has a
+    chosen length, so the choice between two diffs shows."""
+
+    __slots__ = ("sizes",)
+
+    def __init__(self, sizes=None):
+        self.sizes = sizes or {}
+
+    @classmethod
+    def empty(cls):
+        return _EMPTY_SIZED
+
+    def diff_from(self, existing):
+        return b"" if existing is self else b"d" * self.sizes[existing]
+
+    def subtract(self, prefix):
+        return self
+
+    def __eq__(self, other):
+        return self is other
+
+    __hash__ = object.__hash__
+
+
+_EMPTY_SIZED = SizedState()
+
+
 class SenderTests(SynchronousTestCase):
     """The sending half of SSP, driven with explicit times."""
 
@@ -204,6 +232,26 @@ class SenderTests(SynchronousTestCase):
         second = self.tick(sender, T0 + 0.1)
         self.assertEqual((second.old_num, second.new_num), (1, 2))
         self.assertLess(len(second.diff), 100)
+
+    def test_prospective_resend_boundaries(self):
+        """The diff from the front is used when no longer than the one from
+        the assumed state, or under 1000 bytes and under 100 bytes longer
+        (mosh's rule), at each boundary of it."""
+        cases = [(99, 1, 0), (100, 1, 0), (101, 1, 1), (150, 60, 0),
+                 (160, 60, 1), (999, 900, 0), (1000, 950, 1),
+                 (1000, 1000, 0), (2000, 1500, 1), (50, 200, 0)]
+        for resend, assumed, old_num in cases:
+            sender = Sender(SizedState.empty(), T0, MOSH)
+            first = SizedState({SizedState.empty(): 5})
+            sender.set_current_state(first, T0)
+            self.assertEqual(self.tick(sender, T0).new_num, 1)
+            second = SizedState({SizedState.empty(): resend,
+                                 first: assumed})
+            sender.set_current_state(second, T0 + 0.06)
+            inst = self.tick(sender, T0 + 0.1)
+            self.assertEqual((inst.old_num, inst.new_num, len(inst.diff)),
+                             (old_num, 2, assumed if old_num else resend),
+                             (resend, assumed))
 
     def test_stale_empty_ack_does_not_force_fast_resends(self):
         """An old, never acknowledged empty ack (an answer the peer does not
