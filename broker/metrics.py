@@ -176,6 +176,11 @@ class InstrumentedStore:
         """A batch of device states in one commit: counted per device, timed as one write."""
         return self._counted("state", self.store.write_states(devs, result), len(devs))
 
+    def write_sessions(self, numbers, records, result=None):
+        """Several devices' session records in one commit: counted per record."""
+        return self._counted("session", self.store.write_sessions(numbers, records, result),
+                             len(records))
+
     def _counted(self, kind: str, d, count: int = 1):
         self._kinds[kind] += count
         self._writes += 1

@@ -45,6 +45,11 @@ class _Op:
         self.error = None
 
 
+def _error_value(failure):
+    """A failed write's error as a value (batch answers)."""
+    return failure.value
+
+
 def _copy(dev):
     scratch = Device(dev.name, dev.number, dev.secret, dev.version, dev.cursor)
     for slot in Device.__slots__:
@@ -93,6 +98,13 @@ class SharedWrites:
             return defer.fail(errors.UnknownDevice(device_number))
         dev.session = record
         return self._enqueue(dev, _Op("session", record=record))
+
+    def save_sessions(self, records):
+        """As DeviceRegistry.save_sessions: each record rides on its device's
+        next batch (one script call per device), so each succeeds or fails
+        on its own; a failure is answered as a value in its place."""
+        return defer.gatherResults([self.save_session(*record).addErrback(_error_value)
+                                    for record in records])
 
     # -- batching per device -----------------------------------------------------
 

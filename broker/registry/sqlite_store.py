@@ -5,15 +5,17 @@ reactor thread, the writer thread runs (almost) only SQLite's C code.
 
 * ``write`` (reactor thread) queues an operation and returns a Deferred;
   ``write_state`` (the hot path) queues the Device itself, and
-  ``write_states`` several devices behind one Deferred. A queued write
-  keeps no object but its Deferred alive until its commit: objects that
+  ``write_states`` several devices behind one Deferred (``write_sessions``
+  likewise their session records). A queued write keeps no object but its
+  Deferred (and a session record) alive until its commit: objects that
   live that long reach the GC's oldest generation and make full
   collections frequent and slow.
 * At the end of the reactor turn (``callLater(0)``) in which the first
   write arrived at an idle writer, or when the writer finishes a commit,
   the reactor thread turns everything queued into a *plan*: each changed
-  device's current state encoded once (coalescing: latest wins) and packed
-  into a few multi-row statements; other operations in order. Writes queued in one
+  device's current state encoded once and its latest session record
+  (coalescing: latest wins), packed into a few multi-row statements;
+  other operations in order. Writes queued in one
   reactor turn therefore always share a commit (unless ``max_batch`` cuts).
 * The writer thread runs the plan in ONE transaction and commits (fsync
   with ``synchronous`` FULL); writes arriving meanwhile wait for the next
@@ -60,27 +62,40 @@ _statements = {}
 def rows_statements(statement, params):
     """``(sql, params)`` steps writing rows given as one flat parameter list.
 
-    ``params`` holds ``width`` values per row. Chunks hold up to CHUNK rows;
-    the last is padded to a power of two by repeating its final row (the
-    statements are idempotent), so only a few distinct statements are ever
-    prepared.
+    ``params`` holds ``width`` values per row. Each statement holds a power
+    of two of rows, so only a few distinct statements are ever prepared:
+    the most rows that fit (at most CHUNK), then the rest in one statement
+    padded by repeating its final row (the statements are idempotent).
+    Padding all rows up to one statement would write up to twice as many
+    rows; this way the padding stays below a third of them.
     """
-    head, tail, width = statement
+    width = statement[2]
     steps = []
-    step = CHUNK * width
-    for start in range(0, len(params), step):
-        chunk = params[start:start + step]
-        rows = len(chunk) // width
-        size = 1
-        while size < rows:
-            size *= 2
-        chunk += chunk[-width:] * (size - rows)
-        sql = _statements.get((statement, size))
-        if sql is None:
-            row = "(" + ", ".join(["?"] * width) + ")"
-            sql = _statements[(statement, size)] = head + ", ".join([row] * size) + tail
-        steps.append(("sql", sql, chunk))
+    rows = len(params) // width
+    start = 0
+    size = CHUNK
+    while start < rows:
+        left = rows - start
+        if start and left < size:
+            size = 1 << (left - 1).bit_length()                # the rest, padded
+        else:
+            size = min(CHUNK, 1 << (left.bit_length() - 1))    # the most that fit
+        chunk = params[start * width:(start + min(size, left)) * width]
+        if size > left:
+            chunk += chunk[-width:] * (size - left)
+        steps.append(("sql", _rows_sql(statement, size), chunk))
+        start += size
     return steps
+
+
+def _rows_sql(statement, size):
+    """The statement writing ``size`` rows (prepared once per size)."""
+    sql = _statements.get((statement, size))
+    if sql is None:
+        head, tail, width = statement
+        row = "(" + ", ".join(["?"] * width) + ")"
+        sql = _statements[(statement, size)] = head + ", ".join([row] * size) + tail
+    return sql
 
 
 class _Group:
@@ -190,6 +205,10 @@ class SQLiteStore(Store):
         """Queue several devices as ONE write: one Deferred, one transaction."""
         return self.write(_Group(list(devs)), result)
 
+    def write_sessions(self, numbers, records, result=None):
+        """Queue the session records of several devices as ONE write."""
+        return self.write(("sessions", numbers, records), result)
+
     def barrier(self, result=None):
         return self.write(("barrier",), result)
 
@@ -263,7 +282,8 @@ class SQLiteStore(Store):
     def _plan(self, ops, deferreds, results, versions, cursors):
         """``(steps, batch)`` for one transaction of the writes in ``batch``."""
         steps = []
-        states = {}           # device number -> index of its last state write
+        states = {}           # device number -> (Device or "state" op, queued cursor)
+        sessions = {}         # device number -> its latest SessionRecord
         top = 0
         for i, op in enumerate(ops):
             if type(op) is not tuple:
@@ -278,10 +298,13 @@ class SQLiteStore(Store):
                 states[op[4]] = (op, 0)
                 continue
             if kind == "session":
-                steps += rows_statements(_SESSION_SQL, session_params(op[1], op[2]))
+                sessions[op[1]] = op[2]
                 continue
-            if states:
-                top = max(top, self._flush(steps, states))
+            if kind == "sessions":            # write_sessions
+                sessions.update(zip(op[1], op[2]))
+                continue
+            if states or sessions:
+                top = max(top, self._flush(steps, states, sessions))
             if kind == "add":
                 _, number, name, secret, version, cursor, state = op
                 steps.append(("add", "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?)",
@@ -309,22 +332,31 @@ class SQLiteStore(Store):
                 steps.append(("read", op[1], i))
             elif kind != "barrier":
                 raise ValueError(f"unknown store operation {kind!r}")
-        if states:
-            top = max(top, self._flush(steps, states))
+        if states or sessions:
+            top = max(top, self._flush(steps, states, sessions))
         if top:
             steps.append(("sql", _SEQUENCE_SQL, (top,)))
         return steps, (ops, deferreds, results, versions, cursors)
 
     @staticmethod
-    def _flush(steps, states, encode=encode_device):
-        """Steps writing the latest state of each device changed since the last flush.
+    def _flush(steps, states, sessions, encode=encode_device):
+        """Steps writing the latest state of each device changed since the last
+        flush, and the latest session record of each device given one.
 
         A Device is written as it is now (its version, cursor and state
         agree); that is its last queued change, or a later one if
         ``max_batch`` cut the queue, which only makes it durable early.
         A removed device (cursor 0) keeps the cursor of its queued change.
+        Session records (one per device: last wins, as INSERT OR REPLACE
+        would) go in multi-row statements too, not one statement each.
         Returns the highest cursor written.
         """
+        if sessions:
+            params = []
+            for number, record in sessions.items():
+                params += session_params(number, record)
+            sessions.clear()
+            steps += rows_statements(_SESSION_SQL, params)
         params = []
         top = 0
         for op, queued_cursor in states.values():

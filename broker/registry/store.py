@@ -27,6 +27,12 @@ from twisted.internet import defer
 from .model import UpdateResult
 
 
+def _gathered(writes, result):
+    """One Deferred for several writes: ``result`` once all are durable, else the first failure."""
+    return defer.gatherResults(writes, consumeErrors=True).addCallbacks(
+        lambda _: result, lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+
+
 @dataclass
 class DeviceRow:
     """One stored device as loaded (``state`` already decoded and frozen, or None)."""
@@ -82,8 +88,14 @@ class Store:
         with ``result`` once all are durable (``update_reported_many``)."""
         writes = [self.write(("state", dev.version, dev.cursor, dev.state(), dev.number))
                   for dev in devs]
-        return defer.gatherResults(writes, consumeErrors=True).addCallbacks(
-            lambda _: result, lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+        return _gathered(writes, result)
+
+    def write_sessions(self, numbers, records, result=None):
+        """Queue the SessionRecords of several devices (parallel lists): ONE
+        Deferred, firing with ``result`` once all are durable
+        (``DeviceRegistry.save_sessions``)."""
+        return _gathered([self.write(("session", number, record))
+                          for number, record in zip(numbers, records)], result)
 
     def admin_changes(self, after):
         """Deferred list of ``(seq, op, name, number)`` written by other processes after ``after``."""

@@ -3,7 +3,8 @@
 Each write changes memory at once (version and cursor assigned in call
 order), tells observers, and returns the store's Deferred that fires once
 the change is durable. The common report (known keys, numbers replacing
-numbers) is checked and merged in one pass.
+numbers) is checked and merged in one pass. The UDP endpoint writes the
+reports of a reactor turn, and their session records, in two batches.
 """
 
 from twisted.internet import defer
@@ -255,3 +256,32 @@ class StateUpdates:
         d = self._persist(dev, UpdateResult(dev.name, dev.version, dev.cursor))
         self._subs.notify(dev.name, lambda: DeviceView.of(dev))
         return d
+
+    # -- session records (the UDP endpoint's, batched) -------------------------
+
+    def save_sessions(self, records):
+        """``save_session`` of several records with ONE Deferred for all of them.
+
+        ``records``: ``(device_number, SessionRecord)`` pairs.  Fires once
+        all are durable with a list in the same order: each record, or the
+        error (not raised) that kept it from being durable (UnknownDevice
+        for a device the registry does not know).  Errbacks (StoreError) if
+        the store failed the one write of them all.  For the UDP endpoint,
+        which saves a record with every report of a reactor turn.
+        """
+        out = []
+        numbers = []
+        kept = []
+        by_number = self._by_number
+        for number, record in records:
+            dev = by_number.get(number)
+            if dev is None:
+                out.append(errors.UnknownDevice(number))
+                continue
+            dev.session = record
+            numbers.append(number)
+            kept.append(record)
+            out.append(record)
+        if not kept:
+            return self._store.barrier(out)
+        return self._store.write_sessions(numbers, kept, out)

@@ -30,7 +30,7 @@ _OTHER_SESSION = object()
 
 
 def _unless_failed(result, failed):
-    """A record's Deferred: fails if the reports committed before it did not store."""
+    """The records' Deferred: fails if the reports committed before them did not store."""
     if failed:
         return failed[0]
     return result
@@ -87,14 +87,17 @@ class RegistryBridge:
             return live.session.local_state
         return unsent[1]
 
-    def _save(self, live, num: int, state: bytes) -> defer.Deferred:
-        """Write the session record: id, the device's newest durable state, the
+    def _record(self, live, num: int, state: bytes) -> SessionRecord:
+        """The session record: id, the device's newest durable state, the
         commands not yet acknowledged, reservation, and the device's sequence
         mark (replays stay out)."""
-        record = SessionRecord(live.session_id, num, state, 0,
-                               encode_commands(self._outgoing(live)), live.reserved,
-                               live.session.expected_seq)
-        return self.registry.save_session(live.number, record)
+        return SessionRecord(live.session_id, num, state, 0,
+                             encode_commands(self._outgoing(live)), live.reserved,
+                             live.session.expected_seq)
+
+    def _save(self, live, num: int, state: bytes) -> defer.Deferred:
+        """Write the session record (see _record)."""
+        return self.registry.save_session(live.number, self._record(live, num, state))
 
     def queue_commands(self, live, commands) -> defer.Deferred:
         """Make ``commands`` durable in the session record, appended to the
@@ -178,19 +181,23 @@ class RegistryBridge:
             return self._save(live, 0, b"")
         return self._save(live, current.acked_remote_num, current.acked_remote_state)
 
-    def report_many(self, reports) -> list:
+    def report_many(self, reports) -> defer.Deferred:
         """Hand several devices' new states to the registry, each with its session record.
 
         ``reports``: ``(live, state, num)`` of distinct sessions.  Every
         patch and event goes to the registry as ONE ``update_reported_many``
-        (one transaction), followed by each session record: they are queued
-        back to back in one reactor turn, so the store commits them together
-        (a crash between a report and its record would double its events
-        after a restart, or lose it).  Returns a Deferred per report, in
-        order, firing once its record is durable; a registry refusal
-        (invalid key or value, too large) is counted and does not hold it
-        up, a store failure of the reports fails every one of them (the
-        states then stay unacknowledged).
+        (one transaction), followed by the session records as ONE
+        ``save_sessions``: they are queued back to back in one reactor
+        turn, so the store commits them together (a crash between a report
+        and its record would double its events after a restart, or lose
+        it).  Returns one Deferred firing once the records are durable,
+        with a list in the order of ``reports``: each report's record, or
+        the error that kept it from being durable (UnknownDevice for a
+        device removed meanwhile; see ``save_sessions``).  A registry
+        refusal (invalid key or value, too large) is counted and does not
+        hold a report up; a store failure of the reports or of the one
+        write of the records fails the Deferred (the states then stay
+        unacknowledged).
         """
         registry = self.registry
         limit = max(1, registry.settings.max_events)
@@ -215,13 +222,12 @@ class RegistryBridge:
             registry.update_reported_many(updates).addCallbacks(
                 self._answered, self._not_stored, callbackArgs=(lives,),
                 errbackArgs=(failed,))
-        out = []
-        for live, state, num in reports:
-            d = self._save(live, num, encode_state(state))
-            if updates:
-                d.addCallback(_unless_failed, failed)
-            out.append(d)
-        return out
+        record = self._record
+        d = registry.save_sessions([(live.number, record(live, num, encode_state(state)))
+                                    for live, state, num in reports])
+        if updates:
+            d.addCallback(_unless_failed, failed)
+        return d
 
     def _answered(self, results, lives) -> None:
         for live, result in zip(lives, results):

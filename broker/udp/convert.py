@@ -112,9 +112,10 @@ def encode_state(state: DeviceState) -> bytes:
     CBOR: the canonical form (sorted keys) costs twice as much and nothing
     compares these bytes.
     """
-    body = {FIRST_EVENT_KEY: state.event_base, EVENTS_KEY: list(state.events)}
-    if state.values:
-        body[VALUES_KEY] = dict(state.values)
+    body = {FIRST_EVENT_KEY: state.event_base, EVENTS_KEY: state.events}  # a tuple: an array
+    values = state.values
+    if values:
+        body[VALUES_KEY] = values.copy()   # the plain dict behind the read-only view
     return _dumps(body)
 
 
@@ -124,7 +125,7 @@ def encode_commands(state: DeviceState) -> bytes:
     values live in the registry).  Empty when there is nothing to keep."""
     if not state.events and not state.event_base:
         return b""
-    return _dumps({FIRST_EVENT_KEY: state.event_base, EVENTS_KEY: list(state.events)})
+    return _dumps({FIRST_EVENT_KEY: state.event_base, EVENTS_KEY: state.events})
 
 
 def decode_state(data: bytes) -> DeviceState:

@@ -11,6 +11,7 @@ nothing is acknowledged before it is durable.
 from __future__ import annotations
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession
 
@@ -83,7 +84,7 @@ class SessionWrites:
             return
         self._counters["registry_writes"] += len(reports)
         try:
-            answers = self._bridge.report_many(reports)
+            answer = self._bridge.report_many(reports)
         except Exception:
             # Never leave a session waiting for a write that was not queued.
             self._counters["store_failures"] += 1
@@ -91,22 +92,40 @@ class SessionWrites:
             for live, _, _ in reports:
                 live.writes -= 1
             return
-        for (live, _, num), count, d in zip(reports, counts, answers):
-            d.addCallbacks(self._reported, self._failed,
-                           callbackArgs=(live, num, count), errbackArgs=(live, "report"))
+        # One callback for the turn's reports, not a Deferred chain per report.
+        answer.addCallbacks(self._reported, self._not_durable,
+                            callbackArgs=(reports, counts), errbackArgs=(reports,))
         if flush:
             now = self._now()
             for live, _, _ in reports:
                 if table.get(live.number) is live:
                     self._flush(live, now)
 
-    def _reported(self, _, live: LiveSession, num: int, count: int = 1) -> None:
-        live.writes -= 1
-        # Every report the write covered is durable (and acknowledged with num).
-        self._counters["updates_durable"] += count
-        if self._current(live):
-            live.session.confirm_durable(num)
-            self._table.settle(live, self._now())
+    def _reported(self, results, reports, counts) -> None:
+        """The records of a turn's reports are durable (each result a record,
+        or the error that kept that one from being durable): acknowledge them."""
+        table = self._table
+        now = self._now()
+        durable = 0
+        for (live, _, num), count, result in zip(reports, counts, results):
+            if isinstance(result, Exception):
+                self._failed(Failure(result), live, "report")
+                continue
+            live.writes -= 1
+            # Every report the write covered is durable (and acknowledged with num).
+            durable += count
+            if table.get(live.number) is live:
+                try:
+                    live.session.confirm_durable(num)
+                    table.settle(live, now)
+                except Exception:
+                    # One broken session must not keep the others unacknowledged.
+                    self.log.failure("acknowledging a report of {name} failed", name=live.name)
+        self._counters["updates_durable"] += durable
+
+    def _not_durable(self, failure, reports) -> None:
+        for live, _, _ in reports:
+            self._failed(failure, live, "report")
 
     # -- session ids and sequence reservations --------------------------------------
 

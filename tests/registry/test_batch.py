@@ -1,9 +1,11 @@
 """Tests for the hot write path of broker.registry.registry: the fast
-path of update_reported, device numbers as names, update_reported_many."""
+path of update_reported, device numbers as names, update_reported_many,
+save_sessions."""
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broker.registry import errors
+from broker.metrics import InstrumentedStore, Metrics
+from broker.registry import MemoryStore, SessionRecord, errors
 from broker.registry.model import UpdateResult
 from .helpers import START, make_registry
 
@@ -123,6 +125,56 @@ class ManyTests(SynchronousTestCase):
         self.assertEqual(seen, [("a", 2, ()), ("a", 3, ("e",)), ("b", 2, ())])
         batch = self.registry.changes_since(2)
         self.assertEqual([(v.name, v.version) for v in batch.devices], [("a", 3), ("b", 2)])
+
+
+class SaveSessionsTests(SynchronousTestCase):
+    """save_sessions: several session records behind one Deferred, as save_session each."""
+
+    def setUp(self):
+        self.registry, self.store, self.clock = make_registry()
+        self.numbers = [self.successResultOf(self.registry.add_device(n)).device_number
+                        for n in ("a", "b")]
+
+    def test_records_kept_with_results_in_order(self):
+        """Each record is kept and answered in order; an unknown device gets its error."""
+        first, second = SessionRecord(5, acked_remote_num=1), SessionRecord(6, remote_seq=9)
+        results = self.successResultOf(self.registry.save_sessions(
+            [(self.numbers[0], first), (12345, first), (self.numbers[1], second)]))
+        self.assertEqual(results[0], first)
+        self.assertIsInstance(results[1], errors.UnknownDevice)
+        self.assertEqual(results[2], second)
+        self.assertEqual(self.registry.session_record(self.numbers[0]), first)
+        self.assertEqual(self.store.sessions, {self.numbers[0]: first, self.numbers[1]: second})
+
+    def test_fires_only_when_durable(self):
+        """The one Deferred waits until every record is durable."""
+        self.store.hold()
+        d = self.registry.save_sessions([(n, SessionRecord(7)) for n in self.numbers])
+        self.assertNoResult(d)
+        self.assertEqual(self.store.sessions, {})
+        self.store.release()
+        self.assertEqual(self.successResultOf(d), [SessionRecord(7)] * 2)
+        self.assertEqual(set(self.store.sessions), set(self.numbers))
+
+    def test_only_unknown_devices(self):
+        """Unknown devices only: nothing is written; the answer waits for earlier writes."""
+        self.store.hold()
+        d = self.registry.save_sessions([(12345, SessionRecord(7))])
+        self.assertNoResult(d)
+        self.store.release()
+        [result] = self.successResultOf(d)
+        self.assertIsInstance(result, errors.UnknownDevice)
+        self.assertEqual(self.store.sessions, {})
+
+    def test_instrumented_store_counts_each_record(self):
+        """Through the metrics wrapper every record is counted as a session write."""
+        metrics = Metrics()
+        registry, store, _ = make_registry(InstrumentedStore(MemoryStore(), metrics))
+        numbers = [self.successResultOf(registry.add_device(n)).device_number for n in "abc"]
+        before = metrics.commits.kinds["session"]
+        self.successResultOf(registry.save_sessions([(n, SessionRecord(3)) for n in numbers]))
+        self.assertEqual(metrics.commits.kinds["session"] - before, 3)
+        self.assertEqual(len(store.store.sessions), 3)
 
 
 class DesiredWatchTests(SynchronousTestCase):

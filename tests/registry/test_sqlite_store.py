@@ -130,6 +130,74 @@ class SQLiteRegistryTests(TestCase):
         self.assertEqual(again.device("c").version, 3)
 
     @defer.inlineCallbacks
+    def test_save_sessions_is_one_durable_write(self):
+        """Session records saved together are one write in one commit, and survive a restart."""
+        registry = self.open()
+        added = yield defer.gatherResults([registry.add_device(name) for name in "abc"])
+        numbers = [prov.device_number for prov in added]
+        store = registry._store
+        commits, operations = store.commits, store.operations
+        records = [SessionRecord(10 + i, acked_remote_num=i, acked_remote_state=b"s%d" % i,
+                                 seq_reservation=64, remote_seq=i) for i in range(3)]
+        results = yield registry.save_sessions(list(zip(numbers, records)))
+        self.assertEqual(results, records)
+        self.assertEqual((store.commits - commits, store.operations - operations), (1, 1))
+        yield registry.stop()
+        again = self.open()
+        self.assertEqual([again.session_record(n) for n in numbers], records)
+
+    @defer.inlineCallbacks
+    def test_latest_session_record_of_a_turn_wins(self):
+        """Several records of one device queued in one turn leave its latest in the database."""
+        registry = self.open()
+        number = (yield registry.add_device("a")).device_number
+        first = registry.save_session(number, SessionRecord(5, acked_remote_num=1))
+        batch = registry.save_sessions([(number, SessionRecord(5, acked_remote_num=2))])
+        last = registry.save_session(number, SessionRecord(5, acked_remote_num=3))
+        yield defer.gatherResults([first, batch, last])
+        batch = registry.save_sessions([(number, SessionRecord(5, acked_remote_num=4))])
+        last = registry.save_session(number, SessionRecord(5, acked_remote_num=5))
+        yield defer.gatherResults([batch, last])
+        yield registry.stop()
+        self.assertEqual(self.open().session_record(number).acked_remote_num, 5)
+
+    @defer.inlineCallbacks
+    def test_session_records_commit_as_saved(self):
+        """A batch of records commits the records it was given, not newer ones saved after it
+        that a later commit carries (here max_batch puts every write in its own commit)."""
+        registry = self.open(max_batch=1)
+        number = (yield registry.add_device("a")).device_number
+        stored = []
+
+        def read(result):
+            conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
+            stored.append(conn.execute("SELECT acked_remote_num FROM sessions").fetchall())
+            conn.close()
+            return result
+        first = registry.save_sessions([(number, SessionRecord(5, acked_remote_num=1))])
+        first.addCallback(read)
+        second = registry.save_session(number, SessionRecord(5, acked_remote_num=2))
+        yield defer.gatherResults([first, second])
+        self.assertEqual(stored, [[(1,)]])
+        yield registry.stop()
+        self.assertEqual(self.open().session_record(number).acked_remote_num, 2)
+
+    @defer.inlineCallbacks
+    def test_removal_after_session_records_of_its_turn(self):
+        """A device removed in the turn its session record was saved in leaves no record behind."""
+        registry = self.open()
+        kept = (yield registry.add_device("a")).device_number
+        gone = (yield registry.add_device("b")).device_number
+        saved = registry.save_sessions([(kept, SessionRecord(3)), (gone, SessionRecord(4))])
+        removed = registry.remove_device("b")
+        yield defer.gatherResults([saved, removed])
+        yield registry.stop()
+        conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("SELECT number, session_id FROM sessions").fetchall(),
+                         [(kept, 3)])
+
+    @defer.inlineCallbacks
     def test_stop_in_the_same_turn_commits(self):
         """stop() right after writes (before the end-of-turn hand-over) still commits them."""
         registry = self.open()

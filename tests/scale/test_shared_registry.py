@@ -114,6 +114,25 @@ class SharedRegistryTestsMixin:
         self.assertEqual([v.removed for v in batch.devices if v.name == "dev-7"], [True])
 
     @defer.inlineCallbacks
+    def test_save_sessions_keeps_each_record_and_answers_in_order(self):
+        """save_sessions (the UDP endpoint's per-turn batch) keeps every known device's record,
+        on both processes, and answers an unknown device's in its place."""
+        numbers = []
+        for name in ("dev-s1", "dev-s2"):
+            provisioned = yield self.a.add_device(name)
+            numbers.append(provisioned.device_number)
+        records = [SessionRecord(session_id=5, acked_remote_num=2), SessionRecord(session_id=6)]
+        results = yield self.a.save_sessions([(numbers[0], records[0]), (987654321, records[0]),
+                                              (numbers[1], records[1])])
+        self.assertEqual(results[0], records[0])
+        self.assertIsInstance(results[1], errors.UnknownDevice)
+        self.assertEqual(results[2], records[1])
+        for number, record in zip(numbers, records):
+            self.assertEqual(self.a.session_record(number), record)
+            yield wait_until(self, lambda n=number, r=record: self.b.session_record(n) == r,
+                             what="record on B")
+
+    @defer.inlineCallbacks
     def test_desired_change_on_one_process_reaches_desired_watchers_of_the_other(self):
         """B's watch_desired hears a desired write made on A (what its UDP endpoint forwards to the device)."""
         provisioned = yield self.a.add_device("dev-8")

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from broker.metrics import Metrics
 from broker.registry import MemoryStore
-from broker.registry.errors import StoreError
+from broker.registry.errors import StoreError, UnknownDevice
 
 from broker.ssp.crypto import TO_SERVER, seal
 from broker.ssp.framing import build_header
@@ -828,6 +828,29 @@ class ReportBatchTests(SynchronousTestCase):
         self.assertEqual(dict(self.h.registry.device("dev").reported), {})
         self.assertEqual(self.h.registry.session_record(number), record)
         self.assertEqual(live.writes, 0)
+
+    def test_record_of_a_device_unknown_to_the_registry_acknowledges_only_the_others(self):
+        """A report whose record the registry refuses (device removed, the endpoint not yet
+        told) stays unacknowledged and counts as a store failure; another report of the
+        same turn is acknowledged."""
+        a = self.connected("a", ("127.0.0.2", 40000))
+        b = self.connected("b", ("127.0.0.3", 40000))
+        endpoint = self.h.endpoint
+        endpoint.bridge.stop()       # the removal below does not reach the endpoint
+        self.successResultOf(self.h.registry.remove_device("b"))
+        acked_a, acked_b = a.acknowledged, b.acknowledged
+        failures = endpoint.counters["store_failures"]
+        now = self.h.clock.seconds()
+        a.report({"v": 1}, now)
+        b.report({"v": 2}, now)
+        self.deliver(a, now + 0.05)
+        self.deliver(b, now + 0.05)
+        self.h.run(1.0)
+        self.assertGreater(a.acknowledged, acked_a)
+        self.assertTrue(a.idle())
+        self.assertEqual(b.acknowledged, acked_b)
+        self.assertGreaterEqual(endpoint.counters["store_failures"] - failures, 1)
+        self.assertTrue(self.flushLoggedErrors(UnknownDevice))
 
     def test_failed_batch_acknowledges_nothing(self):
         """When the store fails the batched reports, their records do not confirm them: no ack."""
