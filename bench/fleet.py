@@ -235,10 +235,11 @@ def child_broker(workdir: str) -> None:
     """The real broker service over the provisioned store (loaded at start, as in production)."""
     from twisted.internet import defer, reactor
 
-    from broker.service import make_service
+    from broker.service import make_service, tune_garbage_collector
 
     raise_fd_limit()
     service = make_service(_broker_config(workdir), reactor=reactor)
+    tune_garbage_collector()  # as twistd broker and every worker do
 
     @defer.inlineCallbacks
     def start():

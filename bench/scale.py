@@ -292,6 +292,25 @@ def measure(backend: str, workers: int, args, directory: str):
     return figures
 
 
+def ceiling(figures: dict, baseline: dict) -> float | None:
+    """The best rate ratio N workers could reach on this host, as a ratio to 1 worker.
+
+    Perfect scaling (every worker as cheap per update as the lone one), with
+    each worker on at most one core, and all the workers together on the
+    host's cores less what other processes took and less what redis-server
+    and the generator took per update at N workers (they need more as the
+    rate grows; at 1 worker they fit on the core the worker leaves idle).
+    """
+    total = figures["updates_per_second"]
+    if not total or not baseline["updates_per_second"]:
+        return None
+    beside = (figures["generator_cpu_share"] + (figures["redis_cpu_share"] or 0.0)) / total
+    cores = os.cpu_count() - figures["other_processes_cpu_share"]
+    lone = baseline["worker_cpu_us_per_update"] / 1e6
+    best = min(figures["workers"] / lone, cores / (lone + beside))
+    return round(best / baseline["updates_per_second"], 2)
+
+
 def summary_line(figures: dict, baseline: dict) -> str:
     rate = figures["updates_per_second"] / baseline["updates_per_second"]
     per_cpu = (figures["updates_per_worker_cpu_second"]
@@ -301,6 +320,7 @@ def summary_line(figures: dict, baseline: dict) -> str:
             f"worker CPU {figures['worker_cpu_us_per_update']:6.1f} us/update, "
             f"{figures['updates_per_worker_cpu_second']:5d} updates per worker-CPU-s "
             f"(ratio {per_cpu:4.2f}x; with a core per worker ~{figures['workers'] * per_cpu:4.2f}x)"
+            f"  | ceiling on this host {figures.get('ceiling_ratio_on_this_host') or 0:4.2f}x"
             f"  | generator {figures['generator_cpu_share']:.2f} CPU, "
             f"redis {figures['redis_cpu_share'] if figures['redis_cpu_share'] is not None else '-'}"
             f" CPU, other processes {figures['other_processes_cpu_share']:.2f} CPU")
@@ -331,6 +351,7 @@ def main_async(args):
                 # redis-server and the generator one more): N x the CPU cost ratio.
                 figures["ratio_with_a_core_per_worker"] = round(
                     workers / figures["cpu_per_update_ratio_to_1_worker"], 2)
+                figures["ceiling_ratio_on_this_host"] = ceiling(figures, baseline)
                 print(json.dumps(figures), flush=True)
                 lines.append(summary_line(figures, baseline))
     finally:
