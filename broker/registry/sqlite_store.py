@@ -98,6 +98,24 @@ def _rows_sql(statement, size):
     return sql
 
 
+def _latest_records(ops) -> dict:
+    """Device number -> the latest session record among queued writes ``ops``."""
+    latest = {}
+    for op in ops:
+        if type(op) is tuple:
+            if op[0] == "session":
+                latest[op[1]] = op[2]
+            elif op[0] == "sessions":
+                latest.update(zip(op[1], op[2]))
+    return latest
+
+
+def _as_now(states, written) -> None:
+    """Add to ``written`` the devices of ``states`` written as they are now
+    (a Device; a "state" operation carries its own state)."""
+    written.update(number for number, (op, _) in states.items() if type(op) is not tuple)
+
+
 class _Group:
     """The states of several devices written with one Deferred (``write_states``)."""
 
@@ -266,7 +284,7 @@ class SQLiteStore(Store):
         del self._ops[:n], self._deferreds[:n], self._results[:n], self._versions[:n], \
             self._cursors[:n]
         try:
-            plan = self._plan(*batch)
+            plan = self._plan(*batch, later_records=_latest_records(self._ops))
         except (ValueError, TypeError) as e:     # a value CBOR cannot encode
             self.log.failure("registry writes could not be encoded")
             self._fire(batch, Failure(StoreError(f"storage failed: {e}")))
@@ -279,11 +297,21 @@ class SQLiteStore(Store):
         self._jobs.append(plan)
         self._wake.set()
 
-    def _plan(self, ops, deferreds, results, versions, cursors):
-        """``(steps, batch)`` for one transaction of the writes in ``batch``."""
+    def _plan(self, ops, deferreds, results, versions, cursors, later_records=None):
+        """``(steps, batch)`` for one transaction of the writes in ``batch``.
+
+        ``later_records``: the latest session record of each device among
+        the writes ``max_batch`` left for the next commit. A Device is
+        written as it is now, maybe with states (and events) whose record
+        is among those; that record then goes in this commit too, last, so
+        that no commit holds a state newer than its device's record (after
+        a crash the device would send those events again, and they would be
+        stored twice).
+        """
         steps = []
         states = {}           # device number -> (Device or "state" op, queued cursor)
         sessions = {}         # device number -> its latest SessionRecord
+        written = set()       # devices this commit writes as they are now
         top = 0
         for i, op in enumerate(ops):
             if type(op) is not tuple:
@@ -304,6 +332,7 @@ class SQLiteStore(Store):
                 sessions.update(zip(op[1], op[2]))
                 continue
             if states or sessions:
+                _as_now(states, written)
                 top = max(top, self._flush(steps, states, sessions))
             if kind == "add":
                 _, number, name, secret, version, cursor, state = op
@@ -333,7 +362,11 @@ class SQLiteStore(Store):
             elif kind != "barrier":
                 raise ValueError(f"unknown store operation {kind!r}")
         if states or sessions:
+            _as_now(states, written)
             top = max(top, self._flush(steps, states, sessions))
+        if later_records and written:
+            self._flush(steps, {}, {number: later_records[number]
+                                    for number in written.intersection(later_records)})
         if top:
             steps.append(("sql", _SEQUENCE_SQL, (top,)))
         return steps, (ops, deferreds, results, versions, cursors)
@@ -345,7 +378,8 @@ class SQLiteStore(Store):
 
         A Device is written as it is now (its version, cursor and state
         agree); that is its last queued change, or a later one if
-        ``max_batch`` cut the queue, which only makes it durable early.
+        ``max_batch`` cut the queue, which only makes it durable early
+        (with the session record that names it: ``_plan``).
         A removed device (cursor 0) keeps the cursor of its queued change.
         Session records (one per device: last wins, as INSERT OR REPLACE
         would) go in multi-row statements too, not one statement each.

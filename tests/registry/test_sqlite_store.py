@@ -9,7 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from broker.registry import RegistrySettings, SessionRecord, errors, open_registry
 from broker.registry.admin import AdminDatabase
-from broker.registry.database import DB_NAME, SCHEMA_VERSION
+from broker.registry.database import DB_NAME, SCHEMA_VERSION, decode_state
 
 
 class SQLiteRegistryTests(TestCase):
@@ -161,6 +161,17 @@ class SQLiteRegistryTests(TestCase):
         yield registry.stop()
         self.assertEqual(self.open().session_record(number).acked_remote_num, 5)
 
+    def read_committed(self, result, stored):
+        """Append what the database holds (the session rows' acked numbers, the one
+        device's reported values) to ``stored``; pass ``result`` on."""
+        conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
+        acked = conn.execute("SELECT acked_remote_num FROM sessions").fetchall()
+        [(blob,)] = conn.execute("SELECT state FROM devices").fetchall()
+        conn.close()
+        rkeys, rvals = decode_state(blob)[:2]
+        stored.append((acked, dict(zip(rkeys, rvals))))
+        return result
+
     @defer.inlineCallbacks
     def test_session_records_commit_as_saved(self):
         """A batch of records commits the records it was given, not newer ones saved after it
@@ -168,19 +179,34 @@ class SQLiteRegistryTests(TestCase):
         registry = self.open(max_batch=1)
         number = (yield registry.add_device("a")).device_number
         stored = []
-
-        def read(result):
-            conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
-            stored.append(conn.execute("SELECT acked_remote_num FROM sessions").fetchall())
-            conn.close()
-            return result
         first = registry.save_sessions([(number, SessionRecord(5, acked_remote_num=1))])
-        first.addCallback(read)
+        first.addCallback(self.read_committed, stored)
         second = registry.save_session(number, SessionRecord(5, acked_remote_num=2))
         yield defer.gatherResults([first, second])
-        self.assertEqual(stored, [[(1,)]])
+        self.assertEqual([acked for acked, _ in stored], [[(1,)]])
         yield registry.stop()
         self.assertEqual(self.open().session_record(number).acked_remote_num, 2)
+
+    @defer.inlineCallbacks
+    def test_cut_commit_carries_the_record_of_the_state_it_writes(self):
+        """When max_batch cuts the queue, a device written as it is now (with a later
+        report's values) commits with that report's session record, never the older one:
+        after a crash the stored state and the record that names it agree."""
+        registry = self.open(max_batch=1)
+        number = (yield registry.add_device("a")).device_number
+        stored = []
+        first = registry.update_reported_many([(number, {"n": 1})])
+        first.addCallback(self.read_committed, stored)
+        writes = [first, registry.save_sessions([(number, SessionRecord(5, acked_remote_num=1))]),
+                  registry.update_reported_many([(number, {"n": 2})]),
+                  registry.save_sessions([(number, SessionRecord(5, acked_remote_num=2))])]
+        yield defer.gatherResults(writes)
+        [(acked, reported)] = stored
+        self.assertEqual((acked, reported["n"]), ([(2,)], 2))
+        yield registry.stop()
+        reopened = self.open()
+        self.assertEqual(reopened.session_record(number).acked_remote_num, 2)
+        self.assertEqual(reopened.device("a").reported["n"], 2)
 
     @defer.inlineCallbacks
     def test_removal_after_session_records_of_its_turn(self):
