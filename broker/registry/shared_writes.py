@@ -50,6 +50,18 @@ def _error_value(failure):
     return failure.value
 
 
+def _refusal(failure):
+    """A refused update as a value (batch answers); a store failure stays a failure."""
+    if failure.check(errors.RegistryError) and not failure.check(errors.StoreError):
+        return failure.value
+    return failure
+
+
+def _first_error(failure):
+    failure.trap(defer.FirstError)
+    return failure.value.subFailure
+
+
 def _copy(dev):
     scratch = Device(dev.name, dev.number, dev.secret, dev.version, dev.cursor)
     for slot in Device.__slots__:
@@ -98,6 +110,14 @@ class SharedWrites:
             return defer.fail(errors.UnknownDevice(device_number))
         dev.session = record
         return self._enqueue(dev, _Op("session", record=record))
+
+    def update_reported_many(self, updates):
+        """As DeviceRegistry.update_reported_many: each update rides on its
+        device's next batch (one script call per device); a refused one is
+        answered as a value in its place, a store failure fails them all."""
+        return defer.gatherResults([self.update_reported(*update).addErrback(_refusal)
+                                    for update in updates], consumeErrors=True
+                                   ).addErrback(_first_error)
 
     def save_sessions(self, records):
         """As DeviceRegistry.save_sessions: each record rides on its device's

@@ -14,18 +14,6 @@ from .model import EMPTY, DeviceView, UpdateResult, merge_map, replace_numbers
 from .values import FrozenMap, map_size, value_size
 
 
-def _refusal(failure):
-    """A refused update as a value (batch answers); a store failure stays a failure."""
-    if failure.check(errors.RegistryError) and not failure.check(errors.StoreError):
-        return failure.value
-    return failure
-
-
-def _first_error(failure):
-    failure.trap(defer.FirstError)
-    return failure.value.subFailure
-
-
 def _unpack(update):
     """``(name_or_number, patch[, events[, token]])`` as four values."""
     return (update[0], update[1], update[2] if len(update) > 2 else (),
@@ -137,11 +125,6 @@ class StateUpdates:
         errbacks (StoreError) if the store failed. For callers that gather
         the reports of a reactor turn (the UDP endpoint): no Deferred per write.
         """
-        if type(self).update_reported is not StateUpdates.update_reported:
-            # A subclass with its own write path (SharedRegistry): one by one.
-            return defer.gatherResults([self.update_reported(*u).addErrback(_refusal)
-                                        for u in updates], consumeErrors=True
-                                       ).addErrback(_first_error)
         out = []
         changed = []
         for update in updates:

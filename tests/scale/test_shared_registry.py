@@ -114,6 +114,21 @@ class SharedRegistryTestsMixin:
         self.assertEqual([v.removed for v in batch.devices if v.name == "dev-7"], [True])
 
     @defer.inlineCallbacks
+    def test_update_reported_many_answers_each_update_in_order(self):
+        """update_reported_many (the UDP endpoint's per-turn batch) applies each accepted
+        update, answers a refused one and an unknown device in their places, and the
+        accepted change reaches the other process."""
+        yield self.a.add_device("dev-m1")
+        results = yield self.a.update_reported_many([
+            ("dev-m1", {"t": 21.5}), ("dev-missing", {"t": 1.0}), ("dev-m1", {"": 1})])
+        self.assertEqual(results[0].name, "dev-m1")
+        self.assertIsInstance(results[1], errors.UnknownDevice)
+        self.assertIsInstance(results[2], errors.RegistryError)
+        self.assertNotIsInstance(results[2], errors.StoreError)
+        yield wait_until(self, lambda: getattr(self.b.device("dev-m1"), "reported", {}).get("t")
+                         == 21.5, what="report on B")
+
+    @defer.inlineCallbacks
     def test_save_sessions_keeps_each_record_and_answers_in_order(self):
         """save_sessions (the UDP endpoint's per-turn batch) keeps every known device's record,
         on both processes, and answers an unknown device's in its place."""
