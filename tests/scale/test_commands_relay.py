@@ -6,15 +6,13 @@ real SSP node over UDP, the client real HTTP, Redis a real redis-server.
 """
 
 import json
-import os
 
 import treq
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from broker.node.client import SSPNode
 from tests.helpers import http_pool
-from tests.udp.loopback import pause
+from tests.udp.loopback import commanded_node, pause
 
 from .support import ClusterRedis, SingleRedis, start_two_brokers, wait_until
 
@@ -50,15 +48,8 @@ class CommandRelayTestsMixin:
     @defer.inlineCallbacks
     def node_on_a(self):
         """A real SSP node connected to A, once B's replica says the device is online."""
-        commands = []
-        node = SSPNode(self.device.device_number, self.device.secret,
-                       ("127.0.0.1", self.a.udp_port),
-                       state_path=os.path.join(self.mktemp(), "ids.json"),
-                       interface="127.0.0.1", heartbeat=2.0, rekey_after=60.0,
-                       on_command=commands.append)
-        node.start()
-        self.addCleanup(node.stop)
-        node.report({"ready": True})
+        node, commands = commanded_node(self, self.device.device_number, self.device.secret,
+                                        self.a.udp_port)
         yield wait_until(self, lambda: self.rb.device("pump-1").online, what="online on B")
         return node, commands
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import DatagramProtocol
+
+from broker.node.client import SSPNode
 
 DEADLINE = 30.0  # seconds any wait may take before the test fails
 
@@ -24,6 +27,20 @@ def wait_until(testcase, predicate, timeout=DEADLINE, what="condition"):
 def pause(seconds):
     """Let the reactor run for a bounded time (integration tests only)."""
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+def commanded_node(testcase, device_number, secret, port):
+    """A started real SSP node for a device, reporting ``{"ready": True}`` to the
+    broker on ``port``, stopped at cleanup; and the list its commands arrive in."""
+    commands = []
+    node = SSPNode(device_number, secret, ("127.0.0.1", port),
+                   state_path=os.path.join(testcase.mktemp(), "ids.json"),
+                   interface="127.0.0.1", heartbeat=2.0, rekey_after=60.0,
+                   on_command=commands.append)
+    node.start()
+    testcase.addCleanup(node.stop)
+    node.report({"ready": True})
+    return node, commands
 
 
 class LossyProxy(DatagramProtocol):

@@ -4,19 +4,16 @@ Integration tests: real UDP, HTTP and WebSocket on 127.0.0.1, waits bounded
 by tests.udp.loopback.DEADLINE and tests.web.wsclient.WAIT.
 """
 
-import os
-
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.node.client import SSPNode
 from broker.registry import DeviceRegistry, MemoryStore, RegistrySettings
 from broker.registry.errors import StoreError
 from broker.web.commands import CommandRefused, CommandSender
 from broker.web.websocket.messages import ProtocolError, parse_request
 from tests.helpers import loopback_config, start_broker
-from tests.udp.loopback import pause, wait_until
+from tests.udp.loopback import commanded_node, pause, wait_until
 from tests.web.test_api_rest import Client
 from tests.web.wsclient import connected
 
@@ -53,15 +50,8 @@ class CommandTests(TestCase):
     @defer.inlineCallbacks
     def connected_node(self, provisioned):
         """A real SSP node for a device, once the broker holds its session; and its commands."""
-        commands = []
-        node = SSPNode(provisioned.device_number, provisioned.secret,
-                       ("127.0.0.1", self.broker.udp_port),
-                       state_path=os.path.join(self.mktemp(), "ids.json"),
-                       interface="127.0.0.1", heartbeat=2.0, rekey_after=60.0,
-                       on_command=commands.append)
-        node.start()
-        self.addCleanup(node.stop)
-        node.report({"ready": True})
+        node, commands = commanded_node(self, provisioned.device_number, provisioned.secret,
+                                        self.broker.udp_port)
         yield wait_until(self, lambda: self.endpoint.entry_of(provisioned.device_number)
                          is not None, what="the node's session")
         return node, commands
