@@ -24,6 +24,7 @@ import broker
 from broker import tap
 from broker.config import ConfigError, load_config, replace
 from broker.service import make_service
+from tests.helpers import loopback_config
 from tests.ops.test_process import absolute_temp, write_config
 
 #: the work tree: twistd subprocesses import the broker and its plugin from here.
@@ -162,12 +163,7 @@ class ServiceRefusalTests(SynchronousTestCase):
     """make_service and startService raise one-line ConfigErrors naming file and key."""
 
     def config(self, **sections):
-        config = load_config(None)
-        config = replace(config, "broker", data_dir=self.mktemp())
-        config = replace(config, "registry", backend="memory")
-        config = replace(config, "ssp", port=0)
-        for section, changes in sections.items():
-            config = replace(config, section, **changes)
+        config = loopback_config(self, **{"registry": {"backend": "memory"}, **sections})
         return dataclasses.replace(config, source="broker.toml")
 
     def refusal(self, config, reactor=None, start=False):

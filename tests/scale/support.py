@@ -58,6 +58,18 @@ def open_registry_on(testcase, url, **settings):
     return registry
 
 
+class TwoRegistries:
+    """Mixin (before SingleRedis or ClusterRedis): registries ``a`` and ``b``, standing
+    for two broker processes, on the test's Redis."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.url = self.start_redis()
+        self.a = open_registry_on(self, self.url)
+        self.b = open_registry_on(self, self.url)
+
+
 @defer.inlineCallbacks
 def start_two_brokers(testcase):
     """Brokers A and B sharing the test's Redis (testcase.start_redis(), testcase.cluster).

@@ -5,18 +5,11 @@ from twisted.trial.unittest import TestCase
 
 from broker.registry import SessionRecord, errors
 
-from .support import SingleRedis, open_registry_on, wait_until
+from .support import SingleRedis, TwoRegistries, wait_until
 
 
-class LazyStreamTests(SingleRedis, TestCase):
+class LazyStreamTests(TwoRegistries, SingleRedis, TestCase):
     """What B sees of A's changes when B does not decode them at once."""
-
-    timeout = 60
-
-    def setUp(self):
-        self.url = self.start_redis()
-        self.a = open_registry_on(self, self.url)
-        self.b = open_registry_on(self, self.url)
 
     @defer.inlineCallbacks
     def _reported_on_a(self, name, *patches):

@@ -7,18 +7,12 @@ from broker.metrics import SAMPLE_EVERY, InstrumentedStore, Metrics
 from broker.registry import SessionRecord, errors
 from broker.registry.shared import open_shared_registry
 
-from .support import ClusterRedis, SingleRedis, open_registry_on, redis_options, wait_until
+from .support import (ClusterRedis, SingleRedis, TwoRegistries, open_registry_on,
+                      redis_options, wait_until)
 
 
-class SharedRegistryTestsMixin:
+class SharedRegistryTestsMixin(TwoRegistries):
     """Behaviour every broker process must see the same way, whatever the Redis topology."""
-
-    timeout = 60
-
-    def setUp(self):
-        self.url = self.start_redis()
-        self.a = open_registry_on(self, self.url)
-        self.b = open_registry_on(self, self.url)
 
     @defer.inlineCallbacks
     def test_change_on_one_process_reaches_the_other(self):
