@@ -10,15 +10,17 @@ devices from one process (their numbers and keys from ``broker-admin
 --json device add`` output, one JSON object per line, on stdin or
 ``--keys FILE``) and prints a JSON summary.
 
-Bad usage exits with status 2 and one line on stderr; an unreachable
-broker is not an error (SSP keeps trying), a bad line on stdin is reported
-on stderr and skipped.
+Bad usage exits with status 2 and one line on stderr.  A bad line on
+stdin is reported on stderr and skipped.  An unreachable broker is not an
+error while running (SSP keeps trying), but ``run`` exits 1 with a message
+if what it read was not acknowledged when it stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
@@ -37,7 +39,9 @@ def parse_broker(text: str) -> tuple[str, int]:
     """HOST:PORT or [V6]:PORT, resolved to a numeric address (Twisted's UDP needs one)."""
     host, port = text, DEFAULT_PORT
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
+        host, closed, rest = text[1:].partition("]")
+        if not closed:
+            raise UsageError(f"--broker {text!r}: expected [ADDRESS]:PORT")
         if rest:
             if not rest.startswith(":"):
                 raise UsageError(f"--broker {text!r}: expected [ADDRESS]:PORT")
@@ -74,6 +78,29 @@ def parse_device(text: str) -> int:
     return number
 
 
+def positive(text: str) -> float:
+    """An argparse type: a finite number above 0 (seconds, a rate)."""
+    value = _number(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number above 0")
+    return value
+
+
+def not_negative(text: str) -> float:
+    """An argparse type: a finite number, 0 or more."""
+    value = _number(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number, 0 or more")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def default_state_path(device_number: int) -> Path:
     """Where `run` keeps the last session id: $XDG_STATE_HOME/broker-node/<device>.json."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
@@ -90,23 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", required=True, help="HOST:PORT of the SSP endpoint")
     run.add_argument("--state", help="file keeping the last session id "
                      "(default: $XDG_STATE_HOME/broker-node/<device>.json)")
-    run.add_argument("--heartbeat", type=float, default=25.0, help="seconds (default 25)")
-    run.add_argument("--rekey-after", type=float, default=None,
-                     help="start a new session after this many silent seconds "
-                          "(default 3 heartbeats)")
-    run.add_argument("--linger", type=float, default=5.0,
-                     help="seconds to wait for acknowledgements after end of input")
+    run.add_argument("--heartbeat", type=positive, default=25.0, help="seconds (default 25)")
+    run.add_argument("--rekey-after", type=positive, default=None,
+                     help="start a new session after this many silent seconds, more than "
+                          "--heartbeat (default 3 heartbeats)")
+    run.add_argument("--linger", type=not_negative, default=5.0,
+                     help="seconds to wait for acknowledgements after end of input "
+                          "or a signal (default 5)")
 
     sim = commands.add_parser("simulate", help="many simulated devices from one process")
     sim.add_argument("--devices", type=int, required=True, help="how many devices to run")
-    sim.add_argument("--rate", type=float, default=0.0,
+    sim.add_argument("--rate", type=not_negative, default=0.0,
                      help="reports per second across all devices (0: idle, heartbeats only)")
     sim.add_argument("--broker", required=True, help="HOST:PORT of the SSP endpoint")
     sim.add_argument("--keys", help="broker-admin --json output (default: stdin)")
-    sim.add_argument("--duration", type=float, default=10.0, help="seconds to run")
+    sim.add_argument("--duration", type=not_negative, default=10.0, help="seconds to run")
     sim.add_argument("--sockets", type=int, default=16, help="UDP sockets to spread devices on")
-    sim.add_argument("--heartbeat", type=float, default=25.0)
-    sim.add_argument("--connect-rate", type=float, default=1000.0,
+    sim.add_argument("--heartbeat", type=positive, default=25.0)
+    sim.add_argument("--connect-rate", type=positive, default=1000.0,
                      help="new sessions started per second")
     return parser
 
@@ -114,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "rekey_after", None) is not None and args.rekey_after <= args.heartbeat:
+        # The broker is heard once a heartbeat at best: a shorter wait would
+        # start a new session (and store its id) every heartbeat or faster.
+        parser.error("--rekey-after must be more than --heartbeat")
     try:
         if args.command == "run":
             from broker.node.run import run_node
@@ -127,19 +159,31 @@ def main(argv=None) -> int:
 
 def read_keys(lines) -> list[tuple[int, bytes]]:
     """(device number, secret) pairs from broker-admin --json output (lines or one array)."""
-    text = "".join(lines).strip()
+    try:
+        text = "".join(lines).strip()
+    except UnicodeDecodeError as problem:
+        raise UsageError(f"keys: not broker-admin --json output: {problem}") from None
     if not text:
         return []
-    if text.startswith("["):
-        items = json.loads(text)
-    else:
-        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        if text.startswith("["):
+            items = json.loads(text)
+        else:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as problem:
+        raise UsageError(f"keys: not broker-admin --json output: {problem}") from None
     found = []
+    seen = set()
     for item in items:
         if not isinstance(item, dict) or "device_number" not in item or "key" not in item:
             raise UsageError("keys: every entry needs device_number and key "
                              "(broker-admin --json device add)")
-        found.append((parse_device(str(item["device_number"])), parse_secret(item["key"])))
+        number = parse_device(str(item["device_number"]))
+        if number in seen:
+            # Two simulated nodes of one device would displace each other's sessions.
+            raise UsageError(f"keys: device {number} is listed twice")
+        seen.add(number)
+        found.append((number, parse_secret(item["key"])))
     return found
 
 

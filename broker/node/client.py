@@ -114,11 +114,12 @@ class NodeEndpoint:
     # -- sessions ------------------------------------------------------------------
 
     def add(self, node: NodeSession) -> NodeSession:
-        """Host node and start its first session now."""
+        """Host node and start its first session now (unless it has one)."""
         number = node.device_number
         self._nodes[number] = node
         self._slot[number] = len(self._nodes) % self._socket_count
-        node.start(self._now())
+        if node.session is None:
+            node.start(self._now())
         self.kick(node)
         return node
 
@@ -206,7 +207,12 @@ class SSPNode:
             random_bytes=random_bytes, on_desired=on_desired, on_command=on_command)
 
     def start(self) -> None:
-        """Open the socket and start the first session."""
+        """Start the first session and open the socket.
+
+        The session id is stored first: a state file that cannot be
+        written fails here (OSError), before any socket is open.
+        """
+        self.session.start(self.endpoint.now())
         self.endpoint.listen()
         self.endpoint.add(self.session)
 

@@ -1,26 +1,57 @@
-"""`broker-node run`: one node, JSON lines in on stdin, desired values out on stdout."""
+"""`broker-node run`: one node, JSON lines in on stdin, desired values out on stdout.
+
+It stops at end of input, or on SIGINT / SIGTERM: it stops reading, waits
+at most ``--linger`` seconds for the broker to acknowledge what it read,
+and exits 0 if the broker did, else 1 with a message.  The broker never
+answers a wrong key or device number (wire.md 3), so for the node they
+look like a broker that is down: the message names all three.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
+import signal
 import sys
 
-from twisted.internet import stdio, task
-from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
+from twisted.internet import error, stdio, task
+from twisted.internet.protocol import Protocol
+from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                            formatEvent, globalLogBeginner)
 
 from broker.node.client import SSPNode
+from broker.ssp.device_state import DeviceState
 
 #: Keys of an input line that are not values (registry keys never start with "$").
 EVENT_KEY = "$event"
 EVENTS_KEY = "$events"
+#: Seconds without any answer before a warning on stderr (the first datagram
+#: goes out at start, and a broker answers it within its ack delay).
+NO_ANSWER_WARNING = 10.0
+#: Seconds between checks for acknowledgement while lingering.
+LINGER_POLL = 0.05
+
+_EMPTY = DeviceState.empty()
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is not a finite number")
+    return number
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a finite number (not JSON)")
 
 
 def parse_line(line: str):
     """(values, events) of one input line; ValueError naming the problem."""
     try:
-        item = json.loads(line)
-    except ValueError as problem:
+        item = json.loads(line, parse_float=_finite, parse_constant=_no_constant)
+    except json.JSONDecodeError as problem:
         raise ValueError(f"not JSON: {problem}") from None
     if not isinstance(item, dict):
         raise ValueError("each line must be a JSON object of values")
@@ -32,41 +63,109 @@ def parse_line(line: str):
         if not isinstance(more, list):
             raise ValueError(f"{EVENTS_KEY} must be a list")
         events.extend(more)
+    for key in item:
+        if key.startswith("$"):
+            raise ValueError(f"unknown key {key!r} (the $ keys are {EVENT_KEY} and {EVENTS_KEY})")
     return item, events
 
 
-class Input(LineReceiver):
-    """stdin: each line is reported; end of input stops after a linger."""
+class Input(Protocol):
+    """stdin: each line is reported; ``done`` is called at end of input.
 
-    delimiter = b"\n"
-    log = Logger()
+    A bad line (not UTF-8, not a JSON object, too long) is skipped with one
+    line on ``err``; the lines after it still count, and so does a last
+    line without a line end.
+    """
+
+    #: Bytes; a longer line is skipped (far above any state a broker takes).
+    MAX_LINE = 1 << 20
 
     def __init__(self, node: SSPNode, err, done) -> None:
         self.node = node
         self.err = err
         self.done = done
+        self.stopped = False  # no more reports (the node is shutting down)
+        self._buffer = b""
+        self._skipping = False  # inside a line already reported as too long
 
-    def lineReceived(self, line: bytes) -> None:
-        text = line.decode("utf-8", "replace").strip()
+    def dataReceived(self, data: bytes) -> None:
+        *lines, rest = (self._buffer + data).split(b"\n")
+        for line in lines:
+            if self._skipping:
+                self._skipping = False  # the end of the too long line
+            elif len(line) > self.MAX_LINE:
+                self._skip(f"longer than {self.MAX_LINE} bytes")
+            else:
+                self.line_received(line)
+        if len(rest) > self.MAX_LINE:
+            if not self._skipping:
+                self._skip(f"longer than {self.MAX_LINE} bytes")
+                self._skipping = True
+            rest = b""
+        self._buffer = rest
+
+    def line_received(self, line: bytes) -> None:
+        if self.stopped:
+            return
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            self._skip("not UTF-8")
+            return
         if not text:
             return
         try:
             values, events = parse_line(text)
+            if values and events:
+                _EMPTY.with_events(*events)  # a bad event skips the whole line
             if values:
                 self.node.report(values)
             if events:
                 self.node.emit(*events)
         except (ValueError, TypeError) as problem:
-            self.err.write(f"broker-node: line skipped: {problem}\n")
-            self.err.flush()
+            self._skip(problem)
+
+    def _skip(self, problem) -> None:
+        self.err.write(f"broker-node: line skipped: {problem}\n")
+        self.err.flush()
 
     def connectionLost(self, reason=None) -> None:
+        rest, self._buffer = self._buffer, b""
+        if rest and not self._skipping:
+            self.line_received(rest)  # a last line without a line end
         self.done()
 
 
+def _log_to(err) -> None:
+    """The library's warnings and errors, as ``broker-node: ...`` lines on err."""
+
+    def observe(event):
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}: {failure.getErrorMessage()}"
+        err.write(f"broker-node: {text}\n")
+        err.flush()
+
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(observe, [LogLevelFilterPredicate(LogLevel.warn)])],
+        redirectStandardIO=False)
+
+
+def _discard_output(out) -> None:
+    """Point a closed output at /dev/null, so the flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # not a real file: nothing is flushed at exit
+
+
 def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
-    """Run until stdin ends (plus --linger) or the process is stopped."""
-    from broker.node.cli import default_state_path, parse_broker, parse_device, parse_secret
+    """Run until stdin ends or a signal, then linger; 0 if all was acknowledged, else 1."""
+    from broker.node.cli import (UsageError, default_state_path, parse_broker, parse_device,
+                                 parse_secret)
 
     if reactor is None:
         from twisted.internet import reactor
@@ -75,32 +174,93 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
     device = parse_device(args.device)
     secret = parse_secret(args.secret)
     broker = parse_broker(args.broker)
+    state_path = args.state or default_state_path(device)
+    # localhost may resolve to another family than the broker listens on: show it.
+    shown = args.broker if broker[0] in args.broker else f"{args.broker} ({broker[0]})"
+
+    output_closed = []
+
+    def print_line(item):
+        if output_closed:
+            return
+        try:
+            out.write(json.dumps(item, sort_keys=True, default=repr) + "\n")
+            out.flush()
+        except OSError as problem:  # the reader went away (EPIPE): as a filter, stop
+            output_closed.append(problem)
+            err.write("broker-node: cannot write to standard output "
+                      f"({problem.strerror or problem}); stopping\n")
+            err.flush()
+            _discard_output(out)
+            end_of_input()
 
     def desired(values):
-        out.write(json.dumps(values, sort_keys=True, default=repr) + "\n")
-        out.flush()
+        print_line(values)
 
     def command(value):
-        out.write(json.dumps({"$command": value}, sort_keys=True, default=repr) + "\n")
-        out.flush()
+        print_line({"$command": value})
 
-    node = SSPNode(device, secret, broker, state_path=args.state or default_state_path(device),
-                   heartbeat=args.heartbeat, rekey_after=args.rekey_after,
-                   on_desired=desired, on_command=command, reactor=reactor)
-    node.start()
+    try:
+        node = SSPNode(device, secret, broker, state_path=state_path,
+                       heartbeat=args.heartbeat, rekey_after=args.rekey_after,
+                       on_desired=desired, on_command=command, reactor=reactor)
+        node.start()
+    except ValueError as problem:
+        raise UsageError(f"--state: {problem}") from None
+    except OSError as problem:
+        where = f"{problem.strerror}: {problem.filename}" if problem.filename else problem
+        raise UsageError(f"--state {state_path}: cannot store session ids: {where}") from None
 
-    def finish():
+    def end_of_input():
+        try:
+            reactor.stop()
+        except error.ReactorNotRunning:
+            pass  # already stopping (a signal)
+
+    def unanswered() -> str:
+        return (f"no answer from the broker at {shown} (check --broker, --device "
+                "and --secret: the broker never answers a wrong one)")
+
+    def warn_if_unanswered():
+        if node.acknowledged == 0:
+            err.write(f"broker-node: {unanswered()}; still trying\n")
+            err.flush()
+
+    warning = reactor.callLater(NO_ANSWER_WARNING, warn_if_unanswered)
+    lines = Input(node, err, end_of_input)
+    stdin_transport = stdio.StandardIO(lines, stdin=stdin or sys.stdin.fileno(), reactor=reactor)
+
+    def settle():
+        """Before the reactor stops: stop reading, wait (at most --linger) for acks."""
+        lines.stopped = True
+        stdin_transport.pauseProducing()
+        if warning.active():
+            warning.cancel()
         end = reactor.seconds() + args.linger
 
         def check():
             if node.session.idle() or reactor.seconds() >= end:
                 loop.stop()
-                reactor.stop()
+
+        def give_up(signum, frame):
+            # A second Ctrl-C (or SIGTERM): stop waiting now.
+            reactor.callFromThread(lambda: loop.running and loop.stop())
+
         loop = task.LoopingCall(check)
         loop.clock = reactor
-        loop.start(0.05)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, give_up)
+        return loop.start(LINGER_POLL)
 
-    stdio.StandardIO(Input(node, err, finish), stdin=stdin or sys.stdin.fileno(),
-                     reactor=reactor)
+    reactor.addSystemEventTrigger("before", "shutdown", settle)
+    _log_to(err)
     reactor.run()
-    return 0
+    if node.session.idle():
+        return 1 if output_closed else 0
+    if node.acknowledged == 0:
+        err.write(f"broker-node: {unanswered()}; nothing was delivered\n")
+    else:
+        err.write(f"broker-node: the broker at {shown} did not acknowledge the last "
+                  f"reports within --linger {args.linger:g} s; they may be lost\n")
+    err.flush()
+    return 1

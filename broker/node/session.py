@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from twisted.logger import Logger
+
 from broker.ssp import events as ssp_events
 from broker.ssp.device_state import DeviceState
 from broker.ssp.framing import BrokerFraming
@@ -39,10 +41,12 @@ class NodeSession:
     monotonic seconds passed in by the owner.
     """
 
+    log = Logger()
+
     __slots__ = ("device_number", "broker_address", "rekey_after", "on_desired",
                  "on_command", "session", "session_id", "sessions_started",
                  "_secret", "_ids", "_profile", "_ciphers", "_random_bytes", "_pending",
-                 "_desired", "_events_end", "_acked")
+                 "_desired", "_events_end", "_acked", "_rekey_not_before")
 
     def __init__(self, device_number: int, secret: bytes, broker_address, *, session_ids,
                  profile, ciphers, rekey_after: float, random_bytes=os.urandom,
@@ -66,6 +70,7 @@ class NodeSession:
         self._desired = None
         self._events_end = 0
         self._acked = 0  # reports the broker acknowledged (states, not datagrams)
+        self._rekey_not_before = 0.0  # after a new session id could not be stored
 
     # -- what the application does ----------------------------------------------
 
@@ -160,8 +165,16 @@ class NodeSession:
             self.start(now)
             session = self.session
         heard = session.last_heard
-        if heard is not None and now - heard >= self.rekey_after:
-            self.start(now)
+        if (heard is not None and now - heard >= self.rekey_after
+                and now >= self._rekey_not_before):
+            try:
+                self.start(now)
+            except OSError as problem:
+                # The new id is not stored, so it must not be used: keep the
+                # old session (the broker may come back to it), retry later.
+                self._rekey_not_before = now + self.rekey_after
+                self.log.error("device {number}: no new session, its id cannot be stored: "
+                               "{problem}", number=self.device_number, problem=problem)
             session = self.session
         out = session.datagrams_to_send(now)
         self._handle(session.pop_events())
@@ -175,6 +188,6 @@ class NodeSession:
         wakeup = session.next_wakeup()
         heard = session.last_heard
         if heard is not None:
-            rekey = heard + self.rekey_after
+            rekey = max(heard + self.rekey_after, self._rekey_not_before)
             wakeup = rekey if wakeup is None else min(wakeup, rekey)
         return wakeup

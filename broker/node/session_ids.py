@@ -50,9 +50,13 @@ class SessionIds:
                 data = json.load(handle)
         except (OSError, ValueError) as problem:
             raise ValueError(f"{self.path}: cannot read session ids: {problem}") from None
+        shape = f"{self.path}: expected a JSON object of device number -> last session id"
         if not isinstance(data, dict):
-            raise ValueError(f"{self.path}: expected a JSON object of device -> last session id")
-        return {int(device): int(session_id) for device, session_id in data.items()}
+            raise ValueError(shape)
+        try:
+            return {int(device): int(session_id) for device, session_id in data.items()}
+        except (TypeError, ValueError):
+            raise ValueError(shape) from None
 
     def last(self, device_number: int) -> int:
         """The last id used for device (0 if none)."""

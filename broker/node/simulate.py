@@ -138,12 +138,13 @@ def run_simulation(args, reactor=None, out=None, err=None) -> int:
     err = err or sys.stderr
     if args.devices < 1:
         raise UsageError("--devices must be at least 1")
-    if args.rate < 0 or args.duration < 0:
-        raise UsageError("--rate and --duration must not be negative")
     broker = parse_broker(args.broker)
     if args.keys:
-        with open(args.keys, encoding="utf-8") as handle:
-            keys = read_keys(handle)
+        try:
+            with open(args.keys, encoding="utf-8") as handle:
+                keys = read_keys(handle)
+        except OSError as problem:
+            raise UsageError(f"--keys {args.keys}: {problem.strerror or problem}") from None
     else:
         keys = read_keys(sys.stdin)
     if len(keys) < args.devices:
@@ -168,4 +169,7 @@ def run_simulation(args, reactor=None, out=None, err=None) -> int:
 
     reactor.callWhenRunning(start)
     reactor.run()
+    if not result:
+        err.write("broker-node: simulation stopped before its end: no summary\n")
+        return 1
     return 1 if result.get("failed") else 0

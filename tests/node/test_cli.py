@@ -6,14 +6,14 @@ import os
 import sys
 
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.node.cli import UsageError, main, parse_broker, read_keys
 from broker.node.run import parse_line
 from broker.ssp.keys import format_key
 from tests.helpers import loopback_config, start_broker
-from tests.udp.loopback import wait_until
+from tests.udp.loopback import pause, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,16 +26,25 @@ class ParsingTests(SynchronousTestCase):
         self.assertEqual(parse_broker("127.0.0.1:5000"), ("127.0.0.1", 5000))
         self.assertEqual(parse_broker("[::1]:6000"), ("::1", 6000))
         self.assertEqual(parse_broker("127.0.0.1"), ("127.0.0.1", 60001))
-        for bad in ("127.0.0.1:x", "127.0.0.1:0", "127.0.0.1:70000", "[::1]6000"):
+        for bad in ("127.0.0.1:x", "127.0.0.1:0", "127.0.0.1:70000", "[::1]6000", "[::1",
+                    "[::1:6000"):
             self.assertRaises(UsageError, parse_broker, bad)
 
     def test_keys_from_admin_json(self):
         """broker-admin --json device add output (lines or one array) gives numbers and secrets."""
         line = {"device_number": "42", "key": format_key(bytes(16)), "name": "a"}
-        self.assertEqual(read_keys([json.dumps(line) + "\n"] * 2), [(42, bytes(16))] * 2)
+        other = dict(line, device_number="43")
+        self.assertEqual(read_keys([json.dumps(line) + "\n", json.dumps(other) + "\n"]),
+                         [(42, bytes(16)), (43, bytes(16))])
         self.assertEqual(read_keys([json.dumps([line])]), [(42, bytes(16))])
         self.assertEqual(read_keys([]), [])
         self.assertRaises(UsageError, read_keys, ['{"name": "a"}'])
+
+    def test_bad_keys_are_usage_errors(self):
+        """Keys that are not admin JSON, or list one device twice, are refused with a message."""
+        line = json.dumps({"device_number": "42", "key": format_key(bytes(16))})
+        for bad in (["{bad\n"], ["device greenhouse-7\nnumber 42\n"], [line + "\n"] * 2):
+            self.assertRaises(UsageError, read_keys, bad)
 
     def test_input_lines(self):
         """A line is an object of values; $event and $events append events."""
@@ -62,6 +71,56 @@ class ParsingTests(SynchronousTestCase):
         self.assertIn("--secret", lines[1])
 
 
+    def run_main(self, *argv):
+        """main(argv) -> (status, stderr); argparse's exits count as a status."""
+        err = io.StringIO()
+        old, sys.stderr = sys.stderr, err
+        try:
+            status = main(list(argv))
+        except SystemExit as stop:
+            status = stop.code
+        finally:
+            sys.stderr = old
+        return status, err.getvalue()
+
+    def test_timing_options_are_checked(self):
+        """Times that are not positive and finite, or a rekey not after a heartbeat, exit 2."""
+        base = ["run", "--device", "5", "--secret", format_key(bytes(16)),
+                "--broker", "127.0.0.1:1"]
+        for bad in (["--heartbeat", "0"], ["--heartbeat", "nan"], ["--heartbeat", "inf"],
+                    ["--rekey-after", "0"], ["--heartbeat", "10", "--rekey-after", "10"],
+                    ["--linger", "-1"], ["--linger", "nan"]):
+            status, err = self.run_main(*base, *bad)
+            self.assertEqual(status, 2, bad)
+            self.assertIn(bad[-2], err)
+
+    def test_simulate_options_are_checked(self):
+        """simulate refuses a zero connect rate, a NaN rate and a missing keys file with exit 2."""
+        base = ["simulate", "--devices", "1", "--broker", "127.0.0.1:1"]
+        for bad in (["--connect-rate", "0"], ["--rate", "nan"],
+                    ["--keys", os.path.join(self.mktemp(), "missing.jsonl")]):
+            status, err = self.run_main(*base, *bad)
+            self.assertEqual(status, 2, bad)
+            self.assertIn(bad[0], err.splitlines()[-1])
+            self.assertNotIn("Traceback", err)
+
+    def test_unusable_state_file_exits_2(self):
+        """A --state file that cannot be read or written exits 2 with one line, no traceback."""
+        blocker = self.mktemp()
+        with open(blocker, "w") as handle:
+            handle.write("not a directory")
+        damaged = self.mktemp()
+        with open(damaged, "w") as handle:
+            handle.write('{"5": "x"}')
+        for path in (os.path.join(blocker, "ids.json"), damaged):
+            status, err = self.run_main("run", "--device", "5", "--secret",
+                                        format_key(bytes(16)), "--broker", "127.0.0.1:1",
+                                        "--state", path)
+            self.assertEqual(status, 2)
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertIn("--state", err)
+
+
 class Child(ProcessProtocol):
     """A broker-node child process: collects stdout lines and stderr."""
 
@@ -83,6 +142,66 @@ class Child(ProcessProtocol):
         self.ended.callback(reason.value.exitCode)
 
 
+def spawn_node(testcase, *args):
+    """broker-node as a child process; killed at cleanup if still running."""
+    child = Child()
+    process = reactor.spawnProcess(
+        child, sys.executable, [sys.executable, "-m", "broker.node.cli", *args],
+        env=dict(os.environ), path=ROOT)
+    testcase.addCleanup(lambda: child.ended if process.pid is None
+                        else (process.signalProcess("KILL"), child.ended)[1])
+    return process, child
+
+
+class Silent(DatagramProtocol):
+    """A UDP peer that never answers (as the broker is to a wrong key or device)."""
+
+    def __init__(self):
+        self.received = 0
+
+    def datagramReceived(self, data, addr):
+        self.received += 1
+
+
+class SilentBrokerTests(TestCase):
+    """broker-node run against a broker that never answers: a message and status 1."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.silent = Silent()
+        port = reactor.listenUDP(0, self.silent, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.args = ["run", "--device", "5", "--secret", format_key(bytes(16)),
+                     "--broker", f"127.0.0.1:{port.getHost().port}", "--linger", "0.5"]
+
+    @defer.inlineCallbacks
+    def test_unacknowledged_reports_exit_1_with_a_message(self):
+        """Reports nobody acknowledged end with status 1 and a message naming the likely
+        causes, at end of input and on SIGTERM alike (never a silent 0)."""
+        process, child = spawn_node(self, *self.args, "--state",
+                                    os.path.abspath(self.mktemp()))
+        process.writeToChild(0, b'{"t": 1}\n')
+        process.closeChildFD(0)
+        code = yield child.ended
+        self.assertEqual(code, 1)
+        self.assertIn(b"no answer from the broker", child.err)
+        self.assertIn(b"--secret", child.err)
+        self.assertNotIn(b"Traceback", child.err)
+
+        process, child = spawn_node(self, *self.args, "--state",
+                                    os.path.abspath(self.mktemp()))
+        before = self.silent.received
+        process.writeToChild(0, b'{"t": 2}\n')
+        yield wait_until(self, lambda: self.silent.received >= before + 2,
+                         what="the session start and the report sent")
+        process.signalProcess("TERM")
+        code = yield child.ended
+        self.assertEqual(code, 1)
+        self.assertIn(b"no answer from the broker", child.err)
+        self.assertNotIn(b"Traceback", child.err)
+
+
 class CommandTests(TestCase):
     """broker-node run and simulate as real processes against a real broker on loopback."""
 
@@ -95,13 +214,7 @@ class CommandTests(TestCase):
         self.address = f"127.0.0.1:{self.broker.udp_port}"
 
     def spawn(self, *args):
-        child = Child()
-        process = reactor.spawnProcess(
-            child, sys.executable, [sys.executable, "-m", "broker.node.cli", *args],
-            env=dict(os.environ), path=ROOT)
-        self.addCleanup(lambda: child.ended if process.pid is None
-                        else (process.signalProcess("KILL"), child.ended)[1])
-        return process, child
+        return spawn_node(self, *args)
 
     @defer.inlineCallbacks
     def test_run_reports_stdin_and_prints_desired(self):
@@ -120,6 +233,46 @@ class CommandTests(TestCase):
         code = yield child.ended
         self.assertEqual(code, 0)
         self.assertIn(b"line skipped", child.err)
+
+    @defer.inlineCallbacks
+    def test_signal_stops_quietly_after_acknowledgement(self):
+        """SIGINT (Ctrl-C) after the broker acknowledged everything ends with status 0 and
+        nothing on stderr."""
+        device = yield self.registry.add_device("cli-signal")
+        process, child = self.spawn(
+            "run", "--device", str(device.device_number), "--secret", format_key(device.secret),
+            "--broker", self.address, "--state", os.path.abspath(self.mktemp()))
+        process.writeToChild(0, b'{"temp": 7}\n')
+        yield wait_until(self, lambda: self.registry.device("cli-signal").reported.get("temp")
+                         == 7, what="reported via the CLI")
+        yield self.registry.update_desired("cli-signal", {"led": "on"})
+        yield wait_until(self, lambda: {"led": "on"} in child.lines, what="desired printed")
+        yield pause(0.5)  # the node's ack of the desired state goes out (ack delay 0.1 s)
+        process.signalProcess("INT")
+        code = yield child.ended
+        self.assertEqual(code, 0)
+        self.assertEqual(child.err, b"")
+
+    @defer.inlineCallbacks
+    def test_closed_output_stops_the_node(self):
+        """When the reader of stdout goes away (broker-node run | head -1), the node stops
+        with status 1 and one message, no traceback, without waiting for end of input."""
+        device = yield self.registry.add_device("cli-pipe")
+        process, child = self.spawn(
+            "run", "--device", str(device.device_number), "--secret", format_key(device.secret),
+            "--broker", self.address, "--state", os.path.abspath(self.mktemp()),
+            "--linger", "1")
+        process.writeToChild(0, b'{"temp": 8}\n')
+        yield wait_until(self, lambda: self.registry.device("cli-pipe").reported.get("temp")
+                         == 8, what="reported via the CLI")
+        process.closeChildFD(1)
+        yield self.registry.update_desired("cli-pipe", {"led": "on"})
+        codes = []
+        child.ended.addCallback(codes.append)
+        yield wait_until(self, lambda: codes, what="the node stopping by itself")
+        self.assertEqual(codes, [1])
+        self.assertIn(b"cannot write to standard output", child.err)
+        self.assertNotIn(b"Traceback", child.err)
 
     @defer.inlineCallbacks
     def test_simulate_fleet(self):
@@ -143,3 +296,23 @@ class CommandTests(TestCase):
         self.assertEqual(summary["pending_devices"], 0)
         self.assertTrue(all(self.registry.device(f"sim-{i}").reported.get("seq")
                             for i in range(4)))
+
+    @defer.inlineCallbacks
+    def test_interrupted_simulation_exits_1(self):
+        """simulate stopped by SIGINT before its end says so and exits 1 (no summary is no
+        success)."""
+        device = yield self.registry.add_device("sim-int")
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as handle:
+            handle.write(json.dumps({"device_number": str(device.device_number),
+                                     "key": format_key(device.secret)}) + "\n")
+        process, child = self.spawn("simulate", "--devices", "1", "--rate", "5",
+                                    "--duration", "30", "--broker", self.address,
+                                    "--keys", path)
+        yield wait_until(self, lambda: self.registry.device("sim-int").reported.get("seq"),
+                         what="the simulated device reporting")
+        process.signalProcess("INT")
+        code = yield child.ended
+        self.assertEqual(code, 1)
+        self.assertIn(b"stopped before its end", child.err)
+        self.assertEqual(child.lines, [])

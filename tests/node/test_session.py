@@ -128,6 +128,63 @@ class NodeSessionTests(SynchronousTestCase):
         self.assertLessEqual(wakeup, self.node.session.last_heard + 60.0)
 
 
+class FailingIds:
+    """Session ids whose store can be made to fail (a full or read-only disk)."""
+
+    def __init__(self):
+        self.ids = SessionIds(None, wall_clock=lambda: 1)
+        self.failing = False
+
+    def next(self, device_number):
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        return self.ids.next(device_number)
+
+
+class RekeyFailureTests(SynchronousTestCase):
+    """A new session whose id cannot be stored is not started; the old one goes on."""
+
+    def test_unstorable_id_keeps_the_old_session(self):
+        """When the id store fails, the node keeps its session and sending, waits
+        rekey_after before trying again (no busy loop), then rekeys once it can."""
+        ids = FailingIds()
+        node = NodeSession(DEVICE, SECRET, ("127.0.0.1", 60001), session_ids=ids,
+                           profile=node_profile(25.0), ciphers=CipherCache(8),
+                           rekey_after=60.0)
+        now = 100.0
+        node.start(now)
+        broker = Broker(node.session_id, now)
+        for _ in range(100):
+            for data, _ in node.datagrams(now):
+                broker.receive(data, now)
+            for data, _ in broker.session.datagrams_to_send(now):
+                node.receive(data, ("127.0.0.1", 60001), now)
+            now += 0.01
+        first = node.session_id
+        ids.failing = True
+        node.report({"v": 1}, now)
+        sent = 0
+        now += 61.0  # the broker stays silent past rekey_after
+        sent += len(node.datagrams(now))
+        self.assertEqual(node.session_id, first)
+        self.assertEqual(node.sessions_started, 1)
+        self.assertGreaterEqual(node.next_wakeup(), now + 1.0)
+        for _ in range(30):
+            now = max(now + 1.0, node.next_wakeup())
+            sent += len(node.datagrams(now))
+        self.assertEqual(node.session_id, first)
+        self.assertGreater(sent, 0)
+        ids.failing = False
+        for _ in range(10):
+            if node.session_id != first:
+                break
+            now = max(now + 0.01, node.next_wakeup())
+            node.datagrams(now)
+        self.assertGreater(node.session_id, first)
+        self.assertEqual(node.sessions_started, 2)
+        self.assertEqual(dict(node.state.values), {"v": 1})
+
+
 class RebootNonceTests(SynchronousTestCase):
     """A rebooted device never seals under a (key, nonce) it used before."""
 

@@ -87,3 +87,12 @@ class SessionIdsTests(SynchronousTestCase):
         """Without a path ids still increase within the process."""
         ids = SessionIds(None, wall_clock=lambda: 1)
         self.assertLess(ids.next(3), ids.next(3))
+
+    def test_wrong_content_is_a_clear_error(self):
+        """A file of the wrong shape (not device -> id) stops with a message naming it."""
+        for content in ('[1]', '{"x": 1}', '{"1": "y"}', '{"1": [2]}'):
+            path = self.mktemp()
+            with open(path, "w") as handle:
+                handle.write(content)
+            error = self.assertRaises(ValueError, SessionIds, path)
+            self.assertIn(path, str(error))

@@ -1,0 +1,97 @@
+"""Tests for broker.node.run: stdin lines become reports, and nothing read is lost silently."""
+
+import io
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.node.run import Input, parse_line
+
+
+class FakeNode:
+    """Records what Input hands to the node."""
+
+    def __init__(self):
+        self.reports = []
+        self.events = []
+
+    def report(self, values):
+        self.reports.append(values)
+
+    def emit(self, *events):
+        self.events.extend(events)
+
+
+class InputTests(SynchronousTestCase):
+    """stdin as a byte stream: lines however they are split, bad ones skipped with a message."""
+
+    def setUp(self):
+        self.node = FakeNode()
+        self.err = io.StringIO()
+        self.ended = []
+        self.input = Input(self.node, self.err, lambda: self.ended.append(True))
+
+    def test_lines_split_anywhere(self):
+        """Lines cut across reads, and CRLF endings, give the same reports."""
+        self.input.dataReceived(b'{"a": 1}\r\n{"b"')
+        self.input.dataReceived(b': 2}\n\n')
+        self.assertEqual(self.node.reports, [{"a": 1}, {"b": 2}])
+        self.assertEqual(self.err.getvalue(), "")
+
+    def test_last_line_without_newline_is_reported(self):
+        """A last line without a line end (printf, echo -n) is reported at end of input."""
+        self.input.dataReceived(b'{"a": 1}\n{"b": 2}')
+        self.input.connectionLost()
+        self.assertEqual(self.node.reports, [{"a": 1}, {"b": 2}])
+        self.assertEqual(self.ended, [True])
+
+    def test_overlong_line_is_skipped_and_input_goes_on(self):
+        """A line over MAX_LINE bytes is skipped with one message; the lines after it count."""
+        self.input.dataReceived(b'{"big": "' + b"x" * Input.MAX_LINE)
+        self.input.dataReceived(b"x" * 1000)
+        self.input.dataReceived(b'"}\n{"after": 1}\n')
+        self.input.connectionLost()
+        self.assertEqual(self.node.reports, [{"after": 1}])
+        self.assertEqual(self.err.getvalue().count("line skipped"), 1)
+        self.assertIn("longer than", self.err.getvalue())
+        self.assertEqual(self.ended, [True])
+
+    def test_overlong_complete_line_is_skipped(self):
+        """A too long line that arrives whole in one read is skipped too."""
+        self.input.dataReceived(b'{"big": "' + b"x" * Input.MAX_LINE + b'"}\n{"after": 1}\n')
+        self.assertEqual(self.node.reports, [{"after": 1}])
+        self.assertIn("longer than", self.err.getvalue())
+
+    def test_non_utf8_line_is_skipped(self):
+        """A line that is not UTF-8 is skipped with a message, never reported mangled."""
+        self.input.dataReceived(b'{"t": "\xff"}\n{"ok": 1}\n')
+        self.assertEqual(self.node.reports, [{"ok": 1}])
+        self.assertIn("UTF-8", self.err.getvalue())
+
+    def test_bad_event_skips_the_whole_line(self):
+        """A line whose event cannot be sent reports none of its values either."""
+        self.input.dataReceived(b'{"t": 1, "$event": ' + b"[" * 40 + b"]" * 40 + b'}\n')
+        self.assertEqual(self.node.reports, [])
+        self.assertIn("line skipped", self.err.getvalue())
+
+    def test_events_are_emitted(self):
+        """$event and $events of a line are emitted in order, after its values."""
+        self.input.dataReceived(b'{"t": 1, "$event": "a", "$events": ["b"]}\n')
+        self.assertEqual(self.node.reports, [{"t": 1}])
+        self.assertEqual(self.node.events, ["a", "b"])
+
+
+class ParseLineTests(SynchronousTestCase):
+    """One input line: a JSON object, standard JSON only."""
+
+    def test_non_finite_numbers_are_refused(self):
+        """NaN, Infinity and numbers too large for a float are refused, as the registry would."""
+        for bad in ('{"t": NaN}', '{"t": Infinity}', '{"t": -Infinity}', '{"t": 1e400}',
+                    '{"t": [1, {"u": -1e999}]}'):
+            error = self.assertRaises(ValueError, parse_line, bad)
+            self.assertIn("finite", str(error))
+        self.assertEqual(parse_line('{"t": 1.5e300}'), ({"t": 1.5e300}, []))
+
+    def test_unknown_dollar_keys_are_refused(self):
+        """A $ key other than $event / $events (a typo) is refused, not reported as a value."""
+        error = self.assertRaises(ValueError, parse_line, '{"t": 1, "$evnt": "boot"}')
+        self.assertIn("$evnt", str(error))
