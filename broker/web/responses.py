@@ -1,8 +1,15 @@
-"""JSON bodies and errors, one shape for every HTTP resource of the broker."""
+"""JSON bodies and errors, one shape for every HTTP resource of the broker.
+
+Also how JSON from clients is read, one way for the REST API and the
+WebSocket: ``{"$bytes": base64}`` values, and text that is not Unicode.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 from typing import Any
 
 from twisted.web.iweb import IRequest
@@ -31,3 +38,53 @@ def json_body(request: IRequest, body: Any, status: int = 200) -> bytes:
 def json_error(request: IRequest, status: int, code: str, message: str, **details: Any) -> bytes:
     """An error answer: {"error": {"code": ..., "message": ..., details...}} with its status."""
     return json_body(request, {"error": {"code": code, "message": message, **details}}, status)
+
+
+class BadBytes(ValueError):
+    """A ``{"$bytes": ...}`` value whose text is not standard base64."""
+
+
+def bytes_hook(obj: dict):
+    """json.loads object_hook: ``{"$bytes": "<base64>"}`` becomes bytes (REST and WebSocket).
+
+    The inverse of DeviceView.to_json(), so that a value read from the broker
+    can be written back as it came; any other object is left as it is.
+    """
+    if len(obj) == 1 and "$bytes" in obj and isinstance(obj["$bytes"], str):
+        try:
+            return base64.b64decode(obj["$bytes"], validate=True)
+        except (binascii.Error, ValueError):
+            raise BadBytes('a {"$bytes": ...} value must be standard base64') from None
+    return obj
+
+
+#: The message of an error answering JSON whose text is not Unicode (see not_unicode).
+NOT_UNICODE = r"text with an unpaired \uD800-\uDFFF escape is not Unicode"
+#: A JSON escape of a UTF-16 surrogate: only text holding one can be non-Unicode.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def not_unicode(raw: bytes, value) -> bool:
+    """Whether decoded JSON holds text with an unpaired surrogate escape (``"\\ud800"``).
+
+    Such text is valid JSON but no Unicode string: it cannot be stored or
+    sent again. ``raw`` is the JSON text, so that only bodies with a
+    surrogate escape are walked (without recursion: depth is the parser's).
+    """
+    if not _SURROGATE_ESCAPE.search(raw):
+        return False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif type(item) is list:
+            stack.extend(item)
+        elif type(item) is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+    return False

@@ -1,5 +1,8 @@
 """The HTTP Site: counts answers by status, logs them without secrets, and can be drained.
 
+Answers name no server software: twisted.web's ``Server: TwistedWeb/<version>``
+is dropped, as the WebSocket handshake sends none (docs/websocket.md).
+
 `BrokerSite` replaces twisted.web's access log (which writes full URIs,
 query strings included, where tokens could sit) with a debug event holding
 the path only, and counts every answer in `broker_http_requests_total`.
@@ -32,6 +35,11 @@ class BrokerSite(Site):
         super().__init__(resource, reactor=reactor)
         self._requests = metrics.http_requests
         self._by_status = {}
+
+    def getResourceFor(self, request):
+        """The resource for a request; twisted.web's Server header (its version) is dropped first."""
+        request.responseHeaders.removeHeader(b"server")
+        return super().getResourceFor(request)
 
     def log(self, request) -> None:
         """Called by twisted.web once per finished request (instead of the access log)."""

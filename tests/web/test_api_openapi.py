@@ -41,6 +41,18 @@ class OpenAPIDocumentTests(TestCase):
         self.assertEqual(documented, routed)
         self.assertEqual(document["servers"], [{"url": "/api/v1"}])
 
+    def test_query_token_is_documented_for_get_only(self):
+        """Only GET operations list ?token= among their credentials (others answer 401 token_in_query)."""
+        document = _yaml().safe_load(OPENAPI.read_text())
+        offered = {}
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                if method != "parameters":
+                    schemes = operation.get("security", document["security"])
+                    offered[(method, path)] = {name for entry in schemes for name in entry}
+        self.assertEqual({key for key, names in offered.items() if "queryToken" in names},
+                         {key for key in offered if key[0] == "get"})
+
 
 class SchemathesisTests(TestCase):
     """Runs the schemathesis CLI (a subprocess) against a broker on loopback."""

@@ -5,8 +5,12 @@ import json
 
 import treq
 from twisted.internet import defer, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from broker.registry.errors import StoreError
+from broker.web.api import resource as api_resource
+from broker.web.commands import CommandSender
 from tests.helpers import http_pool, loopback_config, start_broker
 
 ORIGIN = "http://dashboard.test:8000"
@@ -100,6 +104,13 @@ class RestTests(TestCase):
         self.assertEqual(header(headers, b"etag"), '"%d"' % body["version"])
         self.assertEqual(header(headers, b"cache-control"), "no-store")
 
+    @defer.inlineCallbacks
+    def test_answers_name_no_server_software(self):
+        """No answer carries a Server header naming twisted.web and its version (as on /ws)."""
+        for path, auth in (("/devices/porch", self.read), ("/devices", None), ("/nowhere", None)):
+            _, headers, _ = yield self.client.call("GET", path, auth)
+            self.assertFalse(headers.hasHeader(b"server"), path)
+
     # -- writes ----------------------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -182,6 +193,28 @@ class RestTests(TestCase):
                                self.write, {"a": 1}, {b"if-match": b'"seven"'})
 
     @defer.inlineCallbacks
+    def test_text_that_is_not_unicode_is_invalid_json(self):
+        """An unpaired surrogate escape (JSON, but not Unicode text) is 400 invalid_json, not 500."""
+        for path, auth in (("/devices/porch/desired", self.write),
+                           ("/devices/porch/commands", self.write)):
+            method = "PATCH" if path.endswith("desired") else "POST"
+            for raw in (b'{"s": "\\ud800"}', b'{"\\udc00": 1}', b'{"a": ["x", {"b": "\\udfff"}]}'):
+                got = yield self.assertError(400, "invalid_json", method, path, auth, raw=raw)
+                self.assertIsNotNone(got)
+        status, _, body = yield self.client.call("PATCH", "/devices/porch/desired", self.write,
+                                                 raw=b'{"smile": "\\ud83d\\ude00"}')
+        self.assertEqual((status, body["desired"]), (200, {"smile": "\U0001f600"}))
+
+    @defer.inlineCallbacks
+    def test_out_of_range_numbers_say_their_range(self):
+        """A whole number too long for a cursor is refused with its range, not as no number."""
+        _, _, body = yield self.client.call("GET", "/changes?since=1000000000000000000", self.read)
+        self.assertEqual(body["error"]["code"], "invalid_parameter")
+        self.assertIn("between 0 and 999999999999999999", body["error"]["message"])
+        _, _, body = yield self.client.call("GET", "/changes?since=12a", self.read)
+        self.assertIn("whole number", body["error"]["message"])
+
+    @defer.inlineCallbacks
     def test_401(self):
         """Missing or wrong credentials get 401 with WWW-Authenticate."""
         headers = yield self.assertError(401, "missing_credentials", "GET", "/devices")
@@ -241,6 +274,49 @@ class RestTests(TestCase):
         """A body that is not JSON by its media type gets 415."""
         yield self.assertError(415, "unsupported_media_type", "PATCH", "/devices/porch/desired",
                                self.write, headers={b"content-type": b"text/plain"}, raw=b"{}")
+
+    @defer.inlineCallbacks
+    def test_415_events_and_commands_take_only_json(self):
+        """Events and commands are not merge patches: application/merge-patch+json gets 415."""
+        merge = {b"content-type": b"application/merge-patch+json"}
+        yield self.assertError(415, "unsupported_media_type", "POST", "/devices/node-7/events",
+                               self.device, headers=merge, raw=b'{"events": [1]}')
+        yield self.assertError(415, "unsupported_media_type", "POST", "/devices/porch/commands",
+                               self.write, headers=merge, raw=b'{"op": "reboot"}')
+        status, _, _ = yield self.client.call("POST", "/devices/node-7/reported", self.device,
+                                              headers=merge, raw=b'{"t": 1}')
+        self.assertEqual(status, 200)
+
+    @defer.inlineCallbacks
+    def test_503_store_error_of_a_command_says_when_to_retry(self):
+        """A command whose session record write failed is 503 store_error with Retry-After."""
+        class FailingEndpoint:
+            def send_command(self, device_number, *commands):
+                return defer.fail(StoreError("disk full"))
+
+        self.broker.service.api.commands = CommandSender(self.registry, FailingEndpoint())
+        headers = yield self.assertError(503, "store_error", "POST", "/devices/porch/commands",
+                                         self.write, {"op": "reboot"})
+        self.assertEqual(header(headers, b"retry-after"), "1")
+        self.assertEqual(len(self.flushLoggedErrors(StoreError)), 1)
+
+    @defer.inlineCallbacks
+    def test_internal_error_log_has_no_query_token(self):
+        """A failing request is logged by its path: a ?token= in the query never reaches the log."""
+        def broken(api, request, principal, name):
+            raise KeyError("bug")
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.patch(api_resource, "ROUTES", {("devices",): {b"GET": ("read", broken)}})
+        token = self.read[7:].decode()
+        yield self.assertError(500, "internal_error", "GET", "/devices?token=" + token)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        logged = [formatEvent(event) + repr(event) for event in events
+                  if "failed" in (event.get("log_format") or "")]
+        self.assertTrue(logged)
+        self.assertFalse([text for text in logged if token in text])
 
     @defer.inlineCallbacks
     def test_429(self):

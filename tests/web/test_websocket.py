@@ -58,7 +58,7 @@ class SubscribeTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_history_can_be_left_out(self):
-        """subscribe with history false sends devices without their history list."""
+        """subscribe with history false leaves history out of pages and updates; get has it all."""
         fleet = yield start_fleet(self)
         client = yield connected(self, fleet.url, fleet.read_token)
         page = yield client.request({"op": "subscribe", "id": 1, "patterns": ["pump-1"],
@@ -69,6 +69,8 @@ class SubscribeTests(unittest.TestCase):
         expected = fleet.registry.device("pump-1").to_json()
         del expected["history"]
         self.assertEqual(update["device"], expected)
+        answer = yield client.request({"op": "get", "id": 2, "name": "pump-1"})
+        self.assertEqual(answer["device"], fleet.registry.device("pump-1").to_json())
 
     @defer.inlineCallbacks
     def test_get_and_ping(self):
@@ -141,6 +143,73 @@ class WriteTests(unittest.TestCase):
         answer = yield client.request({"op": "set_desired", "id": 2, "name": "pump-1",
                                        "desired": {"bad key!": 1}})
         self.assertEqual(answer["code"], "invalid_key")
+        answer = yield client.request({"op": "set_desired", "id": 3, "name": "x" * 10_000,
+                                       "desired": {"on": True}})
+        self.assertEqual(answer["code"], "invalid_name")
+        self.assertLess(len(answer["message"]), 200)
+
+    @defer.inlineCallbacks
+    def test_bytes_values_are_written_as_sent(self):
+        """A {"$bytes": base64} value in set_desired is stored as bytes, as over REST."""
+        fleet = yield start_fleet(self)
+        client = yield connected(self, fleet.url, fleet.write_token)
+        answer = yield client.request({"op": "set_desired", "id": "b1", "name": "pump-1",
+                                       "desired": {"blob": {"$bytes": "AAE="}}})
+        self.assertEqual(answer["type"], "result", answer)
+        self.assertEqual(dict(fleet.registry.device("pump-1").desired), {"blob": b"\x00\x01"})
+        answer = yield client.request({"op": "set_desired", "id": "b2", "name": "pump-1",
+                                       "desired": {"blob": {"$bytes": "not base64!"}}})
+        self.assertEqual((answer["type"], answer["code"], answer["id"]),
+                         ("error", "invalid_json", "b2"))
+        self.assertIn("base64", answer["message"])
+
+    @defer.inlineCallbacks
+    def test_text_that_is_not_unicode_is_invalid_json(self):
+        """An unpaired surrogate escape in a write is invalid_json for its id; the link stays up."""
+        fleet = yield start_fleet(self)
+        client = yield connected(self, fleet.url, fleet.write_token)
+        for field, value in (("desired", {"s": "\ud800"}), ("command", ["\udc00"])):
+            op = "set_desired" if field == "desired" else "command"
+            target = "name" if field == "desired" else "device"
+            answer = yield client.request({"op": op, "id": op, target: "pump-1", field: value})
+            self.assertEqual((answer["type"], answer["id"], answer["code"]),
+                             ("error", op, "invalid_json"))
+        client.send({"op": "ping", "id": "\ud800"})      # an id that cannot be echoed
+        answer = yield client.expect("error")
+        self.assertEqual((answer["id"], answer["code"]), (None, "invalid_json"))
+
+    @defer.inlineCallbacks
+    def test_write_failing_at_once_is_answered_and_not_counted(self):
+        """A set_desired whose registry call raises at once gets its answer and frees its slot."""
+        fleet = yield start_fleet(self)
+        client = yield connected(self, fleet.url, fleet.write_token)
+        (server,) = fleet.factory.clients
+
+        def broken(*args, **kwargs):
+            raise KeyError("bug")
+
+        self.patch(fleet.registry, "update_desired", broken)
+        answer = yield client.request({"op": "set_desired", "id": "w", "name": "pump-1",
+                                       "desired": {"on": True}})
+        self.assertEqual((answer["type"], answer["id"], answer["code"]),
+                         ("error", "w", "internal_error"))
+        self.assertEqual(server.inflight, 0)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+    @defer.inlineCallbacks
+    def test_command_failing_unexpectedly_is_answered(self):
+        """A command whose answer fails with a bug gets internal_error for its id, and is logged."""
+        fleet = yield start_fleet(self)
+        client = yield connected(self, fleet.url, fleet.write_token)
+        self.patch(fleet.factory.commands, "send",
+                   lambda name, command: defer.fail(KeyError("bug")))
+        answer = yield client.request({"op": "command", "id": "c9", "device": "pump-1",
+                                       "command": 1})
+        self.assertEqual((answer["type"], answer["id"], answer["op"], answer["code"]),
+                         ("error", "c9", "command", "internal_error"))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        answer = yield client.request({"op": "ping", "id": "after"})
+        self.assertEqual(answer["type"], "pong")
 
     @defer.inlineCallbacks
     def test_read_token_cannot_write(self):

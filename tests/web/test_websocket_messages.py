@@ -72,6 +72,52 @@ class ParseTests(unittest.SynchronousTestCase):
             self.assertEqual((problem.code, problem.details["field"]), ("invalid_field", field),
                              payload)
 
+    def test_field_errors_describe_the_value(self):
+        """A value of the right JSON type but out of range is named as such, not by its type."""
+        cases = [
+            (b'{"op":"subscribe","patterns":["a"],"cursor":-1}', "not -1"),
+            (b'{"op":"set_desired","name":"a","desired":{},"expected_version":-2}', "not -2"),
+            (b'{"op":"get","name":""}', "not an empty string"),
+            (b'{"op":"ping","id":"' + b"x" * 200 + b'"}', "not a string of 200 characters"),
+        ]
+        for payload, described in cases:
+            self.assertIn(described, self.code_of(payload).message, payload)
+
+    def test_names_that_no_device_has_are_invalid_name(self):
+        """A name outside the device-name rule is invalid_name, and the message quotes 64 characters."""
+        for payload in (b'{"op":"get","id":1,"name":"a b"}',
+                        b'{"op":"command","id":1,"device":"-x","command":1}',
+                        b'{"op":"set_desired","id":1,"name":"' + b"n" * 5000 + b'","desired":{}}'):
+            problem = self.code_of(payload)
+            self.assertEqual((problem.code, problem.request_id), ("invalid_name", 1), payload[:40])
+            self.assertLess(len(problem.message), 200)
+
+    def test_unpaired_surrogates_are_invalid_json(self):
+        """Text with an unpaired surrogate escape is invalid_json; a pair or an escaped backslash is text."""
+        problem = self.code_of(b'{"op":"get","id":2,"name":"\\udc01"}')
+        self.assertEqual((problem.code, problem.request_id), ("invalid_json", 2))
+        request = parse_request(b'{"op":"command","device":"d","command":["\\ud83d\\ude00",'
+                                b'"\\\\ud800"]}')
+        self.assertEqual(request.args["command"], ["\U0001f600", "\\ud800"])
+
+    def test_bytes_values_are_decoded(self):
+        """{"$bytes": base64} becomes bytes, as in the REST API; bad base64 names the request."""
+        request = parse_request(b'{"op":"command","id":3,"device":"d",'
+                                b'"command":{"raw":{"$bytes":"AAE="}}}')
+        self.assertEqual(request.args["command"], {"raw": b"\x00\x01"})
+        problem = self.code_of(b'{"op":"command","id":4,"device":"d","command":{"$bytes":"!"}}')
+        self.assertEqual((problem.code, problem.request_id, problem.op),
+                         ("invalid_json", 4, "command"))
+        self.assertIn("base64", problem.message)
+        # The bytes hook runs before the parser has seen the rest of the message.
+        problem = self.code_of(b'{"op":[1],"x":{"$bytes":"!"}}')
+        self.assertEqual((problem.code, problem.op), ("invalid_json", None))
+        problem = self.code_of(b'{"id":"\\ud800","x":{"$bytes":"!"}}')   # not echoable
+        self.assertEqual((problem.code, problem.request_id), ("invalid_json", None))
+        for rest in (b"[" * 100_000, b"nonsense"):
+            problem = self.code_of(b'{"id":5,"x":{"$bytes":"!"},"y":' + rest)
+            self.assertEqual((problem.code, problem.request_id), ("invalid_json", None))
+
     def test_bad_patterns(self):
         """Patterns with characters no device name has are invalid_pattern."""
         for pattern in ("a b", "", "x" * 200, "a/b", "é"):

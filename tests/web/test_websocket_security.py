@@ -3,11 +3,51 @@
 from __future__ import annotations
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 
 from broker.web.websocket.messages import CLOSE_TOKEN_REVOKED, SUBPROTOCOL
 from tests.helpers import http_json
 from tests.web.wsclient import HandshakeRefused, connect, connected, eventually, start_fleet
+
+
+HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+             b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+             b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode() + b"\r\n")
+
+
+class _Collect(Protocol):
+    """Sends one raw request and keeps everything received until the broker closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.data)
+
+
+@defer.inlineCallbacks
+def raw_answer(port: int, request: bytes):
+    """(status, {lower-case header name: value}) of the broker's answer to raw request bytes."""
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+    protocol = yield connectProtocol(endpoint, _Collect(request))
+    data = yield protocol.done.addTimeout(10, reactor)
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(head[0].split()[1]), headers
 
 
 class HandshakeTests(unittest.TestCase):
@@ -87,6 +127,25 @@ class HandshakeTests(unittest.TestCase):
         yield connected(self, fleet.url, fleet.read_token)
         reason = yield self.refused(fleet, fleet.read_token)
         self.assertIn("[503]", reason)
+
+    @defer.inlineCallbacks
+    def test_refusals_carry_the_headers_their_status_needs(self):
+        """401 has WWW-Authenticate, 405 Allow, 426 Upgrade and 503 Retry-After (RFC 9110)."""
+        fleet = yield start_fleet(self, websocket={"max_clients": 1})
+        status, headers = yield raw_answer(fleet.port, HANDSHAKE + b"\r\n")
+        self.assertEqual(status, 401)
+        self.assertTrue(headers.get("www-authenticate", "").startswith("Bearer"), headers)
+        status, headers = yield raw_answer(fleet.port, b"POST /ws HTTP/1.1\r\n"
+                                           b"Host: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual((status, headers.get("allow")), (405, "GET"))
+        status, headers = yield raw_answer(fleet.port, b"GET /ws HTTP/1.1\r\n"
+                                           b"Host: 127.0.0.1\r\n\r\n")
+        self.assertEqual((status, headers.get("upgrade")), (426, "websocket"))
+        yield connected(self, fleet.url, fleet.read_token)
+        status, headers = yield raw_answer(
+            fleet.port, HANDSHAKE + b"Authorization: Bearer " + fleet.read_token.encode()
+            + b"\r\n\r\n")
+        self.assertEqual((status, headers.get("retry-after")), (503, "1"))
 
     @defer.inlineCallbacks
     def test_revoked_token_is_closed(self):

@@ -16,7 +16,7 @@ from broker.web.responses import json_bytes
 
 from .errors import ApiError, bad_request, etag, from_registry, not_found
 from .feed import changes_body, device_answer, name_matcher, select
-from .inputs import int_arg, parse_int, read_json, text_arg, wait_arg
+from .inputs import JSON_ONLY, int_arg, parse_int, read_json, text_arg, wait_arg
 from .ratelimit import retry_after
 from .stream import EventStream
 
@@ -147,7 +147,7 @@ def post_reported(api, request, principal, name):
 
 def post_events(api, request, principal, name):
     """POST /devices/NAME/events: the device sends events ({"events": [...]})."""
-    body = read_json(request, api.settings.max_request_bytes)
+    body = read_json(request, api.settings.max_request_bytes, JSON_ONLY)
     events = body.get("events") if isinstance(body, dict) else None
     if not isinstance(events, list) or not events or set(body) != {"events"}:
         raise bad_request("invalid_events", 'the body must be {"events": [one or more values]}')
@@ -157,7 +157,7 @@ def post_events(api, request, principal, name):
 
 def post_command(api, request, principal, name):
     """POST /devices/NAME/commands: queue the body (a JSON value) on the device's SSP session."""
-    command = read_json(request, api.settings.max_request_bytes)
+    command = read_json(request, api.settings.max_request_bytes, JSON_ONLY)
 
     def answered(fields):
         return 202, json_bytes({"device": name, **fields}), None
@@ -165,7 +165,9 @@ def post_command(api, request, principal, name):
     def refused(failure):
         failure.trap(CommandRefused)
         refusal = failure.value
-        raise ApiError(refusal.status, refusal.code, refusal.message)
+        # 503 (store_error, relay_failed): worth a retry, and Retry-After says when.
+        headers = {b"retry-after": b"1"} if refusal.status == 503 else None
+        raise ApiError(refusal.status, refusal.code, refusal.message, headers=headers)
 
     return api.commands.send_confirmed(name, command).addCallbacks(answered, refused)
 

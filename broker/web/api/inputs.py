@@ -6,17 +6,19 @@ header and what is wrong with it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import math
 
 from twisted.web import server
 
+from broker.web.responses import NOT_UNICODE, bytes_hook, not_unicode
+
 from .errors import ApiError, bad_request
 
+#: media types of a merge patch body; JSON_ONLY: of other bodies (events, commands).
 JSON_TYPES = (b"application/json", b"application/merge-patch+json")
+JSON_ONLY = (b"application/json",)
 
 
 # -- query parameters ------------------------------------------------------------
@@ -50,12 +52,11 @@ def int_arg(request, name: bytes, default, minimum: int, maximum: int):
 
 
 def parse_int(raw: bytes, what: str, minimum: int, maximum: int) -> int:
-    if not raw.isdigit() or len(raw) > 18:
+    if not raw.isdigit():
         raise bad_request("invalid_parameter", f"{what} must be a whole number")
-    value = int(raw)
-    if not minimum <= value <= maximum:
+    if len(raw) > len(str(maximum)) or not minimum <= int(raw) <= maximum:
         raise bad_request("invalid_parameter", f"{what} must be between {minimum} and {maximum}")
-    return value
+    return int(raw)
 
 
 def wait_arg(request, max_wait: float) -> float:
@@ -74,37 +75,31 @@ def wait_arg(request, max_wait: float) -> float:
 
 # -- JSON bodies ------------------------------------------------------------------
 
-def _bytes_hook(obj):
-    if len(obj) == 1 and "$bytes" in obj and isinstance(obj["$bytes"], str):
-        try:
-            return base64.b64decode(obj["$bytes"], validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("a {\"$bytes\": ...} value must be standard base64") from None
-    return obj
-
-
 def _no_constants(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def read_json(request, max_bytes: int):
+def read_json(request, max_bytes: int, media_types=JSON_TYPES):
     """The request's JSON body, checked for size and media type ({"$bytes": b64} -> bytes)."""
     if getattr(request, "body_too_large", False) or declared_length(request) > max_bytes:
         raise ApiError(413, "request_too_large",
                        f"the request body exceeds {max_bytes} bytes")
     media = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-    if media not in JSON_TYPES:
-        raise ApiError(415, "unsupported_media_type",
-                       "send the body as application/json (or application/merge-patch+json)")
+    if media not in media_types:
+        raise ApiError(415, "unsupported_media_type", "send the body as "
+                       + " or ".join(kind.decode() for kind in media_types))
     request.content.seek(0)
     raw = request.content.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise ApiError(413, "request_too_large", f"the request body exceeds {max_bytes} bytes")
     try:
-        return json.loads(raw.decode("utf-8"), object_hook=_bytes_hook,
-                          parse_constant=_no_constants)
+        value = json.loads(raw.decode("utf-8"), object_hook=bytes_hook,
+                           parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as problem:
         raise bad_request("invalid_json", f"the body is not valid JSON: {problem}") from None
+    if not_unicode(raw, value):
+        raise bad_request("invalid_json", NOT_UNICODE)
+    return value
 
 
 def declared_length(request) -> int:

@@ -70,8 +70,9 @@ class ApiResource(Resource):
         except ApiError as error:
             return self._error(request, error)
         except Exception:
-            self.log.failure("API request {method} {uri} failed",
-                             method=request.method, uri=request.uri)
+            # The path, never the URI: its query may hold a ?token=.
+            self.log.failure("API request {method} {path} failed",
+                             method=request.method, path=request.path)
             return self._error(request, INTERNAL_ERROR)
         if result is NOT_DONE_YET:
             return result
@@ -131,8 +132,8 @@ class ApiResource(Resource):
         def failed(failure):
             if failure.check(ApiError):
                 return self._error(request, failure.value)
-            self.log.failure("API request {method} {uri} failed", failure,
-                             method=request.method, uri=request.uri)
+            self.log.failure("API request {method} {path} failed", failure,
+                             method=request.method, path=request.path)
             return self._error(request, INTERNAL_ERROR)
 
         def write(body):

@@ -12,6 +12,9 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from broker.registry.provisioning import NAME_RE
+from broker.web.responses import NOT_UNICODE, BadBytes, bytes_hook, not_unicode
+
 #: The one subprotocol spoken; a client must offer it.
 SUBPROTOCOL = "ssp-broker.v1.json"
 #: A subprotocol offered as ``bearer.<token>`` carries the browser's access token.
@@ -74,7 +77,7 @@ def _patterns(value, name):
 
 def _cursor(value, name):
     if type(value) is not int or value < 0:
-        raise ValueError(f"'{name}' must be an integer >= 0, not {_json_type(value)}")
+        raise ValueError(f"'{name}' must be an integer >= 0, not {_shown(value)}")
     return value
 
 
@@ -82,7 +85,7 @@ def _optional_version(value, name):
     if value is None:
         return None
     if type(value) is not int or value < 0:
-        raise ValueError(f"'{name}' must be an integer >= 0 or null, not {_json_type(value)}")
+        raise ValueError(f"'{name}' must be an integer >= 0 or null, not {_shown(value)}")
     return value
 
 
@@ -94,7 +97,10 @@ def _boolean(value, name):
 
 def _name(value, name):
     if not isinstance(value, str) or not value:
-        raise ValueError(f"'{name}' must be a non-empty string, not {_json_type(value)}")
+        raise ValueError(f"'{name}' must be a non-empty string, not {_shown(value)}")
+    if not value.isascii() or NAME_RE.match(value) is None:
+        raise _NameError(f"{value[:64]!r} is not a device name: 1-64 of A-Z a-z 0-9 . _ -, "
+                         "starting with a letter or digit")
     return value
 
 
@@ -112,6 +118,10 @@ def _command(value, name):
 
 class _PatternError(ValueError):
     """A pattern with characters no device name has."""
+
+
+class _NameError(ValueError):
+    """A name no device can have (the registry's naming rule)."""
 
 
 OPERATIONS = {
@@ -134,25 +144,65 @@ def _json_type(value) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def parse_request(payload: bytes) -> Request:
-    """The checked request in a text message, or ProtocolError saying what is wrong."""
+def _shown(value) -> str:
+    """A refused value as an error names it: an integer by its value, "" as empty, else its type."""
+    if type(value) is int:
+        text = str(value)
+        return text if len(text) <= 20 else text[:20] + "..."
+    if value == "":
+        return "an empty string"
+    return _json_type(value)
+
+
+def _valid_id(request_id) -> bool:
+    return request_id is None or type(request_id) is int or (
+        isinstance(request_id, str) and len(request_id) <= MAX_ID_LENGTH)
+
+
+def _bad_bytes(payload: bytes, problem: BadBytes) -> ProtocolError:
+    """invalid_json for a {"$bytes"} value that is not base64, naming the request if it can."""
+    # The hook ran before the parser saw the rest: that rest may not be JSON.
     try:
         message = json.loads(payload)
     except RecursionError:
+        return ProtocolError("invalid_json", "message is not valid JSON: nested too deeply")
+    except ValueError as later:
+        return ProtocolError("invalid_json", f"message is not valid JSON: {later}")
+    request_id = op = None
+    if isinstance(message, dict):
+        request_id = message.get("id")
+        if not _valid_id(request_id) or not_unicode(payload, request_id):
+            request_id = None
+        op = message.get("op")
+        op = op if isinstance(op, str) and op in OPERATIONS else None
+    return ProtocolError("invalid_json", str(problem), request_id=request_id, op=op)
+
+
+def parse_request(payload: bytes) -> Request:
+    """The checked request in a text message, or ProtocolError saying what is wrong."""
+    try:
+        message = json.loads(payload, object_hook=bytes_hook)
+    except RecursionError:
         raise ProtocolError("invalid_json", "message is not valid JSON: nested too deeply") from None
+    except BadBytes as problem:
+        raise _bad_bytes(payload, problem) from None
     except ValueError as problem:
         # JSONDecodeError and UnicodeDecodeError are both ValueErrors.
         raise ProtocolError("invalid_json", f"message is not valid JSON: {problem}") from None
+    if not_unicode(payload, message):
+        request_id = message.get("id") if isinstance(message, dict) else None
+        if not _valid_id(request_id) or not_unicode(payload, request_id):
+            request_id = None
+        raise ProtocolError("invalid_json", NOT_UNICODE, request_id=request_id)
     if not isinstance(message, dict):
         raise ProtocolError("invalid_message",
                             f"a message must be a JSON object, not {_json_type(message)}")
     request_id = message.get("id")
-    if request_id is not None and not (
-            (isinstance(request_id, str) and len(request_id) <= MAX_ID_LENGTH)
-            or type(request_id) is int):
+    if not _valid_id(request_id):
+        shown = (f"a string of {len(request_id)} characters" if isinstance(request_id, str)
+                 else _json_type(request_id))
         raise ProtocolError("invalid_field", f"'id' must be a string of at most {MAX_ID_LENGTH} "
-                            f"characters or an integer, not {_json_type(request_id)}",
-                            field="id")
+                            f"characters or an integer, not {shown}", field="id")
     op = message.get("op")
     if not isinstance(op, str):
         raise ProtocolError("invalid_message", "missing field 'op' (a string)"
@@ -175,6 +225,9 @@ def parse_request(payload: bytes) -> Request:
             args[key] = check(value, key)
         except _PatternError as problem:
             raise ProtocolError("invalid_pattern", str(problem), request_id=request_id,
+                                op=op, field=key) from None
+        except _NameError as problem:
+            raise ProtocolError("invalid_name", str(problem), request_id=request_id,
                                 op=op, field=key) from None
         except ValueError as problem:
             raise ProtocolError("invalid_field", str(problem), request_id=request_id,

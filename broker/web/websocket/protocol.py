@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +25,16 @@ from .access import authorize, bearer_token, choose_subprotocol
 from .messages import (CLOSE_TOO_MANY_REPLIES, WRITE_OPERATIONS, ProtocolError, encode,
                        error_from, error_message, parse_request, result_message)
 from .sync import ClientSync
+
+
+#: Headers a refused handshake's status requires (RFC 9110 15.5.2, 15.5.6, 15.5.22;
+#: 15.6.4 advises Retry-After), added to Autobahn's bare status line.
+REFUSAL_HEADERS = {
+    401: (("WWW-Authenticate", 'Bearer realm="ssp-broker"'),),
+    405: (("Allow", "GET"),),
+    426: (("Upgrade", "websocket"), ("Connection", "Upgrade")),
+    503: (("Retry-After", "1"),),
+}
 
 
 @implementer(IPushProducer)
@@ -56,6 +67,11 @@ class DashboardProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(refusal.status, refusal.reason) from None
         self.token, self.role = token, role
         return subprotocol
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """Autobahn's refusal, with the headers its status requires (REFUSAL_HEADERS)."""
+        extra = REFUSAL_HEADERS.get(code, ())
+        super().failHandshake(reason, code, [*(responseHeaders or ()), *extra] or None)
 
     def onOpen(self):
         # Autobahn applies its tcpNoDelay option before copying its options
@@ -229,7 +245,14 @@ class DashboardProtocol(WebSocketServerProtocol):
         self.reply(result_message(request.request_id, "command", device=device, **fields))
 
     def _command_refused(self, failure, request):
-        failure.trap(CommandRefused)
+        if not failure.check(CommandRefused):
+            # A bug: the request is still answered (and the failure logged).
+            self.factory.counters["error_internal_error"] += 1
+            self.logger.failure("command for {name} failed", failure,
+                                name=request.args["device"])
+            self.reply(error_message("internal_error", "the broker failed to handle this "
+                                     "request (logged)", request.request_id, "command"))
+            return
         refusal = failure.value
         self.factory.counters["error_" + refusal.code] += 1
         self.reply(error_from(ProtocolError(refusal.code, refusal.message,
@@ -243,9 +266,10 @@ class DashboardProtocol(WebSocketServerProtocol):
                                 request_id=request.request_id, op="set_desired")
         args = request.args
         self.inflight += 1
-        d = self.factory.registry.update_desired(args["name"], args["desired"],
-                                                 args.get("expected_version"),
-                                                 token=request.request_id)
+        # maybeDeferred: a write that fails at once is answered (and uncounted) like a late one.
+        d = defer.maybeDeferred(self.factory.registry.update_desired, args["name"],
+                                args["desired"], args.get("expected_version"),
+                                token=request.request_id)
         d.addBoth(self._written, request)
 
     def _written(self, outcome, request):
