@@ -96,7 +96,10 @@ class Validator:
             if tv is float:
                 if v - v != 0.0:        # NaN or infinity (cheaper than math.isfinite)
                     raise InvalidValue(f"value of {k!r} is not a finite number")
-            elif tv is not str and tv is not bool and v is not None:
+            elif tv is str:
+                if not v.isascii():
+                    _check_unicode(v, k)
+            elif tv is not bool and v is not None:
                 if tv is int:
                     if not INT_MIN <= v <= INT_MAX:
                         raise InvalidValue(f"integer value of {k!r} is out of the 64-bit range")
@@ -112,6 +115,8 @@ class Validator:
                 raise InvalidValue(f"value in {where!r} is not a finite number")
             if type(v) is int and not INT_MIN <= v <= INT_MAX:
                 raise InvalidValue(f"integer in {where!r} is out of the 64-bit range")
+            if type(v) is str and not v.isascii():
+                _check_unicode(v, where)
             return v
         if isinstance(v, (list, tuple, dict)):
             if depth > self.max_depth:
@@ -124,6 +129,16 @@ class Validator:
             return tuple(self.value(item, depth + 1, where) for item in v)
         raise InvalidValue(f"value of {where!r} has type {type(v).__name__}; "
                            "only numbers, text, bytes, booleans, null, lists and maps")
+
+
+def _check_unicode(text, where):
+    """Refuse text with an unpaired surrogate (JSON can escape one, ``"\\ud800"``):
+    it is no Unicode string, so no store or peer could take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValue(f"text in {where!r} has an unpaired surrogate; "
+                           "it is not Unicode") from None
 
 
 def value_size(v):

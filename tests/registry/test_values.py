@@ -34,6 +34,15 @@ class LimitTests(SynchronousTestCase):
                       [[[1]]], [1, 2, 3, 4, 5], {"a": {"b": {"c": 1}}}):
             self.assertRejected({"v": value}, errors.InvalidValue)
 
+    def test_text_that_is_not_unicode(self):
+        """Text with an unpaired surrogate (JSON can escape one) is InvalidValue, top-level
+        and nested; other non-ASCII text is kept as sent."""
+        for value in ("\ud800", ["ok", "x\udfff"], {"k": "\udbff"}):
+            error = self.assertRejected({"v": value}, errors.InvalidValue)
+            self.assertIn("surrogate", str(error))
+        self.successResultOf(self.registry.update_reported("d", {"t": "21,5 °C ✓"}))
+        self.assertEqual(self.registry.device("d").reported["t"], "21,5 °C ✓")
+
     def test_not_a_map(self):
         """A patch that is not a map is InvalidValue."""
         self.assertRejected([1, 2], errors.InvalidValue)
