@@ -57,11 +57,12 @@ def on_reactor(function, *args, **kwargs):
     return threads.blockingCallFromThread(reactor, function, *args, **kwargs)
 
 
-def in_browser(scenario, url: str) -> defer.Deferred:
+def in_browser(scenario, url: str, expected_errors=("401",)) -> defer.Deferred:
     """Run scenario(page, url) in a worker thread with a fresh headless Chromium page.
 
     Fails if the page raised an uncaught error or logged a console error
-    (other than the 401s a test provokes on purpose).
+    other than those a test provokes on purpose (the browser's own report of
+    a failed request: containing one of expected_errors, by default a 401).
     """
     def run():
         errors = []
@@ -72,7 +73,9 @@ def in_browser(scenario, url: str) -> defer.Deferred:
                 page.set_default_timeout(DEADLINE * 1000)
                 page.on("pageerror", lambda error: errors.append(str(error)))
                 page.on("console", lambda message: errors.append(message.text)
-                        if message.type == "error" and "401" not in message.text else None)
+                        if message.type == "error"
+                        and not any(text in message.text for text in expected_errors)
+                        else None)
                 scenario(page, url)
             finally:
                 browser.close()

@@ -78,13 +78,13 @@ HELPERS = """async () => {
   };
 }"""
 
-LINK = """async ([token, timing]) => {
+LINK = """async ([token, timing, options]) => {
   const {Api} = await import("./dashboard/api.js");
   const {Fleet} = await import("./dashboard/fleet.js");
   const {Link} = await import("./dashboard/transport.js");
   const api = new Api(token);
   const fleet = new Fleet();
-  const link = new Link(fleet, api, await api.session(), {timing});
+  const link = new Link(fleet, api, await api.session(), {timing, ...options});
   window.statuses = [];
   link.addEventListener("status", (event) => window.statuses.push(event.detail));
   window.link = link;

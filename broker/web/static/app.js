@@ -10,14 +10,26 @@ import {Link} from "./transport.js";
 const TOKEN_KEY = "ssp-broker.token";
 const TRANSPORT_NAMES = {websocket: "WebSocket", polling: "Long polling", none: "Not connected"};
 const STATE_NAMES = {connecting: " (connecting\u2026)", retrying: " (reconnecting\u2026)"};
+/** A (re)connection that takes longer than this (ms) marks what the page shows as stale. */
+const STALE_AFTER_MS = 3000;
 const $ = (id) => document.getElementById(id);
 
-/** A token handed over in the URL (#token=...): kept in session storage, removed from the URL. */
+/**
+ * A token handed over in the URL (#token=...): kept in session storage, removed from the
+ * URL (and so from the history). Returns whether there was one.
+ */
 function takeTokenFromFragment() {
   const match = /^#token=([^&]+)/.exec(location.hash);
-  if (!match) return;
-  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+  if (!match) return false;
+  let token = match[1];
+  try {
+    token = decodeURIComponent(token);
+  } catch (error) {
+    if (!(error instanceof URIError)) throw error;    // a mangled copy: let the broker judge it
+  }
+  sessionStorage.setItem(TOKEN_KEY, token);
   history.replaceState(null, "", `${location.pathname}${location.search}#/`);
+  return true;
 }
 
 class Dashboard {
@@ -29,6 +41,8 @@ class Dashboard {
     this.link = null;
     this.api = null;
     this.readOnly = true;
+    this._lostAt = null;      // when the page stopped receiving updates (null: live, or never was)
+    this._attempt = 0;        // counts open() calls: only the latest may connect
     // ?transport=polling: skip the WebSocket (for proxies known to break it).
     this.forcePolling = new URLSearchParams(location.search).get("transport") === "polling";
     this.fleet.addEventListener("change", () => this.showCounts());
@@ -38,7 +52,11 @@ class Dashboard {
       if (token) this.open(token);
     });
     $("sign-out").addEventListener("click", () => this.askToken(""));
-    addEventListener("hashchange", () => this.route());
+    // A URL with a token pasted into this tab changes only the fragment: take it then too.
+    addEventListener("hashchange", () => {
+      if (takeTokenFromFragment()) this.open(sessionStorage.getItem(TOKEN_KEY));
+      else this.route();
+    });
   }
 
   start() {
@@ -50,6 +68,7 @@ class Dashboard {
 
   /** Show the token form, with a message saying why (empty on a first visit or after signing out). */
   askToken(message) {
+    this._attempt++;
     this.close();
     sessionStorage.removeItem(TOKEN_KEY);
     document.body.dataset.view = "login";
@@ -62,15 +81,20 @@ class Dashboard {
   /** Check the token, then connect with it. */
   async open(token) {
     this.close();
+    // A newer open() (another token) or askToken() while this one waits makes it moot.
+    const attempt = ++this._attempt;
     const api = new Api(token);
     let session;
     try {
       session = await api.session();
+      if (attempt !== this._attempt) return;
     } catch (error) {
+      if (attempt !== this._attempt) return;
       if (error.status === 401) {
         return this.askToken("This token is not valid: it was mistyped, or it has been revoked.");
       }
-      this.notice(`Cannot reach the broker (${error.message}); retrying\u2026`);
+      this.notice(error.status === 0 ? "Cannot reach the broker; retrying\u2026"
+        : `The broker cannot answer now (${error.message}); retrying\u2026`);
       this._retry = setTimeout(() => this.open(token), 3000);
       return;
     }
@@ -109,13 +133,19 @@ class Dashboard {
   route() {
     if (!this.link) return;
     const match = /^#\/device\/(.+)$/.exec(location.hash);
+    // The focus goes with the view: to the device's name, or back to the link that opened it.
     if (match) {
       document.body.dataset.view = "device";
       const {readOnly, link, api} = this;
       this.page.show(decodeURIComponent(match[1]), {readOnly, link, api});
+      this.page.focus();
     } else {
+      const left = this.page.name;
       document.body.dataset.view = "fleet";
       this.page.hide();
+      if (left !== null) {
+        $("fleet-table").querySelector(`tr[data-name="${CSS.escape(left)}"] a`)?.focus();
+      }
     }
   }
 
@@ -133,6 +163,31 @@ class Dashboard {
     pill.dataset.state = state;
     pill.textContent = `${TRANSPORT_NAMES[transport]}${STATE_NAMES[state] ?? ""}`;
     pill.title = detail;
+    this.showStale(state);
+  }
+
+  /**
+   * Values held while no update arrives may be out of date: say since when, and dim them
+   * (at once after a failure, after a few seconds while merely connecting, as when the
+   * page switches transport), until the link is live again.
+   */
+  showStale(state) {
+    clearTimeout(this._staleTimer);
+    if (state === "live" || state === "stopped") {
+      if (this._lostAt !== null) this.notice("");
+      this._lostAt = null;
+      document.body.classList.remove("stale");
+      return;
+    }
+    if (this._lostAt === null && this.fleet.cursor === null) return;   // nothing shown yet
+    this._lostAt ??= new Date();
+    const mark = () => {
+      document.body.classList.add("stale");
+      this.notice(`Not receiving updates since ${this._lostAt.toLocaleTimeString()}: `
+        + "the values shown may be out of date. Reconnecting\u2026");
+    };
+    if (state === "retrying") mark();
+    else this._staleTimer = setTimeout(mark, STALE_AFTER_MS);
   }
 
   notice(text) {

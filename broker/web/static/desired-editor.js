@@ -38,8 +38,9 @@ class DesiredRow {
     this.input.addEventListener("keydown", (event) => { if (event.key === "Enter") save(); });
     this._desired.append(this.input);
     this.row.append(h("td", {class: "actions"},
-      h("button", {type: "button", class: "save", onclick: save}, "Save"),
-      h("button", {type: "button", class: "delete", title: `delete ${key}`,
+      h("button", {type: "button", class: "save", "aria-label": `Save ${key}`, onclick: save},
+        "Save"),
+      h("button", {type: "button", class: "delete", "aria-label": `Delete ${key}`,
                    onclick: () => editor.write(key, null, editor.device?.desired[key], () => {})},
         "Delete")));
   }
@@ -80,12 +81,13 @@ export class DesiredEditor {
     this._body = h("tbody");
     this.message = h("p", {class: "message", role: "status", "aria-live": "polite"});
     this.conflict = h("div", {id: "conflict", class: "conflict", role: "alert", hidden: true});
-    const columns = ["Key", "Desired", "Reported", "State", ...(readOnly ? [] : [""])];
+    const columns = ["Key", "Desired", "Reported", "State"];
     this.element = h("section", {class: "card"}, h("h2", {}, "Desired"),
       readOnly ? h("p", {class: "note"}, "Read-only token: desired values cannot be changed.") : null,
       this.conflict,
       h("table", {class: "state", id: "desired"},
-        h("thead", {}, h("tr", {}, ...columns.map((label) => h("th", {}, label)))),
+        h("thead", {}, h("tr", {}, ...columns.map((label) => h("th", {}, label)),
+          readOnly ? null : h("th", {}, h("span", {class: "visually-hidden"}, "Actions")))),
         this._body,
         readOnly ? null : h("tfoot", {}, this._addRow())),
       this.message);
@@ -145,14 +147,13 @@ export class DesiredEditor {
     this.conflict.hidden = true;
     let device = this.device;
     for (let attempt = 1; device && attempt <= MAX_ATTEMPTS; attempt++) {
+      // Already there (this page's own earlier write, a double click): nothing to do.
+      if (same(device.desired[key], value ?? undefined)) return this._saved(key, value, done);
       if (!same(device.desired[key], base)) return this._showConflict(key, value, device, done);
       this.say(`Sending ${key}\u2026`);
       try {
         await this.link.setDesired(this.name, {[key]: value}, device.version);
-        done();
-        this.say(value === null ? `Deleted ${key}.` : `Saved ${key} = ${show(value)}.`);
-        this._changed();
-        return;
+        return this._saved(key, value, done);
       } catch (error) {
         if (error.code !== "version_conflict") return this.say(`Not saved: ${error.message}`, true);
       }
@@ -165,6 +166,12 @@ export class DesiredEditor {
     }
     this.say(device ? `Not saved: ${this.name} keeps changing; try again.`
       : `Not saved: there is no device ${this.name}.`, true);
+  }
+
+  _saved(key, value, done) {
+    done();
+    this.say(value === null ? `Deleted ${key}.` : `Saved ${key} = ${show(value)}.`);
+    this._changed();
   }
 
   _showConflict(key, value, device, done) {

@@ -46,7 +46,7 @@ export class DevicePage {
     ];
     this.root.replaceChildren(
       h("p", {}, h("a", {href: "#/"}, "\u2190 All devices")),
-      h("div", {class: "title"}, h("h1", {}, name), this.status),
+      h("div", {class: "title"}, h("h1", {tabindex: -1}, name), this.status),
       this.missing,
       ...this.cards);
     this.update();
@@ -55,6 +55,11 @@ export class DevicePage {
     this._refresh = setInterval(() => {
       api.device(name).then((device) => this.fleet.apply(device), () => {});
     }, REFRESH_MS);
+  }
+
+  /** Put the keyboard focus on the device's name (the view was just opened). */
+  focus() {
+    this.root.querySelector("h1")?.focus();
   }
 
   hide() {

@@ -10,6 +10,8 @@ const SUBPROTOCOL = "ssp-broker.v1.json";
 const TOKEN_SUBPROTOCOL_PREFIX = "bearer.";
 /** The broker closes with this code when the connection's token is revoked. */
 const CLOSE_TOKEN_REVOKED = 4001;
+/** Why the page stops: a token refused after it was accepted can only have been revoked. */
+const REVOKED = "The access token was revoked.";
 
 /** How long things may take; a Link takes others (tests use short ones). */
 export const TIMING = Object.freeze({
@@ -25,6 +27,12 @@ export const TIMING = Object.freeze({
   pingIntervalMs: 25_000,
   /** Longest long-poll wait asked for (the broker cuts it to its polling.max_wait). */
   longPollWaitS: 25,
+  /**
+   * Least time between the starts of two polls (ms). The broker answers a long poll as
+   * soon as anything changed, so without it a busy fleet costs one request per change
+   * (and soon the per-token rate limit); with it, changes come in batches.
+   */
+  pollGapMs: 500,
 });
 
 /** Seconds before retry number `failures` (1, 2, 4 ... 30, with jitter). */
@@ -190,10 +198,11 @@ class WebSocketFeed {
 
 /** The fleet by long polling /api/v1/changes from the fleet's cursor. */
 class PollingFeed {
-  constructor(fleet, api, wait, {onLive, onTrouble, onUnauthorized}) {
+  constructor(fleet, api, wait, gapMs, {onLive, onTrouble, onUnauthorized}) {
     this.fleet = fleet;
     this.api = api;
     this.wait = wait;
+    this.gapMs = gapMs;
     this.onLive = onLive;
     this.onTrouble = onTrouble;
     this.onUnauthorized = onUnauthorized;
@@ -224,6 +233,7 @@ class PollingFeed {
       let page;
       // The first request answers at once; the next ones wait for a change.
       const wait = this.live ? this.wait : 0;
+      const started = Date.now();
       try {
         page = await this.api.changes(fleet.cursor ?? 0, wait, signal);
       } catch (error) {
@@ -251,9 +261,11 @@ class PollingFeed {
         this.live = true;
         this.onLive();
       }
-      // A broker that only answers short polls ([polling] max_wait = 0) says how often to ask.
-      if (wait > 0 && !page.more && page.pollInterval > 0) {
-        await sleep(page.pollInterval * 1000, signal);
+      // The rest of a full page at once; otherwise let changes gather. A broker that only
+      // answers short polls ([polling] max_wait = 0) says how often to ask.
+      if (!page.more) {
+        const interval = Math.max(this.gapMs, wait > 0 ? page.pollInterval * 1000 : 0);
+        await sleep(started + interval - Date.now(), signal);
       }
     }
   }
@@ -277,6 +289,7 @@ export class Link extends EventTarget {
     this.status = {transport: "none", state: "connecting", detail: ""};
     this._feed = null;
     this._failures = 0;
+    this._unreachable = 0;
     this._liveSince = 0;
     this._timer = null;
     this._stopped = false;
@@ -320,6 +333,7 @@ export class Link extends EventTarget {
     this._feed = new WebSocketFeed(this.fleet, this.api.token, this.timing, {
       onLive: () => {
         this._liveSince = Date.now();
+        this._unreachable = 0;
         this._report("websocket", "live");
       },
       onClose: (closed) => this._webSocketClosed(closed),
@@ -329,18 +343,29 @@ export class Link extends EventTarget {
 
   async _webSocketClosed({code, reason, live}) {
     if (this._stopped) return;
-    if (code === CLOSE_TOKEN_REVOKED) return this._unauthorized("The access token was revoked.");
+    if (code === CLOSE_TOKEN_REVOKED) return this._unauthorized(REVOKED);
     const lasted = live && Date.now() - this._liveSince >= this.timing.stableAfterMs;
-    this._failures = lasted ? 0 : this._failures + 1;
     if (!live) {
-      // A browser cannot see why a handshake was refused: ask whether the token is the reason.
+      // A browser cannot see why a handshake was refused: ask whether the token is the
+      // reason, or the broker (down, restarting, or a proxy without it: 502-504).
+      let unreachable = false;
       try {
         await this.api.session();
       } catch (error) {
-        if (error.status === 401) return this._unauthorized(error.message);
+        if (error.status === 401) return this._unauthorized(REVOKED);
+        unreachable = error.status === 0 || error.status >= 500;
       }
       if (this._stopped) return;
+      if (unreachable) {
+        // Not the WebSocket's fault: polling would fail too. Keep trying the WebSocket.
+        const delay = backoff(++this._unreachable);
+        this._report("websocket", "retrying",
+          `the broker cannot be reached; reconnecting in ${delay} s`);
+        this._timer = setTimeout(() => this._useWebSocket(), delay * 1000);
+        return;
+      }
     }
+    this._failures = lasted ? 0 : this._failures + 1;
     const why = reason || (live ? "connection lost" : "the WebSocket could not be opened");
     if (this._failures >= this.timing.fallbackAfter && this.polling) {
       return this._usePolling(`WebSocket failed ${this._failures} times in a row (${why})`);
@@ -352,11 +377,11 @@ export class Link extends EventTarget {
 
   _usePolling(reason) {
     this._report("polling", "connecting", reason);
-    this._feed = new PollingFeed(this.fleet, this.api, this.wait, {
+    this._feed = new PollingFeed(this.fleet, this.api, this.wait, this.timing.pollGapMs, {
       onLive: () => this._report("polling", "live", reason),
       onTrouble: (error, delay) => this._report("polling", "retrying",
         `${error.message}; retrying in ${delay} s`),
-      onUnauthorized: (error) => this._unauthorized(error.message),
+      onUnauthorized: () => this._unauthorized(REVOKED),
     });
     this._feed.start();
     if (this.webSocket) this._timer = setTimeout(() => this._probe(), this.timing.probeIntervalMs);
