@@ -216,12 +216,17 @@ class StateUpdates:
 
         Only a flip of ``online`` is a change (version, cursor, observers,
         a durable write whose Deferred is returned); the other facts update
-        in place. ``last_heard`` defaults to the clock's time (epoch seconds).
+        in place. ``last_heard`` (epoch seconds) defaults to the clock's time
+        for a device heard now, and stays as it was for one going offline
+        (it went quiet then, it was not heard now).
         """
         dev = self._lookup(name)
         if dev is None:
             return defer.fail(errors.UnknownDevice(name))
-        dev.last_heard = self._clock.seconds() if last_heard is None else last_heard
+        if last_heard is not None:
+            dev.last_heard = last_heard
+        elif online:
+            dev.last_heard = self._clock.seconds()
         if address is not None:
             dev.address = address
         if rtt is not None:

@@ -157,6 +157,19 @@ class ModelTests(SynchronousTestCase):
         self.assertEqual(view.to_json()["connection"]["address"], "127.0.0.1:4000")
         self.assertEqual(view.to_json()["connection"]["session_id"], "7")
 
+    def test_going_offline_keeps_when_the_device_was_last_heard(self):
+        """Marking a device offline without a time keeps its last_heard: the
+        device was silent since, not heard at the moment it timed out."""
+        self.successResultOf(self.registry.set_connection("greenhouse-7", online=True))
+        self.clock.advance(75)
+        self.successResultOf(self.registry.set_connection("greenhouse-7", online=False))
+        view = self.registry.device("greenhouse-7")
+        self.assertFalse(view.online)
+        self.assertEqual(view.last_heard, START)
+        self.successResultOf(self.registry.set_connection("greenhouse-7", online=False,
+                                                          last_heard=START + 5))
+        self.assertEqual(self.registry.device("greenhouse-7").last_heard, START + 5)
+
     def test_remove_and_readd(self):
         """A removed device is gone (name, number, secret); the name can be provisioned again."""
         self.successResultOf(self.registry.remove_device("greenhouse-7"))
