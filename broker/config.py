@@ -10,7 +10,9 @@ broker never starts half configured.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,19 @@ def _ip_address(value: str) -> None:
                          ) from None
 
 
+def _not_empty(value: str) -> None:
+    """An empty path or endpoint would silently mean "here" or nothing at all."""
+    if not value:
+        raise ValueError("must not be empty")
+
+
+def _hash_tag(value: str) -> None:
+    """The prefix goes in braces ({ssp}:...): empty or braced, keys would spread over Cluster slots."""
+    _not_empty(value)
+    if "{" in value or "}" in value:
+        raise ValueError(f"must not contain braces (it is put inside some), not {value!r}")
+
+
 def _http_url(value: str) -> None:
     """Empty, or an absolute http(s) URL: the address users open (its origin is allowed too)."""
     if not value:
@@ -69,7 +84,7 @@ def _http_url(value: str) -> None:
 class BrokerSettings:
     """Process-wide settings."""
 
-    data_dir: str = _setting("broker-data")
+    data_dir: str = _setting("broker-data", check=_not_empty)
     workers: int = _setting(1, minimum=1, maximum=64)
     stop_timeout: float = _setting(10.0, minimum=0.0, maximum=300.0)
 
@@ -86,7 +101,7 @@ class LogSettings:
 class HTTPSettings:
     """The HTTP listener: REST API, long polling, WebSocket, dashboard, health."""
 
-    endpoint: str = _setting("tcp:8080:interface=127.0.0.1")
+    endpoint: str = _setting("tcp:8080:interface=127.0.0.1", check=_not_empty)
     public_url: str = _setting("", check=_http_url)
     allowed_origins: tuple = _setting((), item_type=str)
     max_request_bytes: int = _setting(65536, minimum=1024, maximum=16 * 1024 * 1024)
@@ -126,7 +141,7 @@ class RegistrySettings:
     feed_retention: int = _setting(1_000_000, minimum=1000, maximum=1 << 40)
     redis_url: str = _setting("redis://127.0.0.1:6379/0")
     redis_cluster: bool = _setting(False)
-    redis_key_prefix: str = _setting("ssp")
+    redis_key_prefix: str = _setting("ssp", check=_hash_tag)
     redis_username: str = _setting("")
     redis_password_file: str = _setting("")
     redis_tls_ca_file: str = _setting("")
@@ -227,6 +242,9 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any) -> Any:
         return tuple(value)
     if type(value) is not kind:
         raise ValueError(f"must be {_TYPE_NAMES[kind]}, not {_toml_type(value)}")
+    if kind is float and math.isnan(value):
+        # nan compares false with every bound, so the range checks below would pass it.
+        raise ValueError("must be a number, not nan")
     if meta["choices"] is not None and value not in meta["choices"]:
         allowed = ", ".join(repr(choice) for choice in meta["choices"])
         raise ValueError(f"must be one of {allowed}, not {value!r}")
@@ -265,9 +283,15 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
     if config.registry.redis_lease_check_interval > config.registry.redis_lease_ttl / 2:
         problems.append(("registry.redis_lease_check_interval",
                          "must be at most half of registry.redis_lease_ttl"))
-    if config.http.endpoint == config.metrics.endpoint:
+    if config.metrics.endpoint and config.http.endpoint == config.metrics.endpoint:
         problems.append(("metrics.endpoint", "must differ from http.endpoint"))
     return problems
+
+
+def _did_you_mean(name: str, known, form: str = "'{}'") -> str:
+    """"; did you mean 'x'?" for the closest known name to a typo, else nothing."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {form.format(close[0])}?" if close else ""
 
 
 def parse_config(document: dict, source: str = "<string>") -> Config:
@@ -275,8 +299,15 @@ def parse_config(document: dict, source: str = "<string>") -> Config:
     sections = {}
     for name, table in document.items():
         if name not in _SECTIONS:
+            if not isinstance(table, dict):
+                homes = [f"[{section}]" for section, kind in _SECTIONS.items()
+                         if name in {spec.name for spec in dataclasses.fields(kind)}]
+                where = " or ".join(homes) or "its section's header"
+                raise ConfigError(f"{source}: {name}: a setting outside any [section]: "
+                                  f"move it below {where}")
             known = ", ".join(sorted(_SECTIONS))
-            raise ConfigError(f"{source}: [{name}]: unknown section (known: {known})")
+            hint = _did_you_mean(name, _SECTIONS, "[{}]")
+            raise ConfigError(f"{source}: [{name}]: unknown section{hint} (known: {known})")
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {name}: must be a table ([{name}]), not {_toml_type(table)}")
         settings_type = _SECTIONS[name]
@@ -285,7 +316,9 @@ def parse_config(document: dict, source: str = "<string>") -> Config:
         for key, value in table.items():
             if key not in fields:
                 known = ", ".join(sorted(fields))
-                raise ConfigError(f"{source}: {name}.{key}: unknown setting (known: {known})")
+                hint = _did_you_mean(key, fields)
+                raise ConfigError(f"{source}: {name}.{key}: unknown setting{hint} "
+                                  f"(known: {known})")
             try:
                 values[key] = _check_value(name, fields[key], value)
             except ValueError as problem:
@@ -303,9 +336,15 @@ def load_config(path: str | None) -> Config:
         return Config()
     try:
         with open(path, "rb") as handle:
-            document = tomllib.load(handle)
+            data = handle.read()
     except OSError as problem:
         raise ConfigError(f"{path}: cannot read: {problem.strerror or problem}") from None
+    try:
+        # utf-8-sig: a byte order mark, as some Windows editors write, is dropped.
+        document = tomllib.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as problem:
+        line = data.count(b"\n", 0, problem.start) + 1
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (at line {line})") from None
     except tomllib.TOMLDecodeError as problem:
         raise ConfigError(f"{path}: not valid TOML: {problem}") from None
     return parse_config(document, source=str(path))

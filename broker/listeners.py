@@ -11,6 +11,7 @@ the setting to change (`ssp.host`, `ssp.port`, `http.endpoint`,
 from __future__ import annotations
 
 import errno
+import re
 from contextlib import contextmanager
 
 from twisted.application.internet import StreamServerEndpointService
@@ -52,12 +53,23 @@ def _parse_endpoint(config: Config, name: str, description: str, reactor, activa
         raise ConfigError(f"{config.source}: {key}: cannot use {description!r}: cannot "
                           f"read {problem.filename or 'a file it names'}: "
                           f"{problem.strerror or problem}") from None
-    except (ValueError, KeyError, IndexError) as problem:
+    except (ValueError, KeyError, IndexError, TypeError) as problem:
         hint = ""
         if description.startswith("systemd:") and not activation.fds:
             hint = " (no socket was passed by systemd: is the .socket unit enabled?)"
         raise ConfigError(f"{config.source}: {key}: cannot use {description!r}: "
-                          f"{problem!r}{hint}") from None
+                          f"{_parse_problem(problem)}{hint}") from None
+
+
+def _parse_problem(problem: Exception) -> str:
+    """Twisted's reason for refusing an endpoint string, as words for the operator."""
+    if isinstance(problem, TypeError):
+        # A misspelt option reaches the parser function as an unexpected keyword argument.
+        found = re.search(r"unexpected keyword argument '([^']*)'", str(problem))
+        return f"unknown option {found.group(1)!r}" if found else str(problem)
+    if isinstance(problem, ValueError) and str(problem):
+        return str(problem)
+    return repr(problem)
 
 
 def add_listener(parent, name: str, parsed, factory) -> None:

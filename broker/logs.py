@@ -14,11 +14,13 @@ puts an `ObserverFactory` in twistd's "logger" option, which
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from datetime import datetime, timezone
 
 from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel,
                             LogLevelFilterPredicate, formatEvent, textFileLogObserver)
+from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from broker.config import LogSettings
@@ -145,16 +147,33 @@ def make_observer(settings: LogSettings, control: LogControl, stream=None):
 
 
 class ObserverFactory:
-    """What twistd's "logger" option holds: called once by AppLogger.start()."""
+    """What twistd's "logger" option holds: called once by AppLogger.start().
+
+    A --logfile behaves as twistd's own: rotated at 1 MB and on SIGUSR1
+    (which would otherwise kill the process), but created 0600, as the
+    first-run line carries a dashboard token.
+    """
 
     def __init__(self, settings: LogSettings, control: LogControl, path: str | None = None) -> None:
         self.settings = settings
         self.control = control
         self.path = path
+        #: how the SIGUSR1 handler hands the rotation to the reactor thread (tests replace it).
+        self.call_from_thread = None
 
     def __call__(self):
         stream = None
         if self.path and self.path != "-":
-            # Line-buffered text: a crash loses no complete line.
-            stream = open(self.path, "a", buffering=1, encoding="utf-8")
+            # Unbuffered: a crash loses no complete line.
+            stream = LogFile.fromFullPath(self.path, defaultMode=0o600)
+            self._rotate_on_sigusr1(stream)
         return make_observer(self.settings, self.control, stream)
+
+    def _rotate_on_sigusr1(self, stream: LogFile) -> None:
+        if signal.getsignal(signal.SIGUSR1):
+            return  # someone else's handler, or ignored: leave it, as twistd does
+        call = self.call_from_thread
+        if call is None:
+            from twisted.internet import reactor
+            call = reactor.callFromThread
+        signal.signal(signal.SIGUSR1, lambda number, frame: call(stream.rotate))

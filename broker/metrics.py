@@ -45,6 +45,9 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         self.reloads = Counter("broker_config_reloads", "SIGHUP reloads, by outcome.",
                                ["outcome"], registry=registry)
+        for outcome in ("applied", "refused"):
+            # Exported as 0 from the start: increase() misses a series' first sample.
+            self.reloads.labels(outcome=outcome)
 
         # Registry.
         self.devices_known = Gauge("broker_devices_known", "Devices provisioned.", registry=registry)

@@ -32,11 +32,13 @@ Stop order (SIGTERM), steps 1-4 within [broker] stop_timeout seconds:
    clients; the UDP endpoint saves its SSP sessions to the registry);
 4. idle HTTP connections are closed as soon as their answers are written,
    the rest (WebSocket close handshakes) are awaited, then cut off;
-5. the registry commits everything queued and closes the store.
+5. the registry commits everything queued and closes the store, and the
+   data directory's lock (one broker per SQLite store) is released.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 from pathlib import Path
@@ -110,6 +112,7 @@ class BrokerService(MultiService):
         self.reloaders = []
         self.stopping = False
         self.listening = {}
+        self._lock_fd = None
         self.metrics = Metrics()
         # Every setting that can be checked without binding is checked before
         # anything is created: endpoint strings (and the TLS files they name) first.
@@ -180,6 +183,38 @@ class BrokerService(MultiService):
             raise ConfigError(f"{self.config.source}: broker.data_dir: cannot create or use "
                               f"{str(path)!r}: {problem.strerror or problem}") from None
 
+    def _lock_data_directory(self) -> None:
+        """Hold an exclusive lock on the data directory while running (SQLite only).
+
+        Two brokers on one SQLite store would each keep their own registry in
+        memory and overwrite each other's versions and cursors; broker-admin
+        takes no lock and works beside a running broker.
+        """
+        if self._lock_fd is not None or self.config.registry.backend != "sqlite":
+            return
+        path = self.data_dir / "broker.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as problem:
+            raise ConfigError(f"{self.config.source}: broker.data_dir: cannot create "
+                              f"{str(path)!r}: {problem.strerror or problem}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"{self.config.source}: broker.data_dir: {str(self.data_dir)!r} is "
+                              f"in use by another broker (pid {holder}); stop it or give this "
+                              "one another data_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._lock_fd = fd
+
+    def _unlock_data_directory(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
     # -- readiness -----------------------------------------------------------
 
     def _listeners(self):
@@ -206,6 +241,7 @@ class BrokerService(MultiService):
         Raises ConfigError naming the setting when a port cannot be bound;
         the children started so far stay started (stopService stops them).
         """
+        self._lock_data_directory()
         Service.privilegedStartService(self)
         for child in self:
             with config_error_on_bind_failure(self.config, child.name):
@@ -213,6 +249,7 @@ class BrokerService(MultiService):
 
     def startService(self) -> None:
         """Start every child (binding what privilegedStartService did not); see there for errors."""
+        self._lock_data_directory()
         self.stopping = False
         Service.startService(self)
         for child in self:
@@ -250,6 +287,7 @@ class BrokerService(MultiService):
     def reload(self):
         """Re-read the config file and the registry's tokens; nobody is disconnected."""
         self.notifier.reloading()
+        status = "serving (reloaded)"
         try:
             loaded = load_config(self.config_path) if self.config_path else self.config
             config, kept = reloadable(self.config, loaded)
@@ -265,6 +303,7 @@ class BrokerService(MultiService):
                 except Exception:
                     log.failure("reload: {reloader!r} failed", reloader=reloader)
         except ConfigError as problem:
+            status = "serving (reload refused, running configuration kept: see the log)"
             self.metrics.reloads.labels(outcome="refused").inc()
             log.error("reload refused, the running configuration stays: {problem}",
                       problem=str(problem))
@@ -273,7 +312,7 @@ class BrokerService(MultiService):
             log.info("configuration reloaded from {path}", path=self.config_path or "<defaults>",
                      log_level_now=config.log.level)
         finally:
-            self.notifier.ready("serving (reloaded)")
+            self.notifier.ready(status)
 
     # -- graceful stop (SIGTERM) ---------------------------------------------
 
@@ -310,6 +349,7 @@ class BrokerService(MultiService):
             log.warn("stopping: cut off {count} connection(s) still open after {timeout} s",
                      count=aborted, timeout=timeout)
         yield self._stop_children([self.registry_service])
+        self._unlock_data_directory()
         log.info("stopped: store committed and closed after {seconds} s",
                  seconds=round(clock.seconds() - started, 3))
 

@@ -122,16 +122,33 @@ def makeService(options: Options):
     settings = options["settings"]
     if settings.broker.workers > 1:
         return _supervisor(options, factory)
+    # Absolute: twistd's --rundir changes directory after makeService, before any SIGHUP.
+    config_path = os.path.abspath(options["config"]) if options["config"] else None
+    observer = _observer(factory)
     try:
-        service = TwistdBrokerService(settings, config_path=options["config"],
+        service = TwistdBrokerService(settings, config_path=config_path,
                                       log_control=options.get("log_control"),
-                                      log_observer=factory() if factory is not None else None,
-                                      twistd_options=options.parent)
+                                      log_observer=observer, twistd_options=options.parent)
     except (StoreError, ConfigError) as problem:
         refuse(problem)
+    except OSError as problem:
+        # A store file the broker's user may not touch (owned by another user).
+        where = repr(problem.filename) if problem.filename else repr(settings.broker.data_dir)
+        refuse(f"{settings.source}: broker.data_dir: cannot use {where}: "
+               f"{problem.strerror or problem}")
     SignalHandlers(service).setServiceParent(service)
     tune_garbage_collector()
     return service
+
+
+def _observer(factory):
+    """Our log observer (None: twistd's own), opening --logfile; one line if it cannot."""
+    if factory is None:
+        return None
+    try:
+        return factory()
+    except OSError as problem:
+        refuse(f"--logfile: cannot open {factory.path!r}: {problem.strerror or problem}")
 
 
 def _supervisor(options: Options, factory):
@@ -139,10 +156,11 @@ def _supervisor(options: Options, factory):
     from broker.workers import SupervisorService
 
     try:
-        service = SupervisorService(options["settings"], options["config"])
+        config = options["config"]
+        service = SupervisorService(options["settings"], config and os.path.abspath(config))
     except (ConfigError, OSError) as problem:
         refuse(problem)
     if factory is not None and hasattr(service, "setServiceParent"):
-        service.log_observer = factory()
+        service.log_observer = _observer(factory)
     SignalHandlers(service).setServiceParent(service)
     return service

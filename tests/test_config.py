@@ -144,6 +144,43 @@ class BadInputTests(SynchronousTestCase):
         self.assertRefused({"http": {"public_url": "https://iot.example.com:99999/"}},
                            "http.public_url", "invalid port")
 
+    def test_nan_refused(self):
+        """A TOML nan is refused for a number of seconds: it would pass every range check."""
+        self.assertRefused({"broker": {"stop_timeout": float("nan")}}, "broker.stop_timeout",
+                           "not nan")
+        self.assertRefused({"ssp": {"device_heartbeat": float("nan")}}, "ssp.device_heartbeat",
+                           "not nan")
+
+    def test_empty_data_dir_refused(self):
+        """An empty data_dir is refused rather than taken as the working directory (made 0700)."""
+        self.assertRefused({"broker": {"data_dir": ""}}, "broker.data_dir", "must not be empty")
+
+    def test_empty_http_endpoint_named(self):
+        """An empty http.endpoint is blamed on itself, not on metrics.endpoint."""
+        message = self.assertRefused({"http": {"endpoint": ""}}, "http.endpoint",
+                                     "must not be empty")
+        self.assertNotIn("metrics.endpoint", message)
+
+    def test_setting_outside_any_section(self):
+        """A key written above every [section] header is called a setting, not an unknown section."""
+        message = self.assertRefused({"port": 60001}, "port: ", "outside any [section]",
+                                     "below [ssp]")
+        self.assertNotIn("unknown section", message)
+
+    def test_typo_suggests_the_setting(self):
+        """A misspelt key or section names the closest known one."""
+        self.assertRefused({"ssp": {"prot": 1}}, "ssp.prot", "did you mean 'port'?")
+        self.assertRefused({"sssp": {}}, "[sssp]", "did you mean [ssp]?")
+
+    def test_redis_key_prefix_must_make_a_hash_tag(self):
+        """An empty redis_key_prefix, or one with braces, is refused: every key must share one Cluster slot."""
+        self.assertRefused({"registry": {"redis_key_prefix": ""}}, "registry.redis_key_prefix",
+                           "must not be empty")
+        self.assertRefused({"registry": {"redis_key_prefix": "a}b"}},
+                           "registry.redis_key_prefix", "braces")
+        config = parse_config({"registry": {"redis_key_prefix": "site-2"}})
+        self.assertEqual(config.registry.redis_key_prefix, "site-2")
+
     def test_public_url_with_path_accepted(self):
         """A public_url with a path (behind a reverse proxy) is accepted as given."""
         url = "https://broker.example.com/iot/"
@@ -179,6 +216,21 @@ class FileTests(SynchronousTestCase):
             load_config(path)
         self.assertIn(f"{path}: not valid TOML", str(caught.exception))
         self.assertIn("line 2", str(caught.exception))
+
+    def test_not_utf8(self):
+        """A file that is not UTF-8 (a Latin-1 editor) is one line naming the line, no traceback."""
+        path = self.mktemp()
+        Path(path).write_bytes(b"[log]\nlevel = 'info'\n# caf\xe9\n")
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertEqual(str(caught.exception),
+                         f"{path}: not valid TOML: not UTF-8 text (at line 3)")
+
+    def test_byte_order_mark_accepted(self):
+        """A UTF-8 file that starts with a byte order mark (Windows editors) is read as UTF-8."""
+        path = self.mktemp()
+        Path(path).write_bytes(b"\xef\xbb\xbf[ssp]\nport = 6000\n")
+        self.assertEqual(load_config(path).ssp.port, 6000)
 
     def test_bad_value_in_file_names_file_and_key(self):
         """load_config reports a bad ssp.host or http.public_url as one line: file, key, problem."""

@@ -7,6 +7,7 @@ status 2 and one line on stderr naming the file, the key and the problem.
 
 import dataclasses
 import errno
+import io
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
 import broker
+import broker.service
 from broker import tap
 from broker.config import ConfigError, load_config, replace
 from broker.service import make_service
@@ -70,6 +72,18 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(result.stderr.strip().splitlines(),
                          ["twistd broker: bad.toml: ssp.port: must be an integer, not a string"])
         self.assertFalse(Path(workdir, "broker-data").exists(), "half-started: data dir made")
+
+    def test_unwritable_logfile_exits_with_one_line(self):
+        """A --logfile that cannot be opened is one line naming the option and the file, exit 2."""
+        workdir = self.mktemp()
+        os.mkdir(workdir)
+        Path(workdir, "broker.toml").write_text('[registry]\nbackend = "memory"\n')
+        result = twistd("-n", "--pidfile=", "--logfile=missing/broker.log", "broker",
+                        "--config", "broker.toml", cwd=workdir)
+        self.assertEqual(result.returncode, tap.REFUSED, result.stderr)
+        self.assertEqual(result.stderr.strip().splitlines(),
+                         ["twistd broker: --logfile: cannot open 'missing/broker.log': "
+                          "No such file or directory"])
 
 
 class _StoppablePort:
@@ -158,6 +172,35 @@ class MakeServiceTests(SynchronousTestCase):
         tap.makeService(options)
         self.assertEqual(os.stat(config.broker.data_dir).st_mode & 0o777, 0o700)
 
+    def test_config_path_absolute_for_reloads(self):
+        """The file SIGHUP re-reads is named by its absolute path: twistd --rundir changes directory after makeService."""
+        path = self.mktemp()
+        Path(path).write_text(f'[broker]\ndata_dir = "{self.mktemp()}"\n'
+                              '[registry]\nbackend = "memory"\n')
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        self.assertFalse(os.path.isabs(path))
+        self.assertEqual(tap.makeService(options).config_path, os.path.abspath(path))
+
+    def test_store_file_permission_error_is_one_line(self):
+        """A store file the broker may not chmod (owned by another user) stops startup with one line, exit 2."""
+        # Root may chmod any file, so the refusal database.connect meets as
+        # another user is raised here where the store is opened.
+        config, options = self.make()
+        path = os.path.join(config.broker.data_dir, "registry.sqlite3")
+
+        def refused(*args, **kwargs):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+        self.patch(broker.service, "open_configured_registry", refused)
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as caught:
+            tap.makeService(options)
+        self.assertEqual(caught.exception.code, tap.REFUSED)
+        self.assertEqual(stderr.getvalue(),
+                         f"twistd broker: <defaults>: broker.data_dir: cannot use {path!r}: "
+                         f"{os.strerror(errno.EPERM)}\n")
+
 
 class ServiceRefusalTests(SynchronousTestCase):
     """make_service and startService raise one-line ConfigErrors naming file and key."""
@@ -192,6 +235,19 @@ class ServiceRefusalTests(SynchronousTestCase):
         self.assertIn(f"http.endpoint: cannot use 'ssl:0:privateKey={missing}': "
                       f"cannot read {missing}: No such file or directory", message)
         self.assertFalse(os.path.exists(config.broker.data_dir), "data dir made before the check")
+
+    def test_endpoint_option_typo_named(self):
+        """A misspelt endpoint option (interfac=) is one line naming http.endpoint and the option, not a TypeError."""
+        endpoint = "tcp:0:interfac=127.0.0.1"
+        message = self.refusal(self.config(http={"endpoint": endpoint}))
+        self.assertEqual(message, f"broker.toml: http.endpoint: cannot use '{endpoint}': "
+                                  "unknown option 'interfac'")
+
+    def test_endpoint_parse_error_is_plain_text(self):
+        """A malformed endpoint string gives Twisted's reason as text, not a Python repr."""
+        message = self.refusal(self.config(http={"endpoint": "tcp:abc"}))
+        self.assertEqual(message, "broker.toml: http.endpoint: cannot use 'tcp:abc': "
+                                  "invalid literal for int() with base 10: 'abc'")
 
     def test_missing_redis_password_file(self):
         """A redis_password_file that cannot be read is named, before any connection to Redis."""

@@ -2,7 +2,7 @@
 
 Works on a stopped or a running broker. With the SQLite backend it writes
 the data directory's database, and a running broker picks the changes up
-within ``reload_interval`` seconds. With ``--config`` naming a broker
+within a few seconds (at once on SIGHUP). With ``--config`` naming a broker
 config whose ``[registry] backend`` is "redis", it writes Redis with the
 brokers' own scripts, and every running broker sees each change at once
 on the change stream. Human output by default, ``--json`` for scripts; an
@@ -12,25 +12,38 @@ config file).
 
 import argparse
 import json
+import os
+import sqlite3
 import sys
 import time
 
 from . import errors
 from .admin import AdminDatabase
+from .database import database_path
 from .secrets import ROLES, format_key
 
 #: the data directory when neither --data-dir nor a config names one.
 DEFAULT_DATA_DIR = "./broker-data"
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="broker-admin", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="the broker's TOML config file: its [registry] backend "
+def _add_common(parser, default):
+    """The options every command takes, before it or after it (``device list --json``)."""
+    parser.add_argument("--config", default=default(None),
+                        help="the broker's TOML config file: its [registry] backend "
                         "(sqlite or redis, with the redis_* settings) and data_dir are used")
-    parser.add_argument("--data-dir", default=None,
+    parser.add_argument("--data-dir", default=default(None),
                         help="the broker's data directory (SQLite backend; default: the "
                         f"config's data_dir, else {DEFAULT_DATA_DIR})")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="machine-readable output")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="broker-admin", description=__doc__.splitlines()[0])
+    _add_common(parser, lambda value: value)
+    # After the command: only what is given there overrides the values given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, lambda value: argparse.SUPPRESS)
     top = parser.add_subparsers(dest="group", required=True)
 
     device = top.add_parser("device", help="provisioned sensor nodes").add_subparsers(
@@ -39,23 +52,27 @@ def build_parser():
                           ("show", "show a device's state as JSON"),
                           ("remove", "remove a device and its state"),
                           ("rotate-key", "give a device a new secret (prints it once)")):
-        sub = device.add_parser(command, help=text)
+        sub = device.add_parser(command, help=text, parents=[common])
         sub.add_argument("name")
-    device.add_parser("list", help="list devices")
+    device.add_parser("list", help="list devices", parents=[common])
 
     token = top.add_parser("token", help="dashboard access tokens").add_subparsers(
         dest="command", required=True)
-    add = token.add_parser("add", help="create a token (prints it once)")
+    add = token.add_parser("add", help="create a token (prints it once)", parents=[common])
     add.add_argument("--role", choices=ROLES, required=True)
-    token.add_parser("list", help="list tokens (never their text)")
-    revoke = token.add_parser("revoke", help="revoke a token")
+    token.add_parser("list", help="list tokens (never their text)", parents=[common])
+    revoke = token.add_parser("revoke", help="revoke a token", parents=[common])
     revoke.add_argument("token_id")
     return parser
 
 
-def open_admin(args, create):
+def open_admin(args, create, err=None):
     """The registry to administer: Redis if the config says so, else the SQLite
-    database in the data directory. Raises ConfigError or StoreError."""
+    database in the data directory. Raises ConfigError or StoreError.
+
+    A database created here is announced on err: an add run from the wrong
+    working directory (data_dir is relative) must not go unnoticed.
+    """
     config = None
     if args.config:
         from broker.config import load_config
@@ -71,13 +88,18 @@ def open_admin(args, create):
                                 f"({args.config}: registry.backend)")
     data_dir = args.data_dir or (config.broker.data_dir if config is not None
                                  else DEFAULT_DATA_DIR)
-    return AdminDatabase(data_dir, create=create)
+    fresh = create and not os.path.exists(database_path(data_dir))
+    db = AdminDatabase(data_dir, create=create)
+    if fresh and err is not None:
+        err.write(f"broker-admin: created a new registry database in "
+                  f"{os.path.abspath(data_dir)} (is it the broker's data_dir?)\n")
+    return db
 
 
-def run(args, out):
-    """Carry out one parsed command, writing to ``out``."""
+def run(args, out, err=None):
+    """Carry out one parsed command, writing to ``out`` (and notes to ``err``)."""
     create = args.command == "add"
-    db = open_admin(args, create)
+    db = open_admin(args, create, err)
     try:
         return COMMANDS[(args.group, args.command)](db, args, out)
     finally:
@@ -171,7 +193,7 @@ def main(argv=None, out=None, err=None):
     args = build_parser().parse_args(argv)
     from broker.config import ConfigError
     try:
-        run(args, out)
+        run(args, out, err)
     except ConfigError as e:
         if args.json:
             err.write(json.dumps({"error": "bad_config", "message": str(e)}) + "\n")
@@ -184,7 +206,21 @@ def main(argv=None, out=None, err=None):
         else:
             err.write(f"broker-admin: {e.message}\n")
         return 1
+    except OSError as e:
+        # A file of the data directory owned by another user (run it as the broker's user).
+        _fail(args, err, f"cannot use {e.filename!r}: {e.strerror or e}")
+        return 1
+    except sqlite3.Error as e:
+        _fail(args, err, f"the registry database: {e}")
+        return 1
     return 0
+
+
+def _fail(args, err, message):
+    if args.json:
+        err.write(json.dumps({"error": "store_error", "message": message}) + "\n")
+    else:
+        err.write(f"broker-admin: {message}\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ on task.Clock and fakes. tests/ops/test_process.py does the same with real
 signals on a twistd subprocess.
 """
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -19,8 +20,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from broker.config import load_config, replace
+from broker.config import ConfigError, load_config, replace
 from broker.lifecycle import SignalHandlers, reloadable, within
+from broker.service import make_service
 from tests.helpers import http_json, loopback_config, start_broker
 from tests.web.wsclient import connect
 
@@ -215,6 +217,29 @@ class GracefulStopTests(TestCase):
 
 
 
+class DataDirLockTests(TestCase):
+    """One SQLite data directory serves one broker at a time."""
+
+    timeout = 40
+
+    @defer.inlineCallbacks
+    def test_second_broker_on_a_running_data_dir_refused(self):
+        """A second broker on a running broker's SQLite data_dir refuses to start, naming the pid; once the first stopped it starts."""
+        config = loopback_config(self, ssp={"enabled": False})
+        first = yield start_broker(self, config)
+        second = make_service(config, reactor=reactor)
+        self.addCleanup(second.registry.stop)
+        with self.assertRaises(ConfigError) as caught:
+            second.startService()
+        message = str(caught.exception)
+        self.assertIn(": broker.data_dir: ", message)
+        self.assertIn(f"in use by another broker (pid {os.getpid()})", message)
+        self.assertFalse(second.running)
+        yield first.service.stopService()
+        again = yield start_broker(self, config)
+        self.assertTrue(again.service.running)
+
+
 class BoundedStopTests(SynchronousTestCase):
     """The stop deadline, on a memory reactor whose clock the test moves."""
 
@@ -301,3 +326,16 @@ class ReloadTests(TestCase):
         yield self.service.reload()
         self.assertIs(self.service.config, before)
         self.assertEqual(self.sample("refused"), 1)
+
+    @defer.inlineCallbacks
+    def test_systemd_status_tells_a_refused_reload(self):
+        """After a refused reload systemd hears READY=1 with a STATUS saying so, not "reloaded"."""
+        sent = []
+        self.patch(self.service.notifier, "send", lambda *lines: sent.append(lines))
+        self.path.write_text("[log]\nlevel = 'loud'\n")
+        yield self.service.reload()
+        self.assertEqual(sent[-1][0], "READY=1")
+        self.assertIn("reload refused", sent[-1][1])
+        self.write(level="info", require_token="false")
+        yield self.service.reload()
+        self.assertEqual(sent[-1], ("READY=1", "STATUS=serving (reloaded)"))

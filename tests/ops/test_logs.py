@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import signal
 from pathlib import Path
 
 from twisted.logger import Logger, LogLevel, LogPublisher
@@ -101,6 +103,11 @@ class LevelTests(SynchronousTestCase):
 
 
 class TwistdLoggerTests(SynchronousTestCase):
+    def setUp(self):
+        # An observer writing to a --logfile installs a process-wide SIGUSR1 handler.
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
     def parse(self, *argv, config=""):
         path = self.mktemp()
         Path(path).write_text(config)
@@ -123,6 +130,26 @@ class TwistdLoggerTests(SynchronousTestCase):
         observer = options.subOptions["log_factory"]()
         Logger(namespace="t", observer=observer).info("to the file")
         self.assertIn("to the file", Path(path).read_text())
+
+    def test_logfile_private_and_rotated_on_sigusr1(self):
+        """--logfile is created 0600 (the first-run URL carries a token) and SIGUSR1 rotates it, as twistd's own does."""
+        path = self.mktemp()
+        options = self.parse("--nodaemon", "--logfile", path)
+        factory = options.subOptions["log_factory"]
+        queued = []
+        factory.call_from_thread = queued.append
+        log = Logger(namespace="t", observer=factory())
+        log.info("before the rotation")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        handler = signal.getsignal(signal.SIGUSR1)
+        self.assertTrue(callable(handler), "SIGUSR1 would kill the broker")
+        handler(signal.SIGUSR1, None)
+        for call in queued:
+            call()
+        log.info("after the rotation")
+        self.assertIn("before the rotation", Path(path + ".1").read_text())
+        self.assertNotIn("before the rotation", Path(path).read_text())
+        self.assertIn("after the rotation", Path(path).read_text())
 
     def test_explicit_logger_wins(self):
         """An operator's --logger (or --syslog) keeps twistd's choice: the broker adds no observer."""

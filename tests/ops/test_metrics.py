@@ -102,6 +102,15 @@ class RegistryFiguresTests(SynchronousTestCase):
         self.assertEqual(wrapped.writes, self.store.writes)
 
 
+class ReloadFiguresTests(SynchronousTestCase):
+    def test_reload_outcomes_exported_from_the_start(self):
+        """Both reload outcomes are exported as 0 before any SIGHUP, so the first refusal shows in increase()."""
+        samples = parse(Metrics().render().decode())
+        for outcome in ("applied", "refused"):
+            self.assertEqual(samples[("broker_config_reloads_total", (("outcome", outcome),))],
+                             0.0, outcome)
+
+
 class AccessTests(SynchronousTestCase):
     def render(self, *, require_token, client=IPv4Address("TCP", "127.0.0.1", 5000),
                authorization=None):

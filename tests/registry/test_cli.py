@@ -1,12 +1,15 @@
 """Round trips through broker-admin as a real subprocess."""
 
+import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from broker.registry import cli
 from broker.registry.secrets import parse_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,3 +74,51 @@ class CLITests(SynchronousTestCase):
         """Reading a data directory that does not exist is an error, not a new database."""
         self.assertIn("no data directory", self.admin("device", "list", json_out=False, expect=1))
         self.assertFalse(os.path.exists(self.data_dir))
+
+    def test_options_after_the_command(self):
+        """--json, --data-dir and --config are accepted after the command too (broker-admin device list --json)."""
+        self.admin("device", "add", "after")
+        done = subprocess.run([sys.executable, "-m", "broker.registry.cli", "device", "list",
+                               "--json", "--data-dir", self.data_dir],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual([d["name"] for d in json.loads(done.stdout)], ["after"])
+
+    def test_new_store_is_announced(self):
+        """add on a data directory with no database says on stderr where it created one; a second add does not."""
+        done = subprocess.run([sys.executable, "-m", "broker.registry.cli", "--data-dir",
+                               self.data_dir, "device", "add", "a"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stderr, f"broker-admin: created a new registry database in "
+                                      f"{self.data_dir} (is it the broker's data_dir?)\n")
+        again = subprocess.run([sys.executable, "-m", "broker.registry.cli", "--data-dir",
+                                self.data_dir, "device", "add", "c"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+        self.assertEqual((again.returncode, again.stderr), (0, ""))
+
+
+class CLIFailureTests(SynchronousTestCase):
+    """Failures of the database itself are one line and exit status 1, never a traceback."""
+
+    def run_failing(self, problem):
+        def failing(*args, **kwargs):
+            raise problem
+        self.patch(cli, "AdminDatabase", failing)
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["--data-dir", self.mktemp(), "device", "list"], out, err)
+        return status, err.getvalue()
+
+    def test_file_it_may_not_touch(self):
+        """A database file owned by another user (chmod refused) names the file."""
+        # Root may chmod any file: the refusal another user meets is raised here.
+        status, message = self.run_failing(PermissionError(1, "Operation not permitted",
+                                                           "data/registry.sqlite3"))
+        self.assertEqual((status, message), (1, "broker-admin: cannot use 'data/registry.sqlite3': "
+                                                "Operation not permitted\n"))
+
+    def test_database_error(self):
+        """An SQLite error (read-only or locked database) is one line naming the database."""
+        status, message = self.run_failing(sqlite3.OperationalError("database is locked"))
+        self.assertEqual((status, message),
+                         (1, "broker-admin: the registry database: database is locked\n"))
