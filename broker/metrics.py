@@ -75,6 +75,10 @@ class Metrics:
                              registry=registry)
         self.retransmissions = Counter("broker_ssp_retransmissions",
                                        "States sent again for want of an ack.", registry=registry)
+        self.reports_refused = Counter("broker_ssp_reports_refused",
+                                       "Device reports the registry refused (acknowledged all "
+                                       "the same, or the device would resend them forever), "
+                                       "by error code.", ["code"], registry=registry)
         self.rtt_seconds = Histogram("broker_ssp_rtt_seconds", "Smoothed RTT of SSP sessions.",
                                      buckets=_RTT_BUCKETS, registry=registry)
         self.kernel_receive_errors = Gauge("broker_udp_kernel_receive_buffer_errors",

@@ -44,7 +44,7 @@ class RegistryBridge:
     def __init__(self, registry) -> None:
         self.registry = registry
         self._watches = []
-        #: refused reports by error code (the endpoint exports them).
+        #: refused reports by error code (exported as broker_ssp_reports_refused_total).
         self.refused: dict[str, int] = {}
         #: device number -> outgoing state with commands whose record write
         #: is on its way (not on the session yet); empty when none are.

@@ -2,8 +2,9 @@
 
 The hot path only bumps integers in a ``collections.Counter`` (a
 prometheus-client ``inc()`` takes a lock, too dear per datagram); once a
-second the deltas go to the collectors of ``broker.metrics.Metrics``, and
-the smoothed RTTs the session table sampled are observed.
+second the deltas go to the collectors of ``broker.metrics.Metrics`` (the
+registry bridge's refused reports too), and the smoothed RTTs the session
+table sampled are observed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class EndpointMetrics:
         self.metrics = metrics
         self._seen: dict = {}
         self._seen_drops: dict = {}
+        self._seen_refused: dict = {}
 
     def update(self, kernel_errors=None) -> None:
         """Bring the collectors up to date (called once a second)."""
@@ -41,6 +43,11 @@ class EndpointMetrics:
             if delta > 0:
                 metrics.datagrams_dropped.labels(reason=str(reason)).inc(delta)
                 self._seen_drops[reason] = value
+        for code, value in list(endpoint.bridge.refused.items()):
+            delta = value - self._seen_refused.get(code, 0)
+            if delta > 0:
+                metrics.reports_refused.labels(code=code).inc(delta)
+                self._seen_refused[code] = value
         samples = endpoint.table.rtt_samples
         if samples:
             observe = metrics.rtt_seconds.observe

@@ -268,6 +268,23 @@ class EndpointFiguresTests(TestCase):
         self.assertGreaterEqual(sample(self.metrics, "broker_ssp_datagrams_sent_total"), 1)
         self.assertGreaterEqual(sample(self.metrics, "broker_ssp_datagrams_received_total"), 1)
 
+    @defer.inlineCallbacks
+    def test_refused_reports_counted_by_code(self):
+        """A report the registry refuses (a key it does not take) is acknowledged, logged
+        and counted under its error code."""
+        provisioned = yield self.registry.add_device("node-8")
+        node = SSPNode(provisioned.device_number, provisioned.secret,
+                       ("127.0.0.1", self.running.udp_port), interface="127.0.0.1",
+                       state_path=os.path.join(self.mktemp(), "ids.json"), heartbeat=2.0)
+        node.start()
+        self.addCleanup(node.stop)
+        node.report({"bad key": 1})
+        yield wait_for(lambda: node.acknowledged > 0)
+        yield wait_for(lambda: sample(self.metrics, "broker_ssp_reports_refused_total",
+                                      code="invalid_key") == 1)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        self.assertNotIn("bad key", self.registry.device("node-8").reported)
+
 
 @defer.inlineCallbacks
 def wait_for(condition, timeout=5.0):
