@@ -31,7 +31,8 @@ class AdminDatabase:
             raise errors.StoreError(f"no data directory {data_dir}")
         # A broker of the older version may be running on an older file: only
         # a starting broker migrates it.
-        self._conn = connect(database_path(data_dir), create=create, migrate=False)
+        self._conn = connect(database_path(data_dir), create=create, migrate=False,
+                             must_write=False)  # list and show work on a read-only copy
         self._random_bytes = random_bytes
         self._now = now
 

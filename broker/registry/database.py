@@ -106,12 +106,14 @@ def prepare_directory(data_dir):
         raise StoreError(f"cannot create data directory {data_dir}: {e.strerror}") from None
 
 
-def connect(path, *, create=True, synchronous="FULL", migrate=True):
+def connect(path, *, create=True, synchronous="FULL", migrate=True, must_write=True):
     """Open (or create, private 0600) the registry database at ``path``, checked.
 
     An older schema of ours is brought up to date only with ``migrate``: the
     broker does it as it starts; broker-admin refuses instead, as a broker
-    of the older version may still be running on the file.
+    of the older version may still be running on the file. With
+    ``must_write`` (the broker) a file this user may only read is refused
+    now rather than at the first write.
     """
     fresh = not os.path.exists(path) or os.path.getsize(path) == 0
     if fresh and not create:
@@ -125,7 +127,15 @@ def connect(path, *, create=True, synchronous="FULL", migrate=True):
         if magic != _SQLITE_MAGIC:
             raise StoreError(f"{path} is not an SQLite database (damaged or foreign); "
                              "refusing to touch it")
-        _make_private(path, 0o600)  # SQLite gives its -wal and -shm files this mode too
+        # SQLite gives new -wal and -shm files the database's mode; older ones keep theirs.
+        for file in (path, path + "-wal", path + "-shm"):
+            try:
+                _make_private(file, 0o600)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise StoreError(f"cannot make {file} private (mode 0600): {e.strerror}; "
+                                 "it must belong to the broker's user") from None
     else:
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -170,8 +180,20 @@ def connect(path, *, create=True, synchronous="FULL", migrate=True):
         if mode.lower() != "wal":
             raise StoreError(f"{path}: cannot switch to WAL journal mode (got {mode})")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        if must_write:
+            # SQLite opens a file it may not write read-only, without a word,
+            # and only the first write would fail: try one now, changing nothing.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("ROLLBACK")
     except sqlite3.DatabaseError as e:
         conn.close()
+        name = getattr(e, "sqlite_errorname", "")
+        if name.startswith("SQLITE_READONLY"):
+            raise StoreError(f"cannot write {path}: read-only for this user; check the owner "
+                             "and mode of the file and of its directory") from None
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            raise StoreError(f"{path} is locked by another process: {e}") from None
         raise StoreError(f"{path} is damaged or not a registry database: {e}") from None
     except StoreError:
         conn.close()

@@ -9,6 +9,7 @@ from twisted.trial.unittest import TestCase
 
 from broker.registry import RegistrySettings, SessionRecord, errors, open_registry
 from broker.registry.admin import AdminDatabase
+from broker.registry import database as database_module
 from broker.registry.database import DB_NAME, SCHEMA_VERSION, decode_state
 
 
@@ -259,6 +260,62 @@ class SQLiteRegistryTests(TestCase):
         self.assertEqual(registry.device("a").name, "a")
         self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
         self.assertEqual(stat.S_IMODE(os.stat(database).st_mode), 0o600)
+
+    @defer.inlineCallbacks
+    def test_loose_wal_and_shm_files_made_private(self):
+        """Leftover -wal and -shm files that others could read are made private on open."""
+        registry = self.open()
+        yield registry.add_device("a")
+        yield registry.stop()
+        database = os.path.join(self.data_dir, DB_NAME)
+        for suffix in ("-wal", "-shm"):
+            with open(database + suffix, "ab"):
+                pass
+            os.chmod(database + suffix, 0o644)
+        self.open()
+        for suffix in ("-wal", "-shm"):
+            self.assertEqual(stat.S_IMODE(os.stat(database + suffix).st_mode), 0o600, suffix)
+
+    @defer.inlineCallbacks
+    def test_file_that_cannot_be_made_private_is_a_store_error(self):
+        """A loose database file the broker may not chmod is a StoreError naming the file."""
+        registry = self.open()
+        yield registry.add_device("a")
+        yield registry.stop()
+        database = os.path.join(self.data_dir, DB_NAME)
+        os.chmod(database, 0o644)
+
+        def refuse(path, mode):
+            raise PermissionError(1, "Operation not permitted", path)
+        self.patch(database_module.os, "chmod", refuse)
+        with self.assertRaises(errors.StoreError) as caught:
+            self.open()
+        self.assertIn(f"cannot make {database} private", str(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_read_only_database_refused_at_open(self):
+        """A database this user may only read is refused when the broker opens it, not at
+        its first write; broker-admin still reads it."""
+        registry = self.open()
+        yield registry.add_device("a")
+        yield registry.stop()
+        database = os.path.join(self.data_dir, DB_NAME)
+        with open(database, "rb") as f:
+            before = f.read()
+        real_connect = database_module.sqlite3.connect
+
+        def read_only(path, **kwargs):
+            # What SQLite does with a file its user may not write (root may write any).
+            return real_connect(f"file:{path}?mode=ro", uri=True, **kwargs)
+        self.patch(database_module.sqlite3, "connect", read_only)
+        with self.assertRaises(errors.StoreError) as caught:
+            self.open()
+        self.assertIn("read-only for this user", str(caught.exception))
+        admin = AdminDatabase(self.data_dir)
+        self.addCleanup(admin.close)
+        self.assertEqual([view.name for view in admin.devices()], ["a"])
+        with open(database, "rb") as f:
+            self.assertEqual(f.read(), before)
 
     @defer.inlineCallbacks
     def test_stop_commits_pending(self):
