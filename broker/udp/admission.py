@@ -1,6 +1,6 @@
 """What the endpoint lets a datagram cost before it is known to be authentic.
 
-Three global budgets and three per-second windows, all checked before any
+Three global budgets and four per-second windows, all checked before any
 cryptographic work (docs/ssp-endpoint.md, "Limits"):
 
 * ``datagrams``: every datagram of the port (``max_datagrams_per_second``),
@@ -12,7 +12,10 @@ cryptographic work (docs/ssp-endpoint.md, "Limits"):
   ``AUTH_ATTEMPTS_PER_NEW_SESSION`` times ``max_new_sessions_per_second``.
 * ``new_sessions``: sessions started or resumed, charged only once the
   first datagram authenticated, so forgeries cannot use it up.
-* ``failures`` (per device) and ``host_failures`` (per source host): failed
+* ``device_sessions``: the same, per device (``NEW_SESSIONS_PER_DEVICE``
+  a second), so one device in a boot loop cannot take the fleet's share.
+* ``failures`` (per device) and ``host_failures`` (per source host, an IPv6
+  one by its /64: a host can send from any address of its prefix): failed
   authentications in the current second; past ``auth_failure_budget`` the
   device (for its current session) or the host (for anything) gets no more
   decryptions from strangers' addresses this second.  A flood from a few
@@ -24,6 +27,8 @@ cryptographic work (docs/ssp-endpoint.md, "Limits"):
 
 from __future__ import annotations
 
+from socket import AF_INET6, inet_pton
+
 from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
 
 from broker.ssp.crypto import TO_SERVER, open_sealed
@@ -32,11 +37,31 @@ from broker.ssp.framing import HEADER_SIZE
 from broker.ssp.keys import derive_session_key
 from broker.udp.limits import TokenBucket, WindowCounter
 
-__all__ = ["Admission", "AUTH_ATTEMPTS_PER_NEW_SESSION", "first_datagram_fails"]
+__all__ = ["Admission", "AUTH_ATTEMPTS_PER_NEW_SESSION", "NEW_SESSIONS_PER_DEVICE",
+           "first_datagram_fails", "parked_datagram_fails"]
 
 #: Authentication attempts (key derivation and decryption, about 10 us) a
 #: second per allowed new session, when the settings give no rate of their own.
 AUTH_ATTEMPTS_PER_NEW_SESSION = 10
+#: Sessions one device may start or resume a second: a device starts one at
+#: boot or after ``rekey_after`` of silence, more is a loop (or a bug).
+NEW_SESSIONS_PER_DEVICE = 2
+
+
+#: The first 12 bytes of an IPv4-mapped IPv6 address (a dual-stack socket's IPv4 peer).
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def source(host):
+    """The source ``host``'s failures count against: the address itself, or for
+    IPv6 its /64 (a host usually holds a whole one; an IPv4-mapped one is IPv4)."""
+    if ":" not in host:
+        return host
+    try:
+        packed = inet_pton(AF_INET6, host.partition("%")[0])
+    except OSError:
+        return host
+    return packed if packed.startswith(_V4_MAPPED) else packed[:8]
 
 
 def auth_attempts_per_second(settings) -> int:
@@ -50,13 +75,14 @@ def auth_attempts_per_second(settings) -> int:
 class Admission:
     """The endpoint's budgets for one set of ``[ssp]`` settings (replaced on reload)."""
 
-    __slots__ = ("datagrams", "attempts", "new_sessions", "device_rate", "failures",
-                 "host_failures")
+    __slots__ = ("datagrams", "attempts", "new_sessions", "device_sessions", "device_rate",
+                 "failures", "host_failures")
 
     def __init__(self, settings, now: float) -> None:
         self.datagrams = TokenBucket(settings.max_datagrams_per_second, now=now)
         self.attempts = TokenBucket(auth_attempts_per_second(settings), now=now)
         self.new_sessions = TokenBucket(settings.max_new_sessions_per_second, now=now)
+        self.device_sessions = WindowCounter(NEW_SESSIONS_PER_DEVICE)
         self.device_rate = WindowCounter(settings.max_device_datagrams_per_second)
         self.failures = WindowCounter(settings.auth_failure_budget)
         self.host_failures = WindowCounter(settings.auth_failure_budget)
@@ -70,7 +96,7 @@ class Admission:
         """
         if per_device and self.failures.exhausted(number, now):
             return False
-        if self.host_failures.exhausted(host, now):
+        if self.host_failures.exhausted(source(host), now):
             return False
         return self.attempts.allow(now)
 
@@ -80,7 +106,7 @@ class Admission:
         if per_device:
             self.failures.allow(number, now)
         if host is not None:
-            self.host_failures.allow(host, now)
+            self.host_failures.allow(source(host), now)
 
 
 def first_datagram_fails(secret: bytes, number: int, session_id: int, data: bytes,
@@ -94,7 +120,20 @@ def first_datagram_fails(secret: bytes, number: int, session_id: int, data: byte
     an authentic datagram below it is a replay of a captured one (REPLAY),
     which must not resume the session at the replayer's address.
     """
-    cipher = AESOCB3(derive_session_key(secret, number, session_id))
+    return _opening_fails(AESOCB3(derive_session_key(secret, number, session_id)), data,
+                          expected_seq)
+
+
+def parked_datagram_fails(parked, data: bytes):
+    """Why a datagram may not wake the ``Parked`` session it names (a
+    DropReason), or None if it may: as ``first_datagram_fails``, with the
+    parked key and sequence mark.  Rebuilding a session costs far more than
+    this decryption, so a forgery or replay (also one spoofing the device's
+    own address, which no attempts budget covers) must not get that far."""
+    return _opening_fails(AESOCB3(parked.session_key), data, parked.expected_seq())
+
+
+def _opening_fails(cipher, data: bytes, expected_seq: int):
     try:
         direction, seq, _ = open_sealed(cipher, data, HEADER_SIZE)
     except DatagramDropped as error:

@@ -135,18 +135,20 @@ class RegistryBridge:
         return self.registry.save_session(live.number, record)
 
     def mark(self, device_number: int, session_id: int, expected_seq: int,
-             outgoing) -> None:
-        """Persist a session's device sequence mark as it leaves memory (evicted):
-        a datagram captured before cannot resume it later. ``outgoing`` is the
-        session's own outgoing state (not the record's, which may hold commands
-        whose write failed). Best effort: the older mark holds if this fails."""
+             outgoing=None) -> None:
+        """Persist a session's device sequence mark as it leaves memory (evicted,
+        or the endpoint stops): a datagram captured before cannot resume it
+        later. ``outgoing`` is the session's own outgoing state (not the
+        record's, which may hold commands whose write failed); None keeps the
+        record's commands (a live session's may be on their way to it).
+        Best effort: the older mark holds if this fails."""
         try:
             current = self.registry.session_record(device_number)
         except errors.StoreError:
             return
         if current is None or current.session_id != session_id:
             return
-        commands = encode_commands(outgoing)
+        commands = current.local_state if outgoing is None else encode_commands(outgoing)
         if current.remote_seq >= expected_seq and current.local_state == commands:
             return
         record = replace(current, remote_seq=max(expected_seq, current.remote_seq),

@@ -30,10 +30,11 @@ from broker.ssp.datagram import TIMESTAMP_SIZE
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.fragment import FRAGMENT_HEADER_SIZE
 from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE
-from broker.udp.admission import Admission, first_datagram_fails
+from broker.udp.admission import Admission, first_datagram_fails, parked_datagram_fails
 from broker.udp.bridge import RegistryBridge
 from broker.udp.downstream import Downstream
 from broker.udp.drops import EndpointDrop, not_authentic
+from broker.udp.limits import WindowCounter
 from broker.udp.park import Parked
 from broker.udp.profile import endpoint_profile
 from broker.udp.reports import SessionWrites
@@ -106,6 +107,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
                                      now=self._now, flush=self._flush,
                                      counters=self.counters)
         self._limits(settings)
+        #: devices whose unusable session record was logged this second.
+        self._record_errors = WindowCounter(1)
         self._sendto = None
 
     def _limits(self, settings) -> None:
@@ -161,6 +164,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
 
     def stopProtocol(self) -> None:
         self.write_reports(flush=False)   # what this turn received still goes to the store
+        self._table.mark_all()
         self._table.stop()
         self._bridge.stop()
 
@@ -200,6 +204,13 @@ class SSPEndpoint(Downstream, DatagramProtocol):
     def _drop(self, reason) -> None:
         self.drops[reason.value if isinstance(reason, enum.Enum) else reason] += 1
 
+    def _record_error(self, number: int, now: float, message: str, **fields) -> None:
+        """Log a device's unusable session record: an error once a second, then debug."""
+        if self._record_errors.allow(number, now):
+            self.log.error(message, number=number, **fields)
+        else:
+            self.log.debug(message, number=number, **fields)
+
     def _receive_current(self, entry, number: int, data: bytes, addr, now: float) -> None:
         """A datagram of the device's current session, live or parked."""
         parked = type(entry) is Parked
@@ -214,6 +225,12 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             self._drop(EndpointDrop.DEVICE_RATE_LIMITED)
             return
         if parked:
+            failure = parked_datagram_fails(entry, data)
+            if failure is not None:
+                # Forged or replayed: refused before the session is rebuilt.
+                self._drop(failure)
+                admission.failed(number, stranger, now)
+                return
             live = self._table.wake(entry, number, now)
             if live is None:
                 self._table.drop(number)
@@ -233,13 +250,15 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             self._table.heard(live, addr, now)
         elif parked:
             # Not authentic, or an old datagram: the parked form stays as it was.
-            if not_authentic(found):
+            if stranger is not None or not_authentic(found):
                 admission.failed(number, stranger, now)
             for event in found:
                 if type(event) is ssp_events.DatagramRejected:
                     self._drop(event.reason)
             return
-        elif not_authentic(found):
+        elif stranger is not None or not_authentic(found):
+            # A stranger's replay costs a failure as a forgery does: one host
+            # replaying a captured datagram must not spend every attempt.
             admission.failed(number, stranger, now)
         if found:
             self._handle(live, found, now)
@@ -255,14 +274,12 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         if secret is None:
             self._drop(EndpointDrop.UNKNOWN_DEVICE)
             return
-        record = None
+        record = unreadable = None
         if entry is None:
             try:
                 record = bridge.record(number)
-            except StoreError:
-                self.log.error("session record of device {number} cannot be read", number=number)
-                self._drop(EndpointDrop.BAD_RECORD)
-                return
+            except StoreError as error:
+                unreadable = error
             if record is not None and session_id < record.session_id:
                 self._drop(EndpointDrop.OLD_SESSION)
                 return
@@ -275,8 +292,17 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         else:
             stranger = None if addr == entry.session.remote_address else addr[0]
         admission = self.admission
-        if stranger is not None and not admission.stranger(number, stranger, now,
-                                                          entry is not None):
+        if admission.device_sessions.exhausted(number, now):
+            # A device in a boot loop gets no more of the fleet's budget.
+            self._drop(EndpointDrop.NEW_SESSION_RATE_LIMITED)
+            return
+        if stranger is None:
+            # A new session from the live one's own address: no failure budget
+            # stops it, but its key derivation is an attempt all the same.
+            if not admission.attempts.allow(now):
+                self._drop(EndpointDrop.RATE_LIMITED)
+                return
+        elif not admission.stranger(number, stranger, now, entry is not None):
             self._drop(EndpointDrop.RATE_LIMITED)
             return
         # Authenticated on a throwaway cipher first: a forgery builds no session
@@ -287,17 +313,25 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             self._drop(failure)
             admission.failed(number, stranger, now, entry is not None)
             return
+        if unreadable is not None:
+            # Never a session over it (its sequence numbers); logged only for
+            # an authentic datagram, once a second a device (not floodable).
+            self._drop(EndpointDrop.BAD_RECORD)
+            self._record_error(number, now, "session record of device {number} cannot be "
+                               "read: {error}", error=unreadable)
+            return
         if not admission.new_sessions.allow(now):
             self._drop(EndpointDrop.NEW_SESSION_RATE_LIMITED)
             return
+        admission.device_sessions.allow(number, now)
         try:
             session, remote, resume = first_session(
                 record, secret=secret, device_number=number, session_id=session_id,
                 ciphers=self._ciphers, profile=self._profile, random_bytes=self._random_bytes,
                 now=now, max_assembly_bytes=self._table.max_assembly_bytes)
         except DatagramDropped:
-            self.log.error("session record of device {number} holds a bad state", number=number)
             self._drop(EndpointDrop.BAD_RECORD)
+            self._record_error(number, now, "session record of device {number} holds a bad state")
             return
         session.receive_datagram(data, addr, now)
         found = session.pop_events()

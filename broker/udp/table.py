@@ -14,6 +14,7 @@ from collections import Counter
 
 from twisted.logger import Logger
 
+from broker.registry.errors import StoreError
 from broker.ssp.errors import DatagramDropped
 from broker.udp.convert import decode_state
 from broker.udp.park import Parked, park, unpark
@@ -75,7 +76,10 @@ class SessionTable:
         """A live copy of a parked session (not installed: see install), or None
         if its record is gone or damaged."""
         bridge = self.bridge
-        record = bridge.record(number)
+        try:
+            record = bridge.record(number)
+        except StoreError:
+            return None  # the endpoint logs it once a datagram authenticates
         if (bridge.secret(number) is None or record is None
                 or record.session_id != parked.session_id):
             return None
@@ -219,10 +223,11 @@ class SessionTable:
 
     @staticmethod
     def evictable(live: LiveSession) -> bool:
-        """Its record and the registry say it all: nothing unwritten, no command on its way."""
-        session = live.session
-        return (live.writes == 0 and session.ack_num == session.latest_remote_num
-                and session.local_state.event_end == session.acknowledged_state.event_end)
+        """Its record and the registry say it all: nothing unwritten.  Commands not
+        yet acknowledged are in the record (written before they went out, and by
+        the mark): the device gets them when it resumes, as after a restart,
+        and one gone for good holds no memory."""
+        return live.writes == 0 and live.session.ack_num == live.session.latest_remote_num
 
     # -- retiring -------------------------------------------------------------------
 
@@ -243,6 +248,17 @@ class SessionTable:
             self.bridge.connection_of(number, entry.session_id, online=False)
         self.log.debug("session {session_id} of {name} retired: {why}",
                        session_id=entry.session_id, name=entry.name, why=why)
+
+    def mark_all(self) -> None:
+        """Persist every session's device sequence mark (a clean stop): a datagram
+        taken before, a heartbeat since the last report too, cannot resume its
+        session after the restart (only a kill -9 leaves that window)."""
+        mark = self.bridge.mark
+        for number, entry in self._sessions.items():
+            if type(entry) is Parked:
+                mark(number, entry.session_id, entry.expected_seq())
+            else:
+                mark(number, entry.session_id, entry.session.expected_seq)
 
     def stop(self) -> None:
         self.scheduler.stop()

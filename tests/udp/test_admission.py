@@ -18,8 +18,8 @@ from broker.ssp.crypto import TO_CLIENT, TO_SERVER, seal
 from broker.ssp.errors import DropReason
 from broker.ssp.framing import build_header
 from broker.ssp.keys import derive_session_key
-from broker.udp.admission import (AUTH_ATTEMPTS_PER_NEW_SESSION, Admission,
-                                  auth_attempts_per_second, first_datagram_fails)
+from broker.udp.admission import (AUTH_ATTEMPTS_PER_NEW_SESSION, NEW_SESSIONS_PER_DEVICE,
+                                  Admission, auth_attempts_per_second, first_datagram_fails)
 
 from .helpers import Harness
 
@@ -206,3 +206,110 @@ class FloodTests(SynchronousTestCase):
         self.assertEqual(h.transport.sent, {})
         for number in numbers:
             self.assertIsNone(h.registry.session_record(number))
+
+    def test_a_replayed_datagram_from_one_host_does_not_starve_new_sessions(self):
+        """A captured datagram of a device replayed from one host many times a second
+        costs that host's failure budget only: a new device is still served at once."""
+        h = Harness(self, max_new_sessions_per_second=2)
+        device, newcomer = h.provision("dev"), h.provision("newcomer")
+        node = h.node(device, address=("127.0.0.2", 40001))
+        node.report({"v": 1}, h.clock.seconds())
+        captured = node.datagrams(h.clock.seconds())
+        for data, _ in captured:
+            h.endpoint.datagramReceived(data, ("127.0.0.2", 40001))
+        h.run(2.0)
+        now = h.clock.seconds()
+        h.clock.advance(math.floor(now) + 1.1 - now)  # the replays and the newcomer in one second
+        for i in range(200):
+            h.endpoint.datagramReceived(captured[0][0], ("127.0.0.66", 30000 + i))
+        self.assertGreaterEqual(h.endpoint.drops["rate_limited"],
+                                200 - h.settings.auth_failure_budget)
+        h.node(newcomer, address=("127.0.0.3", 40002))
+        h.step(0.01)
+        self.assertIsNotNone(h.endpoint.entry_of(newcomer.device_number))
+        self.assertFalse([a for a in h.transport.sent if a[0] == "127.0.0.66"])
+
+    def test_one_device_cannot_take_every_new_session(self):
+        """A device starting session after session (a boot loop) is held to
+        NEW_SESSIONS_PER_DEVICE a second, at no decryption; another device still starts."""
+        h = Harness(self, max_new_sessions_per_second=5)
+        looping, other = h.provision("looping"), h.provision("other")
+        now = h.clock.seconds()
+        h.clock.advance(math.floor(now) + 1.1 - now)
+        for i in range(20):
+            node = h.node(looping, address=("127.0.0.2", 40001 + i))
+            for data, _ in node.datagrams(h.clock.seconds()):
+                h.endpoint.datagramReceived(data, ("127.0.0.2", 40001 + i))
+        self.assertEqual(h.endpoint.counters["sessions_started"], NEW_SESSIONS_PER_DEVICE)
+        self.assertEqual(h.endpoint.drops["new_session_rate_limited"],
+                         20 - NEW_SESSIONS_PER_DEVICE)
+        self.assertEqual(h.endpoint.drops.get("auth_failed", 0), 0)
+        h.node(other, address=("127.0.0.3", 40002))
+        h.step(0.01)
+        self.assertIsNotNone(h.endpoint.entry_of(other.device_number))
+        self.assertEqual(h.endpoint.counters["sessions_started"], NEW_SESSIONS_PER_DEVICE + 1)
+        h.clock.advance(1.0)   # a new second: the device may start a session again
+        node = h.node(looping, address=("127.0.0.2", 41000))
+        h.step(0.01)
+        self.assertEqual(h.endpoint.session_of(looping.device_number).session_id,
+                         node.session_id)
+
+
+    def test_new_session_forgeries_from_a_sessions_own_address_are_attempts(self):
+        """Forged first datagrams of newer sessions spoofing a live session's own
+        address cost at most the attempts rate in key derivations; the session lives on."""
+        h = Harness(self, max_new_sessions_per_second=2)
+        device = h.provision("dev")
+        node = h.node(device, address=("127.0.0.2", 40001))
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(1.0)
+        live = h.endpoint.session_of(device.device_number)
+        now = h.clock.seconds()
+        h.clock.advance(math.floor(now) + 1.1 - now)
+        forge(h.endpoint, [device.device_number], 500, ["127.0.0.2"])
+        for i in range(500):
+            header = build_header(device.device_number, FORGED_IDS + 1000 + i)
+            h.endpoint.datagramReceived(header + os.urandom(60), ("127.0.0.2", 40001))
+        self.assertLessEqual(h.endpoint.drops["auth_failed"],
+                             h.settings.auth_failure_budget + 2 * AUTH_ATTEMPTS_PER_NEW_SESSION)
+        self.assertEqual(h.endpoint.session_of(device.device_number), live)
+        node.report({"v": 2}, h.clock.seconds())
+        h.run(1.0)
+        self.assertEqual(dict(h.registry.device("dev").reported), {"v": 2})
+        self.assertEqual(h.transport.sent.keys(), {("127.0.0.2", 40001)})
+
+
+class SourceTests(SynchronousTestCase):
+    """Failures are counted per source: an IPv4 address or an IPv6 /64."""
+
+    def test_ipv6_failures_count_per_64(self):
+        """Forgeries from many addresses of one IPv6 /64 spend one failure budget; another
+        /64 and IPv4 sources (also IPv4-mapped ones) keep their own."""
+        now = 3.5
+        admission = Admission(SSPSettings(auth_failure_budget=2, max_new_sessions_per_second=9),
+                              now=now)
+        for i in range(2):
+            self.assertTrue(admission.stranger(7, f"2001:db8:0:1::{i + 1:x}", now, False))
+            admission.failed(7, f"2001:db8:0:1::{i + 1:x}", now, False)
+        self.assertFalse(admission.stranger(7, "2001:db8:0:1:ffff::9", now, False))
+        self.assertFalse(admission.stranger(7, "2001:db8:0:1::abcd%eth0", now, False))
+        self.assertTrue(admission.stranger(7, "2001:db8:0:2::1", now, False))
+        for i in range(2):
+            admission.failed(7, f"::ffff:192.0.2.{i + 1}", now, False)
+        self.assertTrue(admission.stranger(7, "::ffff:192.0.2.3", now, False))
+        self.assertTrue(admission.stranger(7, "192.0.2.3", now, False))
+
+    def test_rotating_ipv6_sources_do_not_starve_a_new_device(self):
+        """A forger rotating through the addresses of its /64 spends its own budget only:
+        a genuine device starting a session in the same second is served."""
+        h = Harness(self, max_new_sessions_per_second=2)
+        victim, newcomer = h.provision("victim"), h.provision("newcomer")
+        now = h.clock.seconds()
+        h.clock.advance(math.floor(now) + 1.1 - now)
+        forge(h.endpoint, [victim.device_number], 300,
+              [f"2001:db8:66:1::{i + 1:x}" for i in range(300)])
+        self.assertLessEqual(h.endpoint.drops["auth_failed"], h.settings.auth_failure_budget)
+        h.node(newcomer, address=("::1", 40002))
+        h.step(0.01)
+        self.assertIsNotNone(h.endpoint.entry_of(newcomer.device_number))
+        self.assertEqual(set(h.transport.sent), {("::1", 40002)})

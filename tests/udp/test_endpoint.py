@@ -328,6 +328,34 @@ class PresenceTests(SynchronousTestCase):
         self.assertEqual(dict(h.registry.device("dev").reported), {"v": 2})
 
 
+    def test_device_gone_with_a_command_on_its_way_leaves_memory(self):
+        """A device that went silent before acknowledging a command leaves memory once
+        offline (its record keeps the command); back, it gets the command once."""
+        h = Harness(self, offline_after=30.0)
+        device = h.provision("dev")
+        commands = []
+        node = h.node(device, on_command=commands.append)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(1.0)
+        address = h.address_of(node)
+        del h.nodes[address]  # gone before the command arrives
+        self.assertTrue(self.successResultOf(h.endpoint.send_command(device.device_number,
+                                                                     "reboot")))
+        h.run(61.0, dt=0.5)
+        self.assertFalse(h.registry.device("dev").online)
+        self.assertIsNone(h.endpoint.entry_of(device.device_number))
+        self.assertEqual(len(h.endpoint.scheduler), 0)
+        self.assertEqual(commands, [])
+        h.nodes[address] = node
+        node.report({"v": 2}, h.clock.seconds())
+        h.run(3.0)
+        self.assertEqual(h.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(commands, ["reboot"])
+        self.assertTrue(node.idle())
+        h.run(30.0, dt=0.1)
+        self.assertEqual(commands, ["reboot"])
+
+
 class RestartTests(SynchronousTestCase):
     """wire.md 7 on a fake link: a new endpoint over the same store resumes sessions."""
 
@@ -507,6 +535,38 @@ class ParkingTests(SynchronousTestCase):
         self.assertIs(self.entry(), parked)
         self.assertEqual(self.h.transport.written, [])
         self.assertEqual(self.h.endpoint.drops["auth_failed"], 1)
+
+    def test_spoofed_flood_at_a_parked_session_does_not_rebuild_it(self):
+        """Forgeries and replays from the parked session's own address are refused
+        before the session is rebuilt or a cipher cached; the device is still answered."""
+        parked = self.entry()
+        address = self.h.address_of(self.node)
+        captured = []
+        receive = self.h.endpoint.datagramReceived
+        self.h.endpoint.datagramReceived = lambda data, addr: (captured.append(data),
+                                                              receive(data, addr))
+        self.node.report({"v": 2}, self.h.clock.seconds())
+        self.h.run(2.0)
+        del self.h.endpoint.datagramReceived
+        parked = self.entry()
+        self.assertIsInstance(parked, Parked)
+        woken = []
+        wake = self.h.endpoint.table.wake
+        self.h.endpoint.table.wake = lambda *args: woken.append(args) or wake(*args)
+        header = build_header(self.device.device_number, self.node.session_id)
+        for _ in range(100):
+            self.h.endpoint.datagramReceived(header + os.urandom(70), address)
+            self.h.endpoint.datagramReceived(captured[0], address)
+        self.assertEqual(woken, [])
+        self.assertIs(self.entry(), parked)
+        self.assertEqual(len(self.h.endpoint._ciphers), 0)
+        self.assertEqual(self.h.endpoint.drops["auth_failed"], 100)
+        self.assertEqual(self.h.endpoint.drops["replay"], 100)
+        self.assertEqual(self.h.transport.written, [])
+        acked = self.node.acknowledged
+        self.h.run(26.0, dt=0.05)   # the device's next heartbeat is answered
+        self.assertGreater(self.node.acknowledged, acked)
+        self.assertEqual(len(woken), 1)
 
     def test_parked_device_goes_offline_and_is_evicted(self):
         """A parked device silent for offline_after goes offline and leaves memory; it resumes later."""

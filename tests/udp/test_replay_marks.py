@@ -2,9 +2,13 @@
 datagram replayed once the session left memory (evicted, or the broker
 restarted) neither resumes the session nor points it at the replayer."""
 
+import os
+
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.registry.errors import StoreError
+from broker.ssp.framing import build_header
 
 from .helpers import Harness
 
@@ -97,3 +101,54 @@ class ReplayMarkTests(SynchronousTestCase):
         self.assertEqual(len(h2.endpoint), 0)
         self.assertEqual(h2.transport.written, [])
         self.flushLoggedErrors()
+
+    def test_unreadable_record_of_a_parked_session_is_no_crash_and_no_log_flood(self):
+        """Datagrams naming a parked session whose record cannot be read are dropped,
+        never an internal error: forgeries unlogged, the device's own (``bad_record``)
+        with at most one error line a second, and nothing is sent."""
+        self.assertEqual(type(self.h.endpoint.entry_of(self.device.device_number)).__name__,
+                         "Parked")
+
+        def damaged(number):
+            raise StoreError("damaged session record")
+        self.h.registry.session_record = damaged
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        header = build_header(self.device.device_number, self.node.session_id)
+        for i in range(100):
+            self.h.endpoint.datagramReceived(header + os.urandom(60), ("127.0.0.66", 6000 + i))
+        self.assertEqual([e for e in logged if e["log_level"] >= LogLevel.info], [])
+        self.node.report({"v": 3}, self.h.clock.seconds())
+        self.h.run(3.0)
+        drops = self.h.endpoint.drops
+        self.assertEqual(drops["internal_error"], 0)
+        self.assertGreater(drops["bad_record"], 3)
+        self.assertIsNone(self.h.endpoint.entry_of(self.device.device_number))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        errors = [e for e in logged if e["log_level"] >= LogLevel.info]
+        self.assertGreater(len(errors), 0)
+        self.assertLessEqual(len(errors), 3)
+        self.assertEqual(self.h.transport.written, [])
+
+    def test_replay_after_a_clean_stop_is_dropped(self):
+        """A clean stop writes every session's mark: a heartbeat sent after the last
+        report, replayed after the restart, neither resumes the session nor gets a reply."""
+        seen = []
+        receive = self.h.endpoint.datagramReceived
+        self.h.endpoint.datagramReceived = lambda data, addr: (seen.append(data),
+                                                              receive(data, addr))
+        self.h.run(30.0, dt=0.05)   # a heartbeat, newer than the last report's mark
+        del self.h.endpoint.datagramReceived
+        self.assertTrue(seen)
+        h2 = self.h.restart()
+        h2.endpoint.datagramReceived(seen[-1], ATTACKER)
+        self.assertEqual(h2.endpoint.drops["replay"], 1)
+        self.assertIsNone(h2.endpoint.entry_of(self.device.device_number))
+        self.assertEqual(h2.transport.written, [])
+        h2.nodes = self.h.nodes
+        self.node.report({"v": 3}, h2.clock.seconds())
+        h2.run(2.0)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 3})
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assertTrue(self.node.idle())

@@ -15,11 +15,17 @@ class FakeTable:
         self.rtt_samples = []
 
 
+class FakeBridge:
+    def __init__(self):
+        self.refused = Counter()
+
+
 class FakeEndpoint:
     def __init__(self):
         self.counters = Counter()
         self.drops = Counter()
         self.table = FakeTable()
+        self.bridge = FakeBridge()
 
     def __len__(self):
         return 7
@@ -34,13 +40,16 @@ class EndpointMetricsTests(SynchronousTestCase):
         copier = EndpointMetrics(endpoint, metrics)
         endpoint.counters.update(datagrams_in=5, datagrams_out=3, sessions_started=2)
         endpoint.drops["auth_failed"] = 4
+        endpoint.bridge.refused["invalid_key"] = 1
         copier.update(lambda: 11)
         endpoint.counters["datagrams_in"] += 2
+        endpoint.bridge.refused["invalid_key"] += 1
         copier.update(lambda: 12)
         text = metrics.render().decode()
         self.assertIn("broker_ssp_datagrams_received_total 7.0", text)
         self.assertIn("broker_ssp_datagrams_sent_total 3.0", text)
         self.assertIn('broker_ssp_datagrams_dropped_total{reason="auth_failed"} 4.0', text)
+        self.assertIn('broker_ssp_reports_refused_total{code="invalid_key"} 2.0', text)
         self.assertIn("broker_ssp_sessions 7.0", text)
         self.assertIn("broker_udp_kernel_receive_buffer_errors 12.0", text)
 
