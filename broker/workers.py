@@ -13,6 +13,9 @@ group and move other workers' devices); datagrams wait in its buffer until
 the restarted worker adopts the same socket and resumes the sessions from
 their records in the shared registry (Redis).
 
+A worker stops when its supervisor is gone (SupervisorPipe): orphans
+would keep their sockets in the group, ahead of a new supervisor's.
+
 HTTP: each worker listens on the HTTP port with its own SO_REUSEPORT
 socket, so the kernel spreads connections over the live workers; requests
 need no steering because all state is in the shared registry.
@@ -25,12 +28,13 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 
 from twisted.application.service import MultiService
-from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet import defer, error, fdesc, protocol
+from twisted.internet.interfaces import IReadDescriptor, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -44,6 +48,9 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 #: seconds before a crashed worker is started again (doubling up to the max).
 RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 10.0
+#: seconds a worker must have run for its next crash to count as a first one
+#: again (restart after RESTART_DELAY, not after the last, longer delay).
+STABLE_AFTER = 60.0
 #: seconds between the status lines a worker writes to its supervisor.
 STATUS_INTERVAL = 1.0
 #: the inherited descriptors of a worker.
@@ -170,11 +177,14 @@ class ReusePortEndpoint:
 class _Worker(protocol.ProcessProtocol):
     """One worker process as the supervisor sees it: its status lines and its exit."""
 
-    def __init__(self, supervisor, index):
+    def __init__(self, supervisor, index, started):
         self.supervisor = supervisor
         self.index = index
+        self.started = started
         self.status = {}
         self.ended = defer.Deferred()
+        #: why it ended (ProcessDone: exit status 0), once it has.
+        self.reason = None
         self._buffer = b""
 
     def childDataReceived(self, fd, data):
@@ -190,6 +200,7 @@ class _Worker(protocol.ProcessProtocol):
             self.supervisor.status_changed(self)
 
     def processEnded(self, reason):
+        self.reason = reason.value
         self.supervisor.worker_ended(self, reason.value)
         self.ended.callback(None)
 
@@ -212,6 +223,7 @@ class SupervisorService(MultiService):
         self.processes = {}
         self.restarts = 0
         self._delay = {}
+        self._restarting = {}    # index -> the pending restart call
         self._stopping = False
         host, port, _ = parse_tcp_endpoint(config.http.endpoint)
         try:
@@ -231,6 +243,7 @@ class SupervisorService(MultiService):
 
     #: twistd's log observer (set by broker.tap), handed to the Application.
     log_observer = None
+    stable_after = STABLE_AFTER
 
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
@@ -245,7 +258,7 @@ class SupervisorService(MultiService):
             self._spawn(index)
 
     def _spawn(self, index):
-        worker = _Worker(self, index)
+        worker = _Worker(self, index, self.reactor.seconds())
         args = [sys.executable, "-m", "broker.workers", "--index", str(index),
                 "--http-port", str(self.http_port)]
         if self.config_path:
@@ -269,14 +282,18 @@ class SupervisorService(MultiService):
             return
         if self._stopping:
             return
+        if self.reactor.seconds() - worker.started >= self.stable_after:
+            self._delay.pop(worker.index, None)
         delay = self._delay.get(worker.index, RESTART_DELAY)
         self._delay[worker.index] = min(RESTART_DELAY_MAX, delay * 2)
         self.restarts += 1
         log.error("worker {index} exited ({reason}); restarting it in {delay} s",
                   index=worker.index, reason=str(reason), delay=delay)
-        self.reactor.callLater(delay, self._restart, worker.index)
+        self._restarting[worker.index] = self.reactor.callLater(delay, self._restart,
+                                                                worker.index)
 
     def _restart(self, index):
+        del self._restarting[index]
         if not self._stopping:
             self._spawn(index)
 
@@ -295,6 +312,9 @@ class SupervisorService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self._stopping = True
+        for call in self._restarting.values():
+            call.cancel()
+        self._restarting.clear()
         yield super().stopService()
         ends = [w.ended for w in self.workers.values() if not w.ended.called]
         for index in list(self.processes):
@@ -314,6 +334,53 @@ class SupervisorService(MultiService):
 
 
 # -- a worker process -------------------------------------------------------------
+
+
+@implementer(IReadDescriptor)
+class SupervisorPipe:
+    """A worker's stdin: a pipe whose other end only the supervisor holds.
+
+    It reaches end-of-file when the supervisor dies, also by SIGKILL, and the
+    worker then stops gracefully: an orphaned worker would keep serving its
+    socket of the reuseport group, and a new supervisor's sockets would join
+    that group behind the orphans' (the steering program picks among the
+    first N), so the new workers would get no datagrams."""
+
+    def __init__(self, reactor, fd=0):
+        self.reactor = reactor
+        self.fd = fd
+        self.stopping = False
+        fdesc.setNonBlocking(fd)
+        reactor.addSystemEventTrigger("before", "shutdown", setattr, self, "stopping", True)
+
+    def fileno(self):
+        return self.fd
+
+    def logPrefix(self):
+        return "supervisor-pipe"
+
+    def doRead(self):
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return error.ConnectionLost()
+        return None if data else error.ConnectionDone()
+
+    def connectionLost(self, reason):
+        # End of the pipe or a hang-up (epoll reports one without a read), not
+        # the reactor dropping its readers as it stops.
+        if not self.stopping:
+            log.warn("the supervisor is gone: stopping this worker")
+            self.reactor.stop()
+
+
+def watch_supervisor(reactor, fd=0):
+    """Stop the reactor when the supervisor's pipe on ``fd`` closes (a no-op
+    when ``fd`` is not a pipe: a worker started by hand)."""
+    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+        reactor.addReader(SupervisorPipe(reactor, fd))
 
 
 def _status_writer(service, index, stream):
@@ -365,6 +432,7 @@ def worker_main(argv=None):
     write = _status_writer(service, args.index, status)
 
     def started():
+        watch_supervisor(reactor)
         service.startService()
         loop = LoopingCall(write)
         loop.start(STATUS_INTERVAL, now=False)

@@ -27,13 +27,21 @@ class RedisOptions:
     wait_replicas: int = 0
     wait_timeout: float = 1.0
     stream_length: int = 100_000
+    #: seconds to connect, and to wait for a reply (more than the change
+    #: stream reader's block, redis_follow.READ_BLOCK).
     timeout: float = 5.0
 
 
 def _client_options(options):
     """redis-py keyword arguments for ``options``: timeouts, ACL user,
-    password (read from its file, never from the settings) and TLS."""
-    kwargs = {"socket_timeout": None, "socket_connect_timeout": options.timeout,
+    password (read from its file, never from the settings) and TLS.
+
+    Every reply has a deadline (``timeout``, plus ``WAIT``'s when replicas are
+    awaited): without one, a Redis that stops answering without closing the
+    connection (a hung host, a partition) would leave every write waiting
+    forever instead of failing with StoreError."""
+    deadline = options.timeout + (options.wait_timeout if options.wait_replicas else 0.0)
+    kwargs = {"socket_timeout": deadline, "socket_connect_timeout": options.timeout,
               "health_check_interval": 30}
     if options.username:
         kwargs["username"] = options.username
@@ -63,9 +71,15 @@ class Connector:
         self.tag = "{" + options.key_prefix + "}"
         kwargs = _client_options(options)
         if options.cluster:
+            # Its node clients never re-send a command (redis-py sets that).
             from redis.cluster import RedisCluster
             self._cluster = RedisCluster.from_url(options.url, **kwargs)
         else:
+            # Never re-send a command whose connection dropped: Redis may have
+            # run it (a change script would run twice). The caller fails instead.
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+            kwargs["retry"] = Retry(NoBackoff(), 0)
             self._cluster = None
             self._kwargs = kwargs
             self._redis = redis
@@ -83,6 +97,12 @@ class Connector:
                 connection_class=pool.connection_class, **pool.connection_kwargs))
         self._clients.append(client)
         return client
+
+    def discard(self, client):
+        """Close a client given by ``client()`` that its thread replaces."""
+        if client in self._clients:
+            self._clients.remove(client)
+        client.close()
 
     def refresh(self):
         if self._cluster is not None:

@@ -5,6 +5,13 @@ subscription on the command channel) so the reactor never does, and hands
 what arrives to the reactor thread with ``callFromThread``. Stream entries
 are parsed here, off the reactor: every process reads every process's
 changes. After an error they reconnect, pausing longer each time.
+
+Every cursor is one stream entry (ids ``<cursor>-<n>``), so an entry whose
+cursor is more than one above the last one read means entries were
+trimmed (MAXLEN) before this process read them: it was cut off from Redis
+for longer than the stream holds. The follower then reads the registry
+again (the snapshot ``load(client)`` gives) and hands it over as an entry
+``("g", loaded)`` before the ones after the gap.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ class ChangeFollower:
 
     log = Logger()
 
-    def __init__(self, connector, key_feed, *, reactor, stop):
+    def __init__(self, connector, key_feed, *, reactor, stop, load=None):
         self._connector = connector
         self._key_feed = key_feed
         self._reactor = reactor
         self._stop = stop
+        self._load = load
 
     def start(self, after, deliver):
         """Start the thread calling ``deliver(entries)`` on the reactor thread
@@ -45,6 +53,7 @@ class ChangeFollower:
         import redis
         client = self._connector.client()
         last = after
+        seen = _cursor(after)
         pause = 0.05
         while not self._stop.is_set():
             try:
@@ -55,7 +64,8 @@ class ChangeFollower:
                 self.log.warn("reading the Redis change stream failed: {error}", error=str(e))
                 try:
                     self._connector.refresh()
-                    client = self._connector.client()
+                    client, old = self._connector.client(), client
+                    self._connector.discard(old)
                 except (redis.RedisError, OSError):
                     pass
                 self._stop.wait(pause)
@@ -64,16 +74,56 @@ class ChangeFollower:
             if not found:
                 continue
             raw = found[0][1]
-            last = raw[-1][0]
-            entries = []
-            for entry_id, fields in raw:
-                try:
-                    entries.append(decode_entry(fields))
-                except (StoreError, KeyError, ValueError) as e:
-                    self.log.error("damaged change-stream entry {id}: {error}",
-                                   id=entry_id, error=str(e))
-            self._reactor.callFromThread(deliver, entries)
+            try:
+                entries, top = self._entries(client, raw, seen)
+            except (redis.RedisError, OSError, StoreError) as e:
+                # Read the same entries again after the pause.
+                self.log.warn("reading the registry after a change-stream gap failed: "
+                              "{error}", error=str(e))
+                self._stop.wait(pause)
+                pause = min(2.0, pause * 2)
+                continue
+            last, seen = raw[-1][0], top
+            # One batch at a time: while the reactor is busy, entries wait in
+            # Redis, not in this process's memory.
+            taken = threading.Event()
+            self._reactor.callFromThread(_hand_over, deliver, entries, taken)
+            while not taken.wait(READ_BLOCK) and not self._stop.is_set():
+                pass
         client.close()
+
+    def _entries(self, client, raw, seen):
+        """The decoded entries of ``raw`` (a snapshot first where cursors are
+        missing), and the highest cursor among them."""
+        entries = []
+        for entry_id, fields in raw:
+            cursor = _cursor(entry_id)
+            if cursor > seen + 1 and self._load is not None:
+                self.log.warn("change-stream entries after cursor {seen} were trimmed "
+                              "before this process read them: reading the registry again",
+                              seen=seen)
+                entries.append(("g", self._load(client)))
+            seen = max(seen, cursor)
+            try:
+                entries.append(decode_entry(fields))
+            except (StoreError, KeyError, ValueError) as e:
+                self.log.error("damaged change-stream entry {id}: {error}",
+                               id=entry_id, error=str(e))
+        return entries, seen
+
+
+def _hand_over(deliver, entries, taken):
+    try:
+        deliver(entries)
+    finally:
+        taken.set()
+
+
+def _cursor(entry_id):
+    """The cursor part of a stream entry id (bytes or str ``<cursor>-<n>``)."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    return int(entry_id.split("-", 1)[0])
 
 
 class CommandListener:
@@ -98,11 +148,14 @@ class CommandListener:
     def _loop(self, deliver):
         import redis
         pause = 0.05
-        pubsub = None
+        pubsub = client = None
         while not self._stop.is_set():
             try:
                 if pubsub is None:
-                    pubsub = self._connector.client().pubsub(ignore_subscribe_messages=True)
+                    if client is not None:
+                        self._connector.discard(client)
+                    client = self._connector.client()
+                    pubsub = client.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(self._channel)
                 message = pubsub.get_message(timeout=READ_BLOCK)
                 pause = 0.05

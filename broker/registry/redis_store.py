@@ -201,9 +201,19 @@ class RedisStore(RedisKeys, Store):
     def follow(self, after, deliver):
         """Call ``deliver(entries)`` on the reactor thread with every stream
         entry after id ``after`` (parsed in the reader thread; states and
-        records stay raw, see ``redis_layout.decode_entry``)."""
+        records stay raw, see ``redis_layout.decode_entry``); after entries
+        trimmed unread, ``("g", Loaded)`` first (redis_follow.py)."""
         self._reader = ChangeFollower(self._connector, self.key_feed, reactor=self._reactor,
-                                      stop=self._stop_reading).start(after, deliver)
+                                      stop=self._stop_reading, load=self._snapshot
+                                      ).start(after, deliver)
+
+    def _snapshot(self, client):
+        """Everything in Redis now (the reader thread, after a stream gap)."""
+        start = self.feed_start
+        try:
+            return self._load(client)
+        finally:
+            self.feed_start = start
 
     def listen_commands(self, deliver):
         """Call ``deliver(payload)`` on the reactor thread with every message

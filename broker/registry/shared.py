@@ -40,10 +40,7 @@ from .shared_stream import ChangeStream, OrderedFeed, lazy_device_type
 from .shared_writes import SharedWrites
 from .values import thaw
 
-__all__ = ["OrderedFeed", "SharedRegistry", "TOP_FRESH", "open_shared_registry"]
-
-#: seconds a learned top of the Redis sequence counts as fresh (future cursors).
-TOP_FRESH = 1.0
+__all__ = ["OrderedFeed", "SharedRegistry", "open_shared_registry"]
 
 
 class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvisioning,
@@ -67,7 +64,7 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._flush_call = None
         self._waiters = deque()    # (cursor, Deferred, result), cursors ascending
         self._top = 0
-        self._top_at = float("-inf")
+        self._top_checked = 0      # Redis's top was read after cursors up to this came
         self._following = False
         self._pending = {}         # number -> [raw state, version, cursor, old state]
         self._own_states = {}      # (number, version) -> state sent, until the stream brings it
@@ -187,19 +184,23 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
 
     def changes_since(self, cursor, limit=1000):
         """As DeviceRegistry.changes_since; a cursor another process handed out
-        that this replica has not reached yet waits (empty batch) instead of a reset."""
-        if cursor > self.cursor:
-            fresh = self._clock.seconds() - self._top_at <= TOP_FRESH
-            if cursor <= self._top or not fresh:
-                if cursor > self._top:
-                    self._refresh_top()
-                return ChangeBatch([], cursor, False, False)
+        that this replica has not reached yet waits (empty batch) instead of a reset.
+
+        Such a cursor is beyond the top of the sequence this process knows; it
+        asks Redis for the top, and only a cursor still beyond the top Redis
+        gave after the cursor came here (Redis lost data) gets the reset. A
+        top read earlier proves nothing: the other process may have handed
+        the cursor out since."""
+        if cursor > self.cursor and (cursor <= self._top or cursor > self._top_checked):
+            if cursor > self._top:
+                self._refresh_top(cursor)
+            return ChangeBatch([], cursor, False, False)
         return super().changes_since(cursor, limit)
 
-    def _refresh_top(self):
+    def _refresh_top(self, cursor):
         def learned(top):
             self._top = max(self._top, top)
-            self._top_at = self._clock.seconds()
+            self._top_checked = max(self._top_checked, cursor)
         self._store.top().addCallbacks(learned, lambda failure: None)
 
 

@@ -130,6 +130,8 @@ class ChangeStream:
                 elif kind == "t":
                     if entry[1] != self.origin:
                         self.reload()
+                elif kind == "g":
+                    self._resync(entry[1])
             except (errors.RegistryError, ValueError, TypeError):
                 self.log.failure("applying a change-stream entry failed: {kind}", kind=kind)
         self._top = max(self._top, self.cursor)
@@ -137,6 +139,45 @@ class ChangeStream:
         while waiters and waiters[0][0] <= self.cursor:
             _, d, result = waiters.popleft()
             d.callback(result)
+
+    def _resync(self, loaded):
+        """Catch up with the registry as Redis holds it (``loaded``), after
+        stream entries were trimmed before this process read them: each device
+        Redis has newer is applied (observers hear it), new ones are added,
+        removed ones removed; later entries of the stream apply as usual."""
+        self.counters["stream_resync"] += 1
+        self.log.warn("caught up with Redis after a change-stream gap: {count} devices",
+                      count=len(loaded.devices))
+        rows = {row.number: row for row in loaded.devices}
+        tombs = {number: (cursor, version) for cursor, _, number, version in loaded.tombstones}
+        for number, dev in list(self._by_number.items()):
+            if number not in rows or rows[number].name != dev.name:
+                cursor, version = tombs.get(number, (loaded.sequence, dev.version + 1))
+                self._apply_remove(number, version, cursor, dev.name)
+        records = dict(loaded.sessions)
+        for row in loaded.devices:
+            dev = self._by_number.get(row.number)
+            if dev is None:
+                self._apply_add(row.number, row.version, row.cursor, row.name, row.secret,
+                                row.state)
+                dev = self._by_number.get(row.number)
+                if dev is not None and row.number in records:
+                    dev.session = records[row.number]
+                continue
+            if row.version > dev.version:
+                self._materialize(dev)
+                self._apply_decoded(dev, row.version, row.cursor, row.state, ())
+            if row.number in records and row.number not in self._held:
+                # Also a record written alone (no new version): a session that
+                # lands here must start above its sequence-number reservation.
+                dev.session = records[row.number]
+            if dev.secret != row.secret:
+                dev.secret = row.secret
+                self._keys_changed(row.number)
+        # States this process sent whose entries were trimmed never come back.
+        self._own_states = {key: state for key, state in self._own_states.items()
+                            if key[0] in rows and key[1] > rows[key[0]].version}
+        self._advance(loaded.sequence)
 
     def _apply_record(self, number, record, origin):
         dev = self._by_number.get(number)

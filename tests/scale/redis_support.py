@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import select
 import subprocess
+import threading
 import time
 
 from twisted.trial.unittest import SkipTest
@@ -53,6 +55,11 @@ def _wait_ping(port, process, timeout=10.0):
 
 def start_server(testcase, *extra, bus=False):
     """Start one redis-server; returns its port. Stopped (killed) at cleanup."""
+    return start_server_process(testcase, *extra, bus=bus)[0]
+
+
+def start_server_process(testcase, *extra, bus=False):
+    """As start_server; returns ``(port, process)`` (tests that pause the server)."""
     require_redis()
     port = free_port(bus)
     directory = os.path.abspath(testcase.mktemp())
@@ -69,7 +76,7 @@ def start_server(testcase, *extra, bus=False):
         process.wait(10)
     testcase.addCleanup(stop)
     _wait_ping(port, process)
-    return port
+    return port, process
 
 
 def start_single(testcase):
@@ -99,3 +106,82 @@ def start_cluster(testcase, nodes=3):
         finally:
             client.close()
     return f"redis://127.0.0.1:{ports[0]}/0", ports
+
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback in front of a test's Redis server that can lose
+    a connection after Redis ran a command and before its reply reached the
+    client: what a connection dropped mid-command looks like to a client.
+
+    It runs in its own thread: the registry loads synchronously on the
+    reactor thread, through the proxy."""
+
+    def __init__(self, testcase, redis_port):
+        self.redis_port = redis_port
+        self.marker = None
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+        testcase.addCleanup(self.close)
+
+    def cut_reply(self, marker):
+        """Lose the connection carrying the next reply that contains ``marker``."""
+        with self._lock:
+            self.marker = marker
+
+    def hold(self):
+        """Forward nothing (either way) until ``release()``: a partition. Returns
+        once data in flight (a pump's last turn, 0.1 s at most) is through."""
+        self._flowing.clear()
+        time.sleep(0.3)
+
+    def release(self):
+        self._flowing.set()
+
+    def close(self):
+        self._stop.set()
+        self._flowing.set()
+        for thread in self._threads:
+            thread.join(5)
+        self._listener.close()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            server = socket.create_connection(("127.0.0.1", self.redis_port))
+            thread = threading.Thread(target=self._pump, args=(client, server), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _pump(self, client, server):
+        with client, server:
+            while not self._stop.is_set():
+                if not self._flowing.wait(0.1):
+                    continue
+                ready, _, _ = select.select([client, server], [], [], 0.1)
+                for source in ready:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    if source is server:
+                        with self._lock:
+                            cut = self.marker is not None and self.marker in data
+                            if cut:
+                                self.marker = None
+                                self.cuts += 1
+                        if cut:
+                            return
+                        client.sendall(data)
+                    else:
+                        server.sendall(data)

@@ -6,7 +6,7 @@ import select
 import socket
 import struct
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from broker.config import ConfigError
 from broker import workers as workers_module
@@ -21,12 +21,15 @@ def datagram(number, session_id=1):
 class SteeringTests(TestCase):
     """SO_ATTACH_REUSEPORT_CBPF steering on loopback."""
 
+    host = "127.0.0.1"
+    family = socket.AF_INET
+
     def setUp(self):
-        self.workers = steered_udp_sockets("127.0.0.1", 0, 2)
+        self.workers = steered_udp_sockets(self.host, 0, 2)
         self.port = self.workers[0].getsockname()[1]
-        self.clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+        self.clients = [socket.socket(self.family, socket.SOCK_DGRAM) for _ in range(4)]
         for client in self.clients:
-            client.bind(("127.0.0.1", 0))
+            client.bind((self.host, 0))
         for sock in self.workers + self.clients:
             self.addCleanup(sock.close)
 
@@ -51,7 +54,7 @@ class SteeringTests(TestCase):
             chunk = numbers[start:start + 100]
             for i, number in enumerate(chunk):
                 client = self.clients[(start + i + rotation) % len(self.clients)]
-                client.sendto(datagram(number, session_id=rotation + 1), ("127.0.0.1", self.port))
+                client.sendto(datagram(number, session_id=rotation + 1), (self.host, self.port))
             self.drain(seen, len(chunk))
 
     def test_every_device_reaches_one_worker_also_after_roaming(self):
@@ -69,7 +72,7 @@ class SteeringTests(TestCase):
 
     def test_short_datagram_goes_to_worker_zero(self):
         """A datagram too short for a device number is steered to worker 0 (which drops it)."""
-        self.clients[0].sendto(b"\x01\x02", ("127.0.0.1", self.port))
+        self.clients[0].sendto(b"\x01\x02", (self.host, self.port))
         seen = {}
         self.drain(seen, 1)
         self.assertEqual(seen["short"], {0})
@@ -78,6 +81,22 @@ class SteeringTests(TestCase):
         """The BPF program divides by the worker count it was built for."""
         self.assertEqual(steering_program(3)[4][3], 3)
         self.assertEqual(worker_of((5 << 32) | 6, 3), (5 ^ 6) % 3)
+
+
+class SteeringIPv6Tests(SteeringTests):
+    """The same steering on ::1: the program's offsets count from the UDP
+    payload whatever the IP header's length."""
+
+    host = "::1"
+    family = socket.AF_INET6
+
+    def setUp(self):
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+                probe.bind(("::1", 0))
+        except OSError as problem:
+            raise SkipTest(f"no IPv6 loopback here: {problem}") from None
+        super().setUp()
 
 
 class SteeringFallbackTests(TestCase):

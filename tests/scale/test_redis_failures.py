@@ -1,0 +1,285 @@
+"""A SharedRegistry when Redis misbehaves (real redis-server on loopback): a
+connection dropped mid-command, a server that stops answering, connections
+killed, change-stream entries trimmed before a cut-off process read them,
+and a reactor too busy to take what the stream reader read."""
+
+import os
+import signal
+import subprocess
+import time
+
+import cbor2
+import redis
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+
+from broker.registry import SessionRecord, errors
+from broker.registry.redis_admin import RedisAdmin
+from broker.registry.redis_connection import RedisOptions
+from broker.registry.shared import open_shared_registry
+
+from .redis_support import CuttingProxy, start_server_process
+from .support import wait_until
+
+#: how a change script's reply starts on the wire: ``{'ok', first, version}``.
+OK_REPLY = b"$2\r\nok\r\n"
+
+
+class RedisFailureTests(TestCase):
+    """Writes whose outcome Redis did not confirm fail, none is run twice, and
+    every process's replica ends up as Redis holds the registry."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.redis_port, self.redis_process = start_server_process(self)
+        self.direct = redis.Redis(host="127.0.0.1", port=self.redis_port)
+        self.addCleanup(self.direct.close)
+
+    def open_registry(self, port, **options):
+        registry = open_shared_registry(
+            RedisOptions(url=f"redis://127.0.0.1:{port}/0", **options),
+            reactor=reactor, lease_ttl=0)
+        registry.start()
+        self.addCleanup(registry.stop)
+        return registry
+
+    def state_entries(self, number):
+        return [fields for _, fields in self.direct.xrange("{ssp}:feed")
+                if fields[b"t"] == b"s" and int(fields[b"n"]) == number]
+
+    @defer.inlineCallbacks
+    def test_connection_lost_after_a_change_fails_it_and_never_runs_it_twice(self):
+        """A connection lost after Redis ran a change script, before its reply arrived,
+        fails the write with StoreError and leaves exactly one change in Redis (a
+        client that re-sent it would get "stale" and apply the events a second time)."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port)
+        provisioned = yield registry.add_device("dev-1")
+        number = provisioned.device_number
+        proxy.cut_reply(OK_REPLY)
+        d = registry.update_reported("dev-1", {"t": 1}, events=["boot"])
+        yield self.assertFailure(d, errors.StoreError)
+        self.assertEqual(proxy.cuts, 1)
+        self.assertEqual(int(self.direct.hget(f"{{ssp}}:d:{number}", "v")), 2)
+        self.assertEqual(len(self.state_entries(number)), 1)
+        # The change Redis did make reaches the replica on the stream.
+        yield wait_until(self, lambda: registry.device("dev-1").version == 2,
+                         what="the change on the stream")
+        self.assertEqual(dict(registry.device("dev-1").reported), {"t": 1})
+        # And the registry writes again once the connection is back.
+        result = yield registry.update_reported("dev-1", {"t": 2})
+        self.assertEqual(result.version, 3)
+
+    @defer.inlineCallbacks
+    def test_connection_lost_after_a_conditional_write_is_no_version_conflict(self):
+        """A desired write with If-Match whose reply was lost fails with StoreError, not
+        with a VersionConflict against its own change (what a re-send answered)."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port)
+        yield registry.add_device("dev-2")
+        proxy.cut_reply(OK_REPLY)
+        d = registry.update_desired("dev-2", {"led": "on"}, expected_version=1)
+        failure = yield self.assertFailure(d, errors.RegistryError)
+        self.assertIsInstance(failure, errors.StoreError)
+        yield wait_until(self, lambda: registry.device("dev-2").version == 2,
+                         what="the change on the stream")
+
+    @defer.inlineCallbacks
+    def test_a_server_that_stops_answering_fails_writes_in_bounded_time(self):
+        """With redis-server stopped (SIGSTOP: a hung host or a partition), a write fails
+        with StoreError after the store's timeout instead of waiting forever; once the
+        server answers again, writes succeed."""
+        registry = self.open_registry(self.redis_port, timeout=1.0)
+        yield registry.add_device("dev-3")
+        os.kill(self.redis_process.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, self.redis_process.pid, signal.SIGCONT)
+        d = registry.update_reported("dev-3", {"t": 1})
+        outcome = []
+        d.addBoth(outcome.append)
+        yield wait_until(self, lambda: outcome, timeout=10, what="the write to fail")
+        self.assertIsInstance(outcome[0].value, errors.StoreError)
+        os.kill(self.redis_process.pid, signal.SIGCONT)
+        result = yield registry.update_reported("dev-3", {"t": 2})
+        self.assertEqual(dict(registry.device("dev-3").reported), {"t": 2})
+        self.assertGreaterEqual(result.version, 2)
+
+    @defer.inlineCallbacks
+    def test_changes_trimmed_before_a_cut_off_process_read_them_are_caught_up(self):
+        """A process cut off from Redis while the change stream was trimmed past its
+        place catches up with the devices as Redis holds them (a report, a session
+        record, an add and a removal it never read) instead of keeping stale versions
+        and an old sequence-number reservation, and writes again."""
+        proxy = CuttingProxy(self, self.redis_port)
+        a = self.open_registry(self.redis_port)
+        b = self.open_registry(proxy.port, timeout=1.0)
+        for name in ("dev-m", "dev-r", "dev-k", "dev-s"):
+            yield a.add_device(name)
+        yield wait_until(self, lambda: b.cursor == a.cursor, what="B in step")
+        proxy.hold()
+        yield a.update_reported("dev-m", {"t": 1})
+        record = SessionRecord(session_id=5, acked_remote_num=2, seq_reservation=8192)
+        yield a.save_session(a.device("dev-s").device_number, record)
+        yield a.add_device("dev-n")
+        yield a.remove_device("dev-r")
+        self.direct.xtrim("{ssp}:feed", maxlen=0)   # exact: all B did not read is gone
+        yield a.update_reported("dev-k", {"t": 9})  # the fleet goes on writing
+        proxy.release()
+        yield wait_until(self, lambda: b.cursor == a.cursor, what="B caught up")
+        self.assertEqual(b.device("dev-m").version, 2)
+        self.assertEqual(dict(b.device("dev-m").reported), {"t": 1})
+        self.assertIsNotNone(b.device("dev-n"))
+        self.assertIsNone(b.device("dev-r"))
+        self.assertEqual(dict(b.device("dev-k").reported), {"t": 9})
+        self.assertEqual(b.session_record(b.device("dev-s").device_number), record)
+        self.assertEqual(b.counters["stream_resync"], 1)
+        d = b.update_reported("dev-m", {"t": 2})
+        outcome = []
+        d.addBoth(outcome.append)
+        yield wait_until(self, lambda: outcome, timeout=10, what="B's write")
+        self.assertEqual(outcome[0].version, 3)
+
+    @defer.inlineCallbacks
+    def test_reconnections_keep_one_client_per_thread(self):
+        """Connections the server closes again and again are replaced, not piled up:
+        the store keeps one client per thread, and commands are still relayed."""
+        registry = self.open_registry(self.redis_port)
+        relayed = []
+        registry.relay_to(lambda number, command: relayed.append(number) or True)
+        connector = registry._store._connector
+        for i in range(5):
+            self.direct.client_kill_filter(_type="normal", skipme=True)
+            self.direct.client_kill_filter(_type="pubsub", skipme=True)
+            yield registry.add_device(f"dev-{i}")   # fires once the reader read it again
+        self.assertLessEqual(len(connector._clients), 3)
+        yield wait_until(self, lambda: self.direct.pubsub_numsub("{ssp}:cmd")[0][1] == 1,
+                         what="the command listener subscribed again")
+        self.direct.publish("{ssp}:cmd", cbor2.dumps([7, "elsewhere", {"op": "x"}]))
+        yield wait_until(self, lambda: relayed == [7], what="the relayed command")
+
+    @defer.inlineCallbacks
+    def test_a_busy_reactor_holds_one_batch_of_stream_entries_in_memory(self):
+        """While the reactor is busy, the stream reader waits for it to take a batch
+        before it reads more: the entries waiting in memory are one batch, not
+        everything written meanwhile; all are applied once the reactor is free."""
+        registry = self.open_registry(self.redis_port)
+        admin = RedisAdmin.open(RedisOptions(url=f"redis://127.0.0.1:{self.redis_port}/0"))
+        self.addCleanup(admin.close)
+        yield registry.add_device("dev-0")
+        # The reactor is busy (this test, synchronously) while 40 devices are added.
+        for i in range(1, 41):
+            admin.add_device(f"dev-{i}")
+            time.sleep(0.01)
+        # (The hand-over of dev-0 is still listed: this test resumed inside it.)
+        deliver = registry._deliver
+        waiting = [call for call in reactor.threadCallQueue if call[0] == deliver
+                   or (deliver in call[1] and not call[1][2].is_set())]
+        self.assertLessEqual(len(waiting), 1)
+        yield wait_until(self, lambda: registry.device("dev-40") is not None,
+                         what="every device added")
+        self.assertTrue(all(registry.device(f"dev-{i}") for i in range(41)))
+
+    @defer.inlineCallbacks
+    def test_a_cursor_from_a_process_ahead_never_resets_on_a_lagging_one(self):
+        """A cursor another process handed out, beyond what a lagging process applied
+        and beyond the top of the sequence it learned a moment before, is answered
+        "nothing yet", not with a reset, and resumes there once it caught up; a cursor
+        Redis never handed out gets the reset once Redis was asked."""
+        proxy = CuttingProxy(self, self.redis_port)
+        a = self.open_registry(self.redis_port)
+        b = self.open_registry(proxy.port)
+        yield a.add_device("dev-c")
+        yield wait_until(self, lambda: b.cursor == a.cursor, what="B in step")
+        proxy.hold()
+        yield a.update_reported("dev-c", {"t": 1})
+        self.assertFalse(b.changes_since(a.cursor).reset)   # B asks Redis for its top
+        proxy.release()
+        yield wait_until(self, lambda: b.cursor == a.cursor, what="B caught up")
+        # Lagging again, within a second of learning the top.
+        proxy.hold()
+        yield a.update_reported("dev-c", {"t": 2})
+        cursor = a.cursor
+        batch = b.changes_since(cursor)
+        self.assertEqual((batch.devices, batch.reset, batch.cursor), ([], False, cursor))
+        proxy.release()
+        yield wait_until(self, lambda: b.cursor == cursor, what="B caught up again")
+        batch = b.changes_since(cursor - 1)
+        self.assertFalse(batch.reset)
+        self.assertEqual([(v.name, v.cursor) for v in batch.devices], [("dev-c", cursor)])
+        # Beyond anything Redis holds (it lost data): the reset, once Redis said so.
+        self.assertFalse(b.changes_since(cursor + 1000).reset)
+        yield wait_until(self, lambda: b.changes_since(cursor + 1000).reset,
+                         what="the reset of a cursor Redis never handed out")
+
+
+class RedisRestartTests(TestCase):
+    """Redis restarted (AOF with fsync on every write) under two running processes."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_processes_carry_on_after_redis_restarts(self):
+        """Writes acknowledged before Redis was killed are there after its restart;
+        writes while it is down fail with StoreError; afterwards the other process's
+        stream reader and command subscription are back: its observer hears a new
+        change and a relayed command reaches it."""
+        port, process = start_server_process(self, "--appendonly", "yes",
+                                             "--appendfsync", "always")
+        url = f"redis://127.0.0.1:{port}/0"
+        a = open_shared_registry(RedisOptions(url=url, timeout=1.0), reactor=reactor,
+                                 lease_ttl=0)
+        b = open_shared_registry(RedisOptions(url=url, timeout=1.0), reactor=reactor,
+                                 lease_ttl=0)
+        for registry in (a, b):
+            registry.start()
+            self.addCleanup(registry.stop)
+        relayed = []
+        b.relay_to(lambda number, command: relayed.append(number) or True)
+        yield a.add_device("dev-1")
+        acked = yield a.update_reported("dev-1", {"t": 1})
+
+        process.kill()
+        process.wait(10)
+        yield self.assertFailure(a.update_reported("dev-1", {"t": 2}), errors.StoreError)
+        with open(os.devnull, "wb") as sink:
+            again = subprocess.Popen(process.args, stdout=sink, stderr=subprocess.STDOUT)
+        self.addCleanup(again.wait, 10)
+        self.addCleanup(again.kill)
+        direct = redis.Redis(host="127.0.0.1", port=port)
+        self.addCleanup(direct.close)
+        yield wait_until(self, lambda: _answers(direct), what="Redis back")
+        self.assertEqual(int(direct.hget(f"{{ssp}}:d:{a.device('dev-1').device_number}", "v")),
+                         acked.version)
+
+        heard = []
+        b.subscribe(["dev-*"], heard.append)
+        result = yield _retry_store(lambda: a.update_reported("dev-1", {"t": 3}))
+        yield wait_until(self, lambda: [v for v in heard if v.version == result.version],
+                         what="B's observer after the restart")
+        self.assertEqual(dict(b.device("dev-1").reported), {"t": 3})
+        yield wait_until(self, lambda: direct.pubsub_numsub("{ssp}:cmd")[0][1] >= 1,
+                         what="B subscribed again")
+        heard_by = yield a.relay_command(7, {"op": "x"})
+        self.assertEqual(heard_by, 1)
+        yield wait_until(self, lambda: relayed == [7], what="the relayed command")
+
+
+def _answers(client):
+    try:
+        return client.ping()
+    except redis.RedisError:
+        return False
+
+
+@defer.inlineCallbacks
+def _retry_store(write, attempts=20):
+    """``write()``'s result, trying again (0.1 s apart) while it fails with StoreError:
+    the first write on a connection Redis closed by restarting fails."""
+    for _ in range(attempts - 1):
+        try:
+            result = yield write()
+            return result
+        except errors.StoreError:
+            yield task.deferLater(reactor, 0.1, lambda: None)
+    result = yield write()
+    return result
