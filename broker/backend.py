@@ -59,6 +59,7 @@ def redis_options(config: Config):
                         tls_key_file=section.redis_tls_key_file,
                         wait_replicas=section.redis_wait_replicas,
                         wait_timeout=section.redis_wait_timeout,
+                        timeout=section.redis_timeout,
                         stream_length=section.redis_stream_length)
 
 

@@ -181,6 +181,15 @@ class BadInputTests(SynchronousTestCase):
         config = parse_config({"registry": {"redis_key_prefix": "site-2"}})
         self.assertEqual(config.registry.redis_key_prefix, "site-2")
 
+    def test_redis_timeout_reaches_the_client_options(self):
+        """registry.redis_timeout is the Redis reply deadline; below half a second is refused."""
+        from broker.backend import redis_options
+        config = parse_config({"registry": {"backend": "redis", "redis_timeout": 2.5}})
+        self.assertEqual(redis_options(config).timeout, 2.5)
+        self.assertEqual(redis_options(parse_config({})).timeout, 5.0)
+        self.assertRefused({"registry": {"redis_timeout": 0.1}}, "registry.redis_timeout",
+                           "at least 0.5")
+
     def test_public_url_with_path_accepted(self):
         """A public_url with a path (behind a reverse proxy) is accepted as given."""
         url = "https://broker.example.com/iot/"
