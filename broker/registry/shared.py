@@ -11,8 +11,9 @@ process's changes, and ``expected_version`` is checked against Redis.
 
 A write's Deferred fires once Redis acknowledged it (durable in the sense
 docs/scaling.md states) AND this process applied it, so a read after a
-write sees it. The write path is in shared_writes.py, provisioning in
-shared_provisioning.py, the change stream in shared_stream.py.
+write sees it. The write path is in shared_writes.py (a failed call in
+shared_retry.py), provisioning in shared_provisioning.py, the change
+stream in shared_stream.py.
 
 Presence (shared_presence.py): each process holds a lease in Redis, and
 Redis records which process holds each online device, so the devices of a
@@ -68,6 +69,9 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._following = False
         self._pending = {}         # number -> [raw state, version, cursor, old state]
         self._own_states = {}      # (number, version) -> state sent, until the stream brings it
+        self._attempts = {}        # number -> Attempt: writes sent with states, or in doubt
+        self._retrying = {}        # numbers whose failed writes wait for RETRY_DELAY
+        self._retry_call = None    # None, a DelayedCall, or False once stopped
         self._lazy_type = lazy_device_type(self)
         self._relay_target = None  # deliver(number, command) for relayed commands
         self._token_changes = 0    # tokens added or revoked here (see reload)
@@ -109,6 +113,10 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         lease is left to expire: the survivors then mark offline what is held)."""
         if self.presence is not None:
             self.presence.stop()
+        if self._retry_call:
+            self._retry_call.cancel()
+        self._retry()           # failed writes get one more try
+        self._retry_call = False
         self._flush()
         try:
             yield self._store.barrier()

@@ -174,6 +174,11 @@ class ChangeStream:
             if dev.secret != row.secret:
                 dev.secret = row.secret
                 self._keys_changed(row.number)
+        # Writes in doubt whose stream entry was trimmed: the history decides.
+        for number, attempt in list(self._attempts.items()):
+            dev = self._by_number.get(number)
+            if dev is not None and attempt.applied is None and dev.version > attempt.base:
+                self._verdict(number, attempt, self._judged_by_history(dev, attempt))
         # States this process sent whose entries were trimmed never come back.
         self._own_states = {key: state for key, state in self._own_states.items()
                             if key[0] in rows and key[1] > rows[key[0]].version}
@@ -191,6 +196,10 @@ class ChangeStream:
     def _apply_state(self, number, version, cursor, blob, events, origin, flags):
         dev = self._by_number.get(number)
         self._advance(cursor)
+        attempt = self._attempts.get(number)
+        if attempt is not None and attempt.applied is None and version == attempt.base + 1:
+            # Who took the version after the base of writes this process sent.
+            self._verdict(number, attempt, origin == self.origin)
         # This process's own change: the state it sent is still here, no decoding.
         state = self._own_states.pop((number, version), None) if origin == self.origin else None
         if dev is None or version <= dev.version:
@@ -305,8 +314,10 @@ class ChangeStream:
         tomb = DeviceView.tombstone(name, number, version, cursor)
         self._feed.place(tomb, False)
         self._removed(tomb)
+        self._attempts.pop(number, None)
         for op in self._queues.pop(number, ()):
-            op.d.errback(errors.UnknownDevice(name, token=op.token))
+            if op.d is not None:
+                op.d.errback(errors.UnknownDevice(name, token=op.token))
 
     def _apply_secret(self, number, secret, origin):
         dev = self._by_number.get(number)

@@ -9,7 +9,8 @@ go together in the next one (one script, one round trip). A write's
 Deferred fires once the stream brought its cursor back to this process.
 A write with a condition on the device's holder (shared_presence.py) goes
 alone: Redis answers "moved" when another process holds the device, and
-the write is dropped without failing.
+the write is dropped without failing. A call that fails is in
+shared_retry.py: its writes are kept and sent again, never applied twice.
 """
 
 from collections import deque
@@ -21,12 +22,14 @@ from . import errors
 from .database import encode_state
 from .model import Device, UpdateResult
 from .redis_layout import encode_record
+from .shared_retry import Attempt, SharedRetries
 from .shared_stream import FLAG_CLAIM, FLAG_DESIRED
 from .values import FrozenMap
 
 
 class _Op:
-    """One queued write of a device."""
+    """One queued write of a device (``d`` is None once a failed call
+    answered it: the write is kept to be sent again, see _failed)."""
 
     __slots__ = ("kind", "patch", "events", "expected", "token", "record", "cond", "d",
                  "index", "error")
@@ -69,7 +72,7 @@ def _copy(dev):
     return scratch
 
 
-class SharedWrites:
+class SharedWrites(SharedRetries):
     """SharedRegistry's write half (a mixin: see shared.py)."""
 
     __slots__ = ()
@@ -153,8 +156,10 @@ class SharedWrites:
                 continue
             dev = self._by_number.get(number)
             if dev is None:
+                self._attempts.pop(number, None)
                 for op in self._queues.pop(number):
-                    op.d.errback(errors.UnknownDevice(number, token=op.token))
+                    if op.d is not None:
+                        op.d.errback(errors.UnknownDevice(number, token=op.token))
                 continue
             self._send(dev, self._queues[number])
 
@@ -164,14 +169,21 @@ class SharedWrites:
             self._schedule(number)
 
     def _send(self, dev, queue):
-        ops = []
-        while queue:
-            alone = queue[0].expected is not None or queue[0].cond is not None
-            if alone and ops:
-                break
-            ops.append(queue.popleft())
-            if alone:
-                break
+        attempt = self._attempts.get(dev.number)
+        ops = self._retry_ops(dev, queue, attempt) if attempt is not None else None
+        if ops is None:
+            if not queue:       # (a retry found already applied)
+                self._queues.pop(dev.number, None)
+                return
+            attempt = None
+            ops = []
+            while queue:
+                alone = queue[0].expected is not None or queue[0].cond is not None
+                if alone and ops:
+                    break
+                ops.append(queue.popleft())
+                if alone:
+                    break
         if not queue:
             del self._queues[dev.number]
         scratch = _copy(dev)
@@ -188,7 +200,9 @@ class SharedWrites:
                         flags = int(scratch.online) | (FLAG_DESIRED if op.kind == "desired" else
                                                        FLAG_CLAIM if op.kind == "claim" else 0)
                         state = scratch.state()
-                        self._own_states[(dev.number, scratch.version)] = state
+                        if attempt is None:
+                            # (A retry's states may come back as the failed call's.)
+                            self._own_states[(dev.number, scratch.version)] = state
                         states += (encode_state(state),
                                    cbor2.dumps(op.events) if op.events else b"", flags)
                 except errors.RegistryError as e:
@@ -197,6 +211,10 @@ class SharedWrites:
             self._settle(dev, ops, 0, None)
             self._mark_ready(dev.number)
             return
+        if states:
+            if attempt is None:
+                attempt = self._attempts[dev.number] = Attempt(dev.version, ops)
+            attempt.stamps.append(now)
         store = self._store
         args = [dev.version, "" if ops[0].expected is None else ops[0].expected, dev.number,
                 self.origin, store.options.stream_length, len(states) // 3, *states,
@@ -246,6 +264,12 @@ class SharedWrites:
         status, first, version = reply
         dev = self._by_number.get(number)
         name = dev.name if dev is not None else number
+        attempt = self._attempts.get(number)
+        if attempt is not None and (attempt.base != base or attempt.ops is not ops):
+            attempt = None
+        if attempt is not None and (status != "stale" or not attempt.failed):
+            del self._attempts[number]   # answered: this call was applied, or not at all
+            attempt = None
         if status == "ok":
             self._top = max(self._top, first + version - base - 1)
             if version > base and (ops[0].cond or " ")[0] == "=":
@@ -262,8 +286,9 @@ class SharedWrites:
             # Another process holds the device: this connection change no longer applies.
             self.counters["connection_moved"] += 1
             for op in ops:
-                op.d.callback(UpdateResult(name, dev.version if dev else version,
-                                           dev.cursor if dev else 0, op.token))
+                if op.d is not None:
+                    op.d.callback(UpdateResult(name, dev.version if dev else version,
+                                               dev.cursor if dev else 0, op.token))
             self._mark_ready(number)
             return
         if status == "stale":
@@ -272,12 +297,17 @@ class SharedWrites:
             for op in reversed(ops):
                 op.index = op.error = None
                 queue.appendleft(op)
+            if attempt is not None and attempt.applied is not None:
+                self._conclude(number, attempt)
+            # else still in doubt: the replica catching up brings version base + 1.
             if dev is not None and dev.version < version:
                 self._busy[number] = ("v", version)
             else:
                 self._mark_ready(number)
             return
         for op in ops:
+            if op.d is None:
+                continue
             if status == "conflict" and op.expected is not None:
                 self.counters["rejected_version_conflict"] += 1
                 op.d.errback(errors.VersionConflict(name, op.expected, version, token=op.token))
@@ -291,27 +321,21 @@ class SharedWrites:
             if op.index is not None:
                 self._own_states.pop((number, base + op.index + 1), None)
 
-    def _failed(self, failure, number, ops, base):
-        self._forget_own(number, ops, base)
-        for op in ops:
-            if op.kind == "claim":
-                self._held.discard(number)    # not claimed: the next refresh tries again
-            op.d.errback(failure)
-        self._mark_ready(number)
-
     def _settle(self, dev, ops, first, base):
         """Fire or park each op's Deferred once its change is applied here."""
         name = dev.name if dev is not None else None
         last = None
         for op in ops:
             if op.error is not None:
-                op.d.errback(op.error)
+                if op.d is not None:
+                    op.d.errback(op.error)
             elif op.index is not None:
                 cursor = first + op.index
                 last = (cursor, base + op.index + 1)
-                self._wait(cursor, op.d, UpdateResult(name, last[1], cursor, op.token))
+                if op.d is not None:
+                    self._wait(cursor, op.d, UpdateResult(name, last[1], cursor, op.token))
         for op in ops:
-            if op.error is None and op.index is None:
+            if op.d is not None and op.error is None and op.index is None:
                 if op.kind == "session":
                     result = op.record
                 elif last is not None:

@@ -112,7 +112,8 @@ def start_cluster(testcase, nodes=3):
 class CuttingProxy:
     """A TCP proxy on loopback in front of a test's Redis server that can lose
     a connection after Redis ran a command and before its reply reached the
-    client: what a connection dropped mid-command looks like to a client.
+    client, or before the command reached Redis: the two ways a connection
+    dropped mid-command looks the same to a client.
 
     It runs in its own thread: the registry loads synchronously on the
     reactor thread, through the proxy."""
@@ -120,6 +121,7 @@ class CuttingProxy:
     def __init__(self, testcase, redis_port):
         self.redis_port = redis_port
         self.marker = None
+        self.request_marker = None
         self.cuts = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -136,6 +138,12 @@ class CuttingProxy:
         """Lose the connection carrying the next reply that contains ``marker``."""
         with self._lock:
             self.marker = marker
+
+    def cut_request(self, marker):
+        """Lose the connection carrying the next command that contains ``marker``,
+        before Redis got it."""
+        with self._lock:
+            self.request_marker = marker
 
     def hold(self):
         """Forward nothing (either way) until ``release()``: a partition. Returns
@@ -184,4 +192,12 @@ class CuttingProxy:
                             return
                         client.sendall(data)
                     else:
+                        with self._lock:
+                            cut = (self.request_marker is not None
+                                   and self.request_marker in data)
+                            if cut:
+                                self.request_marker = None
+                                self.cuts += 1
+                        if cut:
+                            return
                         server.sendall(data)

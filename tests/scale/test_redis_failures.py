@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
 from broker.registry import SessionRecord, errors
+from broker.registry.database import decode_state
 from broker.registry.redis_admin import RedisAdmin
 from broker.registry.redis_connection import RedisOptions
 from broker.registry.shared import open_shared_registry
@@ -36,13 +37,25 @@ class RedisFailureTests(TestCase):
         self.direct = redis.Redis(host="127.0.0.1", port=self.redis_port)
         self.addCleanup(self.direct.close)
 
-    def open_registry(self, port, **options):
+    def open_registry(self, port, start=True, **options):
         registry = open_shared_registry(
             RedisOptions(url=f"redis://127.0.0.1:{port}/0", **options),
             reactor=reactor, lease_ttl=0)
-        registry.start()
+        if start:
+            registry.start()
         self.addCleanup(registry.stop)
         return registry
+
+    def stored(self, number):
+        """The device's reported map and the events of its history, as Redis holds them."""
+        state = decode_state(self.direct.hget(f"{{ssp}}:d:{number}", "s"))
+        events = []
+        for _, _, _, kind, data in state[11]:
+            if kind == "events":
+                events.extend(data)
+            elif kind == "reported" and "events" in data:
+                events.extend(data["events"])
+        return dict(zip(state[0], state[1])), events
 
     def state_entries(self, number):
         return [fields for _, fields in self.direct.xrange("{ssp}:feed")
@@ -70,6 +83,118 @@ class RedisFailureTests(TestCase):
         # And the registry writes again once the connection is back.
         result = yield registry.update_reported("dev-1", {"t": 2})
         self.assertEqual(result.version, 3)
+
+    @defer.inlineCallbacks
+    def test_a_report_whose_reply_was_lost_is_not_applied_again(self):
+        """A report Redis applied whose reply was lost fails, is sent again before the
+        device's next report (built on it, as the endpoint builds it), and when Redis
+        answers "stale" the stream shows it was this process's: its events are in the
+        device's history once, the next report's after them."""
+        admin = RedisAdmin.open(RedisOptions(url=f"redis://127.0.0.1:{self.redis_port}/0"))
+        self.addCleanup(admin.close)
+        admin.add_device("dev-a")
+        proxy = CuttingProxy(self, self.redis_port)
+        # Not following the stream yet: the retry reaches Redis before this
+        # process learns that the lost call was applied.
+        registry = self.open_registry(proxy.port, start=False)
+        number = registry.device("dev-a").device_number
+        proxy.cut_reply(OK_REPLY)
+        yield self.assertFailure(registry.update_reported("dev-a", {"a": 1}, events=["boot"]),
+                                 errors.StoreError)
+        self.assertEqual(proxy.cuts, 1)
+        self.assertEqual(self.stored(number), ({"a": 1}, ["boot"]))
+        later = registry.update_reported("dev-a", {"b": 2}, events=["tick"])
+        yield wait_until(self, lambda: registry.counters["retried_stale"] == 1,
+                         what="the retry answered stale")
+        registry.start()
+        result = yield later
+        self.assertEqual(self.stored(number), ({"a": 1, "b": 2}, ["boot", "tick"]))
+        self.assertEqual(registry.counters["retry_already_applied"], 1)
+        self.assertEqual((result.version, len(self.state_entries(number))), (3, 2))
+        self.assertEqual(dict(registry.device("dev-a").reported), {"a": 1, "b": 2})
+
+    @defer.inlineCallbacks
+    def test_a_lost_reply_whose_stream_entry_was_trimmed_is_judged_by_the_history(self):
+        """A report Redis applied whose reply was lost, and whose stream entry was trimmed
+        before this process read it, is recognised as applied from the device's history
+        after the catch-up: its events are stored once, the next report's after them."""
+        admin = RedisAdmin.open(RedisOptions(url=f"redis://127.0.0.1:{self.redis_port}/0"))
+        self.addCleanup(admin.close)
+        admin.add_device("dev-h")
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port, start=False)
+        number = registry.device("dev-h").device_number
+        proxy.cut_reply(OK_REPLY)
+        yield self.assertFailure(registry.update_reported("dev-h", {"a": 1}, events=["boot"]),
+                                 errors.StoreError)
+        self.direct.xtrim("{ssp}:feed", maxlen=0)
+        admin.add_device("dev-later")       # the entry after the gap
+        registry.start()
+        yield wait_until(self, lambda: registry.counters["stream_resync"] == 1,
+                         what="the catch-up")
+        result = yield registry.update_reported("dev-h", {"b": 2}, events=["tick"])
+        self.assertEqual(self.stored(number), ({"a": 1, "b": 2}, ["boot", "tick"]))
+        self.assertEqual((registry.counters["retry_already_applied"],
+                          registry.counters["retry_outcome_unknown"]), (1, 0))
+        self.assertEqual(result.version, 3)
+
+    @defer.inlineCallbacks
+    def test_a_report_lost_before_redis_got_it_is_written_before_the_next(self):
+        """A report whose script never reached Redis (connection dropped on the way)
+        fails, and is written before the device's next report, which is built on it
+        (as the endpoint builds it) and acknowledged: none of its events is lost."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port)
+        number = (yield registry.add_device("dev-b")).device_number
+        proxy.cut_request(b"lost-event")
+        yield self.assertFailure(
+            registry.update_reported("dev-b", {"a": 1}, events=["lost-event"]),
+            errors.StoreError)
+        self.assertEqual(proxy.cuts, 1)
+        self.assertEqual(self.stored(number), ({}, []))
+        result = yield registry.update_reported("dev-b", {"b": 2}, events=["tick"])
+        self.assertEqual(self.stored(number), ({"a": 1, "b": 2}, ["lost-event", "tick"]))
+        self.assertEqual(result.version, 3)
+        self.assertEqual(dict(registry.device("dev-b").reported), {"a": 1, "b": 2})
+
+    @defer.inlineCallbacks
+    def test_writes_behind_a_report_failing_again_fail_too_and_are_kept(self):
+        """When a kept report fails again, the device's write waiting behind it fails
+        at once too (no waiting for Redis to be back), and both are written later,
+        in order, each once."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port)
+        number = (yield registry.add_device("dev-d")).device_number
+        proxy.cut_request(b"lost-event")
+        yield self.assertFailure(
+            registry.update_reported("dev-d", {"a": 1}, events=["lost-event"]),
+            errors.StoreError)
+        proxy.cut_request(b"lost-event")
+        yield self.assertFailure(registry.update_reported("dev-d", {"b": 2}, events=["tick"]),
+                                 errors.StoreError)
+        self.assertEqual(proxy.cuts, 2)
+        yield wait_until(self, lambda: len(self.stored(number)[1]) == 2, timeout=10,
+                         what="both written again")
+        self.assertEqual(self.stored(number), ({"a": 1, "b": 2}, ["lost-event", "tick"]))
+        self.assertEqual(len(self.state_entries(number)), 2)
+
+    @defer.inlineCallbacks
+    def test_a_lost_report_is_written_on_its_own_when_the_device_says_nothing_more(self):
+        """A report whose script never reached Redis is sent again after a short delay
+        even if the device writes nothing more, exactly once."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port)
+        number = (yield registry.add_device("dev-c")).device_number
+        proxy.cut_request(b"lost-event")
+        yield self.assertFailure(
+            registry.update_reported("dev-c", {"a": 1}, events=["lost-event"]),
+            errors.StoreError)
+        yield wait_until(self, lambda: self.stored(number)[1], timeout=10,
+                         what="the report written again")
+        yield wait_until(self, lambda: registry.device("dev-c").version == 2,
+                         what="the replica")
+        self.assertEqual(self.stored(number), ({"a": 1}, ["lost-event"]))
+        self.assertEqual(len(self.state_entries(number)), 1)
 
     @defer.inlineCallbacks
     def test_connection_lost_after_a_conditional_write_is_no_version_conflict(self):

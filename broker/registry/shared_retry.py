@@ -1,0 +1,161 @@
+"""A SharedRegistry's writes whose Redis call failed: kept, sent again, applied once.
+
+A call that fails (connection lost, no reply in time) has an unknown
+outcome: Redis may or may not have run it. Its writes' Deferreds fail
+(nothing is acknowledged for them), but the writes stay at the front of
+the device's queue, as the single-process registry keeps a change whose
+commit failed: the endpoint computes the device's next report on top of
+them. They are sent again alone, on the same base version (with the
+device's next write, or after RETRY_DELAY), and later writes wait behind
+them. Of two calls with one base version Redis applies one at most, and
+the stream says which process took the version after the base: if it was
+this one, the failed call was applied and the writes are dropped instead
+of being applied twice (``Attempt``).
+"""
+
+from collections import deque
+
+#: seconds before writes of a failed call are sent again when the device
+#: writes nothing meanwhile (one timer for the registry, not one per device).
+RETRY_DELAY = 1.0
+
+
+class Attempt:
+    """The writes of a device sent with states on base version ``base``, until
+    Redis's answer tells whether they were applied; after a failed call, its
+    retries (same writes, same base) too. ``applied``: whether the stream's
+    version base + 1 of the device came from this process (None: not seen)."""
+
+    __slots__ = ("base", "ops", "applied", "failed", "stamps")
+
+    def __init__(self, base, ops):
+        self.base = base
+        self.ops = ops
+        self.applied = None
+        self.failed = False     # a call failed: the outcome is in doubt
+        self.stamps = []        # history time of each call's first state (see _resync)
+
+
+def _retained(op):
+    """Whether a write of a failed call is kept to be sent again (a condition
+    or an expected version is the caller's to retry: it got the failure)."""
+    return op.kind != "barrier" and op.expected is None and op.cond is None
+
+
+class SharedRetries:
+    """SharedWrites' failure half (a mixin: see shared.py and shared_writes.py)."""
+
+    __slots__ = ()
+
+    def _retry_ops(self, dev, queue, attempt):
+        """The writes of a failed call, to send again alone on its base; None
+        when the device has no call in doubt (its writes go as usual)."""
+        if not attempt.failed:
+            del self._attempts[dev.number]      # (not expected: its call is answered)
+            return None
+        if dev.version != attempt.base:
+            # The replica passed the base without the stream's entry (a resync).
+            self._verdict(dev.number, attempt, self._judged_by_history(dev, attempt))
+            return None
+        ops = []
+        for op in attempt.ops:
+            if queue and queue[0] is op:
+                ops.append(queue.popleft())
+        if not ops:
+            del self._attempts[dev.number]
+            return None
+        attempt.ops = ops
+        return ops
+
+    def _failed(self, failure, number, ops, base):
+        """The call's outcome is unknown: fail its writes, keep them to send again
+        (module docstring) unless the stream already told they were applied."""
+        self._forget_own(number, ops, base)
+        kept = [op for op in ops if _retained(op)] if number in self._by_number else []
+        if kept:
+            queue = self._queues.setdefault(number, deque())
+            for op in reversed(kept):
+                op.index = op.error = None
+                queue.appendleft(op)
+        attempt = self._attempts.get(number)
+        if attempt is not None and attempt.base == base and attempt.ops is ops:
+            attempt.failed = True
+            attempt.ops = kept
+            if attempt.applied is not None or not kept:
+                self._conclude(number, attempt)     # known after all: no doubt left
+                if attempt.applied:
+                    kept = []
+        failing = ops
+        if kept and any(op.d is None for op in kept):
+            # Kept writes failed again (Redis is away): the writes waiting behind
+            # them fail now too, not once Redis is back; they are kept as well.
+            queue = self._queues[number]
+            ahead = {id(op) for op in kept}
+            behind = [op for op in queue if id(op) not in ahead]
+            failing = ops + behind
+            queue.clear()
+            queue.extend(kept)
+            queue.extend(op for op in behind if _retained(op))
+        for op in failing:
+            if op.kind == "claim":
+                self._held.discard(number)    # not claimed: the next refresh tries again
+            d, op.d = op.d, None
+            if d is not None:
+                d.errback(failure)
+        if kept:
+            self.counters["retried_failed"] += 1
+            self._busy.pop(number, None)
+            self._retry_later(number)
+        else:
+            self._mark_ready(number)
+
+    def _retry_later(self, number):
+        """Send the device's kept writes after RETRY_DELAY (or with its next write)."""
+        self._retrying[number] = None
+        if self._retry_call is None:    # (False: stopped)
+            self._retry_call = self._clock.callLater(RETRY_DELAY, self._retry)
+
+    def _retry(self):
+        self._retry_call = None
+        numbers, self._retrying = self._retrying, {}
+        for number in numbers:
+            if number not in self._busy and self._queues.get(number):
+                self._schedule(number)
+
+    def _verdict(self, number, attempt, applied):
+        """The stream brought the version after an attempt's base: from this
+        process (``applied``) or not; acted on once no call of it is in flight."""
+        attempt.applied = applied
+        if attempt.failed and self._busy.get(number) != "reply":
+            self._conclude(number, attempt)
+            if number not in self._busy and self._queues.get(number):
+                self._schedule(number)
+
+    def _conclude(self, number, attempt):
+        """An attempt in doubt is decided: if applied, its writes leave the queue."""
+        if self._attempts.get(number) is attempt:
+            del self._attempts[number]
+        if not attempt.applied:
+            return
+        self.counters["retry_already_applied"] += 1
+        queue = self._queues.get(number)
+        if queue:
+            done = {id(op) for op in attempt.ops}
+            rest = [op for op in queue if id(op) not in done]
+            queue.clear()
+            queue.extend(rest)
+            if not queue:
+                del self._queues[number]
+
+    def _judged_by_history(self, dev, attempt):
+        """Whether the device's version base + 1 is one of the attempt's calls,
+        from its history (time and version) when the stream's entry was trimmed;
+        unknown counts as applied (a loss is then possible, never a double)."""
+        target = attempt.base + 1
+        for entry in dev.history:
+            if entry[0] == target:
+                return entry[2] in attempt.stamps
+        self.counters["retry_outcome_unknown"] += 1
+        self.log.warn("outcome of a failed write of device {number} unknown: not sent again",
+                      number=dev.number)
+        return True
