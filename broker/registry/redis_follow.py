@@ -27,6 +27,10 @@ from .redis_layout import decode_entry
 READ_BLOCK = 0.5
 #: stream entries taken per XREAD.
 READ_COUNT = 2000
+#: batches handed to the reactor and not yet taken, at most: while the
+#: reactor is busy, later entries wait in Redis, not in this process's
+#: memory; a few keep the reader reading while the reactor applies one.
+MAX_BATCHES_WAITING = 4
 
 
 class ChangeFollower:
@@ -55,6 +59,7 @@ class ChangeFollower:
         last = after
         seen = _cursor(after)
         pause = 0.05
+        waiting = threading.BoundedSemaphore(MAX_BATCHES_WAITING)
         while not self._stop.is_set():
             try:
                 found = client.xread({self._key_feed: last}, count=READ_COUNT,
@@ -84,12 +89,11 @@ class ChangeFollower:
                 pause = min(2.0, pause * 2)
                 continue
             last, seen = raw[-1][0], top
-            # One batch at a time: while the reactor is busy, entries wait in
-            # Redis, not in this process's memory.
-            taken = threading.Event()
-            self._reactor.callFromThread(_hand_over, deliver, entries, taken)
-            while not taken.wait(READ_BLOCK) and not self._stop.is_set():
-                pass
+            while not waiting.acquire(timeout=READ_BLOCK):
+                if self._stop.is_set():
+                    break
+            else:
+                self._reactor.callFromThread(_hand_over, deliver, entries, waiting)
         client.close()
 
     def _entries(self, client, raw, seen):
@@ -112,11 +116,11 @@ class ChangeFollower:
         return entries, seen
 
 
-def _hand_over(deliver, entries, taken):
+def _hand_over(deliver, entries, waiting):
     try:
         deliver(entries)
     finally:
-        taken.set()
+        waiting.release()
 
 
 def _cursor(entry_id):
