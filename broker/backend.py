@@ -76,7 +76,9 @@ def open_configured_registry(config: Config, data_dir: Path, reactor,
         return open_shared_registry(redis_options(config), reactor=reactor, settings=settings,
                                     store_wrapper=wrapper,
                                     lease_ttl=config.registry.redis_lease_ttl,
-                                    lease_check_interval=config.registry.redis_lease_check_interval)
+                                    lease_check_interval=config.registry.redis_lease_check_interval,
+                                    sequence_check_interval=(
+                                        config.registry.redis_sequence_check_interval))
     if config.registry.backend == "memory":
         store = MemoryStore()
     else:

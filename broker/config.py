@@ -150,6 +150,7 @@ class RegistrySettings:
     redis_wait_replicas: int = _setting(0, minimum=0, maximum=16)
     redis_wait_timeout: float = _setting(1.0, minimum=0.001, maximum=60.0)
     redis_timeout: float = _setting(5.0, minimum=0.5, maximum=300.0)
+    redis_sequence_check_interval: float = _setting(5.0, minimum=0.5, maximum=60.0)
     redis_stream_length: int = _setting(100_000, minimum=1000, maximum=100_000_000)
     redis_lease_ttl: float = _setting(15.0, minimum=1.0, maximum=3600.0)
     redis_lease_check_interval: float = _setting(5.0, minimum=0.1, maximum=1800.0)

@@ -126,7 +126,8 @@ class BrokerService(MultiService):
         self.notifier.setServiceParent(self)
 
         self.root = Resource()
-        self.readiness = ReadinessResource([self._not_ready])
+        # The registry's own check: with Redis, whether Redis lost its data.
+        self.readiness = ReadinessResource([self._not_ready, self.registry.readiness])
         self.root.putChild(b"healthz", HealthResource(reactor))
         self.root.putChild(b"readyz", self.readiness)
         self.site = BrokerSite(self.root, metrics=self.metrics, reactor=reactor)

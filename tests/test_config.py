@@ -190,6 +190,20 @@ class BadInputTests(SynchronousTestCase):
         self.assertRefused({"registry": {"redis_timeout": 0.1}}, "registry.redis_timeout",
                            "at least 0.5")
 
+    def test_redis_sequence_check_interval_reaches_the_registry(self):
+        """registry.redis_sequence_check_interval is how often a quiet process checks
+        that Redis did not lose its data; the config passes it on to the registry."""
+        from unittest import mock
+
+        from broker import backend
+        config = parse_config({"registry": {"backend": "redis",
+                                            "redis_sequence_check_interval": 0.75}})
+        with mock.patch("broker.registry.shared.open_shared_registry") as opened:
+            backend.open_configured_registry(config, Path(self.mktemp()), reactor=None)
+        self.assertEqual(opened.call_args.kwargs["sequence_check_interval"], 0.75)
+        self.assertRefused({"registry": {"redis_sequence_check_interval": 0.1}},
+                           "registry.redis_sequence_check_interval", "at least 0.5")
+
     def test_public_url_with_path_accepted(self):
         """A public_url with a path (behind a reverse proxy) is accepted as given."""
         url = "https://broker.example.com/iot/"

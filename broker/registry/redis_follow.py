@@ -12,11 +12,20 @@ trimmed (MAXLEN) before this process read them: it was cut off from Redis
 for longer than the stream holds. The follower then reads the registry
 again (the snapshot ``load(client)`` gives) and hands it over as an entry
 ``("g", loaded)`` before the ones after the gap.
+
+If Redis loses its data (restarted without persistence, FLUSHALL, failed
+over to an empty or older replica), its sequence starts again below the
+last entry read, and XREAD after that entry finds nothing, ever. So while
+XREAD finds nothing, at most every ``check_interval`` seconds the follower
+reads the sequence; below the last cursor read, it hands over
+``("lost", sequence, last cursor read)`` (once) for the registry to refuse
+writes (shared.py).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 from twisted.logger import Logger
 
@@ -31,6 +40,9 @@ READ_COUNT = 2000
 #: reactor is busy, later entries wait in Redis, not in this process's
 #: memory; a few keep the reader reading while the reactor applies one.
 MAX_BATCHES_WAITING = 4
+#: seconds between two reads of Redis's change sequence while the stream is
+#: quiet (is it behind the last entry read? Redis lost data).
+SEQUENCE_CHECK_INTERVAL = 5.0
 
 
 class ChangeFollower:
@@ -38,9 +50,12 @@ class ChangeFollower:
 
     log = Logger()
 
-    def __init__(self, connector, key_feed, *, reactor, stop, load=None):
+    def __init__(self, connector, key_feed, *, reactor, stop, load=None, key_seq=None,
+                 check_interval=SEQUENCE_CHECK_INTERVAL):
         self._connector = connector
         self._key_feed = key_feed
+        self._key_seq = key_seq
+        self._check_interval = check_interval
         self._reactor = reactor
         self._stop = stop
         self._load = load
@@ -60,6 +75,8 @@ class ChangeFollower:
         seen = _cursor(after)
         pause = 0.05
         waiting = threading.BoundedSemaphore(MAX_BATCHES_WAITING)
+        checked = time.monotonic()
+        checking = self._key_seq is not None     # (until Redis was found to have lost data)
         while not self._stop.is_set():
             try:
                 found = client.xread({self._key_feed: last}, count=READ_COUNT,
@@ -77,6 +94,9 @@ class ChangeFollower:
                 pause = min(2.0, pause * 2)
                 continue
             if not found:
+                if checking and time.monotonic() - checked >= self._check_interval:
+                    checked = time.monotonic()
+                    checking = not self._sequence_lost(client, seen, deliver, waiting)
                 continue
             raw = found[0][1]
             try:
@@ -89,12 +109,29 @@ class ChangeFollower:
                 pause = min(2.0, pause * 2)
                 continue
             last, seen = raw[-1][0], top
-            while not waiting.acquire(timeout=READ_BLOCK):
-                if self._stop.is_set():
-                    break
-            else:
-                self._reactor.callFromThread(_hand_over, deliver, entries, waiting)
+            self._hand(deliver, entries, waiting)
         client.close()
+
+    def _hand(self, deliver, entries, waiting):
+        """Hand ``entries`` to the reactor once fewer than MAX_BATCHES_WAITING wait."""
+        while not waiting.acquire(timeout=READ_BLOCK):
+            if self._stop.is_set():
+                return
+        self._reactor.callFromThread(_hand_over, deliver, entries, waiting)
+
+    def _sequence_lost(self, client, seen, deliver, waiting):
+        """Whether Redis's change sequence is behind cursor ``seen`` (already
+        read): then it lost data, and the registry is told (module docstring)."""
+        import redis
+        try:
+            sequence = int(client.get(self._key_seq) or 0)
+        except (redis.RedisError, OSError, ValueError) as e:
+            self.log.warn("reading the Redis change sequence failed: {error}", error=str(e))
+            return False
+        if sequence >= seen:
+            return False
+        self._hand(deliver, [("lost", sequence, seen)], waiting)
+        return True
 
     def _entries(self, client, raw, seen):
         """The decoded entries of ``raw`` (a snapshot first where cursors are

@@ -27,11 +27,14 @@ from twisted.internet import defer
 from .database import decode_state
 from .errors import StoreError
 from .redis_connection import Connector, RedisOptions
-from .redis_follow import ChangeFollower, CommandListener
+from .redis_follow import SEQUENCE_CHECK_INTERVAL, ChangeFollower, CommandListener
 from .redis_layout import RedisKeys, decode_record, decode_tokens
 from .redis_scripts import ADD, CHANGE, EXPIRED, LEASE, REMOVE, SECRET, TOKENS
 from .redis_writer import PipelineWriter
 from .store import DeviceRow, Loaded, Store
+
+#: the calls that change nothing in the registry (``refuse`` lets them through).
+_NOT_WRITES = ("barrier", "publish")
 
 #: RedisOptions stays importable from here for the broker's wiring.
 __all__ = ["RedisOptions", "RedisStore"]
@@ -61,6 +64,7 @@ class RedisStore(RedisKeys, Store):
                                       scripts=self._scripts, keys=self, options=options,
                                       reactor=reactor)
         self._closing = False
+        self._refusal = None
         self._reader = None
         self._listener = None
         self._stop_reading = threading.Event()
@@ -154,7 +158,14 @@ class RedisStore(RedisKeys, Store):
         """Queue one script call; Deferred firing with its reply ``[status, a, b]``."""
         if self._closing:
             return defer.fail(StoreError("the registry store is closed"))
+        if self._refusal is not None and script not in _NOT_WRITES:
+            return defer.fail(StoreError(self._refusal))
         return self._writer.submit(script, keys, args)
+
+    def refuse(self, reason):
+        """Fail every later script call with StoreError(``reason``): Redis lost
+        data this process had (shared.py); reads and relayed commands go on."""
+        self._refusal = reason
 
     def write(self, op, result=None):
         """Queue ``(kind, script, keys, args)``: ``call`` under a write kind
@@ -198,13 +209,16 @@ class RedisStore(RedisKeys, Store):
 
     # -- following Redis (threads of redis_follow.py) ---------------------------
 
-    def follow(self, after, deliver):
+    def follow(self, after, deliver, *, check_interval=SEQUENCE_CHECK_INTERVAL):
         """Call ``deliver(entries)`` on the reactor thread with every stream
         entry after id ``after`` (parsed in the reader thread; states and
         records stay raw, see ``redis_layout.decode_entry``); after entries
-        trimmed unread, ``("g", Loaded)`` first (redis_follow.py)."""
+        trimmed unread, ``("g", Loaded)`` first; ``("lost", sequence, cursor)``
+        if Redis's sequence went back below a cursor read, checked at most every
+        ``check_interval`` seconds while the stream is quiet (redis_follow.py)."""
         self._reader = ChangeFollower(self._connector, self.key_feed, reactor=self._reactor,
-                                      stop=self._stop_reading, load=self._snapshot
+                                      stop=self._stop_reading, load=self._snapshot,
+                                      key_seq=self.key_seq, check_interval=check_interval
                                       ).start(after, deliver)
 
     def _snapshot(self, client):

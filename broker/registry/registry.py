@@ -135,6 +135,11 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
             self._poll.start(self.settings.reload_interval, now=False)
         return defer.succeed(None)
 
+    def readiness(self):
+        """None while the registry can take writes, else why not (a ReadinessCheck
+        for /readyz); a local store has nothing to report here."""
+        return None
+
     def stop(self):
         """Stop polling and close the store (pending writes are committed)."""
         if self._poll is not None and self._poll.running:

@@ -22,6 +22,17 @@ process that died are marked offline by the survivors.
 Commands for a device whose SSP session another process holds are relayed
 over a Redis pub/sub channel (``relay_command`` / ``relay_to``): they live
 in memory only, so nothing is stored, and the holder delivers them.
+
+Redis that lost data (restarted without persistence, FLUSHALL, failed over
+to an empty or older replica) restarts its sequence below cursors this
+process applied: the stream would never bring this process anything again
+while Redis acknowledged its writes. Seen in a write's reply (a cursor
+already applied, for a change the replica never saw), in Redis's answer
+to a write of a device the replica has, or by the stream reader while the
+stream is quiet (redis_follow.py), it is refused for good
+(``_sequence_went_back``): one critical log line, every write fails with
+StoreError, readiness says why, reads serve the replica. Redis is not
+written again from here: the operator restores it and restarts the brokers.
 """
 
 import os
@@ -35,6 +46,7 @@ from .model import ChangeBatch
 from .redis_layout import decode_record
 from .registry import DeviceRegistry
 from .secrets import TokenTable
+from .redis_follow import SEQUENCE_CHECK_INTERVAL
 from .shared_presence import LEASE_CHECK_INTERVAL, LEASE_TTL, PresenceLease, SharedPresence
 from .shared_provisioning import SharedProvisioning
 from .shared_stream import ChangeStream, OrderedFeed, lazy_device_type
@@ -50,13 +62,17 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
 
     ``lease_ttl`` and ``lease_check_interval`` (seconds) set the presence
     lease (shared_presence.py); ``lease_ttl=0`` turns it off (a process that
-    holds no sessions, e.g. a tool)."""
+    holds no sessions, e.g. a tool). ``sequence_check_interval`` (seconds):
+    how often, at most, the quiet stream reader asks whether Redis lost data."""
 
     feed_type = OrderedFeed
 
     def __init__(self, store, *, clock=None, settings=None, random_bytes=os.urandom, origin=None,
-                 lease_ttl=LEASE_TTL, lease_check_interval=LEASE_CHECK_INTERVAL):
+                 lease_ttl=LEASE_TTL, lease_check_interval=LEASE_CHECK_INTERVAL,
+                 sequence_check_interval=SEQUENCE_CHECK_INTERVAL):
         self.origin = origin or os.urandom(8).hex()
+        self._lost = None          # why writes are refused: Redis lost data (module docstring)
+        self._sequence_check = sequence_check_interval
         self._held = set()         # numbers of the devices this process holds (claimed online)
         self._reaping = set()      # numbers of another holder's devices being marked offline
         self._queues = {}          # number -> deque of _Op
@@ -102,7 +118,8 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         """Follow the change stream from where loading began."""
         if not self._following:
             self._following = True
-            self._store.follow(self._store.feed_start, self._deliver)
+            self._store.follow(self._store.feed_start, self._deliver,
+                               check_interval=self._sequence_check)
             if self.presence is not None:
                 self.presence.start()
         return defer.succeed(None)
@@ -133,7 +150,10 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
 
         An answer to a read sent before this process added or revoked a
         token may predate that change; it is not applied, the tokens are read
-        again (the writer thread sends in order, so the new read sees it)."""
+        again (the writer thread sends in order, so the new read sees it).
+        Once Redis lost data, the tokens here are kept (they are the replica's)."""
+        if self._lost is not None:
+            return defer.succeed(None)
         issued = self._token_changes
 
         def apply(rows):
@@ -206,17 +226,77 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         return super().changes_since(cursor, limit)
 
     def _refresh_top(self, cursor):
+        applied = self.cursor
+
         def learned(top):
             self._top = max(self._top, top)
             self._top_checked = max(self._top_checked, cursor)
+            if top < applied:
+                self._sequence_went_back(top, applied)
         self._store.top().addCallbacks(learned, lambda failure: None)
+
+    # -- Redis lost data (module docstring) -----------------------------------
+
+    def readiness(self):
+        """None while this process can write, else why not (a ReadinessCheck for /readyz)."""
+        return self._lost
+
+    def _lost_error(self):
+        return errors.StoreError(self._lost)
+
+    def _check_sequence(self):
+        """Deferred firing once Redis's change sequence was compared with the
+        cursor applied here (behind it, Redis lost data), or failing if it could
+        not be read: that proves nothing (callers go on either way)."""
+        applied = self.cursor
+
+        def compare(top):
+            if top < applied:
+                self._sequence_went_back(top, applied)
+        return self._store.top().addCallback(compare)
+
+    def _sequence_went_back(self, sequence, applied):
+        """Redis's sequence is at ``sequence``, below cursor ``applied`` this process had."""
+        self._redis_lost(f"its change sequence is at {sequence}, behind cursor {applied} "
+                         "this broker process already had")
+
+    def _redis_lost(self, what):
+        """Redis lost data (``what`` shows it): refuse every write from now on
+        and fail those waiting (module docstring)."""
+        if self._lost is not None:
+            return
+        self._lost = (f"Redis lost data: {what}; writes are refused. Restore Redis from its "
+                      "persistence (AOF/RDB) or a backup, then restart every broker process "
+                      "(docs/scaling.md, Redis losing data)")
+        self.counters["redis_lost"] += 1
+        self.log.critical("{reason}", reason=self._lost)
+        self._store.refuse(self._lost)
+        if self.presence is not None:
+            self.presence.stop()
+        if self._retry_call:
+            self._retry_call.cancel()
+            self._retry_call = None
+        self._retrying.clear()
+        self._ready.clear()
+        queues, self._queues = self._queues, {}
+        waiters, self._waiters = self._waiters, deque()
+        for number in [n for n, busy in self._busy.items() if busy != "reply"]:
+            del self._busy[number]     # (a call in flight is failed when it comes back)
+        for queue in queues.values():
+            for op in queue:
+                d, op.d = op.d, None
+                if d is not None:
+                    d.errback(self._lost_error())
+        for _, d, _ in waiters:
+            d.errback(self._lost_error())
 
 
 def open_shared_registry(options, *, reactor=None, clock=None, settings=None,
                          store_wrapper=None, origin=None, **presence):
     """A SharedRegistry over Redis (``options``: a RedisOptions); raises StoreError
     (clear message) when Redis cannot be reached or holds damaged data.
-    ``presence``: lease_ttl, lease_check_interval (SharedRegistry)."""
+    ``presence``: lease_ttl, lease_check_interval, sequence_check_interval
+    (SharedRegistry)."""
     from .redis_store import RedisStore
     from .settings import RegistrySettings
     if reactor is None:

@@ -70,6 +70,9 @@ class SharedRetries:
     def _failed(self, failure, number, ops, base):
         """The call's outcome is unknown: fail its writes, keep them to send again
         (module docstring) unless the stream already told they were applied."""
+        if self._lost is not None:
+            self._refuse(number, ops, base)     # nothing is kept: Redis lost data
+            return
         self._forget_own(number, ops, base)
         kept = [op for op in ops if _retained(op)] if number in self._by_number else []
         if kept:
@@ -108,6 +111,16 @@ class SharedRetries:
             self._retry_later(number)
         else:
             self._mark_ready(number)
+
+    def _refuse(self, number, ops, base):
+        """Fail a call's writes, keeping none: Redis lost data (shared.py)."""
+        self._forget_own(number, ops, base)
+        self._busy.pop(number, None)
+        self._attempts.pop(number, None)
+        for op in ops:
+            d, op.d = op.d, None
+            if d is not None:
+                d.errback(op.error or self._lost_error())
 
     def _retry_later(self, number):
         """Send the device's kept writes after RETRY_DELAY (or with its next write)."""

@@ -109,8 +109,12 @@ class ChangeStream:
     __slots__ = ()
 
     def _deliver(self, entries):
-        """Apply stream entries (every process's changes, in cursor order)."""
+        """Apply stream entries (every process's changes, in cursor order);
+        none once Redis lost data (shared.py): the replica stays as it was."""
         for entry in entries:
+            if self._lost is not None:
+                self.counters["stream_ignored"] += 1
+                continue
             kind = entry[0]
             try:
                 if kind == "s":
@@ -131,7 +135,12 @@ class ChangeStream:
                     if entry[1] != self.origin:
                         self.reload()
                 elif kind == "g":
-                    self._resync(entry[1])
+                    if entry[1].sequence < self.cursor:
+                        self._sequence_went_back(entry[1].sequence, self.cursor)
+                    else:
+                        self._resync(entry[1])
+                elif kind == "lost":
+                    self._sequence_went_back(entry[1], max(entry[2], self.cursor))
             except (errors.RegistryError, ValueError, TypeError):
                 self.log.failure("applying a change-stream entry failed: {kind}", kind=kind)
         self._top = max(self._top, self.cursor)

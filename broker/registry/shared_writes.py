@@ -11,6 +11,12 @@ A write with a condition on the device's holder (shared_presence.py) goes
 alone: Redis answers "moved" when another process holds the device, and
 the write is dropped without failing. A call that fails is in
 shared_retry.py: its writes are kept and sent again, never applied twice.
+
+A reply is also where Redis losing data shows (shared.py): a cursor this
+process already applied, for a change its replica does not have, or a
+device Redis no longer has (or has at a lower version) while the change
+sequence is behind this process's cursor. Once it showed, every write
+fails at once with StoreError.
 """
 
 from collections import deque
@@ -132,6 +138,9 @@ class SharedWrites(SharedRetries):
     # -- batching per device -----------------------------------------------------
 
     def _enqueue(self, dev, op):
+        if self._lost is not None:
+            op.d.errback(self._lost_error())
+            return op.d
         queue = self._queues.get(dev.number)
         if queue is None:
             queue = self._queues[dev.number] = deque()
@@ -260,9 +269,29 @@ class SharedWrites(SharedRetries):
 
     # -- Redis's answer ------------------------------------------------------------
 
-    def _replied(self, reply, number, ops, base):
+    def _replied(self, reply, number, ops, base, checked=False):
         status, first, version = reply
         dev = self._by_number.get(number)
+        if self._lost is None and dev is not None:
+            if status == "ok" and 0 < first <= self.cursor and dev.version <= base:
+                # The stream applies changes in cursor order, so past cursor
+                # ``first`` the replica would have this change: Redis's sequence
+                # went back, and handed out ``first`` a second time.
+                self._sequence_went_back(first, self.cursor)
+            elif not checked and (status == "missing" or (status == "stale" and version < base)):
+                # Removed by another process meanwhile, or Redis lost data: its
+                # sequence tells. (The device stays busy until then.)
+                self._check_sequence().addBoth(
+                    lambda _: self._replied(reply, number, ops, base, True))
+                return
+            elif status == "stale" and version < base:
+                # A device's version never goes back (numbers are never reused):
+                # Redis lost data even if its sequence grew past ours again.
+                self._redis_lost(f"device {dev.name} is at version {version} in Redis, "
+                                 f"behind version {base} this broker process already had")
+        if self._lost is not None:
+            self._refuse(number, ops, base)
+            return
         name = dev.name if dev is not None else number
         attempt = self._attempts.get(number)
         if attempt is not None and (attempt.base != base or attempt.ops is not ops):
@@ -333,7 +362,7 @@ class SharedWrites(SharedRetries):
                 cursor = first + op.index
                 last = (cursor, base + op.index + 1)
                 if op.d is not None:
-                    self._wait(cursor, op.d, UpdateResult(name, last[1], cursor, op.token))
+                    self._park(cursor, op.d, UpdateResult(name, last[1], cursor, op.token))
         for op in ops:
             if op.d is not None and op.error is None and op.index is None:
                 if op.kind == "session":
@@ -342,10 +371,22 @@ class SharedWrites(SharedRetries):
                     result = UpdateResult(name, last[1], last[0], op.token)
                 else:
                     result = UpdateResult(name, dev.version, dev.cursor, op.token)
-                self._wait(last[0] if last else 0, op.d, result)
+                self._park(last[0] if last else 0, op.d, result)
 
     def _wait(self, cursor, d, result):
-        if cursor <= self.cursor:
+        """Fire ``d`` with ``result`` once cursor ``cursor`` (from a provisioning
+        script's reply) is applied here. One already applied was this change's
+        (the stream came before the reply) or, if Redis's sequence is behind
+        this process's cursor, a second one: Redis lost data (shared.py)."""
+        if self._lost is None and 0 < cursor <= self.cursor:
+            self._check_sequence().addBoth(lambda _: self._park(cursor, d, result))
+        else:
+            self._park(cursor, d, result)
+
+    def _park(self, cursor, d, result):
+        if self._lost is not None:
+            d.errback(self._lost_error())
+        elif cursor <= self.cursor:
             d.callback(result)
         else:
             self._waiters.append((cursor, d, result))

@@ -1,7 +1,8 @@
 """A SharedRegistry when Redis misbehaves (real redis-server on loopback): a
 connection dropped mid-command, a server that stops answering, connections
 killed, change-stream entries trimmed before a cut-off process read them,
-and a reactor too busy to take what the stream reader read."""
+a reactor too busy to take what the stream reader read, and Redis that
+lost data (FLUSHALL, restarted from an older snapshot)."""
 
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 import cbor2
 import redis
 from twisted.internet import defer, reactor, task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from broker.registry import SessionRecord, errors
@@ -413,3 +415,170 @@ def _retry_store(write, attempts=20):
             yield task.deferLater(reactor, 0.1, lambda: None)
     result = yield write()
     return result
+
+
+class RedisLostDataTests(TestCase):
+    """Redis that lost data under running processes (FLUSHALL, an older snapshot):
+    writes are refused, loudly, and never acknowledged."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.redis_port, self.redis_process = start_server_process(self)
+        self.url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.direct = redis.Redis(host="127.0.0.1", port=self.redis_port)
+        self.addCleanup(self.direct.close)
+        self.critical = []
+
+        def observe(event):
+            if event.get("log_level") == LogLevel.critical:
+                self.critical.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def open_registry(self, **check):
+        """A started registry (``sequence_check_interval``: how often its quiet
+        stream reader asks Redis; by default, 5 s: later than the writes here)."""
+        registry = open_shared_registry(RedisOptions(url=self.url, timeout=2.0),
+                                        reactor=reactor, lease_ttl=0, **check)
+        registry.start()
+        self.addCleanup(registry.stop)
+        return registry
+
+    @defer.inlineCallbacks
+    def fleet(self, registry):
+        """Two devices and a few changes: the cursor applied here is well above 1."""
+        yield registry.add_device("dev-1")
+        yield registry.add_device("dev-2")
+        for i in range(3):
+            yield registry.update_reported("dev-1", {"t": i})
+
+    @defer.inlineCallbacks
+    def test_a_write_after_flushall_fails_and_so_does_every_later_one(self):
+        """After FLUSHALL a device's write fails with StoreError (not "unknown device"),
+        one critical line names both sequence numbers and the remedy, every later
+        write (report, token) fails at once, reads still serve the replica, and the
+        readiness check names the problem."""
+        registry = self.open_registry()
+        yield self.fleet(registry)
+        applied = registry.cursor
+        self.direct.flushall()
+        failure = yield self.assertFailure(registry.update_reported("dev-1", {"t": 9}),
+                                           errors.StoreError)
+        self.assertIn("Redis lost data", str(failure))
+        self.assertEqual(len(self.critical), 1)
+        self.assertIn(f"at 0, behind cursor {applied}", self.critical[0])
+        self.assertIn("Restore Redis from its persistence", self.critical[0])
+        later = [registry.update_reported("dev-2", {"x": 1}), registry.add_token("write"),
+                 registry.update_desired("dev-1", {"led": "on"})]
+        for d in later:
+            self.assertIn("Redis lost data", str(self.failureResultOf(d, errors.StoreError).value))
+        self.assertEqual(dict(registry.device("dev-1").reported), {"t": 2})
+        self.assertIn("Redis lost data", registry.readiness())
+        self.assertEqual(self.direct.dbsize(), 0)   # nothing written to Redis again
+
+    @defer.inlineCallbacks
+    def test_add_device_after_flushall_fails(self):
+        """add_device after FLUSHALL, whose script Redis runs and answers with a cursor
+        below the one applied here, fails with StoreError instead of reporting a device
+        that never appears; the readiness check names the problem."""
+        registry = self.open_registry()
+        yield self.fleet(registry)
+        self.direct.flushall()
+        failure = yield self.assertFailure(registry.add_device("dev-new"), errors.StoreError)
+        self.assertIn("Redis lost data", str(failure))
+        self.assertIsNone(registry.device("dev-new"))
+        self.assertIn("Redis lost data", registry.readiness())
+        self.failureResultOf(registry.add_device("dev-other"), errors.StoreError)
+
+    @defer.inlineCallbacks
+    def restore_older_snapshot(self, registry):
+        """Redis restarted from a snapshot taken before dev-2's last two changes."""
+        yield self.fleet(registry)
+        self.direct.save()                          # the snapshot: dump.rdb
+        yield registry.update_reported("dev-2", {"after": 1})
+        yield registry.update_reported("dev-2", {"after": 2})
+        self.redis_process.kill()
+        self.redis_process.wait(10)
+        again = subprocess.Popen(self.redis_process.args, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.STDOUT)
+        self.addCleanup(again.wait, 10)
+        self.addCleanup(again.kill)
+        yield wait_until(self, lambda: _answers(self.direct), what="Redis back")
+        self.assertEqual(int(self.direct.hget(
+            f"{{ssp}}:d:{registry.device('dev-1').device_number}", "v")),
+            registry.device("dev-1").version)
+
+    @defer.inlineCallbacks
+    def test_a_write_to_redis_restored_from_an_older_snapshot_is_refused(self):
+        """Redis restarted from an older snapshot answers a change of a device it has at
+        the replica's version with "ok" and a cursor this process applied for another
+        change: the write fails with StoreError, never acknowledged."""
+        registry = self.open_registry()
+        yield self.restore_older_snapshot(registry)
+        failure = yield _refused(self, lambda: registry.update_reported("dev-1", {"t": 7}))
+        self.assertIn("Redis lost data: its change sequence is at", str(failure))
+        self.assertEqual(dict(registry.device("dev-1").reported), {"t": 2})
+        self.assertIn("Redis lost data", registry.readiness())
+
+    @defer.inlineCallbacks
+    def test_a_device_redis_holds_at_an_older_version_is_refused(self):
+        """A change of a device Redis holds at an older version than the replica's
+        ("stale" with a lower version, which no resend can fix) is refused for lost
+        data, even once the sequence grew past this process's cursor again."""
+        registry = self.open_registry()
+        yield self.restore_older_snapshot(registry)
+        self.direct.incrby("{ssp}:seq", 100)       # the fleet wrote on meanwhile
+        failure = yield _refused(self, lambda: registry.update_reported("dev-2", {"t": 7}))
+        self.assertIn("device dev-2 is at version 1 in Redis, behind version 3", str(failure))
+        self.assertEqual(dict(registry.device("dev-2").reported), {"after": 2})
+
+    @defer.inlineCallbacks
+    def test_a_process_that_writes_nothing_notices_on_its_own(self):
+        """A second process that writes nothing notices from its quiet stream reader,
+        within a few check intervals, that Redis's sequence went back below what it
+        read, and refuses its writes (the Deferred fires at once)."""
+        a = self.open_registry()
+        b = self.open_registry(sequence_check_interval=0.2)
+        yield self.fleet(a)
+        yield wait_until(self, lambda: b.cursor == a.cursor, what="B in step")
+        self.direct.flushall()
+        yield wait_until(self, lambda: b.counters["redis_lost"] == 1, timeout=5,
+                         what="B noticing")
+        self.assertIn("Redis lost data", b.readiness())
+        self.failureResultOf(b.update_reported("dev-1", {"t": 9}), errors.StoreError)
+        self.assertIsNone(a.readiness())        # A has not looked yet (every 5 s)
+
+    @defer.inlineCallbacks
+    def test_readyz_answers_503_once_redis_lost_data(self):
+        """A broker on Redis answers /readyz with 503 and the reason once Redis lost data."""
+        from tests.helpers import http_json, loopback_config, start_broker
+        running = yield start_broker(self, loopback_config(
+            self, registry={"backend": "redis", "redis_url": self.url}))
+        registry = running.service.registry
+        yield self.fleet(registry)
+        url = running.http_url + "/readyz"
+        code, _, body = yield http_json(self, "GET", url)
+        self.assertEqual(code, 200)
+        self.direct.flushall()
+        yield self.assertFailure(registry.add_device("dev-new"), errors.StoreError)
+        code, _, body = yield http_json(self, "GET", url)
+        self.assertEqual(code, 503)
+        self.assertTrue(any("Redis lost data" in reason for reason in body["reasons"]))
+
+
+@defer.inlineCallbacks
+def _refused(testcase, write, attempts=50):
+    """The failure of ``write()`` once Redis is back and it is refused for lost data
+    (the first writes after a restart fail on closed connections); fails the test
+    if a write is acknowledged."""
+    for _ in range(attempts):
+        try:
+            result = yield write()
+        except errors.StoreError as e:
+            if "Redis lost data" in str(e):
+                return e
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        else:
+            testcase.fail(f"a write to the older Redis was acknowledged: {result}")
+    testcase.fail("the write was never refused")
