@@ -48,6 +48,7 @@ from .registry import DeviceRegistry
 from .secrets import TokenTable
 from .redis_follow import SEQUENCE_CHECK_INTERVAL
 from .shared_presence import LEASE_CHECK_INTERVAL, LEASE_TTL, PresenceLease, SharedPresence
+from .shared_retry import RETRY_DELAY
 from .shared_provisioning import SharedProvisioning
 from .shared_stream import ChangeStream, OrderedFeed, lazy_device_type
 from .shared_writes import SharedWrites
@@ -86,8 +87,9 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._pending = {}         # number -> [raw state, version, cursor, old state]
         self._own_states = {}      # (number, version) -> state sent, until the stream brings it
         self._attempts = {}        # number -> Attempt: writes sent with states, or in doubt
-        self._retrying = {}        # numbers whose failed writes wait for RETRY_DELAY
+        self._retrying = {}        # numbers whose failed writes wait for the retry delay
         self._retry_call = None    # None, a DelayedCall, or False once stopped
+        self._retry_delay = RETRY_DELAY  # doubles while retries find Redis away
         self._lazy_type = lazy_device_type(self)
         self._relay_target = None  # deliver(number, command) for relayed commands
         self._token_changes = 0    # tokens added or revoked here (see reload)

@@ -18,6 +18,10 @@ from collections import deque
 #: seconds before writes of a failed call are sent again when the device
 #: writes nothing meanwhile (one timer for the registry, not one per device).
 RETRY_DELAY = 1.0
+#: the delay doubles with every round that finds Redis still away, up to
+#: this, so that an outage costs a few calls a device, not one a second;
+#: any call Redis answers brings it back to RETRY_DELAY.
+RETRY_DELAY_MAX = 30.0
 
 
 class Attempt:
@@ -123,13 +127,15 @@ class SharedRetries:
                 d.errback(op.error or self._lost_error())
 
     def _retry_later(self, number):
-        """Send the device's kept writes after RETRY_DELAY (or with its next write)."""
+        """Send the device's kept writes after the retry delay (or with its next write)."""
         self._retrying[number] = None
         if self._retry_call is None:    # (False: stopped)
-            self._retry_call = self._clock.callLater(RETRY_DELAY, self._retry)
+            self._retry_call = self._clock.callLater(self._retry_delay, self._retry)
 
     def _retry(self):
         self._retry_call = None
+        # The next round waits longer, unless Redis answers a call meanwhile.
+        self._retry_delay = min(RETRY_DELAY_MAX, self._retry_delay * 2)
         numbers, self._retrying = self._retrying, {}
         for number in numbers:
             if number not in self._busy and self._queues.get(number):

@@ -28,7 +28,7 @@ from . import errors
 from .database import encode_state
 from .model import Device, UpdateResult
 from .redis_layout import encode_record
-from .shared_retry import Attempt, SharedRetries
+from .shared_retry import RETRY_DELAY, Attempt, SharedRetries
 from .shared_stream import FLAG_CLAIM, FLAG_DESIRED
 from .values import FrozenMap
 
@@ -300,6 +300,7 @@ class SharedWrites(SharedRetries):
             del self._attempts[number]   # answered: this call was applied, or not at all
             attempt = None
         if status == "ok":
+            self._retry_delay = RETRY_DELAY     # Redis answers: retry rounds start over
             self._top = max(self._top, first + version - base - 1)
             if version > base and (ops[0].cond or " ")[0] == "=":
                 self.counters["presence_reaped"] += 1

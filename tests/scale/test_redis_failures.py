@@ -20,6 +20,8 @@ from broker.registry.database import decode_state
 from broker.registry.redis_admin import RedisAdmin
 from broker.registry.redis_connection import RedisOptions
 from broker.registry.redis_follow import MAX_BATCHES_WAITING
+from broker.registry.settings import RegistrySettings
+from broker.registry.shared_retry import RETRY_DELAY, RETRY_DELAY_MAX
 from broker.registry.shared import open_shared_registry
 
 from .redis_support import CuttingProxy, start_server_process
@@ -198,6 +200,44 @@ class RedisFailureTests(TestCase):
                          what="the replica")
         self.assertEqual(self.stored(number), ({"a": 1}, ["lost-event"]))
         self.assertEqual(len(self.state_entries(number)), 1)
+
+    @defer.inlineCallbacks
+    def test_retry_rounds_back_off_while_redis_is_away_and_start_over_once_it_answers(self):
+        """While Redis stays away, each round of sending kept writes again waits twice as
+        long as the last (up to RETRY_DELAY_MAX), so an outage costs a device a few calls,
+        not one a second; once Redis answers, the kept write lands and rounds start over."""
+        proxy = CuttingProxy(self, self.redis_port)
+        clock = task.Clock()
+        registry = open_shared_registry(
+            RedisOptions(url=f"redis://127.0.0.1:{proxy.port}/0", timeout=0.5),
+            reactor=reactor, clock=clock, lease_ttl=0, settings=RegistrySettings(
+                reload_interval=0))
+        registry.start()
+        self.addCleanup(registry.stop)
+        added = registry.add_device("dev-b")
+        clock.advance(0)
+        number = (yield added).device_number
+
+        def rounds_armed():
+            clock.advance(0)     # the registry's end-of-turn flush runs on this clock
+            call = registry._retry_call
+            return call and call.active() and round(call.getTime() - clock.seconds(), 3)
+
+        proxy.hold()             # a partition: every call times out
+        failed = registry.update_reported("dev-b", {"t": 1}, events=["held"])
+        clock.advance(0)
+        yield self.assertFailure(failed, errors.StoreError)
+        delays = []
+        for _ in range(6):
+            yield wait_until(self, rounds_armed, timeout=10, what="a retry round armed")
+            delays.append(rounds_armed())
+            clock.advance(delays[-1])
+        self.assertEqual(delays, [RETRY_DELAY * 2 ** i for i in range(5)] + [RETRY_DELAY_MAX])
+        proxy.release()          # the last round's call, held until now, goes through
+        yield wait_until(self, lambda: (clock.advance(0), self.stored(number)[1])[1],
+                         timeout=10, what="the kept report written")
+        self.assertEqual(self.stored(number), ({"t": 1}, ["held"]))
+        self.assertEqual(registry._retry_delay, RETRY_DELAY)
 
     @defer.inlineCallbacks
     def test_connection_lost_after_a_conditional_write_is_no_version_conflict(self):
