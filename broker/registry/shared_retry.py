@@ -15,6 +15,8 @@ of being applied twice (``Attempt``).
 
 from collections import deque
 
+from .values import FrozenMap
+
 #: seconds before writes of a failed call are sent again when the device
 #: writes nothing meanwhile (one timer for the registry, not one per device).
 RETRY_DELAY = 1.0
@@ -44,6 +46,48 @@ def _retained(op):
     """Whether a write of a failed call is kept to be sent again (a condition
     or an expected version is the caller's to retry: it got the failure)."""
     return op.kind != "barrier" and op.expected is None and op.cond is None
+
+
+def _compose(first, second):
+    """One merge patch (RFC 7386) doing ``first`` then ``second``, or None when no
+    single patch can: ``second`` merges a map into a key ``first`` deletes or
+    sets to something else than a map."""
+    out = dict(first)
+    for key, value in second.items():
+        if isinstance(value, dict) and key in out:
+            before = out[key]
+            if not isinstance(before, dict):
+                return None
+            value = _compose(before, value)
+            if value is None:
+                return None
+            value = FrozenMap(value)
+        out[key] = value
+    return out
+
+
+def coalesce(ops, max_events):
+    """Kept writes that wait behind a call in doubt, fewer: adjacent reports
+    become one (patches composed, events joined, at most ``max_events``) and
+    only the newest session record stays (a batch writes its last one anyway),
+    so that a device reporting through a long outage holds one write, not one
+    per report. Every write here has already been answered (failed)."""
+    out = []
+    newest_record = max((i for i, op in enumerate(ops) if op.kind == "session"), default=-1)
+    for i, op in enumerate(ops):
+        if op.kind == "session" and i != newest_record:
+            continue
+        last = out[-1] if out else None
+        if (op.kind == "reported" and last is not None and last.kind == "reported"
+                and len(last.events) + len(op.events) <= max_events):
+            patch = _compose(last.patch, op.patch)
+            if patch is not None:
+                merged = type(op)("reported", patch, tuple(last.events) + tuple(op.events))
+                merged.d = None
+                out[-1] = merged
+                continue
+        out.append(op)
+    return out
 
 
 class SharedRetries:
@@ -102,7 +146,8 @@ class SharedRetries:
             failing = ops + behind
             queue.clear()
             queue.extend(kept)
-            queue.extend(op for op in behind if _retained(op))
+            queue.extend(coalesce([op for op in behind if _retained(op)],
+                                  self.settings.max_events))
         for op in failing:
             if op.kind == "claim":
                 self._held.discard(number)    # not claimed: the next refresh tries again

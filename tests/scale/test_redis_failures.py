@@ -202,10 +202,11 @@ class RedisFailureTests(TestCase):
         self.assertEqual(len(self.state_entries(number)), 1)
 
     @defer.inlineCallbacks
-    def test_retry_rounds_back_off_while_redis_is_away_and_start_over_once_it_answers(self):
-        """While Redis stays away, each round of sending kept writes again waits twice as
-        long as the last (up to RETRY_DELAY_MAX), so an outage costs a device a few calls,
-        not one a second; once Redis answers, the kept write lands and rounds start over."""
+    def registry_on_a_clock(self):
+        """A started registry behind a CuttingProxy whose timers (end-of-turn flush,
+        retry rounds) run on a task.Clock; one device added. Returns (proxy, clock,
+        registry, device number, rounds_armed): the delay of the retry round armed
+        now, or False."""
         proxy = CuttingProxy(self, self.redis_port)
         clock = task.Clock()
         registry = open_shared_registry(
@@ -222,7 +223,14 @@ class RedisFailureTests(TestCase):
             clock.advance(0)     # the registry's end-of-turn flush runs on this clock
             call = registry._retry_call
             return call and call.active() and round(call.getTime() - clock.seconds(), 3)
+        return proxy, clock, registry, number, rounds_armed
 
+    @defer.inlineCallbacks
+    def test_retry_rounds_back_off_while_redis_is_away_and_start_over_once_it_answers(self):
+        """While Redis stays away, each round of sending kept writes again waits twice as
+        long as the last (up to RETRY_DELAY_MAX), so an outage costs a device a few calls,
+        not one a second; once Redis answers, the kept write lands and rounds start over."""
+        proxy, clock, registry, number, rounds_armed = yield self.registry_on_a_clock()
         proxy.hold()             # a partition: every call times out
         failed = registry.update_reported("dev-b", {"t": 1}, events=["held"])
         clock.advance(0)
@@ -238,6 +246,38 @@ class RedisFailureTests(TestCase):
                          timeout=10, what="the kept report written")
         self.assertEqual(self.stored(number), ({"t": 1}, ["held"]))
         self.assertEqual(registry._retry_delay, RETRY_DELAY)
+
+    @defer.inlineCallbacks
+    def test_reports_through_an_outage_are_kept_as_one_write_and_all_land(self):
+        """Reports a device makes while Redis is away are kept as one write behind the
+        report in doubt (patches composed, events joined in order, the newest session
+        record), not one each; once Redis is back the device holds every value and
+        event once."""
+        proxy, clock, registry, number, rounds_armed = yield self.registry_on_a_clock()
+        proxy.hold()
+        first = registry.update_reported("dev-b", {"t": 0, "m": {"a": 1}}, events=["e0"])
+        clock.advance(0)
+        yield self.assertFailure(first, errors.StoreError)
+        later = []
+        for i in range(1, 21):
+            later.append(registry.update_reported(
+                "dev-b", {"t": i, "m": {"b": i}}, events=[f"e{i}"]))
+            later.append(registry.save_session(number, SessionRecord(7, i, b"", 0, b"", 0, 0)))
+        yield wait_until(self, rounds_armed, timeout=10, what="a retry round armed")
+        clock.advance(rounds_armed())            # the report in doubt goes alone, and fails
+        yield wait_until(self, lambda: rounds_armed() == 2 * RETRY_DELAY, timeout=10,
+                         what="the second round armed")
+        for d in later:
+            yield self.assertFailure(d, errors.StoreError)
+        self.assertLessEqual(len(registry._queues[number]), 3)
+        proxy.release()
+        clock.advance(rounds_armed())
+        yield wait_until(self, lambda: (clock.advance(0), len(self.stored(number)[1]))[1] == 21,
+                         timeout=10, what="every event written")
+        self.assertEqual(self.stored(number),
+                         ({"t": 20, "m": {"a": 1, "b": 20}}, [f"e{i}" for i in range(21)]))
+        record = registry.session_record(number)
+        self.assertEqual((record.session_id, record.acked_remote_num), (7, 20))
 
     @defer.inlineCallbacks
     def test_connection_lost_after_a_conditional_write_is_no_version_conflict(self):
