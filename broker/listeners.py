@@ -44,7 +44,7 @@ def _parse_endpoint(config: Config, name: str, description: str, reactor, activa
     key = f"{name}.endpoint"
     try:
         if worker is not None and name == "http":
-            from broker.workers import ReusePortEndpoint, parse_tcp_endpoint
+            from broker.steering import ReusePortEndpoint, parse_tcp_endpoint
             host, _, backlog = parse_tcp_endpoint(description)
             return ReusePortEndpoint(reactor, host, worker[1], backlog), False
         return endpoints.serverFromString(reactor, description), True

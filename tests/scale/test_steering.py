@@ -9,8 +9,9 @@ import struct
 from twisted.trial.unittest import SkipTest, TestCase
 
 from broker.config import ConfigError
-from broker import workers as workers_module
-from broker.workers import SupervisorService, steered_udp_sockets, steering_program, worker_of
+from broker import steering as steering_module
+from broker.steering import steered_udp_sockets, steering_program, worker_of
+from broker.workers import SupervisorService
 
 
 def datagram(number, session_id=1):
@@ -136,7 +137,7 @@ class SteeringFallbackTests(TestCase):
         """A kernel that refuses the steering program gives the fallback of docs/scaling.md."""
         def refuse(sock, workers):
             raise OSError(92, "Protocol not available")
-        self.patch(workers_module, "attach_steering", refuse)
+        self.patch(steering_module, "attach_steering", refuse)
         with self.assertRaises(ConfigError) as caught:
             steered_udp_sockets("127.0.0.1", 0, 2)
         self.assertIn("docs/scaling.md", str(caught.exception))

@@ -15,7 +15,8 @@ from broker.node.client import NodeEndpoint
 from broker.node.session import NodeSession
 from broker.node.session_ids import SessionIds
 from broker.node.client import node_profile
-from broker.workers import SupervisorService, worker_of
+from broker.steering import worker_of
+from broker.workers import SupervisorService
 
 from .redis_support import start_single
 from .support import SingleRedis, open_registry_on, wait_until, write_worker_config
