@@ -101,10 +101,35 @@ class Metrics:
         return generate_latest(self.registry)
 
     def watch_registry(self, registry) -> None:
-        """Make the device and feed gauges read a DeviceRegistry when scraped."""
+        """Make the device and feed gauges read a DeviceRegistry when scraped,
+        and export its event counters (``registry.counters``) the same way."""
         self.devices_known.set_function(registry.__len__)
         self.feed_cursor.set_function(lambda: registry.cursor)
         self.devices_online.set_function(lambda: registry.online_count)
+        self.registry.register(RegistryEvents(registry.counters))
+
+
+class RegistryEvents:
+    """``broker_registry_events_total{event}``: what the registry counts in a plain
+    Counter (admin changes applied; with Redis: retries, stream catch-ups,
+    presence reaping, Redis losing data...), read when scraped."""
+
+    def __init__(self, counters) -> None:
+        self.counters = counters
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        family = self._family()
+        for event, count in sorted(self.counters.items()):
+            family.add_metric([event], count)
+        return [family]
+
+    @staticmethod
+    def _family():
+        return CounterMetricFamily("broker_registry_events", "Registry events by name "
+                                   "(docs/operations.md, docs/scaling.md).", labels=["event"])
 
 
 class CommitFigures:

@@ -631,7 +631,8 @@ class RedisLostDataTests(TestCase):
 
     @defer.inlineCallbacks
     def test_readyz_answers_503_once_redis_lost_data(self):
-        """A broker on Redis answers /readyz with 503 and the reason once Redis lost data."""
+        """A broker on Redis answers /readyz with 503 and the reason once Redis lost data,
+        and /metrics counts it (broker_registry_events_total{event="redis_lost"})."""
         from tests.helpers import http_json, loopback_config, start_broker
         running = yield start_broker(self, loopback_config(
             self, registry={"backend": "redis", "redis_url": self.url}))
@@ -645,6 +646,9 @@ class RedisLostDataTests(TestCase):
         code, _, body = yield http_json(self, "GET", url)
         self.assertEqual(code, 503)
         self.assertTrue(any("Redis lost data" in reason for reason in body["reasons"]))
+        lost = running.service.metrics.registry.get_sample_value(
+            "broker_registry_events_total", {"event": "redis_lost"})
+        self.assertEqual(lost, 1)
 
 
 @defer.inlineCallbacks
