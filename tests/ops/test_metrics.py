@@ -213,6 +213,17 @@ class EndpointFiguresTests(TestCase):
         _, self.token = yield self.registry.add_token("read")
 
     @defer.inlineCallbacks
+    def started_node(self, name):
+        """A real SSP node of a new device, talking to the broker on loopback."""
+        provisioned = yield self.registry.add_device(name)
+        node = SSPNode(provisioned.device_number, provisioned.secret,
+                       ("127.0.0.1", self.running.udp_port), interface="127.0.0.1",
+                       state_path=os.path.join(self.mktemp(), "ids.json"), heartbeat=2.0)
+        node.start()
+        self.addCleanup(node.stop)
+        return node
+
+    @defer.inlineCallbacks
     def test_websocket_clients_and_messages(self):
         """A WebSocket client counts while connected; its request and the answer count as messages."""
         client = yield connect(self.running.http_url, self.token)
@@ -255,12 +266,7 @@ class EndpointFiguresTests(TestCase):
     @defer.inlineCallbacks
     def test_ssp_session_figures(self):
         """A node's session counts as started and live, and the broker's answers as datagrams sent."""
-        provisioned = yield self.registry.add_device("node-9")
-        node = SSPNode(provisioned.device_number, provisioned.secret,
-                       ("127.0.0.1", self.running.udp_port), interface="127.0.0.1",
-                       state_path=os.path.join(self.mktemp(), "ids.json"), heartbeat=2.0)
-        node.start()
-        self.addCleanup(node.stop)
+        node = yield self.started_node("node-9")
         node.report({"t": 1})
         yield wait_for(lambda: node.acknowledged > 0)
         yield wait_for(lambda: sample(self.metrics, "broker_ssp_new_sessions_total") == 1)
@@ -272,12 +278,7 @@ class EndpointFiguresTests(TestCase):
     def test_refused_reports_counted_by_code(self):
         """A report the registry refuses (a key it does not take) is acknowledged, logged
         and counted under its error code."""
-        provisioned = yield self.registry.add_device("node-8")
-        node = SSPNode(provisioned.device_number, provisioned.secret,
-                       ("127.0.0.1", self.running.udp_port), interface="127.0.0.1",
-                       state_path=os.path.join(self.mktemp(), "ids.json"), heartbeat=2.0)
-        node.start()
-        self.addCleanup(node.stop)
+        node = yield self.started_node("node-8")
         node.report({"bad key": 1})
         yield wait_for(lambda: node.acknowledged > 0)
         yield wait_for(lambda: sample(self.metrics, "broker_ssp_reports_refused_total",

@@ -38,6 +38,14 @@ class ReplayMarkTests(SynchronousTestCase):
     def record(self, harness=None):
         return (harness or self.h).registry.session_record(self.device.device_number)
 
+    def assert_device_resumes(self, h2):
+        """The real device, reporting after the restart, resumes its session there."""
+        h2.nodes = self.h.nodes
+        self.node.report({"v": 3}, h2.clock.seconds())
+        h2.run(2.0)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 3})
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+
     def test_records_carry_the_mark(self):
         """The record written for a report holds the device's next expected sequence
         number at that time: above the captured datagram's, at most the session's now."""
@@ -57,11 +65,7 @@ class ReplayMarkTests(SynchronousTestCase):
         self.assertEqual(h2.endpoint.drops["replay"], len(self.captured))
         self.assertEqual(len(h2.endpoint), 0)
         self.assertEqual(h2.transport.written, [])
-        h2.nodes = self.h.nodes
-        self.node.report({"v": 3}, h2.clock.seconds())
-        h2.run(2.0)
-        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 3})
-        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assert_device_resumes(h2)
         self.assertEqual(self.node.sessions_started, 1)
         self.assertTrue(self.node.idle())
 
@@ -146,9 +150,5 @@ class ReplayMarkTests(SynchronousTestCase):
         self.assertEqual(h2.endpoint.drops["replay"], 1)
         self.assertIsNone(h2.endpoint.entry_of(self.device.device_number))
         self.assertEqual(h2.transport.written, [])
-        h2.nodes = self.h.nodes
-        self.node.report({"v": 3}, h2.clock.seconds())
-        h2.run(2.0)
-        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 3})
-        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assert_device_resumes(h2)
         self.assertTrue(self.node.idle())
