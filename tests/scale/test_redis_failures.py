@@ -51,6 +51,22 @@ class RedisFailureTests(TestCase):
         self.addCleanup(registry.stop)
         return registry
 
+    @defer.inlineCallbacks
+    def report_whose_reply_is_lost(self, name):
+        """A device added by another process, a registry behind a CuttingProxy (not
+        following the stream yet), and a report {"a": 1} with event "boot" whose
+        reply was lost after Redis ran it. Returns (admin, proxy, registry, number)."""
+        admin = RedisAdmin.open(RedisOptions(url=f"redis://127.0.0.1:{self.redis_port}/0"))
+        self.addCleanup(admin.close)
+        admin.add_device(name)
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port, start=False)
+        number = registry.device(name).device_number
+        proxy.cut_reply(OK_REPLY)
+        yield self.assertFailure(registry.update_reported(name, {"a": 1}, events=["boot"]),
+                                 errors.StoreError)
+        return admin, proxy, registry, number
+
     def stored(self, number):
         """The device's reported map and the events of its history, as Redis holds them."""
         state = decode_state(self.direct.hget(f"{{ssp}}:d:{number}", "s"))
@@ -95,17 +111,9 @@ class RedisFailureTests(TestCase):
         device's next report (built on it, as the endpoint builds it), and when Redis
         answers "stale" the stream shows it was this process's: its events are in the
         device's history once, the next report's after them."""
-        admin = RedisAdmin.open(RedisOptions(url=f"redis://127.0.0.1:{self.redis_port}/0"))
-        self.addCleanup(admin.close)
-        admin.add_device("dev-a")
-        proxy = CuttingProxy(self, self.redis_port)
         # Not following the stream yet: the retry reaches Redis before this
         # process learns that the lost call was applied.
-        registry = self.open_registry(proxy.port, start=False)
-        number = registry.device("dev-a").device_number
-        proxy.cut_reply(OK_REPLY)
-        yield self.assertFailure(registry.update_reported("dev-a", {"a": 1}, events=["boot"]),
-                                 errors.StoreError)
+        admin, proxy, registry, number = yield self.report_whose_reply_is_lost("dev-a")
         self.assertEqual(proxy.cuts, 1)
         self.assertEqual(self.stored(number), ({"a": 1}, ["boot"]))
         later = registry.update_reported("dev-a", {"b": 2}, events=["tick"])
@@ -123,15 +131,7 @@ class RedisFailureTests(TestCase):
         """A report Redis applied whose reply was lost, and whose stream entry was trimmed
         before this process read it, is recognised as applied from the device's history
         after the catch-up: its events are stored once, the next report's after them."""
-        admin = RedisAdmin.open(RedisOptions(url=f"redis://127.0.0.1:{self.redis_port}/0"))
-        self.addCleanup(admin.close)
-        admin.add_device("dev-h")
-        proxy = CuttingProxy(self, self.redis_port)
-        registry = self.open_registry(proxy.port, start=False)
-        number = registry.device("dev-h").device_number
-        proxy.cut_reply(OK_REPLY)
-        yield self.assertFailure(registry.update_reported("dev-h", {"a": 1}, events=["boot"]),
-                                 errors.StoreError)
+        admin, proxy, registry, number = yield self.report_whose_reply_is_lost("dev-h")
         self.direct.xtrim("{ssp}:feed", maxlen=0)
         admin.add_device("dev-later")       # the entry after the gap
         registry.start()
