@@ -662,6 +662,8 @@ def measure_throughput(devices: int, seconds: float, workdir: str) -> dict:
             counters = broker.ask("stats")["counters"]
             first = counters.get("updates_durable", 0)
             first_writes = counters.get("registry_writes", 0)
+            first_in = counters.get("datagrams_in", 0)
+            first_out = counters.get("datagrams_out", 0)
             cpu = cpu_seconds(broker.pid), cpu_seconds(clients.pid)
             begin = time.monotonic()
             result = clients.read()
@@ -671,6 +673,8 @@ def measure_throughput(devices: int, seconds: float, workdir: str) -> dict:
             counters = broker.ask("stats")["counters"]
             last = counters.get("updates_durable", 0)
             writes = counters.get("registry_writes", 0) - first_writes
+            datagrams_in = counters.get("datagrams_in", 0) - first_in
+            datagrams_out = counters.get("datagrams_out", 0) - first_out
         finally:
             clients.stop()
     finally:
@@ -695,6 +699,9 @@ def measure_throughput(devices: int, seconds: float, workdir: str) -> dict:
             # Device updates written to the registry (a device's reports of one
             # reactor turn are written as one).
             "ssp_registry_writes_per_second": round(writes / elapsed),
+            # The broker's datagrams per durable update, each way.
+            "ssp_datagrams_in_per_update": round(datagrams_in / updates, 2),
+            "ssp_datagrams_out_per_update": round(datagrams_out / updates, 2),
             "bare_replies_per_second": round(bare_rate),
             "ratio": round(ssp_rate / bare_rate, 3) if bare_rate else None,
             # CPU (user + system) per update of each process, and its share of the run.

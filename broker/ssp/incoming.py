@@ -26,7 +26,11 @@ from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
                                     UINT64_MAX, inflate, parse_instruction)
 from broker.ssp.receiver import UNCHANGED
 
-__all__ = ["Incoming"]
+__all__ = ["Incoming", "MAX_ACKS_WAITING"]
+
+#: Arrival times kept per session for states whose ack waits for
+#: durability; later ones are taken to have come with the last kept one.
+MAX_ACKS_WAITING = 8
 
 _fragment_header = struct.Struct(">QH").unpack_from
 _FRAGMENT_END = TIMESTAMP_SIZE + FRAGMENT_HEADER_SIZE
@@ -160,5 +164,13 @@ class Incoming:
             sender.ack_num = num
             if wants_ack:
                 sender.set_data_ack(now)
-        elif wants_ack and self._ack_since is None:
-            self._ack_since = now
+        elif wants_ack:
+            # Held until durable: remember when it came, so that its ack
+            # is due ACK_DELAY after its own arrival (confirm_durable).
+            waiting = self._ack_waiting
+            if waiting is None:
+                self._ack_waiting = [num, now]
+            elif len(waiting) < MAX_ACKS_WAITING * 2:
+                waiting += (num, now)
+            # Else the last entry's earlier time stands for this state too:
+            # its ack may come early, never late.

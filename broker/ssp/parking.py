@@ -89,7 +89,7 @@ class Parking:
                 or sender.ack_num != self._receiver.newest_num
                 or sender.next_wakeup() is not None
                 or self._assembly is not None or self._events is not None
-                or self._ack_since is not None
+                or self._ack_waiting is not None
                 or link.remote_address is None):
             return None
         rtt = link.rtt
@@ -129,7 +129,7 @@ class Parking:
         session._assembly = None
         session._events = None
         session._flags = cls._initial_flags(is_server, ack_requires_confirm)
-        session._ack_since = None
+        session._ack_waiting = None
         session._seq_reserved = parked.seq_reserved
         session._sender = sender = Sender(
             parked.local_state, now, profile,

@@ -75,7 +75,7 @@ class SSPSession(Incoming, Parking, Outgoing):
 
     __slots__ = ("_key", "_ciphers", "_random_bytes", "_header", "_link",
                  "_sender", "_receiver", "_assembly", "_events", "_flags",
-                 "_ack_since", "_emitted_num", "_seq_reserved",
+                 "_ack_waiting", "_emitted_num", "_seq_reserved",
                  "_max_assembly")
 
     def __init__(self, *, key: bytes, cipher_provider, is_server: bool,
@@ -105,7 +105,7 @@ class SSPSession(Incoming, Parking, Outgoing):
         self._max_assembly = _assembly_cap(max_assembly_bytes)
         self._events = None
         self._flags = self._initial_flags(is_server, ack_requires_confirm)
-        self._ack_since = None
+        self._ack_waiting = None
         heartbeats = profile.broker_heartbeats or not is_server
         zero = remote_state if framing is not None else None
         if resume is None:
@@ -249,7 +249,7 @@ class SSPSession(Incoming, Parking, Outgoing):
     def idle(self) -> bool:
         """Nothing in flight: all acknowledged, nothing held or assembled."""
         return (self._sender.idle and self._assembly is None
-                and self._events is None and self._ack_since is None
+                and self._events is None and self._ack_waiting is None
                 and self._sender.ack_num == self._receiver.newest_num)
 
     # -- for parking (see broker.ssp.parking) -------------------------------
@@ -285,20 +285,23 @@ class SSPSession(Incoming, Parking, Outgoing):
         self._refresh(now)
 
     def confirm_durable(self, num: int) -> None:
-        """The owner made our received state ``num`` durable: ack it."""
+        """The owner made our received state ``num`` durable: ack it within
+        ACK_DELAY of that state's arrival, as mosh acks a state with data."""
         sender = self._sender
         newest = self._receiver.newest_num
         if num <= sender.ack_num or num > newest:
             return
+        waiting = self._ack_waiting
         if num >= self._emitted_num:
             # The newest state equals the one reported as ``num``.
             sender.ack_num = newest
-            since, self._ack_since = self._ack_since, None
+            self._ack_waiting = None
         else:
             sender.ack_num = num
-            since = self._ack_since
-        if since is not None:
-            sender.set_data_ack(since)
+            if waiting is not None:
+                self._ack_waiting = _still_waiting(waiting, num)
+        if waiting is not None and waiting[0] <= num:
+            sender.set_data_ack(waiting[1])
 
     # -- outputs ------------------------------------------------------------
 
@@ -365,3 +368,18 @@ class SSPSession(Incoming, Parking, Outgoing):
         if self._flags & CLOSED:
             return
         self._sender.calculate_timers(now, self._link.rtt)
+
+
+def _still_waiting(waiting: list, num: int) -> list | None:
+    """The arrival list ([num, time, ...]) left once states up to ``num``
+    are acknowledged: the states above ``num`` that came before the next
+    kept entry are taken to have come with the last entry dropped."""
+    index = 0
+    while index < len(waiting) and waiting[index] <= num:
+        index += 2
+    if index == 0:
+        return waiting
+    rest = waiting[index:]
+    if not rest or rest[0] > num + 1:
+        rest[:0] = (num + 1, waiting[index - 1])
+    return rest

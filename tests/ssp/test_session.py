@@ -6,6 +6,8 @@ import os
 import random
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.ssp import events
@@ -83,6 +85,42 @@ def decode_out(session, data):
     _, _, plaintext = open_sealed(CipherCache().get(session.key), data)
     _, _, payload = decode_plaintext(plaintext)
     return decode_instruction(Fragment.decode(payload).contents)
+
+
+def held_ack_run(*, period, lag, ticks=400, step=0.005):
+    """Drive a device and a broker (acks held until durable) in ``step``
+    increments: a new device state every ``period`` steps, each received
+    state confirmed durable ``lag`` seconds after it came. Returns the
+    arrival and durable time of each state number, and the broker's
+    datagrams as (time, ack_num), for the states whose ack is due in time."""
+    device, broker = broker_pair(10.0, ack_requires_confirm=True)
+    arrived, durable, confirms, acks = {}, {}, [], []
+    for tick in range(ticks):
+        now = round(10.0 + tick * step, 3)
+        if tick % period == 0:
+            device.set_local_state(
+                DeviceState.empty().with_values({"n": tick}), now)
+        deliver(device, broker, now, DEVICE_ADDRESS)
+        for event in of_type(broker.pop_events(), events.StateReceived):
+            arrived[event.num] = now
+            confirms.append((round(now + lag, 3), event.num))
+        while confirms and confirms[0][0] <= now:
+            when, num = confirms.pop(0)
+            durable[num] = when
+            broker.confirm_durable(num)
+        for data, _ in deliver(broker, device, now, BROKER_ADDRESS):
+            acks.append((now, decode_out(broker, data).ack_num))
+        device.pop_events()
+    horizon = 10.0 + ticks * step - FLEET.ack_delay - 2 * step
+    late = {num for num, when in arrived.items()
+            if max(when + FLEET.ack_delay, durable.get(num, horizon + 1)) > horizon}
+    return ({num: when for num, when in arrived.items() if num not in late},
+            durable, acks)
+
+
+def first_ack(acks, num):
+    """When the first of the broker's datagrams acknowledging ``num`` left."""
+    return min(sent for sent, acked in acks if acked >= num)
 
 
 class MoshVectorTests(SynchronousTestCase):
@@ -378,6 +416,30 @@ class SessionTests(SynchronousTestCase):
         link.run_until(12.2, 12.0)
         self.assertIn(events.StateAcknowledged(received.num),
                       link.device_events)
+
+    def test_held_acks_keep_the_ack_delay(self):
+        """A device reporting faster than ACK_DELAY, each state durable 50 ms
+        after it came (so a newer one is always in flight), gets one ack per
+        ACK_DELAY or so, not one per state, and every state's ack leaves
+        within ACK_DELAY of its arrival."""
+        arrived, durable, acks = held_ack_run(period=8, lag=0.05)
+        self.assertGreaterEqual(len(arrived), 45)
+        self.assertLess(len(acks), len(arrived) * 2 / 3)
+        for num, when in arrived.items():
+            self.assertLessEqual(first_ack(acks, num) - when,
+                                 FLEET.ack_delay + 1e-6)
+
+    @settings(max_examples=40, deadline=None)
+    @given(period=st.integers(1, 40), lag=st.integers(0, 60))
+    def test_held_ack_never_late(self, period, lag):
+        """Whatever the report period and the store's delay, a state's ack
+        leaves by ACK_DELAY after its arrival or at once when it becomes
+        durable, whichever is later."""
+        arrived, durable, acks = held_ack_run(period=period, lag=lag * 0.005)
+        self.assertTrue(arrived)
+        for num, when in arrived.items():
+            due = max(when + FLEET.ack_delay, durable[num])
+            self.assertLessEqual(first_ack(acks, num), due + 1e-6)
 
     def test_heartbeats_acked_without_confirmation(self):
         """A heartbeat after a confirmed state changes nothing durable and
