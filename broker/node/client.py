@@ -12,6 +12,7 @@ timer.  Calls into the core through ``NodeSession``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import struct
 import time
@@ -43,6 +44,24 @@ def _bind_address(broker_host: str) -> str:
     return "::" if ":" in broker_host else "0.0.0.0"
 
 
+def _numeric(address) -> tuple:
+    """(host, port) with a numeric host: datagrams go out without a lookup each."""
+    host, port = address[0], address[1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"broker address {host!r} is not a numeric IP address; "
+                         "resolve it first (broker-node does)") from None
+    return (host, port)
+
+
+def _sender_of(port):
+    """The port's socket.sendto: Port.write checks every address again, and
+    ours are the broker's, checked once."""
+    socket = getattr(port, "socket", None)
+    return socket.sendto if socket is not None else port.write
+
+
 class _NodeSocket(DatagramProtocol):
     """One UDP socket of a NodeEndpoint; hands every datagram to it."""
 
@@ -66,12 +85,13 @@ class NodeEndpoint:
                  interface: str | None = None, cipher_cache_size: int = 1024) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        self.broker_address = (broker_address[0], broker_address[1])
+        self.broker_address = _numeric(broker_address)
         self.reactor = reactor
         self._now = now or time.monotonic
         self._interface = interface or _bind_address(self.broker_address[0])
         self._socket_count = max(1, sockets)
         self._ports: list = []
+        self._senders: list = []  # each port's sendto (the socket's own, as the broker)
         self._nodes: dict[int, NodeSession] = {}
         self._slot: dict[int, int] = {}
         self.ciphers = CipherCache(cipher_cache_size)
@@ -88,6 +108,7 @@ class NodeEndpoint:
         while len(self._ports) < self._socket_count:
             self._ports.append(self.reactor.listenUDP(0, _NodeSocket(self),
                                                       interface=self._interface))
+        self._senders = [_sender_of(port) for port in self._ports]
 
     def local_ports(self) -> list[int]:
         """The source ports in use."""
@@ -99,7 +120,7 @@ class NodeEndpoint:
         Returns a Deferred that fires when the old sockets are closed.
         """
         from twisted.internet import defer
-        old, self._ports = self._ports, []
+        old, self._ports, self._senders = self._ports, [], []
         self.listen()
         return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in old])
 
@@ -108,7 +129,7 @@ class NodeEndpoint:
         from twisted.internet import defer
         self._stopped = True
         self.scheduler.stop()
-        ports, self._ports = self._ports, []
+        ports, self._ports, self._senders = self._ports, [], []
         return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
 
     # -- sessions ------------------------------------------------------------------
@@ -168,11 +189,12 @@ class NodeEndpoint:
 
     def _flush(self, node: NodeSession, now: float) -> None:
         out = node.datagrams(now)
-        if out and self._ports:
-            port = self._ports[self._slot.get(node.device_number, 0) % len(self._ports)]
+        senders = self._senders
+        if out and senders:
+            sendto = senders[self._slot.get(node.device_number, 0) % len(senders)]
             for data, address in out:
                 try:
-                    port.write(data, address)
+                    sendto(data, address)
                     self.datagrams_out += 1
                 except OSError:
                     self.send_errors += 1  # loss: SSP resends
