@@ -87,6 +87,10 @@ class BrokerSettings:
     data_dir: str = _setting("broker-data", check=_not_empty)
     workers: int = _setting(1, minimum=1, maximum=64)
     stop_timeout: float = _setting(10.0, minimum=0.0, maximum=300.0)
+    # A worker failing this often within the window, without a stable run,
+    # stops the broker with a failure (broker/workers.py); 0: restart forever.
+    worker_failure_limit: int = _setting(5, minimum=0, maximum=1000)
+    worker_failure_window: float = _setting(300.0, minimum=1.0, maximum=86400.0)
 
 
 @dataclass(frozen=True, slots=True)

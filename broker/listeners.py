@@ -47,6 +47,12 @@ def _parse_endpoint(config: Config, name: str, description: str, reactor, activa
             from broker.steering import ReusePortEndpoint, parse_tcp_endpoint
             host, _, backlog = parse_tcp_endpoint(description)
             return ReusePortEndpoint(reactor, host, worker[1], backlog), False
+        if worker is not None and name == "metrics":
+            from broker.steering import worker_metrics_address
+            host, port, backlog = worker_metrics_address(description, worker[0],
+                                                         config.broker.workers)
+            kind = endpoints.TCP6ServerEndpoint if ":" in host else endpoints.TCP4ServerEndpoint
+            return kind(reactor, port, backlog, interface=host), True
         return endpoints.serverFromString(reactor, description), True
     except OSError as problem:
         # ssl: endpoints read their certificate and key files while parsing.
@@ -127,7 +133,11 @@ def config_error_on_bind_failure(config: Config, name: str):
 
 
 def when_listening(endpoint_service) -> defer.Deferred:
-    """The IListeningPort of a started StreamServerEndpointService, leaving its own result intact."""
+    """The IListeningPort of a started StreamServerEndpointService, leaving its own result
+    intact; None for a listener that never started (the broker failed to start)."""
+    waiting = endpoint_service._waitingForPort
+    if waiting is None:
+        return defer.succeed(None)
     found = defer.Deferred()
 
     def share(port):
@@ -138,7 +148,7 @@ def when_listening(endpoint_service) -> defer.Deferred:
         found.errback(failure)
         return failure
 
-    endpoint_service._waitingForPort.addCallbacks(share, failed)
+    waiting.addCallbacks(share, failed)
     return found
 
 

@@ -99,14 +99,28 @@ def reserve_tcp_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def parse_tcp_endpoint(description: str) -> tuple[str, int, int]:
-    """(interface, port, backlog) of a ``tcp:PORT[:interface=H][:backlog=N]`` endpoint string."""
+def parse_tcp_endpoint(description: str, key: str = "http.endpoint") -> tuple[str, int, int]:
+    """(interface, port, backlog) of a ``tcp:PORT[:interface=H][:backlog=N]`` endpoint
+    string; ``key`` names the setting in the refusal."""
     parts = description.split(":")
     if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit():
-        raise ConfigError(f"http.endpoint: workers > 1 need a plain tcp:PORT endpoint "
+        raise ConfigError(f"{key}: workers > 1 need a plain tcp:PORT endpoint "
                           f"(TLS belongs on a proxy in front), not {description!r}")
     options = dict(part.split("=", 1) for part in parts[2:] if "=" in part)
     return options.get("interface", "0.0.0.0"), int(parts[1]), int(options.get("backlog", 50))
+
+
+def worker_metrics_address(description: str, index: int, count: int) -> tuple[str, int, int]:
+    """(interface, port, backlog) of worker ``index``'s own metrics listener.
+
+    Each worker is a scrape target of its own (its counters are its own):
+    ``tcp:PORT`` gives worker i the port PORT + i, ``tcp:0`` an ephemeral one.
+    """
+    host, port, backlog = parse_tcp_endpoint(description, "metrics.endpoint")
+    if port and port + count - 1 > 65535:
+        raise ConfigError(f"metrics.endpoint: worker i listens on port {port} + i, and "
+                          f"{count} workers need ports up to {port + count - 1} (max 65535)")
+    return host, (port + index if port else 0), backlog
 
 
 @implementer(IStreamServerEndpoint)

@@ -13,8 +13,17 @@ group and move other workers' devices); datagrams wait in its buffer until
 the restarted worker adopts the same socket and resumes the sessions from
 their records in the shared registry (Redis).
 
-A worker stops when its supervisor is gone (SupervisorPipe): orphans
-would keep their sockets in the group, ahead of a new supervisor's.
+A worker that keeps failing is not restarted forever: after
+``[broker] worker_failure_limit`` failures within ``worker_failure_window``
+seconds without a stable run, the supervisor gives up, stops the other
+workers and makes the broker exit with status 1 (GAVE_UP), so that systemd
+sees a failure instead of an "active" service flapping inside. Under
+systemd the supervisor, not a worker, says READY=1 and pets the watchdog.
+
+A worker stops when its supervisor is gone (broker.worker.SupervisorPipe): orphans
+would keep their sockets in the group, ahead of a new supervisor's. The
+same pipe carries the supervisor's restart counts, which every worker
+exports (broker_worker_restarts_total), whichever of them a scrape reaches.
 
 HTTP: each worker listens on the HTTP port with its own SO_REUSEPORT
 socket, so the kernel spreads connections over the live workers; requests
@@ -23,21 +32,23 @@ need no steering because all state is in the shared registry.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import json
 import os
 import signal
-import stat
 import sys
 
 from twisted.application.service import MultiService
-from twisted.internet import defer, error, fdesc, protocol
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
-from zope.interface import implementer
 
-from broker.config import ConfigError
+from broker.config import ConfigError, load_config
 from broker.listeners import bind_failure
-from broker.steering import parse_tcp_endpoint, reserve_tcp_port, steered_udp_sockets
+from broker.steering import (parse_tcp_endpoint, reserve_tcp_port, steered_udp_sockets,
+                             worker_metrics_address)
+from broker.systemd import Notifier
+from broker.worker import STATUS_FD, UDP_FD
 
 log = Logger()
 
@@ -45,13 +56,48 @@ log = Logger()
 RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 10.0
 #: seconds a worker must have run for its next crash to count as a first one
-#: again (restart after RESTART_DELAY, not after the last, longer delay).
+#: again (restart after RESTART_DELAY, not after the last, longer delay; its
+#: earlier failures no longer count towards [broker] worker_failure_limit).
 STABLE_AFTER = 60.0
-#: seconds between the status lines a worker writes to its supervisor.
-STATUS_INTERVAL = 1.0
-#: the inherited descriptors of a worker.
-UDP_FD = 3
-STATUS_FD = 4
+#: exit status of a broker whose supervisor gave up on a failing worker.
+GAVE_UP = 1
+#: the one critical line of a supervisor that gives up on a worker.
+GIVE_UP_MESSAGE = (
+    "worker {index} failed {failures} times in {span} s without a stable run (last: "
+    "{status}): giving up, stopping the other workers and exiting with status "
+    "{exit_status}; the worker's own log lines above say why it fails (a config file it "
+    "re-read, the registry, a missing resource): fix that, then start the broker again "
+    "([broker] worker_failure_limit and worker_failure_window set this limit)")
+
+
+def describe_exit(reason) -> str:
+    """How a process ended, for the operator: "exit status 2", "killed by signal 9 (SIGKILL)"."""
+    number = getattr(reason, "signal", None)
+    if number:
+        try:
+            return f"killed by signal {number} ({signal.Signals(number).name})"
+        except ValueError:
+            return f"killed by signal {number}"
+    code = getattr(reason, "exitCode", None)
+    return f"exit status {code}" if code is not None else str(reason)
+
+
+def exit_with_status_at_exit(status: int) -> None:
+    """Make this process exit with ``status`` once twistd has returned.
+
+    twistd exits 0 after a reactor stop, whatever stopped it, and catches
+    every exception raised while the reactor runs; the only place left is
+    the interpreter's exit. Handlers run last registered first, so this one
+    runs before the rest, which it skips (ours are done: the log is closed).
+    """
+    def leave():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+    atexit.register(leave)
 
 
 # -- the supervisor -------------------------------------------------------------
@@ -99,16 +145,29 @@ class SupervisorService(MultiService):
         self.config_path = config_path
         self.reactor = reactor
         self.environ = dict(os.environ if environ is None else environ)
-        # systemd notifications come from the supervisor only.
+        # systemd notifications come from the supervisor only (NotifyAccess=main).
+        self.notifier = Notifier(reactor, dict(self.environ))
+        self.notifier.setServiceParent(self)
         self.environ.pop("NOTIFY_SOCKET", None)
         self.count = config.broker.workers
+        self.failure_limit = config.broker.worker_failure_limit
+        self.failure_window = config.broker.worker_failure_window
         self.workers = {}
         self.processes = {}
-        self.restarts = 0
+        #: restarts of each worker, told to every worker (its metrics).
+        self.restart_counts = [0] * self.count
         self._delay = {}
+        self._failures = {}      # index -> times of its failures since its last stable run
         self._restarting = {}    # index -> the pending restart call
         self._stopping = False
+        #: the critical line, once the supervisor gave up on a worker.
+        self.gave_up = None
+        #: fires with that line once the supervisor gave up and has stopped.
+        self.given_up = defer.Deferred()
         host, port, _ = parse_tcp_endpoint(config.http.endpoint)
+        if config.metrics.enabled and config.metrics.endpoint:
+            # Refused once here, not by every worker at its start.
+            worker_metrics_address(config.metrics.endpoint, 0, self.count)
         try:
             self.udp_sockets = (steered_udp_sockets(config.ssp.host, config.ssp.port, self.count)
                                 if config.ssp.enabled else [])
@@ -127,22 +186,33 @@ class SupervisorService(MultiService):
     #: twistd's log observer (set by broker.tap), handed to the Application.
     log_observer = None
     stable_after = STABLE_AFTER
+    #: whether giving up stops the reactor and sets the exit status: true under
+    #: twistd (an Application parent); elsewhere (tests) only this service stops.
+    exit_on_give_up = False
+
+    @property
+    def restarts(self):
+        """Worker restarts since the supervisor started, all workers together."""
+        return sum(self.restart_counts)
 
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
-        if self.log_observer is not None and hasattr(parent, "setComponent"):
-            from twisted.logger import ILogObserver
-            parent.setComponent(ILogObserver, self.log_observer)
+        if hasattr(parent, "setComponent"):
+            self.exit_on_give_up = True
+            if self.log_observer is not None:
+                from twisted.logger import ILogObserver
+                parent.setComponent(ILogObserver, self.log_observer)
 
     def startService(self):
         super().startService()
         self._stopping = False
         for index in range(self.count):
             self._spawn(index)
+        self._tell_restarts()
 
     def _spawn(self, index):
         worker = _Worker(self, index, self.reactor.seconds())
-        args = [sys.executable, "-m", "broker.workers", "--index", str(index),
+        args = [sys.executable, "-m", "broker.worker", "--index", str(index),
                 "--http-port", str(self.http_port)]
         if self.config_path:
             args += ["--config", os.path.abspath(self.config_path)]
@@ -155,23 +225,47 @@ class SupervisorService(MultiService):
         log.info("worker {index} started (pid {pid})", index=index,
                  pid=self.processes[index].pid)
 
+    def _tell_restarts(self):
+        """Send the restart counts down every worker's stdin (broker.worker.SupervisorPipe)."""
+        line = json.dumps({"restarts": self.restart_counts}).encode() + b"\n"
+        for process in self.processes.values():
+            process.write(line)
+
     def status_changed(self, worker):
         if not self.ready.called and all(w.status.get("ready") for w in self.workers.values()) \
                 and len(self.workers) == self.count:
             self.ready.callback(self)
+            where = f"HTTP on port {self.http_port}" + (
+                f", SSP on UDP port {self.udp_port}" if self.udp_port is not None else "")
+            self.notifier.ready(f"{self.count} workers ready; {where}")
 
     def worker_ended(self, worker, reason):
         if self.workers.get(worker.index) is not worker:
             return
+        status = describe_exit(reason)
         if self._stopping:
+            log.info("worker {index} stopped ({status})", index=worker.index, status=status)
             return
-        if self.reactor.seconds() - worker.started >= self.stable_after:
+        now = self.reactor.seconds()
+        failures = self._failures.setdefault(worker.index, collections.deque())
+        if now - worker.started >= self.stable_after:
+            # A stable run: this crash is a first one again.
             self._delay.pop(worker.index, None)
+            failures.clear()
+        failures.append(now)
+        while now - failures[0] > self.failure_window:
+            failures.popleft()
+        if self.failure_limit and len(failures) >= self.failure_limit:
+            self._give_up(worker.index, status, now - failures[0])
+            return
         delay = self._delay.get(worker.index, RESTART_DELAY)
         self._delay[worker.index] = min(RESTART_DELAY_MAX, delay * 2)
-        self.restarts += 1
-        log.error("worker {index} exited ({reason}); restarting it in {delay} s",
-                  index=worker.index, reason=str(reason), delay=delay)
+        self.restart_counts[worker.index] += 1
+        log.error("worker {index} exited ({status}); restarting it in {delay} s "
+                  + ("(failure {failures} of {limit} allowed within {window} s)"
+                     if self.failure_limit else "(worker_failure_limit = 0: never given up)"),
+                  index=worker.index, status=status, delay=delay, failures=len(failures),
+                  limit=self.failure_limit, window=self.failure_window)
         self._restarting[worker.index] = self.reactor.callLater(delay, self._restart,
                                                                 worker.index)
 
@@ -179,6 +273,24 @@ class SupervisorService(MultiService):
         del self._restarting[index]
         if not self._stopping:
             self._spawn(index)
+            self._tell_restarts()
+
+    def _give_up(self, index, status, span):
+        """Stop restarting: a worker that keeps failing needs the operator."""
+        fields = {"index": index, "failures": self.failure_limit, "span": round(span, 1),
+                  "status": status, "exit_status": GAVE_UP}
+        self.gave_up = GIVE_UP_MESSAGE.format(**fields)
+        log.critical(GIVE_UP_MESSAGE, **fields)
+        self.notifier.send(f"STATUS=gave up: worker {index} keeps failing ({status})")
+        if not self.exit_on_give_up:
+            self.stopService().addErrback(
+                lambda failure: log.failure("stopping after giving up failed", failure))
+            return
+        exit_with_status_at_exit(GAVE_UP)
+        try:
+            self.reactor.stop()    # twistd stops the Application, hence this service
+        except error.ReactorNotRunning:
+            pass
 
     def signal_worker(self, index, number):
         """Send a signal to one worker (tests kill workers with SIGKILL)."""
@@ -188,9 +300,15 @@ class SupervisorService(MultiService):
             pass
 
     def reload(self):
-        """SIGHUP: every worker re-reads the config file."""
+        """SIGHUP: every worker re-reads the config file; the supervisor its failure limit."""
         for index in list(self.processes):
             self.signal_worker(index, "HUP")
+        try:
+            settings = load_config(self.config_path).broker
+        except ConfigError:
+            return    # the workers log the refusal and keep their settings; so do we
+        self.failure_limit = settings.worker_failure_limit
+        self.failure_window = settings.worker_failure_window
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -198,6 +316,10 @@ class SupervisorService(MultiService):
         for call in self._restarting.values():
             call.cancel()
         self._restarting.clear()
+        if self.gave_up is None:
+            self.notifier.stopping()
+        else:
+            self.notifier.send("STOPPING=1")
         yield super().stopService()
         ends = [w.ended for w in self.workers.values() if not w.ended.called]
         for index in list(self.processes):
@@ -210,120 +332,9 @@ class SupervisorService(MultiService):
         for sock in self.udp_sockets:
             sock.close()
         self.http_reservation.close()
+        if self.gave_up is not None and not self.given_up.called:
+            self.given_up.callback(self.gave_up)
 
     def _kill_all(self):
         for index in list(self.processes):
             self.signal_worker(index, "KILL")
-
-
-# -- a worker process -------------------------------------------------------------
-
-
-@implementer(IReadDescriptor)
-class SupervisorPipe:
-    """A worker's stdin: a pipe whose other end only the supervisor holds.
-
-    It reaches end-of-file when the supervisor dies, also by SIGKILL, and the
-    worker then stops gracefully: an orphaned worker would keep serving its
-    socket of the reuseport group, and a new supervisor's sockets would join
-    that group behind the orphans' (the steering program picks among the
-    first N), so the new workers would get no datagrams."""
-
-    def __init__(self, reactor, fd=0):
-        self.reactor = reactor
-        self.fd = fd
-        self.stopping = False
-        fdesc.setNonBlocking(fd)
-        reactor.addSystemEventTrigger("before", "shutdown", setattr, self, "stopping", True)
-
-    def fileno(self):
-        return self.fd
-
-    def logPrefix(self):
-        return "supervisor-pipe"
-
-    def doRead(self):
-        try:
-            data = os.read(self.fd, 4096)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return error.ConnectionLost()
-        return None if data else error.ConnectionDone()
-
-    def connectionLost(self, reason):
-        # End of the pipe or a hang-up (epoll reports one without a read), not
-        # the reactor dropping its readers as it stops.
-        if not self.stopping:
-            log.warn("the supervisor is gone: stopping this worker")
-            self.reactor.stop()
-
-
-def watch_supervisor(reactor, fd=0):
-    """Stop the reactor when the supervisor's pipe on ``fd`` closes (a no-op
-    when ``fd`` is not a pipe: a worker started by hand)."""
-    if stat.S_ISFIFO(os.fstat(fd).st_mode):
-        reactor.addReader(SupervisorPipe(reactor, fd))
-
-
-def _status_writer(service, index, stream):
-    def write(ready=True):
-        udp = getattr(service, "ssp_endpoint", None)
-        status = {"index": index, "pid": os.getpid(), "ready": ready,
-                  "sessions": len(udp) if udp is not None else 0,
-                  "counters": dict(udp.counters) if udp is not None else {},
-                  "devices": sorted(getattr(udp.table, "_sessions", ())) if udp is not None
-                  and os.environ.get("SSP_WORKER_REPORT_DEVICES") else None}
-        try:
-            stream.write(json.dumps(status) + "\n")
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    return write
-
-
-def worker_main(argv=None):
-    """``python -m broker.workers --index I --http-port P [--config PATH]``: one worker."""
-    import argparse
-
-    from twisted.internet import reactor
-    from twisted.internet.task import LoopingCall
-    from twisted.logger import globalLogBeginner
-
-    from broker.config import load_config
-    from broker.lifecycle import SignalHandlers
-    from broker.logs import LogControl, make_observer
-    from broker.service import make_service, tune_garbage_collector
-    from broker.systemd import Activation
-
-    parser = argparse.ArgumentParser(prog="broker.workers")
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--http-port", type=int, required=True)
-    parser.add_argument("--config")
-    args = parser.parse_args(argv)
-    config = load_config(args.config)
-    control = LogControl(config.log.level)
-    globalLogBeginner.beginLoggingTo([make_observer(config.log, control, None)],
-                                     redirectStandardIO=False)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    service = make_service(config, reactor=reactor, config_path=args.config, log_control=control,
-                           activation=Activation([UDP_FD] if config.ssp.enabled else []),
-                           worker=(args.index, args.http_port))
-    SignalHandlers(service).setServiceParent(service)
-    tune_garbage_collector()
-    status = os.fdopen(STATUS_FD, "w")
-    write = _status_writer(service, args.index, status)
-
-    def started():
-        watch_supervisor(reactor)
-        service.startService()
-        loop = LoopingCall(write)
-        loop.start(STATUS_INTERVAL, now=False)
-        reactor.callLater(0.1, write)
-    reactor.callWhenRunning(started)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-
-
-if __name__ == "__main__":
-    worker_main()

@@ -204,6 +204,22 @@ class BadInputTests(SynchronousTestCase):
         self.assertRefused({"registry": {"redis_sequence_check_interval": 0.1}},
                            "registry.redis_sequence_check_interval", "at least 0.5")
 
+    def test_worker_failure_limit_and_window(self):
+        """broker.worker_failure_limit (default 5, 0: never give up) and
+        worker_failure_window (default 300 s) are checked, each refusal naming its key."""
+        defaults = parse_config({}).broker
+        self.assertEqual((defaults.worker_failure_limit, defaults.worker_failure_window),
+                         (5, 300.0))
+        config = parse_config({"broker": {"worker_failure_limit": 0,
+                                          "worker_failure_window": 60}}).broker
+        self.assertEqual((config.worker_failure_limit, config.worker_failure_window), (0, 60.0))
+        self.assertRefused({"broker": {"worker_failure_limit": -1}},
+                           "broker.worker_failure_limit", "at least 0")
+        self.assertRefused({"broker": {"worker_failure_limit": 2.5}},
+                           "broker.worker_failure_limit", "must be an integer")
+        self.assertRefused({"broker": {"worker_failure_window": 0.5}},
+                           "broker.worker_failure_window", "at least 1.0")
+
     def test_public_url_with_path_accepted(self):
         """A public_url with a path (behind a reverse proxy) is accepted as given."""
         url = "https://broker.example.com/iot/"

@@ -62,6 +62,14 @@ class NotifyAndSocketUnitTests(SynchronousTestCase):
         self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
         self.assertIn("AF_UNIX", service["RestrictAddressFamilies"], "sd_notify needs AF_UNIX")
 
+    def test_a_broker_that_keeps_failing_stays_failed(self):
+        """The start limit counts brokers that run minutes before failing
+        (a worker given up), so systemd stops restarting one that keeps failing."""
+        unit = read_unit("broker.service")["Unit"]
+        self.assertEqual(unit["StartLimitIntervalSec"], "30min")
+        self.assertEqual(unit["StartLimitBurst"], "5")
+        self.assertEqual(read_unit("broker.service")["Service"]["Restart"], "on-failure")
+
     def test_socket_unit_passes_http_then_udp(self):
         """broker.socket passes the HTTP port first (index 0) and the SSP datagram port, on loopback, to broker.service."""
         text = (UNIT_DIR / "broker.socket").read_text()

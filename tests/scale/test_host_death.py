@@ -1,7 +1,7 @@
 """Host death behind a load balancer: two broker hosts on one Redis, real sockets.
 
 Each "host" is a supervisor in the test's reactor running one real broker
-process (``python -m broker.workers``) on its own loopback ports; the
+process (``python -m broker.worker``) on its own loopback ports; the
 balancer (balancer.py) hashes each datagram's device bytes over the live
 hosts; the devices are real SSP nodes (broker.node) reporting a counter
 through the balancer. Host A's broker is killed with SIGKILL (and its

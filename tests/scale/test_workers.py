@@ -1,7 +1,7 @@
 """Workers on one host: real worker processes behind one UDP port, sharing Redis.
 
 The supervisor runs in the test's reactor and spawns two real workers
-(python -m broker.workers); 1,000 simulated devices (real SSP sessions over
+(python -m broker.worker); 1,000 simulated devices (real SSP sessions over
 loopback UDP) connect through the steered port.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -204,3 +204,36 @@ class FirstRunBrokerTests(TestCase):
         yield broker.service.getServiceNamed("dashboard-first-run").done
         self.assertEqual(len(urls), 1)
         self.assertTrue(urls[0].startswith("https://broker.example.com/iot/#token="))
+
+    @defer.inlineCallbacks
+    def test_a_broker_that_fails_to_start_logs_only_why(self):
+        """A broker whose metrics port is taken fails to start with the one line naming
+        metrics.endpoint; the first-run service, started before the failure, then
+        finds no HTTP port and logs nothing (before: a critical traceback)."""
+        import socket
+
+        from broker.config import ConfigError
+        from broker.service import make_service
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        config = loopback_config(self, ssp={"enabled": False}, metrics={
+            "endpoint": f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"})
+        critical = []
+
+        def observe(event):
+            if event.get("log_level") in (LogLevel.critical, LogLevel.error):
+                critical.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        service = make_service(config, reactor=reactor)
+        with self.assertRaises(ConfigError) as caught:
+            service.startService()
+        self.addCleanup(service.stopService)
+        self.assertIn("metrics.endpoint", str(caught.exception))
+        first_run = service.getServiceNamed("dashboard-first-run")
+        self.assertIsNone((yield first_run.done))
+        self.assertEqual(critical, [])

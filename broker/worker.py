@@ -1,0 +1,223 @@
+"""One worker process of ``[broker] workers = N``: ``python -m broker.worker``.
+
+Its supervisor (broker/workers.py) passes it the steered UDP socket of its
+index (fd 3) and a status pipe (fd 4), and holds the other end of its
+stdin: the worker stops when that pipe closes (the supervisor is gone),
+and reads the supervisor's restart counts from it. A config file or port
+it cannot use is one line on stderr and exit status 2, which the
+supervisor counts as the worker's failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import sys
+
+from prometheus_client.core import CounterMetricFamily
+from twisted.internet import error, fdesc
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from broker.config import ConfigError, load_config
+
+log = Logger()
+
+#: seconds between the status lines a worker writes to its supervisor.
+STATUS_INTERVAL = 1.0
+#: the inherited descriptors of a worker.
+UDP_FD = 3
+STATUS_FD = 4
+#: exit status of a worker whose configuration cannot be used (as broker.tap's REFUSED).
+WORKER_REFUSED = 2
+
+
+@implementer(IReadDescriptor)
+class SupervisorPipe:
+    """A worker's stdin: a pipe whose other end only the supervisor holds.
+
+    It reaches end-of-file when the supervisor dies, also by SIGKILL, and the
+    worker then stops gracefully: an orphaned worker would keep serving its
+    socket of the reuseport group, and a new supervisor's sockets would join
+    that group behind the orphans' (the steering program picks among the
+    first N), so the new workers would get no datagrams."""
+
+    #: longest line kept from the supervisor (its lines are a few hundred bytes).
+    MAX_LINE = 65536
+
+    def __init__(self, reactor, fd=0, on_message=None):
+        self.reactor = reactor
+        self.fd = fd
+        self.stopping = False
+        #: called with each JSON object the supervisor writes, one per line.
+        self.on_message = on_message
+        self._buffer = b""
+        fdesc.setNonBlocking(fd)
+        reactor.addSystemEventTrigger("before", "shutdown", setattr, self, "stopping", True)
+
+    def fileno(self):
+        return self.fd
+
+    def logPrefix(self):
+        return "supervisor-pipe"
+
+    def doRead(self):
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return error.ConnectionLost()
+        if not data:
+            return error.ConnectionDone()
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        if len(self._buffer) > self.MAX_LINE:
+            self._buffer = b""
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict) and self.on_message is not None:
+                self.on_message(message)
+        return None
+
+    def connectionLost(self, reason):
+        # End of the pipe or a hang-up (epoll reports one without a read), not
+        # the reactor dropping its readers as it stops.
+        if not self.stopping:
+            log.warn("the supervisor is gone: stopping this worker")
+            self.reactor.stop()
+
+
+def watch_supervisor(reactor, fd=0, on_message=None):
+    """Stop the reactor when the supervisor's pipe on ``fd`` closes, and hand what
+    it says to on_message (a no-op when ``fd`` is not a pipe: a worker started by hand)."""
+    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+        reactor.addReader(SupervisorPipe(reactor, fd, on_message))
+
+
+class WorkerRestarts:
+    """``broker_worker_restarts_total{worker}``: the supervisor's restarts of each
+    worker, as it last told this worker. Every worker exports all of them, so a
+    scrape of the shared HTTP port sees the same series whichever worker answers."""
+
+    def __init__(self) -> None:
+        self.counts = ()
+
+    def update(self, message) -> None:
+        counts = message.get("restarts")
+        if isinstance(counts, list) and all(type(n) is int for n in counts):
+            self.counts = tuple(counts)
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        family = self._family()
+        for index, count in enumerate(self.counts):
+            family.add_metric([str(index)], count)
+        return [family]
+
+    @staticmethod
+    def _family():
+        return CounterMetricFamily("broker_worker_restarts", "Restarts of each worker by the "
+                                   "supervisor after it died (docs/operations.md).",
+                                   labels=["worker"])
+
+
+def _status_writer(service, index, stream):
+    def write(ready=True):
+        udp = getattr(service, "ssp_endpoint", None)
+        status = {"index": index, "pid": os.getpid(), "ready": ready,
+                  "sessions": len(udp) if udp is not None else 0,
+                  "counters": dict(udp.counters) if udp is not None else {},
+                  "devices": sorted(getattr(udp.table, "_sessions", ())) if udp is not None
+                  and os.environ.get("SSP_WORKER_REPORT_DEVICES") else None}
+        try:
+            stream.write(json.dumps(status) + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    return write
+
+
+def worker_main(argv=None):
+    """``python -m broker.worker --index I --http-port P [--config PATH]``: one worker."""
+    import argparse
+
+    from twisted.internet import reactor
+    from twisted.internet.task import LoopingCall
+    from twisted.logger import globalLogBeginner
+
+    from broker.lifecycle import SignalHandlers
+    from broker.logs import LogControl, make_observer
+    from broker.registry.errors import StoreError
+    from broker.service import make_service, tune_garbage_collector
+    from broker.systemd import Activation
+
+    parser = argparse.ArgumentParser(prog="broker.worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--config")
+    args = parser.parse_args(argv)
+
+    def refuse(problem):
+        # One line, and a status the supervisor counts as this worker's failure.
+        sys.stderr.write(f"broker worker {args.index}: {problem}\n")
+        sys.stderr.flush()
+
+    try:
+        # The file is read again at each start: an edit since the supervisor
+        # started may have broken it.
+        config = load_config(args.config)
+    except ConfigError as problem:
+        refuse(problem)
+        raise SystemExit(WORKER_REFUSED) from None
+    control = LogControl(config.log.level)
+    globalLogBeginner.beginLoggingTo([make_observer(config.log, control, None)],
+                                     redirectStandardIO=False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        service = make_service(config, reactor=reactor, config_path=args.config,
+                               log_control=control,
+                               activation=Activation([UDP_FD] if config.ssp.enabled else []),
+                               worker=(args.index, args.http_port))
+    except (ConfigError, StoreError) as problem:
+        refuse(problem)
+        raise SystemExit(WORKER_REFUSED) from None
+    restarts = WorkerRestarts()
+    service.metrics.registry.register(restarts)
+    SignalHandlers(service).setServiceParent(service)
+    tune_garbage_collector()
+    status = os.fdopen(STATUS_FD, "w")
+    write = _status_writer(service, args.index, status)
+
+    refused = []
+
+    def started():
+        watch_supervisor(reactor, on_message=restarts.update)
+        try:
+            service.startService()
+        except ConfigError as problem:
+            # A port it cannot bind: a worker left half started would never be
+            # ready, nor restarted; exiting lets the supervisor count it.
+            refuse(problem)
+            refused.append(problem)
+            reactor.stop()
+            return
+        loop = LoopingCall(write)
+        loop.start(STATUS_INTERVAL, now=False)
+        reactor.callLater(0.1, write)
+    reactor.callWhenRunning(started)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    if refused:
+        raise SystemExit(WORKER_REFUSED)
+
+
+if __name__ == "__main__":
+    worker_main()
