@@ -5,6 +5,10 @@ names, numbers and cursors are checked by Redis exactly as for a broker's
 own writes, and every change goes on the change stream: running brokers,
 their dashboards and long polls see it at once. The same methods as
 admin.AdminDatabase, so the CLI does not care which backend it drives.
+
+Opening adopts the data set's marker as a broker does (redis_store.py):
+provisioning into an empty Redis starts the data set the brokers then
+load, and scripts run against a Redis emptied meanwhile change nothing.
 """
 
 import os
@@ -38,7 +42,7 @@ class RedisAdmin:
         """Connect to Redis (``options``: a RedisOptions); StoreError if it cannot be reached."""
         store = RedisStore(options, reactor=None)
         try:
-            store.read_now("ping")
+            store.adopt()
         except errors.StoreError:
             store.close()
             raise

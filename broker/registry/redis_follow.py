@@ -15,11 +15,21 @@ again (the snapshot ``load(client)`` gives) and hands it over as an entry
 
 If Redis loses its data (restarted without persistence, FLUSHALL, failed
 over to an empty or older replica), its sequence starts again below the
-last entry read, and XREAD after that entry finds nothing, ever. So while
-XREAD finds nothing, at most every ``check_interval`` seconds the follower
-reads the sequence; below the last cursor read, it hands over
-``("lost", sequence, last cursor read)`` (once) for the registry to refuse
-writes (shared.py).
+last entry read. Two checks catch it, each handing over one entry (once)
+for the registry to refuse writes (shared.py), and the follower stops:
+
+* every XREAD is pipelined with a read of the data set's marker (after it,
+  so the entries read are of the data set the marker names): a marker that
+  is missing or another one than the process loaded hands over
+  ``("gone", marker)`` instead of the entries. This catches an emptied
+  Redis at once, even after other processes' writes took the new
+  sequence past the last entry read (XREAD would then bring their entries
+  as if nothing had happened);
+* while XREAD finds nothing, at most every ``check_interval`` seconds, the
+  sequence (and the marker) are read; a sequence below the last cursor
+  read hands over ``("lost", sequence, last cursor read)``. This catches
+  an older copy of the same data set (a restored snapshot, an older
+  replica), whose marker is the same.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import time
 from twisted.logger import Logger
 
 from .errors import StoreError
-from .redis_layout import decode_entry
+from .redis_layout import decode_entry, marker_text
 
 #: seconds a listener blocks in Redis before it checks whether to stop.
 READ_BLOCK = 0.5
@@ -45,14 +55,22 @@ MAX_BATCHES_WAITING = 4
 SEQUENCE_CHECK_INTERVAL = 5.0
 
 
+class _Gone(Exception):
+    """The data set's marker is not the one loaded (``args[0]``: the one found)."""
+
+
 class ChangeFollower:
-    """Reads the change stream ``key_feed`` until the event ``stop`` is set."""
+    """Reads the change stream ``key_feed`` until the event ``stop`` is set.
+
+    ``marker``: (key, value) of the data set's marker the process loaded, or
+    None (no check)."""
 
     log = Logger()
 
     def __init__(self, connector, key_feed, *, reactor, stop, load=None, key_seq=None,
-                 check_interval=SEQUENCE_CHECK_INTERVAL):
+                 check_interval=SEQUENCE_CHECK_INTERVAL, marker=None):
         self._connector = connector
+        self._marker = marker
         self._key_feed = key_feed
         self._key_seq = key_seq
         self._check_interval = check_interval
@@ -76,12 +94,22 @@ class ChangeFollower:
         pause = 0.05
         waiting = threading.BoundedSemaphore(MAX_BATCHES_WAITING)
         checked = time.monotonic()
-        checking = self._key_seq is not None     # (until Redis was found to have lost data)
+        checking = self._key_seq is not None
         while not self._stop.is_set():
             try:
-                found = client.xread({self._key_feed: last}, count=READ_COUNT,
-                                     block=int(READ_BLOCK * 1000))
+                found = self._read(client, last)
                 pause = 0.05
+                if not found:
+                    if checking and time.monotonic() - checked >= self._check_interval:
+                        checked = time.monotonic()
+                        if self._sequence_lost(client, seen, deliver, waiting):
+                            break
+                    continue
+                raw = found[0][1]
+                entries, top = self._entries(client, raw, seen)
+            except _Gone as gone:
+                self._hand(deliver, [("gone", gone.args[0])], waiting)
+                break
             except (redis.RedisError, OSError) as e:
                 self.log.warn("reading the Redis change stream failed: {error}", error=str(e))
                 try:
@@ -93,15 +121,7 @@ class ChangeFollower:
                 self._stop.wait(pause)
                 pause = min(2.0, pause * 2)
                 continue
-            if not found:
-                if checking and time.monotonic() - checked >= self._check_interval:
-                    checked = time.monotonic()
-                    checking = not self._sequence_lost(client, seen, deliver, waiting)
-                continue
-            raw = found[0][1]
-            try:
-                entries, top = self._entries(client, raw, seen)
-            except (redis.RedisError, OSError, StoreError) as e:
+            except StoreError as e:
                 # Read the same entries again after the pause.
                 self.log.warn("reading the registry after a change-stream gap failed: "
                               "{error}", error=str(e))
@@ -112,6 +132,26 @@ class ChangeFollower:
             self._hand(deliver, entries, waiting)
         client.close()
 
+    def _read(self, client, last):
+        """XREAD after ``last`` (blocking up to READ_BLOCK), and the marker read
+        after it in the same round trip; raises _Gone if it is not ours."""
+        if self._marker is None:
+            return client.xread({self._key_feed: last}, count=READ_COUNT,
+                                block=int(READ_BLOCK * 1000))
+        pipe = client.pipeline(transaction=False)
+        pipe.xread({self._key_feed: last}, count=READ_COUNT, block=int(READ_BLOCK * 1000))
+        pipe.get(self._marker[0])
+        found, marker = pipe.execute()
+        self._same_marker(marker)
+        return found
+
+    def _same_marker(self, value):
+        """Raise _Gone unless ``value`` (the marker as Redis answered) is ours."""
+        if self._marker is not None:
+            found = marker_text(value)
+            if found != self._marker[1]:
+                raise _Gone(found)
+
     def _hand(self, deliver, entries, waiting):
         """Hand ``entries`` to the reactor once fewer than MAX_BATCHES_WAITING wait."""
         while not waiting.acquire(timeout=READ_BLOCK):
@@ -121,13 +161,18 @@ class ChangeFollower:
 
     def _sequence_lost(self, client, seen, deliver, waiting):
         """Whether Redis's change sequence is behind cursor ``seen`` (already
-        read): then it lost data, and the registry is told (module docstring)."""
+        read): then it lost data, and the registry is told (module docstring).
+        Raises _Gone if the marker read with it is not ours."""
         import redis
+        keys = [self._key_seq] if self._marker is None else [self._key_seq, self._marker[0]]
         try:
-            sequence = int(client.get(self._key_seq) or 0)
+            values = client.mget(keys)
+            sequence = int(values[0] or 0)
         except (redis.RedisError, OSError, ValueError) as e:
             self.log.warn("reading the Redis change sequence failed: {error}", error=str(e))
             return False
+        if self._marker is not None:
+            self._same_marker(values[1])
         if sequence >= seen:
             return False
         self._hand(deliver, [("lost", sequence, seen)], waiting)
@@ -143,7 +188,9 @@ class ChangeFollower:
                 self.log.warn("change-stream entries after cursor {seen} were trimmed "
                               "before this process read them: reading the registry again",
                               seen=seen)
-                entries.append(("g", self._load(client)))
+                loaded = self._load(client)
+                self._same_marker(client.get(self._marker[0]) if self._marker else None)
+                entries.append(("g", loaded))
             seen = max(seen, cursor)
             try:
                 entries.append(decode_entry(fields))

@@ -14,12 +14,20 @@ of one registry carries the same tag, so it lives in one Cluster slot:
 * ``{p}:feed`` stream of changes, entry id ``<cursor>-<n>``
 * ``{p}:tombs`` sorted set of removed devices, ``{p}:horizon``
 * ``{p}:tokens`` hash token_id -> CBOR [digest, role, created_at]
+* ``{p}:incarnation`` the data set's marker: a random id set once, when the
+  first process (or broker-admin) finds none (redis_store.py). Every
+  process remembers the one it loaded and every script, the stream reader
+  and the sequence check compare it: a Redis that lost its data (restarted
+  empty, flushed) has none, or another one (shared.py)
 * ``{p}:cmd`` pub/sub channel of relayed commands, CBOR [number, origin,
   command] (commands live in memory only, so pub/sub, not a stream)
 * presence (shared_presence.py): ``{p}:lease:<origin>`` a process's lease
   (expires unless renewed), ``{p}:holders`` set of processes with a lease,
   ``{p}:held:<origin>`` set of the devices a process holds; field h of a
   device hash names its holder
+
+Every key a script touches is one of its KEYS (redis_scripts.py): Redis
+Cluster and Redis 7 only support declared keys in scripts.
 
 A change is one Lua script: check the device's version, take the next
 cursor(s) with INCR, store the new state and append it to the stream, all
@@ -51,6 +59,7 @@ class RedisKeys:
         self.key_horizon = f"{tag}:horizon"
         self.key_tokens = f"{tag}:tokens"
         self.key_commands = f"{tag}:cmd"
+        self.key_incarnation = f"{tag}:incarnation"
         self.device_prefix = f"{tag}:d:"
         self.key_holders = f"{tag}:holders"
         self.lease_prefix = f"{tag}:lease:"
@@ -58,6 +67,10 @@ class RedisKeys:
 
     def device_key(self, number):
         return f"{self.device_prefix}{number}"
+
+    def held_key(self, origin):
+        """The set of the devices process ``origin`` holds (presence)."""
+        return f"{self.held_prefix}{origin}"
 
 
 def encode_record(record):
@@ -89,6 +102,12 @@ def decode_record(blob):
         return SessionRecord(*items)
     except (cbor2.CBORError, TypeError, ValueError) as e:
         raise StoreError(f"damaged session record in Redis: {e}") from None
+
+
+def marker_text(value):
+    """The data set's marker as Redis answered it (bytes; None or b"" when there
+    is none) as text, or None."""
+    return value.decode() if value else None
 
 
 def decode_tokens(fields):

@@ -4,6 +4,26 @@ A script checks the device's version, takes the next cursor(s) with INCR,
 stores the new state and appends it to the change stream, so every
 broker process sees the same versions and cursors (redis_layout.py has
 the key layout).
+
+Two rules every script here keeps (tests/scale/test_redis_scripts.py
+enforces both):
+
+* Every key it touches is one of its KEYS, never a name built from ARGV or
+  from Redis data: Redis Cluster and Redis 7 support only declared keys in
+  scripts. Where the key depends on data (a holder's set, a dead holder's
+  devices), the caller reads that data first and declares the keys in a
+  second script (shared_presence.py).
+* It starts with ``CHECK``: its last KEY is the data set's marker
+  ``{p}:incarnation`` and its last ARGV the marker this process loaded
+  (the store appends both). A Redis whose marker is missing or another one
+  lost the data this process has: the script changes nothing and answers
+  ``{'lost', marker found, 0}`` (shared.py, Redis losing data). One GET.
+"""
+
+#: The start of every script: is this the data set the caller loaded?
+CHECK = """
+local incarnation = redis.call('GET', KEYS[#KEYS])
+if incarnation ~= ARGV[#ARGV] then return {'lost', incarnation or '', 0} end
 """
 
 # The scripts. Stream fields: t (type) n (number) v (version) c (cursor)
@@ -19,9 +39,13 @@ the key layout).
 # devices it holds. A state with flag 4 (claim) makes the writer the
 # holder; a state with the online bit clear leaves the device without one.
 # ARGV after the record: a condition ('' none; '=X': only if X holds the
-# device; '~X': only if X or nobody does, else the answer is 'moved') and
-# the key prefix of the held sets ('' leaves the holder alone).
-CHANGE = """
+# device; '~X': only if X or nobody does, else the answer is 'moved').
+# KEYS: the device, {p}:seq, {p}:feed, the writer's held set, and the held
+# set of the holder '=X' names (else the writer's again). A claim does not
+# touch the previous holder's set (its name is Redis data, not declared):
+# that process drops the device from its set itself (LEASE), or the
+# reaping of a dead holder does (HELD, and here on 'moved').
+CHANGE = CHECK + """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {'missing', 0, 0} end
 v = tonumber(v)
@@ -29,11 +53,13 @@ if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= v then return {'conflict', 0, v} end
 if tonumber(ARGV[1]) ~= v then return {'stale', 0, v} end
 local number, origin, maxlen, k = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local first, c, blob = 0, 0, nil
-local record = ARGV[7 + 3 * k]
-local cond, held = ARGV[8 + 3 * k] or '', ARGV[9 + 3 * k] or ''
+local record, cond = ARGV[7 + 3 * k], ARGV[8 + 3 * k]
+local named = string.sub(cond, 2)
+local old, known = nil, false
 if cond ~= '' then
-  local h = redis.call('HGET', KEYS[1], 'h')
-  if h ~= string.sub(cond, 2) and (string.sub(cond, 1, 1) == '=' or h) then
+  old, known = redis.call('HGET', KEYS[1], 'h'), true
+  if old ~= named and (string.sub(cond, 1, 1) == '=' or old) then
+    if string.sub(cond, 1, 1) == '=' then redis.call('SREM', KEYS[5], number) end
     return {'moved', 0, v}
   end
 end
@@ -57,13 +83,17 @@ for i = 1, k do
 end
 if k > 0 and record ~= '' then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob, 'r', record)
 elseif k > 0 then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob) end
-if holder and held ~= '' then
-  local old = redis.call('HGET', KEYS[1], 'h')
-  if old and old ~= holder then redis.call('SREM', held .. old, number) end
-  if holder == '' then redis.call('HDEL', KEYS[1], 'h')
+if holder then
+  if not known then old = redis.call('HGET', KEYS[1], 'h') end
+  if holder == '' then
+    if old then
+      if old == origin then redis.call('SREM', KEYS[4], number)
+      elseif old == named then redis.call('SREM', KEYS[5], number) end
+      redis.call('HDEL', KEYS[1], 'h')
+    end
   else
-    redis.call('HSET', KEYS[1], 'h', holder)
-    redis.call('SADD', held .. holder, number)
+    if old ~= holder then redis.call('HSET', KEYS[1], 'h', holder) end
+    redis.call('SADD', KEYS[4], number)
   end
 end
 if record ~= '' and k == 0 then
@@ -75,7 +105,7 @@ end
 return {'ok', first, v}
 """
 
-ADD = """
+ADD = CHECK + """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'exists', 0, 0} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken', 0, 0} end
 local c = redis.call('INCR', KEYS[3])
@@ -86,7 +116,7 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], c .. '-*', 't', 'a', 'n', AR
 return {'ok', c, 1}
 """
 
-REMOVE = """
+REMOVE = CHECK + """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {'missing', 0, 0} end
 local name = redis.call('HGET', KEYS[1], 'n')
@@ -106,7 +136,7 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], c .. '-*', 't', 'x', 'n', AR
 return {'ok', c, v}
 """
 
-SECRET = """
+SECRET = CHECK + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing', 0, 0} end
 redis.call('HSET', KEYS[1], 'k', ARGV[2])
 local top = redis.call('GET', KEYS[2]) or '0'
@@ -115,7 +145,7 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], top .. '-*', 't', 'k', 'n', 
 return {'ok', 0, 0}
 """
 
-TOKENS = """
+TOKENS = CHECK + """
 if ARGV[1] == 'add' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 else redis.call('HDEL', KEYS[1], ARGV[2]) end
 local top = redis.call('GET', KEYS[2]) or '0'
@@ -123,38 +153,69 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], top .. '-*', 't', 't', 'o', 
 return {'ok', 0, 0}
 """
 
-# The presence lease of one process (shared_presence.py): KEYS lease key,
-# {p}:holders; ARGV origin, TTL (ms). Answers whether the lease was still
-# there (0: it expired, or this is the first).
-LEASE = """
+# The presence lease of one process (shared_presence.py): KEYS its lease key,
+# {p}:holders, its held set, then the keys of devices that left it (another
+# process claimed them, or they were removed); ARGV origin, TTL (ms), then
+# those devices' numbers. Each of them still in the held set is dropped
+# unless Redis says this process holds it again. Answers whether the lease
+# was still there (0: it expired, or this is the first) and the processes
+# with a lease (for EXPIRED).
+LEASE = CHECK + """
 local had = redis.call('EXISTS', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
-return {'ok', had, 0}
+for i = 4, #KEYS - 1 do
+  if redis.call('HGET', KEYS[i], 'h') ~= ARGV[1] then redis.call('SREM', KEYS[3], ARGV[i - 1]) end
+end
+return {'ok', had, redis.call('SMEMBERS', KEYS[2])}
 """
 
-# Holders whose lease expired, each with (up to ARGV[5] of) the devices it
-# still holds: {holder, {number...}, ...}. KEYS {p}:holders; ARGV origin
-# (never itself), lease prefix, held prefix, device key prefix, count.
-# Stale members (the device moved on or is gone) are dropped; a holder
-# left holding nothing is forgotten.
-EXPIRED = """
+# Which of the holders LEASE listed lost their lease: KEYS {p}:holders, then
+# for each holder its lease key and its held set; ARGV count, then the
+# holders. Answers {'ok', {holder, {number...}, ...}}: each expired holder
+# with (up to count of) the devices its set still names, for HELD to check.
+# An expired holder whose set is empty is forgotten.
+EXPIRED = CHECK + """
 local out = {}
-for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if h ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. h) == 0 then
-    local held = ARGV[3] .. h
-    local found = {}
-    for _, n in ipairs(redis.call('SRANDMEMBER', held, tonumber(ARGV[5]))) do
-      if redis.call('HGET', ARGV[4] .. n, 'h') == h then found[#found + 1] = n
-      else redis.call('SREM', held, n) end
-    end
-    if #found > 0 then
+for j = 1, #ARGV - 2 do
+  local h = ARGV[j + 1]
+  if redis.call('EXISTS', KEYS[2 * j]) == 0 then
+    if redis.call('SCARD', KEYS[2 * j + 1]) == 0 then redis.call('SREM', KEYS[1], h)
+    else
       out[#out + 1] = h
-      out[#out + 1] = found
-    elseif redis.call('SCARD', held) == 0 then
-      redis.call('SREM', KEYS[1], h)
+      out[#out + 1] = redis.call('SRANDMEMBER', KEYS[2 * j + 1], tonumber(ARGV[1]))
     end
   end
 end
-return out
+return {'ok', out}
 """
+
+# The devices an expired holder still holds, among those EXPIRED named:
+# KEYS {p}:holders, its lease key, its held set, then the devices' keys;
+# ARGV the holder, then the devices' numbers. Members it no longer holds
+# (the device moved on or is gone) are dropped, and a holder left holding
+# nothing (and still without a lease) is forgotten. Answers {'ok', {number...}}.
+HELD = CHECK + """
+local found = {}
+for i = 4, #KEYS - 1 do
+  if redis.call('HGET', KEYS[i], 'h') == ARGV[1] then found[#found + 1] = ARGV[i - 2]
+  else redis.call('SREM', KEYS[3], ARGV[i - 2]) end
+end
+if #found == 0 and redis.call('SCARD', KEYS[3]) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SREM', KEYS[1], ARGV[1])
+end
+return {'ok', found}
+"""
+
+# The data set's marker (redis_layout.py), set if there is none: KEYS the
+# marker key; ARGV a new random id. Answers the marker now there, so of
+# processes starting together on an empty Redis every one adopts the same.
+# (No CHECK: this is where a process learns the marker.)
+ADOPT = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
+
+#: The scripts the store runs with the marker appended (CHECK), by name.
+SCRIPTS = {"change": CHANGE, "add": ADD, "remove": REMOVE, "secret": SECRET,
+           "tokens": TOKENS, "lease": LEASE, "expired": EXPIRED, "held": HELD}

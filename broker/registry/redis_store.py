@@ -16,10 +16,19 @@ This module ties those together behind the store interface, and keeps the
 synchronous calls of loading and of broker-admin. Where the keys are and
 how values are encoded: redis_layout.py; how to connect:
 redis_connection.py.
+
+The data set's marker (``{p}:incarnation``): loading (and broker-admin)
+first adopts the marker Redis holds, or sets a new one if there is none
+(``ADOPT``: SET NX, so processes starting together on an empty Redis, or on
+data written before markers existed, all take the same). From then on
+every script and every answer of the writer and the reader carry it; one
+that finds another marker, or none, reports ``IncarnationLost``: Redis lost
+the data this process loaded (shared.py).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 from twisted.internet import defer
@@ -28,13 +37,15 @@ from .database import decode_state
 from .errors import StoreError
 from .redis_connection import Connector, RedisOptions
 from .redis_follow import SEQUENCE_CHECK_INTERVAL, ChangeFollower, CommandListener
-from .redis_layout import RedisKeys, decode_record, decode_tokens
-from .redis_scripts import ADD, CHANGE, EXPIRED, LEASE, REMOVE, SECRET, TOKENS
-from .redis_writer import PipelineWriter
+from .redis_layout import RedisKeys, decode_record, decode_tokens, marker_text
+from .redis_scripts import ADOPT, SCRIPTS
+from .redis_writer import IncarnationLost, PipelineWriter
 from .store import DeviceRow, Loaded, Store
 
 #: the calls that change nothing in the registry (``refuse`` lets them through).
 _NOT_WRITES = ("barrier", "publish")
+#: loads started again because the marker changed while one ran.
+LOAD_ATTEMPTS = 3
 
 #: RedisOptions stays importable from here for the broker's wiring.
 __all__ = ["RedisOptions", "RedisStore"]
@@ -56,10 +67,12 @@ class RedisStore(RedisKeys, Store):
             raise StoreError(f"cannot reach Redis at {options.url}: {e}") from None
         RedisKeys.__init__(self, self._connector.tag)
         self._main = self._connector.client()
-        self._scripts = {name: self._main.register_script(text) for name, text in
-                         (("change", CHANGE), ("add", ADD), ("remove", REMOVE),
-                          ("secret", SECRET), ("tokens", TOKENS), ("lease", LEASE),
-                          ("expired", EXPIRED))}
+        self._scripts = {name: self._main.register_script(text)
+                         for name, text in SCRIPTS.items()}
+        self._adopt = self._main.register_script(ADOPT)
+        #: the data set's marker this process loaded (None until ``adopt``).
+        self.incarnation = None
+        self._on_lost = None
         self._writer = PipelineWriter(self._main, connector=self._connector,
                                       scripts=self._scripts, keys=self, options=options,
                                       reactor=reactor)
@@ -84,12 +97,34 @@ class RedisStore(RedisKeys, Store):
     # -- loading (synchronous, at start) --------------------------------------
 
     def load(self):
-        """Everything in Redis, plus the stream position to follow from."""
+        """Everything in Redis, plus the stream position to follow from (and the
+        data set's marker, adopted first: module docstring)."""
         import redis
         try:
-            return self._load(self._main)
+            for _ in range(LOAD_ATTEMPTS):
+                if self.incarnation is None:
+                    self.adopt()
+                loaded = self._load(self._main)
+                # The marker after the data: they are of one data set.
+                if marker_text(self._main.get(self.key_incarnation)) == self.incarnation:
+                    return loaded
+                self.incarnation = None
         except redis.RedisError as e:
             raise StoreError(f"cannot load the registry from Redis: {e}") from None
+        raise StoreError("cannot load the registry from Redis: its data set was replaced "
+                         f"{LOAD_ATTEMPTS} times while loading it")
+
+    def adopt(self):
+        """Learn the data set's marker, setting a new one if Redis has none (an
+        empty Redis, or data from before markers); returns it. Synchronous."""
+        import redis
+        try:
+            found = self._adopt(keys=[self.key_incarnation], args=[os.urandom(16).hex()],
+                                client=self._main)
+        except (redis.RedisError, OSError) as e:
+            raise StoreError(f"cannot read the data set marker from Redis: {e}") from None
+        self.incarnation = marker_text(found)
+        return self.incarnation
 
     def _load(self, client):
         last = client.xrevrange(self.key_feed, count=1)
@@ -122,10 +157,16 @@ class RedisStore(RedisKeys, Store):
 
     def run_now(self, script, keys, args):
         """Run one script now and wait for Redis (and the configured replicas);
-        its reply ``(status, a, b)``. Raises StoreError."""
+        its reply ``(status, a, b)``. Raises StoreError (IncarnationLost when
+        Redis no longer holds the data set adopted at the start)."""
         import redis
+        if self.incarnation is None:
+            self.adopt()
         try:
-            reply = self._scripts[script](keys=keys, args=args, client=self._main)
+            reply = self._scripts[script](keys=[*keys, self.key_incarnation],
+                                          args=[*args, self.incarnation], client=self._main)
+            if reply[0] == b"lost":
+                raise IncarnationLost(marker_text(reply[1]))
             if self.options.wait_replicas:
                 acked = self._main.execute_command("WAIT", self.options.wait_replicas,
                                                    int(self.options.wait_timeout * 1000))
@@ -160,7 +201,25 @@ class RedisStore(RedisKeys, Store):
             return defer.fail(StoreError("the registry store is closed"))
         if self._refusal is not None and script not in _NOT_WRITES:
             return defer.fail(StoreError(self._refusal))
-        return self._writer.submit(script, keys, args)
+        return self._submit(script, keys, args)
+
+    def _submit(self, script, keys, args):
+        return self._writer.submit(script, keys, args).addErrback(self._lost)
+
+    def _lost(self, failure):
+        """An answer showed another data set (IncarnationLost): tell the
+        registry (``on_incarnation_lost``) and fail with its refusal."""
+        failure.trap(IncarnationLost)
+        if self._on_lost is not None:
+            self._on_lost(failure.value.found)
+        if self._refusal is not None:
+            raise StoreError(self._refusal)
+        return failure
+
+    def on_incarnation_lost(self, callback):
+        """Call ``callback(marker found or None)`` on the reactor thread when an
+        answer from Redis shows the data set this process loaded is gone."""
+        self._on_lost = callback
 
     def refuse(self, reason):
         """Fail every later script call with StoreError(``reason``): Redis lost
@@ -175,7 +234,7 @@ class RedisStore(RedisKeys, Store):
         return self.call(script, keys, args)
 
     def fetch_tokens(self):
-        return self._writer.submit(None, None, None)
+        return self._submit(None, None, None)
 
     def top(self):
         """Deferred: the global change sequence now in Redis (after every queued write)."""
@@ -215,10 +274,13 @@ class RedisStore(RedisKeys, Store):
         records stay raw, see ``redis_layout.decode_entry``); after entries
         trimmed unread, ``("g", Loaded)`` first; ``("lost", sequence, cursor)``
         if Redis's sequence went back below a cursor read, checked at most every
-        ``check_interval`` seconds while the stream is quiet (redis_follow.py)."""
+        ``check_interval`` seconds while the stream is quiet; ``("gone", marker)``
+        if the data set's marker is no longer the one loaded, checked with every
+        read (redis_follow.py)."""
         self._reader = ChangeFollower(self._connector, self.key_feed, reactor=self._reactor,
                                       stop=self._stop_reading, load=self._snapshot,
-                                      key_seq=self.key_seq, check_interval=check_interval
+                                      key_seq=self.key_seq, check_interval=check_interval,
+                                      marker=(self.key_incarnation, self.incarnation)
                                       ).start(after, deliver)
 
     def _snapshot(self, client):

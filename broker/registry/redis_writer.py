@@ -3,6 +3,12 @@
 Everything the reactor queues is sent by one thread as ONE pipeline (one
 round trip for every write of a reactor turn), so the reactor never
 waits on Redis; the replies come back to it through ``callFromThread``.
+
+Every script call gets the data set's marker appended (its key to KEYS,
+the marker this process loaded to ARGV, see redis_scripts.CHECK), and the
+reads that answer for the registry (the sequence, the tokens) read the
+marker with them: an answer from a Redis that lost the data this process
+has fails with ``IncarnationLost``, never passes for a normal one.
 """
 
 from __future__ import annotations
@@ -15,10 +21,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .errors import StoreError
-from .redis_layout import decode_tokens
+from .redis_layout import decode_tokens, marker_text
 
 #: seconds the idle writer sleeps before it checks whether to stop.
 IDLE_WAIT = 0.5
+
+
+class IncarnationLost(StoreError):
+    """Redis's data set marker is not the one this process loaded (``found``:
+    the marker there, None if there is none): Redis lost data (shared.py)."""
+
+    def __init__(self, found):
+        self.found = found
+        super().__init__("Redis lost data: its data set marker is "
+                         + ("gone" if found is None else f"now {found}"))
 
 
 class PipelineWriter:
@@ -94,20 +110,25 @@ class PipelineWriter:
     def _send(self, client, batch):
         import redis
         options = self._options
+        keys_ = self._keys
+        marker_key, marker = keys_.key_incarnation, keys_.incarnation
         pipe = client.pipeline(transaction=False)
         slots = []
         for script, keys, args, _ in batch:
             if script is None:
-                pipe.hgetall(self._keys.key_tokens)
+                # The marker after the tokens: it was there when they were read.
+                pipe.hgetall(keys_.key_tokens)
+                pipe.get(marker_key)
                 slots.append("fetch_tokens")
             elif script == "barrier":
-                pipe.get(self._keys.key_seq)
+                pipe.mget(keys_.key_seq, marker_key)
                 slots.append("barrier")
             elif script == "publish":
-                pipe.publish(self._keys.key_commands, args)
+                pipe.publish(keys_.key_commands, args)
                 slots.append("publish")
             else:
-                self._scripts[script](keys=keys, args=args, client=pipe)
+                self._scripts[script](keys=[*keys, marker_key], args=[*args, marker],
+                                      client=pipe)
                 slots.append(script)
         if options.wait_replicas:
             pipe.execute_command("WAIT", options.wait_replicas,
@@ -122,23 +143,49 @@ class PipelineWriter:
                 problem = StoreError(f"only {acked} of {options.wait_replicas} replicas "
                                      "acknowledged in time")
         outcomes = []
-        for (script, _, _, d), kind, reply in zip(batch, slots, replies):
-            if isinstance(reply, redis.ConnectionError):
-                raise reply
-            if isinstance(reply, Exception):
-                outcomes.append((d, Failure(StoreError(f"Redis refused {kind}: {reply}"))))
+        replies = iter(replies)
+        for (script, _, _, d), kind in zip(batch, slots):
+            reply = next(replies)
+            tagged = next(replies) if kind == "fetch_tokens" else None
+            failed = [r for r in (reply, tagged) if isinstance(r, Exception)]
+            for error in failed:
+                if isinstance(error, redis.ConnectionError):
+                    raise error
+            if failed:
+                outcomes.append((d, Failure(StoreError(f"Redis refused {kind}: {failed[0]}"))))
+                continue
+            # The marker each answer came with (a script compared it itself).
+            if kind == "fetch_tokens":
+                found = marker_text(tagged)
+            elif kind == "barrier":
+                reply, found = reply[0], marker_text(reply[1])
+            elif kind != "publish" and reply[0] == b"lost":
+                found = marker_text(reply[1])
+            else:
+                found = marker
+            if found != marker:
+                outcomes.append((d, Failure(IncarnationLost(found))))
             elif problem is not None:
                 outcomes.append((d, Failure(problem)))
-            elif kind == "fetch_tokens":
-                outcomes.append((d, decode_tokens(reply)))
-            elif kind in ("barrier", "publish"):
-                outcomes.append((d, int(reply or 0)))
-            elif kind == "expired":
-                outcomes.append((d, [(reply[i].decode(), [int(n) for n in reply[i + 1]])
-                                     for i in range(0, len(reply), 2)]))
             else:
-                outcomes.append((d, (reply[0].decode(), int(reply[1]), int(reply[2]))))
+                outcomes.append((d, _decoded(kind, reply)))
         return outcomes
+
+
+def _decoded(kind, reply):
+    """The reply of one call, as the registry takes it."""
+    if kind == "fetch_tokens":
+        return decode_tokens(reply)
+    if kind in ("barrier", "publish"):
+        return int(reply or 0)
+    if kind == "lease":
+        return reply[0].decode(), int(reply[1]), [h.decode() for h in reply[2]]
+    if kind == "expired":
+        out = reply[1]
+        return [(out[i].decode(), [int(n) for n in out[i + 1]]) for i in range(0, len(out), 2)]
+    if kind == "held":
+        return [int(n) for n in reply[1]]
+    return reply[0].decode(), int(reply[1]), int(reply[2])
 
 
 def _fire(outcomes):

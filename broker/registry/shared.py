@@ -26,11 +26,16 @@ in memory only, so nothing is stored, and the holder delivers them.
 Redis that lost data (restarted without persistence, FLUSHALL, failed over
 to an empty or older replica) restarts its sequence below cursors this
 process applied: the stream would never bring this process anything again
-while Redis acknowledged its writes. Seen in a write's reply (a cursor
+while Redis acknowledged its writes. An emptied Redis has lost the data
+set's marker this process loaded (redis_store.py): every script, every
+read of the stream, of the sequence and of the tokens shows it at once
+(``_incarnation_lost``), however far other processes' writes took the new
+sequence. An older copy of the same data set (a restored snapshot, an
+older replica) keeps the marker; it shows in a write's reply (a cursor
 already applied, for a change the replica never saw), in Redis's answer
 to a write of a device the replica has, or by the stream reader while the
-stream is quiet (redis_follow.py), it is refused for good
-(``_sequence_went_back``): one critical log line, every write fails with
+stream is quiet (redis_follow.py) (``_sequence_went_back``). Either way it
+is refused for good: one critical log line, every write fails with
 StoreError, readiness says why, reads serve the replica. Redis is not
 written again from here: the operator restores it and restarts the brokers.
 """
@@ -75,6 +80,7 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._lost = None          # why writes are refused: Redis lost data (module docstring)
         self._sequence_check = sequence_check_interval
         self._held = set()         # numbers of the devices this process holds (claimed online)
+        self._left = set()         # numbers that left _held, to drop from our set in Redis
         self._reaping = set()      # numbers of another holder's devices being marked offline
         self._queues = {}          # number -> deque of _Op
         self._busy = {}            # number -> "reply" | cursor to apply | ("v", version)
@@ -94,6 +100,8 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._relay_target = None  # deliver(number, command) for relayed commands
         self._token_changes = 0    # tokens added or revoked here (see reload)
         super().__init__(store, clock=clock, settings=settings, random_bytes=random_bytes)
+        self._store.on_incarnation_lost(self._incarnation_lost)
+        self._held_key = self._store.held_key(self.origin)
         self.presence = (PresenceLease(self, ttl=lease_ttl, interval=lease_check_interval)
                          if lease_ttl else None)
 
@@ -256,6 +264,20 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
             if top < applied:
                 self._sequence_went_back(top, applied)
         return self._store.top().addCallback(compare)
+
+    def _incarnation_lost(self, found):
+        """Redis's data set marker is ``found`` (None: there is none), not the
+        one this process loaded: Redis was emptied since (module docstring)."""
+        store = self._store
+        if found is None:
+            what = (f"its data set marker {store.key_incarnation} is gone (this broker process "
+                    f"loaded the data set marked {store.incarnation}): Redis restarted empty, "
+                    "was flushed, or failed over to a replica without it")
+        else:
+            what = (f"its data set marker {store.key_incarnation} is {found}, not "
+                    f"{store.incarnation} that this broker process loaded: Redis was emptied "
+                    "and a new data set started since")
+        self._redis_lost(what)
 
     def _sequence_went_back(self, sequence, applied):
         """Redis's sequence is at ``sequence``, below cursor ``applied`` this process had."""

@@ -20,6 +20,15 @@ ending on one host cannot mark offline a device now online on another.
 
 A process whose lease lapsed while alive (a long stall) sees its devices
 marked offline on the stream and claims them again at once.
+
+Every key a script touches is declared (redis_scripts.py), so what depends
+on data is read first: a claim does not touch the previous holder's set
+(that process drops the device from its own set with its next renewal,
+when its stream shows the claim), and a check is up to three round trips
+every interval: renew the lease (LEASE, which answers the processes with
+a lease), look at the others' leases (EXPIRED, which answers the devices
+an expired holder's set names) and at those devices (HELD, which keeps
+those it still holds).
 """
 
 from twisted.internet import defer
@@ -37,6 +46,8 @@ LEASE_CHECK_INTERVAL = 5.0
 #: devices of one expired holder taken per check (the next check, or an
 #: immediate one after a full batch, takes more).
 REAP_BATCH = 5000
+#: devices that left this process dropped from its set per renewal, at most.
+LEFT_BATCH = 1000
 
 _ONLINE = FrozenMap({"online": True})
 _OFFLINE = FrozenMap({"online": False})
@@ -59,7 +70,7 @@ class SharedPresence:
 
     def _set_online(self, dev, online):
         if online:
-            self._held.add(dev.number)
+            self._hold(dev.number)
             return self._enqueue(dev, _Op("claim", _ONLINE))
         self._held.discard(dev.number)
         return self._enqueue(dev, _Op("connection", _OFFLINE, cond="~" + self.origin))
@@ -68,9 +79,12 @@ class SharedPresence:
         """Keep ``_held`` current from a stream entry's origin and flags."""
         if flags & FLAG_CLAIM:
             if origin == self.origin:
-                self._held.add(number)
-            else:
+                self._hold(number)
+            elif number in self._held:
+                # Another process holds it now: drop it from our set in Redis
+                # (its claim could not: that key is not declared to it).
                 self._held.discard(number)
+                self._left.add(number)
         elif not flags & 1 and origin != self.origin and number in self._held:
             # Marked offline by another process while this one holds the
             # session: our lease lapsed and we were taken for dead. Claim again.
@@ -79,6 +93,21 @@ class SharedPresence:
             if dev is not None:
                 self.counters["presence_reclaimed"] += 1
                 self._set_online(dev, True).addErrback(self._presence_failed, number)
+
+    def _hold(self, number):
+        self._held.add(number)
+        self._left.discard(number)
+
+    def _take_left(self, count):
+        """Up to ``count`` devices that left this process, for the lease renewal
+        to drop from its set (it drops only those Redis shows held elsewhere)."""
+        numbers = []
+        for number in self._left:
+            if len(numbers) == count:
+                break
+            numbers.append(number)
+        self._left.difference_update(numbers)
+        return numbers
 
     def _reap(self, holder, numbers):
         """Mark offline the devices ``holder`` (whose lease expired) still holds;
@@ -137,47 +166,64 @@ class PresenceLease:
 
     def check(self):
         """Renew this process's lease and reap the holders whose lease expired
-        (both in one pipeline of the store's writer thread)."""
+        (three round trips of the store's writer thread at most, module docstring)."""
         if self._busy:
             return
         self._busy = True
+        self._check().addErrback(self._failed).addBoth(self._done)
+
+    @defer.inlineCallbacks
+    def _check(self):
+        """True if a dead holder has more devices than one batch took."""
         registry = self._registry
         store = registry._store
         me = registry.origin
-        renewed = store.call("lease", [store.lease_prefix + me, store.key_holders],
-                             [me, int(self.ttl * 1000)])
-        expired = store.call("expired", [store.key_holders],
-                             [me, store.lease_prefix, store.held_prefix, store.device_prefix,
-                              self.batch])
-        d = defer.gatherResults([renewed, expired], consumeErrors=True)
-        d.addCallbacks(self._checked, self._failed)
-
-    def _checked(self, results):
-        (_, had, _), expired = results
+        left = registry._take_left(LEFT_BATCH)
+        try:
+            _, had, holders = yield store.call(
+                "lease", [store.lease_prefix + me, store.key_holders, store.held_key(me),
+                          *[store.device_key(n) for n in left]],
+                [me, int(self.ttl * 1000), *left])
+        except errors.StoreError:
+            registry._left.update(n for n in left if n not in registry._held)
+            raise
         if not had and self.renewals:
-            self._registry.counters["presence_lease_lost"] += 1
+            registry.counters["presence_lease_lost"] += 1
             self.log.warn("this process's presence lease had expired (a stall of more than "
                           "{ttl} s?); its devices are claimed again", ttl=self.ttl)
         self.renewals += 1
+        others = [holder for holder in holders if holder != me]
+        if not others:
+            return False
+        keys = [store.key_holders]
+        for holder in others:
+            keys += (store.lease_prefix + holder, store.held_key(holder))
+        expired = yield store.call("expired", keys, [self.batch, *others])
+        found = yield defer.gatherResults(
+            [store.call("held", [store.key_holders, store.lease_prefix + holder,
+                                 store.held_key(holder),
+                                 *[store.device_key(n) for n in numbers]],
+                        [holder, *numbers])
+             for holder, numbers in expired], consumeErrors=True)
         reaps = []
         full = False
-        for holder, numbers in expired:
+        for (holder, _), numbers in zip(expired, found):
+            if not numbers:
+                continue
             self.log.info("presence lease of {holder} expired: marking {count} of its devices "
                           "offline", holder=holder, count=len(numbers))
-            reaps += self._registry._reap(holder, numbers)
+            reaps += registry._reap(holder, numbers)
             full = full or len(numbers) >= self.batch
-        if not reaps:
-            self._busy = False
-            return
+        if reaps:
+            yield defer.DeferredList(reaps, consumeErrors=True)
+        return full
 
-        def done(_):
-            self._busy = False
-            if full and self._loop is not None:
-                self.check()        # more left: go on without waiting for the timer
-        defer.DeferredList(reaps, consumeErrors=True).addCallback(done)
+    def _done(self, full):
+        self._busy = False
+        if full is True and self._loop is not None:
+            self.check()        # more left: go on without waiting for the timer
 
     def _failed(self, failure):
-        self._busy = False
         if isinstance(failure.value, defer.FirstError):
             failure = failure.value.subFailure
         self.log.warn("presence lease check failed: {error}", error=failure.getErrorMessage())

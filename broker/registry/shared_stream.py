@@ -141,6 +141,8 @@ class ChangeStream:
                         self._resync(entry[1])
                 elif kind == "lost":
                     self._sequence_went_back(entry[1], max(entry[2], self.cursor))
+                elif kind == "gone":
+                    self._incarnation_lost(entry[1])
             except (errors.RegistryError, ValueError, TypeError):
                 self.log.failure("applying a change-stream entry failed: {kind}", kind=kind)
         self._top = max(self._top, self.cursor)
@@ -320,6 +322,9 @@ class ChangeStream:
             return
         self._materialize(dev)
         self._forget(dev)
+        if number in self._held:
+            self._held.discard(number)
+            self._left.add(number)      # dropped from our set in Redis (shared_presence)
         tomb = DeviceView.tombstone(name, number, version, cursor)
         self._feed.place(tomb, False)
         self._removed(tomb)

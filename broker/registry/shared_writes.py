@@ -12,11 +12,12 @@ alone: Redis answers "moved" when another process holds the device, and
 the write is dropped without failing. A call that fails is in
 shared_retry.py: its writes are kept and sent again, never applied twice.
 
-A reply is also where Redis losing data shows (shared.py): a cursor this
-process already applied, for a change its replica does not have, or a
-device Redis no longer has (or has at a lower version) while the change
-sequence is behind this process's cursor. Once it showed, every write
-fails at once with StoreError.
+A reply is also where Redis losing data shows (shared.py): a data set
+marker that is not the one this process loaded (the store fails the call
+and tells the registry), a cursor this process already applied, for a
+change its replica does not have, or a device Redis no longer has (or has
+at a lower version) while the change sequence is behind this process's
+cursor. Once it showed, every write fails at once with StoreError.
 """
 
 from collections import deque
@@ -225,14 +226,18 @@ class SharedWrites(SharedRetries):
                 attempt = self._attempts[dev.number] = Attempt(dev.version, ops)
             attempt.stamps.append(now)
         store = self._store
+        cond = ops[0].cond or ""
         args = [dev.version, "" if ops[0].expected is None else ops[0].expected, dev.number,
                 self.origin, store.options.stream_length, len(states) // 3, *states,
-                b"" if record is None else encode_record(record), ops[0].cond or "",
-                store.held_prefix]
+                b"" if record is None else encode_record(record), cond]
+        # Every key the script may touch (redis_scripts.CHANGE): our held set,
+        # and the one of the holder a reaping condition names.
+        held = self._held_key
+        keys = [store.device_key(dev.number), store.key_seq, store.key_feed, held,
+                store.held_key(cond[1:]) if cond[:1] == "=" else held]
         self._busy[dev.number] = "reply"
         kind = "state" if states else "session" if record is not None else "version_check"
-        store.write((kind, "change", [store.device_key(dev.number), store.key_seq,
-                                      store.key_feed], args)
+        store.write((kind, "change", keys, args)
                     ).addCallbacks(self._replied, self._failed,
                                    callbackArgs=(dev.number, ops, dev.version),
                                    errbackArgs=(dev.number, ops, dev.version))

@@ -6,6 +6,7 @@ import os
 import time
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from broker.registry import RegistrySettings
 from broker.registry.redis_connection import RedisOptions
@@ -111,3 +112,15 @@ redis_url = "{url}"
 {registry}
 """)
     return path
+
+
+def capture_critical(testcase) -> list:
+    """The critical log lines emitted from now until the test ends, as text."""
+    lines = []
+
+    def observe(event):
+        if event.get("log_level") == LogLevel.critical:
+            lines.append(formatEvent(event))
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines

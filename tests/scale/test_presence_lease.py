@@ -169,6 +169,35 @@ class PresenceLeaseTestsMixin:
         self.assertTrue(self.raw.exists("{ssp}:lease:aaaa"))
 
     @defer.inlineCallbacks
+    def test_devices_that_left_a_process_leave_its_set_at_its_next_renewal(self):
+        """Devices claimed by B, or removed, while A held them leave A's set in Redis with
+        A's next renewal (a claim declares only the claimer's set); one that came back
+        to A meanwhile stays in it, and leaves B's set with B's renewal."""
+        for name in self.names[:3]:
+            yield self.a.set_connection(name, online=True)
+        yield self.in_step()
+        yield self.b.set_connection("dev-0", online=True)     # roams to B
+        yield self.b.set_connection("dev-1", online=True)     # roams to B...
+        yield self.in_step()
+        yield self.a.set_connection("dev-1", online=True)     # ... and back to A
+        number = {name: self.a.device(name).device_number for name in self.names}
+        yield self.c.remove_device("dev-2")
+        yield wait_until(self, lambda: len({r.cursor for r in (self.a, self.b, self.c)}) == 1,
+                         what="registries in step")
+        for registry in (self.a, self.b):
+            renewals = registry.presence.renewals
+            registry.presence.check()
+            yield wait_until(self, lambda: registry.presence.renewals > renewals,
+                             what="a renewal")
+        self.assertEqual(self.held("aaaa"), {number["dev-1"]})
+        self.assertEqual(self.held("bbbb"), {number["dev-0"]})
+        self.assertEqual(self.a._held, {number["dev-1"]})
+        self.assertEqual((self.holder("dev-0"), self.holder("dev-1")), ("bbbb", "aaaa"))
+
+    def held(self, origin):
+        return {int(n) for n in self.raw.smembers("{ssp}:held:" + origin)}
+
+    @defer.inlineCallbacks
     def test_lease_has_the_configured_time_to_live(self):
         """A process's lease key expires in Redis after lease_ttl unless renewed."""
         d = self.open("dddd", lease_ttl=3.0, lease_check_interval=1.0)
