@@ -109,6 +109,15 @@ class RTTEstimator:
             self._srtt_ms = (1 - self.ALPHA) * self._srtt_ms + self.ALPHA * r
         return True
 
+    def restore(self, srtt: float, rttvar: float | None = None) -> None:
+        """Take a saved estimate back (a parked session): ``srtt`` and
+        ``rttvar`` in seconds; without ``rttvar``, ``srtt`` counts as a
+        first sample (RTTVAR = SRTT/2)."""
+        self._srtt_ms = srtt * 1000
+        self._rttvar_ms = (srtt * 500 if rttvar is None
+                           else rttvar * 1000)
+        self.hit = True
+
     def add_sample(self, seconds: float) -> bool:
         """Feed one sample in seconds; returns False if it was ignored."""
         return self.add_sample_ms(seconds * 1000)

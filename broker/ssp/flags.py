@@ -7,3 +7,4 @@ SERVER = 2  # we are the server (direction bit 1); only a server roams
 HOLD_ACKS = 4  # acknowledge a state only after confirm_durable()
 PEER_SHUTDOWN = 8  # the peer's shutdown state arrived (reported once)
 SEQ_REQUESTED = 16  # a SequenceReservationRequested awaits confirmation
+ACKS_OVERFLOWED = 32  # held acks: a state came with the arrival list full

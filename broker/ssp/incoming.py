@@ -18,7 +18,8 @@ import zlib
 from broker.ssp import events
 from broker.ssp.datagram import TIMESTAMP_SIZE
 from broker.ssp.errors import DatagramDropped, DropReason
-from broker.ssp.flags import CLOSED, HOLD_ACKS, PEER_SHUTDOWN, SERVER
+from broker.ssp.flags import (ACKS_OVERFLOWED, CLOSED, HOLD_ACKS,
+                              PEER_SHUTDOWN, SERVER)
 from broker.ssp.fragment import (FINAL_BIT, FRAGMENT_HEADER_SIZE, Fragment,
                                  FragmentAssembly)
 from broker.ssp.framing import HEADER_SIZE, parse_header
@@ -172,5 +173,7 @@ class Incoming:
                 self._ack_waiting = [num, now]
             elif len(waiting) < MAX_ACKS_WAITING * 2:
                 waiting += (num, now)
-            # Else the last entry's earlier time stands for this state too:
-            # its ack may come early, never late.
+            else:
+                # Not recorded: the last entry's earlier time stands for
+                # this state too (its ack may come early, never late).
+                self._flags |= ACKS_OVERFLOWED

@@ -47,7 +47,9 @@ class ParkedSession:
     ``SSPSession.unpark`` takes back. ``local_state`` is our state the peer
     acknowledged as ``local_num``; ``remote_heard`` is when its last new
     state arrived, ``last_heard`` its last in-order datagram; ``srtt`` is
-    None before any RTT sample.
+    None before any RTT sample. ``rttvar`` (optional, seconds) restores the
+    RTO exactly; without it the unparked session takes ``srtt`` as mosh
+    takes a first sample (RTTVAR = SRTT/2, so a larger RTO).
     """
 
     key: bytes = dataclasses.field(repr=False)  # a secret: never logged
@@ -63,6 +65,7 @@ class ParkedSession:
     last_heard: float | None
     remote_heard: float
     srtt: float | None
+    rttvar: float | None = None
 
 
 class Parking:
@@ -101,7 +104,8 @@ class Parking:
             local_state=sender.front_state,
             remote_address=link.remote_address, last_heard=link.last_heard,
             remote_heard=sender.last_heard,
-            srtt=rtt.srtt if rtt.hit else None)
+            srtt=rtt.srtt if rtt.hit else None,
+            rttvar=rtt.rttvar if rtt.hit else None)
 
     @classmethod
     def unpark(cls, parked: ParkedSession, *, remote_state, cipher_provider,
@@ -125,7 +129,7 @@ class Parking:
         link.remote_address = parked.remote_address
         link.last_heard = parked.last_heard
         if parked.srtt is not None:
-            link.rtt.add_sample(parked.srtt)
+            link.rtt.restore(parked.srtt, parked.rttvar)
         session._assembly = None
         session._events = None
         session._flags = cls._initial_flags(is_server, ack_requires_confirm)

@@ -160,7 +160,16 @@ class Receiver:
         # Nothing has changed so far; from here on the instruction counts.
         if quench:
             self._quench_until = now + profile.quench_time
-        unchanged = new_state is reference and reference is states[-1]
+        newest = states[-1]
+        if (new_state is reference and reference is not newest
+                and new_num > newest_num and reference == newest):
+            # An empty diff from an older state equal to the newest (the
+            # peer set a value back and sends from its acknowledged state):
+            # the newest state again, nothing new to report. (A non-empty
+            # diff is not compared: that would cost every datagram of a
+            # peer streaming from its front.)
+            new_state = newest
+        unchanged = new_state is newest
         # Lists are rebuilt at their exact size rather than resized: an idle
         # session keeps them.
         if keep_from == size:

@@ -12,9 +12,10 @@ States are immutable, so the list shares them with the application and the
 receiver; it is one flat list (time, num, state, time, num, state, ...) so
 that an idle session holds one small list and no tuples. Equal states are
 kept as one object (``set_current_state`` swaps in the kept copy of an
-equal state, ``_rationalize`` subtracts each object once), so the timers
-compare states by identity, not with a costly ``==`` several times per
-datagram; a miss would only cost one empty ack.
+equal state, ``_rationalize`` subtracts each object once and, when an ack
+makes a state equal to the current one the front, swaps that in), so the
+timers compare states by identity, not with a costly ``==`` several times
+per datagram; a miss would only cost one empty ack.
 """
 
 import dataclasses
@@ -221,8 +222,19 @@ class Sender:
             sent[index] = result
         current = self.current
         result = done.get(id(current))
-        self.current = (result if result is not None
-                        else current.subtract(front))
+        current = self.current = (result if result is not None
+                                  else current.subtract(front))
+        # The new front may equal the current state (or the last one sent)
+        # as another object: the application went back to it after it was
+        # sent. mosh compares by value and rests; with identity the timers
+        # would resend an empty diff every RTO + ACK_DELAY until the next
+        # ack. Only the front is compared: set_current_state keeps current
+        # and the back one object when equal, and the back is sent current.
+        front = sent[_STATE]
+        if current is not front and current == front:
+            if sent[-1] is current:
+                sent[-1] = front
+            self.current = front
 
     # -- timers ------------------------------------------------------------
 
@@ -276,7 +288,9 @@ class Sender:
                 self._mindelay_clock + profile.send_mindelay,
                 back_time + self.send_interval(rtt.srtt))
         elif (current is sent[_STATE]
-              or now - self.last_heard >= profile.active_retry_timeout):
+              # mosh's form of the test (last_heard + ACTIVE_RETRY_TIMEOUT
+              # > now), so a time on the boundary goes the same way.
+              or not self.last_heard + profile.active_retry_timeout > now):
             # Everything acknowledged, or the peer is silent: only the
             # heartbeat resends (mosh's last two branches).
             self._next_send_time = NEVER
@@ -293,6 +307,16 @@ class Sender:
         if self._shutdown is not None or self.ack_num == UINT64_MAX:
             # Speed up the shutdown handshake.
             self._next_ack_time = back_time + self.send_interval(rtt.srtt)
+
+    def acknowledge(self, num: int, rtt) -> None:
+        """Acknowledge the peer's state ``num`` from now on (held acks,
+        outside a receive, which recalculates every timer). Call after
+        ``set_data_ack``: like calculate_timers, the shutdown handshake
+        (ours, or the peer's once acknowledged) overrides the ack delay."""
+        self.ack_num = num
+        if self._shutdown is not None or num == UINT64_MAX:
+            self._next_ack_time = (self._sent[-_STRIDE + _TIME]
+                                   + self.send_interval(rtt.srtt))
 
     def next_wakeup(self) -> float | None:
         """The earlier timer from the last calculation, None if neither."""

@@ -31,8 +31,8 @@ import collections
 from broker.ssp import events
 from broker.ssp.crypto import TO_CLIENT, TO_SERVER
 from broker.ssp.datagram import DatagramLayer
-from broker.ssp.flags import (CLOSED, HOLD_ACKS, PEER_SHUTDOWN, SEQ_REQUESTED,
-                              SERVER)
+from broker.ssp.flags import (ACKS_OVERFLOWED, CLOSED, HOLD_ACKS,
+                              PEER_SHUTDOWN, SEQ_REQUESTED, SERVER)
 from broker.ssp.fragment import DEFAULT_MAX_ASSEMBLY
 from broker.ssp.framing import BrokerFraming, parse_header
 from broker.ssp.incoming import Incoming
@@ -286,7 +286,8 @@ class SSPSession(Incoming, Parking, Outgoing):
 
     def confirm_durable(self, num: int) -> None:
         """The owner made our received state ``num`` durable: ack it within
-        ACK_DELAY of that state's arrival, as mosh acks a state with data."""
+        ACK_DELAY of that state's arrival, as mosh acks a state with data
+        (or by mosh's shutdown pacing, during a shutdown handshake)."""
         sender = self._sender
         newest = self._receiver.newest_num
         if num <= sender.ack_num or num > newest:
@@ -294,14 +295,19 @@ class SSPSession(Incoming, Parking, Outgoing):
         waiting = self._ack_waiting
         if num >= self._emitted_num:
             # The newest state equals the one reported as ``num``.
-            sender.ack_num = newest
+            acked = newest
             self._ack_waiting = None
+            self._flags &= ~ACKS_OVERFLOWED
         else:
-            sender.ack_num = num
+            acked = num
             if waiting is not None:
-                self._ack_waiting = _still_waiting(waiting, num)
+                self._ack_waiting = _still_waiting(
+                    waiting, num, self._flags & ACKS_OVERFLOWED)
         if waiting is not None and waiting[0] <= num:
             sender.set_data_ack(waiting[1])
+        # Last, as in mosh's calculate_timers: acknowledging the peer's
+        # shutdown paces the ack by the send interval instead.
+        sender.acknowledge(acked, self._link.rtt)
 
     # -- outputs ------------------------------------------------------------
 
@@ -328,14 +334,6 @@ class SSPSession(Incoming, Parking, Outgoing):
         address = link.remote_address
         if address is None:
             return []
-        if (flags & SERVER and link.last_heard is not None
-                and now - link.last_heard
-                > sender.profile.server_association_timeout):
-            # network.cc send(): "Server now detached from client"; the
-            # next authentic in-order datagram attaches it again.
-            link.remote_address = None
-            self._emit(events.PeerDetached())
-            return []
         if (self._seq_reserved is not None
                 and link.next_seq >= self._seq_reserved):
             self._request_seqs()
@@ -346,8 +344,17 @@ class SSPSession(Incoming, Parking, Outgoing):
         out = self._send_instruction(inst, address, now)
         if inst.ack_num == UINT64_MAX and not self._flags & CLOSED:
             self._close(events.PeerShutdownAcknowledged())
-        else:
-            sender.calculate_timers(now, link.rtt)
+            return out
+        if (flags & SERVER and out and link.last_heard is not None
+                and now - link.last_heard
+                > sender.profile.server_association_timeout):
+            # network.cc Connection::send(), after sending: "Server now
+            # detached from client" (SERVER_ASSOCIATION_TIMEOUT); the next
+            # authentic in-order datagram attaches it again. (mosh stops
+            # after the first fragment; we send the instruction whole.)
+            link.remote_address = None
+            self._emit(events.PeerDetached())
+        sender.calculate_timers(now, link.rtt)
         return out
 
     # -- internals ----------------------------------------------------------
@@ -370,16 +377,27 @@ class SSPSession(Incoming, Parking, Outgoing):
         self._sender.calculate_timers(now, self._link.rtt)
 
 
-def _still_waiting(waiting: list, num: int) -> list | None:
+def _still_waiting(waiting: list, num: int, overflowed) -> list | None:
     """The arrival list ([num, time, ...]) left once states up to ``num``
-    are acknowledged: the states above ``num`` that came before the next
-    kept entry are taken to have come with the last entry dropped."""
+    are acknowledged.
+
+    Its entries are exact, one per held state that wants an ack (numbers
+    may skip: states lost on the way, or that want none), unless it
+    ``overflowed`` (MAX_ACKS_WAITING): then some states that want an ack
+    were not recorded, and the states above ``num`` that came before the
+    next entry kept are taken to have come with the last entry dropped
+    (their ack may come early, never late). Without an overflow such a
+    made-up entry would make a later confirmation ack at once instead of
+    ACK_DELAY after the state's arrival.
+    """
     index = 0
     while index < len(waiting) and waiting[index] <= num:
         index += 2
     if index == 0:
         return waiting
     rest = waiting[index:]
-    if not rest or rest[0] > num + 1:
-        rest[:0] = (num + 1, waiting[index - 1])
-    return rest
+    if overflowed:
+        if not rest or rest[0] > num + 1:
+            rest[:0] = (num + 1, waiting[index - 1])
+        return rest
+    return rest or None

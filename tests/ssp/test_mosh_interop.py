@@ -24,6 +24,9 @@ from broker.ssp.mosh_states import HostState, UserStream
 from broker.ssp.profile import MOSH
 from broker.ssp.session import SSPSession
 
+from tests.ssp.mosh_reference import MoshTransport
+from tests.ssp.test_mosh_model import Shadowed
+
 LOOPBACK = "127.0.0.1"
 CONNECT_LINE = re.compile(r"^MOSH CONNECT (\d+) ([A-Za-z0-9/+]{22})\s*$", re.M)
 DETACHED_LINE = re.compile(r"\[mosh-server detached, pid = (\d+)\]")
@@ -239,3 +242,49 @@ class MoshInteropTests(SynchronousTestCase):
         self.assertIn(events.ShutdownAcknowledged(), client.events)
         self.assertTrue(self.server.wait_exit(STEP_TIMEOUT),
                         "mosh-server still running after the shutdown")
+
+    def test_server_shutdown_acknowledged(self):
+        """When the shell exits, mosh-server's shutdown state (UINT64_MAX)
+        is reported, our ack of it ends the session, and the server, seeing
+        its shutdown acknowledged, exits."""
+        client = self.client
+        client.connect()
+        client.type(b"exit\r")
+        self.assertTrue(client.pump(lambda: client.session.closed),
+                        client.events)
+        self.assertIn(events.ShutdownRequested(), client.events)
+        self.assertIn(events.PeerShutdownAcknowledged(), client.events)
+        self.assertTrue(self.server.wait_exit(STEP_TIMEOUT),
+                        "mosh-server still running after its shutdown")
+
+    def test_rtt_from_hold_time_corrected_echoes(self):
+        """mosh-server echoes our timestamps corrected by its hold time, so
+        the RTT we measure on loopback is small (the first sample replaces
+        the initial 1 s) and the RTO sits near its 50 ms floor."""
+        client = self.client
+        client.connect()
+        client.type(b"echo rtt_ssp\r")
+        self.assertTrue(client.pump(lambda: "rtt_ssp" in client.lines()))
+        rtt = client.session.rtt
+        self.assertTrue(rtt.hit)
+        self.assertLess(rtt.srtt, 0.25)
+        self.assertLess(rtt.rto, 1.0)
+
+    def test_client_decides_as_mosh_against_a_real_server(self):
+        """Beside mosh's model, fed the real server's instructions at the
+        real times, our client sends the same instructions at the same
+        times: connecting, typing and reading the output."""
+        client = self.client
+        session = client.session
+        model = MoshTransport(UserStream.empty(), HostState.empty(),
+                              time.monotonic(), MOSH)
+        model.next_ack_time = model.next_send_time = session.next_wakeup()
+        model.sent[0][0] = session._sender.front_time
+        client.session = shadow = Shadowed(self, "client", session, model)
+        client.connect()
+        client.type(b"echo model_ssp\r")
+        self.assertTrue(client.pump(lambda: "model_ssp" in client.lines()),
+                        client.lines())
+        client.pump(lambda: False, timeout=0.5)  # the output's ack
+        self.assertGreater(shadow.sends, 2)
+        self.assertEqual(session.drops, {})

@@ -58,6 +58,19 @@ class ReceiverTests(SynchronousTestCase):
         self.receive(inst(0, 1, b"=a"))
         self.assertEqual(self.receive(inst(0, 2)), TextState(""))
 
+    def test_same_state_from_an_older_one_is_unchanged(self):
+        """An empty diff from an older state equal to the newest (the peer
+        set a value back and sends from its acknowledged state) is
+        UNCHANGED and shares the newest object: nothing new to report or
+        make durable."""
+        newest = self.receive(inst(0, 1, b"=a"))
+        self.receive(inst(1, 2, b"=b"))
+        again = self.receive(inst(1, 3, b"=a"))  # back to "a"
+        self.assertEqual(again, newest)
+        self.assertIs(self.receive(inst(1, 4)), UNCHANGED)  # empty, from 1
+        self.assertIs(self.receiver.newest_state, again)
+        self.assertEqual(self.receive(inst(2, 5)), TextState("b"))
+
     def test_duplicate_is_ignored(self):
         """A state number already held is ignored, whatever its diff."""
         self.receive(inst(0, 1, b"=a"))

@@ -288,6 +288,39 @@ class SenderTests(SynchronousTestCase):
         sender.calculate_timers(due, RTT)
         self.assertIsNone(sender.next_wakeup())
 
+    def test_acknowledged_state_equal_to_current_rests(self):
+        """When an ack makes the front a state equal to the current one
+        (another object: the application went back to it), the sender rests
+        as mosh does (it compares by value), whether or not the current
+        state was sent again: no resend every RTO + ACK_DELAY."""
+        for resent in (False, True):
+            sender = self.sender(heartbeats=False)
+            sender.remote_heard(T0)
+            self.tick(sender, T0)
+            sender.process_acknowledgment_through(1)
+            inst, now = self.send_state(sender, "a", T0 + 1)
+            self.assertEqual(inst.new_num, 2)
+            inst, now = self.send_state(sender, "", now + 0.1)
+            self.assertEqual(inst.new_num, 3)
+            sender.set_current_state(TextState("a"), now + 0.1)
+            now += 0.1
+            if resent:
+                inst, now = self.send_state(sender, "a", now)
+                self.assertEqual((inst.new_num, inst.diff), (4, b"=a"))
+            sender.process_acknowledgment_through(2)  # "a" (2) arrived
+            sender.calculate_timers(now, RTT)
+            if not resent:
+                # Nothing new for the peer: one empty ack, as mosh's first
+                # tick would (sender.py tick), then rest.
+                due = sender.next_wakeup()
+                inst = self.tick(sender, due)
+                self.assertEqual((inst.old_num, inst.new_num, inst.diff),
+                                 (2, 4, b""))
+                now = due
+                sender.calculate_timers(now, RTT)
+            self.assertIsNone(sender.next_wakeup(), resent)
+            self.assertIsNone(self.tick(sender, now + RTO + 0.1))
+
     def test_shutdown_numbers_and_timeout_after_retries(self):
         """During shutdown every instruction has new_num UINT64_MAX, sent
         every send interval, and the shutdown times out after 16 tries."""

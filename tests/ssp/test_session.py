@@ -399,6 +399,29 @@ class SessionTests(SynchronousTestCase):
         # Attaching (first, and again at the same address) is no roam.
         self.assertEqual(of_type(link.broker_events, events.PeerRoamed), [])
 
+    def test_detach_comes_after_the_send(self):
+        """As in mosh's Connection::send, the server sends the datagram that
+        falls due after the association timeout, then detaches; a call
+        with nothing due detaches nothing."""
+        device, broker = broker_pair(10.0, profile=MOSH)
+        [(data, _)] = device.datagrams_to_send(10.0)
+        broker.receive_datagram(data, DEVICE_ADDRESS, 10.0)
+        now = 10.0
+        while now <= 10.0 + MOSH.server_association_timeout:
+            self.assertLessEqual(len(broker.datagrams_to_send(now)), 1)
+            self.assertEqual(broker.remote_address, DEVICE_ADDRESS)
+            now = broker.next_wakeup()
+        # Nothing due yet, past the timeout: still attached.
+        self.assertEqual(broker.datagrams_to_send(now - 0.5), [])
+        self.assertEqual(broker.remote_address, DEVICE_ADDRESS)
+        [(last, address)] = broker.datagrams_to_send(now)  # the heartbeat
+        self.assertEqual(address, DEVICE_ADDRESS)
+        self.assertEqual(decode_out(broker, last).diff, b"")
+        self.assertIsNone(broker.remote_address)
+        self.assertEqual(of_type(broker.pop_events(), events.PeerDetached),
+                         [events.PeerDetached()])
+        self.assertIsNone(broker.next_wakeup())
+
     def test_acks_wait_for_durability(self):
         """With ack_requires_confirm a state is acked only after
         confirm_durable, and then within the ack delay."""
@@ -441,6 +464,43 @@ class SessionTests(SynchronousTestCase):
             due = max(when + FLEET.ack_delay, durable[num])
             self.assertLessEqual(first_ack(acks, num), due + 1e-6)
 
+    def test_held_ack_after_a_lost_state_keeps_the_ack_delay(self):
+        """A gap in the peer's numbers (a state lost on the way) does not
+        make a later confirmation ack at once: the state after the gap is
+        acknowledged ACK_DELAY after its own arrival, as mosh would."""
+        device, broker = broker_pair(10.0, ack_requires_confirm=True)
+        cipher = CipherCache().get(broker.key)
+        header = broker.framing.header
+        empty = DeviceState.empty()
+        one = empty.with_values({"a": 1})
+        three = empty.with_values({"a": 3})
+
+        def arrive(seq, old, new, diff, now):
+            inst = Instruction(old_num=old, new_num=new, ack_num=0,
+                               throwaway_num=0, diff=diff)
+            payload = Fragment(seq + 1, 0, True,
+                               encode_instruction(inst)).encode()
+            broker.receive_datagram(
+                seal(cipher, TO_SERVER, seq, bytes(4) + payload, header),
+                DEVICE_ADDRESS, now)
+
+        arrive(0, 0, 1, one.diff_from(empty), 10.0)
+        # mosh's first tick is due at once: nothing to acknowledge yet.
+        [(data, _)] = broker.datagrams_to_send(10.0)
+        self.assertEqual(decode_out(broker, data).ack_num, 0)
+        arrive(2, 1, 3, three.diff_from(one), 10.05)  # state 2 was lost
+        received = of_type(broker.pop_events(), events.StateReceived)
+        self.assertEqual([event.num for event in received], [1, 3])
+        broker.confirm_durable(1)
+        self.assertAlmostEqual(broker.next_wakeup(), 10.0 + FLEET.ack_delay)
+        [(data, _)] = broker.datagrams_to_send(10.1)
+        self.assertEqual(decode_out(broker, data).ack_num, 1)
+        broker.confirm_durable(3)
+        self.assertAlmostEqual(broker.next_wakeup(), 10.05 + FLEET.ack_delay)
+        self.assertEqual(broker.datagrams_to_send(10.11), [])
+        [(data, _)] = broker.datagrams_to_send(10.15)
+        self.assertEqual(decode_out(broker, data).ack_num, 3)
+
     def test_heartbeats_acked_without_confirmation(self):
         """A heartbeat after a confirmed state changes nothing durable and
         is acked at once."""
@@ -472,6 +532,27 @@ class SessionTests(SynchronousTestCase):
         self.assertTrue(device.closed)
         self.assertIsNone(device.next_wakeup())
         self.assertEqual(device.datagrams_to_send(20.0), [])
+
+    def test_held_shutdown_ack_paced_as_mosh(self):
+        """With acks held until durable, confirming the peer's shutdown
+        state makes its ack due as mosh's calculate_timers would (one send
+        interval after our last send, here at once), not ACK_DELAY later."""
+        device, broker = broker_pair(10.0, ack_requires_confirm=True)
+        link = ConfirmingLink(device, broker)
+        link.run_until(11.0, 10.0)
+        device.set_local_state(DeviceState.empty().with_values({"bye": 1}),
+                               11.0)
+        device.start_shutdown(11.0)
+        now = 11.0 + FLEET.send_mindelay
+        [(data, _)] = device.datagrams_to_send(now)
+        broker.receive_datagram(data, DEVICE_ADDRESS, now)
+        [received] = of_type(broker.pop_events(), events.StateReceived)
+        self.assertEqual(received.num, 2**64 - 1)
+        broker.confirm_durable(received.num)
+        self.assertLessEqual(broker.next_wakeup(), now)
+        [(answer, _)] = broker.datagrams_to_send(now)
+        self.assertEqual(decode_out(broker, answer).ack_num, 2**64 - 1)
+        self.assertIn(events.PeerShutdownAcknowledged(), broker.pop_events())
 
     def test_shutdown_times_out(self):
         """Unanswered, the shutdown gives up (16 tries or 10 s)."""
@@ -794,6 +875,36 @@ class ParkTests(SynchronousTestCase):
         self.assertEqual(of_type(link.device_events, events.DatagramRejected),
                          [])
         self.assertEqual(len(ciphers.sealed), len(set(ciphers.sealed)))
+
+    def test_unparked_session_keeps_its_rto(self):
+        """Parking keeps the RTT estimate whole (SRTT and RTTVAR), so the
+        unparked session retransmits on the same RTO; a parked form
+        without RTTVAR takes SRTT as mosh takes a first sample."""
+        ciphers = RecordingCiphers()
+        device, broker = broker_pair(10.0, ciphers=ciphers,
+                                     ack_requires_confirm=True)
+        link = ConfirmingLink(device, broker, delay=(0.15, 0.15))
+        for step in range(12):  # a steady 300 ms round trip
+            now = 10.0 + step
+            device.set_local_state(
+                DeviceState.empty().with_values({"n": step}), now)
+            link.run_until(now + 1.0, now)
+        rtt = broker.rtt
+        self.assertLess(rtt.rttvar, 0.05)
+        self.assertLess(rtt.rto, 0.5)
+        parked = broker.park()
+        options = dict(remote_state=broker.latest_remote_state,
+                       cipher_provider=ciphers,
+                       random_bytes=seeded_random_bytes(5), now=30.0,
+                       profile=FLEET, ack_requires_confirm=True)
+        awake = SSPSession.unpark(parked, **options)
+        self.assertAlmostEqual(awake.rtt.srtt, rtt.srtt)
+        self.assertAlmostEqual(awake.rtt.rttvar, rtt.rttvar)
+        self.assertAlmostEqual(awake.rtt.rto, rtt.rto)
+        coarse = SSPSession.unpark(
+            dataclasses.replace(parked, rttvar=None), **options)
+        self.assertAlmostEqual(coarse.rtt.srtt, rtt.srtt)
+        self.assertAlmostEqual(coarse.rtt.rttvar, rtt.srtt / 2)
 
     def test_parked_session_repr_hides_the_key(self):
         """A parked session logged by its owner does not show its key."""
