@@ -25,8 +25,9 @@ from broker.ssp.session import ParkedSession, SSPSession
 from broker.udp.sessions import EMPTY, LiveSession
 
 # key, session id, next seq, expected seq, reserved seq, remote num, local num,
-# last heard, remote heard (a new state), srtt (-1: none yet), port.
-_PACK = struct.Struct(">16sQQQQQQddfH")
+# last heard, remote heard (a new state), srtt (-1: none yet), rttvar, port.
+# 90 bytes: a bytes object of up to 95 takes the same 128-byte block.
+_PACK = struct.Struct(">16sQQQQQQddffH")
 _pack = _PACK.pack
 _unpack = _PACK.unpack
 _NO_RTT = -1.0
@@ -62,7 +63,7 @@ class Parked:
         return _unpack(self.data)[3]
 
     def remote_address(self):
-        return (self.host, _unpack(self.data)[10])
+        return (self.host, _unpack(self.data)[11])
 
     def __repr__(self) -> str:
         return f"<Parked name={self.name!r} session={self.session_id}>"
@@ -82,7 +83,8 @@ def park(live: LiveSession) -> Parked | None:
     data = _pack(parked.key, live.session_id, parked.next_seq, parked.expected_seq,
                  parked.seq_reserved, parked.remote_num, parked.local_num,
                  parked.last_heard, parked.remote_heard,
-                 _NO_RTT if parked.srtt is None else parked.srtt, port)
+                 _NO_RTT if parked.srtt is None else parked.srtt,
+                 _NO_RTT if parked.rttvar is None else parked.rttvar, port)
     local = parked.local_state
     return Parked(data, sys.intern(host) if type(host) is str else host, live.name,
                   EMPTY if local == EMPTY else local, live.online, live.wheel_slot)
@@ -96,13 +98,13 @@ def unpark(parked: Parked, number: int, *, remote_state, ciphers, profile, rando
     newest state the parked session held).
     """
     (key, session_id, next_seq, expected_seq, reserved, remote_num, local_num, last_heard,
-     remote_heard, srtt, port) = _unpack(parked.data)
+     remote_heard, srtt, rttvar, port) = _unpack(parked.data)
     values = ParkedSession(
         key=key, header=build_header(number, session_id), is_server=True,
         next_seq=next_seq, expected_seq=expected_seq, seq_reserved=reserved,
         remote_num=remote_num, local_num=local_num, local_state=parked.local,
         remote_address=(parked.host, port), last_heard=last_heard,
-        remote_heard=remote_heard, srtt=None if srtt < 0 or math.isnan(srtt) else srtt)
+        remote_heard=remote_heard, srtt=_measured(srtt), rttvar=_measured(rttvar))
     session = SSPSession.unpark(values, remote_state=remote_state, cipher_provider=ciphers,
                                 random_bytes=random_bytes, now=now, profile=profile,
                                 ack_requires_confirm=True,
@@ -111,3 +113,8 @@ def unpark(parked: Parked, number: int, *, remote_state, ciphers, profile, rando
     live.online = parked.online
     live.wheel_slot = parked.wheel_slot
     return live
+
+
+def _measured(seconds: float) -> float | None:
+    """A packed RTT figure, None if there was none (-1) or it is unusable."""
+    return None if seconds < 0 or math.isnan(seconds) else seconds

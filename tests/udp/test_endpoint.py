@@ -502,6 +502,26 @@ class ParkingTests(SynchronousTestCase):
         self.assertEqual(len(self.h.endpoint._ciphers), 0)
         self.assertEqual(len(self.h.endpoint.scheduler), 1)  # only the presence wheel
 
+    def test_unparked_session_keeps_its_rtt_estimate(self):
+        """A parked session rebuilt keeps its SRTT and RTTVAR (float32 in the packed
+        form), so its RTO is the one it had, not one from a first sample."""
+        from broker.udp.park import park, unpark
+        from broker.udp.sessions import LiveSession
+
+        live = self.h.endpoint._table.wake(self.entry(), self.device.device_number,
+                                           self.h.clock.seconds())
+        rtt = live.session.rtt
+        rtt.restore(0.040, 0.003)
+        parked = park(live)
+        self.assertIsNotNone(parked)
+        back = unpark(parked, self.device.device_number, remote_state=live.reported,
+                      ciphers=self.h.endpoint._ciphers, profile=self.h.endpoint._table.profile,
+                      random_bytes=bytes, now=self.h.clock.seconds())
+        self.assertIsInstance(back, LiveSession)
+        self.assertAlmostEqual(back.session.rtt.srtt, 0.040, places=6)
+        self.assertAlmostEqual(back.session.rtt.rttvar, 0.003, places=6)
+        self.assertEqual(back.session.rtt.rto, rtt.rto)
+
     def test_heartbeat_wakes_and_is_answered(self):
         """A heartbeat to a parked session is authenticated, answered, and the session parks again."""
         acked = self.node.acknowledged
