@@ -43,8 +43,10 @@ if incarnation ~= ARGV[#ARGV] then return {'lost', incarnation or '', 0} end
 # KEYS: the device, {p}:seq, {p}:feed, the writer's held set, and the held
 # set of the holder '=X' names (else the writer's again). A claim does not
 # touch the previous holder's set (its name is Redis data, not declared):
-# that process drops the device from its set itself (LEASE), or the
-# reaping of a dead holder does (HELD, and here on 'moved').
+# that process drops the device from its set itself (LEASE, or here when
+# its own '~' write is answered 'moved': its stream may not have shown the
+# claim yet, so LEASE would not be told), or the reaping of a dead holder
+# does (HELD, and here on 'moved').
 CHANGE = CHECK + """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {'missing', 0, 0} end
@@ -59,7 +61,8 @@ local old, known = nil, false
 if cond ~= '' then
   old, known = redis.call('HGET', KEYS[1], 'h'), true
   if old ~= named and (string.sub(cond, 1, 1) == '=' or old) then
-    if string.sub(cond, 1, 1) == '=' then redis.call('SREM', KEYS[5], number) end
+    if string.sub(cond, 1, 1) == '=' then redis.call('SREM', KEYS[5], number)
+    else redis.call('SREM', KEYS[4], number) end
     return {'moved', 0, v}
   end
 end

@@ -18,12 +18,12 @@ how values are encoded: redis_layout.py; how to connect:
 redis_connection.py.
 
 The data set's marker (``{p}:incarnation``): loading (and broker-admin)
-first adopts the marker Redis holds, or sets a new one if there is none
-(``ADOPT``: SET NX, so processes starting together on an empty Redis, or on
-data written before markers existed, all take the same). From then on
-every script and every answer of the writer and the reader carry it; one
-that finds another marker, or none, reports ``IncarnationLost``: Redis lost
-the data this process loaded (shared.py).
+first adopts the marker Redis holds (read, not written), or sets a new one
+if there is none (``ADOPT``: SET NX, so processes starting together on an
+empty Redis, or on data written before markers existed, all take the
+same). From then on every script and every answer of the writer and the
+reader carry it; one that finds another marker, or none, reports
+``IncarnationLost``: Redis lost the data this process loaded (shared.py).
 """
 
 from __future__ import annotations
@@ -116,13 +116,21 @@ class RedisStore(RedisKeys, Store):
 
     def adopt(self):
         """Learn the data set's marker, setting a new one if Redis has none (an
-        empty Redis, or data from before markers); returns it. Synchronous."""
+        empty Redis, or data from before markers); returns it. Synchronous.
+
+        A marker already there is read, not written: a script that may write is
+        refused by a Redis at its memory limit, a read-only replica or a
+        read-only ACL user, and a process must still start and serve reads
+        there (as before markers existed)."""
         import redis
         try:
-            found = self._adopt(keys=[self.key_incarnation], args=[os.urandom(16).hex()],
-                                client=self._main)
+            found = self._main.get(self.key_incarnation)
+            if not found:
+                found = self._adopt(keys=[self.key_incarnation], args=[os.urandom(16).hex()],
+                                    client=self._main)
         except (redis.RedisError, OSError) as e:
-            raise StoreError(f"cannot read the data set marker from Redis: {e}") from None
+            raise StoreError(f"cannot adopt the data set marker {self.key_incarnation} "
+                             f"in Redis: {e}") from None
         self.incarnation = marker_text(found)
         return self.incarnation
 

@@ -24,11 +24,12 @@ marked offline on the stream and claims them again at once.
 Every key a script touches is declared (redis_scripts.py), so what depends
 on data is read first: a claim does not touch the previous holder's set
 (that process drops the device from its own set with its next renewal,
-when its stream shows the claim), and a check is up to three round trips
-every interval: renew the lease (LEASE, which answers the processes with
-a lease), look at the others' leases (EXPIRED, which answers the devices
-an expired holder's set names) and at those devices (HELD, which keeps
-those it still holds).
+when its stream shows the claim or its own offline write failed or found
+the device removed; at once when Redis answers that write "moved"), and
+a check is up to three round trips every interval: renew the lease
+(LEASE, which answers the processes with a lease), look at the others'
+leases (EXPIRED, which answers the devices an expired holder's set names)
+and at those devices (HELD, which keeps those it still holds).
 """
 
 from twisted.internet import defer
@@ -60,12 +61,18 @@ class SharedPresence:
 
     def set_connection(self, name, *, online, **facts):
         """As DeviceRegistry.set_connection; going online also claims a device
-        that the registry shows online but another process holds."""
+        that the registry shows online but another process holds, and going
+        offline is written after a claim of ours still on its way (the replica
+        shows the device offline until the stream brings the claim)."""
         d = super().set_connection(name, online=online, **facts)
+        dev = self._lookup(name)
+        if dev is None:
+            return d
         if online:
-            dev = self._lookup(name)
-            if dev is not None and dev.number not in self._held:
+            if dev.number not in self._held:
                 return self._set_online(dev, True)
+        elif dev.number in self._held and not dev.online:
+            return self._set_online(dev, False)     # queued behind the claim
         return d
 
     def _set_online(self, dev, online):
@@ -73,7 +80,16 @@ class SharedPresence:
             self._hold(dev.number)
             return self._enqueue(dev, _Op("claim", _ONLINE))
         self._held.discard(dev.number)
-        return self._enqueue(dev, _Op("connection", _OFFLINE, cond="~" + self.origin))
+        d = self._enqueue(dev, _Op("connection", _OFFLINE, cond="~" + self.origin))
+        return d.addErrback(self._maybe_left, dev.number)
+
+    def _maybe_left(self, failure, number):
+        """An offline write that failed, or found the device removed, did not drop it
+        from our set in Redis (its script does, and a "moved" answer too): the next
+        renewal does, unless Redis shows this process holding it (LEASE)."""
+        if number not in self._held:
+            self._left.add(number)
+        return failure
 
     def _track_holder(self, number, origin, flags):
         """Keep ``_held`` current from a stream entry's origin and flags."""
@@ -85,7 +101,10 @@ class SharedPresence:
                 # (its claim could not: that key is not declared to it).
                 self._held.discard(number)
                 self._left.add(number)
-        elif not flags & 1 and origin != self.origin and number in self._held:
+        elif not flags & 1 and origin == self.origin:
+            # Our own offline write (after a claim of ours whose entry re-added it).
+            self._held.discard(number)
+        elif not flags & 1 and number in self._held:
             # Marked offline by another process while this one holds the
             # session: our lease lapsed and we were taken for dead. Claim again.
             self._held.discard(number)

@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from broker.registry import errors
 from broker.registry.shared import open_shared_registry
 from broker.registry.shared_presence import PresenceLease
 
@@ -31,6 +32,31 @@ def redis_client(testcase, url):
     return client
 
 
+class LateStream:
+    """Holds back the change-stream entries a registry applies, while ``late``: a
+    process whose stream reader lags behind the others. Made before the
+    registry starts (its reader takes the registry's ``_deliver`` then)."""
+
+    def __init__(self, registry):
+        self.late = False
+        self._waiting = []
+        self._deliver = registry._deliver
+        registry._deliver = self
+
+    def __call__(self, entries):
+        if self.late:
+            self._waiting.append(entries)
+        else:
+            self._deliver(entries)
+
+    def release(self):
+        """Apply what was held back, and what comes from now on."""
+        self.late = False
+        waiting, self._waiting = self._waiting, []
+        for entries in waiting:
+            self._deliver(entries)
+
+
 class PresenceLeaseTestsMixin:
     """Devices of a process whose lease expired go offline, and only those."""
 
@@ -48,9 +74,12 @@ class PresenceLeaseTestsMixin:
             yield self.a.add_device(name)
         yield self.in_step()
 
-    def open(self, origin, **lease):
+    def open(self, origin, late=None, **lease):
+        """A started registry; ``late``: a list that gets its LateStream."""
         registry = open_shared_registry(redis_options(self, self.url), reactor=reactor,
                                         origin=origin, **(lease or MANUAL))
+        if late is not None:
+            late.append(LateStream(registry))
         registry.start()
         self.addCleanup(registry.stop)
         return registry
@@ -193,6 +222,96 @@ class PresenceLeaseTestsMixin:
         self.assertEqual(self.held("bbbb"), {number["dev-0"]})
         self.assertEqual(self.a._held, {number["dev-1"]})
         self.assertEqual((self.holder("dev-0"), self.holder("dev-1")), ("bbbb", "aaaa"))
+
+    @defer.inlineCallbacks
+    def test_a_dead_process_whose_set_still_lists_a_moved_device_is_reaped_without_it(self):
+        """A dies after B claimed one of its devices and before its renewal dropped it
+        from A's set: C's check marks offline only the device A still held; B's stays
+        online and held by B, without even an offline write for it."""
+        for name in ("dev-0", "dev-1"):
+            yield self.a.set_connection(name, online=True)
+        yield self.in_step()
+        yield self.b.set_connection("dev-0", online=True)     # roams to B
+        yield self.in_step()
+        number = {name: self.a.device(name).device_number for name in ("dev-0", "dev-1")}
+        self.assertEqual(self.held("aaaa"), set(number.values()))     # not renewed yet
+        yield self.die(self.a)
+        self.c.presence.check()
+        yield wait_until(self, lambda: not self.online(self.c, "dev-1"), what="dev-1 reaped")
+        self.c.presence.check()
+        yield wait_until(self, lambda: not self.raw.sismember("{ssp}:holders", "aaaa"),
+                         what="A forgotten")
+        self.assertTrue(self.online(self.c, "dev-0") and self.online(self.b, "dev-0"))
+        self.assertEqual(self.holder("dev-0"), "bbbb")
+        self.assertEqual(self.held("aaaa"), set())
+        self.assertEqual(self.c.counters["presence_reaped"], 1)
+        self.assertEqual(self.c.counters["connection_moved"], 0)
+
+    @defer.inlineCallbacks
+    def test_a_session_ending_after_its_device_moved_leaves_the_set(self):
+        """D's old session of a device B claimed ends before D's stream shows the claim:
+        D's offline write is answered "moved", and the device is not left in D's
+        set in Redis after D's next renewal (Redis said another process holds it)."""
+        stream = []
+        d = self.open("dddd", late=stream)
+        yield self.in_step(self.a, self.b, self.c, d)
+        yield d.set_connection("dev-0", online=True)
+        yield self.in_step(self.a, self.b, self.c, d)
+        number = d.device("dev-0").device_number
+        stream[0].late = True
+        yield self.b.set_connection("dev-0", online=True)     # roams to B
+        ended = d.set_connection("dev-0", online=False)       # D's session ends
+        stream[0].release()
+        yield ended
+        self.assertEqual(d.counters["connection_moved"], 1)
+        yield self.in_step(self.a, self.b, self.c, d)
+        renewals = d.presence.renewals
+        d.presence.check()
+        yield wait_until(self, lambda: d.presence.renewals > renewals, what="a renewal")
+        self.assertEqual(self.held("dddd"), set())
+        self.assertEqual(self.held("bbbb"), {number})
+        self.assertEqual(self.holder("dev-0"), "bbbb")
+        self.assertEqual(d._held, set())
+
+    @defer.inlineCallbacks
+    def test_a_session_ending_after_its_device_was_removed_leaves_the_set(self):
+        """D's session of a device C removed ends before D's stream shows the removal:
+        D's offline write finds no device, and the device is not left in D's set in
+        Redis after D's next renewal."""
+        stream = []
+        d = self.open("dddd", late=stream)
+        yield self.in_step(self.a, self.b, self.c, d)
+        yield d.set_connection("dev-0", online=True)
+        yield self.in_step(self.a, self.b, self.c, d)
+        number = d.device("dev-0").device_number
+        stream[0].late = True
+        yield self.c.remove_device("dev-0")
+        yield self.assertFailure(d.set_connection("dev-0", online=False),
+                                 errors.UnknownDevice)
+        stream[0].release()
+        yield wait_until(self, lambda: d.cursor == self.c.cursor, what="D in step")
+        self.assertIsNone(d.device("dev-0"))
+        renewals = d.presence.renewals
+        d.presence.check()
+        yield wait_until(self, lambda: d.presence.renewals > renewals, what="a renewal")
+        self.assertEqual(self.held("dddd"), set())
+        self.assertNotIn(number, d._held)
+
+    @defer.inlineCallbacks
+    def test_a_session_ending_before_its_claim_came_back_marks_the_device_offline(self):
+        """A session that ends while the claim of its start is still on its way (the
+        replica shows the device offline until the stream brings the claim) leaves
+        the device offline everywhere, held by nobody, not online for good."""
+        number = self.a.device("dev-0").device_number
+        started = self.a.set_connection("dev-0", online=True)
+        ended = self.a.set_connection("dev-0", online=False)
+        yield defer.gatherResults([started, ended])
+        yield self.in_step()
+        self.assertEqual([self.online(r, "dev-0") for r in (self.a, self.b, self.c)],
+                         [False] * 3)
+        self.assertIsNone(self.holder("dev-0"))
+        self.assertEqual(self.held("aaaa"), set())
+        self.assertNotIn(number, self.a._held)
 
     def held(self, origin):
         return {int(n) for n in self.raw.smembers("{ssp}:held:" + origin)}

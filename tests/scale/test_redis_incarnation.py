@@ -181,6 +181,34 @@ class RedisIncarnationTests(TestCase):
         self.assertEqual(a.check_token(text), "write")
         self.assertIn("Redis lost data", a.readiness())
 
+    @defer.inlineCallbacks
+    def test_a_process_starts_on_a_full_redis_and_serves_reads(self):
+        """On a Redis at its memory limit (noeviction: writes refused) that holds a data
+        set, a process still starts: it adopts the marker without writing, loads every
+        device and serves reads, and its writes fail with StoreError, not lost data."""
+        port = start_server(self, "--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+        options = RedisOptions(url=f"redis://127.0.0.1:{port}/0", timeout=2.0)
+        a = open_shared_registry(options, reactor=reactor, lease_ttl=0)
+        a.start()
+        yield a.add_device("dev-1")
+        yield a.update_reported("dev-1", {"t": 1})
+        marker = a._store.incarnation
+        yield a.stop()
+        direct = redis.Redis(host="127.0.0.1", port=port)
+        self.addCleanup(direct.close)
+        with self.assertRaises(redis.ResponseError):
+            for i in range(100_000):
+                direct.set(f"filler:{i}", b"x" * 1000)      # up to the limit
+        b = open_shared_registry(options, reactor=reactor, lease_ttl=0)
+        b.start()
+        self.addCleanup(b.stop)
+        self.assertEqual(b._store.incarnation, marker)
+        self.assertEqual(dict(b.device("dev-1").reported), {"t": 1})
+        failure = yield self.assertFailure(b.update_reported("dev-1", {"t": 2}),
+                                           errors.StoreError)
+        self.assertNotIn("lost data", str(failure))
+        self.assertEqual((b.readiness(), self.critical), (None, []))
+
     def test_broker_admin_on_a_redis_emptied_meanwhile_changes_nothing(self):
         """broker-admin's scripts against a Redis flushed after it opened fail with
         StoreError and write nothing (the marker is gone)."""
