@@ -248,17 +248,23 @@ class PresenceLeaseTestsMixin:
         self.assertEqual(self.c.counters["connection_moved"], 0)
 
     @defer.inlineCallbacks
-    def test_a_session_ending_after_its_device_moved_leaves_the_set(self):
-        """D's old session of a device B claimed ends before D's stream shows the claim:
-        D's offline write is answered "moved", and the device is not left in D's
-        set in Redis after D's next renewal (Redis said another process holds it)."""
+    def d_holding_dev0_with_its_stream_held(self):
+        """A fourth process D holding dev-0, in step, whose stream is then held back:
+        (D, its late stream list, dev-0's number)."""
         stream = []
         d = self.open("dddd", late=stream)
         yield self.in_step(self.a, self.b, self.c, d)
         yield d.set_connection("dev-0", online=True)
         yield self.in_step(self.a, self.b, self.c, d)
-        number = d.device("dev-0").device_number
         stream[0].late = True
+        return d, stream, d.device("dev-0").device_number
+
+    @defer.inlineCallbacks
+    def test_a_session_ending_after_its_device_moved_leaves_the_set(self):
+        """D's old session of a device B claimed ends before D's stream shows the claim:
+        D's offline write is answered "moved", and the device is not left in D's
+        set in Redis after D's next renewal (Redis said another process holds it)."""
+        d, stream, number = yield self.d_holding_dev0_with_its_stream_held()
         yield self.b.set_connection("dev-0", online=True)     # roams to B
         ended = d.set_connection("dev-0", online=False)       # D's session ends
         stream[0].release()
@@ -278,13 +284,7 @@ class PresenceLeaseTestsMixin:
         """D's session of a device C removed ends before D's stream shows the removal:
         D's offline write finds no device, and the device is not left in D's set in
         Redis after D's next renewal."""
-        stream = []
-        d = self.open("dddd", late=stream)
-        yield self.in_step(self.a, self.b, self.c, d)
-        yield d.set_connection("dev-0", online=True)
-        yield self.in_step(self.a, self.b, self.c, d)
-        number = d.device("dev-0").device_number
-        stream[0].late = True
+        d, stream, number = yield self.d_holding_dev0_with_its_stream_held()
         yield self.c.remove_device("dev-0")
         yield self.assertFailure(d.set_connection("dev-0", online=False),
                                  errors.UnknownDevice)
