@@ -63,17 +63,54 @@ class SharedPresence:
         """As DeviceRegistry.set_connection; going online also claims a device
         that the registry shows online but another process holds, and going
         offline is written after a claim of ours still on its way (the replica
-        shows the device offline until the stream brings the claim)."""
-        d = super().set_connection(name, online=online, **facts)
+        shows the device offline until the stream brings the claim, or the
+        claim failed and is kept to be sent again, shared_retry.py).
+
+        A connection write of the device kept from a failed call and not in
+        doubt is superseded by this one and dropped (``_supersede``)."""
         dev = self._lookup(name)
+        if dev is not None:
+            self._supersede(dev.number)
+        d = super().set_connection(name, online=online, **facts)
         if dev is None:
             return d
         if online:
             if dev.number not in self._held:
                 return self._set_online(dev, True)
-        elif dev.number in self._held and not dev.online:
+        elif not dev.online and (dev.number in self._held or self._claim_pending(dev.number)):
             return self._set_online(dev, False)     # queued behind the claim
         return d
+
+    def _supersede(self, number):
+        """Drop the device's connection writes kept from a failed call (claims
+        and our own offline writes) that a newer one replaces: counted, never
+        sent again. A write in doubt (Redis may have run it) stays: the newer
+        one is queued behind it, so it cannot land after the newer one."""
+        queue = self._queues.get(number)
+        if not queue:
+            return
+        attempt = self._attempts.get(number)
+        doubt = {id(op) for op in attempt.ops} if attempt is not None and attempt.failed else ()
+        own = "~" + self.origin
+        stale = [op for op in queue if op.d is None and id(op) not in doubt
+                 and (op.kind == "claim" or (op.kind == "connection" and op.cond == own))]
+        if not stale:
+            return
+        self.counters["presence_write_superseded"] += len(stale)
+        gone = {id(op) for op in stale}
+        rest = [op for op in queue if id(op) not in gone]
+        queue.clear()
+        queue.extend(rest)
+        if not queue:
+            del self._queues[number]
+
+    def _claim_pending(self, number):
+        """Whether a claim of the device is queued, in flight or in doubt here."""
+        queue = self._queues.get(number)
+        if queue and any(op.kind == "claim" for op in queue):
+            return True
+        attempt = self._attempts.get(number)
+        return attempt is not None and any(op.kind == "claim" for op in attempt.ops)
 
     def _set_online(self, dev, online):
         if online:

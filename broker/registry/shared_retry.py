@@ -11,6 +11,12 @@ them. Of two calls with one base version Redis applies one at most, and
 the stream says which process took the version after the base: if it was
 this one, the failed call was applied and the writes are dropped instead
 of being applied twice (``Attempt``).
+
+Connection writes are kept the same way, claims and this process's own
+offline writes alike (a device that went silent while Redis was away must
+not stay online there), until a newer connection write of the device
+supersedes them (shared_presence.py): a retry, sent in the device's queue
+order, never lands after the write that followed it.
 """
 
 from collections import deque
@@ -43,9 +49,13 @@ class Attempt:
 
 
 def _retained(op):
-    """Whether a write of a failed call is kept to be sent again (a condition
-    or an expected version is the caller's to retry: it got the failure)."""
-    return op.kind != "barrier" and op.expected is None and op.cond is None
+    """Whether a write of a failed call is kept to be sent again (an expected
+    version is the caller's to retry: it got the failure; so is a reaping
+    condition "=X": the next lease check finds the device again). A process's
+    own offline write ("~X") is kept: nobody else would ever write it, and the
+    device would stay online in Redis, held by this process, for good."""
+    return (op.kind != "barrier" and op.expected is None
+            and (op.cond is None or op.cond[:1] == "~"))
 
 
 def _compose(first, second):
@@ -136,6 +146,9 @@ class SharedRetries:
                 self._conclude(number, attempt)     # known after all: no doubt left
                 if attempt.applied:
                     kept = []
+        if any(op.cond is not None for op in kept):
+            # (counted before the Deferreds fire: their callers may look)
+            self.counters["presence_offline_retried"] += 1
         failing = ops
         if kept and any(op.d is None for op in kept):
             # Kept writes failed again (Redis is away): the writes waiting behind

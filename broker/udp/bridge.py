@@ -261,7 +261,15 @@ class RegistryBridge:
         d.addErrback(self._connection_failed, number)
 
     def _connection_failed(self, failure, number) -> None:
+        # A store failure is not retried here (no timer per device): the
+        # registry keeps the write and sends it again until it lands or a
+        # newer one supersedes it (shared_retry.py; one process's registry
+        # shows the device as written at once, and reloads it offline).
         if failure.check(errors.UnknownDevice):
+            return None
+        if failure.check(errors.StoreError):
+            self.log.warn("connection facts of device {number} not stored yet: {error}",
+                          number=number, error=failure.getErrorMessage())
             return None
         self.log.failure("connection facts of device {number} not stored", failure,
                          number=number)

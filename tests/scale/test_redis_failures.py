@@ -280,6 +280,151 @@ class RedisFailureTests(TestCase):
         record = registry.session_record(number)
         self.assertEqual((record.session_id, record.acked_remote_num), (7, 20))
 
+    def presence(self, number):
+        """(online, holder) of the device as Redis holds them (holder None: nobody)."""
+        state = decode_state(self.direct.hget(f"{{ssp}}:d:{number}", "s"))
+        holder = self.direct.hget(f"{{ssp}}:d:{number}", "h")
+        return state[6], holder.decode() if holder else None
+
+    @defer.inlineCallbacks
+    def outcome(self, clock, d, timeout=10):
+        """``d``'s result or Failure (in a 1-tuple), the clock's end-of-turn calls
+        run meanwhile (a write queued behind a call in flight is sent on that clock)."""
+        got = []
+        d.addBoth(got.append)
+        yield wait_until(self, lambda: (clock.advance(0), got)[1], timeout=timeout,
+                         what="the write answered")
+        return got[0],
+
+    @defer.inlineCallbacks
+    def rounds(self, clock, registry, number, count):
+        """Run ``count`` retry rounds (the longest delay each), each until the
+        device has no call in flight nor change waiting for the stream."""
+        for _ in range(count):
+            clock.advance(RETRY_DELAY_MAX)
+            yield wait_until(self, lambda: (clock.advance(0), number not in registry._busy)[1],
+                             timeout=10, what="no call in flight")
+
+    @defer.inlineCallbacks
+    def online_on_a_clock(self):
+        """registry_on_a_clock with its device claimed online by the registry;
+        returns the same five values."""
+        proxy, clock, registry, number, rounds_armed = yield self.registry_on_a_clock()
+        claimed, = yield self.outcome(clock, registry.set_connection("dev-b", online=True))
+        self.assertEqual(claimed.name, "dev-b")
+        self.assertEqual(self.presence(number), (True, registry.origin))
+        return proxy, clock, registry, number, rounds_armed
+
+    @defer.inlineCallbacks
+    def test_an_offline_write_that_failed_is_sent_again_until_it_lands(self):
+        """A device's offline write that never reached Redis fails, is counted and kept,
+        and the registry's retry round (not a timer of the device) sends it again: Redis
+        then shows the device offline and held by nobody, and nothing stays queued."""
+        proxy, clock, registry, number, rounds_armed = yield self.online_on_a_clock()
+        proxy.cut_request(b"~" + registry.origin.encode())
+        gone, = yield self.outcome(clock, registry.set_connection("dev-b", online=False))
+        self.assertIsInstance(gone.value, errors.StoreError)
+        self.assertEqual(proxy.cuts, 1)
+        self.assertEqual(registry.counters["presence_offline_retried"], 1)
+        self.assertEqual(self.presence(number), (True, registry.origin))
+        yield wait_until(self, rounds_armed, timeout=5, what="a retry round armed")
+        self.assertEqual(rounds_armed(), RETRY_DELAY)
+        clock.advance(RETRY_DELAY)
+        yield wait_until(self, lambda: (clock.advance(0), self.presence(number))[1]
+                         == (False, None), timeout=5, what="the offline write landing")
+        yield wait_until(self, lambda: not registry.device("dev-b").online, timeout=5,
+                         what="the replica showing it offline")
+        self.assertNotIn(number, registry._queues)
+        self.assertEqual(self.direct.smembers(f"{{ssp}}:held:{registry.origin}"), set())
+
+    @defer.inlineCallbacks
+    def test_offline_retries_back_off_while_redis_stays_away(self):
+        """An offline write kept through an outage is tried once per retry round, the
+        rounds waiting twice as long each time, and lands once Redis answers again."""
+        proxy, clock, registry, number, rounds_armed = yield self.online_on_a_clock()
+        proxy.hold()
+        gone, = yield self.outcome(clock, registry.set_connection("dev-b", online=False))
+        self.assertIsInstance(gone.value, errors.StoreError)
+        delays = []
+        for _ in range(3):
+            yield wait_until(self, rounds_armed, timeout=10, what="a retry round armed")
+            delays.append(rounds_armed())
+            clock.advance(delays[-1])
+        self.assertEqual(delays, [RETRY_DELAY, 2 * RETRY_DELAY, 4 * RETRY_DELAY])
+        self.assertGreaterEqual(registry.counters["presence_offline_retried"], 3)
+        proxy.release()
+        yield wait_until(self, lambda: (clock.advance(0), self.presence(number))[1]
+                         == (False, None), timeout=10, what="the offline write landing")
+
+    @defer.inlineCallbacks
+    def test_a_device_back_online_before_the_retry_stays_online(self):
+        """A device back online before its failed offline write (in doubt: Redis may
+        have run it) is sent again ends online: the claim is queued behind it, so
+        later retry rounds never mark it offline."""
+        proxy, clock, registry, number, rounds_armed = yield self.online_on_a_clock()
+        proxy.cut_request(b"~" + registry.origin.encode())
+        gone, = yield self.outcome(clock, registry.set_connection("dev-b", online=False))
+        self.assertIsInstance(gone.value, errors.StoreError)
+        back, = yield self.outcome(clock, registry.set_connection("dev-b", online=True))
+        self.assertEqual(back.name, "dev-b")
+        yield self.rounds(clock, registry, number, 3)
+        self.assertEqual(self.presence(number), (True, registry.origin))
+        self.assertTrue(registry.device("dev-b").online)
+        self.assertNotIn(number, registry._queues)
+
+    @defer.inlineCallbacks
+    def test_connection_writes_through_an_outage_are_superseded_not_piled_up(self):
+        """A device flapping (and refreshing its facts) while Redis is away keeps a few
+        connection writes, not one per change: a kept one not in doubt is dropped,
+        counted, when a newer one comes; once Redis is back the newest holds."""
+        proxy, clock, registry, number, rounds_armed = yield self.online_on_a_clock()
+        proxy.hold()
+        gone, = yield self.outcome(clock, registry.set_connection("dev-b", online=False))
+        self.assertIsInstance(gone.value, errors.StoreError)
+        for i in range(12):
+            # (each answered at once: failing behind the write in doubt)
+            yield self.outcome(clock, registry.set_connection("dev-b", online=i % 3 != 2))
+        self.assertLessEqual(len(registry._queues[number]), 3)
+        self.assertGreaterEqual(registry.counters["presence_write_superseded"], 10)
+        yield self.outcome(clock, registry.set_connection("dev-b", online=True))
+        proxy.release()
+        yield self.rounds(clock, registry, number, 4)
+        self.assertEqual(self.presence(number), (True, registry.origin))
+        yield wait_until(self, lambda: not registry._queues, timeout=5, what="nothing queued")
+
+    @defer.inlineCallbacks
+    def test_an_offline_write_redis_ran_whose_reply_was_lost_never_lands_after_a_return(self):
+        """An offline write Redis ran but whose reply was lost is in doubt; the device
+        coming back online meanwhile is written after it, so the device ends online."""
+        proxy, clock, registry, number, rounds_armed = yield self.online_on_a_clock()
+        proxy.cut_reply(OK_REPLY)
+        gone, = yield self.outcome(clock, registry.set_connection("dev-b", online=False))
+        self.assertIsInstance(gone.value, errors.StoreError)
+        self.assertEqual(self.presence(number), (False, None))
+        back, = yield self.outcome(clock, registry.set_connection("dev-b", online=True))
+        self.assertEqual(back.name, "dev-b")
+        yield self.rounds(clock, registry, number, 3)
+        self.assertEqual(self.presence(number), (True, registry.origin))
+        yield wait_until(self, lambda: registry.device("dev-b").online, timeout=5,
+                         what="the replica showing it online")
+
+    @defer.inlineCallbacks
+    def test_a_claim_in_doubt_never_lands_after_the_device_went_offline(self):
+        """A claim (going online) whose call timed out is kept; if the device goes
+        offline before it is sent again, the offline write is queued behind it, so
+        the device ends offline in Redis (held by nobody), not online for good."""
+        proxy, clock, registry, number, rounds_armed = yield self.registry_on_a_clock()
+        proxy.hold()
+        claimed, = yield self.outcome(clock, registry.set_connection("dev-b", online=True))
+        self.assertIsInstance(claimed.value, errors.StoreError)
+        registry.set_connection("dev-b", online=False).addErrback(lambda _: None)
+        clock.advance(0)
+        proxy.release()
+        yield self.rounds(clock, registry, number, 4)
+        self.assertEqual(self.presence(number), (False, None))
+        yield wait_until(self, lambda: not registry._queues, timeout=5, what="nothing queued")
+        self.assertFalse(registry.device("dev-b").online)
+
     @defer.inlineCallbacks
     def test_connection_lost_after_a_conditional_write_is_no_version_conflict(self):
         """A desired write with If-Match whose reply was lost fails with StoreError, not
