@@ -214,6 +214,10 @@ def shadowed_pair(test, profile, broker_framing, now, seed, hold_acks=False,
                      confirm_lag=confirm_lag))
 
 
+# The link: loss rate, duplication rate, one-way delay range (seconds).
+_loss = st.sampled_from([0.0, 0.1, 0.4])
+_duplicate = st.sampled_from([0.0, 0.2])
+_delay = st.sampled_from([(0.001, 0.003), (0.02, 0.09), (0.05, 0.4)])
 # (wait, on the device?, new text, then a blackout of that many seconds)
 _steps = st.lists(
     st.tuples(st.floats(0.0, 4.0), st.booleans(),
@@ -256,10 +260,7 @@ class MoshModelTests(SynchronousTestCase):
 
     @settings(max_examples=60, deadline=None)
     @given(steps=_steps, seed=st.integers(0, 2**16),
-           loss=st.sampled_from([0.0, 0.1, 0.4]),
-           duplicate=st.sampled_from([0.0, 0.2]),
-           delay=st.sampled_from([(0.001, 0.003), (0.02, 0.09),
-                                  (0.05, 0.4)]),
+           loss=_loss, duplicate=_duplicate, delay=_delay,
            broker_framing=st.booleans(),
            shutdown=st.sampled_from([None, True, False]),
            hold_acks=st.booleans())
@@ -295,10 +296,7 @@ class MoshModelTests(SynchronousTestCase):
 
     @settings(max_examples=60, deadline=None)
     @given(steps=_steps, seed=st.integers(0, 2**16),
-           loss=st.sampled_from([0.0, 0.1, 0.4]),
-           duplicate=st.sampled_from([0.0, 0.2]),
-           delay=st.sampled_from([(0.001, 0.003), (0.02, 0.09),
-                                  (0.05, 0.4)]),
+           loss=_loss, duplicate=_duplicate, delay=_delay,
            hold_acks=st.booleans())
     # Found by this test: a resend due exactly ACTIVE_RETRY_TIMEOUT after
     # the peer was last heard (mosh does not send then).
@@ -319,10 +317,7 @@ class MoshModelTests(SynchronousTestCase):
 
     @settings(max_examples=60, deadline=None)
     @given(steps=_steps, seed=st.integers(0, 2**16),
-           loss=st.sampled_from([0.0, 0.1, 0.4]),
-           duplicate=st.sampled_from([0.0, 0.2]),
-           delay=st.sampled_from([(0.001, 0.003), (0.02, 0.09),
-                                  (0.05, 0.4)]),
+           loss=_loss, duplicate=_duplicate, delay=_delay,
            confirm_lag=st.sampled_from([0.0, 0.003, 0.05, 0.3, 1.0]),
            shutdown=st.sampled_from([None, True, False]),
            profile=st.sampled_from([MOSH, FLEET]),
