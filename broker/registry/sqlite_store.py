@@ -27,7 +27,7 @@ reactor thread, the writer thread runs (almost) only SQLite's C code.
 Why multi-row statements: ``executemany`` binds each row holding the GIL
 and releases it around each step, two GIL hand-overs per row; while the
 reactor thread is busy each hand-over may wait a switch interval (the
-"convoy effect"). One statement of up to CHUNK rows is one step.
+"convoy effect"). One statement of up to CHUNK rows is one step (sqlite_rows.py).
 """
 
 import sqlite3
@@ -44,59 +44,8 @@ from .database import (SESSION_COLUMNS, connect, database_path, decode_state, en
 from .errors import DeviceExists, StoreError
 from .model import UpdateResult
 from .settings import RegistrySettings
+from .sqlite_rows import HORIZON_SQL, SEQUENCE_SQL, SESSION_SQL, STATE_SQL, rows_statements
 from .store import DeviceRow, Loaded, Store
-
-#: most rows in one multi-row statement (SQLite allows 250000 parameters here;
-#: 4096 rows of 7 parameters stay far below the historic 32766 as well).
-CHUNK = 4096
-
-_STATE_SQL = ("UPDATE devices SET version = v.column1, cursor = v.column2, state = v.column3"
-              " FROM (VALUES ", ") AS v WHERE devices.number = v.column4", 4)
-_SESSION_SQL = (f"INSERT OR REPLACE INTO sessions ({SESSION_COLUMNS}) VALUES ", "", 8)
-_SEQUENCE_SQL = ("INSERT INTO meta (key, value) VALUES ('sequence', ?) "
-                 "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)")
-_HORIZON_SQL = _SEQUENCE_SQL.replace("'sequence'", "'horizon'")
-_statements = {}
-
-
-def rows_statements(statement, params):
-    """``(sql, params)`` steps writing rows given as one flat parameter list.
-
-    ``params`` holds ``width`` values per row. Each statement holds a power
-    of two of rows, so only a few distinct statements are ever prepared:
-    the most rows that fit (at most CHUNK), then the rest in one statement
-    padded by repeating its final row (the statements are idempotent).
-    Padding all rows up to one statement would write up to twice as many
-    rows; this way the padding stays below a third of them.
-    """
-    width = statement[2]
-    steps = []
-    rows = len(params) // width
-    start = 0
-    size = CHUNK
-    while start < rows:
-        left = rows - start
-        if start and left < size:
-            size = 1 << (left - 1).bit_length()                # the rest, padded
-        else:
-            size = min(CHUNK, 1 << (left.bit_length() - 1))    # the most that fit
-        chunk = params[start * width:(start + min(size, left)) * width]
-        if size > left:
-            chunk += chunk[-width:] * (size - left)
-        steps.append(("sql", _rows_sql(statement, size), chunk))
-        start += size
-    return steps
-
-
-def _rows_sql(statement, size):
-    """The statement writing ``size`` rows (prepared once per size)."""
-    sql = _statements.get((statement, size))
-    if sql is None:
-        head, tail, width = statement
-        row = "(" + ", ".join(["?"] * width) + ")"
-        sql = _statements[(statement, size)] = head + ", ".join([row] * size) + tail
-    return sql
-
 
 def _latest_records(ops) -> dict:
     """Device number -> the latest session record among queued writes ``ops``."""
@@ -356,7 +305,7 @@ class SQLiteStore(Store):
                 steps.append(("sql", "DELETE FROM tokens WHERE token_id = ?", (op[1],)))
             elif kind == "prune":
                 steps.append(("sql", "DELETE FROM tombstones WHERE cursor <= ?", (op[1],)))
-                steps.append(("sql", _HORIZON_SQL, (op[1],)))
+                steps.append(("sql", HORIZON_SQL, (op[1],)))
             elif kind == "read":
                 steps.append(("read", op[1], i))
             elif kind != "barrier":
@@ -368,7 +317,7 @@ class SQLiteStore(Store):
             self._flush(steps, {}, {number: later_records[number]
                                     for number in written.intersection(later_records)})
         if top:
-            steps.append(("sql", _SEQUENCE_SQL, (top,)))
+            steps.append(("sql", SEQUENCE_SQL, (top,)))
         return steps, (ops, deferreds, results, versions, cursors)
 
     @staticmethod
@@ -390,7 +339,7 @@ class SQLiteStore(Store):
             for number, record in sessions.items():
                 params += session_params(number, record)
             sessions.clear()
-            steps += rows_statements(_SESSION_SQL, params)
+            steps += rows_statements(SESSION_SQL, params)
         params = []
         top = 0
         for op, queued_cursor in states.values():
@@ -403,7 +352,7 @@ class SQLiteStore(Store):
             if cursor > top:
                 top = cursor
         states.clear()
-        steps += rows_statements(_STATE_SQL, params)
+        steps += rows_statements(STATE_SQL, params)
         return top
 
     def _done(self, batch, results, failures):
