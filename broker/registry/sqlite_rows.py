@@ -17,10 +17,10 @@ __all__ = ["CHUNK", "STATE_SQL", "SESSION_SQL", "SEQUENCE_SQL", "HORIZON_SQL",
 CHUNK = 4096
 
 STATE_SQL = ("UPDATE devices SET version = v.column1, cursor = v.column2, state = v.column3"
-              " FROM (VALUES ", ") AS v WHERE devices.number = v.column4", 4)
+             " FROM (VALUES ", ") AS v WHERE devices.number = v.column4", 4)
 SESSION_SQL = (f"INSERT OR REPLACE INTO sessions ({SESSION_COLUMNS}) VALUES ", "", 8)
 SEQUENCE_SQL = ("INSERT INTO meta (key, value) VALUES ('sequence', ?) "
-                 "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)")
+                "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)")
 HORIZON_SQL = SEQUENCE_SQL.replace("'sequence'", "'horizon'")
 _statements = {}
 
