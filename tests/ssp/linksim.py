@@ -99,11 +99,14 @@ class _RecordingCipher:
 
 def broker_pair(now, *, ciphers=None, device_number=42, session_id=7,
                 profile=FLEET, seed=0, ack_requires_confirm=False,
-                device_address=DEVICE_ADDRESS):
-    """A device session and a broker session with the broker framing."""
+                device_address=DEVICE_ADDRESS, empty=None, broker_framing=True):
+    """A device session and a broker session with the broker framing (or,
+    ``broker_framing=False``, plain mosh), both at state 0 ``empty`` (the
+    empty device state by default)."""
     ciphers = ciphers if ciphers is not None else CipherCache()
-    framing = BrokerFraming(device_number, session_id)
-    empty = DeviceState.empty()
+    framing = BrokerFraming(device_number, session_id) if broker_framing else None
+    if empty is None:
+        empty = DeviceState.empty()
     device = SSPSession(
         key=DEVICE_SECRET, cipher_provider=ciphers, is_server=False,
         local_state=empty, remote_state=empty, now=now, profile=profile,

@@ -22,14 +22,13 @@ from broker.ssp import events
 from broker.ssp.crypto import CipherCache, open_sealed
 from broker.ssp.datagram import RTTEstimator, decode_plaintext
 from broker.ssp.fragment import Fragment
-from broker.ssp.framing import HEADER_SIZE, BrokerFraming
+from broker.ssp.framing import HEADER_SIZE
 from broker.ssp.instruction import decode_instruction
 from broker.ssp.profile import FLEET, MOSH
 from broker.ssp.sender import Sender
-from broker.ssp.session import SSPSession
 
-from tests.ssp.linksim import (BROKER_ADDRESS, DEVICE_SECRET, Link,
-                               TextState, seeded_random_bytes)
+from tests.ssp.linksim import (Link, TextState, broker_pair,
+                               seeded_random_bytes)
 from tests.ssp.mosh_reference import MoshTransport
 
 _ciphers = CipherCache()
@@ -189,18 +188,11 @@ def shadowed_pair(test, profile, broker_framing, now, seed, hold_acks=False,
                   confirm_lag=None):
     """A device (client) and a broker (server) with TextState, each with its
     model; the broker has no address until the device is heard."""
-    framing = BrokerFraming(42, 7) if broker_framing else None
     empty = TextState.empty()
     zero = empty if broker_framing else None
-    device = SSPSession(
-        key=DEVICE_SECRET, cipher_provider=_ciphers, is_server=False,
-        local_state=empty, remote_state=empty, now=now, profile=profile,
-        random_bytes=seeded_random_bytes(seed), framing=framing,
-        remote_address=BROKER_ADDRESS)
-    broker = SSPSession(
-        key=DEVICE_SECRET, cipher_provider=_ciphers, is_server=True,
-        local_state=empty, remote_state=empty, now=now, profile=profile,
-        random_bytes=seeded_random_bytes(seed + 1), framing=framing,
+    device, broker = broker_pair(
+        now, ciphers=_ciphers, profile=profile, seed=seed, empty=empty,
+        broker_framing=broker_framing,
         ack_requires_confirm=hold_acks or confirm_lag is not None)
     device_model = MoshTransport(empty, empty, now, profile, zero=zero)
     broker_model = MoshTransport(
