@@ -6,6 +6,7 @@ A broker on loopback (SSP off) with one device that has never been heard
 
 from __future__ import annotations
 
+from playwright.sync_api import expect
 from twisted.internet import defer
 
 from .browser import in_browser, wait_for
@@ -72,7 +73,9 @@ class AccessibilityTests(ModulesTestCase):
             page.click("#fleet-table tr[data-name=porch] a")
             save = page.get_by_role("button", name="Save lamp", exact=True)
             delete = page.get_by_role("button", name="Delete lamp", exact=True)
-            self.assertEqual((save.count(), delete.count()), (1, 1))
+            # Auto-waiting: the editor renders after the click (count() would not wait).
+            expect(save).to_have_count(1)
+            expect(delete).to_have_count(1)
             self.assertEqual(save.inner_text(), "Save")
             headings = page.locator("#desired thead th").all_text_contents()
             self.assertTrue(all(text.strip() for text in headings), headings)
