@@ -26,7 +26,7 @@ def open_registry(data_dir, *, clock=None, settings=None, reactor=None, **kwargs
     if clock is None:
         clock = reactor
     settings = settings or RegistrySettings()
-    store = SQLiteStore.in_directory(data_dir, reactor=reactor, settings=settings)
+    store = SQLiteStore.in_directory(data_dir, reactor=reactor, settings=settings, clock=clock)
     try:
         return DeviceRegistry(store, clock=clock, settings=settings, **kwargs)
     except BaseException:

@@ -23,6 +23,8 @@ reactor thread, the writer thread runs (almost) only SQLite's C code.
 * Back on the reactor thread (``callFromThread``) the Deferreds of the
   whole commit fire in one pass over one list: a fired Deferred means the
   change is durable -- it survives ``kill -9`` and, with FULL, power loss.
+* A commit that fails fails its Deferreds; its devices are written again
+  later as they are then (sqlite_retry.py), so none stays behind on disk.
 
 Why multi-row statements: ``executemany`` binds each row holding the GIL
 and releases it around each step, two GIL hand-overs per row; while the
@@ -45,6 +47,8 @@ from .errors import DeviceExists, StoreError
 from .model import UpdateResult
 from .settings import RegistrySettings
 from .sqlite_rows import HORIZON_SQL, SEQUENCE_SQL, SESSION_SQL, STATE_SQL, rows_statements
+from .sqlite_retry import Group as _Group
+from .sqlite_retry import UnsavedDevices
 from .store import DeviceRow, Loaded, Store
 
 def _latest_records(ops) -> dict:
@@ -65,22 +69,12 @@ def _as_now(states, written) -> None:
     written.update(number for number, (op, _) in states.items() if type(op) is not tuple)
 
 
-class _Group:
-    """The states of several devices written with one Deferred (``write_states``)."""
-
-    __slots__ = ("devs", "cursors")
-
-    def __init__(self, devs):
-        self.devs = devs
-        self.cursors = [dev.cursor for dev in devs]
-
-
 class SQLiteStore(Store):
     """The embedded default store (see module docstring)."""
 
     log = Logger()
 
-    def __init__(self, path, *, reactor, settings=None):
+    def __init__(self, path, *, reactor, settings=None, clock=None):
         settings = settings or RegistrySettings()
         self.path = path
         self._reactor = reactor
@@ -103,6 +97,8 @@ class SQLiteStore(Store):
         self._closing = False
         self._closed = None
         self._thread = None
+        #: the devices of failed commits, written again (``clock``: its timer).
+        self.unsaved = UnsavedDevices(reactor if clock is None else clock, self._rewrite)
         #: commits done and operations written (for the benchmark and metrics).
         self.commits = 0
         self.operations = 0
@@ -205,6 +201,7 @@ class SQLiteStore(Store):
     def close(self):
         """Commit everything queued, stop the writer thread, close the database."""
         if self._closed is None:
+            self.unsaved.close()          # one last try for a failed commit's devices
             self._closing = True
             self._closed = defer.Deferred()
             if self._soon is not None:
@@ -364,8 +361,23 @@ class SQLiteStore(Store):
         self._busy = False
         self.commits += 1
         self.operations += len(batch[1])
+        if isinstance(failures, Failure):
+            self.unsaved.failed(batch[0])
+        else:
+            self.unsaved.saved(batch[0])
         self._fire(batch, failures, results)
         self._next()
+
+    def _rewrite(self, devs):
+        """Queue ``devs`` again with their session records; nobody waits on it
+        (a failure is logged by the commit and retried)."""
+        if self._closing:
+            return
+        self.write_states(devs).addErrback(lambda failure: failure.trap(StoreError))
+        records = [(dev.number, dev.session) for dev in devs if dev.session is not None]
+        if records:
+            self.write_sessions(*map(list, zip(*records))).addErrback(
+                lambda failure: failure.trap(StoreError))
 
     @staticmethod
     def _fire(batch, failures, results=None, new=tuple.__new__):

@@ -241,7 +241,7 @@ class StateUpdates:
         dev.online = online
         self.online_count += 1 if online else -1
         self._bump(dev, "connection", {"online": online}, self._clock.seconds())
-        d = self._persist(dev, UpdateResult(dev.name, dev.version, dev.cursor))
+        d = self._store.write_state(dev)    # written as it is at commit time
         self._subs.notify(dev.name, lambda: DeviceView.of(dev))
         return d
 

@@ -477,3 +477,115 @@ class DamagedRowTests(TestCase):
         with self.assertRaises(errors.StoreError) as caught:
             open_registry(data_dir, clock=reactor)
         self.assertIn("damaged device state", str(caught.exception))
+
+
+class FailedCommitTests(TestCase):
+    """A commit that fails (here: a trigger raising, as a full disk would) loses
+    nothing the registry in memory holds: its devices are written again."""
+
+    def setUp(self):
+        self.data_dir = os.path.join(self.mktemp(), "data")
+        self.clock = task.Clock()
+        self.registry = open_registry(self.data_dir, clock=self.clock, reactor=reactor)
+        self.addCleanup(self.registry.stop)
+        self.store = self.registry._store
+
+    def break_storage(self):
+        """Make every write of a device's row fail, from another connection."""
+        conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME), isolation_level=None)
+        conn.execute("CREATE TRIGGER full_disk BEFORE UPDATE ON devices"
+                     " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        return conn
+
+    def stored(self, name):
+        """(online, session id) of ``name`` as the database holds them now."""
+        conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
+        self.addCleanup(conn.close)
+        state, = conn.execute("SELECT state FROM devices WHERE name = ?", (name,)).fetchone()
+        sid = conn.execute("SELECT s.session_id FROM sessions s JOIN devices d"
+                           " ON s.number = d.number WHERE d.name = ?", (name,)).fetchone()
+        return decode_state(state)[6], sid and sid[0]
+
+    @defer.inlineCallbacks
+    def settle(self):
+        """Let queued commits finish (a barrier is committed with or after them)."""
+        yield self.store.barrier().addErrback(lambda failure: failure.trap(errors.StoreError))
+
+    @defer.inlineCallbacks
+    def test_offline_flip_of_a_failed_commit_is_stored_later(self):
+        """A device going offline while storage fails is stored offline once storage
+        is back, by the retry timer, although the device never writes again."""
+        prov = yield self.registry.add_device("a")
+        yield self.registry.set_connection("a", online=True)
+        yield self.registry.save_session(prov.device_number, SessionRecord(5))
+        self.assertEqual(self.stored("a"), (True, 5))
+        broken = self.break_storage()
+        with self.assertRaises(errors.StoreError):
+            yield self.registry.set_connection("a", online=False)
+        self.assertFalse(self.registry.device("a").online)   # memory keeps the change
+        self.assertEqual(self.store.unsaved.failed_commits, 1)
+        self.clock.advance(0.99)
+        self.assertEqual(self.store.unsaved.rewritten_devices, 0)     # not before RETRY_DELAY
+        self.clock.advance(0.01)                              # still broken: fails again
+        yield self.settle()
+        self.assertEqual((self.store.unsaved.rewritten_devices, self.store.unsaved.failed_commits), (1, 2))
+        self.assertEqual(self.stored("a"), (True, 5))
+        broken.execute("DROP TRIGGER full_disk")
+        broken.close()
+        self.clock.advance(1.99)                              # the delay doubled
+        self.assertEqual(self.store.unsaved.rewritten_devices, 1)
+        self.clock.advance(0.01)
+        yield self.settle()
+        self.assertEqual(self.store.unsaved.rewritten_devices, 2)
+        self.assertEqual(self.stored("a"), (False, 5))
+        self.assertEqual(self.clock.getDelayedCalls(), [])   # nothing left to retry
+
+    @defer.inlineCallbacks
+    def test_later_commit_writing_the_device_cancels_the_retry(self):
+        """A device written by a later successful commit is not written again, and the
+        timer goes when no device is left unsaved."""
+        yield self.registry.add_device("a")
+        broken = self.break_storage()
+        with self.assertRaises(errors.StoreError):
+            yield self.registry.update_desired("a", {"mode": "eco"})
+        broken.execute("DROP TRIGGER full_disk")
+        broken.close()
+        yield self.registry.update_reported("a", {"t": 1})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(60)
+        self.assertEqual(self.store.unsaved.rewritten_devices, 0)
+        yield self.registry.stop()
+        again = open_registry(self.data_dir, clock=self.clock, reactor=reactor)
+        self.addCleanup(again.stop)
+        self.assertEqual(again.device("a").desired, {"mode": "eco"})
+
+    @defer.inlineCallbacks
+    def test_stop_writes_the_unsaved_devices(self):
+        """Stopping the registry writes a failed commit's devices once more, with
+        their session records."""
+        prov = yield self.registry.add_device("a")
+        broken = self.break_storage()
+        desired = self.registry.update_desired("a", {"mode": "eco"})
+        saved = self.registry.save_session(prov.device_number, SessionRecord(9))
+        yield self.assertFailure(desired, errors.StoreError)
+        yield self.assertFailure(saved, errors.StoreError)
+        broken.execute("DROP TRIGGER full_disk")
+        broken.close()
+        yield self.registry.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        again = open_registry(self.data_dir, clock=self.clock, reactor=reactor)
+        self.addCleanup(again.stop)
+        self.assertEqual(again.device("a").desired, {"mode": "eco"})
+        self.assertEqual(again.session_record(prov.device_number), SessionRecord(9))
+
+    @defer.inlineCallbacks
+    def test_stop_while_storage_fails_leaves_no_timer(self):
+        """A registry stopping while storage still fails stops, with no retry left armed."""
+        yield self.registry.add_device("a")
+        broken = self.break_storage()
+        self.addCleanup(broken.close)
+        yield self.assertFailure(self.registry.update_desired("a", {"mode": "eco"}),
+                                 errors.StoreError)
+        yield self.registry.stop()
+        self.assertEqual(self.store.unsaved.failed_commits, 2)   # the last try failed too
+        self.assertEqual(self.clock.getDelayedCalls(), [])

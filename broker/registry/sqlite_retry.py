@@ -1,0 +1,96 @@
+"""The devices of failed SQLite commits, written again (sqlite_store.py).
+
+A commit that fails (disk full, I/O error) fails its Deferreds, but the
+registry in memory keeps the changes, as a device's next write would carry
+them anyway. A device that writes nothing more (it went offline during the
+outage, or a dashboard's desired write failed) would stay behind on disk
+for good; so the devices whose states a failed commit held are written
+again, as they are then, with their session records: by the next
+successful commit that writes them, or after RETRY_DELAY (one timer for the
+store, doubling while storage keeps failing), and once more at close.
+"""
+
+#: seconds before the devices of a failed commit are written again, when no
+#: other commit has written them meanwhile.
+RETRY_DELAY = 1.0
+#: the delay doubles with each failed commit, up to this; a commit that
+#: succeeds brings it back to RETRY_DELAY.
+RETRY_DELAY_MAX = 30.0
+
+
+class Group:
+    """The states of several devices written with one Deferred (``write_states``)."""
+
+    __slots__ = ("devs", "cursors")
+
+    def __init__(self, devs):
+        self.devs = devs
+        self.cursors = [dev.cursor for dev in devs]
+
+
+def _devices(ops):
+    """The Devices whose states the queued writes ``ops`` write as they are."""
+    for op in ops:
+        if type(op) is Group:
+            yield from op.devs
+        elif type(op) is not tuple:
+            yield op
+
+
+class UnsavedDevices:
+    """Devices of failed commits, and the one timer that writes them again."""
+
+    def __init__(self, clock, rewrite):
+        self._clock = clock
+        self._rewrite = rewrite      # called with the Devices to queue again
+        self._devices = {}           # device number -> Device
+        self._timer = None
+        self._delay = RETRY_DELAY
+        self._closed = False
+        #: commits that failed, and devices written again after one.
+        self.failed_commits = 0
+        self.rewritten_devices = 0
+
+    def __bool__(self):
+        return bool(self._devices)
+
+    def failed(self, ops):
+        """A commit of ``ops`` failed: keep its devices, arm the timer."""
+        self.failed_commits += 1
+        unsaved = self._devices
+        for dev in _devices(ops):
+            unsaved[dev.number] = dev
+        if unsaved and self._timer is None and not self._closed:
+            self._timer = self._clock.callLater(self._delay, self.flush)
+        self._delay = min(self._delay * 2, RETRY_DELAY_MAX)
+
+    def saved(self, ops):
+        """A commit of ``ops`` succeeded: forget the devices it wrote as they are."""
+        self._delay = RETRY_DELAY
+        unsaved = self._devices
+        if not unsaved:
+            return
+        for dev in _devices(ops):
+            unsaved.pop(dev.number, None)
+        if not unsaved:
+            self.cancel()
+
+    def flush(self):
+        """Queue every unsaved device again (a removed one, cursor 0, has no row)."""
+        self._timer = None
+        devs = [dev for dev in self._devices.values() if dev.cursor]
+        self._devices.clear()
+        if devs:
+            self.rewritten_devices += len(devs)
+            self._rewrite(devs)
+
+    def close(self):
+        """The store closes: queue the unsaved devices a last time, arm no timer."""
+        self.cancel()
+        self.flush()
+        self._closed = True
+
+    def cancel(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
