@@ -55,6 +55,53 @@ def _not_empty(value: str) -> None:
         raise ValueError("must not be empty")
 
 
+def _endpoint_fields(description: str) -> list[str]:
+    """The colon-separated fields of a Twisted endpoint string (a backslash escapes a character)."""
+    fields, current, chars = [], [], iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
+
+
+def _endpoint(value: str) -> None:
+    """A Twisted server endpoint string; a TCP port out of range would reach bind() as a traceback."""
+    _not_empty(value)
+    kind, *fields = _endpoint_fields(value)
+    if kind.lower() not in ("tcp", "tcp6", "ssl"):
+        return  # unix:, systemd: and the rest: Twisted's parser judges them when the broker starts
+    positional = [field for field in fields if "=" not in field]
+    named = dict(field.split("=", 1) for field in fields if "=" in field)
+    port = named.get("port", positional[0] if positional else None)
+    try:
+        number = int(port)
+    except (TypeError, ValueError):
+        return  # no port or not a number: Twisted's parser names the problem
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port must be 0 to 65535, not {number} (in {value!r})")
+
+
+def _optional_endpoint(value: str) -> None:
+    """Empty (no listener of its own), or an endpoint string."""
+    if value:
+        _endpoint(value)
+
+
+def _origins(value: tuple) -> None:
+    """Browser origins, or "*": the API and WebSocket read them again on every reload."""
+    from broker.web.origins import parse_origin  # pure: no Twisted
+
+    for entry in value:
+        if entry.strip() != "*":
+            parse_origin(entry)
+
+
 def _hash_tag(value: str) -> None:
     """The prefix goes in braces ({ssp}:...): empty or braced, keys would spread over Cluster slots."""
     _not_empty(value)
@@ -105,9 +152,9 @@ class LogSettings:
 class HTTPSettings:
     """The HTTP listener: REST API, long polling, WebSocket, dashboard, health."""
 
-    endpoint: str = _setting("tcp:8080:interface=127.0.0.1", check=_not_empty)
+    endpoint: str = _setting("tcp:8080:interface=127.0.0.1", check=_endpoint)
     public_url: str = _setting("", check=_http_url)
-    allowed_origins: tuple = _setting((), item_type=str)
+    allowed_origins: tuple = _setting((), item_type=str, check=_origins)
     max_request_bytes: int = _setting(65536, minimum=1024, maximum=16 * 1024 * 1024)
     max_requests_per_second: float = _setting(50.0, minimum=0.0, maximum=1_000_000.0)
 
@@ -190,7 +237,7 @@ class MetricsSettings:
     """Prometheus metrics at /metrics, optionally on a listener of their own."""
 
     enabled: bool = _setting(True)
-    endpoint: str = _setting("")
+    endpoint: str = _setting("", check=_optional_endpoint)
     require_token: bool = _setting(False)
 
 
@@ -245,7 +292,10 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any) -> Any:
             if item_type is not None and not isinstance(item, item_type):
                 raise ValueError(f"every item must be {_TYPE_NAMES[item_type]}, "
                                  f"found {_toml_type(item)}")
-        return tuple(value)
+        value = tuple(value)
+        if meta["check"] is not None:
+            meta["check"](value)
+        return value
     if type(value) is not kind:
         raise ValueError(f"must be {_TYPE_NAMES[kind]}, not {_toml_type(value)}")
     if kind is float and math.isnan(value):

@@ -1,4 +1,5 @@
-"""Signals: SIGTERM stops gracefully (exit status 0), SIGHUP reloads the configuration.
+"""Signals: SIGTERM stops gracefully (exit status 0), SIGHUP reloads the configuration
+(except once a stop has begun).
 
 Twisted's own SIGTERM handler records the signal and twistd then kills
 itself with it, so a clean stop would look like a crash to anything that
@@ -107,7 +108,14 @@ class SignalHandlers(Service):
         self.broker.reactor.callFromThread(self._terminate)
 
     def _on_hup(self, number, frame) -> None:
-        self.broker.reactor.callFromThread(self.broker.reload)
+        self.broker.reactor.callFromThread(self._reload)
+
+    def _reload(self) -> None:
+        # A reload during the drain would tell systemd READY=1 after STOPPING=1.
+        if self._terminating or getattr(self.broker, "stopping", False):
+            log.info("SIGHUP while stopping: not reloaded")
+            return
+        self.broker.reload()
 
     def _terminate(self) -> None:
         if self._terminating:

@@ -49,6 +49,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        if self["config"] == "":
+            # open("") would say "cannot read" without naming any file.
+            refuse("--config: the path is empty (leave the option out for the embedded defaults)")
         try:
             self["settings"] = settings = load_config(self["config"])
         except ConfigError as problem:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -96,6 +97,16 @@ class BadInputTests(SynchronousTestCase):
         self.assertRefused({"http": {"allowed_origins": ["https://a", 3]}},
                            "http.allowed_origins", "every item must be a string")
 
+    def test_allowed_origins_must_be_origins(self):
+        """An allowed_origins entry that is no scheme://host[:port] is refused with the key when the file is read (start and reload alike)."""
+        self.assertRefused({"http": {"allowed_origins": ["https://ok.example", "dash.example.com"]}},
+                           "http.allowed_origins", "'dash.example.com'", "http://")
+        self.assertRefused({"http": {"allowed_origins": ["https://dash.example.com/app"]}},
+                           "http.allowed_origins", "scheme://host:port only")
+        origins = ("*", "https://dash.example.com", "http://[::1]:8080")
+        self.assertEqual(parse_config({"http": {"allowed_origins": list(origins)}})
+                         .http.allowed_origins, origins)
+
     def test_subsecond_ping_refused(self):
         """A ping interval between 0 and 1 s is refused: Autobahn would drop live clients."""
         self.assertRefused({"websocket": {"ping_timeout": 0.5}}, "websocket.ping_timeout",
@@ -160,6 +171,19 @@ class BadInputTests(SynchronousTestCase):
         message = self.assertRefused({"http": {"endpoint": ""}}, "http.endpoint",
                                      "must not be empty")
         self.assertNotIn("metrics.endpoint", message)
+
+    def test_endpoint_port_out_of_range(self):
+        """A tcp:, tcp6: or ssl: port outside 0-65535, positional or port=, is refused with the key before any bind."""
+        self.assertRefused({"http": {"endpoint": "tcp:70000:interface=127.0.0.1"}},
+                           "http.endpoint", "0 to 65535", "not 70000")
+        self.assertRefused({"metrics": {"endpoint": "tcp6:port=-1"}},
+                           "metrics.endpoint", "0 to 65535", "not -1")
+        self.assertRefused({"http": {"endpoint": "ssl:65536:privateKey=k.pem"}},
+                           "http.endpoint", "not 65536")
+        for endpoint in ("tcp:0", "tcp:65535:interface=\\:\\:1", "unix:/run/b.sock",
+                         "systemd:domain=INET:index=0", "ssl:port=8443:privateKey=k.pem"):
+            self.assertEqual(parse_config({"http": {"endpoint": endpoint}}).http.endpoint,
+                             endpoint)
 
     def test_setting_outside_any_section(self):
         """A key written above every [section] header is called a setting, not an unknown section."""
@@ -289,3 +313,80 @@ class FileTests(SynchronousTestCase):
         Path(path).write_text("[http]\nendpoint = 'tcp:0'\n")
         config = load_config(path)
         self.assertEqual((config.source, config.http.endpoint), (path, "tcp:0"))
+
+
+ROOT = EXAMPLE.parent.parent
+DOCUMENTS = sorted(ROOT.glob("docs/*.md")) + [ROOT / "README.md"]
+
+
+def _settings():
+    """{(section, key): default} of every setting the code knows."""
+    defaults = Config()
+    return {(section.name, spec.name): getattr(getattr(defaults, section.name), spec.name)
+            for section in dataclasses.fields(Config) if section.name != "source"
+            for spec in dataclasses.fields(getattr(defaults, section.name))}
+
+
+def _resolve(section, key, settings):
+    """(section, key) of a setting named with or without its section; None if it is none."""
+    if section is not None:
+        return (section, key)
+    homes = [found for found in settings if found[1] == key]
+    return homes[0] if len(homes) == 1 else None
+
+
+class DocumentationTests(SynchronousTestCase):
+    """The docs and the README name real settings and state their defaults as the code has them."""
+
+    def test_sectioned_names_are_settings(self):
+        """Every `[section] key` the docs mention is a setting of that section."""
+        settings = _settings()
+        for document in DOCUMENTS:
+            for section, key in re.findall(r"`\[(\w+)\] (\w+)", document.read_text()):
+                self.assertIn((section, key), settings,
+                              f"{document.name}: [{section}] {key} is no setting")
+
+    def test_stated_defaults_match(self):
+        """A default the prose states, "`key` seconds (default 10)" or "`key` (8)", is the code's default."""
+        settings = _settings()
+        pattern = re.compile(r"`(?:\[(\w+)\] )?(\w+)`[^`()|]{0,30}\((?:default )?(-?\d[\d.]*)\)")
+        checked = 0
+        for document in DOCUMENTS:
+            text = " ".join(document.read_text().split())
+            for section, key, stated in pattern.findall(text):
+                found = _resolve(section or None, key, settings)
+                if found is None:
+                    continue  # not a setting (a query parameter, an option of the node)
+                self.assertEqual(float(stated), settings[found],
+                                 f"{document.name}: {found[0]}.{key} stated as {stated}")
+                checked += 1
+        self.assertGreaterEqual(checked, 5)
+
+    def test_settings_tables_match(self):
+        """Rows "| `[section] key` | default | ..." of a settings table give the code's default."""
+        settings = _settings()
+        checked = 0
+        for document in DOCUMENTS:
+            for line in document.read_text().splitlines():
+                row = re.match(r"\| *`\[(\w+)\] (\w+)` *\| *([^|]+?) *\|", line)
+                if row is None:
+                    continue
+                section, key, stated = row.groups()
+                value = tomllib.loads(f"v = {stated.strip('`')}")["v"]
+                default = settings[(section, key)]
+                self.assertEqual(tuple(value) if isinstance(value, list) else value, default,
+                                 f"{document.name}: {section}.{key} stated as {stated}")
+                checked += 1
+        self.assertGreaterEqual(checked, 10)
+
+    def test_toml_examples_load(self):
+        """Every ```toml block of the docs is a configuration the broker accepts."""
+        blocks = 0
+        for document in DOCUMENTS:
+            for block in re.findall(r"```toml\n(.*?)```", document.read_text(), re.S):
+                try:
+                    parse_config(tomllib.loads(block), source=document.name)
+                except ConfigError as problem:
+                    self.fail(str(problem))
+                blocks += 1
+        self.assertGreaterEqual(blocks, 2)

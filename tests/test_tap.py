@@ -62,6 +62,17 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         self.assertEqual(options["settings"].ssp.port, 6000)
 
+    def test_empty_config_path_named(self):
+        """--config with an empty path (an unset variable in a unit) is refused naming the option, not as ": cannot read"."""
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as caught:
+            tap.Options().parseOptions(["--config="])
+        self.assertEqual(caught.exception.code, tap.REFUSED)
+        self.assertEqual(stderr.getvalue(),
+                         "twistd broker: --config: the path is empty (leave the option out "
+                         "for the embedded defaults)\n")
+
     def test_bad_config_exits_with_one_line(self):
         """twistd broker with a bad file exits non-zero with one line naming file and key."""
         workdir = self.mktemp()
@@ -322,6 +333,13 @@ class TwistdRefusalTests(SynchronousTestCase):
         lines = self.run_broker(metrics={"endpoint": endpoint}, ssp={"enabled": False})
         self.assertEqual(lines, [f"twistd broker: broker.toml: metrics.endpoint: cannot listen "
                                  f"on '{endpoint}': Address already in use"])
+
+    def test_http_port_out_of_range(self):
+        """A TCP port above 65535 in http.endpoint is one line naming the key, not a bind() traceback."""
+        endpoint = "tcp:70000:interface=127.0.0.1"
+        lines = self.run_broker(http={"endpoint": endpoint})
+        self.assertEqual(lines, [f"twistd broker: broker.toml: http.endpoint: port must be "
+                                 f"0 to 65535, not 70000 (in '{endpoint}')"])
 
     def test_missing_tls_key(self):
         """An ssl: endpoint whose key file is missing is one line, found before the data dir is made."""

@@ -132,6 +132,29 @@ class SignalHandlersTests(SynchronousTestCase):
         self.assertFalse(broker.reactor.running)
         self.assertIsNone(getattr(broker.reactor, "_exitSignal", None))
 
+    def test_hup_after_term_does_not_reload(self):
+        """A SIGHUP that arrives once SIGTERM began the stop (drains still running) reloads nothing, so no READY=1 follows STOPPING=1."""
+        broker, signals = FakeBroker(), FakeSignals()
+        service = SignalHandlers(broker, signals)
+        service.startService()
+        broker.reactor.run()
+        signals.handlers[signal.SIGTERM](signal.SIGTERM, None)
+        broker.reactor.run_thread_calls()
+        signals.handlers[signal.SIGHUP](signal.SIGHUP, None)
+        broker.reactor.run_thread_calls()
+        self.assertEqual(broker.reloads, 0)
+
+    def test_hup_while_the_broker_stops_does_not_reload(self):
+        """A SIGHUP during a stop begun elsewhere (twistd, a supervisor) reloads nothing either."""
+        broker, signals = FakeBroker(), FakeSignals()
+        service = SignalHandlers(broker, signals)
+        service.startService()
+        broker.reactor.run()
+        broker.stopping = True
+        signals.handlers[signal.SIGHUP](signal.SIGHUP, None)
+        broker.reactor.run_thread_calls()
+        self.assertEqual(broker.reloads, 0)
+
     def test_hup_ignored_while_stopping(self):
         """After stop, SIGHUP is ignored instead of killing the process mid-drain."""
         broker, signals = FakeBroker(), FakeSignals()
@@ -339,3 +362,18 @@ class ReloadTests(TestCase):
         self.write(level="info", require_token="false")
         yield self.service.reload()
         self.assertEqual(sent[-1], ("READY=1", "STATUS=serving (reloaded)"))
+
+    @defer.inlineCallbacks
+    def test_bad_origin_refuses_the_whole_reload(self):
+        """A reload whose http.allowed_origins has an entry that is no origin is refused like any bad file: nothing of it applies, counted refused."""
+        before = self.service.config
+        self.write(level="debug", require_token="false")
+        text = self.path.read_text().replace(
+            'endpoint = "tcp:0:interface=127.0.0.1"\n',
+            'endpoint = "tcp:0:interface=127.0.0.1"\nallowed_origins = ["dash.example.com"]\n')
+        self.path.write_text(text)
+        yield self.service.reload()
+        self.assertIs(self.service.config, before)
+        self.assertEqual(self.service.log_control.level, "info")
+        self.assertEqual((self.sample("refused"), self.sample("applied")), (1, 0))
+        self.assertEqual(self.flushLoggedErrors(ValueError), [])

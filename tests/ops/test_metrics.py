@@ -5,6 +5,7 @@ the integration tests scrape a real broker on loopback.
 """
 
 import os
+import re
 import socket
 import time
 
@@ -295,3 +296,45 @@ def wait_for(condition, timeout=5.0):
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+class DocumentedMetricsTests(SynchronousTestCase):
+    """docs/operations.md's table of metrics and what the broker exports agree."""
+
+    @staticmethod
+    def documented():
+        """Names in the table's first column, "`_sent_total`" completed from the name before it."""
+        from pathlib import Path
+
+        text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+        names = set()
+        for line in text.splitlines():
+            if not line.startswith("| `broker_"):
+                continue
+            previous = None
+            for name in re.findall(r"`([a-z_*]+)(?:\{[^}]*\})?`", line.split("|")[1]):
+                if name.startswith("_"):
+                    name = previous.rsplit("_", 2)[0] + name
+                names.add(name)
+                previous = name
+        return names
+
+    @staticmethod
+    def exported():
+        """Every metric a worker-mode broker's registry renders (counters with their _total)."""
+        from broker.worker import WorkerRestarts
+
+        metrics = Metrics()
+        metrics.watch_registry(DeviceRegistry(MemoryStore(), clock=Clock()))
+        metrics.registry.register(WorkerRestarts())
+        return {family.name + ("_total" if family.type == "counter" else "")
+                for family in metrics.registry.collect()}
+
+    def test_every_documented_metric_is_exported_and_back(self):
+        """Each metric named in docs/operations.md exists, and each exported metric is documented (broker_process_* as a group)."""
+        documented, exported = self.documented(), self.exported()
+        self.assertIn("broker_ssp_datagrams_sent_total", documented)
+        process = {name for name in exported if name.startswith("broker_process_")}
+        self.assertTrue(process)
+        self.assertIn("broker_process_*", documented)
+        self.assertEqual(documented - {"broker_process_*"}, exported - process)

@@ -452,3 +452,74 @@ class StartupTests(TestCase):
         self.assertEqual(exit_code, 2)
         self.assertIn(b"http.endpoint", broker.output)
         self.assertIn(b"no socket was passed by systemd", broker.output)
+
+
+#: The protections of systemd/broker.service a process can apply to itself
+#: before it becomes twistd (what systemd does between fork and exec): exit
+#: status 77 when the kernel lacks one (PR_SET_MDWE came with Linux 6.3).
+_HARDEN = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for option, name in ((int(n), name) for n, name in (pair.split('=') for pair in sys.argv[1].split(',') if pair)):
+    if libc.prctl(option, 1, 0, 0, 0) != 0:
+        sys.stderr.write('kernel refuses ' + name + ': errno ' + str(ctypes.get_errno()) + chr(10))
+        sys.exit(77)
+os.execv(sys.executable, sys.argv[2:])
+"""
+#: unit setting -> prctl option applying it (PR_SET_NO_NEW_PRIVS, PR_SET_MDWE with
+#: PR_MDWE_REFUSE_EXEC_GAIN: no memory that is writable and executable).
+_PRCTL = {"NoNewPrivileges": 38, "MemoryDenyWriteExecute": 65}
+
+
+def unit_protections():
+    """The prctl options broker.service asks for, as the _HARDEN script's first argument."""
+    from tests.test_systemd import read_unit
+
+    service = read_unit("broker.service")["Service"]
+    return ",".join(f"{option}={name}" for name, option in _PRCTL.items()
+                    if service.get(name, "no") == "yes")
+
+
+class HardenedUnitTests(TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_tls_listener_serves_under_the_units_hardening(self):
+        """An ssl: HTTP endpoint (etc/broker.toml's TLS example) answers HTTPS requests under the protections broker.service sets."""
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+        from twisted.web.client import Agent
+        from twisted.web.iweb import IPolicyForHTTPS
+        from zope.interface import implementer
+
+        from tests.web.test_websocket_tls import make_certificate
+
+        workdir = absolute_temp(self)
+        key, cert, pem = make_certificate(os.path.join(workdir, "tls"))
+        config = write_config(workdir, os.path.join(workdir, "data"),
+                              http={"endpoint": f"ssl:0:interface=127.0.0.1:privateKey={key}:"
+                                                f"certKey={cert}"},
+                              registry={"backend": "memory"})
+        protections = unit_protections()
+        broker = start(self, config, prefix=["-c", _HARDEN, protections, sys.executable])
+        started = broker.wait_for("broker ready")
+        ended = defer.DeferredList([started, broker.ended], fireOnOneCallback=True,
+                                   consumeErrors=True)
+        _, which = yield ended
+        if which == 1 and broker.ended.result[0] == 77:
+            raise self.skipTest(bytes(broker.output).decode(errors="replace").strip())
+        ready = yield started
+
+        @implementer(IPolicyForHTTPS)
+        class TrustOurs:
+            def creatorForNetloc(self, hostname, port):
+                return optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(pem))
+
+        url = "https://" + ready["http"] + "/healthz"
+        response = yield treq.get(url, agent=Agent(reactor, contextFactory=TrustOurs()),
+                                  persistent=False).addTimeout(WAIT, reactor)
+        body = yield response.json()
+        self.assertEqual((response.code, body["status"]), (200, "ok"))
+        broker.signal("TERM")
+        self.assertEqual((yield broker.ended.addTimeout(WAIT, reactor)), (0, None))
+        output = bytes(broker.output).decode(errors="replace")
+        self.assertNotIn("Unhandled Error", output)
