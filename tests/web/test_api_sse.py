@@ -122,3 +122,36 @@ class EventStreamTests(SynchronousTestCase):
         self.m.api.stop()
         self.assertTrue(stream.raw().endswith(b"0\r\n\r\n"))
         self.assertEqual(len(self.m.api.room), 0)
+
+    def test_revoked_token_ends_the_stream(self):
+        """A stream whose token is revoked is ended at the next change, unsent, like the WebSocket's 4001."""
+        stream = self.open()
+        sent = len(self.events(stream))
+        token_id = self.token.decode().partition(".")[0]
+        self.m.registry.revoke_token(token_id)
+        self.m.clock.advance(1.0)
+        self.m.registry.update_desired("a", {"v": 1})
+        self.m.clock.advance(0)
+        self.assertEqual(len(self.events(stream)), sent)
+        self.assertTrue(stream.raw().endswith(b"0\r\n\r\n"))
+        self.assertEqual(len(self.m.api.room), 0)
+        status, _, body = self.open().response()
+        self.assertEqual((status, body["error"]["code"]), (401, "invalid_token"))
+
+    def test_revoked_token_ends_an_idle_stream(self):
+        """An idle stream whose token is revoked ends by the next keepalive, freeing its place."""
+        stream = self.open()
+        self.m.registry.revoke_token(self.token.decode().partition(".")[0])
+        self.m.clock.advance(15)
+        self.assertTrue(stream.raw().endswith(b"0\r\n\r\n"))
+        self.assertEqual(len(self.m.api.room), 0)
+
+    def test_reset_moves_the_id_even_with_nothing_to_send(self):
+        """After a reset with no matching device the stream's id leaves the dead cursor: one reset, not one per change."""
+        stream = self.open("since=424242&name=zzz")
+        for value in range(3):
+            self.m.registry.update_desired("a", {"v": value})
+            self.m.clock.advance(0)
+        messages = sse_messages(stream.stream_body())
+        self.assertEqual([m.get("event") for m in messages if "event" in m], ["reset"])
+        self.assertEqual(messages[-1], {"id": str(self.m.registry.cursor)})

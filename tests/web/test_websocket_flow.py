@@ -156,3 +156,18 @@ class SlowClientTests(unittest.TestCase):
         _, code, reason = yield client.closed
         self.assertEqual(code, CLOSE_TOO_MANY_REPLIES)
         self.assertIn("too many answers unread", reason)
+
+    @defer.inlineCallbacks
+    def test_unread_subscribe_answers_are_bounded(self):
+        """A paused client's subscribe requests queue at most max_subscriptions snapshots; the rest are refused."""
+        fleet = yield start_fleet(self, devices=DEVICES,
+                                  websocket={"ping_interval": 0.0, "max_behind": 600.0,
+                                             "max_subscriptions": 5})
+        client, server, _ = yield paused_client(self, fleet)
+        for n in range(300):
+            client.send({"op": "subscribe", "id": n, "patterns": ["dev-*"], "cursor": 0})
+            if n % 50 == 0:
+                yield task.deferLater(reactor, 0.002, lambda: None)
+        yield eventually(lambda: fleet.factory.counters["error_too_many_requests"] > 200)
+        self.assertTrue(server.sync.paused)
+        self.assertLessEqual(len(server.sync.jobs), 5)

@@ -219,6 +219,25 @@ class FlowTests(unittest.SynchronousTestCase):
         sync.close()
         self.assertEqual((registry.observer_count("a"), len(sync.pending)), (0, 0))
 
+    def test_paused_client_cannot_queue_subscribe_answers_without_bound(self):
+        """While paused, subscribe requests beyond max_patterns unanswered are refused, not queued."""
+        registry, clock = make_registry(["a", "b"])
+        sync, link = client(registry, clock, max_patterns=3)
+        sync.subscribe(0, ("*",))
+        link.take()
+        sync.pause()
+        for request_id in range(1, 4):
+            sync.subscribe(request_id, ("*",), cursor=0)
+        with self.assertRaises(ProtocolError) as caught:
+            sync.subscribe(4, ("*",), cursor=0)
+        self.assertEqual((caught.exception.code, caught.exception.request_id),
+                         ("too_many_requests", 4))
+        self.assertEqual(len(sync.jobs), 3)
+        sync.resume()
+        self.assertEqual([m["id"] for m in link.take()], [1, 2, 3])
+        sync.subscribe(5, ("*",))
+        self.assertEqual([m["id"] for m in link.take()], [5])
+
     def test_update_encoded_once_for_all_clients(self):
         """Clients sharing an UpdateCache encode each change once."""
         registry, clock = make_registry(["a"])

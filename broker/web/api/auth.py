@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.registry.secrets import parse_key
 from broker.web.credentials import split_authorization
@@ -36,6 +36,8 @@ class Principal:
     role: str           # "read", "write" or "device"
     key: str            # token id, or "device:<name>"
     device: str | None = None
+    #: the token's text, so a long-lived answer (an event stream) can see it revoked.
+    token: str | None = field(default=None, repr=False)
 
 
 def authenticate(request, registry, device_name: str | None, allow_query_token: bool) -> Principal:
@@ -64,7 +66,7 @@ def _token(registry, text: str) -> Principal:
     role = registry.check_token(text) if text else None
     if role is None:
         raise unauthorized("invalid_token", "the access token is not valid")
-    return Principal(role, text.partition(".")[0])
+    return Principal(role, text.partition(".")[0], token=text)
 
 
 def _device(registry, device_name: str | None, credentials: str) -> Principal:

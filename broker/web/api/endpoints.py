@@ -206,5 +206,6 @@ def events(api, request, principal, name):
     request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-accel-buffering", b"no")
-    EventStream(api.room, request, since, match).start(int(api.settings.min_interval * 1000))
+    EventStream(api.room, request, since, match, principal.token).start(
+        int(api.settings.min_interval * 1000))
     return NOT_DONE_YET

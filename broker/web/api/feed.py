@@ -56,9 +56,11 @@ def sse_events(batch, views, last_id: int) -> tuple[bytes, int]:
     """Server-sent events for one batch, and the last event id they carry.
 
     Each device is one ``device`` event whose id is its cursor; a reset comes
-    first as a ``reset`` event; if the batch ends past the last device sent
-    (filtered out or compacted entries), an id-only message moves the
-    client's Last-Event-ID there without dispatching an event.
+    first as a ``reset`` event; if the batch ends elsewhere than the last
+    device sent (filtered out or compacted entries, or a reset from a cursor
+    the feed cannot serve, which may lie beyond the batch's end), an id-only
+    message moves the client's Last-Event-ID there without dispatching an
+    event, so a dead cursor is left behind once.
     """
     parts = []
     if batch.reset:
@@ -67,7 +69,7 @@ def sse_events(batch, views, last_id: int) -> tuple[bytes, int]:
         data = json.dumps(view.to_json(), separators=(",", ":"), ensure_ascii=False)
         parts.append(b"id: %d\nevent: device\ndata: %s\n\n" % (view.cursor, data.encode("utf-8")))
         last_id = view.cursor
-    if batch.cursor > last_id:
+    if batch.cursor > last_id or (batch.reset and batch.cursor != last_id):
         parts.append(b"id: %d\n\n" % batch.cursor)
         last_id = batch.cursor
     return b"".join(parts), last_id

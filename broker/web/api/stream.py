@@ -27,15 +27,17 @@ MAX_PAGES = 20
 class EventStream:
     """One open ``/events`` response."""
 
-    __slots__ = ("room", "request", "cursor", "match", "paused", "pending", "done")
+    __slots__ = ("room", "request", "cursor", "match", "token", "paused", "pending", "done")
 
     log = Logger()
 
-    def __init__(self, room, request, cursor: int, match) -> None:
+    def __init__(self, room, request, cursor: int, match, token: str | None = None) -> None:
         self.room = room
         self.request = request
         self.cursor = cursor
         self.match = match
+        #: the access token that opened the stream: it ends when the token is revoked.
+        self.token = token
         self.paused = False
         self.pending = False
         self.done = False

@@ -31,6 +31,9 @@ from .feed import changes_body, device_answer, select
 #: answers written per reactor turn; the rest follow on the next turns, so
 #: that answering ten thousand waiters never holds the reactor for long.
 ANSWER_SLICE = 1000
+#: seconds between checks that event streams' tokens are still valid (the
+#: WebSocket's housekeeping period): a revoked token's stream ends then.
+TOKEN_CHECK_INTERVAL = 1.0
 
 
 class FeedWaiter:
@@ -92,6 +95,7 @@ class WaitingRoom:
         self._wake_call = None
         self._subscription = None
         self._running = False
+        self._tokens_checked = None       # clock time of the last stream token check
         self._keepalive = None
         if settings.sse_keepalive > 0:
             self._keepalive = LoopingCall(self._send_keepalives)
@@ -294,6 +298,7 @@ class WaitingRoom:
                     if answer is None:
                         answer = self._device_answer(name)
                     self._answer(waiter, *answer)
+        self._check_tokens()
         backlog, self._backlog = self._backlog, {}
         if self._feed_dirty:
             self._feed_dirty = False
@@ -320,5 +325,25 @@ class WaitingRoom:
                     waiter.cursor = batch.cursor   # nothing of interest: skip it next time
 
     def _send_keepalives(self) -> None:
+        self._check_tokens(force=True)
         for stream in list(self._streams):
             stream.keepalive()
+
+    def _check_tokens(self, force=False) -> None:
+        """End the event streams whose token was revoked (at most once a TOKEN_CHECK_INTERVAL).
+
+        A stream is one request that never ends by itself: without this, a
+        revoked token would keep receiving every change.
+        """
+        if not self._streams:
+            return
+        now = self.clock.seconds()
+        last = self._tokens_checked
+        if not force and last is not None and now - last < TOKEN_CHECK_INTERVAL:
+            return
+        self._tokens_checked = now
+        check = self.registry.check_token
+        for stream in list(self._streams):
+            if stream.token is not None and check(stream.token) is None:
+                self.log.info("event stream closed: its access token was revoked")
+                stream.close()

@@ -138,7 +138,16 @@ class ClientSync:
 
     def subscribe(self, request_id, patterns: tuple, cursor: int | None = None,
                   history: bool | None = None) -> None:
-        """Add patterns; answer with a snapshot, or with what changed since ``cursor``."""
+        """Add patterns; answer with a snapshot, or with what changed since ``cursor``.
+
+        Answers not yet sent (the client does not read) are bounded like
+        patterns: beyond ``max_patterns`` of them a subscribe is refused.
+        """
+        if len(self.jobs) >= self.max_patterns:
+            raise ProtocolError(
+                "too_many_requests",
+                f"at most {self.max_patterns} subscribe requests unanswered per connection: "
+                "read their snapshots first", request_id=request_id, op="subscribe")
         new = tuple(p for p in patterns if p not in self.patterns)
         if len(self.patterns) + len(new) > self.max_patterns:
             raise ProtocolError(
