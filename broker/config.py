@@ -174,6 +174,8 @@ class SSPSettings:
     max_datagrams_per_second: int = _setting(200_000, minimum=1, maximum=100_000_000)
     max_device_datagrams_per_second: int = _setting(50, minimum=1, maximum=100_000)
     max_new_sessions_per_second: int = _setting(2_000, minimum=1, maximum=1_000_000)
+    # broker/udp/admission.py NEW_SESSIONS_PER_DEVICE
+    max_device_new_sessions_per_second: int = _setting(2, minimum=1, maximum=1000)
     # 0: ten times max_new_sessions_per_second (broker/udp/admission.py).
     max_auth_attempts_per_second: int = _setting(0, minimum=0, maximum=10_000_000)
     cipher_cache_size: int = _setting(4096, minimum=16, maximum=1_000_000)

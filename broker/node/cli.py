@@ -56,7 +56,8 @@ def parse_broker(text: str) -> tuple[str, int]:
         raise UsageError(f"--broker {text!r}: port must be 1..65535")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as problem:
+    except (socket.gaierror, UnicodeError) as problem:
+        # UnicodeError: not a host name at all (an empty or overlong label).
         raise UsageError(f"--broker {text!r}: cannot resolve {host!r}: {problem}") from None
     return infos[0][4][0], port
 
@@ -119,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: $XDG_STATE_HOME/broker-node/<device>.json)")
     run.add_argument("--heartbeat", type=positive, default=25.0, help="seconds (default 25)")
     run.add_argument("--rekey-after", type=positive, default=None,
-                     help="start a new session after this many silent seconds, more than "
-                          "--heartbeat (default 3 heartbeats)")
+                     help="start a new session after this many seconds without an "
+                          "acknowledgement, more than --heartbeat (default 3 heartbeats)")
     run.add_argument("--linger", type=not_negative, default=5.0,
                      help="seconds to wait for acknowledgements after end of input "
                           "or a signal (default 5)")

@@ -53,8 +53,16 @@ def parse_line(line: str):
         item = json.loads(line, parse_float=_finite, parse_constant=_no_constant)
     except json.JSONDecodeError as problem:
         raise ValueError(f"not JSON: {problem}") from None
+    except RecursionError:
+        raise ValueError("not JSON this node takes: nested too deeply") from None
     if not isinstance(item, dict):
         raise ValueError("each line must be a JSON object of values")
+    try:
+        # A \\ud800 escape is JSON but not Unicode: it could never be sent.
+        json.dumps(item, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as problem:
+        bad = problem.object[problem.start:problem.end]
+        raise ValueError(f"text with an unpaired surrogate {bad!a} is not Unicode") from None
     events = []
     if EVENT_KEY in item:
         events.append(item.pop(EVENT_KEY))

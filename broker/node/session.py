@@ -3,8 +3,9 @@
 ``NodeSession`` wraps the core's ``SSPSession`` (as the mosh "client") with
 what a device application needs: report values and events, hear about
 desired values and commands, start a strictly newer session after a reboot
-(``SessionIds``) or when the broker stayed silent for ``rekey_after``
-seconds, and carry unacknowledged values and events into the new session.
+(``SessionIds``) or when the broker acknowledged nothing for ``rekey_after``
+seconds (wire.md 3: silent, or answering without making our states
+durable), and carry unacknowledged values and events into the new session.
 Roaming needs nothing here: the broker follows the newest authentic
 datagram's source address.
 """
@@ -17,11 +18,21 @@ from collections.abc import Mapping
 from twisted.logger import Logger
 
 from broker.ssp import events as ssp_events
-from broker.ssp.device_state import DeviceState
+from broker.ssp.device_state import DeviceState, encode
 from broker.ssp.framing import BrokerFraming
 from broker.ssp.session import SSPSession
 
 EMPTY = DeviceState.empty()
+
+
+def sendable(item) -> None:
+    """ValueError if ``item`` (values or events, already checked by DeviceState)
+    cannot be encoded: text with an unpaired surrogate would fail at every
+    send, and the state holding it would never leave the node."""
+    try:
+        encode(item)
+    except UnicodeEncodeError as problem:
+        raise ValueError(f"text is not Unicode: {problem.reason}") from None
 
 
 def plain(value):
@@ -46,7 +57,7 @@ class NodeSession:
     __slots__ = ("device_number", "broker_address", "rekey_after", "on_desired",
                  "on_command", "session", "session_id", "sessions_started",
                  "_secret", "_ids", "_profile", "_ciphers", "_random_bytes", "_pending",
-                 "_desired", "_events_end", "_acked", "_rekey_not_before")
+                 "_desired", "_events_end", "_acked", "_acked_at", "_rekey_not_before")
 
     def __init__(self, device_number: int, secret: bytes, broker_address, *, session_ids,
                  profile, ciphers, rekey_after: float, random_bytes=os.urandom,
@@ -70,6 +81,7 @@ class NodeSession:
         self._desired = None
         self._events_end = 0
         self._acked = 0  # reports the broker acknowledged (states, not datagrams)
+        self._acked_at = 0.0  # when the session started or the broker last acknowledged
         self._rekey_not_before = 0.0  # after a new session id could not be stored
 
     # -- what the application does ----------------------------------------------
@@ -90,12 +102,19 @@ class NodeSession:
         return self._acked
 
     def report(self, values: Mapping, now: float) -> None:
-        """Merge values into the reported state (None deletes a key)."""
-        self._set(self.state.with_values(values), now)
+        """Merge values into the reported state (None deletes a key); TypeError or
+        ValueError (nothing changed) for values a device state cannot carry."""
+        state = self.state.with_values(values)
+        current = state.values
+        sendable([(key, current.get(key)) for key in values])   # as frozen
+        self._set(state, now)
 
     def emit(self, *events, now: float) -> None:
-        """Append events (telemetry) to send, each delivered once, in order."""
-        self._set(self.state.with_events(*events), now)
+        """Append events (telemetry) to send, each delivered once, in order (TypeError
+        or ValueError, nothing appended, for one a device state cannot carry)."""
+        state = self.state.with_events(*events)
+        sendable(state.events_since(state.event_end - len(events)))   # as frozen
+        self._set(state, now)
 
     def _set(self, state: DeviceState, now: float) -> None:
         if self.session is None:
@@ -110,7 +129,7 @@ class NodeSession:
     # -- driven by the owner ------------------------------------------------------
 
     def start(self, now: float) -> None:
-        """Start a new session (boot, or the broker went silent), keeping what is unsent."""
+        """Start a new session (boot, or no ack for rekey_after), keeping what is unsent."""
         carry = self.state
         self.session_id = self._ids.next(self.device_number)
         self.session = SSPSession(
@@ -123,6 +142,7 @@ class NodeSession:
             self.session.set_local_state(carry, now)
         self._pending = EMPTY
         self._events_end = 0
+        self._acked_at = now
         self.sessions_started += 1
 
     def receive(self, data: bytes, address, now: float) -> None:
@@ -130,15 +150,16 @@ class NodeSession:
         if self.session is None:
             return
         self.session.receive_datagram(data, address, now)
-        self._handle(self.session.pop_events())
+        self._handle(self.session.pop_events(), now)
 
-    def _handle(self, found) -> None:
+    def _handle(self, found, now: float) -> None:
         for event in found:
             kind = type(event)
             if kind is ssp_events.StateReceived:
                 self._deliver(event.state)
             elif kind is ssp_events.StateAcknowledged:
                 self._acked += 1
+                self._acked_at = now
 
     def _deliver(self, state: DeviceState) -> None:
         values = state.values
@@ -159,14 +180,13 @@ class NodeSession:
 
     def datagrams(self, now: float) -> list:
         """The datagrams due now, as (bytes, address); starts a new session if the
-        broker has been silent for rekey_after."""
+        broker acknowledged nothing for rekey_after (our heartbeats want an ack
+        every heartbeat, so a live broker acknowledges at least that often)."""
         session = self.session
         if session is None:
             self.start(now)
             session = self.session
-        heard = session.last_heard
-        if (heard is not None and now - heard >= self.rekey_after
-                and now >= self._rekey_not_before):
+        if now - self._acked_at >= self.rekey_after and now >= self._rekey_not_before:
             try:
                 self.start(now)
             except OSError as problem:
@@ -177,7 +197,7 @@ class NodeSession:
                                "{problem}", number=self.device_number, problem=problem)
             session = self.session
         out = session.datagrams_to_send(now)
-        self._handle(session.pop_events())
+        self._handle(session.pop_events(), now)
         return out
 
     def next_wakeup(self) -> float | None:
@@ -186,8 +206,5 @@ class NodeSession:
         if session is None:
             return None
         wakeup = session.next_wakeup()
-        heard = session.last_heard
-        if heard is not None:
-            rekey = max(heard + self.rekey_after, self._rekey_not_before)
-            wakeup = rekey if wakeup is None else min(wakeup, rekey)
-        return wakeup
+        rekey = max(self._acked_at + self.rekey_after, self._rekey_not_before)
+        return rekey if wakeup is None else min(wakeup, rekey)

@@ -12,8 +12,10 @@ cryptographic work (docs/ssp-endpoint.md, "Limits"):
   ``AUTH_ATTEMPTS_PER_NEW_SESSION`` times ``max_new_sessions_per_second``.
 * ``new_sessions``: sessions started or resumed, charged only once the
   first datagram authenticated, so forgeries cannot use it up.
-* ``device_sessions``: the same, per device (``NEW_SESSIONS_PER_DEVICE``
-  a second), so one device in a boot loop cannot take the fleet's share.
+* ``device_sessions``: the same, per device
+  (``max_device_new_sessions_per_second``, by default
+  ``NEW_SESSIONS_PER_DEVICE``), so one device in a boot loop cannot take
+  the fleet's share.
 * ``failures`` (per device) and ``host_failures`` (per source host, an IPv6
   one by its /64: a host can send from any address of its prefix): failed
   authentications in the current second; past ``auth_failure_budget`` the
@@ -82,7 +84,7 @@ class Admission:
         self.datagrams = TokenBucket(settings.max_datagrams_per_second, now=now)
         self.attempts = TokenBucket(auth_attempts_per_second(settings), now=now)
         self.new_sessions = TokenBucket(settings.max_new_sessions_per_second, now=now)
-        self.device_sessions = WindowCounter(NEW_SESSIONS_PER_DEVICE)
+        self.device_sessions = WindowCounter(settings.max_device_new_sessions_per_second)
         self.device_rate = WindowCounter(settings.max_device_datagrams_per_second)
         self.failures = WindowCounter(settings.auth_failure_budget)
         self.host_failures = WindowCounter(settings.auth_failure_budget)

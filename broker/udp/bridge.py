@@ -116,7 +116,17 @@ class RegistryBridge:
         base = live.session.local_state if unsent is None or unsent[0] is not live else unsent[1]
         state = base.with_events(*commands)
         self._unsent[number] = (live, state)
-        return self._save_current(live).addBoth(self._commands_written, number, state)
+        try:
+            written = self._save_current(live)
+        except (TypeError, ValueError):
+            # Not encodable (text that is not Unicode): forgotten, or every
+            # later record of the session would fail on it.
+            if unsent is None:
+                del self._unsent[number]
+            else:
+                self._unsent[number] = unsent
+            raise
+        return written.addBoth(self._commands_written, number, state)
 
     def _commands_written(self, result, number: int, state):
         unsent = self._unsent.get(number)

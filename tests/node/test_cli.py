@@ -83,6 +83,18 @@ class ParsingTests(SynchronousTestCase):
             sys.stderr = old
         return status, err.getvalue()
 
+    def test_unresolvable_broker_names_exit_2(self):
+        """A --broker name that is not even a valid host name (an empty label) exits 2
+        with one line naming --broker, as an unknown one does, never a traceback."""
+        for bad in ("a..b:5000", "x" * 300 + ":5000"):
+            self.assertRaises(UsageError, parse_broker, bad)
+            for command in (["run", "--device", "5", "--secret", format_key(bytes(16))],
+                            ["simulate", "--devices", "1"]):
+                status, err = self.run_main(*command, "--broker", bad)
+                self.assertEqual(status, 2, (command, bad))
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertIn("--broker", err)
+
     def test_timing_options_are_checked(self):
         """Times that are not positive and finite, or a rekey not after a heartbeat, exit 2."""
         base = ["run", "--device", "5", "--secret", format_key(bytes(16)),

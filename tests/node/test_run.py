@@ -73,6 +73,16 @@ class InputTests(SynchronousTestCase):
         self.assertEqual(self.node.reports, [])
         self.assertIn("line skipped", self.err.getvalue())
 
+    def test_too_deeply_nested_line_is_skipped_and_input_goes_on(self):
+        """A line nested too deep for the JSON parser is skipped with a message, and the
+        lines after it still count (no exception ends the input)."""
+        self.input.dataReceived(b"[" * 100_000 + b"]" * 100_000 + b'\n{"ok": 1}\n')
+        self.input.connectionLost()
+        self.assertEqual(self.node.reports, [{"ok": 1}])
+        self.assertIn("line skipped", self.err.getvalue())
+        self.assertIn("nested", self.err.getvalue())
+        self.assertEqual(self.ended, [True])
+
     def test_events_are_emitted(self):
         """$event and $events of a line are emitted in order, after its values."""
         self.input.dataReceived(b'{"t": 1, "$event": "a", "$events": ["b"]}\n')
@@ -95,3 +105,12 @@ class ParseLineTests(SynchronousTestCase):
         """A $ key other than $event / $events (a typo) is refused, not reported as a value."""
         error = self.assertRaises(ValueError, parse_line, '{"t": 1, "$evnt": "boot"}')
         self.assertIn("$evnt", str(error))
+
+    def test_unpaired_surrogates_are_refused(self):
+        """A \\ud800 escape (valid JSON, not Unicode) in a key, value or event is refused:
+        such text cannot be sent, and would stop the node's sending for good."""
+        for bad in ('{"t": "\\ud800"}', '{"\\udc00": 1}', '{"t": ["ok", {"u": "\\udfff"}]}',
+                    '{"$event": "\\ud83d"}'):
+            error = self.assertRaises(ValueError, parse_line, bad)
+            self.assertIn("surrogate", str(error))
+        self.assertEqual(parse_line('{"t": "\\ud83d\\ude00"}'), ({"t": "\U0001f600"}, []))

@@ -119,6 +119,45 @@ class NodeSessionTests(SynchronousTestCase):
         self.assertEqual(dict(received.values), {"v": 2})
         self.assertEqual(received.events, ("lost?",))
 
+    def test_broker_that_answers_but_never_acknowledges_means_new_session(self):
+        """wire.md 3: no ack for rekey_after seconds starts a newer session, even while
+        the broker's heartbeats keep arriving (a report it never made durable)."""
+        self.node.start(self.now)
+        self.exchange()
+        first = self.node.session_id
+        acked = self.node.acknowledged
+        # The broker's side of the session now holds every ack (never durable)
+        # but keeps sending its heartbeats (mosh's 3 s).
+        stuck = SSPSession(key=SECRET, cipher_provider=CipherCache(8), is_server=True,
+                           local_state=EMPTY, remote_state=EMPTY, random_bytes=os.urandom,
+                           now=self.now, framing=BrokerFraming(DEVICE, first),
+                           ack_requires_confirm=True)
+        self.brokers[first] = broker = Broker(first, self.now)
+        broker.session = stuck
+        self.node.report({"v": 3}, self.now)
+        self.exchange(seconds=59.0, dt=0.5)
+        self.assertEqual(self.node.session_id, first)
+        self.assertEqual(self.node.acknowledged, acked)
+        self.assertLess(self.now - self.node.session.last_heard, 5.0)  # heard all along
+        self.exchange(seconds=3.0, dt=0.5)
+        self.assertGreater(self.node.session_id, first)
+        self.exchange(seconds=2.0)
+        self.assertEqual(dict(self.broker().received[-1].values), {"v": 3})
+        self.assertTrue(self.node.idle())
+
+    def test_unsendable_text_is_refused_at_report_time(self):
+        """Text that is not Unicode (an unpaired surrogate) is refused by report and emit;
+        the session keeps sending what it had (it is not left unable to send)."""
+        self.node.start(self.now)
+        self.exchange()
+        self.node.report({"ok": 1}, self.now)
+        self.assertRaises(ValueError, self.node.report, {"t": "\ud800"}, self.now)
+        self.assertRaises(ValueError, self.node.report, {"\udc00": 1}, self.now)
+        self.assertRaises(ValueError, self.node.emit, ["\ud800"], now=self.now)
+        self.exchange()
+        self.assertEqual(dict(self.broker().received[-1].values), {"ok": 1})
+        self.assertTrue(self.node.idle())
+
     def test_next_wakeup_includes_rekey(self):
         """With nothing to send, the next wake-up is the rekey deadline."""
         self.node.start(self.now)

@@ -65,6 +65,14 @@ class AdmissionTests(SynchronousTestCase):
         own = SSPSettings(max_new_sessions_per_second=3, max_auth_attempts_per_second=70)
         self.assertEqual(auth_attempts_per_second(own), 70)
 
+    def test_per_device_new_session_rate_from_settings(self):
+        """The per-device new-session limit is a setting (issue: limits on new-session
+        attempts are configurable), by default NEW_SESSIONS_PER_DEVICE."""
+        settings = SSPSettings(max_device_new_sessions_per_second=5)
+        self.assertEqual(Admission(settings, now=0.0).device_sessions.limit, 5)
+        self.assertEqual(Admission(SSPSettings(), now=0.0).device_sessions.limit,
+                         NEW_SESSIONS_PER_DEVICE)
+
     def test_first_datagram_check(self):
         """An authentic first datagram passes; a tampered one or the broker's own direction fails."""
         secret = bytes(range(16))

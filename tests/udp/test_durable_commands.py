@@ -120,6 +120,19 @@ class DurableCommandTests(SynchronousTestCase):
         record = self.h.registry.session_record(number)
         self.assertNotIn("old-cmd", decode_state(record.local_state).events_since(0))
 
+    def test_unencodable_command_is_refused_and_leaves_the_session_working(self):
+        """A command an SSP state cannot carry (text that is not Unicode) raises
+        ValueError and is forgotten: the device's reports are still acknowledged and
+        later commands still arrive."""
+        self.assertRaises(ValueError, self.send, "\ud800")
+        self.node.report({"v": 1}, self.h.clock.seconds())
+        self.h.run(1.0)
+        self.assertTrue(self.node.idle())
+        self.assertEqual(self.h.endpoint.counters["store_failures"], 0)
+        self.assertIs(self.successResultOf(self.send("ok")), True)
+        self.h.run(1.0)
+        self.assertEqual(self.got, ["ok"])
+
     def test_no_session_no_deferred(self):
         """A device without a session here gets None (the caller relays or refuses)."""
         other = self.h.provision("other")

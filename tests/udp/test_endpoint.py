@@ -830,6 +830,18 @@ class _FailingStates(MemoryStore):
         return defer.fail(StoreError("disk full"))
 
 
+class _FailingOnce(MemoryStore):
+    """A memory store whose next ``fail`` batched state writes fail (a store blip)."""
+
+    fail = 0
+
+    def write_states(self, devs, result=None):
+        if self.fail:
+            self.fail -= 1
+            return defer.fail(StoreError("blip"))
+        return super().write_states(devs, result)
+
+
 class ReportBatchTests(SynchronousTestCase):
     """Reports are gathered per reactor turn: one registry write per turn and device."""
 
@@ -943,3 +955,43 @@ class ReportBatchTests(SynchronousTestCase):
         self.assertFalse(node.idle())
         self.assertGreaterEqual(self.h.endpoint.counters["store_failures"], 1)
         self.assertTrue(self.flushLoggedErrors(StoreError))
+
+    def test_report_lost_to_a_store_blip_converges_with_broker_heartbeats(self):
+        """A report whose write failed once is acknowledged in the end although the
+        broker's heartbeats keep the device hearing it: no ack means a new session."""
+        store = _FailingOnce()
+        self.h = Harness(self, store=store, broker_heartbeats=True)
+        node = self.connected("dev", ("127.0.0.2", 40000))
+        first = node.session_id
+        store.fail = 1
+        node.report({"v": 1}, self.h.clock.seconds())
+        self.h.run(60.0, dt=0.05)
+        self.assertFalse(node.idle())
+        self.assertLess(self.h.clock.seconds() - node.session.last_heard, 30.0)
+        self.h.run(30.0, dt=0.05)   # past rekey_after (75 s) without an ack
+        self.assertGreater(node.session_id, first)
+        self.assertTrue(node.idle())
+        self.assertEqual(dict(self.h.registry.device("dev").reported), {"v": 1})
+        self.assertTrue(self.flushLoggedErrors(StoreError))
+
+    def test_event_whose_write_failed_once_is_stored_once(self):
+        """An event whose batched write failed once is in the store once: the registry
+        keeps a failed write's changes and writes them again, so the device must not
+        send it again in a new session (it is acknowledged once durable)."""
+        store = _FailingOnce()
+        self.h = Harness(self, store=store)
+        node = self.connected("dev", ("127.0.0.2", 40000))
+        store.fail = 1
+        node.emit("e1", now=self.h.clock.seconds())
+        self.h.run(120.0, dt=0.05)
+        self.assertTrue(self.flushLoggedErrors(StoreError))
+        self.assertTrue(node.idle())
+        restarted = self.h.restart()
+        view = restarted.registry.device("dev")
+        events = [e for entry in view.history if entry[3] in ("reported", "events")
+                  for e in (entry[4].get("events", ()) if hasattr(entry[4], "get") else entry[4])]
+        self.assertEqual(events, ["e1"])
+
+    test_event_whose_write_failed_once_is_stored_once.todo = (
+        "needs a registry call that makes a device's state durable again after a "
+        "failed write (see the review report)")
