@@ -7,7 +7,9 @@ outage, or a dashboard's desired write failed) would stay behind on disk
 for good; so the devices whose states a failed commit held are written
 again, as they are then, with their session records: by the next
 successful commit that writes them, or after RETRY_DELAY (one timer for the
-store, doubling while storage keeps failing), and once more at close.
+store, doubling while storage keeps failing), and once more at close. A
+session record queued meanwhile takes its device's state into its commit:
+the record must never be durable before the state it acknowledges.
 """
 
 #: seconds before the devices of a failed commit are written again, when no
@@ -74,6 +76,22 @@ class UnsavedDevices:
             unsaved.pop(dev.number, None)
         if not unsaved:
             self.cancel()
+
+    def recorded(self, ops):
+        """Take out the unsaved devices a queued session record names: their
+        states must go in its commit (a record durable before the state it
+        acknowledges would let a crash lose that state)."""
+        unsaved = self._devices
+        found = []
+        for op in ops:
+            if type(op) is tuple and op[0] in ("session", "sessions"):
+                for number in (op[1],) if op[0] == "session" else op[1]:
+                    dev = unsaved.pop(number, None)
+                    if dev is not None and dev.cursor:
+                        found.append(dev)
+        if not unsaved:
+            self.cancel()
+        return found
 
     def flush(self):
         """Queue every unsaved device again (a removed one, cursor 0, has no row)."""

@@ -224,6 +224,8 @@ class SQLiteStore(Store):
             self._soon = None
         if self._busy or not self._ops:
             return
+        if self.unsaved:
+            self._with_unsaved_states()
         n = self._max_batch
         batch = (self._ops[:n], self._deferreds[:n], self._results[:n],
                  self._versions[:n], self._cursors[:n])
@@ -242,6 +244,19 @@ class SQLiteStore(Store):
             self._thread.start()
         self._jobs.append(plan)
         self._wake.set()
+
+    def _with_unsaved_states(self):
+        """Put first in the queue the states of unsaved devices whose session
+        records are queued, so that each commits with (or before) its record."""
+        devs = self.unsaved.recorded(self._ops)
+        if devs:
+            d = defer.Deferred()
+            d.addErrback(lambda failure: failure.trap(StoreError))
+            self._ops.insert(0, _Group(devs))
+            self._deferreds.insert(0, d)
+            self._results.insert(0, None)
+            self._versions.insert(0, 0)
+            self._cursors.insert(0, 0)
 
     def _plan(self, ops, deferreds, results, versions, cursors, later_records=None):
         """``(steps, batch)`` for one transaction of the writes in ``batch``.

@@ -262,6 +262,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             admission.failed(number, stranger, now)
         if found:
             self._handle(live, found, now)
+        if live.unsaved_num and session.last_heard is now:
+            self._writes.retry(live)   # authentic: a forgery never causes a write
         if live.pending_num:
             return  # flushed once at the end of the turn, after its report is queued
         self._flush(live, now)

@@ -72,9 +72,10 @@ class Parked:
 def park(live: LiveSession) -> Parked | None:
     """The packed form of an idle live session, or None if it is not idle.
 
-    Idle for the endpoint too: every report durable (no write on its way).
+    Idle for the endpoint too: every report durable (no write on its way,
+    none failed and waiting to be written again).
     """
-    if live.writes:
+    if live.writes or live.unsaved_num:
         return None
     parked = live.session.park()
     if parked is None or parked.seq_reserved is None or parked.last_heard is None:

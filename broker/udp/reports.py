@@ -27,6 +27,10 @@ class SessionWrites:
     time source, ``flush`` the endpoint's send-what-is-due callable and
     ``counters`` the endpoint's Counter (registry_writes,
     updates_durable, store_failures).
+
+    A report whose write failed stays unacknowledged and is written again
+    (``retry``): the registry keeps its changes, and a device that gave up
+    on the session would send its events again in a new one.
     """
 
     log = Logger()
@@ -109,9 +113,11 @@ class SessionWrites:
         durable = 0
         for (live, _, num), count, result in zip(reports, counts, results):
             if isinstance(result, Exception):
-                self._failed(Failure(result), live, "report")
+                self._report_failed(Failure(result), live, num)
                 continue
             live.writes -= 1
+            if num >= live.unsaved_num:
+                live.unsaved_num = 0
             # Every report the write covered is durable (and acknowledged with num).
             durable += count
             if table.get(live.number) is live:
@@ -124,8 +130,24 @@ class SessionWrites:
         self._counters["updates_durable"] += durable
 
     def _not_durable(self, failure, reports) -> None:
-        for live, _, _ in reports:
-            self._failed(failure, live, "report")
+        for live, _, num in reports:
+            self._report_failed(failure, live, num)
+
+    def _report_failed(self, failure, live: LiveSession, num: int) -> None:
+        """Nothing is acknowledged; but the registry keeps the report's changes
+        (it writes them again), so the device must not have to send them in
+        a new session: the report is written again (``retry``)."""
+        if num > live.unsaved_num:
+            live.unsaved_num = num
+        self._failed(failure, live, "report")
+
+    def retry(self, live: LiveSession) -> None:
+        """Write the failed report again (its state is the last handed to the
+        registry) when the session has no write on its way: called for each
+        authentic datagram of the device, so the device's own retransmissions
+        pace it, and it costs no timer."""
+        if not live.writes and not live.pending_num:
+            self.report(live, live.reported, live.unsaved_num)
 
     # -- session ids and sequence reservations --------------------------------------
 

@@ -30,11 +30,14 @@ class LiveSession:
     (written at the end of the reactor turn).  ``facts_at``: when the
     registry's connection facts were last refreshed (monotonic seconds).
     ``wheel_slot``: the presence bucket holding it, -1 if none.
+    ``unsaved_num``: the number of a report whose write failed and that no
+    durable write has covered since (0: none); written again with the
+    session's next datagram (reports.py).
     """
 
     __slots__ = ("number", "name", "session_id", "session", "reported",
                  "reserved", "online", "facts_at", "wheel_slot", "writes",
-                 "pending_state", "pending_num", "pending_count")
+                 "pending_state", "pending_num", "pending_count", "unsaved_num")
 
     def __init__(self, number: int, name: str, session_id: int, session: SSPSession,
                  reported: DeviceState, reserved: int) -> None:
@@ -51,6 +54,7 @@ class LiveSession:
         self.pending_state = None  # newest state received, written at the end of the turn
         self.pending_num = 0
         self.pending_count = 0  # reports it covers (the newer ones include the older ones)
+        self.unsaved_num = 0
 
     def __repr__(self) -> str:
         return (f"<LiveSession device={self.number} name={self.name!r} "

@@ -589,3 +589,23 @@ class FailedCommitTests(TestCase):
         yield self.registry.stop()
         self.assertEqual(self.store.unsaved.failed_commits, 2)   # the last try failed too
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    @defer.inlineCallbacks
+    def test_session_record_after_a_failed_commit_carries_the_state(self):
+        """A session record written after a failed commit commits with its device's
+        state as the registry holds it: never durable ahead of what it acknowledges."""
+        prov = yield self.registry.add_device("a")
+        broken = self.break_storage()
+        yield self.assertFailure(self.registry.update_reported("a", {"t": 7}, events=("e1",)),
+                                 errors.StoreError)
+        broken.execute("DROP TRIGGER full_disk")
+        broken.close()
+        commits = self.store.commits
+        yield self.registry.save_session(prov.device_number, SessionRecord(3, acked_remote_num=4))
+        self.assertEqual(self.store.commits - commits, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])          # nothing left unsaved
+        yield self.registry.stop()
+        again = open_registry(self.data_dir, clock=self.clock, reactor=reactor)
+        self.addCleanup(again.stop)
+        self.assertEqual(again.device("a").reported, {"t": 7})
+        self.assertEqual(again.session_record(prov.device_number).acked_remote_num, 4)

@@ -824,22 +824,37 @@ class AssemblyCapTests(SynchronousTestCase):
 
 
 class _FailingStates(MemoryStore):
-    """A memory store whose batched state writes fail (a full disk, say)."""
+    """A memory store whose next ``fail`` batched state writes fail (a store blip;
+    ``fail`` None: every one, a full disk).
+
+    It keeps the SQLite store's promise after a failure (sqlite_retry.py): a
+    failed device's state commits with its next session record, which fails
+    with it.
+    """
+
+    def __init__(self, fail=None):
+        super().__init__()
+        self.fail = fail
+        self.unsaved = {}
 
     def write_states(self, devs, result=None):
-        return defer.fail(StoreError("disk full"))
-
-
-class _FailingOnce(MemoryStore):
-    """A memory store whose next ``fail`` batched state writes fail (a store blip)."""
-
-    fail = 0
-
-    def write_states(self, devs, result=None):
-        if self.fail:
-            self.fail -= 1
-            return defer.fail(StoreError("blip"))
+        if self.fail is None or self.fail:
+            if self.fail:
+                self.fail -= 1
+            self.unsaved.update((dev.number, dev) for dev in devs)
+            return defer.fail(StoreError("blip" if self.fail is not None else "disk full"))
+        for dev in devs:
+            self.unsaved.pop(dev.number, None)
         return super().write_states(devs, result)
+
+    def write_sessions(self, numbers, records, result=None):
+        states = [self.unsaved.pop(n) for n in numbers if n in self.unsaved]
+        if states:
+            failed = []
+            self.write_states(states).addErrback(failed.append)
+            if failed:
+                return defer.fail(failed[0])
+        return super().write_sessions(numbers, records, result)
 
 
 class ReportBatchTests(SynchronousTestCase):
@@ -956,29 +971,52 @@ class ReportBatchTests(SynchronousTestCase):
         self.assertGreaterEqual(self.h.endpoint.counters["store_failures"], 1)
         self.assertTrue(self.flushLoggedErrors(StoreError))
 
-    def test_report_lost_to_a_store_blip_converges_with_broker_heartbeats(self):
-        """A report whose write failed once is acknowledged in the end although the
-        broker's heartbeats keep the device hearing it: no ack means a new session."""
-        store = _FailingOnce()
+    def test_report_lost_to_a_store_blip_is_acknowledged_in_its_session(self):
+        """A report whose write failed once is written again with the device's next
+        datagram and acknowledged in the same session, with broker heartbeats too
+        (before, it stayed unacknowledged until the device started a new session)."""
+        store = _FailingStates(fail=0)
         self.h = Harness(self, store=store, broker_heartbeats=True)
         node = self.connected("dev", ("127.0.0.2", 40000))
         first = node.session_id
         store.fail = 1
+        acked = node.acknowledged
         node.report({"v": 1}, self.h.clock.seconds())
-        self.h.run(60.0, dt=0.05)
-        self.assertFalse(node.idle())
-        self.assertLess(self.h.clock.seconds() - node.session.last_heard, 30.0)
-        self.h.run(30.0, dt=0.05)   # past rekey_after (75 s) without an ack
-        self.assertGreater(node.session_id, first)
+        self.h.run(5.0, dt=0.05)
+        self.assertEqual(self.h.endpoint.counters["store_failures"], 1)
+        self.assertGreater(node.acknowledged, acked)
         self.assertTrue(node.idle())
-        self.assertEqual(dict(self.h.registry.device("dev").reported), {"v": 1})
+        self.assertEqual(node.session_id, first)
+        self.assertEqual(dict(self.h.restart().registry.device("dev").reported), {"v": 1})
         self.assertTrue(self.flushLoggedErrors(StoreError))
+
+    def test_report_unsaved_while_the_store_fails_is_never_acknowledged(self):
+        """While every state write fails, the retries fail with them: nothing is
+        acknowledged, the session is never parked, and each retry waits for the
+        device's own datagrams (one write on its way at most)."""
+        store = _FailingStates(fail=0)
+        self.h = Harness(self, store=store)
+        node = self.connected("dev", ("127.0.0.2", 40000))
+        self.h.run(2.0, dt=0.05)    # parked while idle
+        acked = node.acknowledged
+        counters = self.h.endpoint.counters
+        parked, received = counters["sessions_parked"], counters["datagrams_in"]
+        store.fail = None
+        node.report({"v": 1}, self.h.clock.seconds())
+        self.h.run(20.0, dt=0.05)
+        self.assertTrue(self.flushLoggedErrors(StoreError))
+        self.assertEqual(node.acknowledged, acked)
+        self.assertFalse(node.idle())
+        self.assertGreater(counters["store_failures"], 1)
+        self.assertLessEqual(counters["store_failures"], counters["datagrams_in"] - received)
+        self.assertEqual(counters["sessions_parked"], parked)
 
     def test_event_whose_write_failed_once_is_stored_once(self):
         """An event whose batched write failed once is in the store once: the registry
         keeps a failed write's changes and writes them again, so the device must not
-        send it again in a new session (it is acknowledged once durable)."""
-        store = _FailingOnce()
+        send it again in a new session: the report is written again with the
+        device's next datagram and acknowledged once durable."""
+        store = _FailingStates(fail=0)
         self.h = Harness(self, store=store)
         node = self.connected("dev", ("127.0.0.2", 40000))
         store.fail = 1
@@ -992,6 +1030,3 @@ class ReportBatchTests(SynchronousTestCase):
                   for e in (entry[4].get("events", ()) if hasattr(entry[4], "get") else entry[4])]
         self.assertEqual(events, ["e1"])
 
-    test_event_whose_write_failed_once_is_stored_once.todo = (
-        "needs a registry call that makes a device's state durable again after a "
-        "failed write (see the review report)")
