@@ -3,8 +3,10 @@
 Three global budgets and four per-second windows, all checked before any
 cryptographic work (docs/ssp-endpoint.md, "Limits"):
 
-* ``datagrams``: every datagram of the port (``max_datagrams_per_second``),
-  the endpoint's CPU guard; one token-bucket call, no allocation of its own.
+* ``datagrams``: the datagrams of the port that get to cryptography
+  (``max_datagrams_per_second``), the endpoint's CPU guard; charged after
+  the lookup and the budgets below, so that garbage and forgeries they
+  refuse do not use it up; one token-bucket call, no allocation of its own.
 * ``attempts``: decryptions of datagrams that do not come from their
   session's address (a new or resumed session, a roaming device, a
   forgery); a new session's also costs a key derivation.  Its rate is

@@ -178,10 +178,6 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             else:
                 self._drop(DropReason.SHORT)
             return
-        if not self._admit(now):
-            # Over the port's rate: no crypto work, whoever sent it.
-            self._drop(EndpointDrop.GLOBAL_RATE_LIMITED)
-            return
         _, number, session_id = _unpack_header(data)
         if not number or not session_id:
             self._drop(DropReason.BAD_HEADER)
@@ -220,6 +216,10 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         if stranger is not None and not admission.stranger(number, stranger, now):
             # Possibly spoofed: a decryption only within the budgets.
             self._drop(EndpointDrop.RATE_LIMITED)
+            return
+        if not self._admit(now):
+            # Over the port's rate: no crypto work, whoever sent it.
+            self._drop(EndpointDrop.GLOBAL_RATE_LIMITED)
             return
         if admission.device_rate.exhausted(number, now):
             self._drop(EndpointDrop.DEVICE_RATE_LIMITED)
@@ -306,6 +306,9 @@ class SSPEndpoint(Downstream, DatagramProtocol):
                 return
         elif not admission.stranger(number, stranger, now, entry is not None):
             self._drop(EndpointDrop.RATE_LIMITED)
+            return
+        if not self._admit(now):
+            self._drop(EndpointDrop.GLOBAL_RATE_LIMITED)
             return
         # Authenticated on a throwaway cipher first: a forgery builds no session
         # and uses up no new-session budget (only authentic starts do).

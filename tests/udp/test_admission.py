@@ -110,6 +110,44 @@ class GlobalRateTests(SynchronousTestCase):
         self.assertEqual(dict(h.registry.device("dev").reported), {"v": 1})
         self.assertTrue(node.idle())
 
+    def test_garbage_naming_no_device_does_not_use_up_the_rate(self):
+        """A flood of datagrams naming no device, far over the port's rate, is dropped
+        before the rate is charged: a device's session is served all along."""
+        h = Harness(self, max_datagrams_per_second=10)
+        device = h.provision("dev")
+        node = h.node(device)
+        h.run(1.0)
+        acked = node.acknowledged
+        for second in range(3):
+            for i in range(1000):
+                h.endpoint.datagramReceived(build_header(1000 + i, 5) + os.urandom(60),
+                                            ("127.0.3.1", 9000 + i))
+            node.report({"v": second}, h.clock.seconds())
+            h.run(1.0)
+        self.assertEqual(h.endpoint.drops["unknown_device"], 3000)
+        self.assertEqual(h.endpoint.drops["global_rate_limited"], 0)
+        self.assertEqual(dict(h.registry.device("dev").reported), {"v": 2})
+        self.assertEqual(node.acknowledged, acked + 3)
+
+    def test_forgeries_from_strangers_use_the_rate_only_within_their_budget(self):
+        """Forged datagrams naming a device from other hosts charge the port's rate only
+        as far as the authentication budgets let them through: the device's own
+        datagrams still find the rate free."""
+        h = Harness(self, max_datagrams_per_second=30, max_auth_attempts_per_second=5)
+        device = h.provision("dev")
+        node = h.node(device)
+        h.run(1.0)
+        hosts = [f"127.0.4.{i}" for i in range(1, 200)]
+        for second in range(3):
+            forge(h.endpoint, [device.device_number], 500, hosts,
+                  first_id=FORGED_IDS + second * 1000)
+            node.report({"v": second}, h.clock.seconds())
+            h.run(1.0)
+        self.assertEqual(h.endpoint.drops["global_rate_limited"], 0)
+        self.assertGreater(h.endpoint.drops["rate_limited"], 1400)
+        self.assertEqual(dict(h.registry.device("dev").reported), {"v": 2})
+        self.assertTrue(node.idle())
+
     def test_rate_is_steady_not_per_burst(self):
         """At twice the rate for three seconds, about half the datagrams pass each second."""
         h = Harness(self, max_datagrams_per_second=50)
