@@ -16,6 +16,13 @@ FRAGMENT_HEADER_SIZE = 10  # transportfragment.h Fragment::frag_header_len
 MAX_FRAGMENTS = 1 << 15  # fragment numbers are 15 bits
 FINAL_BIT = 0x8000
 DEFAULT_MAX_ASSEMBLY = 1 << 20  # bytes of compressed instruction held at most
+# What one held fragment costs beside its bytes (a bytes object and a dict
+# entry, about 100 bytes in CPython): fragments held at most are max_bytes
+# over this (at least MIN_HELD_FRAGMENTS), so that tiny fragments cannot
+# hold many times max_bytes of memory. A real peer's fragments are
+# MTU-sized (about 1300 bytes), far above it.
+FRAGMENT_COST = 128
+MIN_HELD_FRAGMENTS = 8
 
 _HEADER = struct.Struct(">QH")
 _header_unpack_from = _HEADER.unpack_from
@@ -123,8 +130,8 @@ class FragmentAssembly:
 
     A fragment with another id discards the partial assembly and starts
     anew (mosh: ``FragmentAssembly::add_fragment``).  The bytes held are
-    bounded by ``max_bytes``; an instruction larger than that is dropped as
-    TOO_LARGE.  After a complete instruction the id is kept, so a duplicate
+    bounded by ``max_bytes``, and the fragments held by ``max_bytes`` over
+    FRAGMENT_COST; an instruction past either is dropped as TOO_LARGE.  After a complete instruction the id is kept, so a duplicate
     of a finished single-fragment instruction completes again (as in mosh:
     harmless, the receiver already knows its state number).
     """
@@ -212,6 +219,11 @@ class FragmentAssembly:
                 raise DatagramDropped(DropReason.TOO_LARGE,
                                       f"instruction over {self.max_bytes} "
                                       "compressed bytes")
+            held = max(MIN_HELD_FRAGMENTS, self.max_bytes // FRAGMENT_COST)
+            if len(parts) >= held:
+                self._reset()
+                raise DatagramDropped(DropReason.TOO_LARGE,
+                                      f"more than {held} fragments held")
             parts[number] = contents
             self._size = size
         if fragment.final:

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.ssp.errors import DatagramDropped, DropReason
-from broker.ssp.fragment import (FRAGMENT_HEADER_SIZE, MAX_FRAGMENTS,
+from broker.ssp.fragment import (FRAGMENT_COST, FRAGMENT_HEADER_SIZE, MAX_FRAGMENTS,
                                  Fragment, FragmentAssembly, Fragmenter)
 
 
@@ -192,6 +192,28 @@ class FragmentAssemblyTests(SynchronousTestCase):
         self.assertEqual(e.reason, DropReason.TOO_LARGE)
         self.assertEqual(assembly.add(Fragment(4, 0, True, b"abcde")),
                          b"abcde")
+
+    def test_tiny_fragments_bounded_by_count(self):
+        """One-byte fragments cannot hold many times max_bytes of memory: past
+        max_bytes // FRAGMENT_COST of them the instruction is dropped."""
+        assembly = FragmentAssembly(max_bytes=64 * 1024)
+        held = 64 * 1024 // FRAGMENT_COST
+        for number in range(held):
+            self.assertIsNone(assembly.add(Fragment(1, number, False, b"x")))
+        self.assertEqual(assembly.pending_bytes, held)
+        e = self.assertRaises(DatagramDropped, assembly.add, Fragment(1, held, False, b"x"))
+        self.assertEqual(e.reason, DropReason.TOO_LARGE)
+        self.assertEqual(assembly.pending_bytes, 0)
+
+    def test_mtu_sized_fragments_fill_max_bytes(self):
+        """Fragments of a real peer's size still fill the whole max_bytes."""
+        assembly = FragmentAssembly(max_bytes=64 * 1024)
+        piece = b"y" * 1300
+        count = 64 * 1024 // len(piece)
+        for number in range(count - 1):
+            self.assertIsNone(assembly.add(Fragment(2, number, False, piece)))
+        joined = assembly.add(Fragment(2, count - 1, True, piece))
+        self.assertEqual(joined, piece * count)
 
     def test_high_number_bounded(self):
         """One fragment numbered 32767 holds only its own bytes."""
