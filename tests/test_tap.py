@@ -25,6 +25,8 @@ import broker
 import broker.service
 from broker import tap
 from broker.config import ConfigError, load_config, replace
+from broker.registry.errors import StoreError
+from broker.registry.redis_connection import redacted
 from broker.service import make_service
 from tests.helpers import loopback_config
 from tests.ops.test_process import absolute_temp, write_config
@@ -268,6 +270,24 @@ class ServiceRefusalTests(SynchronousTestCase):
         self.assertIn(f"registry.redis_password_file: cannot read '{missing}': "
                       "No such file or directory", message)
         self.assertNotIn("cannot reach Redis", message)
+
+    def test_unreachable_redis_cluster_is_one_line_without_the_password(self):
+        """An unreachable Redis Cluster is one line naming the URL, its password
+        hidden (redis-py's Cluster set-up error is not a RedisError)."""
+        config = self.config(registry={
+            "backend": "redis", "redis_cluster": True,
+            "redis_url": "redis://ops:hunter2@127.0.0.1:1/0?password=hunter2",
+            "redis_timeout": 0.5})
+        with self.assertRaises(StoreError) as caught:     # tap.py: one line, exit 2
+            make_service(config, reactor=UDPMemoryReactor())
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn("cannot reach Redis at redis://ops:***@127.0.0.1:1/0?password=%2A%2A%2A",
+                      message)
+        self.assertNotIn("hunter2", message)
+        for plain in ("redis://127.0.0.1:6379/0", "unix:///run/redis.sock?db=0",
+                      "rediss://ops@redis.example:6380"):
+            self.assertEqual(redacted(plain), plain)
 
     def test_udp_address_not_available_names_host(self):
         """A UDP bind refused with EADDRNOTAVAIL blames ssp.host, not the port."""

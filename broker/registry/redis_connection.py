@@ -57,6 +57,33 @@ def _client_options(options):
     return kwargs
 
 
+def redacted(url: str) -> str:
+    """``url`` with any password in it replaced by ``***``, for messages and logs
+    (the docs say to use redis_password_file, but a URL may still carry one)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, host = netloc.rpartition("@")
+            netloc = userinfo.partition(":")[0] + ":***@" + host
+        query = parts.query
+        if "password" in query:
+            query = urlencode([(key, "***" if key == "password" else value)
+                               for key, value in parse_qsl(query, keep_blank_values=True)])
+        if netloc == parts.netloc and query == parts.query:
+            return url
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "(a URL that cannot be parsed)"
+
+
+def _cluster_errors():
+    """redis-py's Cluster set-up errors, which are not RedisError."""
+    from redis.exceptions import RedisClusterException
+    return RedisClusterException
+
+
 class Connector:
     """Gives a plain redis-py client talking to the primary that holds our slot.
 
@@ -73,7 +100,11 @@ class Connector:
         if options.cluster:
             # Its node clients never re-send a command (redis-py sets that).
             from redis.cluster import RedisCluster
-            self._cluster = RedisCluster.from_url(options.url, **kwargs)
+            try:
+                self._cluster = RedisCluster.from_url(options.url, **kwargs)
+            except _cluster_errors() as e:
+                # "Cannot be connected": a RedisError for every caller.
+                raise redis.ConnectionError(str(e)) from None
         else:
             # Never re-send a command whose connection dropped: Redis may have
             # run it (a change script would run twice). The caller fails instead.
@@ -90,9 +121,12 @@ class Connector:
         if self._cluster is None:
             client = self._redis.Redis.from_url(self.options.url, **self._kwargs)
         else:
-            node = self._cluster.get_node_from_key(self.tag)
-            pool = self._cluster.get_redis_connection(node).connection_pool
             import redis
+            try:
+                node = self._cluster.get_node_from_key(self.tag)
+            except _cluster_errors() as e:
+                raise redis.ConnectionError(str(e)) from None
+            pool = self._cluster.get_redis_connection(node).connection_pool
             client = redis.Redis(connection_pool=redis.ConnectionPool(
                 connection_class=pool.connection_class, **pool.connection_kwargs))
         self._clients.append(client)
@@ -105,8 +139,14 @@ class Connector:
         client.close()
 
     def refresh(self):
+        """Ask the cluster again where our slot is (redis.RedisError if it cannot
+        tell: the writer and stream threads catch only that, and must not die)."""
         if self._cluster is not None:
-            self._cluster.nodes_manager.initialize()
+            try:
+                self._cluster.nodes_manager.initialize()
+            except _cluster_errors() as e:
+                import redis
+                raise redis.ConnectionError(str(e)) from None
 
     def close(self):
         for client in self._clients:

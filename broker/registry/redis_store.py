@@ -35,7 +35,7 @@ from twisted.internet import defer
 
 from .database import decode_state
 from .errors import StoreError
-from .redis_connection import Connector, RedisOptions
+from .redis_connection import Connector, RedisOptions, redacted
 from .redis_follow import SEQUENCE_CHECK_INTERVAL, ChangeFollower, CommandListener
 from .redis_layout import RedisKeys, decode_record, decode_tokens, marker_text
 from .redis_scripts import ADOPT, SCRIPTS
@@ -64,7 +64,7 @@ class RedisStore(RedisKeys, Store):
         try:
             self._connector = connector or Connector(options)
         except (redis.RedisError, OSError) as e:
-            raise StoreError(f"cannot reach Redis at {options.url}: {e}") from None
+            raise StoreError(f"cannot reach Redis at {redacted(options.url)}: {e}") from None
         RedisKeys.__init__(self, self._connector.tag)
         self._main = self._connector.client()
         self._scripts = {name: self._main.register_script(text)
