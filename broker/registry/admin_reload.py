@@ -38,7 +38,13 @@ class AdminReload:
     def _apply_admin(self, op, name, number):
         self.counters["admin_" + op] += 1
         if op == "token":
-            rows = yield self._store.fetch_tokens()
+            # A token added or revoked here while the table was read is not in
+            # what was read (its write is queued after the read): read again.
+            while True:
+                changes = self._token_changes
+                rows = yield self._store.fetch_tokens()
+                if changes == self._token_changes:
+                    break
             self._tokens = TokenTable.from_rows(rows)
             return
         dev = self._by_number.get(number)
@@ -50,6 +56,13 @@ class AdminReload:
         if row is None:
             return
         if op == "device_key" and dev is not None:
+            pending = self._rotations.get(number)
+            if pending is not None:
+                # A rotation made here after the read is written after the
+                # admin's: its secret stays; the admin's is the stored one
+                # to fall back on should it fail.
+                pending[0] = row.secret
+                return
             dev.secret = row.secret
             self._keys_changed(number)
         elif op == "device_add" and dev is None and row.name not in self._by_name:

@@ -11,7 +11,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from .history import EMPTY_HISTORY
-from .values import INT_MAX, INT_MIN, FrozenMap, merge_value, to_json_value
+from .values import INT_MAX, INT_MIN, FrozenMap, merge_value, same_value, to_json_value
 
 EMPTY = ()
 _FLOAT = frozenset((float,))
@@ -84,12 +84,13 @@ def replace_numbers(shapes, keys, values, times, patch, now):
     return tuple(vals), tuple(tims)
 
 
-def merge_map(shapes, keys, values, times, patch, now):
+def merge_map(shapes, keys, values, times, patch, now, max_items=None):
     """Merge a validated patch into one map held as parallel tuples.
 
     Returns ``(keys, values, times, may_grow)``. Fast path: every patched
     key already exists and a number replaces a number, so only values and
     times change and the encoded size cannot grow (``may_grow`` False).
+    ``max_items`` bounds the nested maps merged (values.merge_value).
     """
     fast = replace_numbers(shapes, keys, values, times, patch, now)
     if fast is not None:
@@ -101,7 +102,7 @@ def merge_map(shapes, keys, values, times, patch, now):
             if merged.pop(k, None) is not None:
                 del stamps[k]
         else:
-            merged[k] = merge_value(merged.get(k), v) if isinstance(v, dict) else v
+            merged[k] = merge_value(merged.get(k), v, max_items) if isinstance(v, dict) else v
             stamps[k] = now
     new_keys = tuple(merged)
     if new_keys != keys:
@@ -178,7 +179,7 @@ class DeviceView:
         reported = dict(zip(dev.rkeys, dev.rvals))
         desired = dict(zip(dev.dkeys, dev.dvals))
         delta = {k: v for k, v in desired.items()
-                 if k not in reported or reported[k] != v or type(reported[k]) is not type(v)}
+                 if k not in reported or not same_value(reported[k], v)}
         return cls(dev.name, dev.number, dev.version, dev.cursor,
                    MappingProxyType(reported), MappingProxyType(desired),
                    MappingProxyType(delta),

@@ -5,6 +5,7 @@ import re
 from bisect import bisect_left, insort
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from . import errors
 from .model import Device, DeviceView, Provisioned, TokenInfo, UpdateResult
@@ -21,6 +22,10 @@ def check_name(name):
             f"invalid device name {name!r}: 1-64 of A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit")
     return name
+
+
+def _ignore_store_error(failure):
+    failure.trap(errors.StoreError)
 
 
 class Provisioning:
@@ -77,14 +82,33 @@ class Provisioning:
         d = self._store.write(("add", number, name, dev.secret, dev.version, dev.cursor, dev.state()),
                               Provisioned(name, number, dev.secret))
         self._subs.notify(name, lambda: DeviceView.of(dev))
-        return d
+        return d.addErrback(self._add_failed, dev)
+
+    def _add_failed(self, failure, dev):
+        """Storage does not hold a new device: remove it again (its tombstone tells
+        observers and the feed), or the registry would acknowledge writes to it that
+        no restart could restore."""
+        if self._by_number.get(dev.number) is dev:
+            self._remove(dev).addErrback(_ignore_store_error)
+        return failure
 
     def remove_device(self, name):
         """Remove a device, its state and session; Deferred once durable."""
         dev = self._by_name.get(name)
         if dev is None:
             return defer.fail(errors.UnknownDevice(name))
-        return self._remove(dev)
+        return self._remove(dev).addErrback(self._remove_failed, dev)
+
+    def _remove_failed(self, failure, dev):
+        """Storage still holds a device whose removal failed: put it back (a restart
+        would), at a version above its tombstone's, so it can be removed again."""
+        if dev.name not in self._by_name and dev.number not in self._by_number:
+            self._insert(dev)
+            dev.version += 1                       # the tombstone's version
+            self._bump(dev, "created", None, self._clock.seconds())
+            self._store.write_state(dev).addErrback(_ignore_store_error)
+            self._subs.notify(dev.name, lambda: DeviceView.of(dev))
+        return failure
 
     def _remove(self, dev):
         self._forget(dev)
@@ -101,11 +125,28 @@ class Provisioning:
         dev = self._by_name.get(name)
         if dev is None:
             return defer.fail(errors.UnknownDevice(name))
-        dev.secret = new_secret(self._random_bytes)
-        d = self._store.write(("secret", dev.number, dev.secret),
-                              Provisioned(name, dev.number, dev.secret))
+        # The last stored secret, kept while rotations are pending, to fall back
+        # on if they fail: a secret nobody was shown must not stay in force.
+        pending = self._rotations.setdefault(dev.number, [dev.secret, 0])
+        pending[1] += 1
+        dev.secret = secret = new_secret(self._random_bytes)
+        d = self._store.write(("secret", dev.number, secret),
+                              Provisioned(name, dev.number, secret))
         self._keys_changed(dev.number)
-        return d
+        return d.addBoth(self._rotated, dev, secret, pending)
+
+    def _rotated(self, result, dev, secret, pending):
+        """A rotation is durable (its secret is the stored one) or failed (the device
+        falls back to the stored secret unless a later rotation is pending)."""
+        pending[1] -= 1
+        if not pending[1] and self._rotations.get(dev.number) is pending:
+            del self._rotations[dev.number]
+        if not isinstance(result, Failure):
+            pending[0] = secret
+        elif dev.secret is secret and self._by_number.get(dev.number) is dev:
+            dev.secret = pending[0]
+            self._keys_changed(dev.number)      # sessions keyed with the new secret end
+        return result
 
     # -- SSP session persistence ----------------------------------------------
 
@@ -136,6 +177,7 @@ class Provisioning:
         digest = hash_token(text)
         now = self._clock.seconds()
         self._tokens.add(token_id, digest, role, now)
+        self._token_changes += 1
         return token_id, text, digest, now
 
     def add_token(self, role):
@@ -144,7 +186,14 @@ class Provisioning:
             token_id, text, digest, now = self._new_token(role)
         except errors.InvalidValue as e:
             return defer.fail(e)
-        return self._store.write(("token_add", token_id, digest, role, now), (token_id, text))
+        d = self._store.write(("token_add", token_id, digest, role, now), (token_id, text))
+        return d.addErrback(self._token_add_failed, token_id)
+
+    def _token_add_failed(self, failure, token_id):
+        """A token storage does not hold is not valid either (its text was never shown)."""
+        if self._tokens.remove(token_id):
+            self._token_changes += 1
+        return failure
 
     def check_token(self, token_text):
         """The role (``read`` or ``write``) of a valid token, or None."""
@@ -152,9 +201,21 @@ class Provisioning:
 
     def revoke_token(self, token_id):
         """Forget a token; Deferred once durable."""
-        if not self._tokens.remove(token_id):
+        entry = self._tokens.get(token_id)
+        if entry is None:
             return defer.fail(errors.UnknownToken(f"unknown token {token_id!r}"))
-        return self._store.write(("token_del", token_id), token_id)
+        self._tokens.remove(token_id)
+        self._token_changes += 1
+        return self._store.write(("token_del", token_id), token_id).addErrback(
+            self._revoke_failed, token_id, entry)
+
+    def _revoke_failed(self, failure, token_id, entry):
+        """Storage still holds a token whose revocation failed: it stays valid (as it
+        would after a restart), so revoking it again is possible."""
+        if token_id not in self._tokens:
+            self._tokens.add(token_id, *entry)
+            self._token_changes += 1
+        return failure
 
     def tokens(self):
         """Every token as TokenInfo (id, role, creation time), never its text."""

@@ -56,6 +56,11 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
         self._names = []          # sorted; insort/del are memmoves, fine for provisioning
         self._subs = Subscriptions()
         self._tokens = TokenTable()
+        #: token changes made in memory (an admin reload of the token table
+        #: reads it again if one was made while it read).
+        self._token_changes = 0
+        #: device number -> [last stored secret, rotations pending] (rotate_key).
+        self._rotations = {}
         self._key_watches = []
         self._desired_watches = []
         self._poll = None

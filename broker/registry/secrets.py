@@ -57,8 +57,9 @@ def new_token(random_bytes=os.urandom):
 
 
 def hash_token(token_text):
-    """The stored form of a token."""
-    return hashlib.sha256(token_text.encode("utf-8")).digest()
+    """The stored form of a token (text no token has, such as an unpaired
+    surrogate, hashes too: it then matches nothing, it does not raise)."""
+    return hashlib.sha256(token_text.encode("utf-8", "surrogatepass")).digest()
 
 
 _DUMMY = hash_token("no-such-token")
@@ -87,6 +88,10 @@ class TokenTable:
 
     def remove(self, token_id):
         return self._tokens.pop(token_id, None) is not None
+
+    def get(self, token_id):
+        """``(digest, role, created_at)`` of a token, or None."""
+        return self._tokens.get(token_id)
 
     def __contains__(self, token_id):
         return token_id in self._tokens

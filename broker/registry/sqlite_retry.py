@@ -7,7 +7,8 @@ outage, or a dashboard's desired write failed) would stay behind on disk
 for good; so the devices whose states a failed commit held are written
 again, as they are then, with their session records: by the next
 successful commit that writes them, or after RETRY_DELAY (one timer for the
-store, doubling while storage keeps failing), and once more at close. A
+store, doubling while storage keeps failing), and once more at close (also
+those of a commit that fails while the store closes). A
 session record queued meanwhile takes its device's state into its commit:
 the record must never be durable before the state it acknowledges.
 """
@@ -49,6 +50,7 @@ class UnsavedDevices:
         self._timer = None
         self._delay = RETRY_DELAY
         self._closed = False
+        self._tried = set()          # devices given their last try (closing)
         #: commits that failed, and devices written again after one.
         self.failed_commits = 0
         self.rewritten_devices = 0
@@ -62,7 +64,9 @@ class UnsavedDevices:
         unsaved = self._devices
         for dev in _devices(ops):
             unsaved[dev.number] = dev
-        if unsaved and self._timer is None and not self._closed:
+        if self._closed:
+            self._last_try()
+        elif unsaved and self._timer is None:
             self._timer = self._clock.callLater(self._delay, self.flush)
         self._delay = min(self._delay * 2, RETRY_DELAY_MAX)
 
@@ -93,20 +97,27 @@ class UnsavedDevices:
             self.cancel()
         return found
 
-    def flush(self):
-        """Queue every unsaved device again (a removed one, cursor 0, has no row)."""
+    def flush(self, skip=()):
+        """Queue every unsaved device again (a removed one, cursor 0, has no row;
+        those in ``skip`` are dropped); returns them."""
         self._timer = None
-        devs = [dev for dev in self._devices.values() if dev.cursor]
+        devs = [dev for dev in self._devices.values() if dev.cursor and dev.number not in skip]
         self._devices.clear()
         if devs:
             self.rewritten_devices += len(devs)
             self._rewrite(devs)
+        return devs
 
     def close(self):
-        """The store closes: queue the unsaved devices a last time, arm no timer."""
+        """The store closes: queue the unsaved devices a last time, arm no timer.
+        A commit failing after this (one under way, or the last try) gives its
+        devices their last try then, each device one at most."""
         self.cancel()
-        self.flush()
         self._closed = True
+        self._last_try()
+
+    def _last_try(self):
+        self._tried.update(dev.number for dev in self.flush(self._tried))
 
     def cancel(self):
         if self._timer is not None:

@@ -140,6 +140,10 @@ class SQLiteStore(Store):
     def write(self, op, result=None):
         if self._closing:
             return defer.fail(StoreError("the registry store is closed"))
+        return self._queue(op, result)
+
+    def _queue(self, op, result=None):
+        """Queue one operation (also while closing: the last try of unsaved devices)."""
         d = defer.Deferred()
         self._ops.append(op)
         self._deferreds.append(d)
@@ -201,17 +205,13 @@ class SQLiteStore(Store):
     def close(self):
         """Commit everything queued, stop the writer thread, close the database."""
         if self._closed is None:
-            self.unsaved.close()          # one last try for a failed commit's devices
             self._closing = True
             self._closed = defer.Deferred()
-            if self._soon is not None:
-                self._hand_over()         # commit what is queued before closing
-            if self._thread is None:
-                self._conn.close()
-                self._closed.callback(None)
-            elif not self._busy:
-                self._jobs.append(None)
-                self._wake.set()
+            # One last try for the devices of failed commits (also of one that
+            # fails while closing: UnsavedDevices.failed).
+            self.unsaved.close()
+            if not self._busy:
+                self._next()              # commit what is queued, then exit
         done = defer.Deferred()
         self._closed.addBoth(lambda r: (done.callback(None), r)[1])
         return done
@@ -386,12 +386,11 @@ class SQLiteStore(Store):
     def _rewrite(self, devs):
         """Queue ``devs`` again with their session records; nobody waits on it
         (a failure is logged by the commit and retried)."""
-        if self._closing:
-            return
-        self.write_states(devs).addErrback(lambda failure: failure.trap(StoreError))
+        self._queue(_Group(list(devs))).addErrback(lambda failure: failure.trap(StoreError))
         records = [(dev.number, dev.session) for dev in devs if dev.session is not None]
         if records:
-            self.write_sessions(*map(list, zip(*records))).addErrback(
+            numbers, kept = map(list, zip(*records))
+            self._queue(("sessions", numbers, kept)).addErrback(
                 lambda failure: failure.trap(StoreError))
 
     @staticmethod
@@ -421,12 +420,23 @@ class SQLiteStore(Store):
                 d.callback(new(UpdateResult, (op.name, version, cursor, result)))
 
     def _next(self):
-        """The writer is idle: hand over what waits, or let it exit if closing."""
+        """The writer is idle: hand over what waits, or let it exit if closing.
+
+        Not if a plan is with the writer again: ``_done`` calls this after
+        firing Deferreds whose callbacks may have closed the store, which
+        hands over at once."""
+        if self._busy:
+            return
         if self._ops:
             self._hand_over()
-        elif self._closing and self._thread is not None:
+        elif not self._closing:
+            pass
+        elif self._thread is not None:
             self._jobs.append(None)
             self._wake.set()
+        elif not self._closed.called:
+            self._conn.close()
+            self._closed.callback(None)
 
     # -- writer thread ------------------------------------------------------
 

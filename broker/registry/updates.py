@@ -46,18 +46,21 @@ class StateUpdates:
     def _merge_reported(self, dev, patch, now):
         """Merge a validated patch into ``dev.reported``; StateTooLarge leaves it as it was."""
         keys, vals, times, grow = merge_map(self._shapes, dev.rkeys, dev.rvals, dev.rtimes,
-                                            patch, now)
-        self._fits(keys, vals, grow, "reported", dev.name)
+                                            patch, now, self.settings.max_items)
+        self._fits(keys, vals, grow, "reported", dev.name, len(dev.rkeys))
         dev.rkeys, dev.rvals, dev.rtimes = keys, vals, times
 
     def _merge_desired(self, dev, patch, now):
         """Merge a validated patch into ``dev.desired``; StateTooLarge leaves it as it was."""
         keys, vals, times, grow = merge_map(self._shapes, dev.dkeys, dev.dvals, dev.dtimes,
-                                            patch, now)
-        self._fits(keys, vals, grow, "desired", dev.name)
+                                            patch, now, self.settings.max_items)
+        self._fits(keys, vals, grow, "desired", dev.name, len(dev.dkeys))
         dev.dkeys, dev.dvals, dev.dtimes = keys, vals, times
 
-    def _fits(self, keys, vals, grow, which, name):
+    def _fits(self, keys, vals, grow, which, name, before):
+        if grow and len(keys) > self.settings.max_keys and len(keys) > before:
+            raise errors.InvalidValue(f"{which} state of {name!r} would have more than "
+                                      f"{self.settings.max_keys} keys")
         limit = self.settings.max_state_bytes
         if grow and map_size(keys, vals) > limit:
             raise errors.StateTooLarge(f"{which} state of {name!r} would exceed {limit} bytes")

@@ -168,16 +168,39 @@ def map_size(keys, values):
     return size
 
 
-def merge_value(old, patch):
-    """RFC 7386 merge of a map value: nested maps merge, null deletes, others replace."""
+def same_value(a, b):
+    """Equal values of equal types, at any depth: ``True`` is not ``1`` and ``1``
+    is not ``1.0`` (Python's ``==`` says they are), so a reported value only
+    satisfies a desired one that a device would encode the same way."""
+    ta = type(a)
+    if ta is not type(b) and not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    if a != b:
+        return False
+    if ta is tuple:
+        return all(map(same_value, a, b))
+    if isinstance(a, dict):
+        return all(same_value(x, b[k]) for k, x in a.items())
+    return True
+
+
+def merge_value(old, patch, max_items=None):
+    """RFC 7386 merge of a map value: nested maps merge, null deletes, others replace.
+
+    With ``max_items``, a merge growing a map past that many items is
+    InvalidValue (each patch is checked alone; merging may add up two maps
+    within the limit)."""
     if not isinstance(patch, dict):
         return patch
     merged = dict(old) if isinstance(old, dict) else {}
+    before = len(merged)
     for k, v in patch.items():
         if v is None:
             merged.pop(k, None)
         else:
-            merged[k] = merge_value(merged.get(k), v)
+            merged[k] = merge_value(merged.get(k), v, max_items)
+    if max_items is not None and len(merged) > max_items and len(merged) > before:
+        raise InvalidValue(f"merging would give a map of more than {max_items} items")
     return FrozenMap(merged)
 
 

@@ -51,11 +51,13 @@ class FastPathTests(SynchronousTestCase):
         self.assertEqual(self.registry.device("s"), before)
 
     def test_too_many_keys_refused_like_the_full_path(self):
-        """A patch over max_keys is refused even when every key already exists."""
-        registry, _, _ = make_registry(max_keys=2)
-        self.successResultOf(registry.add_device("s"))
-        self.successResultOf(registry.update_reported("s", {"a": 1.0, "b": 2.0}))
-        self.successResultOf(registry.update_reported("s", {"c": 3.0}))
+        """A patch over max_keys is refused even when every key already exists (in a
+        map stored under a larger max_keys: merging cannot grow one past it)."""
+        larger, store, _ = make_registry(max_keys=3)
+        self.successResultOf(larger.add_device("s"))
+        self.successResultOf(larger.update_reported("s", {"a": 1.0, "b": 2.0, "c": 3.0}))
+        registry, _, _ = make_registry(store, max_keys=2)
+        self.successResultOf(registry.update_reported("s", {"c": 4.0}))
         self.failureResultOf(registry.update_reported("s", {"a": 1.0, "b": 2.0, "c": 3.0}),
                              errors.InvalidValue)
 

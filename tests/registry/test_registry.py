@@ -58,6 +58,16 @@ class ModelTests(SynchronousTestCase):
         self.successResultOf(self.registry.update_desired("greenhouse-7", {"on": True}))
         self.assertEqual(dict(self.registry.device("greenhouse-7").delta), {"on": True})
 
+    def test_delta_compares_nested_values_strictly(self):
+        """Nested values differ as top-level ones do: true is not 1, 1 is not 1.0, at any
+        depth; equal nested values give no delta."""
+        name = "greenhouse-7"
+        self.successResultOf(self.registry.update_reported(
+            name, {"cfg": {"on": 1}, "list": [1, 2], "deep": {"a": [1.0]}, "same": {"x": [True]}}))
+        self.successResultOf(self.registry.update_desired(
+            name, {"cfg": {"on": True}, "list": [True, 2], "deep": {"a": [1]}, "same": {"x": [True]}}))
+        self.assertEqual(sorted(self.registry.device(name).delta), ["cfg", "deep", "list"])
+
     def test_version_strictly_increases(self):
         """Every change gives a higher version and a higher global cursor."""
         seen = []

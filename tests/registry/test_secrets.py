@@ -39,6 +39,13 @@ class TokenTests(SynchronousTestCase):
             self.assertIsNone(self.registry.check_token(bad))
         self.assertEqual(sorted(t.role for t in self.registry.tokens()), ["read", "write"])
 
+    def test_text_that_is_not_unicode_is_no_token(self):
+        """Token text with an unpaired surrogate (a JSON or WebSocket peer can send one)
+        checks to None, never raises."""
+        token_id, _ = self.successResultOf(self.registry.add_token("read"))
+        for bad in ("\ud800", token_id + ".\udfff", "x" * 40 + "\udbff"):
+            self.assertIsNone(self.registry.check_token(bad))
+
     def test_stored_as_hash(self):
         """The store never sees the token text."""
         _, text = self.successResultOf(self.registry.add_token("read"))

@@ -5,6 +5,7 @@ import sqlite3
 import stat
 
 from twisted.internet import defer, reactor, task
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from broker.registry import RegistrySettings, SessionRecord, errors, open_registry
@@ -357,6 +358,24 @@ class SQLiteRegistryTests(TestCase):
         self.assertIsNone(again.device("old"))
 
     @defer.inlineCallbacks
+    def test_add_of_a_name_broker_admin_just_took(self):
+        """A device added while broker-admin's device of the same name is not reloaded
+        yet is refused and leaves nothing behind; the reload then serves the admin's."""
+        registry = self.open()
+        admin = AdminDatabase(self.data_dir)
+        self.addCleanup(admin.close)
+        number, secret = admin.add_device("twin")
+        yield self.assertFailure(registry.add_device("twin"), errors.DeviceExists)
+        self.assertIsNone(registry.device("twin"))
+        yield registry.reload()
+        self.assertEqual(registry.device("twin").device_number, number)
+        self.assertEqual(registry.secret_for(number), secret)
+        result = yield registry.update_reported("twin", {"t": 1})
+        yield registry.stop()
+        again = self.open()
+        self.assertEqual(again.device("twin").version, result.version)
+
+    @defer.inlineCallbacks
     def test_cli_process_beside_running_registry(self):
         """broker-admin run as a separate process adds a device a running registry then serves."""
         import json
@@ -577,6 +596,34 @@ class FailedCommitTests(TestCase):
         self.addCleanup(again.stop)
         self.assertEqual(again.device("a").desired, {"mode": "eco"})
         self.assertEqual(again.session_record(prov.device_number), SessionRecord(9))
+
+    @defer.inlineCallbacks
+    def test_stop_during_a_commit_that_fails_writes_its_devices(self):
+        """A commit that fails while the registry stops gets the last try too: its
+        devices (and their session records) are written once more before the store
+        closes."""
+        prov = yield self.registry.add_device("a")
+        broken = self.break_storage()
+        done = self.store._done
+
+        def storage_back(batch, results, failures):
+            if isinstance(failures, Failure):
+                broken.execute("DROP TRIGGER IF EXISTS full_disk")
+            done(batch, results, failures)
+        self.store._done = storage_back
+        desired = self.registry.update_desired("a", {"mode": "eco"})
+        saved = self.registry.save_session(prov.device_number, SessionRecord(4))
+        stopped = self.registry.stop()            # the commit of both is under way
+        yield self.assertFailure(desired, errors.StoreError)
+        yield self.assertFailure(saved, errors.StoreError)
+        yield stopped
+        broken.close()
+        self.assertEqual(self.store.unsaved.rewritten_devices, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        again = open_registry(self.data_dir, clock=self.clock, reactor=reactor)
+        self.addCleanup(again.stop)
+        self.assertEqual(again.device("a").desired, {"mode": "eco"})
+        self.assertEqual(again.session_record(prov.device_number), SessionRecord(4))
 
     @defer.inlineCallbacks
     def test_stop_while_storage_fails_leaves_no_timer(self):

@@ -80,3 +80,37 @@ class LimitTests(SynchronousTestCase):
                 else:
                     expected[k] = v
         self.assertEqual(dict(registry.device("p").reported), expected)
+
+    def test_merged_map_keeps_the_key_limit(self):
+        """Patches each within max_keys cannot grow a map past max_keys keys, reported
+        or desired: the one going past is InvalidValue and changes nothing."""
+        registry, _, _ = make_registry(max_keys=4)
+        self.successResultOf(registry.add_device("k"))
+        for write in (registry.update_reported, registry.update_desired):
+            self.successResultOf(write("k", {"a": 1, "b": 2, "c": 3}))
+            before = registry.device("k")
+            self.failureResultOf(write("k", {"d": 4, "e": 5}), errors.InvalidValue)
+            self.assertEqual(registry.device("k"), before)
+            self.successResultOf(write("k", {"a": None, "d": 4, "e": 5}))   # 4 keys: fine
+
+    def test_merged_nested_map_keeps_the_item_limit(self):
+        """Merging a nested map cannot grow it past max_items: InvalidValue, no change."""
+        self.successResultOf(self.registry.update_reported("d", {"m": {"a": 1, "b": 2, "c": 3}}))
+        self.before = self.registry.device("d")
+        self.assertRejected({"m": {"d": 4, "e": 5}}, errors.InvalidValue)
+        self.successResultOf(self.registry.update_reported("d", {"m": {"a": None, "d": 4}}))
+        self.assertEqual(dict(self.registry.device("d").reported["m"]), {"b": 2, "c": 3, "d": 4})
+
+    def test_merge_onto_a_scalar_or_an_oversized_map(self):
+        """A map merged onto a scalar replaces it; a map already past max_items (stored
+        under a larger limit) may still be merged into if it does not grow."""
+        self.successResultOf(self.registry.update_reported("d", {"s": 5}))
+        self.successResultOf(self.registry.update_reported("d", {"s": {"a": 1}}))
+        self.assertEqual(dict(self.registry.device("d").reported["s"]), {"a": 1})
+        registry, store, _ = make_registry(max_items=8)
+        self.successResultOf(registry.add_device("o"))
+        self.successResultOf(registry.update_reported("o", {"m": dict.fromkeys("abcdef", 1)}))
+        smaller, _, _ = make_registry(store, max_items=4)
+        self.successResultOf(smaller.update_reported("o", {"m": {"a": 2, "b": None}}))
+        self.assertEqual(len(smaller.device("o").reported["m"]), 5)
+        self.failureResultOf(smaller.update_reported("o", {"m": {"z": 1}}), errors.InvalidValue)
