@@ -15,8 +15,8 @@ Entries are never removed from the middle of the heap.  A key has at most
 one live entry: an earlier wake-up pushes a new entry (the old one is
 skipped when it comes up), a later one pushes nothing (the old entry comes
 up first and is put back at the wanted time), a cancelled key's entry is
-dropped when it comes up; the heap is rebuilt when stale entries outnumber
-live ones.
+stale at once; the heap is rebuilt when stale entries outnumber live ones,
+so a cancelled key (an answered long poll) is not held until its time.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class WakeupScheduler:
         """
         due = self._due
         if when is None:
-            due.pop(key, None)
+            self.cancel(key)
             return
         due[key] = when
         queued = self._queued.get(key)
@@ -93,12 +93,18 @@ class WakeupScheduler:
         self._queued[key] = when
         self._counter += 1
         heapq.heappush(self._heap, (when, self._counter, key))
-        if len(self._heap) > MIN_COMPACT and len(self._heap) > 2 * len(self._queued):
-            self._compact()
+        self._maybe_compact()
 
     def cancel(self, key: Hashable) -> None:
-        """Forget key's wake-up (a retired session)."""
+        """Forget key's wake-up (a retired session): its heap entry is stale from now."""
         self._due.pop(key, None)
+        if self._queued.pop(key, None) is not None:
+            self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
+        heap = self._heap
+        if len(heap) > MIN_COMPACT and len(heap) > 2 * len(self._queued):
+            self._compact()
 
     def stop(self) -> None:
         """Cancel the one reactor timer for good (the service is stopping)."""

@@ -17,7 +17,7 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
-from broker.config import ConfigError
+from broker.config import ConfigError, _endpoint_fields
 
 #: Linux socket option numbers (asm-generic/socket.h).
 SO_ATTACH_REUSEPORT_CBPF = 51
@@ -56,13 +56,34 @@ def attach_steering(sock: socket.socket, workers: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
+def refuse_port_in_use(family: int, kind: int, host: str, port: int) -> None:
+    """OSError (EADDRINUSE) when something already holds the port, as a plain bind says.
+
+    With SO_REUSEPORT alone, our sockets would silently join the group of
+    another process of this user holding the port (a second broker, or the
+    orphans of a killed one): that process's steering program would keep
+    its datagrams or split the devices between the two brokers, and HTTP
+    connections would be spread over both. A probe bound without
+    SO_REUSEPORT (with SO_REUSEADDR for TCP, as a listener has: our own last
+    run's TIME_WAIT connections are no conflict) fails on any such holder.
+    """
+    if not port:
+        return    # an ephemeral port is free by definition
+    with socket.socket(family, kind) as probe:
+        if kind == socket.SOCK_STREAM:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
 def steered_udp_sockets(host: str, port: int, workers: int) -> list[socket.socket]:
     """N UDP sockets on one port with SO_REUSEPORT and the steering program.
 
-    OSError when the port cannot be bound; ConfigError with the fallback
-    when the kernel lacks the steering option.
+    OSError when the port cannot be bound, also when another process's
+    SO_REUSEPORT sockets hold it; ConfigError with the fallback when the
+    kernel lacks the steering option.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    refuse_port_in_use(family, socket.SOCK_DGRAM, host, port)
     sockets = []
     try:
         for _ in range(workers):
@@ -91,23 +112,45 @@ def steered_udp_sockets(host: str, port: int, workers: int) -> list[socket.socke
 
 
 def reserve_tcp_port(host: str, port: int) -> socket.socket:
-    """A bound, not listening, SO_REUSEPORT socket holding the HTTP port for the workers."""
+    """A bound, not listening, SO_REUSEPORT socket holding the HTTP port for the workers
+    (OSError when another process holds the port, also with SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    refuse_port_in_use(family, socket.SOCK_STREAM, host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
 def parse_tcp_endpoint(description: str, key: str = "http.endpoint") -> tuple[str, int, int]:
     """(interface, port, backlog) of a ``tcp:PORT[:interface=H][:backlog=N]`` endpoint
-    string; ``key`` names the setting in the refusal."""
-    parts = description.split(":")
-    if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit():
+    string (``tcp6:``, ``port=PORT`` and backslash-escaped colons as Twisted reads
+    them: ``interface=\\:\\:1``); ``key`` names the setting in the refusal."""
+    kind, *fields = _endpoint_fields(description)
+    positional = [field for field in fields if "=" not in field]
+    options = dict(field.split("=", 1) for field in fields if "=" in field)
+    port = options.pop("port", None)
+    if port is None and positional:
+        port = positional.pop(0)
+    if kind.lower() not in ("tcp", "tcp6") or positional:
         raise ConfigError(f"{key}: workers > 1 need a plain tcp:PORT endpoint "
                           f"(TLS belongs on a proxy in front), not {description!r}")
-    options = dict(part.split("=", 1) for part in parts[2:] if "=" in part)
-    return options.get("interface", "0.0.0.0"), int(parts[1]), int(options.get("backlog", 50))
+    unknown = sorted(set(options) - {"interface", "backlog"})
+    if port is None or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{key}: {description!r} needs a port of 0 to 65535")
+    if unknown:
+        raise ConfigError(f"{key}: {description!r}: unknown option {unknown[0]!r} "
+                          "(workers > 1 take interface and backlog)")
+    backlog = options.get("backlog", "50")
+    if not backlog.isdigit() or not 1 <= int(backlog) <= 65535:
+        raise ConfigError(f"{key}: {description!r}: backlog must be a whole number "
+                          f"of 1 to 65535, not {backlog!r}")
+    default = "::" if kind.lower() == "tcp6" else "0.0.0.0"
+    return options.get("interface", default), int(port), int(backlog)
 
 
 def worker_metrics_address(description: str, index: int, count: int) -> tuple[str, int, int]:

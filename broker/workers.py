@@ -42,6 +42,7 @@ import sys
 from twisted.application.service import MultiService
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from broker.config import ConfigError, load_config
 from broker.listeners import bind_failure
@@ -72,6 +73,9 @@ GIVE_UP_MESSAGE = (
 
 def describe_exit(reason) -> str:
     """How a process ended, for the operator: "exit status 2", "killed by signal 9 (SIGKILL)"."""
+    if isinstance(reason, OSError):
+        # spawnProcess refused: fork or a pipe (a task or descriptor limit).
+        return f"could not be started ({reason.strerror or reason})"
     number = getattr(reason, "signal", None)
     if number:
         try:
@@ -159,6 +163,7 @@ class SupervisorService(MultiService):
         self._delay = {}
         self._failures = {}      # index -> times of its failures since its last stable run
         self._restarting = {}    # index -> the pending restart call
+        self._reload_pending = set()   # indexes of workers to send SIGHUP once ready
         self._stopping = False
         #: the critical line, once the supervisor gave up on a worker.
         self.gave_up = None
@@ -212,6 +217,8 @@ class SupervisorService(MultiService):
 
     def _spawn(self, index):
         worker = _Worker(self, index, self.reactor.seconds())
+        # A new process reads the config file at its start: no older reload to pass on.
+        self._reload_pending.discard(index)
         args = [sys.executable, "-m", "broker.worker", "--index", str(index),
                 "--http-port", str(self.http_port)]
         if self.config_path:
@@ -232,6 +239,10 @@ class SupervisorService(MultiService):
             process.write(line)
 
     def status_changed(self, worker):
+        if (worker.index in self._reload_pending and worker.status.get("ready")
+                and self.workers.get(worker.index) is worker):
+            self._reload_pending.discard(worker.index)
+            self.signal_worker(worker.index, "HUP")
         if not self.ready.called and all(w.status.get("ready") for w in self.workers.values()) \
                 and len(self.workers) == self.count:
             self.ready.callback(self)
@@ -271,9 +282,16 @@ class SupervisorService(MultiService):
 
     def _restart(self, index):
         del self._restarting[index]
-        if not self._stopping:
+        if self._stopping:
+            return
+        try:
             self._spawn(index)
-            self._tell_restarts()
+        except OSError as problem:
+            # fork or a pipe refused (a task or descriptor limit): a failure of
+            # this worker, tried again after the next delay or given up, as a crash.
+            self.workers[index].processEnded(Failure(problem))
+            return
+        self._tell_restarts()
 
     def _give_up(self, index, status, span):
         """Stop restarting: a worker that keeps failing needs the operator."""
@@ -300,9 +318,16 @@ class SupervisorService(MultiService):
             pass
 
     def reload(self):
-        """SIGHUP: every worker re-reads the config file; the supervisor its failure limit."""
+        """SIGHUP: every worker re-reads the config file; the supervisor its failure limit.
+
+        A worker not ready yet gets its SIGHUP once it is: until then its
+        handlers are not installed, and SIGHUP's default action would kill it.
+        """
         for index in list(self.processes):
-            self.signal_worker(index, "HUP")
+            if self.workers[index].status.get("ready"):
+                self.signal_worker(index, "HUP")
+            else:
+                self._reload_pending.add(index)
         try:
             settings = load_config(self.config_path).broker
         except ConfigError:

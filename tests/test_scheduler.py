@@ -1,9 +1,14 @@
 """Tests for broker.scheduler: one reactor timer for the whole broker."""
 
+import gc
+import weakref
+
+from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from broker.scheduler import MIN_COMPACT, WakeupScheduler
+from broker import scheduler as scheduler_module
+from broker.scheduler import COALESCE, MIN_COMPACT, WakeupScheduler
 
 
 class WakeupSchedulerTests(SynchronousTestCase):
@@ -146,3 +151,112 @@ class WakeupSchedulerTests(SynchronousTestCase):
         self.scheduler.stop()
         self.scheduler.schedule("a", 1.0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancelled_keys_are_not_kept_until_their_time(self):
+        """Keys cancelled behind a live earlier wake-up (answered long polls, retired
+        sessions) are released: the heap stays bounded and the key objects are freed."""
+        class Key:
+            pass
+
+        self.scheduler.schedule("live", 1.0)
+        refs = []
+        for i in range(3 * MIN_COMPACT):
+            key = Key()
+            refs.append(weakref.ref(key))
+            self.scheduler.schedule(key, 30.0 + i / 1e6)
+            self.scheduler.cancel(key)
+        del key
+        gc.collect()
+        self.assertLessEqual(len(self.scheduler._heap), MIN_COMPACT + 2)
+        self.assertLessEqual(sum(ref() is not None for ref in refs), MIN_COMPACT + 1)
+        self.clock.advance(100.0)
+        self.assertEqual([key for key, _ in self.calls], ["live"])
+
+    def test_compaction_while_running_runs_each_due_key_once(self):
+        """A callback that cancels and churns enough keys to compact the heap mid-run:
+        every due key not cancelled still runs exactly once, no cancelled one runs."""
+        ran = []
+        keys = range(3 * MIN_COMPACT)
+
+        def callback(key, now):
+            ran.append(key)
+            if key == 0:
+                for other in range(1, len(keys), 2):
+                    scheduler.cancel(other)
+                for other in range(3 * MIN_COMPACT, 6 * MIN_COMPACT):
+                    scheduler.schedule(other, now)
+                    scheduler.cancel(other)
+
+        scheduler = WakeupScheduler(self.clock, callback)
+        for key in keys:
+            scheduler.schedule(key, 1.0)
+        self.clock.advance(1.0)
+        for _ in range(3):
+            self.clock.advance(0)
+        self.assertEqual(sorted(ran), [key for key in keys if key % 2 == 0])
+        self.assertEqual(len(scheduler), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+#: Operations on a scheduler: schedule key at now + offset, cancel key, advance the
+#: clock, or have key's next callback reschedule it at its now + offset.
+OPERATIONS = st.lists(st.one_of(
+    st.tuples(st.just("schedule"), st.integers(0, 9), st.floats(-2.0, 20.0)),
+    st.tuples(st.just("cancel"), st.integers(0, 9), st.just(0.0)),
+    st.tuples(st.just("advance"), st.just(0), st.floats(0.0, 5.0)),
+    st.tuples(st.just("again"), st.integers(0, 9), st.floats(-1.0, 3.0)),
+), max_size=60)
+
+
+class WakeupSchedulerModelTests(SynchronousTestCase):
+    """The scheduler against a plain dict of wake-up times, under random operations."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(OPERATIONS)
+    def test_one_timer_armed_whenever_a_key_waits(self, operations):
+        """After any mix of schedule, cancel, clock advances and callbacks rescheduling
+        themselves (with compaction made frequent): exactly one reactor timer is armed,
+        no later than the earliest wake-up, whenever a key waits, none otherwise; each
+        key fires once per wake-up, never early, and nothing is left at the end."""
+        self.patch(scheduler_module, "MIN_COMPACT", 8)
+        clock = Clock()
+        model = {}
+        again = {}
+
+        def callback(key, now):
+            self.assertIn(key, model)
+            self.assertGreaterEqual(now, model.pop(key) - COALESCE - 1e-9)
+            if key in again:
+                model[key] = now + again.pop(key)
+                scheduler.schedule(key, model[key])
+
+        scheduler = WakeupScheduler(clock, callback)
+
+        def settle():
+            while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
+                clock.advance(0)
+
+        for operation, key, value in operations:
+            if operation == "schedule":
+                model[key] = clock.seconds() + value
+                scheduler.schedule(key, model[key])
+            elif operation == "cancel":
+                model.pop(key, None)
+                scheduler.cancel(key)
+            elif operation == "again":
+                again[key] = value
+            else:
+                clock.advance(value)
+                settle()
+            calls = clock.getDelayedCalls()
+            self.assertLessEqual(len(calls), 1)
+            if model:
+                self.assertEqual(len(calls), 1)
+                earliest = max(min(model.values()), clock.seconds())
+                self.assertLessEqual(calls[0].getTime(), earliest + COALESCE + 1e-9)
+            self.assertEqual(set(scheduler._due), set(model))
+        again.clear()
+        clock.advance(100.0)
+        settle()
+        self.assertEqual(model, {})
+        self.assertEqual(clock.getDelayedCalls(), [])

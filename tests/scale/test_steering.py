@@ -10,7 +10,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from broker.config import ConfigError
 from broker import steering as steering_module
-from broker.steering import steered_udp_sockets, steering_program, worker_of
+from broker.steering import (parse_tcp_endpoint, reserve_tcp_port, steered_udp_sockets,
+                             steering_program, worker_of)
 from broker.workers import SupervisorService
 
 
@@ -133,6 +134,45 @@ class SteeringFallbackTests(TestCase):
                               "broker.toml")
         self.assertIn("broker.toml: http.endpoint: cannot listen on", str(caught.exception))
 
+    def test_udp_port_of_another_broker_is_refused(self):
+        """A UDP port already held by another broker's workers (an SO_REUSEPORT group) is
+        refused naming ssp.port, instead of joining that group: the other broker's
+        steering would keep every datagram, or split the devices between the two."""
+        others = steered_udp_sockets("127.0.0.1", 0, 2)
+        for sock in others:
+            self.addCleanup(sock.close)
+        port = others[0].getsockname()[1]
+        with self.assertRaises(ConfigError) as caught:
+            SupervisorService(self.config(port=port), "broker.toml")
+        self.assertIn(f"broker.toml: ssp.port: cannot listen on UDP 127.0.0.1:{port}",
+                      str(caught.exception))
+
+    def test_http_port_of_another_broker_is_refused(self):
+        """An HTTP port another broker's supervisor holds (an SO_REUSEPORT reservation)
+        is refused naming http.endpoint, not shared with it."""
+        other = reserve_tcp_port("127.0.0.1", 0)
+        self.addCleanup(other.close)
+        port = other.getsockname()[1]
+        with self.assertRaises(ConfigError) as caught:
+            SupervisorService(self.config(port=0, http=f"tcp:{port}:interface=127.0.0.1"),
+                              "broker.toml")
+        self.assertIn("broker.toml: http.endpoint: cannot listen on", str(caught.exception))
+
+    def test_ports_free_again_once_the_other_broker_is_gone(self):
+        """The refusal is only while the port is held: the same UDP and HTTP ports are
+        taken once the earlier holders closed them."""
+        udp = steered_udp_sockets("127.0.0.1", 0, 2)
+        http = reserve_tcp_port("127.0.0.1", 0)
+        ports = udp[0].getsockname()[1], http.getsockname()[1]
+        for sock in udp + [http]:
+            sock.close()
+        supervisor = SupervisorService(
+            self.config(port=ports[0], http=f"tcp:{ports[1]}:interface=127.0.0.1"),
+            "broker.toml")
+        for sock in supervisor.udp_sockets + [supervisor.http_reservation]:
+            self.addCleanup(sock.close)
+        self.assertEqual((supervisor.udp_port, supervisor.http_port), ports)
+
     def test_kernel_without_steering_names_the_fallback(self):
         """A kernel that refuses the steering program gives the fallback of docs/scaling.md."""
         def refuse(sock, workers):
@@ -141,3 +181,45 @@ class SteeringFallbackTests(TestCase):
         with self.assertRaises(ConfigError) as caught:
             steered_udp_sockets("127.0.0.1", 0, 2)
         self.assertIn("docs/scaling.md", str(caught.exception))
+
+
+class TcpEndpointTests(TestCase):
+    """The tcp: endpoint strings whose port the workers share, read as Twisted reads them."""
+
+    def test_ipv6_interface_with_escaped_colons(self):
+        """An IPv6 interface is written with backslash-escaped colons (Twisted's syntax):
+        it is read as the address, not cut at its first colon."""
+        self.assertEqual(parse_tcp_endpoint("tcp:8080:interface=\\:\\:1"), ("::1", 8080, 50))
+        self.assertEqual(parse_tcp_endpoint("tcp:port=8080:backlog=7:interface=127.0.0.1"),
+                         ("127.0.0.1", 8080, 7))
+        self.assertEqual(parse_tcp_endpoint("tcp6:8080"), ("::", 8080, 50))
+
+    def test_bad_options_are_refused_naming_the_setting(self):
+        """A backlog that is not a number, or an option the workers' listener does not
+        know, is a ConfigError naming the setting, not a traceback nor silently ignored."""
+        for description, words in (("tcp:8080:backlog=many", "backlog"),
+                                   ("tcp:8080:interfce=127.0.0.1", "interfce"),
+                                   ("tcp:interface=127.0.0.1", "port")):
+            with self.assertRaises(ConfigError) as caught:
+                parse_tcp_endpoint(description, "metrics.endpoint")
+            self.assertIn("metrics.endpoint", str(caught.exception))
+            self.assertIn(words, str(caught.exception))
+
+    def test_supervisor_holds_an_ipv6_http_port(self):
+        """workers > 1 with an HTTP endpoint on ::1: the supervisor reserves that port
+        on ::1 (before, it tried to resolve a host named backslash)."""
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+                probe.bind(("::1", 0))
+        except OSError as problem:
+            raise SkipTest(f"no IPv6 loopback here: {problem}") from None
+        from broker.config import parse_config
+        config = parse_config({"broker": {"workers": 2, "data_dir": self.mktemp()},
+                               "http": {"endpoint": "tcp:0:interface=\\:\\:1"},
+                               "ssp": {"host": "::1", "port": 0},
+                               "registry": {"backend": "redis"}})
+        supervisor = SupervisorService(config, None)
+        for sock in supervisor.udp_sockets + [supervisor.http_reservation]:
+            self.addCleanup(sock.close)
+        self.assertEqual(supervisor.http_reservation.getsockname()[0], "::1")
+        self.assertEqual(supervisor.udp_sockets[0].getsockname()[0], "::1")

@@ -2,6 +2,7 @@
 processes, then with real worker processes (python -m broker.worker), and a
 real `twistd broker` whose failing worker makes it exit with status 1."""
 
+import errno
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from broker import workers
 from broker.config import load_config, parse_config
 from broker.steering import reserve_tcp_port
 from broker.worker import STATUS_FD, SupervisorPipe, WorkerRestarts
-from broker.workers import GAVE_UP, SupervisorService
+from broker.workers import GAVE_UP, SupervisorService, describe_exit
 from tests.ops.test_process import start as start_twistd
 from tests.ops.test_systemd import notify_socket
 
@@ -81,8 +82,13 @@ class WorkerClock(Clock):
         self.spawned = []
         self.stopped = False
         self.triggers = []
+        #: how many of the next spawns fail as fork() does under a task limit.
+        self.refuse_spawns = 0
 
     def spawnProcess(self, protocol, executable, args, env, childFDs):
+        if self.refuse_spawns:
+            self.refuse_spawns -= 1
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
         process = StandInProcess(self, protocol, 1000 + len(self.spawned))
         protocol.makeConnection(process)
         self.spawned.append(process)
@@ -250,6 +256,8 @@ class GiveUpTests(SynchronousTestCase):
         with open(path, "w") as handle:
             handle.write("[broker]\nworker_failure_limit = 2\nworker_failure_window = 30.0\n")
         supervisor = self.start(path)
+        for process in supervisor.processes.values():
+            process.ready()
         supervisor.reload()
         self.assertEqual((supervisor.failure_limit, supervisor.failure_window), (2, 30.0))
         self.assertEqual(supervisor.processes[1].signals, ["HUP"])
@@ -259,6 +267,77 @@ class GiveUpTests(SynchronousTestCase):
         self.assertEqual(supervisor.failure_limit, 2)
         self.fail_at_once(supervisor, 1, 2)
         self.assertIn("worker 1 failed 2 times", supervisor.gave_up)
+
+
+    def test_reload_waits_until_a_starting_worker_is_ready(self):
+        """SIGHUP reaches a worker only once it said it is ready, then at once: before,
+        its handlers are not installed and SIGHUP's default action kills it (a reload
+        during a worker's restart cost a crash and a counted failure)."""
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write("[broker]\nworker_failure_limit = 5\n")
+        supervisor = self.start(path)
+        first, second = supervisor.processes[0], supervisor.processes[1]
+        first.ready()
+        supervisor.reload()
+        self.assertEqual((first.signals, second.signals), (["HUP"], []))
+        second.ready()
+        second.ready()
+        self.assertEqual(second.signals, ["HUP"])
+        self.fail_at_once(supervisor, 1, 1)
+        self.clock.advance(supervisor._restarting[1].getTime() - self.clock.seconds())
+        restarted = supervisor.processes[1]
+        supervisor.reload()
+        self.assertEqual(restarted.signals, [])
+        restarted.ready()
+        self.assertEqual(restarted.signals, ["HUP"])
+        self.assertEqual(first.signals, ["HUP", "HUP"])
+
+    def test_a_reload_while_a_worker_is_down_is_not_replayed(self):
+        """A worker restarted after a reload reads the file at its start: it gets no
+        SIGHUP of that older reload once ready."""
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write("[broker]\n")
+        supervisor = self.start(path)
+        supervisor.reload()
+        supervisor.processes[0].exit(2)
+        self.clock.advance(supervisor._restarting[0].getTime() - self.clock.seconds())
+        supervisor.processes[0].ready()
+        self.assertEqual(supervisor.processes[0].signals, [])
+
+    def test_a_restart_that_cannot_create_the_process_is_tried_again(self):
+        """A restart whose process cannot be created (fork refused: EAGAIN under a task
+        limit) counts as the worker's failure and is tried again after the next delay,
+        and the worker runs once fork works; before, the error escaped the timer and
+        the worker was never restarted nor given up, its devices unserved for good."""
+        errors = logged(self, LogLevel.error)
+        supervisor = self.start()
+        self.fail_at_once(supervisor, 0, 1)
+        self.clock.refuse_spawns = 1
+        self.clock.advance(supervisor._restarting[0].getTime() - self.clock.seconds())
+        self.assertIn("could not be started (Resource temporarily unavailable)",
+                      formatEvent(errors[-1]))
+        self.assertEqual(supervisor._restarting[0].getTime() - self.clock.seconds(), 1.0)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.clock.spawned), 3)
+        self.assertIs(supervisor.workers[0].transport, self.clock.spawned[-1])
+        self.assertEqual(supervisor.restart_counts, [2, 0])
+        self.assertIsNone(supervisor.gave_up)
+
+    def test_a_worker_that_can_never_be_created_is_given_up(self):
+        """Restarts that keep failing to create the process reach the failure limit and
+        the supervisor gives up, saying why, and stops (nothing left waiting)."""
+        supervisor = self.start(worker_failure_limit=3)
+        self.fail_at_once(supervisor, 1, 1)
+        self.clock.refuse_spawns = 10
+        for _ in range(2):
+            self.clock.advance(supervisor._restarting[1].getTime() - self.clock.seconds())
+        self.assertIn("worker 1 failed 3 times", supervisor.gave_up)
+        self.assertIn("could not be started", supervisor.gave_up)
+        self.clock.advance(0)
+        self.assertFalse(supervisor.running)
+        self.successResultOf(supervisor.given_up)
 
 
 class SupervisorPipeTests(SynchronousTestCase):
@@ -347,6 +426,27 @@ class SupervisionTests(TestCase):
         third = yield self.kill_and_wait_restart()
         self.assertEqual(round(third, 1), 0.5)
         self.assertEqual(self.supervisor.restarts, 3)
+
+    @defer.inlineCallbacks
+    def test_a_reload_spares_a_restarting_worker(self):
+        """A reload (SIGHUP) just after a worker's restart began does not kill the new
+        process before its handlers are up: it becomes ready, takes the SIGHUP and
+        lives on, the only restart."""
+        worker = self.supervisor.workers[0]
+        self.supervisor.signal_worker(0, "KILL")
+        yield worker.ended
+        yield wait_until(self, lambda: self.supervisor.workers[0] is not worker,
+                         what="worker 0 respawned")
+        restarted = self.supervisor.workers[0]
+        self.supervisor.reload()
+        yield wait_until(self, lambda: restarted.status.get("ready") or restarted.ended.called,
+                         what="the restarted worker ready or dead")
+        seen = restarted.status
+        yield wait_until(self, lambda: restarted.status is not seen or restarted.ended.called,
+                         what="a status line after the SIGHUP")
+        self.assertFalse(restarted.ended.called, describe_exit(restarted.reason))
+        self.assertIs(self.supervisor.workers[0], restarted)
+        self.assertEqual(self.supervisor.restarts, 1)
 
     @defer.inlineCallbacks
     def test_stop_ends_each_worker_gracefully(self):
