@@ -21,7 +21,7 @@ from twisted.web.server import Site
 
 from broker.registry import DeviceRegistry, MemoryStore, RegistrySettings
 from broker.web.api import build_api
-from broker.web.api.inputs import limited_request_factory
+from broker.web.api.bodylimit import limit_bodies
 from broker.web.api.settings import ApiSettings
 
 START = 1_700_000_000.0
@@ -44,6 +44,12 @@ class Exchange:
 
     def raw(self) -> bytes:
         return self.transport.value()
+
+    @property
+    def request(self):
+        """The twisted.web Request being answered on this connection."""
+        channel = getattr(self.channel, "_channel", self.channel)
+        return channel.requests[0]
 
     @property
     def answered(self) -> bool:
@@ -113,7 +119,7 @@ class MemoryAPI:
         root = Resource()
         root.putChild(b"api", self.api.resource)
         self.site = Site(root, timeout=None, reactor=self.clock)
-        self.site.requestFactory = limited_request_factory(self.settings.max_request_bytes)
+        limit_bodies(self.site, self.settings.max_request_bytes)
         self._port = 40000
         self.testcase = testcase
 

@@ -5,7 +5,7 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from broker.config import load_config, replace
 from broker.web.api import resource as api_resource
-from broker.web.api.inputs import limited_request_factory
+from broker.web.api.bodylimit import limited_request_factory
 from broker.web.api.settings import ApiSettings
 from tests.web.api_support import MemoryAPI, bearer, device_auth
 
@@ -19,13 +19,44 @@ class BodyLimitTests(SynchronousTestCase):
         self.device = self.m.add_device("node")
         self.auth = {**bearer(self.m.token("write")), **JSON}
 
-    def test_declared_length_over_limit_is_not_kept(self):
-        """A Content-Length over the limit: the body is discarded as it arrives and 413 answers."""
+    def assertRefused(self, exchange):
+        """413 request_too_large, Connection: close, and the connection is being closed."""
+        status, headers, body = exchange.response()
+        self.assertEqual((status, body["error"]["code"]), (413, "request_too_large"))
+        self.assertIn("1024", body["error"]["message"])
+        self.assertEqual(headers["Connection"], "close")
+        self.assertTrue(exchange.transport.disconnecting)
+
+    def test_declared_length_over_limit_answers_at_once(self):
+        """A Content-Length over the limit is answered 413 right after the head, before any body byte."""
+        exchange = self.m.open("PATCH", "/api/v1/devices/node/desired",
+                               {**self.auth, b"Content-Length": b"5000000000"})
+        self.assertRefused(exchange)
+        answer = exchange.raw()
+        exchange.channel.dataReceived(b'{"a": "' + b"x" * 5000)     # the rest is not read
+        self.assertEqual(exchange.raw(), answer)
+        self.assertEqual(self.m.registry.device("node").desired, {})
+
+    def test_declared_length_over_limit_with_body_in_the_same_packet(self):
+        """A head and an oversized body arriving together: one 413, the body is dropped, nothing applied."""
         exchange = self.m.open("PATCH", "/api/v1/devices/node/desired", self.auth,
                                b'{"a": "' + b"x" * 5000 + b'"}')
-        status, _, body = exchange.response()
-        self.assertEqual((status, body["error"]["code"]), (413, "request_too_large"))
+        self.assertRefused(exchange)
+        self.assertEqual(exchange.raw().count(b"HTTP/1.1"), 1)
         self.assertEqual(self.m.registry.device("node").desired, {})
+
+    def test_expect_continue_gets_413_instead_of_100(self):
+        """A client that asks Expect: 100-continue for an oversized body gets 413, never 100 Continue."""
+        exchange = self.m.open("PATCH", "/api/v1/devices/node/desired",
+                               {**self.auth, b"Content-Length": b"4096", b"Expect": b"100-continue"})
+        self.assertNotIn(b"100 Continue", exchange.raw())
+        self.assertRefused(exchange)
+
+    def test_any_path_is_refused(self):
+        """The limit is the Site's: an oversized body to a GET or an unknown path is 413 too, not dispatched."""
+        for path in ("/api/v1/devices", "/api/nothing"):
+            exchange = self.m.open("POST", path, {b"Content-Length": b"2000"})
+            self.assertRefused(exchange)
 
     def test_request_keeps_at_most_the_limit(self):
         """The Site's request class stops storing a body once it passes the limit."""
@@ -39,18 +70,28 @@ class BodyLimitTests(SynchronousTestCase):
         self.assertEqual(request.content.read(), b"")
 
     def test_chunked_body_over_limit(self):
-        """A chunked body that grows past the limit gets 413 and the connection stays usable."""
+        """A chunked body is answered 413 as soon as it passes the limit, before it ends, and closed."""
         exchange = self.m.open("PATCH", "/api/v1/devices/node/desired",
                                {**self.auth, b"Transfer-Encoding": b"chunked"})
         channel = exchange.channel
-        chunk = b'{"a": "' + b"y" * 2000 + b'"}'
+        chunk = b"y" * 600
+        channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.assertEqual(exchange.raw(), b"")                 # 600 bytes: still under the limit
+        channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.assertRefused(exchange)
+        answer = exchange.raw()
         channel.dataReceived(b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk))
-        status, _, body = exchange.response()
-        self.assertEqual((status, body["error"]["code"]), (413, "request_too_large"))
-        exchange.transport.clear()
-        channel.dataReceived(b"GET /api/v1/devices/node HTTP/1.1\r\nHost: broker.test\r\n"
-                             b"Authorization: " + self.auth[b"Authorization"] + b"\r\n\r\n")
-        self.assertEqual(exchange.response()[0], 200)
+        channel.dataReceived(b"GET /api/v1/devices/node HTTP/1.1\r\nHost: broker.test\r\n\r\n")
+        self.assertEqual(exchange.raw(), answer)              # nothing more is read or answered
+
+    def test_refusal_is_counted_and_logged_like_any_answer(self):
+        """The early 413 goes through the Site's log hook, so metrics count it by status."""
+        logged = []
+        self.patch(self.m.site, "log", logged.append)
+        exchange = self.m.open("PUT", "/api/v1/devices/node/desired", {b"Content-Length": b"2048"})
+        self.assertRefused(exchange)
+        self.assertEqual([(r.code, r.method, r.path) for r in logged],
+                         [(413, b"PUT", b"/api/v1/devices/node/desired")])
 
     def test_body_at_the_limit_is_accepted(self):
         """A body of exactly max_request_bytes is read and applied."""

@@ -124,7 +124,8 @@ class LongPollTests(SynchronousTestCase):
     def test_waiters_share_one_timer_and_one_encoding(self):
         """Three waiters on one cursor cost one reactor timer and get identical bodies."""
         polls = [self.poll() for _ in range(3)]
-        timers = [c for c in self.m.clock.getDelayedCalls() if c.func.__name__ == "_fire"]
+        timers = [c for c in self.m.clock.getDelayedCalls()
+                  if getattr(c.func, "__name__", None) == "_fire"]
         self.assertEqual(len(timers), 1)
         self.m.registry.update_desired("a", {"v": 1})
         self.m.clock.advance(0)

@@ -16,7 +16,7 @@ from broker.config import ConfigError
 from broker.web.commands import CommandSender
 from broker.web.origins import OriginPolicy
 
-from .inputs import limited_request_factory
+from .bodylimit import limit_bodies
 from .presence import HTTPPresence
 from .ratelimit import RateLimiter
 from .resource import ApiResource
@@ -107,8 +107,8 @@ def attach_api(broker) -> None:
     settings = from_config(broker.config)
     factory = None
     if broker.site.requestFactory is server.Request:
-        # Bodies over [http] max_request_bytes are read but not kept (the API answers 413).
-        factory = broker.site.requestFactory = limited_request_factory(settings.max_request_bytes)
+        # Bodies over [http] max_request_bytes are answered 413 at once, never read.
+        factory = limit_bodies(broker.site, settings.max_request_bytes)
     try:
         api = build_api(broker.registry, broker.reactor, settings, broker.metrics, factory,
                         getattr(broker, "ssp_endpoint", None))

@@ -95,7 +95,7 @@ def get_device(api, request, principal, name):
         if version is None or version == view.version:
             _admit(api)
             address = _address(request) if principal.device is not None else None
-            api.room.wait_device(request, name, view.version, wait, address)
+            api.room.wait_device(request, name, view.version, wait, address, principal.token)
             return NOT_DONE_YET
     return device_answer(view, name)
 
@@ -189,7 +189,7 @@ def changes(api, request, principal, name):
             headers = {b"x-poll-interval": b"%g" % api.settings.min_interval}
         return 200, changes_body(batch, views), headers
     _admit(api)
-    api.room.wait_feed(request, batch.cursor, match, limit, wait)
+    api.room.wait_feed(request, batch.cursor, match, limit, wait, principal.token)
     return NOT_DONE_YET
 
 

@@ -6,11 +6,8 @@ header and what is wrong with it.
 
 from __future__ import annotations
 
-import io
 import json
 import math
-
-from twisted.web import server
 
 from broker.web.responses import NOT_UNICODE, bytes_hook, not_unicode
 
@@ -108,43 +105,3 @@ def declared_length(request) -> int:
         return int(raw) if raw is not None else 0
     except ValueError:
         return 0
-
-
-class _Discard(io.BytesIO):
-    """A request body sink that keeps nothing (the body is over the limit)."""
-
-    def write(self, data):
-        return len(data)
-
-
-class LimitedRequest(server.Request):
-    """A Request that stops keeping its body once it exceeds ``max_body`` bytes.
-
-    The body is still read off the connection (so the next request on it is
-    parsed right), but not stored; the API answers 413.
-    """
-
-    max_body = 65536
-    body_too_large = False
-    _received = 0
-
-    def gotLength(self, length):
-        if length is not None and length > self.max_body:
-            self.body_too_large = True
-            self.content = _Discard()
-        else:
-            super().gotLength(length)
-
-    def handleContentChunk(self, data):
-        if not self.body_too_large:
-            self._received += len(data)
-            if self._received > self.max_body:
-                self.body_too_large = True
-                self.content.close()
-                self.content = _Discard()
-        self.content.write(data)
-
-
-def limited_request_factory(max_bytes: int):
-    """A requestFactory for Site whose requests keep at most max_bytes of body."""
-    return type("LimitedRequest", (LimitedRequest,), {"max_body": max_bytes})

@@ -61,6 +61,15 @@ class EventStream:
             self.pending = True
             return
         self.pending = False
+        try:
+            self._pump()
+        except Exception:
+            # A bug in one stream's events must not stop the others: this one is
+            # cut off (its client reconnects from the last id it got) and logged.
+            self.log.failure("event stream failed; closing its connection")
+            self.fail()
+
+    def _pump(self) -> None:
         registry = self.room.registry
         for _ in range(MAX_PAGES):
             batch = registry.changes_since(self.cursor, PAGE)
@@ -101,6 +110,13 @@ class EventStream:
             self._end()
             self.request.unregisterProducer()
             self.request.finish()
+
+    def fail(self) -> None:
+        """End the response abruptly (its events could not be written): close the connection."""
+        if not self.done:
+            self._end()
+            self.request.unregisterProducer()
+            self.request.loseConnection()
 
     def _finished(self, result) -> None:
         self._end()

@@ -15,6 +15,14 @@ next reactor turn (so a burst of changes is answered once); that pass reads
 the feed once per distinct cursor, encodes each answer once, and writes
 the same bytes to every waiter that shares it. A client that goes away
 leaves at once through its request's notifyFinish errback.
+
+A request holds the access token it came with (revocation.TokenWatch): one
+once-a-second check ends every waiter and stream whose token was revoked,
+and every answer is checked again just before it is written, so a long poll
+is never answered with data after its token was revoked (it gets 401).
+
+One answer that cannot be built or written ends only its own request(s):
+with a JSON 500 if nothing was sent yet, else by closing the connection.
 """
 
 from __future__ import annotations
@@ -25,28 +33,41 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from broker.scheduler import WakeupScheduler
+from broker.web.responses import json_bytes
 
+from .errors import ApiError, unauthorized
 from .feed import changes_body, device_answer, select
+from .revocation import TokenWatch
 
 #: answers written per reactor turn; the rest follow on the next turns, so
 #: that answering ten thousand waiters never holds the reactor for long.
 ANSWER_SLICE = 1000
-#: seconds between checks that event streams' tokens are still valid (the
-#: WebSocket's housekeeping period): a revoked token's stream ends then.
-TOKEN_CHECK_INTERVAL = 1.0
+
+
+def _error_answer(error: ApiError):
+    body = json_bytes({"error": {"code": error.code, "message": error.message}})
+    return error.status, body, error.headers or None
+
+
+#: the answer of a waiter whose access token was revoked while it waited.
+REVOKED = _error_answer(unauthorized(
+    "invalid_token", "the access token was revoked while this request waited"))
+#: the answer of a waiter whose own answer failed (a bug; the log has it).
+FAILED = _error_answer(ApiError(500, "internal_error", "the broker failed; see its log"))
 
 
 class FeedWaiter:
     """A long poll of /changes: answers once the filtered feed past its cursor is non-empty."""
 
-    __slots__ = ("room", "request", "cursor", "match", "limit", "done")
+    __slots__ = ("room", "request", "cursor", "match", "limit", "token", "done")
 
-    def __init__(self, room, request, cursor, match, limit):
+    def __init__(self, room, request, cursor, match, limit, token):
         self.room = room
         self.request = request
         self.cursor = cursor
         self.match = match
         self.limit = limit
+        self.token = token           # the access token it came with (None: a device key)
         self.done = False
 
     def expire(self):
@@ -56,14 +77,15 @@ class FeedWaiter:
 class DeviceWaiter:
     """A long poll of one device: answers once its version differs from the one the client has."""
 
-    __slots__ = ("room", "request", "name", "version", "address", "done")
+    __slots__ = ("room", "request", "name", "version", "address", "token", "done")
 
-    def __init__(self, room, request, name, version, address):
+    def __init__(self, room, request, name, version, address, token):
         self.room = room
         self.request = request
         self.name = name
         self.version = version
         self.address = address       # set for a device polling itself (presence), else None
+        self.token = token           # the access token it came with (None: a device key)
         self.done = False
 
     def expire(self):
@@ -95,7 +117,7 @@ class WaitingRoom:
         self._wake_call = None
         self._subscription = None
         self._running = False
-        self._tokens_checked = None       # clock time of the last stream token check
+        self.tokens = TokenWatch(registry.check_token, clock, self._revoked)
         self._keepalive = None
         if settings.sse_keepalive > 0:
             self._keepalive = LoopingCall(self._send_keepalives)
@@ -117,6 +139,7 @@ class WaitingRoom:
         self._wake_call = None
         if self._keepalive is not None and self._keepalive.running:
             self._keepalive.stop()
+        self.tokens.stop()
         self.scheduler.stop()
         self.scheduler = WakeupScheduler(self.clock, self._deadline)   # for a restart
         for waiter in list(self._feed):
@@ -165,15 +188,15 @@ class WaitingRoom:
             self._subscription.cancel()
             self._subscription = None
 
-    def wait_feed(self, request, cursor, match, limit, wait) -> None:
+    def wait_feed(self, request, cursor, match, limit, wait, token=None) -> None:
         """Hold ``request`` until the feed past ``cursor`` has a match, or ``wait`` seconds."""
-        waiter = FeedWaiter(self, request, cursor, match, limit)
+        waiter = FeedWaiter(self, request, cursor, match, limit, token)
         self._feed[waiter] = None
         self._enter(waiter, wait)
 
-    def wait_device(self, request, name, version, wait, address=None) -> None:
+    def wait_device(self, request, name, version, wait, address=None, token=None) -> None:
         """Hold ``request`` until device ``name`` has a version other than ``version``."""
-        waiter = DeviceWaiter(self, request, name, version, address)
+        waiter = DeviceWaiter(self, request, name, version, address, token)
         self._devices.setdefault(name, {})[waiter] = None
         self._device_count += 1
         if address is not None and self.presence is not None:
@@ -183,17 +206,20 @@ class WaitingRoom:
     def _enter(self, waiter, wait) -> None:
         self.scheduler.schedule(waiter, self.clock.seconds() + wait)
         waiter.request.notifyFinish().addErrback(self._gone, waiter)
+        self.tokens.hold(waiter.token)
         self._counted()
 
     def add_stream(self, stream) -> None:
         """Keep an event stream (see stream.EventStream) woken by changes."""
         self._streams[stream] = None
+        self.tokens.hold(stream.token)
         if self._keepalive is not None and not self._keepalive.running:
             self._keepalive.start(self.settings.sse_keepalive, now=False)
         self._counted()
 
     def remove_stream(self, stream) -> None:
         if self._streams.pop(stream, 0) is None:
+            self.tokens.release(stream.token)
             self._counted()
         if not self._streams and self._keepalive is not None and self._keepalive.running:
             self._keepalive.stop()
@@ -219,6 +245,7 @@ class WaitingRoom:
                     del self._devices[waiter.name]
             if waiter.address is not None and self.presence is not None:
                 self.presence.release(waiter.name, waiter.address)
+        self.tokens.release(waiter.token)
         self._counted()
 
     def _answer(self, waiter, status, body, headers=None) -> None:
@@ -236,27 +263,61 @@ class WaitingRoom:
             call.cancel()              # called directly, ahead of its scheduled turn
         outbox = self._outbox
         count = len(outbox) if everything else min(ANSWER_SLICE, len(outbox))
+        check, valid = self.registry.check_token, {}
         for _ in range(count):
             waiter, status, body, headers = outbox.popleft()
-            if waiter.request is None:
+            request, waiter.request = waiter.request, None
+            if request is None:
                 continue               # the client left after its answer was decided
+            token = waiter.token
+            if token is not None:
+                ok = valid.get(token)
+                if ok is None:
+                    ok = valid[token] = check(token) is not None
+                if not ok:
+                    status, body, headers = REVOKED    # never data after a revocation
             try:
-                self._respond(waiter.request, status, body, headers)
+                self._respond(request, status, body, headers)
             except Exception:
-                # One broken answer must not keep the others waiting.
+                # One broken answer must not keep the others waiting, nor itself hang.
                 self.log.failure("answering a waiting request failed")
-            waiter.request = None
+                self._fail(request, headers)
         if outbox and self._drain_call is None:
             self._drain_call = self.clock.callLater(0, self._drain)
 
+    def _fail(self, request, headers) -> None:
+        """End a request whose answer raised: JSON 500 if nothing was sent yet, else close it."""
+        if request.finished:
+            return
+        if not request.startedWriting:
+            for key in headers or ():
+                request.responseHeaders.removeHeader(key)     # the failed answer's own
+            try:
+                self._respond(request, *FAILED)
+                return
+            except Exception:
+                self.log.failure("answering a waiting request with an error failed too")
+        request.loseConnection()
+
+    def _built(self, build, *args):
+        """build(*args): an answer, or FAILED (logged) if building it raises."""
+        try:
+            return build(*args)
+        except Exception:
+            self.log.failure("building the answer of a waiting request failed")
+            return FAILED
+
     def expire_feed(self, waiter) -> None:
         """Deadline of a feed waiter: answer what there is (usually nothing)."""
-        batch = self.registry.changes_since(waiter.cursor, waiter.limit)
-        self._answer(waiter, 200, changes_body(batch, select(batch, waiter.match)))
+        self._answer(waiter, *self._built(self._feed_answer, waiter))
 
     def expire_device(self, waiter) -> None:
         """Deadline of a device waiter: answer its current state (same version)."""
-        self._answer(waiter, *self._device_answer(waiter.name))
+        self._answer(waiter, *self._built(self._device_answer, waiter.name))
+
+    def _feed_answer(self, waiter):
+        batch = self.registry.changes_since(waiter.cursor, waiter.limit)
+        return 200, changes_body(batch, select(batch, waiter.match)), None
 
     def _deadline(self, waiter, now) -> None:
         """The scheduler's callback: a waiter's time is up."""
@@ -296,9 +357,8 @@ class WaitingRoom:
             for waiter in list(waiters):
                 if view is None or view.version != waiter.version:
                     if answer is None:
-                        answer = self._device_answer(name)
+                        answer = self._built(self._device_answer, name)
                     self._answer(waiter, *answer)
-        self._check_tokens()
         backlog, self._backlog = self._backlog, {}
         if self._feed_dirty:
             self._feed_dirty = False
@@ -314,36 +374,36 @@ class WaitingRoom:
         for waiter in self._feed:
             groups.setdefault((waiter.cursor, waiter.match, waiter.limit), []).append(waiter)
         for (cursor, match, limit), waiters in groups.items():
-            batch = self.registry.changes_since(cursor, limit)
-            views = select(batch, match)
-            if views or batch.reset or batch.more:
-                body = changes_body(batch, views)
-                for waiter in waiters:
-                    self._answer(waiter, 200, body)
-            else:
-                for waiter in waiters:
-                    waiter.cursor = batch.cursor   # nothing of interest: skip it next time
+            try:
+                batch = self.registry.changes_since(cursor, limit)
+                views = select(batch, match)
+                if not (views or batch.reset or batch.more):
+                    for waiter in waiters:
+                        waiter.cursor = batch.cursor   # nothing of interest: skip it next time
+                    continue
+                answer = 200, changes_body(batch, views), None
+            except Exception:
+                self.log.failure("building the answer of waiting feed requests failed")
+                answer = FAILED
+            for waiter in waiters:
+                self._answer(waiter, *answer)
 
     def _send_keepalives(self) -> None:
-        self._check_tokens(force=True)
         for stream in list(self._streams):
             stream.keepalive()
 
-    def _check_tokens(self, force=False) -> None:
-        """End the event streams whose token was revoked (at most once a TOKEN_CHECK_INTERVAL).
-
-        A stream is one request that never ends by itself: without this, a
-        revoked token would keep receiving every change.
-        """
-        if not self._streams:
-            return
-        now = self.clock.seconds()
-        last = self._tokens_checked
-        if not force and last is not None and now - last < TOKEN_CHECK_INTERVAL:
-            return
-        self._tokens_checked = now
-        check = self.registry.check_token
+    def _revoked(self, tokens) -> None:
+        """End every request that waits with one of ``tokens``: streams close, long polls get 401."""
+        self.log.info("ending requests whose access token was revoked")
         for stream in list(self._streams):
-            if stream.token is not None and check(stream.token) is None:
-                self.log.info("event stream closed: its access token was revoked")
+            if stream.token in tokens:
                 stream.close()
+        for waiter in list(self._feed):
+            if waiter.token in tokens:
+                self._answer(waiter, *REVOKED)
+        for waiters in list(self._devices.values()):
+            for waiter in list(waiters):
+                if waiter.token in tokens:
+                    self._answer(waiter, *REVOKED)
+        if self._outbox:
+            self._drain()
