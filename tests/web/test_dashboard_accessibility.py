@@ -9,7 +9,7 @@ from __future__ import annotations
 from playwright.sync_api import expect
 from twisted.internet import defer
 
-from .browser import in_browser, wait_for
+from .browser import in_browser, on_reactor, wait_for
 from .test_dashboard_modules import ModulesTestCase
 
 #: WCAG 2 contrast ratio of an element's text against the first opaque background behind it.
@@ -133,3 +133,26 @@ class AccessibilityTests(ModulesTestCase):
             }"""))
         d = in_browser(scenario, self.url)
         return d.addCallback(lambda _: self.assertLess(lines[0], 1.5, lines))
+
+    def test_live_updates_keep_the_focus_in_the_table(self):
+        """A device link keeps the keyboard focus while that device reports and while other
+        devices join and move the rows around it: live updates never drop a keyboard user
+        back at the top of the page."""
+        def still_focused(page):
+            return page.evaluate("document.activeElement.closest('tr')?.dataset.name")
+
+        def scenario(page, url):
+            self.open(page, url)
+            page.focus("#fleet-table tr[data-name=porch] a")
+            on_reactor(self.registry.update_reported, "porch", {"lux": 310})
+            wait_for(page, "document.querySelector('#fleet-table tr[data-name=porch] td.reported')"
+                           ".textContent.includes('lux=310')", "the new value in the row")
+            self.assertEqual(still_focused(page), "porch")
+            # A device sorting before it: the rows move.
+            on_reactor(self.registry.add_device, "attic")
+            wait_for(page, "document.querySelector('#fleet-table tbody tr')?.dataset.name "
+                           "=== 'attic'", "the new device above")
+            self.assertEqual(still_focused(page), "porch")
+            page.keyboard.press("Shift+Tab")
+            self.assertEqual(active(page), ["A", "attic"])
+        return in_browser(scenario, self.url)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import loopback_config, start_broker
 
-from .browser import in_browser, require_browser, wait_for
+from .browser import in_browser, on_reactor, require_browser, wait_for
 
 FLEET_STORE = """async () => {
   const {Fleet} = await import("./dashboard/fleet.js");
@@ -223,3 +224,138 @@ class LinkTests(ModulesTestCase):
             self.assertEqual(page.inner_text("#count-total"), "0")
         yield in_browser(scenario, f"{self.url}#token={self.token}")
 
+
+
+class HistoryTests(ModulesTestCase):
+    """Device histories: only the open device's, not the whole fleet's, cross the wire."""
+
+    @defer.inlineCallbacks
+    def test_fleet_stream_leaves_history_out(self):
+        """The WebSocket subscription asks for devices without their history (about nine
+        tenths of each device's JSON with the default history_size, for a view that never
+        shows it), yet the device view still draws its sparkline from the device's history,
+        and redraws it as the device reports."""
+        for value in (10, 12, 11):
+            yield self.registry.update_reported("porch", {"temp": value})
+        sent, snapshots = [], []
+
+        def scenario(page, url):
+            def opened(ws):
+                ws.on("framesent", lambda payload: sent.append(json.loads(payload)))
+                ws.on("framereceived", lambda payload: snapshots.append(json.loads(payload))
+                      if '"snapshot"' in payload else None)
+            page.on("websocket", opened)
+            page.goto(url)
+            wait_for(page, "document.getElementById('transport').dataset.state === 'live'", "live")
+            page.evaluate("location.hash = '#/device/porch'")
+            points = "document.querySelector('#reported tr[data-key=temp] polyline')" \
+                     "?.getAttribute('points').split(' ').length"
+            wait_for(page, f"{points} === 3", "a sparkline of three readings")
+            on_reactor(self.registry.update_reported, "porch", {"temp": 14})
+            wait_for(page, f"{points} === 4", "the sparkline with the new reading")
+        yield in_browser(scenario, f"{self.url}#token={self.token}")
+        subscribe = [message for message in sent if message["op"] == "subscribe"]
+        self.assertEqual([message.get("history") for message in subscribe], [False])
+        devices = [device for message in snapshots for device in message["devices"]]
+        self.assertEqual([device["name"] for device in devices], ["porch"])
+        self.assertNotIn("history", devices[0])
+
+
+class TimeDisplayTests(ModulesTestCase):
+    """Relative times ("12 s ago") when the browser's clock and the broker's disagree."""
+
+    @defer.inlineCallbacks
+    def test_relative_times_follow_the_brokers_clock(self):
+        """A browser whose clock runs three hours ahead of the broker's (a laptop without
+        time sync, a gateway without a real-time clock) still shows a value reported a moment
+        ago as a moment ago: times are measured against the broker's clock (its Date header),
+        not the browser's."""
+        yield self.registry.update_reported("porch", {"temp": 20})
+        shown = []
+
+        def scenario(page, url):
+            page.clock.set_system_time(time.time() + 3 * 3600)
+            page.goto(url)
+            page.evaluate("location.hash = '#/device/porch'")
+            cell = "document.querySelector('#reported tr[data-key=temp] td.heard')?.textContent"
+            wait_for(page, cell, "the reported value's time")
+            shown.append(page.evaluate(cell))
+        yield in_browser(scenario, f"{self.url}#token={self.token}")
+        self.assertRegex(shown[0], r"^(just now|\d s ago)$")
+
+
+class UntrustedTextTests(ModulesTestCase):
+    """Text the page did not write: reported and desired values, the address bar."""
+
+    @defer.inlineCallbacks
+    def test_values_are_shown_as_text_never_as_html(self):
+        """Reported and desired values that look like HTML (arbitrary JSON strings a device
+        may send) appear literally in the table, the device view and the editor, and
+        create no element and run no script."""
+        markup = '<img src=x onerror="window.pwned=1"><b>bold</b>'
+        yield self.registry.update_reported("porch", {"label": markup, "cfg": {"note": markup}})
+        yield self.registry.update_desired("porch", {"label": markup + "!"})
+        seen = {}
+
+        def scenario(page, url):
+            page.goto(url)
+            row = "document.querySelector('#fleet-table tr[data-name=porch]')"
+            wait_for(page, f"{row}?.querySelector('td.delta')?.textContent.includes('!')",
+                     "the row with its values")
+            seen["row"] = page.evaluate(f"{row}.textContent")
+            page.evaluate("location.hash = '#/device/porch'")
+            wait_for(page, "document.querySelector('#desired tr[data-key=label]')", "the editor")
+            seen["reported"] = page.evaluate(
+                "document.querySelector('#reported tr[data-key=label] td.value').textContent")
+            seen["desired"] = page.evaluate(
+                "document.querySelector('#desired tr[data-key=label] td.value').textContent")
+            seen["elements"] = page.evaluate("document.querySelectorAll('img, main b').length")
+            seen["pwned"] = page.evaluate("window.pwned ?? null")
+        yield in_browser(scenario, f"{self.url}#token={self.token}")
+        self.assertIn(f"label={markup}", seen["row"])
+        self.assertEqual(seen["row"].count("<b>bold</b>"), 3, seen["row"])   # label, cfg, delta
+        self.assertEqual(seen["reported"], markup)
+        self.assertEqual(seen["desired"], markup + "!")
+        self.assertEqual((seen["elements"], seen["pwned"]), (0, None))
+
+    def test_a_mangled_device_address_is_not_an_error(self):
+        """A device URL whose name is not valid percent-encoding (a bad copy and paste)
+        says there is no such device instead of throwing in the page."""
+        def scenario(page, url):
+            page.goto(url)
+            wait_for(page, "document.getElementById('transport').dataset.state === 'live'", "live")
+            page.evaluate("location.hash = '#/device/porch%E0%A4%A'")
+            wait_for(page, "document.querySelector('#device .missing')?.textContent"
+                           ".includes('no device named')", "the missing-device note")
+        # The view reads the device it shows: the broker answers 404 for this one.
+        return in_browser(scenario, f"{self.url}#token={self.token}", expected_errors=("404",))
+
+
+class LargeFleetTests(ModulesTestCase):
+    """More devices than the table draws."""
+
+    @defer.inlineCallbacks
+    def test_a_large_fleet_is_capped_and_filterable(self):
+        """With more matching devices than the table draws (500), it draws 500 in sort order
+        and says how many match; a filter brings any device into view, and the counts cover
+        the whole fleet."""
+        yield defer.gatherResults([self.registry.add_device(f"node-{i:04d}") for i in range(600)])
+        seen = {}
+
+        def scenario(page, url):
+            page.goto(url)
+            rows = "document.querySelectorAll('#fleet-table tbody tr')"
+            wait_for(page, "document.getElementById('count-total').textContent === '601'",
+                     "every device counted")
+            wait_for(page, f"{rows}.length === 500", "500 rows")
+            seen["summary"] = page.inner_text("#summary")
+            seen["first"] = page.evaluate(f"{rows}[0].dataset.name")
+            page.fill("#filter", "node-059?")
+            wait_for(page, f"{rows}.length === 10", "the ten matching rows")
+            seen["last"] = page.evaluate(f"{rows}[9].dataset.name")
+            seen["narrowed"] = page.inner_text("#summary")
+        yield in_browser(scenario, f"{self.url}#token={self.token}")
+        self.assertIn("showing 500 of 601 matching devices", seen["summary"])
+        self.assertEqual(seen["first"], "node-0000")
+        self.assertEqual(seen["last"], "node-0599")
+        self.assertEqual(seen["narrowed"], "10 of 601 devices match")

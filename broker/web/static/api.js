@@ -3,6 +3,8 @@
 // Every URL is relative to the page, so a broker behind a reverse proxy
 // under a path prefix works unchanged.
 
+import {learnClock} from "./dom.js";
+
 /** A failed request: HTTP status (0: no answer) and the broker's error code and message. */
 export class ApiError extends Error {
   constructor(status, code, message, details = {}) {
@@ -41,12 +43,14 @@ export class Api {
       init.headers["content-type"] = "application/json";
     }
     let response;
+    const sent = Date.now();
     try {
       response = await fetch(this.url(path, query), init);
     } catch (error) {
       if (error.name === "AbortError") throw error;
       throw new ApiError(0, "network", "the broker cannot be reached");
     }
+    learnClock(response.headers.get("date"), sent);
     const text = await response.text();
     let data = null;
     try {

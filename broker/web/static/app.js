@@ -137,7 +137,13 @@ class Dashboard {
     if (match) {
       document.body.dataset.view = "device";
       const {readOnly, link, api} = this;
-      this.page.show(decodeURIComponent(match[1]), {readOnly, link, api});
+      let name = match[1];
+      try {
+        name = decodeURIComponent(name);
+      } catch (error) {
+        if (!(error instanceof URIError)) throw error;   // a mangled link: no such device
+      }
+      this.page.show(name, {readOnly, link, api});
       this.page.focus();
     } else {
       const left = this.page.name;

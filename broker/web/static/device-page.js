@@ -1,12 +1,18 @@
 // The device view: connection facts, reported state with a sparkline per
 // numeric reading, and the desired values (desired-editor.js).
 
-import {ago, h, rtt, show, when} from "./dom.js";
+import {ago, brokerNow, h, rtt, show, when} from "./dom.js";
 import {DesiredEditor} from "./desired-editor.js";
 import {series, sparkline} from "./sparkline.js";
 
 /** How often the open device is read again (ms): its last-heard time and RTT change in place. */
 const REFRESH_MS = 10_000;
+/**
+ * Least time between two reads of the open device for its history (ms). The fleet's
+ * stream leaves histories out (they would be most of its bytes): the view reads its
+ * device's history when the device changes, at most this often.
+ */
+const HISTORY_MS = 1_000;
 
 export class DevicePage {
   constructor(fleet, root) {
@@ -15,6 +21,10 @@ export class DevicePage {
     this.name = null;
     this.editor = null;
     this._refresh = null;
+    this._history = null;       // the open device's history, as last read
+    this._historyOf = -1;       // the device version that history belongs to
+    this._reading = null;       // timer of the next read of the open device
+    this._readAt = 0;           // when the last read started (ms)
     fleet.addEventListener("change", (event) => {
       if (this.name !== null && event.detail.has(this.name)) this.update();
     });
@@ -27,8 +37,11 @@ export class DevicePage {
 
   /** Show device `name`; its desired values are editable unless readOnly. */
   show(name, {readOnly, link, api}) {
-    clearInterval(this._refresh);
+    this._stopReading();
     this.name = name;
+    this._api = api;
+    this._history = null;
+    this._historyOf = -1;
     this.editor = new DesiredEditor(name, {readOnly, link, api, current: () => this.device,
                                            changed: () => { if (this.name === name) this.update(); }});
     this.status = h("span", {class: "status"});
@@ -52,9 +65,38 @@ export class DevicePage {
     this.update();
     // The registry updates last heard and RTT without a change (no feed entry) until the
     // device reports again: read the device now and then, so the view shows them fresh.
-    this._refresh = setInterval(() => {
-      api.device(name).then((device) => this.fleet.apply(device), () => {});
-    }, REFRESH_MS);
+    this._read();
+    this._refresh = setInterval(() => this._read(), REFRESH_MS);
+  }
+
+  /** Read the open device (with its history) now. */
+  _read() {
+    clearTimeout(this._reading);
+    this._reading = null;
+    this._readAt = Date.now();
+    const name = this.name;
+    this._api.device(name).then((device) => {
+      if (this.name !== name) return;
+      this._history = device.history;
+      this._historyOf = device.version;
+      const known = this.device;
+      this.fleet.apply(device);
+      // Not newer than the copy held (so not applied): draw the history read all the same.
+      if (known === this.device) this.update();
+    }, () => {});
+  }
+
+  /** The open device changed without its history: read it again, at most every HISTORY_MS. */
+  _readSoon() {
+    if (this._reading !== null) return;
+    const wait = Math.max(0, this._readAt + HISTORY_MS - Date.now());
+    this._reading = setTimeout(() => this._read(), wait);
+  }
+
+  _stopReading() {
+    clearInterval(this._refresh);
+    clearTimeout(this._reading);
+    this._reading = null;
   }
 
   /** Put the keyboard focus on the device's name (the view was just opened). */
@@ -63,8 +105,9 @@ export class DevicePage {
   }
 
   hide() {
-    clearInterval(this._refresh);
+    this._stopReading();
     this.name = null;
+    this._history = null;
     this.editor = null;
     this.root.replaceChildren();
   }
@@ -102,6 +145,13 @@ export class DevicePage {
   }
 
   _renderReported(device) {
+    if (device.history) {
+      this._history = device.history;      // a copy that carries it (long polling, a read)
+      this._historyOf = device.version;
+    } else {
+      if (this._history === null || device.version > this._historyOf) this._readSoon();
+      device = {...device, history: this._history ?? []};
+    }
     const rows = Object.keys(device.reported).sort().map((key) => {
       const at = device.updated_at?.reported?.[key];
       return h("tr", {class: key in device.delta ? "has-delta" : "", "data-key": key},
@@ -118,7 +168,7 @@ export class DevicePage {
 
   /** Relative times age without any change: rewrite just those. */
   _refreshTimes() {
-    const now = Date.now() / 1000;
+    const now = brokerNow();
     for (const cell of this.reported.querySelectorAll("td.heard")) {
       cell.textContent = ago(cell.dataset.at === "" ? null : Number(cell.dataset.at), now);
     }

@@ -21,8 +21,33 @@ export function svg(tag, attributes = {}) {
   return element;
 }
 
+/**
+ * Seconds to add to the browser's clock to read the broker's. Times in the registry come
+ * from the broker's clock; measured against a browser's clock that is off (no time sync,
+ * a gateway without a real-time clock) a value heard now would read "3 h ago", or a
+ * silent device "just now".
+ */
+let clockOffset = 0;
+
+/** The broker's time now, in epoch seconds (as far as its Date headers tell). */
+export function brokerNow() {
+  return Date.now() / 1000 + clockOffset;
+}
+
+/**
+ * Learn the broker's clock from an answer's Date header. Twisted dates it when the request
+ * arrives (even a long poll answered much later), so it is compared with when the request
+ * was sent (ms). The header has whole seconds: a difference under 2 s is read as none.
+ */
+export function learnClock(dateHeader, sentMs) {
+  const at = Date.parse(dateHeader ?? "");
+  if (!Number.isFinite(at)) return;
+  const offset = (at + 500 - sentMs) / 1000;
+  clockOffset = Math.abs(offset) < 2 ? 0 : offset;
+}
+
 /** "just now", "12 s ago", "5 min ago", "3 h ago", "2 d ago"; "never" for null. */
-export function ago(epochSeconds, nowSeconds = Date.now() / 1000) {
+export function ago(epochSeconds, nowSeconds = brokerNow()) {
   if (epochSeconds === null || epochSeconds === undefined) return "never";
   const seconds = Math.max(0, nowSeconds - epochSeconds);
   if (seconds < 2) return "just now";

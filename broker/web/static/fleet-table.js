@@ -2,7 +2,7 @@
 // column, updated in place as changes arrive (rows are rebuilt only for
 // devices that changed, and the table at most a few times a second).
 
-import {ago, h, rtt, show, when} from "./dom.js";
+import {ago, brokerNow, h, rtt, show, when} from "./dom.js";
 
 /** Rows drawn at most; a bigger match asks for a narrower filter. */
 const MAX_ROWS = 500;
@@ -104,7 +104,7 @@ export class FleetTable {
     const rows = shown.map((device) => this._row(device));
     const order = shown.map((device) => device.name);
     if (order.length !== this._order.length || order.some((name, i) => name !== this._order[i])) {
-      this.body.replaceChildren(...rows);
+      this._place(rows);
       this._order = order;
     }
     for (const name of this._rows.keys()) if (!this.fleet.devices.has(name)) this._rows.delete(name);
@@ -115,20 +115,50 @@ export class FleetTable {
     this.empty.hidden = total > 0 || this.fleet.cursor === null;
   }
 
-  /** The row of a device: the cached one if the device did not change, else rebuilt in place. */
+  /**
+   * Put rows in this order, moving only those out of place (a moved element loses the
+   * keyboard focus: if the focused one had to move, it gets the focus back).
+   */
+  _place(rows) {
+    const body = this.body;
+    const focused = body.contains(document.activeElement) ? document.activeElement : null;
+    let at = body.firstChild;
+    for (const row of rows) {
+      if (row === at) at = at.nextSibling;
+      else body.insertBefore(row, at);
+    }
+    while (at) {
+      const next = at.nextSibling;
+      at.remove();
+      at = next;
+    }
+    if (focused?.isConnected && document.activeElement !== focused) {
+      focused.focus({preventScroll: true});
+    }
+  }
+
+  /**
+   * The row of a device: the cached one if the device did not change, else rebuilt in
+   * place. The name cell (the link) is kept: replacing it would take the focus from it.
+   */
   _row(device) {
     const cached = this._rows.get(device.name);
     if (cached && cached.device === device) return cached.row;
-    const row = cached?.row ?? h("tr");
+    let row = cached?.row;
+    const name = cached?.name ?? h("td", {class: "name"},
+      h("a", {href: `#/device/${encodeURIComponent(device.name)}`}, device.name));
+    if (row) {
+      while (row.lastChild !== name) row.lastChild.remove();
+    } else {
+      row = h("tr", {}, name);
+    }
     const c = device.connection;
     const heard = h("td", {class: "heard", title: when(c.last_heard)}, ago(c.last_heard));
     const pending = Object.keys(device.delta).length > 0;
     row.className = pending ? "has-delta" : "";
     row.dataset.name = device.name;
     const state = c.online ? "online" : "offline";
-    row.replaceChildren(
-      h("td", {class: "name"},
-        h("a", {href: `#/device/${encodeURIComponent(device.name)}`}, device.name)),
+    row.append(
       h("td", {}, h("span", {class: `status ${state}`}, state)),
       heard,
       h("td", {class: "address"}, c.address ?? ""),
@@ -137,13 +167,13 @@ export class FleetTable {
       h("td", {class: "reported"}, chips(device.reported, "reported")),
       h("td", {class: "delta"}, pending ? chips(device.delta, "delta") : ""),
     );
-    this._rows.set(device.name, {row, device, heard});
+    this._rows.set(device.name, {row, name, device, heard});
     return row;
   }
 
   /** Relative times age without any change: rewrite just those cells. */
   refreshTimes() {
-    const now = Date.now() / 1000;
+    const now = brokerNow();
     for (const {device, heard} of this._rows.values()) {
       heard.textContent = ago(device.connection.last_heard, now);
     }

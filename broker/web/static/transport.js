@@ -72,7 +72,9 @@ class WebSocketFeed {
     const socket = new WebSocket(url, [SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX + this.token]);
     this.socket = socket;
     socket.addEventListener("open", () => {
-      const subscribe = {op: "subscribe", id: "fleet", patterns: ["*"], history: true};
+      // Without history: it is most of a device's JSON, and only the open device view
+      // draws it (it reads that one device with its history).
+      const subscribe = {op: "subscribe", id: "fleet", patterns: ["*"], history: false};
       if (this.fleet.cursor !== null) subscribe.cursor = this.fleet.cursor;
       socket.send(JSON.stringify(subscribe));
     });
