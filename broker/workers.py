@@ -208,6 +208,11 @@ class SupervisorService(MultiService):
                 from twisted.logger import ILogObserver
                 parent.setComponent(ILogObserver, self.log_observer)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop has begun (the SIGHUP handler reloads nothing then)."""
+        return self._stopping
+
     def startService(self):
         super().startService()
         self._stopping = False

@@ -146,6 +146,21 @@ class GiveUpTests(SynchronousTestCase):
                 self.assertIn(index, supervisor._restarting)
                 self.clock.advance(supervisor._restarting[index].getTime() - self.clock.seconds())
 
+    def test_a_hup_while_the_supervisor_stops_reloads_nothing(self):
+        """Once the supervisor stops (as when it gave up), the SIGHUP handler sees it
+        stopping and forwards no reload to the workers left."""
+        from broker.lifecycle import SignalHandlers
+        supervisor = self.start()
+        other = supervisor.processes[0]
+        other.ready()
+        handlers = SignalHandlers(supervisor)
+        handlers._reload()
+        self.assertEqual(other.signals, ["HUP"])   # while running: forwarded
+        supervisor._stopping = True               # what stopService sets first
+        handlers._reload()
+        self.assertEqual(other.signals, ["HUP"])
+        supervisor._stopping = False
+
     def test_gives_up_after_the_limit_and_stops_the_others(self):
         """A worker failing 5 times in a row within the window is not restarted: one critical
         line names it, its last exit status and the remedy; the other worker is stopped
