@@ -62,6 +62,11 @@ class NotifyAndSocketUnitTests(SynchronousTestCase):
         self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
         self.assertIn("AF_UNIX", service["RestrictAddressFamilies"], "sd_notify needs AF_UNIX")
 
+    def test_stop_signal_goes_to_the_broker_alone(self):
+        """KillMode=mixed: SIGTERM reaches the broker (the supervisor stops its workers
+        in order), SIGKILL every process only when the stop times out."""
+        self.assertEqual(read_unit("broker.service")["Service"]["KillMode"], "mixed")
+
     def test_a_broker_that_keeps_failing_stays_failed(self):
         """The start limit counts brokers that run minutes before failing
         (a worker given up), so systemd stops restarting one that keeps failing."""
