@@ -6,7 +6,7 @@ Requests are real HTTP parsed by twisted.web over memory transports
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broker.web.api import waiting
+from broker.web.api import outbox
 from broker.web.api.settings import ApiSettings
 from tests.web.api_support import START, MemoryAPI, bearer, device_auth
 
@@ -256,7 +256,7 @@ class AnswerSliceTests(SynchronousTestCase):
 
     def test_many_answers_are_spread_over_reactor_turns(self):
         """A wake-up pass writes one slice of answers at once and the rest on the next turns."""
-        self.patch(waiting, "ANSWER_SLICE", 2)
+        self.patch(outbox, "ANSWER_SLICE", 2)
         m = MemoryAPI(self)
         m.add_device("a")
         auth = bearer(m.token("read"))
@@ -270,7 +270,7 @@ class AnswerSliceTests(SynchronousTestCase):
 
     def test_client_leaving_before_its_answer_is_written(self):
         """A client that goes away while its answer waits in the outbox gets nothing written."""
-        self.patch(waiting, "ANSWER_SLICE", 1)
+        self.patch(outbox, "ANSWER_SLICE", 1)
         m = MemoryAPI(self)
         m.add_device("a")
         auth = bearer(m.token("read"))

@@ -10,6 +10,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
+from broker.web.api import inputs
 from broker.web.api.resource import ROUTES
 from tests.helpers import start_broker
 from tests.web.test_api_rest import broker_config
@@ -52,6 +53,26 @@ class OpenAPIDocumentTests(TestCase):
                     offered[(method, path)] = {name for entry in schemes for name in entry}
         self.assertEqual({key for key, names in offered.items() if "queryToken" in names},
                          {key for key in offered if key[0] == "get"})
+
+    def test_feed_parameters_are_documented(self):
+        """/changes and /events document their history parameter with exactly the spellings
+        the broker accepts, default true, next to the other feed parameters."""
+        document = _yaml().safe_load(OPENAPI.read_text())
+        components = document["components"]["parameters"]
+
+        def parameters(path):
+            listed = document["paths"][path]["get"]["parameters"]
+            return {p["name"]: p for p in (components[entry["$ref"].rsplit("/", 1)[1]]
+                                           if "$ref" in entry else entry for entry in listed)}
+        changes, events = parameters("/changes"), parameters("/events")
+        self.assertEqual(set(changes), {"since", "wait", "limit", "name", "history"})
+        self.assertEqual(set(events), {"since", "name", "history", "Last-Event-ID"})
+        history = changes["history"]
+        self.assertEqual(history, events["history"])
+        self.assertEqual(history["in"], "query")
+        self.assertEqual({value.encode() for value in history["schema"]["enum"]},
+                         set(inputs._BOOLEANS))
+        self.assertEqual(history["schema"]["default"], "true")
 
 
 class SchemathesisTests(TestCase):

@@ -179,7 +179,7 @@ class FailingAnswerTests(SynchronousTestCase):
         victim = self.m.open("GET", f"/api/v1/devices/a?version={version}&wait=10", self.auth)
         polls = [self.poll("") for _ in range(2)]
         room = self.m.api.room
-        respond, request = room._respond, victim.request
+        respond, request = room.outbox.respond, victim.request
 
         def flaky(answered, status, body, headers=None):
             if answered is request and status == 200:
@@ -188,7 +188,7 @@ class FailingAnswerTests(SynchronousTestCase):
                 raise ValueError("cannot write")
             return respond(answered, status, body, headers)
 
-        self.patch(room, "_respond", flaky)
+        self.patch(room.outbox, "respond", flaky)
         self.m.registry.update_desired("a", {"v": 1})
         self.m.clock.advance(0)
         self.assertInternalError(victim)
@@ -201,7 +201,7 @@ class FailingAnswerTests(SynchronousTestCase):
         """An answer that raises after its first bytes were sent closes that connection; the others are written."""
         polls = [self.poll("") for _ in range(2)]
         room = self.m.api.room
-        respond, victim = room._respond, polls[0].request
+        respond, victim = room.outbox.respond, polls[0].request
 
         def flaky(request, status, body, headers=None):
             if request is victim:
@@ -209,7 +209,7 @@ class FailingAnswerTests(SynchronousTestCase):
                 raise ValueError("cannot finish")
             return respond(request, status, body, headers)
 
-        self.patch(room, "_respond", flaky)
+        self.patch(room.outbox, "respond", flaky)
         self.m.registry.update_desired("a", {"v": 1})
         self.m.clock.advance(0)
         self.assertTrue(polls[0].transport.disconnecting)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
@@ -259,6 +260,51 @@ class HistoryTests(ModulesTestCase):
         devices = [device for message in snapshots for device in message["devices"]]
         self.assertEqual([device["name"] for device in devices], ["porch"])
         self.assertNotIn("history", devices[0])
+
+    @defer.inlineCallbacks
+    def test_polling_fallback_leaves_history_out(self):
+        """When the WebSocket keeps failing and the page falls back to long polling, every poll
+        of the change feed asks for history=false and its snapshot and updates come without
+        history, yet the device view still draws (and redraws) its sparkline from the device
+        it reads with its history."""
+        for value in (10, 12, 11):
+            yield self.registry.update_reported("porch", {"temp": value})
+        polls, reads = [], []                # finished requests, read in the browser thread
+        urls, pages, histories = [], [], []  # what they were and carried
+
+        def finished(request):
+            if "/api/v1/changes" in request.url:
+                polls.append(request)
+            elif "/api/v1/devices/porch" in request.url:
+                reads.append(request)
+
+        def scenario(page, url):
+            page.route_web_socket(re.compile(r"/ws$"),
+                                  lambda ws: ws.close(code=1011, reason="blocked by a proxy"))
+            page.on("requestfinished", finished)
+            page.goto(url)
+            pill = "document.getElementById('transport').dataset"
+            wait_for(page, f"{pill}.transport === 'polling' && {pill}.state === 'live'",
+                     "the fallback to long polling")
+            page.evaluate("location.hash = '#/device/porch'")
+            points = "document.querySelector('#reported tr[data-key=temp] polyline')" \
+                     "?.getAttribute('points').split(' ').length"
+            wait_for(page, f"{points} === 3", "a sparkline of three readings")
+            on_reactor(self.registry.update_reported, "porch", {"temp": 14})
+            wait_for(page, f"{points} === 4", "the sparkline with the new reading")
+            # Read the bodies here: they go with the browser.
+            urls.extend(urlsplit(request.url) for request in polls)
+            pages.extend(request.response().json() for request in polls)
+            histories.extend(len(request.response().json()["history"]) for request in reads)
+        yield in_browser(scenario, f"{self.url}#token={self.token}")
+        self.assertGreaterEqual(len(urls), 2)            # the snapshot and an update at least
+        self.assertEqual({tuple(parse_qs(url.query).get("history", ())) for url in urls},
+                         {("false",)})
+        devices = [device for page in pages for device in page["devices"]]
+        self.assertEqual(devices[0]["name"], "porch")
+        self.assertEqual(devices[-1]["reported"], {"temp": 14})
+        self.assertEqual([device for device in devices if "history" in device], [])
+        self.assertEqual(histories[0], 4)          # its read: created and three reports
 
 
 class TimeDisplayTests(ModulesTestCase):

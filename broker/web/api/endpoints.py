@@ -16,7 +16,7 @@ from broker.web.responses import json_bytes
 
 from .errors import ApiError, bad_request, etag, from_registry, not_found
 from .feed import changes_body, device_answer, name_matcher, select
-from .inputs import JSON_ONLY, int_arg, parse_int, read_json, text_arg, wait_arg
+from .inputs import JSON_ONLY, bool_arg, int_arg, parse_int, read_json, text_arg, wait_arg
 from .ratelimit import retry_after
 from .stream import EventStream
 
@@ -175,11 +175,12 @@ def post_command(api, request, principal, name):
 # -- the change feed --------------------------------------------------------------
 
 def changes(api, request, principal, name):
-    """GET /changes?since=C[&wait=S][&name=][&limit=]: devices changed after cursor C."""
+    """GET /changes?since=C[&wait=S][&name=][&limit=][&history=]: devices changed after C."""
     _require_polling(api, "polling")
     since = int_arg(request, b"since", 0, 0, MAX_CURSOR)
     limit = int_arg(request, b"limit", MAX_PAGE, 1, MAX_PAGE)
     match = name_matcher(text_arg(request, b"name", 128))
+    history = bool_arg(request, b"history", True)
     wait = wait_arg(request, api.settings.max_wait)
     batch = api.registry.changes_since(since, limit)
     views = select(batch, match)
@@ -187,25 +188,29 @@ def changes(api, request, principal, name):
         headers = None
         if wait <= 0:
             headers = {b"x-poll-interval": b"%g" % api.settings.min_interval}
-        return 200, changes_body(batch, views), headers
+        return 200, changes_body(batch, views, history), headers
     _admit(api)
-    api.room.wait_feed(request, batch.cursor, match, limit, wait, principal.token)
+    api.room.wait_feed(request, batch.cursor, match, limit, wait, principal.token, history)
     return NOT_DONE_YET
 
 
 def events(api, request, principal, name):
-    """GET /events?since=C[&name=]: the feed as server-sent events (Last-Event-ID wins)."""
+    """GET /events?since=C[&name=][&history=]: the feed as server-sent events.
+
+    A Last-Event-ID header (a reconnecting EventSource) wins over ``since``.
+    """
     _require_polling(api, "the event stream")
     since = int_arg(request, b"since", 0, 0, MAX_CURSOR)
     last = request.getHeader(b"last-event-id")
     if last is not None:
         since = parse_int(last, "Last-Event-ID", 0, MAX_CURSOR)
     match = name_matcher(text_arg(request, b"name", 128))
+    history = bool_arg(request, b"history", True)
     _admit(api)
     request.setResponseCode(200)
     request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-accel-buffering", b"no")
-    EventStream(api.room, request, since, match, principal.token).start(
+    EventStream(api.room, request, since, match, principal.token, history).start(
         int(api.settings.min_interval * 1000))
     return NOT_DONE_YET

@@ -6,6 +6,7 @@ three send the same bytes for the same changes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -46,13 +47,28 @@ def device_answer(view, name: str):
     return 200, json_bytes(view.to_json()), {b"etag": etag(view.version)}
 
 
-def changes_body(batch, views) -> bytes:
-    """The JSON answer of /changes for one batch."""
-    return json_bytes({"devices": [view.to_json() for view in views], "cursor": batch.cursor,
-                  "more": batch.more, "reset": batch.reset})
+def device_body(view, history: bool = True) -> dict:
+    """A view's to_json(), or without its ``history`` key (``history=false``).
+
+    Without history the view is copied with an empty one first: encoding the
+    history is most of to_json()'s cost, and it would be thrown away.
+    """
+    if history:
+        return view.to_json()
+    if view.history:
+        view = dataclasses.replace(view, history=())
+    body = view.to_json()
+    del body["history"]
+    return body
 
 
-def sse_events(batch, views, last_id: int) -> tuple[bytes, int]:
+def changes_body(batch, views, history: bool = True) -> bytes:
+    """The JSON answer of /changes for one batch (devices without history if asked)."""
+    return json_bytes({"devices": [device_body(view, history) for view in views],
+                       "cursor": batch.cursor, "more": batch.more, "reset": batch.reset})
+
+
+def sse_events(batch, views, last_id: int, history: bool = True) -> tuple[bytes, int]:
     """Server-sent events for one batch, and the last event id they carry.
 
     Each device is one ``device`` event whose id is its cursor; a reset comes
@@ -66,7 +82,7 @@ def sse_events(batch, views, last_id: int) -> tuple[bytes, int]:
     if batch.reset:
         parts.append(b"event: reset\ndata: %s\n\n" % json.dumps({"cursor": batch.cursor}).encode())
     for view in views:
-        data = json.dumps(view.to_json(), separators=(",", ":"), ensure_ascii=False)
+        data = json.dumps(device_body(view, history), separators=(",", ":"), ensure_ascii=False)
         parts.append(b"id: %d\nevent: device\ndata: %s\n\n" % (view.cursor, data.encode("utf-8")))
         last_id = view.cursor
     if batch.cursor > last_id or (batch.reset and batch.cursor != last_id):

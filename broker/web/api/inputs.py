@@ -56,6 +56,22 @@ def parse_int(raw: bytes, what: str, minimum: int, maximum: int) -> int:
     return int(raw)
 
 
+#: the spellings of a boolean parameter (exactly these; anything else is refused).
+_BOOLEANS = {b"true": True, b"1": True, b"false": False, b"0": False}
+
+
+def bool_arg(request, name: bytes, default: bool) -> bool:
+    """A boolean parameter (true, false, 1 or 0), or default if absent."""
+    raw = _arg(request, name)
+    if raw is None:
+        return default
+    value = _BOOLEANS.get(raw)
+    if value is None:
+        raise bad_request("invalid_parameter",
+                          f"{name.decode()} must be true or false (or 1 or 0)")
+    return value
+
+
 def wait_arg(request, max_wait: float) -> float:
     """The ``wait`` parameter in seconds (0 if absent), cut to max_wait."""
     raw = _arg(request, b"wait")

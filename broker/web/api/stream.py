@@ -27,15 +27,19 @@ MAX_PAGES = 20
 class EventStream:
     """One open ``/events`` response."""
 
-    __slots__ = ("room", "request", "cursor", "match", "token", "paused", "pending", "done")
+    __slots__ = ("room", "request", "cursor", "match", "history", "token", "paused", "pending",
+                 "done")
 
     log = Logger()
 
-    def __init__(self, room, request, cursor: int, match, token: str | None = None) -> None:
+    def __init__(self, room, request, cursor: int, match, token: str | None = None,
+                 history: bool = True) -> None:
         self.room = room
         self.request = request
         self.cursor = cursor
         self.match = match
+        #: devices are sent with their history (False: ``history=false``).
+        self.history = history
         #: the access token that opened the stream: it ends when the token is revoked.
         self.token = token
         self.paused = False
@@ -73,7 +77,8 @@ class EventStream:
         registry = self.room.registry
         for _ in range(MAX_PAGES):
             batch = registry.changes_since(self.cursor, PAGE)
-            chunk, self.cursor = sse_events(batch, select(batch, self.match), self.cursor)
+            chunk, self.cursor = sse_events(batch, select(batch, self.match), self.cursor,
+                                            self.history)
             if chunk:
                 self.request.write(chunk)
             if not batch.more or self.done:

@@ -13,60 +13,47 @@ WakeupScheduler, one reactor timer for every waiter); no thread, no timer
 of its own. A registry change sets a flag and schedules one wake-up pass for the
 next reactor turn (so a burst of changes is answered once); that pass reads
 the feed once per distinct cursor, encodes each answer once, and writes
-the same bytes to every waiter that shares it. A client that goes away
-leaves at once through its request's notifyFinish errback.
+the same bytes to every waiter that shares it (waiters share an answer
+only if they asked for the same: cursor, name filter, limit, and with or
+without histories). A client that goes away leaves at once through its
+request's notifyFinish errback. Decided answers are written by the outbox
+(outbox.Outbox), a slice per reactor turn.
 
 A request holds the access token it came with (revocation.TokenWatch): one
 once-a-second check ends every waiter and stream whose token was revoked,
-and every answer is checked again just before it is written, so a long poll
-is never answered with data after its token was revoked (it gets 401).
+and the outbox checks every answer again just before it is written.
 
-One answer that cannot be built or written ends only its own request(s):
-with a JSON 500 if nothing was sent yet, else by closing the connection.
+One answer that cannot be built ends only its own request(s), with a JSON 500.
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from broker.scheduler import WakeupScheduler
-from broker.web.responses import json_bytes
 
-from .errors import ApiError, unauthorized
 from .feed import changes_body, device_answer, select
+from .outbox import FAILED, REVOKED, Outbox
 from .revocation import TokenWatch
 
-#: answers written per reactor turn; the rest follow on the next turns, so
-#: that answering ten thousand waiters never holds the reactor for long.
-ANSWER_SLICE = 1000
 
-
-def _error_answer(error: ApiError):
-    body = json_bytes({"error": {"code": error.code, "message": error.message}})
-    return error.status, body, error.headers or None
-
-
-#: the answer of a waiter whose access token was revoked while it waited.
-REVOKED = _error_answer(unauthorized(
-    "invalid_token", "the access token was revoked while this request waited"))
-#: the answer of a waiter whose own answer failed (a bug; the log has it).
-FAILED = _error_answer(ApiError(500, "internal_error", "the broker failed; see its log"))
+def _changes_answer(batch, views, history):
+    return 200, changes_body(batch, views, history), None
 
 
 class FeedWaiter:
     """A long poll of /changes: answers once the filtered feed past its cursor is non-empty."""
 
-    __slots__ = ("room", "request", "cursor", "match", "limit", "token", "done")
+    __slots__ = ("room", "request", "cursor", "match", "limit", "history", "token", "done")
 
-    def __init__(self, room, request, cursor, match, limit, token):
+    def __init__(self, room, request, cursor, match, limit, history, token):
         self.room = room
         self.request = request
         self.cursor = cursor
         self.match = match
         self.limit = limit
+        self.history = history       # devices with their history (False: history=false)
         self.token = token           # the access token it came with (None: a device key)
         self.done = False
 
@@ -101,7 +88,8 @@ class WaitingRoom:
         self.registry = registry
         self.clock = clock
         self.settings = settings
-        self._respond = respond       # respond(request, status, body_bytes, headers=None)
+        #: writes decided answers: respond(request, status, body_bytes, headers=None).
+        self.outbox = Outbox(clock, respond, registry.check_token)
         self.presence = presence
         self._gauge = gauge
         self.scheduler = WakeupScheduler(clock, self._deadline)
@@ -112,8 +100,6 @@ class WaitingRoom:
         self._changed: set[str] = set()
         self._feed_dirty = False
         self._backlog: dict = {}
-        self._outbox: deque = deque()     # (waiter, status, body, headers) to write
-        self._drain_call = None
         self._wake_call = None
         self._subscription = None
         self._running = False
@@ -149,7 +135,7 @@ class WaitingRoom:
                 self.expire_device(waiter)
         for stream in list(self._streams):
             stream.close()
-        self._drain(everything=True)
+        self.outbox.drain(everything=True)
 
     def apply(self, settings) -> None:
         """New limits (a reload): max_waiters for new requests, the keepalive period."""
@@ -188,9 +174,9 @@ class WaitingRoom:
             self._subscription.cancel()
             self._subscription = None
 
-    def wait_feed(self, request, cursor, match, limit, wait, token=None) -> None:
+    def wait_feed(self, request, cursor, match, limit, wait, token=None, history=True) -> None:
         """Hold ``request`` until the feed past ``cursor`` has a match, or ``wait`` seconds."""
-        waiter = FeedWaiter(self, request, cursor, match, limit, token)
+        waiter = FeedWaiter(self, request, cursor, match, limit, history, token)
         self._feed[waiter] = None
         self._enter(waiter, wait)
 
@@ -252,52 +238,7 @@ class WaitingRoom:
         """Take waiter out of the room and queue its answer for writing."""
         self._leave(waiter)
         self.scheduler.cancel(waiter)
-        self._outbox.append((waiter, status, body, headers))
-        if self._drain_call is None:
-            self._drain_call = self.clock.callLater(0, self._drain)
-
-    def _drain(self, everything=False) -> None:
-        """Write queued answers, a slice of them (or all); the rest on the next turn."""
-        call, self._drain_call = self._drain_call, None
-        if call is not None and call.active():
-            call.cancel()              # called directly, ahead of its scheduled turn
-        outbox = self._outbox
-        count = len(outbox) if everything else min(ANSWER_SLICE, len(outbox))
-        check, valid = self.registry.check_token, {}
-        for _ in range(count):
-            waiter, status, body, headers = outbox.popleft()
-            request, waiter.request = waiter.request, None
-            if request is None:
-                continue               # the client left after its answer was decided
-            token = waiter.token
-            if token is not None:
-                ok = valid.get(token)
-                if ok is None:
-                    ok = valid[token] = check(token) is not None
-                if not ok:
-                    status, body, headers = REVOKED    # never data after a revocation
-            try:
-                self._respond(request, status, body, headers)
-            except Exception:
-                # One broken answer must not keep the others waiting, nor itself hang.
-                self.log.failure("answering a waiting request failed")
-                self._fail(request, headers)
-        if outbox and self._drain_call is None:
-            self._drain_call = self.clock.callLater(0, self._drain)
-
-    def _fail(self, request, headers) -> None:
-        """End a request whose answer raised: JSON 500 if nothing was sent yet, else close it."""
-        if request.finished:
-            return
-        if not request.startedWriting:
-            for key in headers or ():
-                request.responseHeaders.removeHeader(key)     # the failed answer's own
-            try:
-                self._respond(request, *FAILED)
-                return
-            except Exception:
-                self.log.failure("answering a waiting request with an error failed too")
-        request.loseConnection()
+        self.outbox.put(waiter, status, body, headers)
 
     def _built(self, build, *args):
         """build(*args): an answer, or FAILED (logged) if building it raises."""
@@ -317,7 +258,7 @@ class WaitingRoom:
 
     def _feed_answer(self, waiter):
         batch = self.registry.changes_since(waiter.cursor, waiter.limit)
-        return 200, changes_body(batch, select(batch, waiter.match)), None
+        return _changes_answer(batch, select(batch, waiter.match), waiter.history)
 
     def _deadline(self, waiter, now) -> None:
         """The scheduler's callback: a waiter's time is up."""
@@ -366,27 +307,33 @@ class WaitingRoom:
             backlog = self._streams
         for stream in list(backlog):
             stream.pump()
-        if self._outbox:
-            self._drain()              # the first slice in this very turn
+        if self.outbox:
+            self.outbox.drain()        # the first slice in this very turn
 
     def _wake_feed(self) -> None:
-        groups: dict[tuple, list] = {}
+        """Answer the feed waiters that have news: the feed is read once per cursor and
+        filter, and encoded once per filter and history, whoever waits on it."""
+        groups: dict[tuple, dict[bool, list]] = {}
         for waiter in self._feed:
-            groups.setdefault((waiter.cursor, waiter.match, waiter.limit), []).append(waiter)
-        for (cursor, match, limit), waiters in groups.items():
+            kinds = groups.setdefault((waiter.cursor, waiter.match, waiter.limit), {})
+            kinds.setdefault(waiter.history, []).append(waiter)
+        for (cursor, match, limit), kinds in groups.items():
             try:
                 batch = self.registry.changes_since(cursor, limit)
                 views = select(batch, match)
-                if not (views or batch.reset or batch.more):
+            except Exception:
+                self.log.failure("reading the feed for waiting feed requests failed")
+                batch = views = None
+            if batch is not None and not (views or batch.reset or batch.more):
+                for waiters in kinds.values():
                     for waiter in waiters:
                         waiter.cursor = batch.cursor   # nothing of interest: skip it next time
-                    continue
-                answer = 200, changes_body(batch, views), None
-            except Exception:
-                self.log.failure("building the answer of waiting feed requests failed")
-                answer = FAILED
-            for waiter in waiters:
-                self._answer(waiter, *answer)
+                continue
+            for history, waiters in kinds.items():
+                answer = FAILED if batch is None else self._built(
+                    _changes_answer, batch, views, history)
+                for waiter in waiters:
+                    self._answer(waiter, *answer)
 
     def _send_keepalives(self) -> None:
         for stream in list(self._streams):
@@ -405,5 +352,5 @@ class WaitingRoom:
             for waiter in list(waiters):
                 if waiter.token in tokens:
                     self._answer(waiter, *REVOKED)
-        if self._outbox:
-            self._drain()
+        if self.outbox:
+            self.outbox.drain()

@@ -73,9 +73,14 @@ export class Api {
     return (await this.request("GET", "dashboard/session")).data;
   }
 
-  /** One page of the change feed after `since`, waiting up to `wait` s for a change. */
-  async changes(since, wait, signal) {
-    const {data, headers} = await this.request("GET", "api/v1/changes", {query: {since, wait}, signal});
+  /**
+   * One page of the change feed after `since`, waiting up to `wait` s for a change;
+   * with `history: false` the devices come without their history.
+   */
+  async changes(since, wait, signal, {history = true} = {}) {
+    const query = {since, wait};
+    if (!history) query.history = "false";
+    const {data, headers} = await this.request("GET", "api/v1/changes", {query, signal});
     const interval = Number(headers.get("x-poll-interval"));
     return {...data, pollInterval: Number.isFinite(interval) ? interval : 0};
   }

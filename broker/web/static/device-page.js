@@ -146,7 +146,7 @@ export class DevicePage {
 
   _renderReported(device) {
     if (device.history) {
-      this._history = device.history;      // a copy that carries it (long polling, a read)
+      this._history = device.history;      // a copy that carries it (a read)
       this._historyOf = device.version;
     } else {
       if (this._history === null || device.version > this._historyOf) this._readSoon();

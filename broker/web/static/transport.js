@@ -237,7 +237,8 @@ class PollingFeed {
       const wait = this.live ? this.wait : 0;
       const started = Date.now();
       try {
-        page = await this.api.changes(fleet.cursor ?? 0, wait, signal);
+        // Without history, as over the WebSocket: the device view reads its own device.
+        page = await this.api.changes(fleet.cursor ?? 0, wait, signal, {history: false});
       } catch (error) {
         if (signal.aborted) return;
         if (error.status === 401) return this.onUnauthorized(error);
