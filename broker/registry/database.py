@@ -159,6 +159,9 @@ def connect(path, *, create=True, synchronous="FULL", migrate=True, must_write=T
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                # Nothing was ever announced from a new file: a clean stop
+                # (restart.py; the mark is the sequence, none yet).
+                conn.execute("INSERT INTO meta (key, value) VALUES ('clean_stop', 0)")
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")

@@ -26,7 +26,8 @@ _GLOB_CHARS = frozenset("*?[")
 class ChangeFeed:
     """Cursor-ordered log of device records and removal tombstones."""
 
-    __slots__ = ("_cursors", "_entries", "_stale", "_tombstones", "horizon", "retention")
+    __slots__ = ("_cursors", "_entries", "_stale", "_tombstones", "horizon", "retention",
+                 "_dead_lows", "_dead_highs")
 
     def __init__(self, retention=100_000):
         self._cursors = array("q")
@@ -36,6 +37,9 @@ class ChangeFeed:
         #: cursors below this (and above 0) cannot be served any more.
         self.horizon = 0
         self.retention = retention
+        # dead cursor ranges (restart.py): sorted, disjoint, ends excluded
+        self._dead_lows = ()
+        self._dead_highs = ()
 
     def __len__(self):
         return len(self._entries)
@@ -57,6 +61,17 @@ class ChangeFeed:
                 self.horizon = self._tombstones.popleft()
                 self._stale += 1
 
+    def set_dead(self, ranges):
+        """Cursors strictly inside these sorted, disjoint ``(low, high)`` ranges
+        were never durably issued (restart.py): they get a reset."""
+        self._dead_lows = tuple(low for low, _ in ranges)
+        self._dead_highs = tuple(high for _, high in ranges)
+
+    def _dead(self, cursor):
+        """True if ``cursor`` lies strictly inside a dead range."""
+        i = bisect_right(self._dead_highs, cursor)
+        return i < len(self._dead_lows) and self._dead_lows[i] < cursor
+
     def stale(self):
         """Note that one logged entry went stale without a new one (device removed)."""
         self._stale += 1
@@ -72,7 +87,8 @@ class ChangeFeed:
 
     def changes_since(self, cursor, current, limit, view=DeviceView.of):
         """Latest views of devices changed after ``cursor`` (see DeviceRegistry.changes_since)."""
-        reset = cursor < 0 or cursor > current or 0 < cursor < self.horizon
+        reset = (cursor < 0 or cursor > current or 0 < cursor < self.horizon
+                 or self._dead(cursor))
         if reset:
             cursor = 0
         cursors, entries = self._cursors, self._entries

@@ -25,6 +25,7 @@ from .history import EMPTY_HISTORY
 from .model import Device, DeviceView, KeyShapes
 from .observers import KeyWatch, Observers
 from .provisioning import NAME_RE, Provisioning, check_name
+from .restart import continue_cursors
 from .secrets import TokenTable
 from .settings import RegistrySettings
 from .updates import StateUpdates
@@ -80,11 +81,18 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
         tombstones = sorted(loaded.tombstones)
         horizon = loaded.horizon
         keep = self.settings.feed_retention
-        if len(tombstones) > keep:
+        pruned = len(tombstones) > keep
+        if pruned:
             horizon = max(horizon, tombstones[len(tombstones) - keep - 1][0])
             tombstones = tombstones[len(tombstones) - keep:]
-            self._store.write(("prune", horizon))
         self._load_feed(devices, tombstones, horizon, loaded.sequence)
+        # Durable before anything is announced (restart.py). Dead ranges go
+        # once the stored horizon covers them (the prune below is not durable yet).
+        self.cursor, dead = continue_cursors(loaded, self.cursor, loaded.horizon)
+        self._feed.set_dead(dead)
+        self._store.begin(self.cursor, dead)
+        if pruned:
+            self._store.write(("prune", horizon))
         # Nobody is connected to a process that just started.
         for dev in devices:
             if dev.online:

@@ -9,8 +9,8 @@ prepared (sqlite_store.py uses them).
 
 from .database import SESSION_COLUMNS
 
-__all__ = ["CHUNK", "STATE_SQL", "SESSION_SQL", "SEQUENCE_SQL", "HORIZON_SQL",
-           "rows_statements"]
+__all__ = ["CHUNK", "STATE_SQL", "SESSION_SQL", "SEQUENCE_SQL", "HORIZON_SQL", "DURABLE_SQL",
+           "CLEAN_STOP_SQL", "rows_statements"]
 
 #: most rows in one multi-row statement (SQLite allows 250000 parameters here;
 #: 4096 rows of 7 parameters stay far below the historic 32766 as well).
@@ -22,6 +22,12 @@ SESSION_SQL = (f"INSERT OR REPLACE INTO sessions ({SESSION_COLUMNS}) VALUES ", "
 SEQUENCE_SQL = ("INSERT INTO meta (key, value) VALUES ('sequence', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)")
 HORIZON_SQL = SEQUENCE_SQL.replace("'sequence'", "'horizon'")
+#: every change at or below this cursor is durable (restart.py).
+DURABLE_SQL = SEQUENCE_SQL.replace("'sequence'", "'durable'")
+#: the clean-stop mark: the sequence as it was at the clean stop (a broker
+#: that does not know the mark, an older one, moves the sequence past it).
+CLEAN_STOP_SQL = ("INSERT OR REPLACE INTO meta (key, value) SELECT 'clean_stop',"
+                  " coalesce((SELECT value FROM meta WHERE key = 'sequence'), 0)")
 _statements = {}
 
 

@@ -25,6 +25,11 @@ reactor thread, the writer thread runs (almost) only SQLite's C code.
   change is durable -- it survives ``kill -9`` and, with FULL, power loss.
 * A commit that fails fails its Deferreds; its devices are written again
   later as they are then (sqlite_retry.py), so none stays behind on disk.
+* Restarts (restart.py): ``begin`` commits, on the reactor thread before
+  the writer starts, the dead cursor ranges and that a registry runs; each
+  commit advances the ``durable`` mark (every change at or below it is
+  stored) unless ``max_batch`` cut an earlier change off, or a commit of
+  this run failed; ``close`` writes the clean-stop mark last.
 
 Why multi-row statements: ``executemany`` binds each row holding the GIL
 and releases it around each step, two GIL hand-overs per row; while the
@@ -46,7 +51,8 @@ from .database import (SESSION_COLUMNS, connect, database_path, decode_state, en
 from .errors import DeviceExists, StoreError
 from .model import UpdateResult
 from .settings import RegistrySettings
-from .sqlite_rows import HORIZON_SQL, SEQUENCE_SQL, SESSION_SQL, STATE_SQL, rows_statements
+from .sqlite_rows import (CLEAN_STOP_SQL, DURABLE_SQL, HORIZON_SQL, SEQUENCE_SQL, SESSION_SQL,
+                          STATE_SQL, rows_statements)
 from .sqlite_retry import Group as _Group
 from .sqlite_retry import UnsavedDevices
 from .store import DeviceRow, Loaded, Store
@@ -61,6 +67,35 @@ def _latest_records(ops) -> dict:
             elif op[0] == "sessions":
                 latest.update(zip(op[1], op[2]))
     return latest
+
+
+def _first_cursor(ops, cursors):
+    """The cursor of the earliest change among queued writes ``ops`` (they are
+    queued in cursor order), or None."""
+    for i, op in enumerate(ops):
+        kind = type(op)
+        if kind is tuple:
+            if op[0] == "state":
+                return op[2]
+            if op[0] == "add":
+                return op[5]
+            if op[0] == "remove":
+                return op[4]
+        elif kind is _Group:
+            if op.cursors:
+                return op.cursors[0]
+        elif cursors[i]:
+            return cursors[i]
+    return None
+
+
+class _Exit:
+    """The writer thread's last job: close the database, after the clean-stop mark if ``clean``."""
+
+    __slots__ = ("clean",)
+
+    def __init__(self, clean):
+        self.clean = clean
 
 
 def _as_now(states, written) -> None:
@@ -92,11 +127,13 @@ class SQLiteStore(Store):
         self._cursors = array("q")
         self._busy = False            # a plan is with the writer thread
         self._soon = None             # the end-of-turn hand-over (IDelayedCall)
-        self._jobs = deque()          # plans handed to the writer (at most one) / None = exit
+        self._jobs = deque()          # plans handed to the writer (at most one) / _Exit = the last
         self._wake = threading.Event()
         self._closing = False
         self._closed = None
         self._thread = None
+        self._begun = False           # begin() recorded that a registry runs
+        self._durable = 0             # the durable mark planned last (restart.py)
         #: the devices of failed commits, written again (``clock``: its timer).
         self.unsaved = UnsavedDevices(reactor if clock is None else clock, self._rewrite)
         #: commits done and operations written (for the benchmark and metrics).
@@ -129,6 +166,12 @@ class SQLiteStore(Store):
             meta = dict(conn.execute("SELECT key, value FROM meta"))
             loaded.sequence = meta.get("sequence", 0)
             loaded.horizon = meta.get("horizon", 0)
+            # No mark: a broker of this version was running (or an older one
+            # ran last, whose stop is unknown): unclean (restart.py).
+            loaded.clean = meta.get("clean_stop") == loaded.sequence
+            loaded.durable = meta.get("durable", 0)
+            loaded.dead = sorted((int(key[5:]), high) for key, high in meta.items()
+                                 if key.startswith("dead:"))
             loaded.admin_seq = conn.execute(
                 "SELECT coalesce(max(seq), 0) FROM admin_log").fetchone()[0]
         except (sqlite3.DatabaseError, ValueError) as e:
@@ -136,6 +179,28 @@ class SQLiteStore(Store):
         except StoreError as e:
             raise StoreError(f"{self.path}: {e.message}") from None
         return loaded
+
+    def begin(self, cursor, dead):
+        """Record the start (see Store.begin) in one transaction, on this thread:
+        the writer has not started yet."""
+        if self._thread is not None:
+            raise RuntimeError("begin() runs before the first write")
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM meta WHERE key = 'clean_stop' OR key LIKE 'dead:%'")
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                             [(f"dead:{low}", high) for low, high in dead])
+            # broker-admin takes its cursors above the sequence (next_cursor).
+            conn.execute(SEQUENCE_SQL, (cursor,))
+            conn.execute(DURABLE_SQL, (cursor,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: cannot record the start: {e}") from None
+        self._begun = True
+        self._durable = cursor
 
     def write(self, op, result=None):
         if self._closing:
@@ -232,7 +297,8 @@ class SQLiteStore(Store):
         del self._ops[:n], self._deferreds[:n], self._results[:n], self._versions[:n], \
             self._cursors[:n]
         try:
-            plan = self._plan(*batch, later_records=_latest_records(self._ops))
+            plan = self._plan(*batch, later_records=_latest_records(self._ops),
+                              later_cursor=_first_cursor(self._ops, self._cursors))
         except (ValueError, TypeError) as e:     # a value CBOR cannot encode
             self.log.failure("registry writes could not be encoded")
             self._fire(batch, Failure(StoreError(f"storage failed: {e}")))
@@ -258,7 +324,8 @@ class SQLiteStore(Store):
             self._versions.insert(0, 0)
             self._cursors.insert(0, 0)
 
-    def _plan(self, ops, deferreds, results, versions, cursors, later_records=None):
+    def _plan(self, ops, deferreds, results, versions, cursors, later_records=None,
+              later_cursor=None):
         """``(steps, batch)`` for one transaction of the writes in ``batch``.
 
         ``later_records``: the latest session record of each device among
@@ -268,6 +335,10 @@ class SQLiteStore(Store):
         that no commit holds a state newer than its device's record (after
         a crash the device would send those events again, and they would be
         stored twice).
+
+        ``later_cursor``: the earliest change among those writes; the durable
+        mark stays below it (a Device written as it is now may carry a later
+        cursor than a change still waiting).
         """
         steps = []
         states = {}           # device number -> (Device or "state" op, queued cursor)
@@ -330,6 +401,12 @@ class SQLiteStore(Store):
                                     for number in written.intersection(later_records)})
         if top:
             steps.append(("sql", SEQUENCE_SQL, (top,)))
+            if later_cursor is not None:
+                top = min(top, later_cursor - 1)
+            # A failed commit's changes may be lost in a crash: the mark stays.
+            if top > self._durable and not self.unsaved.failed_commits:
+                self._durable = top
+                steps.append(("sql", DURABLE_SQL, (top,)))
         return steps, (ops, deferreds, results, versions, cursors)
 
     @staticmethod
@@ -432,11 +509,27 @@ class SQLiteStore(Store):
         elif not self._closing:
             pass
         elif self._thread is not None:
-            self._jobs.append(None)
+            self._jobs.append(_Exit(self._stopped_clean()))
             self._wake.set()
         elif not self._closed.called:
+            if self._stopped_clean():
+                self._mark_clean_stop()
             self._conn.close()
             self._closed.callback(None)
+
+    def _stopped_clean(self):
+        """Everything this run announced is stored: it began, and no commit of
+        it failed (a failed one's changes may have been lost before the retry)."""
+        return self._begun and not self.unsaved and not self.unsaved.failed_commits
+
+    def _mark_clean_stop(self):
+        """The last commit: the clean-stop mark (either thread; the other is idle)."""
+        conn = self._conn
+        try:
+            conn.execute(CLEAN_STOP_SQL)
+        except sqlite3.Error as e:
+            # The next start is unclean: it skips a gap, harmless.
+            self.log.error("registry clean-stop mark not written: {error}", error=e)
 
     # -- writer thread ------------------------------------------------------
 
@@ -447,7 +540,9 @@ class SQLiteStore(Store):
             self._wake.clear()
             while jobs:
                 job = jobs.popleft()
-                if job is None:
+                if type(job) is _Exit:
+                    if job.clean:
+                        self._mark_clean_stop()
                     self._conn.close()
                     self._reactor.callFromThread(self._closed.callback, None)
                     return

@@ -17,6 +17,10 @@ Write operations (the first item names the kind):
 * ``("prune", horizon)``: forget tombstones at or below ``horizon`` and
   remember it (cursors below it get a reset answer, also after a restart)
 
+Before the first write the registry calls ``begin`` (restart.py): the store
+durably records where the cursors continue, the dead cursor ranges, and
+that a registry runs (so that a stop without ``close`` reads as unclean).
+
 ``state`` is ``Device.state()``: a tuple of plain values the store encodes.
 """
 
@@ -56,6 +60,11 @@ class Loaded:
     sequence: int = 0                                 # highest cursor ever stored
     admin_seq: int = 0                                # last admin-log entry seen
     horizon: int = 0                                  # tombstones pruned up to here
+    #: the last registry stopped cleanly (everything it announced is stored).
+    clean: bool = True
+    #: every change at or below this cursor was durable (None: all loaded ones).
+    durable: int | None = None
+    dead: list = field(default_factory=list)          # (low, high): restart.py
 
 
 class Store:
@@ -64,6 +73,12 @@ class Store:
     def load(self):
         """Read everything: returns ``Loaded`` (synchronously, at start)."""
         raise NotImplementedError
+
+    def begin(self, cursor, dead):
+        """A registry starts at ``cursor`` with the dead cursor ranges ``dead``:
+        record both, and that a registry runs (a stop without ``close`` is
+        unclean), durably before returning. Called once, after ``load``,
+        before any write. This default records nothing (every start is clean)."""
 
     def write(self, op, result=None):
         """Queue one write; the Deferred fires with ``result`` once it is durable."""
@@ -120,7 +135,9 @@ class MemoryStore(Store):
     Writes are durable at once, unless ``hold()`` was called: then they wait
     until ``release()``, which lets tests check that nothing is acknowledged
     before it is durable. A new registry over the same MemoryStore sees the
-    previous one's data, like a restart.
+    previous one's data, like a restart: a clean one (every write was
+    durable at once), unless writes were held then, or ``crash()`` dropped
+    them (restart.py).
     """
 
     def __init__(self):
@@ -131,7 +148,9 @@ class MemoryStore(Store):
         self.sequence = 0
         self.horizon = 0
         self.writes = 0
+        self.dead = []          # dead cursor ranges (restart.py)
         self._held = None
+        self._crashed = False
 
     def load(self):
         return Loaded(
@@ -140,7 +159,18 @@ class MemoryStore(Store):
             tombstones=list(self.tombstones),
             tokens=[(tid,) + rest for tid, rest in self.tokens.items()],
             sessions=list(self.sessions.items()),
-            sequence=self.sequence, horizon=self.horizon)
+            sequence=self.sequence, horizon=self.horizon, dead=list(self.dead),
+            clean=not (self._crashed or self._held))
+
+    def begin(self, cursor, dead):
+        self.dead = list(dead)
+        self._crashed = False
+
+    def crash(self):
+        """Lose the held writes as ``kill -9`` would (their Deferreds never fire):
+        the next registry over this store starts unclean."""
+        self._held = None
+        self._crashed = True
 
     def hold(self):
         """Keep further writes pending (not durable) until ``release()``."""

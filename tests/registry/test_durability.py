@@ -1,4 +1,5 @@
-"""The durability rule under a real ``kill -9`` of a writer process."""
+"""The durability rule under a real ``kill -9`` of a writer process, and a
+dashboard's resume from a cursor it was told before the kill."""
 
 import os
 import select
@@ -7,8 +8,10 @@ import subprocess
 import sys
 import time
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from broker.registry import open_registry
 from broker.registry.admin import AdminDatabase
 
 DEVICES = ("d0", "d1", "d2")
@@ -16,20 +19,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEADLINE = 60.0   # seconds a child may take to produce its acks
 
 
-class KillTests(SynchronousTestCase):
-    """Everything acknowledged as durable before SIGKILL is there after reopening."""
+class _Child:
+    """Runs the writer child (writer_process.py) and kills it."""
 
-    def run_and_kill(self, data_dir, acks_wanted):
-        """Run a writer child, SIGKILL it after ``acks_wanted`` acks; return the last ack per device."""
+    def run_and_kill(self, data_dir, acks_wanted, seen=None, stall=None):
+        """Run a writer child, SIGKILL it after ``acks_wanted`` acks; return the last
+        ack per device. ``seen``: a list that gets ``(name, cursor, counter)`` of
+        every change the child's observer printed before it died. ``stall``: the
+        child stops committing from that write on; killed once it says STALLED."""
+        flags = ["--seen"] if seen is not None else []
+        if stall is not None:
+            flags += ["--stall", str(stall)]
+        stalled = False
         child = subprocess.Popen(
-            [sys.executable, "-m", "tests.registry.writer_process", data_dir, *DEVICES],
+            [sys.executable, "-m", "tests.registry.writer_process", data_dir, *flags, *DEVICES],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(lambda: child.poll() is None and child.kill())
         acked = {}
-        seen = 0
+        acks = 0
         buffered = b""
         end = time.monotonic() + DEADLINE
-        while seen < acks_wanted:
+        while acks < acks_wanted or (stall is not None and not stalled):
             left = end - time.monotonic()
             self.assertGreater(left, 0, "writer child produced too few acks")
             ready, _, _ = select.select([child.stdout], [], [], left)
@@ -43,13 +53,29 @@ class KillTests(SynchronousTestCase):
                 if parts[:1] == [b"ACK"]:
                     name, version, value = parts[1].decode(), int(parts[2]), int(parts[3])
                     acked[name] = max(acked.get(name, (0, 0)), (version, value))
-                    seen += 1
+                    acks += 1
+                elif parts[:1] == [b"STALLED"]:
+                    stalled = True
+                elif parts[:1] == [b"SEEN"] and seen is not None:
+                    seen.append((parts[1].decode(), int(parts[2]), int(parts[3])))
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
+        if seen is not None:
+            # What the child wrote before it died is what a dashboard saw (a
+            # line cut short by the kill was never seen whole).
+            buffered += child.stdout.read()
+            for line in buffered.split(b"\n")[:-1]:
+                parts = line.split()
+                if parts[:1] == [b"SEEN"]:
+                    seen.append((parts[1].decode(), int(parts[2]), int(parts[3])))
         child.stdout.close()
         child.stderr.close()
         self.assertEqual(child.returncode, -signal.SIGKILL)
         return acked
+
+
+class KillTests(_Child, SynchronousTestCase):
+    """Everything acknowledged as durable before SIGKILL is there after reopening."""
 
     def check(self, data_dir, acked):
         admin = AdminDatabase(data_dir)
@@ -76,3 +102,42 @@ class KillTests(SynchronousTestCase):
         self.check(data_dir, second)
         for name in DEVICES:
             self.assertGreater(second[name][0], views[name].version)
+
+
+class ResumeAfterKillTests(_Child, TestCase):
+    """A dashboard that was told of changes (and their cursors) before a SIGKILL
+    resumes from its last cursor after the restart without losing anything."""
+
+    @defer.inlineCallbacks
+    def test_resume_from_a_cursor_seen_before_the_kill(self):
+        """The dashboard's copy (the changes it saw, the last 200 never durable, then
+        what ``changes_since`` of its last cursor gives once the restarted registry
+        has made more changes than it saw) equals the registry's state."""
+        data_dir = os.path.abspath(os.path.join(self.mktemp(), "data"))
+        admin = AdminDatabase(data_dir, create=True)
+        for name in DEVICES:
+            admin.add_device(name)
+        admin.close()
+        seen = []
+        acked = self.run_and_kill(data_dir, 300, seen, stall=600)
+        self.assertGreater(seen[-1][2], max(value for _, value in acked.values()))
+        copy = {name: counter for name, _, counter in seen}
+        cursor = seen[-1][1]
+        registry = open_registry(data_dir, clock=reactor)
+        self.addCleanup(registry.stop)
+        # Changes of one device only, past the dashboard's cursor: the others keep
+        # the values the crash rolled back to.
+        n = 10 ** 9
+        while registry.cursor <= cursor:
+            n += 1
+            registry.update_reported(DEVICES[0], {"counter": n})
+        yield registry.update_reported(DEVICES[0], {"counter": n + 1})
+        more = True
+        while more:
+            batch = registry.changes_since(cursor, limit=2)
+            if batch.reset:
+                copy = {}
+            copy.update((view.name, view.reported["counter"]) for view in batch.devices)
+            cursor, more = batch.cursor, batch.more
+        self.assertEqual(copy, {name: registry.device(name).reported["counter"]
+                                for name in DEVICES})

@@ -1,0 +1,345 @@
+"""Tests for broker.registry.restart: cursors after a clean or an unclean stop.
+
+The registry tells observers of a change (with its cursor) before the store
+has made it durable. After a crash a dashboard may hold a cursor for changes
+that were lost; the restarted registry must never issue those cursors again
+for other changes, or the dashboard would resume past changes it never saw.
+"""
+
+import os
+import sqlite3
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from broker.registry import DeviceRegistry, RegistrySettings
+from broker.registry.database import DB_NAME
+from broker.registry.restart import CURSOR_GAP, MAX_SAFE_CURSOR, continue_cursors, merge
+from broker.registry.sqlite_store import SQLiteStore
+from broker.registry.store import Loaded
+from .helpers import make_registry
+
+
+class StalledStore(SQLiteStore):
+    """An SQLite store whose writer the test can stall after ``commits_left``
+    more hand-overs: later writes stay queued (announced, never durable) until
+    ``kill()`` drops them as ``kill -9`` would."""
+
+    commits_left = None
+
+    def _hand_over(self):
+        if self.commits_left is not None:
+            if self.commits_left <= 0:
+                return
+            self.commits_left -= 1
+        super()._hand_over()
+
+    def kill(self):
+        """Stop like a killed process: queued writes are lost, no clean-stop mark."""
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
+        for queued in (self._ops, self._deferreds, self._results, self._versions, self._cursors):
+            del queued[:]
+        self._begun = False          # what a killed process never gets to write
+        return self.close()
+
+
+class CrashTests(TestCase):
+    """A registry over SQLite killed with announced but uncommitted changes."""
+
+    def setUp(self):
+        self.data_dir = os.path.join(self.mktemp(), "data")
+
+    def open(self, store_type=SQLiteStore, **settings):
+        settings = RegistrySettings(**settings)
+        store = store_type.in_directory(self.data_dir, reactor=reactor, settings=settings)
+        registry = DeviceRegistry(store, clock=reactor, settings=settings)
+        self.addCleanup(store.close)
+        return registry
+
+    @defer.inlineCallbacks
+    def crashed(self):
+        """A registry that announced changes of "a" and was killed before committing
+        them; returns (durable cursor, the last cursor an observer saw)."""
+        registry = self.open(StalledStore)
+        for name in ("a", "b"):
+            yield registry.add_device(name)
+        yield registry.update_reported("a", {"x": 0})
+        durable = registry.cursor
+        seen = []
+        registry.subscribe("*", lambda view: seen.append(view.cursor))
+        registry._store.commits_left = 0
+        for i in range(1, 4):
+            registry.update_reported("a", {"x": i})
+        self.assertEqual(seen, [durable + 1, durable + 2, durable + 3])
+        yield registry._store.kill()
+        return durable, seen[-1]
+
+    @defer.inlineCallbacks
+    def test_cursor_of_lost_changes_resets_after_new_changes(self):
+        """A client holding a cursor of changes lost in a crash gets reset (and a
+        snapshot with the rolled-back value), even once the restarted registry has
+        made more changes than were lost."""
+        durable, seen = yield self.crashed()
+        again = self.open()
+        for i in range(5):
+            yield again.update_reported("b", {"y": i})
+        self.assertGreater(again.cursor, seen)
+        batch = again.changes_since(seen)
+        self.assertTrue(batch.reset)
+        views = {v.name: v for v in batch.devices}
+        self.assertEqual(views["a"].reported["x"], 0)
+        self.assertEqual(views["b"].reported["y"], 4)
+        self.assertEqual(batch.cursor, again.cursor)
+
+    @defer.inlineCallbacks
+    def test_unclean_start_skips_the_gap(self):
+        """After a crash cursors continue CURSOR_GAP above the loaded ones: the durable
+        cursor still resumes, any cursor above it up to the restart's own is reset,
+        and the restart's own cursor (a fresh snapshot's) resumes normally."""
+        durable, seen = yield self.crashed()
+        again = self.open()
+        start = again.cursor
+        self.assertEqual(start, durable + CURSOR_GAP)
+        self.assertLess(start, MAX_SAFE_CURSOR)
+        self.assertFalse(again.changes_since(durable).reset)
+        for cursor in (durable + 1, seen, start - 1):
+            self.assertTrue(again.changes_since(cursor).reset, cursor)
+        self.assertFalse(again.changes_since(start).reset)
+        result = yield again.update_reported("b", {"y": 1})
+        self.assertEqual(result.cursor, start + 1)
+        batch = again.changes_since(start)
+        self.assertEqual(([v.name for v in batch.devices], batch.reset), (["b"], False))
+        self.assertEqual([v.name for v in again.changes_since(durable).devices], ["b"])
+
+    @defer.inlineCallbacks
+    def test_clean_stop_moves_no_cursor(self):
+        """A clean stop commits everything: the next start continues at the same
+        cursor, and every cursor handed out before the stop resumes without reset."""
+        registry = self.open()
+        yield registry.add_device("a")
+        pending = [registry.update_reported("a", {"x": i}) for i in range(20)]
+        middle = registry.cursor - 10
+        yield registry.stop()
+        yield defer.gatherResults(pending)
+        again = self.open()
+        self.assertEqual(again.cursor, registry.cursor)
+        self.assertFalse(again.changes_since(middle).reset)
+        result = yield again.update_reported("a", {"x": 20})
+        self.assertEqual(result.cursor, registry.cursor + 1)
+
+    @defer.inlineCallbacks
+    def test_dead_range_survives_later_restarts(self):
+        """The dead range is durable: after a clean stop and start, and after a
+        second crash, a cursor of the first crash's lost changes still resets, and
+        the second crash adds its own range above the first restart's cursors."""
+        durable, seen = yield self.crashed()
+        second = self.open(StalledStore)
+        yield second.update_reported("b", {"y": 1})
+        legit = second.cursor
+        yield second.stop()
+        third = self.open(StalledStore)
+        self.assertEqual(third.cursor, legit)
+        self.assertTrue(third.changes_since(seen).reset)
+        self.assertFalse(third.changes_since(legit).reset)
+        observed = []
+        third.subscribe("b", lambda view: observed.append(view.cursor))
+        third._store.commits_left = 0
+        third.update_reported("b", {"y": 2})
+        yield third._store.kill()
+        fourth = self.open()
+        yield fourth.update_reported("a", {"x": 9})
+        self.assertEqual(fourth.cursor, legit + CURSOR_GAP + 1)
+        self.assertTrue(fourth.changes_since(seen).reset)
+        self.assertTrue(fourth.changes_since(observed[0]).reset)
+        batch = fourth.changes_since(legit)
+        self.assertFalse(batch.reset)
+        self.assertEqual([(v.name, v.reported) for v in batch.devices], [("a", {"x": 9})])
+
+    @defer.inlineCallbacks
+    def test_crash_right_after_an_unclean_start(self):
+        """The dead range and the running mark are durable before the restarted
+        registry announces anything: if it crashes before its first commit, the
+        next start still resets the cursors of both crashes."""
+        durable, seen = yield self.crashed()
+        second = self.open(StalledStore)
+        second._store.commits_left = 0
+        observed = []
+        second.subscribe("b", lambda view: observed.append(view.cursor))
+        second.update_reported("b", {"y": 1})
+        yield second._store.kill()
+        third = self.open()
+        for i in range(3):
+            yield third.update_reported("a", {"x": 10 + i})
+        self.assertTrue(third.changes_since(seen).reset)
+        self.assertTrue(third.changes_since(observed[0]).reset)
+        self.assertGreater(third.cursor, observed[0])
+
+    @defer.inlineCallbacks
+    def test_cut_commit_marks_only_the_durable_prefix(self):
+        """A commit cut by max_batch writes a device as it is now (a later cursor)
+        while an earlier change of another device waits: the dead range starts below
+        that waiting change, so a client that saw it is reset after a crash."""
+        registry = self.open(StalledStore, max_batch=2)
+        for name in ("a", "b", "c"):
+            yield registry.add_device(name)
+        base = registry.cursor
+        registry._store.commits_left = 1
+        first = registry.update_reported("a", {"x": 1})     # base + 1, written as base + 4
+        registry.update_reported("b", {"x": 1})             # base + 2
+        registry.update_reported("c", {"x": 1})             # base + 3: never committed
+        registry.update_reported("a", {"x": 2})             # base + 4
+        yield first
+        yield registry._store.kill()
+        again = self.open()
+        self.assertEqual(again.device("a").reported["x"], 2)
+        self.assertEqual(again.device("c").reported, {})
+        self.assertFalse(again.changes_since(base + 2).reset)
+        batch = again.changes_since(base + 4)
+        self.assertTrue(batch.reset)
+        self.assertEqual({v.name: v.reported for v in batch.devices}["c"], {})
+
+    @defer.inlineCallbacks
+    def test_database_of_an_older_broker_starts_unclean(self):
+        """A database without the clean-stop mark (an older broker's, whose last stop
+        is unknown) starts as after a crash: every cursor above 0 is reset once."""
+        registry = self.open()
+        yield registry.add_device("a")
+        yield registry.update_reported("a", {"x": 1})
+        cursor = registry.cursor
+        yield registry.stop()
+        conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
+        conn.execute("DELETE FROM meta WHERE key IN ('clean_stop', 'durable')")
+        conn.commit()
+        conn.close()
+        again = self.open()
+        self.assertEqual(again.cursor, cursor + CURSOR_GAP)
+        self.assertTrue(again.changes_since(1).reset)
+        self.assertFalse(again.changes_since(0).reset)
+
+    @defer.inlineCallbacks
+    def test_fresh_database_starts_clean(self):
+        """A new database (also one broker-admin created) starts at cursor 0, no gap."""
+        from broker.registry.admin import AdminDatabase
+        admin = AdminDatabase(self.data_dir, create=True)
+        admin.add_device("a")
+        admin.close()
+        registry = self.open()
+        self.assertLess(registry.cursor, 10)
+        yield registry.stop()
+
+    @defer.inlineCallbacks
+    def test_dead_ranges_below_the_horizon_are_dropped(self):
+        """A dead range wholly below the stored horizon (pruned tombstones) is
+        forgotten at the next start: such cursors are reset by the horizon anyway."""
+        durable, seen = yield self.crashed()
+        second = self.open(feed_retention=1)
+        for name in ("c", "d", "e"):
+            yield second.add_device(name)
+        for name in ("c", "d"):
+            yield second.remove_device(name)
+        yield second.stop()
+
+        def dead_rows():
+            conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
+            try:
+                return conn.execute("SELECT key FROM meta WHERE key LIKE 'dead:%'").fetchall()
+            finally:
+                conn.close()
+        self.assertEqual(len(dead_rows()), 1)
+        third = self.open(feed_retention=1)
+        self.assertEqual(len(dead_rows()), 1)       # until the new horizon is durable
+        self.assertTrue(third.changes_since(seen).reset)
+        self.assertTrue(third.changes_since(second.cursor - 3).reset)
+        yield third.stop()
+        fourth = self.open(feed_retention=1)
+        self.assertEqual(dead_rows(), [])
+        self.assertTrue(fourth.changes_since(seen).reset)
+        self.assertEqual(fourth.cursor, second.cursor)
+        yield fourth.stop()
+
+
+class MemoryStoreRestartTests(SynchronousTestCase):
+    """The MemoryStore: a new registry over it is a clean restart (its writes are
+    durable at once), unless writes were held, or ``crash()`` dropped them."""
+
+    def test_new_registry_is_a_clean_restart(self):
+        """A new registry over the same MemoryStore continues at the same cursor."""
+        registry, store, _ = make_registry()
+        self.successResultOf(registry.add_device("a"))
+        registry.update_reported("a", {"x": 1})
+        again, _, _ = make_registry(store)
+        self.assertEqual(again.cursor, registry.cursor)
+        self.assertEqual(store.dead, [])
+
+    def test_crash_drops_held_writes_and_leaves_a_dead_range(self):
+        """crash() loses the held writes like kill -9: the next registry skips the
+        gap, and the cursors of the lost changes are reset."""
+        registry, store, _ = make_registry()
+        self.successResultOf(registry.add_device("a"))
+        durable = registry.cursor
+        store.hold()
+        held = registry.update_reported("a", {"x": 1})
+        seen = registry.cursor
+        store.crash()
+        self.assertNoResult(held)
+        again, _, _ = make_registry(store)
+        self.assertEqual(again.device("a").reported, {})
+        self.assertEqual(again.cursor, durable + CURSOR_GAP)
+        self.assertEqual(store.dead, [(durable, durable + CURSOR_GAP)])
+        again.update_reported("a", {"x": 2})
+        self.assertTrue(again.changes_since(seen).reset)
+        self.assertFalse(again.changes_since(durable).reset)
+
+    def test_held_writes_at_restart_count_as_a_crash(self):
+        """A new registry over a MemoryStore still holding writes of the old one is
+        an unclean start (those writes were announced and are not stored)."""
+        registry, store, _ = make_registry()
+        self.successResultOf(registry.add_device("a"))
+        store.hold()
+        registry.update_reported("a", {"x": 1})
+        again, _, _ = make_registry(store)
+        self.assertEqual(again.cursor, registry.cursor - 1 + CURSOR_GAP)
+
+
+class ContinueCursorsTests(SynchronousTestCase):
+    """continue_cursors and merge: the arithmetic of dead ranges."""
+
+    def test_clean_keeps_the_top(self):
+        """A clean start continues at the highest cursor known, dead ranges included."""
+        loaded = Loaded(dead=[(5, 50)])
+        self.assertEqual(continue_cursors(loaded, 10, 0), (50, [(5, 50)]))
+
+    def test_unclean_starts_from_the_durable_prefix(self):
+        """An unclean start's range begins at the durable prefix (or the top if the
+        store has no better mark) and ends CURSOR_GAP above the top."""
+        loaded = Loaded(clean=False, durable=7)
+        self.assertEqual(continue_cursors(loaded, 10, 0),
+                         (10 + CURSOR_GAP, [(7, 10 + CURSOR_GAP)]))
+        loaded = Loaded(clean=False)
+        self.assertEqual(continue_cursors(loaded, 10, 0),
+                         (10 + CURSOR_GAP, [(10, 10 + CURSOR_GAP)]))
+
+    def test_ranges_below_the_horizon_go(self):
+        """A range ending at or below the horizon is dropped; one above stays."""
+        loaded = Loaded(dead=[(1, 5), (6, 20)])
+        self.assertEqual(continue_cursors(loaded, 30, 5), (30, [(6, 20)]))
+
+    def test_merge(self):
+        """Overlapping ranges merge; touching ones stay apart (their shared end is a
+        live cursor)."""
+        self.assertEqual(merge([(10, 20), (1, 5), (5, 8), (15, 30)]),
+                         [(1, 5), (5, 8), (10, 30)])
+
+    def test_feed_dead_ranges(self):
+        """The feed resets exactly the cursors strictly inside a dead range."""
+        registry, store, _ = make_registry()
+        self.successResultOf(registry.add_device("a"))
+        registry._feed.set_dead([(0, 0), (100, 200), (300, 400)])
+        registry.cursor = 1000
+        answers = {c: registry.changes_since(c).reset
+                   for c in (1, 100, 101, 199, 200, 250, 301, 400, 1000)}
+        self.assertEqual(answers, {1: False, 100: False, 101: True, 199: True, 200: False,
+                                   250: False, 301: True, 400: False, 1000: False})
+        self.assertIs(make_registry()[0].changes_since(0).reset, False)    # JSON false, not []
