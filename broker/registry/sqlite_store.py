@@ -12,10 +12,10 @@ reactor thread, the writer thread runs (almost) only SQLite's C code.
   collections frequent and slow.
 * At the end of the reactor turn (``callLater(0)``) in which the first
   write arrived at an idle writer, or when the writer finishes a commit,
-  the reactor thread turns everything queued into a *plan*: each changed
-  device's current state encoded once and its latest session record
-  (coalescing: latest wins), packed into a few multi-row statements;
-  other operations in order. Writes queued in one
+  the reactor thread turns everything queued into a *plan*
+  (sqlite_plan.py): each changed device's current state encoded once and
+  its latest session record (coalescing: latest wins), packed into a few
+  multi-row statements; other operations in order. Writes queued in one
   reactor turn therefore always share a commit (unless ``max_batch`` cuts).
 * The writer thread runs the plan in ONE transaction and commits (fsync
   with ``synchronous`` FULL); writes arriving meanwhile wait for the next
@@ -46,48 +46,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .database import (SESSION_COLUMNS, connect, database_path, decode_state, encode_device,
-                       encode_state, prepare_directory, session_from_row, session_params)
+from .database import (SESSION_COLUMNS, connect, database_path, decode_state,
+                       prepare_directory, session_from_row)
 from .errors import DeviceExists, StoreError
 from .model import UpdateResult
 from .settings import RegistrySettings
-from .sqlite_rows import (CLEAN_STOP_SQL, DURABLE_SQL, HORIZON_SQL, SEQUENCE_SQL, SESSION_SQL,
-                          STATE_SQL, rows_statements)
+from .sqlite_plan import first_cursor, latest_records, plan_steps
+from .sqlite_rows import CLEAN_STOP_SQL, DURABLE_SQL, SEQUENCE_SQL
 from .sqlite_retry import Group as _Group
 from .sqlite_retry import UnsavedDevices
 from .store import DeviceRow, Loaded, Store
-
-def _latest_records(ops) -> dict:
-    """Device number -> the latest session record among queued writes ``ops``."""
-    latest = {}
-    for op in ops:
-        if type(op) is tuple:
-            if op[0] == "session":
-                latest[op[1]] = op[2]
-            elif op[0] == "sessions":
-                latest.update(zip(op[1], op[2]))
-    return latest
-
-
-def _first_cursor(ops, cursors):
-    """The cursor of the earliest change among queued writes ``ops`` (they are
-    queued in cursor order), or None."""
-    for i, op in enumerate(ops):
-        kind = type(op)
-        if kind is tuple:
-            if op[0] == "state":
-                return op[2]
-            if op[0] == "add":
-                return op[5]
-            if op[0] == "remove":
-                return op[4]
-        elif kind is _Group:
-            if op.cursors:
-                return op.cursors[0]
-        elif cursors[i]:
-            return cursors[i]
-    return None
-
 
 class _Exit:
     """The writer thread's last job: close the database, after the clean-stop mark if ``clean``."""
@@ -96,12 +64,6 @@ class _Exit:
 
     def __init__(self, clean):
         self.clean = clean
-
-
-def _as_now(states, written) -> None:
-    """Add to ``written`` the devices of ``states`` written as they are now
-    (a Device; a "state" operation carries its own state)."""
-    written.update(number for number, (op, _) in states.items() if type(op) is not tuple)
 
 
 class SQLiteStore(Store):
@@ -297,8 +259,8 @@ class SQLiteStore(Store):
         del self._ops[:n], self._deferreds[:n], self._results[:n], self._versions[:n], \
             self._cursors[:n]
         try:
-            plan = self._plan(*batch, later_records=_latest_records(self._ops),
-                              later_cursor=_first_cursor(self._ops, self._cursors))
+            plan = self._plan(*batch, later_records=latest_records(self._ops),
+                              later_cursor=first_cursor(self._ops, self._cursors))
         except (ValueError, TypeError) as e:     # a value CBOR cannot encode
             self.log.failure("registry writes could not be encoded")
             self._fire(batch, Failure(StoreError(f"storage failed: {e}")))
@@ -326,79 +288,15 @@ class SQLiteStore(Store):
 
     def _plan(self, ops, deferreds, results, versions, cursors, later_records=None,
               later_cursor=None):
-        """``(steps, batch)`` for one transaction of the writes in ``batch``.
+        """``(steps, batch)`` for one transaction of the writes in ``batch``
+        (sqlite_plan.py), with the sequence and the durable mark.
 
-        ``later_records``: the latest session record of each device among
-        the writes ``max_batch`` left for the next commit. A Device is
-        written as it is now, maybe with states (and events) whose record
-        is among those; that record then goes in this commit too, last, so
-        that no commit holds a state newer than its device's record (after
-        a crash the device would send those events again, and they would be
-        stored twice).
-
-        ``later_cursor``: the earliest change among those writes; the durable
-        mark stays below it (a Device written as it is now may carry a later
-        cursor than a change still waiting).
+        ``later_cursor``: the earliest change among the writes ``max_batch``
+        left for the next commit; the durable mark stays below it (a Device
+        written as it is now may carry a later cursor than a change still
+        waiting).
         """
-        steps = []
-        states = {}           # device number -> (Device or "state" op, queued cursor)
-        sessions = {}         # device number -> its latest SessionRecord
-        written = set()       # devices this commit writes as they are now
-        top = 0
-        for i, op in enumerate(ops):
-            if type(op) is not tuple:
-                if type(op) is _Group:
-                    for dev, cursor in zip(op.devs, op.cursors):
-                        states[dev.number] = (dev, cursor)
-                else:                          # write_state: a Device
-                    states[op.number] = (op, cursors[i])
-                continue
-            kind = op[0]
-            if kind == "state":
-                states[op[4]] = (op, 0)
-                continue
-            if kind == "session":
-                sessions[op[1]] = op[2]
-                continue
-            if kind == "sessions":            # write_sessions
-                sessions.update(zip(op[1], op[2]))
-                continue
-            if states or sessions:
-                _as_now(states, written)
-                top = max(top, self._flush(steps, states, sessions))
-            if kind == "add":
-                _, number, name, secret, version, cursor, state = op
-                steps.append(("add", "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?)",
-                              (number, name, secret, version, cursor, encode_state(state)),
-                              i, name))
-                top = max(top, cursor)
-            elif kind == "remove":
-                _, number, name, version, cursor = op
-                steps.append(("sql", "DELETE FROM devices WHERE number = ?", (number,)))
-                steps.append(("sql", "DELETE FROM sessions WHERE number = ?", (number,)))
-                steps.append(("sql", "INSERT INTO tombstones (cursor, name, number, version)"
-                              " VALUES (?, ?, ?, ?)", (cursor, name, number, version)))
-                top = max(top, cursor)
-            elif kind == "secret":
-                steps.append(("sql", "UPDATE devices SET secret = ? WHERE number = ?",
-                              (op[2], op[1])))
-            elif kind == "token_add":
-                steps.append(("sql", "INSERT INTO tokens VALUES (?, ?, ?, ?)", op[1:]))
-            elif kind == "token_del":
-                steps.append(("sql", "DELETE FROM tokens WHERE token_id = ?", (op[1],)))
-            elif kind == "prune":
-                steps.append(("sql", "DELETE FROM tombstones WHERE cursor <= ?", (op[1],)))
-                steps.append(("sql", HORIZON_SQL, (op[1],)))
-            elif kind == "read":
-                steps.append(("read", op[1], i))
-            elif kind != "barrier":
-                raise ValueError(f"unknown store operation {kind!r}")
-        if states or sessions:
-            _as_now(states, written)
-            top = max(top, self._flush(steps, states, sessions))
-        if later_records and written:
-            self._flush(steps, {}, {number: later_records[number]
-                                    for number in written.intersection(later_records)})
+        steps, top = plan_steps(ops, cursors, later_records)
         if top:
             steps.append(("sql", SEQUENCE_SQL, (top,)))
             if later_cursor is not None:
@@ -408,41 +306,6 @@ class SQLiteStore(Store):
                 self._durable = top
                 steps.append(("sql", DURABLE_SQL, (top,)))
         return steps, (ops, deferreds, results, versions, cursors)
-
-    @staticmethod
-    def _flush(steps, states, sessions, encode=encode_device):
-        """Steps writing the latest state of each device changed since the last
-        flush, and the latest session record of each device given one.
-
-        A Device is written as it is now (its version, cursor and state
-        agree); that is its last queued change, or a later one if
-        ``max_batch`` cut the queue, which only makes it durable early
-        (with the session record that names it: ``_plan``).
-        A removed device (cursor 0) keeps the cursor of its queued change.
-        Session records (one per device: last wins, as INSERT OR REPLACE
-        would) go in multi-row statements too, not one statement each.
-        Returns the highest cursor written.
-        """
-        if sessions:
-            params = []
-            for number, record in sessions.items():
-                params += session_params(number, record)
-            sessions.clear()
-            steps += rows_statements(SESSION_SQL, params)
-        params = []
-        top = 0
-        for op, queued_cursor in states.values():
-            if type(op) is tuple:
-                _, version, cursor, state, number = op
-                params += (version, cursor, encode_state(state), number)
-            else:
-                cursor = op.cursor or queued_cursor
-                params += (op.version, cursor, encode(op), op.number)
-            if cursor > top:
-                top = cursor
-        states.clear()
-        steps += rows_statements(STATE_SQL, params)
-        return top
 
     def _done(self, batch, results, failures):
         """Fire every Deferred of one commit, in write order, in one pass.
