@@ -66,8 +66,10 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
         self._desired_watches = []
         self._poll = None
         self._polling = False
-        #: counters of notable events (the lead wires them to metrics).
-        self.counters = Counter()
+        #: counters of notable events (exported as broker_registry_events_total);
+        #: a store that counts events of its own (failed commits) shares them.
+        shared = getattr(store, "counters", None)
+        self.counters = shared if isinstance(shared, Counter) else Counter()
         #: the global change sequence: cursor of the latest change.
         self.cursor = 0
         #: devices whose online flag is set (kept current by every change of it).

@@ -13,6 +13,8 @@ session record queued meanwhile takes its device's state into its commit:
 the record must never be durable before the state it acknowledges.
 """
 
+from collections import Counter
+
 #: seconds before the devices of a failed commit are written again, when no
 #: other commit has written them meanwhile.
 RETRY_DELAY = 1.0
@@ -43,8 +45,9 @@ def _devices(ops):
 class UnsavedDevices:
     """Devices of failed commits, and the one timer that writes them again."""
 
-    def __init__(self, clock, rewrite):
+    def __init__(self, clock, rewrite, counters=None):
         self._clock = clock
+        self._counters = counters if counters is not None else Counter()
         self._rewrite = rewrite      # called with the Devices to queue again
         self._devices = {}           # device number -> Device
         self._timer = None
@@ -61,6 +64,7 @@ class UnsavedDevices:
     def failed(self, ops):
         """A commit of ``ops`` failed: keep its devices, arm the timer."""
         self.failed_commits += 1
+        self._counters["store_commit_failed"] += 1
         unsaved = self._devices
         for dev in _devices(ops):
             unsaved[dev.number] = dev
@@ -105,6 +109,7 @@ class UnsavedDevices:
         self._devices.clear()
         if devs:
             self.rewritten_devices += len(devs)
+            self._counters["store_devices_rewritten"] += len(devs)
             self._rewrite(devs)
         return devs
 

@@ -40,7 +40,7 @@ reactor thread is busy each hand-over may wait a switch interval (the
 import sqlite3
 import threading
 from array import array
-from collections import deque
+from collections import Counter, deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -96,8 +96,11 @@ class SQLiteStore(Store):
         self._thread = None
         self._begun = False           # begin() recorded that a registry runs
         self._durable = 0             # the durable mark planned last (restart.py)
+        #: events the registry exports with its own (broker_registry_events_total).
+        self.counters = Counter()
         #: the devices of failed commits, written again (``clock``: its timer).
-        self.unsaved = UnsavedDevices(reactor if clock is None else clock, self._rewrite)
+        self.unsaved = UnsavedDevices(reactor if clock is None else clock, self._rewrite,
+                                      self.counters)
         #: commits done and operations written (for the benchmark and metrics).
         self.commits = 0
         self.operations = 0

@@ -558,6 +558,9 @@ class FailedCommitTests(TestCase):
         self.assertEqual(self.store.unsaved.rewritten_devices, 2)
         self.assertEqual(self.stored("a"), (False, 5))
         self.assertEqual(self.clock.getDelayedCalls(), [])   # nothing left to retry
+        # Exported with the registry's events (broker_registry_events_total).
+        self.assertEqual((self.registry.counters["store_commit_failed"],
+                          self.registry.counters["store_devices_rewritten"]), (2, 2))
 
     @defer.inlineCallbacks
     def test_later_commit_writing_the_device_cancels_the_retry(self):
