@@ -45,6 +45,7 @@ from broker.ssp.device_state import DeviceState
 from broker.ssp.events import DatagramRejected
 from broker.ssp.framing import HEADER_SIZE, BrokerFraming
 from broker.ssp.profile import FLEET
+from broker.ssp.randomness import BufferedRandom
 from broker.ssp.session import SSPSession
 from broker.ssp.transportinstruction_pb2 import Instruction as PBInstruction
 
@@ -55,14 +56,17 @@ STEP = 0.05  # simulated seconds between two state changes of the device
 MINDELAY = FLEET.send_mindelay  # a change is sent this long after it
 NONCE_SIZE = 8
 FLOOR_SKIP = 4 + 10  # timestamps and fragment header before the zlib stream
+RANDOM = BufferedRandom(os.urandom)
 
 
 def pair(device_number: int, session_id: int, ciphers, now: float):
-    """A device session and the broker session that serves it."""
+    """A device session and the broker session that serves it (their chaff
+    from a shared BufferedRandom, as the broker's and the nodes' endpoints
+    give it)."""
     framing = BrokerFraming(device_number, session_id)
     common = dict(key=SECRET, cipher_provider=ciphers, profile=FLEET,
                   local_state=DeviceState.empty(),
-                  remote_state=DeviceState.empty(), random_bytes=os.urandom,
+                  remote_state=DeviceState.empty(), random_bytes=RANDOM,
                   now=now, framing=framing)
     device = SSPSession(is_server=False, remote_address=BROKER_ADDRESS,
                         **common)

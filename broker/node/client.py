@@ -25,6 +25,7 @@ from broker.node.session_ids import SessionIds
 from broker.ssp.crypto import CipherCache
 from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE
 from broker.ssp.profile import FLEET
+from broker.ssp.randomness import BufferedRandom
 from broker.scheduler import WakeupScheduler
 
 __all__ = ["NodeEndpoint", "SSPNode", "node_profile"]
@@ -95,6 +96,9 @@ class NodeEndpoint:
         self._nodes: dict[int, NodeSession] = {}
         self._slot: dict[int, int] = {}
         self.ciphers = CipherCache(cipher_cache_size)
+        #: the sessions' chaff, for hosted sessions to share: one system call
+        #: per block, not per datagram.
+        self.random_bytes = BufferedRandom(os.urandom)
         self.scheduler = WakeupScheduler(reactor, self._wakeup, self._now)
         self.datagrams_in = 0
         self.datagrams_out = 0
@@ -185,6 +189,12 @@ class NodeEndpoint:
             return
         now = self._now()
         node.receive(data, addr, now)
+        wakeup = node.next_wakeup()
+        if node.session is not None and (wakeup is None or wakeup > now):
+            # The receive just computed the timers at this very now: nothing
+            # is due, so asking the session (a tick) would send nothing.
+            self.scheduler.schedule(number, wakeup)
+            return
         self._flush(node, now)
 
     def _flush(self, node: NodeSession, now: float) -> None:

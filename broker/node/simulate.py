@@ -45,7 +45,8 @@ class Fleet:
             number, secret = self.keys[len(self.nodes)]
             node = NodeSession(number, secret, self.endpoint.broker_address,
                                session_ids=self.ids, profile=profile,
-                               ciphers=self.endpoint.ciphers, rekey_after=self.rekey_after)
+                               ciphers=self.endpoint.ciphers, rekey_after=self.rekey_after,
+                               random_bytes=self.endpoint.random_bytes)
             node.report({"seq": 0}, self.endpoint.now())
             self.nodes.append(node)
             self.endpoint.add(node)

@@ -30,6 +30,7 @@ from broker.ssp.datagram import TIMESTAMP_SIZE
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.fragment import FRAGMENT_HEADER_SIZE
 from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE
+from broker.ssp.randomness import BufferedRandom
 from broker.udp.admission import Admission, first_datagram_fails, parked_datagram_fails
 from broker.udp.bridge import RegistryBridge
 from broker.udp.downstream import Downstream
@@ -79,7 +80,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
     log = Logger()
 
     def __init__(self, registry, settings, *, clock=None, now=None, ciphers=None,
-                 random_bytes=os.urandom) -> None:
+                 random_bytes=None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         from broker.ssp.crypto import CipherCache
@@ -90,6 +91,9 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         self._bridge = RegistryBridge(registry)
         self._profile = endpoint_profile(settings)
         self._ciphers = ciphers if ciphers is not None else CipherCache(settings.cipher_cache_size)
+        if random_bytes is None:
+            # The sessions' chaff: one system call per block, not per datagram.
+            random_bytes = BufferedRandom(os.urandom)
         self._random_bytes = random_bytes
         #: datagrams in and out, sessions started, resumed, parked, roams ...
         self.counters: Counter = Counter()

@@ -102,7 +102,16 @@ class SessionWrites:
         if flush:
             now = self._now()
             for live, _, _ in reports:
-                if table.get(live.number) is live:
+                if table.get(live.number) is not live:
+                    continue
+                wakeup = live.session.next_wakeup()
+                if wakeup is None or wakeup > now:
+                    # Its timers were computed when its datagram came, this
+                    # turn; computed again now they come no earlier before
+                    # that wake-up has passed, so a tick would send nothing.
+                    # Only its wake-up is set (the ack waits for durability).
+                    table.settle(live, now)
+                else:
                     self._flush(live, now)
 
     def _reported(self, results, reports, counts) -> None:
