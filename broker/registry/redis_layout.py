@@ -38,8 +38,6 @@ costs and why the cursor needs it.
 
 from __future__ import annotations
 
-import dataclasses
-
 import cbor2
 
 from .database import decode_state
@@ -84,8 +82,8 @@ def encode_record(record):
 #: The type of each field a session record has in this version; a newer
 #: broker's record may carry more after them (ignored), an older one's fewer
 #: (their defaults).
-_RECORD_TYPES = tuple(int if field.type in (int, "int") else bytes
-                      for field in dataclasses.fields(SessionRecord))
+_RECORD_TYPES = tuple(int if kind in (int, "int") else bytes
+                      for kind in SessionRecord.__annotations__.values())
 _RECORD_FIELDS = len(_RECORD_TYPES)
 
 

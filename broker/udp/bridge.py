@@ -10,7 +10,6 @@ removed device or rotated key.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -161,8 +160,8 @@ class RegistryBridge:
         commands = current.local_state if outgoing is None else encode_commands(outgoing)
         if current.remote_seq >= expected_seq and current.local_state == commands:
             return
-        record = replace(current, remote_seq=max(expected_seq, current.remote_seq),
-                         local_state=commands)
+        record = current._replace(remote_seq=max(expected_seq, current.remote_seq),
+                                  local_state=commands)
         self.registry.save_session(device_number, record).addErrback(
             self._mark_failed, device_number)
 
