@@ -278,7 +278,7 @@ class SupervisorService(MultiService):
         self._delay[worker.index] = min(RESTART_DELAY_MAX, delay * 2)
         self.restart_counts[worker.index] += 1
         log.error("worker {index} exited ({status}); restarting it in {delay} s "
-                  + ("(failure {failures} of {limit} allowed within {window} s)"
+                  + ("(failure {failures}; the supervisor gives up at {limit} within {window} s)"
                      if self.failure_limit else "(worker_failure_limit = 0: never given up)"),
                   index=worker.index, status=status, delay=delay, failures=len(failures),
                   limit=self.failure_limit, window=self.failure_window)

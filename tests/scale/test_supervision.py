@@ -192,7 +192,7 @@ class GiveUpTests(SynchronousTestCase):
         self.assertEqual(len(self.clock.spawned), 6)
         self.assertFalse(self.clock.stopped)
         self.assertEqual(formatEvent(errors[1]), "worker 1 exited (exit status 2); restarting "
-                         "it in 1.0 s (failure 2 of 5 allowed within 300.0 s)")
+                         "it in 1.0 s (failure 2; the supervisor gives up at 5 within 300.0 s)")
 
     def test_failures_spread_wider_than_the_window_are_restarted(self):
         """A worker whose failures never number the limit within the window (here it dies

@@ -7,7 +7,7 @@ import socket
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from broker.web.websocket.messages import CLOSE_TOO_SLOW
+from broker.web.websocket.messages import CLOSE_TOKEN_REVOKED, CLOSE_TOO_SLOW
 from tests.web.wsclient import connected, eventually, start_fleet
 
 DEVICES = tuple(f"dev-{i:02d}" for i in range(20))
@@ -129,6 +129,24 @@ class SlowClientTests(unittest.TestCase):
         self.assertEqual(code, CLOSE_TOO_SLOW)
         self.assertIn("behind for more than 1 s", reason)
         yield eventually(lambda: not fleet.factory.clients)
+
+    @defer.inlineCallbacks
+    def test_revoked_token_closes_a_client_that_is_behind(self):
+        """A client behind (not reading) whose token is revoked is closed with 4001 at
+        the next housekeeping round, not only once it is too slow (max_behind)."""
+        fleet = yield start_fleet(self, devices=DEVICES,
+                                  websocket={"ping_interval": 0.0, "max_behind": 60.0})
+        client, server, counter = yield paused_client(self, fleet)
+        fleet.registry.update_reported(DEVICES[0], {"n": -1})
+        self.assertIsNotNone(server.sync.behind_since)
+        read_id = next(info.token_id for info in fleet.registry.tokens() if info.role == "read")
+        yield fleet.registry.revoke_token(read_id)
+        yield eventually(lambda: server.state != server.STATE_OPEN, timeout=5.0)
+        self.assertEqual(fleet.factory.counters["closed_token_revoked"], 1)
+        self.assertEqual(fleet.factory.counters["closed_too_slow"], 0)
+        client.start_reading()
+        _, code, _ = yield client.closed
+        self.assertEqual(code, CLOSE_TOKEN_REVOKED)
 
     @defer.inlineCallbacks
     def test_unread_answers_are_bounded(self):
