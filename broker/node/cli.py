@@ -1,9 +1,12 @@
 """broker-node: a sensor node on the command line, or a simulated fleet.
 
-``broker-node run --device N --secret KEY --broker HOST:PORT`` reads JSON
-lines on stdin, each an object of values to report (``"$event"`` /
+``broker-node run --device N --secret-file FILE --broker HOST:PORT`` reads
+JSON lines on stdin, each an object of values to report (``"$event"`` /
 ``"$events"`` keys append events), and prints every change of the desired
-values as one JSON line (commands as ``{"$command": ...}``).
+values as one JSON line (commands as ``{"$command": ...}``).  The device key
+comes from a private file (``--secret-file``) or the environment
+(``BROKER_NODE_SECRET``): a command line is readable by every user of the
+host (``ps``), so ``--secret KEY`` still works but warns.
 
 ``broker-node simulate --devices N --rate R --broker HOST:PORT`` drives N
 devices from one process (their numbers and keys from ``broker-admin
@@ -29,6 +32,11 @@ from pathlib import Path
 from broker.ssp.keys import parse_key
 
 DEFAULT_PORT = 60001
+#: The environment variable that may hold the device key (not shown by ps).
+SECRET_ENV = "BROKER_NODE_SECRET"
+#: The warning for a key on the command line.
+SECRET_ARGUMENT_WARNING = ("--secret on the command line can be read by every user of this "
+                           f"host (ps); use --secret-file FILE or {SECRET_ENV} instead")
 
 
 class UsageError(Exception):
@@ -62,11 +70,62 @@ def parse_broker(text: str) -> tuple[str, int]:
     return infos[0][4][0], port
 
 
-def parse_secret(text: str) -> bytes:
+def parse_secret(text: str, source: str = "--secret") -> bytes:
+    """The 16-byte key of its 22-character text; UsageError naming ``source`` (never the text)."""
     try:
         return parse_key(text)
     except ValueError as problem:
-        raise UsageError(f"--secret: {problem}") from None
+        raise UsageError(f"{source}: {problem}") from None
+
+
+def read_secret_file(path: str) -> bytes:
+    """The key in a private file (its first line; blanks around it ignored).
+
+    Refused like ssh refuses a private key: a file that group or others may
+    read or write, or that cannot be read; the message never quotes the file.
+    """
+    try:
+        with open(path, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if mode & 0o077:
+                raise UsageError(f"--secret-file {path}: group or others may access it "
+                                 f"(mode {mode & 0o777:04o}); make it private: chmod 600")
+            data = handle.read(4096)
+    except OSError as problem:
+        raise UsageError(f"--secret-file {path}: cannot read it: "
+                         f"{problem.strerror or problem}") from None
+    try:
+        lines = data.decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        raise UsageError(f"--secret-file {path}: the key is 22 characters of base64 "
+                         "(this file holds other bytes)") from None
+    return parse_secret(lines[0].strip(), f"--secret-file {path}")
+
+
+def resolve_secret(args, environ=None, err=None) -> bytes:
+    """The device key from exactly one of --secret-file, $BROKER_NODE_SECRET or --secret.
+
+    A key given as --secret works, with a warning on ``err`` (a command line
+    is public on the host). UsageError when none or several are given.
+    """
+    environ = os.environ if environ is None else environ
+    from_env = environ.get(SECRET_ENV)
+    given = [name for name, value in (("--secret-file", args.secret_file),
+                                      (SECRET_ENV, from_env), ("--secret", args.secret))
+             if value]
+    if not given:
+        raise UsageError(f"the device key is needed: --secret-file FILE (a private file "
+                         f"holding it) or the environment variable {SECRET_ENV}")
+    if len(given) > 1:
+        raise UsageError(f"give the device key once, not as {' and '.join(given)}")
+    if args.secret_file:
+        return read_secret_file(args.secret_file)
+    if from_env:
+        return parse_secret(from_env.strip(), SECRET_ENV)
+    err = sys.stderr if err is None else err
+    err.write(f"broker-node: warning: {SECRET_ARGUMENT_WARNING}\n")
+    err.flush()
+    return parse_secret(args.secret)
 
 
 def parse_device(text: str) -> int:
@@ -114,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="one sensor node: JSON lines in, desired values out")
     run.add_argument("--device", required=True, help="the device number from broker-admin")
-    run.add_argument("--secret", required=True, help="the device key (22 characters)")
+    run.add_argument("--secret-file", metavar="FILE",
+                     help="a private file (mode 0600) holding the device key (22 characters)")
+    run.add_argument("--secret", metavar="KEY",
+                     help=f"the device key itself; visible to every user in ps, prefer "
+                          f"--secret-file or the environment variable {SECRET_ENV}")
     run.add_argument("--broker", required=True, help="HOST:PORT of the SSP endpoint")
     run.add_argument("--state", help="file keeping the last session id "
                      "(default: $XDG_STATE_HOME/broker-node/<device>.json)")

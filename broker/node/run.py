@@ -173,14 +173,14 @@ def _discard_output(out) -> None:
 def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
     """Run until stdin ends or a signal, then linger; 0 if all was acknowledged, else 1."""
     from broker.node.cli import (UsageError, default_state_path, parse_broker, parse_device,
-                                 parse_secret)
+                                 resolve_secret)
 
     if reactor is None:
         from twisted.internet import reactor
     out = out or sys.stdout
     err = err or sys.stderr
     device = parse_device(args.device)
-    secret = parse_secret(args.secret)
+    secret = resolve_secret(args, err=err)
     broker = parse_broker(args.broker)
     state_path = args.state or default_state_path(device)
     # localhost may resolve to another family than the broker listens on: show it.
@@ -227,7 +227,8 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
 
     def unanswered() -> str:
         return (f"no answer from the broker at {shown} (check --broker, --device "
-                "and --secret: the broker never answers a wrong one)")
+                "and the key (--secret-file, --secret): the broker never answers a "
+                "wrong one)")
 
     def warn_if_unanswered():
         if node.acknowledged == 0:

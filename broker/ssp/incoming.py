@@ -76,6 +76,7 @@ class Incoming:
             offset = HEADER_SIZE
         link = self._link
         before = link.remote_address
+        expected = link.expected_seq
         plaintext = link.open(self._ciphers.get(self._key), data, address,
                               now, offset, congestion_experienced)
         if link.remote_address is not before and before is not None:
@@ -117,10 +118,19 @@ class Incoming:
                                       str(error)) from None
         else:
             raw = inflate(compressed)
-        self._process(parse_instruction(raw), now)
+        # In order: its sequence number moved the expected one. An older one
+        # (reordered, or a replay of a captured datagram) is still taken, as
+        # mosh does, but never answered for its own sake (see _process).
+        self._process(parse_instruction(raw), now, link.expected_seq > expected)
 
-    def _process(self, inst, now: float) -> None:
-        """mosh's Transport::recv for one complete instruction."""
+    def _process(self, inst, now: float, in_order: bool = True) -> None:
+        """mosh's Transport::recv for one complete instruction.
+
+        ``in_order``: the datagram completing it was newer than every one
+        before. Only such a datagram earns an answer that is not an ack of
+        new data: a replayed one must cost the broker no datagram (wire.md
+        3), and a device that really lost our ack resends with a new
+        sequence number."""
         sender = self._sender
         if sender.process_acknowledgment_through(inst.ack_num):
             self._emit(_state_acknowledged(sender.front_num))
@@ -130,10 +140,13 @@ class Incoming:
         profile = sender._profile  # (the property, without a call)
         flags = self._flags
         answering = flags & SERVER and profile.answer_heartbeats
+        # What only an in-order datagram gets: an answer that carries no
+        # news of its own (a repeated ack, "we hold another state").
+        reminding = answering and in_order
         try:
             state = self._receiver.receive(inst, now, profile)
         except DatagramDropped as error:
-            if answering and error.reason is DropReason.UNKNOWN_REFERENCE:
+            if reminding and error.reason is DropReason.UNKNOWN_REFERENCE:
                 # The peer builds on a state we no longer hold (it missed
                 # our ack, or we were restarted or parked): tell it which
                 # one we have, or it would retry the same diff forever.
@@ -143,7 +156,7 @@ class Incoming:
             # Duplicate or out of order: no news. But a peer resending the
             # state we acknowledged has lost our ack; mosh-server would
             # repeat it with its heartbeat, an answering server has none.
-            if answering and inst.new_num == sender.ack_num:
+            if reminding and inst.new_num == sender.ack_num:
                 sender.set_data_ack(now)
             return
         num = inst.new_num

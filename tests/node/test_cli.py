@@ -18,6 +18,15 @@ from tests.udp.loopback import pause, wait_until
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def key_file(testcase, secret=bytes(16)):
+    """A private file (0600) holding a device key, for --secret-file (absolute path)."""
+    path = os.path.abspath(testcase.mktemp())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(format_key(secret) + "\n")
+    return path
+
+
 class ParsingTests(SynchronousTestCase):
     """Command-line values and input lines, with precise errors."""
 
@@ -61,14 +70,19 @@ class ParsingTests(SynchronousTestCase):
         try:
             self.assertEqual(main(["run", "--device", "0", "--secret", "x", "--broker",
                                    "127.0.0.1:1"]), 2)
-            self.assertEqual(main(["run", "--device", "5", "--secret", "short", "--broker",
-                                   "127.0.0.1:1"]), 2)
+            bad_key = os.path.abspath(self.mktemp())
+            with open(bad_key, "w") as handle:
+                handle.write("short\n")
+            os.chmod(bad_key, 0o600)
+            self.assertEqual(main(["run", "--device", "5", "--secret-file", bad_key,
+                                   "--broker", "127.0.0.1:1"]), 2)
         finally:
             sys.stderr = old
         lines = err.getvalue().splitlines()
         self.assertEqual(len(lines), 2)
         self.assertIn("--device", lines[0])
-        self.assertIn("--secret", lines[1])
+        self.assertIn("--secret-file", lines[1])
+        self.assertNotIn("short", lines[1])
 
 
     def run_main(self, *argv):
@@ -88,7 +102,7 @@ class ParsingTests(SynchronousTestCase):
         with one line naming --broker, as an unknown one does, never a traceback."""
         for bad in ("a..b:5000", "x" * 300 + ":5000"):
             self.assertRaises(UsageError, parse_broker, bad)
-            for command in (["run", "--device", "5", "--secret", format_key(bytes(16))],
+            for command in (["run", "--device", "5", "--secret-file", key_file(self)],
                             ["simulate", "--devices", "1"]):
                 status, err = self.run_main(*command, "--broker", bad)
                 self.assertEqual(status, 2, (command, bad))
@@ -97,7 +111,7 @@ class ParsingTests(SynchronousTestCase):
 
     def test_timing_options_are_checked(self):
         """Times that are not positive and finite, or a rekey not after a heartbeat, exit 2."""
-        base = ["run", "--device", "5", "--secret", format_key(bytes(16)),
+        base = ["run", "--device", "5", "--secret-file", key_file(self),
                 "--broker", "127.0.0.1:1"]
         for bad in (["--heartbeat", "0"], ["--heartbeat", "nan"], ["--heartbeat", "inf"],
                     ["--rekey-after", "0"], ["--heartbeat", "10", "--rekey-after", "10"],
@@ -125,8 +139,8 @@ class ParsingTests(SynchronousTestCase):
         with open(damaged, "w") as handle:
             handle.write('{"5": "x"}')
         for path in (os.path.join(blocker, "ids.json"), damaged):
-            status, err = self.run_main("run", "--device", "5", "--secret",
-                                        format_key(bytes(16)), "--broker", "127.0.0.1:1",
+            status, err = self.run_main("run", "--device", "5", "--secret-file",
+                                        key_file(self), "--broker", "127.0.0.1:1",
                                         "--state", path)
             self.assertEqual(status, 2)
             self.assertEqual(len(err.splitlines()), 1, err)
@@ -184,7 +198,7 @@ class SilentBrokerTests(TestCase):
         self.silent = Silent()
         port = reactor.listenUDP(0, self.silent, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        self.args = ["run", "--device", "5", "--secret", format_key(bytes(16)),
+        self.args = ["run", "--device", "5", "--secret-file", key_file(self),
                      "--broker", f"127.0.0.1:{port.getHost().port}", "--linger", "0.5"]
 
     @defer.inlineCallbacks
@@ -233,7 +247,7 @@ class CommandTests(TestCase):
         """Lines on stdin reach the registry; a desired change comes out as a JSON line."""
         device = yield self.registry.add_device("cli-node")
         process, child = self.spawn(
-            "run", "--device", str(device.device_number), "--secret", format_key(device.secret),
+            "run", "--device", str(device.device_number), "--secret-file", key_file(self, device.secret),
             "--broker", self.address, "--state", os.path.abspath(self.mktemp()),
             "--heartbeat", "2", "--linger", "1")
         process.writeToChild(0, b'{"temp": 20.5, "$event": {"kind": "boot"}}\nnot json\n')
@@ -252,7 +266,7 @@ class CommandTests(TestCase):
         nothing on stderr."""
         device = yield self.registry.add_device("cli-signal")
         process, child = self.spawn(
-            "run", "--device", str(device.device_number), "--secret", format_key(device.secret),
+            "run", "--device", str(device.device_number), "--secret-file", key_file(self, device.secret),
             "--broker", self.address, "--state", os.path.abspath(self.mktemp()))
         process.writeToChild(0, b'{"temp": 7}\n')
         yield wait_until(self, lambda: self.registry.device("cli-signal").reported.get("temp")
@@ -271,7 +285,7 @@ class CommandTests(TestCase):
         with status 1 and one message, no traceback, without waiting for end of input."""
         device = yield self.registry.add_device("cli-pipe")
         process, child = self.spawn(
-            "run", "--device", str(device.device_number), "--secret", format_key(device.secret),
+            "run", "--device", str(device.device_number), "--secret-file", key_file(self, device.secret),
             "--broker", self.address, "--state", os.path.abspath(self.mktemp()),
             "--linger", "1")
         process.writeToChild(0, b'{"temp": 8}\n')

@@ -15,7 +15,8 @@ wire.md and the sender module make on purpose, each behind a switch:
   would set it again at once);
 * ``answering`` (wire.md section 6, profile ``answer_heartbeats``): every
   new state is acknowledged within ACK_DELAY, also one with an empty diff,
-  and so is a resent acknowledged state or a diff from a state not held;
+  and so is a resent acknowledged state or a diff from a state not held,
+  if its datagram came in order (a replay gets no answer, wire.md 3);
 * ``zero`` (wire.md section 4): ``old_num = 0`` always means the empty
   state;
 * ``hold_acks`` (wire.md section 7, ``ack_requires_confirm``): a new state
@@ -220,13 +221,15 @@ class MoshTransport:
 
     # -- Transport::recv -------------------------------------------------
 
-    def recv(self, inst, now):
-        """One complete instruction (old, new, ack, throwaway, diff)."""
+    def recv(self, inst, now, in_order=True):
+        """One complete instruction (old, new, ack, throwaway, diff);
+        ``in_order``: its datagram's sequence number was the newest yet."""
         old_num, new_num, ack_num, throwaway_num, diff = inst
         self.process_acknowledgment_through(ack_num)
+        reminding = self.answering and in_order
         for num, _ in self.received:
             if num == new_num:
-                if self.answering and new_num == self.ack_num:
+                if reminding and new_num == self.ack_num:
                     self.set_data_ack()
                 return
         reference = None
@@ -238,7 +241,7 @@ class MoshTransport:
         if reference is None and old_num == 0 and self.zero is not None:
             reference, borrowed = self.zero, True
         if reference is None:
-            if self.answering:
+            if reminding:
                 self.set_data_ack()
             return
         if throwaway_num > self.received[-1][0] and not borrowed:

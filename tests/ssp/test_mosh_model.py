@@ -107,11 +107,12 @@ class Shadowed:
         if self.closed:
             return
         model = self.model
-        if seq >= self.expected_seq:  # Connection::recv_one
+        in_order = seq >= self.expected_seq
+        if in_order:  # Connection::recv_one
             self.expected_seq = seq + 1
             self.last_heard = now
             model.has_remote_addr = True
-        model.recv(inst, now)
+        model.recv(inst, now, in_order)
         if model.shutdown_in_progress and model.shutdown_acknowledged():
             self.closed = True
         self._settle(now, f"receiving {inst[:4]}")
