@@ -114,6 +114,10 @@ def _http_url(value: str) -> None:
     if not value:
         return
     parts = urlsplit(value)
+    if "@" in parts.netloc:
+        # Checked first, and the value never repeated: it may hold a password.
+        raise ValueError("must not carry a user name or password (the value is not "
+                         "repeated here, it may hold one)")
     if parts.scheme.lower() not in ("http", "https"):
         raise ValueError(f"must be empty or a URL starting with http:// or https://, "
                          f"not {value!r}")
@@ -123,8 +127,6 @@ def _http_url(value: str) -> None:
         raise ValueError(f"has an invalid port: {value!r}") from None
     if not parts.hostname:
         raise ValueError(f"has no host: {value!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"must not carry a user name or password: {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

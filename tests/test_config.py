@@ -155,6 +155,15 @@ class BadInputTests(SynchronousTestCase):
         self.assertRefused({"http": {"public_url": "https://iot.example.com:99999/"}},
                            "http.public_url", "invalid port")
 
+    def test_public_url_with_credentials_is_refused_without_repeating_them(self):
+        """A public_url carrying user:password@ is refused, and the message never
+        shows the password (it goes to logs and the journal)."""
+        for url in ("https://ops:hunter2@iot.example.com/", "ftp://ops:hunter2@iot/",
+                    "https://ops:hunter2@iot.example.com:99999/"):
+            message = self.assertRefused({"http": {"public_url": url}}, "http.public_url",
+                                         "user name or password")
+            self.assertNotIn("hunter2", message)
+
     def test_nan_refused(self):
         """A TOML nan is refused for a number of seconds: it would pass every range check."""
         self.assertRefused({"broker": {"stop_timeout": float("nan")}}, "broker.stop_timeout",
