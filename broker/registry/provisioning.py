@@ -28,6 +28,48 @@ def _ignore_store_error(failure):
     failure.trap(errors.StoreError)
 
 
+class SessionConflict(errors.RegistryError):
+    """A session record write refused: the stored record is another session's
+    (a newer one), holds a higher sequence reservation, or (a reservation)
+    is not the one the writer confirmed. Its writer must not use the block."""
+
+    code = "session_conflict"
+
+    def __init__(self, device_number, why):
+        super().__init__(f"session record of device {device_number} not written: {why}")
+
+
+def record_refusal(stored, record):
+    """Why a plain record write (reports, marks) must not replace ``stored``, or
+    None: it never takes the record from a newer session, nor lowers the
+    reservation of its own (wire.md 7: a reservation never goes back)."""
+    if stored is None:
+        return None
+    if stored.session_id > record.session_id:
+        return "a newer session holds it"
+    if stored.session_id == record.session_id and stored.seq_reservation > record.seq_reservation:
+        return "its sequence reservation is higher"
+    return None
+
+
+def reservation_refusal(stored, record, expected):
+    """Why the reservation ``record`` must not be made (None: it may).
+
+    ``expected`` is the reservation the writer confirmed (or resumed from)
+    for this session; None for a new session's first one, which only a
+    record of an older session (or none) lets through. The check of
+    ``reserve_session``, in memory here, in the Redis script there."""
+    if expected is None:
+        if stored is not None and stored.session_id >= record.session_id:
+            return "the session was started already"
+        return None
+    if stored is None or stored.session_id != record.session_id:
+        return "the record is another session's"
+    if stored.seq_reservation != expected:
+        return f"the stored reservation moved on ({stored.seq_reservation}, not {expected})"
+    return None
+
+
 class Provisioning:
     """DeviceRegistry's provisioning half (a mixin: see registry.py)."""
 
@@ -160,8 +202,33 @@ class Provisioning:
         dev = self._by_number.get(device_number)
         if dev is None:
             return defer.fail(errors.UnknownDevice(device_number))
+        refusal = record_refusal(dev.session, record)
+        if refusal is not None:
+            return defer.fail(SessionConflict(device_number, refusal))
         dev.session = record
         return self._store.write(("session", device_number, record), record)
+
+    def reserve_session(self, device_number, record, expected):
+        """Write ``record`` (a higher sequence reservation of its session) only if
+        the stored record is this session's with reservation ``expected`` (None:
+        a new session, no record of it yet); SessionConflict if not. One
+        process per data directory: the check is in memory, in call order.
+        A write the store failed leaves the previous record in memory, so
+        the same reservation can be asked again."""
+        dev = self._by_number.get(device_number)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(device_number))
+        previous = dev.session
+        refusal = reservation_refusal(previous, record, expected)
+        if refusal is not None:
+            return defer.fail(SessionConflict(device_number, refusal))
+        dev.session = record
+
+        def failed(failure):
+            if dev.session is record:
+                dev.session = previous
+            return failure
+        return self._store.write(("session", device_number, record), record).addErrback(failed)
 
     # -- access tokens -----------------------------------------------------------
 

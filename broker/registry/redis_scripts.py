@@ -26,6 +26,65 @@ local incarnation = redis.call('GET', KEYS[#KEYS])
 if incarnation ~= ARGV[#ARGV] then return {'lost', incarnation or '', 0} end
 """
 
+# Fixed-width hex numbers compared byte by byte (Lua's < on strings follows
+# the server's locale; its numbers lose u64 precision).
+LESS = """
+local function less(a, b)
+  for i = 1, #a do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return false
+end
+"""
+
+# The session id and reservation (hex, as in ri / rr) of a record written
+# before those fields: the CBOR array of redis_layout.encode_record, items
+# 1 and 6 (unsigned), skipping 2 and 4 (unsigned) and 3 and 5 (bytes).
+# nil for anything else: the write is then refused (never guess).
+LEGACY = """
+local function uint(blob, pos)
+  local b = string.byte(blob, pos)
+  if not b or b > 27 then return nil end
+  if b < 24 then return string.rep('0', 14) .. string.format('%02x', b), pos + 1 end
+  local n = ({[24] = 1, [25] = 2, [26] = 4, [27] = 8})[b]
+  if pos + n > #blob then return nil end
+  local hex = ''
+  for i = 1, n do hex = hex .. string.format('%02x', string.byte(blob, pos + i)) end
+  return string.rep('0', 16 - 2 * n) .. hex, pos + 1 + n
+end
+local function skip_bytes(blob, pos)
+  local b = string.byte(blob, pos)
+  if not b or b < 64 or b > 90 then return nil end
+  local len, n = b - 64, 0
+  if len >= 24 then
+    n = ({[24] = 1, [25] = 2, [26] = 4})[len]
+    if pos + n > #blob then return nil end
+    len = 0
+    for i = 1, n do len = len * 256 + string.byte(blob, pos + i) end
+  end
+  return pos + 1 + n + len
+end
+local function legacy(blob)
+  local head = string.byte(blob, 1)
+  if not head or head < 0x86 or head > 0x97 then return nil end
+  local sid, pos = uint(blob, 2)
+  if not sid then return nil end
+  local _
+  _, pos = uint(blob, pos)
+  if not pos then return nil end
+  pos = skip_bytes(blob, pos)
+  if not pos then return nil end
+  _, pos = uint(blob, pos)
+  if not pos then return nil end
+  pos = skip_bytes(blob, pos)
+  if not pos then return nil end
+  local res = uint(blob, pos)
+  if not res then return nil end
+  return sid, res
+end
+"""
+
 # The scripts. Stream fields: t (type) n (number) v (version) c (cursor)
 # s (state) e (events, CBOR) o (origin process) and per type below.
 # CHANGE takes its states as triples (state, events, flags); f (flags) is
@@ -47,7 +106,19 @@ if incarnation ~= ARGV[#ARGV] then return {'lost', incarnation or '', 0} end
 # its own '~' write is answered 'moved': its stream may not have shown the
 # claim yet, so LEASE would not be told), or the reaping of a dead holder
 # does (HELD, and here on 'moved').
-CHANGE = CHECK + """
+#
+# Session records (wire.md 7, a sequence reservation is a compare-and-set):
+# ARGV after the condition: the record's session id and reservation (16
+# hex digits each) and its own condition: '' (a plain write: refused if the
+# stored record is a newer session's or has a higher reservation), 'n' (a
+# new session's start: only over an older session's record or none) or
+# '=R' (only over this session's record with reservation R). Fields ri and
+# rr of the device keep the stored record's id and reservation for this
+# check (Lua does not decode the CBOR record); a record written before
+# they existed is read by LEGACY, and one it cannot read refuses every
+# record write. A refused record is not written (states are): the answer
+# then carries the stored record as a fourth item.
+CHANGE = CHECK + LESS + LEGACY + """
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then return {'missing', 0, 0} end
 v = tonumber(v)
@@ -64,6 +135,26 @@ if cond ~= '' then
     if string.sub(cond, 1, 1) == '=' then redis.call('SREM', KEYS[5], number)
     else redis.call('SREM', KEYS[4], number) end
     return {'moved', 0, v}
+  end
+end
+local refused, rid, rres = nil, nil, nil
+if record ~= '' then
+  local rcond = ARGV[11 + 3 * k]
+  rid, rres = ARGV[9 + 3 * k], ARGV[10 + 3 * k]
+  local found = redis.call('HMGET', KEYS[1], 'ri', 'rr')
+  local sid, sres, stored = found[1], found[2], nil
+  if not sid then
+    stored = redis.call('HGET', KEYS[1], 'r')
+    if stored then sid, sres = legacy(stored) end
+  end
+  local ok
+  if stored and not sid then ok = false
+  elseif rcond == 'n' then ok = (not sid) or less(sid, rid)
+  elseif rcond ~= '' then ok = sid == rid and sres == string.sub(rcond, 2)
+  else ok = (not sid) or less(sid, rid) or (sid == rid and not less(rres, sres)) end
+  if not ok then
+    refused = stored or redis.call('HGET', KEYS[1], 'r') or ''
+    record = ''
   end
 end
 local holder = nil
@@ -84,7 +175,8 @@ for i = 1, k do
                'o', origin)
   end
 end
-if k > 0 and record ~= '' then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob, 'r', record)
+if k > 0 and record ~= '' then
+  redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob, 'r', record, 'ri', rid, 'rr', rres)
 elseif k > 0 then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob) end
 if holder then
   if not known then old = redis.call('HGET', KEYS[1], 'h') end
@@ -100,11 +192,12 @@ if holder then
   end
 end
 if record ~= '' and k == 0 then
-  redis.call('HSET', KEYS[1], 'r', record)
+  redis.call('HSET', KEYS[1], 'r', record, 'ri', rid, 'rr', rres)
   local top = redis.call('GET', KEYS[2]) or '0'
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, top .. '-*', 't', 'r', 'n', number,
              'r', record, 'o', origin)
 end
+if refused then return {'ok', first, v, refused} end
 return {'ok', first, v}
 """
 

@@ -185,6 +185,9 @@ def _decoded(kind, reply):
         return [(out[i].decode(), [int(n) for n in out[i + 1]]) for i in range(0, len(out), 2)]
     if kind == "held":
         return [int(n) for n in reply[1]]
+    if len(reply) > 3:
+        # A change whose session record was refused: the record Redis holds.
+        return reply[0].decode(), int(reply[1]), int(reply[2]), bytes(reply[3])
     return reply[0].decode(), int(reply[1]), int(reply[2])
 
 

@@ -51,10 +51,11 @@ class Attempt:
 def _retained(op):
     """Whether a write of a failed call is kept to be sent again (an expected
     version is the caller's to retry: it got the failure; so is a reaping
-    condition "=X": the next lease check finds the device again). A process's
+    condition "=X": the next lease check finds the device again; so is a
+    sequence reservation, asked again from the one confirmed). A process's
     own offline write ("~X") is kept: nobody else would ever write it, and the
     device would stay online in Redis, held by this process, for good."""
-    return (op.kind != "barrier" and op.expected is None
+    return (op.kind != "barrier" and op.expected is None and op.reserve is None
             and (op.cond is None or op.cond[:1] == "~"))
 
 

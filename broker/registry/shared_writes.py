@@ -28,6 +28,7 @@ from twisted.internet import defer
 from . import errors
 from .database import encode_state
 from .model import Device, UpdateResult
+from .provisioning import SessionConflict
 from .redis_layout import encode_record
 from .shared_retry import RETRY_DELAY, Attempt, SharedRetries
 from .shared_stream import FLAG_CLAIM, FLAG_DESIRED
@@ -39,10 +40,10 @@ class _Op:
     answered it: the write is kept to be sent again, see _failed)."""
 
     __slots__ = ("kind", "patch", "events", "expected", "token", "record", "cond", "d",
-                 "index", "error")
+                 "index", "error", "reserve")
 
     def __init__(self, kind, patch=None, events=(), expected=None, token=None, record=None,
-                 cond=None):
+                 cond=None, reserve=None):
         self.kind = kind
         self.patch = patch
         self.events = events
@@ -50,6 +51,7 @@ class _Op:
         self.token = token
         self.record = record
         self.cond = cond       # holder condition ("=X" or "~X", see redis_scripts.CHANGE)
+        self.reserve = reserve  # record condition ("n" or "=R", see redis_scripts.CHANGE)
         self.d = defer.Deferred()
         self.index = None
         self.error = None
@@ -70,6 +72,13 @@ def _refusal(failure):
 def _first_error(failure):
     failure.trap(defer.FirstError)
     return failure.value.subFailure
+
+
+def _record_check(record, op):
+    """The record's id, reservation and condition as the CHANGE script compares them."""
+    if record is None:
+        return ("", "", "")
+    return (f"{record.session_id:016x}", f"{record.seq_reservation:016x}", op.reserve or "")
 
 
 def _copy(dev):
@@ -120,6 +129,20 @@ class SharedWrites(SharedRetries):
             return defer.fail(errors.UnknownDevice(device_number))
         dev.session = record
         return self._enqueue(dev, _Op("session", record=record))
+
+    def reserve_session(self, device_number, record, expected):
+        """As DeviceRegistry.reserve_session, checked by Redis (the replica here
+        may lag): the record is written only if Redis holds this session's
+        record with reservation ``expected`` (None: no record of this session
+        or a newer one), else SessionConflict. It goes alone, and a call that
+        failed is not sent again (its caller asks again, from the
+        reservation it confirmed: an outcome in doubt then conflicts)."""
+        dev = self._by_number.get(device_number)
+        if dev is None:
+            return defer.fail(errors.UnknownDevice(device_number))
+        dev.session = record
+        cond = "n" if expected is None else f"={expected:016x}"
+        return self._enqueue(dev, _Op("session", record=record, reserve=cond))
 
     def update_reported_many(self, updates):
         """As DeviceRegistry.update_reported_many: each update rides on its
@@ -188,7 +211,9 @@ class SharedWrites(SharedRetries):
             attempt = None
             ops = []
             while queue:
-                alone = queue[0].expected is not None or queue[0].cond is not None
+                head = queue[0]
+                alone = (head.expected is not None or head.cond is not None
+                         or head.reserve is not None)
                 if alone and ops:
                     break
                 ops.append(queue.popleft())
@@ -199,10 +224,10 @@ class SharedWrites(SharedRetries):
         scratch = _copy(dev)
         now = self._clock.seconds()
         states = []
-        record = None
+        record = record_op = None
         for op in ops:
             if op.kind == "session":
-                record = op.record
+                record, record_op = op.record, op
             elif op.kind != "barrier":
                 try:
                     if self._change(scratch, op, now):
@@ -229,7 +254,8 @@ class SharedWrites(SharedRetries):
         cond = ops[0].cond or ""
         args = [dev.version, "" if ops[0].expected is None else ops[0].expected, dev.number,
                 self.origin, store.options.stream_length, len(states) // 3, *states,
-                b"" if record is None else encode_record(record), cond]
+                b"" if record is None else encode_record(record), cond,
+                *_record_check(record, record_op)]
         # Every key the script may touch (redis_scripts.CHANGE): our held set,
         # and the one of the holder a reaping condition names.
         held = self._held_key
@@ -275,7 +301,8 @@ class SharedWrites(SharedRetries):
     # -- Redis's answer ------------------------------------------------------------
 
     def _replied(self, reply, number, ops, base, checked=False):
-        status, first, version = reply
+        status, first, version = reply[:3]
+        refused = reply[3] if len(reply) > 3 else None
         dev = self._by_number.get(number)
         if self._lost is None and dev is not None:
             if status == "ok" and 0 < first <= self.cursor and dev.version <= base:
@@ -309,6 +336,8 @@ class SharedWrites(SharedRetries):
             self._top = max(self._top, first + version - base - 1)
             if version > base and (ops[0].cond or " ")[0] == "=":
                 self.counters["presence_reaped"] += 1
+            if refused is not None:
+                self._record_refused(dev, ops, refused)
             self._settle(dev, ops, first, base)
             last = max((first + op.index for op in ops if op.index is not None), default=0)
             if last and last > self.cursor:
@@ -349,6 +378,18 @@ class SharedWrites(SharedRetries):
             else:
                 op.d.errback(errors.UnknownDevice(name, token=op.token))
         self._mark_ready(number)
+
+    def _record_refused(self, dev, ops, stored):
+        """Redis kept its record (another process's, or higher): the replica
+        takes it (this process's own record must not stay here in its place,
+        the next resume reads it) and the batch's record writes fail."""
+        if dev is not None:
+            dev.session = stored or None
+        self.counters["session_records_refused"] += 1
+        number = dev.number if dev is not None else None
+        for op in ops:
+            if op.kind == "session" and op.error is None:
+                op.error = SessionConflict(number, "Redis holds a newer record of the device")
 
     def _forget_own(self, number, ops, base):
         """Drop the states kept for a batch Redis did not take (shared_stream._apply_state)."""

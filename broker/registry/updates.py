@@ -11,13 +11,8 @@ from twisted.internet import defer
 
 from . import errors
 from .model import EMPTY, DeviceView, UpdateResult, merge_map, replace_numbers
+from .provisioning import SessionConflict, record_refusal
 from .values import FrozenMap, map_size, value_size
-
-
-def _unpack(update):
-    """``(name_or_number, patch[, events[, token]])`` as four values."""
-    return (update[0], update[1], update[2] if len(update) > 2 else (),
-            update[3] if len(update) > 3 else None)
 
 
 class StateUpdates:
@@ -83,10 +78,12 @@ class StateUpdates:
         """Give ``dev`` its next version and the next global cursor."""
         replaced = dev.cursor > 0
         dev.version += 1
-        self.cursor += 1
-        dev.cursor = self.cursor
+        self.cursor = cursor = self.cursor + 1
+        dev.cursor = cursor
         self._feed.append(dev, replaced)
-        self._remember(dev, dev.cursor, now, kind, data)
+        size = self.settings.history_size      # (_remember, inline: once per change)
+        if size:
+            dev.history = dev.history.appended(dev.version, cursor, now, kind, data, size)
 
     def _persist(self, dev, result):
         return self._store.write(("state", dev.version, dev.cursor, dev.state(), dev.number), result)
@@ -130,22 +127,28 @@ class StateUpdates:
         """
         out = []
         changed = []
+        by_number, by_name = self._by_number, self._by_name
+        apply = self._apply_reported
+        subs = self._subs
+        result = tuple.__new__           # UpdateResult without its __new__'s Python frame
         for update in updates:
-            name, patch, events, token = _unpack(update)
-            dev = self._lookup(name)
+            name = update[0]
+            dev = by_number.get(name) if isinstance(name, int) else by_name.get(name)
+            size = len(update)
+            token = update[3] if size > 3 else None
             if dev is None:
                 out.append(errors.UnknownDevice(name, token=token))
                 continue
             try:
-                events = self._apply_reported(dev, patch, events, token)
+                events = apply(dev, update[1], update[2] if size > 2 else EMPTY, token)
             except errors.RegistryError as e:
                 out.append(e)
                 continue
             if events is not None:
                 changed.append(dev)
-                if self._subs.watching:
-                    self._subs.notify(dev.name, lambda: DeviceView.of(dev, events))
-            out.append(UpdateResult(dev.name, dev.version, dev.cursor, token))
+                if subs.watching:
+                    subs.notify(dev.name, lambda: DeviceView.of(dev, events))
+            out.append(result(UpdateResult, (dev.name, dev.version, dev.cursor, token)))
         if not changed:
             return self._store.barrier(out)
         return self._store.write_states(changed, out)
@@ -268,6 +271,12 @@ class StateUpdates:
             dev = by_number.get(number)
             if dev is None:
                 out.append(errors.UnknownDevice(number))
+                continue
+            # (ssp-broker reservations: a record never lowers the stored
+            # reservation nor replaces a newer session's, provisioning.py)
+            refusal = record_refusal(dev.session, record)
+            if refusal is not None:
+                out.append(SessionConflict(number, refusal))
                 continue
             dev.session = record
             numbers.append(number)

@@ -91,8 +91,8 @@ class RegistryBridge:
         commands not yet acknowledged, reservation, and the device's sequence
         mark (replays stay out)."""
         return SessionRecord(live.session_id, num, state, 0,
-                             encode_commands(self._outgoing(live)), live.reserved,
-                             live.session.expected_seq)
+                             encode_commands(self._outgoing(live)),
+                             max(live.reserved, live.requested), live.session.expected_seq)
 
     def _save(self, live, num: int, state: bytes) -> defer.Deferred:
         """Write the session record (see _record)."""
@@ -133,15 +133,6 @@ class RegistryBridge:
             del self._unsent[number]   # later writes take the session's state again
         return state if not isinstance(result, Failure) else result
 
-    def start(self, live, reservation: int) -> defer.Deferred:
-        """Make a new session's id (and its first sequence reservation) durable.
-
-        The record starts from nothing: the device's last state of an older
-        session is not the reference of any diff in this one.
-        """
-        record = SessionRecord(session_id=live.session_id, seq_reservation=reservation,
-                               remote_seq=live.session.expected_seq)
-        return self.registry.save_session(live.number, record)
 
     def mark(self, device_number: int, session_id: int, expected_seq: int,
              outgoing=None) -> None:
@@ -169,9 +160,25 @@ class RegistryBridge:
         self.log.failure("sequence mark of device {number} not written", failure,
                          number=device_number)
 
-    def reserve(self, live, limit: int) -> defer.Deferred:
-        """Persist a higher sequence reservation of the live session."""
-        return self._save_current(live)
+    def reserve(self, live, limit: int, expected) -> defer.Deferred:
+        """Persist a higher sequence reservation ``limit`` of the live session as a
+        compare-and-set (``reserve_session``): only over the stored record of
+        this session with reservation ``expected``, the one this process
+        confirmed or resumed from; ``expected`` None is a new session's start,
+        whose record starts from nothing (the device's last state of an older
+        session is not the reference of any diff in this one). Fails with
+        SessionConflict when another process moved the record on."""
+        if expected is None:
+            record = SessionRecord(session_id=live.session_id, seq_reservation=limit,
+                                   remote_seq=live.session.expected_seq)
+        else:
+            current = self._current_record(live)
+            if current is None or current is _OTHER_SESSION:
+                num, state = 0, b""
+            else:
+                num, state = current.acked_remote_num, current.acked_remote_state
+            record = self._record(live, num, state)._replace(seq_reservation=limit)
+        return self.registry.reserve_session(live.number, record, expected)
 
     def _current_record(self, live):
         """The device's record if it is this session's; None if there is none

@@ -39,7 +39,7 @@ from broker.udp.limits import WindowCounter
 from broker.udp.park import Parked
 from broker.udp.profile import endpoint_profile
 from broker.udp.reports import SessionWrites
-from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession, first_session
+from broker.udp.sessions import LiveSession, first_session
 from broker.udp.table import SessionTable
 
 __all__ = ["SSPEndpoint", "EndpointDrop"]
@@ -266,8 +266,12 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             admission.failed(number, stranger, now)
         if found:
             self._handle(live, found, now)
-        if live.unsaved_num and session.last_heard is now:
-            self._writes.retry(live)   # authentic: a forgery never causes a write
+        if session.last_heard is now:
+            # Authentic: a forgery never causes a write.
+            if live.unsaved_num:
+                self._writes.retry(live)
+            if live.unreserved:
+                self._writes.reserve_again(live)
         if live.pending_num:
             return  # flushed once at the end of the turn, after its report is queued
         self._flush(live, now)
@@ -352,6 +356,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
                     self._drop(event.reason)
             return
         live = self._install(entry, number, session_id, session, remote, resume, record, now)
+        if self._table.get(number) is not live:
+            return   # its start was refused at once (another process started it)
         admission.device_rate.allow(number, now)
         self._table.heard(live, addr, now)
         if found:
@@ -365,8 +371,10 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         if old is not None:
             table.retire(number, old, "replaced")
         name = bridge.name(number) if old is None else old.name
-        reserved = record.seq_reservation if resume else SEQ_RESERVATION_BLOCK
-        live = LiveSession(number, name, session_id, session, remote, reserved)
+        # A resumed session's first reservation is a compare-and-set from the
+        # record's; a new one's is a start (reports.py).
+        reserved = record.seq_reservation if resume else 0
+        live = LiveSession(number, name, session_id, session, remote, reserved, resume)
         if old is not None and old.online:
             # Still online: the presence wheel keeps following the device.
             live.online, live.wheel_slot, old.wheel_slot = True, old.wheel_slot, -1

@@ -73,9 +73,9 @@ def park(live: LiveSession) -> Parked | None:
     """The packed form of an idle live session, or None if it is not idle.
 
     Idle for the endpoint too: every report durable (no write on its way,
-    none failed and waiting to be written again).
+    none failed and waiting to be written again, reservations included).
     """
-    if live.writes or live.unsaved_num:
+    if live.writes or live.unsaved_num or live.unreserved or not live.started:
         return None
     parked = live.session.park()
     if parked is None or parked.seq_reserved is None or parked.last_heard is None:

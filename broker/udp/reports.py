@@ -13,6 +13,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from broker.registry.provisioning import SessionConflict
 from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession
 
 __all__ = ["SessionWrites"]
@@ -121,6 +122,11 @@ class SessionWrites:
         now = self._now()
         durable = 0
         for (live, _, num), count, result in zip(reports, counts, results):
+            if isinstance(result, SessionConflict):
+                # The record is another process's now (or a newer session's).
+                live.writes -= 1
+                self.conflict(live, result)
+                continue
             if isinstance(result, Exception):
                 self._report_failed(Failure(result), live, num)
                 continue
@@ -162,26 +168,68 @@ class SessionWrites:
 
     def start(self, live: LiveSession) -> None:
         """Make a new session's id durable, with the first reservation block."""
-        live.writes += 1
-        self._bridge.start(live, SEQ_RESERVATION_BLOCK).addCallbacks(
-            self._reserved, self._failed,
-            callbackArgs=(live, SEQ_RESERVATION_BLOCK), errbackArgs=(live, "session start"))
+        self._reserve(live, SEQ_RESERVATION_BLOCK)
 
     def reserve(self, live: LiveSession, limit: int) -> None:
         """Reserve sequence numbers up to ``limit`` (once per limit)."""
-        if limit <= live.reserved:
-            return  # a write covering it is on its way
-        live.reserved = limit
+        if limit <= live.reserved or limit <= live.requested:
+            return  # confirmed, or a write covering it is on its way
+        self._reserve(live, limit)
+
+    def reserve_again(self, live: LiveSession) -> None:
+        """Write a reservation whose write failed again (called for each authentic
+        datagram of the device, so the device paces it; no timer). The session
+        still waits for it: it asked once and keeps waiting for the answer."""
+        if live.unreserved and not live.requested:
+            self._reserve(live, live.unreserved)
+
+    def _reserve(self, live: LiveSession, limit: int) -> None:
+        """A compare-and-set of the session's reservation (wire.md 7): from the
+        one this process confirmed (or resumed from), or a start. Until it is
+        confirmed the session uses none of the block, and ``live.reserved``
+        stays the confirmed one (report records carry ``requested`` too, see
+        bridge._record: they are written after it, in order)."""
+        live.requested, live.unreserved = limit, 0
         live.writes += 1
-        self._bridge.reserve(live, limit).addCallbacks(
-            self._reserved, self._failed,
-            callbackArgs=(live, limit), errbackArgs=(live, "reservation"))
+        expected = live.reserved if live.started else None
+        self._bridge.reserve(live, limit, expected).addCallbacks(
+            self._reserved, self._not_reserved,
+            callbackArgs=(live, limit), errbackArgs=(live, limit))
 
     def _reserved(self, _, live: LiveSession, limit: int) -> None:
         live.writes -= 1
+        if live.requested == limit:
+            live.requested = 0
+        if limit > live.reserved:
+            live.reserved = limit
+        live.started = True
         if self._current(live):
             live.session.confirm_seq_reservation(limit)
             self._table.settle(live, self._now())
+
+    def _not_reserved(self, failure, live: LiveSession, limit: int) -> None:
+        """Not durable: roll back to the confirmed reservation. A conflict retires
+        the session; a store failure keeps the limit to write again."""
+        if live.requested == limit:
+            live.requested = 0
+        if failure.check(SessionConflict):
+            live.writes -= 1
+            self.conflict(live, failure.value)
+            return
+        live.unreserved = limit
+        self._failed(failure, live, "reservation" if live.started else "session start")
+
+    def conflict(self, live: LiveSession, error) -> None:
+        """Another process moved the session's record on (it resumed the session
+        there, or started it): this one must use no number it did not confirm,
+        so it ends here; the device's next datagram resumes from the stored
+        record (possibly on the other process). Counted and logged once."""
+        if not self._current(live):
+            return
+        self._counters["reservation_conflicts"] += 1
+        self._table.retire(live.number, live, "reservation conflict")
+        self.log.warn("session {session_id} of {name} retired: {error}",
+                      session_id=live.session_id, name=live.name, error=error.message)
 
     def _failed(self, failure, live: LiveSession, what: str) -> None:
         live.writes -= 1

@@ -25,7 +25,13 @@ class LiveSession:
 
     ``reported``: the device state last handed to the registry (the patch
     of the next one is computed from it).  ``reserved``: the highest
-    sequence reservation written to the store.  ``pending_state`` /
+    sequence reservation confirmed durable for this process (numbers below
+    it are its own; for a resumed session, the record's).  ``requested``:
+    the higher one whose compare-and-set write is on its way (0: none);
+    ``unreserved``: one whose write failed, written again with the
+    device's next authentic datagram (0: none).  ``started``: the
+    session's id is durable (a new session's first reservation is a start:
+    reports.py).  ``pending_state`` /
     ``pending_num``: the newest report, not yet handed to the registry
     (written at the end of the reactor turn).  ``facts_at``: when the
     registry's connection facts were last refreshed (monotonic seconds).
@@ -37,10 +43,11 @@ class LiveSession:
 
     __slots__ = ("number", "name", "session_id", "session", "reported",
                  "reserved", "online", "facts_at", "wheel_slot", "writes",
-                 "pending_state", "pending_num", "pending_count", "unsaved_num")
+                 "pending_state", "pending_num", "pending_count", "unsaved_num",
+                 "requested", "unreserved", "started")
 
     def __init__(self, number: int, name: str, session_id: int, session: SSPSession,
-                 reported: DeviceState, reserved: int) -> None:
+                 reported: DeviceState, reserved: int, started: bool = True) -> None:
         self.number = number
         self.name = name
         self.session_id = session_id
@@ -55,6 +62,9 @@ class LiveSession:
         self.pending_num = 0
         self.pending_count = 0  # reports it covers (the newer ones include the older ones)
         self.unsaved_num = 0
+        self.requested = 0
+        self.unreserved = 0
+        self.started = started
 
     def __repr__(self) -> str:
         return (f"<LiveSession device={self.number} name={self.name!r} "

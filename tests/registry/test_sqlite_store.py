@@ -48,7 +48,8 @@ class SQLiteRegistryTests(TestCase):
         again = self.open()
         self.assertEqual(again.session_record(prov.device_number),
                          SessionRecord(9, seq_reservation=64, remote_seq=0))
-        yield again.save_session(prov.device_number, SessionRecord(9, remote_seq=12))
+        yield again.save_session(prov.device_number,
+                                 SessionRecord(9, seq_reservation=64, remote_seq=12))
         yield again.stop()
         conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
         self.addCleanup(conn.close)

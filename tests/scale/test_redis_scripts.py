@@ -39,7 +39,7 @@ FRAGMENTS = ("CHECK",)
 #: static test: add it, after reading its key specification in Redis's docs.
 KEY_ARGUMENTS = {
     "GET": (1,), "SET": (1,), "INCR": (1,), "DEL": "all", "EXISTS": "all",
-    "HGET": (1,), "HSET": (1,), "HDEL": (1,), "HEXISTS": (1,),
+    "HGET": (1,), "HMGET": (1,), "HSET": (1,), "HDEL": (1,), "HEXISTS": (1,),
     "SADD": (1,), "SREM": (1,), "SMEMBERS": (1,), "SRANDMEMBER": (1,), "SCARD": (1,),
     "ZADD": (1,), "ZCARD": (1,), "ZRANGE": (1,), "ZREMRANGEBYRANK": (1,),
     "XADD": (1,),

@@ -1,0 +1,164 @@
+"""Sequence reservations as compare-and-set (wire.md 7): one process's registry
+and endpoint, on a MemoryStore and task.Clock."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.registry import MemoryStore, SessionRecord, errors
+from broker.registry.provisioning import SessionConflict
+from broker.udp.sessions import SEQ_RESERVATION_BLOCK
+
+from .helpers import Harness
+
+
+class FailingStore(MemoryStore):
+    """A MemoryStore whose session record writes fail while ``failing`` is set."""
+
+    failing = False
+
+    def write(self, op, result=None):
+        if self.failing and op[0] == "session":
+            return defer.fail(errors.StoreError("session writes are failing"))
+        return super().write(op, result)
+
+
+class RegistryReservationTests(SynchronousTestCase):
+    """The single-process registry's reserve_session and the rules of plain record writes."""
+
+    def setUp(self):
+        self.h = Harness(self)
+        self.number = self.h.provision("dev").device_number
+        self.registry = self.h.registry
+
+    def reserve(self, record, expected):
+        return self.registry.reserve_session(self.number, record, expected)
+
+    def test_start_once_per_session_id(self):
+        """A new session's first reservation succeeds once; a second start of that id conflicts."""
+        record = SessionRecord(session_id=5, seq_reservation=SEQ_RESERVATION_BLOCK)
+        self.assertEqual(self.successResultOf(self.reserve(record, None)), record)
+        self.failureResultOf(self.reserve(record, None), SessionConflict)
+        self.assertEqual(self.registry.session_record(self.number), record)
+
+    def test_start_of_older_session_conflicts(self):
+        """A start of a session id below the stored one conflicts and leaves the record."""
+        newer = SessionRecord(session_id=9, seq_reservation=100)
+        self.successResultOf(self.reserve(newer, None))
+        self.failureResultOf(self.reserve(SessionRecord(session_id=8, seq_reservation=5), None),
+                             SessionConflict)
+        self.assertEqual(self.registry.session_record(self.number), newer)
+
+    def test_reserve_compares_the_stored_reservation(self):
+        """A reservation succeeds only from the stored one; a stale expected value conflicts."""
+        self.successResultOf(self.reserve(SessionRecord(session_id=5, seq_reservation=4096),
+                                          None))
+        taken = SessionRecord(session_id=5, seq_reservation=8192)
+        self.successResultOf(self.reserve(taken, 4096))
+        self.failureResultOf(self.reserve(SessionRecord(session_id=5, seq_reservation=8192),
+                                          4096), SessionConflict)
+        self.failureResultOf(self.reserve(SessionRecord(session_id=6, seq_reservation=8192),
+                                          8192), SessionConflict)
+        self.assertEqual(self.registry.session_record(self.number), taken)
+
+    def test_plain_writes_never_lower_the_reservation_nor_steal(self):
+        """save_session/save_sessions refuse a lower reservation or an older session id."""
+        current = SessionRecord(session_id=5, seq_reservation=8192)
+        self.successResultOf(self.reserve(current, None))
+        self.failureResultOf(self.registry.save_session(
+            self.number, SessionRecord(session_id=5, seq_reservation=4096)), SessionConflict)
+        self.failureResultOf(self.registry.save_session(
+            self.number, SessionRecord(session_id=4, seq_reservation=9999)), SessionConflict)
+        results = self.successResultOf(self.registry.save_sessions(
+            [(self.number, SessionRecord(session_id=5, acked_remote_num=3,
+                                         seq_reservation=4096))]))
+        self.assertIsInstance(results[0], SessionConflict)
+        self.assertEqual(self.registry.session_record(self.number), current)
+        same = current._replace(acked_remote_num=7)
+        self.assertEqual(self.successResultOf(self.registry.save_session(self.number, same)),
+                         same)
+
+    def test_failed_reservation_write_is_not_kept_in_memory(self):
+        """A reservation whose store write failed leaves the confirmed one in memory."""
+        store = FailingStore()
+        h = Harness(self, store=store)
+        number = h.provision("dev").device_number
+        self.successResultOf(h.registry.reserve_session(
+            number, SessionRecord(session_id=5, seq_reservation=4096), None))
+        store.failing = True
+        self.failureResultOf(h.registry.reserve_session(
+            number, SessionRecord(session_id=5, seq_reservation=8192), 4096), errors.StoreError)
+        self.assertEqual(h.registry.session_record(number).seq_reservation, 4096)
+
+
+class EndpointReservationTests(SynchronousTestCase):
+    """The endpoint's reservations: rolled back and asked again after a store failure."""
+
+    def test_failed_reservation_is_asked_again(self):
+        """A resumed session whose first reservation write failed sends again once the store recovers."""
+        store = FailingStore()
+        h = Harness(self, store=store)
+        device = h.provision("dev")
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(1.0)
+        before = h.registry.session_record(device.device_number).seq_reservation
+        store.failing = True
+        h2 = h.restart()
+        h2.nodes = h.nodes
+        node.report({"v": 2}, h.clock.seconds())
+        h2.run(2.0)
+        live = h2.endpoint.session_of(device.device_number)
+        self.assertEqual(live.reserved, before)   # rolled back: nothing confirmed
+        self.assertGreater(h2.endpoint.counters["store_failures"], 0)
+        store.failing = False
+        acked = node.acknowledged
+        node.report({"v": 3}, h.clock.seconds())
+        h2.run(5.0)
+        self.assertGreater(node.acknowledged, acked)
+        self.assertGreater(h2.registry.session_record(device.device_number).seq_reservation,
+                           before)
+        self.assertEqual(h2.endpoint.session_of(device.device_number).session_id,
+                         node.session_id)
+        self.flushLoggedErrors(errors.StoreError)
+
+    def test_failed_start_is_written_again(self):
+        """A new session whose start write failed is started once the store recovers."""
+        store = FailingStore()
+        h = Harness(self, store=store)
+        device = h.provision("dev")
+        store.failing = True
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(2.0)
+        self.assertEqual(h.delivered, 0)
+        store.failing = False
+        for value in range(2, 6):
+            node.report({"v": value}, h.clock.seconds())
+            h.run(1.0)
+        self.assertGreater(node.acknowledged, 0)
+        record = h.registry.session_record(device.device_number)
+        self.assertEqual(record.session_id, node.session_id)
+        self.assertGreaterEqual(record.seq_reservation, SEQ_RESERVATION_BLOCK)
+        self.flushLoggedErrors(errors.StoreError)
+
+    def test_conflicting_reservation_retires_the_session(self):
+        """A reservation refused because another process moved the record on retires the session."""
+        h = Harness(self)
+        device = h.provision("dev")
+        number = device.device_number
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(1.0)
+        live = h.endpoint.session_of(number)
+        record = h.registry.session_record(number)
+        # Another process resumed the session and reserved the next block.
+        self.successResultOf(h.registry.reserve_session(
+            number, record._replace(seq_reservation=record.seq_reservation + 4096),
+            record.seq_reservation))
+        h.endpoint._writes.reserve(live, live.reserved + SEQ_RESERVATION_BLOCK)
+        self.assertIsNot(h.endpoint.entry_of(number), live)
+        self.assertEqual(h.endpoint.counters["reservation_conflicts"], 1)
+        self.assertEqual(h.registry.session_record(number).seq_reservation,
+                         record.seq_reservation + 4096)
