@@ -15,6 +15,7 @@ from .values import INT_MAX, INT_MIN, FrozenMap, merge_value, same_value, to_jso
 
 EMPTY = ()
 _FLOAT = frozenset((float,))
+_NUMBER = frozenset((float, int))     # (not bool: map(type) gives bool for True)
 
 
 class KeyShapes:
@@ -57,10 +58,20 @@ def replace_numbers(shapes, keys, values, times, patch, now):
     if n == len(keys) and tuple(patch) == keys:
         # Every reading at once, in the stored order, all floats: C loops only.
         vals = tuple(patch.values())
-        if _FLOAT.issuperset(map(type, vals)) and _FLOAT.issuperset(map(type, values)):
-            total = sum(vals)
-            if total - total == 0.0:    # no NaN or infinity among them (an overflow
-                return vals, (now,) * n  # to infinity just takes the loop below)
+        if _FLOAT.issuperset(map(type, vals)):
+            if _FLOAT.issuperset(map(type, values)):
+                total = sum(vals)
+                if total - total == 0.0:    # no NaN or infinity among them (an overflow
+                    return vals, (now,) * n  # to infinity just takes the loop below)
+        elif _NUMBER.issuperset(map(type, vals)) and _NUMBER.issuperset(map(type, values)):
+            # Ints among them (a counter): each checked, no lists built.
+            for v in vals:
+                if type(v) is float:
+                    if v - v != 0.0:
+                        return None
+                elif not INT_MIN <= v <= INT_MAX:
+                    return None
+            return vals, (now,) * n
     elif n > len(keys):
         return None
     pos = shapes.positions(keys)

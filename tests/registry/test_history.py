@@ -33,6 +33,19 @@ class HistoryTests(SynchronousTestCase):
         self.assertEqual(EMPTY_HISTORY.appended(1, 2, 3.0, "reported", {}, size=5),
                          ((1, 2, 3.0, "reported", {}),))
 
+    def test_appended_matches_encoding_at_once(self):
+        """Appending entries of every head size (short, one-byte and two-byte lengths)
+        past 24 entries gives the very bytes of encoding the kept entries at once."""
+        entries = [(v, 100 + v, 1.5 * v, "reported", {"t": "x" * (v * 37 % 700)})
+                   for v in range(1, 61)]
+        history = EMPTY_HISTORY
+        for entry in entries:
+            history = history.appended(*entry, size=30)
+        self.assertEqual(history.cbor(), History.of(entries[-30:]).cbor())
+        self.assertEqual(len(history), 30)
+        self.assertEqual(history[0][0], 31)
+        self.assertEqual(cbor2.loads(history.cbor()), list(history.encoded))
+
     def test_slices_are_histories(self):
         """A slice is a History of the same bytes."""
         history = History.of(ENTRIES)

@@ -34,6 +34,16 @@ class LimitTests(SynchronousTestCase):
                       [[[1]]], [1, 2, 3, 4, 5], {"a": {"b": {"c": 1}}}):
             self.assertRejected({"v": value}, errors.InvalidValue)
 
+    def test_whole_map_updates_of_ints_are_checked(self):
+        """A patch replacing every key of a map holding ints (the fast path) still
+        refuses a non-finite float or an out-of-range int, and keeps each value's type."""
+        for value in (float("nan"), float("-inf"), 2 ** 64, -(2 ** 64) - 1):
+            self.assertRejected({"ok": value}, errors.InvalidValue)
+        for value in (2, 2.5, -(2 ** 64), True, 7):
+            self.successResultOf(self.registry.update_reported("d", {"ok": value}))
+            stored = self.registry.device("d").reported["ok"]
+            self.assertEqual((stored, type(stored)), (value, type(value)))
+
     def test_text_that_is_not_unicode(self):
         """Text with an unpaired surrogate (JSON can escape one) is InvalidValue, top-level
         and nested; other non-ASCII text is kept as sent."""
