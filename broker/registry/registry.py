@@ -25,7 +25,7 @@ from .history import EMPTY_HISTORY
 from .model import Device, DeviceView, KeyShapes
 from .observers import KeyWatch, Observers
 from .provisioning import NAME_RE, Provisioning, check_name
-from .restart import continue_cursors
+from .restart import continue_cursors, move_out
 from .secrets import TokenTable
 from .settings import RegistrySettings
 from .updates import StateUpdates
@@ -80,19 +80,24 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
 
     def _load(self, loaded):
         devices = self._load_records(loaded)
-        tombstones = sorted(loaded.tombstones)
+        tombstones = list(loaded.tombstones)
+        # Durable before anything is announced (restart.py). Dead ranges go
+        # once the stored horizon covers them (the prune below is not durable
+        # yet); loaded entries inside one move above the restart's cursor.
+        top = max([loaded.sequence, loaded.horizon] + [d.cursor for d in devices]
+                  + [t[0] for t in tombstones])
+        start, dead = continue_cursors(loaded, top, loaded.horizon)
+        start, moves = move_out(devices, tombstones, dead, start)
+        tombstones.sort()
         horizon = loaded.horizon
         keep = self.settings.feed_retention
         pruned = len(tombstones) > keep
         if pruned:
             horizon = max(horizon, tombstones[len(tombstones) - keep - 1][0])
             tombstones = tombstones[len(tombstones) - keep:]
-        self._load_feed(devices, tombstones, horizon, loaded.sequence)
-        # Durable before anything is announced (restart.py). Dead ranges go
-        # once the stored horizon covers them (the prune below is not durable yet).
-        self.cursor, dead = continue_cursors(loaded, self.cursor, loaded.horizon)
+        self._load_feed(devices, tombstones, horizon, start)
         self._feed.set_dead(dead)
-        self._store.begin(self.cursor, dead)
+        self._store.begin(self.cursor, dead, moves)
         if pruned:
             self._store.write(("prune", horizon))
         # Nobody is connected to a process that just started.

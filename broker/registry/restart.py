@@ -18,6 +18,13 @@ are made durable before the restarted registry announces anything
 range wholly below the feed's horizon is dropped: such cursors are reset
 by the horizon anyway.
 
+A loaded entry whose cursor lies inside a dead range (stored above the
+durable mark: a commit that ``max_batch`` cut wrote a device as it was
+later, or commits after a failed one) moves to a new cursor above the
+restart's (``move_out``), in the same transaction as the range: a cursor
+handed out -- a snapshot page's end, an event id -- is never a dead one,
+else a client paging through a snapshot would be reset on every page.
+
 Why CURSOR_GAP = 2**32 is enough: changes announced but not yet durable
 wait in the store's queue, each holding its Deferred (and queue entries),
 a few hundred bytes, until its commit; 2**32 of them would need far more
@@ -28,6 +35,8 @@ a second, bench/registry.py) 2**32 cursors last over five hours of failing
 commits. And cursors stay exact JSON numbers: 2**53 / 2**32 is two million
 unclean starts.
 """
+
+from bisect import bisect_right
 
 from twisted.logger import Logger
 
@@ -69,3 +78,31 @@ def merge(ranges):
         else:
             out.append((low, high))
     return out
+
+
+def move_out(devices, tombstones, dead, cursor):
+    """Give each loaded entry strictly inside a ``dead`` range a new cursor
+    above ``cursor``, in cursor order: ``devices`` (Device records) change in
+    place, ``tombstones`` (a list of ``(cursor, name, number, version)``) get
+    new tuples. Returns ``(the highest cursor now, moves)``, a move being
+    ``(kind, number, old cursor, new cursor)``, kind "device" or "tombstone"."""
+    lows = [low for low, _ in dead]
+    highs = [high for _, high in dead]
+
+    def inside(c):
+        i = bisect_right(highs, c)
+        return i < len(lows) and lows[i] < c
+    found = [(dev.cursor, "device", dev) for dev in devices if inside(dev.cursor)]
+    found += [(t[0], "tombstone", i) for i, t in enumerate(tombstones) if inside(t[0])]
+    found.sort(key=lambda item: item[0])
+    moves = []
+    for old, kind, item in found:
+        cursor += 1
+        if kind == "device":
+            item.cursor = cursor
+            moves.append((kind, item.number, old, cursor))
+        else:
+            stone = tombstones[item]
+            tombstones[item] = (cursor,) + tuple(stone[1:])
+            moves.append((kind, stone[2], old, cursor))
+    return cursor, moves

@@ -26,7 +26,8 @@ reactor thread, the writer thread runs (almost) only SQLite's C code.
 * A commit that fails fails its Deferreds; its devices are written again
   later as they are then (sqlite_retry.py), so none stays behind on disk.
 * Restarts (restart.py): ``begin`` commits, on the reactor thread before
-  the writer starts, the dead cursor ranges and that a registry runs; each
+  the writer starts, the dead cursor ranges, the loaded entries moved out
+  of them (new cursors) and that a registry runs; each
   commit advances the ``durable`` mark (every change at or below it is
   stored) unless ``max_batch`` cut an earlier change off, or a commit of
   this run failed; ``close`` writes the clean-stop mark last.
@@ -145,7 +146,7 @@ class SQLiteStore(Store):
             raise StoreError(f"{self.path}: {e.message}") from None
         return loaded
 
-    def begin(self, cursor, dead):
+    def begin(self, cursor, dead, moves=()):
         """Record the start (see Store.begin) in one transaction, on this thread:
         the writer has not started yet."""
         if self._thread is not None:
@@ -156,6 +157,10 @@ class SQLiteStore(Store):
             conn.execute("DELETE FROM meta WHERE key = 'clean_stop' OR key LIKE 'dead:%'")
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                              [(f"dead:{low}", high) for low, high in dead])
+            for table, kind in (("devices", "device"), ("tombstones", "tombstone")):
+                conn.executemany(f"UPDATE {table} SET cursor = ? WHERE number = ? AND cursor = ?",
+                                 [(new, number, old) for k, number, old, new in moves
+                                  if k == kind])
             # broker-admin takes its cursors above the sequence (next_cursor).
             conn.execute(SEQUENCE_SQL, (cursor,))
             conn.execute(DURABLE_SQL, (cursor,))

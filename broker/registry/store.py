@@ -74,11 +74,13 @@ class Store:
         """Read everything: returns ``Loaded`` (synchronously, at start)."""
         raise NotImplementedError
 
-    def begin(self, cursor, dead):
+    def begin(self, cursor, dead, moves=()):
         """A registry starts at ``cursor`` with the dead cursor ranges ``dead``:
-        record both, and that a registry runs (a stop without ``close`` is
-        unclean), durably before returning. Called once, after ``load``,
-        before any write. This default records nothing (every start is clean)."""
+        record both, the ``moves`` of loaded entries out of dead ranges
+        (``restart.move_out``), and that a registry runs (a stop without
+        ``close`` is unclean), durably before returning. Called once, after
+        ``load``, before any write. This default records nothing (every
+        start is clean)."""
 
     def write(self, op, result=None):
         """Queue one write; the Deferred fires with ``result`` once it is durable."""
@@ -162,9 +164,18 @@ class MemoryStore(Store):
             sequence=self.sequence, horizon=self.horizon, dead=list(self.dead),
             clean=not (self._crashed or self._held))
 
-    def begin(self, cursor, dead):
+    def begin(self, cursor, dead, moves=()):
         self.dead = list(dead)
         self._crashed = False
+        for kind, number, old, new in moves:
+            if kind == "device":
+                row = self.devices.get(number)
+                if row is not None and row.cursor == old:
+                    row.cursor = new
+            else:
+                self.tombstones = [(new,) + t[1:] if t[0] == old and t[2] == number else t
+                                   for t in self.tombstones]
+        self.sequence = max(self.sequence, cursor)
 
     def crash(self):
         """Lose the held writes as ``kill -9`` would (their Deferreds never fire):

@@ -14,7 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.registry import DeviceRegistry, RegistrySettings
 from broker.registry.database import DB_NAME
-from broker.registry.restart import CURSOR_GAP, MAX_SAFE_CURSOR, continue_cursors, merge
+from broker.registry.restart import (CURSOR_GAP, MAX_SAFE_CURSOR, continue_cursors, merge,
+                                     move_out)
 from broker.registry.sqlite_store import SQLiteStore
 from broker.registry.store import Loaded
 from .helpers import make_registry
@@ -201,6 +202,46 @@ class CrashTests(TestCase):
         self.assertEqual({v.name: v.reported for v in batch.devices}["c"], {})
 
     @defer.inlineCallbacks
+    def test_snapshot_pages_never_end_inside_a_dead_range(self):
+        """Devices stored above the durable mark (a cut commit wrote them as they
+        were later) are given cursors above the restart's: a client paging through
+        a snapshot one device at a time is never handed a dead cursor, so it is
+        reset once and reaches the end instead of starting over forever."""
+        registry = self.open(StalledStore, max_batch=2)
+        for name in ("a", "b", "c"):
+            yield registry.add_device(name)
+        base = registry.cursor
+        registry._store.commits_left = 1
+        first = registry.update_reported("a", {"x": 1})     # written as base + 4
+        registry.update_reported("b", {"x": 1})             # written as base + 5
+        registry.update_reported("c", {"x": 1})             # base + 3: never committed
+        registry.update_reported("a", {"x": 2})
+        registry.update_reported("b", {"x": 2})
+        yield first
+        yield registry._store.kill()
+        again = self.open()
+        self.assertEqual((again.device("a").reported, again.device("b").reported),
+                         ({"x": 2}, {"x": 2}))
+        cursor, seen, resets = base + 4, [], 0
+        for _ in range(10):
+            batch = again.changes_since(cursor, limit=1)
+            resets += batch.reset
+            seen += [v.name for v in batch.devices]
+            cursor = batch.cursor
+            if not batch.more:
+                break
+        self.assertEqual((sorted(seen), resets, batch.more), (["a", "b", "c"], 1, False))
+        self.assertEqual(cursor, again.cursor)
+        # The new cursors are durable: after a clean stop nothing is dead any more.
+        yield again.stop()
+        third = self.open()
+        self.assertEqual(third.cursor, again.cursor)
+        for name in ("a", "b"):
+            view = third.device(name)
+            self.assertFalse(third.changes_since(view.cursor).reset, name)
+            self.assertGreater(view.cursor, base + 4 + CURSOR_GAP - 1)
+
+    @defer.inlineCallbacks
     def test_database_of_an_older_broker_starts_unclean(self):
         """A database without the clean-stop mark (an older broker's, whose last stop
         is unknown) starts as after a crash: every cursor above 0 is reset once."""
@@ -214,9 +255,12 @@ class CrashTests(TestCase):
         conn.commit()
         conn.close()
         again = self.open()
-        self.assertEqual(again.cursor, cursor + CURSOR_GAP)
+        # The device, stored inside the dead range, moved just above it.
+        self.assertEqual(again.cursor, cursor + CURSOR_GAP + 1)
+        self.assertEqual(again.device("a").cursor, again.cursor)
         self.assertTrue(again.changes_since(1).reset)
         self.assertFalse(again.changes_since(0).reset)
+        self.assertFalse(again.changes_since(again.cursor).reset)
 
     @defer.inlineCallbacks
     def test_fresh_database_starts_clean(self):
@@ -325,6 +369,21 @@ class ContinueCursorsTests(SynchronousTestCase):
         """A range ending at or below the horizon is dropped; one above stays."""
         loaded = Loaded(dead=[(1, 5), (6, 20)])
         self.assertEqual(continue_cursors(loaded, 30, 5), (30, [(6, 20)]))
+
+    def test_move_out_of_dead_ranges(self):
+        """Devices and tombstones strictly inside a dead range get new cursors above
+        the start, in cursor order; those at a range's ends or outside keep theirs."""
+        from broker.registry.model import Device
+        devs = [Device(n, i, b"k" * 16, 1, c) for i, (n, c) in
+                enumerate([("a", 5), ("b", 12), ("c", 20), ("d", 15)], 1)]
+        stones = [(11, "x", 9, 2), (10, "y", 8, 2)]
+        top, moves = move_out(devs, stones, [(10, 20)], 100)
+        self.assertEqual(top, 103)
+        self.assertEqual(moves, [("tombstone", 9, 11, 101), ("device", 2, 12, 102),
+                                 ("device", 4, 15, 103)])
+        self.assertEqual([d.cursor for d in devs], [5, 102, 20, 103])
+        self.assertEqual(stones, [(101, "x", 9, 2), (10, "y", 8, 2)])
+        self.assertEqual(move_out(devs, stones, [], 103), (103, []))
 
     def test_merge(self):
         """Overlapping ranges merge; touching ones stay apart (their shared end is a
