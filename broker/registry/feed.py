@@ -96,7 +96,11 @@ class ChangeFeed:
         n = len(entries)
         out = []
         last = cursor
-        while i < n and len(out) < limit:
+        # A page never ends below the horizon: from there the next request
+        # would be reset to this same page, forever. So a snapshot holds at
+        # least every device unchanged since the horizon, whatever the limit.
+        horizon = self.horizon
+        while i < n and (len(out) < limit or last < horizon):
             c, e = cursors[i], entries[i]
             if self._live(c, e):
                 out.append(e if type(e) is DeviceView else view(e))

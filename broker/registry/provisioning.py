@@ -60,7 +60,9 @@ def reservation_refusal(stored, record, expected):
     record of an older session (or none) lets through. The check of
     ``reserve_session``, in memory here, in the Redis script there."""
     if expected is None:
-        if stored is not None and stored.session_id >= record.session_id:
+        # (A record of this session with no reservation: a start that failed.)
+        if stored is not None and (stored.session_id > record.session_id or (
+                stored.session_id == record.session_id and stored.seq_reservation)):
             return "the session was started already"
         return None
     if stored is None or stored.session_id != record.session_id:
@@ -225,8 +227,19 @@ class Provisioning:
         dev.session = record
 
         def failed(failure):
-            if dev.session is record:
+            current = dev.session
+            if current is record:
                 dev.session = previous
+            elif (current is not None and current.session_id == record.session_id
+                  and current.seq_reservation == record.seq_reservation):
+                # A plain record written meanwhile carries it too (the endpoint's
+                # report records carry the reservation on its way): not
+                # confirmed, so not kept either, or the endpoint's next ask,
+                # from the one it confirmed, would conflict with itself. Its
+                # content stays.
+                same = previous is not None and previous.session_id == record.session_id
+                dev.session = current._replace(
+                    seq_reservation=previous.seq_reservation if same else 0)
             return failure
         return self._store.write(("session", device_number, record), record).addErrback(failed)
 

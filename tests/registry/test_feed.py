@@ -78,6 +78,31 @@ class ChangeFeedTests(SynchronousTestCase):
         self.assertFalse(recent.reset)
         self.assertEqual([(v.name, v.removed) for v in recent.devices], [("b", True)])
 
+    def test_snapshot_pages_below_the_horizon_end_above_it(self):
+        """Paging a snapshot with a small limit terminates once tombstones were pruned:
+        a page never ends on a cursor below the horizon (the next request would be
+        reset to the same page, forever); it holds every device unchanged since."""
+        registry, _, _ = make_registry(feed_retention=1)
+        for name in "abcde":
+            self.successResultOf(registry.add_device(name))
+        registry.remove_device("d")
+        registry.remove_device("e")
+        self.assertGreater(registry._feed.horizon, 3)
+        seen, cursor, pages = [], 0, 0
+        while True:
+            batch = registry.changes_since(cursor, limit=1)
+            pages += 1
+            self.assertLess(pages, 5, "snapshot paging never ends")
+            seen += [v.name for v in batch.devices if not v.removed]
+            cursor = batch.cursor
+            if not batch.more:
+                break
+        self.assertEqual(seen, ["a", "b", "c"])
+        self.assertFalse(registry.changes_since(cursor).reset)
+        registry.update_reported("b", {"v": 1})
+        page = registry.changes_since(cursor, limit=1)
+        self.assertEqual(([v.name for v in page.devices], page.reset), (["b"], False))
+
     def test_cursor_survives_restart(self):
         """A cursor taken before a restart resumes with exactly the later changes."""
         self.registry.update_reported("a", {"v": 1})

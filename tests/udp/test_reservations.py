@@ -162,3 +162,64 @@ class EndpointReservationTests(SynchronousTestCase):
         self.assertEqual(h.endpoint.counters["reservation_conflicts"], 1)
         self.assertEqual(h.registry.session_record(number).seq_reservation,
                          record.seq_reservation + 4096)
+
+
+class CommitFailingStore(MemoryStore):
+    """A MemoryStore whose held writes can fail together, as one failed commit."""
+
+    def fail_held(self):
+        held, self._held = self._held or [], None
+        for _, d, _ in held:
+            d.errback(errors.StoreError("the commit failed"))
+
+
+class FailedCommitTests(SynchronousTestCase):
+    """A reservation and a report record failing in one commit (an asynchronous store)."""
+
+    def test_reservation_failed_with_a_report_is_asked_again(self):
+        """A reservation whose write failed in the commit of a report record is written
+        again with the next datagram: the session is neither retired nor stuck."""
+        store = CommitFailingStore()
+        h = Harness(self, store=store)
+        device = h.provision("dev")
+        number = device.device_number
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(1.0)
+        live = h.endpoint.session_of(number)
+        confirmed, acked = live.reserved, node.acknowledged
+        store.hold()
+        h.endpoint._writes.reserve(live, confirmed + SEQ_RESERVATION_BLOCK)
+        node.report({"v": 2}, h.clock.seconds())
+        h.run(0.2)
+        self.assertGreater(live.writes, 1)    # the reservation and the report, held
+        store.fail_held()
+        for value in range(3, 6):
+            node.report({"v": value}, h.clock.seconds())
+            h.run(1.0)
+        self.assertEqual(h.endpoint.counters["reservation_conflicts"], 0)
+        self.assertEqual(h.endpoint.counters["sessions_retired"], 0)
+        now = h.endpoint.session_of(number)     # (possibly parked meanwhile)
+        self.assertEqual(now.session_id, live.session_id)
+        self.assertEqual(now.reserved, confirmed + SEQ_RESERVATION_BLOCK)
+        self.assertEqual(h.registry.session_record(number).seq_reservation, now.reserved)
+        self.assertGreater(node.acknowledged, acked)
+        self.flushLoggedErrors(errors.StoreError)
+
+    def test_failed_start_with_a_record_after_it_can_start_again(self):
+        """A start failing in one commit with a plain record of its session (which carried
+        its reservation) leaves no reservation in memory: the start can be asked again."""
+        store = CommitFailingStore()
+        h = Harness(self, store=store)
+        number = h.provision("dev").device_number
+        registry = h.registry
+        start = SessionRecord(session_id=5, seq_reservation=SEQ_RESERVATION_BLOCK)
+        store.hold()
+        started = registry.reserve_session(number, start, None)
+        saved = registry.save_session(number, start._replace(acked_remote_num=1))
+        store.fail_held()
+        self.failureResultOf(started, errors.StoreError)
+        self.failureResultOf(saved, errors.StoreError)
+        self.assertEqual(registry.session_record(number).seq_reservation, 0)
+        self.assertEqual(self.successResultOf(registry.reserve_session(number, start, None)),
+                         start)
