@@ -73,10 +73,13 @@ class DocumentLinksTests(SynchronousTestCase):
         """Every NAME.md the prose refers to (linked or not) is a file shipped with the project."""
         shipped = {path.name for path in DOCUMENTS} | {
             str(path.relative_to(ROOT)) for path in DOCUMENTS}
+        checked = 0
         for document in DOCUMENTS:
             for name in re.findall(r"(?<![\w/.-])((?:docs/|bench/)?[\w-]+\.md)\b", document.read_text()):
                 self.assertIn(name, shipped, f"{document.name} refers to {name}, which the "
                               "repository does not have")
+                checked += 1
+        self.assertGreaterEqual(checked, 10)   # the pattern still finds the prose's names
 
 
 class DropReasonDocsTests(SynchronousTestCase):

@@ -7,6 +7,7 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.systemd import Activation, Notifier, listen_udp, notify, watchdog_interval
@@ -50,7 +51,11 @@ class NotifyTests(SynchronousTestCase):
         """A NOTIFY_SOCKET nobody listens on gives False and a logged warning, never an exception."""
         path = os.path.join(tempfile.mkdtemp(prefix="sd"), "gone")
         self.addCleanup(os.rmdir, os.path.dirname(path))
-        self.assertFalse(notify("READY=1", {"NOTIFY_SOCKET": path}))
+        with capturedLogs() as events:
+            self.assertFalse(notify("READY=1", {"NOTIFY_SOCKET": path}))
+        warnings = [formatEvent(event) for event in events if event["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn(path, warnings[0])
 
 
 class WatchdogTests(SynchronousTestCase):

@@ -1,5 +1,6 @@
 """HTTP details of /api: body limits, credentials, routing, CORS, reload, errors (memory transports)."""
 
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyChannel
 
@@ -219,5 +220,9 @@ class ReloadTests(SynchronousTestCase):
         """A reload with an invalid origin is refused and logged; the old settings stay."""
         m = MemoryAPI(self, ApiSettings(max_waiters=7))
         config = replace(load_config(None), "http", allowed_origins=("not an origin",))
-        m.api.reload(config)
+        with capturedLogs() as events:
+            m.api.reload(config)
         self.assertEqual(m.api.settings.max_waiters, 7)
+        errors = [formatEvent(event) for event in events if event["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("API settings refused", errors[0])
