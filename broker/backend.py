@@ -78,7 +78,8 @@ def open_configured_registry(config: Config, data_dir: Path, reactor,
                                     lease_ttl=config.registry.redis_lease_ttl,
                                     lease_check_interval=config.registry.redis_lease_check_interval,
                                     sequence_check_interval=(
-                                        config.registry.redis_sequence_check_interval))
+                                        config.registry.redis_sequence_check_interval),
+                                    data_dir=data_dir)
     if config.registry.backend == "memory":
         store = MemoryStore()
     else:

@@ -8,6 +8,11 @@ brokers' own scripts, and every running broker sees each change at once
 on the change stream. Human output by default, ``--json`` for scripts; an
 error is one line on stderr and exit status 1 (2 for bad usage or a bad
 config file).
+
+With Redis, the data directory (``--data-dir``, else the config's data_dir)
+remembers the data set the brokers serve (redis_marker.py): broker-admin is
+refused, as a broker is, on a Redis that lost it, and ``redis adopt-new``
+is the deliberate way to serve the data set Redis holds now.
 """
 
 import argparse
@@ -32,7 +37,8 @@ def _add_common(parser, default):
                         help="the broker's TOML config file: its [registry] backend "
                         "(sqlite or redis, with the redis_* settings) and data_dir are used")
     parser.add_argument("--data-dir", default=default(None),
-                        help="the broker's data directory (SQLite backend; default: the "
+                        help="the broker's data directory (the SQLite database, or the "
+                        "Redis data set's remembered marker; default: the "
                         f"config's data_dir, else {DEFAULT_DATA_DIR})")
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="machine-readable output")
@@ -63,6 +69,13 @@ def build_parser():
     token.add_parser("list", help="list tokens (never their text)", parents=[common])
     revoke = token.add_parser("revoke", help="revoke a token", parents=[common])
     revoke.add_argument("token_id")
+
+    redis = top.add_parser("redis", help="the Redis data set (backend redis)").add_subparsers(
+        dest="command", required=True)
+    redis.add_parser("adopt-new", parents=[common],
+                     help="deliberately serve the data set Redis holds now (a new one if it "
+                     "is empty): records its marker in the data directory, so brokers "
+                     "refused after Redis lost its data start again")
     return parser
 
 
@@ -81,6 +94,8 @@ def open_admin(args, create, err=None):
         from broker.backend import redis_options
         from .redis_admin import RedisAdmin
         return RedisAdmin.open(redis_options(config),
+                               data_dir=args.data_dir or config.broker.data_dir,
+                               record=(args.group, args.command) not in READS,
                                feed_retention=config.registry.feed_retention,
                                history_size=config.registry.history_size)
     if config is not None and config.registry.backend == "memory":
@@ -98,6 +113,8 @@ def open_admin(args, create, err=None):
 
 def run(args, out, err=None):
     """Carry out one parsed command, writing to ``out`` (and notes to ``err``)."""
+    if args.group == "redis":
+        return redis_adopt_new(args, out)
     create = args.command == "add"
     db = open_admin(args, create, err)
     try:
@@ -173,6 +190,31 @@ def token_revoke(db, args, out):
     db.revoke_token(args.token_id)
     _emit(args, out, {"token_id": args.token_id, "revoked": True}, f"revoked token {args.token_id}")
 
+
+def redis_adopt_new(args, out):
+    """Record the marker of the data set Redis holds now in the data directory."""
+    config = None
+    if args.config:
+        from broker.config import load_config
+        config = load_config(args.config)
+    if config is None or config.registry.backend != "redis":
+        raise errors.StoreError("redis adopt-new needs --config naming a broker config whose "
+                                "[registry] backend is \"redis\"")
+    from broker.backend import redis_options
+    from .redis_admin import RedisAdmin
+    options = redis_options(config)
+    data_dir = os.path.abspath(args.data_dir or config.broker.data_dir)
+    previous, marker = RedisAdmin.adopt_new(options, data_dir)
+    from .redis_connection import redacted
+    _emit(args, out, {"data_dir": data_dir, "redis_url": redacted(options.url),
+                      "key_prefix": options.key_prefix, "marker": marker, "previous": previous},
+          f"data directory {data_dir} now serves the data set marked {marker} in Redis at "
+          f"{redacted(options.url)} (key prefix {options.key_prefix}; it remembered "
+          f"{previous or 'none'})")
+
+
+#: commands that only read (broker-admin records the Redis data set only when it writes).
+READS = {("device", "list"), ("device", "show"), ("token", "list")}
 
 COMMANDS = {
     ("device", "add"): device_add,

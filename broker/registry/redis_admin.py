@@ -9,6 +9,9 @@ admin.AdminDatabase, so the CLI does not care which backend it drives.
 Opening adopts the data set's marker as a broker does (redis_store.py):
 provisioning into an empty Redis starts the data set the brokers then
 load, and scripts run against a Redis emptied meanwhile change nothing.
+Given a data directory, it is refused as a broker is when Redis no longer
+holds the data set remembered there, and (when it writes) remembers the
+marker it adopted (redis_marker.py).
 """
 
 import os
@@ -38,15 +41,32 @@ class RedisAdmin:
         self.origin = "admin-" + random_bytes(4).hex()
 
     @classmethod
-    def open(cls, options, **kwargs):
-        """Connect to Redis (``options``: a RedisOptions); StoreError if it cannot be reached."""
-        store = RedisStore(options, reactor=None)
+    def open(cls, options, *, data_dir=None, record=True, **kwargs):
+        """Connect to Redis (``options``: a RedisOptions); StoreError if it cannot be
+        reached, MarkerMismatch if it lost the data set ``data_dir`` remembers
+        (where the marker is recorded when ``record``: the command writes)."""
+        store = RedisStore(options, reactor=None, data_dir=data_dir, record=record)
         try:
             store.adopt()
         except errors.StoreError:
             store.close()
             raise
         return cls(store, **kwargs)
+
+    @staticmethod
+    def adopt_new(options, data_dir):
+        """Make ``data_dir`` serve the data set Redis holds now (setting a new
+        marker if it has none), whatever it remembered: ``broker-admin redis
+        adopt-new``. Returns ``(previous marker or None, marker now)``."""
+        store = RedisStore(options, reactor=None, data_dir=data_dir)
+        try:
+            try:
+                previous = store.remembered.read()
+            except errors.StoreError:
+                previous = None         # unreadable or damaged: replaced now
+            return previous, store.adopt(deliberately=True)
+        finally:
+            store.close()
 
     def close(self):
         self._store.close()

@@ -24,6 +24,11 @@ empty Redis, or on data written before markers existed, all take the
 same). From then on every script and every answer of the writer and the
 reader carry it; one that finds another marker, or none, reports
 ``IncarnationLost``: Redis lost the data this process loaded (shared.py).
+
+A process STARTING on an emptied Redis cannot see the loss in Redis: with
+a data directory, the marker adopted there is remembered, and a start that
+finds none, or another one, is refused (``MarkerMismatch``, redis_marker.py)
+before anything is written.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from .errors import StoreError
 from .redis_connection import Connector, RedisOptions, redacted
 from .redis_follow import SEQUENCE_CHECK_INTERVAL, ChangeFollower, CommandListener
 from .redis_layout import RedisKeys, decode_record, decode_tokens, marker_text
+from .redis_marker import RememberedMarker
 from .redis_scripts import ADOPT, SCRIPTS
 from .redis_writer import IncarnationLost, PipelineWriter
 from .store import DeviceRow, Loaded, Store
@@ -57,8 +63,13 @@ class RedisStore(RedisKeys, Store):
     Its key names (RedisKeys) are attributes, for the callers that build
     script calls."""
 
-    def __init__(self, options, *, reactor, connector=None):
+    def __init__(self, options, *, reactor, connector=None, data_dir=None, record=True):
         self.options = options
+        #: the marker the data directory remembers (None: no data directory).
+        self.remembered = (None if data_dir is None
+                           else RememberedMarker.for_options(data_dir, options))
+        #: whether adopting records the marker in the data directory.
+        self._record = record
         self._reactor = reactor
         import redis
         try:
@@ -114,17 +125,33 @@ class RedisStore(RedisKeys, Store):
         raise StoreError("cannot load the registry from Redis: its data set was replaced "
                          f"{LOAD_ATTEMPTS} times while loading it")
 
-    def adopt(self):
+    def adopt(self, *, deliberately=False):
         """Learn the data set's marker, setting a new one if Redis has none (an
         empty Redis, or data from before markers); returns it. Synchronous.
 
         A marker already there is read, not written: a script that may write is
         refused by a Redis at its memory limit, a read-only replica or a
         read-only ACL user, and a process must still start and serve reads
-        there (as before markers existed)."""
+        there (as before markers existed).
+
+        With a data directory, a marker other than the one it remembers, or
+        none, raises MarkerMismatch before anything is written (module
+        docstring), unless ``deliberately`` (``broker-admin redis adopt-new``);
+        the marker adopted is remembered."""
         import redis
+        # The file before Redis: a worker starting beside another that just set
+        # the marker and recorded it reads that marker in Redis too (no race).
+        remembered = None
+        if self.remembered is not None and not deliberately:
+            remembered = self.remembered.read()
         try:
             found = self._main.get(self.key_incarnation)
+        except (redis.RedisError, OSError) as e:
+            raise StoreError(f"cannot read the data set marker {self.key_incarnation} "
+                             f"in Redis at {redacted(self.options.url)}: {e}") from None
+        if remembered is not None:
+            self.remembered.check(marker_text(found), self.key_incarnation, remembered)
+        try:
             if not found:
                 found = self._adopt(keys=[self.key_incarnation], args=[os.urandom(16).hex()],
                                     client=self._main)
@@ -132,6 +159,8 @@ class RedisStore(RedisKeys, Store):
             raise StoreError(f"cannot adopt the data set marker {self.key_incarnation} "
                              f"in Redis: {e}") from None
         self.incarnation = marker_text(found)
+        if self.remembered is not None and self._record and remembered != self.incarnation:
+            self.remembered.record(self.incarnation)
         return self.incarnation
 
     def _load(self, client):

@@ -316,16 +316,18 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
 
 
 def open_shared_registry(options, *, reactor=None, clock=None, settings=None,
-                         store_wrapper=None, origin=None, **presence):
+                         store_wrapper=None, origin=None, data_dir=None, **presence):
     """A SharedRegistry over Redis (``options``: a RedisOptions); raises StoreError
     (clear message) when Redis cannot be reached or holds damaged data.
+    ``data_dir``: the broker's data directory, where the data set's marker is
+    remembered; a Redis emptied since raises MarkerMismatch (redis_marker.py).
     ``presence``: lease_ttl, lease_check_interval, sequence_check_interval
     (SharedRegistry)."""
     from .redis_store import RedisStore
     from .settings import RegistrySettings
     if reactor is None:
         from twisted.internet import reactor
-    store = RedisStore(options, reactor=reactor)
+    store = RedisStore(options, reactor=reactor, data_dir=data_dir)
     wrapped = store if store_wrapper is None else store_wrapper(store)
     try:
         return SharedRegistry(wrapped, clock=clock or reactor,

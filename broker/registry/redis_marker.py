@@ -1,0 +1,118 @@
+"""The Redis data set a data directory last served: the interlock against an emptied Redis.
+
+A running process notices Redis losing its data (the data set's marker
+``{p}:incarnation`` changes or vanishes, redis_store.py). A process that
+STARTS on an emptied Redis cannot see that from Redis alone: it would set
+a new marker and serve an empty registry. So each broker (and broker-admin
+when it writes) remembers in its data directory the marker it adopted for
+that Redis URL and key prefix, and refuses to start when Redis holds no
+marker or another one (``MarkerMismatch``, one line: what probably
+happened, and the two remedies). ``broker-admin redis adopt-new`` is the
+deliberate way to start serving a new data set (docs/scaling.md).
+
+One small JSON file per Redis URL and key prefix (the URL redacted, so no
+password is written), 0600 in the 0700 data directory, replaced
+atomically: a temporary file in the same directory, fsync, rename. Workers
+of one supervisor share the data directory; starting together on an empty
+Redis they adopt the same marker (``ADOPT`` is SET NX), so they write the
+same file and none refuses another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+from .errors import StoreError
+from .redis_connection import redacted
+
+#: the explicit command that makes a data directory serve Redis's data set now.
+ADOPT_NEW = "broker-admin redis adopt-new"
+
+
+class MarkerMismatch(StoreError):
+    """Redis holds no data set marker, or another one, than the one the data
+    directory remembers: starting would serve an emptied (or another) registry."""
+
+
+class RememberedMarker:
+    """The marker a data directory remembers for one Redis URL and key prefix."""
+
+    def __init__(self, data_dir, url, key_prefix):
+        self.data_dir = os.path.abspath(os.fspath(data_dir))
+        self.url = redacted(url)
+        self.key_prefix = key_prefix
+        digest = hashlib.sha256(f"{self.url}\0{key_prefix}".encode()).hexdigest()[:16]
+        self.path = os.path.join(self.data_dir, f"redis-marker-{digest}.json")
+
+    @classmethod
+    def for_options(cls, data_dir, options):
+        """The remembered marker of ``options`` (a RedisOptions) in ``data_dir``."""
+        return cls(data_dir, options.url, options.key_prefix)
+
+    def read(self):
+        """The remembered marker, or None (never recorded). StoreError if unreadable."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                body = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read the remembered Redis data set marker {self.path!r}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        marker = body.get("marker") if isinstance(body, dict) else None
+        if not isinstance(marker, str) or not marker:
+            raise StoreError(f"the remembered Redis data set marker {self.path!r} is damaged; "
+                             f"run `{ADOPT_NEW}` only if Redis holds the right data set")
+        return marker
+
+    def record(self, marker):
+        """Remember ``marker`` (atomically; the directory made 0700 if missing)."""
+        body = json.dumps({"url": self.url, "key_prefix": self.key_prefix, "marker": marker},
+                          sort_keys=True) + "\n"
+        try:
+            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(prefix=".redis-marker-", dir=self.data_dir)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:   # mkstemp: mode 0600
+                    handle.write(body)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                try:
+                    os.unlink(temporary)
+                except OSError:
+                    pass
+                raise
+            directory = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as e:
+            raise StoreError(f"cannot record the Redis data set marker in {self.path!r}: "
+                             f"{e.strerror or e}") from None
+
+    def check(self, found, key, remembered):
+        """Raise MarkerMismatch unless ``found`` (Redis's marker at ``key``, None if
+        absent) is ``remembered`` (read before Redis was asked) or that is None."""
+        if remembered is None or found == remembered:
+            return
+        if found is None:
+            what = (f"has no data set marker {key}, but data directory {self.data_dir} last "
+                    f"served the data set marked {remembered} there: Redis was probably "
+                    "emptied (FLUSHALL, a restart without persistence, a replacement server "
+                    "or a failed restore) and every device would be unknown")
+        else:
+            what = (f"holds the data set marked {found} ({key}), but data directory "
+                    f"{self.data_dir} last served the one marked {remembered} there: Redis was "
+                    "probably emptied and a new data set started on it since, or this is "
+                    "another Redis")
+        raise MarkerMismatch(
+            f"Redis at {self.url} (key prefix {self.key_prefix}) {what}; refusing to start. "
+            "Restore Redis from its persistence (AOF/RDB) or a backup, or, to serve the data "
+            f"set Redis holds now (a new one if it is empty) deliberately, run "
+            f"`{ADOPT_NEW}` with this config or --data-dir (docs/scaling.md)")
