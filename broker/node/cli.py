@@ -67,7 +67,11 @@ def parse_broker(text: str) -> tuple[str, int]:
     except (socket.gaierror, UnicodeError) as problem:
         # UnicodeError: not a host name at all (an empty or overlong label).
         raise UsageError(f"--broker {text!r}: cannot resolve {host!r}: {problem}") from None
-    return infos[0][4][0], port
+    address = infos[0][4]
+    if len(address) == 4 and address[3]:
+        # A link-local IPv6 address keeps its interface (getaddrinfo gives it apart).
+        return f"{address[0]}%{address[3]}", port
+    return address[0], port
 
 
 def parse_secret(text: str, source: str = "--secret") -> bytes:

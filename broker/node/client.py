@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import struct
 import time
@@ -46,8 +47,14 @@ def _bind_address(broker_host: str) -> str:
 
 
 def _numeric(address) -> tuple:
-    """(host, port) with a numeric host: datagrams go out without a lookup each."""
+    """(host, port) with a numeric host: datagrams go out without a lookup each.
+
+    An IPv6 socket address (host, port, flowinfo, scope_id) with a scope (a
+    link-local broker) keeps its interface as ``host%scope_id``.
+    """
     host, port = address[0], address[1]
+    if len(address) == 4 and address[3] and "%" not in host:
+        host = f"{host}%{address[3]}"
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -108,7 +115,13 @@ class NodeEndpoint:
     # -- sockets -----------------------------------------------------------------
 
     def listen(self) -> None:
-        """Open the sockets (ephemeral ports)."""
+        """Open the sockets (ephemeral ports); after stop(), the endpoint works again."""
+        if self._stopped:
+            # stop() ended the scheduler for good: a new one, for every hosted node.
+            self._stopped = False
+            self.scheduler = WakeupScheduler(self.reactor, self._wakeup, self._now)
+            for number, node in self._nodes.items():
+                self.scheduler.schedule(number, node.next_wakeup())
         while len(self._ports) < self._socket_count:
             self._ports.append(self.reactor.listenUDP(0, _NodeSocket(self),
                                                       interface=self._interface))
@@ -221,6 +234,8 @@ class SSPNode:
 
     ``state_path``: a file that keeps the last session id, so a reboot
     starts a strictly newer session (required for a real device).
+    ``heartbeat`` and ``rekey_after`` (default three heartbeats, more than
+    one) are seconds; ValueError for others.
     """
 
     def __init__(self, device_number: int, secret: bytes, broker_address, *,
@@ -228,6 +243,15 @@ class SSPNode:
                  rekey_after: float | None = None, on_desired=None, on_command=None,
                  reactor=None, now=None, interface=None, random_bytes=os.urandom,
                  session_ids: SessionIds | None = None) -> None:
+        if not 0 < heartbeat < math.inf:
+            raise ValueError(f"heartbeat {heartbeat!r}: seconds, finite and above 0")
+        if rekey_after is None:
+            rekey_after = 3 * heartbeat
+        elif not heartbeat < rekey_after < math.inf:
+            # An idle node is acknowledged once a heartbeat: a shorter wait
+            # starts a new session (and writes state_path) every rekey_after.
+            raise ValueError(f"rekey_after {rekey_after!r}: seconds, finite and more than "
+                             f"the heartbeat ({heartbeat:g})")
         self.endpoint = NodeEndpoint(broker_address, reactor=reactor, now=now,
                                      interface=interface)
         if session_ids is None:
@@ -235,11 +259,11 @@ class SSPNode:
         self.session = NodeSession(
             device_number, secret, self.endpoint.broker_address, session_ids=session_ids,
             profile=node_profile(heartbeat), ciphers=self.endpoint.ciphers,
-            rekey_after=rekey_after if rekey_after is not None else 3 * heartbeat,
+            rekey_after=rekey_after,
             random_bytes=random_bytes, on_desired=on_desired, on_command=on_command)
 
     def start(self) -> None:
-        """Start the first session and open the socket.
+        """Start a new session and open the socket (again after stop()).
 
         The session id is stored first: a state file that cannot be
         written fails here (OSError), before any socket is open.
@@ -249,6 +273,7 @@ class SSPNode:
         self.endpoint.add(self.session)
 
     def stop(self):
+        """Close the socket and the timer (a Deferred); start() may follow."""
         return self.endpoint.stop()
 
     def report(self, values) -> None:

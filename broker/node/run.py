@@ -4,7 +4,9 @@ It stops at end of input, or on SIGINT / SIGTERM: it stops reading, waits
 at most ``--linger`` seconds for the broker to acknowledge what it read,
 and exits 0 if the broker did, else 1 with a message.  The broker never
 answers a wrong key or device number (wire.md 3), so for the node they
-look like a broker that is down: the message names all three.
+look like a broker that is down: the message names all three.  A reader
+of stdout that falls behind slows the node down (writes block); no line
+is dropped.
 """
 
 from __future__ import annotations
@@ -160,6 +162,19 @@ def _log_to(err) -> None:
         redirectStandardIO=False)
 
 
+def _blocking_output(fd: int = 1) -> None:
+    """Make standard output blocking again after StandardIO made it non-blocking.
+
+    We write our lines with a plain file object, which on a full
+    non-blocking pipe (a reader that falls behind) drops data without an
+    error: lost commands.  Blocking, a slow reader slows the node instead.
+    """
+    try:
+        os.set_blocking(fd, True)
+    except OSError:
+        pass  # not open: writing will say so
+
+
 def _discard_output(out) -> None:
     """Point a closed output at /dev/null, so the flush at exit cannot fail again."""
     try:
@@ -238,6 +253,7 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
     warning = reactor.callLater(NO_ANSWER_WARNING, warn_if_unanswered)
     lines = Input(node, err, end_of_input)
     stdin_transport = stdio.StandardIO(lines, stdin=stdin or sys.stdin.fileno(), reactor=reactor)
+    _blocking_output()
 
     def settle():
         """Before the reactor stops: stop reading, wait (at most --linger) for acks."""

@@ -61,7 +61,8 @@ class NodeSession:
     """One device's SSP state: its current session and what the app sees.
 
     ``on_desired(values: dict)`` is called when the desired values change;
-    ``on_command(command)`` once per command, in order.  Times are
+    ``on_command(command)`` once per command, in order (what they raise is
+    logged).  Times are
     monotonic seconds passed in by the owner.
     """
 
@@ -179,7 +180,7 @@ class NodeSession:
         if self._desired is None or dict(values) != dict(self._desired):
             self._desired = values
             if self.on_desired is not None:
-                self.on_desired(plain(values))
+                self._call(self.on_desired, plain(values))
         end = self._events_end
         if state.event_end < end or state.event_base > end:
             # The broker started its outgoing state anew (a restart): its
@@ -189,7 +190,16 @@ class NodeSession:
         self._events_end = state.event_end
         if self.on_command is not None:
             for command in commands:
-                self.on_command(plain(command))
+                self._call(self.on_command, plain(command))
+
+    def _call(self, callback, value) -> None:
+        """An application callback; what it raises is logged, not ours to stop on:
+        the commands after it, and this datagram's acknowledgement, still count."""
+        try:
+            callback(value)
+        except Exception:
+            self.log.failure("device {number}: {callback!r} failed",
+                             number=self.device_number, callback=callback)
 
     def datagrams(self, now: float) -> list:
         """The datagrams due now, as (bytes, address); starts a new session if the

@@ -1,10 +1,37 @@
 """Session ids a device never repeats, also across reboots (wire.md 3).
 
 The broker accepts a new session only with an id greater than the device's
-current one, so a device must remember the last id it used.  An id is
-``(epoch << 32) | random32``: the epoch is one more than the last stored
-one, and at least the wall-clock second, so even a device that lost its
-file starts above the ids it used before (unless its clock went back).
+current one, so a device must remember the last id it used.  The id is
+``epoch << 32 | tick << 20 | random20`` (wire.md's ``boot counter << 32 |
+random32`` is an example; the broker only compares ids):
+
+* ``epoch`` is one more than the last stored one, and at least the
+  wall-clock second, so even a device that lost its file (or a memory-only
+  ``simulate`` run) starts above the ids it used before, unless its clock
+  went back.
+* ``tick`` is the time within that second in 1/4096 s (244 us), when the
+  epoch is the wall-clock second: a process that forgot the ids picked
+  earlier in the same second (a second ``simulate`` run, a quick reboot
+  without the file) still picks above them.  Processes start far more
+  than a tick apart.  An epoch ahead of the clock (a second id within one
+  second) is above the last id by itself; its tick is 0, so a forgetful
+  pick later in that second is above it too.
+* ``random20``: 20 random bits.  The low 32 bits are never all zero (0
+  becomes 1), so an id is never the epoch alone.
+
+Nonces: one id is one HKDF session key, and every session numbers its
+datagrams from 0, so an id must never be used twice for a device.  One
+process never repeats its own ids (they increase).  Two processes (a
+device without its file, two ``simulate`` runs) can pick the same id only
+in the same epoch and tick: two picks within the same 1/4096 s match with
+probability 2^-20 (20 random bits), and picks at independent times within
+a second with 2^-12 * 2^-20 = 2^-32, as with 32 random bits.  That is why
+the time field is coarse (12 bits, not 20 bits of microseconds beside 12
+random bits): the bound then holds whatever the clock's resolution and
+however closely two processes start, and ordering only needs ticks shorter
+than a process restart.  Ids ahead of the clock (tick 0) of two processes
+match with probability 2^-20 too.
+
 The new id is written (fsync, then rename) before it is used.
 """
 
@@ -15,24 +42,37 @@ import os
 import time
 from pathlib import Path
 
-_U32 = 0xFFFFFFFF
+from broker.files import replace_private_file
+
 _MAX_EPOCH = (1 << 32) - 1
+#: The time within a second, in ticks of 1/TICKS_PER_SECOND s (12 bits).
+TICKS_PER_SECOND = 1 << 12
+#: Random low bits of an id, below the tick.
+RANDOM_BITS = 20
+_RANDOM_MASK = (1 << RANDOM_BITS) - 1
 
 
 def next_session_id(last: int, random_bytes=os.urandom, wall_clock=time.time) -> int:
-    """An id strictly greater than last: a new epoch and 32 random bits (never zero)."""
-    epoch = max((last >> 32) + 1, int(wall_clock()))
+    """An id strictly greater than last: a new epoch, the tick within the
+    second when the epoch is the clock's, and 20 random bits (low half never zero)."""
+    wall = wall_clock()
+    second = int(wall)
+    epoch = max((last >> 32) + 1, second)
     if epoch > _MAX_EPOCH:
         raise ValueError("session id epochs exhausted for this device")
-    low = int.from_bytes(random_bytes(4), "big") or 1
-    return (epoch << 32) | low
+    tick = 0
+    if epoch == second:
+        tick = min(int((wall - second) * TICKS_PER_SECOND), TICKS_PER_SECOND - 1)
+    low = tick << RANDOM_BITS | int.from_bytes(random_bytes(3), "big") & _RANDOM_MASK
+    return (epoch << 32) | (low or 1)
 
 
 class SessionIds:
     """The last session id of each device, kept in one JSON file (or memory only).
 
     ``path`` None keeps them in memory: a restarted process then relies on
-    the wall clock alone (fine for simulations, not for real devices).
+    the wall clock alone, to 1/4096 s (fine for simulations, not for real
+    devices: after the clock is set back, new ids fall below the old ones).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, random_bytes=os.urandom,
@@ -72,24 +112,8 @@ class SessionIds:
         return session_id
 
     def _write(self) -> None:
-        directory = self.path.parent
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp")
+        """Replace the file whole (broker/files.py): the old one or the new one
+        survives any failure, and it is never readable by others."""
         data = json.dumps({str(device): session_id
                            for device, session_id in sorted(self._last.items())})
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # a stale temporary file may be looser
-            os.write(fd, data.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, self.path)
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_private_file(self.path, data.encode("utf-8"))

@@ -27,13 +27,13 @@ class Fleet:
     """Simulated devices on one NodeEndpoint, reporting at a total rate."""
 
     def __init__(self, endpoint: NodeEndpoint, keys, *, heartbeat: float,
-                 rekey_after: float | None = None) -> None:
+                 rekey_after: float | None = None, wall_clock=time.time) -> None:
         self.endpoint = endpoint
         self.keys = list(keys)
         self.heartbeat = heartbeat
         self.rekey_after = rekey_after if rekey_after is not None else 3 * heartbeat
         self.nodes: list[NodeSession] = []
-        self.ids = SessionIds(None)
+        self.ids = SessionIds(None, wall_clock=wall_clock)
         self.reports = 0
         self._credit = 0.0
         self._next = 0
@@ -83,11 +83,13 @@ class Fleet:
 
 @defer.inlineCallbacks
 def simulate(reactor, broker, keys, *, devices: int, rate: float, duration: float,
-             sockets: int, heartbeat: float, connect_rate: float, err=None):
-    """Run the fleet; returns the summary dict."""
+             sockets: int, heartbeat: float, connect_rate: float, err=None,
+             wall_clock=time.time):
+    """Run the fleet; returns the summary dict.  ``wall_clock`` orders the session
+    ids (session_ids.py): a run keeps them in memory only."""
     endpoint = NodeEndpoint(broker, reactor=reactor, sockets=sockets)
     endpoint.listen()
-    fleet = Fleet(endpoint, keys[:devices], heartbeat=heartbeat)
+    fleet = Fleet(endpoint, keys[:devices], heartbeat=heartbeat, wall_clock=wall_clock)
     started = time.monotonic()
     per_tick = connect_rate * TICK
     credit = 0.0

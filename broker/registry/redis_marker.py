@@ -23,7 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+
+from broker.files import replace_private_file
 
 from .errors import StoreError
 from .redis_connection import redacted
@@ -73,25 +74,7 @@ class RememberedMarker:
         body = json.dumps({"url": self.url, "key_prefix": self.key_prefix, "marker": marker},
                           sort_keys=True) + "\n"
         try:
-            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=".redis-marker-", dir=self.data_dir)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:   # mkstemp: mode 0600
-                    handle.write(body)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                try:
-                    os.unlink(temporary)
-                except OSError:
-                    pass
-                raise
-            directory = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            replace_private_file(self.path, body.encode("utf-8"))
         except OSError as e:
             raise StoreError(f"cannot record the Redis data set marker in {self.path!r}: "
                              f"{e.strerror or e}") from None

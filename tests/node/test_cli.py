@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import socket
 import sys
 
 from twisted.internet import defer, reactor
@@ -38,6 +39,13 @@ class ParsingTests(SynchronousTestCase):
         for bad in ("127.0.0.1:x", "127.0.0.1:0", "127.0.0.1:70000", "[::1]6000", "[::1",
                     "[::1:6000"):
             self.assertRaises(UsageError, parse_broker, bad)
+
+    def test_link_local_broker_keeps_its_interface(self):
+        """A link-local IPv6 broker keeps its scope (the interface): without it the
+        kernel picks the link, and datagrams may leave on the wrong one."""
+        index = socket.if_nametoindex("lo")
+        self.assertEqual(parse_broker("[fe80::1%lo]:5000"), (f"fe80::1%{index}", 5000))
+        self.assertEqual(parse_broker(f"[fe80::1%{index}]:5000"), (f"fe80::1%{index}", 5000))
 
     def test_keys_from_admin_json(self):
         """broker-admin --json device add output (lines or one array) gives numbers and secrets."""
@@ -299,6 +307,37 @@ class CommandTests(TestCase):
         self.assertEqual(codes, [1])
         self.assertIn(b"cannot write to standard output", child.err)
         self.assertNotIn(b"Traceback", child.err)
+
+    @defer.inlineCallbacks
+    def test_slow_reader_of_output_loses_nothing(self):
+        """A reader of stdout that falls behind (its pipe full) slows the node down but
+        neither stops it nor loses a line: every command comes out once, in order."""
+        device = yield self.registry.add_device("cli-slow")
+        process, child = self.spawn(
+            "run", "--device", str(device.device_number),
+            "--secret-file", key_file(self, device.secret), "--broker", self.address,
+            "--state", os.path.abspath(self.mktemp()), "--linger", "2")
+        process.writeToChild(0, b'{"temp": 9}\n')
+        yield wait_until(self, lambda: self.registry.device("cli-slow").reported.get("temp")
+                         == 9, what="reported via the CLI")
+        process.pipes[1].stopReading()  # the reader falls behind: the pipe fills up
+        endpoint = self.broker.service.ssp_endpoint
+        commands = [f"{i:03d}" + "x" * 2000 for i in range(60)]  # 120 KB, over a pipe's 64
+        for start in range(0, len(commands), 10):
+            yield endpoint.send_command(device.device_number, *commands[start:start + 10])
+        yield pause(1.0)
+        codes = []
+        child.ended.addCallback(codes.append)
+        self.assertEqual(codes, [], child.err.decode())
+        process.pipes[1].startReading()
+        yield wait_until(self, lambda: len(child.lines) >= 1 + len(commands),
+                         what="every command printed")
+        self.assertEqual([line["$command"] for line in child.lines if "$command" in line],
+                         commands)
+        process.closeChildFD(0)
+        yield wait_until(self, lambda: codes, what="the node's exit")
+        self.assertEqual(codes, [0], child.err.decode())
+        self.assertEqual(child.err, b"")
 
     @defer.inlineCallbacks
     def test_simulate_fleet(self):

@@ -6,6 +6,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.node.client import NodeEndpoint, SSPNode
 from broker.ssp.framing import HEADER_SIZE, parse_header
+from tests.helpers import loopback_config, start_broker
+from tests.udp.loopback import wait_until
 
 
 class AddressTests(SynchronousTestCase):
@@ -25,6 +27,35 @@ class AddressTests(SynchronousTestCase):
                          ("127.0.0.1", 1))
         self.assertEqual(NodeEndpoint(("::1", 2), reactor=reactor).broker_address,
                          ("::1", 2))
+
+    def test_link_local_scope_is_kept(self):
+        """An IPv6 socket address with a scope (a link-local broker) keeps its
+        interface, from a 4-tuple or from the %scope form."""
+        self.assertEqual(NodeEndpoint(("fe80::1", 3, 0, 1), reactor=reactor).broker_address,
+                         ("fe80::1%1", 3))
+        self.assertEqual(NodeEndpoint(("fe80::1%1", 3), reactor=reactor).broker_address,
+                         ("fe80::1%1", 3))
+        self.assertEqual(NodeEndpoint(("::1", 2, 0, 0), reactor=reactor).broker_address,
+                         ("::1", 2))
+
+
+class TimingTests(SynchronousTestCase):
+    """The heartbeat and rekey times a node library user gives."""
+
+    def test_rekey_not_after_a_heartbeat_is_refused(self):
+        """rekey_after must exceed the heartbeat (an idle node is acknowledged once a
+        heartbeat), else every rekey_after a new session and a state file write follow;
+        times must be positive and finite."""
+        for heartbeat, rekey_after in ((25.0, 10.0), (25.0, 25.0), (0.0, None),
+                                       (float("nan"), None), (25.0, float("inf")),
+                                       (float("inf"), None)):
+            with self.assertRaises(ValueError) as caught:
+                SSPNode(7, bytes(16), ("127.0.0.1", 1), reactor=reactor,
+                        heartbeat=heartbeat, rekey_after=rekey_after)
+            self.assertIn("heartbeat" if rekey_after is None else "rekey_after",
+                          str(caught.exception))
+        node = SSPNode(7, bytes(16), ("127.0.0.1", 1), reactor=reactor, heartbeat=2.0)
+        self.assertEqual(node.session.rekey_after, 6.0)
 
 
 class Catcher(DatagramProtocol):
@@ -60,3 +91,36 @@ class SendTests(TestCase):
         self.assertEqual(number, 7)
         self.assertGreater(session_id, 0)
         self.assertEqual(addr[1], node.endpoint.local_ports()[0])
+
+
+class RestartTests(TestCase):
+    """A node stopped and started again (a device that sleeps) against a real broker."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_start_after_stop_works_again(self):
+        """After stop() and start() the node hears the broker again: a new session
+        (strictly newer id), its reports acknowledged and desired values received."""
+        broker = yield start_broker(self, loopback_config(self))
+        registry = broker.service.registry
+        device = yield registry.add_device("sleeper")
+        desired = []
+        node = SSPNode(device.device_number, device.secret, ("127.0.0.1", broker.udp_port),
+                       state_path=self.mktemp(), reactor=reactor, heartbeat=2.0,
+                       on_desired=desired.append)
+        node.start()
+        self.addCleanup(node.stop)
+        node.report({"t": 1})
+        yield wait_until(self, lambda: node.session.idle() and node.acknowledged >= 2,
+                         what="the first report acknowledged")
+        first = node.session_id
+        yield node.stop()
+        node.start()
+        node.report({"t": 2})
+        yield wait_until(self, lambda: registry.device("sleeper").reported.get("t") == 2,
+                         what="the report after the restart")
+        yield wait_until(self, node.session.idle, what="acknowledged after the restart")
+        self.assertGreater(node.session_id, first)
+        yield registry.update_desired("sleeper", {"led": "on"})
+        yield wait_until(self, lambda: {"led": "on"} in desired, what="desired after restart")

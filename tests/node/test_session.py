@@ -145,6 +145,36 @@ class NodeSessionTests(SynchronousTestCase):
         self.assertEqual(dict(self.broker().received[-1].values), {"v": 3})
         self.assertTrue(self.node.idle())
 
+    def test_failing_application_callbacks_lose_nothing(self):
+        """An on_desired or on_command that raises is logged; the other commands of the
+        same state are still delivered once, in order, and the acknowledgement counts."""
+        calls = []
+
+        def on_desired(values):
+            calls.append(("desired", values))
+            raise RuntimeError("application bug")
+
+        def on_command(command):
+            calls.append(("command", command))
+            if command == "a":
+                raise RuntimeError("application bug")
+
+        self.node.on_desired, self.node.on_command = on_desired, on_command
+        self.node.start(self.now)
+        self.exchange()
+        self.node.report({"t": 1}, self.now)
+        broker = self.broker().session
+        broker.set_local_state(EMPTY.with_values({"led": "on"}).with_events("a", "b"), self.now)
+        self.exchange()
+        self.assertEqual(calls, [("desired", {"led": "on"}), ("command", "a"),
+                                 ("command", "b")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(self.node.acknowledged, 2)
+        broker.set_local_state(broker.local_state.with_events("c"), self.now)
+        self.exchange()
+        self.assertEqual(calls[-1], ("command", "c"))
+        self.assertEqual(len(calls), 4)
+
     def test_unsendable_text_is_refused_at_report_time(self):
         """Text that is not Unicode (an unpaired surrogate) is refused by report and emit;
         the session keeps sending what it had (it is not left unable to send)."""

@@ -1,11 +1,18 @@
 """Tests for broker.node.session_ids: session ids never repeat, also across reboots."""
 
 import os
+import resource
+import signal
 import stat
 
+from hypothesis import assume, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from broker.node.session_ids import SessionIds, next_session_id
+from broker.node.session_ids import (RANDOM_BITS, TICKS_PER_SECOND, SessionIds,
+                                     next_session_id)
+
+SECOND = 1_700_000_000
+TICK = 1 / TICKS_PER_SECOND
 
 
 def counting_random():
@@ -39,6 +46,69 @@ class NextSessionIdTests(SynchronousTestCase):
         value = next_session_id(0, lambda n: bytes(n), lambda: 0)
         self.assertNotEqual(value, 0)
         self.assertEqual(value & 0xFFFFFFFF, 1)
+
+
+    def test_later_pick_in_the_same_second_is_greater(self):
+        """A process that forgot every earlier id (last 0) still picks above an id picked
+        earlier in the same wall-clock second, whatever the random bits of either."""
+        early = next_session_id(0, lambda n: b"\xff" * n, lambda: SECOND + 0.25)
+        late = next_session_id(0, lambda n: bytes(n), lambda: SECOND + 0.25 + 2 * TICK)
+        self.assertEqual(early >> 32, late >> 32)
+        self.assertGreater(late, early)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.floats(0, 1 - 2 * TICK), st.floats(1.01 * TICK, 1),
+           st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4))
+    def test_time_orders_ids_within_a_second(self, at, gap, first, second):
+        """Of two picks without memory in one second at least a tick (1/4096 s) apart,
+        the later one is always the greater."""
+        later = min(at + gap, 1 - TICK / 2)
+        assume(later - at >= 1.01 * TICK)
+        early = next_session_id(0, lambda n: first[:n], lambda: SECOND + at)
+        late = next_session_id(0, lambda n: second[:n], lambda: SECOND + later)
+        self.assertGreater(late, early)
+
+    def test_same_tick_picks_differ_in_random_bits(self):
+        """Picks at the very same instant differ in their random low bits, so two
+        processes share an id (a session key) only if RANDOM_BITS random bits match too."""
+        moment = SECOND + 0.5
+        ids = {next_session_id(0, lambda n, i=i: i.to_bytes(n, "big"), lambda: moment)
+               for i in range(1, 65)}
+        self.assertEqual(len(ids), 64)
+        self.assertEqual(len({value >> RANDOM_BITS for value in ids}), 1)
+        self.assertEqual({value & ((1 << RANDOM_BITS) - 1) for value in ids},
+                         set(range(1, 65)))
+
+    def test_random_part_uses_all_its_bits(self):
+        """All RANDOM_BITS low bits come from random_bytes (none lost to the time part)."""
+        value = next_session_id(0, lambda n: b"\xff" * n, lambda: SECOND)
+        self.assertEqual(value & ((1 << RANDOM_BITS) - 1), (1 << RANDOM_BITS) - 1)
+        self.assertEqual(value & 0xFFFFFFFF, (1 << RANDOM_BITS) - 1)  # tick 0
+
+    def test_ahead_of_the_clock_orders_by_epoch(self):
+        """A second id within one second takes the next epoch (ahead of the clock), above
+        the last whatever its bits; a process without memory picking later, in that
+        epoch's own second, is above it too."""
+        last = next_session_id(0, lambda n: b"\xff" * n, lambda: SECOND + 0.9)
+        ahead = next_session_id(last, lambda n: b"\xff" * n, lambda: SECOND + 0.95)
+        self.assertEqual(ahead >> 32, SECOND + 1)
+        self.assertGreater(ahead, last)
+        forgetful = next_session_id(0, lambda n: bytes(n), lambda: SECOND + 1 + 2 * TICK)
+        self.assertGreater(forgetful, ahead)
+
+    def test_zero_low_bits_at_a_second_boundary_become_one(self):
+        """A pick at the exact start of a second with zero random bits is still not
+        the epoch alone (an id's low half is never zero)."""
+        self.assertEqual(next_session_id(0, lambda n: bytes(n), lambda: SECOND) & 0xFFFFFFFF, 1)
+
+    def test_epoch_overflow_raises(self):
+        """No id once the 32-bit epoch is used up, from the last id or from the clock."""
+        self.assertRaises(ValueError, next_session_id, 0xFFFFFFFF << 32, counting_random(),
+                          lambda: SECOND)
+        self.assertRaises(ValueError, next_session_id, 0, counting_random(),
+                          lambda: float(1 << 32))
+        self.assertEqual(next_session_id(0xFFFFFFFE << 32, counting_random(),
+                                         lambda: SECOND) >> 32, 0xFFFFFFFF)
 
 
 class SessionIdsTests(SynchronousTestCase):
@@ -75,6 +145,44 @@ class SessionIdsTests(SynchronousTestCase):
         SessionIds(path).next(5)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
 
+    def test_short_write_keeps_the_old_file(self):
+        """A write the kernel cuts short (a full disk, here a file size limit) raises
+        OSError and leaves the previous file whole, never a truncated one in its place."""
+        path = os.path.join(self.mktemp(), "ids.json")
+        ids = SessionIds(path, wall_clock=lambda: SECOND)
+        for device in range(1, 9):
+            ids.next(device)
+        with open(path, "rb") as handle:
+            before = handle.read()
+        limit = len(before) // 2
+        old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        try:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+            self.assertRaises(OSError, ids.next, 1)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+        with open(path, "rb") as handle:
+            self.assertEqual(handle.read(), before)
+        self.assertEqual(SessionIds(path).last(8), ids.last(8))
+
+    def test_temporary_file_symlink_is_not_followed(self):
+        """A symbolic link where the temporary file goes (planted in a shared directory)
+        is replaced, never written through: the file it points to stays as it was."""
+        directory = self.mktemp()
+        os.mkdir(directory, 0o700)
+        victim = os.path.join(directory, "victim")
+        with open(victim, "w") as handle:
+            handle.write("precious")
+        path = os.path.join(directory, "ids.json")
+        os.symlink(os.path.abspath(victim), path + ".tmp")
+        session_id = SessionIds(path).next(5)
+        with open(victim) as handle:
+            self.assertEqual(handle.read(), "precious")
+        self.assertFalse(os.path.islink(path))
+        self.assertEqual(SessionIds(path).last(5), session_id)
+
     def test_bad_file_is_a_clear_error(self):
         """A damaged file stops with a message naming it, instead of reusing ids."""
         path = self.mktemp()
@@ -87,6 +195,16 @@ class SessionIdsTests(SynchronousTestCase):
         """Without a path ids still increase within the process."""
         ids = SessionIds(None, wall_clock=lambda: 1)
         self.assertLess(ids.next(3), ids.next(3))
+
+    def test_memory_only_restart_in_the_same_second(self):
+        """A second memory-only instance (a new simulate run) later in the same second
+        picks above the first one's id for every device, with random bits of its own."""
+        clock = iter([SECOND + 0.1] * 50 + [SECOND + 0.6] * 50)
+        first = SessionIds(None, wall_clock=lambda: next(clock))
+        before = {device: first.next(device) for device in range(1, 51)}
+        second = SessionIds(None, wall_clock=lambda: next(clock))
+        for device in range(1, 51):
+            self.assertGreater(second.next(device), before[device])
 
     def test_wrong_content_is_a_clear_error(self):
         """A file of the wrong shape (not device -> id) stops with a message naming it."""

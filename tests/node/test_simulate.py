@@ -1,0 +1,55 @@
+"""Tests for broker.node.simulate against a real broker on loopback (bounded in time)."""
+
+import time
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from broker.node.simulate import simulate
+from tests.helpers import loopback_config, start_broker
+
+DEVICES = 20
+
+
+class ConsecutiveRunsTests(TestCase):
+    """Simulations that keep their session ids in memory only, run one after the other."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.broker = yield start_broker(self, loopback_config(self))
+        self.endpoint = self.broker.service.ssp_endpoint
+        registry = self.broker.service.registry
+        self.keys = []
+        for i in range(DEVICES):
+            device = yield registry.add_device(f"sim-{i}")
+            self.keys.append((device.device_number, device.secret))
+
+    def run_once(self, wall_clock):
+        return simulate(reactor, ("127.0.0.1", self.broker.udp_port), self.keys,
+                        devices=DEVICES, rate=0.0, duration=0.1, sockets=2, heartbeat=25.0,
+                        connect_rate=1000.0, wall_clock=wall_clock)
+
+    @defer.inlineCallbacks
+    def test_second_run_in_the_same_second_gets_every_device_acknowledged(self):
+        """A second run within the wall-clock second of the first (it forgot the first
+        run's ids) picks ids above them, so the broker takes every new session at once
+        instead of refusing about half of them as older than the device's current one."""
+        second = int(time.time())
+        begin = time.monotonic()
+
+        def wall_clock():
+            # Both runs inside one wall-clock second; real time still moves within it.
+            return second + min((time.monotonic() - begin) / 100.0, 0.999)
+
+        first = yield self.run_once(wall_clock)
+        self.assertEqual((first["connected"], first["pending_devices"]), (DEVICES, 0))
+        refused = self.endpoint.drops["old_session"]
+        started = time.monotonic()
+        again = yield self.run_once(wall_clock)
+        self.assertEqual(int(wall_clock()), second)
+        self.assertEqual((again["connected"], again["pending_devices"]), (DEVICES, 0))
+        self.assertEqual(self.endpoint.drops["old_session"], refused)
+        # Acknowledged well before the run's 5 s wait for pending devices ran out.
+        self.assertLess(time.monotonic() - started, 5.0)

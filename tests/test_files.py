@@ -1,0 +1,54 @@
+"""broker/files.py: private files replaced whole."""
+
+import os
+import stat
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.files import replace_private_file
+
+
+class ReplacePrivateFileTests(SynchronousTestCase):
+    """The old file or the new one, never a part, never readable by others."""
+
+    def setUp(self):
+        self.directory = os.path.join(self.mktemp(), "state")
+        self.path = os.path.join(self.directory, "ids.json")
+
+    def test_new_file_and_directory_are_private(self):
+        """A missing directory is made 0700 and the file is 0600, whatever the umask."""
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        replace_private_file(self.path, b"{}")
+        self.assertEqual(stat.S_IMODE(os.stat(self.directory).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        with open(self.path, "rb") as handle:
+            self.assertEqual(handle.read(), b"{}")
+
+    def test_replaces_the_content_and_leaves_no_temporary_file(self):
+        """A second write replaces the first whole; only the file itself is left."""
+        replace_private_file(self.path, b"first, and longer")
+        replace_private_file(self.path, b"second")
+        with open(self.path, "rb") as handle:
+            self.assertEqual(handle.read(), b"second")
+        self.assertEqual(os.listdir(self.directory), ["ids.json"])
+
+    def test_failed_write_keeps_the_old_file(self):
+        """A write that fails midway leaves the old content and no temporary file."""
+        replace_private_file(self.path, b"old")
+        self.assertRaises(TypeError, replace_private_file, self.path, "not bytes")
+        with open(self.path, "rb") as handle:
+            self.assertEqual(handle.read(), b"old")
+        self.assertEqual(os.listdir(self.directory), ["ids.json"])
+
+    def test_a_planted_link_is_not_followed(self):
+        """A link where an old writer put its temporary file is left alone."""
+        os.makedirs(self.directory)
+        victim = os.path.join(self.directory, "victim")
+        with open(victim, "wb") as handle:
+            handle.write(b"keep me")
+        os.symlink(victim, self.path + ".tmp")
+        replace_private_file(self.path, b"new")
+        with open(victim, "rb") as handle:
+            self.assertEqual(handle.read(), b"keep me")
+        self.assertFalse(os.path.islink(self.path))
