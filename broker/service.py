@@ -56,6 +56,7 @@ from broker.listeners import (FRONT_DOORS, add_listener, config_error_on_bind_fa
                               when_listening)
 from broker.logs import LogControl
 from broker.metrics import Metrics
+from broker.registry.sqlite_backup import LOCK_NAME
 from broker.systemd import INHERITED, Activation, Notifier
 from broker.web.health import HealthResource, ReadinessResource
 from broker.web.metrics import MetricsResource
@@ -189,11 +190,12 @@ class BrokerService(MultiService):
 
         Two brokers on one SQLite store would each keep their own registry in
         memory and overwrite each other's versions and cursors; broker-admin
-        takes no lock and works beside a running broker.
+        takes no lock and works beside a running broker (but for ``restore``,
+        which takes this one: sqlite_backup.py).
         """
         if self._lock_fd is not None or self.config.registry.backend != "sqlite":
             return
-        path = self.data_dir / "broker.lock"
+        path = self.data_dir / LOCK_NAME
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as problem:

@@ -1,4 +1,4 @@
-"""broker-admin: provision devices and dashboard tokens in a data directory or in Redis.
+"""broker-admin: provision devices and tokens (SQLite or Redis); back up and restore SQLite.
 
 Works on a stopped or a running broker. With the SQLite backend it writes
 the data directory's database, and a running broker picks the changes up
@@ -13,6 +13,10 @@ With Redis, the data directory (``--data-dir``, else the config's data_dir)
 remembers the data set the brokers serve (redis_marker.py): broker-admin is
 refused, as a broker is, on a Redis that lost it, and ``redis adopt-new``
 is the deliberate way to serve the data set Redis holds now.
+
+``backup`` and ``restore`` (sqlite_backup.py) copy the SQLite registry
+through SQLite's backup API, never as a file: a backup works beside a
+running broker, a restore is refused while one holds the data directory.
 """
 
 import argparse
@@ -22,7 +26,7 @@ import sqlite3
 import sys
 import time
 
-from . import errors
+from . import errors, sqlite_backup
 from .admin import AdminDatabase
 from .database import database_path
 from .secrets import ROLES, format_key
@@ -70,6 +74,20 @@ def build_parser():
     revoke = token.add_parser("revoke", help="revoke a token", parents=[common])
     revoke.add_argument("token_id")
 
+    saving = top.add_parser("backup", parents=[common],
+                            help="write a consistent copy of the SQLite registry (0600), also "
+                            "while the broker runs")
+    saving.add_argument("dest", metavar="DEST", help="the file to write")
+    saving.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    putting_back = top.add_parser("restore", parents=[common],
+                                  help="replace the SQLite registry by a backup (the broker "
+                                  "stopped)")
+    putting_back.add_argument("src", metavar="SRC", help="a backup (or a copy of a stopped "
+                              "broker's registry.sqlite3)")
+    putting_back.add_argument("--no-keep", action="store_true",
+                              help="keep no copy of the replaced database (else "
+                              "<name>.before-restore)")
+
     redis = top.add_parser("redis", help="the Redis data set (backend redis)").add_subparsers(
         dest="command", required=True)
     redis.add_parser("adopt-new", parents=[common],
@@ -115,6 +133,8 @@ def run(args, out, err=None):
     """Carry out one parsed command, writing to ``out`` (and notes to ``err``)."""
     if args.group == "redis":
         return redis_adopt_new(args, out)
+    if args.group in ("backup", "restore"):
+        return BACKUP_COMMANDS[args.group](sqlite_data_dir(args), args, out)
     create = args.command == "add"
     db = open_admin(args, create, err)
     try:
@@ -212,6 +232,58 @@ def redis_adopt_new(args, out):
           f"{redacted(options.url)} (key prefix {options.key_prefix}; it remembered "
           f"{previous or 'none'})")
 
+
+#: the answer to backup and restore with the Redis backend.
+REDIS_BACKUPS = ("with the Redis backend the registry lives in Redis, and its backups are "
+                 "Redis's own: RDB snapshots or the AOF, restored by Redis (docs/scaling.md, "
+                 "\"The registry on Redis\"); broker-admin backup and restore are for the "
+                 "SQLite backend")
+
+
+def sqlite_data_dir(args):
+    """The data directory of an SQLite registry; StoreError with another backend."""
+    config = None
+    if args.config:
+        from broker.config import load_config
+        config = load_config(args.config)
+    if config is not None and config.registry.backend == "redis":
+        raise errors.StoreError(REDIS_BACKUPS)
+    if config is not None and config.registry.backend == "memory":
+        raise errors.StoreError("the memory backend keeps nothing to back up or restore "
+                                f"({args.config}: registry.backend)")
+    return args.data_dir or (config.broker.data_dir if config is not None else DEFAULT_DATA_DIR)
+
+
+def _counted(n, noun):
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def backup(data_dir, args, out):
+    done = sqlite_backup.backup(data_dir, args.dest, force=args.force)
+    _emit(args, out, {"backup": done.path, "devices": done.devices, "tokens": done.tokens,
+                      "bytes": done.size, "schema": done.schema},
+          f"wrote {done.path} (mode 0600): {_counted(done.devices, 'device')}, "
+          f"{_counted(done.tokens, 'token')}, {done.size} bytes\n(a broker started on a "
+          "restore of it takes the start as unclean: change cursors skip ahead, dashboards "
+          "reload a snapshot)")
+
+
+def restore(data_dir, args, out):
+    done = sqlite_backup.restore(data_dir, args.src, keep=not args.no_keep)
+    _emit(args, out, {"restored": os.path.abspath(args.src), "database": done.path,
+                      "devices": done.devices, "tokens": done.tokens, "bytes": done.size,
+                      "schema": done.schema, "before_restore": done.kept},
+          f"restored {os.path.abspath(args.src)} into {done.path}: "
+          f"{_counted(done.devices, 'device')}, {_counted(done.tokens, 'token')}, "
+          f"{done.size} bytes\n"
+          + (f"the replaced database is kept as {done.kept}\n" if done.kept else "")
+          + "devices, keys and tokens are as they were at the backup: a token revoked or a "
+          "key rotated since is valid again (check token list and device list)\n"
+          "start the broker: it takes the start as unclean (change cursors skip ahead, "
+          "dashboards reload a snapshot)")
+
+
+BACKUP_COMMANDS = {"backup": backup, "restore": restore}
 
 #: commands that only read (broker-admin records the Redis data set only when it writes).
 READS = {("device", "list"), ("device", "show"), ("token", "list")}
