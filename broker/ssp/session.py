@@ -68,6 +68,9 @@ class SSPSession(Incoming, Parking, Outgoing):
     ``confirm_durable(num)``. ``seq_reserved`` (broker) is the persisted
     sequence reservation: the session uses numbers below it only and asks
     for more with :class:`~broker.ssp.events.SequenceReservationRequested`.
+    ``first_seq``: the first sequence number a new session seals with (its
+    owner's floor: numbers below it may have been used under this key by a
+    run whose records it lost, see broker/udp/sessions.py ``clock_floor``).
     ``max_assembly_bytes`` bounds the compressed bytes of a half-assembled
     instruction (a larger one is dropped as TOO_LARGE): an authentic peer
     can make us hold no more (pass a shared int: it costs a pointer).
@@ -84,7 +87,8 @@ class SSPSession(Incoming, Parking, Outgoing):
                  remote_address=None, ack_requires_confirm: bool = False,
                  resume: Resumption | None = None,
                  seq_reserved: int | None = None,
-                 max_assembly_bytes: int | None = None) -> None:
+                 max_assembly_bytes: int | None = None,
+                 first_seq: int = 0) -> None:
         if framing is not None:
             key = derive_session_key(key, framing.device_number,
                                      framing.session_id)
@@ -109,6 +113,7 @@ class SSPSession(Incoming, Parking, Outgoing):
         heartbeats = profile.broker_heartbeats or not is_server
         zero = remote_state if framing is not None else None
         if resume is None:
+            link.reserve_seq(first_seq)
             self._sender = Sender(local_state, now, profile,
                                   heartbeats=heartbeats)
             self._receiver = Receiver(remote_state, zero=zero)

@@ -39,7 +39,7 @@ from broker.udp.limits import WindowCounter
 from broker.udp.park import Parked
 from broker.udp.profile import endpoint_profile
 from broker.udp.reports import SessionWrites
-from broker.udp.sessions import LiveSession, first_session
+from broker.udp.sessions import LiveSession, clock_floor, first_session
 from broker.udp.table import SessionTable
 
 __all__ = ["SSPEndpoint", "EndpointDrop"]
@@ -70,7 +70,9 @@ class SSPEndpoint(Downstream, DatagramProtocol):
 
     ``clock`` is the reactor (IReactorTime) for the one timer; ``now`` the
     monotonic time source sessions run on (``clock.seconds`` by default,
-    ``time.monotonic`` in production).  ``settings`` is the config's
+    ``time.monotonic`` in production); ``wall_clock`` the seconds since the
+    epoch sessions number their datagrams from (``clock.seconds``, the
+    reactor's wall clock: sessions.clock_floor).  ``settings`` is the config's
     ``[ssp]`` section: limits, timings, ``park_after`` (idle seconds before
     a session is packed), ``auth_failure_budget`` (failed authentications
     per device or source host and second before datagrams from strangers
@@ -80,7 +82,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
     log = Logger()
 
     def __init__(self, registry, settings, *, clock=None, now=None, ciphers=None,
-                 random_bytes=None) -> None:
+                 random_bytes=None, wall_clock=None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         from broker.ssp.crypto import CipherCache
@@ -88,6 +90,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         self.settings = settings
         self._now = now or clock.seconds
         self._clock = clock
+        # Seconds since the epoch: where new and resumed sessions number from.
+        self._wall_clock = wall_clock or clock.seconds
         self._bridge = RegistryBridge(registry)
         self._profile = endpoint_profile(settings)
         self._ciphers = ciphers if ciphers is not None else CipherCache(settings.cipher_cache_size)
@@ -339,7 +343,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         admission.device_sessions.allow(number, now)
         try:
             session, remote, resume = first_session(
-                record, secret=secret, device_number=number, session_id=session_id,
+                record, seq_floor=clock_floor(self._wall_clock()), secret=secret, device_number=number, session_id=session_id,
                 ciphers=self._ciphers, profile=self._profile, random_bytes=self._random_bytes,
                 now=now, max_assembly_bytes=self._table.max_assembly_bytes)
         except DatagramDropped:

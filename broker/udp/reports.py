@@ -167,8 +167,9 @@ class SessionWrites:
     # -- session ids and sequence reservations --------------------------------------
 
     def start(self, live: LiveSession) -> None:
-        """Make a new session's id durable, with the first reservation block."""
-        self._reserve(live, SEQ_RESERVATION_BLOCK)
+        """Make a new session's id durable, with the first reservation block
+        (from its first number: sessions.clock_floor)."""
+        self._reserve(live, live.session.next_seq + SEQ_RESERVATION_BLOCK)
 
     def reserve(self, live: LiveSession, limit: int) -> None:
         """Reserve sequence numbers up to ``limit`` (once per limit)."""

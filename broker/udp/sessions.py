@@ -15,9 +15,32 @@ from broker.ssp.session import SEQ_RESERVATION_BLOCK, Resumption, SSPSession
 from broker.udp.convert import decode_state
 
 __all__ = ["LiveSession", "new_session", "resumed_session", "first_session",
-           "SEQ_RESERVATION_BLOCK"]
+           "clock_floor", "SEQ_RESERVATION_BLOCK", "SEQ_PER_SECOND"]
 
 EMPTY = DeviceState.empty()
+
+#: Sequence numbers per wall-clock second below a session's first one
+#: (clock_floor): far more than any session sends in a second (it would
+#: need a million datagrams a second), and 2^20 per second keeps every
+#: number below 2^53 until the year 2242.
+SEQ_PER_SECOND = 1 << 20
+
+
+def clock_floor(wall: float) -> int:
+    """The lowest sequence number a session started or resumed at wall-clock
+    time ``wall`` (seconds since the epoch) may use.
+
+    A persisted reservation makes restarts safe (wire.md 7), but not a
+    restore: a backup (an SQLite copy, a Redis snapshot, an older replica)
+    holds reservations below numbers already sent, and sessions started
+    after it are not in it at all, so a replayed first datagram would start
+    one again from 0 under the same key.  Numbering from the clock instead
+    puts every (re)started session above everything sent earlier, as long
+    as no session averaged ``SEQ_PER_SECOND`` datagrams a second and the
+    clock did not go back; the durable reservation still rules whenever it
+    is higher.
+    """
+    return max(0, int(wall)) * SEQ_PER_SECOND
 
 
 class LiveSession:
@@ -72,17 +95,18 @@ class LiveSession:
 
 
 def new_session(*, secret: bytes, device_number: int, session_id: int, ciphers,
-                profile, random_bytes, now: float,
+                profile, random_bytes, now: float, first_seq: int = 0,
                 max_assembly_bytes: int | None = None) -> SSPSession:
-    """A brand-new broker session: no sequence number may be used until the
-    owner confirms a durable reservation (so a crash before the record is
-    durable can never reuse a nonce under this key)."""
+    """A brand-new broker session numbering from ``first_seq``: no sequence
+    number may be used until the owner confirms a durable reservation (so
+    a crash before the record is durable can never reuse a nonce under
+    this key)."""
     return SSPSession(key=secret, cipher_provider=ciphers, is_server=True,
                       local_state=EMPTY, remote_state=EMPTY,
                       random_bytes=random_bytes, now=now, profile=profile,
                       framing=BrokerFraming(device_number, session_id),
-                      ack_requires_confirm=True, seq_reserved=0,
-                      max_assembly_bytes=max_assembly_bytes)
+                      ack_requires_confirm=True, seq_reserved=first_seq,
+                      first_seq=first_seq, max_assembly_bytes=max_assembly_bytes)
 
 
 def resumed_session(*, secret: bytes, device_number: int, session_id: int, ciphers,
@@ -102,20 +126,21 @@ def resumed_session(*, secret: bytes, device_number: int, session_id: int, ciphe
                       seq_reserved=seq_floor, max_assembly_bytes=max_assembly_bytes)
 
 
-def first_session(record, **common):
+def first_session(record, *, seq_floor: int = 0, **common):
     """The session an authentic first datagram starts: resumed from ``record``
     when the record is of its session id (after a restart or an eviction),
-    else new.  Returns (session, the device state it starts from, resumed);
-    raises DatagramDropped if the record's state does not decode.
+    else new; either numbers from ``seq_floor`` (clock_floor) or above.
+    Returns (session, the device state it starts from, resumed); raises
+    DatagramDropped if the record's state does not decode.
     """
     if record is not None and common["session_id"] == record.session_id:
         remote = decode_state(record.acked_remote_state)
         session = resumed_session(remote_num=record.acked_remote_num, remote_state=remote,
-                                  seq_floor=record.seq_reservation,
+                                  seq_floor=max(record.seq_reservation, seq_floor),
                                   expected_seq=record.remote_seq, **common)
         if record.local_state:
             # The commands not yet acknowledged, with their indices: the
             # device takes those it has not seen, once.
             session.set_local_state(decode_state(record.local_state))
         return session, remote, True
-    return new_session(**common), EMPTY, False
+    return new_session(first_seq=seq_floor, **common), EMPTY, False

@@ -26,16 +26,19 @@ BROKER = ("127.0.0.1", 60001)
 class FakeTransport:
     """Records the datagrams an endpoint writes (no socket attribute: write() is used).
 
-    ``written``: not yet handed to the nodes; ``sent``: how many ever went to each address.
+    ``written``: not yet handed to the nodes; ``sent``: how many ever went to
+    each address; ``log``: every datagram ever written, in order.
     """
 
     def __init__(self):
         self.written = []
         self.sent = collections.Counter()
+        self.log = []
 
     def write(self, data, addr):
         self.written.append((data, addr))
         self.sent[addr] += 1
+        self.log.append(data)
 
 
 class Deterministic:

@@ -18,7 +18,7 @@ from broker.ssp.framing import build_header
 from broker.ssp.keys import derive_session_key
 from broker.udp.metrics import EndpointMetrics
 from broker.udp.park import Parked
-from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession
+from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession, clock_floor
 
 from .helpers import Harness
 
@@ -147,6 +147,7 @@ class SessionTests(SynchronousTestCase):
     def test_nothing_sent_before_the_session_is_durable(self):
         """A new session's id and sequence reservation are durable before its first datagram."""
         self.h.store.hold()
+        started = self.h.clock.seconds()
         self.h.node(self.device)
         self.h.run(1.0)
         self.assertEqual(self.h.delivered, 0)
@@ -154,7 +155,7 @@ class SessionTests(SynchronousTestCase):
         self.h.run(0.5)
         self.assertGreater(self.h.delivered, 0)
         record = self.h.registry.session_record(self.device.device_number)
-        self.assertEqual(record.seq_reservation, SEQ_RESERVATION_BLOCK)
+        self.assertEqual(record.seq_reservation, clock_floor(started) + SEQ_RESERVATION_BLOCK)
 
     def test_desired_reaches_the_node(self):
         """A change of desired in the registry arrives at the node as a callback."""
@@ -369,6 +370,7 @@ class RestartTests(SynchronousTestCase):
         h.run(1.0)
         session_id = node.session_id
         old_seq = h.endpoint.session_of(device.device_number).session.next_seq
+        reserved = h.registry.session_record(device.device_number).seq_reservation
         h2 = h.restart()
         h2.nodes = h.nodes
         node.report({"v": 2}, h.clock.seconds())
@@ -378,8 +380,8 @@ class RestartTests(SynchronousTestCase):
         live = h2.endpoint.session_of(device.device_number)
         self.assertEqual(live.session_id, session_id)
         self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
-        self.assertGreaterEqual(live.session.next_seq, SEQ_RESERVATION_BLOCK)
-        self.assertGreater(SEQ_RESERVATION_BLOCK, old_seq)
+        self.assertGreater(reserved, old_seq)
+        self.assertGreaterEqual(live.session.next_seq, reserved)
         view = h2.registry.device("dev")
         self.assertEqual(dict(view.reported), {"v": 2})
         events = [e for entry in view.history if entry[3] in ("reported", "events")

@@ -3,12 +3,14 @@ and endpoint, on a MemoryStore and task.Clock."""
 
 from __future__ import annotations
 
+import copy
+
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.registry import MemoryStore, SessionRecord, errors
 from broker.registry.provisioning import SessionConflict
-from broker.udp.sessions import SEQ_RESERVATION_BLOCK
+from broker.udp.sessions import SEQ_PER_SECOND, SEQ_RESERVATION_BLOCK, clock_floor
 
 from .helpers import Harness
 
@@ -223,3 +225,74 @@ class FailedCommitTests(SynchronousTestCase):
         self.assertEqual(registry.session_record(number).seq_reservation, 0)
         self.assertEqual(self.successResultOf(registry.reserve_session(number, start, None)),
                          start)
+
+
+class RestoredStoreTests(SynchronousTestCase):
+    """A store restored from a backup holds reservations older than numbers
+    already sent, or no record of a later session: the broker still never
+    seals two datagrams with one nonce (sessions.clock_floor)."""
+
+    def assert_fresh_nonces(self, before, after):
+        """``after`` sent something, and no nonce of it was used in ``before``."""
+        self.assertTrue(after)
+        used = {data[17:25] for data in before}
+        self.assertEqual([data for data in after if data[17:25] in used], [])
+
+    def test_session_started_after_the_backup_is_replayed_after_a_restore(self):
+        """A replayed first datagram of a session the backup never saw starts it
+        again, numbering above everything sent in it before."""
+        h = Harness(self)
+        device = h.provision("dev")
+        backup = copy.deepcopy(h.store)
+        first = []
+        receive = h.endpoint.datagramReceived
+
+        def capturing(data, addr):
+            first.append((data, addr))
+            receive(data, addr)
+        h.endpoint.datagramReceived = capturing
+        before = h.transport.log
+        node = h.node(device)
+        node.report({"v": 1}, h.clock.seconds())
+        h.run(2.0)
+        self.assertEqual(h.endpoint.counters["sessions_started"], 1)
+        h.clock.advance(5.0)
+        h2 = Harness(self, store=backup, clock=h.clock)
+        after = h2.transport.log
+        h2.endpoint.datagramReceived(*first[0])
+        h2.run(1.0)
+        self.assertEqual(h2.endpoint.counters["sessions_started"], 1)
+        self.assertEqual(h2.endpoint.session_of(device.device_number).session_id,
+                         node.session_id)
+        self.assert_fresh_nonces(before, after)
+
+    def test_session_resumed_from_a_stale_record_numbers_above_what_it_sent(self):
+        """A session resumed from a record whose reservation is older than numbers
+        it already used (a backup) seals none of those numbers again."""
+        h = Harness(self)
+        device = h.provision("dev")
+        before = h.transport.log
+        node = h.node(device)
+        for value in range(5):
+            node.report({"v": value}, h.clock.seconds())
+            h.run(0.5)
+        backup = copy.deepcopy(h.store)
+        record = backup.sessions[device.device_number]
+        first_sent = int.from_bytes(before[0][17:25], "big") & ((1 << 63) - 1)
+        # Restored: the reservation it holds is below numbers already sent.
+        backup.sessions[device.device_number] = record._replace(seq_reservation=first_sent + 1)
+        h.clock.advance(5.0)
+        h2 = Harness(self, store=backup, clock=h.clock)
+        h2.nodes = h.nodes
+        after = h2.transport.log
+        node.report({"v": 99}, h.clock.seconds())
+        h2.run(2.0)
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 99})
+        self.assert_fresh_nonces(before, after)
+
+    def test_clock_floor_leaves_room(self):
+        """Clock floors grow a million numbers a second, and stay exact in a double until 2242."""
+        self.assertEqual(clock_floor(1002.9) - clock_floor(1000.0), 2 * SEQ_PER_SECOND)
+        self.assertEqual(clock_floor(-5.0), 0)
+        self.assertLess(clock_floor(8_589_934_591), 1 << 53)   # 2242-03-16
