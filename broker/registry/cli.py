@@ -94,6 +94,9 @@ def build_parser():
                      help="deliberately serve the data set Redis holds now (a new one if it "
                      "is empty): records its marker in the data directory, so brokers "
                      "refused after Redis lost its data start again")
+    redis.add_parser("restored", parents=[common],
+                     help="after Redis was restored from an older copy, with every broker "
+                     "stopped: change cursors skip ahead and every client reloads a snapshot")
     return parser
 
 
@@ -132,7 +135,7 @@ def open_admin(args, create, err=None):
 def run(args, out, err=None):
     """Carry out one parsed command, writing to ``out`` (and notes to ``err``)."""
     if args.group == "redis":
-        return redis_adopt_new(args, out)
+        return REDIS_COMMANDS[args.command](args, out)
     if args.group in ("backup", "restore"):
         return BACKUP_COMMANDS[args.group](sqlite_data_dir(args), args, out)
     create = args.command == "add"
@@ -211,15 +214,21 @@ def token_revoke(db, args, out):
     _emit(args, out, {"token_id": args.token_id, "revoked": True}, f"revoked token {args.token_id}")
 
 
-def redis_adopt_new(args, out):
-    """Record the marker of the data set Redis holds now in the data directory."""
+def redis_config(args):
+    """The config of a ``redis`` command; StoreError unless its backend is Redis."""
     config = None
     if args.config:
         from broker.config import load_config
         config = load_config(args.config)
     if config is None or config.registry.backend != "redis":
-        raise errors.StoreError("redis adopt-new needs --config naming a broker config whose "
-                                "[registry] backend is \"redis\"")
+        raise errors.StoreError(f"redis {args.command} needs --config naming a broker config "
+                                "whose [registry] backend is \"redis\"")
+    return config
+
+
+def redis_adopt_new(args, out):
+    """Record the marker of the data set Redis holds now in the data directory."""
+    config = redis_config(args)
     from broker.backend import redis_options
     from .redis_admin import RedisAdmin
     options = redis_options(config)
@@ -233,11 +242,26 @@ def redis_adopt_new(args, out):
           f"{previous or 'none'})")
 
 
+def redis_restored(args, out):
+    """Skip the change sequence ahead after a restore of Redis (RedisAdmin.restored)."""
+    redis_config(args)
+    db = open_admin(args, False)
+    try:
+        before, now = db.restored()
+    finally:
+        db.close()
+    _emit(args, out, {"sequence_before": before, "sequence": now},
+          f"change sequence {before} -> {now}: every client cursor handed out before is "
+          "answered with a reset (a snapshot), none is handed out again; start the brokers")
+
+
+REDIS_COMMANDS = {"adopt-new": redis_adopt_new, "restored": redis_restored}
+
 #: the answer to backup and restore with the Redis backend.
 REDIS_BACKUPS = ("with the Redis backend the registry lives in Redis, and its backups are "
-                 "Redis's own: RDB snapshots or the AOF, restored by Redis (docs/scaling.md, "
-                 "\"The registry on Redis\"); broker-admin backup and restore are for the "
-                 "SQLite backend")
+                 "Redis's own: RDB snapshots or the AOF, restored by Redis, then `broker-admin "
+                 "redis restored` with every broker stopped (docs/scaling.md, \"The registry "
+                 "on Redis\"); broker-admin backup and restore are for the SQLite backend")
 
 
 def sqlite_data_dir(args):

@@ -24,6 +24,7 @@ from .database import decode_state, encode_state
 from .model import Device, DeviceView, TokenInfo
 from .provisioning import check_name
 from .redis_store import RedisStore
+from .restart import CURSOR_GAP
 from .secrets import ROLES, hash_token, new_device_number, new_secret, new_token
 
 
@@ -70,6 +71,40 @@ class RedisAdmin:
 
     def close(self):
         self._store.close()
+
+    # -- after a restore -----------------------------------------------------------
+
+    def live_holders(self):
+        """``{origin: seconds left}`` of the broker processes whose presence lease
+        is still running (shared_presence.py)."""
+        store = self._store
+        live = {}
+        for origin in sorted(store.read_now("smembers", store.key_holders)):
+            origin = origin.decode() if isinstance(origin, bytes) else origin
+            left = store.read_now("pttl", store.lease_prefix + origin)
+            if left > 0 or left == -1:     # -1: a lease without an end
+                live[origin] = left / 1000 if left > 0 else float("inf")
+        return live
+
+    def restored(self):
+        """Tell the data set it was restored from an older copy (``broker-admin
+        redis restored``): the change sequence skips CURSOR_GAP cursors and
+        every cursor handed out before gets a reset, as an unclean start of the
+        SQLite store does (restart.py). Dashboards hold cursors of changes the
+        copy lost; handed out again for other changes, they would make those
+        dashboards miss changes silently. StoreError while a broker process
+        holds a lease: it serves the registry as it was before the restore.
+        Returns ``(sequence before, sequence now)``."""
+        live = self.live_holders()
+        if live:
+            names = ", ".join(f"{origin} ({left:.0f} s left)" for origin, left in live.items())
+            raise errors.StoreError(f"broker processes still hold a lease on this data set: "
+                                    f"{names}; stop every broker, wait for their leases to "
+                                    "end, then run this again")
+        store = self._store
+        _, before, now = store.run_now("restored", [store.key_seq, store.key_horizon,
+                                                    store.key_tombs], [CURSOR_GAP])
+        return before, now
 
     def _number(self, name):
         number = self._store.read_now("hget", self._store.keys_names, name)

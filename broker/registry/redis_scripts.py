@@ -313,5 +313,22 @@ return redis.call('GET', KEYS[1])
 """
 
 #: The scripts the store runs with the marker appended (CHECK), by name.
+# After Redis was restored from an older copy (broker-admin redis restored):
+# KEYS {p}:seq, {p}:horizon, {p}:tombs; ARGV the cursor gap. The sequence
+# jumps by the gap, so no cursor a client holds is handed out again; the
+# horizon follows it, so every cursor handed out before is answered with a
+# reset (a snapshot); the tombstones below it go, so a later trim cannot
+# set the horizon back. Strings throughout (Lua numbers lose precision).
+# Answers {'ok', sequence before, sequence now}.
+RESTORED = CHECK + """
+local before = redis.call('GET', KEYS[1]) or '0'
+redis.call('INCRBY', KEYS[1], ARGV[1])
+local top = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[2], top)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', top)
+return {'ok', before, top}
+"""
+
 SCRIPTS = {"change": CHANGE, "add": ADD, "remove": REMOVE, "secret": SECRET,
-           "tokens": TOKENS, "lease": LEASE, "expired": EXPIRED, "held": HELD}
+           "tokens": TOKENS, "lease": LEASE, "expired": EXPIRED, "held": HELD,
+           "restored": RESTORED}

@@ -1,0 +1,141 @@
+"""``broker-admin redis restored`` on a real redis-server: after Redis was
+restored from an older copy, no client cursor is handed out again and every
+one handed out before gets a reset (a snapshot), as after an unclean start of
+the SQLite store (restart.py)."""
+
+import io
+import json
+import os
+
+import redis
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from broker.registry import cli
+from broker.registry.redis_connection import RedisOptions
+from broker.registry.restart import CURSOR_GAP
+from broker.registry.shared import open_shared_registry
+
+from .redis_support import start_server
+
+
+class RedisRestoredTests(TestCase):
+    """A Redis put back to an older copy, then told so."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.port = start_server(self)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.options = RedisOptions(url=self.url, timeout=2.0)
+        self.direct = redis.Redis(host="127.0.0.1", port=self.port)
+        self.addCleanup(self.direct.close)
+        self.data_dir = os.path.abspath(self.mktemp())
+        self.config = os.path.abspath(self.mktemp() + ".toml")
+        with open(self.config, "w") as handle:
+            handle.write(f'[broker]\ndata_dir = "{self.data_dir}"\n'
+                         f'[registry]\nbackend = "redis"\nredis_url = "{self.url}"\n')
+
+    def open_registry(self, lease_ttl=0):
+        registry = open_shared_registry(self.options, reactor=reactor, lease_ttl=lease_ttl,
+                                        data_dir=self.data_dir)
+        registry.start()
+        self.addCleanup(registry.stop)
+        return registry
+
+    def admin(self, *argv):
+        """broker-admin in this process: (exit status, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(["--config", self.config, *argv], out, err)
+        return code, out.getvalue(), err.getvalue()
+
+    def snapshot(self):
+        """Every key as DUMP gives it (what an RDB file would hold)."""
+        return {key: self.direct.dump(key) for key in self.direct.keys("*")}
+
+    def put_back(self, snapshot):
+        """Redis as the snapshot had it (a restore from an older copy)."""
+        self.direct.flushall()
+        for key, value in snapshot.items():
+            self.direct.restore(key, 0, value)
+
+    @defer.inlineCallbacks
+    def test_cursors_handed_out_after_the_copy_are_reset_and_never_reused(self):
+        """A dashboard's cursor from after the copy gets a reset from the restarted
+        broker, before and after the fleet writes past it, and a new change's
+        cursor is above every cursor handed out before."""
+        a = self.open_registry()
+        yield a.add_device("porch")
+        yield a.add_device("gone")
+        yield a.update_reported("porch", {"v": 1})
+        copy = self.snapshot()
+        before_copy = a.cursor
+        yield a.remove_device("gone")
+        for value in range(2, 6):
+            yield a.update_reported("porch", {"v": value})
+        held = a.cursor                  # a dashboard's cursor, lost by the restore
+        self.assertGreater(held, before_copy)
+        yield a.stop()
+        self.put_back(copy)
+
+        code, out, err = self.admin("--json", "redis", "restored")
+        self.assertEqual((code, err), (0, ""))
+        answer = json.loads(out)
+        self.assertEqual(answer, {"sequence_before": before_copy,
+                                  "sequence": before_copy + CURSOR_GAP})
+
+        b = self.open_registry()
+        self.assertEqual(b.cursor, before_copy + CURSOR_GAP)
+        batch = b.changes_since(held)
+        self.assertTrue(batch.reset)
+        self.assertEqual({view.name for view in batch.devices}, {"porch", "gone"})
+        yield b.update_reported("porch", {"v": 7})
+        self.assertGreater(b.cursor, before_copy + CURSOR_GAP)
+        self.assertTrue(b.changes_since(held).reset)
+        self.assertTrue(b.changes_since(before_copy).reset)
+        current = b.changes_since(before_copy + CURSOR_GAP)
+        self.assertFalse(current.reset)
+        self.assertEqual([view.name for view in current.devices], ["porch"])
+
+    @defer.inlineCallbacks
+    def test_later_removals_never_set_the_horizon_back(self):
+        """Tombstones from before the restore are dropped, so trimming newer ones
+        keeps every cursor handed out before the restore below the horizon."""
+        a = self.open_registry()
+        for n in range(3):
+            yield a.add_device(f"old-{n}")
+        for n in range(3):
+            yield a.remove_device(f"old-{n}")
+        yield a.stop()
+        code, out, _ = self.admin("--json", "redis", "restored")
+        self.assertEqual(code, 0)
+        horizon = json.loads(out)["sequence"]
+        self.assertEqual(self.direct.zcard("{ssp}:tombs"), 0)
+        b = self.open_registry()
+        for n in range(3):
+            yield b.add_device(f"new-{n}")
+        for n in range(3):
+            yield b.remove_device(f"new-{n}")
+        self.assertGreaterEqual(int(self.direct.get("{ssp}:horizon") or 0), horizon)
+        self.assertTrue(b.changes_since(horizon - 1).reset)
+
+    @defer.inlineCallbacks
+    def test_refused_while_a_broker_holds_a_lease(self):
+        """With a broker process still running (its presence lease), nothing changes
+        and the one-line error names it and says what to do."""
+        a = self.open_registry(lease_ttl=15.0)
+        yield a.add_device("porch")
+        sequence = self.direct.get("{ssp}:seq")
+        code, out, err = self.admin("redis", "restored")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("still hold a lease", err)
+        self.assertIn("stop every broker", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertEqual(self.direct.get("{ssp}:seq"), sequence)
+
+    def test_needs_a_redis_config(self):
+        """Without a Redis config the command says what it needs."""
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(["--data-dir", self.mktemp(), "redis", "restored"], out, err)
+        self.assertEqual(code, 1)
+        self.assertIn("redis restored needs --config", err.getvalue())
