@@ -42,6 +42,7 @@ KEY_ARGUMENTS = {
     "HGET": (1,), "HMGET": (1,), "HSET": (1,), "HDEL": (1,), "HEXISTS": (1,),
     "SADD": (1,), "SREM": (1,), "SMEMBERS": (1,), "SRANDMEMBER": (1,), "SCARD": (1,),
     "ZADD": (1,), "ZCARD": (1,), "ZRANGE": (1,), "ZREMRANGEBYRANK": (1,),
+    "ZREMRANGEBYSCORE": (1,), "INCRBY": (1,),
     "XADD": (1,),
 }
 
@@ -267,7 +268,7 @@ class ScriptKeysOnRedisTests(TestCase):
         """Provisioning, reports, a session record alone, claims, a device roaming, an
         offline write refused as moved and one applied, lease renewals that drop devices
         gone elsewhere, key rotation, tokens, a removal, a dead holder's devices reaped
-        (one moved on), and broker-admin."""
+        (one moved on), and broker-admin (also ``redis restored``)."""
         def open_registry(origin):
             registry = open_shared_registry(redis_options(self, url), reactor=reactor,
                                             origin=origin, lease_ttl=600.0,
@@ -315,3 +316,8 @@ class ScriptKeysOnRedisTests(TestCase):
         admin = RedisAdmin.open(redis_options(self, url))
         self.addCleanup(admin.close)
         admin.add_device("dev-admin")
+        # Every broker stopped (their leases gone): Redis restored from a copy.
+        for registry in alive:
+            yield registry.stop()
+        direct.delete("{ssp}:lease:bbbb", "{ssp}:lease:cccc")
+        admin.restored()
