@@ -230,6 +230,10 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
         node.start()
     except ValueError as problem:
         raise UsageError(f"--state: {problem}") from None
+    except error.CannotListenError as problem:
+        # e.g. an IPv6 broker on a host without IPv6
+        raise UsageError(f"--broker {shown}: cannot open a UDP socket towards it: "
+                         f"{problem.socketError}") from None
     except OSError as problem:
         where = f"{problem.strerror}: {problem.filename}" if problem.filename else problem
         raise UsageError(f"--state {state_path}: cannot store session ids: {where}") from None

@@ -1,17 +1,19 @@
 """Tests for the broker-node command line: parsing, and both commands against a real broker."""
 
+import errno
 import io
 import json
 import os
 import socket
 import sys
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, error, reactor
 from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.node.cli import UsageError, main, parse_broker, read_keys
-from broker.node.run import parse_line
+from broker.node.cli import UsageError, build_parser, main, parse_broker, read_keys
+from broker.node.run import parse_line, run_node
 from broker.ssp.keys import format_key
 from tests.helpers import loopback_config, start_broker
 from tests.udp.loopback import pause, wait_until
@@ -153,6 +155,24 @@ class ParsingTests(SynchronousTestCase):
             self.assertEqual(status, 2)
             self.assertEqual(len(err.splitlines()), 1, err)
             self.assertIn("--state", err)
+
+
+class UnusableFamilyTests(SynchronousTestCase):
+    """A broker address this host has no sockets for."""
+
+    def test_a_broker_of_a_family_the_host_cannot_use_is_a_usage_error(self):
+        """An IPv6 broker on a host without IPv6 is one line naming --broker, not a traceback."""
+        class NoSockets(MemoryReactorClock):
+            def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+                raise error.CannotListenError(interface, port, OSError(
+                    errno.EAFNOSUPPORT, "Address family not supported by protocol"))
+        args = build_parser().parse_args(
+            ["run", "--device", "5", "--secret-file", key_file(self), "--broker", "[::1]:60001",
+             "--state", os.path.join(self.mktemp(), "ids.json")])
+        with self.assertRaises(UsageError) as raised:
+            run_node(args, reactor=NoSockets(), stdin=0, out=io.StringIO(), err=io.StringIO())
+        self.assertIn("--broker [::1]:60001: cannot open a UDP socket", str(raised.exception))
+        self.assertIn("Address family not supported", str(raised.exception))
 
 
 class Child(ProcessProtocol):
