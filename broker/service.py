@@ -119,7 +119,15 @@ class BrokerService(MultiService):
         # anything is created: endpoint strings (and the TLS files they name) first.
         self._endpoints = parse_endpoints(config, reactor, self.activation, worker)
         self.data_dir = self._data_directory()
-        self.registry = open_configured_registry(config, self.data_dir, reactor, self.metrics)
+        # The lock before the store: opening it writes (restart.py's marks), and a
+        # second broker on this data directory must change nothing of the first's.
+        self._lock_data_directory()
+        try:
+            self.registry = open_configured_registry(config, self.data_dir, reactor,
+                                                     self.metrics)
+        except BaseException:
+            self._unlock_data_directory()
+            raise
         self.metrics.watch_registry(self.registry)
         self.registry_service = RegistryService(self.registry)
         self.registry_service.setServiceParent(self)

@@ -247,20 +247,24 @@ class DataDirLockTests(TestCase):
 
     @defer.inlineCallbacks
     def test_second_broker_on_a_running_data_dir_refused(self):
-        """A second broker on a running broker's SQLite data_dir refuses to start, naming the pid; once the first stopped it starts."""
+        """A second broker on a running broker's SQLite data_dir refuses to start, naming
+        the pid, before it opens the store (which would write restart marks under the
+        first): the first's cursors stay valid across its clean restart."""
         config = loopback_config(self, ssp={"enabled": False})
         first = yield start_broker(self, config)
-        second = make_service(config, reactor=reactor)
-        self.addCleanup(second.registry.stop)
+        yield first.service.registry.add_device("porch")
         with self.assertRaises(ConfigError) as caught:
-            second.startService()
+            make_service(config, reactor=reactor)
         message = str(caught.exception)
         self.assertIn(": broker.data_dir: ", message)
         self.assertIn(f"in use by another broker (pid {os.getpid()})", message)
-        self.assertFalse(second.running)
+        yield first.service.registry.add_device("shed")
+        cursor = first.service.registry.cursor
         yield first.service.stopService()
         again = yield start_broker(self, config)
         self.assertTrue(again.service.running)
+        self.assertEqual(again.service.registry.cursor, cursor)     # a clean start: no jump
+        self.assertFalse(again.service.registry.changes_since(cursor).reset)
 
 
 class BoundedStopTests(SynchronousTestCase):
