@@ -46,7 +46,6 @@ from pathlib import Path
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
-from twisted.web.resource import Resource
 
 from broker.backend import RegistryService, open_configured_registry
 from broker.config import Config, ConfigError, load_config
@@ -58,6 +57,7 @@ from broker.logs import LogControl
 from broker.metrics import Metrics
 from broker.registry.sqlite_backup import LOCK_NAME
 from broker.systemd import INHERITED, Activation, Notifier
+from broker.web.dashboard.resource import RootResource
 from broker.web.health import HealthResource, ReadinessResource
 from broker.web.metrics import MetricsResource
 from broker.web.site import BrokerSite, ConnectionTracker
@@ -134,7 +134,7 @@ class BrokerService(MultiService):
         self.notifier = Notifier(reactor, environ)
         self.notifier.setServiceParent(self)
 
-        self.root = Resource()
+        self.root = RootResource()
         # The registry's own check: with Redis, whether Redis lost its data.
         self.readiness = ReadinessResource([self._not_ready, self.registry.readiness])
         self.root.putChild(b"healthz", HealthResource(reactor))
@@ -177,7 +177,7 @@ class BrokerService(MultiService):
         if not settings.endpoint:
             self.root.putChild(b"metrics", resource)
             return
-        root = Resource()
+        root = RootResource()
         root.putChild(b"metrics", resource)
         site = BrokerSite(root, metrics=self.metrics, reactor=self.reactor)
         add_listener(self, "metrics", self._endpoints["metrics"],

@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import re
+from http import HTTPStatus
 from typing import Any
 
 from twisted.web.iweb import IRequest
@@ -22,9 +23,19 @@ def json_bytes(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
 
 
+def set_status(request: IRequest, status: int) -> None:
+    """The status with its standard reason phrase (Twisted knows none for
+    some, 429 among them, and would say "Unknown Status")."""
+    try:
+        phrase = HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        phrase = None
+    request.setResponseCode(status, phrase)
+
+
 def json_headers(request: IRequest, status: int = 200) -> None:
     """Status, JSON content type and no caching: the headers of every JSON answer."""
-    request.setResponseCode(status)
+    set_status(request, status)
     request.setHeader(b"content-type", JSON_CONTENT_TYPE)
     request.setHeader(b"cache-control", b"no-store")
 

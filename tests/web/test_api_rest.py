@@ -238,6 +238,10 @@ class RestTests(TestCase):
                                {"a": 1})
         yield self.assertError(403, "forbidden", "PATCH", "/devices/node-7/desired", self.device,
                                {"a": 1})
+        # The message says what is needed (a device key does reach its own device).
+        _, _, got = yield self.client.call("PATCH", "/devices/node-7/desired", self.device,
+                                           {"a": 1})
+        self.assertIn("needs a write token", got["error"]["message"])
         yield self.assertError(403, "origin_not_allowed", "GET", "/devices", self.read,
                                headers={b"origin": b"http://evil.test"})
 
@@ -328,6 +332,10 @@ class RestTests(TestCase):
             self.assertEqual(status, 200)
         headers = yield self.assertError(429, "rate_limited", "GET", "/devices", self.read)
         self.assertEqual(header(headers, b"retry-after"), "1")
+        response = yield treq.get(self.client.base + "/devices", pool=self.client.pool,
+                                  headers={b"authorization": [self.read]})
+        yield response.content()
+        self.assertEqual((response.code, response.phrase), (429, b"Too Many Requests"))
         status, _, _ = yield self.client.call("GET", "/devices", self.write)   # another credential
         self.assertEqual(status, 200)
 

@@ -14,14 +14,13 @@ from pathlib import Path
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from broker.config import load_config, replace
 from broker.registry import DeviceRegistry, MemoryStore, RegistrySettings
 from broker.web.dashboard import PAGE, dashboard_resources
 from broker.web.dashboard.files import load_files, static_file
-from broker.web.dashboard.resource import CONTENT_SECURITY_POLICY
+from broker.web.dashboard.resource import CONTENT_SECURITY_POLICY, RootResource
 
 EXPECTED_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                   ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
@@ -47,7 +46,7 @@ class Dashboard:
         for section, changes in config_changes.items():
             self.config = replace(self.config, section, **changes)
         page, assets = dashboard_resources(self.registry, lambda: self.config, files)
-        root = Resource()
+        root = RootResource()
         root.putChild(b"", page)
         root.putChild(b"dashboard", assets)
         self.site = Site(root, timeout=None, reactor=self.clock)
@@ -85,6 +84,16 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(headers["x-content-type-options"], "nosniff")
         self.assertEqual(headers["x-frame-options"], "DENY")
         self.assertEqual(headers["referrer-policy"], "no-referrer")
+
+    def test_unknown_paths_are_a_short_404_with_the_security_headers(self):
+        """A path the broker does not serve is a text 404 with the security headers,
+        not Twisted's HTML page, at any depth and for any method."""
+        for method, path in (("GET", "/nope"), ("GET", "/nope/deeper"), ("POST", "/nope")):
+            status, headers, body = self.dashboard.request(method, path)
+            self.assertEqual((status, body), (404, b"no such resource\n"), path)
+            self.assertEqual(headers["content-type"], "text/plain; charset=utf-8")
+            self.assertEqual(headers["x-content-type-options"], "nosniff")
+            self.assertEqual(headers["content-security-policy"], CONTENT_SECURITY_POLICY.decode())
 
     def test_page_ignores_query_and_fragment_routes(self):
         """/?transport=polling is the same page (the page reads the flag itself)."""

@@ -104,6 +104,10 @@ def authorize(principal: Principal, needs: str) -> None:
 def _refusal(role: str, needs: str) -> ApiError:
     if needs == DEVICE:
         return forbidden("device_only", "only the device itself, with its key, reports its state")
+    if role == DEVICE and needs == WRITE:
+        return forbidden("forbidden", "writing desired state or sending commands needs a write "
+                         "token; a device key reads its own device and reports its state")
     if role == DEVICE:
-        return forbidden("forbidden", "a device key reaches only its own device")
+        return forbidden("forbidden", "this needs a read or write token; a device key reads "
+                         "its own device and reports its state")
     return forbidden("forbidden", "this token's role is read; writing needs a write token")

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from broker.web.responses import json_error, json_headers
+from broker.web.responses import json_error, json_headers, set_status
 
 from . import endpoints
 from .auth import DEVICE, DEVICE_OR_READ, READ, WRITE, authenticate, authorize
@@ -108,7 +108,7 @@ class ApiResource(Resource):
 
     def _body(self, request, status, body, headers):
         if status == 204:
-            request.setResponseCode(status)
+            set_status(request, status)
         else:
             json_headers(request, status)
         for key, value in (headers or {}).items():

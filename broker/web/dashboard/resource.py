@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from twisted.web.resource import Resource
 
+from broker.web.responses import set_status
+
 from .files import StaticFile
 
 #: The policy of the page and of everything else served here.
@@ -48,7 +50,7 @@ def set_security_headers(request) -> None:
 
 def plain_error(request, status: int, message: str) -> bytes:
     """A short text/plain error answer with the security headers."""
-    request.setResponseCode(status)
+    set_status(request, status)
     set_security_headers(request)
     request.setHeader(b"content-type", _TEXT)
     request.setHeader(b"cache-control", b"no-store")
@@ -104,8 +106,25 @@ class NotFoundResource(Resource):
 
     isLeaf = True
 
+    def __init__(self, message: str = "no such file") -> None:
+        super().__init__()
+        self._message = message
+
     def render(self, request):
-        return plain_error(request, 404, "no such file")
+        return plain_error(request, 404, self._message)
+
+
+class RootResource(Resource):
+    """The site's root: its named children (the API, the dashboard, health,
+    metrics); any other path is a short text 404 with the security headers,
+    not Twisted's HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._not_found = NotFoundResource("no such resource")
+
+    def getChild(self, path, request):
+        return self._not_found
 
 
 class AssetsResource(Resource):
