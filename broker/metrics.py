@@ -37,6 +37,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._commands = None        # watch_commands
 
         # Process: memory, CPU, open descriptors (a socket per HTTP client counts).
         ProcessCollector(namespace="broker", registry=registry)
@@ -106,30 +107,45 @@ class Metrics:
         self.devices_known.set_function(registry.__len__)
         self.feed_cursor.set_function(lambda: registry.cursor)
         self.devices_online.set_function(lambda: registry.online_count)
-        self.registry.register(RegistryEvents(registry.counters))
+        self.registry.register(PlainCounters(
+            "broker_registry_events", "Registry events by name (docs/operations.md, "
+            "docs/scaling.md).", "event", registry.counters))
+
+    def watch_commands(self, via: str, counters) -> None:
+        """Export the outcomes a CommandSender counts (``counters``) for the
+        endpoint ``via`` (http, websocket) as ``broker_commands_total``."""
+        if self._commands is None:
+            self._commands = PlainCounters(
+                "broker_commands", "Commands for devices by endpoint and outcome "
+                "(docs/operations.md).", "outcome", by="via")
+            self.registry.register(self._commands)
+        self._commands.sources[via] = counters
 
 
-class RegistryEvents:
-    """``broker_registry_events_total{event}``: what the registry counts in a plain
-    Counter (admin changes applied; with Redis: retries, stream catch-ups,
-    presence reaping, Redis losing data...), read when scraped."""
+class PlainCounters:
+    """A counter family read from plain ``collections.Counter`` objects when
+    scraped: the hot paths count with a dict increment, not a
+    prometheus-client Counter.  ``sources``: label value of ``by`` ->
+    Counter (none: one Counter, no such label); each key is the ``label``."""
 
-    def __init__(self, counters) -> None:
-        self.counters = counters
+    def __init__(self, name: str, documentation: str, label: str, counters=None, *,
+                 by: str | None = None) -> None:
+        self.name, self.documentation, self.label, self.by = name, documentation, label, by
+        self.sources = {} if counters is None else {None: counters}
 
     def describe(self):
         return [self._family()]
 
     def collect(self):
         family = self._family()
-        for event, count in sorted(self.counters.items()):
-            family.add_metric([event], count)
+        for source, counters in sorted(self.sources.items(), key=lambda item: item[0] or ""):
+            for key, count in sorted(counters.items()):
+                family.add_metric([key] if self.by is None else [source, key], count)
         return [family]
 
-    @staticmethod
-    def _family():
-        return CounterMetricFamily("broker_registry_events", "Registry events by name "
-                                   "(docs/operations.md, docs/scaling.md).", labels=["event"])
+    def _family(self):
+        labels = [self.label] if self.by is None else [self.by, self.label]
+        return CounterMetricFamily(self.name, self.documentation, labels=labels)
 
 
 class CommitFigures:

@@ -141,6 +141,7 @@ class BrokerService(MultiService):
         self.root.putChild(b"readyz", self.readiness)
         self.site = BrokerSite(self.root, metrics=self.metrics, reactor=reactor)
         self._attach_endpoints()
+        self._watch_commands()
         self._add_metrics()
         self.connections = ConnectionTracker(self.site, reactor)
         add_listener(self, "http", self._endpoints["http"], self.connections)
@@ -166,6 +167,13 @@ class BrokerService(MultiService):
         if self.config.websocket.enabled:
             attach_websocket(self)
         attach_dashboard(self)
+
+    def _watch_commands(self) -> None:
+        """The endpoints' command outcomes in the metrics (broker_commands_total)."""
+        self.metrics.watch_commands("http", self.api.commands.counters)
+        factory = getattr(self, "websocket_factory", None)
+        if factory is not None:
+            self.metrics.watch_commands("websocket", factory.commands.counters)
 
     def _add_metrics(self) -> None:
         settings = self.config.metrics

@@ -180,7 +180,7 @@ class CommandSender:
         return receivers
 
     def _relay_failed(self, failure, name: str) -> int:
-        self.counters["relay_failed"] += 1
+        # Counted as the refusal relay_answer makes of it (relay_failed).
         self.log.failure("relaying a command for {name} failed", failure, name=name)
         return 0
 

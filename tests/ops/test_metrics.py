@@ -4,6 +4,7 @@ Unit tests drive the registry on a task.Clock and read the collectors;
 the integration tests scrape a real broker on loopback.
 """
 
+import collections
 import os
 import re
 import socket
@@ -288,6 +289,28 @@ class EndpointFiguresTests(TestCase):
         self.assertNotIn("bad key", self.registry.device("node-8").reported)
 
 
+    @defer.inlineCallbacks
+    def test_commands_counted_by_endpoint_and_outcome(self):
+        """A command refused over HTTP and one over the WebSocket (no session holds
+        the device) count under their endpoint and outcome."""
+        _, write = yield self.registry.add_token("write")
+        answer = yield treq.post(f"{self.running.http_url}/api/v1/devices/pump-1/commands",
+                                 json={"op": "blink"}, persistent=False,
+                                 headers={b"authorization": [b"Bearer " + write.encode()]})
+        yield answer.content()
+        self.assertEqual(answer.code, 409)
+        self.assertEqual(sample(self.metrics, "broker_commands_total", via="http",
+                                outcome="device_offline"), 1)
+        client = yield connect(self.running.http_url, write)
+        reply = yield client.request({"op": "command", "id": 1, "device": "pump-1",
+                                      "command": "blink"})
+        self.assertEqual(reply["code"], "device_offline")
+        self.assertEqual(sample(self.metrics, "broker_commands_total", via="websocket",
+                                outcome="device_offline"), 1)
+        client.sendClose(1000)
+        yield client.closed
+
+
 @defer.inlineCallbacks
 def wait_for(condition, timeout=5.0):
     """Poll a condition on the real reactor (integration tests only)."""
@@ -326,6 +349,7 @@ class DocumentedMetricsTests(SynchronousTestCase):
 
         metrics = Metrics()
         metrics.watch_registry(DeviceRegistry(MemoryStore(), clock=Clock()))
+        metrics.watch_commands("http", collections.Counter())
         metrics.registry.register(WorkerRestarts())
         return {family.name + ("_total" if family.type == "counter" else "")
                 for family in metrics.registry.collect()}
