@@ -23,6 +23,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
                             formatEvent, globalLogBeginner)
 
+from broker.json_bytes import bytes_default, bytes_hook
 from broker.node.client import SSPNode
 from broker.ssp.device_state import DeviceState
 
@@ -52,7 +53,8 @@ def _no_constant(name: str):
 def parse_line(line: str):
     """(values, events) of one input line; ValueError naming the problem."""
     try:
-        item = json.loads(line, parse_float=_finite, parse_constant=_no_constant)
+        item = json.loads(line, parse_float=_finite, parse_constant=_no_constant,
+                          object_hook=bytes_hook)
     except json.JSONDecodeError as problem:
         raise ValueError(f"not JSON: {problem}") from None
     except RecursionError:
@@ -61,7 +63,7 @@ def parse_line(line: str):
         raise ValueError("each line must be a JSON object of values")
     try:
         # A \\ud800 escape is JSON but not Unicode: it could never be sent.
-        json.dumps(item, ensure_ascii=False).encode("utf-8")
+        json.dumps(item, ensure_ascii=False, default=bytes_default).encode("utf-8")
     except UnicodeEncodeError as problem:
         bad = problem.object[problem.start:problem.end]
         raise ValueError(f"text with an unpaired surrogate {bad!a} is not Unicode") from None
@@ -207,7 +209,7 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
         if output_closed:
             return
         try:
-            out.write(json.dumps(item, sort_keys=True, default=repr) + "\n")
+            out.write(json.dumps(item, sort_keys=True, default=bytes_default) + "\n")
             out.flush()
         except OSError as problem:  # the reader went away (EPIPE): as a filter, stop
             output_closed.append(problem)

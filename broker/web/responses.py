@@ -1,13 +1,11 @@
 """JSON bodies and errors, one shape for every HTTP resource of the broker.
 
 Also how JSON from clients is read, one way for the REST API and the
-WebSocket: ``{"$bytes": base64}`` values, and text that is not Unicode.
+WebSocket: text that is not Unicode (bytes: broker/json_bytes.py).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from http import HTTPStatus
@@ -49,24 +47,6 @@ def json_body(request: IRequest, body: Any, status: int = 200) -> bytes:
 def json_error(request: IRequest, status: int, code: str, message: str, **details: Any) -> bytes:
     """An error answer: {"error": {"code": ..., "message": ..., details...}} with its status."""
     return json_body(request, {"error": {"code": code, "message": message, **details}}, status)
-
-
-class BadBytes(ValueError):
-    """A ``{"$bytes": ...}`` value whose text is not standard base64."""
-
-
-def bytes_hook(obj: dict):
-    """json.loads object_hook: ``{"$bytes": "<base64>"}`` becomes bytes (REST and WebSocket).
-
-    The inverse of DeviceView.to_json(), so that a value read from the broker
-    can be written back as it came; any other object is left as it is.
-    """
-    if len(obj) == 1 and "$bytes" in obj and isinstance(obj["$bytes"], str):
-        try:
-            return base64.b64decode(obj["$bytes"], validate=True)
-        except (binascii.Error, ValueError):
-            raise BadBytes('a {"$bytes": ...} value must be standard base64') from None
-    return obj
 
 
 #: The message of an error answering JSON whose text is not Unicode (see not_unicode).

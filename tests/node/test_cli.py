@@ -278,11 +278,14 @@ class CommandTests(TestCase):
             "run", "--device", str(device.device_number), "--secret-file", key_file(self, device.secret),
             "--broker", self.address, "--state", os.path.abspath(self.mktemp()),
             "--heartbeat", "2", "--linger", "1")
-        process.writeToChild(0, b'{"temp": 20.5, "$event": {"kind": "boot"}}\nnot json\n')
+        process.writeToChild(0, b'{"temp": 20.5, "blob": {"$bytes": "AAEC"}, '
+                                b'"$event": {"kind": "boot"}}\nnot json\n')
         yield wait_until(self, lambda: self.registry.device("cli-node").reported.get("temp")
                          == 20.5, what="reported via the CLI")
-        yield self.registry.update_desired("cli-node", {"led": "on"})
-        yield wait_until(self, lambda: {"led": "on"} in child.lines, what="desired printed")
+        self.assertEqual(self.registry.device("cli-node").reported["blob"], b"\x00\x01\x02")
+        yield self.registry.update_desired("cli-node", {"led": "on", "key": b"\xff"})
+        yield wait_until(self, lambda: {"led": "on", "key": {"$bytes": "/w=="}} in child.lines,
+                         what="desired printed, bytes as the API writes them")
         process.closeChildFD(0)
         code = yield child.ended
         self.assertEqual(code, 0)

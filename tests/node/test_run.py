@@ -106,6 +106,16 @@ class ParseLineTests(SynchronousTestCase):
         error = self.assertRaises(ValueError, parse_line, '{"t": 1, "$evnt": "boot"}')
         self.assertIn("$evnt", str(error))
 
+    def test_bytes_travel_as_the_api_writes_them(self):
+        """{"$bytes": base64} is bytes, in values and events, as in the HTTP API;
+        text that is not base64 is refused with what is wrong."""
+        self.assertEqual(parse_line('{"blob": {"$bytes": "AAEC"}, "$event": {"$bytes": "/w=="}}'),
+                         ({"blob": b"\x00\x01\x02"}, [b"\xff"]))
+        self.assertEqual(parse_line('{"m": {"$bytes": "AA==", "x": 1}}'),
+                         ({"m": {"$bytes": "AA==", "x": 1}}, []))       # not the one-key form
+        error = self.assertRaises(ValueError, parse_line, '{"blob": {"$bytes": "not base64!"}}')
+        self.assertIn("base64", str(error))
+
     def test_unpaired_surrogates_are_refused(self):
         """A \\ud800 escape (valid JSON, not Unicode) in a key, value or event is refused:
         such text cannot be sent, and would stop the node's sending for good."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 
-from broker.web.responses import NOT_UNICODE, bytes_hook, not_unicode
+from broker.json_bytes import bytes_hook
+from broker.web.responses import NOT_UNICODE, not_unicode
 
 from .errors import ApiError, bad_request
 

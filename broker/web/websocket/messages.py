@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field
 
 from broker.registry.provisioning import NAME_RE
-from broker.web.responses import NOT_UNICODE, BadBytes, bytes_hook, not_unicode
+from broker.json_bytes import BadBytes, bytes_hook
+from broker.web.responses import NOT_UNICODE, not_unicode
 
 #: The one subprotocol spoken; a client must offer it.
 SUBPROTOCOL = "ssp-broker.v1.json"
