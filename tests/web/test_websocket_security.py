@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from broker.web.websocket.messages import CLOSE_TOKEN_REVOKED, SUBPROTOCOL
@@ -63,7 +64,11 @@ class HandshakeTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_token_is_required_and_checked(self):
-        """No token and an unknown token are refused with 401."""
+        """No token and an unknown token are refused with 401, logged at info level
+        only (a refusal is an answer, not a warning)."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         fleet = yield start_fleet(self)
         reason = yield self.refused(fleet, None)
         self.assertIn("[401]", reason)
@@ -72,6 +77,14 @@ class HandshakeTests(unittest.TestCase):
         self.assertIn("[401]", reason)
         self.assertIn("invalid or revoked access token", reason)
         self.assertEqual(fleet.factory.counters["refused_401"], 2)
+        yield task.deferLater(reactor, 0.1, lambda: None)     # the drops are logged
+        warnings = [formatEvent(event) for event in events
+                    if event.get("log_level") is not None
+                    and event["log_level"] >= LogLevel.warn
+                    and "ServerProtocol" in (event.get("log_namespace") or "")]
+        self.assertEqual(warnings, [])
+        self.assertTrue([event for event in events
+                         if "refused" in (event.get("log_format") or "")])
 
     @defer.inlineCallbacks
     def test_token_subprotocol_is_not_echoed(self):

@@ -69,7 +69,13 @@ class DashboardProtocol(WebSocketServerProtocol):
         return subprotocol
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
-        """Autobahn's refusal, with the headers its status requires (REFUSAL_HEADERS)."""
+        """Autobahn's refusal, with the headers its status requires (REFUSAL_HEADERS).
+
+        The refusal is the answer, so the connection then ends as a clean one:
+        Autobahn warns of every unclean drop, which would make each scanner or
+        expired token a warning (onConnect logs the refusal at info level).
+        """
+        self.wasClean = True
         extra = REFUSAL_HEADERS.get(code, ())
         super().failHandshake(reason, code, [*(responseHeaders or ()), *extra] or None)
 
