@@ -247,12 +247,13 @@ def redis_restored(args, out):
     redis_config(args)
     db = open_admin(args, False)
     try:
-        before, now = db.restored()
+        before, now, retired = db.restored()
     finally:
         db.close()
-    _emit(args, out, {"sequence_before": before, "sequence": now},
+    _emit(args, out, {"sequence_before": before, "sequence": now, "sessions_retired": retired},
           f"change sequence {before} -> {now}: every client cursor handed out before is "
-          "answered with a reset (a snapshot), none is handed out again; start the brokers")
+          f"answered with a reset (a snapshot), none is handed out again; {retired} session "
+          "record(s) retired (those devices start new sessions); start the brokers")
 
 
 REDIS_COMMANDS = {"adopt-new": redis_adopt_new, "restored": redis_restored}

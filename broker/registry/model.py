@@ -315,6 +315,26 @@ class SessionRecord(NamedTuple):
     seq_reservation: int = 0
     remote_seq: int = 0
 
+    @classmethod
+    def retired(cls, session_id: int) -> "SessionRecord":
+        """The record of a session that must never resume: a restored backup's.
+
+        Its device may have gone on past the backup (states acknowledged
+        since, which the backup lacks), so resuming would mix the two
+        states; the id stays, so older sessions stay refused, and only a
+        newer session (the device starts one after ``rekey_after``) is taken.
+        """
+        return cls(session_id, RETIRED_NUM)
+
+    @property
+    def resumable(self) -> bool:
+        """False for a retired record (SessionRecord.retired)."""
+        return self.acked_remote_num != RETIRED_NUM
+
+
+#: acked_remote_num of a retired session record: no device state has it.
+RETIRED_NUM = (1 << 64) - 1
+
 
 @dataclass(frozen=True, slots=True)
 class TokenInfo:

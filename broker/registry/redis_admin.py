@@ -94,7 +94,9 @@ class RedisAdmin:
         copy lost; handed out again for other changes, they would make those
         dashboards miss changes silently. StoreError while a broker process
         holds a lease: it serves the registry as it was before the restore.
-        Returns ``(sequence before, sequence now)``."""
+        Every session record is retired (SessionRecord.retired): the devices
+        went on past the copy, so none may resume over it. Returns
+        ``(sequence before, sequence now, session records retired)``."""
         live = self.live_holders()
         if live:
             names = ", ".join(f"{origin} ({left:.0f} s left)" for origin, left in live.items())
@@ -103,8 +105,9 @@ class RedisAdmin:
                                     "end, then run this again")
         store = self._store
         _, before, now = store.run_now("restored", [store.key_seq, store.key_horizon,
-                                                    store.key_tombs], [CURSOR_GAP])
-        return before, now
+                                                    store.key_tombs, store.key_feed],
+                                       [CURSOR_GAP, store.options.stream_length, self.origin])
+        return before, now, store.retire_sessions_now()
 
     def _number(self, name):
         number = self._store.read_now("hget", self._store.keys_names, name)

@@ -149,4 +149,8 @@ def decode_entry(fields):
         return ("k", int(fields[b"n"]), bytes(fields[b"k"]), origin)
     if kind == b"t":
         return ("t", origin)
+    if kind == b"z":
+        # broker-admin redis restored: this replica holds data Redis lost.
+        before = int(fields[b"b"])
+        return ("lost", before, before)
     raise ValueError(f"unknown entry type {kind!r}")

@@ -312,23 +312,29 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 """
 
-#: The scripts the store runs with the marker appended (CHECK), by name.
 # After Redis was restored from an older copy (broker-admin redis restored):
-# KEYS {p}:seq, {p}:horizon, {p}:tombs; ARGV the cursor gap. The sequence
-# jumps by the gap, so no cursor a client holds is handed out again; the
-# horizon follows it, so every cursor handed out before is answered with a
-# reset (a snapshot); the tombstones below it go, so a later trim cannot
-# set the horizon back. Strings throughout (Lua numbers lose precision).
-# Answers {'ok', sequence before, sequence now}.
+# KEYS {p}:seq, {p}:horizon, {p}:tombs, {p}:feed; ARGV the cursor gap, the
+# stream's length, the origin. The sequence jumps by the gap, so no cursor
+# a client holds is handed out again; the horizon follows it, so every
+# cursor handed out before is answered with a reset (a snapshot); the
+# tombstones below it go, so a later trim cannot set the horizon back. An
+# entry of type z at the new top tells a process still following the
+# stream that its replica is of the lost data (shared_stream.py), and lets
+# a process started afterwards begin there without a gap. Strings
+# throughout (Lua numbers lose precision). Answers {'ok', sequence before,
+# sequence now}.
 RESTORED = CHECK + """
 local before = redis.call('GET', KEYS[1]) or '0'
 redis.call('INCRBY', KEYS[1], ARGV[1])
 local top = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[2], top)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', top)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], top .. '-*', 't', 'z', 'b', before,
+           'o', ARGV[3])
 return {'ok', before, top}
 """
 
+#: The scripts the store runs with the marker appended (CHECK), by name.
 SCRIPTS = {"change": CHANGE, "add": ADD, "remove": REMOVE, "secret": SECRET,
            "tokens": TOKENS, "lease": LEASE, "expired": EXPIRED, "held": HELD,
            "restored": RESTORED}

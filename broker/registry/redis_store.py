@@ -42,7 +42,8 @@ from .database import decode_state
 from .errors import StoreError
 from .redis_connection import Connector, RedisOptions, redacted
 from .redis_follow import SEQUENCE_CHECK_INTERVAL, ChangeFollower, CommandListener
-from .redis_layout import RedisKeys, decode_record, decode_tokens, marker_text
+from .model import SessionRecord
+from .redis_layout import RedisKeys, decode_record, decode_tokens, encode_record, marker_text
 from .redis_marker import RememberedMarker
 from .redis_scripts import ADOPT, SCRIPTS
 from .redis_writer import IncarnationLost, PipelineWriter
@@ -221,6 +222,37 @@ class RedisStore(RedisKeys, Store):
             return getattr(self._main, command)(*args)
         except (redis.RedisError, OSError) as e:
             raise StoreError(f"Redis failed: {e}") from None
+
+    def retire_sessions_now(self, batch=1000):
+        """Retire every device's session record (broker-admin redis restored:
+        SessionRecord.retired), ``batch`` devices a round trip; returns how many.
+        Brokers are stopped then: plain writes, no script."""
+        import redis
+        count = 0
+        try:
+            numbers = [int(n) for n in self._main.hvals(self.keys_names)]
+            for start in range(0, len(numbers), batch):
+                chunk = numbers[start:start + batch]
+                reads = self._main.pipeline(transaction=False)
+                for number in chunk:
+                    reads.hget(self.device_key(number), "r")
+                writes = self._main.pipeline(transaction=False)
+                for number, raw in zip(chunk, reads.execute()):
+                    if raw is None:
+                        continue
+                    try:
+                        session_id = decode_record(raw).session_id
+                    except StoreError:
+                        continue    # unreadable: no session is ever started over it
+                    retired = SessionRecord.retired(session_id)
+                    writes.hset(self.device_key(number), mapping={
+                        "r": encode_record(retired), "ri": f"{session_id:016x}",
+                        "rr": f"{0:016x}"})
+                    count += 1
+                writes.execute()
+        except (redis.RedisError, OSError) as e:
+            raise StoreError(f"Redis failed: {e}") from None
+        return count
 
     def tokens_now(self):
         """Every token row ``(token_id, digest, role, created_at)``, now (tools)."""

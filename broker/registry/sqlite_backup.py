@@ -47,12 +47,19 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from .database import (APPLICATION_ID, BUSY_TIMEOUT_MS, MIGRATIONS, SCHEMA_VERSION,
-                       database_path, next_cursor, prepare_directory)
+                       database_path, next_cursor, prepare_directory, to_i64)
+from .model import RETIRED_NUM
 from .errors import StoreError
 from .sqlite_rows import SEQUENCE_SQL
 
 #: the lock file a running broker holds (flock) in its data directory (broker/service.py).
 LOCK_NAME = "broker.lock"
+#: how far above its own top a copy's change sequence starts when the
+#: database it replaces cannot tell how far its brokers went (missing or
+#: damaged): room for 255 unclean starts (restart.CURSOR_GAP each) after the
+#: copy was taken, and cursors stay exact in a JavaScript number for 8,000
+#: such restores.
+RESTORE_GAP = 1 << 40
 #: the suffix of the copy of the database a restore replaced.
 KEPT_SUFFIX = ".before-restore"
 #: files SQLite keeps beside a database, which belong to that file only.
@@ -80,7 +87,13 @@ def backup(data_dir, dest, *, force=False):
     dest = os.path.abspath(dest)
     if not force and os.path.lexists(dest):
         raise StoreError(f"{dest} exists; give another name, or --force to replace it")
-    conn, schema = open_registry(source, "the registry database")
+    if os.path.exists(dest) and os.path.exists(source) and os.path.samefile(source, dest):
+        raise StoreError(f"{dest} is the registry database itself")
+    if os.path.exists(dest + "-wal"):
+        # Replaced, it would get that log replayed into it: a mixed database.
+        raise StoreError(f"{dest} is an SQLite database in use (it has a -wal file): "
+                         "give another name")
+    conn, schema = open_database(source, "the registry database")
     try:
         return _copy(conn, dest, replace=force,
                      prefix=f".{os.path.basename(dest)}.partial-")._replace(schema=schema)
@@ -95,7 +108,7 @@ def restore(data_dir, source, *, keep=True):
     data directory, or ``source`` is not a registry database this broker reads."""
     target = os.path.abspath(database_path(data_dir))
     kept = target + KEPT_SUFFIX if keep else None
-    conn, schema = open_registry(source, "the backup")
+    conn, schema = open_database(source, "the backup")
     try:
         if os.path.exists(target) and os.path.samefile(source, target):
             raise StoreError(f"{target} is the data directory's database itself")
@@ -121,7 +134,7 @@ def restore(data_dir, source, *, keep=True):
 
 # -- checks -------------------------------------------------------------------
 
-def open_registry(path, what):
+def open_database(path, what):
     """A read-only connection to the registry database at ``path`` and its schema
     version; StoreError naming the problem (missing, not SQLite, not ours, newer)."""
     path = os.path.abspath(path)
@@ -212,7 +225,9 @@ def _copy(conn, dest, *, prefix, replace=False, directory=None, floor=0):
 
 def _write_copy(conn, temporary, floor=0):
     """The copy itself; returns its (devices, tokens) counts. Its change
-    sequence is raised to ``floor`` at least (``_top_cursor``)."""
+    sequence is raised to ``floor`` at least (``_top_cursor``; None: the
+    replaced database cannot tell, RESTORE_GAP above its own); its session
+    records are retired."""
     try:
         copy = sqlite3.connect(temporary, isolation_level=None)
     except sqlite3.Error as e:
@@ -223,8 +238,19 @@ def _write_copy(conn, temporary, floor=0):
         tables = {row[0] for row in copy.execute("SELECT name FROM sqlite_master")}
         if "meta" in tables:
             copy.execute("DELETE FROM meta WHERE key = 'clean_stop'")
+            if floor is None:
+                floor = next_cursor(copy) - 1 + RESTORE_GAP
             if floor:
                 copy.execute(SEQUENCE_SQL, (floor,))
+        if "sessions" in tables:
+            # Never resumed (SessionRecord.retired): the devices went on past the copy.
+            columns = {row[1] for row in copy.execute("PRAGMA table_info(sessions)")}
+            retired = {"acked_remote_num": to_i64(RETIRED_NUM), "acked_remote_state": b"",
+                       "local_num": 0, "local_state": b"", "seq_reservation": 0,
+                       "remote_seq": 0}
+            names = [name for name in retired if name in columns]   # older schemas
+            copy.execute(f"UPDATE sessions SET {', '.join(f'{n} = ?' for n in names)}",
+                         [retired[name] for name in names])
         check = copy.execute("PRAGMA quick_check").fetchall()
         if check != [("ok",)]:
             raise StoreError(f"the copy failed its check, the database is damaged: "
@@ -309,23 +335,33 @@ def _retire(target, kept):
 
 
 def _top_cursor(target):
-    """The highest change cursor the database being replaced stored (0 if none
-    or unreadable). The restored copy's sequence starts there at least: its
+    """The highest change cursor the database being replaced stored, or None
+    if it cannot tell: missing (moved away, or a new host, whose clients
+    hold cursors of the old one) or damaged. The restored copy's sequence starts there at least: its
     unclean start then skips CURSOR_GAP above every cursor the replaced
     database's brokers issued, even if they ran far past the backup (more
     than CURSOR_GAP changes, or unclean restarts of their own since)."""
     if not os.path.exists(target):
-        return 0
+        return None
     try:
-        conn, _ = open_registry(target, "the current database")
+        conn, _ = open_database(target, "the current database")
     except StoreError:
-        return 0            # _retire says what is wrong with it
+        return None            # _retire says what is wrong with it
+    top = None
     try:
-        dead = conn.execute("SELECT coalesce(max(value), 0) FROM meta"
-                            " WHERE key LIKE 'dead:%'").fetchone()[0]
-        return max(next_cursor(conn) - 1, dead)
-    except sqlite3.Error:
-        return 0
+        # Each read alone: damage elsewhere in the file loses only its own.
+        for query in ("SELECT coalesce(max(value), 0) FROM meta WHERE key LIKE 'dead:%'",
+                      "SELECT coalesce(max(value), 0) FROM meta WHERE key = 'sequence'"):
+            try:
+                found = conn.execute(query).fetchone()[0]
+            except sqlite3.Error:
+                continue
+            top = max(top or 0, found)
+        try:
+            top = max(top or 0, next_cursor(conn) - 1)
+        except sqlite3.Error:
+            pass
+        return top
     finally:
         conn.close()
 

@@ -114,8 +114,11 @@ class SSPSession(Incoming, Parking, Outgoing):
         zero = remote_state if framing is not None else None
         if resume is None:
             link.reserve_seq(first_seq)
+            # States numbered from there too (as a resumed session's): a peer
+            # that still holds states of this key from a run the owner lost
+            # ignores every state numbered at or below its newest.
             self._sender = Sender(local_state, now, profile,
-                                  heartbeats=heartbeats)
+                                  heartbeats=heartbeats, first_num=first_seq + 1)
             self._receiver = Receiver(remote_state, zero=zero)
             self._emitted_num = 0
         else:

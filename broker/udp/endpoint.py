@@ -294,8 +294,9 @@ class SSPEndpoint(Downstream, DatagramProtocol):
                 record = bridge.record(number)
             except StoreError as error:
                 unreadable = error
-            if record is not None and session_id < record.session_id:
-                self._drop(EndpointDrop.OLD_SESSION)
+            if record is not None and (session_id < record.session_id or (
+                    session_id == record.session_id and not record.resumable)):
+                self._drop(EndpointDrop.OLD_SESSION)    # (retired: a restored backup's)
                 return
             if len(self._table) >= self.settings.max_sessions:
                 self._drop(EndpointDrop.SESSION_CAP)

@@ -81,7 +81,7 @@ class SessionTable:
         except StoreError:
             return None  # the endpoint logs it once a datagram authenticates
         if (bridge.secret(number) is None or record is None
-                or record.session_id != parked.session_id):
+                or record.session_id != parked.session_id or not record.resumable):
             return None
         try:
             remote = decode_state(record.acked_remote_state)

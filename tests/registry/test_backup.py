@@ -18,7 +18,7 @@ import threading
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.registry import DeviceRegistry, RegistrySettings, cli, sqlite_backup
+from broker.registry import DeviceRegistry, RegistrySettings, SessionRecord, cli, sqlite_backup
 from broker.registry.admin import AdminDatabase
 from broker.registry.database import DB_NAME, SCHEMA_VERSION
 from broker.registry.restart import CURSOR_GAP
@@ -151,6 +151,43 @@ class BackupTests(Fixture, SynchronousTestCase):
         status, _, err = run_admin("--data-dir", data_dir, "backup", "--force", dest)
         self.assertEqual(status, 0, err)
         self.assertEqual((names(dest), mode(dest)), (["a", "b"], 0o600))
+
+    def test_copies_retire_every_session_record(self):
+        """A copy's session records keep their ids (older sessions stay refused) but
+        never resume: the devices went on past the copy (SessionRecord.retired)."""
+        data_dir = self.make_data_dir()
+        live = os.path.join(data_dir, DB_NAME)
+        number = query(live, "SELECT number FROM devices WHERE name = 'a'")[0][0]
+        conn = sqlite3.connect(live)
+        conn.execute("INSERT INTO sessions VALUES (?, 77, 5, X'a0', 3, X'', 8192, 40)",
+                     (number,))
+        conn.commit()
+        conn.close()
+        dest = os.path.abspath(self.mktemp())
+        sqlite_backup.backup(data_dir, dest)
+        store = SQLiteStore(dest, reactor=reactor)
+        self.addCleanup(store.close)
+        sessions = dict(store.load().sessions)
+        self.assertEqual(sessions[number], SessionRecord.retired(77))
+        self.assertFalse(sessions[number].resumable)
+        self.assertTrue(SessionRecord(77, 5).resumable)
+
+    def test_force_never_replaces_a_database_in_use(self):
+        """--force onto the registry database itself, or onto any database with a
+        -wal beside it, is refused: replaced, it would get that log replayed into it."""
+        data_dir = self.make_data_dir()
+        live = os.path.join(data_dir, "registry.sqlite3")
+        err = self.refused("--data-dir", data_dir, "backup", "--force", live)
+        self.assertIn("is the registry database itself", err)
+        other = os.path.abspath(self.mktemp())
+        with open(other, "w") as handle:
+            handle.write("a database\n")
+        with open(other + "-wal", "w") as handle:
+            handle.write("its log\n")
+        err = self.refused("--data-dir", data_dir, "backup", "--force", other)
+        self.assertIn("in use", err)
+        with open(other) as handle:
+            self.assertEqual(handle.read(), "a database\n")
 
     def test_dest_appearing_during_the_copy_is_not_overwritten(self):
         """A DEST created by someone else while the copy is written is not replaced:
@@ -629,8 +666,9 @@ class RestoredStartTests(Fixture, TestCase):
     @defer.inlineCallbacks
     def test_backup_of_a_cleanly_stopped_registry_restores_unclean(self):
         """Restored into a new data directory (no replaced database to learn from), a
-        backup of a cleanly stopped registry starts CURSOR_GAP above its cursors: a
-        cursor the stopped broker issued later is never issued again."""
+        backup of a cleanly stopped registry starts RESTORE_GAP and CURSOR_GAP above
+        its cursors: a cursor the lost brokers issued later, even across 255 unclean
+        starts of theirs, is never issued again."""
         registry = self.open()
         yield registry.add_device("a")
         yield registry.update_reported("a", {"x": 1})
@@ -640,7 +678,7 @@ class RestoredStartTests(Fixture, TestCase):
         fresh = os.path.abspath(os.path.join(self.mktemp(), "data"))
         sqlite_backup.restore(fresh, dest)
         again = self.open(fresh)
-        self.assertEqual(again.cursor, top + CURSOR_GAP)
+        self.assertEqual(again.cursor, top + sqlite_backup.RESTORE_GAP + CURSOR_GAP)
         self.assertFalse(again.changes_since(top).reset)
         self.assertTrue(again.changes_since(top + 1).reset)
         self.assertEqual(again.device("a").reported, {"x": 1})

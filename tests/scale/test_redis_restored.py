@@ -11,9 +11,11 @@ import redis
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from broker.registry import cli
+from broker.registry import SessionRecord, cli
 from broker.registry.redis_connection import RedisOptions
+from broker.registry import errors
 from broker.registry.restart import CURSOR_GAP
+from tests.udp.loopback import wait_until
 from broker.registry.shared import open_shared_registry
 
 from .redis_support import start_server
@@ -68,6 +70,8 @@ class RedisRestoredTests(TestCase):
         yield a.add_device("porch")
         yield a.add_device("gone")
         yield a.update_reported("porch", {"v": 1})
+        yield a.save_session(a.device("porch").device_number,
+                             SessionRecord(7, 3, b"", 0, b"", 8192, 12))
         copy = self.snapshot()
         before_copy = a.cursor
         yield a.remove_device("gone")
@@ -82,15 +86,21 @@ class RedisRestoredTests(TestCase):
         self.assertEqual((code, err), (0, ""))
         answer = json.loads(out)
         self.assertEqual(answer, {"sequence_before": before_copy,
-                                  "sequence": before_copy + CURSOR_GAP})
+                                  "sequence": before_copy + CURSOR_GAP,
+                                  "sessions_retired": 1})
 
         b = self.open_registry()
         self.assertEqual(b.cursor, before_copy + CURSOR_GAP)
+        # The record of the copy is retired: that session never resumes over it.
+        record = b.session_record(b.device("porch").device_number)
+        self.assertEqual(record, SessionRecord.retired(7))
+        self.assertFalse(record.resumable)
         batch = b.changes_since(held)
         self.assertTrue(batch.reset)
         self.assertEqual({view.name for view in batch.devices}, {"porch", "gone"})
         yield b.update_reported("porch", {"v": 7})
-        self.assertGreater(b.cursor, before_copy + CURSOR_GAP)
+        self.assertEqual(b.cursor, before_copy + CURSOR_GAP + 1)
+        self.assertEqual(b.counters["stream_resync"], 0)        # no gap after the marker
         self.assertTrue(b.changes_since(held).reset)
         self.assertTrue(b.changes_since(before_copy).reset)
         current = b.changes_since(before_copy + CURSOR_GAP)
@@ -132,6 +142,18 @@ class RedisRestoredTests(TestCase):
         self.assertIn("stop every broker", err)
         self.assertEqual(len(err.strip().splitlines()), 1)
         self.assertEqual(self.direct.get("{ssp}:seq"), sequence)
+
+    @defer.inlineCallbacks
+    def test_a_process_still_following_the_stream_stops_writing(self):
+        """A process that kept running through the restore (its lease bypassed) reads
+        the marker entry and refuses writes: its replica holds data Redis lost."""
+        a = self.open_registry()
+        yield a.add_device("porch")
+        code, _, err = self.admin("redis", "restored")
+        self.assertEqual((code, err), (0, ""))
+        yield wait_until(self, lambda: a.readiness() is not None, what="the refusal")
+        self.assertIn("Redis lost data", a.readiness())
+        yield self.assertFailure(a.update_reported("porch", {"v": 2}), errors.StoreError)
 
     def test_needs_a_redis_config(self):
         """Without a Redis config the command says what it needs."""

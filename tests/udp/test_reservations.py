@@ -296,3 +296,47 @@ class RestoredStoreTests(SynchronousTestCase):
         self.assertEqual(clock_floor(1002.9) - clock_floor(1000.0), 2 * SEQ_PER_SECOND)
         self.assertEqual(clock_floor(-5.0), 0)
         self.assertLess(clock_floor(8_589_934_591), 1 << 53)   # 2242-03-16
+
+    def test_retired_record_is_never_resumed_and_the_device_starts_over(self):
+        """A restored backup's records are retired: the device's session (which went on
+        past the backup) is not resumed over the backup's state, so the registry never
+        mixes the two; the device starts a new session and the registry then holds
+        exactly the device's state."""
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        node.report({"a": 1, "b": 1}, h.clock.seconds())
+        h.run(1.0)
+        backup = copy.deepcopy(h.store)
+        node.report({"a": 2, "b": 2}, h.clock.seconds())
+        h.run(1.0)
+        self.assertTrue(node.idle())
+        old_session = node.session_id
+        backup.sessions = {number: SessionRecord.retired(record.session_id)
+                           for number, record in backup.sessions.items()}
+        h2 = Harness(self, store=backup, clock=h.clock)
+        h2.nodes = h.nodes
+        node.report({"a": 2, "b": 3}, h.clock.seconds())
+        h2.run(5.0)
+        self.assertGreater(h2.endpoint.drops["old_session"], 0)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"a": 1, "b": 1})
+        h2.run(80.0, dt=0.1)                       # the node's rekey_after is 75 s
+        self.assertNotEqual(node.session_id, old_session)
+        self.assertEqual(h2.endpoint.counters["sessions_started"], 1)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"a": 2, "b": 3})
+
+    def test_new_sessions_number_states_from_their_first_sequence_number(self):
+        """A new session's states are numbered above its clock floor too, so a device
+        holding states of that key from a lost run takes the new ones."""
+        h = Harness(self, park_after=3600.0)     # parked and woken, it would resume
+        device = h.provision("dev")
+        node = h.node(device)
+        started = h.clock.seconds()
+        node.report({"v": 1}, started)
+        h.run(1.0)
+        self.successResultOf(h.registry.update_desired("dev", {"led": "on"}))
+        h.run(1.0)
+        self.assertEqual(h.endpoint.counters["sessions_parked"], 0)
+        session = h.endpoint.session_of(device.device_number).session
+        self.assertGreater(session.newest_sent_num, clock_floor(started))
+        self.assertEqual(node.desired, {"led": "on"})
