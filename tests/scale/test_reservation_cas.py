@@ -118,6 +118,7 @@ class ReservationCompareAndSetTests(TwoRegistries, SingleRedis, TestCase):
         yield wait_until(self, lambda: (self.record(self.b) or self.record(self.a)).session_id
                          == session_id and self.record(self.b) == self.record(self.a),
                          what="b's replica has a's record")
+        reserved = self.record(self.a).seq_reservation
         yield self.report_to("b")            # B resumes from reservation R and reserves R+4096
         self.assertEqual(self.hosts["b"].endpoint.counters["sessions_resumed"], 1)
         self.burn("a")
@@ -125,8 +126,8 @@ class ReservationCompareAndSetTests(TwoRegistries, SingleRedis, TestCase):
                              self.hosts["a"].endpoint.counters["reservation_conflicts"])
         self.assertEqual(self.hosts["a"].endpoint.counters["reservation_conflicts"], 1)
         self.assertEqual(self.node.session_id, session_id)
-        used = self.assert_no_reuse()
-        self.assertGreaterEqual(max(used), 2 * SEQ_RESERVATION_BLOCK)
+        self.assert_no_reuse()
+        self.assertGreaterEqual(min(self.hosts["b"].sent[session_id]), reserved)
 
     @defer.inlineCallbacks
     def test_resume_from_a_lagging_replica_conflicts(self):
@@ -136,15 +137,17 @@ class ReservationCompareAndSetTests(TwoRegistries, SingleRedis, TestCase):
         yield wait_until(self, lambda: self.record(self.b) == self.record(self.a),
                          what="b's replica has a's record")
         lagging = self.record(self.b)
+        first_block = self.live("a").reserved
         self.burn("a")
-        yield self.report_to("a", until=lambda:
-                             self.live("a").reserved > SEQ_RESERVATION_BLOCK)
+        yield self.report_to("a", until=lambda: self.live("a").reserved > first_block)
         yield self.report_to("a")            # A uses numbers of its new block
-        self.assertGreaterEqual(max(self.hosts["a"].sent[session_id]), SEQ_RESERVATION_BLOCK)
+        self.assertGreaterEqual(max(self.hosts["a"].sent[session_id]), first_block)
         # B's replica has not caught up with A's reservation yet.
         self.b._by_number[self.number].session = lagging
         yield self.report_to("b")
-        self.assertEqual(self.hosts["b"].endpoint.counters["reservation_conflicts"], 1)
+        # At least once: B then resumes from Redis's record, and a write of A's
+        # still on its way (its last report's record) may move it on once more.
+        self.assertGreaterEqual(self.hosts["b"].endpoint.counters["reservation_conflicts"], 1)
         self.assertEqual(self.node.session_id, session_id)
         self.assert_no_reuse()
 

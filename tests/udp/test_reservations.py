@@ -132,7 +132,8 @@ class EndpointReservationTests(SynchronousTestCase):
         device = h.provision("dev")
         store.failing = True
         node = h.node(device)
-        node.report({"v": 1}, h.clock.seconds())
+        started = h.clock.seconds()
+        node.report({"v": 1}, started)
         h.run(2.0)
         self.assertEqual(h.delivered, 0)
         store.failing = False
@@ -142,7 +143,7 @@ class EndpointReservationTests(SynchronousTestCase):
         self.assertGreater(node.acknowledged, 0)
         record = h.registry.session_record(device.device_number)
         self.assertEqual(record.session_id, node.session_id)
-        self.assertGreaterEqual(record.seq_reservation, SEQ_RESERVATION_BLOCK)
+        self.assertEqual(record.seq_reservation, clock_floor(started) + SEQ_RESERVATION_BLOCK)
         self.flushLoggedErrors(errors.StoreError)
 
     def test_conflicting_reservation_retires_the_session(self):
