@@ -18,12 +18,22 @@ _FLOAT = frozenset((float,))
 _NUMBER = frozenset((float, int))     # (not bool: map(type) gives bool for True)
 
 
+_EMPTY_MAP = MappingProxyType({})
+_NO_TIMES = MappingProxyType({"reported": _EMPTY_MAP, "desired": _EMPTY_MAP})
+
+
 class KeyShapes:
-    """Shares key tuples between devices and maps each to its key positions."""
+    """Shares key tuples between devices and maps each to its key positions.
+
+    Bounded, and never holding a shape for good: when full it starts over
+    (the shapes devices still use come back as they are met; the others,
+    such as a removed device's or those of a device whose key names keep
+    changing, go). A device keeps the tuple it holds either way.
+    """
 
     __slots__ = ("_shapes", "limit")
 
-    def __init__(self, limit=100_000):
+    def __init__(self, limit=10_000):
         self._shapes = {EMPTY: (EMPTY, MappingProxyType({}))}
         self.limit = limit
 
@@ -35,13 +45,18 @@ class KeyShapes:
         return shape[1]
 
     def intern(self, keys):
-        """The shared instance of a key tuple (registered while room is left)."""
-        shape = self._shapes.get(keys)
+        """The shared instance of a key tuple (registered; see the class docstring)."""
+        shapes = self._shapes
+        shape = shapes.get(keys)
         if shape is not None:
             return shape[0]
-        if len(self._shapes) < self.limit:
-            self._shapes[keys] = (keys, {k: i for i, k in enumerate(keys)})
+        if len(shapes) >= self.limit:
+            self._shapes = shapes = {EMPTY: shapes[EMPTY]}
+        shapes[keys] = (keys, {k: i for i, k in enumerate(keys)})
         return keys
+
+    def __len__(self):
+        return len(self._shapes)
 
 
 def replace_numbers(shapes, keys, values, times, patch, now):
@@ -201,10 +216,10 @@ class DeviceView:
 
     @classmethod
     def tombstone(cls, name, number, version, cursor):
-        """The feed entry of a removed device."""
-        empty = MappingProxyType({})
-        return cls(name, number, version, cursor, empty, empty, empty,
-                   MappingProxyType({"reported": empty, "desired": empty}), removed=True)
+        """The feed entry of a removed device (its empty parts shared by all:
+        a registry keeps up to ``feed_retention`` of these)."""
+        return cls(name, number, version, cursor, _EMPTY_MAP, _EMPTY_MAP, _EMPTY_MAP,
+                   _NO_TIMES, removed=True)
 
     def to_json(self):
         """JSON-ready dict: the one shape every endpoint sends.

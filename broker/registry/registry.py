@@ -19,6 +19,8 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from broker.globs import glob_match
+
 from .admin_reload import AdminReload
 from .feed import ChangeFeed, Subscriptions
 from .history import EMPTY_HISTORY
@@ -190,7 +192,7 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
         if is_glob:
             cut = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
             prefix = pattern[:cut]
-            from fnmatch import fnmatchcase
+            matches = glob_match(pattern)
         names = self._names
         if after is None or after < prefix:
             i = bisect_left(names, prefix)
@@ -202,7 +204,7 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
             i += 1
             if not name.startswith(prefix):
                 break
-            if is_glob and not fnmatchcase(name, pattern):
+            if is_glob and not matches(name):
                 continue
             out.append(DeviceView.of(self._by_name[name]))
         return out

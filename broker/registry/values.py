@@ -15,7 +15,7 @@ from .errors import InvalidKey, InvalidValue
 #: a key starts with a letter, digit or underscore; then also ``. : -``.
 _KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]*\Z")
 #: interned key names remembered at most (a bound against key-name floods).
-KEY_CACHE_SIZE = 100_000
+KEY_CACHE_SIZE = 20_000
 INT_MIN = -(1 << 64)
 INT_MAX = (1 << 64) - 1   # CBOR major types 0/1 carry 64-bit magnitudes
 NUMBER_SIZE = 9           # bytes a CBOR float64 / uint64 takes
@@ -68,9 +68,10 @@ class Validator:
         if not key.isascii() or _KEY_RE.match(key) is None:
             raise InvalidKey(f"key {key!r} has characters outside A-Z a-z 0-9 _ . : - "
                              "(or starts with one of . : -)")
-        if len(self._keys) < KEY_CACHE_SIZE:
-            key = sys.intern(key)
-            self._keys[key] = key
+        if len(self._keys) >= KEY_CACHE_SIZE:
+            self._keys = {}   # start over: key names no device uses any more go
+        key = sys.intern(key)
+        self._keys[key] = key
         return key
 
     def patch(self, patch):

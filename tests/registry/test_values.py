@@ -124,3 +124,33 @@ class LimitTests(SynchronousTestCase):
         self.successResultOf(smaller.update_reported("o", {"m": {"a": 2, "b": None}}))
         self.assertEqual(len(smaller.device("o").reported["m"]), 5)
         self.failureResultOf(smaller.update_reported("o", {"m": {"z": 1}}), errors.InvalidValue)
+
+
+class SharedTablesTests(SynchronousTestCase):
+    """The registry's shared key tables stay bounded and let go of what no device uses."""
+
+    def test_key_shapes_start_over_when_full(self):
+        """A device whose key names keep changing cannot grow the shapes table past
+        its limit: when full it starts over, and shapes are still shared after."""
+        from broker.registry.model import KeyShapes
+
+        shapes = KeyShapes(limit=8)
+        for n in range(50):
+            keys = (f"k{n}",)
+            self.assertEqual(shapes.intern(keys), keys)
+            self.assertLessEqual(len(shapes), 8)
+            self.assertEqual(shapes.positions(keys), {f"k{n}": 0})
+        first = shapes.intern(("a", "b"))
+        self.assertIs(shapes.intern(("a", "b")), first)
+
+    def test_key_name_cache_starts_over_when_full(self):
+        """New key names past the cache's size start it over instead of growing it."""
+        from broker.registry import values
+
+        from broker.registry import RegistrySettings
+
+        validator = values.Validator(RegistrySettings())
+        self.patch(values, "KEY_CACHE_SIZE", 16)
+        for n in range(100):
+            self.assertEqual(validator.key(f"name{n}"), f"name{n}")
+            self.assertLessEqual(len(validator._keys), 16)

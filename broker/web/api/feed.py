@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from fnmatch import fnmatchcase
 from functools import lru_cache
 
+from broker.globs import glob_match
 from broker.web.responses import json_bytes
 
 from .errors import etag
@@ -28,7 +28,8 @@ def name_matcher(pattern: str | None):
     if not pattern:
         return None
     if _GLOB_CHARS.intersection(pattern):
-        return lambda name: fnmatchcase(name, pattern)
+        matches = glob_match(pattern)
+        return lambda name: matches(name) is not None
     return lambda name: name.startswith(pattern)
 
 

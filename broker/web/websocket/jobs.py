@@ -10,7 +10,7 @@ it twice would only waste the link.
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
+from broker.globs import glob_match
 
 from .messages import is_glob
 
@@ -60,10 +60,10 @@ def resume_job(registry, request_id, patterns: tuple, since: int, upto: int, ski
 
 def _matcher(patterns):
     exact = {p for p in patterns if not is_glob(p)}
-    globs = [p for p in patterns if is_glob(p)]
+    globs = [glob_match(p) for p in patterns if is_glob(p)]
 
     def match(name):
-        return name in exact or any(fnmatchcase(name, g) for g in globs)
+        return name in exact or any(g(name) for g in globs)
     return match
 
 
