@@ -201,3 +201,45 @@ class CuttingProxy:
                         if cut:
                             return
                         server.sendall(data)
+
+
+class AdminOnRedis:
+    """A TestCase mixin: a private redis-server, a broker config naming it, shared
+    registries on it and broker-admin run in this process against it."""
+
+    def setUp(self):
+        import redis
+
+        from broker.registry.redis_connection import RedisOptions
+
+        self.port = start_server(self)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.options = RedisOptions(url=self.url, timeout=2.0)
+        self.direct = redis.Redis(host="127.0.0.1", port=self.port)
+        self.addCleanup(self.direct.close)
+        self.data_dir = os.path.abspath(self.mktemp())
+        self.config = os.path.abspath(self.mktemp() + ".toml")
+        with open(self.config, "w") as handle:
+            handle.write(f'[broker]\ndata_dir = "{self.data_dir}"\n'
+                         f'[registry]\nbackend = "redis"\nredis_url = "{self.url}"\n')
+
+    def open_registry(self, lease_ttl=0):
+        from twisted.internet import reactor
+
+        from broker.registry.shared import open_shared_registry
+
+        registry = open_shared_registry(self.options, reactor=reactor, lease_ttl=lease_ttl,
+                                        data_dir=self.data_dir)
+        registry.start()
+        self.addCleanup(registry.stop)
+        return registry
+
+    def admin(self, *argv):
+        """broker-admin in this process: (exit status, stdout, stderr)."""
+        import io
+
+        from broker.registry import cli
+
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(["--config", self.config, *argv], out, err)
+        return code, out.getvalue(), err.getvalue()

@@ -3,7 +3,6 @@ data directory remembers the data set's marker ({ssp}:incarnation), a start on a
 Redis without it (or with another) is refused with one line, and
 ``broker-admin redis adopt-new`` is the deliberate way out."""
 
-import io
 import json
 import os
 import stat
@@ -11,47 +10,25 @@ import subprocess
 import sys
 import threading
 
-import redis
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.registry import cli, errors
+from broker.registry import errors
 from broker.registry import redis_marker
 from broker.registry.redis_admin import RedisAdmin
-from broker.registry.redis_connection import RedisOptions
 from broker.registry.redis_marker import MarkerMismatch, RememberedMarker
 from broker.registry.redis_store import RedisStore
-from broker.registry.shared import open_shared_registry
 
-from .redis_support import free_port, start_server
+from .redis_support import AdminOnRedis, free_port
 
 MARKER = "{ssp}:incarnation"
 
 
-class RedisMarkerTests(TestCase):
+class RedisMarkerTests(AdminOnRedis, TestCase):
     """A broker or broker-admin starting on a Redis that lost the data set it served refuses."""
 
     timeout = 60
-
-    def setUp(self):
-        self.port = start_server(self)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.options = RedisOptions(url=self.url, timeout=2.0)
-        self.direct = redis.Redis(host="127.0.0.1", port=self.port)
-        self.addCleanup(self.direct.close)
-        self.data_dir = os.path.abspath(self.mktemp())
-        self.config = os.path.abspath(self.mktemp() + ".toml")
-        with open(self.config, "w") as handle:
-            handle.write(f'[broker]\ndata_dir = "{self.data_dir}"\n'
-                         f'[registry]\nbackend = "redis"\nredis_url = "{self.url}"\n')
-
-    def open_registry(self):
-        registry = open_shared_registry(self.options, reactor=reactor, lease_ttl=0,
-                                        data_dir=self.data_dir)
-        registry.start()
-        self.addCleanup(registry.stop)
-        return registry
 
     def marker(self):
         value = self.direct.get(MARKER)
@@ -59,12 +36,6 @@ class RedisMarkerTests(TestCase):
 
     def remembered(self):
         return RememberedMarker.for_options(self.data_dir, self.options)
-
-    def admin(self, *argv):
-        """broker-admin in this process: (exit status, stdout, stderr)."""
-        out, err = io.StringIO(), io.StringIO()
-        code = cli.main(["--config", self.config, *argv], out, err)
-        return code, out.getvalue(), err.getvalue()
 
     @defer.inlineCallbacks
     def test_a_start_after_flushall_is_refused_with_one_line(self):

@@ -5,51 +5,21 @@ the SQLite store (restart.py)."""
 
 import io
 import json
-import os
 
-import redis
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from broker.registry import SessionRecord, cli
-from broker.registry.redis_connection import RedisOptions
-from broker.registry import errors
+from broker.registry import SessionRecord, cli, errors
 from broker.registry.restart import CURSOR_GAP
 from tests.udp.loopback import wait_until
-from broker.registry.shared import open_shared_registry
 
-from .redis_support import start_server
+from .redis_support import AdminOnRedis
 
 
-class RedisRestoredTests(TestCase):
+class RedisRestoredTests(AdminOnRedis, TestCase):
     """A Redis put back to an older copy, then told so."""
 
     timeout = 60
-
-    def setUp(self):
-        self.port = start_server(self)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.options = RedisOptions(url=self.url, timeout=2.0)
-        self.direct = redis.Redis(host="127.0.0.1", port=self.port)
-        self.addCleanup(self.direct.close)
-        self.data_dir = os.path.abspath(self.mktemp())
-        self.config = os.path.abspath(self.mktemp() + ".toml")
-        with open(self.config, "w") as handle:
-            handle.write(f'[broker]\ndata_dir = "{self.data_dir}"\n'
-                         f'[registry]\nbackend = "redis"\nredis_url = "{self.url}"\n')
-
-    def open_registry(self, lease_ttl=0):
-        registry = open_shared_registry(self.options, reactor=reactor, lease_ttl=lease_ttl,
-                                        data_dir=self.data_dir)
-        registry.start()
-        self.addCleanup(registry.stop)
-        return registry
-
-    def admin(self, *argv):
-        """broker-admin in this process: (exit status, stdout, stderr)."""
-        out, err = io.StringIO(), io.StringIO()
-        code = cli.main(["--config", self.config, *argv], out, err)
-        return code, out.getvalue(), err.getvalue()
 
     def snapshot(self):
         """Every key as DUMP gives it (what an RDB file would hold)."""
