@@ -5,7 +5,7 @@ costs a session one pointer. ``MOSH`` is mosh 1.4.0 exactly (values from
 ``src/network/transportsender.h`` and ``src/network/network.h``);
 ``FLEET`` keeps mosh's send-interval, RTO and ack-delay rules but replaces
 the interactive heartbeat and detach times with the fleet ones of wire.md
-section 6.
+section 6, and backs off retransmissions that go unanswered.
 """
 
 import dataclasses
@@ -44,6 +44,11 @@ class Profile:
     offline_after: float = 40.0  # mosh: the server detaches after 40 s
     broker_heartbeats: bool = True  # mosh-server sends the 3 s heartbeat
     answer_heartbeats: bool = False  # mosh acks only states with a diff
+    # Ours, not mosh's (sender.py, "Backoff"): every retransmission that
+    # goes unacknowledged doubles the RTO, up to backoff_max seconds, and
+    # the assumed receiver state is the newest one sent within it.
+    retransmit_backoff: bool = False
+    backoff_max: float = 8.0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -56,6 +61,9 @@ class Profile:
         if self.send_interval_min > self.send_interval_max:
             raise ValueError(
                 "send_interval_min must not exceed send_interval_max")
+        if self.backoff_max < 1:
+            raise ValueError("backoff_max must be at least 1 (the RTO's "
+                             "own ceiling, in seconds)")
         if self.sent_states_cap < 4:
             raise ValueError("sent_states_cap must be at least 4")
         if self.received_states_cap < 2:
@@ -77,4 +85,5 @@ FLEET = Profile(
     offline_after=FLEET_OFFLINE_AFTER,
     broker_heartbeats=False,
     answer_heartbeats=True,
+    retransmit_backoff=True,
 )

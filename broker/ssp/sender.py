@@ -36,6 +36,9 @@ PROSPECTIVE_RESEND_LIMIT = 1000
 PROSPECTIVE_RESEND_SLACK = 100
 
 _TIME, _NUM, _STATE, _STRIDE = 0, 1, 2, 3
+# Doublings counted at most: past any ceiling (2**16 times the 50 ms least
+# RTO is almost an hour), however long the peer stays silent.
+_BACKOFF_STEPS = 16
 _new_instruction = tuple.__new__
 
 
@@ -67,7 +70,7 @@ class Sender:
 
     __slots__ = ("_profile", "_sent", "current", "ack_num",
                  "last_heard", "_next_ack_time", "_next_send_time",
-                 "_mindelay_clock", "_first_num", "_shutdown")
+                 "_mindelay_clock", "_first_num", "_shutdown", "_backoff")
 
     def __init__(self, state, now: float, profile, *, heartbeats: bool = True,
                  num: int = 0, first_num: int = 1, due: bool = True) -> None:
@@ -83,6 +86,7 @@ class Sender:
         self._mindelay_clock = None  # first unsent change to current
         self._first_num = first_num
         self._shutdown = None  # [start time, instructions sent] once begun
+        self._backoff = 0  # retransmissions since the front last moved
 
     # -- what the session reads ------------------------------------------
 
@@ -199,6 +203,7 @@ class Sender:
         # is the prefix before its first match. (Lists are rebuilt at their
         # exact size rather than resized: an idle session keeps them.)
         self._sent = sent[index - _NUM:]
+        self._backoff = 0
         self._rationalize()
         return True
 
@@ -249,6 +254,19 @@ class Sender:
             return profile.send_interval_max
         return interval
 
+    def retransmit_timeout(self, rtt) -> float:
+        """The RTO, doubled for each retransmission since the peer last
+        acknowledged a new state, up to the profile's ``backoff_max``."""
+        rto = rtt.rto
+        backoff = self._backoff
+        if backoff:
+            grown = rto * (1 << backoff)
+            ceiling = self._profile.backoff_max
+            if grown < ceiling:
+                return grown
+            return rto if rto > ceiling else ceiling
+        return rto
+
     def _assumed_index(self, now: float, rto: float) -> int:
         """Index of the state the peer probably has (mosh's walk from the
         front, trusting states sent less than RTO + ACK_DELAY ago).
@@ -261,8 +279,18 @@ class Sender:
         it is refused and resent from the front once its successor is old.
         """
         sent = self._sent
-        limit = rto + self._profile.ack_delay
+        profile = self._profile
+        limit = rto + profile.ack_delay
         assumed = 0
+        if profile.retransmit_backoff:
+            # Backoff: the newest state sent within the limit. (mosh stops
+            # at the first old one, and once two unacknowledged states are
+            # old it would resend at the frame rate for as long as the
+            # peer is heard: 4 a second into a broker that is behind.)
+            for index in range(len(sent) - _STRIDE, 0, -_STRIDE):
+                if now - sent[index] < limit:
+                    return index
+            return 0
         for index in range(_STRIDE, len(sent), _STRIDE):
             if now - sent[index] < limit:
                 assumed = index
@@ -295,7 +323,7 @@ class Sender:
             # heartbeat resends (mosh's last two branches).
             self._next_send_time = NEVER
         else:
-            rto = rtt.rto
+            rto = self.retransmit_timeout(rtt)
             if current is not sent[self._assumed_index(now, rto) + _STATE]:
                 send_time = back_time + self.send_interval(rtt.srtt)
                 if self._mindelay_clock is not None:
@@ -336,8 +364,8 @@ class Sender:
             return None
         sent = self._sent
         current = self.current
-        assumed = (self._assumed_index(now, rtt.rto) if len(sent) > _STRIDE
-                   else 0)
+        assumed = (self._assumed_index(now, self.retransmit_timeout(rtt))
+                   if len(sent) > _STRIDE else 0)
         if assumed == 0:
             diff = current.diff_from(sent[_STATE])
         else:
@@ -387,6 +415,9 @@ class Sender:
             self._shutdown[1] += 1
         if not empty and new_num == sent[-_STRIDE + _NUM]:
             sent[-_STRIDE + _TIME] = now  # retransmission: only the time
+            if (self._backoff < _BACKOFF_STEPS
+                    and self._profile.retransmit_backoff):
+                self._backoff += 1
         else:
             self._add_sent_state(now, new_num)
         interval = self._profile.ack_interval

@@ -19,6 +19,11 @@ wire.md and the sender module make on purpose, each behind a switch:
   if its datagram came in order (a replay gets no answer, wire.md 3);
 * ``zero`` (wire.md section 4): ``old_num = 0`` always means the empty
   state;
+* ``backoff`` (profile ``retransmit_backoff``): each retransmission of the
+  newest state that an ack has not yet answered doubles the RTO, up to the
+  profile's ``backoff_max`` (an ack that moves the front starts over), and
+  the assumed receiver state is the newest one sent within RTO +
+  ACK_DELAY, not the last of an unbroken run of recent ones from the front;
 * ``hold_acks`` (wire.md section 7, ``ack_requires_confirm``): a new state
   is acknowledged only once ``confirm`` says it is durable (a state equal
   to the newest, once everything before it is acknowledged, at once), and
@@ -41,7 +46,7 @@ class MoshTransport:
     def __init__(self, local, remote, now, profile, *, heartbeats=True,
                  first_num=1, skip_stale_empty_acks=True,
                  ack_when_nothing_to_send=True, answering=False, zero=None,
-                 hold_acks=False):
+                 hold_acks=False, backoff=False):
         self.profile = profile
         self.ack_interval = profile.ack_interval if heartbeats else NEVER
         # TransportSender constructor
@@ -67,6 +72,8 @@ class MoshTransport:
         self.answering = answering
         self.has_remote_addr = True
         self.hold_acks = hold_acks
+        self.backoff = backoff
+        self.retransmissions = 0  # since the front last moved
         self.held = []  # [num, arrival] of held states that want an ack
         self.changed_num = 0  # newest state that differs from the one before
 
@@ -77,8 +84,19 @@ class MoshTransport:
         return min(max(interval, self.profile.send_interval_min),
                    self.profile.send_interval_max)
 
+    def backed_off(self, rto):
+        if not self.backoff:
+            return rto
+        return min(rto * 2 ** self.retransmissions,
+                   max(rto, self.profile.backoff_max))
+
     def update_assumed_receiver_state(self, now, rto):
         self.assumed = 0
+        if self.backoff:
+            for index in range(1, len(self.sent)):
+                if now - self.sent[index][0] < rto + self.profile.ack_delay:
+                    self.assumed = index
+            return
         for index in range(1, len(self.sent)):
             if now - self.sent[index][0] < rto + self.profile.ack_delay:
                 self.assumed = index
@@ -90,6 +108,7 @@ class MoshTransport:
 
     def calculate_timers(self, now, srtt, rto):
         profile = self.profile
+        rto = self.backed_off(rto)
         self.update_assumed_receiver_state(now, rto)
         if (self.pending_data_ack
                 and self.next_ack_time > now + profile.ack_delay):
@@ -172,6 +191,7 @@ class MoshTransport:
             new_num = UINT64_MAX
         if new_num == self.sent[-1][1]:
             self.sent[-1][0] = now
+            self.retransmissions += 1
         else:
             self.add_sent_state(now, new_num, self.current)
         inst = self.send_in_fragments(diff, new_num)
@@ -190,6 +210,8 @@ class MoshTransport:
 
     def process_acknowledgment_through(self, ack_num):
         if any(num == ack_num for _, num, _ in self.sent):
+            if ack_num != self.sent[0][1]:
+                self.retransmissions = 0
             self.sent = [entry for entry in self.sent if entry[1] >= ack_num]
 
     def shutdown_ack_timed_out(self, now):

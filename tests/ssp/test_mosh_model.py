@@ -195,9 +195,11 @@ def shadowed_pair(test, profile, broker_framing, now, seed, hold_acks=False,
         now, ciphers=_ciphers, profile=profile, seed=seed, empty=empty,
         broker_framing=broker_framing,
         ack_requires_confirm=hold_acks or confirm_lag is not None)
-    device_model = MoshTransport(empty, empty, now, profile, zero=zero)
+    device_model = MoshTransport(empty, empty, now, profile, zero=zero,
+                                 backoff=profile.retransmit_backoff)
     broker_model = MoshTransport(
         empty, empty, now, profile, zero=zero,
+        backoff=profile.retransmit_backoff,
         heartbeats=profile.broker_heartbeats,
         answering=profile.answer_heartbeats,
         hold_acks=confirm_lag is not None)
@@ -372,6 +374,18 @@ class MoshSenderModelTests(SynchronousTestCase):
         and both want to wake at the same time."""
         self.drive(ops, srtt, heartbeats)
 
+    @settings(max_examples=80, deadline=None)
+    @given(ops=_sender_ops, srtt=st.sampled_from([0.004, 0.1, 0.6]),
+           heartbeats=st.booleans())
+    # One state never acknowledged while the peer is heard: resent after
+    # 0.4 s (RTO 0.3 + ACK_DELAY), then 0.7, 1.3, 2.5 s.
+    @example(ops=[("heard", None), ("set", "a")] + [("wait", 0.3)] * 10,
+             srtt=0.1, heartbeats=True)
+    def test_sender_with_backoff_matches_model(self, ops, srtt, heartbeats):
+        """The fleet profile's retransmission backoff, against the model's
+        statement of it."""
+        self.drive(ops, srtt, heartbeats, profile=FLEET)
+
     def test_sent_states_cap_matches_mosh(self):
         """Many states sent and none acknowledged: past 32 kept states the
         same one (16th from the end) is erased as in mosh."""
@@ -386,15 +400,17 @@ class MoshSenderModelTests(SynchronousTestCase):
             sender = self.drive(ops, 0.004 if seed % 2 else 0.1, True)
             self.assertEqual(sender.sent_count, MOSH.sent_states_cap)
 
-    def drive(self, ops, srtt, heartbeats):
+    def drive(self, ops, srtt, heartbeats, profile=MOSH):
         """Run ``ops`` on our Sender and mosh's beside it; returns ours."""
         estimator = RTTEstimator()
         estimator.add_sample(srtt)
         rtt = _RTT(estimator.srtt, estimator.rto)
         now = 100.0
         empty = TextState.empty()
-        ours = Sender(empty, now, MOSH, heartbeats=heartbeats)
-        model = MoshTransport(empty, empty, now, MOSH, heartbeats=heartbeats)
+        ours = Sender(empty, now, profile, heartbeats=heartbeats)
+        model = MoshTransport(empty, empty, now, profile,
+                              heartbeats=heartbeats,
+                              backoff=profile.retransmit_backoff)
         chaff = seeded_random_bytes(3)
         for op, arg in ops:
             if op == "set":

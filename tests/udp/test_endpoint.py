@@ -757,7 +757,8 @@ class SessionFiguresTests(SynchronousTestCase):
     """The RTT and retransmission figures of docs/operations.md are fed."""
 
     def test_retransmissions_counted(self):
-        """A command the device never acknowledges is sent again, and each resend is counted."""
+        """A command the device never acknowledges is sent again, each resend counted, and
+        the resends back off (each waits twice the RTO of the one before)."""
         h = Harness(self)
         device = h.provision("dev")
         node = h.node(device)
@@ -765,8 +766,13 @@ class SessionFiguresTests(SynchronousTestCase):
         self.assertEqual(h.endpoint.counters["retransmissions"], 0)
         del h.nodes[h.address_of(node)]  # the broker's datagrams are lost from now on
         h.endpoint.send_command(device.device_number, "reboot")
-        h.run(3.0)
-        self.assertGreaterEqual(h.endpoint.counters["retransmissions"], 2)
+        counts = []
+        for _ in range(8):
+            h.run(1.0)
+            counts.append(h.endpoint.counters["retransmissions"])
+        self.assertGreaterEqual(counts[-1], 3)
+        # Without the backoff the count would grow by the same step each second.
+        self.assertLess(counts[-1] - counts[3], counts[3])
 
     def test_rtt_sampled_once_measured(self):
         """Facts refreshes after the first RTT sample leave the smoothed RTT for the histogram."""
