@@ -128,6 +128,15 @@ class BrokerService(MultiService):
         except BaseException:
             self._unlock_data_directory()
             raise
+        try:
+            self._assemble(environ)
+        except BaseException:
+            self._give_back()
+            raise
+
+    def _assemble(self, environ) -> None:
+        """The children and resources around the open registry."""
+        reactor = self.reactor
         self.metrics.watch_registry(self.registry)
         self.registry_service = RegistryService(self.registry)
         self.registry_service.setServiceParent(self)
@@ -257,27 +266,61 @@ class BrokerService(MultiService):
     def privilegedStartService(self) -> None:
         """Bind the ports (twistd calls this before dropping privileges).
 
-        Raises ConfigError naming the setting when a port cannot be bound;
-        the children started so far stay started (stopService stops them).
+        Raises ConfigError naming the setting when a port cannot be bound,
+        after giving back what the start took (``_give_back``).
         """
         self._lock_data_directory()
         Service.privilegedStartService(self)
-        for child in self:
-            with config_error_on_bind_failure(self.config, child.name):
-                child.privilegedStartService()
+        try:
+            for child in self:
+                with config_error_on_bind_failure(self.config, child.name):
+                    child.privilegedStartService()
+        except BaseException:
+            self._give_back()
+            raise
 
     def startService(self) -> None:
         """Start every child (binding what privilegedStartService did not); see there for errors."""
         self._lock_data_directory()
         self.stopping = False
         Service.startService(self)
-        for child in self:
-            with config_error_on_bind_failure(self.config, child.name):
-                child.startService()
+        try:
+            for child in self:
+                with config_error_on_bind_failure(self.config, child.name):
+                    child.startService()
+        except BaseException:
+            Service.stopService(self)
+            self._give_back()
+            raise
         waits = [when_listening(child).addCallback(self._listening_on, child.name)
                  for child in self._listeners()]
         done = defer.DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
         done.addCallbacks(self._ready, self._not_listening)
+
+    def _give_back(self) -> None:
+        """A start that failed gives back what it took: the ports bound so far,
+        the store and the data directory's lock.
+
+        The store is closed, not dropped: a store left open reads as a crash
+        at the next start, which skips the change cursors ahead and resets
+        every dashboard and long poll (restart.py). Nothing has been written
+        yet, so the close (the clean-stop mark) is done before this returns.
+        """
+        for child in self._listeners():
+            waiting = getattr(child, "_waitingForPort", None)
+            if waiting is not None:
+                waiting.addCallback(lambda port: port.stopListening())
+                waiting.addErrback(lambda _: None)  # its own failure is being raised
+        udp = self.namedServices.get("udp")
+        port = getattr(udp, "_port", None)
+        if port is not None:
+            port.stopListening()
+        # The lock goes once the store is closed (at once, unless a write
+        # was in flight).
+        closing = defer.maybeDeferred(self.registry.stop)
+        closing.addErrback(lambda failure: log.failure(
+            "closing the store after a failed start", failure))
+        closing.addBoth(lambda _: self._unlock_data_directory())
 
     def _listening_on(self, port, name: str) -> None:
         self.listening[name] = port

@@ -26,6 +26,7 @@ import broker.service
 from broker import tap
 from broker.config import ConfigError, load_config, replace
 from broker.registry.errors import StoreError
+from broker.registry.restart import CURSOR_GAP
 from broker.registry.redis_connection import redacted
 from broker.service import make_service
 from tests.helpers import loopback_config
@@ -311,11 +312,47 @@ class ServiceRefusalTests(SynchronousTestCase):
                                   f"'{endpoint}': Name or service not known")
 
 
+class FailedStartTests(SynchronousTestCase):
+    """A start that fails to bind gives back the store, closed cleanly, and the lock."""
+
+    def refused_then_restarted(self, reactor, *, privileged):
+        config = loopback_config(self, ssp={"port": 6000})
+        service = make_service(config, reactor=reactor)
+        with self.assertRaises(ConfigError):
+            if privileged:
+                service.privilegedStartService()
+            else:
+                service.startService()
+        self.assertFalse(service.running)
+        # In the same process: the lock was released (flock is per open file).
+        again = make_service(config, reactor=UDPMemoryReactor())
+        self.addCleanup(again.registry.stop)
+        return again
+
+    def test_refused_bind_leaves_a_clean_store(self):
+        """After a refused UDP bind the next start continues the change cursors without
+        the crash gap (which would reset every dashboard and long poll)."""
+        refused = CannotListenError("127.0.0.1", 6000, OSError(
+            errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
+        again = self.refused_then_restarted(RefusingReactor(udp_error=refused),
+                                            privileged=True)
+        self.assertLess(again.registry.cursor, CURSOR_GAP)
+
+    def test_refused_bind_in_start_service_leaves_a_clean_store(self):
+        """The same when the bind is refused in startService (run without a privileged
+        phase): the registry, started by then, is stopped and closed cleanly."""
+        refused = CannotListenError("127.0.0.1", 6000, OSError(
+            errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
+        again = self.refused_then_restarted(RefusingReactor(udp_error=refused),
+                                            privileged=False)
+        self.assertLess(again.registry.cursor, CURSOR_GAP)
+
+
 class TwistdRefusalTests(SynchronousTestCase):
     """A real `twistd -n broker` that cannot start exits 2 with one line on stderr."""
 
     def run_broker(self, **sections):
-        workdir = absolute_temp(self)
+        self.workdir = workdir = absolute_temp(self)
         write_config(workdir, os.path.join(workdir, "data"), **sections)
         pidfile = os.path.join(workdir, "twistd.pid")
         result = twistd("-n", f"--pidfile={pidfile}", "broker", "--config", "broker.toml",
@@ -339,6 +376,11 @@ class TwistdRefusalTests(SynchronousTestCase):
         lines = self.run_broker(ssp={"port": port})
         self.assertEqual(lines, [f"twistd broker: broker.toml: ssp.port: cannot listen on "
                                  f"UDP 127.0.0.1:{port}: Address already in use"])
+        # The refused start closed its store cleanly: the next continues the cursors.
+        config = load_config(os.path.join(self.workdir, "broker.toml"))
+        again = make_service(config, reactor=UDPMemoryReactor())
+        self.addCleanup(again.registry.stop)
+        self.assertLess(again.registry.cursor, CURSOR_GAP)
 
     def test_http_port_in_use(self):
         """An HTTP port held by another socket names http.endpoint."""
