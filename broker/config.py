@@ -159,6 +159,7 @@ class HTTPSettings:
     allowed_origins: tuple = _setting((), item_type=str, check=_origins)
     max_request_bytes: int = _setting(65536, minimum=1024, maximum=16 * 1024 * 1024)
     max_requests_per_second: float = _setting(50.0, minimum=0.0, maximum=1_000_000.0)
+    query_tokens: bool = _setting(True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from broker.config import replace
 from broker.registry.errors import StoreError
 from broker.web.api import resource as api_resource
 from broker.web.commands import CommandSender
@@ -321,6 +322,23 @@ class RestTests(TestCase):
                   if "failed" in (event.get("log_format") or "")]
         self.assertTrue(logged)
         self.assertFalse([text for text in logged if token in text])
+
+    @defer.inlineCallbacks
+    def test_query_tokens_off(self):
+        """With [http] query_tokens = false (a reload suffices) ?token= is refused on a GET
+        too, saying why; the Authorization header still works, and true brings it back."""
+        api = self.broker.service.api
+        config = self.broker.service.config
+        query = "/devices?token=" + self.read[7:].decode()
+        api.reload(replace(config, "http", query_tokens=False))
+        yield self.assertError(401, "token_in_query", "GET", query)
+        _, _, got = yield self.client.call("GET", query)
+        self.assertIn("[http] query_tokens = false", got["error"]["message"])
+        status, _, _ = yield self.client.call("GET", "/devices", self.read)
+        self.assertEqual(status, 200)
+        api.reload(replace(config, "http", query_tokens=True))
+        status, _, _ = yield self.client.call("GET", query)
+        self.assertEqual(status, 200)
 
     @defer.inlineCallbacks
     def test_429(self):

@@ -3,7 +3,7 @@
 * ``Authorization: Bearer <token>``: a dashboard token from
   ``registry.add_token(role)``; role ``read`` or ``write``. Requests that
   only read may pass it as ``?token=`` instead (EventSource cannot set
-  headers).
+  headers), unless the broker's ``[http] query_tokens`` is false.
 * ``Authorization: Device <key>``: a device's own 22-character key; it
   reaches only that device's resources. The key is compared with
   ``hmac.compare_digest``, and an unknown device costs the same compare,
@@ -40,8 +40,13 @@ class Principal:
     token: str | None = field(default=None, repr=False)
 
 
-def authenticate(request, registry, device_name: str | None, allow_query_token: bool) -> Principal:
-    """The Principal of a request, or ApiError 401."""
+def authenticate(request, registry, device_name: str | None, allow_query_token: bool,
+                 query_tokens: bool = True) -> Principal:
+    """The Principal of a request, or ApiError 401.
+
+    ``allow_query_token``: the request may carry ``?token=`` (a GET);
+    ``query_tokens``: the broker takes them at all ([http] query_tokens).
+    """
     authorization = split_authorization(request.getHeader(b"authorization"))
     if authorization is not None:
         scheme, credentials = authorization
@@ -57,6 +62,10 @@ def authenticate(request, registry, device_name: str | None, allow_query_token: 
             raise unauthorized("token_in_query",
                                "?token= is accepted only by GET requests; "
                                "send Authorization: Bearer <token>")
+        if not query_tokens:
+            raise unauthorized("token_in_query",
+                               "this broker takes tokens only in the Authorization header "
+                               "([http] query_tokens = false); send Authorization: Bearer <token>")
         return _token(registry, token[-1].decode("latin-1"))
     raise unauthorized("missing_credentials",
                        "send Authorization: Bearer <token> or Device <key>")

@@ -95,7 +95,8 @@ class ApiResource(Resource):
                            f"{method.decode('latin-1')} is not allowed here; use {allow.decode()}",
                            headers={b"allow": allow})
         needs, endpoint = methods[method]
-        principal = authenticate(request, api.registry, name, allow_query_token=method == b"GET")
+        principal = authenticate(request, api.registry, name, allow_query_token=method == b"GET",
+                                 query_tokens=api.settings.query_tokens)
         authorize(principal, needs)
         wait = api.limiter.check(principal.key)
         if wait > 0:

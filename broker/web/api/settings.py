@@ -33,6 +33,8 @@ class ApiSettings:
     max_request_bytes: int = 65536
     #: [http] max_requests_per_second: per token or device, with a burst of twice it (0: no limit).
     max_requests_per_second: float = 50.0
+    #: [http] query_tokens: GET requests may carry their token as ?token=.
+    query_tokens: bool = True
     #: [ssp] offline_after: a device silent this long over HTTP is shown offline.
     offline_after: float = 75.0
 
@@ -50,5 +52,6 @@ def from_config(config) -> ApiSettings:
         public_url=http.public_url,
         max_request_bytes=http.max_request_bytes,
         max_requests_per_second=http.max_requests_per_second,
+        query_tokens=http.query_tokens,
         offline_after=ssp.offline_after,
     )
