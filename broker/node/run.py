@@ -19,9 +19,11 @@ import signal
 import sys
 
 from twisted.internet import error, stdio, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
                             formatEvent, globalLogBeginner)
+from zope.interface import implementer
 
 from broker.json_bytes import bytes_default, bytes_hook
 from broker.node.client import SSPNode
@@ -81,24 +83,28 @@ def parse_line(line: str):
     return item, events
 
 
+@implementer(IHalfCloseableProtocol)
 class Input(Protocol):
     """stdin: each line is reported; ``done`` is called at end of input.
 
     A bad line (not UTF-8, not a JSON object, too long) is skipped with one
     line on ``err``; the lines after it still count, and so does a last
-    line without a line end.
+    line without a line end. ``output_lost`` is called when the reader of
+    stdout goes away (StandardIO watches the pipe), before any line fails.
     """
 
     #: Bytes; a longer line is skipped (far above any state a broker takes).
     MAX_LINE = 1 << 20
 
-    def __init__(self, node: SSPNode, err, done) -> None:
+    def __init__(self, node: SSPNode, err, done, output_lost=None) -> None:
         self.node = node
         self.err = err
         self.done = done
+        self.output_lost = output_lost
         self.stopped = False  # no more reports (the node is shutting down)
         self._buffer = b""
         self._skipping = False  # inside a line already reported as too long
+        self._ended = False
 
     def dataReceived(self, data: bytes) -> None:
         *lines, rest = (self._buffer + data).split(b"\n")
@@ -141,11 +147,24 @@ class Input(Protocol):
         self.err.write(f"broker-node: line skipped: {problem}\n")
         self.err.flush()
 
-    def connectionLost(self, reason=None) -> None:
+    def readConnectionLost(self) -> None:
+        """End of input (once, however StandardIO reports it)."""
+        if self._ended:
+            return
+        self._ended = True
         rest, self._buffer = self._buffer, b""
         if rest and not self._skipping:
             self.line_received(rest)  # a last line without a line end
         self.done()
+
+    def writeConnectionLost(self) -> None:
+        # Once stopping, the reactor's shutdown closes every descriptor:
+        # that is not the reader going away.
+        if self.output_lost is not None and not self.stopped:
+            self.output_lost()
+
+    def connectionLost(self, reason=None) -> None:
+        self.readConnectionLost()
 
 
 def _log_to(err) -> None:
@@ -205,19 +224,24 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
 
     output_closed = []
 
+    def stop_for_closed_output(why: str):
+        """The reader of stdout went away: as a filter, stop."""
+        if output_closed:
+            return
+        output_closed.append(why)
+        err.write(f"broker-node: cannot write to standard output ({why}); stopping\n")
+        err.flush()
+        _discard_output(out)
+        end_of_input()
+
     def print_line(item):
         if output_closed:
             return
         try:
             out.write(json.dumps(item, sort_keys=True, default=bytes_default) + "\n")
             out.flush()
-        except OSError as problem:  # the reader went away (EPIPE): as a filter, stop
-            output_closed.append(problem)
-            err.write("broker-node: cannot write to standard output "
-                      f"({problem.strerror or problem}); stopping\n")
-            err.flush()
-            _discard_output(out)
-            end_of_input()
+        except OSError as problem:  # EPIPE
+            stop_for_closed_output(problem.strerror or str(problem))
 
     def desired(values):
         print_line(values)
@@ -257,7 +281,8 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
             err.flush()
 
     warning = reactor.callLater(NO_ANSWER_WARNING, warn_if_unanswered)
-    lines = Input(node, err, end_of_input)
+    lines = Input(node, err, end_of_input,
+                  output_lost=lambda: stop_for_closed_output("its reader closed it"))
     stdin_transport = stdio.StandardIO(lines, stdin=stdin or sys.stdin.fileno(), reactor=reactor)
     _blocking_output()
 

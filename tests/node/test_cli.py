@@ -332,6 +332,26 @@ class CommandTests(TestCase):
         self.assertNotIn(b"Traceback", child.err)
 
     @defer.inlineCallbacks
+    def test_closed_output_noticed_without_a_line_to_write(self):
+        """The node notices its stdout reader went away while it has nothing to print (no
+        desired change comes): it stops by itself all the same, with the one message."""
+        device = yield self.registry.add_device("cli-pipe-idle")
+        process, child = self.spawn(
+            "run", "--device", str(device.device_number), "--secret-file", key_file(self, device.secret),
+            "--broker", self.address, "--state", os.path.abspath(self.mktemp()),
+            "--linger", "1")
+        process.writeToChild(0, b'{"temp": 8}\n')
+        yield wait_until(self, lambda: self.registry.device("cli-pipe-idle").reported.get("temp")
+                         == 8, what="reported via the CLI")
+        process.closeChildFD(1)
+        codes = []
+        child.ended.addCallback(codes.append)
+        yield wait_until(self, lambda: codes, what="the node stopping by itself")
+        self.assertEqual(codes, [1])
+        self.assertIn(b"cannot write to standard output (its reader closed it)", child.err)
+        self.assertNotIn(b"Traceback", child.err)
+
+    @defer.inlineCallbacks
     def test_slow_reader_of_output_loses_nothing(self):
         """A reader of stdout that falls behind (its pipe full) slows the node down but
         neither stops it nor loses a line: every command comes out once, in order."""
