@@ -277,20 +277,23 @@ class Sender:
         broker) never acks it, so mosh would resend every later state at
         the frame rate until acked. If it was lost after all, a diff from
         it is refused and resent from the front once its successor is old.
+
+        With the backoff, a state is recent until ``sent + limit`` exactly,
+        the time the retransmission timer is set to (``now - sent < limit``
+        can still hold at that time, by rounding: the timer would find
+        nothing to resend and send an empty ack from the lost state).
         """
         sent = self._sent
         profile = self._profile
         limit = rto + profile.ack_delay
         assumed = 0
         if profile.retransmit_backoff:
-            # Backoff: the newest state sent within the limit. (mosh stops
-            # at the first old one, and once two unacknowledged states are
-            # old it would resend at the frame rate for as long as the
-            # peer is heard: 4 a second into a broker that is behind.)
-            for index in range(len(sent) - _STRIDE, 0, -_STRIDE):
-                if now - sent[index] < limit:
-                    return index
-            return 0
+            for index in range(_STRIDE, len(sent), _STRIDE):
+                if now < sent[index] + limit:
+                    assumed = index
+                elif sent[index + _STATE] is not sent[index - _STRIDE + _STATE]:
+                    break
+            return assumed
         for index in range(_STRIDE, len(sent), _STRIDE):
             if now - sent[index] < limit:
                 assumed = index
@@ -330,6 +333,8 @@ class Sender:
                     send_time = max(send_time, self._mindelay_clock
                                     + profile.send_mindelay)
                 self._next_send_time = send_time
+            elif profile.retransmit_backoff:
+                self._next_send_time = back_time + (rto + profile.ack_delay)
             else:
                 self._next_send_time = back_time + rto + profile.ack_delay
         if self._shutdown is not None or self.ack_num == UINT64_MAX:
@@ -415,9 +420,17 @@ class Sender:
             self._shutdown[1] += 1
         if not empty and new_num == sent[-_STRIDE + _NUM]:
             sent[-_STRIDE + _TIME] = now  # retransmission: only the time
-            if (self._backoff < _BACKOFF_STEPS
-                    and self._profile.retransmit_backoff):
-                self._backoff += 1
+            if self._profile.retransmit_backoff:
+                if self._backoff < _BACKOFF_STEPS:
+                    self._backoff += 1
+                if old_num == sent[_NUM] and len(sent) > 2 * _STRIDE:
+                    # Resent from the front: the peer builds on nothing
+                    # between. Kept, those old states would end the walk
+                    # for the assumed state, and mosh would then resend at
+                    # the frame rate for as long as the peer is heard (4 a
+                    # second into a broker that is behind). An ack for one
+                    # of them is ignored, as for one the cap erased.
+                    self._sent = sent[:_STRIDE] + sent[-_STRIDE:]
         else:
             self._add_sent_state(now, new_num)
         interval = self._profile.ack_interval

@@ -21,9 +21,10 @@ wire.md and the sender module make on purpose, each behind a switch:
   state;
 * ``backoff`` (profile ``retransmit_backoff``): each retransmission of the
   newest state that an ack has not yet answered doubles the RTO, up to the
-  profile's ``backoff_max`` (an ack that moves the front starts over), and
-  the assumed receiver state is the newest one sent within RTO +
-  ACK_DELAY, not the last of an unbroken run of recent ones from the front;
+  profile's ``backoff_max`` (an ack that moves the front starts over); a
+  retransmission sent as a diff from the front forgets the states between
+  the front and it; and a state counts as recent until exactly its send
+  time + RTO + ACK_DELAY, the time the retransmission timer is set to;
 * ``hold_acks`` (wire.md section 7, ``ack_requires_confirm``): a new state
   is acknowledged only once ``confirm`` says it is durable (a state equal
   to the newest, once everything before it is acknowledged, at once), and
@@ -93,9 +94,15 @@ class MoshTransport:
     def update_assumed_receiver_state(self, now, rto):
         self.assumed = 0
         if self.backoff:
+            limit = rto + self.profile.ack_delay
             for index in range(1, len(self.sent)):
-                if now - self.sent[index][0] < rto + self.profile.ack_delay:
+                if now < self.sent[index][0] + limit:
                     self.assumed = index
+                elif (self.skip_stale_empty_acks
+                      and self.sent[index][2] == self.sent[index - 1][2]):
+                    continue
+                else:
+                    return
             return
         for index in range(1, len(self.sent)):
             if now - self.sent[index][0] < rto + self.profile.ack_delay:
@@ -128,7 +135,10 @@ class MoshTransport:
                     self.next_send_time,
                     self.mindelay_clock + profile.send_mindelay)
         elif not self.current == self.sent[0][2] and heard:
-            self.next_send_time = back_time + rto + profile.ack_delay
+            if self.backoff:
+                self.next_send_time = back_time + (rto + profile.ack_delay)
+            else:
+                self.next_send_time = back_time + rto + profile.ack_delay
         else:
             self.next_send_time = NEVER
         if self.shutdown_in_progress or self.ack_num == UINT64_MAX:
@@ -189,12 +199,16 @@ class MoshTransport:
             new_num = self._next_num()
         if self.shutdown_in_progress:
             new_num = UINT64_MAX
-        if new_num == self.sent[-1][1]:
+        retransmission = new_num == self.sent[-1][1]
+        if retransmission:
             self.sent[-1][0] = now
             self.retransmissions += 1
         else:
             self.add_sent_state(now, new_num, self.current)
         inst = self.send_in_fragments(diff, new_num)
+        if (self.backoff and retransmission and self.assumed == 0
+                and len(self.sent) > 2):
+            self.sent = [self.sent[0], self.sent[-1]]
         self.assumed = len(self.sent) - 1
         self.next_ack_time = now + self.ack_interval
         self.next_send_time = NEVER

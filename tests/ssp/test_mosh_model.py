@@ -381,6 +381,11 @@ class MoshSenderModelTests(SynchronousTestCase):
     # 0.4 s (RTO 0.3 + ACK_DELAY), then 0.7, 1.3, 2.5 s.
     @example(ops=[("heard", None), ("set", "a")] + [("wait", 0.3)] * 10,
              srtt=0.1, heartbeats=True)
+    # Three states sent unacknowledged, then resent from the front: the
+    # two between are forgotten, and the resends back off.
+    @example(ops=[("heard", None), ("set", "a"), ("wait", 0.05), ("set", "b"),
+                  ("wait", 0.05), ("set", "c")] + [("wait", 0.3)] * 10,
+             srtt=0.1, heartbeats=True)
     def test_sender_with_backoff_matches_model(self, ops, srtt, heartbeats):
         """The fleet profile's retransmission backoff, against the model's
         statement of it."""
