@@ -329,6 +329,16 @@ class Sender:
             rto = self.retransmit_timeout(rtt)
             if current is not sent[self._assumed_index(now, rto) + _STATE]:
                 send_time = back_time + self.send_interval(rtt.srtt)
+                if profile.retransmit_backoff:
+                    # The current state is the one last sent, and the peer
+                    # probably lacks a state before it. mosh resends it at
+                    # the frame rate, also when it went out just now (as a
+                    # diff from the acknowledged state: an old state in
+                    # between ends the walk for good), for as long as the
+                    # peer is heard: 4 a second into a broker that is
+                    # behind. Backing off, it waits its (grown) RTO too.
+                    send_time = max(send_time,
+                                    back_time + (rto + profile.ack_delay))
                 if self._mindelay_clock is not None:
                     send_time = max(send_time, self._mindelay_clock
                                     + profile.send_mindelay)
@@ -420,17 +430,9 @@ class Sender:
             self._shutdown[1] += 1
         if not empty and new_num == sent[-_STRIDE + _NUM]:
             sent[-_STRIDE + _TIME] = now  # retransmission: only the time
-            if self._profile.retransmit_backoff:
-                if self._backoff < _BACKOFF_STEPS:
-                    self._backoff += 1
-                if old_num == sent[_NUM] and len(sent) > 2 * _STRIDE:
-                    # Resent from the front: the peer builds on nothing
-                    # between. Kept, those old states would end the walk
-                    # for the assumed state, and mosh would then resend at
-                    # the frame rate for as long as the peer is heard (4 a
-                    # second into a broker that is behind). An ack for one
-                    # of them is ignored, as for one the cap erased.
-                    self._sent = sent[:_STRIDE] + sent[-_STRIDE:]
+            if (self._backoff < _BACKOFF_STEPS
+                    and self._profile.retransmit_backoff):
+                self._backoff += 1
         else:
             self._add_sent_state(now, new_num)
         interval = self._profile.ack_interval

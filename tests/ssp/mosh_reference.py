@@ -21,10 +21,12 @@ wire.md and the sender module make on purpose, each behind a switch:
   state;
 * ``backoff`` (profile ``retransmit_backoff``): each retransmission of the
   newest state that an ack has not yet answered doubles the RTO, up to the
-  profile's ``backoff_max`` (an ack that moves the front starts over); a
-  retransmission sent as a diff from the front forgets the states between
-  the front and it; and a state counts as recent until exactly its send
-  time + RTO + ACK_DELAY, the time the retransmission timer is set to;
+  profile's ``backoff_max`` (an ack that moves the front starts over); the
+  current state, once sent, is resent no sooner than RTO + ACK_DELAY later
+  also when the assumed receiver state is older than the front's successor
+  (mosh: at the send interval); and a state counts as recent until exactly
+  its send time + RTO + ACK_DELAY, the time the retransmission timer is set
+  to;
 * ``hold_acks`` (wire.md section 7, ``ack_requires_confirm``): a new state
   is acknowledged only once ``confirm`` says it is durable (a state equal
   to the newest, once everything before it is acknowledged, at once), and
@@ -130,6 +132,9 @@ class MoshTransport:
                 back_time + self.send_interval(srtt))
         elif not self.current == self.sent[self.assumed][2] and heard:
             self.next_send_time = back_time + self.send_interval(srtt)
+            if self.backoff:
+                self.next_send_time = max(
+                    self.next_send_time, back_time + (rto + profile.ack_delay))
             if self.mindelay_clock is not None:
                 self.next_send_time = max(
                     self.next_send_time,
@@ -199,16 +204,12 @@ class MoshTransport:
             new_num = self._next_num()
         if self.shutdown_in_progress:
             new_num = UINT64_MAX
-        retransmission = new_num == self.sent[-1][1]
-        if retransmission:
+        if new_num == self.sent[-1][1]:
             self.sent[-1][0] = now
             self.retransmissions += 1
         else:
             self.add_sent_state(now, new_num, self.current)
         inst = self.send_in_fragments(diff, new_num)
-        if (self.backoff and retransmission and self.assumed == 0
-                and len(self.sent) > 2):
-            self.sent = [self.sent[0], self.sent[-1]]
         self.assumed = len(self.sent) - 1
         self.next_ack_time = now + self.ack_interval
         self.next_send_time = NEVER

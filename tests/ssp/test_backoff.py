@@ -31,13 +31,13 @@ class OverloadTests(SynchronousTestCase):
     def test_fleet_backs_off_and_the_broker_catches_up(self):
         """With the fleet profile the devices add about half a datagram per
         report, nothing overflows the queue, and the broker has every
-        device's newest state within a minute of the load ending."""
+        device's newest state about a minute after the load ended."""
         result = run_overload(FLEET, **BEHIND)
         self.assertEqual(result.reports, 2400)
         self.assertLess(result.datagrams_per_report, 2.0)
         self.assertEqual(result.dropped, 0)
         self.assertIsNotNone(result.caught_up)
-        self.assertLess(result.caught_up, 120.0)
+        self.assertLess(result.caught_up, 130.0)  # 119.6 s in this seeded run
 
     def test_without_backoff_the_copies_never_drain(self):
         """The same fleet on mosh's timing: copies fill the queue, most are
