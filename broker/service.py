@@ -298,29 +298,41 @@ class BrokerService(MultiService):
         done.addCallbacks(self._ready, self._not_listening)
 
     def _give_back(self) -> None:
-        """A start that failed gives back what it took: the ports bound so far,
-        the store and the data directory's lock.
+        """A start that failed gives back what it took: the children started
+        so far (their timers, their ports), ports bound but not started, the
+        store and the data directory's lock.
 
         The store is closed, not dropped: a store left open reads as a crash
         at the next start, which skips the change cursors ahead and resets
-        every dashboard and long poll (restart.py). Nothing has been written
-        yet, so the close (the clean-stop mark) is done before this returns.
+        every dashboard and long poll (restart.py). With nothing written yet
+        the close (the clean-stop mark) is done before this returns.
         """
-        for child in self._listeners():
-            waiting = getattr(child, "_waitingForPort", None)
-            if waiting is not None:
-                waiting.addCallback(lambda port: port.stopListening())
-                waiting.addErrback(lambda _: None)  # its own failure is being raised
-        udp = self.namedServices.get("udp")
-        port = getattr(udp, "_port", None)
-        if port is not None:
-            port.stopListening()
-        # The lock goes once the store is closed (at once, unless a write
-        # was in flight).
-        closing = defer.maybeDeferred(self.registry.stop)
+        registry_service = getattr(self, "registry_service", None)
+        stops = []
+        for child in reversed(list(self)):
+            if child is registry_service:
+                continue
+            if child.running:
+                stops.append(defer.maybeDeferred(child.stopService))
+            else:
+                _unbind(child)
+        done = defer.DeferredList(stops, consumeErrors=True)
+        done.addCallback(self._close_after_failed_start)
+
+    def _close_after_failed_start(self, outcomes) -> defer.Deferred:
+        for ok, result in outcomes:
+            if not ok:
+                log.failure("stopping a service after a failed start", result)
+        service = getattr(self, "registry_service", None)
+        if service is not None and service.running:
+            closing = defer.maybeDeferred(service.stopService)
+        else:
+            closing = defer.maybeDeferred(self.registry.stop)
         closing.addErrback(lambda failure: log.failure(
             "closing the store after a failed start", failure))
-        closing.addBoth(lambda _: self._unlock_data_directory())
+        # The lock goes once the store is closed (at once, unless a write
+        # was in flight).
+        return closing.addBoth(lambda _: self._unlock_data_directory())
 
     def _listening_on(self, port, name: str) -> None:
         self.listening[name] = port
@@ -426,6 +438,17 @@ class BrokerService(MultiService):
 
         stops = [defer.maybeDeferred(child.stopService) for child in running]
         return defer.DeferredList(stops, consumeErrors=True).addCallback(report)
+
+
+def _unbind(child) -> None:
+    """Close the port a listener bound in privilegedStartService, if any."""
+    waiting = getattr(child, "_waitingForPort", None)  # a StreamServerEndpointService
+    if waiting is not None:
+        waiting.addCallback(lambda port: port and port.stopListening())
+        waiting.addErrback(lambda _: None)  # its own failure is being raised
+    port = getattr(child, "_port", None)  # UDPService
+    if port is not None:
+        port.stopListening()
 
 
 def make_service(config: Config, reactor=None, **options) -> BrokerService:

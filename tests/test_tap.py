@@ -103,11 +103,13 @@ class OptionsTests(SynchronousTestCase):
 class _StoppablePort:
     def __init__(self, port, interface):
         self.address = IPv4Address("UDP", interface, port)
+        self.stopped = False
 
     def getHost(self):
         return self.address
 
     def stopListening(self):
+        self.stopped = True
         return None
 
 
@@ -117,10 +119,12 @@ class UDPMemoryReactor(MemoryReactorClock):
     def __init__(self):
         super().__init__()
         self.udp_listens = []
+        self.udp_ports = []
 
     def listenUDP(self, port, protocol: DatagramProtocol, interface="", maxPacketSize=8192):
         self.udp_listens.append((port, interface))
-        return _StoppablePort(port, interface)
+        self.udp_ports.append(_StoppablePort(port, interface))
+        return self.udp_ports[-1]
 
 
 class RefusingReactor(UDPMemoryReactor):
@@ -324,6 +328,8 @@ class FailedStartTests(SynchronousTestCase):
             else:
                 service.startService()
         self.assertFalse(service.running)
+        # The children started so far were stopped: no timer of theirs is left.
+        self.assertEqual([call for call in reactor.getDelayedCalls() if call.active()], [])
         # In the same process: the lock was released (flock is per open file).
         again = make_service(config, reactor=UDPMemoryReactor())
         self.addCleanup(again.registry.stop)
@@ -346,6 +352,16 @@ class FailedStartTests(SynchronousTestCase):
         again = self.refused_then_restarted(RefusingReactor(udp_error=refused),
                                             privileged=False)
         self.assertLess(again.registry.cursor, CURSOR_GAP)
+
+    def test_refused_http_bind_stops_the_services_started_before_it(self):
+        """The HTTP port comes last: when it is refused in startService, the services
+        started before it (the UDP port, the WebSocket and presence timers) are stopped."""
+        refused = CannotListenError("127.0.0.1", 8080, OSError(
+            errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
+        reactor = RefusingReactor(tcp_error=refused)
+        again = self.refused_then_restarted(reactor, privileged=False)
+        self.assertLess(again.registry.cursor, CURSOR_GAP)
+        self.assertEqual([port.stopped for port in reactor.udp_ports], [True])
 
 
 class TwistdRefusalTests(SynchronousTestCase):

@@ -208,8 +208,8 @@ class FirstRunBrokerTests(TestCase):
     @defer.inlineCallbacks
     def test_a_broker_that_fails_to_start_logs_only_why(self):
         """A broker whose metrics port is taken fails to start with the one line naming
-        metrics.endpoint; the first-run service, started before the failure, then
-        finds no HTTP port and logs nothing (before: a critical traceback)."""
+        metrics.endpoint; the first-run service, started before the failure, is
+        stopped with the rest and logs nothing (before: a critical traceback)."""
         import socket
 
         from broker.config import ConfigError

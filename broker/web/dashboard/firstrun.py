@@ -58,7 +58,8 @@ class FirstRunToken(Service):
         self._base_url = base_url
         self._clock = clock
         self._call = None
-        #: fires with the URL logged, or None when a token already existed (new on each start).
+        #: fires with the URL logged, or None when a token already existed or the
+        #: service stopped before it looked (new on each start).
         self.done = defer.Deferred()
 
     def startService(self) -> None:
@@ -71,6 +72,8 @@ class FirstRunToken(Service):
         super().stopService()
         if self._call is not None and self._call.active():
             self._call.cancel()
+            self._call = None
+            self.done.callback(None)  # stopped before it looked: nothing logged
 
     def _run(self) -> None:
         self._call = None
