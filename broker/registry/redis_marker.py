@@ -38,6 +38,16 @@ class MarkerMismatch(StoreError):
     directory remembers: starting would serve an emptied (or another) registry."""
 
 
+class OlderCopy(StoreError):
+    """Redis holds the remembered data set, but at a change sequence below one
+    this data directory saw it at: an older copy, which ``broker-admin redis
+    restored`` must be told about before a broker serves it."""
+
+
+#: the command that tells the data set it was put back to an older copy.
+RESTORED = "broker-admin redis restored"
+
+
 class RememberedMarker:
     """The marker a data directory remembers for one Redis URL and key prefix."""
 
@@ -55,11 +65,20 @@ class RememberedMarker:
 
     def read(self):
         """The remembered marker, or None (never recorded). StoreError if unreadable."""
+        return self._read()[0]
+
+    def sequence_seen(self, marker):
+        """The highest change sequence recorded for the data set ``marker``, or None."""
+        remembered, sequence = self._read()
+        return sequence if remembered == marker else None
+
+    def _read(self):
+        """(marker or None, sequence seen or None)."""
         try:
             with open(self.path, encoding="utf-8") as handle:
                 body = json.load(handle)
         except FileNotFoundError:
-            return None
+            return None, None
         except (OSError, ValueError) as e:
             raise StoreError(f"cannot read the remembered Redis data set marker {self.path!r}: "
                              f"{getattr(e, 'strerror', None) or e}") from None
@@ -67,12 +86,18 @@ class RememberedMarker:
         if not isinstance(marker, str) or not marker:
             raise StoreError(f"the remembered Redis data set marker {self.path!r} is damaged; "
                              f"run `{ADOPT_NEW}` only if Redis holds the right data set")
-        return marker
+        sequence = body.get("sequence")
+        if type(sequence) is not int or sequence < 0:
+            sequence = None  # written before sequences were, or damaged: no check
+        return marker, sequence
 
-    def record(self, marker):
-        """Remember ``marker`` (atomically; the directory made 0700 if missing)."""
-        body = json.dumps({"url": self.url, "key_prefix": self.key_prefix, "marker": marker},
-                          sort_keys=True) + "\n"
+    def record(self, marker, sequence=None):
+        """Remember ``marker``, and ``sequence`` as the highest change sequence seen
+        in it (atomically; the directory made 0700 if missing)."""
+        fields = {"url": self.url, "key_prefix": self.key_prefix, "marker": marker}
+        if sequence is not None:
+            fields["sequence"] = sequence
+        body = json.dumps(fields, sort_keys=True) + "\n"
         try:
             replace_private_file(self.path, body.encode("utf-8"))
         except OSError as e:
@@ -99,3 +124,17 @@ class RememberedMarker:
             "Restore Redis from its persistence (AOF/RDB) or a backup, or, to serve the data "
             f"set Redis holds now (a new one if it is empty) deliberately, run "
             f"`{ADOPT_NEW}` with this config or --data-dir (docs/scaling.md)")
+
+    def check_sequence(self, marker, found, key):
+        """Raise OlderCopy if Redis's change sequence ``found`` (at ``key``) is below
+        the one this data directory saw in the data set ``marker``."""
+        seen = self.sequence_seen(marker)
+        if seen is None or found >= seen:
+            return
+        raise OlderCopy(
+            f"Redis at {self.url} (key prefix {self.key_prefix}) holds the data set marked "
+            f"{marker} at change {found} ({key}), but data directory {self.data_dir} saw it "
+            f"at change {seen}: Redis was put back to an older copy (a restore, a replica "
+            "promoted behind its primary, or a restart that lost writes), and devices went on "
+            "past it; refusing to start. With every broker stopped, run "
+            f"`{RESTORED}` with this config or --data-dir (docs/scaling.md), then start again")

@@ -119,6 +119,7 @@ class RedisStore(RedisKeys, Store):
                 loaded = self._load(self._main)
                 # The marker after the data: they are of one data set.
                 if marker_text(self._main.get(self.key_incarnation)) == self.incarnation:
+                    self._check_sequence(loaded.sequence)
                     return loaded
                 self.incarnation = None
         except redis.RedisError as e:
@@ -163,6 +164,30 @@ class RedisStore(RedisKeys, Store):
         if self.remembered is not None and self._record and remembered != self.incarnation:
             self.remembered.record(self.incarnation)
         return self.incarnation
+
+    def _check_sequence(self, sequence):
+        """Refuse an older copy of the data set this data directory served
+        (OlderCopy), else remember how far it has gone (redis_marker.py)."""
+        remembered = self.remembered
+        if remembered is None or not self._record:
+            return
+        remembered.check_sequence(self.incarnation, sequence, self.key_seq)
+        if sequence != remembered.sequence_seen(self.incarnation):
+            remembered.record(self.incarnation, sequence)
+
+    def _remember_last_sequence(self):
+        """At a clean close: the change sequence Redis holds now, remembered (a
+        later start on a copy older than that is refused). Best effort: the
+        start's record stands if Redis cannot be asked."""
+        import redis
+        if self.remembered is None or not self._record or self.incarnation is None:
+            return
+        try:
+            sequence = int(self._main.get(self.key_seq) or 0)
+            if sequence > (self.remembered.sequence_seen(self.incarnation) or 0):
+                self.remembered.record(self.incarnation, sequence)
+        except (redis.RedisError, OSError, ValueError, StoreError):
+            pass
 
     def _load(self, client):
         last = client.xrevrange(self.key_feed, count=1)
@@ -328,6 +353,7 @@ class RedisStore(RedisKeys, Store):
         def join():
             for thread in threads:
                 thread.join(10)
+            self._remember_last_sequence()
             self._connector.close()
         from twisted.internet.threads import deferToThreadPool
         if not threads:

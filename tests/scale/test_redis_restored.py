@@ -10,6 +10,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from broker.registry import SessionRecord, cli, errors
+from broker.registry.redis_marker import OlderCopy
 from broker.registry.restart import CURSOR_GAP
 from tests.udp.loopback import wait_until
 
@@ -76,6 +77,35 @@ class RedisRestoredTests(AdminOnRedis, TestCase):
         current = b.changes_since(before_copy + CURSOR_GAP)
         self.assertFalse(current.reset)
         self.assertEqual([view.name for view in current.devices], ["porch"])
+
+    @defer.inlineCallbacks
+    def test_a_broker_refuses_an_older_copy_until_told(self):
+        """A broker started on a copy older than what its data directory saw (its
+        writes after the copy were remembered at its clean stop) refuses, naming the
+        command; after `redis restored` it starts; `redis adopt-new` also lets it."""
+        a = self.open_registry()
+        yield a.add_device("porch")
+        copy = self.snapshot()
+        yield a.update_reported("porch", {"v": 2})
+        seen = a.cursor
+        yield a.stop()
+        self.put_back(copy)
+        with self.assertRaises(OlderCopy) as refused:
+            self.open_registry()
+        message = str(refused.exception)
+        self.assertIn(f"at change {seen - 1}", message)
+        self.assertIn(f"saw it at change {seen}", message)
+        self.assertIn("broker-admin redis restored", message)
+        self.assertEqual(self.admin("redis", "restored")[0], 0)
+        b = self.open_registry()
+        self.assertEqual(b.cursor, seen - 1 + CURSOR_GAP)
+        yield b.stop()
+        # A deliberate new data set is another matter: no sequence is held against it.
+        self.put_back(copy)
+        with self.assertRaises(OlderCopy):
+            self.open_registry()
+        self.assertEqual(self.admin("redis", "adopt-new")[0], 0)
+        self.assertEqual(self.open_registry().device("porch").reported, {})
 
     @defer.inlineCallbacks
     def test_later_removals_never_set_the_horizon_back(self):
