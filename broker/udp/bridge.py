@@ -16,8 +16,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broker.registry import SessionRecord, errors
-from broker.udp.convert import (desired_state, encode_commands, encode_state, new_events,
-                                reported_patch)
+from broker.udp.convert import (desired_state, encode_commands, encode_state, first_report_base,
+                                new_events, reported_patch)
 
 #: Registry refusals of a device's (authentic) report: counted, logged and
 #: acknowledged anyway, or the device would resend the refused state forever.
@@ -222,7 +222,7 @@ class RegistryBridge:
         updates = []
         lives = []
         for live, state, _ in reports:
-            previous, live.reported = live.reported, state
+            previous, live.reported = first_report_base(live.reported, state), state
             patch = reported_patch(previous, state)
             events = new_events(previous, state) if state.event_end != previous.event_end \
                 else ()

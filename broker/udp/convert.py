@@ -83,6 +83,34 @@ def new_events(old: DeviceState, new: DeviceState) -> list:
     return [plain(event) for event in new.events_since(old.event_end)]
 
 
+class SessionStart(DeviceState):
+    """What a new session's first report is compared with: nothing reported in
+    this session yet, and the device's events that its earlier sessions
+    handed to the registry end at ``event_end``.
+
+    A device starting a new session carries its unacknowledged events with
+    their indices (wire.md 5); those below this end are stored already (their
+    acknowledgement was lost) and are not stored again. A device that numbers
+    its events from 0 again rebooted: all of them are new (``first_report_base``).
+    """
+
+    __slots__ = ()
+
+
+def session_start(event_end: int) -> DeviceState:
+    """The bridge's starting point of a new session (the empty state if 0)."""
+    return SessionStart(event_base=event_end) if event_end else DeviceState.empty()
+
+
+def first_report_base(previous: DeviceState, state: DeviceState) -> DeviceState:
+    """``previous``, unless it is a session's start and ``state`` numbers its
+    events from 0 (a rebooted device): then the empty state, so that every
+    event of it counts."""
+    if type(previous) is SessionStart and not state.event_base:
+        return DeviceState.empty()
+    return previous
+
+
 def desired_state(desired: Mapping, base: DeviceState | None = None) -> DeviceState:
     """The outgoing device state for the registry's ``desired`` map.
 

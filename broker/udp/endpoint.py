@@ -39,7 +39,8 @@ from broker.udp.limits import WindowCounter
 from broker.udp.park import Parked
 from broker.udp.profile import endpoint_profile
 from broker.udp.reports import SessionWrites
-from broker.udp.sessions import LiveSession, clock_floor, first_session
+from broker.udp.convert import session_start
+from broker.udp.sessions import LiveSession, clock_floor, durable_event_end, first_session
 from broker.udp.table import SessionTable
 
 __all__ = ["SSPEndpoint", "EndpointDrop"]
@@ -369,10 +370,22 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             self._handle(live, found, now)
         self._flush(live, now)
 
+    def _durable_event_end(self, old, record, number) -> int:
+        """Where the device's stored events end, before its new session."""
+        if type(old) is Parked:
+            # Parked: everything durable, and the record is the whole story.
+            try:
+                record = self._bridge.record(number)
+            except StoreError:
+                return 0
+        return durable_event_end(old, record)
+
     def _install(self, old, number, session_id, session, remote, resume, record, now):
         """Make an authenticated session the device's live one (wire.md 3 and 7)."""
         bridge = self._bridge
         table = self._table
+        if not resume:
+            remote = session_start(self._durable_event_end(old, record, number))
         if old is not None:
             table.retire(number, old, "replaced")
         name = bridge.name(number) if old is None else old.name

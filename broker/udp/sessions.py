@@ -12,6 +12,7 @@ from __future__ import annotations
 from broker.ssp.device_state import DeviceState
 from broker.ssp.framing import BrokerFraming
 from broker.ssp.session import SEQ_RESERVATION_BLOCK, Resumption, SSPSession
+from broker.ssp.errors import DatagramDropped
 from broker.udp.convert import decode_state
 
 __all__ = ["LiveSession", "new_session", "resumed_session", "first_session",
@@ -124,6 +125,21 @@ def resumed_session(*, secret: bytes, device_number: int, session_id: int, ciphe
                       ack_requires_confirm=True,
                       resume=Resumption(remote_num, remote_state, seq_floor, expected_seq),
                       seq_reserved=seq_floor, max_assembly_bytes=max_assembly_bytes)
+
+
+def durable_event_end(old, record) -> int:
+    """Where the events the device's earlier sessions handed to the registry end:
+    the live session's report (its writes, if not yet durable, are kept and
+    written again until they are), else the session record's durable state.
+    0 when unknown (a carried event may then be stored twice, never lost)."""
+    if type(old) is LiveSession:
+        return old.reported.event_end
+    if record is None or not record.acked_remote_state:
+        return 0
+    try:
+        return decode_state(record.acked_remote_state).event_end
+    except DatagramDropped:
+        return 0
 
 
 def first_session(record, *, seq_floor: int = 0, **common):
