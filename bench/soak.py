@@ -4,6 +4,7 @@ Run from the repository root:
 
     .venv/bin/python -m bench.soak                         # 10 minutes, 2,000 devices
     .venv/bin/python -m bench.soak --minutes 2 --devices 500
+    .venv/bin/python -m bench.soak --minutes 6 --warmup 1 --throttle 0.05 --throttle-at 2
 
 What an operator would run before a release. One broker process (the real
 service, as `twistd broker` builds it, from a TOML config file of its own,
@@ -48,6 +49,16 @@ warm-up, every figure that only grew after the warm-up, the object types
 that grew, and every warning or error line (deduplicated, with counts).
 --tracemalloc adds where the broker's Python allocations grew (it slows the
 broker several times over: use fewer devices).
+
+--throttle FRACTION keeps the broker below its offered load for
+--throttle-minutes from --throttle-at: of every --throttle-period (100 ms)
+it runs FRACTION (SIGCONT) and is stopped (SIGSTOP) the rest, as a host
+short of CPU leaves it. Every --rate-sample seconds the broker's counters
+(datagrams in and out, its retransmissions, durable updates, new sessions),
+what the devices sent by kind (new sessions, reports, other new states,
+retransmissions) and the host's UDP receive-buffer drops are read; the
+report gives their rates before, during and after the throttle as ratios
+to before, and how long after it the broker was back to its earlier rates.
 """
 
 from __future__ import annotations
@@ -65,6 +76,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import urllib.request
@@ -89,6 +101,24 @@ PATTERN_SPAN = 100  # devices a dashboard pattern covers (dev-NNNNN*)
 
 
 # -- children ---------------------------------------------------------------------
+
+def code_in_use() -> dict:
+    """Which broker package this process imported, and whether its SSP sender backs
+    off (a run against another work tree says here that it really used it)."""
+    import hashlib
+
+    import broker
+    from broker.ssp.profile import FLEET
+    package = os.path.dirname(broker.__file__)
+    digest = hashlib.sha256()
+    ssp = os.path.join(package, "ssp")
+    for name in sorted(os.listdir(ssp)):
+        if name.endswith(".py"):
+            with open(os.path.join(ssp, name), "rb") as handle:
+                digest.update(name.encode() + b"\0" + handle.read())
+    return {"broker": package, "ssp_sha256": digest.hexdigest()[:12],
+            "retransmit_backoff": getattr(FLEET, "retransmit_backoff", None)}
+
 
 class SoakChild(fleet.Child):
     """fleet.Child running one of this module's roles; stderr to a file when given."""
@@ -281,6 +311,12 @@ def child_broker(config_path: str, log_path: str) -> None:
 
     def stats(what="figures"):
         began = time.perf_counter()
+        if what == "counters":
+            # The rate samples (--rate-sample): counters only, no table walk.
+            table = service.ssp_endpoint.table
+            return {"counters": dict(service.ssp_endpoint.counters),
+                    "drops": dict(service.ssp_endpoint.drops),
+                    "sessions": len(table), "parked": table.parked_count()}
         out = {"rss": rss_of(os.getpid()), "figures": broker_figures(service, reactor),
                "counters": dict(service.ssp_endpoint.counters),
                "drops": dict(service.ssp_endpoint.drops),
@@ -304,7 +340,8 @@ def child_broker(config_path: str, log_path: str) -> None:
 
         _commands(reactor, {"stats": stats, "trace": trace, "reload": reload})
         _emit(ready=True, udp=service.getServiceNamed("udp")._port.getHost().port,
-              http=service.listening["http"].getHost().port, rss=rss_of(os.getpid()))
+              http=service.listening["http"].getHost().port, rss=rss_of(os.getpid()),
+              code=code_in_use())
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
@@ -313,15 +350,50 @@ def child_broker(config_path: str, log_path: str) -> None:
 
 # -- the load child: devices, dashboards, polls, streams -------------------------
 
+def counting_endpoint(broker_address, reactor, sockets: int, fresh: set):
+    """A NodeEndpoint that counts what each datagram it sends is (``sent``): a session's
+    first state (``new_session``), the same state again for want of an ack
+    (``retransmission``), a new state after a report (``report``, device numbers in
+    fresh), or another new state (``other``: heartbeats, acks of the broker's states)."""
+    from broker.node.client import NodeEndpoint
+
+    class CountingEndpoint(NodeEndpoint):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.sent = collections.Counter()
+
+        def _flush(self, node, now):
+            session = node.session
+            num = session.newest_sent_num if session is not None else 0
+            before = self.datagrams_out
+            super()._flush(node, now)
+            count = self.datagrams_out - before
+            if not count:
+                return
+            if node.session is not session or num == 0:
+                kind = "new_session"
+            elif node.session.newest_sent_num == num:
+                kind = "retransmission"
+            elif node.device_number in fresh:
+                kind = "report"
+            else:
+                kind = "other"
+            fresh.discard(node.device_number)
+            self.sent[kind] += count
+
+    return CountingEndpoint(broker_address, reactor=reactor, sockets=sockets)
+
+
 class Devices:
     """Simulated SSP devices on one NodeEndpoint: connect, report, restart, come and go."""
 
     def __init__(self, reactor, port: int, keys, names, heartbeat: float, odd: int = 0) -> None:
-        from broker.node.client import NodeEndpoint, node_profile
+        from broker.node.client import node_profile
         from broker.node.session_ids import SessionIds
 
         self.reactor = reactor
-        self.endpoint = NodeEndpoint(("127.0.0.1", port), reactor=reactor, sockets=8)
+        self.fresh = set()                # numbers with a report not yet sent
+        self.endpoint = counting_endpoint(("127.0.0.1", port), reactor, 8, self.fresh)
         self.endpoint.listen()
         self.ids = SessionIds(None)
         self.profile = node_profile(heartbeat)
@@ -337,6 +409,7 @@ class Devices:
         self.odd = {number: None for number, _ in keys[:odd]}
         self._next = 0
         self._reports = 0
+        self.acked_gone = 0               # states acknowledged to nodes replaced or removed
 
     def _node(self, number: int):
         from broker.node.session import NodeSession
@@ -374,6 +447,7 @@ class Devices:
                                                                      last: None}
                 self.odd[number] = key
             node.report(values, now)
+            self.fresh.add(number)
             self.endpoint.kick(node)
         self.counters["reports"] = self._reports
 
@@ -390,6 +464,7 @@ class Devices:
                 self.counters["rekeys"] += 1
             else:
                 self.endpoint.remove(node)
+                self.acked_gone += node.acknowledged
                 fresh = self._node(number)
                 fresh.report({"seq": self._reports, "boot": node.sessions_started}, now)
                 self.nodes[number] = fresh
@@ -408,6 +483,7 @@ class Devices:
             return
         self.secrets[number] = secret
         self.endpoint.remove(self.nodes[number])
+        self.acked_gone += self.nodes[number].acknowledged
         fresh = self._node(number)
         fresh.report({"seq": self._reports, "rotated": True}, self.endpoint.now())
         self.nodes[number] = fresh
@@ -422,6 +498,7 @@ class Devices:
             self.order.remove(number)
         self.counters["removed"] += 1
         if node is not None:
+            self.acked_gone += node.acknowledged
             self.reactor.callLater(linger, self.endpoint.remove, node)
 
     def online_names(self) -> list:
@@ -431,10 +508,12 @@ class Devices:
         nodes = self.nodes.values()
         return {"nodes": len(self.nodes), "waiting": len(self.waiting),
                 "acknowledged": sum(1 for n in nodes if n.acknowledged),
-                "states_acked": sum(n.acknowledged for n in nodes),
+                "states_acked": sum(n.acknowledged for n in nodes) + self.acked_gone,
                 "datagrams_out": self.endpoint.datagrams_out,
                 "datagrams_in": self.endpoint.datagrams_in,
-                "send_errors": self.endpoint.send_errors, **self.counters}
+                "send_errors": self.endpoint.send_errors,
+                **{f"sent.{kind}": n for kind, n in self.endpoint.sent.items()},
+                **self.counters}
 
 
 class Http:
@@ -876,7 +955,7 @@ def child_load(options_json: str) -> None:
                         "rotated": rotated})
     task.LoopingCall(step).start(tick)
     reactor.callWhenRunning(web.start)
-    _emit(ready=True)
+    _emit(ready=True, code=code_in_use())
     reactor.run()
 
 
@@ -1008,6 +1087,54 @@ def write_config(workdir: str) -> str:
     return path
 
 
+class Throttle(threading.Thread):
+    """Keeps the broker below its offered load: from start to end (monotonic seconds)
+    it may run only fraction of every period (SIGCONT), and is stopped (SIGSTOP) the
+    rest, as a host short of CPU would leave it. Always leaves it running."""
+
+    def __init__(self, pid: int, fraction: float, start: float, end: float,
+                 period: float) -> None:
+        super().__init__(name="soak-throttle", daemon=True)
+        self.pid, self.fraction, self.period = pid, fraction, period
+        self.start_at, self.end_at = start, end
+        self.cancelled = threading.Event()
+        self.began = self.ended = None     # monotonic, when it did
+        self.stopped_seconds = 0.0
+
+    def run(self) -> None:
+        wait = self.start_at - time.monotonic()
+        if wait > 0 and self.cancelled.wait(wait):
+            return
+        self.began = time.monotonic()
+        running = self.fraction * self.period
+        tick = self.began
+        try:
+            while not self.cancelled.is_set():
+                tick += self.period
+                if self.cancelled.wait(max(0.0, tick - self.period + running - time.monotonic())):
+                    break
+                if time.monotonic() >= self.end_at:
+                    break
+                os.kill(self.pid, signal.SIGSTOP)
+                stopped = time.monotonic()
+                self.cancelled.wait(max(0.0, min(tick, self.end_at) - stopped))
+                os.kill(self.pid, signal.SIGCONT)
+                self.stopped_seconds += time.monotonic() - stopped
+        except ProcessLookupError:
+            pass   # the broker is gone: run() says so
+        finally:
+            self.ended = time.monotonic()
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if self.is_alive():
+            self.join()
+
+
 class Soak:
     """The run: broker and load children, minute churn, samples, verdict."""
 
@@ -1023,6 +1150,9 @@ class Soak:
         self.counter = 0
         self.types_warm = self.types_end = None
         self.stalls = []
+        self.rates = []         # counter samples every --rate-sample seconds
+        self.throttle = None
+        self.code = {"main": code_in_use()}
 
     # -- setting up ---------------------------------------------------------------
 
@@ -1041,6 +1171,7 @@ class Soak:
         self.broker = SoakChild("broker", self.config, self.logs.path, stderr=self.broker_err)
         ready = self.broker.read()
         self.http_port = ready["http"]
+        self.code["broker"] = ready.get("code")
         from broker.config import load_config
         defaults = load_config(self.config)   # the device heartbeat and history the broker uses
         heartbeat = defaults.ssp.device_heartbeat
@@ -1061,13 +1192,20 @@ class Soak:
         }
         self.options = options
         self.load = SoakChild("load", json.dumps(options))
-        self.load.read()
+        self.code["load"] = self.load.read().get("code")
         self.begin = time.monotonic()
         self.cpu_begin = cpu_seconds(self.broker.pid), cpu_seconds(self.load.process.pid)
         print(f"soak: broker pid {self.broker.pid} (http {ready['http']}, udp {ready['udp']}), "
               f"load pid {self.load.process.pid}; {args.minutes} min, warm-up {args.warmup} min, "
               f"fill {fill_rate:.0f} reports/s then {options['report_rate']:.0f}/s",
               file=sys.stderr)
+        for role, code in self.code.items():
+            print(f"soak: {role} process runs {code}", file=sys.stderr)
+        if args.throttle is not None:
+            start = self.begin + args.throttle_at * 60
+            self.throttle = Throttle(self.broker.pid, args.throttle, start,
+                                     start + args.throttle_minutes * 60, args.throttle_period)
+            self.throttle.start()
 
     # -- the minute's churn ------------------------------------------------------------
 
@@ -1169,6 +1307,19 @@ class Soak:
               f"log={row['log'] or '-'} (stats {stats['stats_seconds']} s)", file=sys.stderr)
         return row
 
+    def rate_sample(self) -> dict:
+        """The broker's counters, the devices' and the kernel's receive-buffer drops,
+        each with the time it was read (minutes): what the phase report is made of."""
+        from broker.udp.kernel import udp_receive_buffer_errors
+        broker = self.broker.ask("stats counters")
+        t = (time.monotonic() - self.begin) / 60
+        devices = self.load.ask("stats")["devices"]
+        row = {"t": t, "broker": broker, "devices": devices,
+               "t_load": (time.monotonic() - self.begin) / 60,
+               "rcvbuf_errors": udp_receive_buffer_errors()}
+        self.rates.append(row)
+        return row
+
     def run(self) -> None:
         args = self.args
         end = args.minutes * 60
@@ -1177,6 +1328,7 @@ class Soak:
                 (20.0, self.use_token), (30.0, self.revoke_token), (35.0, self.remove_devices),
                 (45.0, self.reload)]
         next_sample = 0.0
+        next_rate = 0.0
         steady = False
         trace_mark = warm + (end - warm) / 3
         marked = not args.tracemalloc
@@ -1203,6 +1355,11 @@ class Soak:
             if elapsed >= next_sample:
                 self.sample()
                 next_sample += args.sample
+            if elapsed >= next_rate:
+                self.rate_sample()
+                next_rate += args.rate_sample
+                if next_rate <= elapsed:    # the samples took longer than the interval
+                    next_rate = elapsed + args.rate_sample
             minute = int(elapsed // 60)
             for offset, job in jobs:
                 if (minute, offset) not in done_jobs and elapsed - minute * 60 >= offset:
@@ -1211,11 +1368,14 @@ class Soak:
             if self.broker.process.poll() is not None:
                 raise RuntimeError("the broker exited during the run")
             time.sleep(0.2)
+        self.rate_sample()
         self.types_end = self.sample("all").pop("types", None)
         self.trace = self.broker.ask("trace diff") if args.tracemalloc else None
 
     def stop(self) -> dict:
         """Stop the load, then the broker (SIGTERM: its clean stop is logged too)."""
+        if self.throttle is not None:
+            self.throttle.cancel()
         self.cpu_end = cpu_seconds(self.broker.pid), cpu_seconds(self.load.process.pid)
         self.load.stop()
         time.sleep(1.0)
@@ -1265,6 +1425,143 @@ def growing_figures(samples) -> list:
         if only_grows(series):
             out.append((name, series[0], series[-1], _slope(points)))
     return sorted(out, key=lambda item: -(item[2] - item[1]) / max(1, item[1]))
+
+
+#: (column, source, counter) of the rate samples: per second between two samples.
+RATES = (("brk in", "broker", "datagrams_in"), ("brk out", "broker", "datagrams_out"),
+         ("brk retx", "broker", "retransmissions"), ("brk drops", "drops", None),
+         ("durable", "broker", "updates_durable"),
+         ("brk new sess", "broker", "sessions_started"),
+         ("reports", "devices", "reports"), ("dev out", "devices", "datagrams_out"),
+         ("dev retx", "devices", "sent.retransmission"), ("dev report", "devices", "sent.report"),
+         ("dev other", "devices", "sent.other"),
+         ("dev new sess", "devices", "sent.new_session"),
+         ("dev acked", "devices", "states_acked"), ("rcvbuf err", "kernel", None))
+#: recovered: every interval for RECOVERY_HOLD seconds (or to the end) has the broker's
+#: and the devices' datagram rates within RECOVERY_DATAGRAMS of their rates before the
+#: throttle, and durable updates at least RECOVERY_DURABLE of theirs.
+RECOVERY_DATAGRAMS = 1.5
+RECOVERY_DURABLE = 0.8
+RECOVERY_HOLD = 30.0
+
+
+def _reading(row, source, key):
+    """(minutes, counter value) of one rate sample."""
+    if source == "broker":
+        return row["t"], row["broker"]["counters"].get(key, 0)
+    if source == "drops":
+        return row["t"], sum(row["broker"]["drops"].values())
+    if source == "devices":
+        return row["t_load"], row["devices"].get(key, 0)
+    return row["t_load"], row["rcvbuf_errors"] or 0
+
+
+def rates_between(first, last) -> dict:
+    """Every RATES counter per second from one rate sample to a later one."""
+    out = {}
+    for name, source, key in RATES:
+        t0, v0 = _reading(first, source, key)
+        t1, v1 = _reading(last, source, key)
+        out[name] = (v1 - v0) / max(1e-9, (t1 - t0) * 60)
+    return out
+
+
+def throttle_report(soak: Soak) -> dict:
+    """Before, during and after the throttle: datagram, retransmission, update and
+    kernel-drop rates, their ratios to before, and when (if) the broker recovered."""
+    args, rows, throttle = soak.args, soak.rates, soak.throttle
+    if throttle.began is None or throttle.ended is None:
+        print("\nthe throttle did not run")
+        return {"ran": False}
+    began = (throttle.began - soak.begin) / 60
+    ended = (throttle.ended - soak.begin) / 60
+    duty = 1 - throttle.stopped_seconds / max(1e-9, throttle.ended - throttle.began)
+    end = rows[-1]["t"]
+    # Before: from a little after the warm-up (its faster reports are not the load,
+    # and the change to the steady rate leaves a wake of a few seconds).
+    first = args.warmup + min(0.25, (began - args.warmup) / 4) if began > args.warmup else 0.0
+    spans = [("before", first, began), ("during", began, ended), ("after", ended, end)]
+    if end - ended >= 2.0:
+        spans += [("after, 1st min", ended, ended + 1.0), ("last min", end - 1.0, end)]
+
+    def phase_of(t):
+        return ("warm-up" if t < args.warmup else "before" if t < began
+                else "during" if t < ended else "after")
+
+    print(f"\nthrottle: the broker ran {args.throttle:g} of every {args.throttle_period:g} s "
+          f"(measured {duty:.3f}) from minute {began:.2f} to {ended:.2f}; offered "
+          f"{soak.options['report_rate']:.0f} reports/s")
+    print("rates per second between samples (brk: the broker's counters; dev: what the "
+          "devices sent, by kind; rcvbuf err: host-wide kernel drops):")
+    names = [name for name, _, _ in RATES]
+    print(f"{'t min':>6} {'phase':>7} " + " ".join(f"{n:>9}" for n in names)
+          + f" {'sessions':>8} {'parked':>7}")
+    for before, row in zip(rows, rows[1:]):
+        rates = rates_between(before, row)
+        print(f"{row['t']:6.2f} {phase_of(before['t']):>7} "
+              + " ".join(f"{rates[n]:9.0f}" for n in names)
+              + f" {row['broker'].get('sessions', 0):8d} {row['broker'].get('parked', 0):7d}")
+    phases = {}
+    for label, a, b in spans:
+        inside = [row for row in rows if a - 1e-9 <= row["t"] <= b + 1e-9]
+        if len(inside) >= 2:
+            phases[label] = {k: round(v, 1) for k, v in
+                             rates_between(inside[0], inside[-1]).items()}
+            phases[label]["minutes"] = round(inside[-1]["t"] - inside[0]["t"], 2)
+            seconds = max(1e-9, (inside[-1]["t"] - inside[0]["t"]) * 60)
+            first, last = inside[0]["broker"]["drops"], inside[-1]["broker"]["drops"]
+            phases[label]["drops_per_second"] = {
+                reason: round((n - first.get(reason, 0)) / seconds, 1)
+                for reason, n in last.items() if n > first.get(reason, 0)}
+    base = phases.get("before")
+    print("\nper phase, per second (x: ratio to before; per report: per offered report):")
+    print(f"{'phase':>15} {'min':>5} " + " ".join(f"{n:>9}" for n in names))
+    for label, figures in phases.items():
+        print(f"{label:>15} {figures['minutes']:5.2f} "
+              + " ".join(f"{figures[n]:9.1f}" for n in names))
+        if base and label != "before":
+            print(f"{'x':>15} {'':>5} " + " ".join(
+                f"{figures[n] / base[n]:9.2f}" if base[n] >= 1 else f"{'-':>9}" for n in names))
+    for label, figures in phases.items():
+        figures["brk_in_per_report"] = round(figures["brk in"] / max(1e-9, figures["reports"]), 2)
+        figures["durable_over_reports"] = round(
+            figures["durable"] / max(1e-9, figures["reports"]), 3)
+    print("broker drops per second, by reason: " + "; ".join(
+        f"{label} {f['drops_per_second'] or '-'}" for label, f in phases.items()))
+    print("broker datagrams received per offered report: " + ", ".join(
+        f"{label} {f['brk_in_per_report']}" for label, f in phases.items())
+        + "; durable updates per offered report: " + ", ".join(
+        f"{label} {f['durable_over_reports']}" for label, f in phases.items()))
+
+    recovered = None
+    if base:
+        after = [(a, b) for a, b in zip(rows, rows[1:]) if a["t"] >= ended - 1e-9]
+        ok = []
+        for a, b in after:
+            r = rates_between(a, b)
+            ok.append(r["brk in"] <= RECOVERY_DATAGRAMS * base["brk in"]
+                      and r["dev out"] <= RECOVERY_DATAGRAMS * base["dev out"]
+                      and r["durable"] >= RECOVERY_DURABLE * base["durable"])
+        for i in range(len(after)):
+            if not ok[i]:
+                continue
+            j = i
+            while j + 1 < len(after) and ok[j + 1]:
+                j += 1
+            held = (after[j][1]["t"] - after[i][0]["t"]) * 60
+            if j == len(after) - 1 or held >= RECOVERY_HOLD:
+                recovered = round((after[i][0]["t"] - ended) * 60, 1)
+                break
+    if recovered is not None:
+        print(f"recovered {recovered:g} s after the throttle ended (datagram rates within "
+              f"{RECOVERY_DATAGRAMS}x of before and durable updates at least "
+              f"{RECOVERY_DURABLE} of before, for {RECOVERY_HOLD:g} s or to the end)")
+    else:
+        print(f"NOT recovered in the {(end - ended) * 60:.0f} s after the throttle ended")
+    return {"ran": True, "fraction": args.throttle, "period": args.throttle_period,
+            "measured_duty": round(duty, 3), "began_minute": round(began, 2),
+            "ended_minute": round(ended, 2), "phases": phases,
+            "recovered_after_seconds": recovered}
 
 
 def report(soak: Soak, final_log: dict) -> dict:
@@ -1391,6 +1688,9 @@ def report(soak: Soak, final_log: dict) -> dict:
     if soak.admin.failures:
         print("broker-admin failures:", *soak.admin.failures, sep="\n  ")
     print(f"broker exit status: {soak.broker_exit}")
+    verdict["code"] = soak.code
+    if soak.throttle is not None:
+        verdict["throttle"] = throttle_report(soak)
     return verdict
 
 
@@ -1421,6 +1721,16 @@ def main(argv=None) -> int:
                         help="stop the broker (SIGSTOP) at this minute, as a disk or VM hang "
                         "would, and let it go on (SIGCONT) after --stall-seconds")
     parser.add_argument("--stall-seconds", type=float, default=15.0)
+    parser.add_argument("--throttle", type=float, metavar="FRACTION",
+                        help="keep the broker below its load for a while: it runs only this "
+                        "fraction of every --throttle-period (SIGCONT), stopped (SIGSTOP) "
+                        "the rest; the report then compares before, during and after")
+    parser.add_argument("--throttle-at", type=float, metavar="MINUTE",
+                        help="when the throttle starts (default: a minute after the warm-up)")
+    parser.add_argument("--throttle-minutes", type=float, default=2.0, metavar="M")
+    parser.add_argument("--throttle-period", type=float, default=0.1, metavar="SECONDS")
+    parser.add_argument("--rate-sample", type=float, default=5.0, metavar="SECONDS",
+                        help="seconds between samples of the datagram and update counters")
     parser.add_argument("--tracemalloc", action="store_true",
                         help="trace the broker's allocations after the warm-up (slower) and "
                         "report where its memory grew from a third of the way on to the end")
@@ -1429,6 +1739,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.warmup is None:
         args.warmup = min(3.0, max(0.5, args.minutes / 5))
+    if args.throttle is not None:
+        if not 0 < args.throttle < 1:
+            parser.error("--throttle: a fraction of the time, above 0 and below 1")
+        if args.stall_at is not None:
+            parser.error("--throttle and --stall-at: one at a time")
+        if args.throttle_at is None:
+            args.throttle_at = args.warmup + 1.0
+        if args.throttle_at + args.throttle_minutes >= args.minutes:
+            parser.error("--throttle-at + --throttle-minutes must end before --minutes")
+        if not 0.01 <= args.throttle_period <= 10:
+            parser.error("--throttle-period: 0.01 to 10 seconds")
     workdir = tempfile.mkdtemp(prefix="bench-soak-")
     soak = Soak(args, workdir)
     try:
@@ -1438,9 +1759,11 @@ def main(argv=None) -> int:
         verdict = report(soak, final_log)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as handle:
-                json.dump({"verdict": verdict, "samples": soak.samples}, handle, indent=1,
-                          default=str)
+                json.dump({"verdict": verdict, "samples": soak.samples, "rates": soak.rates},
+                          handle, indent=1, default=str)
     finally:
+        if getattr(soak, "throttle", None) is not None:
+            soak.throttle.cancel()    # never leave the broker stopped
         for child in ("load", "broker"):
             if hasattr(soak, child):
                 getattr(soak, child).stop()
