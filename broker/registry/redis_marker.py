@@ -125,10 +125,17 @@ class RememberedMarker:
             f"set Redis holds now (a new one if it is empty) deliberately, run "
             f"`{ADOPT_NEW}` with this config or --data-dir (docs/scaling.md)")
 
-    def check_sequence(self, marker, found, key):
-        """Raise OlderCopy if Redis's change sequence ``found`` (at ``key``) is below
-        the one this data directory saw in the data set ``marker``."""
+    def raise_sequence(self, marker, sequence):
+        """Remember ``sequence`` as seen in the data set ``marker`` unless a higher
+        one is remembered already (a sibling process may have recorded it)."""
         seen = self.sequence_seen(marker)
+        if seen is None or sequence > seen:
+            self.record(marker, sequence)
+
+    def check_sequence(self, marker, found, seen, key):
+        """Raise OlderCopy if Redis's change sequence ``found`` (at ``key``) is below
+        ``seen``, the one this data directory saw in the data set ``marker`` (read
+        before Redis was: a sibling recording meanwhile is no older copy)."""
         if seen is None or found >= seen:
             return
         raise OlderCopy(

@@ -116,10 +116,13 @@ class RedisStore(RedisKeys, Store):
             for _ in range(LOAD_ATTEMPTS):
                 if self.incarnation is None:
                     self.adopt()
+                # The file before Redis: what another process of this data
+                # directory records meanwhile is above what Redis holds now.
+                seen = self._sequence_seen()
                 loaded = self._load(self._main)
                 # The marker after the data: they are of one data set.
                 if marker_text(self._main.get(self.key_incarnation)) == self.incarnation:
-                    self._check_sequence(loaded.sequence)
+                    self._check_sequence(loaded.sequence, seen)
                     return loaded
                 self.incarnation = None
         except redis.RedisError as e:
@@ -165,27 +168,36 @@ class RedisStore(RedisKeys, Store):
             self.remembered.record(self.incarnation)
         return self.incarnation
 
-    def _check_sequence(self, sequence):
+    def _sequence_seen(self):
+        """The change sequence this data directory saw in the adopted data set
+        (None: not checked, or never recorded)."""
+        if self.remembered is None or not self._record:
+            return None
+        return self.remembered.sequence_seen(self.incarnation)
+
+    def _check_sequence(self, sequence, seen):
         """Refuse an older copy of the data set this data directory served
-        (OlderCopy), else remember how far it has gone (redis_marker.py)."""
-        remembered = self.remembered
-        if remembered is None or not self._record:
+        (OlderCopy: ``sequence``, Redis's, below ``seen``, read before it),
+        else remember how far it has gone (redis_marker.py)."""
+        if self.remembered is None or not self._record:
             return
-        remembered.check_sequence(self.incarnation, sequence, self.key_seq)
-        if sequence != remembered.sequence_seen(self.incarnation):
-            remembered.record(self.incarnation, sequence)
+        self.remembered.check_sequence(self.incarnation, sequence, seen, self.key_seq)
+        self.remembered.raise_sequence(self.incarnation, sequence)
 
     def _remember_last_sequence(self):
         """At a clean close: the change sequence Redis holds now, remembered (a
         later start on a copy older than that is refused). Best effort: the
-        start's record stands if Redis cannot be asked."""
+        start's record stands if Redis cannot be asked; nothing is recorded
+        for a data set this process no longer serves."""
         import redis
-        if self.remembered is None or not self._record or self.incarnation is None:
+        if (self.remembered is None or not self._record or self.incarnation is None
+                or self._refusal is not None):
             return
         try:
             sequence = int(self._main.get(self.key_seq) or 0)
-            if sequence > (self.remembered.sequence_seen(self.incarnation) or 0):
-                self.remembered.record(self.incarnation, sequence)
+            # The marker after the sequence: both of the data set we served.
+            if marker_text(self._main.get(self.key_incarnation)) == self.incarnation:
+                self.remembered.raise_sequence(self.incarnation, sequence)
         except (redis.RedisError, OSError, ValueError, StoreError):
             pass
 

@@ -108,6 +108,33 @@ class RedisRestoredTests(AdminOnRedis, TestCase):
         self.assertEqual(self.open_registry().device("porch").reported, {})
 
     @defer.inlineCallbacks
+    def test_a_sibling_recording_during_a_load_is_no_older_copy(self):
+        """Workers sharing a data directory: one that records a newer sequence while
+        another scans the devices (after it read Redis's sequence) gets that one
+        refused as an older copy never (the file is read before Redis)."""
+        from broker.registry import redis_store
+
+        a = self.open_registry()
+        yield a.add_device("porch")
+        load = redis_store.RedisStore._load
+        siblings = []
+
+        def slow_load(store, client):
+            loaded = load(store, client)
+            if not siblings:
+                siblings.append(None)
+                # While this one scans: a change elsewhere, and a sibling starts.
+                self.direct.incr(store.key_seq)
+                sibling = redis_store.RedisStore(self.options, reactor=None,
+                                                 data_dir=self.data_dir)
+                siblings[0] = sibling.load().sequence
+                sibling.close()
+            return loaded
+        self.patch(redis_store.RedisStore, "_load", slow_load)
+        b = self.open_registry()
+        self.assertEqual(siblings, [b.cursor + 1])
+
+    @defer.inlineCallbacks
     def test_later_removals_never_set_the_horizon_back(self):
         """Tombstones from before the restore are dropped, so trimming newer ones
         keeps every cursor handed out before the restore below the horizon."""
