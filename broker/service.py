@@ -114,6 +114,7 @@ class BrokerService(MultiService):
         self.stopping = False
         self.listening = {}
         self._lock_fd = None
+        self._given_back = None  # the clean-up of a failed start (_give_back)
         self.metrics = Metrics()
         # Every setting that can be checked without binding is checked before
         # anything is created: endpoint strings (and the TLS files they name) first.
@@ -305,7 +306,9 @@ class BrokerService(MultiService):
         The store is closed, not dropped: a store left open reads as a crash
         at the next start, which skips the change cursors ahead and resets
         every dashboard and long poll (restart.py). With nothing written yet
-        the close (the clean-stop mark) is done before this returns.
+        the close (the clean-stop mark) is done before this returns. A later
+        ``stopService`` waits for all of it (a worker stops its reactor at
+        once after a refusal).
         """
         registry_service = getattr(self, "registry_service", None)
         stops = []
@@ -316,8 +319,13 @@ class BrokerService(MultiService):
                 stops.append(defer.maybeDeferred(child.stopService))
             else:
                 _unbind(child)
+        if not getattr(self.reactor, "running", True):
+            # Before reactor.run() (twistd's startService): a port's stop
+            # would only end on a reactor turn; nothing was written to wait for.
+            stops = []
         done = defer.DeferredList(stops, consumeErrors=True)
         done.addCallback(self._close_after_failed_start)
+        self._given_back = done
 
     def _close_after_failed_start(self, outcomes) -> defer.Deferred:
         for ok, result in outcomes:
@@ -392,6 +400,12 @@ class BrokerService(MultiService):
 
     def stopService(self):
         if not self.running:
+            # After a failed start: its clean-up, or nothing.
+            given_back, self._given_back = self._given_back, None
+            if given_back is not None:
+                result = defer.Deferred()
+                given_back.addBoth(lambda _: result.callback(None))
+                return result
             return defer.succeed(None)
         Service.stopService(self)
         self.stopping = True

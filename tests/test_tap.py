@@ -328,6 +328,8 @@ class FailedStartTests(SynchronousTestCase):
             else:
                 service.startService()
         self.assertFalse(service.running)
+        # A caller's stopService afterwards waits for that clean-up (done here).
+        self.assertIsNone(self.successResultOf(service.stopService()))
         # The children started so far were stopped: no timer of theirs is left.
         self.assertEqual([call for call in reactor.getDelayedCalls() if call.active()], [])
         # In the same process: the lock was released (flock is per open file).
