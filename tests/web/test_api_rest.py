@@ -336,6 +336,7 @@ class RestTests(TestCase):
         self.assertIn("[http] query_tokens = false", got["error"]["message"])
         status, _, _ = yield self.client.call("GET", "/devices", self.read)
         self.assertEqual(status, 200)
+        yield self.assertError(401, "token_in_query", "GET", query, self.read)  # header too
         api.reload(replace(config, "http", query_tokens=True))
         status, _, _ = yield self.client.call("GET", query)
         self.assertEqual(status, 200)

@@ -53,6 +53,10 @@ class EventStreamSnippetTests(TestCase):
             on_reactor(registry.update_reported, "porch", {"door": "open"})
             wait_for(page, "window.shown.some(d => d.reported && d.reported.door === 'open')",
                      "the live report")
+            # U+2028 travels raw in the JSON: no line end for an event stream.
+            on_reactor(registry.update_reported, "porch", {"note": "a\u2028b"})
+            wait_for(page, "window.shown.some(d => d.reported && d.reported.note === 'a\u2028b')",
+                     "a report holding U+2028")
         yield in_browser(scenario, broker.http_url)
 
     def test_both_snippets_are_found(self):
@@ -61,6 +65,7 @@ class EventStreamSnippetTests(TestCase):
         self.assertEqual(len(snippets), 2)
         self.assertIn("new EventSource", snippets[0])
         self.assertIn("Authorization: `Bearer ${token}`", snippets[1])
+        self.assertIn("response.ok", snippets[1])
 
     def test_event_source_snippet(self):
         """EventSource with ?token= gets the snapshot and then a live report."""

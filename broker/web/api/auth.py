@@ -47,6 +47,11 @@ def authenticate(request, registry, device_name: str | None, allow_query_token: 
     ``allow_query_token``: the request may carry ``?token=`` (a GET);
     ``query_tokens``: the broker takes them at all ([http] query_tokens).
     """
+    if not query_tokens and b"token" in request.args:
+        # Refused even beside a header: the URL (and the token) is in a log already.
+        raise unauthorized("token_in_query",
+                           "this broker takes tokens only in the Authorization header "
+                           "([http] query_tokens = false); send Authorization: Bearer <token>")
     authorization = split_authorization(request.getHeader(b"authorization"))
     if authorization is not None:
         scheme, credentials = authorization
@@ -62,10 +67,6 @@ def authenticate(request, registry, device_name: str | None, allow_query_token: 
             raise unauthorized("token_in_query",
                                "?token= is accepted only by GET requests; "
                                "send Authorization: Bearer <token>")
-        if not query_tokens:
-            raise unauthorized("token_in_query",
-                               "this broker takes tokens only in the Authorization header "
-                               "([http] query_tokens = false); send Authorization: Bearer <token>")
         return _token(registry, token[-1].decode("latin-1"))
     raise unauthorized("missing_credentials",
                        "send Authorization: Bearer <token> or Device <key>")
