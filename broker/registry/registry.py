@@ -44,6 +44,9 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
     log = Logger()
     #: the change feed's type (SharedRegistry's takes late entries in order).
     feed_type = ChangeFeed
+    #: other processes write this registry too (SharedRegistry): what this one
+    #: holds of a device (its live session, its record) may be behind theirs.
+    shared = False
 
     def __init__(self, store, *, clock=None, settings=None, random_bytes=os.urandom):
         if clock is None:

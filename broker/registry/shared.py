@@ -71,6 +71,8 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
     holds no sessions, e.g. a tool). ``sequence_check_interval`` (seconds):
     how often, at most, the quiet stream reader asks whether Redis lost data."""
 
+    shared = True
+
     feed_type = OrderedFeed
 
     def __init__(self, store, *, clock=None, settings=None, random_bytes=os.urandom, origin=None,

@@ -228,6 +228,12 @@ class RegistryBridge:
                 else ()
             if patch or events:
                 number = live.number
+                if patch and events:
+                    # Apart: values the registry refuses (acknowledged all
+                    # the same) must not take the device's events with them.
+                    updates.append((number, patch, ()))
+                    lives.append(live)
+                    patch = {}
                 updates.append((number, patch, events[:limit]))
                 lives.append(live)
                 rest = events[limit:]

@@ -371,7 +371,15 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         self._flush(live, now)
 
     def _durable_event_end(self, old, record, number) -> int:
-        """Where the device's stored events end, before its new session."""
+        """Where the device's stored events end, before its new session.
+
+        0 (skip nothing: at least once) with a shared registry: a device's
+        newer session may live in another process, unseen here yet, after
+        a reboot there; an end read from an older one would skip events
+        numbered afresh since.
+        """
+        if self._bridge.registry.shared:
+            return 0
         if type(old) is Parked:
             # Parked: everything durable, and the record is the whole story.
             try:

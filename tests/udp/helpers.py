@@ -106,13 +106,18 @@ class Harness:
                 return address
         raise KeyError(node)
 
-    def step(self, dt=0.01):
-        """Exchange every due datagram once, then advance the clock by dt."""
+    def step(self, dt=0.01, via=None):
+        """Exchange every due datagram once, then advance the clock by dt.
+
+        ``via``: another broker process (its ``endpoint`` and ``transport``)
+        the nodes' datagrams reach instead of this one's."""
+        endpoint, transport = (self.endpoint, self.transport) if via is None else (
+            via.endpoint, via.transport)
         now = self.clock.seconds()
         for address, node in list(self.nodes.items()):
             for data, _ in node.datagrams(now):
-                self.endpoint.datagramReceived(data, address)
-        written, self.transport.written = self.transport.written, []
+                endpoint.datagramReceived(data, address)
+        written, transport.written = transport.written, []
         for data, address in written:
             node = self.nodes.get(address)
             if node is not None:

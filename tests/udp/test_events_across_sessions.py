@@ -4,7 +4,8 @@ broker stores each once even when it had made some durable already."""
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.udp.helpers import Harness
+from broker.udp.endpoint import SSPEndpoint
+from tests.udp.helpers import Deterministic, FakeTransport, Harness
 
 
 def stored_events(harness, name="dev"):
@@ -109,3 +110,105 @@ class EventsAcrossSessionsTests(SynchronousTestCase):
         self.h.run(2.0)
         self.assertTrue(self.node.idle())
         self.assertEqual(stored_events(self.h), ["e0", "e1"])
+
+    def test_old_sessions_unhanded_report_and_new_session_in_one_turn(self):
+        """The old session's newest state (not yet handed to the registry) and the new
+        session's first datagram arrive in one reactor turn: the old one's report is
+        dropped with it, so the carried event counts as not stored, and is stored."""
+        self.emit("e0")
+        self.h.run(1.0)
+        self.assertTrue(self.node.idle())
+        self.emit("e1")
+        old = []
+        for _ in range(100):
+            old = self.node.datagrams(self.h.clock.seconds())
+            if old:
+                break
+            self.h.clock.advance(0.001)
+        self.assertTrue(old)
+        now = self.h.clock.seconds()
+        self.node.start(now)                         # rekey: e1 is carried
+        new = self.node.datagrams(now)
+        self.assertTrue(new)
+        address = self.h.address_of(self.node)
+        for data, _ in old + new:
+            self.h.endpoint.datagramReceived(data, address)
+        self.h.run(2.0)
+        self.assertTrue(self.node.idle())
+        self.assertEqual(stored_events(self.h), ["e0", "e1"])
+
+    def test_a_resumed_session_starts_from_its_record(self):
+        """A session resumed after a broker restart compares its reports with the
+        record's state: a stored, unacknowledged event is not stored twice, and a key
+        the device deleted is deleted."""
+        self.node.report({"k": 1, "j": 2}, now=self.h.clock.seconds())
+        self.emit("e0")
+        run_deaf(self.h, 1.0)
+        h2 = self.h.restart()
+        h2.nodes = self.h.nodes
+        self.node.report({"k": None}, now=h2.clock.seconds())
+        h2.run(2.0)
+        self.assertTrue(self.node.idle())
+        self.assertEqual(self.node.sessions_started, 1)
+        self.assertEqual(stored_events(h2), ["e0"])
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"j": 2})
+
+
+class _Process:
+    """A second broker process's endpoint over the same registry."""
+
+    def __init__(self, harness, seed):
+        self.harness = harness
+        self.endpoint = SSPEndpoint(harness.registry, harness.settings, clock=harness.clock,
+                                    random_bytes=Deterministic(seed))
+        self.transport = FakeTransport()
+        self.endpoint.makeConnection(self.transport)
+
+    def run(self, seconds, dt=0.01):
+        for _ in range(int(round(seconds / dt))):
+            self.harness.step(dt, via=self)
+
+
+class SharedRegistryTests(SynchronousTestCase):
+    """Several processes: another may hold a device's newer session, unseen here."""
+
+    def test_a_stale_session_elsewhere_never_skips_events_numbered_afresh(self):
+        """Process A still holds the device's old session (events to index 5); the
+        device reboots, process B acknowledges its events 0-2, and its next session
+        (a rekey, carrying 3 and 4) lands on A: both are stored, nothing skipped."""
+        h = Harness(self, park_after=60.0)
+        h.registry.shared = True
+        device = h.provision("dev")
+        a, b = _Process(h, 10_000_000), _Process(h, 20_000_000)
+        node = h.node(device)
+        node.emit("e0", "e1", "e2", "e3", "e4", now=h.clock.seconds())
+        a.run(1.0)
+        self.assertTrue(node.idle())
+        rebooted = h.node(device)                    # same address, numbering afresh
+        rebooted.emit("r0", "r1", "r2", now=h.clock.seconds())
+        b.run(1.0)
+        self.assertTrue(rebooted.idle())
+        rebooted.emit("r3", "r4", now=h.clock.seconds())
+        rebooted.start(h.clock.seconds())
+        a.run(2.0)
+        self.assertTrue(rebooted.idle())
+        stored = stored_events(h)
+        for event in ("e0", "e4", "r0", "r2", "r3", "r4"):
+            self.assertIn(event, stored)
+
+
+class RefusedValuesTests(SynchronousTestCase):
+    """A report the registry refuses is acknowledged all the same (or the device
+    would resend it forever): its events must not go with its values."""
+
+    def test_events_beside_refused_values_are_stored(self):
+        """Values over the registry's key limit are refused and counted; the event
+        reported with them is stored."""
+        h = Harness(self)
+        node = h.node(h.provision("dev"))
+        node.report({f"k{i}": i for i in range(300)}, now=h.clock.seconds())
+        node.emit("alarm", now=h.clock.seconds())
+        h.run(1.0)
+        self.assertTrue(node.idle())
+        self.assertEqual(sum(h.endpoint.bridge.refused.values()), 1)
+        self.assertEqual(stored_events(h), ["alarm"])
