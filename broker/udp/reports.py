@@ -88,14 +88,18 @@ class SessionWrites:
         if not reports:
             return
         self._counters["registry_writes"] += len(reports)
+        handed = [live.reported for live, _, _ in reports]
         try:
             answer = self._bridge.report_many(reports)
         except Exception:
-            # Never leave a session waiting for a write that was not queued.
+            # Never leave a session waiting for a write that was not queued,
+            # nor taking its states as handed over: unacknowledged, they come
+            # again, and their events then still count as new.
             self._counters["store_failures"] += 1
             self.log.failure("the reports of a turn could not be written")
-            for live, _, _ in reports:
+            for (live, _, _), reported in zip(reports, handed):
                 live.writes -= 1
+                live.reported = reported
             return
         # One callback for the turn's reports, not a Deferred chain per report.
         answer.addCallbacks(self._reported, self._not_durable,

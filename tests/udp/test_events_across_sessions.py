@@ -212,3 +212,34 @@ class RefusedValuesTests(SynchronousTestCase):
         self.assertTrue(node.idle())
         self.assertEqual(sum(h.endpoint.bridge.refused.values()), 1)
         self.assertEqual(stored_events(h), ["alarm"])
+
+
+class UnqueuedReportTests(SynchronousTestCase):
+    """A turn's reports that could not even be queued (an exception in the bridge)."""
+
+    def test_events_of_a_report_that_raised_are_stored_by_the_next_session(self):
+        """The report is never acknowledged, so the device carries its event into a
+        new session after rekey_after; the broker, which never stored it, does not
+        take it as stored: it is stored then, once."""
+        h = Harness(self)
+        node = h.node(h.provision("dev"), rekey_after=3.0)
+        node.emit("e0", now=h.clock.seconds())
+        h.run(1.0)
+        self.assertTrue(node.idle())                 # e1 will be carried from index 1
+        registry = h.registry
+        real = registry.update_reported_many
+        calls = []
+
+        def update_reported_many(updates):
+            # Raises inside the bridge's report_many, after it took the state.
+            calls.append(len(updates))
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the bridge")
+            return real(updates)
+        registry.update_reported_many = update_reported_many
+        node.emit("e1", now=h.clock.seconds())
+        h.run(6.0, dt=0.05)
+        self.assertGreaterEqual(node.sessions_started, 2)   # idle, it rekeys every 3 s
+        self.assertTrue(node.idle())
+        self.assertEqual(stored_events(h), ["e0", "e1"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
