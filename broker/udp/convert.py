@@ -104,9 +104,11 @@ def session_start(event_end: int) -> DeviceState:
 
 def first_report_base(previous: DeviceState, state: DeviceState) -> DeviceState:
     """``previous``, unless it is a session's start and ``state`` numbers its
-    events from 0 (a rebooted device): then the empty state, so that every
-    event of it counts."""
-    if type(previous) is SessionStart and not state.event_base:
+    events afresh: from 0 (a rebooted device), or ending below the stored
+    end (which a device that did not reboot has passed); then the empty
+    state, so that every event of it counts."""
+    if type(previous) is SessionStart and (
+            not state.event_base or state.event_end < previous.event_end):
         return DeviceState.empty()
     return previous
 

@@ -243,3 +243,21 @@ class UnqueuedReportTests(SynchronousTestCase):
         self.assertTrue(node.idle())
         self.assertEqual(stored_events(h), ["e0", "e1"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class NumberingTests(SynchronousTestCase):
+    """Where a new session's first report is compared from (convert.first_report_base)."""
+
+    def test_a_numbering_that_ends_below_the_stored_end_is_afresh(self):
+        """Events carried from index 3 but ending at 5, below a stored end of 9, are of
+        another numbering (the device rebooted since): all of them count."""
+        from broker.ssp.device_state import DeviceState
+        from broker.udp.convert import first_report_base, new_events, session_start
+
+        carried = DeviceState(events=["r3", "r4"], event_base=3)
+        self.assertEqual(new_events(first_report_base(session_start(9), carried), carried),
+                         ["r3", "r4"])
+        # Within the stored numbering, those below the end are stored already.
+        continuing = DeviceState(events=["e8", "e9"], event_base=8)
+        self.assertEqual(new_events(first_report_base(session_start(9), continuing),
+                                    continuing), ["e9"])
