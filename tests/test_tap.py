@@ -316,6 +316,12 @@ class ServiceRefusalTests(SynchronousTestCase):
                                   f"'{endpoint}': Name or service not known")
 
 
+def _in_use(port):
+    """What the reactor raises for a port another socket holds."""
+    return CannotListenError("127.0.0.1", port, OSError(
+        errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
+
+
 class FailedStartTests(SynchronousTestCase):
     """A start that fails to bind gives back the store, closed cleanly, and the lock."""
 
@@ -340,27 +346,21 @@ class FailedStartTests(SynchronousTestCase):
     def test_refused_bind_leaves_a_clean_store(self):
         """After a refused UDP bind the next start continues the change cursors without
         the crash gap (which would reset every dashboard and long poll)."""
-        refused = CannotListenError("127.0.0.1", 6000, OSError(
-            errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
-        again = self.refused_then_restarted(RefusingReactor(udp_error=refused),
+        again = self.refused_then_restarted(RefusingReactor(udp_error=_in_use(6000)),
                                             privileged=True)
         self.assertLess(again.registry.cursor, CURSOR_GAP)
 
     def test_refused_bind_in_start_service_leaves_a_clean_store(self):
         """The same when the bind is refused in startService (run without a privileged
         phase): the registry, started by then, is stopped and closed cleanly."""
-        refused = CannotListenError("127.0.0.1", 6000, OSError(
-            errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
-        again = self.refused_then_restarted(RefusingReactor(udp_error=refused),
+        again = self.refused_then_restarted(RefusingReactor(udp_error=_in_use(6000)),
                                             privileged=False)
         self.assertLess(again.registry.cursor, CURSOR_GAP)
 
     def test_refused_http_bind_stops_the_services_started_before_it(self):
         """The HTTP port comes last: when it is refused in startService, the services
         started before it (the UDP port, the WebSocket and presence timers) are stopped."""
-        refused = CannotListenError("127.0.0.1", 8080, OSError(
-            errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
-        reactor = RefusingReactor(tcp_error=refused)
+        reactor = RefusingReactor(tcp_error=_in_use(8080))
         again = self.refused_then_restarted(reactor, privileged=False)
         self.assertLess(again.registry.cursor, CURSOR_GAP)
         self.assertEqual([port.stopped for port in reactor.udp_ports], [True])

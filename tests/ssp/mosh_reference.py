@@ -93,21 +93,18 @@ class MoshTransport:
         return min(rto * 2 ** self.retransmissions,
                    max(rto, self.profile.backoff_max))
 
+    def _recent(self, sent_at, now, limit):
+        """mosh: ``now - sent < limit``; with the backoff, compared as the timer
+        is set (``sent + limit``), so a timer that fires finds its state old."""
+        if self.backoff:
+            return now < sent_at + limit
+        return now - sent_at < limit
+
     def update_assumed_receiver_state(self, now, rto):
         self.assumed = 0
-        if self.backoff:
-            limit = rto + self.profile.ack_delay
-            for index in range(1, len(self.sent)):
-                if now < self.sent[index][0] + limit:
-                    self.assumed = index
-                elif (self.skip_stale_empty_acks
-                      and self.sent[index][2] == self.sent[index - 1][2]):
-                    continue
-                else:
-                    return
-            return
+        limit = rto + self.profile.ack_delay
         for index in range(1, len(self.sent)):
-            if now - self.sent[index][0] < rto + self.profile.ack_delay:
+            if self._recent(self.sent[index][0], now, limit):
                 self.assumed = index
             elif (self.skip_stale_empty_acks
                   and self.sent[index][2] == self.sent[index - 1][2]):
