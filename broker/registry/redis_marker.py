@@ -20,9 +20,11 @@ same file and none refuses another.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 
 from broker.files import replace_private_file
 
@@ -128,9 +130,28 @@ class RememberedMarker:
     def raise_sequence(self, marker, sequence):
         """Remember ``sequence`` as seen in the data set ``marker`` unless a higher
         one is remembered already (a sibling process may have recorded it)."""
-        seen = self.sequence_seen(marker)
-        if seen is None or sequence > seen:
-            self.record(marker, sequence)
+        with self._exclusive():
+            seen = self.sequence_seen(marker)
+            if seen is None or sequence > seen:
+                self.record(marker, sequence)
+
+    @contextmanager
+    def _exclusive(self):
+        """Hold the marker's lock file (flock) from the read to the replace:
+        sibling workers that stop together must not write a lower sequence over
+        a higher one (that would only weaken the check, but silently)."""
+        lock_path = self.path[:-len(".json")] + ".lock"
+        try:
+            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot open the Redis data set marker's lock {lock_path!r}: "
+                             f"{e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)   # held for one small file's replace
+            yield
+        finally:
+            os.close(fd)                     # closing releases the flock
 
     def check_sequence(self, marker, found, seen, key):
         """Raise OlderCopy if Redis's change sequence ``found`` (at ``key``) is below

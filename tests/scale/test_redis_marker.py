@@ -97,14 +97,18 @@ class RedisMarkerTests(AdminOnRedis, TestCase):
     @defer.inlineCallbacks
     def test_a_first_start_adopts_and_records_the_marker_privately(self):
         """A first start on an empty Redis (no data directory yet) works as before and
-        records the marker in a 0700 directory, in a 0600 file, with no temporary
-        file left behind; a restart on the same data set starts."""
+        records the marker in a 0700 directory, in a 0600 file beside its 0600 lock,
+        with no temporary file left behind; a restart on the same data set starts."""
         a = self.open_registry()
         yield a.add_device("dev-1")
         self.assertEqual(self.remembered().read(), self.marker())
         self.assertEqual(stat.S_IMODE(os.stat(self.data_dir).st_mode), 0o700)
-        self.assertEqual(stat.S_IMODE(os.stat(self.remembered().path).st_mode), 0o600)
-        self.assertEqual(os.listdir(self.data_dir), [os.path.basename(self.remembered().path)])
+        marker_file = self.remembered().path
+        lock_file = marker_file[:-len(".json")] + ".lock"
+        for path in (marker_file, lock_file):
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(sorted(os.listdir(self.data_dir)),
+                         [os.path.basename(marker_file), os.path.basename(lock_file)])
         yield a.stop()
         b = self.open_registry()
         self.assertIsNotNone(b.device("dev-1"))
@@ -235,3 +239,26 @@ class RememberedMarkerTests(SynchronousTestCase):
         with self.assertRaises(errors.StoreError) as raised:
             self.remembered.read()
         self.assertIn(self.remembered.path, str(raised.exception))
+
+    def test_a_sibling_recording_while_the_lock_is_awaited_is_not_overwritten(self):
+        """Raising the remembered sequence reads it under the marker's lock: a
+        sibling worker that recorded a higher one while this process waited
+        for the lock keeps it (a read before the lock would write 110 over 120)."""
+        self.remembered.record("a" * 32, 100)
+        sibling = RememberedMarker(self.data_dir, self.url, "ssp")
+        real_flock = redis_marker.fcntl.flock
+        taken = []
+
+        def flock_after_sibling(fd, operation):
+            if operation == redis_marker.fcntl.LOCK_EX and not taken:
+                taken.append(fd)
+                sibling.record("a" * 32, 120)   # the sibling held the lock first
+            return real_flock(fd, operation)
+        self.patch(redis_marker.fcntl, "flock", flock_after_sibling)
+        self.remembered.raise_sequence("a" * 32, 110)
+        self.assertEqual(len(taken), 1)
+        self.assertEqual(self.remembered.sequence_seen("a" * 32), 120)
+        self.remembered.raise_sequence("a" * 32, 130)
+        self.assertEqual(self.remembered.sequence_seen("a" * 32), 130)
+        lock = os.stat(self.remembered.path[:-len(".json")] + ".lock")
+        self.assertEqual(stat.S_IMODE(lock.st_mode), 0o600)
