@@ -201,6 +201,18 @@ class RedisStore(RedisKeys, Store):
         except (redis.RedisError, OSError, ValueError, StoreError):
             pass
 
+    def remember_sequence(self, sequence):
+        """Deferred: ``sequence``, a change this process applied from Redis,
+        remembered as seen in the data set (a thread of the reactor's pool: a
+        file replace with fsync), so that a start on an older copy is refused
+        even after a crash (docs/scaling.md). Fails with StoreError."""
+        if (self.remembered is None or not self._record or self.incarnation is None
+                or self._refusal is not None):
+            return defer.succeed(None)
+        from twisted.internet.threads import deferToThreadPool
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                 self.remembered.raise_sequence, self.incarnation, sequence)
+
     def _load(self, client):
         last = client.xrevrange(self.key_feed, count=1)
         self.feed_start = last[0][0].decode() if last else "0-0"

@@ -61,6 +61,10 @@ from .values import thaw
 
 __all__ = ["OrderedFeed", "SharedRegistry", "open_shared_registry"]
 
+#: seconds between records, in the data directory, of how far this process
+#: followed the data set while it runs (besides its start and clean stop).
+PROGRESS_INTERVAL = 60.0
+
 
 class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvisioning,
                      DeviceRegistry):
@@ -69,7 +73,11 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
     ``lease_ttl`` and ``lease_check_interval`` (seconds) set the presence
     lease (shared_presence.py); ``lease_ttl=0`` turns it off (a process that
     holds no sessions, e.g. a tool). ``sequence_check_interval`` (seconds):
-    how often, at most, the quiet stream reader asks whether Redis lost data."""
+    how often, at most, the quiet stream reader asks whether Redis lost data.
+    ``progress_interval`` (seconds, 0 = never): how often, at most, the change
+    applied last is remembered in the data directory while running, so that a
+    copy of Redis older than it is refused at start even after a crash
+    (``OlderCopy``, redis_marker.py)."""
 
     shared = True
 
@@ -77,7 +85,8 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
 
     def __init__(self, store, *, clock=None, settings=None, random_bytes=os.urandom, origin=None,
                  lease_ttl=LEASE_TTL, lease_check_interval=LEASE_CHECK_INTERVAL,
-                 sequence_check_interval=SEQUENCE_CHECK_INTERVAL):
+                 sequence_check_interval=SEQUENCE_CHECK_INTERVAL,
+                 progress_interval=PROGRESS_INTERVAL):
         self.origin = origin or os.urandom(8).hex()
         self._lost = None          # why writes are refused: Redis lost data (module docstring)
         self._sequence_check = sequence_check_interval
@@ -101,6 +110,9 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._lazy_type = lazy_device_type(self)
         self._relay_target = None  # deliver(number, command) for relayed commands
         self._token_changes = 0    # tokens added or revoked here (see reload)
+        self._progress_interval = progress_interval
+        self._progress_due = None  # clock time of the next record of the cursor
+        self._progress_busy = False
         super().__init__(store, clock=clock, settings=settings, random_bytes=random_bytes)
         self._store.on_incarnation_lost(self._incarnation_lost)
         self._held_key = self._store.held_key(self.origin)
@@ -130,6 +142,7 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         """Follow the change stream from where loading began."""
         if not self._following:
             self._following = True
+            self._progress_due = self._clock.seconds() + self._progress_interval
             self._store.follow(self._store.feed_start, self._deliver,
                                check_interval=self._sequence_check)
             if self.presence is not None:
@@ -246,6 +259,23 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
             if top < applied:
                 self._sequence_went_back(top, applied)
         self._store.top().addCallbacks(learned, lambda failure: None)
+
+    def _note_progress(self):
+        """Remember the cursor applied in the data directory when it is due (see
+        ``progress_interval``); a failure is logged and tried again when next due."""
+        if (not self._progress_interval or self._progress_busy or self._lost is not None
+                or self._progress_due is None or self._clock.seconds() < self._progress_due):
+            return
+        self._progress_due = self._clock.seconds() + self._progress_interval
+        self._progress_busy = True
+
+        def failed(failure):
+            failure.trap(errors.StoreError)
+            self.log.warn("{error}", error=failure.getErrorMessage())
+
+        def done(_):
+            self._progress_busy = False
+        self._store.remember_sequence(self.cursor).addErrback(failed).addBoth(done)
 
     # -- Redis lost data (module docstring) -----------------------------------
 

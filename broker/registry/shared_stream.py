@@ -150,6 +150,7 @@ class ChangeStream:
         while waiters and waiters[0][0] <= self.cursor:
             _, d, result = waiters.popleft()
             d.callback(result)
+        self._note_progress()
 
     def _resync(self, loaded):
         """Catch up with the registry as Redis holds it (``loaded``), after

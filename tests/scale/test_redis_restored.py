@@ -108,6 +108,46 @@ class RedisRestoredTests(AdminOnRedis, TestCase):
         self.assertEqual(self.open_registry().device("porch").reported, {})
 
     @defer.inlineCallbacks
+    def test_a_copy_older_than_a_running_process_saw_is_refused_after_a_crash(self):
+        """A running process remembers how far it followed the data set at most
+        every ``progress_interval``: a copy taken before that and put back after
+        the process died (no clean stop) is refused at the next start."""
+        from twisted.internet import reactor
+        from twisted.internet.task import Clock, LoopingCall
+
+        from broker.registry.shared import open_shared_registry
+
+        clock = Clock()
+        a = open_shared_registry(self.options, reactor=reactor, clock=clock, lease_ttl=0,
+                                 data_dir=self.data_dir, progress_interval=60.0)
+        a.start()
+
+        def written(d):
+            """d, with the writes' flushes (calls at 0 s on the clock) run meanwhile."""
+            flushes = LoopingCall(clock.advance, 0)
+            flushes.start(0.01)
+            return d.addBoth(lambda result: (flushes.stop(), result)[1])
+        self.addCleanup(lambda: written(a.stop()))
+        store = a._store
+
+        def seen():
+            return store.remembered.sequence_seen(store.incarnation) or 0
+        at_start = seen()
+        yield written(a.add_device("porch"))
+        copy, copied_at = self.snapshot(), a.cursor
+        yield written(a.update_reported("porch", {"v": 2}))
+        self.assertEqual(seen(), at_start)      # not due yet
+        clock.advance(60)
+        yield written(a.update_reported("porch", {"v": 3}))
+        yield wait_until(self, lambda: seen() > copied_at, what="a later cursor remembered")
+        self.assertLessEqual(seen(), a.cursor)
+        self.put_back(copy)                     # a's crash: no clean stop records it
+        with self.assertRaises(OlderCopy) as refused:
+            self.open_registry()
+        self.assertIn(f"at change {copied_at} ", str(refused.exception))
+        self.assertIn(f"saw it at change {seen()}", str(refused.exception))
+
+    @defer.inlineCallbacks
     def test_a_sibling_recording_during_a_load_is_no_older_copy(self):
         """Workers sharing a data directory: one that records a newer sequence while
         another scans the devices (after it read Redis's sequence) gets that one
