@@ -16,8 +16,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broker.registry import SessionRecord, errors
-from broker.udp.convert import (desired_state, encode_commands, encode_state, first_report_base,
-                                new_events, reported_patch)
+from broker.udp.convert import (SessionStart, desired_state, encode_commands, encode_state,
+                                first_report_base, new_events, reported_patch)
 
 #: Registry refusals of a device's (authentic) report: counted, logged and
 #: acknowledged anyway, or the device would resend the refused state forever.
@@ -199,6 +199,11 @@ class RegistryBridge:
             return self._save(live, 0, b"")
         return self._save(live, current.acked_remote_num, current.acked_remote_state)
 
+    def _reported_now(self, device_number: int):
+        """The device's reported values in the registry now (empty if removed)."""
+        view = self.registry.device_by_number(device_number)
+        return {} if view is None else view.reported
+
     def report_many(self, reports) -> defer.Deferred:
         """Hand several devices' new states to the registry, each with its session record.
 
@@ -222,7 +227,10 @@ class RegistryBridge:
         updates = []
         lives = []
         for live, state, _ in reports:
-            previous, live.reported = first_report_base(live.reported, state), state
+            previous = live.reported
+            if type(previous) is SessionStart:
+                previous = first_report_base(previous, state, self._reported_now(live.number))
+            live.reported = state
             patch = reported_patch(previous, state)
             events = new_events(previous, state) if state.event_end != previous.event_end \
                 else ()

@@ -98,19 +98,34 @@ class SessionStart(DeviceState):
 
 
 def session_start(event_end: int) -> DeviceState:
-    """The bridge's starting point of a new session (the empty state if 0)."""
-    return SessionStart(event_base=event_end) if event_end else DeviceState.empty()
+    """The bridge's starting point of a new session (one shared object if 0)."""
+    return SessionStart(event_base=event_end) if event_end else _BLANK_START
 
 
-def first_report_base(previous: DeviceState, state: DeviceState) -> DeviceState:
-    """``previous``, unless it is a session's start and ``state`` numbers its
-    events afresh: from 0 (a rebooted device), or ending below the stored
-    end (which a device that did not reboot has passed); then the empty
-    state, so that every event of it counts."""
-    if type(previous) is SessionStart and (
-            not state.event_base or state.event_end < previous.event_end):
-        return DeviceState.empty()
-    return previous
+_BLANK_START = SessionStart()
+
+
+def first_report_base(previous: DeviceState, state: DeviceState,
+                      reported: Mapping | None = None) -> DeviceState:
+    """Where a report is compared from: ``previous``, unless it is a session's
+    start. Then the values are ``reported``, what the registry holds for the
+    device now: a new session's first state is the device's whole map, so
+    the keys it no longer holds (deleted, or inner keys of a map it
+    replaced, while the old session went unacknowledged) go too. And if
+    ``state`` numbers its events afresh, from 0 (a rebooted device) or
+    ending below the stored end (which a device that did not reboot has
+    passed), the events start at 0, so that every event of it counts."""
+    if type(previous) is not SessionStart:
+        return previous
+    event_base = previous.event_base
+    if not state.event_base or state.event_end < event_base:
+        event_base = 0
+    if reported:
+        try:
+            return DeviceState(reported, event_base=event_base)
+        except (TypeError, ValueError):
+            pass    # a value no device state holds: compare with none
+    return DeviceState(event_base=event_base) if event_base else DeviceState.empty()
 
 
 def desired_state(desired: Mapping, base: DeviceState | None = None) -> DeviceState:
