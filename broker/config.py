@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 
 class ConfigError(Exception):
@@ -71,7 +71,9 @@ def _endpoint_fields(description: str) -> list[str]:
 
 
 def _endpoint(value: str) -> None:
-    """A Twisted server endpoint string; a TCP port out of range would reach bind() as a traceback."""
+    """A Twisted server endpoint string. A tcp:, tcp6: or ssl: port that is missing, not a
+    number or out of range is named here: Twisted's parser would say "_parseTCP() missing
+    1 required positional argument" or "invalid literal for int()", and bind() worse."""
     _not_empty(value)
     kind, *fields = _endpoint_fields(value)
     if kind.lower() not in ("tcp", "tcp6", "ssl"):
@@ -79,12 +81,19 @@ def _endpoint(value: str) -> None:
     positional = [field for field in fields if "=" not in field]
     named = dict(field.split("=", 1) for field in fields if "=" in field)
     port = named.get("port", positional[0] if positional else None)
+    if port is None:
+        raise ValueError(f"has no port: write {kind}:PORT first, e.g. {kind}:8080 "
+                         f"(in {value!r})")
     try:
         number = int(port)
-    except (TypeError, ValueError):
-        return  # no port or not a number: Twisted's parser names the problem
+    except ValueError:
+        raise ValueError(f"port must be a number of 0 to 65535, not {port!r} "
+                         f"(in {value!r})") from None
     if not 0 <= number <= 65535:
         raise ValueError(f"port must be 0 to 65535, not {number} (in {value!r})")
+    backlog = named.get("backlog")
+    if backlog is not None and not backlog.strip().isdigit():
+        raise ValueError(f"backlog must be a whole number, not {backlog!r} (in {value!r})")
 
 
 def _optional_endpoint(value: str) -> None:
@@ -338,15 +347,52 @@ def _cross_checks(config: Config) -> list[tuple[str, str]]:
     if config.broker.workers > 1 and config.registry.backend != "redis":
         problems.append(("broker.workers",
                          "more than 1 worker needs registry.backend = \"redis\" (a shared registry)"))
-    if config.registry.backend == "redis" and not config.registry.redis_url.startswith(
-            ("redis://", "rediss://", "unix://")):
-        problems.append(("registry.redis_url", "must start with redis://, rediss:// or unix://"))
+    if config.registry.backend == "redis":
+        problem = _redis_url_problem(config.registry.redis_url, config.registry.redis_cluster)
+        if problem:
+            problems.append(("registry.redis_url", problem))
     if config.registry.redis_lease_check_interval > config.registry.redis_lease_ttl / 2:
         problems.append(("registry.redis_lease_check_interval",
                          "must be at most half of registry.redis_lease_ttl"))
     if config.metrics.endpoint and config.http.endpoint == config.metrics.endpoint:
         problems.append(("metrics.endpoint", "must differ from http.endpoint"))
     return problems
+
+
+def _redis_url_problem(url: str, cluster: bool) -> str | None:
+    """What redis-py would choke on (a traceback) or silently read as database 0, or None.
+
+    The URL is never repeated whole: it may carry a password.
+    """
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return "must start with redis://, rediss:// or unix://"
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    databases = [("?db=", value) for value in query.get("db", [])[:1]]
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "names no socket file: write unix:///path/to/redis.sock"
+        if cluster:
+            return "Redis Cluster is reached over TCP (redis:// or rediss://), not unix://"
+    else:
+        host_port = parts.netloc.rpartition("@")[2]
+        port = host_port.rpartition("]")[2] if host_port.startswith("[") else host_port
+        port = port.partition(":")[2] if ":" in port else None
+        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"port must be a number of 1 to 65535, not {port!r}"
+        if parts.path not in ("", "/"):
+            databases.insert(0, ("path", parts.path))
+    for where, value in databases:
+        number = value[1:] if where == "path" else value
+        if not (number.isdigit() and number.isascii()):
+            if where == "path":
+                return (f"the database must be a number such as /0 (redis://HOST:PORT/0), "
+                        f"not {value!r}")
+            shown = "?db=" + value
+            return f"the database must be a number such as ?db=0, not {shown!r}"
+        if cluster and int(number) != 0:
+            return "Redis Cluster has database 0 only (registry.redis_cluster = true)"
+    return None
 
 
 def _did_you_mean(name: str, known, form: str = "'{}'") -> str:

@@ -25,14 +25,15 @@ from broker.config import Config
 
 log = Logger()
 
-#: settings a reload cannot change: they name sockets, files or the process shape.
+#: settings a reload cannot change: they name sockets, files or the process shape, or
+#: size a structure built once (the SSP cipher cache, the WebSocket send buffers).
 RESTART_ONLY = {
     "broker": ("data_dir", "workers"),
     "log": ("format",),
     "http": ("endpoint",),
-    "ssp": ("enabled", "host", "port", "receive_buffer_bytes"),
+    "ssp": ("enabled", "host", "port", "receive_buffer_bytes", "cipher_cache_size"),
     "registry": None,  # all of it: the store and its limits are built once
-    "websocket": ("enabled",),
+    "websocket": ("enabled", "send_buffer_bytes"),
     "polling": ("enabled",),
     "metrics": ("enabled", "endpoint"),
 }

@@ -45,12 +45,12 @@ def _parse_endpoint(config: Config, name: str, description: str, reactor, activa
     try:
         if worker is not None and name == "http":
             from broker.steering import ReusePortEndpoint, parse_tcp_endpoint
-            host, _, backlog = parse_tcp_endpoint(description)
+            host, _, backlog = parse_tcp_endpoint(description, source=config.source)
             return ReusePortEndpoint(reactor, host, worker[1], backlog), False
         if worker is not None and name == "metrics":
             from broker.steering import worker_metrics_address
             host, port, backlog = worker_metrics_address(description, worker[0],
-                                                         config.broker.workers)
+                                                         config.broker.workers, config.source)
             kind = endpoints.TCP6ServerEndpoint if ":" in host else endpoints.TCP4ServerEndpoint
             return kind(reactor, port, backlog, interface=host), True
         return endpoints.serverFromString(reactor, description), True
@@ -68,13 +68,28 @@ def _parse_endpoint(config: Config, name: str, description: str, reactor, activa
 
 
 def _parse_problem(problem: Exception) -> str:
-    """Twisted's reason for refusing an endpoint string, as words for the operator."""
+    """Twisted's reason for refusing an endpoint string, as words for the operator.
+
+    Its parsers call Python functions with the string's fields, so their
+    complaints name function arguments and int(): said here as options.
+    """
+    text = str(problem)
     if isinstance(problem, TypeError):
         # A misspelt option reaches the parser function as an unexpected keyword argument.
-        found = re.search(r"unexpected keyword argument '([^']*)'", str(problem))
-        return f"unknown option {found.group(1)!r}" if found else str(problem)
-    if isinstance(problem, ValueError) and str(problem):
-        return str(problem)
+        found = re.search(r"unexpected keyword argument '([^']*)'", text)
+        if found:
+            return f"unknown option {found.group(1)!r}"
+        found = re.search(r"missing \d+ required positional arguments?: (.*)$", text)
+        if found:
+            return f"missing its {found.group(1).replace(chr(39), '')} (a required field)"
+        if "positional argument" in text:
+            return "too many fields without a name= (give options as name=value)"
+        return text
+    if isinstance(problem, ValueError) and text:
+        found = re.search(r"invalid literal for int\(\) with base \d+: ('.*')$", text)
+        if found:
+            return f"{found.group(1)} is not a whole number (a port, backlog or mode)"
+        return text
     return repr(problem)
 
 

@@ -114,6 +114,7 @@ class BrokerService(MultiService):
         self.stopping = False
         self.listening = {}
         self._lock_fd = None
+        self._lock_pid = None    # the pid written in broker.lock
         self._given_back = None  # the clean-up of a failed start (_give_back)
         self.metrics = Metrics()
         # Every setting that can be checked without binding is checked before
@@ -235,14 +236,24 @@ class BrokerService(MultiService):
             raise ConfigError(f"{self.config.source}: broker.data_dir: {str(self.data_dir)!r} is "
                               f"in use by another broker (pid {holder}); stop it or give this "
                               "one another data_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._lock_fd = fd
+        self._write_lock_pid()
+
+    def _write_lock_pid(self) -> None:
+        """Name this process in broker.lock: at the lock, and again in startService, since
+        a daemon (twistd without --nodaemon) forks after makeService took the lock; the
+        flock passes to the child with the descriptor, the pid written must too."""
+        if self._lock_fd is None or self._lock_pid == os.getpid():
+            return
+        self._lock_pid = os.getpid()
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{self._lock_pid}\n".encode("ascii"), 0)
 
     def _unlock_data_directory(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
+            self._lock_pid = None
 
     # -- readiness -----------------------------------------------------------
 
@@ -283,6 +294,7 @@ class BrokerService(MultiService):
     def startService(self) -> None:
         """Start every child (binding what privilegedStartService did not); see there for errors."""
         self._lock_data_directory()
+        self._write_lock_pid()
         self.stopping = False
         Service.startService(self)
         try:

@@ -126,42 +126,64 @@ def reserve_tcp_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def parse_tcp_endpoint(description: str, key: str = "http.endpoint") -> tuple[str, int, int]:
+def _plain_tcp_only(kind: str) -> str:
+    """Why workers > 1 refuse an endpoint of this kind, for the refusal line."""
+    kind = kind.lower()
+    if kind in ("ssl", "tls"):
+        return "TLS belongs on a proxy in front"
+    if kind == "systemd":
+        return ("socket activation cannot be combined with workers: the supervisor binds "
+                "the port and shares it among the workers; docs/operations.md, "
+                "\"Socket activation\"")
+    return "the workers share one TCP port"
+
+
+def parse_tcp_endpoint(description: str, key: str = "http.endpoint",
+                       source: str | None = None) -> tuple[str, int, int]:
     """(interface, port, backlog) of a ``tcp:PORT[:interface=H][:backlog=N]`` endpoint
     string (``tcp6:``, ``port=PORT`` and backslash-escaped colons as Twisted reads
-    them: ``interface=\\:\\:1``); ``key`` names the setting in the refusal."""
+    them: ``interface=\\:\\:1``); the refusal names ``key`` and the config file ``source``."""
+    where = f"{source}: {key}" if source else key
     kind, *fields = _endpoint_fields(description)
     positional = [field for field in fields if "=" not in field]
     options = dict(field.split("=", 1) for field in fields if "=" in field)
     port = options.pop("port", None)
     if port is None and positional:
         port = positional.pop(0)
-    if kind.lower() not in ("tcp", "tcp6") or positional:
-        raise ConfigError(f"{key}: workers > 1 need a plain tcp:PORT endpoint "
-                          f"(TLS belongs on a proxy in front), not {description!r}")
+    if kind.lower() not in ("tcp", "tcp6"):
+        raise ConfigError(f"{where}: workers > 1 need a plain tcp:PORT endpoint "
+                          f"({_plain_tcp_only(kind)}), not {description!r}")
+    # After the port, Twisted reads unnamed fields as the interface, then the backlog.
+    for name, value in zip(("interface", "backlog"), positional):
+        if name in options or len(positional) > 2:
+            raise ConfigError(f"{where}: {description!r}: {value!r} has no name: "
+                              "write interface=ADDRESS, backlog=N")
+        options[name] = value
     unknown = sorted(set(options) - {"interface", "backlog"})
     if port is None or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{key}: {description!r} needs a port of 0 to 65535")
+        raise ConfigError(f"{where}: {description!r} needs a port of 0 to 65535")
     if unknown:
-        raise ConfigError(f"{key}: {description!r}: unknown option {unknown[0]!r} "
+        raise ConfigError(f"{where}: {description!r}: unknown option {unknown[0]!r} "
                           "(workers > 1 take interface and backlog)")
     backlog = options.get("backlog", "50")
     if not backlog.isdigit() or not 1 <= int(backlog) <= 65535:
-        raise ConfigError(f"{key}: {description!r}: backlog must be a whole number "
+        raise ConfigError(f"{where}: {description!r}: backlog must be a whole number "
                           f"of 1 to 65535, not {backlog!r}")
     default = "::" if kind.lower() == "tcp6" else "0.0.0.0"
     return options.get("interface", default), int(port), int(backlog)
 
 
-def worker_metrics_address(description: str, index: int, count: int) -> tuple[str, int, int]:
+def worker_metrics_address(description: str, index: int, count: int,
+                           source: str | None = None) -> tuple[str, int, int]:
     """(interface, port, backlog) of worker ``index``'s own metrics listener.
 
     Each worker is a scrape target of its own (its counters are its own):
     ``tcp:PORT`` gives worker i the port PORT + i, ``tcp:0`` an ephemeral one.
     """
-    host, port, backlog = parse_tcp_endpoint(description, "metrics.endpoint")
+    host, port, backlog = parse_tcp_endpoint(description, "metrics.endpoint", source)
     if port and port + count - 1 > 65535:
-        raise ConfigError(f"metrics.endpoint: worker i listens on port {port} + i, and "
+        where = f"{source}: metrics.endpoint" if source else "metrics.endpoint"
+        raise ConfigError(f"{where}: worker i listens on port {port} + i, and "
                           f"{count} workers need ports up to {port + count - 1} (max 65535)")
     return host, (port + index if port else 0), backlog
 

@@ -160,7 +160,8 @@ def _supervisor(options: Options, factory):
 
     try:
         config = options["config"]
-        service = SupervisorService(options["settings"], config and os.path.abspath(config))
+        service = SupervisorService(options["settings"], config and os.path.abspath(config),
+                                    log_control=options.get("log_control"))
     except (ConfigError, OSError) as problem:
         refuse(problem)
     if factory is not None and hasattr(service, "setServiceParent"):

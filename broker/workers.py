@@ -45,10 +45,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broker.config import ConfigError, load_config
+from broker.lifecycle import reloadable
 from broker.listeners import bind_failure
 from broker.steering import (parse_tcp_endpoint, reserve_tcp_port, steered_udp_sockets,
                              worker_metrics_address)
-from broker.systemd import Notifier
+from broker.systemd import INHERITED, Notifier
 from broker.worker import STATUS_FD, UDP_FD
 
 log = Logger()
@@ -141,13 +142,17 @@ class _Worker(protocol.ProcessProtocol):
 class SupervisorService(MultiService):
     """Starts N workers, restarts the ones that die, stops them on SIGTERM."""
 
-    def __init__(self, config, config_path, reactor=None, environ=None):
+    def __init__(self, config, config_path, reactor=None, environ=None, activation=None,
+                 log_control=None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
         self.config_path = config_path
         self.reactor = reactor
+        #: the level of the supervisor's own log lines (a reload sets it), if any.
+        self.log_control = log_control
+        refuse_socket_activation(config, INHERITED if activation is None else activation)
         self.environ = dict(os.environ if environ is None else environ)
         # systemd notifications come from the supervisor only (NotifyAccess=main).
         self.notifier = Notifier(reactor, dict(self.environ))
@@ -169,10 +174,10 @@ class SupervisorService(MultiService):
         self.gave_up = None
         #: fires with that line once the supervisor gave up and has stopped.
         self.given_up = defer.Deferred()
-        host, port, _ = parse_tcp_endpoint(config.http.endpoint)
+        host, port, _ = parse_tcp_endpoint(config.http.endpoint, source=config.source)
         if config.metrics.enabled and config.metrics.endpoint:
             # Refused once here, not by every worker at its start.
-            worker_metrics_address(config.metrics.endpoint, 0, self.count)
+            worker_metrics_address(config.metrics.endpoint, 0, self.count, config.source)
         try:
             self.udp_sockets = (steered_udp_sockets(config.ssp.host, config.ssp.port, self.count)
                                 if config.ssp.enabled else [])
@@ -323,22 +328,37 @@ class SupervisorService(MultiService):
             pass
 
     def reload(self):
-        """SIGHUP: every worker re-reads the config file; the supervisor its failure limit.
+        """SIGHUP: every worker re-reads the config file, and so does the supervisor
+        for what it uses itself: stop_timeout, the failure limit, the log level.
 
         A worker not ready yet gets its SIGHUP once it is: until then its
         handlers are not installed, and SIGHUP's default action would kill it.
+        systemd hears RELOADING=1, then READY=1 once the signals are sent and
+        the supervisor checked the file (each worker applies it just after).
         """
+        self.notifier.reloading()
         for index in list(self.processes):
             if self.workers[index].status.get("ready"):
                 self.signal_worker(index, "HUP")
             else:
                 self._reload_pending.add(index)
+        status = f"{self.count} workers serving (reloaded)"
         try:
-            settings = load_config(self.config_path).broker
-        except ConfigError:
-            return    # the workers log the refusal and keep their settings; so do we
-        self.failure_limit = settings.worker_failure_limit
-        self.failure_window = settings.worker_failure_window
+            loaded = load_config(self.config_path) if self.config_path else self.config
+        except ConfigError as problem:
+            # The workers log the same refusal and keep their settings; so do we.
+            log.error("reload refused, the running configuration stays: {problem}",
+                      problem=str(problem))
+            status = (f"{self.count} workers serving (reload refused, running configuration "
+                      "kept: see the log)")
+        else:
+            # The workers log the settings that need a restart; the supervisor keeps them too.
+            self.config, _ = reloadable(self.config, loaded)
+            self.failure_limit = self.config.broker.worker_failure_limit
+            self.failure_window = self.config.broker.worker_failure_window
+            if self.log_control is not None:
+                self.log_control.set_level(self.config.log.level)
+        self.notifier.ready(status)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -368,3 +388,16 @@ class SupervisorService(MultiService):
     def _kill_all(self):
         for index in list(self.processes):
             self.signal_worker(index, "KILL")
+
+
+def refuse_socket_activation(config, activation) -> None:
+    """ConfigError when systemd passed sockets (broker.socket) to a supervisor: it binds
+    the ports itself, to share them among the workers, and would find them taken."""
+    if activation.fds:
+        raise ConfigError(
+            f"{config.source}: broker.workers: systemd passed {len(activation.fds)} "
+            "listening socket(s) (socket activation, broker.socket), which workers > 1 "
+            "cannot use: the supervisor binds the ports itself to share them among the "
+            "workers. Disable broker.socket (systemctl disable --now broker.socket) and "
+            "give http.endpoint a tcp:PORT, or set workers = 1 (docs/operations.md, "
+            "\"Socket activation\")")

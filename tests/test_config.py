@@ -194,6 +194,42 @@ class BadInputTests(SynchronousTestCase):
             self.assertEqual(parse_config({"http": {"endpoint": endpoint}}).http.endpoint,
                              endpoint)
 
+    def test_endpoint_without_a_numeric_port(self):
+        """A tcp:, tcp6: or ssl: endpoint with no port, or a port that is no number, is
+        refused naming the key and the problem, not a Python argument or int() error."""
+        message = self.assertRefused({"http": {"endpoint": "tcp:interface=127.0.0.1"}},
+                                     "http.endpoint: has no port", "tcp:PORT")
+        self.assertNotIn("positional", message)
+        message = self.assertRefused({"http": {"endpoint": "tcp:http:interface=127.0.0.1"}},
+                                     "http.endpoint: port must be a number", "not 'http'")
+        self.assertNotIn("int()", message)
+        self.assertRefused({"metrics": {"endpoint": "ssl:privateKey=k.pem"}},
+                           "metrics.endpoint: has no port")
+        self.assertRefused({"http": {"endpoint": "tcp:0:backlog=many"}},
+                           "http.endpoint: backlog must be a whole number", "not 'many'")
+
+    def test_malformed_redis_url_refused(self):
+        """A redis_url whose port is out of range or no number, or whose database is no
+        number, is refused naming registry.redis_url (redis-py would raise a traceback,
+        or silently take database 0), without repeating a password."""
+        def refused(url, *words, cluster=False):
+            return self.assertRefused({"registry": {"backend": "redis", "redis_url": url,
+                                                    "redis_cluster": cluster}},
+                                      "registry.redis_url: ", *words)
+        refused("redis://127.0.0.1:99999/0", "port must be a number of 1 to 65535", "'99999'")
+        message = refused("redis://u:s3cret@127.0.0.1:63x9/0", "not '63x9'")
+        self.assertNotIn("s3cret", message)
+        refused("redis://127.0.0.1:0/0", "not '0'")
+        refused("redis://127.0.0.1:6379/abc", "database must be a number", "not '/abc'")
+        refused("redis://127.0.0.1:6379/1O", "not '/1O'")
+        refused("unix:///run/redis.sock?db=one", "not '?db=one'")
+        refused("unix://", "names no socket file")
+        refused("redis://127.0.0.1:6379/2", "database 0 only", cluster=True)
+        for url in ("redis://127.0.0.1:6379/0", "redis://127.0.0.1/3", "rediss://[::1]:6380",
+                    "redis://h:6379/", "unix:///run/redis.sock?db=2"):
+            config = parse_config({"registry": {"backend": "redis", "redis_url": url}})
+            self.assertEqual(config.registry.redis_url, url)
+
     def test_setting_outside_any_section(self):
         """A key written above every [section] header is called a setting, not an unknown section."""
         message = self.assertRefused({"port": 60001}, "port: ", "outside any [section]",

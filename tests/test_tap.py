@@ -262,10 +262,16 @@ class ServiceRefusalTests(SynchronousTestCase):
                                   "unknown option 'interfac'")
 
     def test_endpoint_parse_error_is_plain_text(self):
-        """A malformed endpoint string gives Twisted's reason as text, not a Python repr."""
+        """A malformed endpoint string gives Twisted's reason in the operator's words,
+        not Python's: a field that is no number, a field missing, too many fields."""
         message = self.refusal(self.config(http={"endpoint": "tcp:abc"}))
         self.assertEqual(message, "broker.toml: http.endpoint: cannot use 'tcp:abc': "
-                                  "invalid literal for int() with base 10: 'abc'")
+                                  "'abc' is not a whole number (a port, backlog or mode)")
+        message = self.refusal(self.config(http={"endpoint": "tcp:interface=127.0.0.1"}))
+        self.assertEqual(message, "broker.toml: http.endpoint: cannot use "
+                                  "'tcp:interface=127.0.0.1': missing its port (a required field)")
+        message = self.refusal(self.config(http={"endpoint": "tcp:0:127.0.0.1:5:x"}))
+        self.assertIn("too many fields without a name=", message)
 
     def test_missing_redis_password_file(self):
         """A redis_password_file that cannot be read is named, before any connection to Redis."""
@@ -420,6 +426,32 @@ class TwistdRefusalTests(SynchronousTestCase):
         lines = self.run_broker(http={"endpoint": endpoint})
         self.assertEqual(lines, [f"twistd broker: broker.toml: http.endpoint: port must be "
                                  f"0 to 65535, not 70000 (in '{endpoint}')"])
+
+    def test_endpoint_without_a_port(self):
+        """An http.endpoint with no port, or a word for one, is one line naming the file,
+        the key and the problem (not "_parseTCP() missing 1 required positional argument")."""
+        lines = self.run_broker(http={"endpoint": "tcp:interface=127.0.0.1"})
+        self.assertEqual(lines, ["twistd broker: broker.toml: http.endpoint: has no port: write "
+                                 "tcp:PORT first, e.g. tcp:8080 (in 'tcp:interface=127.0.0.1')"])
+        lines = self.run_broker(http={"endpoint": "tcp:http:interface=127.0.0.1"})
+        self.assertEqual(lines, ["twistd broker: broker.toml: http.endpoint: port must be a "
+                                 "number of 0 to 65535, not 'http' "
+                                 "(in 'tcp:http:interface=127.0.0.1')"])
+
+    def test_malformed_redis_url(self):
+        """A redis_url with a port out of range is one line naming registry.redis_url and
+        exit status 2, from twistd broker and from broker-admin alike (not a traceback)."""
+        from broker.registry import cli
+        url = "redis://127.0.0.1:99999/0"
+        lines = self.run_broker(registry={"backend": "redis", "redis_url": url})
+        expected = ("broker.toml: registry.redis_url: port must be a number of 1 to 65535, "
+                    "not '99999'")
+        self.assertEqual(lines, [f"twistd broker: {expected}"])
+        out, err = io.StringIO(), io.StringIO()
+        config = os.path.join(self.workdir, "broker.toml")
+        self.assertEqual(cli.main(["--config", config, "device", "list"], out, err), 2)
+        self.assertEqual(err.getvalue(), f"broker-admin: {config[:-len('broker.toml')]}"
+                                         f"{expected}\n")
 
     def test_missing_tls_key(self):
         """An ssl: endpoint whose key file is missing is one line, found before the data dir is made."""

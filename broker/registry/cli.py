@@ -114,8 +114,8 @@ def open_admin(args, create, err=None):
     if config is not None and config.registry.backend == "redis":
         from broker.backend import redis_options
         from .redis_admin import RedisAdmin
-        return RedisAdmin.open(redis_options(config),
-                               data_dir=args.data_dir or config.broker.data_dir,
+        options = redis_options(config)
+        return RedisAdmin.open(options, data_dir=redis_data_dir(args, config, options, err),
                                record=(args.group, args.command) not in READS,
                                feed_retention=config.registry.feed_retention,
                                history_size=config.registry.history_size)
@@ -135,7 +135,7 @@ def open_admin(args, create, err=None):
 def run(args, out, err=None):
     """Carry out one parsed command, writing to ``out`` (and notes to ``err``)."""
     if args.group == "redis":
-        return REDIS_COMMANDS[args.command](args, out)
+        return REDIS_COMMANDS[args.command](args, out, err)
     if args.group in ("backup", "restore"):
         return BACKUP_COMMANDS[args.group](sqlite_data_dir(args), args, out)
     create = args.command == "add"
@@ -226,13 +226,34 @@ def redis_config(args):
     return config
 
 
-def redis_adopt_new(args, out):
+def redis_data_dir(args, config, options, err=None):
+    """The data directory remembering the Redis data set, absolute: --data-dir, else the
+    config's data_dir. A relative data_dir is taken from broker-admin's working directory,
+    while a broker takes it from its own (the unit's WorkingDirectory): when it names a
+    directory remembering no data set of this Redis, a note on ``err`` says so."""
+    if args.data_dir:
+        return os.path.abspath(args.data_dir)
+    configured = config.broker.data_dir
+    data_dir = os.path.abspath(configured)
+    if err is not None and not os.path.isabs(configured):
+        from .redis_marker import RememberedMarker
+        if not os.path.exists(RememberedMarker.for_options(data_dir, options).path):
+            err.write(f"broker-admin: note: {config.source}: broker.data_dir {configured!r} "
+                      f"is relative, so it was taken from this working directory as "
+                      f"{data_dir}, which remembers no data set of this Redis; a broker takes "
+                      "it from its own working directory (under systemd, the unit's "
+                      "WorkingDirectory): if that is another, give the broker's directory "
+                      "with --data-dir /absolute/path\n")
+    return data_dir
+
+
+def redis_adopt_new(args, out, err=None):
     """Record the marker of the data set Redis holds now in the data directory."""
     config = redis_config(args)
     from broker.backend import redis_options
     from .redis_admin import RedisAdmin
     options = redis_options(config)
-    data_dir = os.path.abspath(args.data_dir or config.broker.data_dir)
+    data_dir = redis_data_dir(args, config, options, err)
     previous, marker = RedisAdmin.adopt_new(options, data_dir)
     from .redis_connection import redacted
     _emit(args, out, {"data_dir": data_dir, "redis_url": redacted(options.url),
@@ -242,10 +263,10 @@ def redis_adopt_new(args, out):
           f"{previous or 'none'})")
 
 
-def redis_restored(args, out):
+def redis_restored(args, out, err=None):
     """Skip the change sequence ahead after a restore of Redis (RedisAdmin.restored)."""
     redis_config(args)
-    db = open_admin(args, False)
+    db = open_admin(args, False, err)
     try:
         before, now, retired = db.restored()
     finally:

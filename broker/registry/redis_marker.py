@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 from contextlib import contextmanager
 
 from broker.files import replace_private_file
@@ -48,6 +49,13 @@ class OlderCopy(StoreError):
 
 #: the command that tells the data set it was put back to an older copy.
 RESTORED = "broker-admin redis restored"
+
+
+def spelt_out(command, data_dir):
+    """``command`` as the operator must type it: with the data directory absolute, since
+    broker-admin would take a relative data_dir from its own working directory, not the
+    broker's (the unit's WorkingDirectory)."""
+    return f"`{command} --config CONFIG --data-dir {shlex.quote(data_dir)}`"
 
 
 class RememberedMarker:
@@ -87,7 +95,8 @@ class RememberedMarker:
         marker = body.get("marker") if isinstance(body, dict) else None
         if not isinstance(marker, str) or not marker:
             raise StoreError(f"the remembered Redis data set marker {self.path!r} is damaged; "
-                             f"run `{ADOPT_NEW}` only if Redis holds the right data set")
+                             f"run {spelt_out(ADOPT_NEW, self.data_dir)} (CONFIG: the "
+                             "broker's config file) only if Redis holds the right data set")
         sequence = body.get("sequence")
         if type(sequence) is not int or sequence < 0:
             sequence = None  # written before sequences were, or damaged: no check
@@ -124,8 +133,9 @@ class RememberedMarker:
         raise MarkerMismatch(
             f"Redis at {self.url} (key prefix {self.key_prefix}) {what}; refusing to start. "
             "Restore Redis from its persistence (AOF/RDB) or a backup, or, to serve the data "
-            f"set Redis holds now (a new one if it is empty) deliberately, run "
-            f"`{ADOPT_NEW}` with this config or --data-dir (docs/scaling.md)")
+            f"set Redis holds now (a new one if it is empty) deliberately, run, as the "
+            f"broker's user, {spelt_out(ADOPT_NEW, self.data_dir)} (CONFIG: this broker's "
+            "config file; docs/scaling.md)")
 
     def raise_sequence(self, marker, sequence):
         """Remember ``sequence`` as seen in the data set ``marker`` unless a higher
@@ -164,5 +174,6 @@ class RememberedMarker:
             f"{marker} at change {found} ({key}), but data directory {self.data_dir} saw it "
             f"at change {seen}: Redis was put back to an older copy (a restore, a replica "
             "promoted behind its primary, or a restart that lost writes), and devices went on "
-            "past it; refusing to start. With every broker stopped, run "
-            f"`{RESTORED}` with this config or --data-dir (docs/scaling.md), then start again")
+            "past it; refusing to start. With every broker stopped, run, as the broker's "
+            f"user, {spelt_out(RESTORED, self.data_dir)} (CONFIG: this broker's config "
+            "file; docs/scaling.md), then start again")

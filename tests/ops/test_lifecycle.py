@@ -17,6 +17,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet import task
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
@@ -41,6 +42,17 @@ class ReloadRulesTests(SynchronousTestCase):
         self.assertEqual(config.http.endpoint, running.http.endpoint)
         self.assertEqual(config.registry, running.registry)
         self.assertEqual(sorted(kept), ["http.endpoint", "log.format", "registry.history_size"])
+
+    def test_structures_sized_once_need_a_restart(self):
+        """[ssp] cipher_cache_size and [websocket] send_buffer_bytes size what is built
+        once: a reload keeps them and lists them, instead of ignoring them silently."""
+        running = load_config(None)
+        loaded = replace(running, "ssp", cipher_cache_size=64)
+        loaded = replace(loaded, "websocket", send_buffer_bytes=65536)
+        config, kept = reloadable(running, loaded)
+        self.assertEqual((config.ssp.cipher_cache_size, config.websocket.send_buffer_bytes),
+                         (running.ssp.cipher_cache_size, running.websocket.send_buffer_bytes))
+        self.assertEqual(sorted(kept), ["ssp.cipher_cache_size", "websocket.send_buffer_bytes"])
 
     def test_nothing_changed(self):
         """Reloading the same file changes nothing and warns about nothing."""
@@ -344,6 +356,23 @@ class ReloadTests(TestCase):
         code, _, _ = yield http_json(self, "GET",
                                      f"http://127.0.0.1:{port.getHost().port}/metrics")
         self.assertEqual(code, 401)
+
+    @defer.inlineCallbacks
+    def test_a_setting_that_needs_a_restart_is_logged(self):
+        """A changed [websocket] send_buffer_bytes keeps the running value in the WebSocket
+        factory, and the reload's warning names it as needing a restart."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        factory = self.service.websocket_factory
+        running = factory.send_buffer_bytes
+        self.write(level="info", require_token="false",
+                   extra="[websocket]\nsend_buffer_bytes = 65536\n")
+        yield self.service.reload()
+        self.assertEqual(factory.send_buffer_bytes, running)
+        warned = [event["keys"] for event in events if "need a restart" in
+                  (event.get("log_format") or "")]
+        self.assertEqual(warned, ["websocket.send_buffer_bytes"])
 
     @defer.inlineCallbacks
     def test_bad_file_keeps_running_config(self):

@@ -10,6 +10,7 @@ ephemeral and found in the broker's JSON log ("broker ready" record).
 import base64
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -452,6 +453,62 @@ class StartupTests(TestCase):
         self.assertEqual(exit_code, 2)
         self.assertIn(b"http.endpoint", broker.output)
         self.assertIn(b"no socket was passed by systemd", broker.output)
+
+
+class DaemonTests(TestCase):
+    """twistd without --nodaemon: the broker runs in a forked child."""
+
+    timeout = 90
+
+    def stop_daemon(self, pid):
+        """SIGTERM the daemon and wait until it is gone."""
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return None
+        return wait_until(lambda: not _alive(pid))
+
+    @defer.inlineCallbacks
+    def test_the_lock_names_the_running_daemon(self):
+        """broker.lock names the daemon's pid, the one in twistd's pid file, not the pid of
+        the process that made the service and exited after the fork (a second broker's
+        refusal named a dead pid)."""
+        directory = absolute_temp(self)
+        data_dir = os.path.join(directory, "data")
+        config = write_config(directory, data_dir, registry={"backend": "sqlite"})
+        pidfile = os.path.join(directory, "twistd.pid")
+        logfile = os.path.join(directory, "broker.log")
+        launcher = BrokerProcess()
+        environ = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARIABLES}
+        reactor.spawnProcess(launcher, sys.executable,
+                             [sys.executable, *TWISTD, f"--pidfile={pidfile}",
+                              f"--logfile={logfile}", "broker", "--config", config],
+                             env=environ, path=directory)
+        exit_code, _ = yield launcher.ended.addTimeout(WAIT, reactor)
+        self.assertEqual(exit_code, 0, launcher.output.decode(errors="replace"))
+        with open(pidfile) as handle:
+            pid = int(handle.read())
+        self.addCleanup(self.stop_daemon, pid)
+        yield wait_until(lambda: "broker ready" in _text_of(logfile))
+        with open(os.path.join(data_dir, "broker.lock")) as handle:
+            self.assertEqual(handle.read(), f"{pid}\n")
+
+
+def _text_of(path):
+    """The file's text so far, or "" before it exists."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 #: The protections of systemd/broker.service a process can apply to itself

@@ -8,6 +8,8 @@ proxies; the page moves it into session storage and drops the fragment.
 That log line is the one documented exception to "no secrets in logs":
 it is written once, when the token is created, and never again, since
 from then on the store holds a token (lost it? ``broker-admin token add``).
+With ``[broker] workers`` only worker 0 looks: the workers start together on
+one shared registry, and each would find it empty and create its own token.
 """
 
 from __future__ import annotations
@@ -66,7 +68,16 @@ class FirstRunToken(Service):
         super().startService()
         if self.done.called:
             self.done = defer.Deferred()
+        if not self._first_worker():
+            self.done.callback(None)  # worker 0 creates and logs the one token
+            return
         self._call = self._clock.callLater(0, self._run)
+
+    def _first_worker(self) -> bool:
+        """Whether this process is the broker, or worker 0 of [broker] workers (the parent
+        BrokerService's ``worker`` is (index, shared HTTP port) in a worker)."""
+        worker = getattr(self.parent, "worker", None)
+        return worker is None or worker[0] == 0
 
     def stopService(self):
         super().stopService()
