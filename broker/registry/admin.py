@@ -5,16 +5,22 @@ is one short ``BEGIN IMMEDIATE`` transaction (SQLite WAL lets the broker
 keep reading and waits for our write lock), and it appends an entry to
 ``admin_log``, which a running broker polls (``DeviceRegistry.reload``) to
 pick up added, removed or re-keyed devices and changed tokens.
+
+An added device and a removal's tombstone are stored at
+``restart.PENDING_CURSOR``, never at a cursor of their own: a running broker
+issues cursors this process cannot see (those not yet stored), so any it
+took could name two changes. The broker gives them cursors, when it reloads
+the change or at its next start (restart.py).
 """
 
 import os
 import time
 
 from . import errors
-from .database import (connect, database_path, decode_state, encode_state, next_cursor,
-                       prepare_directory)
+from .database import connect, database_path, decode_state, encode_state, prepare_directory
 from .model import Device, DeviceView, TokenInfo
 from .provisioning import check_name
+from .restart import PENDING_CURSOR
 from .secrets import ROLES, hash_token, new_device_number, new_secret, new_token
 
 #: admin_log entries kept (a running broker reads them within seconds).
@@ -76,10 +82,9 @@ class AdminDatabase:
             while conn.execute("SELECT 1 FROM devices WHERE number = ?", (number,)).fetchone():
                 number = new_device_number(self._random_bytes)
             secret = new_secret(self._random_bytes)
-            cursor = next_cursor(conn)
-            dev = Device(name, number, secret, 1, cursor)
+            dev = Device(name, number, secret, 1, PENDING_CURSOR)
             conn.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?)",
-                         (number, name, secret, 1, cursor, encode_state(dev.state())))
+                         (number, name, secret, 1, PENDING_CURSOR, encode_state(dev.state())))
             self._log("device_add", name, number)
             return number, secret
         return self._write(add)
@@ -90,7 +95,7 @@ class AdminDatabase:
             conn.execute("DELETE FROM devices WHERE number = ?", (number,))
             conn.execute("DELETE FROM sessions WHERE number = ?", (number,))
             conn.execute("INSERT INTO tombstones (cursor, name, number, version) VALUES (?, ?, ?, ?)",
-                         (next_cursor(conn), name, number, version + 1))
+                         (PENDING_CURSOR, name, number, version + 1))
             self._log("device_remove", name, number)
             return number
         return self._write(remove)

@@ -459,7 +459,8 @@ def session_from_row(row):
 
 
 def next_cursor(conn):
-    """One above every cursor stored (for changes made outside a running registry)."""
+    """One above every cursor stored (broker-admin's own changes take none:
+    restart.PENDING_CURSOR)."""
     row = conn.execute(
         "SELECT max(coalesce((SELECT max(cursor) FROM devices), 0),"
         " coalesce((SELECT max(cursor) FROM tombstones), 0),"

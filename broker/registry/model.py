@@ -11,7 +11,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from .history import EMPTY_HISTORY
-from .values import INT_MAX, INT_MIN, FrozenMap, merge_value, same_value, to_json_value
+from .values import INT_MAX, INT_MIN, FrozenMap, json_equal, merge_value, to_json_value
 
 EMPTY = ()
 _FLOAT = frozenset((float,))
@@ -205,7 +205,7 @@ class DeviceView:
         reported = dict(zip(dev.rkeys, dev.rvals))
         desired = dict(zip(dev.dkeys, dev.dvals))
         delta = {k: v for k, v in desired.items()
-                 if k not in reported or not same_value(reported[k], v)}
+                 if k not in reported or not json_equal(reported[k], v)}
         return cls(dev.name, dev.number, dev.version, dev.cursor,
                    MappingProxyType(reported), MappingProxyType(desired),
                    MappingProxyType(delta),

@@ -88,11 +88,13 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
         tombstones = list(loaded.tombstones)
         # Durable before anything is announced (restart.py). Dead ranges go
         # once the stored horizon covers them (the prune below is not durable
-        # yet); loaded entries inside one move above the restart's cursor.
+        # yet); loaded entries inside one, broker-admin's, and after an
+        # unclean stop every device (with a new version) move above the
+        # restart's cursor.
         top = max([loaded.sequence, loaded.horizon] + [d.cursor for d in devices]
                   + [t[0] for t in tombstones])
         start, dead = continue_cursors(loaded, top, loaded.horizon)
-        start, moves = move_out(devices, tombstones, dead, start)
+        start, moves = move_out(devices, tombstones, dead, start, unclean=not loaded.clean)
         tombstones.sort()
         horizon = loaded.horizon
         keep = self.settings.feed_retention

@@ -25,6 +25,34 @@ restart's (``move_out``), in the same transaction as the range: a cursor
 handed out -- a snapshot page's end, an event id -- is never a dead one,
 else a client paging through a snapshot would be reset on every page.
 
+Versions after an unclean stop: a device's version, like a cursor, is
+announced (ETag, long poll ``version=``, WebSocket, feed) before it is
+durable, so a version seen before a crash may be lost with its state, and
+issued again afterwards for another state: a write with ``If-Match`` on it
+would then succeed against a state its writer never saw. So an unclean
+start also moves every device to a new cursor above the restart's (clients
+that resume hear of each device again, with its new version) and raises
+its version to that new cursor, and at least CURSOR_GAP above the loaded
+one, in the same transaction as the dead range (``Store.begin``). Why that
+is enough: each change raises a device's version by one and the global
+cursor by at least one (and a device broker-admin added starts at version
+1, one above its first cursor at most), so no version ever issued exceeds
+the highest cursor ever issued by more than one; the restart's cursor is
+above every cursor issued before the crash (that is what the gap is for),
+also after a restore of an older copy (sqlite_backup.py raises the copy's
+sequence). The state a loaded version names is the one stored with it,
+so the loaded versions themselves were never wrong: clients holding one
+get a 412 on ``If-Match`` and the device again from the feed. Versions so
+stay at or near the cursors, and within the cursors' budget below 2**53.
+
+broker-admin's changes (admin.py) are stored at PENDING_CURSOR, not at a
+cursor of their own: a running broker issues cursors broker-admin cannot
+know (those not yet durable), so any it chose could be issued twice. The
+running broker gives an added device a cursor when it reloads it, and its
+removal of a device replaces broker-admin's tombstone with its own
+(sqlite_plan.py); what no broker reloaded gets its cursor from
+``move_out`` at the next start, like an entry in a dead range.
+
 Why CURSOR_GAP = 2**32 is enough: changes announced but not yet durable
 wait in the store's queue, each holding its Deferred (and queue entries),
 a few hundred bytes, until its commit; 2**32 of them would need far more
@@ -44,6 +72,9 @@ from twisted.logger import Logger
 CURSOR_GAP = 1 << 32
 #: cursors are JSON numbers: a client in JavaScript reads them exactly below 2**53.
 MAX_SAFE_CURSOR = (1 << 53) - 1
+#: the cursor of an entry broker-admin stored (admin.py): not in the feed
+#: yet; the broker that loads it gives it a cursor of its own (move_out).
+PENDING_CURSOR = 0
 
 _log = Logger(namespace="broker.registry.restart")
 
@@ -80,19 +111,24 @@ def merge(ranges):
     return out
 
 
-def move_out(devices, tombstones, dead, cursor):
-    """Give each loaded entry strictly inside a ``dead`` range a new cursor
-    above ``cursor``, in cursor order: ``devices`` (Device records) change in
+def move_out(devices, tombstones, dead, cursor, unclean=False):
+    """Give loaded entries new cursors above ``cursor``, in cursor order: each
+    one strictly inside a ``dead`` range or at PENDING_CURSOR (broker-admin's),
+    and after an unclean start (``unclean``) every device, whose version then
+    jumps too (module docstring). ``devices`` (Device records) change in
     place, ``tombstones`` (a list of ``(cursor, name, number, version)``) get
     new tuples. Returns ``(the highest cursor now, moves)``, a move being
-    ``(kind, number, old cursor, new cursor)``, kind "device" or "tombstone"."""
+    ``(kind, number, old cursor, new cursor, version)``, kind "device" or
+    "tombstone", version the entry's own (a device's new one)."""
     lows = [low for low, _ in dead]
     highs = [high for _, high in dead]
 
     def inside(c):
+        if c <= PENDING_CURSOR:
+            return True
         i = bisect_right(highs, c)
         return i < len(lows) and lows[i] < c
-    found = [(dev.cursor, "device", dev) for dev in devices if inside(dev.cursor)]
+    found = [(dev.cursor, "device", dev) for dev in devices if unclean or inside(dev.cursor)]
     found += [(t[0], "tombstone", i) for i, t in enumerate(tombstones) if inside(t[0])]
     found.sort(key=lambda item: item[0])
     moves = []
@@ -100,9 +136,14 @@ def move_out(devices, tombstones, dead, cursor):
         cursor += 1
         if kind == "device":
             item.cursor = cursor
-            moves.append((kind, item.number, old, cursor))
+            if unclean:
+                item.version = max(cursor, item.version + CURSOR_GAP)
+            moves.append((kind, item.number, old, cursor, item.version))
         else:
             stone = tombstones[item]
             tombstones[item] = (cursor,) + tuple(stone[1:])
-            moves.append((kind, stone[2], old, cursor))
+            moves.append((kind, stone[2], old, cursor, stone[3]))
+    if moves and max(cursor, max(move[4] for move in moves)) > MAX_SAFE_CURSOR:
+        _log.critical("device versions and change cursors ({cursor}) are beyond 2**53: "
+                      "JavaScript clients cannot read them exactly", cursor=cursor)
     return cursor, moves

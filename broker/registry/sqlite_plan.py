@@ -2,10 +2,13 @@
 
 Coalescing: each changed device's current state is encoded once and its
 latest session record written once, in multi-row statements
-(sqlite_rows.py); other operations keep their order.
+(sqlite_rows.py); other operations keep their order. Tombstones broker-admin
+stored (at restart.PENDING_CURSOR) are not this registry's: a prune keeps
+them, a removal of their device replaces them.
 """
 
 from .database import encode_device, encode_state, session_params
+from .restart import PENDING_CURSOR
 from .sqlite_retry import Group
 from .sqlite_rows import HORIZON_SQL, SESSION_SQL, STATE_SQL, rows_statements
 
@@ -98,6 +101,10 @@ def plan_steps(ops, cursors, later_records=None):
             _, number, name, version, cursor = op
             steps.append(("sql", "DELETE FROM devices WHERE number = ?", (number,)))
             steps.append(("sql", "DELETE FROM sessions WHERE number = ?", (number,)))
+            # broker-admin's tombstone of this removal, if it made it (restart.py):
+            # the removal is this one, at this registry's cursor.
+            steps.append(("sql", "DELETE FROM tombstones WHERE number = ? AND cursor = ?",
+                          (number, PENDING_CURSOR)))
             steps.append(("sql", "INSERT INTO tombstones (cursor, name, number, version)"
                           " VALUES (?, ?, ?, ?)", (cursor, name, number, version)))
             top = max(top, cursor)
@@ -109,7 +116,8 @@ def plan_steps(ops, cursors, later_records=None):
         elif kind == "token_del":
             steps.append(("sql", "DELETE FROM tokens WHERE token_id = ?", (op[1],)))
         elif kind == "prune":
-            steps.append(("sql", "DELETE FROM tombstones WHERE cursor <= ?", (op[1],)))
+            steps.append(("sql", "DELETE FROM tombstones WHERE cursor <= ? AND cursor > ?",
+                          (op[1], PENDING_CURSOR)))
             steps.append(("sql", HORIZON_SQL, (op[1],)))
         elif kind == "read":
             steps.append(("read", op[1], i))

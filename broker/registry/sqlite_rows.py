@@ -9,8 +9,8 @@ prepared (sqlite_store.py uses them).
 
 from .database import SESSION_COLUMNS
 
-__all__ = ["CHUNK", "STATE_SQL", "SESSION_SQL", "SEQUENCE_SQL", "HORIZON_SQL", "DURABLE_SQL",
-           "CLEAN_STOP_SQL", "rows_statements"]
+__all__ = ["CHUNK", "STATE_SQL", "MOVE_SQL", "SESSION_SQL", "SEQUENCE_SQL", "HORIZON_SQL",
+           "DURABLE_SQL", "CLEAN_STOP_SQL", "rows_statements"]
 
 #: most rows in one multi-row statement (SQLite allows 250000 parameters here;
 #: 4096 rows of 7 parameters stay far below the historic 32766 as well).
@@ -18,6 +18,9 @@ CHUNK = 4096
 
 STATE_SQL = ("UPDATE devices SET version = v.column1, cursor = v.column2, state = v.column3"
              " FROM (VALUES ", ") AS v WHERE devices.number = v.column4", 4)
+#: a loaded device moved to a new cursor and version (restart.move_out).
+MOVE_SQL = ("UPDATE devices SET cursor = v.column1, version = v.column2 FROM (VALUES ",
+            ") AS v WHERE devices.number = v.column3 AND devices.cursor = v.column4", 4)
 SESSION_SQL = (f"INSERT OR REPLACE INTO sessions ({SESSION_COLUMNS}) VALUES ", "", 8)
 SEQUENCE_SQL = ("INSERT INTO meta (key, value) VALUES ('sequence', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)")

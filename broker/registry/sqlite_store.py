@@ -53,7 +53,7 @@ from .errors import DeviceExists, StoreError
 from .model import UpdateResult
 from .settings import RegistrySettings
 from .sqlite_plan import first_cursor, latest_records, plan_steps
-from .sqlite_rows import CLEAN_STOP_SQL, DURABLE_SQL, SEQUENCE_SQL
+from .sqlite_rows import CLEAN_STOP_SQL, DURABLE_SQL, MOVE_SQL, SEQUENCE_SQL, rows_statements
 from .sqlite_retry import Group as _Group
 from .sqlite_retry import UnsavedDevices
 from .store import DeviceRow, Loaded, Store
@@ -119,6 +119,9 @@ class SQLiteStore(Store):
             raise RuntimeError("load() runs before the first write")
         conn = self._conn
         try:
+            # One read transaction: one committed state, whatever broker-admin
+            # commits meanwhile (its later changes are in the admin log).
+            conn.execute("BEGIN")
             loaded = Loaded()
             loaded.devices = [DeviceRow(n, name, bytes(secret), version, cursor, decode_state(state))
                               for n, name, secret, version, cursor, state in conn.execute(
@@ -144,6 +147,9 @@ class SQLiteStore(Store):
             raise StoreError(f"{self.path} is damaged: {e}") from None
         except StoreError as e:
             raise StoreError(f"{self.path}: {e.message}") from None
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")      # (it only read)
         return loaded
 
     def begin(self, cursor, dead, moves=()):
@@ -157,11 +163,18 @@ class SQLiteStore(Store):
             conn.execute("DELETE FROM meta WHERE key = 'clean_stop' OR key LIKE 'dead:%'")
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                              [(f"dead:{low}", high) for low, high in dead])
-            for table, kind in (("devices", "device"), ("tombstones", "tombstone")):
-                conn.executemany(f"UPDATE {table} SET cursor = ? WHERE number = ? AND cursor = ?",
-                                 [(new, number, old) for k, number, old, new in moves
-                                  if k == kind])
-            # broker-admin takes its cursors above the sequence (next_cursor).
+            # After an unclean stop every device moves (restart.move_out):
+            # multi-row statements, as for the states of a commit.
+            params = []
+            for kind, number, old, new, version in moves:
+                if kind == "device":
+                    params += (new, version, number, old)
+            for _, sql, chunk in rows_statements(MOVE_SQL, params):
+                conn.execute(sql, chunk)
+            conn.executemany("UPDATE tombstones SET cursor = ? WHERE number = ? AND cursor = ?",
+                             [(new, number, old) for kind, number, old, new, _ in moves
+                              if kind == "tombstone"])
+            # Where cursors continue (sqlite_backup.py reads it).
             conn.execute(SEQUENCE_SQL, (cursor,))
             conn.execute(DURABLE_SQL, (cursor,))
             conn.execute("COMMIT")
@@ -214,6 +227,11 @@ class SQLiteStore(Store):
     def barrier(self, result=None):
         return self.write(("barrier",), result)
 
+    def barrier_for(self, devs, result=None):
+        """A barrier naming the Devices ``devs`` (see Store.barrier_for): after a
+        failed commit of this run it writes their states (``_settle``)."""
+        return self.write(("barrier", tuple(devs)) if devs else ("barrier",), result)
+
     def _read(self, fn):
         return self.write(("read", fn))
 
@@ -259,6 +277,8 @@ class SQLiteStore(Store):
             self._soon = None
         if self._busy or not self._ops:
             return
+        if self.unsaved.failed_commits:
+            self._settle()
         if self.unsaved:
             self._with_unsaved_states()
         n = self._max_batch
@@ -280,6 +300,19 @@ class SQLiteStore(Store):
             self._thread.start()
         self._jobs.append(plan)
         self._wake.set()
+
+    def _settle(self):
+        """Turn the queued barriers naming devices into writes of their states.
+
+        After a failed commit a device's state may be unsaved (or queued again
+        behind this barrier, or in the commit failing now): a write that
+        changed nothing must not be acknowledged with a version the disk does
+        not hold. Writing the state again is harmless if it was saved."""
+        ops = self._ops
+        for i, op in enumerate(ops):
+            if type(op) is tuple and op[0] == "barrier" and len(op) > 1:
+                devs = [dev for dev in op[1] if dev.cursor]      # (cursor 0: removed)
+                ops[i] = _Group(devs) if devs else ("barrier",)
 
     def _with_unsaved_states(self):
         """Put first in the queue the states of unsaved devices whose session

@@ -18,8 +18,9 @@ Write operations (the first item names the kind):
   remember it (cursors below it get a reset answer, also after a restart)
 
 Before the first write the registry calls ``begin`` (restart.py): the store
-durably records where the cursors continue, the dead cursor ranges, and
-that a registry runs (so that a stop without ``close`` reads as unclean).
+durably records where the cursors continue, the dead cursor ranges, the
+entries moved to new cursors (and versions), and that a registry runs (so
+that a stop without ``close`` reads as unclean).
 
 ``state`` is ``Device.state()``: a tuple of plain values the store encodes.
 """
@@ -31,7 +32,7 @@ from twisted.internet import defer
 from .model import UpdateResult
 
 
-def _gathered(writes, result):
+def gathered(writes, result):
     """One Deferred for several writes: ``result`` once all are durable, else the first failure."""
     return defer.gatherResults(writes, consumeErrors=True).addCallbacks(
         lambda _: result, lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
@@ -76,11 +77,11 @@ class Store:
 
     def begin(self, cursor, dead, moves=()):
         """A registry starts at ``cursor`` with the dead cursor ranges ``dead``:
-        record both, the ``moves`` of loaded entries out of dead ranges
-        (``restart.move_out``), and that a registry runs (a stop without
-        ``close`` is unclean), durably before returning. Called once, after
-        ``load``, before any write. This default records nothing (every
-        start is clean)."""
+        record both, the ``moves`` of loaded entries to new cursors (and
+        devices to new versions: ``restart.move_out``), and that a registry
+        runs (a stop without ``close`` is unclean), durably before returning.
+        Called once, after ``load``, before any write. This default records
+        nothing (every start is clean)."""
 
     def write(self, op, result=None):
         """Queue one write; the Deferred fires with ``result`` once it is durable."""
@@ -89,6 +90,13 @@ class Store:
     def barrier(self, result=None):
         """A Deferred firing with ``result`` once every earlier write is durable."""
         raise NotImplementedError
+
+    def barrier_for(self, devs, result=None):
+        """A ``barrier`` for a write that changed nothing of the Devices ``devs``:
+        it also waits until their current states are durable (the result claims
+        their versions). A store that may hold a state unsaved (a failed commit,
+        sqlite_retry.py) writes it again first; this default is ``barrier``."""
+        return self.barrier(result)
 
     def write_state(self, dev, token=None):
         """Queue a changed Device's state: Deferred[UpdateResult] once durable.
@@ -105,14 +113,14 @@ class Store:
         with ``result`` once all are durable (``update_reported_many``)."""
         writes = [self.write(("state", dev.version, dev.cursor, dev.state(), dev.number))
                   for dev in devs]
-        return _gathered(writes, result)
+        return gathered(writes, result)
 
     def write_sessions(self, numbers, records, result=None):
         """Queue the SessionRecords of several devices (parallel lists): ONE
         Deferred, firing with ``result`` once all are durable
         (``DeviceRegistry.save_sessions``)."""
-        return _gathered([self.write(("session", number, record))
-                          for number, record in zip(numbers, records)], result)
+        return gathered([self.write(("session", number, record))
+                         for number, record in zip(numbers, records)], result)
 
     def admin_changes(self, after):
         """Deferred list of ``(seq, op, name, number)`` written by other processes after ``after``."""
@@ -167,11 +175,11 @@ class MemoryStore(Store):
     def begin(self, cursor, dead, moves=()):
         self.dead = list(dead)
         self._crashed = False
-        for kind, number, old, new in moves:
+        for kind, number, old, new, version in moves:
             if kind == "device":
                 row = self.devices.get(number)
                 if row is not None and row.cursor == old:
-                    row.cursor = new
+                    row.cursor, row.version = new, version
             else:
                 self.tombstones = [(new,) + t[1:] if t[0] == old and t[2] == number else t
                                    for t in self.tombstones]

@@ -12,6 +12,7 @@ from twisted.internet import defer
 from . import errors
 from .model import EMPTY, DeviceView, UpdateResult, merge_map, replace_numbers
 from .provisioning import SessionConflict, record_refusal
+from .store import gathered
 from .values import FrozenMap, map_size, value_size
 
 
@@ -42,22 +43,27 @@ class StateUpdates:
         """Merge a validated patch into ``dev.reported``; StateTooLarge leaves it as it was."""
         keys, vals, times, grow = merge_map(self._shapes, dev.rkeys, dev.rvals, dev.rtimes,
                                             patch, now, self.settings.max_items)
-        self._fits(keys, vals, grow, "reported", dev.name, len(dev.rkeys))
+        self._fits(keys, vals, grow, "reported", dev.name, dev.rkeys, dev.rvals)
         dev.rkeys, dev.rvals, dev.rtimes = keys, vals, times
 
     def _merge_desired(self, dev, patch, now):
         """Merge a validated patch into ``dev.desired``; StateTooLarge leaves it as it was."""
         keys, vals, times, grow = merge_map(self._shapes, dev.dkeys, dev.dvals, dev.dtimes,
                                             patch, now, self.settings.max_items)
-        self._fits(keys, vals, grow, "desired", dev.name, len(dev.dkeys))
+        self._fits(keys, vals, grow, "desired", dev.name, dev.dkeys, dev.dvals)
         dev.dkeys, dev.dvals, dev.dtimes = keys, vals, times
 
-    def _fits(self, keys, vals, grow, which, name, before):
-        if grow and len(keys) > self.settings.max_keys and len(keys) > before:
+    def _fits(self, keys, vals, grow, which, name, old_keys, old_vals):
+        """Refuse a merged map over a limit, unless it is no larger than the map
+        it replaces: a state already over a lowered limit may still shrink."""
+        if not grow:
+            return
+        if len(keys) > self.settings.max_keys and len(keys) > len(old_keys):
             raise errors.InvalidValue(f"{which} state of {name!r} would have more than "
                                       f"{self.settings.max_keys} keys")
         limit = self.settings.max_state_bytes
-        if grow and map_size(keys, vals) > limit:
+        size = map_size(keys, vals)
+        if size > limit and size > map_size(old_keys, old_vals):
             raise errors.StateTooLarge(f"{which} state of {name!r} would exceed {limit} bytes")
 
     def _check_events(self, events):
@@ -110,7 +116,8 @@ class StateUpdates:
         except errors.RegistryError as e:
             return defer.fail(e)
         if events is None:
-            return self._store.barrier(UpdateResult(dev.name, dev.version, dev.cursor, token))
+            return self._store.barrier_for((dev,), UpdateResult(dev.name, dev.version,
+                                                                dev.cursor, token))
         return self._changed(dev, token, events)
 
     def update_reported_many(self, updates):
@@ -127,6 +134,7 @@ class StateUpdates:
         """
         out = []
         changed = []
+        unchanged = []
         by_number, by_name = self._by_number, self._by_name
         apply = self._apply_reported
         subs = self._subs
@@ -148,10 +156,15 @@ class StateUpdates:
                 changed.append(dev)
                 if subs.watching:
                     subs.notify(dev.name, lambda: DeviceView.of(dev, events))
+            else:
+                unchanged.append(dev)
             out.append(result(UpdateResult, (dev.name, dev.version, dev.cursor, token)))
         if not changed:
-            return self._store.barrier(out)
-        return self._store.write_states(changed, out)
+            return self._store.barrier_for(unchanged, out)
+        if not unchanged:
+            return self._store.write_states(changed, out)
+        return gathered([self._store.write_states(changed), self._store.barrier_for(unchanged)],
+                        out)
 
     def _apply_reported(self, dev, patch, events, token):
         """Apply one reported update to ``dev`` in memory (version, feed, history).
@@ -208,7 +221,8 @@ class StateUpdates:
         except errors.RegistryError as e:
             return defer.fail(self._refused(e, token))
         if not patch:
-            return self._store.barrier(UpdateResult(name, dev.version, dev.cursor, token))
+            return self._store.barrier_for((dev,), UpdateResult(name, dev.version, dev.cursor,
+                                                                token))
         self._bump(dev, "desired", patch, now)
         d = self._changed(dev, token)
         self._desired_changed(dev)

@@ -171,8 +171,8 @@ def map_size(keys, values):
 
 def same_value(a, b):
     """Equal values of equal types, at any depth: ``True`` is not ``1`` and ``1``
-    is not ``1.0`` (Python's ``==`` says they are), so a reported value only
-    satisfies a desired one that a device would encode the same way."""
+    is not ``1.0`` (Python's ``==`` says they are): whether a value changed
+    (a report of ``1.0`` after ``1`` is a change). The delta uses ``json_equal``."""
     ta = type(a)
     if ta is not type(b) and not (isinstance(a, dict) and isinstance(b, dict)):
         return False
@@ -183,6 +183,22 @@ def same_value(a, b):
     if isinstance(a, dict):
         return all(same_value(x, b[k]) for k, x in a.items())
     return True
+
+
+def json_equal(a, b):
+    """Equal as JSON values, at any depth: numbers by value (``22`` is ``22.0``:
+    JSON has one number type, and a browser cannot send ``22.0``), a boolean
+    never a number, maps key by key, arrays item by item. The delta compares
+    desired with reported this way; ``same_value`` stays the stricter test."""
+    ta, tb = type(a), type(b)
+    if (ta is int or ta is float) and (tb is int or tb is float):
+        return a == b                       # exact: 2**53 + 1 is not 2.0**53
+    if ta is tuple:
+        return tb is tuple and len(a) == len(b) and all(map(json_equal, a, b))
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all(json_equal(x, b[k]) for k, x in a.items()))
+    return ta is tb and a == b
 
 
 def merge_value(old, patch, max_items=None):

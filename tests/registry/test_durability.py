@@ -11,7 +11,7 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.registry import open_registry
+from broker.registry import errors, open_registry
 from broker.registry.admin import AdminDatabase
 
 DEVICES = ("d0", "d1", "d2")
@@ -25,7 +25,7 @@ class _Child:
     def run_and_kill(self, data_dir, acks_wanted, seen=None, stall=None):
         """Run a writer child, SIGKILL it after ``acks_wanted`` acks; return the last
         ack per device. ``seen``: a list that gets ``(name, cursor, counter)`` of
-        every change the child's observer printed before it died. ``stall``: the
+        every change the child's observer printed before it died, and its version. ``stall``: the
         child stops committing from that write on; killed once it says STALLED."""
         flags = ["--seen"] if seen is not None else []
         if stall is not None:
@@ -57,7 +57,7 @@ class _Child:
                 elif parts[:1] == [b"STALLED"]:
                     stalled = True
                 elif parts[:1] == [b"SEEN"] and seen is not None:
-                    seen.append((parts[1].decode(), int(parts[2]), int(parts[3])))
+                    seen.append((parts[1].decode(), int(parts[2]), int(parts[3]), int(parts[4])))
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
         if seen is not None:
@@ -67,7 +67,7 @@ class _Child:
             for line in buffered.split(b"\n")[:-1]:
                 parts = line.split()
                 if parts[:1] == [b"SEEN"]:
-                    seen.append((parts[1].decode(), int(parts[2]), int(parts[3])))
+                    seen.append((parts[1].decode(), int(parts[2]), int(parts[3]), int(parts[4])))
         child.stdout.close()
         child.stderr.close()
         self.assertEqual(child.returncode, -signal.SIGKILL)
@@ -121,7 +121,7 @@ class ResumeAfterKillTests(_Child, TestCase):
         seen = []
         acked = self.run_and_kill(data_dir, 300, seen, stall=600)
         self.assertGreater(seen[-1][2], max(value for _, value in acked.values()))
-        copy = {name: counter for name, _, counter in seen}
+        copy = {name: counter for name, _, counter, _ in seen}
         cursor = seen[-1][1]
         registry = open_registry(data_dir, clock=reactor)
         self.addCleanup(registry.stop)
@@ -141,3 +141,32 @@ class ResumeAfterKillTests(_Child, TestCase):
             cursor, more = batch.cursor, batch.more
         self.assertEqual(copy, {name: registry.device(name).reported["counter"]
                                 for name in DEVICES})
+
+
+class VersionAfterKillTests(_Child, TestCase):
+    """A device version a dashboard was told before a SIGKILL (its ETag) never names
+    another state after the restart."""
+
+    @defer.inlineCallbacks
+    def test_version_seen_before_the_kill_is_never_issued_again(self):
+        """Versions announced before the kill (the last 200 changes never durable) are
+        all below every device's version after the restart, and a write with
+        If-Match on the last one seen is refused although the state differs."""
+        data_dir = os.path.abspath(os.path.join(self.mktemp(), "data"))
+        admin = AdminDatabase(data_dir, create=True)
+        for name in DEVICES:
+            admin.add_device(name)
+        admin.close()
+        seen = []
+        self.run_and_kill(data_dir, 100, seen, stall=200)
+        registry = open_registry(data_dir, clock=reactor)
+        self.addCleanup(registry.stop)
+        for name in DEVICES:
+            versions = [version for seen_name, _, _, version in seen if seen_name == name]
+            self.assertGreater(registry.device(name).version, max(versions))
+        name, _, counter, version = seen[-1]
+        self.assertNotEqual(registry.device(name).reported["counter"], counter)
+        with self.assertRaises(errors.VersionConflict):
+            yield registry.update_desired(name, {"led": "on"}, expected_version=version)
+        result = yield registry.update_desired(name, {"led": "on"})
+        self.assertGreater(result.version, version)

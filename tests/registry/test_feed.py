@@ -1,7 +1,9 @@
 """Tests for broker.registry.feed: the change feed and observers."""
 
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from broker.registry import MemoryStore
 from broker.registry.feed import MIN_COMPACT
 from .helpers import make_registry
 
@@ -122,6 +124,81 @@ class ChangeFeedTests(SynchronousTestCase):
         self.assertEqual([(v.name, v.reported["i"]) for v in batch.devices],
                          [("a", 3 * MIN_COMPACT - 3), ("b", 3 * MIN_COMPACT - 2),
                           ("c", 3 * MIN_COMPACT - 1)])
+
+
+_NAMES = ("a", "b", "c")
+_STEPS = st.lists(st.one_of(
+    st.tuples(st.just("report"), st.sampled_from(_NAMES)),
+    st.tuples(st.just("add"), st.sampled_from(_NAMES)),
+    st.tuples(st.just("remove"), st.sampled_from(_NAMES)),
+    st.tuples(st.sampled_from(("restart", "hold", "crash"))),
+    st.tuples(st.just("follow"), st.integers(1, 3)),
+), min_size=10, max_size=40)
+
+
+class FollowerModelTests(SynchronousTestCase):
+    """A client following the feed across clean restarts and crashes."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(_STEPS)
+    def test_follower_holds_versions_that_name_one_state(self, steps):
+        """Whatever the changes, restarts and crashes (writes held, then lost), a
+        version a client was told names one state of its device for good, and a
+        follower paging the feed ends with the registry's devices and versions."""
+        store = MemoryStore()
+        named = {}                  # (number, version) -> the reported state told
+        twice = []                  # versions told with two states
+        copy, cursor = {}, 0
+
+        def told(view):
+            if not view.removed:
+                key, state = (view.device_number, view.version), dict(view.reported)
+                if named.setdefault(key, state) != state:
+                    twice.append((key, named[key], state))
+
+        def follow(limit):
+            nonlocal copy, cursor
+            more = True
+            while more:
+                batch = registry.changes_since(cursor, limit)
+                if batch.reset:
+                    copy = {}
+                for view in batch.devices:
+                    told(view)
+                    if view.removed:
+                        copy.pop(view.name, None)
+                    else:
+                        copy[view.name] = (view.device_number, view.version)
+                cursor, more = batch.cursor, batch.more
+
+        def opened():
+            registry = make_registry(store, feed_retention=2, reload_interval=0)[0]
+            registry.subscribe("*", told)
+            return registry
+        registry = opened()
+        for i, step in enumerate(steps):
+            kind = step[0]
+            known = kind in ("report", "add", "remove") and registry.device(step[1]) is not None
+            if kind == "report" and known:
+                registry.update_reported(step[1], {"x": i})     # each report its own state
+            elif kind == "add" and not known:
+                registry.add_device(step[1])
+            elif kind == "remove" and known:
+                registry.remove_device(step[1])
+            elif kind == "hold":
+                store.hold()
+            elif kind in ("restart", "crash"):
+                if kind == "restart":
+                    registry.stop()
+                else:
+                    store.crash()
+                registry = opened()
+            elif kind == "follow":
+                follow(step[1])
+        follow(2)
+        self.assertEqual(twice, [])
+        self.assertEqual(copy, {v.name: (v.device_number, v.version)
+                                for v in registry.devices(limit=10)})
 
 
 class SubscriptionTests(SynchronousTestCase):

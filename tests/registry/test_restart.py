@@ -14,8 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.registry import DeviceRegistry, RegistrySettings
 from broker.registry.database import DB_NAME
-from broker.registry.restart import (CURSOR_GAP, MAX_SAFE_CURSOR, continue_cursors, merge,
-                                     move_out)
+from broker.registry import errors
+from broker.registry.restart import (CURSOR_GAP, MAX_SAFE_CURSOR, PENDING_CURSOR,
+                                     continue_cursors, merge, move_out)
 from broker.registry.sqlite_store import SQLiteStore
 from broker.registry.store import Loaded
 from .helpers import make_registry
@@ -101,18 +102,20 @@ class CrashTests(TestCase):
         and the restart's own cursor (a fresh snapshot's) resumes normally."""
         durable, seen = yield self.crashed()
         again = self.open()
-        start = again.cursor
-        self.assertEqual(start, durable + CURSOR_GAP)
-        self.assertLess(start, MAX_SAFE_CURSOR)
+        start = durable + CURSOR_GAP          # then each device moved above it
+        self.assertEqual(again.cursor, start + 2)
+        self.assertLess(again.cursor, MAX_SAFE_CURSOR)
         self.assertFalse(again.changes_since(durable).reset)
         for cursor in (durable + 1, seen, start - 1):
             self.assertTrue(again.changes_since(cursor).reset, cursor)
-        self.assertFalse(again.changes_since(start).reset)
+        for cursor in (start, start + 1, again.cursor):
+            self.assertFalse(again.changes_since(cursor).reset, cursor)
+        top = again.cursor
         result = yield again.update_reported("b", {"y": 1})
-        self.assertEqual(result.cursor, start + 1)
-        batch = again.changes_since(start)
+        self.assertEqual(result.cursor, top + 1)
+        batch = again.changes_since(top)
         self.assertEqual(([v.name for v in batch.devices], batch.reset), (["b"], False))
-        self.assertEqual([v.name for v in again.changes_since(durable).devices], ["b"])
+        self.assertEqual([v.name for v in again.changes_since(durable).devices], ["a", "b"])
 
     @defer.inlineCallbacks
     def test_clean_stop_moves_no_cursor(self):
@@ -151,12 +154,13 @@ class CrashTests(TestCase):
         yield third._store.kill()
         fourth = self.open()
         yield fourth.update_reported("a", {"x": 9})
-        self.assertEqual(fourth.cursor, legit + CURSOR_GAP + 1)
+        self.assertEqual(fourth.cursor, legit + CURSOR_GAP + 3)   # a and b moved, then a
         self.assertTrue(fourth.changes_since(seen).reset)
         self.assertTrue(fourth.changes_since(observed[0]).reset)
         batch = fourth.changes_since(legit)
         self.assertFalse(batch.reset)
-        self.assertEqual([(v.name, v.reported) for v in batch.devices], [("a", {"x": 9})])
+        self.assertEqual([(v.name, v.reported) for v in batch.devices],
+                         [("b", {"y": 1}), ("a", {"x": 9})])
 
     @defer.inlineCallbacks
     def test_crash_right_after_an_unclean_start(self):
@@ -176,6 +180,85 @@ class CrashTests(TestCase):
         self.assertTrue(third.changes_since(seen).reset)
         self.assertTrue(third.changes_since(observed[0]).reset)
         self.assertGreater(third.cursor, observed[0])
+
+    @defer.inlineCallbacks
+    def versions_seen_then_crash(self):
+        """Like ``crashed``, but returns the versions an observer saw of "a" (the
+        last three never durable) and the version of "b" stored."""
+        registry = self.open(StalledStore)
+        for name in ("a", "b"):
+            yield registry.add_device(name)
+        yield registry.update_reported("a", {"x": 0})
+        seen = []
+        registry.subscribe("a", lambda view: seen.append(view.version))
+        stored_b = registry.device("b").version
+        registry._store.commits_left = 0
+        for i in range(1, 4):
+            registry.update_reported("a", {"x": i})
+        yield registry._store.kill()
+        return seen, stored_b
+
+    @defer.inlineCallbacks
+    def test_versions_seen_before_a_crash_are_never_issued_again(self):
+        """Versions announced before a crash and lost with it are never issued again
+        for another state: every device's version starts above them, and a write
+        with If-Match on one of them is a conflict."""
+        seen, stored_b = yield self.versions_seen_then_crash()
+        again = self.open()
+        self.assertEqual(again.device("a").reported, {"x": 0})
+        self.assertGreaterEqual(again.device("b").version, stored_b + CURSOR_GAP)
+        for name in ("a", "b"):
+            self.assertGreater(again.device(name).version, max(seen))
+            self.assertEqual(again.device(name).version, again.device(name).cursor)
+        result = yield again.update_reported("a", {"x": 7})
+        self.assertNotIn(result.version, seen)
+        for version in seen:
+            yield self.assertFailure(again.update_desired("a", {"led": "on"},
+                                                          expected_version=version),
+                                     errors.VersionConflict)
+        self.assertLess(again.device("a").version, MAX_SAFE_CURSOR)
+
+    @defer.inlineCallbacks
+    def test_raised_versions_are_durable_before_anything_is_announced(self):
+        """The raised versions are stored with the dead range: after a second crash
+        before any commit, the versions of both runs stay behind, and after a clean
+        stop the versions stay where they are."""
+        seen, _ = yield self.versions_seen_then_crash()
+        second = self.open(StalledStore)
+        observed = []
+        second.subscribe("*", lambda view: observed.append(view.version))
+        second._store.commits_left = 0
+        second.update_reported("a", {"x": 5})
+        second.update_reported("b", {"y": 5})
+        yield second._store.kill()
+        third = self.open()
+        for name in ("a", "b"):
+            self.assertGreater(third.device(name).version, max(seen + observed))
+        versions = {name: third.device(name).version for name in ("a", "b")}
+        yield third.stop()
+        fourth = self.open()
+        self.assertEqual({name: fourth.device(name).version for name in ("a", "b")}, versions)
+
+    @defer.inlineCallbacks
+    def test_resumed_client_gets_every_device_with_its_new_version(self):
+        """A client resuming from a durable cursor after a crash is sent every device
+        once, with its raised version, so what it holds matches the registry."""
+        registry = self.open(StalledStore)
+        for name in ("a", "b", "c"):
+            yield registry.add_device(name)
+        held = registry.cursor
+        registry._store.commits_left = 0
+        registry.update_reported("a", {"x": 1})
+        yield registry._store.kill()
+        again = self.open()
+        batch = again.changes_since(held, limit=2)
+        names = [v.name for v in batch.devices]
+        while batch.more:
+            batch = again.changes_since(batch.cursor, limit=2)
+            names += [v.name for v in batch.devices]
+        self.assertFalse(batch.reset)
+        self.assertEqual(sorted(names), ["a", "b", "c"])
+        self.assertEqual(again.changes_since(batch.cursor).devices, [])
 
     @defer.inlineCallbacks
     def test_cut_commit_marks_only_the_durable_prefix(self):
@@ -330,11 +413,31 @@ class MemoryStoreRestartTests(SynchronousTestCase):
         self.assertNoResult(held)
         again, _, _ = make_registry(store)
         self.assertEqual(again.device("a").reported, {})
-        self.assertEqual(again.cursor, durable + CURSOR_GAP)
+        self.assertEqual(again.cursor, durable + CURSOR_GAP + 1)     # "a" moved above
         self.assertEqual(store.dead, [(durable, durable + CURSOR_GAP)])
         again.update_reported("a", {"x": 2})
         self.assertTrue(again.changes_since(seen).reset)
         self.assertFalse(again.changes_since(durable).reset)
+
+    def test_crash_raises_every_version(self):
+        """After crash() every device's version is above any version announced before
+        it, and a feed follower of the old registry ends with the new versions."""
+        registry, store, _ = make_registry()
+        for name in ("a", "b"):
+            self.successResultOf(registry.add_device(name))
+        follower = registry.cursor
+        store.hold()
+        registry.update_reported("a", {"x": 1})
+        seen = registry.device("a").version
+        store.crash()
+        again, _, _ = make_registry(store)
+        for name in ("a", "b"):
+            self.assertGreater(again.device(name).version, seen)
+        self.assertEqual({row.name: row.version for row in store.devices.values()},
+                         {name: again.device(name).version for name in ("a", "b")})
+        batch = again.changes_since(follower)
+        self.assertEqual({v.name: v.version for v in batch.devices},
+                         {name: again.device(name).version for name in ("a", "b")})
 
     def test_held_writes_at_restart_count_as_a_crash(self):
         """A new registry over a MemoryStore still holding writes of the old one is
@@ -344,7 +447,7 @@ class MemoryStoreRestartTests(SynchronousTestCase):
         store.hold()
         registry.update_reported("a", {"x": 1})
         again, _, _ = make_registry(store)
-        self.assertEqual(again.cursor, registry.cursor - 1 + CURSOR_GAP)
+        self.assertEqual(again.cursor, registry.cursor - 1 + CURSOR_GAP + 1)
 
 
 class ContinueCursorsTests(SynchronousTestCase):
@@ -379,11 +482,42 @@ class ContinueCursorsTests(SynchronousTestCase):
         stones = [(11, "x", 9, 2), (10, "y", 8, 2)]
         top, moves = move_out(devs, stones, [(10, 20)], 100)
         self.assertEqual(top, 103)
-        self.assertEqual(moves, [("tombstone", 9, 11, 101), ("device", 2, 12, 102),
-                                 ("device", 4, 15, 103)])
+        self.assertEqual(moves, [("tombstone", 9, 11, 101, 2), ("device", 2, 12, 102, 1),
+                                 ("device", 4, 15, 103, 1)])
         self.assertEqual([d.cursor for d in devs], [5, 102, 20, 103])
         self.assertEqual(stones, [(101, "x", 9, 2), (10, "y", 8, 2)])
         self.assertEqual(move_out(devs, stones, [], 103), (103, []))
+
+    def test_move_out_after_an_unclean_stop_moves_every_device(self):
+        """After an unclean stop every device moves above the start, in cursor order,
+        its version raised to its new cursor (at least CURSOR_GAP above its own);
+        tombstones move only out of dead ranges, with their versions."""
+        from broker.registry.model import Device
+        devs = [Device("a", 1, b"k" * 16, 3, 5), Device("b", 2, b"k" * 16, 4, 4)]
+        stones = [(6, "x", 9, 2)]
+        start = 6 + CURSOR_GAP
+        top, moves = move_out(devs, stones, [(6, start)], start, unclean=True)
+        self.assertEqual(top, start + 2)
+        self.assertEqual(moves, [("device", 2, 4, start + 1, start + 1),
+                                 ("device", 1, 5, start + 2, start + 2)])
+        self.assertEqual([(d.cursor, d.version) for d in devs],
+                         [(start + 2, start + 2), (start + 1, start + 1)])
+        self.assertEqual(stones, [(6, "x", 9, 2)])
+        odd = [Device("c", 3, b"k" * 16, 50, 1)]      # a version above its cursor
+        move_out(odd, [], [], 10, unclean=True)
+        self.assertEqual(odd[0].version, 50 + CURSOR_GAP)
+
+    def test_move_out_gives_pending_entries_cursors(self):
+        """Entries broker-admin stored (PENDING_CURSOR) move above the start, also on
+        a clean start, keeping their versions."""
+        from broker.registry.model import Device
+        devs = [Device("a", 1, b"k" * 16, 1, PENDING_CURSOR), Device("b", 2, b"k" * 16, 4, 7)]
+        stones = [(PENDING_CURSOR, "x", 9, 3), (5, "y", 8, 2)]
+        top, moves = move_out(devs, stones, [], 20)
+        self.assertEqual(top, 22)
+        self.assertEqual(moves, [("device", 1, 0, 21, 1), ("tombstone", 9, 0, 22, 3)])
+        self.assertEqual(devs[1].cursor, 7)
+        self.assertEqual(stones[1], (5, "y", 8, 2))
 
     def test_merge(self):
         """Overlapping ranges merge; touching ones stay apart (their shared end is a

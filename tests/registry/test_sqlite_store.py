@@ -641,6 +641,59 @@ class FailedCommitTests(TestCase):
         self.assertEqual(self.store.unsaved.failed_commits, 2)   # the last try failed too
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def stored_version(self, name):
+        """The version of ``name`` the database holds now."""
+        conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))
+        self.addCleanup(conn.close)
+        return conn.execute("SELECT version FROM devices WHERE name = ?", (name,)).fetchone()[0]
+
+    @defer.inlineCallbacks
+    def test_no_change_write_after_a_failed_commit_is_not_acknowledged_unstored(self):
+        """While a device's state cannot be stored after a failed commit, a write
+        that changes nothing (an empty patch, alone or in a batch) fails instead of
+        claiming the unstored version; once storage is back it stores that state
+        before it answers with its version."""
+        yield self.registry.add_device("a")
+        broken = self.break_storage()
+        yield self.assertFailure(self.registry.update_reported("a", {"t": 7}), errors.StoreError)
+        version = self.registry.device("a").version
+        self.assertLess(self.stored_version("a"), version)
+        for empty in (lambda: self.registry.update_reported("a", {}),
+                      lambda: self.registry.update_desired("a", {}),
+                      lambda: self.registry.update_reported_many([("a", {})]),
+                      lambda: self.registry.update_reported_many([("a", {}), ("a", {"u": 1})])):
+            yield self.assertFailure(empty(), errors.StoreError)
+        broken.execute("DROP TRIGGER full_disk")
+        broken.close()
+        version = self.registry.device("a").version
+        result = yield self.registry.update_desired("a", {})
+        self.assertEqual(result.version, version)
+        self.assertEqual(self.stored_version("a"), version)
+        results = yield self.registry.update_reported_many([("a", {})])
+        self.assertEqual([r.version for r in results], [version])
+
+    @defer.inlineCallbacks
+    def test_no_change_write_during_a_failing_commit_waits_for_the_state(self):
+        """A write that changes nothing, made while the commit of the device's change
+        is under way and then fails, is not acknowledged before that state is stored."""
+        yield self.registry.add_device("a")
+        broken = self.break_storage()
+        done = self.store._done
+        during = []
+
+        def failing(batch, results, failures):
+            if not during:      # the commit has failed; the registry does not know yet
+                during.append(self.registry.update_reported("a", {}))
+            done(batch, results, failures)
+        self.store._done = failing
+        yield self.assertFailure(self.registry.update_reported("a", {"t": 7}), errors.StoreError)
+        self.store._done = done
+        yield self.assertFailure(during[0], errors.StoreError)
+        broken.execute("DROP TRIGGER full_disk")
+        broken.close()
+        result = yield self.registry.update_reported("a", {})
+        self.assertEqual(self.stored_version("a"), result.version)
+
     @defer.inlineCallbacks
     def test_session_record_after_a_failed_commit_carries_the_state(self):
         """A session record written after a failed commit commits with its device's

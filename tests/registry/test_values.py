@@ -62,6 +62,27 @@ class LimitTests(SynchronousTestCase):
         self.assertRejected({"big": "x" * 300}, errors.StateTooLarge)
         self.failureResultOf(self.registry.update_desired("d", {"big": "x" * 300}), errors.StateTooLarge)
 
+    def test_state_over_a_lowered_limit_may_shrink(self):
+        """A state over max_state_bytes (the limit was lowered since it was stored)
+        takes a patch that leaves it smaller or no larger, and still refuses one that
+        makes it grow, for reported and desired alike."""
+        from broker.registry import DeviceRegistry, RegistrySettings
+        registry, store, clock = make_registry(max_state_bytes=1024)
+        self.successResultOf(registry.add_device("a"))
+        big = {k: k * 200 for k in "abcd"}
+        self.successResultOf(registry.update_reported("a", big))
+        self.successResultOf(registry.update_desired("a", big))
+        again = DeviceRegistry(store, clock=clock, settings=RegistrySettings(max_state_bytes=256))
+        for update in (again.update_reported, again.update_desired):
+            self.successResultOf(update("a", {"a": None}))                # delete a key
+            self.successResultOf(update("a", {"b": "b" * 100}))           # shorten a value
+            self.successResultOf(update("a", {"c": "z" * 200}))           # same size
+            self.failureResultOf(update("a", {"d": "d" * 201}), errors.StateTooLarge)
+            self.failureResultOf(update("a", {"e": 1}), errors.StateTooLarge)
+        view = again.device("a")
+        for state in (view.reported, view.desired):
+            self.assertEqual(dict(state), {"b": "b" * 100, "c": "z" * 200, "d": "d" * 200})
+
     def test_error_codes(self):
         """Errors carry stable codes for the wire."""
         self.assertEqual(self.assertRejected({"": 1}, errors.InvalidKey).to_json()["error"], "invalid_key")
@@ -154,3 +175,42 @@ class SharedTablesTests(SynchronousTestCase):
         for n in range(100):
             self.assertEqual(validator.key(f"name{n}"), f"name{n}")
             self.assertLessEqual(len(validator._keys), 16)
+
+
+class JsonEqualTests(SynchronousTestCase):
+    """json_equal: equality of two values as JSON sees them (the delta's test)."""
+
+    def test_numbers_compare_by_value(self):
+        """An int and a float of the same value are equal, exactly (no rounding of
+        large integers); different values are not."""
+        from broker.registry.values import json_equal
+        for a, b in ((22, 22.0), (0, -0.0), (-(2 ** 63), float(-(2 ** 63)))):
+            self.assertTrue(json_equal(a, b), (a, b))
+            self.assertTrue(json_equal(b, a), (b, a))
+        for a, b in ((22, 22.5), (2 ** 53 + 1, float(2 ** 53)), (1, "1")):
+            self.assertFalse(json_equal(a, b), (a, b))
+
+    def test_booleans_are_never_numbers(self):
+        """true is not 1 nor 1.0, false is not 0, at any depth."""
+        from broker.registry.values import json_equal
+        for a, b in ((True, 1), (True, 1.0), (False, 0), ((True,), (1,)), ({"x": False}, {"x": 0})):
+            self.assertFalse(json_equal(a, b), (a, b))
+            self.assertFalse(json_equal(b, a), (b, a))
+        self.assertTrue(json_equal(True, True))
+
+    def test_containers_compare_item_by_item(self):
+        """Maps are equal with the same keys and equal values, arrays with equal items
+        in order; an array is not a map, bytes are not text."""
+        from broker.registry.values import FrozenMap, json_equal
+        self.assertTrue(json_equal(FrozenMap({"a": (1, 2.0), "b": FrozenMap({"c": 3})}),
+                                   {"a": (1.0, 2), "b": {"c": 3.0}}))
+        for a, b in (({"a": 1}, {"a": 1, "b": 2}), ((1, 2), (2, 1)), ((1,), (1, 1)),
+                     ((), {}), (b"x", "x"), (None, 0)):
+            self.assertFalse(json_equal(a, b), (a, b))
+            self.assertFalse(json_equal(b, a), (b, a))
+
+    def test_strict_test_keeps_types_apart(self):
+        """same_value, which says whether a value changed, still tells 1 from 1.0."""
+        from broker.registry.values import same_value
+        self.assertFalse(same_value(1, 1.0))
+        self.assertTrue(same_value((1, {"a": 2.0}), (1, {"a": 2.0})))

@@ -4,7 +4,7 @@ Usage: python -m tests.registry.writer_process DATA_DIR [--seen] [--stall N] DEV
 Writes reported states to the devices forever (one by one and in
 batches) and prints one line ``ACK <name> <version> <counter>`` for every
 write the registry reports durable; with ``--seen``, also one line
-``SEEN <name> <cursor> <counter>`` for every change an observer is told of
+``SEEN <name> <cursor> <counter> <version>`` for every change an observer is told of
 (as a dashboard would be, before the change is durable). With ``--stall N``
 the store's writer is held back from the N-th write on: later changes are
 announced and never made durable; after 200 of them it prints ``STALLED``
@@ -26,7 +26,8 @@ def main(reactor, data_dir, *names):
         names = names[1:]
 
         def seen(view):
-            out.write(f"SEEN {view.name} {view.cursor} {int(view.reported['counter'])}\n")
+            out.write(f"SEEN {view.name} {view.cursor} {int(view.reported['counter'])} "
+                      f"{view.version}\n")
             out.flush()     # seen at once, as a dashboard sees it: before it is durable
         registry.subscribe(list(names), seen)
     if names[:1] == ("--stall",):
