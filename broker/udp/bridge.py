@@ -27,6 +27,26 @@ REFUSALS = (errors.InvalidKey, errors.InvalidValue, errors.StateTooLarge)
 #: ``_current_record``: the device's record belongs to another session.
 _OTHER_SESSION = object()
 
+#: Commands one device may have waiting on its session (queued, not yet
+#: acknowledged); more are refused with TooManyCommands. Every command held
+#: is copied into each new outgoing state and written with each session
+#: record, so a device that does not acknowledge must not grow them without
+#: bound. (A setting for the lead to wire: [ssp] max_pending_commands.)
+MAX_PENDING_COMMANDS = 256
+
+
+class TooManyCommands(ValueError):
+    """Commands refused because the device already has ``waiting`` of at most ``limit``.
+
+    A ValueError, so that the endpoint's send_command lets the session
+    park again as for any other command it cannot queue.
+    """
+
+    def __init__(self, waiting: int, limit: int) -> None:
+        super().__init__(f"{waiting} commands are waiting for the device (at most {limit})")
+        self.waiting = waiting
+        self.limit = limit
+
 
 def _unless_failed(result, failed):
     """The records' Deferred: fails if the reports committed before them did not store."""
@@ -40,8 +60,10 @@ class RegistryBridge:
 
     log = Logger()
 
-    def __init__(self, registry) -> None:
+    def __init__(self, registry, max_pending_commands: int = MAX_PENDING_COMMANDS) -> None:
         self.registry = registry
+        #: commands a session may hold unacknowledged (see MAX_PENDING_COMMANDS).
+        self.max_pending_commands = max_pending_commands
         self._watches = []
         #: refused reports by error code (exported as broker_ssp_reports_refused_total).
         self.refused: dict[str, int] = {}
@@ -105,6 +127,8 @@ class RegistryBridge:
         holds: its events past the session's are the ones to put on it.  Only
         then may they travel: a command the device saw must survive a crash,
         or the restarted broker would give its index to another command.
+        TooManyCommands (nothing queued) when the session would then hold
+        more than ``max_pending_commands`` unacknowledged commands.
         """
         number = live.number
         if self._current_record(live) is _OTHER_SESSION:
@@ -113,6 +137,9 @@ class RegistryBridge:
             return defer.succeed(None)
         unsent = self._unsent.get(number)
         base = live.session.local_state if unsent is None or unsent[0] is not live else unsent[1]
+        waiting = len(base.events)     # acknowledged ones are no longer held
+        if waiting + len(commands) > self.max_pending_commands:
+            raise TooManyCommands(waiting, self.max_pending_commands)
         state = base.with_events(*commands)
         self._unsent[number] = (live, state)
         try:

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from broker.registry.errors import InvalidKey, InvalidValue
 from broker.registry.values import Validator, value_size
+from broker.udp.bridge import TooManyCommands
 
 
 class CommandRefused(Exception):
@@ -64,6 +65,11 @@ class CommandSender:
         """A command another process relayed: queue it if the session is here."""
         try:
             queued = self.endpoint.send_command(device_number, command)
+        except TooManyCommands as refusal:
+            self.counters["too_many_commands"] += 1
+            self.log.warn("relayed command for device {number} dropped: {refusal}",
+                          number=device_number, refusal=str(refusal))
+            return False
         except (TypeError, ValueError):
             self.log.failure("a relayed command could not be queued")
             return False
@@ -102,9 +108,10 @@ class CommandSender:
         process's session and on its way; {"queued": True, "relayed": True}
         once another process heard the relayed command. Failures are
         CommandRefused: 409 device_offline (no process holds a session, or it
-        ended meanwhile), 503 relay_failed (Redis did not take it), 503
-        store_error (the record write failed; its fate is unknown, as after a
-        timeout).
+        ended meanwhile), 429 too_many_commands (the session already holds
+        the most unacknowledged commands it may), 503 relay_failed (Redis
+        did not take it), 503 store_error (the record write failed; its fate
+        is unknown, as after a timeout).
         """
         try:
             answer = self._send(name, command)
@@ -133,6 +140,11 @@ class CommandSender:
                                  "turned off on this broker ([ssp] enabled = false)")
         try:
             queued = self.endpoint.send_command(view.device_number, frozen)
+        except TooManyCommands as refusal:
+            raise CommandRefused(429, "too_many_commands",
+                                 f"device {name[:64]!r} has {refusal.waiting} commands not yet "
+                                 f"acknowledged (at most {refusal.limit}): send more once it "
+                                 "has taken some") from None
         except (TypeError, ValueError) as problem:
             # Beyond what an SSP state can carry (wire.md 5), though the registry takes it.
             raise CommandRefused(400, "invalid_command", f"not a device value: {problem}") from None

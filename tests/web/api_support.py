@@ -38,9 +38,10 @@ class _Bytes:
 class Exchange:
     """One connection carrying one request; its response is read from the transport."""
 
-    def __init__(self, channel, transport) -> None:
+    def __init__(self, channel, transport, method: str = "GET") -> None:
         self.channel = channel
         self.transport = transport
+        self.method = method             # a HEAD's response has headers only
 
     def raw(self) -> bytes:
         return self.transport.value()
@@ -60,7 +61,7 @@ class Exchange:
         data = self.raw()
         if b"\r\n\r\n" not in data:
             return None
-        response = HTTPResponse(_Bytes(data))
+        response = HTTPResponse(_Bytes(data), method=self.method)
         response.begin()
         try:
             body = response.read()
@@ -146,7 +147,7 @@ class MemoryAPI:
         for key, value in (headers or {}).items():
             lines.append(_b(key) + b": " + _b(value))
         channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + payload)
-        return Exchange(channel, transport)
+        return Exchange(channel, transport, method)
 
     def call(self, method, path, headers=None, body=None):
         """(status, headers, JSON) of a request that must be answered at once."""

@@ -230,6 +230,35 @@ class DevicePollTests(SynchronousTestCase):
         status, _, body = poll.response()
         self.assertEqual((status, body["error"]["code"]), (404, "unknown_device"))
 
+    def test_rotated_key_ends_the_poll_at_once(self):
+        """A device poll waiting with a key that is then rotated is answered 401 invalid_device_key at once, never with data."""
+        self.m.call("GET", "/api/v1/devices/node-7", self.auth)     # goes online
+        version = self.m.registry.device("node-7").version
+        poll = self.m.open("GET", f"/api/v1/devices/node-7?version={version}&wait=30", self.auth)
+        self.assertFalse(poll.answered)
+        self.m.result(self.m.registry.rotate_key("node-7"))
+        status, headers, body = poll.response()
+        self.assertEqual((status, body["error"]["code"]), (401, "invalid_device_key"))
+        self.assertIn("Device", headers["WWW-Authenticate"])
+        self.assertEqual(len(self.m.api.room), 0)
+
+    def test_rotation_leaves_other_polls_waiting(self):
+        """Rotating one device's key leaves token polls of it, and other devices' polls, waiting."""
+        other = self.m.add_device("node-8")
+        self.m.call("GET", "/api/v1/devices/node-8", device_auth(other.key))
+        version = self.m.registry.device("node-8").version
+        by_device = self.m.open("GET", f"/api/v1/devices/node-8?version={version}&wait=30",
+                                device_auth(other.key))
+        version = self.m.registry.device("node-7").version
+        by_token = self.m.open("GET", f"/api/v1/devices/node-7?version={version}&wait=30",
+                               bearer(self.m.token("read")))
+        self.m.result(self.m.registry.rotate_key("node-7"))
+        self.m.clock.advance(1)
+        self.assertFalse(by_device.answered or by_token.answered)
+        self.m.registry.update_desired("node-7", {"led": "on"})
+        self.m.clock.advance(0)
+        self.assertEqual(by_token.response()[2]["desired"], {"led": "on"})
+
     def test_connection_facts_like_an_ssp_device(self):
         """An HTTP device is online with address and last_heard, stays so while waiting, then goes offline."""
         self.m.call("POST", "/api/v1/devices/node-7/reported", {

@@ -258,7 +258,7 @@ class RestTests(TestCase):
     def test_405(self):
         """A wrong method gets 405 with Allow."""
         headers = yield self.assertError(405, "method_not_allowed", "DELETE", "/devices", self.write)
-        self.assertEqual(header(headers, b"allow"), "GET, OPTIONS")
+        self.assertEqual(header(headers, b"allow"), "GET, HEAD, OPTIONS")
 
     @defer.inlineCallbacks
     def test_409(self):

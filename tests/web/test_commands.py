@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.registry import DeviceRegistry, MemoryStore, RegistrySettings
 from broker.registry.errors import StoreError
+from broker.udp.bridge import TooManyCommands
 from broker.web.commands import CommandRefused, CommandSender
 from broker.web.websocket.messages import ProtocolError, parse_request
 from tests.helpers import loopback_config, start_broker
@@ -158,6 +159,28 @@ class CommandTests(TestCase):
         self.assertEqual(self.broker.service.websocket_factory.commands.counters["queued"], 0)
 
 
+    @defer.inlineCallbacks
+    def test_a_full_command_queue_is_refused_on_both(self):
+        """A session holding the most unacknowledged commands it may: REST answers 429
+        too_many_commands, the WebSocket a too_many_commands error, and nothing is queued."""
+        node, commands = yield self.connected_node(self.pump)
+        # No room at all: every command finds the device's queue full.
+        self.patch(self.endpoint._bridge, "max_pending_commands", 0)
+        status, headers, body = yield self.client.call("POST", "/devices/pump-1/commands",
+                                                       self.write, {"op": "reboot"})
+        self.assertEqual((status, body["error"]["code"]), (429, "too_many_commands"))
+        self.assertIn("not yet acknowledged", body["error"]["message"])
+        client = yield connected(self, self.broker.http_url, self.write_token)
+        answer = yield client.request({"op": "command", "id": "c", "device": "pump-1",
+                                       "command": "x"})
+        self.assertEqual((answer["type"], answer["id"], answer["code"]),
+                         ("error", "c", "too_many_commands"))
+        yield pause(SETTLE)
+        self.assertEqual(commands, [])
+        record = self.registry.session_record(self.pump.device_number)
+        self.assertEqual(record.local_state, b"")
+
+
 class WithoutSSPTests(TestCase):
     """A broker with [ssp] enabled = false refuses commands with a precise code."""
 
@@ -191,6 +214,13 @@ class RecordingEndpoint:
             return None
         self.sent.append((device_number, commands))
         return defer.succeed(True)
+
+
+class FullEndpoint:
+    """Stands in for SSPEndpoint.send_command of a session whose command queue is full."""
+
+    def send_command(self, device_number, *commands):
+        raise TooManyCommands(4, 4)
 
 
 class CommandSenderTests(SynchronousTestCase):
@@ -229,8 +259,29 @@ class CommandSenderTests(SynchronousTestCase):
                          (409, "ssp_disabled"))
         offline = CommandSender(self.registry, RecordingEndpoint(online=False))
         self.assertEqual(self.refusal(offline, "pump-1", 1), (409, "device_offline"))
+        full = CommandSender(self.registry, FullEndpoint())
+        self.assertEqual(self.refusal(full, "pump-1", 1), (429, "too_many_commands"))
+        self.assertEqual(full.counters["too_many_commands"], 1)
         self.assertEqual(online.counters["invalid_command"], 4)
         self.assertEqual(online.counters["queued"], 0)
+
+
+class RelayingRegistry:
+    """The relay side of a shared registry: keeps the callback relayed commands go to."""
+
+    def relay_to(self, deliver):
+        self.deliver = deliver
+
+
+class RelayedToFullQueueTests(SynchronousTestCase):
+
+    def test_relayed_command_for_a_full_queue_is_dropped_and_counted(self):
+        """A command relayed to this process for a session whose queue is full is not taken, counted, and logs no failure."""
+        registry = RelayingRegistry()
+        sender = CommandSender(registry, FullEndpoint())
+        self.assertIs(registry.deliver(7, "x"), False)
+        self.assertEqual(sender.counters["too_many_commands"], 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class AnsweringEndpoint:

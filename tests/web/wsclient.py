@@ -93,6 +93,33 @@ class DashboardClient(WebSocketClientProtocol):
         self.transport.resumeProducing()
 
 
+class DeafToCloseClient(DashboardClient):
+    """A client that never answers the broker's close frame, keeping the connection CLOSING.
+
+    It records the close code and goes on sending, as a misbehaving or
+    hostile client may for the whole close handshake timeout.
+    """
+
+    close_code = None
+
+    def onCloseFrame(self, code, reasonRaw):
+        if self.state == self.STATE_OPEN:
+            self.close_code = code
+            return None
+        return super().onCloseFrame(code, reasonRaw)
+
+    def onClose(self, wasClean, code, reason):
+        # Its own close (at cleanup) is answered by the broker dropping TCP,
+        # which leaves Autobahn's close handshake timer armed.
+        call, self.closeHandshakeTimeoutCall = self.closeHandshakeTimeoutCall, None
+        if call is not None:
+            try:
+                call.cancel()
+            except ValueError:
+                pass  # its batch is already running
+        super().onClose(wasClean, code, reason)
+
+
 @defer.inlineCallbacks
 def eventually(condition, timeout=10.0, step=0.05):
     """Wait (polling the real reactor) until condition() is true; fail after timeout."""
@@ -106,11 +133,12 @@ def eventually(condition, timeout=10.0, step=0.05):
 
 def connect(broker_url: str, token: str | None = None, *, via: str = "header",
             origin: str | None = None, protocols=None, tls=None, port_host=None,
-            path: str = "/ws", offers=None) -> defer.Deferred:
+            path: str = "/ws", offers=None, client=None) -> defer.Deferred:
     """Open a DashboardClient to a running broker; fires when the connection is open.
 
     ``via`` says where the token goes: "header" (Authorization) or
     "subprotocol" (``bearer.<token>``). ``tls``: client TLS options (wss).
+    ``client``: the protocol class (default DashboardClient).
     """
     host_port = broker_url.split("://", 1)[1]
     host, port = host_port.rsplit(":", 1)
@@ -124,7 +152,7 @@ def connect(broker_url: str, token: str | None = None, *, via: str = "header",
         offered.append(f"bearer.{token}")
     factory = WebSocketClientFactory(url, origin=origin, protocols=offered or None,
                                      headers=headers)
-    factory.protocol = DashboardClient
+    factory.protocol = client or DashboardClient
     factory.opened = defer.Deferred()
     if offers:
         factory.setProtocolOptions(perMessageCompressionOffers=offers)

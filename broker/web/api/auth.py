@@ -2,8 +2,10 @@
 
 * ``Authorization: Bearer <token>``: a dashboard token from
   ``registry.add_token(role)``; role ``read`` or ``write``. Requests that
-  only read may pass it as ``?token=`` instead (EventSource cannot set
-  headers), unless the broker's ``[http] query_tokens`` is false.
+  only read (GET, HEAD) may pass it as ``?token=`` instead (EventSource
+  cannot set headers), unless the broker's ``[http] query_tokens`` is
+  false. Any other request with ``?token=`` is refused, even beside a
+  header: its URL, token included, may already be in a log.
 * ``Authorization: Device <key>``: a device's own 22-character key; it
   reaches only that device's resources. The key is compared with
   ``hmac.compare_digest``, and an unknown device costs the same compare,
@@ -44,14 +46,19 @@ def authenticate(request, registry, device_name: str | None, allow_query_token: 
                  query_tokens: bool = True) -> Principal:
     """The Principal of a request, or ApiError 401.
 
-    ``allow_query_token``: the request may carry ``?token=`` (a GET);
+    ``allow_query_token``: the request may carry ``?token=`` (GET, HEAD);
     ``query_tokens``: the broker takes them at all ([http] query_tokens).
     """
-    if not query_tokens and b"token" in request.args:
-        # Refused even beside a header: the URL (and the token) is in a log already.
-        raise unauthorized("token_in_query",
-                           "this broker takes tokens only in the Authorization header "
-                           "([http] query_tokens = false); send Authorization: Bearer <token>")
+    # Refused even beside a header: the URL (and the token) is in a log already.
+    if b"token" in request.args:
+        if not query_tokens:
+            raise unauthorized("token_in_query",
+                               "this broker takes tokens only in the Authorization header "
+                               "([http] query_tokens = false); send Authorization: Bearer <token>")
+        if not allow_query_token:
+            raise unauthorized("token_in_query",
+                               "?token= is accepted only by GET and HEAD requests; "
+                               "send Authorization: Bearer <token>")
     authorization = split_authorization(request.getHeader(b"authorization"))
     if authorization is not None:
         scheme, credentials = authorization
@@ -63,10 +70,6 @@ def authenticate(request, registry, device_name: str | None, allow_query_token: 
                            "the Authorization scheme must be Bearer (token) or Device (device key)")
     token = request.args.get(b"token")
     if token is not None:
-        if not allow_query_token:
-            raise unauthorized("token_in_query",
-                               "?token= is accepted only by GET requests; "
-                               "send Authorization: Bearer <token>")
         return _token(registry, token[-1].decode("latin-1"))
     raise unauthorized("missing_credentials",
                        "send Authorization: Bearer <token> or Device <key>")

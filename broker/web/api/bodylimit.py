@@ -11,6 +11,12 @@ goes through the normal Request, so the Site logs and counts it.
 
 The limit is the Site's ([http] max_request_bytes): no resource of the
 broker takes a larger body, whatever its path.
+
+These requests also leave POST bodies alone: twisted.web would otherwise
+parse a form-encoded or multipart body into ``request.args`` before any
+resource sees it (a malformed one answered with a bare 400 and a closed
+connection, a ``token=`` field taken for a ``?token=``). The broker takes
+JSON only; a form body is answered by the resource (the API: 415).
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ class LimitedRequest(server.Request):
     max_body = 65536
     body_too_large = False
     _received = 0
+
+    def __init__(self, *args, **kwargs):
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
 
     def gotLength(self, length):
         if length is not None and length > self.max_body:

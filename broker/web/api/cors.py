@@ -35,8 +35,11 @@ def check_origin(request, policy) -> bytes | None:
 
 
 def allowed_methods(methods) -> bytes:
-    """The Allow header of a path: its methods and OPTIONS (which every path answers)."""
-    return b", ".join(sorted(set(methods) | {b"OPTIONS"}))
+    """The Allow header of a path: its methods, HEAD where GET is, and OPTIONS (every path)."""
+    allowed = set(methods) | {b"OPTIONS"}
+    if b"GET" in allowed:
+        allowed.add(b"HEAD")
+    return b", ".join(sorted(allowed))
 
 
 def preflight(request, methods) -> bytes:

@@ -24,6 +24,9 @@ from .stream import EventStream
 MAX_CURSOR = 10**18 - 1
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
+#: the headers of an event stream (and of a HEAD of one).
+STREAM_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"),
+                  (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no"))
 
 
 def _address(request):
@@ -36,6 +39,12 @@ def _heard(api, request, principal, name):
     """A device talking for itself is connected: record it as an SSP session would be."""
     if principal.device is not None:
         api.presence.heard(name, _address(request))
+
+
+def _wait(api, request) -> float:
+    """Seconds a request may wait: its checked ``wait`` (cut to max_wait); 0 for a HEAD."""
+    wait = wait_arg(request, api.settings.max_wait)
+    return 0 if request.method == b"HEAD" else wait
 
 
 def _require_polling(api, what: str) -> None:
@@ -89,13 +98,18 @@ def get_device(api, request, principal, name):
     if view is None:
         raise not_found("unknown_device", f"unknown device {name!r}")
     version = int_arg(request, b"version", None, 0, MAX_CURSOR)
-    wait = wait_arg(request, api.settings.max_wait)
+    wait = _wait(api, request)
     if wait > 0:
         _require_polling(api, "long polling")
         if version is None or version == view.version:
             _admit(api)
-            address = _address(request) if principal.device is not None else None
-            api.room.wait_device(request, name, view.version, wait, address, principal.token)
+            address = key = None
+            if principal.device is not None:
+                # authenticate() matched the key in this very turn: it is the secret now.
+                address = _address(request)
+                key = (view.device_number, api.registry.secret_for(view.device_number))
+            api.room.wait_device(request, name, view.version, wait, address, principal.token,
+                                 key)
             return NOT_DONE_YET
     return device_answer(view, name)
 
@@ -181,7 +195,7 @@ def changes(api, request, principal, name):
     limit = int_arg(request, b"limit", MAX_PAGE, 1, MAX_PAGE)
     match = name_matcher(text_arg(request, b"name", 128))
     history = bool_arg(request, b"history", True)
-    wait = wait_arg(request, api.settings.max_wait)
+    wait = _wait(api, request)
     batch = api.registry.changes_since(since, limit)
     views = select(batch, match)
     if wait <= 0 or views or batch.reset or batch.more:
@@ -198,6 +212,7 @@ def events(api, request, principal, name):
     """GET /events?since=C[&name=][&history=]: the feed as server-sent events.
 
     A Last-Event-ID header (a reconnecting EventSource) wins over ``since``.
+    A HEAD gets the stream's headers and no stream.
     """
     _require_polling(api, "the event stream")
     since = int_arg(request, b"since", 0, 0, MAX_CURSOR)
@@ -206,11 +221,12 @@ def events(api, request, principal, name):
         since = parse_int(last, "Last-Event-ID", 0, MAX_CURSOR)
     match = name_matcher(text_arg(request, b"name", 128))
     history = bool_arg(request, b"history", True)
+    if request.method == b"HEAD":
+        return 200, b"", dict(STREAM_HEADERS)
     _admit(api)
     request.setResponseCode(200)
-    request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    request.setHeader(b"x-accel-buffering", b"no")
+    for key, value in STREAM_HEADERS:
+        request.setHeader(key, value)
     EventStream(api.room, request, since, match, principal.token, history).start(
         int(api.settings.min_interval * 1000))
     return NOT_DONE_YET

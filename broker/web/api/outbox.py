@@ -35,6 +35,9 @@ def _error_answer(error: ApiError):
 #: the answer of a waiter whose access token was revoked while it waited.
 REVOKED = _error_answer(unauthorized(
     "invalid_token", "the access token was revoked while this request waited"))
+#: the answer of a device's long poll whose key was rotated while it waited.
+KEY_ROTATED = _error_answer(unauthorized(
+    "invalid_device_key", "the device key was rotated while this request waited"))
 #: the answer of a waiter whose own answer failed (a bug; the log has it).
 FAILED = _error_answer(ApiError(500, "internal_error", "the broker failed; see its log"))
 

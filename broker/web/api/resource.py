@@ -3,6 +3,10 @@
 One leaf resource routes every /api/v1 path itself, so that an unknown
 path (404), a wrong method (405, with Allow) and every other failure are
 answered in the same JSON error shape, never with twisted.web's HTML pages.
+
+HEAD is served wherever GET is (RFC 9110 9.3.2): the GET endpoint runs and
+its status and headers are sent, Content-Length included, without the
+body; a HEAD never waits (no long poll, no event stream).
 """
 
 from __future__ import annotations
@@ -54,6 +58,17 @@ def route(postpath):
     return methods, name
 
 
+def _headless(request, body: bytes) -> bytes:
+    """The body to render: none for HEAD, whose Content-Length is the GET body's.
+
+    (Rendering a body for HEAD works too, but twisted.web logs each one.)
+    """
+    if request.method != b"HEAD":
+        return body
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return b""
+
+
 class ApiResource(Resource):
     """Everything under /api."""
 
@@ -68,19 +83,19 @@ class ApiResource(Resource):
         try:
             result = self._dispatch(request)
         except ApiError as error:
-            return self._error(request, error)
+            return _headless(request, self._error(request, error))
         except Exception:
             # The path, never the URI: its query may hold a ?token=.
             self.log.failure("API request {method} {path} failed",
                              method=request.method, path=request.path)
-            return self._error(request, INTERNAL_ERROR)
+            return _headless(request, self._error(request, INTERNAL_ERROR))
         if result is NOT_DONE_YET:
             return result
         if isinstance(result, defer.Deferred):
             self._later(request, result)
             return NOT_DONE_YET
         status, body, headers = result
-        return self._body(request, status, body, headers)
+        return _headless(request, self._body(request, status, body, headers))
 
     def _dispatch(self, request):
         api = self.api
@@ -89,13 +104,16 @@ class ApiResource(Resource):
         method = request.method
         if method == b"OPTIONS":
             return 204, preflight(request, methods), None
+        if method == b"HEAD" and b"GET" in methods:
+            method = b"GET"          # the endpoints see request.method: HEAD never waits
         if method not in methods:
             allow = allowed_methods(methods)
             raise ApiError(405, "method_not_allowed",
                            f"{method.decode('latin-1')} is not allowed here; use {allow.decode()}",
                            headers={b"allow": allow})
         needs, endpoint = methods[method]
-        principal = authenticate(request, api.registry, name, allow_query_token=method == b"GET",
+        principal = authenticate(request, api.registry, name,
+                                 allow_query_token=method == b"GET",
                                  query_tokens=api.settings.query_tokens)
         authorize(principal, needs)
         wait = api.limiter.check(principal.key)
@@ -139,7 +157,7 @@ class ApiResource(Resource):
 
         def write(body):
             if not gone:
-                request.write(body)
+                request.write(_headless(request, body))
                 request.finish()
 
         d.addCallbacks(answer, failed).addCallback(write)

@@ -21,12 +21,17 @@ request's notifyFinish errback. Decided answers are written by the outbox
 
 A request holds the access token it came with (revocation.TokenWatch): one
 once-a-second check ends every waiter and stream whose token was revoked,
-and the outbox checks every answer again just before it is written.
+and the outbox checks every answer again just before it is written. A
+device polling itself holds the secret its key matched: a rotation (the
+registry's key watch, while such polls wait) ends those polls at once with
+401 invalid_device_key, as it ends the device's SSP session.
 
 One answer that cannot be built ends only its own request(s), with a JSON 500.
 """
 
 from __future__ import annotations
+
+import hmac
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -34,7 +39,7 @@ from twisted.logger import Logger
 from broker.scheduler import WakeupScheduler
 
 from .feed import changes_body, device_answer, select
-from .outbox import FAILED, REVOKED, Outbox
+from .outbox import FAILED, KEY_ROTATED, REVOKED, Outbox
 from .revocation import TokenWatch
 
 
@@ -64,15 +69,16 @@ class FeedWaiter:
 class DeviceWaiter:
     """A long poll of one device: answers once its version differs from the one the client has."""
 
-    __slots__ = ("room", "request", "name", "version", "address", "token", "done")
+    __slots__ = ("room", "request", "name", "version", "address", "token", "key", "done")
 
-    def __init__(self, room, request, name, version, address, token):
+    def __init__(self, room, request, name, version, address, token, key):
         self.room = room
         self.request = request
         self.name = name
         self.version = version
         self.address = address       # set for a device polling itself (presence), else None
         self.token = token           # the access token it came with (None: a device key)
+        self.key = key               # (device number, secret) of a device key, else None
         self.done = False
 
     def expire(self):
@@ -96,6 +102,8 @@ class WaitingRoom:
         self._feed: dict[FeedWaiter, None] = {}
         self._devices: dict[str, dict[DeviceWaiter, None]] = {}
         self._device_count = 0
+        self._keyed: dict[int, dict[DeviceWaiter, None]] = {}   # device number -> key holders
+        self._key_watch = None
         self._streams: dict = {}
         self._changed: set[str] = set()
         self._feed_dirty = False
@@ -173,6 +181,12 @@ class WaitingRoom:
         elif not wanted and self._subscription is not None:
             self._subscription.cancel()
             self._subscription = None
+        keys_wanted = self._running and bool(self._keyed)
+        if keys_wanted and self._key_watch is None:
+            self._key_watch = self.registry.watch_keys(self._key_changed)
+        elif not keys_wanted and self._key_watch is not None:
+            self._key_watch.cancel()
+            self._key_watch = None
 
     def wait_feed(self, request, cursor, match, limit, wait, token=None, history=True) -> None:
         """Hold ``request`` until the feed past ``cursor`` has a match, or ``wait`` seconds."""
@@ -180,11 +194,18 @@ class WaitingRoom:
         self._feed[waiter] = None
         self._enter(waiter, wait)
 
-    def wait_device(self, request, name, version, wait, address=None, token=None) -> None:
-        """Hold ``request`` until device ``name`` has a version other than ``version``."""
-        waiter = DeviceWaiter(self, request, name, version, address, token)
+    def wait_device(self, request, name, version, wait, address=None, token=None,
+                    key=None) -> None:
+        """Hold ``request`` until device ``name`` has a version other than ``version``.
+
+        ``key``: (device number, secret) when the device polls with its own
+        key; the poll ends with 401 once that key is rotated.
+        """
+        waiter = DeviceWaiter(self, request, name, version, address, token, key)
         self._devices.setdefault(name, {})[waiter] = None
         self._device_count += 1
+        if key is not None:
+            self._keyed.setdefault(key[0], {})[waiter] = None
         if address is not None and self.presence is not None:
             self.presence.hold(name)
         self._enter(waiter, wait)
@@ -231,6 +252,12 @@ class WaitingRoom:
                     del self._devices[waiter.name]
             if waiter.address is not None and self.presence is not None:
                 self.presence.release(waiter.name, waiter.address)
+            if waiter.key is not None:
+                holders = self._keyed.get(waiter.key[0])
+                if holders is not None:
+                    holders.pop(waiter, None)
+                    if not holders:
+                        del self._keyed[waiter.key[0]]
         self.tokens.release(waiter.token)
         self._counted()
 
@@ -338,6 +365,23 @@ class WaitingRoom:
     def _send_keepalives(self) -> None:
         for stream in list(self._streams):
             stream.keepalive()
+
+    def _key_changed(self, number) -> None:
+        """A device's key was rotated (or the device removed): end the polls of the old key.
+
+        A removed device's polls are left to the wake-up pass (404 unknown_device).
+        """
+        holders = self._keyed.get(number)
+        if not holders:
+            return
+        secret = self.registry.secret_for(number)
+        if secret is None:
+            return
+        for waiter in list(holders):
+            if not hmac.compare_digest(secret, waiter.key[1]):
+                self._answer(waiter, *KEY_ROTATED)
+        if self.outbox:
+            self.outbox.drain()
 
     def _revoked(self, tokens) -> None:
         """End every request that waits with one of ``tokens``: streams close, long polls get 401."""

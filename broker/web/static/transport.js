@@ -264,10 +264,11 @@ class PollingFeed {
         this.live = true;
         this.onLive();
       }
-      // The rest of a full page at once; otherwise let changes gather. A broker that only
-      // answers short polls ([polling] max_wait = 0) says how often to ask.
+      // The rest of a full page at once; otherwise let changes gather. A short poll's answer
+      // says how often to ask (X-Poll-Interval; every answer when the broker only answers
+      // short polls, [polling] max_wait = 0); a long poll's carries none (pollInterval 0).
       if (!page.more) {
-        const interval = Math.max(this.gapMs, wait > 0 ? page.pollInterval * 1000 : 0);
+        const interval = Math.max(this.gapMs, page.pollInterval * 1000);
         await sleep(started + interval - Date.now(), signal);
       }
     }

@@ -22,8 +22,9 @@ from broker.web.commands import CommandRefused
 from broker.web.origins import Refused
 
 from .access import authorize, bearer_token, choose_subprotocol
-from .messages import (CLOSE_TOO_MANY_REPLIES, WRITE_OPERATIONS, ProtocolError, encode,
-                       error_from, error_message, parse_request, result_message)
+from .messages import (CLOSE_TOKEN_REVOKED, CLOSE_TOO_MANY_REPLIES, WRITE_OPERATIONS,
+                       ProtocolError, encode, error_from, error_message, parse_request,
+                       result_message)
 from .sync import ClientSync
 
 
@@ -103,6 +104,12 @@ class DashboardProtocol(WebSocketServerProtocol):
     def onMessage(self, payload, isBinary):
         endpoint = self.factory
         endpoint.messages["in"] += 1
+        if not self.accepts_frames() or self.sync is None or self.sync.closed:
+            # Autobahn delivers frames while CLOSING (our close frame sent, the
+            # peer's not yet come, up to CLOSE_HANDSHAKE_TIMEOUT): a connection
+            # closed for a revoked token, slowness or shutdown carries nothing out.
+            endpoint.counters["dropped_closing"] += 1
+            return
         try:
             self._handle(payload, isBinary)
         finally:
@@ -117,6 +124,8 @@ class DashboardProtocol(WebSocketServerProtocol):
             return
         try:
             request = parse_request(payload)
+            if request.op in WRITE_OPERATIONS and not self._token_still_valid():
+                return
             if request.op in WRITE_OPERATIONS and self.role != "write":
                 raise ProtocolError("forbidden", f"a '{self.role}' token cannot {request.op}",
                                     request_id=request.request_id, op=request.op)
@@ -131,6 +140,19 @@ class DashboardProtocol(WebSocketServerProtocol):
             self.logger.failure("WebSocket request from {peer} failed", peer=self.peer)
             self.reply(error_message("internal_error", "the broker failed to handle this "
                                      "request (logged)"))
+
+    def _token_still_valid(self) -> bool:
+        """Whether the token still holds, checked before each write as the REST API does.
+
+        The housekeeping round notices a revocation within a second; a write
+        in that second is not carried out: the connection closes with 4001
+        at once, and the request gets no answer (the close is the answer).
+        """
+        if self.factory.registry.check_token(self.token) is not None:
+            return True
+        self.factory.counters["closed_token_revoked"] += 1
+        self.close_with(CLOSE_TOKEN_REVOKED, "access token revoked")
+        return False
 
     def onClose(self, wasClean, code, reason):
         if self.sync is not None:
