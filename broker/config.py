@@ -194,6 +194,8 @@ class SSPSettings:
     park_after: float = _setting(0.5, minimum=0.05, maximum=60.0)
     auth_failure_budget: int = _setting(8, minimum=1, maximum=1000)
     facts_interval: float = _setting(1.0, minimum=0.1, maximum=60.0)
+    # broker/udp/bridge.py MAX_PENDING_COMMANDS
+    max_pending_commands: int = _setting(256, minimum=1, maximum=65536)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,8 @@ RESTART_ONLY = {
     "broker": ("data_dir", "workers"),
     "log": ("format",),
     "http": ("endpoint",),
-    "ssp": ("enabled", "host", "port", "receive_buffer_bytes", "cipher_cache_size"),
+    "ssp": ("enabled", "host", "port", "receive_buffer_bytes", "cipher_cache_size",
+            "max_pending_commands"),
     "registry": None,  # all of it: the store and its limits are built once
     "websocket": ("enabled", "send_buffer_bytes"),
     "polling": ("enabled",),

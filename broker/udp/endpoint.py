@@ -93,7 +93,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         self._clock = clock
         # Seconds since the epoch: where new and resumed sessions number from.
         self._wall_clock = wall_clock or clock.seconds
-        self._bridge = RegistryBridge(registry)
+        self._bridge = RegistryBridge(registry,
+                                      max_pending_commands=settings.max_pending_commands)
         self._profile = endpoint_profile(settings)
         self._ciphers = ciphers if ciphers is not None else CipherCache(settings.cipher_cache_size)
         if random_bytes is None:

@@ -53,7 +53,14 @@ class Deterministic:
 
 
 class Harness:
-    """A registry over a MemoryStore, an endpoint and any number of nodes, on one Clock."""
+    """A registry over a MemoryStore, an endpoint and any number of nodes, on one Clock.
+
+    While ``deaf`` is set the nodes still send, but every datagram of the
+    broker is lost (the endpoint keeps its transport's write method from
+    the start, so the datagrams are dropped in ``step``).
+    """
+
+    deaf = False
 
     def __init__(self, testcase, store=None, clock=None, **settings):
         self.testcase = testcase
@@ -118,6 +125,8 @@ class Harness:
             for data, _ in node.datagrams(now):
                 endpoint.datagramReceived(data, address)
         written, transport.written = transport.written, []
+        if self.deaf:
+            written = []
         for data, address in written:
             node = self.nodes.get(address)
             if node is not None:

@@ -9,31 +9,10 @@ from broker.udp.convert import decode_state
 from .helpers import Harness
 
 
-class DeafHarness(Harness):
-    """A Harness whose nodes, while ``deaf`` is set, still send but hear nothing from the broker.
-
-    (The endpoint keeps its transport's write method from the start, so
-    replacing it later loses nothing: the datagrams are dropped here.)
-    """
-
-    deaf = False
-
-    def step(self, dt=0.01, via=None):
-        if not self.deaf:
-            return super().step(dt, via)
-        now = self.clock.seconds()
-        for address, node in list(self.nodes.items()):
-            for data, _ in node.datagrams(now):
-                self.endpoint.datagramReceived(data, address)
-        self.transport.written = []
-        self.clock.advance(dt)
-        return None
-
-
 class PendingCommandLimitTests(SynchronousTestCase):
 
     def setUp(self):
-        self.h = DeafHarness(self)
+        self.h = Harness(self)
         self.device = self.h.provision("dev")
         self.got = []
         # The node keeps its session however long the broker's datagrams are lost.

@@ -44,7 +44,7 @@ class DurableCommandTests(SynchronousTestCase):
 
     def cut_replies(self):
         """The broker's datagrams are lost from now on (the device still sends)."""
-        self.h.transport.write = lambda data, addr: None
+        self.h.deaf = True
 
     def test_nothing_travels_before_the_record_is_durable(self):
         """While the record write is pending the command is not sent; once durable it is."""
