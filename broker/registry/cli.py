@@ -268,13 +268,16 @@ def redis_restored(args, out, err=None):
     redis_config(args)
     db = open_admin(args, False, err)
     try:
-        before, now, retired = db.restored()
+        before, now, retired, raised = db.restored()
     finally:
         db.close()
-    _emit(args, out, {"sequence_before": before, "sequence": now, "sessions_retired": retired},
+    _emit(args, out, {"sequence_before": before, "sequence": now, "sessions_retired": retired,
+                      "versions_raised": raised},
           f"change sequence {before} -> {now}: every client cursor handed out before is "
           f"answered with a reset (a snapshot), none is handed out again; {retired} session "
-          "record(s) retired (those devices start new sessions); start the brokers")
+          f"record(s) retired (those devices start new sessions); {raised} device version(s) "
+          f"raised to {now} (none handed out since the copy names another state); "
+          "start the brokers")
 
 
 REDIS_COMMANDS = {"adopt-new": redis_adopt_new, "restored": redis_restored}

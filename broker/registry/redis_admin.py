@@ -95,8 +95,12 @@ class RedisAdmin:
         dashboards miss changes silently. StoreError while a broker process
         holds a lease: it serves the registry as it was before the restore.
         Every session record is retired (SessionRecord.retired): the devices
-        went on past the copy, so none may resume over it. Returns
-        ``(sequence before, sequence now, session records retired)``."""
+        went on past the copy, so none may resume over it. Every device's
+        version is raised to the new sequence at least, as the cursors are:
+        a version handed out after the copy was taken (an ETag, an
+        ``If-Match``, a long poll's ``version``) never names another state.
+        Returns ``(sequence before, sequence now, session records retired,
+        versions raised)``."""
         live = self.live_holders()
         if live:
             names = ", ".join(f"{origin} ({left:.0f} s left)" for origin, left in live.items())
@@ -107,7 +111,8 @@ class RedisAdmin:
         _, before, now = store.run_now("restored", [store.key_seq, store.key_horizon,
                                                     store.key_tombs, store.key_feed],
                                        [CURSOR_GAP, store.options.stream_length, self.origin])
-        return before, now, store.retire_sessions_now()
+        retired = store.retire_sessions_now()
+        return before, now, retired, store.raise_versions_now(int(now))
 
     def _number(self, name):
         number = self._store.read_now("hget", self._store.keys_names, name)

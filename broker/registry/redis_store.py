@@ -38,7 +38,7 @@ import threading
 
 from twisted.internet import defer
 
-from .database import decode_state
+from .database import decode_state, encode_state
 from .errors import StoreError
 from .redis_connection import Connector, RedisOptions, redacted
 from .redis_follow import SEQUENCE_CHECK_INTERVAL, ChangeFollower, CommandListener
@@ -297,6 +297,36 @@ class RedisStore(RedisKeys, Store):
                     writes.hset(self.device_key(number), mapping={
                         "r": encode_record(retired), "ri": f"{session_id:016x}",
                         "rr": f"{0:016x}"})
+                    count += 1
+                writes.execute()
+        except (redis.RedisError, OSError) as e:
+            raise StoreError(f"Redis failed: {e}") from None
+        return count
+
+    def raise_versions_now(self, floor, batch=1000):
+        """Raise every device's version to ``floor`` at least (broker-admin redis
+        restored: the versions clients saw after the copy was taken must never
+        name another state), ``batch`` devices a round trip; returns how many.
+        The history entries whose cursor the writer left to the reader (0)
+        get it first, from the stored version and cursor, which the raised
+        version no longer tells. Brokers are stopped then: plain writes."""
+        import redis
+        count = 0
+        try:
+            numbers = [int(n) for n in self._main.hvals(self.keys_names)]
+            for start in range(0, len(numbers), batch):
+                chunk = numbers[start:start + batch]
+                reads = self._main.pipeline(transaction=False)
+                for number in chunk:
+                    reads.hmget(self.device_key(number), "v", "c", "s")
+                writes = self._main.pipeline(transaction=False)
+                for number, (version, cursor, blob) in zip(chunk, reads.execute()):
+                    if version is None or blob is None or int(version) >= floor:
+                        continue
+                    state = decode_state(blob)
+                    history = state[11].with_cursors(int(version), int(cursor))
+                    writes.hset(self.device_key(number), mapping={
+                        "v": floor, "s": encode_state(state[:11] + (history,))})
                     count += 1
                 writes.execute()
         except (redis.RedisError, OSError) as e:

@@ -58,7 +58,7 @@ class RedisRestoredTests(AdminOnRedis, TestCase):
         answer = json.loads(out)
         self.assertEqual(answer, {"sequence_before": before_copy,
                                   "sequence": before_copy + CURSOR_GAP,
-                                  "sessions_retired": 1})
+                                  "sessions_retired": 1, "versions_raised": 2})
 
         b = self.open_registry()
         self.assertEqual(b.cursor, before_copy + CURSOR_GAP)
@@ -77,6 +77,34 @@ class RedisRestoredTests(AdminOnRedis, TestCase):
         current = b.changes_since(before_copy + CURSOR_GAP)
         self.assertFalse(current.reset)
         self.assertEqual([view.name for view in current.devices], ["porch"])
+
+    @defer.inlineCallbacks
+    def test_versions_handed_out_after_the_copy_never_name_another_state(self):
+        """A version a client saw after the copy was taken (its ETag) is never issued
+        again: `redis restored` raises every version to the new sequence, and the
+        history's cursors stay those of their changes."""
+        a = self.open_registry()
+        yield a.add_device("porch")
+        yield a.update_reported("porch", {"v": 1})
+        copy = self.snapshot()
+        before = a.device("porch")
+        yield a.update_reported("porch", {"v": 2})
+        seen = a.device("porch").version          # a client's ETag, lost by the restore
+        yield a.stop()
+        self.put_back(copy)
+        code, out, _ = self.admin("--json", "redis", "restored")
+        self.assertEqual(code, 0)
+        sequence = json.loads(out)["sequence"]
+        b = self.open_registry()
+        restored = b.device("porch")
+        self.assertEqual(restored.reported, {"v": 1})
+        self.assertEqual(restored.version, sequence)
+        self.assertEqual([entry[:2] for entry in restored.history],
+                         [entry[:2] for entry in before.history])
+        yield b.update_reported("porch", {"v": 3})
+        self.assertGreater(b.device("porch").version, seen)
+        yield self.assertFailure(b.update_desired("porch", {"x": 1}, expected_version=seen),
+                                 errors.VersionConflict)
 
     @defer.inlineCallbacks
     def test_a_broker_refuses_an_older_copy_until_told(self):
