@@ -32,6 +32,13 @@ from pathlib import Path
 from broker.ssp.keys import parse_key
 
 DEFAULT_PORT = 60001
+#: Seconds; a shorter --heartbeat is refused.  The broker's own floor for
+#: [ssp] device_heartbeat (broker/config.py), and it keeps the default
+#: --rekey-after (3 heartbeats) far above the time a broker takes to
+#: acknowledge (its 100 ms ack delay, a durable write, the round trip): a
+#: node with a shorter one starts a new session before any acknowledgement
+#: can arrive, and delivers nothing.
+MIN_HEARTBEAT = 1.0
 #: The environment variable that may hold the device key (not shown by ps).
 SECRET_ENV = "BROKER_NODE_SECRET"
 #: The warning for a key on the command line.
@@ -132,13 +139,14 @@ def resolve_secret(args, environ=None, err=None) -> bytes:
     return parse_secret(args.secret)
 
 
-def parse_device(text: str) -> int:
+def parse_device(text: str, source: str = "--device") -> int:
+    """A device number's decimal text; UsageError naming ``source``."""
     try:
         number = int(text)
     except ValueError:
-        raise UsageError(f"--device {text!r}: a device number is a decimal integer") from None
+        raise UsageError(f"{source} {text!r}: a device number is a decimal integer") from None
     if not 0 < number < 2**64:
-        raise UsageError(f"--device {text!r}: a device number is a non-zero u64")
+        raise UsageError(f"{source} {text!r}: a device number is a non-zero u64")
     return number
 
 
@@ -210,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.heartbeat < MIN_HEARTBEAT:
+        parser.error(f"--heartbeat {args.heartbeat:g}: at least {MIN_HEARTBEAT:g} seconds "
+                     "(a shorter one starts new sessions faster than the broker acknowledges)")
     if getattr(args, "rekey_after", None) is not None and args.rekey_after <= args.heartbeat:
         # The broker is heard once a heartbeat at best: a shorter wait would
         # start a new session (and store its id) every heartbeat or faster.
@@ -242,18 +253,29 @@ def read_keys(lines) -> list[tuple[int, bytes]]:
         raise UsageError(f"keys: not broker-admin --json output: {problem}") from None
     found = []
     seen = set()
-    for item in items:
+    for index, item in enumerate(items, 1):
+        where = f"keys: entry {index}"
         if not isinstance(item, dict) or "device_number" not in item or "key" not in item:
-            raise UsageError("keys: every entry needs device_number and key "
+            raise UsageError(f"{where}: every entry needs device_number and key "
                              "(broker-admin --json device add)")
-        number = parse_device(str(item["device_number"]))
+        number, key = item["device_number"], item["key"]
+        if type(number) is not int and type(number) is not str:
+            raise UsageError(f"{where}: device_number is a decimal integer, "
+                             f"not {type(number).__name__}")
+        number = parse_device(str(number), f"{where}: device_number")
         if number in seen:
             # Two simulated nodes of one device would displace each other's sessions.
-            raise UsageError(f"keys: device {number} is listed twice")
+            raise UsageError(f"{where}: device {number} is listed twice")
         seen.add(number)
-        found.append((number, parse_secret(item["key"])))
+        if type(key) is not str:
+            raise UsageError(f"{where}: key is the device key's 22 characters of text, "
+                             f"not {type(key).__name__}")
+        found.append((number, parse_secret(key, f"{where}: key")))
     return found
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The module's own copy (python -m runs this file as __main__): the
+    # UsageError that run.py and simulate.py raise is broker.node.cli's.
+    from broker.node.cli import main as _main
+    sys.exit(_main())

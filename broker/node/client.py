@@ -11,6 +11,7 @@ timer.  Calls into the core through ``NodeSession``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import ipaddress
 import math
@@ -21,6 +22,7 @@ import time
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from broker.node.backlog import MAX_BACKLOG
 from broker.node.session import NodeSession
 from broker.node.session_ids import SessionIds
 from broker.ssp.crypto import CipherCache
@@ -84,7 +86,10 @@ class NodeEndpoint:
     """Node sessions on ``sockets`` UDP sockets, talking to one broker address.
 
     ``now`` is the monotonic clock the sessions run on; ``reactor`` gives
-    the sockets and the one timer.
+    the sockets and the one timer.  ``drops`` counts the datagrams dropped,
+    by the broker's reason names (``short``, ``unknown_framing``,
+    ``unknown_device``, ``auth_failed``, ...): a bad datagram is dropped,
+    counted, and never answered.
     """
 
     log = Logger()
@@ -110,6 +115,7 @@ class NodeEndpoint:
         self.datagrams_in = 0
         self.datagrams_out = 0
         self.send_errors = 0
+        self.drops: collections.Counter = collections.Counter()
         self._stopped = False
 
     # -- sockets -----------------------------------------------------------------
@@ -195,13 +201,18 @@ class NodeEndpoint:
             return
         self.datagrams_in += 1
         if len(data) < HEADER_SIZE or data[0] != FRAMING_VERSION:
+            self.drops["unknown_framing" if data and data[0] != FRAMING_VERSION
+                       else "short"] += 1
             return
         _, number, _ = _HEADER.unpack_from(data)
         node = self._nodes.get(number)
         if node is None:
+            self.drops["unknown_device"] += 1
             return
         now = self._now()
-        node.receive(data, addr, now)
+        dropped = node.receive(data, addr, now)
+        if dropped is not None:
+            self.drops[str(dropped)] += 1
         wakeup = node.next_wakeup()
         if node.session is not None and (wakeup is None or wakeup > now):
             # The receive just computed the timers at this very now: nothing
@@ -235,14 +246,16 @@ class SSPNode:
     ``state_path``: a file that keeps the last session id, so a reboot
     starts a strictly newer session (required for a real device).
     ``heartbeat`` and ``rekey_after`` (default three heartbeats, more than
-    one) are seconds; ValueError for others.
+    one) are seconds; ValueError for others.  ``max_backlog``: events held
+    while the broker has not acknowledged the earlier ones (backlog.py).
     """
 
     def __init__(self, device_number: int, secret: bytes, broker_address, *,
                  state_path=None, heartbeat: float = FLEET.ack_interval,
                  rekey_after: float | None = None, on_desired=None, on_command=None,
                  reactor=None, now=None, interface=None, random_bytes=os.urandom,
-                 session_ids: SessionIds | None = None) -> None:
+                 session_ids: SessionIds | None = None,
+                 max_backlog: int = MAX_BACKLOG) -> None:
         if not 0 < heartbeat < math.inf:
             raise ValueError(f"heartbeat {heartbeat!r}: seconds, finite and above 0")
         if rekey_after is None:
@@ -260,7 +273,8 @@ class SSPNode:
             device_number, secret, self.endpoint.broker_address, session_ids=session_ids,
             profile=node_profile(heartbeat), ciphers=self.endpoint.ciphers,
             rekey_after=rekey_after,
-            random_bytes=random_bytes, on_desired=on_desired, on_command=on_command)
+            random_bytes=random_bytes, on_desired=on_desired, on_command=on_command,
+            max_backlog=max_backlog)
 
     def start(self) -> None:
         """Start a new session and open the socket (again after stop()).
@@ -284,6 +298,11 @@ class SSPNode:
         self.session.emit(*events, now=self.endpoint.now())
         self.endpoint.kick(self.session)
 
+    def update(self, values, events) -> None:
+        """report(values) and emit(*events) at once: both, or neither with the error."""
+        self.session.update(values, events, self.endpoint.now())
+        self.endpoint.kick(self.session)
+
     def move(self):
         """Change the source port mid-session (the session stays)."""
         return self.endpoint.move()
@@ -299,3 +318,8 @@ class SSPNode:
     @property
     def acknowledged(self) -> int:
         return self.session.acknowledged
+
+    @property
+    def backlog(self) -> int:
+        """Events emitted and waiting for the broker to acknowledge earlier ones."""
+        return self.session.backlog

@@ -136,10 +136,9 @@ class Input(Protocol):
             values, events = parse_line(text)
             if values and events:
                 _EMPTY.with_events(*events)  # a bad event skips the whole line
-            if values:
-                self.node.report(values)
-            if events:
-                self.node.emit(*events)
+            if values or events:
+                # Both or neither (too large, a full backlog: skipped whole).
+                self.node.update(values, events)
         except (ValueError, TypeError) as problem:
             self._skip(problem)
 
@@ -198,12 +197,29 @@ def _blocking_output(fd: int = 1) -> None:
 
 def _discard_output(out) -> None:
     """Point a closed output at /dev/null, so the flush at exit cannot fail again."""
+    if out is None:
+        return  # closed from the start: nothing to flush
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, out.fileno())
         os.close(devnull)
     except (OSError, ValueError, io.UnsupportedOperation):
         pass  # not a real file: nothing is flushed at exit
+
+
+def _null_in_place_of(fd: int) -> int:
+    """A standard descriptor closed when Python started (its sys stream is None):
+    /dev/null in its place, so no socket or file opened later takes its number
+    (our output would go into it).  Returns the descriptor that reads /dev/null."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.fstat(fd)
+    except OSError:
+        if devnull != fd:
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        return fd
+    return devnull  # the number is taken already (by what, we cannot tell)
 
 
 def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
@@ -213,8 +229,17 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
 
     if reactor is None:
         from twisted.internet import reactor
+    # Before any file or socket is opened: a closed stdin is an empty one
+    # (end of input at once); a closed stdout stops the node at the first
+    # line it would print.
+    if stdin is None:
+        stdin = _null_in_place_of(0) if sys.stdin is None else sys.stdin.fileno()
     out = out or sys.stdout
+    if out is None:
+        _null_in_place_of(1)
     err = err or sys.stderr
+    if err is None:
+        err = os.fdopen(_null_in_place_of(2), "w")
     device = parse_device(args.device)
     secret = resolve_secret(args, err=err)
     broker = parse_broker(args.broker)
@@ -236,6 +261,9 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
 
     def print_line(item):
         if output_closed:
+            return
+        if out is None:
+            stop_for_closed_output("it was closed when the node started")
             return
         try:
             out.write(json.dumps(item, sort_keys=True, default=bytes_default) + "\n")
@@ -283,7 +311,7 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
     warning = reactor.callLater(NO_ANSWER_WARNING, warn_if_unanswered)
     lines = Input(node, err, end_of_input,
                   output_lost=lambda: stop_for_closed_output("its reader closed it"))
-    stdin_transport = stdio.StandardIO(lines, stdin=stdin or sys.stdin.fileno(), reactor=reactor)
+    stdin_transport = stdio.StandardIO(lines, stdin=stdin, reactor=reactor)
     _blocking_output()
 
     def settle():

@@ -6,8 +6,9 @@ desired values and commands, start a strictly newer session after a reboot
 (``SessionIds``) or when the broker acknowledged nothing for ``rekey_after``
 seconds (wire.md 3: silent, or answering without making our states
 durable), and carry unacknowledged values and events into the new session.
-Roaming needs nothing here: the broker follows the newest authentic
-datagram's source address.
+Events wait in a ``Backlog`` (backlog.py) and join the SSP state only as far
+as a diff the broker takes allows.  Roaming needs nothing here: the broker
+follows the newest authentic datagram's source address.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import os
 from collections.abc import Mapping
 from types import MappingProxyType
 
+import cbor2
 from twisted.logger import Logger
 
+from broker.node.backlog import MAX_BACKLOG, MAX_EVENT_BYTES, MAX_VALUES_BYTES, Backlog
 from broker.ssp import events as ssp_events
-from broker.ssp.device_state import DeviceState
+from broker.ssp.device_state import DeviceState, encode, freeze, same
 from broker.ssp.framing import BrokerFraming
 from broker.ssp.session import SSPSession
 
@@ -60,9 +63,10 @@ def plain(value):
 class NodeSession:
     """One device's SSP state: its current session and what the app sees.
 
-    ``on_desired(values: dict)`` is called when the desired values change;
-    ``on_command(command)`` once per command, in order (what they raise is
-    logged).  Times are
+    ``on_desired(values: dict)`` is called when the desired values change
+    (a change of type, 1 to true, is a change); ``on_command(command)`` once
+    per command, in order (what they raise is logged).  ``max_backlog``:
+    events held beyond the SSP state at most (backlog.py).  Times are
     monotonic seconds passed in by the owner.
     """
 
@@ -71,11 +75,12 @@ class NodeSession:
     __slots__ = ("device_number", "broker_address", "rekey_after", "on_desired",
                  "on_command", "session", "session_id", "sessions_started",
                  "_secret", "_ids", "_profile", "_ciphers", "_random_bytes", "_pending",
-                 "_desired", "_events_end", "_acked", "_acked_at", "_rekey_not_before")
+                 "_desired", "_events_end", "_acked", "_acked_at", "_rekey_not_before",
+                 "_backlog")
 
     def __init__(self, device_number: int, secret: bytes, broker_address, *, session_ids,
                  profile, ciphers, rekey_after: float, random_bytes=os.urandom,
-                 on_desired=None, on_command=None) -> None:
+                 on_desired=None, on_command=None, max_backlog: int = MAX_BACKLOG) -> None:
         if len(secret) != 16:
             raise ValueError("a device secret is 16 bytes")
         self.device_number = device_number
@@ -97,12 +102,13 @@ class NodeSession:
         self._acked = 0  # reports the broker acknowledged (states, not datagrams)
         self._acked_at = 0.0  # when the session started or the broker last acknowledged
         self._rekey_not_before = 0.0  # after a new session id could not be stored
+        self._backlog = Backlog(max_backlog)
 
     # -- what the application does ----------------------------------------------
 
     @property
     def state(self) -> DeviceState:
-        """The values and unacknowledged events the node is sending."""
+        """The values and unacknowledged events the node is sending (not the backlog)."""
         return self.session.local_state if self.session is not None else self._pending
 
     @property
@@ -111,24 +117,60 @@ class NodeSession:
         return plain(self._desired) if self._desired is not None else {}
 
     @property
+    def backlog(self) -> int:
+        """Events emitted but not yet in the state: they wait for acknowledgements."""
+        return len(self._backlog)
+
+    @property
     def acknowledged(self) -> int:
         """How many of our states the broker acknowledged (durable at the broker)."""
         return self._acked
 
     def report(self, values: Mapping, now: float) -> None:
         """Merge values into the reported state (None deletes a key); TypeError or
-        ValueError (nothing changed) for values a device state cannot carry."""
-        state = self.state.with_values(values)
-        current = state.values
-        sendable([(key, current.get(key)) for key in values])   # as frozen
-        self._set(state, now)
+        ValueError (nothing changed) for values a device state cannot carry, or
+        all values together over MAX_VALUES_BYTES encoded."""
+        self.update(values, (), now)
 
     def emit(self, *events, now: float) -> None:
         """Append events (telemetry) to send, each delivered once, in order (TypeError
-        or ValueError, nothing appended, for one a device state cannot carry)."""
-        state = self.state.with_events(*events)
-        sendable(state.events_since(state.event_end - len(events)))   # as frozen
+        or ValueError, nothing appended, for one a device state cannot carry or
+        over MAX_EVENT_BYTES encoded; BacklogFull, a ValueError, past max_backlog)."""
+        self.update(None, events, now)
+
+    def update(self, values: Mapping | None, events, now: float) -> None:
+        """report(values) and emit(*events) together: both or neither (the errors
+        of each)."""
+        state = before = self.state
+        if values:
+            state = state.with_values(values)
+            if state is not before:
+                current = state.values
+                sendable([(key, current.get(key)) for key in values])   # as frozen
+                # cbor2's plain encoding is never shorter than the canonical one
+                # (only its floats may be longer), and four times faster.
+                if len(cbor2.dumps(dict(current))) > MAX_VALUES_BYTES:
+                    size = len(encode(current))
+                    if size > MAX_VALUES_BYTES:
+                        raise ValueError(f"values of {size} bytes encoded, all together; "
+                                         f"a node sends at most {MAX_VALUES_BYTES}")
+        if events:
+            frozen = [freeze(event) for event in events]
+            sendable(frozen)
+            # (Plain sizes: a bound of the canonical ones, as for the values.)
+            sizes = [len(cbor2.dumps(event)) for event in frozen]
+            for size, event in zip(sizes, frozen):
+                if size > MAX_EVENT_BYTES and len(encode(event)) > MAX_EVENT_BYTES:
+                    raise ValueError(f"an event of {len(encode(event))} bytes encoded; "
+                                     f"a node sends at most {MAX_EVENT_BYTES}")
+            self._backlog.add(frozen, sizes)
+            state = self._fill(state)
         self._set(state, now)
+
+    def _fill(self, state: DeviceState) -> DeviceState:
+        """State with the backlog's events the budget has room for."""
+        moved = self._backlog.take(state)
+        return state.with_events(*moved) if moved else state
 
     def _set(self, state: DeviceState, now: float) -> None:
         if self.session is None:
@@ -137,36 +179,48 @@ class NodeSession:
             self.session.set_local_state(state, now)
 
     def idle(self) -> bool:
-        """Everything we sent is acknowledged."""
-        return self.session is not None and self.session.idle
+        """Everything we sent is acknowledged, and no event waits."""
+        return self.session is not None and self.session.idle and not self._backlog
 
     # -- driven by the owner ------------------------------------------------------
 
     def start(self, now: float) -> None:
-        """Start a new session (boot, or no ack for rekey_after), keeping what is unsent."""
+        """Start a new session (boot, or no ack for rekey_after), keeping what is unsent.
+
+        OSError (the new id cannot be stored) or ValueError (no new id can be
+        made) leave the node as it was.
+        """
         carry = self.state
-        self.session_id = self._ids.next(self.device_number)
-        self.session = SSPSession(
+        session_id = self._ids.next(self.device_number)
+        session = SSPSession(
             key=self._secret, cipher_provider=self._ciphers, is_server=False,
             local_state=EMPTY, remote_state=EMPTY, random_bytes=self._random_bytes,
             now=now, profile=self._profile,
-            framing=BrokerFraming(self.device_number, self.session_id),
+            framing=BrokerFraming(self.device_number, session_id),
             remote_address=self.broker_address)
+        self.session_id, self.session = session_id, session
+        carry = self._fill(carry)
         if carry is not EMPTY:
-            self.session.set_local_state(carry, now)
+            session.set_local_state(carry, now)
         self._pending = EMPTY
         self._events_end = 0
         self._acked_at = now
         self.sessions_started += 1
 
-    def receive(self, data: bytes, address, now: float) -> None:
-        """A datagram from the broker (any header: the session checks it is ours)."""
-        if self.session is None:
-            return
-        self.session.receive_datagram(data, address, now)
-        self._handle(self.session.pop_events(), now)
+    def receive(self, data: bytes, address, now: float):
+        """A datagram from the broker (any header: the session checks it is ours).
 
-    def _handle(self, found, now: float) -> None:
+        Returns why it was dropped (a DropReason), None if it was not.
+        """
+        if self.session is None:
+            return "unknown_device"  # (not started: nothing to receive with)
+        self.session.receive_datagram(data, address, now)
+        return self._handle(self.session.pop_events(), now)
+
+    def _handle(self, found, now: float):
+        """Act on the session's events; the reason of a datagram it dropped, if any."""
+        dropped = None
+        acked = False
         for event in found:
             kind = type(event)
             if kind is ssp_events.StateReceived:
@@ -174,10 +228,18 @@ class NodeSession:
             elif kind is ssp_events.StateAcknowledged:
                 self._acked += 1
                 self._acked_at = now
+                acked = True
+            elif kind is ssp_events.DatagramRejected:
+                dropped = event.reason
+        if acked and self._backlog:
+            state = self._fill(self.state)
+            if state is not self.state:
+                self.session.set_local_state(state, now)
+        return dropped
 
     def _deliver(self, state: DeviceState) -> None:
         values = state.values
-        if self._desired is None or dict(values) != dict(self._desired):
+        if self._desired is None or not same(values, self._desired):
             self._desired = values
             if self.on_desired is not None:
                 self._call(self.on_desired, plain(values))
@@ -212,12 +274,14 @@ class NodeSession:
         if now - self._acked_at >= self.rekey_after and now >= self._rekey_not_before:
             try:
                 self.start(now)
-            except OSError as problem:
-                # The new id is not stored, so it must not be used: keep the
-                # old session (the broker may come back to it), retry later.
+            except (OSError, ValueError) as problem:
+                # The new id is not stored (or none can be made), so it must
+                # not be used: keep the old session (the broker may come back
+                # to it), retry later.
                 self._rekey_not_before = now + self.rekey_after
-                self.log.error("device {number}: no new session, its id cannot be stored: "
-                               "{problem}", number=self.device_number, problem=problem)
+                self.log.error("device {number}: no new session, no new id can be made "
+                               "and stored: {problem}", number=self.device_number,
+                               problem=problem)
             session = self.session
         out = session.datagrams_to_send(now)
         self._handle(session.pop_events(), now)

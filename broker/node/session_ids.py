@@ -32,11 +32,17 @@ however closely two processes start, and ordering only needs ticks shorter
 than a process restart.  Ids ahead of the clock (tick 0) of two processes
 match with probability 2^-20 too.
 
-The new id is written (fsync, then rename) before it is used.
+The new id is written (fsync, then rename) before it is used.  Processes
+may share one file (one device each): each write happens under an exclusive
+``flock`` of a lock file beside it (``<file>.lock``), after reading the file
+again and keeping the greater id of each device, so no process undoes the
+ids another one stored.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -103,13 +109,40 @@ class SessionIds:
         return self._last.get(device_number, 0)
 
     def next(self, device_number: int) -> int:
-        """A new id for device, strictly above every earlier one, stored before it is returned."""
+        """A new id for device, strictly above every earlier one, stored before it is returned.
+
+        OSError when it cannot be stored, ValueError when the file holds
+        something else or no greater id exists (the id must not be used then).
+        """
+        if self.path is None:
+            return self._pick(device_number)
+        with self._locked():
+            if self.path.exists():
+                for device, session_id in self._read().items():
+                    if session_id > self._last.get(device, 0):
+                        self._last[device] = session_id   # another process's
+            session_id = self._pick(device_number)
+            self._write()
+        return session_id
+
+    def _pick(self, device_number: int) -> int:
         session_id = next_session_id(self.last(device_number), self._random_bytes,
                                      self._wall_clock)
         self._last[device_number] = session_id
-        if self.path is not None:
-            self._write()
         return session_id
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive flock of ``<file>.lock`` (made private, kept): the file's
+        read, merge and replacement are one step for every process sharing it."""
+        lock_path = f"{self.path}.lock"
+        os.makedirs(os.path.dirname(lock_path) or ".", mode=0o700, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)   # (releases the lock)
 
     def _write(self) -> None:
         """Replace the file whole (broker/files.py): the old one or the new one

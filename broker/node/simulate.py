@@ -127,6 +127,7 @@ def simulate(reactor, broker, keys, *, devices: int, rate: float, duration: floa
         "acknowledged_per_second": round((fleet.acknowledged() - acked_before) / elapsed, 1),
         "datagrams_out": endpoint.datagrams_out,
         "datagrams_in": endpoint.datagrams_in,
+        "drops": dict(sorted(endpoint.drops.items())),
     }
     yield endpoint.stop()
     return summary

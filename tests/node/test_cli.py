@@ -12,7 +12,8 @@ from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.node.cli import UsageError, build_parser, main, parse_broker, read_keys
+from broker.node.cli import (MIN_HEARTBEAT, UsageError, build_parser, main, parse_broker,
+                             read_keys)
 from broker.node.run import parse_line, run_node
 from broker.ssp.keys import format_key
 from tests.helpers import loopback_config, start_broker
@@ -64,6 +65,20 @@ class ParsingTests(SynchronousTestCase):
         line = json.dumps({"device_number": "42", "key": format_key(bytes(16))})
         for bad in (["{bad\n"], ["device greenhouse-7\nnumber 42\n"], [line + "\n"] * 2):
             self.assertRaises(UsageError, read_keys, bad)
+
+    def test_keys_entries_are_named_in_their_errors(self):
+        """A keys entry whose key is not text (a number, null, a list) or whose device
+        number is bad is a UsageError naming the entry, not --device or --secret."""
+        good = {"device_number": "41", "key": format_key(bytes(16))}
+        for entry in ({"device_number": "42", "key": 123}, {"device_number": "42", "key": None},
+                      {"device_number": "42", "key": ["x"]}, {"device_number": "42", "key": "x"},
+                      {"device_number": "0", "key": format_key(bytes(16))},
+                      {"device_number": [42], "key": format_key(bytes(16))}):
+            with self.assertRaises(UsageError) as caught:
+                read_keys([json.dumps(good) + "\n", json.dumps(entry) + "\n"])
+            message = str(caught.exception)
+            self.assertTrue(message.startswith("keys: entry 2: "), message)
+            self.assertNotIn("--", message)
 
     def test_input_lines(self):
         """A line is an object of values; $event and $events append events."""
@@ -129,6 +144,17 @@ class ParsingTests(SynchronousTestCase):
             status, err = self.run_main(*base, *bad)
             self.assertEqual(status, 2, bad)
             self.assertIn(bad[-2], err)
+
+    def test_heartbeat_below_the_floor_is_refused(self):
+        """A --heartbeat under MIN_HEARTBEAT (its rekey would come before any ack) exits 2
+        with a message naming it, for run and simulate."""
+        for command in (["run", "--device", "5", "--secret-file", key_file(self)],
+                        ["simulate", "--devices", "1"]):
+            status, err = self.run_main(*command, "--broker", "127.0.0.1:1",
+                                        "--heartbeat", "0.01")
+            self.assertEqual(status, 2)
+            self.assertIn("--heartbeat", err)
+            self.assertIn(f"at least {MIN_HEARTBEAT:g}", err)
 
     def test_simulate_options_are_checked(self):
         """simulate refuses a zero connect rate, a NaN rate and a missing keys file with exit 2."""
@@ -196,12 +222,13 @@ class Child(ProcessProtocol):
         self.ended.callback(reason.value.exitCode)
 
 
-def spawn_node(testcase, *args):
-    """broker-node as a child process; killed at cleanup if still running."""
+def spawn_node(testcase, *args, fds=None):
+    """broker-node as a child process; killed at cleanup if still running.  ``fds``:
+    the child's descriptors (one left out is closed in the child)."""
     child = Child()
     process = reactor.spawnProcess(
         child, sys.executable, [sys.executable, "-m", "broker.node.cli", *args],
-        env=dict(os.environ), path=ROOT)
+        env=dict(os.environ), path=ROOT, childFDs=fds)
     testcase.addCleanup(lambda: child.ended if process.pid is None
                         else (process.signalProcess("KILL"), child.ended)[1])
     return process, child
@@ -352,6 +379,39 @@ class CommandTests(TestCase):
         self.assertNotIn(b"Traceback", child.err)
 
     @defer.inlineCallbacks
+    def run_args(self, name):
+        device = yield self.registry.add_device(name)
+        return ["run", "--device", str(device.device_number),
+                "--secret-file", key_file(self, device.secret), "--broker", self.address,
+                "--state", os.path.abspath(self.mktemp()), "--linger", "2"]
+
+    @defer.inlineCallbacks
+    def test_output_closed_from_the_start_exits_1(self):
+        """With standard output closed from the start, what was read is still reported,
+        and the first desired value it cannot print stops the node with status 1 and
+        one message."""
+        args = yield self.run_args("cli-no-out")
+        yield self.registry.update_desired("cli-no-out", {"led": "on"})
+        process, child = spawn_node(self, *args, fds={0: "w", 2: "r"})
+        process.writeToChild(0, b'{"t": 1}\n')
+        yield wait_until(self, lambda: self.registry.device("cli-no-out").reported.get("t")
+                         == 1, what="reported without a standard output")
+        code = yield child.ended
+        self.assertEqual(code, 1, child.err)
+        self.assertIn(b"cannot write to standard output", child.err)
+        self.assertNotIn(b"Traceback", child.err)
+
+    @defer.inlineCallbacks
+    def test_input_closed_from_the_start_is_end_of_input(self):
+        """With standard input closed from the start, run ends as at the end of an
+        empty input: status 0 once its session is acknowledged, no traceback."""
+        args = yield self.run_args("cli-no-in")
+        process, child = spawn_node(self, *args, fds={1: "r", 2: "r"})
+        code = yield child.ended
+        self.assertEqual(code, 0, child.err)
+        self.assertEqual(child.err, b"")
+
+    @defer.inlineCallbacks
     def test_slow_reader_of_output_loses_nothing(self):
         """A reader of stdout that falls behind (its pipe full) slows the node down but
         neither stops it nor loses a line: every command comes out once, in order."""
@@ -402,6 +462,7 @@ class CommandTests(TestCase):
         self.assertEqual(summary["connected"], 4)
         self.assertGreater(summary["acknowledged_states"], 10)
         self.assertEqual(summary["pending_devices"], 0)
+        self.assertEqual(summary["drops"], {})
         self.assertTrue(all(self.registry.device(f"sim-{i}").reported.get("seq")
                             for i in range(4)))
 

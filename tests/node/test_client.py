@@ -2,10 +2,13 @@
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.node.client import NodeEndpoint, SSPNode
-from broker.ssp.framing import HEADER_SIZE, parse_header
+from broker.node.client import NodeEndpoint, SSPNode, node_profile
+from broker.node.session import NodeSession
+from broker.node.session_ids import SessionIds
+from broker.ssp.framing import HEADER_SIZE, build_header, parse_header
 from tests.helpers import loopback_config, start_broker
 from tests.udp.loopback import wait_until
 
@@ -124,3 +127,26 @@ class RestartTests(TestCase):
         self.assertGreater(node.session_id, first)
         yield registry.update_desired("sleeper", {"led": "on"})
         yield wait_until(self, lambda: {"led": "on"} in desired, what="desired after restart")
+
+
+class DropCountTests(SynchronousTestCase):
+    """Datagrams the node cannot use are dropped and counted, as the broker does."""
+
+    def test_bad_datagrams_are_counted_by_reason(self):
+        """Short, foreign-framing, unknown-device and forged datagrams are counted in
+        endpoint.drops under the broker's reason names, and none is answered."""
+        clock = MemoryReactorClock()
+        endpoint = NodeEndpoint(("127.0.0.1", 9), reactor=clock, now=clock.seconds)
+        node = NodeSession(7, bytes(range(16)), endpoint.broker_address,
+                           session_ids=SessionIds(None), profile=node_profile(1.0),
+                           ciphers=endpoint.ciphers, rekey_after=3.0)
+        endpoint.add(node)
+        sent = endpoint.datagrams_out
+        source = ("127.0.0.1", 9)
+        endpoint.datagram_received(b"\x01\x02", source)
+        endpoint.datagram_received(b"\x09" + bytes(60), source)
+        endpoint.datagram_received(build_header(8, 1) + bytes(60), source)
+        endpoint.datagram_received(build_header(7, node.session_id) + bytes(60), source)
+        self.assertEqual(dict(endpoint.drops), {"short": 1, "unknown_framing": 1,
+                                                "unknown_device": 1, "auth_failed": 1})
+        self.assertEqual(endpoint.datagrams_out, sent)

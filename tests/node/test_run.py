@@ -2,9 +2,13 @@
 
 import io
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from broker.node.backlog import MAX_EVENT_BYTES, MAX_VALUES_BYTES
+from broker.node.client import SSPNode
 from broker.node.run import Input, parse_line
+from broker.node.session_ids import SessionIds
 
 
 class FakeNode:
@@ -19,6 +23,11 @@ class FakeNode:
 
     def emit(self, *events):
         self.events.extend(events)
+
+    def update(self, values, events):
+        if values:
+            self.report(values)
+        self.emit(*events)
 
 
 class InputTests(SynchronousTestCase):
@@ -88,6 +97,28 @@ class InputTests(SynchronousTestCase):
         self.input.dataReceived(b'{"t": 1, "$event": "a", "$events": ["b"]}\n')
         self.assertEqual(self.node.reports, [{"t": 1}])
         self.assertEqual(self.node.events, ["a", "b"])
+
+
+class NodeLimitTests(SynchronousTestCase):
+    """Input lines a real node cannot send (no sockets: a memory reactor)."""
+
+    def test_a_line_over_the_node_limits_is_skipped_and_later_lines_count(self):
+        """A line whose values, or one of whose events, exceed what one SSP state may
+        carry is skipped whole with one message each; the lines after it are reported."""
+        clock = MemoryReactorClock()
+        node = SSPNode(7, bytes(16), ("127.0.0.1", 1), reactor=clock, now=clock.seconds,
+                       session_ids=SessionIds(None))
+        err = io.StringIO()
+        lines = Input(node, err, lambda: None)
+        big_value = b"x" * (MAX_VALUES_BYTES + 1)
+        big_event = b"y" * (MAX_EVENT_BYTES + 1)
+        lines.dataReceived(b'{"big": "' + big_value + b'"}\n'
+                           b'{"t": 1, "$event": "' + big_event + b'"}\n'
+                           b'{"later": 2, "$event": "ok"}\n')
+        self.assertEqual(dict(node.session.state.values), {"later": 2})
+        self.assertEqual(node.session.state.events_since(0), ("ok",))
+        self.assertEqual(err.getvalue().count("line skipped"), 2)
+        self.assertIn(str(MAX_VALUES_BYTES), err.getvalue())
 
 
 class ParseLineTests(SynchronousTestCase):

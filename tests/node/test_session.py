@@ -23,11 +23,12 @@ EMPTY = DeviceState.empty()
 class Broker:
     """The broker's side of one session, as a bare SSPSession (acks at once)."""
 
-    def __init__(self, session_id, now):
+    def __init__(self, session_id, now, max_assembly_bytes=None):
         self.session = SSPSession(key=SECRET, cipher_provider=CipherCache(8), is_server=True,
                                   local_state=EMPTY, remote_state=EMPTY,
                                   random_bytes=os.urandom, now=now,
-                                  framing=BrokerFraming(DEVICE, session_id))
+                                  framing=BrokerFraming(DEVICE, session_id),
+                                  max_assembly_bytes=max_assembly_bytes)
         self.received = []
 
     def receive(self, data, now):
@@ -87,6 +88,19 @@ class NodeSessionTests(SynchronousTestCase):
         self.exchange()
         self.assertEqual(self.desired, [{"led": "on"}])
         self.assertEqual(self.node.desired, {"led": "on"})
+
+    def test_desired_change_of_type_is_a_change(self):
+        """A desired value that changes type but is equal in Python (1 to true, true
+        to 1.0, 0 to false) reaches on_desired, and node.desired shows the new type."""
+        self.node.start(self.now)
+        self.exchange()
+        broker = self.broker().session
+        for value in (1, True, 1.0, 0, False):
+            broker.set_local_state(EMPTY.with_values({"x": value}), self.now)
+            self.exchange()
+        self.assertEqual([type(seen["x"]) for seen in self.desired],
+                         [int, bool, float, int, bool])
+        self.assertIs(self.node.desired["x"], False)
 
     def test_commands_once_and_after_a_reset(self):
         """Commands are delivered once; a broker that starts its state anew is followed."""
@@ -251,6 +265,34 @@ class RekeyFailureTests(SynchronousTestCase):
             node.datagrams(now)
         self.assertGreater(node.session_id, first)
         self.assertEqual(node.sessions_started, 2)
+        self.assertEqual(dict(node.state.values), {"v": 1})
+
+
+class ExhaustedIdsTests(SynchronousTestCase):
+    """A rekey when no greater session id exists (a state file holding the last epoch)."""
+
+    def test_no_new_id_keeps_the_old_session(self):
+        """When no new id can be made (ValueError: epochs exhausted), the node keeps
+        its session and sending, and tries again rekey_after later, instead of raising
+        out of its timer."""
+        path = os.path.join(self.mktemp(), "ids.json")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as handle:
+            handle.write(f'{{"{DEVICE}": {((1 << 32) - 2) << 32}}}')
+        node = NodeSession(DEVICE, SECRET, ("127.0.0.1", 60001),
+                           session_ids=SessionIds(path, wall_clock=lambda: 1000.0),
+                           profile=node_profile(1.0), ciphers=CipherCache(8),
+                           rekey_after=3.0)
+        node.start(0.0)
+        first = node.session_id
+        node.report({"v": 1}, 0.0)
+        sent = len(node.datagrams(0.0))
+        sent += len(node.datagrams(5.0))   # rekey due: no id above the last epoch
+        self.assertEqual(node.session_id, first)
+        self.assertEqual(node.sessions_started, 1)
+        sent += len(node.datagrams(8.0))   # and again, rekey_after later
+        self.assertEqual(node.session_id, first)
+        self.assertGreater(sent, 0)
         self.assertEqual(dict(node.state.values), {"v": 1})
 
 

@@ -4,6 +4,8 @@ import os
 import resource
 import signal
 import stat
+import subprocess
+import sys
 
 from hypothesis import assume, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -214,3 +216,58 @@ class SessionIdsTests(SynchronousTestCase):
                 handle.write(content)
             error = self.assertRaises(ValueError, SessionIds, path)
             self.assertIn(path, str(error))
+
+
+#: A process handing out ids for one device over a shared file (argv: path, device, count).
+_WRITER = """
+import sys
+from broker.node.session_ids import SessionIds
+ids = SessionIds(sys.argv[1])
+for _ in range(int(sys.argv[3])):
+    last = ids.next(int(sys.argv[2]))
+print(last)
+"""
+
+
+class SharedFileTests(SynchronousTestCase):
+    """One --state file shared by several processes (one device each)."""
+
+    def test_ids_of_another_process_are_not_lost(self):
+        """A device's last id stored by one process survives another process, which
+        read the file before it, storing its own device's id."""
+        path = os.path.join(self.mktemp(), "ids.json")
+        first = SessionIds(path)
+        second = SessionIds(path)
+        used = first.next(1)
+        other = second.next(2)
+        again = SessionIds(path)
+        self.assertEqual((again.last(1), again.last(2)), (used, other))
+
+    def test_one_device_in_two_processes_still_increases(self):
+        """An id handed out after another process stored one for the same device is
+        above it, even when the clock stands still."""
+        path = os.path.join(self.mktemp(), "ids.json")
+        first = SessionIds(path, wall_clock=lambda: 10)
+        second = SessionIds(path, wall_clock=lambda: 10)
+        used = first.next(1)
+        self.assertGreater(second.next(1), used)
+
+    def test_lock_file_is_private(self):
+        """The lock file beside the ids (taken for each write) is mode 0600."""
+        path = os.path.join(self.mktemp(), "ids.json")
+        SessionIds(path).next(1)
+        self.assertEqual(stat.S_IMODE(os.stat(path + ".lock").st_mode), 0o600)
+
+    def test_processes_writing_at_once_keep_every_device(self):
+        """Two processes storing ids for their own devices at the same time leave
+        each device's last id in the file."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "ids.json")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        writers = [subprocess.Popen([sys.executable, "-c", _WRITER, path, str(device), "40"],
+                                    cwd=root, stdout=subprocess.PIPE)
+                   for device in (1, 2)]
+        last = [int(writer.communicate(timeout=60)[0]) for writer in writers]
+        for writer in writers:
+            self.assertEqual(writer.returncode, 0)
+        ids = SessionIds(path)
+        self.assertEqual([ids.last(1), ids.last(2)], last)
