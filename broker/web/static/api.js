@@ -21,6 +21,23 @@ export class ApiError extends Error {
   }
 }
 
+/**
+ * Whether `token` could be a token at all: tokens are printable ASCII (id.secret in
+ * base64url). Anything else (a smart quote, a non-breaking space copied from a document)
+ * cannot go in a header: fetch would throw as if the broker were unreachable.
+ */
+export function plausibleToken(token) {
+  return /^[\x21-\x7e]+$/.test(token);
+}
+
+/** Invisible characters a copy from a chat or a document may slip into a token. */
+const INVISIBLE = /[\s\u00ad\u180e\u200b-\u200f\u2060-\u2064\ufeff]/g;
+
+/** A token as pasted or handed over in a URL, without the invisible characters around or in it. */
+export function cleanToken(text) {
+  return text.replace(INVISIBLE, "");
+}
+
 export class Api {
   constructor(token, base = document.baseURI) {
     this.token = token;
@@ -34,6 +51,10 @@ export class Api {
   }
 
   async request(method, path, {query, body, headers = {}, signal} = {}) {
+    if (!plausibleToken(this.token)) {
+      // What the broker would answer, had the request been possible.
+      throw new ApiError(401, "invalid_token", "this is not a token: it has characters no token has");
+    }
     const init = {
       method, signal, cache: "no-store", credentials: "omit",
       headers: {accept: "application/json", authorization: `Bearer ${this.token}`, ...headers},

@@ -1,7 +1,7 @@
 // The dashboard's entry point: the access token, the session, the
 // transport, and which view is shown (#/ the fleet, #/device/NAME one device).
 
-import {Api} from "./api.js";
+import {Api, cleanToken} from "./api.js";
 import {DevicePage} from "./device-page.js";
 import {Fleet} from "./fleet.js";
 import {FleetTable} from "./fleet-table.js";
@@ -27,7 +27,7 @@ function takeTokenFromFragment() {
   } catch (error) {
     if (!(error instanceof URIError)) throw error;    // a mangled copy: let the broker judge it
   }
-  sessionStorage.setItem(TOKEN_KEY, token);
+  sessionStorage.setItem(TOKEN_KEY, cleanToken(token));
   history.replaceState(null, "", `${location.pathname}${location.search}#/`);
   return true;
 }
@@ -48,7 +48,7 @@ class Dashboard {
     this.fleet.addEventListener("change", () => this.showCounts());
     $("login-form").addEventListener("submit", (event) => {
       event.preventDefault();
-      const token = $("token-input").value.trim();
+      const token = cleanToken($("token-input").value);
       if (token) this.open(token);
     });
     $("sign-out").addEventListener("click", () => this.askToken(""));

@@ -7,7 +7,7 @@
 // value is no longer the one the user started from does it show a
 // conflict. Otherwise it retries with the new version.
 
-import {editable, h, parseValue, same, show} from "./dom.js";
+import {editable, h, parseValue, place, same, show, unsavable} from "./dom.js";
 
 /** Writes tried before giving up on a device that keeps changing. */
 const MAX_ATTEMPTS = 3;
@@ -32,6 +32,8 @@ class DesiredRow {
       this.editing = this.input.value !== this._original;
     });
     const save = () => {
+      const problem = unsavable(this.input.value);
+      if (problem) return editor.say(`Not saved: ${problem}`, true);
       const base = this.editing ? this.base : editor.device?.desired[key];
       editor.write(key, parseValue(this.input.value), base, () => { this.editing = false; });
     };
@@ -55,6 +57,9 @@ class DesiredRow {
     } else if (!this.editing) {
       this._original = present ? editable(device.desired[key]) : "";
       this.input.value = this._original;
+      // Already rounded when it arrived: say so before anyone edits it.
+      const problem = unsavable(this._original);
+      this.input.title = problem ? `Shown rounded: ${problem}` : "";
     }
     this._reported.textContent = key in device.reported ? show(device.reported[key]) : "\u2014";
     this._state.replaceChildren(
@@ -79,6 +84,7 @@ export class DesiredEditor {
     this._changed = changed;
     this._rows = new Map();
     this._body = h("tbody");
+    this._none = h("tr", {}, h("td", {colspan: 5, class: "note"}, "No desired values."));
     this.message = h("p", {class: "message", role: "status", "aria-live": "polite"});
     this.conflict = h("div", {id: "conflict", class: "conflict", role: "alert", hidden: true});
     const columns = ["Key", "Desired", "Reported", "State"];
@@ -110,14 +116,10 @@ export class DesiredEditor {
       row.refresh(device);
       return row.row;
     });
-    if (rows.length === 0) {
-      rows.push(h("tr", {}, h("td", {colspan: 5, class: "note"}, "No desired values.")));
-    }
-    // Rows move only when the keys change: moving a row takes the focus from its input.
-    const shown = [...this._body.rows];
-    if (rows.length !== shown.length || rows.some((row, i) => row !== shown[i])) {
-      this._body.replaceChildren(...rows);
-    }
+    if (rows.length === 0) rows.push(this._none);
+    // Only rows out of place move: a key added or deleted elsewhere leaves the input being
+    // typed in, its focus and its selection alone.
+    place(this._body, rows);
   }
 
   /** The row that adds a key. */
@@ -129,6 +131,8 @@ export class DesiredEditor {
     const add = () => {
       const name = key.value.trim();
       if (!name) return this.say("Type a key first.", true);
+      const problem = unsavable(value.value);
+      if (problem) return this.say(`Not saved: ${problem}`, true);
       this.write(name, parseValue(value.value), this.device?.desired[name], () => {
         key.value = "";
         value.value = "";

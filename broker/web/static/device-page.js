@@ -80,8 +80,9 @@ export class DevicePage {
       this._history = device.history;
       this._historyOf = device.version;
       const known = this.device;
-      this.fleet.apply(device);
-      // Not newer than the copy held (so not applied): draw the history read all the same.
+      this.fleet.refresh(device);
+      // Not applied (older than the copy held, or a device the feed removed or does not
+      // hold yet): draw the history read all the same.
       if (known === this.device) this.update();
     }, () => {});
   }

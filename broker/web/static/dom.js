@@ -14,6 +14,29 @@ export function h(tag, attributes = {}, ...children) {
   return element;
 }
 
+/**
+ * Make `children` the children of `parent`, in this order, moving only those out of place.
+ * A moved or removed element loses the keyboard focus (and an input its selection), so
+ * children that go are removed first (the others then rarely need to move), and if the
+ * focused element had to move all the same, it gets the focus and its selection back.
+ */
+export function place(parent, children) {
+  const focused = parent.contains(document.activeElement) ? document.activeElement : null;
+  const selection = focused && typeof focused.selectionStart === "number"
+    ? [focused.selectionStart, focused.selectionEnd, focused.selectionDirection] : null;
+  const keep = new Set(children);
+  for (const child of [...parent.childNodes]) if (!keep.has(child)) child.remove();
+  let at = parent.firstChild;
+  for (const child of children) {
+    if (child === at) at = at.nextSibling;
+    else parent.insertBefore(child, at);
+  }
+  if (focused?.isConnected && document.activeElement !== focused) {
+    focused.focus({preventScroll: true});
+    if (selection) focused.setSelectionRange(...selection);
+  }
+}
+
 /** Create an SVG element with attributes. */
 export function svg(tag, attributes = {}) {
   const element = document.createElementNS("http://www.w3.org/2000/svg", tag);
@@ -91,6 +114,35 @@ export function parseValue(text) {
     if (error instanceof SyntaxError) return text;
     throw error;
   }
+}
+
+/**
+ * The first integer in JSON `text` that a browser cannot hold exactly (beyond
+ * ±Number.MAX_SAFE_INTEGER, 2^53 - 1), or null. The registry keeps integers up to 2^64;
+ * the page's numbers are doubles, so such an integer, read or typed, is rounded
+ * (2^60 + 1 becomes 2^60) and writing it back would change it. Numbers with a fraction or
+ * an exponent are floats on both sides: they are not integers here.
+ */
+export function unsafeInteger(text) {
+  const token = /"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?/g;
+  for (const [found] of text.matchAll(token)) {
+    if (found.startsWith('"') || /[.eE]/.test(found)) continue;
+    if (!Number.isSafeInteger(Number(found))) return found;
+  }
+  return null;
+}
+
+/**
+ * Why text typed in the editor cannot be saved as it reads (null if it can): it holds an
+ * integer the browser would round. Text that is not JSON is saved as text: nothing rounds.
+ */
+export function unsavable(text) {
+  if (typeof parseValue(text) === "string") return null;
+  const found = unsafeInteger(text);
+  return found === null ? null
+    : `${found} is beyond the integers a browser holds exactly (\u00b1${Number.MAX_SAFE_INTEGER}),`
+      + " so it would be saved rounded. Change this value over the API, or put the number"
+      + " in quotes to save it as text.";
 }
 
 /** A value as the editor shows it: strings bare unless they would parse as something else. */

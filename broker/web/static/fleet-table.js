@@ -2,7 +2,7 @@
 // column, updated in place as changes arrive (rows are rebuilt only for
 // devices that changed, and the table at most a few times a second).
 
-import {ago, brokerNow, h, rtt, show, when} from "./dom.js";
+import {ago, brokerNow, h, place, rtt, show, when} from "./dom.js";
 
 /** Rows drawn at most; a bigger match asks for a narrower filter. */
 const MAX_ROWS = 500;
@@ -22,14 +22,41 @@ const COLUMNS = {
   delta: (d) => -Object.keys(d.delta).length,
 };
 
+/**
+ * Whether `text` matches `glob` (arrays of characters; * any run, ? any one character).
+ * A backtracking RegExp of `.*`s takes time exponential in the stars (a few stars froze the
+ * tab); this goes back only to the last star, so at most length(glob) x length(text) steps.
+ */
+function globMatch(glob, text) {
+  let g = 0;
+  let t = 0;
+  let star = -1;      // where the last * was in glob ...
+  let resume = 0;     // ... and where in text what it swallows would end next
+  while (t < text.length) {
+    if (g < glob.length && glob[g] === "*") {
+      star = g++;
+      resume = t;
+    } else if (g < glob.length && (glob[g] === "?" || glob[g] === text[t])) {
+      g++;
+      t++;
+    } else if (star >= 0) {
+      g = star + 1;
+      t = ++resume;
+    } else {
+      return false;
+    }
+  }
+  while (g < glob.length && glob[g] === "*") g++;
+  return g === glob.length;
+}
+
 /** A name filter: a glob when it has * or ?, else a case-insensitive substring. */
 export function nameFilter(text) {
   const pattern = text.trim();
   if (!pattern) return () => true;
   if (/[*?]/.test(pattern)) {
-    const source = pattern.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".");
-    const regex = new RegExp(`^${source}$`, "i");
-    return (name) => regex.test(name);
+    const glob = [...pattern.toLowerCase().replace(/\*+/g, "*")];
+    return (name) => globMatch(glob, [...name.toLowerCase()]);
   }
   const lower = pattern.toLowerCase();
   return (name) => name.toLowerCase().includes(lower);
@@ -104,7 +131,7 @@ export class FleetTable {
     const rows = shown.map((device) => this._row(device));
     const order = shown.map((device) => device.name);
     if (order.length !== this._order.length || order.some((name, i) => name !== this._order[i])) {
-      this._place(rows);
+      place(this.body, rows);
       this._order = order;
     }
     for (const name of this._rows.keys()) if (!this.fleet.devices.has(name)) this._rows.delete(name);
@@ -113,28 +140,6 @@ export class FleetTable {
       ? `showing ${MAX_ROWS} of ${matching.length} matching devices: narrow the filter`
       : matching.length === total ? "" : `${matching.length} of ${total} devices match`;
     this.empty.hidden = total > 0 || this.fleet.cursor === null;
-  }
-
-  /**
-   * Put rows in this order, moving only those out of place (a moved element loses the
-   * keyboard focus: if the focused one had to move, it gets the focus back).
-   */
-  _place(rows) {
-    const body = this.body;
-    const focused = body.contains(document.activeElement) ? document.activeElement : null;
-    let at = body.firstChild;
-    for (const row of rows) {
-      if (row === at) at = at.nextSibling;
-      else body.insertBefore(row, at);
-    }
-    while (at) {
-      const next = at.nextSibling;
-      at.remove();
-      at = next;
-    }
-    if (focused?.isConnected && document.activeElement !== focused) {
-      focused.focus({preventScroll: true});
-    }
   }
 
   /**

@@ -46,6 +46,20 @@ export class Fleet extends EventTarget {
     this._touch(null);    // even an empty fleet is now known to be empty
   }
 
+  /**
+   * Take a copy read outside the feed (the device view's GET): it only freshens a device
+   * the feed holds, never adds one. Such a read may have been answered before a removal
+   * the feed already applied (it would bring the device back for good), and it says
+   * nothing about a snapshot in progress (which devices still exist is the feed's word).
+   */
+  refresh(device) {
+    const known = this.devices.get(device.name);
+    if (!known || device.removed || known.device_number !== device.device_number) return;
+    if (known.version > device.version) return;
+    this.devices.set(device.name, device);
+    this._touch(device.name);
+  }
+
   /** Forget everything (signing out). */
   clear() {
     for (const name of this.devices.keys()) this._touch(name);

@@ -10,6 +10,11 @@ const SUBPROTOCOL = "ssp-broker.v1.json";
 const TOKEN_SUBPROTOCOL_PREFIX = "bearer.";
 /** The broker closes with this code when the connection's token is revoked. */
 const CLOSE_TOKEN_REVOKED = 4001;
+/**
+ * The broker closes with this code when it shuts down (or restarts): not the WebSocket's
+ * fault, so it does not count towards the fallback to polling.
+ */
+const CLOSE_GOING_AWAY = 1001;
 /** Why the page stops: a token refused after it was accepted can only have been revoked. */
 const REVOKED = "The access token was revoked.";
 
@@ -41,11 +46,19 @@ function backoff(failures) {
   return Math.round(base * (0.75 + Math.random() * 0.5) * 10) / 10;
 }
 
-/** Resolves after `ms`, or at once when `signal` aborts. */
+/**
+ * Resolves after `ms`, or at once when `signal` aborts. The abort listener goes when the
+ * timer fires: the feed's one signal would otherwise gather one per poll.
+ */
 function sleep(ms, signal) {
   return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal?.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, {once: true});
+    if (signal?.aborted) return resolve();
+    const aborted = () => { clearTimeout(timer); resolve(); };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", aborted);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", aborted, {once: true});
   });
 }
 
@@ -209,6 +222,7 @@ class PollingFeed {
     this.onTrouble = onTrouble;
     this.onUnauthorized = onUnauthorized;
     this.live = false;
+    this._troubled = false;     // a poll failed since the last report of live
     this._snapshot = false;
     this._controller = new AbortController();
   }
@@ -233,8 +247,9 @@ class PollingFeed {
     }
     while (!signal.aborted) {
       let page;
-      // The first request answers at once; the next ones wait for a change.
-      const wait = this.live ? this.wait : 0;
+      // The first request answers at once, and so does the first after a failure (to learn
+      // soon that the feed is caught up again); the next ones wait for a change.
+      const wait = this.live && !this._troubled ? this.wait : 0;
       const started = Date.now();
       try {
         // Without history, as over the WebSocket: the device view reads its own device.
@@ -243,6 +258,7 @@ class PollingFeed {
         if (signal.aborted) return;
         if (error.status === 401) return this.onUnauthorized(error);
         failures += 1;
+        this._troubled = true;
         const delay = error.retryAfter ?? backoff(failures);
         this.onTrouble(error, delay);
         await sleep(delay * 1000, signal);
@@ -262,6 +278,12 @@ class PollingFeed {
       }
       if (!this.live) {
         this.live = true;
+        this._troubled = false;
+        this.onLive();
+      } else if (this._troubled && !page.more) {
+        // Answers again after a failure, and caught up: live again (the page stops
+        // calling its values stale).
+        this._troubled = false;
         this.onLive();
       }
       // The rest of a full page at once; otherwise let changes gather. A short poll's answer
@@ -348,6 +370,15 @@ export class Link extends EventTarget {
   async _webSocketClosed({code, reason, live}) {
     if (this._stopped) return;
     if (code === CLOSE_TOKEN_REVOKED) return this._unauthorized(REVOKED);
+    if (code === CLOSE_GOING_AWAY) {
+      // A restart: polling would meet the same broker. Keep to the WebSocket (while the
+      // broker is down, the handshake fails and the session check says so, as below).
+      const delay = backoff(++this._unreachable);
+      this._report("websocket", "retrying",
+        `${reason || "the broker went away"}; reconnecting in ${delay} s`);
+      this._timer = setTimeout(() => this._useWebSocket(), delay * 1000);
+      return;
+    }
     const lasted = live && Date.now() - this._liveSince >= this.timing.stableAfterMs;
     if (!live) {
       // A browser cannot see why a handshake was refused: ask whether the token is the
