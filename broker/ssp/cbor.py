@@ -5,7 +5,15 @@ must be refused (docs/protocol.md). A ``CBORDecoder`` over a file tells
 where the item ended, but giving a decoder a new file (a ``BytesIO`` per
 diff) costs more than decoding a small diff; so each reused decoder keeps a
 small reader of its own, and each diff goes through it.
+
+Tags: protocol.md section 5 allows none but the self-describe tag 55799
+(ignored). cbor2 decodes many tags into plain values by itself (28(0) is
+0, 2(h'01') is 1), so a type check after decoding cannot see them; the
+decoder's ``semantic_decoders`` refuse every tag instead. cbor2 looks a tag
+up there only when it meets one: a diff without tags pays nothing.
 """
+
+from collections.abc import Mapping
 
 import cbor2
 
@@ -16,6 +24,37 @@ __all__ = ["OneItemDecoder"]
 _CBORDecoder = cbor2.CBORDecoder
 _NOT_CBOR = (cbor2.CBORError, ValueError, TypeError, OverflowError,
              LookupError, RecursionError)
+
+
+#: The one tag a diff may carry (RFC 8949 3.4.6), ignored.
+SELF_DESCRIBE_TAG = 55799
+
+
+def _untagged(value, immutable=False):
+    return value
+
+
+class _OnlySelfDescribe(Mapping):
+    """Semantic decoders for every tag: 55799 is dropped, any other refused
+    (the decoder turns the ValueError into a CBORDecodeError)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, tag):
+        return _untagged if tag == SELF_DESCRIBE_TAG else _refuse_tag
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _refuse_tag(value, immutable=False):
+    raise ValueError("a tag (only the self-describe tag 55799 is allowed)")
+
+
+_TAGS = _OnlySelfDescribe()
 
 
 class _Reader:
@@ -88,7 +127,8 @@ class OneItemDecoder:
         except IndexError:
             reader = _Reader()
             decoder = _CBORDecoder(reader, max_depth=self._max_depth,
-                                   allow_duplicate_keys=False)
+                                   allow_duplicate_keys=False,
+                                   semantic_decoders=_TAGS)
         reader.data = data
         reader.position = 0
         try:

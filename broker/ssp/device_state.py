@@ -41,6 +41,7 @@ _DIFF_KEYS = frozenset((VALUES_KEY, FIRST_EVENT_KEY, EVENTS_KEY))
 _INT_MIN = -(2**64)
 _INT_MAX = 2**64 - 1
 _NO_VALUES: dict = {}
+_EMPTY_MAP = MappingProxyType({})
 _MISSING = object()
 
 
@@ -67,6 +68,8 @@ def freeze(value, depth=0):
     if kind is tuple or kind is list:
         return tuple([freeze(item, depth + 1) for item in value])
     if isinstance(value, Mapping):
+        if not value:
+            return _EMPTY_MAP  # shared: a diff of many {} costs nothing
         frozen = {}
         for key, item in value.items():
             if type(key) is not str:
@@ -162,6 +165,11 @@ class DeviceState(EventQueue):
     def values(self) -> Mapping:
         """The values, read-only."""
         return MappingProxyType(self._values)
+
+    @property
+    def value_count(self) -> int:
+        """How many values the state holds (without building a view)."""
+        return len(self._values)
 
     def events_since(self, index: int) -> tuple:
         """The held events whose absolute index is ``index`` or more."""
@@ -277,14 +285,18 @@ class DeviceState(EventQueue):
             raise bad_diff(f"diff is a {type(body).__name__}, not a map")
         patch = body.get(VALUES_KEY, _MISSING)
         if patch is not _MISSING and len(body) == 1:
-            # The usual diff, changed values only: no other key to check.
+            # The usual diff, changed values only: no other key to check,
+            # but get() also finds 0 under 0.0 and false (equal in Python).
+            [key] = body
+            if type(key) is not int:
+                raise bad_diff(f"diff key {key!r} is not an integer")
             values = self._apply_patch(patch)
             if values is self._values:
                 return self
             return _make(values, self._events, self._event_base)
-        if not body.keys() <= _DIFF_KEYS:
-            key = next(key for key in body if key not in _DIFF_KEYS)
-            raise bad_diff(f"unknown diff key {key!r}")
+        for key in body:
+            if type(key) is not int or key not in _DIFF_KEYS:
+                raise bad_diff(f"unknown diff key {key!r}")
         values = (self._values if patch is _MISSING
                   else self._apply_patch(patch))
         if FIRST_EVENT_KEY in body or EVENTS_KEY in body:

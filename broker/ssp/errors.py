@@ -27,6 +27,8 @@ class DropReason(str, enum.Enum):
     BAD_DIFF = "bad_diff"
     QUEUE_FULL = "queue_full"
     REPLAY = "replay"
+    EVENTS_OVER_LIMIT = "events_over_limit"
+    VALUES_OVER_LIMIT = "values_over_limit"
 
     def __str__(self) -> str:
         return self.value

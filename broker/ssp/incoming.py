@@ -40,6 +40,8 @@ _decompress = zlib.decompress
 _state_received = events.state_received
 _state_acknowledged = events.state_acknowledged
 _datagram_rejected = events.datagram_rejected
+#: Refusals an answering server follows with its ack (see _process).
+_REMIND = frozenset((DropReason.UNKNOWN_REFERENCE, DropReason.QUEUE_FULL))
 
 
 class Incoming:
@@ -146,10 +148,11 @@ class Incoming:
         try:
             state = self._receiver.receive(inst, now, profile)
         except DatagramDropped as error:
-            if reminding and error.reason is DropReason.UNKNOWN_REFERENCE:
+            if reminding and error.reason in _REMIND:
                 # The peer builds on a state we no longer hold (it missed
-                # our ack, or we were restarted or parked): tell it which
-                # one we have, or it would retry the same diff forever.
+                # our ack, or we were restarted or parked), or keeps too
+                # many states for want of our acks (a full queue): tell it
+                # which one we have, or it would retry the same way forever.
                 sender.set_data_ack(now)
             raise
         if state is None:

@@ -49,11 +49,14 @@ class Profile:
     # the assumed receiver state is the newest one sent within it.
     retransmit_backoff: bool = False
     backoff_max: float = 8.0
+    # Ours: what one received state may hold (a broker.ssp.bounds
+    # StateBounds); None holds whatever the peer sends, as mosh does.
+    state_bounds: object = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool):
+            if isinstance(value, bool) or field.name == "state_bounds":
                 continue
             if not value > 0:
                 raise ValueError(

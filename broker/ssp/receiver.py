@@ -88,7 +88,8 @@ class Receiver:
         than the newest). Raises
         DatagramDropped (and changes nothing) for an unknown reference, a
         throwaway number above every state held, a full queue during the
-        quench time, or a diff the state refuses (BAD_DIFF).
+        quench time, a diff the state refuses (BAD_DIFF), or one that
+        passes the profile's ``state_bounds`` (broker.ssp.bounds).
         """
         states = self._states
         size = len(states)
@@ -138,25 +139,41 @@ class Receiver:
         keep_from = 0
         while keep_from < size and states[keep_from] < throwaway:
             keep_from += _STRIDE
-        quench = False
+        quench = evict = False
         if (size - keep_from) // _STRIDE > profile.received_states_cap:
-            if now < self._quench_until:
+            if profile.state_bounds is not None and new_num > newest_num:
+                # Bounded (broker.ssp.bounds): a new newest state takes the
+                # place of the oldest one above the throwaway state, so the
+                # states stay within the cap and the newest still gets in.
+                evict = True
+            elif now < self._quench_until or profile.state_bounds is not None:
                 # Rather than drop states from the middle (and maybe one we
                 # acknowledged), refuse to grow: a malicious sender or long
                 # one-way connectivity.
                 raise DatagramDropped(
                     DropReason.QUEUE_FULL,
                     f"{size // _STRIDE} states held, refusing {new_num}")
-            quench = True
+            else:
+                quench = True
         new_state = reference
-        if inst.diff:
+        diff = inst.diff
+        if diff:
+            bounds = profile.state_bounds
+            if bounds is not None:
+                bounds.check_diff(diff)
             try:
-                new_state = reference.apply(inst.diff)
+                new_state = reference.apply(diff)
             except (ValueError, TypeError) as error:
                 # The contract says BAD_DIFF; a state type that slips must
                 # still not let a peer crash us.
                 raise DatagramDropped(DropReason.BAD_DIFF,
                                       str(error)) from None
+            if bounds is not None and new_state is not reference:
+                # What it holds beside the oldest state kept (its events
+                # from there on, after subtract below): broker.ssp.bounds.
+                bounds.check(new_state, reference,
+                             states[keep_from + _STATE]
+                             if keep_from < size else None, len(diff))
         # Nothing has changed so far; from here on the instruction counts.
         if quench:
             self._quench_until = now + profile.quench_time
@@ -182,6 +199,10 @@ class Receiver:
             self._rationalize()
         new_state = new_state.subtract(states[_STATE])
         if new_num > newest_num:
+            if evict:
+                # (The peer builds on its newest states or on the throwaway
+                # one; a diff from the forgotten one is answered with our ack.)
+                states = states[:_STRIDE] + states[2 * _STRIDE:]
             self._states = states + [new_num, new_state]
             if self._tracks_accepted:
                 self._accepted(new_num)

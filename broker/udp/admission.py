@@ -26,6 +26,15 @@ cryptographic work (docs/ssp-endpoint.md, "Limits"):
   hosts thus costs a few decryptions a second, and a device's own address,
   or a genuine device starting a session from a host that sends no
   forgeries, is still served.
+* ``own_failures`` (per device): datagrams of a device's current session
+  from the session's own address (a spoofed source copies it) that did not
+  authenticate (or, at a parked session, were replays) in the current
+  second; past ``auth_failure_budget`` the endpoint opens no more of them
+  this second.  Such a flood costs the port at most that many decryptions
+  of its ``datagrams`` rate a second (about a device's own share, less
+  than ``max_device_datagrams_per_second``), the other devices keep the
+  rest, and the device itself is served again the next second.  Strangers'
+  failures do not count here: they cannot close a device's own address.
 * ``device_rate``: authentic datagrams per device (counted by the endpoint).
 """
 
@@ -80,7 +89,7 @@ class Admission:
     """The endpoint's budgets for one set of ``[ssp]`` settings (replaced on reload)."""
 
     __slots__ = ("datagrams", "attempts", "new_sessions", "device_sessions", "device_rate",
-                 "failures", "host_failures")
+                 "failures", "host_failures", "own_failures")
 
     def __init__(self, settings, now: float) -> None:
         self.datagrams = TokenBucket(settings.max_datagrams_per_second, now=now)
@@ -90,6 +99,7 @@ class Admission:
         self.device_rate = WindowCounter(settings.max_device_datagrams_per_second)
         self.failures = WindowCounter(settings.auth_failure_budget)
         self.host_failures = WindowCounter(settings.auth_failure_budget)
+        self.own_failures = WindowCounter(settings.auth_failure_budget)
 
     def stranger(self, number: int, host, now: float, per_device: bool = True) -> bool:
         """Whether a datagram naming device ``number`` from a stranger's ``host``
@@ -111,6 +121,19 @@ class Admission:
             self.failures.allow(number, now)
         if host is not None:
             self.host_failures.allow(source(host), now)
+
+    def failed_current(self, number: int, host, now: float) -> None:
+        """A datagram of device ``number``'s current session did not authenticate:
+        ``failed``, and from the session's own address (``host`` None) charged to
+        ``own_failures`` too."""
+        self.failed(number, host, now)
+        if host is None:
+            self.own_failures.allow(number, now)
+
+    def own_address_closed(self, number: int, now: float) -> bool:
+        """Whether datagrams from device ``number``'s own address are dropped unopened
+        for the rest of this second (its ``own_failures`` are spent)."""
+        return self.own_failures.exhausted(number, now)
 
 
 def first_datagram_fails(secret: bytes, number: int, session_id: int, data: bytes,

@@ -15,6 +15,7 @@ expensive ones (a decryption, a key derivation) are within the budgets of
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import struct
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 
 from broker.registry.errors import StoreError
 from broker.ssp import events as ssp_events
+from broker.ssp.bounds import BROKER_RECEIVED_STATES, MAX_VALUES, StateBounds
 from broker.ssp.crypto import OVERHEAD
 from broker.ssp.datagram import TIMESTAMP_SIZE
 from broker.ssp.errors import DatagramDropped, DropReason
@@ -66,6 +68,19 @@ def assembly_bytes(registry) -> int:
     return max(MAX_ASSEMBLY_BYTES, 2 * registry.settings.max_state_bytes)
 
 
+def session_profile(settings, registry):
+    """The profile of the broker's sessions: the ``[ssp]`` timings, and what a
+    device's received states may hold (broker.ssp.bounds: a diff inflates to
+    at most the assembly cap, a state holds at most the registry's key count
+    twice over, and 16 states are kept above the throwaway one, not mosh's
+    1,024)."""
+    limits = registry.settings
+    bounds = StateBounds(max_diff_bytes=assembly_bytes(registry),
+                         max_values=max(MAX_VALUES, 2 * limits.max_keys))
+    return dataclasses.replace(endpoint_profile(settings), state_bounds=bounds,
+                               received_states_cap=BROKER_RECEIVED_STATES)
+
+
 class SSPEndpoint(Downstream, DatagramProtocol):
     """Every device's sessions on one UDP port, bridged into the registry.
 
@@ -95,7 +110,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         self._wall_clock = wall_clock or clock.seconds
         self._bridge = RegistryBridge(registry,
                                       max_pending_commands=settings.max_pending_commands)
-        self._profile = endpoint_profile(settings)
+        self._profile = session_profile(settings, registry)
         self._ciphers = ciphers if ciphers is not None else CipherCache(settings.cipher_cache_size)
         if random_bytes is None:
             # The sessions' chaff: one system call per block, not per datagram.
@@ -133,7 +148,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         """
         self.settings = settings
         self._limits(settings)
-        self._profile = endpoint_profile(settings)
+        self._profile = session_profile(settings, self._bridge.registry)
         self._table.profile = self._profile
         table = self._table
         table.presence.offline_after = settings.offline_after
@@ -223,23 +238,29 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         address = entry.remote_address() if parked else entry.session.remote_address
         admission = self.admission
         stranger = None if addr == address else addr[0]
-        if stranger is not None and not admission.stranger(number, stranger, now):
-            # Possibly spoofed: a decryption only within the budgets.
+        if stranger is not None:
+            if not admission.stranger(number, stranger, now):
+                # Possibly spoofed: a decryption only within the budgets.
+                self._drop(EndpointDrop.RATE_LIMITED)
+                return
+        elif admission.own_address_closed(number, now):
+            # Forgeries copying the device's own address spent its budget
+            # this second: they get no more of the port's rate.
             self._drop(EndpointDrop.RATE_LIMITED)
+            return
+        if admission.device_rate.exhausted(number, now):
+            self._drop(EndpointDrop.DEVICE_RATE_LIMITED)
             return
         if not self._admit(now):
             # Over the port's rate: no crypto work, whoever sent it.
             self._drop(EndpointDrop.GLOBAL_RATE_LIMITED)
-            return
-        if admission.device_rate.exhausted(number, now):
-            self._drop(EndpointDrop.DEVICE_RATE_LIMITED)
             return
         if parked:
             failure = parked_datagram_fails(entry, data)
             if failure is not None:
                 # Forged or replayed: refused before the session is rebuilt.
                 self._drop(failure)
-                admission.failed(number, stranger, now)
+                admission.failed_current(number, stranger, now)
                 return
             live = self._table.wake(entry, number, now)
             if live is None:
@@ -261,7 +282,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         elif parked:
             # Not authentic, or an old datagram: the parked form stays as it was.
             if stranger is not None or not_authentic(found):
-                admission.failed(number, stranger, now)
+                admission.failed_current(number, stranger, now)
             for event in found:
                 if type(event) is ssp_events.DatagramRejected:
                     self._drop(event.reason)
@@ -269,7 +290,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         elif stranger is not None or not_authentic(found):
             # A stranger's replay costs a failure as a forgery does: one host
             # replaying a captured datagram must not spend every attempt.
-            admission.failed(number, stranger, now)
+            admission.failed_current(number, stranger, now)
         if found:
             self._handle(live, found, now)
         if session.last_heard is now:

@@ -168,15 +168,18 @@ class DecoderReuseTests(SynchronousTestCase):
     """Diffs are decoded by reused CBOR decoders: nothing carries over."""
 
     def test_shared_values_do_not_leak(self):
-        """A shared reference (tag 29) cannot reach a value a previous diff
-        marked shareable (tag 28)."""
+        """A value marked shareable (tag 28) is refused, so is a shared
+        reference (tag 29) after it, and the reused decoder still takes a
+        plain diff."""
         state = DeviceState.empty()
         marked = bytes.fromhex("a100a16161d81c8101")  # {0: {"a": 28([1])}}
-        self.assertEqual(thaw(state.apply(marked).values), {"a": [1]})
         leak = bytes.fromhex("a100a16162d81d00")  # {0: {"b": 29(0)}}
-        with self.assertRaises(DatagramDropped) as caught:
-            state.apply(leak)
-        self.assertEqual(caught.exception.reason, DropReason.BAD_DIFF)
+        for diff in (marked, leak):
+            with self.assertRaises(DatagramDropped) as caught:
+                state.apply(diff)
+            self.assertEqual(caught.exception.reason, DropReason.BAD_DIFF)
+        plain = bytes.fromhex("a100a161618101")  # {0: {"a": [1]}}
+        self.assertEqual(thaw(state.apply(plain).values), {"a": [1]})
 
     def test_limits_hold_after_a_failure(self):
         """After a refused diff the next ones get the same checks: depth,

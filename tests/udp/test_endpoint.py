@@ -560,7 +560,8 @@ class ParkingTests(SynchronousTestCase):
 
     def test_spoofed_flood_at_a_parked_session_does_not_rebuild_it(self):
         """Forgeries and replays from the parked session's own address are refused
-        before the session is rebuilt or a cipher cached; the device is still answered."""
+        before the session is rebuilt or a cipher cached, opened only within the
+        device's failure budget; the device is still answered."""
         parked = self.entry()
         address = self.h.address_of(self.node)
         captured = []
@@ -582,8 +583,10 @@ class ParkingTests(SynchronousTestCase):
         self.assertEqual(woken, [])
         self.assertIs(self.entry(), parked)
         self.assertEqual(len(self.h.endpoint._ciphers), 0)
-        self.assertEqual(self.h.endpoint.drops["auth_failed"], 100)
-        self.assertEqual(self.h.endpoint.drops["replay"], 100)
+        drops = self.h.endpoint.drops
+        budget = self.h.settings.auth_failure_budget
+        self.assertEqual(drops["auth_failed"] + drops["replay"], budget)
+        self.assertEqual(drops["rate_limited"], 200 - budget)
         self.assertEqual(self.h.transport.written, [])
         acked = self.node.acknowledged
         self.h.run(26.0, dt=0.05)   # the device's next heartbeat is answered
