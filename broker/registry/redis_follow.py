@@ -6,12 +6,23 @@ what arrives to the reactor thread with ``callFromThread``. Stream entries
 are parsed here, off the reactor: every process reads every process's
 changes. After an error they reconnect, pausing longer each time.
 
-Every cursor is one stream entry (ids ``<cursor>-<n>``), so an entry whose
-cursor is more than one above the last one read means entries were
-trimmed (MAXLEN) before this process read them: it was cut off from Redis
-for longer than the stream holds. The follower then reads the registry
-again (the snapshot ``load(client)`` gives) and hands it over as an entry
-``("g", loaded)`` before the ones after the gap.
+Entries trimmed (MAXLEN) before this process read them (it was cut off
+from Redis, or fell behind, for longer than the stream holds) are a gap.
+Two things show one. A change's entry has the id ``<cursor>-<n>``, so an
+entry whose cursor is more than one above the last one read. But entries
+that take no cursor of their own (a token change, a key rotation, a
+session record alone: ``<top>-<n>``, after the change at the top) leave
+no hole in the cursors; so every XREAD is pipelined with a read of the
+stream's first id (``FIRST_ID``: the id only, not the entry): a stream that
+now starts after the last entry read (that entry is gone) may have lost
+entries after it too, unless the first entry read is the very next id
+(``<same top>-<n + 1>``). Either way the follower reads the registry again
+(the snapshot ``load(client)`` gives) and hands it over as an entry
+``("g", loaded)`` before the ones after the gap. (A reader whose last
+entry was trimmed at the very edge may have lost nothing: it catches up
+all the same. Before the first entry read, a stream that did not exist at
+load time, or was empty then, has nothing to compare: there only the
+cursors tell.)
 
 If Redis loses its data (restarted without persistence, FLUSHALL, failed
 over to an empty or older replica), its sequence starts again below the
@@ -41,6 +52,7 @@ from twisted.logger import Logger
 
 from .errors import StoreError
 from .redis_layout import decode_entry, marker_text
+from .redis_scripts import FIRST_ID
 
 #: seconds a listener blocks in Redis before it checks whether to stop.
 READ_BLOCK = 0.5
@@ -78,15 +90,17 @@ class ChangeFollower:
         self._stop = stop
         self._load = load
 
-    def start(self, after, deliver):
+    def start(self, after, deliver, entry=True):
         """Start the thread calling ``deliver(entries)`` on the reactor thread
-        with every entry after id ``after`` (see ``decode_entry``); returns it."""
-        thread = threading.Thread(target=self._loop, args=(after, deliver),
+        with every entry after id ``after`` (see ``decode_entry``); returns it.
+        ``entry``: whether an entry has id ``after`` (False: the stream was
+        empty, and its being gone proves nothing)."""
+        thread = threading.Thread(target=self._loop, args=(after, deliver, entry),
                                   name="registry-redis-reader", daemon=True)
         thread.start()
         return thread
 
-    def _loop(self, after, deliver):
+    def _loop(self, after, deliver, entry):
         import redis
         client = self._connector.client()
         last = after
@@ -97,7 +111,7 @@ class ChangeFollower:
         checking = self._key_seq is not None
         while not self._stop.is_set():
             try:
-                found = self._read(client, last)
+                found, first = self._read(client, last)
                 pause = 0.05
                 if not found:
                     if checking and time.monotonic() - checked >= self._check_interval:
@@ -106,7 +120,8 @@ class ChangeFollower:
                             break
                     continue
                 raw = found[0][1]
-                entries, top = self._entries(client, raw, seen)
+                entries, top = self._entries(client, raw, seen,
+                                             entry and _trimmed(last, first, raw[0][0]))
             except _Gone as gone:
                 self._hand(deliver, [("gone", gone.args[0])], waiting)
                 break
@@ -128,22 +143,23 @@ class ChangeFollower:
                 self._stop.wait(pause)
                 pause = min(2.0, pause * 2)
                 continue
-            last, seen = raw[-1][0], top
+            last, seen, entry = raw[-1][0], top, True
             self._hand(deliver, entries, waiting)
         client.close()
 
     def _read(self, client, last):
-        """XREAD after ``last`` (blocking up to READ_BLOCK), and the marker read
-        after it in the same round trip; raises _Gone if it is not ours."""
-        if self._marker is None:
-            return client.xread({self._key_feed: last}, count=READ_COUNT,
-                                block=int(READ_BLOCK * 1000))
+        """XREAD after ``last`` (blocking up to READ_BLOCK), then the stream's
+        first id and the marker, in the same round trip: ``(found, first id or
+        None)``; raises _Gone if the marker is not ours."""
         pipe = client.pipeline(transaction=False)
         pipe.xread({self._key_feed: last}, count=READ_COUNT, block=int(READ_BLOCK * 1000))
-        pipe.get(self._marker[0])
-        found, marker = pipe.execute()
-        self._same_marker(marker)
-        return found
+        pipe.eval(FIRST_ID, 1, self._key_feed)
+        if self._marker is not None:
+            pipe.get(self._marker[0])
+        replies = pipe.execute()
+        if self._marker is not None:
+            self._same_marker(replies[2])
+        return replies[0], replies[1]
 
     def _same_marker(self, value):
         """Raise _Gone unless ``value`` (the marker as Redis answered) is ours."""
@@ -178,19 +194,21 @@ class ChangeFollower:
         self._hand(deliver, [("lost", sequence, seen)], waiting)
         return True
 
-    def _entries(self, client, raw, seen):
-        """The decoded entries of ``raw`` (a snapshot first where cursors are
-        missing), and the highest cursor among them."""
+    def _entries(self, client, raw, seen, trimmed=False):
+        """The decoded entries of ``raw`` (a snapshot first where entries are
+        missing: cursors skipped, or ``trimmed`` before the first one), and the
+        highest cursor among them."""
         entries = []
         for entry_id, fields in raw:
             cursor = _cursor(entry_id)
-            if cursor > seen + 1 and self._load is not None:
+            if (trimmed or cursor > seen + 1) and self._load is not None:
                 self.log.warn("change-stream entries after cursor {seen} were trimmed "
                               "before this process read them: reading the registry again",
                               seen=seen)
                 loaded = self._load(client)
                 self._same_marker(client.get(self._marker[0]) if self._marker else None)
                 entries.append(("g", loaded))
+            trimmed = False
             seen = max(seen, cursor)
             try:
                 entries.append(decode_entry(fields))
@@ -209,9 +227,25 @@ def _hand_over(deliver, entries, waiting):
 
 def _cursor(entry_id):
     """The cursor part of a stream entry id (bytes or str ``<cursor>-<n>``)."""
+    return _id(entry_id)[0]
+
+
+def _id(entry_id):
+    """A stream entry id (bytes or str ``<cursor>-<n>``) as ``(cursor, n)``."""
     if isinstance(entry_id, bytes):
         entry_id = entry_id.decode()
-    return int(entry_id.split("-", 1)[0])
+    cursor, _, n = entry_id.partition("-")
+    return int(cursor), int(n or 0)
+
+
+def _trimmed(last, first, head):
+    """Whether entries after id ``last`` may have been trimmed unread: the
+    stream now starts after it (``first``, None if empty) and ``head``, the
+    first entry the read brought, is not the next id (module docstring)."""
+    last = _id(last)
+    if last == (0, 0) or (first is not None and _id(first) <= last):
+        return False
+    return _id(head) != (last[0], last[1] + 1)
 
 
 class CommandListener:

@@ -335,6 +335,16 @@ return {'ok', before, top}
 """
 
 #: The scripts the store runs with the marker appended (CHECK), by name.
+# The id of the change stream's first entry, false if it is empty (KEYS the
+# stream): only the id travels, not the entry. The stream reader reads it
+# with every XREAD to see entries trimmed before it read them
+# (redis_follow.py). A read: no marker check (the marker is read beside it).
+FIRST_ID = """
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if first then return first[1] end
+return false
+"""
+
 SCRIPTS = {"change": CHANGE, "add": ADD, "remove": REMOVE, "secret": SECRET,
            "tokens": TOKENS, "lease": LEASE, "expired": EXPIRED, "held": HELD,
            "restored": RESTORED}

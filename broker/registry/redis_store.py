@@ -95,6 +95,10 @@ class RedisStore(RedisKeys, Store):
         self._stop_reading = threading.Event()
         #: where the change stream stood when load() began.
         self.feed_start = "0-0"
+        self._feed_start_entry = False     # whether an entry has that id
+        #: token writes sent, and those not answered yet (see ``_snapshot``).
+        self.token_writes = 0
+        self._token_writes_open = 0
 
     @property
     def commits(self):
@@ -214,11 +218,12 @@ class RedisStore(RedisKeys, Store):
                                  self.remembered.raise_sequence, self.incarnation, sequence)
 
     def _load(self, client):
-        last = client.xrevrange(self.key_feed, count=1)
-        self.feed_start = last[0][0].decode() if last else "0-0"
+        self.feed_start, self._feed_start_entry = self._feed_end(client)
         loaded = Loaded()
         loaded.sequence = int(client.get(self.key_seq) or 0)
         loaded.horizon = int(float(client.get(self.key_horizon) or 0))
+        #: number -> the process Redis shows holding the device (shared_presence.py).
+        loaded.holders = {}
         keys = [key for key in client.scan_iter(match=self.device_prefix + "*", count=1000)]
         for i in range(0, len(keys), 1000):
             pipe = client.pipeline(transaction=False)
@@ -234,11 +239,28 @@ class RedisStore(RedisKeys, Store):
                     int(fields[b"c"]), decode_state(fields[b"s"])))
                 if b"r" in fields:
                     loaded.sessions.append((number, decode_record(fields[b"r"])))
+                if fields.get(b"h"):
+                    loaded.holders[number] = fields[b"h"].decode()
         for member, score in client.zrange(self.key_tombs, 0, -1, withscores=True):
             number, version, name = member.decode().split(":", 2)
             loaded.tombstones.append((int(score), name, int(number), int(version)))
         loaded.tokens = decode_tokens(client.hgetall(self.key_tokens))
         return loaded
+
+    def _feed_end(self, client):
+        """``(id, whether an entry has it)``: the change stream's last entry, or
+        the last id it gave if it is empty (trimmed to nothing: later cursors
+        follow it, redis_follow.py), or "0-0" if there is no stream."""
+        import redis
+        last = client.xrevrange(self.key_feed, count=1)
+        if last:
+            return last[0][0].decode(), True
+        try:
+            info = client.xinfo_stream(self.key_feed)
+        except redis.ResponseError:
+            return "0-0", False     # no such key
+        end = info.get("last-generated-id") or b"0-0"
+        return (end.decode() if isinstance(end, bytes) else str(end)), False
 
     # -- tools (synchronous: broker-admin, never the reactor thread) -------------
 
@@ -379,7 +401,15 @@ class RedisStore(RedisKeys, Store):
         (state, session, add, remove, secret, token_add, token_del) that store
         wrappers count. Fires with the script's reply (``result`` is unused)."""
         _, script, keys, args = op
-        return self.call(script, keys, args)
+        if script != "tokens":
+            return self.call(script, keys, args)
+        self._token_writes_open += 1     # first: see _snapshot
+        self.token_writes += 1
+        return self.call(script, keys, args).addBoth(self._token_written)
+
+    def _token_written(self, result):
+        self._token_writes_open -= 1
+        return result
 
     def fetch_tokens(self):
         return self._submit(None, None, None)
@@ -430,15 +460,27 @@ class RedisStore(RedisKeys, Store):
                                       stop=self._stop_reading, load=self._snapshot,
                                       key_seq=self.key_seq, check_interval=check_interval,
                                       marker=(self.key_incarnation, self.incarnation)
-                                      ).start(after, deliver)
+                                      ).start(after, deliver,
+                                              entry=self._feed_start_entry)
 
     def _snapshot(self, client):
-        """Everything in Redis now (the reader thread, after a stream gap)."""
-        start = self.feed_start
+        """Everything in Redis now (the reader thread, after a stream gap).
+
+        Its ``token_writes`` is the count of this process's token writes it
+        holds, all of them answered before it was read; None if one was on
+        its way (the snapshot may or may not hold it). The registry takes the
+        snapshot's tokens only if that is still the count (shared_stream.py)."""
+        start = self.feed_start, self._feed_start_entry
+        # Counters of the reactor thread, read before Redis (in the opposite
+        # order to write's): none open means every write counted was answered
+        # before the snapshot; a later one shows in the count.
+        sent, open_ = self.token_writes, self._token_writes_open
         try:
-            return self._load(client)
+            loaded = self._load(client)
         finally:
-            self.feed_start = start
+            self.feed_start, self._feed_start_entry = start
+        loaded.token_writes = None if open_ else sent
+        return loaded
 
     def listen_commands(self, deliver):
         """Call ``deliver(payload)`` on the reactor thread with every message

@@ -9,6 +9,14 @@ the marker this process loaded to ARGV, see redis_scripts.CHECK), and the
 reads that answer for the registry (the sequence, the tokens) read the
 marker with them: an answer from a Redis that lost the data this process
 has fails with ``IncarnationLost``, never passes for a normal one.
+
+With ``redis_wait_replicas`` the pipeline ends with a ``WAIT``, and its
+verdict (too few replicas in time) fails only the items whose durability
+it stands for: the scripts that change the registry (``DURABLE``). A
+PUBLISH was delivered whatever the replicas did (failing it would make the
+sender relay the command again, delivered twice), and reads (the tokens,
+the sequence) and the presence lease's scripts are answered from their
+own replies. A pipeline without such a write sends no WAIT.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ from .redis_layout import decode_tokens, marker_text
 
 #: seconds the idle writer sleeps before it checks whether to stop.
 IDLE_WAIT = 0.5
+#: the scripts that change the registry: the only items that ``WAIT``'s
+#: verdict fails (module docstring). The lease scripts are not among them: a
+#: lease lost with a failed-over primary is renewed at the next check.
+DURABLE = frozenset({"change", "add", "remove", "secret", "tokens", "restored"})
 
 
 class IncarnationLost(StoreError):
@@ -130,14 +142,15 @@ class PipelineWriter:
                 self._scripts[script](keys=[*keys, marker_key], args=[*args, marker],
                                       client=pipe)
                 slots.append(script)
-        if options.wait_replicas:
+        waiting = options.wait_replicas and any(kind in DURABLE for kind in slots)
+        if waiting:
             pipe.execute_command("WAIT", options.wait_replicas,
                                  int(options.wait_timeout * 1000))
         replies = pipe.execute(raise_on_error=False)
         self.commits += 1
         self.operations += len(batch)
         problem = None
-        if options.wait_replicas:
+        if waiting:
             acked = replies.pop()
             if isinstance(acked, Exception) or acked < options.wait_replicas:
                 problem = StoreError(f"only {acked} of {options.wait_replicas} replicas "
@@ -165,7 +178,7 @@ class PipelineWriter:
                 found = marker
             if found != marker:
                 outcomes.append((d, Failure(IncarnationLost(found))))
-            elif problem is not None:
+            elif problem is not None and kind in DURABLE:
                 outcomes.append((d, Failure(problem)))
             else:
                 outcomes.append((d, _decoded(kind, reply)))

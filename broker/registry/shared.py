@@ -110,6 +110,10 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._lazy_type = lazy_device_type(self)
         self._relay_target = None  # deliver(number, command) for relayed commands
         self._token_changes = 0    # tokens added or revoked here (see reload)
+        self._tokens_stale = 0     # others' token changes not read yet (_tokens_changed)
+        self._tokens_reading = False
+        self._tokens_retry = False  # a failed re-read waits for the retry timer
+        self._tokens_failing = False  # a failed re-read was logged
         self._progress_interval = progress_interval
         self._progress_due = None  # clock time of the next record of the cursor
         self._progress_busy = False
@@ -191,6 +195,46 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
     def _tokens_call(self, kind, *args):
         self._token_changes += 1
         return super()._tokens_call(kind, *args)
+
+    def _tokens_changed(self):
+        """Another process changed the tokens (its stream entry, or a catch-up
+        that could not take the snapshot's): they are stale here until a
+        re-read succeeds. A failed one is logged once and tried again on the
+        retry timer, with its backoff (shared_retry.py), until one succeeds: a
+        revoked token must not stay valid here."""
+        self._tokens_stale += 1
+        if not self._tokens_reading:
+            self._read_tokens()
+
+    def _read_tokens(self):
+        self._tokens_reading = True
+        wanted = self._tokens_stale
+
+        def read(_):
+            self._tokens_reading = False
+            self._retry_delay = RETRY_DELAY     # Redis answers: retry rounds start over
+            if self._tokens_failing:
+                self._tokens_failing = False
+                self.log.info("dashboard tokens read again from Redis")
+            if self._tokens_stale != wanted:
+                self._read_tokens()     # changed again since this read was sent
+            else:
+                self._tokens_stale = 0
+
+        def failed(failure):
+            failure.trap(errors.StoreError)
+            self._tokens_reading = False
+            self.counters["token_reload_failed"] += 1
+            if not self._tokens_failing:
+                self._tokens_failing = True
+                self.log.warn("re-reading the dashboard tokens after another broker process "
+                              "changed them failed: {error}; trying again (a token revoked "
+                              "there stays valid here until then)",
+                              error=failure.getErrorMessage())
+            self._retry_tokens_later()
+
+        self.reload().addCallbacks(read, failed).addErrback(
+            lambda failure: self.log.failure("re-reading the tokens failed", failure))
 
     # -- relayed commands ----------------------------------------------------
 

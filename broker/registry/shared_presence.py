@@ -19,7 +19,9 @@ offline writes carry "only if I or nobody holds it", so an old session
 ending on one host cannot mark offline a device now online on another.
 
 A process whose lease lapsed while alive (a long stall) sees its devices
-marked offline on the stream and claims them again at once.
+marked offline on the stream and claims them again at once (or, if those
+entries were trimmed before it read them, when it catches up:
+shared_stream.py, ``_resync_held``).
 
 Every key a script touches is declared (redis_scripts.py), so what depends
 on data is read first: a claim does not touch the previous holder's set

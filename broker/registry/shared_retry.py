@@ -17,6 +17,9 @@ offline writes alike (a device that went silent while Redis was away must
 not stay online there), until a newer connection write of the device
 supersedes them (shared_presence.py): a retry, sent in the device's queue
 order, never lands after the write that followed it.
+
+The same timer (and backoff) reads the dashboard tokens again after a
+re-read that failed (shared.py, ``_tokens_changed``).
 """
 
 from collections import deque
@@ -191,10 +194,20 @@ class SharedRetries:
         if self._retry_call is None:    # (False: stopped)
             self._retry_call = self._clock.callLater(self._retry_delay, self._retry)
 
+    def _retry_tokens_later(self):
+        """Read the tokens again after the retry delay (shared.py, _tokens_changed)."""
+        self._tokens_retry = True
+        if self._retry_call is None:    # (False: stopped)
+            self._retry_call = self._clock.callLater(self._retry_delay, self._retry)
+
     def _retry(self):
         self._retry_call = None
         # The next round waits longer, unless Redis answers a call meanwhile.
         self._retry_delay = min(RETRY_DELAY_MAX, self._retry_delay * 2)
+        if self._tokens_retry:
+            self._tokens_retry = False
+            if not self._tokens_reading:
+                self._read_tokens()
         numbers, self._retrying = self._retrying, {}
         for number in numbers:
             if number not in self._busy and self._queues.get(number):

@@ -23,6 +23,7 @@ from .feed import ChangeFeed
 from .database import decode_state
 from .model import Device, DeviceView
 from .redis_layout import decode_events
+from .secrets import TokenTable
 
 #: stream flag: the change may have changed ``desired`` (decode at once:
 #: desired watchers must hear it). Bit 1 is the new ``online``.
@@ -133,7 +134,7 @@ class ChangeStream:
                     self._apply_secret(*entry[1:])
                 elif kind == "t":
                     if entry[1] != self.origin:
-                        self.reload()
+                        self._tokens_changed()
                 elif kind == "g":
                     if entry[1].sequence < self.cursor:
                         self._sequence_went_back(entry[1].sequence, self.cursor)
@@ -195,6 +196,41 @@ class ChangeStream:
         self._own_states = {key: state for key, state in self._own_states.items()
                             if key[0] in rows and key[1] > rows[key[0]].version}
         self._advance(loaded.sequence)
+        self._resync_tokens(loaded)
+        self._resync_held(getattr(loaded, "holders", None))
+
+    def _resync_tokens(self, loaded):
+        """The tokens as the catch-up snapshot holds them (entries of token changes
+        may be among those trimmed: a revocation must not be lost), if it holds
+        every token write of this process (redis_store.RedisStore._snapshot);
+        else they are read again."""
+        taken = getattr(loaded, "token_writes", None)
+        if taken is None or taken != getattr(self._store, "token_writes", None):
+            self._tokens_changed()
+            return
+        self._tokens = TokenTable.from_rows(loaded.tokens)
+        self._token_changes += 1    # a re-read in flight may predate the snapshot
+        self.counters["admin_token"] += 1
+
+    def _resync_held(self, holders):
+        """After a catch-up, claim again at once each device this process holds
+        the session of that Redis shows offline (another process took this one
+        for dead meanwhile, as ``_track_holder`` does for the stream's entry);
+        drop those another process claimed since (``holders``: number -> the
+        holder Redis names, None if unknown). A claim of ours still on its way
+        is left to land."""
+        for number in list(self._held):
+            dev = self._by_number.get(number)
+            if dev is None or self._claim_pending(number):
+                continue
+            holder = holders.get(number) if holders is not None else None
+            if dev.online and holder is not None and holder != self.origin:
+                self._held.discard(number)
+                self._left.add(number)
+            elif not dev.online:
+                self._held.discard(number)
+                self.counters["presence_reclaimed"] += 1
+                self._set_online(dev, True).addErrback(self._presence_failed, number)
 
     def _apply_record(self, number, record, origin):
         dev = self._by_number.get(number)

@@ -43,7 +43,7 @@ KEY_ARGUMENTS = {
     "SADD": (1,), "SREM": (1,), "SMEMBERS": (1,), "SRANDMEMBER": (1,), "SCARD": (1,),
     "ZADD": (1,), "ZCARD": (1,), "ZRANGE": (1,), "ZREMRANGEBYRANK": (1,),
     "ZREMRANGEBYSCORE": (1,), "INCRBY": (1,),
-    "XADD": (1,),
+    "XADD": (1,), "XRANGE": (1,),
 }
 
 _DECLARED = re.compile(r"KEYS\[[^\[\]]+\]")
@@ -132,8 +132,10 @@ class ScriptSourceTests(SynchronousTestCase):
 
     def test_every_script_the_store_runs_checks_the_marker_first(self):
         """Each script the store runs starts with the marker check (redis_scripts.CHECK),
-        whose key is the last one declared."""
-        self.assertEqual(set(redis_scripts.SCRIPTS.values()) | {redis_scripts.ADOPT},
+        whose key is the last one declared (the stream reader's FIRST_ID reads the
+        marker beside it, in its pipeline)."""
+        self.assertEqual(set(redis_scripts.SCRIPTS.values())
+                         | {redis_scripts.ADOPT, redis_scripts.FIRST_ID},
                          set(scripts().values()))
         for name, text in redis_scripts.SCRIPTS.items():
             self.assertTrue(text.startswith(redis_scripts.CHECK), name)
