@@ -20,7 +20,8 @@ Three figures, each against a baseline measured in the same run:
   received and acknowledged, states without values), for --sessions
   sessions (goal: at most 1 KiB).
 
-A device and a broker session (broker framing, FLEET profile) talk over an
+A device (FLEET profile) and a broker session (broker framing, the profile
+the broker gives its sessions: FLEET with bounded received states) talk over an
 in-memory link with a simulated clock; only the calls named above are
 timed, each call on its own, and the cost of reading the clock around a
 call (calibrated in the same run) is subtracted.  The first --warmup state
@@ -30,6 +31,7 @@ best of --repeat runs, the baselines too.  Any dropped datagram
 """
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -44,6 +46,7 @@ from broker.ssp.crypto import CipherCache, aead_nonce
 from broker.ssp.device_state import DeviceState
 from broker.ssp.events import DatagramRejected
 from broker.ssp.framing import HEADER_SIZE, BrokerFraming
+from broker.ssp.bounds import BROKER_RECEIVED_STATES, StateBounds
 from broker.ssp.profile import FLEET
 from broker.ssp.randomness import BufferedRandom
 from broker.ssp.session import SSPSession
@@ -53,6 +56,10 @@ DEVICE_ADDRESS = ("127.0.0.1", 40000)
 BROKER_ADDRESS = ("127.0.0.1", 60001)
 SECRET = bytes(range(16))
 STEP = 0.05  # simulated seconds between two state changes of the device
+#: what the broker's sessions run (broker.udp.endpoint.session_profile): the
+#: fleet timings and the bounds on what a device's received states may hold.
+BROKER_PROFILE = dataclasses.replace(FLEET, state_bounds=StateBounds(),
+                                     received_states_cap=BROKER_RECEIVED_STATES)
 MINDELAY = FLEET.send_mindelay  # a change is sent this long after it
 NONCE_SIZE = 8
 FLOOR_SKIP = 4 + 10  # timestamps and fragment header before the zlib stream
@@ -64,13 +71,13 @@ def pair(device_number: int, session_id: int, ciphers, now: float):
     from a shared BufferedRandom, as the broker's and the nodes' endpoints
     give it)."""
     framing = BrokerFraming(device_number, session_id)
-    common = dict(key=SECRET, cipher_provider=ciphers, profile=FLEET,
+    common = dict(key=SECRET, cipher_provider=ciphers,
                   local_state=DeviceState.empty(),
                   remote_state=DeviceState.empty(), random_bytes=RANDOM,
                   now=now, framing=framing)
-    device = SSPSession(is_server=False, remote_address=BROKER_ADDRESS,
+    device = SSPSession(is_server=False, remote_address=BROKER_ADDRESS, profile=FLEET,
                         **common)
-    broker = SSPSession(is_server=True, **common)
+    broker = SSPSession(is_server=True, profile=BROKER_PROFILE, **common)
     return device, broker
 
 
