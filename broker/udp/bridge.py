@@ -193,10 +193,18 @@ class RegistryBridge:
         this session with reservation ``expected``, the one this process
         confirmed or resumed from; ``expected`` None is a new session's start,
         whose record starts from nothing (the device's last state of an older
-        session is not the reference of any diff in this one). Fails with
+        session is not the reference of any diff in this one), but for where
+        the device's stored events end while the session has no durable
+        report: a session rebuilt from the record before its first one (woken
+        from parking, resumed after a restart) then still stores none of its
+        carried events a second time (sessions.record_states). Fails with
         SessionConflict when another process moved the record on."""
         if expected is None:
-            record = SessionRecord(session_id=live.session_id, seq_reservation=limit,
+            start = live.reported
+            mark = encode_state(start) if (type(start) is SessionStart
+                                           and start.event_base) else b""
+            record = SessionRecord(session_id=live.session_id, acked_remote_state=mark,
+                                   seq_reservation=limit,
                                    remote_seq=live.session.expected_seq)
         else:
             current = self._current_record(live)

@@ -92,11 +92,14 @@ def park(live: LiveSession) -> Parked | None:
 
 
 def unpark(parked: Parked, number: int, *, remote_state, ciphers, profile, random_bytes,
-           now: float, max_assembly_bytes: int | None = None) -> LiveSession:
+           now: float, max_assembly_bytes: int | None = None,
+           reported=None) -> LiveSession:
     """The live session that was parked.
 
     ``remote_state``: the device's durable state (its content equals the
-    newest state the parked session held).
+    newest state the parked session held).  ``reported``: what its next
+    report is compared with, if not that state (sessions.record_states: a
+    session parked before its first report starts from a SessionStart).
     """
     (key, session_id, next_seq, expected_seq, reserved, remote_num, local_num, last_heard,
      remote_heard, srtt, rttvar, port) = _unpack(parked.data)
@@ -110,7 +113,8 @@ def unpark(parked: Parked, number: int, *, remote_state, ciphers, profile, rando
                                 random_bytes=random_bytes, now=now, profile=profile,
                                 ack_requires_confirm=True,
                                 max_assembly_bytes=max_assembly_bytes)
-    live = LiveSession(number, parked.name, session_id, session, remote_state, reserved)
+    live = LiveSession(number, parked.name, session_id, session,
+                       remote_state if reported is None else reported, reserved)
     live.online = parked.online
     live.wheel_slot = parked.wheel_slot
     return live

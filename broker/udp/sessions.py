@@ -13,10 +13,10 @@ from broker.ssp.device_state import DeviceState
 from broker.ssp.framing import BrokerFraming
 from broker.ssp.session import SEQ_RESERVATION_BLOCK, Resumption, SSPSession
 from broker.ssp.errors import DatagramDropped
-from broker.udp.convert import decode_state
+from broker.udp.convert import decode_state, session_start
 
 __all__ = ["LiveSession", "new_session", "resumed_session", "first_session",
-           "clock_floor", "SEQ_RESERVATION_BLOCK", "SEQ_PER_SECOND"]
+           "record_states", "clock_floor", "SEQ_RESERVATION_BLOCK", "SEQ_PER_SECOND"]
 
 EMPTY = DeviceState.empty()
 
@@ -130,8 +130,9 @@ def resumed_session(*, secret: bytes, device_number: int, session_id: int, ciphe
 def durable_event_end(old, record) -> int:
     """Where the events the device's earlier sessions handed to the registry end:
     the live session's report (its writes, if not yet durable, are kept and
-    written again until they are), else the session record's durable state.
-    0 when unknown (a carried event may then be stored twice, never lost)."""
+    written again until they are), else the session record's durable state
+    (or, before the session's first durable report, where its start found
+    them ending: bridge.reserve).  0 when unknown (a carried event may then be stored twice, never lost)."""
     if type(old) is LiveSession:
         return old.reported.event_end
     if record is None or not record.acked_remote_state:
@@ -142,15 +143,32 @@ def durable_event_end(old, record) -> int:
         return 0
 
 
+def record_states(record) -> tuple[DeviceState, DeviceState]:
+    """The device states a session rebuilt from its record (resumed, or woken
+    from parking) starts from: the SSP session's reference, state number
+    ``record.acked_remote_num``, and the bridge's ``reported`` (what the next
+    report is compared with).  They differ for a session with no durable
+    report yet (number 0): its state 0 is the empty one, and its start record
+    holds where the device's earlier sessions' events end (bridge.reserve),
+    so its first report is still a session start's (convert.SessionStart),
+    whose carried events below that end are not stored again.  Raises
+    DatagramDropped if the record's state does not decode."""
+    remote = decode_state(record.acked_remote_state)
+    if record.acked_remote_num:
+        return remote, remote
+    return EMPTY, session_start(remote.event_end)
+
+
 def first_session(record, *, seq_floor: int = 0, **common):
     """The session an authentic first datagram starts: resumed from ``record``
     when the record is of its session id (after a restart or an eviction),
     else new; either numbers from ``seq_floor`` (clock_floor) or above.
-    Returns (session, the device state it starts from, resumed); raises
+    Returns (session, the device state its reports are compared with: see
+    record_states, resumed); raises
     DatagramDropped if the record's state does not decode.
     """
     if record is not None and common["session_id"] == record.session_id:
-        remote = decode_state(record.acked_remote_state)
+        remote, reported = record_states(record)
         session = resumed_session(remote_num=record.acked_remote_num, remote_state=remote,
                                   seq_floor=max(record.seq_reservation, seq_floor),
                                   expected_seq=record.remote_seq, **common)
@@ -158,5 +176,5 @@ def first_session(record, *, seq_floor: int = 0, **common):
             # The commands not yet acknowledged, with their indices: the
             # device takes those it has not seen, once.
             session.set_local_state(decode_state(record.local_state))
-        return session, remote, True
+        return session, reported, True
     return new_session(first_seq=seq_floor, **common), EMPTY, False

@@ -16,11 +16,10 @@ from twisted.logger import Logger
 
 from broker.registry.errors import StoreError
 from broker.ssp.errors import DatagramDropped
-from broker.udp.convert import decode_state
 from broker.udp.park import Parked, park, unpark
 from broker.udp.presence import PresenceWheel
 from broker.scheduler import WakeupScheduler
-from broker.udp.sessions import LiveSession
+from broker.udp.sessions import LiveSession, record_states
 
 #: The scheduler key of the presence wheel (sessions use device numbers).
 PRESENCE = "presence"
@@ -84,12 +83,13 @@ class SessionTable:
                 or record.session_id != parked.session_id or not record.resumable):
             return None
         try:
-            remote = decode_state(record.acked_remote_state)
+            remote, reported = record_states(record)
         except DatagramDropped:
             self.log.error("session record of {name} holds a bad state", name=parked.name)
             return None
-        live = unpark(parked, number, remote_state=remote, ciphers=self.ciphers,
-                      profile=self.profile, random_bytes=self.random_bytes, now=now,
+        live = unpark(parked, number, remote_state=remote, reported=reported,
+                      ciphers=self.ciphers, profile=self.profile,
+                      random_bytes=self.random_bytes, now=now,
                       max_assembly_bytes=self.max_assembly_bytes)
         # A desired change made while the session was parked (and not yet
         # seen by it) goes out now.

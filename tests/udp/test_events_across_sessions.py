@@ -2,6 +2,8 @@
 session carries its unacknowledged events with their indices, so the
 broker stores each once even when it had made some durable already."""
 
+import random
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.udp.endpoint import SSPEndpoint
@@ -261,3 +263,87 @@ class NumberingTests(SynchronousTestCase):
         continuing = DeviceState(events=["e8", "e9"], event_base=8)
         self.assertEqual(new_events(first_report_base(session_start(9), continuing),
                                     continuing), ["e9"])
+
+
+class SessionWithoutReportTests(SynchronousTestCase):
+    """A device's new session that is rebuilt from its record before any state of it
+    arrived whole (parked, or resumed after a restart): the record of its start says
+    where the stored events end, so its carried events are still stored once."""
+
+    def setUp(self):
+        self.h = Harness(self)
+        self.device = self.h.provision("dev")
+        self.node = self.h.node(self.device)
+        self.address = self.h.address_of(self.node)
+        blobs = random.Random(3)
+        # Incompressible events, so that resending them is a long diff.
+        self.carried = [blobs.randbytes(300), blobs.randbytes(300)]
+
+    def emit(self, *events):
+        self.node.emit(*events, now=self.h.clock.seconds())
+
+    def stored_unacknowledged(self):
+        """e0 acknowledged, the carried events stored but their acks lost."""
+        self.emit("e0")
+        self.h.run(1.0)
+        self.assertTrue(self.node.idle())
+        self.emit(*self.carried)
+        run_deaf(self.h, 1.0)
+        self.assertEqual(stored_events(self.h), ["e0"] + self.carried)
+
+    def device_talks(self, seconds, deliver, dt=0.01):
+        """Step the node alone for ``seconds``: ``deliver(data)`` says which of its
+        datagrams reach the broker; every answer of the broker is lost."""
+        for _ in range(int(round(seconds / dt))):
+            for data, _ in self.node.datagrams(self.h.clock.seconds()):
+                if deliver(data):
+                    self.h.endpoint.datagramReceived(data, self.address)
+            self.h.transport.written = []
+            self.h.clock.advance(dt)
+
+    def test_a_new_session_parked_before_its_first_state_stores_carried_events_once(self):
+        """The new session's first state is lost and its next diff, from a state the
+        broker never got, is dropped; the session starts without a report, parks, and
+        wakes from its record: the carried events are not stored a second time."""
+        from broker.udp.park import Parked
+
+        self.stored_unacknowledged()
+        self.node.start(self.h.clock.seconds())      # rekey: the two events go along
+        self.device_talks(0.05, lambda data: False)  # state 1 is lost
+        self.emit("e3")                              # a diff from the assumed state 1
+        delivered = []
+
+        def first_only(data):
+            delivered.append(data)
+            return len(delivered) == 1
+        self.device_talks(0.5, first_only)            # the rest is lost
+        self.assertTrue(delivered)
+        self.assertEqual(self.h.endpoint.drops["unknown_reference"], 1)
+        entry = self.h.endpoint.entry_of(self.device.device_number)
+        self.assertEqual(entry.session_id, self.node.session_id)
+        self.device_talks(1.0, lambda data: False)   # silence: the session parks
+        self.assertIs(type(self.h.endpoint.entry_of(self.device.device_number)), Parked)
+        self.h.run(40.0)
+        self.assertTrue(self.node.idle())
+        self.assertEqual(stored_events(self.h), ["e0"] + self.carried + ["e3"])
+
+    def test_a_new_session_resumed_before_its_first_state_stores_carried_events_once(self):
+        """Only the first fragment of the new session's first state arrives, then the
+        broker restarts: the session resumes from its record, and the carried events
+        are not stored a second time."""
+        blobs = random.Random(4)
+        self.carried = [blobs.randbytes(700) for _ in range(3)]   # two datagrams
+        self.stored_unacknowledged()
+        self.node.start(self.h.clock.seconds())
+        fragments = self.node.datagrams(self.h.clock.seconds())
+        self.assertGreater(len(fragments), 1)
+        self.h.endpoint.datagramReceived(fragments[0][0], self.address)
+        entry = self.h.endpoint.entry_of(self.device.device_number)
+        self.assertEqual(entry.session_id, self.node.session_id)
+        self.h.transport.written = []
+        h2 = self.h.restart()
+        h2.nodes = self.h.nodes
+        h2.run(40.0)
+        self.assertTrue(self.node.idle())
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(stored_events(h2), ["e0"] + self.carried)
