@@ -59,6 +59,8 @@ MAX_HELD_EVENT_BYTES = 64 * 1024
 #: Keys of one received state's values: a node's 16 KiB of values has at
 #: most about 5,500; the registry stores 256 (``max_keys``).
 MAX_VALUES = 8192
+#: How much longer an array's head can get when items are added (1 to 9 bytes).
+_ARRAY_HEAD_GROWTH = 8
 #: Inflated bytes of one diff, by default (the endpoint passes its fragment
 #: assembly cap: a node's diff is at most 32 KiB plus deleted key names).
 MAX_DIFF_BYTES = 64 * 1024
@@ -88,11 +90,22 @@ class StateBounds:
                 DropReason.TOO_LARGE,
                 f"diff of {len(diff)} bytes, at most {self.max_diff_bytes}")
 
-    def check(self, state, reference, base, diff_size: int) -> None:
+    def check(self, state, reference, base, diff_size: int, known=None):
         """Refuse ``state`` (``reference`` plus a diff of ``diff_size``
         bytes) if it would hold more than the bounds, counting its events
         from where ``base`` (the oldest state kept beside it, None if
-        none) ends."""
+        none) ends.
+
+        Returns what to pass as ``known`` when a state is next built on
+        this one: ``(state, start, an upper bound of the bytes of its
+        events from start)``, or None. A peer streaming states on states
+        while earlier ones wait for their acknowledgement then costs a
+        bound's addition per state, not an encoding of every held event:
+        the events from a later start are a part of those from an earlier
+        one, and a diff's bytes are at least those of the events it adds
+        (canonical CBOR is the shortest), plus at most 8 bytes of a longer
+        array head. Only when that bound passes the limit are the events
+        encoded, which makes the bound exact again."""
         if state.value_count > self.max_values:
             raise DatagramDropped(
                 DropReason.VALUES_OVER_LIMIT,
@@ -100,7 +113,10 @@ class StateBounds:
         end = state.event_end
         reference_end = reference.event_end
         if end == reference_end:
-            return  # no event added: the reference's were counted already
+            # No event added: the reference's were counted already.
+            if known is not None and known[0] is reference:
+                return (state, known[1], known[2])
+            return None
         start = state.event_base
         if base is not None and base.event_end > start:
             start = base.event_end
@@ -109,11 +125,17 @@ class StateBounds:
                 DropReason.EVENTS_OVER_LIMIT,
                 f"{end - start} events unacknowledged, at most "
                 f"{self.max_events}")
-        if reference_end <= start and diff_size <= self.max_event_bytes:
-            return  # every held event came in this diff: no more bytes
+        limit = self.max_event_bytes
+        if reference_end <= start:
+            if diff_size <= limit:
+                return (state, start, diff_size)  # every held event came in this diff
+        elif known is not None and known[0] is reference and known[1] <= start:
+            bound = known[2] + diff_size + _ARRAY_HEAD_GROWTH
+            if bound <= limit:
+                return (state, known[1], bound)
         size = len(encode(state.events_since(start)))
-        if size > self.max_event_bytes:
+        if size > limit:
             raise DatagramDropped(
                 DropReason.EVENTS_OVER_LIMIT,
-                f"{size} bytes of events unacknowledged, at most "
-                f"{self.max_event_bytes}")
+                f"{size} bytes of events unacknowledged, at most {limit}")
+        return (state, start, size)

@@ -45,7 +45,7 @@ class Receiver:
     everything without a new session.
     """
 
-    __slots__ = ("_states", "_quench_until", "_zero")
+    __slots__ = ("_states", "_quench_until", "_zero", "_held_events")
 
     _tracks_accepted = False  # call _accepted() (a subclass hook)?
 
@@ -53,6 +53,8 @@ class Receiver:
         self._states = [num, state]
         self._quench_until = _NO_QUENCH
         self._zero = zero
+        #: bounded profiles: StateBounds.check's bound of the newest state's events
+        self._held_events = None
 
     @property
     def newest_num(self) -> int:
@@ -171,9 +173,10 @@ class Receiver:
             if bounds is not None and new_state is not reference:
                 # What it holds beside the oldest state kept (its events
                 # from there on, after subtract below): broker.ssp.bounds.
-                bounds.check(new_state, reference,
-                             states[keep_from + _STATE]
-                             if keep_from < size else None, len(diff))
+                self._held_events = bounds.check(
+                    new_state, reference,
+                    states[keep_from + _STATE] if keep_from < size else None,
+                    len(diff), self._held_events)
         # Nothing has changed so far; from here on the instruction counts.
         if quench:
             self._quench_until = now + profile.quench_time
@@ -197,7 +200,12 @@ class Receiver:
         if keep_from:
             self._states = states = states[keep_from:]
             self._rationalize()
+        checked = new_state
         new_state = new_state.subtract(states[_STATE])
+        held = self._held_events
+        if held is not None and held[0] is checked:
+            # Fewer events, the same bound: kept for the diff built on it.
+            self._held_events = (new_state, held[1], held[2])
         if new_num > newest_num:
             if evict:
                 # (The peer builds on its newest states or on the throwaway

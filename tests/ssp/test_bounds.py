@@ -81,6 +81,37 @@ class StateBoundsTests(SynchronousTestCase):
         self.assertEqual(self.receive(inst(1, 2, events_diff(1, ["y" * 90])))
                          .event_end, 2)
 
+    def test_streaming_on_unacknowledged_states_encodes_rarely(self):
+        """A peer sending each state on its newest while earlier ones wait for their
+        acknowledgement is bounded by adding diff sizes, not by encoding every held
+        event again per state; once that bound passes the limit the events are
+        encoded, and an exact count that passes it is still refused."""
+        from broker.ssp import bounds
+
+        encoded = []
+        real = bounds.encode
+        self.patch(bounds, "encode", lambda value: encoded.append(1) or real(value))
+        wide = dataclasses.replace(BOUNDED, state_bounds=StateBounds(
+            max_diff_bytes=4096, max_events=1000, max_event_bytes=2000, max_values=5))
+        for num in range(1, 31):
+            end = self.receiver.newest_state.event_end
+            self.receive(inst(num - 1, num, events_diff(end, ["e" * 40])), wide)
+        self.assertLessEqual(len(encoded), 2)     # about once per 2,000 diff bytes
+        self.assertEqual(self.receiver.newest_state.event_end, 30)
+        # 30 x 41 bytes held; 20 more such states would pass 2,000 encoded bytes.
+        refused = 0
+        for num in range(31, 61):
+            end = self.receiver.newest_state.event_end
+            try:
+                self.receive(inst(num - 1, num, events_diff(end, ["e" * 40])), wide)
+            except DatagramDropped as error:
+                self.assertEqual(error.reason, DropReason.EVENTS_OVER_LIMIT)
+                refused += 1
+                break
+        self.assertEqual(refused, 1)
+        self.assertLessEqual(len(cbor2.dumps(self.receiver.newest_state.events_since(0))),
+                             2000)
+
     def test_values_map_is_bounded(self):
         """A state whose values map would pass max_values keys is dropped as
         values_over_limit; deleting keys makes room again."""
