@@ -51,6 +51,11 @@ class AdminReload:
         if op == "device_remove":
             if dev is not None and dev.name == name:
                 yield self._remove(dev)
+            elif dev is None:
+                # Added and removed since this registry loaded the store: no
+                # client heard of it. broker-admin's tombstone would get a
+                # cursor at the next start, above the name's next device.
+                yield self._store.write(("drop_pending", number))
             return
         row = yield self._store.fetch_device(number)
         if row is None:

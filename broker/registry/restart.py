@@ -50,8 +50,14 @@ cursor of their own: a running broker issues cursors broker-admin cannot
 know (those not yet durable), so any it chose could be issued twice. The
 running broker gives an added device a cursor when it reloads it, and its
 removal of a device replaces broker-admin's tombstone with its own
-(sqlite_plan.py); what no broker reloaded gets its cursor from
-``move_out`` at the next start, like an entry in a dead range.
+(sqlite_plan.py); a removal of a device it never loaded (added and
+removed between two reloads) drops broker-admin's tombstone, as no client
+heard of that device. What no broker reloaded gets its cursor from
+``move_out`` at the next start, like an entry in a dead range: pending
+tombstones before every other moved entry, pending devices after them all,
+so that a name removed and added again ends present for every client (an
+existing device is its name's latest incarnation: any tombstone of its
+name is older, whatever the cursors say).
 
 Why CURSOR_GAP = 2**32 is enough: changes announced but not yet durable
 wait in the store's queue, each holding its Deferred (and queue entries),
@@ -112,27 +118,43 @@ def merge(ranges):
 
 
 def move_out(devices, tombstones, dead, cursor, unclean=False):
-    """Give loaded entries new cursors above ``cursor``, in cursor order: each
-    one strictly inside a ``dead`` range or at PENDING_CURSOR (broker-admin's),
-    and after an unclean start (``unclean``) every device, whose version then
-    jumps too (module docstring). ``devices`` (Device records) change in
-    place, ``tombstones`` (a list of ``(cursor, name, number, version)``) get
-    new tuples. Returns ``(the highest cursor now, moves)``, a move being
+    """Give loaded entries new cursors above ``cursor``: each one strictly
+    inside a ``dead`` range or at PENDING_CURSOR (broker-admin's), and after
+    an unclean start (``unclean``) every device, whose version then jumps
+    too (module docstring). ``devices`` (Device records) change in place,
+    ``tombstones`` (a list of ``(cursor, name, number, version)``) get new
+    tuples. Returns ``(the highest cursor now, moves)``, a move being
     ``(kind, number, old cursor, new cursor, version)``, kind "device" or
-    "tombstone", version the entry's own (a device's new one)."""
+    "tombstone", version the entry's own (a device's new one).
+
+    Order: broker-admin's tombstones first, then the registry's own entries
+    in cursor order, then broker-admin's devices (each pending group in
+    stored order). A device that exists is its name's latest incarnation,
+    so every tombstone of its name is older; pending entries carry no
+    cursor to tell that, and sorting them by their shared PENDING_CURSOR
+    sent a re-added name's tombstone after the new device, which feed
+    clients then dropped. For the same reason a device of a pending
+    tombstone's name that would not move moves too, after the tombstone."""
     lows = [low for low, _ in dead]
     highs = [high for _, high in dead]
 
     def inside(c):
-        if c <= PENDING_CURSOR:
-            return True
         i = bisect_right(highs, c)
         return i < len(lows) and lows[i] < c
-    found = [(dev.cursor, "device", dev) for dev in devices if unclean or inside(dev.cursor)]
-    found += [(t[0], "tombstone", i) for i, t in enumerate(tombstones) if inside(t[0])]
+    pending_names = {t[1] for t in tombstones if t[0] <= PENDING_CURSOR}
+    first = [(t[0], "tombstone", i) for i, t in enumerate(tombstones)
+             if t[0] <= PENDING_CURSOR]
+    found = [(t[0], "tombstone", i) for i, t in enumerate(tombstones)
+             if t[0] > PENDING_CURSOR and inside(t[0])]
+    last = []
+    for dev in devices:
+        if dev.cursor <= PENDING_CURSOR:
+            last.append((dev.cursor, "device", dev))
+        elif unclean or inside(dev.cursor) or dev.name in pending_names:
+            found.append((dev.cursor, "device", dev))
     found.sort(key=lambda item: item[0])
     moves = []
-    for old, kind, item in found:
+    for old, kind, item in first + found + last:
         cursor += 1
         if kind == "device":
             item.cursor = cursor

@@ -4,7 +4,8 @@ Coalescing: each changed device's current state is encoded once and its
 latest session record written once, in multi-row statements
 (sqlite_rows.py); other operations keep their order. Tombstones broker-admin
 stored (at restart.PENDING_CURSOR) are not this registry's: a prune keeps
-them, a removal of their device replaces them.
+them, a removal of their device replaces them, and ``("drop_pending",
+number)`` deletes the one of a device the registry never loaded.
 """
 
 from .database import encode_device, encode_state, session_params
@@ -108,6 +109,11 @@ def plan_steps(ops, cursors, later_records=None):
             steps.append(("sql", "INSERT INTO tombstones (cursor, name, number, version)"
                           " VALUES (?, ?, ?, ?)", (cursor, name, number, version)))
             top = max(top, cursor)
+        elif kind == "drop_pending":
+            # A device added and removed by broker-admin that this registry
+            # never loaded (admin_reload.py): its tombstone has no reader.
+            steps.append(("sql", "DELETE FROM tombstones WHERE number = ? AND cursor = ?",
+                          (op[1], PENDING_CURSOR)))
         elif kind == "secret":
             steps.append(("sql", "UPDATE devices SET secret = ? WHERE number = ?",
                           (op[2], op[1])))

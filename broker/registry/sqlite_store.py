@@ -127,7 +127,7 @@ class SQLiteStore(Store):
                               for n, name, secret, version, cursor, state in conn.execute(
                                   "SELECT number, name, secret, version, cursor, state FROM devices")]
             loaded.tombstones = conn.execute(
-                "SELECT cursor, name, number, version FROM tombstones").fetchall()
+                "SELECT cursor, name, number, version FROM tombstones ORDER BY id").fetchall()
             loaded.tokens = [(tid, bytes(digest), role, created) for tid, digest, role, created in
                              conn.execute("SELECT token_id, digest, role, created_at FROM tokens")]
             loaded.sessions = [session_from_row(row) for row in conn.execute(

@@ -16,6 +16,9 @@ Write operations (the first item names the kind):
 * ``("token_add", token_id, digest, role, created_at)``, ``("token_del", token_id)``
 * ``("prune", horizon)``: forget tombstones at or below ``horizon`` and
   remember it (cursors below it get a reset answer, also after a restart)
+* ``("drop_pending", number)``: forget broker-admin's tombstone of a device
+  this registry never loaded, still without a cursor (SQLite only: the one
+  store broker-admin writes beside a running broker; admin_reload.py)
 
 Before the first write the registry calls ``begin`` (restart.py): the store
 durably records where the cursors continue, the dead cursor ranges, the

@@ -27,6 +27,7 @@ class Follower:
         self.cursor = 0
         self.copy = {}
         self.received = []
+        self.entries = []     # (device number, version, removed): each change once
 
     def follow(self, registry):
         """Page through the feed from the held cursor (limit 1: every page boundary)."""
@@ -36,6 +37,7 @@ class Follower:
             self.test.assertFalse(batch.reset, f"reset from cursor {self.cursor}")
             for view in batch.devices:
                 self.received.append((view.name, view.version, view.removed))
+                self.entries.append((view.device_number, view.version, view.removed))
                 if view.removed:
                     self.copy.pop(view.name, None)
                 else:
@@ -103,7 +105,7 @@ class AdminBesideBrokerTests(TestCase):
         follower.follow(registry)
         truth = {view.name: view.version for view in registry.devices(limit=100)}
         self.assertEqual(follower.copy, truth)
-        self.assertEqual(len(follower.received), len(set(follower.received)),
+        self.assertEqual(len(follower.entries), len(set(follower.entries)),
                          f"sent twice: {follower.received}")
         return follower
 
@@ -175,3 +177,49 @@ class AdminBesideBrokerTests(TestCase):
         batch = again.changes_since(follower.cursor)
         self.assertFalse(batch.reset)
         self.assertEqual([(v.name, v.removed) for v in batch.devices], [("gone", True)])
+
+    @defer.inlineCallbacks
+    def test_name_removed_and_added_again_while_stopped_stays(self):
+        """A name broker-admin removes and adds again before the next start is
+        sent removed, then added: a client that held it holds the new device."""
+        follower = yield self.run_steps(["report", "follow", "remove gone", "add gone",
+                                         "restart", "follow"])
+        self.assertIn("gone", follower.copy)
+        self.assertEqual([r[2] for r in follower.received if r[0] == "gone"],
+                         [False, True, False])
+
+    @defer.inlineCallbacks
+    def test_name_added_removed_and_added_within_one_reload_stays(self):
+        """A device broker-admin adds and removes before the running broker reloads
+        leaves no tombstone: the name's next device stays after a clean restart."""
+        follower = yield self.run_steps(["report", "follow", "add x", "remove x", "add x",
+                                         "reload", "follow", "restart", "follow"])
+        self.assertIn("x", follower.copy)
+        self.assertEqual(self.query("SELECT number FROM tombstones WHERE name = 'x'"), [])
+
+    @defer.inlineCallbacks
+    def test_name_removed_added_and_removed_again_while_stopped_is_gone(self):
+        """remove, add, remove of one name before the next start: a client that
+        held it holds it no more."""
+        follower = yield self.run_steps(["report", "follow", "remove gone", "add gone",
+                                         "remove gone", "restart", "follow"])
+        self.assertNotIn("gone", follower.copy)
+
+    @defer.inlineCallbacks
+    def test_name_removed_and_added_twice_while_stopped_stays(self):
+        """remove, add, remove, add of one name before the next start: a client that
+        held it holds the last device."""
+        follower = yield self.run_steps(["report", "follow", "remove gone", "add gone",
+                                         "remove gone", "add gone", "restart", "follow"])
+        self.assertIn("gone", follower.copy)
+
+    @defer.inlineCallbacks
+    def test_name_reprovisioned_beside_the_broker_in_every_order(self):
+        """remove, add, remove of a name the broker holds, with a reload or not, before
+        a clean restart: a client ends holding what the registry holds."""
+        for steps in (["remove gone", "add gone", "remove gone", "reload"],
+                      ["add x", "remove x", "reload", "add x", "remove x", "add x"],
+                      ["add x", "remove x", "add x", "remove x", "reload"]):
+            self.setUp()
+            yield self.run_steps(["report", "follow"] + steps + ["follow", "restart",
+                                                                 "follow"])

@@ -515,9 +515,22 @@ class ContinueCursorsTests(SynchronousTestCase):
         stones = [(PENDING_CURSOR, "x", 9, 3), (5, "y", 8, 2)]
         top, moves = move_out(devs, stones, [], 20)
         self.assertEqual(top, 22)
-        self.assertEqual(moves, [("device", 1, 0, 21, 1), ("tombstone", 9, 0, 22, 3)])
+        self.assertEqual(moves, [("tombstone", 9, 0, 21, 3), ("device", 1, 0, 22, 1)])
         self.assertEqual(devs[1].cursor, 7)
         self.assertEqual(stones[1], (5, "y", 8, 2))
+
+    def test_move_out_sends_pending_tombstones_before_any_device_of_their_name(self):
+        """A name's tombstones (broker-admin's or in a dead range) get cursors below its
+        device's, also a device that would not move: a device is its name's latest."""
+        from broker.registry.model import Device
+        devs = [Device("x", 1, b"k" * 16, 1, PENDING_CURSOR),
+                Device("z", 3, b"k" * 16, 2, 7)]
+        stones = [(15, "x", 8, 2), (PENDING_CURSOR, "x", 9, 2), (PENDING_CURSOR, "z", 4, 2)]
+        top, moves = move_out(devs, stones, [(10, 20)], 20)
+        self.assertEqual(top, 25)
+        self.assertEqual(moves, [("tombstone", 9, 0, 21, 2), ("tombstone", 4, 0, 22, 2),
+                                 ("device", 3, 7, 23, 2), ("tombstone", 8, 15, 24, 2),
+                                 ("device", 1, 0, 25, 1)])
 
     def test_merge(self):
         """Overlapping ranges merge; touching ones stay apart (their shared end is a
