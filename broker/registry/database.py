@@ -29,6 +29,11 @@ MIGRATIONS = {
 DB_NAME = "registry.sqlite3"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000         # broker and broker-admin may wait on each other
+#: Bytes the write-ahead log keeps on disk after a checkpoint. SQLite leaves
+#: the file at its largest size otherwise: after one large transaction (an
+#: unclean start rewrites every device row, restart.py) that is the size of
+#: the whole database, for as long as the broker runs.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE devices (
@@ -183,6 +188,7 @@ def connect(path, *, create=True, synchronous="FULL", migrate=True, must_write=T
         if mode.lower() != "wal":
             raise StoreError(f"{path}: cannot switch to WAL journal mode (got {mode})")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         # The store's multi-row statements (sqlite_rows.py) materialize their
         # VALUES in a temporary table: in memory that costs about 15% less
         # CPU than in a temporary file's pager. Durability is the WAL's only.

@@ -67,3 +67,29 @@ class EncodeStateTests(SynchronousTestCase):
         decoded = decode_state(encode_state(state))
         self.assertEqual(decoded, reference(state))
         self.assertEqual(math.copysign(1.0, decoded[1][0]), -1.0)
+
+
+class WriteAheadLogTests(SynchronousTestCase):
+    """The write-ahead log does not keep the size of its largest transaction."""
+
+    def test_the_log_shrinks_back_after_a_large_transaction(self):
+        """After one large transaction (an unclean start rewrites every row) and a
+        checkpoint, the next write leaves the -wal file at the size limit at most."""
+        import os
+
+        from broker.registry import database
+
+        self.patch(database, "WAL_SIZE_LIMIT", 64 * 1024)
+        directory = self.mktemp()
+        os.makedirs(directory, mode=0o700)
+        path = os.path.join(directory, database.DB_NAME)
+        conn = database.connect(path)
+        self.addCleanup(conn.close)
+        conn.execute("CREATE TABLE bulk (body BLOB)")
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO bulk VALUES (?)", [(os.urandom(1024),)] * 2000)
+        conn.execute("COMMIT")
+        self.assertGreater(os.path.getsize(path + "-wal"), 1024 * 1024)
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        conn.execute("INSERT INTO bulk VALUES (x'00')")   # the log starts over
+        self.assertLessEqual(os.path.getsize(path + "-wal"), 64 * 1024)
