@@ -294,10 +294,10 @@ class RedisStore(RedisKeys, Store):
         except (redis.RedisError, OSError) as e:
             raise StoreError(f"Redis failed: {e}") from None
 
-    def retire_sessions_now(self, batch=1000):
-        """Retire every device's session record (broker-admin redis restored:
-        SessionRecord.retired), ``batch`` devices a round trip; returns how many.
-        Brokers are stopped then: plain writes, no script."""
+    def _rewrite_devices_now(self, fields, rewrite, batch):
+        """For every device, ``rewrite(values of fields)``: the fields to set, or
+        None; ``batch`` devices a round trip (tools, with the brokers stopped:
+        plain writes, no script). Returns how many devices were rewritten."""
         import redis
         count = 0
         try:
@@ -306,54 +306,45 @@ class RedisStore(RedisKeys, Store):
                 chunk = numbers[start:start + batch]
                 reads = self._main.pipeline(transaction=False)
                 for number in chunk:
-                    reads.hget(self.device_key(number), "r")
+                    reads.hmget(self.device_key(number), *fields)
                 writes = self._main.pipeline(transaction=False)
-                for number, raw in zip(chunk, reads.execute()):
-                    if raw is None:
-                        continue
-                    try:
-                        session_id = decode_record(raw).session_id
-                    except StoreError:
-                        continue    # unreadable: no session is ever started over it
-                    retired = SessionRecord.retired(session_id)
-                    writes.hset(self.device_key(number), mapping={
-                        "r": encode_record(retired), "ri": f"{session_id:016x}",
-                        "rr": f"{0:016x}"})
-                    count += 1
+                for number, values in zip(chunk, reads.execute()):
+                    mapping = rewrite(*values)
+                    if mapping:
+                        writes.hset(self.device_key(number), mapping=mapping)
+                        count += 1
                 writes.execute()
         except (redis.RedisError, OSError) as e:
             raise StoreError(f"Redis failed: {e}") from None
         return count
 
+    def retire_sessions_now(self, batch=1000):
+        """Retire every device's session record (broker-admin redis restored:
+        SessionRecord.retired); returns how many."""
+        def retire(raw):
+            if raw is None:
+                return None
+            try:
+                session_id = decode_record(raw).session_id
+            except StoreError:
+                return None     # unreadable: no session is ever started over it
+            return {"r": encode_record(SessionRecord.retired(session_id)),
+                    "ri": f"{session_id:016x}", "rr": f"{0:016x}"}
+        return self._rewrite_devices_now(("r",), retire, batch)
+
     def raise_versions_now(self, floor, batch=1000):
         """Raise every device's version to ``floor`` at least (broker-admin redis
         restored: the versions clients saw after the copy was taken must never
-        name another state), ``batch`` devices a round trip; returns how many.
-        The history entries whose cursor the writer left to the reader (0)
-        get it first, from the stored version and cursor, which the raised
-        version no longer tells. Brokers are stopped then: plain writes."""
-        import redis
-        count = 0
-        try:
-            numbers = [int(n) for n in self._main.hvals(self.keys_names)]
-            for start in range(0, len(numbers), batch):
-                chunk = numbers[start:start + batch]
-                reads = self._main.pipeline(transaction=False)
-                for number in chunk:
-                    reads.hmget(self.device_key(number), "v", "c", "s")
-                writes = self._main.pipeline(transaction=False)
-                for number, (version, cursor, blob) in zip(chunk, reads.execute()):
-                    if version is None or blob is None or int(version) >= floor:
-                        continue
-                    state = decode_state(blob)
-                    history = state[11].with_cursors(int(version), int(cursor))
-                    writes.hset(self.device_key(number), mapping={
-                        "v": floor, "s": encode_state(state[:11] + (history,))})
-                    count += 1
-                writes.execute()
-        except (redis.RedisError, OSError) as e:
-            raise StoreError(f"Redis failed: {e}") from None
-        return count
+        name another state); returns how many. The history entries whose
+        cursor the writer left to the reader (0) get it first, from the stored
+        version and cursor, which the raised version no longer tells."""
+        def raise_version(version, cursor, blob):
+            if version is None or blob is None or int(version) >= floor:
+                return None
+            state = decode_state(blob)
+            history = state[11].with_cursors(int(version), int(cursor))
+            return {"v": floor, "s": encode_state(state[:11] + (history,))}
+        return self._rewrite_devices_now(("v", "c", "s"), raise_version, batch)
 
     def tokens_now(self):
         """Every token row ``(token_id, digest, role, created_at)``, now (tools)."""
