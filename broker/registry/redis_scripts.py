@@ -334,7 +334,6 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], top .. '-*', 't', 'z', 'b', 
 return {'ok', before, top}
 """
 
-#: The scripts the store runs with the marker appended (CHECK), by name.
 # The id of the change stream's first entry, false if it is empty (KEYS the
 # stream): only the id travels, not the entry. The stream reader reads it
 # with every XREAD to see entries trimmed before it read them
@@ -345,6 +344,7 @@ if first then return first[1] end
 return false
 """
 
+#: The scripts the store runs with the marker appended (CHECK), by name.
 SCRIPTS = {"change": CHANGE, "add": ADD, "remove": REMOVE, "secret": SECRET,
            "tokens": TOKENS, "lease": LEASE, "expired": EXPIRED, "held": HELD,
            "restored": RESTORED}

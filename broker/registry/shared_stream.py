@@ -213,24 +213,23 @@ class ChangeStream:
         self.counters["admin_token"] += 1
 
     def _resync_held(self, holders):
-        """After a catch-up, claim again at once each device this process holds
-        the session of that Redis shows offline (another process took this one
-        for dead meanwhile, as ``_track_holder`` does for the stream's entry);
-        drop those another process claimed since (``holders``: number -> the
-        holder Redis names, None if unknown). A claim of ours still on its way
-        is left to land."""
+        """After a catch-up, let go of each device this process holds the session
+        of that Redis shows held by another process (``holders``: number -> the
+        holder Redis names, None if unknown) or offline. Unlike the stream's
+        offline entry (``_track_holder``), a snapshot cannot tell "taken for
+        dead" from "claimed by another process, then offline there": claiming
+        the second kind would show a device online with no session. The
+        device's next datagram here claims it again (its connection facts,
+        written with "only if I or nobody hold it"). A claim of ours still on
+        its way is left to land."""
         for number in list(self._held):
             dev = self._by_number.get(number)
             if dev is None or self._claim_pending(number):
                 continue
             holder = holders.get(number) if holders is not None else None
-            if dev.online and holder is not None and holder != self.origin:
+            if not dev.online or (holder is not None and holder != self.origin):
                 self._held.discard(number)
                 self._left.add(number)
-            elif not dev.online:
-                self._held.discard(number)
-                self.counters["presence_reclaimed"] += 1
-                self._set_online(dev, True).addErrback(self._presence_failed, number)
 
     def _apply_record(self, number, record, origin):
         dev = self._by_number.get(number)

@@ -127,10 +127,11 @@ class StreamGapTests(TestCase):
         self.assertEqual(dict(b.device("dev-1").reported), {"t": 1})
 
     @defer.inlineCallbacks
-    def test_a_catch_up_claims_back_devices_marked_offline_meanwhile(self):
+    def test_a_catch_up_lets_devices_marked_offline_meanwhile_go(self):
         """B holds dev-1's session and is cut off past its lease and past the stream; A
-        marks dev-1 offline. B's catch-up claims dev-1 again at once, as it does when it
-        reads the offline entry itself."""
+        marks dev-1 offline. B's catch-up cannot tell that from a device that moved
+        and went offline elsewhere: dev-1 stays offline, held by nobody, until B
+        hears the device again (its connection facts claim it)."""
         proxy = CuttingProxy(self, self.redis_port)
         lease = {"lease_ttl": 2.0, "lease_check_interval": 0.5}
         a = self.open_registry(**lease)
@@ -147,8 +148,35 @@ class StreamGapTests(TestCase):
         yield a.update_reported("dev-x", {"t": 1})
         proxy.release()
         yield wait_until(self, lambda: b.counters["stream_resync"] == 1, what="B's catch-up")
-        self.assertEqual(b.counters["presence_reclaimed"], 1)
+        number = b.device("dev-1").device_number
+        self.assertNotIn(number, b._held)
+        self.assertFalse(b.device("dev-1").online)
+        self.assertIsNone(self.direct.hget(b._store.device_key(number), "h"))
+        yield b.set_connection("dev-1", online=True)      # the device's next datagram
         yield wait_until(self, lambda: a.device("dev-1").online, timeout=5,
                          what="dev-1 online again, held by B")
-        holder = self.direct.hget(b._store.device_key(b.device("dev-1").device_number), "h")
-        self.assertEqual(holder, b.origin.encode())
+        self.assertEqual(self.direct.hget(b._store.device_key(number), "h"),
+                         b.origin.encode())
+
+    @defer.inlineCallbacks
+    def test_a_device_that_moved_and_went_offline_stays_offline_after_a_catch_up(self):
+        """B held dev-1; while B is cut off the device moves to A and goes offline there;
+        B's catch-up does not claim it (the stream path would have dropped it too)."""
+        proxy = CuttingProxy(self, self.redis_port)
+        a = self.open_registry()
+        b = self.open_registry(proxy.port)
+        yield a.add_device("dev-1")
+        yield wait_until(self, lambda: b.device("dev-1") is not None, what="B has dev-1")
+        yield b.set_connection("dev-1", online=True)
+        number = a.device("dev-1").device_number
+
+        @defer.inlineCallbacks
+        def moved_and_offline():
+            yield a.set_connection("dev-1", online=True)      # the device moved to A
+            yield a.set_connection("dev-1", online=False)     # and went offline there
+        yield self.cut_off(a, b, proxy, moved_and_offline)
+        self.assertEqual(b.counters["stream_resync"], 1)
+        self.assertEqual(b.counters["presence_reclaimed"], 0)
+        self.assertNotIn(number, b._held)
+        self.assertFalse(b.device("dev-1").online)
+        self.assertIsNone(self.direct.hget(b._store.device_key(number), "h"))
