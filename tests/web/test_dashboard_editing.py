@@ -27,6 +27,11 @@ UNSAFE_TEXT = """async () => {
 
 EDITED = "document.querySelector('#device p.message').textContent"
 
+TO_JSON = """async () => {
+  const {toJson} = await import("./dashboard/dom.js");
+  return toJson({a: 1e17, b: [1e20, 2.5, 7], c: 9007199254740991, d: "\\u0000x:0", e: -1e18});
+}"""
+
 
 def open_device(page, url, token):
     """Open the page with `token` and show porch."""
@@ -107,6 +112,52 @@ class LargeIntegerTests(ModulesTestCase):
         yield in_browser(scenario, self.url)
         self.assertIn("18446744073709551615 is beyond", messages[0])
         self.assertEqual(self.registry.device("porch").desired, {"serial": "18446744073709551615"})
+
+
+class LargeFloatTests(ModulesTestCase):
+    """Floats beyond 2^53, which JSON.stringify would write as integer digits."""
+
+    def test_large_floats_are_sent_with_an_exponent(self):
+        """Numbers beyond 2^53 go out with an exponent (floats for the registry); smaller
+        ones, strings that look like the marks used, and fractions are written as usual."""
+        import json
+
+        results = []
+
+        def scenario(page, url):
+            page.goto(url)
+            results.append(page.evaluate(TO_JSON))
+        d = in_browser(scenario, self.url)
+
+        def check(_):
+            text = results[0]
+            self.assertIn('"a":1e+17', text)
+            value = json.loads(text)
+            self.assertEqual(value, {"a": 1e17, "b": [1e20, 2.5, 7], "c": 2**53 - 1,
+                                     "d": "\u0000x:0", "e": -1e18})
+            self.assertEqual([type(value[k]) for k in "ace"], [float, int, float])
+            self.assertIs(type(value["b"][0]), float)
+        return d.addCallback(check)
+
+    @defer.inlineCallbacks
+    def test_a_typed_float_with_an_exponent_is_saved_as_a_float(self):
+        """A new key typed as 1e17 is stored as the float 1e17, not the integer 10^17, and
+        1e20 is stored too (as an integer it would pass 64 bits and be refused)."""
+        _, token = yield self.registry.add_token("write")
+
+        def scenario(page, url):
+            open_device(page, url, token)
+            key = "#desired input[aria-label='new desired key']"
+            value = "#desired input[aria-label='new desired value']"
+            for name, typed in (("small", "1e17"), ("big", "1e20")):
+                page.fill(key, name)
+                page.fill(value, typed)
+                page.press(value, "Enter")
+                wait_for(page, f"{EDITED}.startsWith('Saved {name}')", f"the save of {name}")
+        yield in_browser(scenario, self.url)
+        desired = dict(self.registry.device("porch").desired)
+        self.assertEqual(desired, {"small": 1e17, "big": 1e20})
+        self.assertEqual([type(desired[k]) for k in ("small", "big")], [float, float])
 
 
 class EditorFocusTests(ModulesTestCase):

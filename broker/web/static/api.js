@@ -3,7 +3,7 @@
 // Every URL is relative to the page, so a broker behind a reverse proxy
 // under a path prefix works unchanged.
 
-import {learnClock} from "./dom.js";
+import {learnClock, toJson} from "./dom.js";
 
 /** A failed request: HTTP status (0: no answer) and the broker's error code and message. */
 export class ApiError extends Error {
@@ -60,7 +60,7 @@ export class Api {
       headers: {accept: "application/json", authorization: `Bearer ${this.token}`, ...headers},
     };
     if (body !== undefined) {
-      init.body = JSON.stringify(body);
+      init.body = toJson(body);
       init.headers["content-type"] = "application/json";
     }
     let response;

@@ -142,7 +142,30 @@ export function unsavable(text) {
   return found === null ? null
     : `${found} is beyond the integers a browser holds exactly (\u00b1${Number.MAX_SAFE_INTEGER}),`
       + " so it would be saved rounded. Change this value over the API, or put the number"
-      + " in quotes to save it as text.";
+      + " in quotes to save it as text; a float this large is written with an exponent"
+      + " (1e17).";
+}
+
+/**
+ * JSON text of `value` whose numbers beyond 2^53 keep an exponent (1e+17), as floats.
+ * JSON.stringify writes such a double as bare digits, which the registry reads as an
+ * integer: a float typed as 1e17 would be stored as the integer 10^17, and 1e20 refused as
+ * an integer beyond 64 bits. Integers that large never get here (unsavable refuses them).
+ */
+export function toJson(value) {
+  const marks = new Map();
+  const tag = `\u0000${Math.random().toString(36).slice(2)}:`;
+  const text = JSON.stringify(value, (key, item) => {
+    if (typeof item !== "number" || Number.isSafeInteger(item) || !Number.isInteger(item)) {
+      return item;
+    }
+    const mark = `${tag}${marks.size}`;
+    marks.set(mark, item.toExponential());
+    return mark;
+  });
+  return marks.size === 0 ? text
+    : text.replace(/"\\u0000[0-9a-z]*:\d+"/g,
+                   (quoted) => marks.get(JSON.parse(quoted)) ?? quoted);
 }
 
 /** A value as the editor shows it: strings bare unless they would parse as something else. */

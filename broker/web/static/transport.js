@@ -5,6 +5,7 @@
 // docs/http-api.md; the policy is described in docs/dashboard.md.
 
 import {ApiError} from "./api.js";
+import {toJson} from "./dom.js";
 
 const SUBPROTOCOL = "ssp-broker.v1.json";
 const TOKEN_SUBPROTOCOL_PREFIX = "bearer.";
@@ -114,7 +115,7 @@ class WebSocketFeed {
     const id = `r${this._nextId++}`;
     return new Promise((resolve, reject) => {
       this._pending.set(id, {resolve, reject});
-      this.socket.send(JSON.stringify({...message, id}));
+      this.socket.send(toJson({...message, id}));
     });
   }
 
