@@ -109,7 +109,7 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._retry_delay = RETRY_DELAY  # doubles while retries find Redis away
         self._lazy_type = lazy_device_type(self)
         self._relay_target = None  # deliver(number, command) for relayed commands
-        self._token_changes = 0    # tokens added or revoked here (see reload)
+        self._token_changes = 0    # token changes made or heard of here (see reload)
         self._tokens_stale = 0     # others' token changes not read yet (_tokens_changed)
         self._tokens_reading = False
         self._tokens_retry = False  # a failed re-read waits for the retry timer
@@ -178,8 +178,10 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         """Re-read the tokens (devices are kept current by the change stream).
 
         An answer to a read sent before this process added or revoked a
-        token may predate that change; it is not applied, the tokens are read
-        again (the writer thread sends in order, so the new read sees it).
+        token, or before another process's change was announced here, may
+        predate that change; it is not applied, the tokens are read again
+        (the writer thread sends in order, so the new read sees it). (Applied,
+        it could make valid here a token added and revoked there meanwhile.)
         Once Redis lost data, the tokens here are kept (they are the replica's)."""
         if self._lost is not None:
             return defer.succeed(None)
@@ -203,6 +205,7 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         retry timer, with its backoff (shared_retry.py), until one succeeds: a
         revoked token must not stay valid here."""
         self._tokens_stale += 1
+        self._token_changes += 1    # a read in flight may predate it: not applied (reload)
         if not self._tokens_reading:
             self._read_tokens()
 

@@ -116,3 +116,59 @@ class TokenRereadTests(TestCase):
         yield wait_until(self, lambda: b.check_token(text) is None, timeout=10,
                          what="B refusing the revoked token")
         self.assertEqual(b.counters["token_reload_failed"], 0)
+
+
+class HeldTokenReads(FailingTokenReads):
+    """A store whose token reads are answered only when the test says so."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.held = []
+
+    def fetch_tokens(self):
+        self.reads += 1
+        answer = defer.Deferred()
+        self.store.fetch_tokens().addBoth(lambda result: self.held.append((answer, result)))
+        return answer
+
+
+class StaleAnswerTests(TestCase):
+    """A token read answered after another change was announced is not applied."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.redis_port = start_server(self)
+
+    @defer.inlineCallbacks
+    def test_an_answer_predating_a_later_change_is_read_again(self):
+        """A's token is added, B's re-read goes out, then A revokes it: the read's answer
+        (which holds the token) is not applied, and B never accepts the token."""
+        options = RedisOptions(url=f"redis://127.0.0.1:{self.redis_port}/0")
+        a = open_shared_registry(options, reactor=reactor, lease_ttl=0)
+        a.start()
+        self.addCleanup(a.stop)
+        stores = []
+        b = open_shared_registry(options, reactor=reactor, lease_ttl=0,
+                                 store_wrapper=lambda store: stores.append(
+                                     HeldTokenReads(store)) or stores[0])
+        b.start()
+        self.addCleanup(b.stop)
+        reads = stores[0]
+        token_id, text = yield a.add_token("write")
+        yield wait_until(self, lambda: len(reads.held) == 1, what="B's re-read answered")
+        self.assertIsNone(b.check_token(text))          # not applied yet: held
+        yield a.revoke_token(token_id)
+        yield wait_until(self, lambda: b._token_changes >= 2, what="B hearing the revoke")
+        answer, result = reads.held.pop(0)
+        self.assertIn(token_id, {row[0] for row in result})   # the answer predates it
+        answer.callback(result)
+        self.assertIsNone(b.check_token(text))          # not applied: read again
+        for _ in range(3):      # the reads that follow, until none is wanted
+            if not b._tokens_stale:
+                break
+            yield wait_until(self, lambda: reads.held, what="a further read")
+            answer, result = reads.held.pop(0)
+            answer.callback(result)
+            self.assertIsNone(b.check_token(text))
+        self.assertEqual(b._tokens_stale, 0)
