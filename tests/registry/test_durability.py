@@ -22,6 +22,15 @@ DEADLINE = 60.0   # seconds a child may take to produce its acks
 class _Child:
     """Runs the writer child (writer_process.py) and kills it."""
 
+    def provisioned(self):
+        """A new data directory whose registry holds DEVICES (broker-admin's way)."""
+        data_dir = os.path.abspath(os.path.join(self.mktemp(), "data"))
+        admin = AdminDatabase(data_dir, create=True)
+        for name in DEVICES:
+            admin.add_device(name)
+        admin.close()
+        return data_dir
+
     def run_and_kill(self, data_dir, acks_wanted, seen=None, stall=None):
         """Run a writer child, SIGKILL it after ``acks_wanted`` acks; return the last
         ack per device. ``seen``: a list that gets ``(name, cursor, counter)`` of
@@ -91,11 +100,7 @@ class KillTests(_Child, SynchronousTestCase):
     def test_kill_loses_nothing_acknowledged(self):
         """Two rounds of write-then-SIGKILL: every acked state survives, and the second round
         continues above the first."""
-        data_dir = os.path.abspath(os.path.join(self.mktemp(), "data"))
-        admin = AdminDatabase(data_dir, create=True)
-        for name in DEVICES:
-            admin.add_device(name)
-        admin.close()
+        data_dir = self.provisioned()
         first = self.run_and_kill(data_dir, 1500)
         views = self.check(data_dir, first)
         second = self.run_and_kill(data_dir, 700)
@@ -113,11 +118,7 @@ class ResumeAfterKillTests(_Child, TestCase):
         """The dashboard's copy (the changes it saw, the last 200 never durable, then
         what ``changes_since`` of its last cursor gives once the restarted registry
         has made more changes than it saw) equals the registry's state."""
-        data_dir = os.path.abspath(os.path.join(self.mktemp(), "data"))
-        admin = AdminDatabase(data_dir, create=True)
-        for name in DEVICES:
-            admin.add_device(name)
-        admin.close()
+        data_dir = self.provisioned()
         seen = []
         acked = self.run_and_kill(data_dir, 300, seen, stall=600)
         self.assertGreater(seen[-1][2], max(value for _, value in acked.values()))
@@ -152,11 +153,7 @@ class VersionAfterKillTests(_Child, TestCase):
         """Versions announced before the kill (the last 200 changes never durable) are
         all below every device's version after the restart, and a write with
         If-Match on the last one seen is refused although the state differs."""
-        data_dir = os.path.abspath(os.path.join(self.mktemp(), "data"))
-        admin = AdminDatabase(data_dir, create=True)
-        for name in DEVICES:
-            admin.add_device(name)
-        admin.close()
+        data_dir = self.provisioned()
         seen = []
         self.run_and_kill(data_dir, 100, seen, stall=200)
         registry = open_registry(data_dir, clock=reactor)
