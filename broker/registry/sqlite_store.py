@@ -179,8 +179,7 @@ class SQLiteStore(Store):
             conn.execute(DURABLE_SQL, (cursor,))
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._roll_back()
             raise StoreError(f"{self.path}: cannot record the start: {e}") from None
         self._begun = True
         self._durable = cursor
@@ -458,8 +457,7 @@ class SQLiteStore(Store):
                     # later write would wait forever. Fail this plan loudly instead.
                     self.log.failure("registry writer failed on {count} writes",
                                      count=len(batch[1]))
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
+                    self._roll_back()
                     results, failures = None, Failure(StoreError(f"storage failed: {e!r}"))
                 self._reactor.callFromThread(self._done, batch, results, failures)
 
@@ -471,6 +469,8 @@ class SQLiteStore(Store):
         conn = self._conn
         failures = None
         try:
+            if conn.in_transaction:          # left open by a failed ROLLBACK
+                conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
             for step in steps:
                 kind = step[0]
@@ -491,9 +491,19 @@ class SQLiteStore(Store):
                         failures[step[2]] = Failure()
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._roll_back()
             self.log.error("registry commit of {count} writes failed: {error}",
                            count=len(results), error=e)
             return None, Failure(StoreError(f"storage failed: {e}"))
         return results, failures
+
+    def _roll_back(self):
+        """End a failed transaction. A ROLLBACK that fails too (the disk that
+        failed the commit) must not end the writer thread: every later write
+        would wait forever. The next plan rolls back first (``_execute``)."""
+        conn = self._conn
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            self.log.error("registry rollback failed: {error}", error=e)

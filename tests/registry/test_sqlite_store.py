@@ -713,3 +713,40 @@ class FailedCommitTests(TestCase):
         self.addCleanup(again.stop)
         self.assertEqual(again.device("a").reported, {"t": 7})
         self.assertEqual(again.session_record(prov.device_number).acked_remote_num, 4)
+
+    @defer.inlineCallbacks
+    def test_failed_rollback_keeps_the_writer(self):
+        """A ROLLBACK that fails after a failed COMMIT (the same broken disk) fails
+        that commit's writes but keeps the writer thread, and the next commit rolls
+        the transaction left open back first: later writes are stored."""
+        yield self.registry.add_device("a")
+        conn = self.store._conn
+        self.store._conn = _BrokenDisk(conn)
+        yield self.assertFailure(self.registry.update_desired("a", {"mode": "eco"}),
+                                 errors.StoreError)
+        self.assertEqual(self.store._conn.failed, ["COMMIT", "ROLLBACK"])
+        self.assertTrue(conn.in_transaction)
+        self.store._conn = conn
+        yield self.registry.update_desired("a", {"mode": "away"})
+        yield self.registry.stop()
+        again = open_registry(self.data_dir, clock=self.clock, reactor=reactor)
+        self.addCleanup(again.stop)
+        self.assertEqual(again.device("a").desired, {"mode": "away"})
+
+
+class _BrokenDisk:
+    """A connection whose COMMIT and ROLLBACK fail without running (so the
+    transaction stays open), as on a disk that has just failed."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self.failed = []
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def execute(self, sql, *args):
+        if sql in ("COMMIT", "ROLLBACK"):
+            self.failed.append(sql)
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(sql, *args)
