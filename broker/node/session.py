@@ -191,7 +191,9 @@ class NodeSession:
         made) leave the node as it was.
         """
         carry = self.state
-        session_id = self._ids.next(self.device_number)
+        # Its first session since the process started (the device booted)
+        # numbers its events from 0 afresh; a later one carries on (wire 5).
+        session_id = self._ids.next(self.device_number, continues=self.sessions_started > 0)
         session = SSPSession(
             key=self._secret, cipher_provider=self._ciphers, is_server=False,
             local_state=EMPTY, remote_state=EMPTY, random_bytes=self._random_bytes,

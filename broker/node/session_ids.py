@@ -2,8 +2,9 @@
 
 The broker accepts a new session only with an id greater than the device's
 current one, so a device must remember the last id it used.  The id is
-``epoch << 32 | tick << 20 | random20`` (wire.md's ``boot counter << 32 |
-random32`` is an example; the broker only compares ids):
+``epoch << 32 | tick << 20 | random19 << 1 | continues`` (wire.md's ``boot
+counter << 32 | random32`` is an example; the broker compares ids, and
+reads only the lowest bit):
 
 * ``epoch`` is one more than the last stored one, and at least the
   wall-clock second, so even a device that lost its file (or a memory-only
@@ -16,21 +17,26 @@ random32`` is an example; the broker only compares ids):
   than a tick apart.  An epoch ahead of the clock (a second id within one
   second) is above the last id by itself; its tick is 0, so a forgetful
   pick later in that second is above it too.
-* ``random20``: 20 random bits.  The low 32 bits are never all zero (0
-  becomes 1), so an id is never the epoch alone.
+* ``random19``: 19 random bits.
+* ``continues`` (``broker.ssp.framing.CONTINUES_BOOT``): 1 when the device
+  starts the session without having rebooted, 0 in a boot's first session.
+  The broker reads it to tell a rebooted device's events, numbered from 0
+  again, from a device's events carried over from an earlier session that
+  never had any acknowledged (docs/protocol.md 5).  The low 32 bits are
+  never all zero (0 becomes 2), so an id is never the epoch alone.
 
 Nonces: one id is one HKDF session key, and every session numbers its
 datagrams from 0, so an id must never be used twice for a device.  One
 process never repeats its own ids (they increase).  Two processes (a
 device without its file, two ``simulate`` runs) can pick the same id only
 in the same epoch and tick: two picks within the same 1/4096 s match with
-probability 2^-20 (20 random bits), and picks at independent times within
-a second with 2^-12 * 2^-20 = 2^-32, as with 32 random bits.  That is why
+probability 2^-19 (19 random bits), and picks at independent times within
+a second with 2^-12 * 2^-19 = 2^-31.  That is why
 the time field is coarse (12 bits, not 20 bits of microseconds beside 12
 random bits): the bound then holds whatever the clock's resolution and
 however closely two processes start, and ordering only needs ticks shorter
 than a process restart.  Ids ahead of the clock (tick 0) of two processes
-match with probability 2^-20 too.
+match with probability 2^-19 too.
 
 The new id is written (fsync, then rename) before it is used.  Processes
 may share one file (one device each): each write happens under an exclusive
@@ -49,18 +55,22 @@ import time
 from pathlib import Path
 
 from broker.files import replace_private_file
+from broker.ssp.framing import CONTINUES_BOOT
 
 _MAX_EPOCH = (1 << 32) - 1
 #: The time within a second, in ticks of 1/TICKS_PER_SECOND s (12 bits).
 TICKS_PER_SECOND = 1 << 12
-#: Random low bits of an id, below the tick.
-RANDOM_BITS = 20
-_RANDOM_MASK = (1 << RANDOM_BITS) - 1
+#: The low bits of an id below the tick: random ones and the boot bit.
+LOW_BITS = 20
+_RANDOM_MASK = (1 << (LOW_BITS - 1)) - 1
 
 
-def next_session_id(last: int, random_bytes=os.urandom, wall_clock=time.time) -> int:
+def next_session_id(last: int, random_bytes=os.urandom, wall_clock=time.time,
+                    continues: bool = False) -> int:
     """An id strictly greater than last: a new epoch, the tick within the
-    second when the epoch is the clock's, and 20 random bits (low half never zero)."""
+    second when the epoch is the clock's, 19 random bits and the boot bit
+    (``continues``: not the first session since the device booted); the low
+    half is never zero."""
     wall = wall_clock()
     second = int(wall)
     epoch = max((last >> 32) + 1, second)
@@ -69,8 +79,9 @@ def next_session_id(last: int, random_bytes=os.urandom, wall_clock=time.time) ->
     tick = 0
     if epoch == second:
         tick = min(int((wall - second) * TICKS_PER_SECOND), TICKS_PER_SECOND - 1)
-    low = tick << RANDOM_BITS | int.from_bytes(random_bytes(3), "big") & _RANDOM_MASK
-    return (epoch << 32) | (low or 1)
+    random = int.from_bytes(random_bytes(3), "big") & _RANDOM_MASK
+    low = tick << LOW_BITS | random << 1 | (CONTINUES_BOOT if continues else 0)
+    return (epoch << 32) | (low or 2)
 
 
 class SessionIds:
@@ -108,26 +119,27 @@ class SessionIds:
         """The last id used for device (0 if none)."""
         return self._last.get(device_number, 0)
 
-    def next(self, device_number: int) -> int:
-        """A new id for device, strictly above every earlier one, stored before it is returned.
+    def next(self, device_number: int, continues: bool = False) -> int:
+        """A new id for device, strictly above every earlier one, stored before it is
+        returned; ``continues``: the device has not rebooted since its last session.
 
         OSError when it cannot be stored, ValueError when the file holds
         something else or no greater id exists (the id must not be used then).
         """
         if self.path is None:
-            return self._pick(device_number)
+            return self._pick(device_number, continues)
         with self._locked():
             if self.path.exists():
                 for device, session_id in self._read().items():
                     if session_id > self._last.get(device, 0):
                         self._last[device] = session_id   # another process's
-            session_id = self._pick(device_number)
+            session_id = self._pick(device_number, continues)
             self._write()
         return session_id
 
-    def _pick(self, device_number: int) -> int:
+    def _pick(self, device_number: int, continues: bool) -> int:
         session_id = next_session_id(self.last(device_number), self._random_bytes,
-                                     self._wall_clock)
+                                     self._wall_clock, continues)
         self._last[device_number] = session_id
         return session_id
 

@@ -15,6 +15,13 @@ FRAMING_VERSION = 1  # wire.md section 1
 HEADER_SIZE = 17  # 1 + 8 + 8
 UINT64_MAX = 2**64 - 1
 
+#: The low bit of a session id: set when the device started this session
+#: without rebooting, so that its events go on from its earlier session's,
+#: clear in the first session of a boot (events numbered from 0 again).
+#: Carried events that start at index 0 are otherwise ambiguous: a boot's,
+#: or a session's whose events were never acknowledged (docs/protocol.md 5).
+CONTINUES_BOOT = 1
+
 _HEADER = struct.Struct(">BQQ")
 assert _HEADER.size == HEADER_SIZE
 
@@ -51,6 +58,11 @@ def parse_header(data) -> tuple[int, int]:
         raise DatagramDropped(DropReason.BAD_HEADER,
                               "device number and session id must be non-zero")
     return device_number, session_id
+
+
+def continues_boot(session_id: int) -> bool:
+    """The device started this session without rebooting (CONTINUES_BOOT)."""
+    return bool(session_id & CONTINUES_BOOT)
 
 
 class BrokerFraming:

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broker.registry import SessionRecord, errors
-from broker.udp.convert import (SessionStart, desired_state, encode_commands, encode_state,
+from broker.udp.convert import (ContinuedStart, SessionStart, desired_state, encode_commands, encode_state,
                                 first_report_base, new_events, reported_patch)
 
 #: Registry refusals of a device's (authentic) report: counted, logged and
@@ -26,6 +26,8 @@ REFUSALS = (errors.InvalidKey, errors.InvalidValue, errors.StateTooLarge)
 
 #: ``_current_record``: the device's record belongs to another session.
 _OTHER_SESSION = object()
+#: what a new session's reported state is before its first report.
+_STARTS = (SessionStart, ContinuedStart)
 
 #: Commands one device may have waiting on its session (queued, not yet
 #: acknowledged); more are refused with TooManyCommands. Every command held
@@ -201,7 +203,7 @@ class RegistryBridge:
         SessionConflict when another process moved the record on."""
         if expected is None:
             start = live.reported
-            mark = encode_state(start) if (type(start) is SessionStart
+            mark = encode_state(start) if (type(start) in _STARTS
                                            and start.event_base) else b""
             record = SessionRecord(session_id=live.session_id, acked_remote_state=mark,
                                    seq_reservation=limit,
@@ -263,7 +265,7 @@ class RegistryBridge:
         lives = []
         for live, state, _ in reports:
             previous = live.reported
-            if type(previous) is SessionStart:
+            if type(previous) in _STARTS:
                 previous = first_report_base(previous, state, self._reported_now(live.number))
             live.reported = state
             patch = reported_patch(previous, state)

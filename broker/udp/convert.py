@@ -91,18 +91,31 @@ class SessionStart(DeviceState):
     A device starting a new session carries its unacknowledged events with
     their indices (wire.md 5); those below this end are stored already (their
     acknowledgement was lost) and are not stored again. A device that numbers
-    its events from 0 again rebooted: all of them are new (``first_report_base``).
+    its events from 0 again in the first session of a boot rebooted: all of
+    them are new (``first_report_base``).
     """
 
     __slots__ = ()
 
 
-def session_start(event_end: int) -> DeviceState:
-    """The bridge's starting point of a new session (one shared object if 0)."""
+class ContinuedStart(SessionStart):
+    """A SessionStart of a session whose id says the device did not reboot
+    (``broker.ssp.framing.continues_boot``): carried events from index 0 are
+    its earlier session's, never acknowledged, not a boot's numbered afresh."""
+
+    __slots__ = ()
+
+
+def session_start(event_end: int, continues: bool = False) -> DeviceState:
+    """The bridge's starting point of a new session (one shared object if 0);
+    ``continues``: its id says the device did not reboot."""
+    if continues:
+        return ContinuedStart(event_base=event_end) if event_end else _CONTINUED_START
     return SessionStart(event_base=event_end) if event_end else _BLANK_START
 
 
 _BLANK_START = SessionStart()
+_CONTINUED_START = ContinuedStart()
 
 
 def first_report_base(previous: DeviceState, state: DeviceState,
@@ -112,13 +125,17 @@ def first_report_base(previous: DeviceState, state: DeviceState,
     device now: a new session's first state is the device's whole map, so
     the keys it no longer holds (deleted, or inner keys of a map it
     replaced, while the old session went unacknowledged) go too. And if
-    ``state`` numbers its events afresh, from 0 (a rebooted device) or
-    ending below the stored end (which a device that did not reboot has
-    passed), the events start at 0, so that every event of it counts."""
-    if type(previous) is not SessionStart:
+    ``state`` numbers its events afresh, from 0 in a boot's first session
+    (a rebooted device) or ending below the stored end (which a device that
+    did not reboot has passed), the events start at 0, so that every event
+    of it counts. A session that continues the device's boot (ContinuedStart)
+    and carries events from 0 carries its earlier session's: those below the
+    stored end are stored already."""
+    kind = type(previous)
+    if kind is not SessionStart and kind is not ContinuedStart:
         return previous
     event_base = previous.event_base
-    if not state.event_base or state.event_end < event_base:
+    if state.event_end < event_base or (not state.event_base and kind is SessionStart):
         event_base = 0
     if reported:
         try:

@@ -31,7 +31,7 @@ from broker.ssp.crypto import OVERHEAD
 from broker.ssp.datagram import TIMESTAMP_SIZE
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.fragment import FRAGMENT_HEADER_SIZE
-from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE
+from broker.ssp.framing import FRAMING_VERSION, HEADER_SIZE, continues_boot
 from broker.ssp.randomness import BufferedRandom
 from broker.udp.admission import Admission, first_datagram_fails, parked_datagram_fails
 from broker.udp.bridge import RegistryBridge
@@ -415,7 +415,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         bridge = self._bridge
         table = self._table
         if not resume:
-            remote = session_start(self._durable_event_end(old, record, number))
+            remote = session_start(self._durable_event_end(old, record, number),
+                                   continues_boot(session_id))
         if old is not None:
             table.retire(number, old, "replaced")
         name = bridge.name(number) if old is None else old.name

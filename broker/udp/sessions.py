@@ -10,7 +10,7 @@ from the shared, bounded ``CipherCache`` while the device is active.
 from __future__ import annotations
 
 from broker.ssp.device_state import DeviceState
-from broker.ssp.framing import BrokerFraming
+from broker.ssp.framing import BrokerFraming, continues_boot
 from broker.ssp.session import SEQ_RESERVATION_BLOCK, Resumption, SSPSession
 from broker.ssp.errors import DatagramDropped
 from broker.udp.convert import decode_state, session_start
@@ -156,7 +156,7 @@ def record_states(record) -> tuple[DeviceState, DeviceState]:
     remote = decode_state(record.acked_remote_state)
     if record.acked_remote_num:
         return remote, remote
-    return EMPTY, session_start(remote.event_end)
+    return EMPTY, session_start(remote.event_end, continues_boot(record.session_id))
 
 
 def first_session(record, *, seq_floor: int = 0, **common):

@@ -218,10 +218,10 @@ class FailingIds:
         self.ids = SessionIds(None, wall_clock=lambda: 1)
         self.failing = False
 
-    def next(self, device_number):
+    def next(self, device_number, continues=False):
         if self.failing:
             raise OSError(28, "No space left on device")
-        return self.ids.next(device_number)
+        return self.ids.next(device_number, continues)
 
 
 class RekeyFailureTests(SynchronousTestCase):

@@ -10,8 +10,11 @@ import sys
 from hypothesis import assume, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from broker.node.session_ids import (RANDOM_BITS, TICKS_PER_SECOND, SessionIds,
+from broker.node.session_ids import (LOW_BITS, TICKS_PER_SECOND, SessionIds,
                                      next_session_id)
+from broker.ssp.framing import continues_boot
+
+RANDOM_MASK = (1 << LOW_BITS) - 2     # the low bits but the boot bit
 
 SECOND = 1_700_000_000
 TICK = 1 / TICKS_PER_SECOND
@@ -44,11 +47,21 @@ class NextSessionIdTests(SynchronousTestCase):
                          1_700_000_000)
 
     def test_low_bits_never_zero(self):
-        """Thirty-two zero random bits are replaced by 1, so an id is never 0."""
+        """Thirty-two zero low bits are replaced by 2 (a boot's first session), so an id
+        is never 0."""
         value = next_session_id(0, lambda n: bytes(n), lambda: 0)
         self.assertNotEqual(value, 0)
-        self.assertEqual(value & 0xFFFFFFFF, 1)
+        self.assertEqual(value & 0xFFFFFFFF, 2)
+        self.assertFalse(continues_boot(value))
 
+    def test_boot_bit_says_whether_the_device_rebooted(self):
+        """The lowest bit is set only for a session that does not follow a boot, whatever
+        the random bits (the broker reads it to number carried events)."""
+        for fill in (b"\x00", b"\xff", b"\x5a"):
+            first = next_session_id(0, lambda n: fill * n, lambda: SECOND)
+            later = next_session_id(first, lambda n: fill * n, lambda: SECOND, continues=True)
+            self.assertEqual((continues_boot(first), continues_boot(later)), (False, True))
+            self.assertGreater(later, first)
 
     def test_later_pick_in_the_same_second_is_greater(self):
         """A process that forgot every earlier id (last 0) still picks above an id picked
@@ -72,20 +85,21 @@ class NextSessionIdTests(SynchronousTestCase):
 
     def test_same_tick_picks_differ_in_random_bits(self):
         """Picks at the very same instant differ in their random low bits, so two
-        processes share an id (a session key) only if RANDOM_BITS random bits match too."""
+        processes share an id (a session key) only if their random bits match too."""
         moment = SECOND + 0.5
         ids = {next_session_id(0, lambda n, i=i: i.to_bytes(n, "big"), lambda: moment)
                for i in range(1, 65)}
         self.assertEqual(len(ids), 64)
-        self.assertEqual(len({value >> RANDOM_BITS for value in ids}), 1)
-        self.assertEqual({value & ((1 << RANDOM_BITS) - 1) for value in ids},
-                         set(range(1, 65)))
+        self.assertEqual(len({value >> LOW_BITS for value in ids}), 1)
+        self.assertEqual({value & RANDOM_MASK for value in ids},
+                         {i << 1 for i in range(1, 65)})
 
     def test_random_part_uses_all_its_bits(self):
-        """All RANDOM_BITS low bits come from random_bytes (none lost to the time part)."""
+        """All 19 random bits come from random_bytes (none lost to the time part or
+        to the boot bit)."""
         value = next_session_id(0, lambda n: b"\xff" * n, lambda: SECOND)
-        self.assertEqual(value & ((1 << RANDOM_BITS) - 1), (1 << RANDOM_BITS) - 1)
-        self.assertEqual(value & 0xFFFFFFFF, (1 << RANDOM_BITS) - 1)  # tick 0
+        self.assertEqual(value & RANDOM_MASK, RANDOM_MASK)
+        self.assertEqual(value & 0xFFFFFFFF, RANDOM_MASK)  # tick 0, a boot's first
 
     def test_ahead_of_the_clock_orders_by_epoch(self):
         """A second id within one second takes the next epoch (ahead of the clock), above
@@ -98,10 +112,10 @@ class NextSessionIdTests(SynchronousTestCase):
         forgetful = next_session_id(0, lambda n: bytes(n), lambda: SECOND + 1 + 2 * TICK)
         self.assertGreater(forgetful, ahead)
 
-    def test_zero_low_bits_at_a_second_boundary_become_one(self):
-        """A pick at the exact start of a second with zero random bits is still not
-        the epoch alone (an id's low half is never zero)."""
-        self.assertEqual(next_session_id(0, lambda n: bytes(n), lambda: SECOND) & 0xFFFFFFFF, 1)
+    def test_zero_low_bits_at_a_second_boundary_become_two(self):
+        """A boot's first pick at the exact start of a second with zero random bits is
+        still not the epoch alone (an id's low half is never zero)."""
+        self.assertEqual(next_session_id(0, lambda n: bytes(n), lambda: SECOND) & 0xFFFFFFFF, 2)
 
     def test_epoch_overflow_raises(self):
         """No id once the 32-bit epoch is used up, from the last id or from the clock."""

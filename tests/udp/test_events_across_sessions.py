@@ -56,6 +56,20 @@ class EventsAcrossSessionsTests(SynchronousTestCase):
         self.assertEqual(self.node.sessions_started, 2)
         self.assertEqual(stored_events(self.h), ["e0", "e1", "e2", "e3", "e4"])
 
+    def test_events_never_acknowledged_since_boot_are_stored_once_after_a_rekey(self):
+        """A device none of whose events was ever acknowledged since it booted carries
+        them from index 0 into its next session; its session id says it did not
+        reboot, so the broker, which had stored them, does not store them again."""
+        self.emit("e0", "e1")
+        run_deaf(self.h, 1.0)
+        self.assertEqual(stored_events(self.h), ["e0", "e1"])
+        self.assertEqual(self.node.state.event_base, 0)   # nothing acknowledged
+        self.node.start(self.h.clock.seconds())
+        self.emit("e2")
+        self.h.run(2.0)
+        self.assertTrue(self.node.idle())
+        self.assertEqual(stored_events(self.h), ["e0", "e1", "e2"])
+
     def test_carried_events_the_broker_lacks_are_stored(self):
         """Carried events the broker never received are stored, once, after those it had."""
         self.emit("e0")
@@ -326,6 +340,27 @@ class SessionWithoutReportTests(SynchronousTestCase):
         self.h.run(40.0)
         self.assertTrue(self.node.idle())
         self.assertEqual(stored_events(self.h), ["e0"] + self.carried + ["e3"])
+
+    def test_events_from_boot_carried_into_a_resumed_session_are_stored_once(self):
+        """A rekeyed session carrying events from index 0 (none acknowledged since the
+        boot) is resumed from its start record after a restart: the record keeps
+        that the device did not reboot, and nothing is stored twice."""
+        self.emit(*self.carried)
+        run_deaf(self.h, 1.0)
+        self.assertEqual(stored_events(self.h), self.carried)
+        self.node.start(self.h.clock.seconds())
+        self.device_talks(0.05, lambda data: False)  # its first state is lost
+        self.emit("e2")
+        delivered = []
+        self.device_talks(0.5, lambda data: delivered.append(data) or len(delivered) == 1)
+        entry = self.h.endpoint.entry_of(self.device.device_number)
+        self.assertEqual(entry.session_id, self.node.session_id)
+        h2 = self.h.restart()
+        h2.nodes = self.h.nodes
+        h2.run(40.0)
+        self.assertTrue(self.node.idle())
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(stored_events(h2), self.carried + ["e2"])
 
     def test_a_new_session_resumed_before_its_first_state_stores_carried_events_once(self):
         """Only the first fragment of the new session's first state arrives, then the
