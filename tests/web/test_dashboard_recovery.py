@@ -164,3 +164,24 @@ class BrokerRestartTests(ModulesTestCase):
             self.assertIn("broker shutting down", retrying[0])
         d = in_browser(scenario, self.url)
         return d.addCallback(lambda _: self.assertEqual(len(sockets), 4))
+
+    def test_going_away_before_any_snapshot_falls_back_to_polling(self):
+        """A 1001 close that comes before the first snapshot is no broker restart (a
+        proxy refusing WebSockets that way): it counts as a WebSocket failure, and the
+        page falls back to polling rather than retrying the WebSocket forever."""
+        sockets = []
+
+        def socket(ws):
+            sockets.append(ws)
+            ws.close(code=1001, reason="proxy going away")
+
+        def scenario(page, url):
+            page.route_web_socket(re.compile(r"/ws$"), socket)
+            page.goto(url)
+            page.evaluate(LINK, [self.token, {}])
+            wait_for(page, "window.link.status.transport === 'polling'"
+                           " && window.link.status.state === 'live'", "live by polling")
+            seen = statuses(page)
+            self.assertNotIn(("websocket", "live"), seen)
+        d = in_browser(scenario, self.url)
+        return d.addCallback(lambda _: self.assertEqual(len(sockets), 2))

@@ -371,9 +371,11 @@ export class Link extends EventTarget {
   async _webSocketClosed({code, reason, live}) {
     if (this._stopped) return;
     if (code === CLOSE_TOKEN_REVOKED) return this._unauthorized(REVOKED);
-    if (code === CLOSE_GOING_AWAY) {
+    if (code === CLOSE_GOING_AWAY && live) {
       // A restart: polling would meet the same broker. Keep to the WebSocket (while the
       // broker is down, the handshake fails and the session check says so, as below).
+      // Before any snapshot it is no restart but a WebSocket that does not work (a
+      // proxy closing it so): a failure like any other, or the page would retry forever.
       const delay = backoff(++this._unreachable);
       this._report("websocket", "retrying",
         `${reason || "the broker went away"}; reconnecting in ${delay} s`);
