@@ -135,13 +135,25 @@ class Subscription:
 
 
 class Subscriptions:
-    """Observers by exact device name or fnmatch glob pattern."""
+    """Observers by exact device name or fnmatch glob pattern.
+
+    Exact names are a dict lookup. Globs are indexed by their literal
+    prefix (the text before the first ``* ? [``), and one subscription's
+    globs with the same prefix share one compiled matcher: a change of
+    ``name`` looks up each prefix length in use and tests only the
+    subscriptions whose globs could match it, one matcher each. So its
+    cost does not grow with the number of globs a subscription holds
+    (a dashboard holds up to ``max_subscriptions``).
+    """
 
     log = Logger()
 
     def __init__(self):
         self._exact = {}
-        self._globs = []          # (pattern, compiled match, subscription)
+        #: literal prefix -> {subscription: match function of its globs with that prefix}
+        self._globs = {}
+        #: distinct lengths of the prefixes in ``_globs``, ascending.
+        self._lengths = ()
         #: False while nobody observes anything: writers skip notify() then.
         self.watching = False
         #: observer callbacks that raised (counted, logged, never propagated).
@@ -150,13 +162,13 @@ class Subscriptions:
     def add(self, patterns, callback):
         if isinstance(patterns, str):
             patterns = [patterns]
-        sub = Subscription(self, tuple(patterns), callback)
+        sub = Subscription(self, tuple(dict.fromkeys(patterns)), callback)
+        for prefix, globs in _by_prefix(sub.patterns).items():
+            self._globs.setdefault(prefix, {})[sub] = _glob_matcher(globs)
         for pattern in sub.patterns:
-            if _GLOB_CHARS.intersection(pattern):
-                self._globs.append((pattern, re.compile(translate(pattern)).match, sub))
-            else:
+            if not _GLOB_CHARS.intersection(pattern):
                 self._exact.setdefault(pattern, []).append(sub)
-        self.watching = bool(self._exact or self._globs)
+        self._changed()
         return sub
 
     def _remove(self, sub):
@@ -166,16 +178,35 @@ class Subscriptions:
                 subs.remove(sub)
                 if not subs:
                     del self._exact[pattern]
-        self._globs = [g for g in self._globs if g[2] is not sub]
+        for prefix in _by_prefix(sub.patterns):
+            bucket = self._globs.get(prefix)
+            if bucket is not None:
+                bucket.pop(sub, None)
+                if not bucket:
+                    del self._globs[prefix]
+        self._changed()
+
+    def _changed(self):
+        self._lengths = tuple(sorted({len(prefix) for prefix in self._globs}))
         self.watching = bool(self._exact or self._globs)
 
     def matching(self, name):
         """Distinct active subscriptions observing ``name``."""
-        found = list(self._exact.get(name, ()))
-        for _, match, sub in self._globs:
-            if match(name) is not None and sub not in found:
-                found.append(sub)
-        return found
+        exact = self._exact.get(name, ())
+        if not self._globs:
+            return list(exact)
+        found = dict.fromkeys(exact)
+        globs = self._globs
+        size = len(name)
+        for length in self._lengths:
+            if length > size:
+                break
+            bucket = globs.get(name[:length])
+            if bucket is not None:
+                for sub, match in bucket.items():
+                    if sub not in found and match(name) is not None:
+                        found[sub] = None
+        return list(found)
 
     def count(self, name):
         """How many observers watch the device ``name``."""
@@ -197,3 +228,19 @@ class Subscriptions:
             except Exception:
                 self.errors += 1
                 self.log.failure("observer of {name} raised", name=name)
+
+
+def _by_prefix(patterns):
+    """The glob patterns among ``patterns``, grouped by literal prefix."""
+    groups = {}
+    for pattern in patterns:
+        chars = _GLOB_CHARS.intersection(pattern)
+        if chars:
+            prefix = pattern[:min(pattern.index(c) for c in chars)]
+            groups.setdefault(prefix, []).append(pattern)
+    return groups
+
+
+def _glob_matcher(globs):
+    """One match function for several globs (a whole, case-sensitive match of any)."""
+    return re.compile("|".join(translate(glob) for glob in globs)).match

@@ -124,6 +124,35 @@ class ParseTests(unittest.SynchronousTestCase):
             problem = self.code_of(json.dumps({"op": "subscribe", "patterns": [pattern]}).encode())
             self.assertEqual(problem.code, "invalid_pattern", pattern)
 
+    def test_pattern_list_longer_than_a_connection_holds_is_refused_unread(self):
+        """A pattern list longer than max_subscriptions is refused by its length, before its items are checked."""
+        # Items that are not even strings: the length is checked first.
+        payload = json.dumps({"op": "subscribe", "id": 7, "patterns": [1] * 9800}).encode()
+        problem = self.assertRaises(ProtocolError, parse_request, payload, 100)
+        self.assertEqual((problem.code, problem.request_id, problem.op, problem.details),
+                         ("too_many_subscriptions", 7, "subscribe", {"field": "patterns"}))
+        self.assertIn("at most 100 patterns", problem.message)
+        self.assertIn("names 9800", problem.message)
+        payload = json.dumps({"op": "unsubscribe", "id": 8, "patterns": ["a"] * 6}).encode()
+        problem = self.assertRaises(ProtocolError, parse_request, payload, 5)
+        self.assertEqual((problem.code, problem.request_id, problem.details),
+                         ("invalid_field", 8, {"field": "patterns"}))
+        # At the limit, duplicates included, the list is read (and de-duplicated, in order).
+        payload = json.dumps({"op": "subscribe", "patterns": ["b", "a", "b", "c", "a"]}).encode()
+        self.assertEqual(parse_request(payload, 5).args["patterns"], ("b", "a", "c"))
+
+    def test_text_in_utf16_or_utf32_is_invalid_json(self):
+        """JSON encoded as UTF-16 or UTF-32 is invalid_json: a text frame is UTF-8 JSON, nothing else."""
+        ping = json.dumps({"op": "ping", "id": 1})
+        for encoding in ("utf-16", "utf-16-be", "utf-16-le", "utf-32", "utf-32-be", "utf-32-le"):
+            problem = self.code_of(ping.encode(encoding))
+            self.assertEqual((problem.code, problem.request_id), ("invalid_json", None), encoding)
+
+    def test_unpaired_surrogate_in_utf16_text_is_invalid_json(self):
+        """An unpaired surrogate escape in UTF-16 text is invalid_json, not a request carrying it."""
+        problem = self.code_of('{"op": "ping", "id": "\\ud800"}'.encode("utf-16-be"))
+        self.assertEqual((problem.code, problem.request_id), ("invalid_json", None))
+
 
 class EncodeTests(unittest.SynchronousTestCase):
     """Outgoing messages are compact JSON with their documented fields."""

@@ -63,7 +63,6 @@ class Request:
 def _patterns(value, name):
     if not isinstance(value, list) or not value:
         raise ValueError(f"'{name}' must be a non-empty array of strings")
-    seen = []
     for pattern in value:
         if not isinstance(pattern, str):
             raise ValueError(f"'{name}' must be an array of strings, found {_json_type(pattern)}")
@@ -71,9 +70,26 @@ def _patterns(value, name):
             raise _PatternError(f"invalid pattern {pattern[:MAX_PATTERN_LENGTH]!r}: 1-"
                                 f"{MAX_PATTERN_LENGTH} of A-Z a-z 0-9 . _ - and the glob "
                                 "characters * ? [ ] !")
-        if pattern not in seen:
-            seen.append(pattern)
-    return tuple(seen)
+    return tuple(dict.fromkeys(value))   # first occurrence kept, in order, in linear time
+
+
+def _too_many_patterns(message: dict, op: str, request_id, max_patterns: int) -> None:
+    """Refuse a pattern list longer than a connection may hold, before reading its items.
+
+    A 64 kB message holds thousands of patterns; checking them all, only to
+    refuse the subscribe for their number, would cost every other client.
+    """
+    patterns = message.get("patterns")
+    if not isinstance(patterns, list) or len(patterns) <= max_patterns:
+        return
+    if op == "subscribe":
+        raise ProtocolError("too_many_subscriptions",
+                            f"at most {max_patterns} patterns per connection: this request "
+                            f"names {len(patterns)}", request_id=request_id, op=op,
+                            field="patterns")
+    raise ProtocolError("invalid_field", f"'patterns' names {len(patterns)} patterns: a "
+                        f"connection holds at most {max_patterns}", request_id=request_id,
+                        op=op, field="patterns")
 
 
 def _cursor(value, name):
@@ -164,7 +180,7 @@ def _bad_bytes(payload: bytes, problem: BadBytes) -> ProtocolError:
     """invalid_json for a {"$bytes"} value that is not base64, naming the request if it can."""
     # The hook ran before the parser saw the rest: that rest may not be JSON.
     try:
-        message = json.loads(payload)
+        message = json.loads(payload.decode("utf-8"))
     except RecursionError:
         return ProtocolError("invalid_json", "message is not valid JSON: nested too deeply")
     except ValueError as later:
@@ -179,10 +195,16 @@ def _bad_bytes(payload: bytes, problem: BadBytes) -> ProtocolError:
     return ProtocolError("invalid_json", str(problem), request_id=request_id, op=op)
 
 
-def parse_request(payload: bytes) -> Request:
-    """The checked request in a text message, or ProtocolError saying what is wrong."""
+def parse_request(payload: bytes, max_patterns: int = 100) -> Request:
+    """The checked request in a text message, or ProtocolError saying what is wrong.
+
+    ``payload`` is UTF-8 (RFC 8259 section 8.1; Autobahn has validated a text
+    frame's UTF-8): it is decoded as such before parsing, because
+    ``json.loads`` would take bytes in UTF-16 or UTF-32 as well.
+    ``max_patterns`` is the connection's ``max_subscriptions``.
+    """
     try:
-        message = json.loads(payload, object_hook=bytes_hook)
+        message = json.loads(payload.decode("utf-8"), object_hook=bytes_hook)
     except RecursionError:
         raise ProtocolError("invalid_json", "message is not valid JSON: nested too deeply") from None
     except BadBytes as problem:
@@ -213,6 +235,8 @@ def parse_request(payload: bytes) -> Request:
     if spec is None:
         raise ProtocolError("unknown_op", f"unknown op {op[:64]!r} (known: "
                             f"{', '.join(sorted(OPERATIONS))})", request_id=request_id)
+    if "patterns" in spec:
+        _too_many_patterns(message, op, request_id, max_patterns)
     args = {}
     for key, value in message.items():
         if key in ("op", "id"):

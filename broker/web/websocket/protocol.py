@@ -49,6 +49,8 @@ class DashboardProtocol(WebSocketServerProtocol):
     sync = None
     role = None
     token = None
+    #: Payload of the latest ping frame not answered while paused (see onPing).
+    owed_pong = None
 
     # -- called from Autobahn ------------------------------------------------
 
@@ -123,7 +125,7 @@ class DashboardProtocol(WebSocketServerProtocol):
                                      f"{self.websocket_protocol_in_use}: send JSON text"))
             return
         try:
-            request = parse_request(payload)
+            request = parse_request(payload, endpoint.max_subscriptions)
             if request.op in WRITE_OPERATIONS and not self._token_still_valid():
                 return
             if request.op in WRITE_OPERATIONS and self.role != "write":
@@ -140,6 +142,19 @@ class DashboardProtocol(WebSocketServerProtocol):
             self.logger.failure("WebSocket request from {peer} failed", peer=self.peer)
             self.reply(error_message("internal_error", "the broker failed to handle this "
                                      "request (logged)"))
+
+    def onPing(self, payload):
+        """Answer a ping frame; while the client does not read, only the latest one.
+
+        Pongs are answers that are not requests: a client sending pings and
+        reading nothing would otherwise grow our buffer by one pong each.
+        RFC 6455 section 5.5.3 lets an endpoint answer only the most recent
+        ping; the owed pong goes out when the transport drains.
+        """
+        if self.sync is not None and self.sync.paused:
+            self.owed_pong = payload
+            return
+        super().onPing(payload)
 
     def _token_still_valid(self) -> bool:
         """Whether the token still holds, checked before each write as the REST API does.
@@ -177,6 +192,9 @@ class DashboardProtocol(WebSocketServerProtocol):
 
     def resumeProducing(self):
         self.reply_backlog = 0
+        owed, self.owed_pong = self.owed_pong, None
+        if owed is not None:
+            self.sendPong(owed)
         if self.sync is not None:
             self.sync.resume()
 

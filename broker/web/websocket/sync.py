@@ -157,13 +157,13 @@ class ClientSync:
                 request_id=request_id, op="subscribe")
         if history is not None:
             self.history = history
-        skip = self._match
+        skip = self._skip()
         self._resubscribe(self.patterns + new)
         upto = self.registry.cursor
         if cursor is None:
-            job = snapshot_job(self.registry, request_id, patterns, upto, skip)
+            job = snapshot_job(self.registry, request_id, patterns, new, upto, skip)
         else:
-            job = resume_job(self.registry, request_id, patterns, cursor, upto, skip)
+            job = resume_job(self.registry, request_id, patterns, new, cursor, upto, skip)
         self.jobs.append(job)
         self.pump()
 
@@ -175,8 +175,31 @@ class ClientSync:
                                 request_id=request_id, op="unsubscribe", patterns=unknown)
         left = tuple(p for p in self.patterns if p not in patterns)
         self._resubscribe(left)
-        self.jobs = deque(job for job in self.jobs if not set(job.patterns) <= set(patterns))
+        dropped = set(patterns)
+        self.jobs = deque(job for job in self.jobs if not set(job.patterns) <= dropped)
+        for job in self.jobs:
+            # A job kept for its other patterns no longer answers for these
+            # (a later subscribe to them is a new answer): see _skip.
+            job.new = tuple(p for p in job.new if p not in dropped)
         return left
+
+    def _skip(self):
+        """What a new answer leaves out: the devices the client has through patterns it holds.
+
+        Those of a pattern whose own answer is done, and those an answer
+        still unfinished has dealt with (Job.passed), as far as it gets:
+        were it dropped by an unsubscribe before it is done, the new answer
+        sends the rest itself (the client would not have them otherwise).
+        """
+        held = set(self.patterns)
+        unfinished = [(job, held.intersection(job.new)) for job in self.jobs
+                      if held.intersection(job.new)]
+        owed = {p for _, answers in unfinished for p in answers}
+        match = compile_patterns(tuple(p for p in self.patterns if p not in owed))
+        if not unfinished:
+            return match
+        return lambda name: bool(match(name)) or any(job.passed(name, answers)
+                                                     for job, answers in unfinished)
 
     def _resubscribe(self, patterns: tuple) -> None:
         if self._subscription is not None:
