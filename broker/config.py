@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import ipaddress
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,7 +300,12 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any) -> Any:
     kind = _ANNOTATED_TYPES[spec.type] if isinstance(spec.type, str) else spec.type
     meta = spec.metadata
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            # float() of an integer beyond 1.8e308; the range is what the operator needs.
+            bound = ("at least", meta["minimum"]) if value < 0 else ("at most", meta["maximum"])
+            raise ValueError(f"must be {bound[0]} {bound[1]}, not {_shown(value)}") from None
     if kind is tuple:
         if not isinstance(value, list):
             raise ValueError(f"must be {_TYPE_NAMES[tuple]}, not {_toml_type(value)}")
@@ -321,12 +327,22 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any) -> Any:
         allowed = ", ".join(repr(choice) for choice in meta["choices"])
         raise ValueError(f"must be one of {allowed}, not {value!r}")
     if meta["minimum"] is not None and value < meta["minimum"]:
-        raise ValueError(f"must be at least {meta['minimum']}, not {value!r}")
+        raise ValueError(f"must be at least {meta['minimum']}, not {_shown(value)}")
     if meta["maximum"] is not None and value > meta["maximum"]:
-        raise ValueError(f"must be at most {meta['maximum']}, not {value!r}")
+        raise ValueError(f"must be at most {meta['maximum']}, not {_shown(value)}")
     if meta.get("check") is not None:
         meta["check"](value)
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value for a message; a huge integer by its size (str() refuses 4300 digits and more)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 30:
+        digits = math.ceil(abs(value).bit_length() * math.log10(2))
+        if abs(value) < 10 ** (digits - 1):
+            digits -= 1
+        return f"an integer of {digits} digits"
+    return repr(value)
 
 
 def _toml_type(value: Any) -> str:
@@ -336,29 +352,71 @@ def _toml_type(value: Any) -> str:
 
 
 def _cross_checks(config: Config) -> list[tuple[str, str]]:
-    """Rules that relate two settings; each problem as (key, message)."""
+    """Rules that relate two settings; each problem as (key, message).
+
+    A check that raises ValueError or OverflowError (a value no rule foresaw)
+    is a problem of its key too, never a traceback.
+    """
     problems = []
+    for key, check in _CROSS_CHECKS:
+        try:
+            message = check(config)
+        except (ValueError, OverflowError) as problem:
+            message = f"cannot be used: {problem}"
+        if message:
+            problems.append((key, message))
+    return problems
+
+
+def _offline_after(config: Config) -> str | None:
     if config.ssp.offline_after < config.ssp.device_heartbeat:
-        problems.append(("ssp.offline_after",
-                         "must be at least ssp.device_heartbeat, or every device flaps offline"))
-    for key in ("ping_interval", "ping_timeout"):
+        return "must be at least ssp.device_heartbeat, or every device flaps offline"
+    return None
+
+
+def _ping(key: str) -> Callable[[Config], str | None]:
+    def check(config: Config) -> str | None:
         value = getattr(config.websocket, key)
         if 0 < value < 1:
             # Autobahn truncates its ping deadlines to whole seconds.
-            problems.append((f"websocket.{key}", f"must be 0 (off) or at least 1.0, not {value!r}"))
+            return f"must be 0 (off) or at least 1.0, not {value!r}"
+        return None
+    return check
+
+
+def _workers(config: Config) -> str | None:
     if config.broker.workers > 1 and config.registry.backend != "redis":
-        problems.append(("broker.workers",
-                         "more than 1 worker needs registry.backend = \"redis\" (a shared registry)"))
-    if config.registry.backend == "redis":
-        problem = _redis_url_problem(config.registry.redis_url, config.registry.redis_cluster)
-        if problem:
-            problems.append(("registry.redis_url", problem))
+        return "more than 1 worker needs registry.backend = \"redis\" (a shared registry)"
+    return None
+
+
+def _redis_url(config: Config) -> str | None:
+    if config.registry.backend != "redis":
+        return None
+    return _redis_url_problem(config.registry.redis_url, config.registry.redis_cluster)
+
+
+def _lease_check_interval(config: Config) -> str | None:
     if config.registry.redis_lease_check_interval > config.registry.redis_lease_ttl / 2:
-        problems.append(("registry.redis_lease_check_interval",
-                         "must be at most half of registry.redis_lease_ttl"))
+        return "must be at most half of registry.redis_lease_ttl"
+    return None
+
+
+def _metrics_endpoint(config: Config) -> str | None:
     if config.metrics.endpoint and config.http.endpoint == config.metrics.endpoint:
-        problems.append(("metrics.endpoint", "must differ from http.endpoint"))
-    return problems
+        return "must differ from http.endpoint"
+    return None
+
+
+_CROSS_CHECKS = (
+    ("ssp.offline_after", _offline_after),
+    ("websocket.ping_interval", _ping("ping_interval")),
+    ("websocket.ping_timeout", _ping("ping_timeout")),
+    ("broker.workers", _workers),
+    ("registry.redis_url", _redis_url),
+    ("registry.redis_lease_check_interval", _lease_check_interval),
+    ("metrics.endpoint", _metrics_endpoint),
+)
 
 
 def _redis_url_problem(url: str, cluster: bool) -> str | None:
@@ -368,7 +426,12 @@ def _redis_url_problem(url: str, cluster: bool) -> str | None:
     """
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return "must start with redis://, rediss:// or unix://"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # urlsplit's only complaint: a "[" without its "]" (or the reverse).
+        return ("is not a valid URL: an IPv6 address goes in brackets, both of them "
+                "(redis://[::1]:6379/0)")
     query = parse_qs(parts.query)
     databases = [("?db=", value) for value in query.get("db", [])[:1]]
     if parts.scheme == "unix":
@@ -430,7 +493,7 @@ def parse_config(document: dict, source: str = "<string>") -> Config:
                                   f"(known: {known})")
             try:
                 values[key] = _check_value(name, fields[key], value)
-            except ValueError as problem:
+            except (ValueError, OverflowError) as problem:
                 raise ConfigError(f"{source}: {name}.{key}: {problem}") from None
         sections[name] = settings_type(**values)
     config = Config(source=source, **sections)
@@ -455,8 +518,47 @@ def load_config(path: str | None) -> Config:
         line = data.count(b"\n", 0, problem.start) + 1
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (at line {line})") from None
     except tomllib.TOMLDecodeError as problem:
+        raise ConfigError(f"{path}: not valid TOML: {_toml_problem(problem, data)}") from None
+    except ValueError as problem:
+        # tomllib lets int() refuse an integer of more than 4300 digits.
         raise ConfigError(f"{path}: not valid TOML: {problem}") from None
     return parse_config(document, source=str(path))
+
+
+_HEADER = re.compile(r"\s*\[\[?\s*([^\[\]#]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')"
+                  r"(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+
+
+def _toml_problem(problem: tomllib.TOMLDecodeError, data: bytes) -> str:
+    """tomllib's message, with the key named when it says only "Cannot overwrite a value"."""
+    message = str(problem)
+    if not message.startswith("Cannot overwrite a value"):
+        return message
+    seen: dict[str, int] = {}
+    table = ""
+    lines = data.decode("utf-8-sig").splitlines()
+    for number, line in enumerate(lines, 1):
+        header = _HEADER.match(line)
+        if header:
+            table = _dotted(header.group(1))
+            if line.lstrip().startswith("[["):
+                # A new element of an array of tables: its keys start afresh.
+                seen = {name: at for name, at in seen.items()
+                        if not name.startswith(table + ".")}
+            continue
+        key = _KEY.match(line)
+        if key:
+            name = ".".join(part for part in (table, _dotted(key.group(1))) if part)
+            if name in seen:
+                return f"{name} is set twice (lines {seen[name]} and {number})"
+            seen[name] = number
+    return message
+
+
+def _dotted(key: str) -> str:
+    """A TOML key as written ("a" . 'b' . c) as the dotted name a.b.c."""
+    return ".".join(part.strip().strip("\"'") for part in key.split("."))
 
 
 def replace(config: Config, section: str, **changes: Any) -> Config:

@@ -46,7 +46,7 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         self.reloads = Counter("broker_config_reloads", "SIGHUP reloads, by outcome.",
                                ["outcome"], registry=registry)
-        for outcome in ("applied", "refused"):
+        for outcome in ("applied", "refused", "failed"):
             # Exported as 0 from the start: increase() misses a series' first sample.
             self.reloads.labels(outcome=outcome)
 

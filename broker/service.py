@@ -382,6 +382,7 @@ class BrokerService(MultiService):
         """Re-read the config file and the registry's tokens; nobody is disconnected."""
         self.notifier.reloading()
         status = "serving (reloaded)"
+        stage = "reading the config file; nothing of it applies"
         try:
             loaded = load_config(self.config_path) if self.config_path else self.config
             config, kept = reloadable(self.config, loaded)
@@ -390,6 +391,8 @@ class BrokerService(MultiService):
                          "{keys}", keys=", ".join(kept))
             self.config = config
             self.log_control.set_level(config.log.level)
+            stage = ("re-reading the registry's devices and tokens; the file's log level "
+                     "applies, the endpoints keep their running settings")
             yield self.registry.reload()
             for reloader in list(self.reloaders):
                 try:
@@ -401,6 +404,12 @@ class BrokerService(MultiService):
             self.metrics.reloads.labels(outcome="refused").inc()
             log.error("reload refused, the running configuration stays: {problem}",
                       problem=str(problem))
+        except Exception:
+            # Not a file it refused: a bug or the registry failing. Never "reloaded".
+            status = "serving (reload failed: see the log)"
+            self.metrics.reloads.labels(outcome="failed").inc()
+            log.failure("reload failed while {stage}: fix the cause, then reload again",
+                        stage=stage)
         else:
             self.metrics.reloads.labels(outcome="applied").inc()
             log.info("configuration reloaded from {path}", path=self.config_path or "<defaults>",

@@ -351,14 +351,26 @@ class SupervisorService(MultiService):
                       problem=str(problem))
             status = (f"{self.count} workers serving (reload refused, running configuration "
                       "kept: see the log)")
+        except Exception:
+            # Not a refusal: a bug. Logged with its traceback, and never "reloaded".
+            log.failure("reload failed, the supervisor keeps its running configuration")
+            status = f"{self.count} workers serving (reload failed: see the log)"
         else:
-            # The workers log the settings that need a restart; the supervisor keeps them too.
-            self.config, _ = reloadable(self.config, loaded)
-            self.failure_limit = self.config.broker.worker_failure_limit
-            self.failure_window = self.config.broker.worker_failure_window
-            if self.log_control is not None:
-                self.log_control.set_level(self.config.log.level)
+            try:
+                self._apply(loaded)
+            except Exception:
+                log.failure("reload failed, the supervisor applied part of the file at most")
+                status = f"{self.count} workers serving (reload failed: see the log)"
         self.notifier.ready(status)
+
+    def _apply(self, loaded):
+        """What the supervisor takes of a reloaded file itself."""
+        # The workers log the settings that need a restart; the supervisor keeps them too.
+        self.config, _ = reloadable(self.config, loaded)
+        self.failure_limit = self.config.broker.worker_failure_limit
+        self.failure_window = self.config.broker.worker_failure_window
+        if self.log_control is not None:
+            self.log_control.set_level(self.config.log.level)
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -171,6 +171,41 @@ class BadInputTests(SynchronousTestCase):
         self.assertRefused({"ssp": {"device_heartbeat": float("nan")}}, "ssp.device_heartbeat",
                            "not nan")
 
+    def test_integer_too_large_for_a_float_setting(self):
+        """An integer beyond a float's range (400 digits) for a number of seconds is one
+        ConfigError naming the key and the bound, not an OverflowError."""
+        message = self.assertRefused({"broker": {"stop_timeout": 10 ** 400}},
+                                     "broker.stop_timeout: must be at most 300.0",
+                                     "an integer of 401 digits")
+        self.assertLess(len(message), 200)
+        self.assertRefused({"ssp": {"park_after": -10 ** 400}}, "ssp.park_after: must be at least")
+
+    def test_huge_integer_is_shown_by_its_size(self):
+        """An integer setting given 400 digits is refused naming its size, not printing them."""
+        message = self.assertRefused({"broker": {"workers": 10 ** 400}},
+                                     "broker.workers: must be at most 64, not an integer of 401 digits")
+        self.assertNotIn("0" * 40, message)
+
+    def test_redis_url_with_an_unclosed_ipv6_bracket(self):
+        """A redis_url whose IPv6 bracket is not closed (or not opened) is a ConfigError
+        naming registry.redis_url, never urlsplit's ValueError."""
+        for url in ("redis://[::1:6379/0", "redis://::1]:6379/0", "rediss://u:pw@[::1/0"):
+            message = self.assertRefused({"registry": {"backend": "redis", "redis_url": url}},
+                                         "registry.redis_url: is not a valid URL",
+                                         "redis://[::1]:6379/0")
+            self.assertNotIn("pw@", message)
+
+    def test_a_cross_check_that_raises_names_its_key(self):
+        """A rule that raises ValueError or OverflowError on a value nobody foresaw is a
+        ConfigError naming its key (the backstop), never a traceback."""
+        from broker import config as module
+
+        def raising(url, cluster):
+            raise OverflowError("unforeseen")
+        self.patch(module, "_redis_url_problem", raising)
+        self.assertRefused({"registry": {"backend": "redis"}},
+                           "registry.redis_url: cannot be used: unforeseen")
+
     def test_empty_data_dir_refused(self):
         """An empty data_dir is refused rather than taken as the working directory (made 0700)."""
         self.assertRefused({"broker": {"data_dir": ""}}, "broker.data_dir", "must not be empty")
@@ -324,6 +359,28 @@ class FileTests(SynchronousTestCase):
             load_config(path)
         self.assertIn(f"{path}: not valid TOML", str(caught.exception))
         self.assertIn("line 2", str(caught.exception))
+
+    def test_duplicate_key_is_named(self):
+        """A key set twice is named with its section and both lines (tomllib says only
+        "Cannot overwrite a value"); elements of an array of tables are told apart."""
+        path = self.mktemp()
+        for text, expected in (
+                ("[ssp]\nport = 1\n\n# again\nport = 2\n", "ssp.port is set twice (lines 2 and 5)"),
+                ("[ssp]\nport = 1\n'port' = 2", "ssp.port is set twice (lines 2 and 3)"),
+                ("[[x]]\na = 1\n[[x]]\na = 2\nb = 1\nb = 2\n", "x.b is set twice (lines 5 and 6)")):
+            Path(path).write_text(text)
+            with self.assertRaises(ConfigError) as caught:
+                load_config(path)
+            self.assertEqual(str(caught.exception), f"{path}: not valid TOML: {expected}")
+
+    def test_integer_of_more_than_4300_digits(self):
+        """An integer too long for int() (tomllib's ValueError) is one line, not a traceback."""
+        path = self.mktemp()
+        Path(path).write_text("[broker]\nstop_timeout = 1" + "0" * 5000 + "\n")
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertTrue(str(caught.exception).startswith(f"{path}: not valid TOML: "))
+        self.assertLess(len(str(caught.exception)), 300)
 
     def test_not_utf8(self):
         """A file that is not UTF-8 (a Latin-1 editor) is one line naming the line, no traceback."""

@@ -14,10 +14,13 @@ the change or at its next start (restart.py).
 """
 
 import os
+import sqlite3
+import stat
 import time
 
 from . import errors
-from .database import connect, database_path, decode_state, encode_state, prepare_directory
+from .database import (connect, database_path, decode_state, encode_state, prepare_directory,
+                       store_error)
 from .model import Device, DeviceView, TokenInfo
 from .provisioning import check_name
 from .restart import PENDING_CURSOR
@@ -27,18 +30,34 @@ from .secrets import ROLES, hash_token, new_device_number, new_secret, new_token
 ADMIN_LOG_KEEP = 1000
 
 
+def _check_directory(data_dir):
+    """StoreError unless data_dir is a directory; os.path.isdir would call one behind a
+    directory this user may not search missing."""
+    try:
+        is_directory = stat.S_ISDIR(os.stat(data_dir).st_mode)
+    except FileNotFoundError:
+        raise errors.StoreError(f"no data directory {data_dir}") from None
+    except OSError as e:
+        raise errors.StoreError(f"cannot read {data_dir}: {e.strerror or e} (run as the "
+                                "broker's user)") from None
+    if not is_directory:
+        raise errors.StoreError(f"{data_dir} is not a directory (--data-dir names the data "
+                                "directory, not the database)")
+
+
 class AdminDatabase:
     """One registry database opened for administration."""
 
     def __init__(self, data_dir, *, create=False, random_bytes=os.urandom, now=time.time):
         if create:
             prepare_directory(data_dir)
-        elif not os.path.isdir(data_dir):
-            raise errors.StoreError(f"no data directory {data_dir}")
+        else:
+            _check_directory(data_dir)
         # A broker of the older version may be running on an older file: only
-        # a starting broker migrates it.
-        self._conn = connect(database_path(data_dir), create=create, migrate=False,
-                             must_write=False)  # list and show work on a read-only copy
+        # a starting broker migrates it. list and show work on a file this user may
+        # only read (in a directory where SQLite can create its -shm, or has one).
+        self.path = database_path(data_dir)
+        self._conn = connect(self.path, create=create, migrate=False, must_write=False)
         self._random_bytes = random_bytes
         self._now = now
 
@@ -53,13 +72,20 @@ class AdminDatabase:
 
     def _write(self, fn):
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            # Locked past the busy timeout, or read-only: say which file and why.
+            problem = store_error(self.path, e)
+            if problem is None:
+                raise
+            raise problem from None
         return result
 
     def _row(self, conn, name):

@@ -5,9 +5,12 @@ the data directory's database, and a running broker picks the changes up
 within a few seconds (at once on SIGHUP). With ``--config`` naming a broker
 config whose ``[registry] backend`` is "redis", it writes Redis with the
 brokers' own scripts, and every running broker sees each change at once
-on the change stream. Human output by default, ``--json`` for scripts; an
+on the change stream. Human output by default, ``--json`` for scripts (then
+every stderr line is JSON too: errors, and notes such as a new database); an
 error is one line on stderr and exit status 1 (2 for bad usage or a bad
-config file).
+config file; 3 when the command was carried out but its output could not be
+written, a full disk or a closed pipe: a key or token it made is then lost,
+and the line says what to run instead).
 
 With Redis, the data directory (``--data-dir``, else the config's data_dir)
 remembers the data set the brokers serve (redis_marker.py): broker-admin is
@@ -22,6 +25,7 @@ running broker, a restore is refused while one holds the data directory.
 import argparse
 import json
 import os
+import shlex
 import sqlite3
 import sys
 import time
@@ -33,6 +37,47 @@ from .secrets import ROLES, format_key
 
 #: the data directory when neither --data-dir nor a config names one.
 DEFAULT_DATA_DIR = "./broker-data"
+#: exit status of a command carried out whose output could not be written.
+OUTPUT_LOST = 3
+
+
+class OutputFailed(Exception):
+    """Writing the command's output failed (``reason``): the command itself was carried out."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.reason = _os_reason(error)
+
+
+class SecretLost(Exception):
+    """A key or token was committed but could not be written out."""
+
+
+class _Output:
+    """The command's stdout, whose failures are told apart from the store's."""
+
+    __slots__ = ("_out",)
+
+    def __init__(self, out):
+        self._out = out
+
+    def write(self, text):
+        try:
+            self._out.write(text)
+        except OSError as e:
+            raise OutputFailed(e) from None
+
+    def flush(self):
+        try:
+            self._out.flush()
+        except OSError as e:
+            raise OutputFailed(e) from None
+
+
+def _os_reason(error):
+    """An OSError as "No space left on device", naming its file only when it has one."""
+    reason = error.strerror or str(error)
+    return f"{error.filename}: {reason}" if error.filename else reason
 
 
 def _add_common(parser, default):
@@ -54,7 +99,7 @@ def build_parser():
     # After the command: only what is given there overrides the values given before it.
     common = argparse.ArgumentParser(add_help=False)
     _add_common(common, lambda value: argparse.SUPPRESS)
-    top = parser.add_subparsers(dest="group", required=True)
+    top = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     device = top.add_parser("device", help="provisioned sensor nodes").add_subparsers(
         dest="command", required=True)
@@ -97,7 +142,38 @@ def build_parser():
     redis.add_parser("restored", parents=[common],
                      help="after Redis was restored from an older copy, with every broker "
                      "stopped: change cursors skip ahead and every client reloads a snapshot")
+    for group in (top, device, token, redis):
+        # "required: {device,token,...}", not the destination's name ("required: group").
+        group.metavar = "{" + ",".join(group.choices) + "}"
     return parser
+
+
+def _refuse_empty(parser, args):
+    """--data-dir "" or --config "" (an unset shell variable) is a usage error, not the default."""
+    for option, value in (("--data-dir", args.data_dir), ("--config", args.config)):
+        if value == "":
+            parser.error(f"{option} must not be empty (an unset shell variable?)")
+
+
+def _note(args, err, note, message, **details):
+    """A note on err: one JSON object with --json, else a line for people."""
+    if err is None:
+        return
+    if args.json:
+        err.write(json.dumps({"note": note, "message": message, **details},
+                             sort_keys=True) + "\n")
+    else:
+        err.write(f"broker-admin: {message}\n")
+
+
+def _again(args, *command):
+    """The broker-admin command line to run next, with this run's --config and --data-dir."""
+    words = ["broker-admin"]
+    if args.config:
+        words += ["--config", args.config]
+    if args.data_dir:
+        words += ["--data-dir", args.data_dir]
+    return shlex.join(words + list(command))
 
 
 def open_admin(args, create, err=None):
@@ -124,11 +200,12 @@ def open_admin(args, create, err=None):
                                 f"({args.config}: registry.backend)")
     data_dir = args.data_dir or (config.broker.data_dir if config is not None
                                  else DEFAULT_DATA_DIR)
-    fresh = create and not os.path.exists(database_path(data_dir))
+    fresh = create and not os.path.lexists(database_path(data_dir))
     db = AdminDatabase(data_dir, create=create)
-    if fresh and err is not None:
-        err.write(f"broker-admin: created a new registry database in "
-                  f"{os.path.abspath(data_dir)} (is it the broker's data_dir?)\n")
+    if fresh:
+        where = os.path.abspath(data_dir)
+        _note(args, err, "created_database", f"created a new registry database in {where} "
+              "(is it the broker's data_dir?)", data_dir=where)
     return db
 
 
@@ -153,18 +230,36 @@ def _emit(args, out, data, human):
         out.write(human + "\n")
 
 
+def _emit_secret(args, out, data, human, lost):
+    """Write a committed key or token, flushed now: a failure raises SecretLost with
+    ``lost(reason)``, what was committed and what to run, never a store error."""
+    try:
+        _emit(args, out, data, human)
+        out.flush()
+    except OutputFailed as e:
+        raise SecretLost(lost(e.reason)) from None
+
+
 def device_add(db, args, out):
     number, secret = db.add_device(args.name)
-    _emit(args, out, {"name": args.name, "device_number": str(number), "key": format_key(secret)},
-          f"device {args.name}\nnumber  {number}\nkey     {format_key(secret)}\n"
-          "(the key is shown only now; configure the device with it)")
+    _emit_secret(
+        args, out, {"name": args.name, "device_number": str(number), "key": format_key(secret)},
+        f"device {args.name}\nnumber  {number}\nkey     {format_key(secret)}\n"
+        "(the key is shown only now; configure the device with it)",
+        lambda reason: f"device {args.name} was added (number {number}) but its key could not "
+        f"be written ({reason}): run `{_again(args, 'device', 'rotate-key', args.name)}` "
+        "for a new one")
 
 
 def device_rotate(db, args, out):
     number, secret = db.rotate_key(args.name)
-    _emit(args, out, {"name": args.name, "device_number": str(number), "key": format_key(secret)},
-          f"device {args.name}\nnumber  {number}\nkey     {format_key(secret)}\n"
-          "(the old key no longer works; the key is shown only now)")
+    _emit_secret(
+        args, out, {"name": args.name, "device_number": str(number), "key": format_key(secret)},
+        f"device {args.name}\nnumber  {number}\nkey     {format_key(secret)}\n"
+        "(the old key no longer works; the key is shown only now)",
+        lambda reason: f"device {args.name} got a new key (the old one no longer works) but it "
+        f"could not be written ({reason}): run `{_again(args, 'device', 'rotate-key', args.name)}`"
+        " again for another")
 
 
 def device_list(db, args, out):
@@ -193,8 +288,12 @@ def device_remove(db, args, out):
 
 def token_add(db, args, out):
     token_id, text = db.add_token(args.role)
-    _emit(args, out, {"token_id": token_id, "role": args.role, "token": text},
-          f"token {token_id} ({args.role})\n{text}\n(the token is shown only now)")
+    _emit_secret(
+        args, out, {"token_id": token_id, "role": args.role, "token": text},
+        f"token {token_id} ({args.role})\n{text}\n(the token is shown only now)",
+        lambda reason: f"token {token_id} ({args.role}) was created but its text could not be "
+        f"written ({reason}): revoke it with `{_again(args, 'token', 'revoke', token_id)}` and "
+        f"run `{_again(args, 'token', 'add', '--role', args.role)}` again")
 
 
 def token_list(db, args, out):
@@ -238,12 +337,13 @@ def redis_data_dir(args, config, options, err=None):
     if err is not None and not os.path.isabs(configured):
         from .redis_marker import RememberedMarker
         if not os.path.exists(RememberedMarker.for_options(data_dir, options).path):
-            err.write(f"broker-admin: note: {config.source}: broker.data_dir {configured!r} "
-                      f"is relative, so it was taken from this working directory as "
-                      f"{data_dir}, which remembers no data set of this Redis; a broker takes "
-                      "it from its own working directory (under systemd, the unit's "
-                      "WorkingDirectory): if that is another, give the broker's directory "
-                      "with --data-dir /absolute/path\n")
+            _note(args, err, "relative_data_dir",
+                  f"note: {config.source}: broker.data_dir {configured!r} "
+                  f"is relative, so it was taken from this working directory as "
+                  f"{data_dir}, which remembers no data set of this Redis; a broker takes "
+                  "it from its own working directory (under systemd, the unit's "
+                  "WorkingDirectory): if that is another, give the broker's directory "
+                  "with --data-dir /absolute/path", data_dir=data_dir)
     return data_dir
 
 
@@ -353,10 +453,23 @@ def main(argv=None, out=None, err=None):
     """Console entry point ``broker-admin``; returns the exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _refuse_empty(parser, args)
     from broker.config import ConfigError
     try:
-        run(args, out, err)
+        output = _Output(out)
+        run(args, output, err)
+        output.flush()
+    except SecretLost as e:
+        _fail(args, err, str(e), "secret_not_written")
+        _drop_output(out)
+        return OUTPUT_LOST
+    except OutputFailed as e:
+        _fail(args, err, f"the command was carried out, but its output could not be written "
+              f"({e.reason})", "output_not_written")
+        _drop_output(out)
+        return OUTPUT_LOST
     except ConfigError as e:
         if args.json:
             err.write(json.dumps({"error": "bad_config", "message": str(e)}) + "\n")
@@ -371,7 +484,10 @@ def main(argv=None, out=None, err=None):
         return 1
     except OSError as e:
         # A file of the data directory owned by another user (run it as the broker's user).
-        _fail(args, err, f"cannot use {e.filename!r}: {e.strerror or e}")
+        if e.filename:
+            _fail(args, err, f"cannot use {e.filename!r}: {e.strerror or e}")
+        else:
+            _fail(args, err, _os_reason(e))
         return 1
     except sqlite3.Error as e:
         _fail(args, err, f"the registry database: {e}")
@@ -379,11 +495,24 @@ def main(argv=None, out=None, err=None):
     return 0
 
 
-def _fail(args, err, message):
+def _fail(args, err, message, code="store_error"):
     if args.json:
-        err.write(json.dumps({"error": "store_error", "message": message}) + "\n")
+        err.write(json.dumps({"error": code, "message": message}) + "\n")
     else:
         err.write(f"broker-admin: {message}\n")
+
+
+def _drop_output(out):
+    """After a failed write to stdout, point it at /dev/null: the text left in its buffer
+    would fail again at exit ("Exception ignored ... BrokenPipeError", status 120)."""
+    if out is not sys.stdout:
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -101,14 +101,19 @@ def _make_private(path, mode):
 
 def prepare_directory(data_dir):
     """Create the data directory private (0700) if missing; make an existing one private."""
-    try:
-        if not os.path.isdir(data_dir):
+    if not os.path.isdir(data_dir):
+        try:
             os.makedirs(data_dir, mode=0o700)
             os.chmod(data_dir, 0o700)
-        else:
-            _make_private(data_dir, 0o700)
+        except OSError as e:
+            raise StoreError(f"cannot create data directory {data_dir}: {e.strerror}") from None
+        return
+    try:
+        _make_private(data_dir, 0o700)
     except OSError as e:
-        raise StoreError(f"cannot create data directory {data_dir}: {e.strerror}") from None
+        raise StoreError(f"cannot make data directory {data_dir} private (mode 0700): "
+                         f"{e.strerror}; it must belong to the broker's user (run as "
+                         "that user)") from None
 
 
 def connect(path, *, create=True, synchronous="FULL", migrate=True, must_write=True):
@@ -120,7 +125,14 @@ def connect(path, *, create=True, synchronous="FULL", migrate=True, must_write=T
     ``must_write`` (the broker) a file this user may only read is refused
     now rather than at the first write.
     """
-    fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+    try:
+        fresh = os.stat(path).st_size == 0
+    except FileNotFoundError:
+        fresh = True
+    except OSError as e:
+        # os.path.exists would say "no such file" for a directory this user may not search.
+        raise StoreError(f"cannot read {path}: {e.strerror or e} (run as the broker's "
+                         "user)") from None
     if fresh and not create:
         raise StoreError(f"no registry database at {path}")
     if not fresh:
@@ -201,17 +213,50 @@ def connect(path, *, create=True, synchronous="FULL", migrate=True, must_write=T
             conn.execute("ROLLBACK")
     except sqlite3.DatabaseError as e:
         conn.close()
-        name = getattr(e, "sqlite_errorname", "")
-        if name.startswith("SQLITE_READONLY"):
-            raise StoreError(f"cannot write {path}: read-only for this user; check the owner "
-                             "and mode of the file and of its directory") from None
-        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-            raise StoreError(f"{path} is locked by another process: {e}") from None
-        raise StoreError(f"{path} is damaged or not a registry database: {e}") from None
+        raise (store_error(path, e) or StoreError(
+            f"{path} is damaged or not a registry database: {e}")) from None
     except StoreError:
         conn.close()
         raise
     return conn
+
+
+def store_error(path, error):
+    """The StoreError for an SQLite error on the database at ``path`` that is no damage
+    (locked, read-only, side files it cannot create), or None."""
+    name = getattr(error, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StoreError(f"{path} is locked: another broker-admin (a backup or restore "
+                          "among them) or an sqlite3 shell holds it; a broker holds it only "
+                          "for a moment: try again once that is done")
+    if not name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")):
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    shm = path + "-shm"
+    read_only_fs = _read_only_file_system(directory)
+    if name.startswith("SQLITE_CANTOPEN") or not os.path.exists(shm):
+        if read_only_fs:
+            return StoreError(f"cannot open {path}: {directory} is on a read-only file system, "
+                              f"and SQLite must create {os.path.basename(shm)} there to read "
+                              "a database in WAL mode (to read it, copy the data directory "
+                              "to a writable place)")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return StoreError(f"cannot open {path}: this user may not write in {directory}, "
+                              f"and SQLite must create {os.path.basename(shm)} there to read "
+                              "a database in WAL mode: run as the broker's user")
+    if name.startswith("SQLITE_READONLY"):
+        if read_only_fs:
+            return StoreError(f"cannot write {path}: {directory} is on a read-only file system")
+        return StoreError(f"cannot write {path}: read-only for this user; check the owner "
+                          "and mode of the file and of its directory")
+    return StoreError(f"cannot open {path}: {error}")
+
+
+def _read_only_file_system(directory):
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 # -- encoding -------------------------------------------------------------

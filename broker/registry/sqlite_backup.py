@@ -47,7 +47,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from .database import (APPLICATION_ID, BUSY_TIMEOUT_MS, MIGRATIONS, SCHEMA_VERSION,
-                       database_path, next_cursor, prepare_directory, to_i64)
+                       database_path, next_cursor, prepare_directory, store_error, to_i64)
 from .model import RETIRED_NUM
 from .errors import StoreError
 from .sqlite_rows import SEQUENCE_SQL
@@ -144,7 +144,8 @@ def open_database(path, what):
     except FileNotFoundError:
         raise StoreError(f"{what} {path} does not exist") from None
     except OSError as e:
-        raise StoreError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raise StoreError(f"cannot read {what} {path}: {e.strerror or e} (run as the broker's "
+                         "user)") from None
     if magic != _SQLITE_MAGIC:
         raise StoreError(f"{what} {path} is not an SQLite database")
     try:
@@ -157,7 +158,9 @@ def open_database(path, what):
         schema = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as e:
         conn.close()
-        raise StoreError(f"{what} {path} is damaged or not a database: {e}") from None
+        # Side files it cannot create (a read-only directory) are no damage.
+        raise (store_error(path, e) or StoreError(
+            f"{what} {path} is damaged or not a database: {e}")) from None
     problem = None
     if app_id != APPLICATION_ID:
         problem = (f"is an SQLite database of another program (application_id {app_id:#x}), "

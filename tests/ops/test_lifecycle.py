@@ -410,3 +410,43 @@ class ReloadTests(TestCase):
         self.assertEqual(self.service.log_control.level, "info")
         self.assertEqual((self.sample("refused"), self.sample("applied")), (1, 0))
         self.assertEqual(self.flushLoggedErrors(ValueError), [])
+
+    @defer.inlineCallbacks
+    def test_a_reload_that_raises_is_never_reported_as_reloaded(self):
+        """A reload whose file check raises something other than ConfigError (a bug) is
+        logged with its traceback, counted failed, and systemd hears "reload failed"."""
+        import broker.service as module
+        sent, events = [], []
+        self.patch(self.service.notifier, "send", lambda *lines: sent.append(lines))
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        before = self.service.config
+
+        def raising(path):
+            raise OverflowError("int too large to convert to float")
+        self.patch(module, "load_config", raising)
+        yield self.service.reload()
+        self.assertEqual(sent[-1], ("READY=1", "STATUS=serving (reload failed: see the log)"))
+        self.assertIs(self.service.config, before)
+        self.assertEqual((self.sample("failed"), self.sample("applied")), (1, 0))
+        self.assertEqual(len(self.flushLoggedErrors(OverflowError)), 1)
+        failed = [event for event in events if "reload failed" in (event.get("log_format") or "")]
+        self.assertEqual([event["stage"] for event in failed],
+                         ["reading the config file; nothing of it applies"])
+
+    @defer.inlineCallbacks
+    def test_a_registry_failing_to_reload_is_a_failed_reload(self):
+        """A registry whose reload fails makes the reload failed, logged and counted, not
+        "reloaded"; the next good reload is "reloaded" again."""
+        sent = []
+        self.patch(self.service.notifier, "send", lambda *lines: sent.append(lines))
+        registry_reload = self.service.registry.reload
+        self.patch(self.service.registry, "reload",
+                   lambda: defer.fail(RuntimeError("store unreachable")))
+        yield self.service.reload()
+        self.assertEqual(sent[-1], ("READY=1", "STATUS=serving (reload failed: see the log)"))
+        self.assertEqual(self.sample("failed"), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.patch(self.service.registry, "reload", registry_reload)
+        yield self.service.reload()
+        self.assertEqual(sent[-1], ("READY=1", "STATUS=serving (reloaded)"))

@@ -106,9 +106,10 @@ class RegistryFiguresTests(SynchronousTestCase):
 
 class ReloadFiguresTests(SynchronousTestCase):
     def test_reload_outcomes_exported_from_the_start(self):
-        """Both reload outcomes are exported as 0 before any SIGHUP, so the first refusal shows in increase()."""
+        """Every reload outcome is exported as 0 before any SIGHUP, so the first refusal or
+        failure shows in increase()."""
         samples = parse(Metrics().render().decode())
-        for outcome in ("applied", "refused"):
+        for outcome in ("applied", "refused", "failed"):
             self.assertEqual(samples[("broker_config_reloads_total", (("outcome", outcome),))],
                              0.0, outcome)
 

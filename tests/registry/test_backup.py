@@ -13,16 +13,19 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
 import threading
 
 from twisted.internet import defer, reactor, task
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from broker.registry import DeviceRegistry, RegistrySettings, SessionRecord, cli, sqlite_backup
 from broker.registry.admin import AdminDatabase
 from broker.registry.database import DB_NAME, SCHEMA_VERSION
 from broker.registry.restart import CURSOR_GAP
 from broker.registry.sqlite_store import SQLiteStore
+from tests.registry.test_cli import (NOBODY, admin_command, as_other_user, run,
+                                     shared_directory)
 
 
 def run_admin(*argv):
@@ -271,6 +274,60 @@ class BackupTests(Fixture, SynchronousTestCase):
         self.assertGreater(len(set(states)), 1)
         for version, counter in states:
             self.assertEqual(version, counter)
+
+
+class ReadOnlyTests(Fixture, SynchronousTestCase):
+    """An intact database SQLite cannot create side files beside is never called damaged."""
+
+    def test_backup_by_a_user_who_may_only_read(self):
+        """backup by a user who may read the database but not write its directory says
+        that SQLite needs to create the -shm there, not "damaged"; nothing is written."""
+        tmp = shared_directory(self)
+        data_dir = os.path.join(tmp, "data")
+        shutil.copytree(self.make_data_dir(), data_dir)
+        out = os.path.join(tmp, "out")
+        os.mkdir(out)
+        database = os.path.join(data_dir, DB_NAME)
+        if os.getuid() == 0:
+            for path in (data_dir, database, out):
+                os.chown(path, NOBODY, NOBODY)
+        os.chmod(database, 0o400)
+        os.chmod(data_dir, 0o500)
+        self.addCleanup(os.chmod, data_dir, 0o700)
+        status, _, err = run(as_other_user(self, admin_command(
+            "--data-dir", data_dir, "backup", os.path.join(out, "b.sqlite3"))))
+        self.assertEqual((status, err), (
+            1, f"broker-admin: cannot open {database}: this user may not write in {data_dir}, "
+               "and SQLite must create registry.sqlite3-shm there to read a database in WAL "
+               "mode: run as the broker's user\n"))
+        self.assertEqual(os.listdir(out), [])
+
+    def test_read_only_file_system(self):
+        """On a read-only file system (a tmpfs remounted read-only in a mount namespace of
+        its own) list and backup name the read-only file system, never damage."""
+        if shutil.which("unshare") is None:
+            if os.environ.get("CI"):
+                self.fail("unshare (util-linux) is missing")
+            raise SkipTest("unshare (util-linux) is needed")
+        unshare = ["unshare", "-m"] if os.getuid() == 0 else ["unshare", "-r", "-m"]
+        if subprocess.run(unshare + ["true"], capture_output=True).returncode != 0:
+            raise SkipTest("this kernel or container allows no mount namespace here")
+        source = self.make_data_dir()
+        mount = os.path.abspath(self.mktemp())
+        os.mkdir(mount)
+        data_dir = os.path.join(mount, "data")
+        dest = os.path.abspath(self.mktemp())
+        script = ('mount -t tmpfs -o size=8m tmpfs "$1"; cp -a "$2" "$1/data"; '
+                  'mount -o remount,ro "$1"; shift 2; exec "$@"')
+        for command in (["device", "list"], ["backup", dest]):
+            status, _, err = run(unshare + ["sh", "-ec", script, "sh", mount, source,
+                                            *admin_command("--data-dir", data_dir, *command)])
+            self.assertEqual((status, err), (
+                1, f"broker-admin: cannot open {os.path.join(data_dir, DB_NAME)}: {data_dir} is "
+                   "on a read-only file system, and SQLite must create registry.sqlite3-shm "
+                   "there to read a database in WAL mode (to read it, copy the data directory "
+                   "to a writable place)\n"))
+        self.assertFalse(os.path.exists(dest))
 
 
 class RestoreTests(Fixture, SynchronousTestCase):
