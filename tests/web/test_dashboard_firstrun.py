@@ -74,7 +74,7 @@ class FirstRunTokenTests(SynchronousTestCase):
         self.clock.advance(0)
         url = self.successResultOf(service.done)
         [event] = self.events
-        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertIn(url, formatEvent(redact(event)))
 
     def test_waits_for_the_other_services(self):
@@ -194,6 +194,33 @@ class FirstRunBrokerTests(TestCase):
         code, headers, _ = yield http_json(self, "GET", broker.http_url + "/")
         self.assertEqual(code, 200)
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"])
+
+    @defer.inlineCallbacks
+    def test_url_is_shown_at_log_level_warn(self):
+        """The URL line is a warning: a broker logging warnings and above still shows it."""
+        events = []
+        urls = capture_urls(self, events)
+        broker = yield start_broker(self, loopback_config(self, log={"level": "warn"}))
+        url = yield broker.service.getServiceNamed("dashboard-first-run").done
+        self.assertEqual(urls, [url])
+        self.assertEqual(events[0]["log_level"], LogLevel.warn)
+
+    @defer.inlineCallbacks
+    def test_no_token_is_made_when_the_level_hides_it(self):
+        """At log level error no token is created (nobody would see it), and an error
+        line says how to make one."""
+        errors = []
+
+        def observe(event):
+            if event.get("log_level") == LogLevel.error:
+                errors.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        broker = yield start_broker(self, loopback_config(self, log={"level": "error"}))
+        url = yield broker.service.getServiceNamed("dashboard-first-run").done
+        self.assertIsNone(url)
+        self.assertEqual(broker.service.registry.tokens(), [])
+        self.assertTrue(any("token add --role write" in line for line in errors), errors)
 
     @defer.inlineCallbacks
     def test_public_url_is_used(self):

@@ -52,4 +52,6 @@ def attach_dashboard(broker) -> None:
             lambda port: None if port is None else
             url_of_address(port.getHost(), is_secure_endpoint(http.endpoint)) or "")
 
-    FirstRunToken(broker.registry, base_url, broker.reactor).setServiceParent(broker)
+    FirstRunToken(broker.registry, base_url, broker.reactor,
+                  warnings_shown=lambda: broker.log_control.level in ("debug", "info", "warn")
+                  ).setServiceParent(broker)

@@ -10,6 +10,8 @@ it is written once, when the token is created, and never again, since
 from then on the store holds a token (lost it? ``broker-admin token add``).
 With ``[broker] workers`` only worker 0 looks: the workers start together on
 one shared registry, and each would find it empty and create its own token.
+The line is a warning, so that ``[log] level = "warn"`` still shows it; with
+a level that hides warnings no token is made (nobody would ever see it).
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ class FirstRunToken(Service):
     name = "dashboard-first-run"
     log = Logger()
 
-    def __init__(self, registry, base_url, clock) -> None:
+    def __init__(self, registry, base_url, clock, warnings_shown=lambda: True) -> None:
         self._registry = registry
         self._base_url = base_url
+        self._warnings_shown = warnings_shown
         self._clock = clock
         self._call = None
         #: fires with the URL logged, or None when a token already existed or the
@@ -100,9 +103,14 @@ class FirstRunToken(Service):
         base = yield self._base_url()
         if base is None or self._registry.tokens():  # stopped first, or broker-admin was quicker
             return None
+        if not self._warnings_shown():
+            self.log.error("First run: no access token exists, and none was created: [log] "
+                           "level hides the line that would show it. Make one with "
+                           "broker-admin token add --role write")
+            return None
         _, text = yield self._registry.add_token("write")
         url = dashboard_url(base, text) if base else f"/#token={text}"  # "": a UNIX socket
-        self.log.info("First run: no access token existed, so a write token was created. "
+        self.log.warn("First run: no access token existed, so a write token was created. "
                       "Open the dashboard at {dashboard_url} (this line is the only place "
                       "the token is ever shown)", dashboard_url=url)
         return url
