@@ -1,8 +1,13 @@
-"""Small private files replaced whole: a device's session ids, a data set's marker.
+"""Small private files replaced whole, and the private directories they live in.
 
 Why one way to write them: a crash, a full disk or a short write must leave
 the old file or the new one, never a truncated one, and a file that holds
 ids or secrets must never be readable by others, not even for a moment.
+
+Why one way to make directories: ``os.makedirs(mode=0o700)`` applies the
+mode to the last directory only; the parents it makes get ``0777 & ~umask``,
+world-writable under umask 000, where another user could swap the private
+directory for one of their own before the next start.
 """
 
 from __future__ import annotations
@@ -10,7 +15,28 @@ from __future__ import annotations
 import os
 import tempfile
 
-__all__ = ["replace_private_file"]
+__all__ = ["make_private_dirs", "replace_private_file"]
+
+
+def make_private_dirs(path: str | os.PathLike) -> None:
+    """Make ``path`` and each missing parent, every one of them 0700 (existing
+    ones are left as they are)."""
+    path = os.path.abspath(os.fspath(path))
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue
+        os.chmod(directory, 0o700)    # mkdir's mode is masked by the umask
 
 
 def replace_private_file(path: str | os.PathLike, data: bytes) -> None:
@@ -24,7 +50,7 @@ def replace_private_file(path: str | os.PathLike, data: bytes) -> None:
     """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    make_private_dirs(directory)
     fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                      dir=directory)
     try:

@@ -5,7 +5,11 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broker.files import replace_private_file
+from broker.files import make_private_dirs, replace_private_file
+
+
+def mode_of(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 class ReplacePrivateFileTests(SynchronousTestCase):
@@ -52,3 +56,41 @@ class ReplacePrivateFileTests(SynchronousTestCase):
         with open(victim, "rb") as handle:
             self.assertEqual(handle.read(), b"keep me")
         self.assertFalse(os.path.islink(self.path))
+
+
+class MakePrivateDirsTests(SynchronousTestCase):
+    """Every directory made on the way to a private one is private too."""
+
+    def setUp(self):
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        self.top = self.mktemp()
+
+    def test_missing_parents_are_private(self):
+        """Parents made on the way are 0700 under umask 000 (os.makedirs made them 0777)."""
+        target = os.path.join(self.top, "a", "b", "data")
+        make_private_dirs(target)
+        for path in (self.top, os.path.join(self.top, "a"), os.path.join(self.top, "a", "b"),
+                     target):
+            self.assertEqual(mode_of(path), 0o700, path)
+
+    def test_existing_directories_are_left_alone(self):
+        """A parent that exists keeps its mode (it may be shared, like /var/lib)."""
+        os.makedirs(self.top)
+        os.chmod(self.top, 0o755)
+        make_private_dirs(os.path.join(self.top, "data"))
+        make_private_dirs(os.path.join(self.top, "data"))
+        self.assertEqual(mode_of(self.top), 0o755)
+        self.assertEqual(mode_of(os.path.join(self.top, "data")), 0o700)
+
+    def test_a_file_in_the_way_raises(self):
+        """A file where a directory should be is an error, not silently kept."""
+        os.makedirs(self.top)
+        with open(os.path.join(self.top, "data"), "w"):
+            pass
+        self.assertRaises(OSError, make_private_dirs, os.path.join(self.top, "data", "x"))
+
+    def test_state_file_parents_are_private(self):
+        """replace_private_file makes the parents of its directory private as well."""
+        replace_private_file(os.path.join(self.top, "x", "state", "ids.json"), b"{}")
+        self.assertEqual(mode_of(os.path.join(self.top, "x")), 0o700)

@@ -54,7 +54,7 @@ import os
 import time
 from pathlib import Path
 
-from broker.files import replace_private_file
+from broker.files import make_private_dirs, replace_private_file
 from broker.ssp.framing import CONTINUES_BOOT
 
 _MAX_EPOCH = (1 << 32) - 1
@@ -148,7 +148,7 @@ class SessionIds:
         """An exclusive flock of ``<file>.lock`` (made private, kept): the file's
         read, merge and replacement are one step for every process sharing it."""
         lock_path = f"{self.path}.lock"
-        os.makedirs(os.path.dirname(lock_path) or ".", mode=0o700, exist_ok=True)
+        make_private_dirs(os.path.dirname(lock_path) or ".")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

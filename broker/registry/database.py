@@ -13,6 +13,8 @@ import sys
 
 import cbor2
 
+from broker.files import make_private_dirs
+
 from .errors import StoreError
 from .history import History
 from .model import SessionRecord
@@ -103,8 +105,7 @@ def prepare_directory(data_dir):
     """Create the data directory private (0700) if missing; make an existing one private."""
     if not os.path.isdir(data_dir):
         try:
-            os.makedirs(data_dir, mode=0o700)
-            os.chmod(data_dir, 0o700)
+            make_private_dirs(data_dir)
         except OSError as e:
             raise StoreError(f"cannot create data directory {data_dir}: {e.strerror}") from None
         return

@@ -27,7 +27,7 @@ import os
 import shlex
 from contextlib import contextmanager
 
-from broker.files import replace_private_file
+from broker.files import make_private_dirs, replace_private_file
 
 from .errors import StoreError
 from .redis_connection import redacted
@@ -152,7 +152,7 @@ class RememberedMarker:
         a higher one (that would only weaken the check, but silently)."""
         lock_path = self.path[:-len(".json")] + ".lock"
         try:
-            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            make_private_dirs(self.data_dir)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise StoreError(f"cannot open the Redis data set marker's lock {lock_path!r}: "

@@ -93,3 +93,21 @@ class WriteAheadLogTests(SynchronousTestCase):
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         conn.execute("INSERT INTO bulk VALUES (x'00')")   # the log starts over
         self.assertLessEqual(os.path.getsize(path + "-wal"), 64 * 1024)
+
+
+class DataDirectoryTests(SynchronousTestCase):
+    """The data directory and the directories made on the way to it are private."""
+
+    def test_parents_made_for_the_data_directory_are_private(self):
+        """Under umask 000 a nested data_dir's new parents are 0700 too, so no other
+        user can swap the data directory for their own."""
+        import os
+        import stat
+
+        from broker.registry.database import prepare_directory
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        top = self.mktemp()
+        prepare_directory(os.path.join(top, "data", "sub"))
+        for path in (top, os.path.join(top, "data"), os.path.join(top, "data", "sub")):
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700, path)
