@@ -76,6 +76,9 @@ class AdminReload:
                 dev.restore_state(row.state)
             self._insert(dev)
             dev.cursor = 0
+            # broker-admin cannot know the cursor: the version starts here, as
+            # add_device's, above every version of the name's former devices.
+            dev.version = max(dev.version, self.cursor)
             self._bump(dev, "created", None, self._clock.seconds())
             self._persist(dev, None)
             self._subs.notify(dev.name, lambda: DeviceView.of(dev))

@@ -120,7 +120,10 @@ class Provisioning:
             number = self._free_number(name)
         except (errors.InvalidName, errors.DeviceExists) as e:
             return defer.fail(e)
-        dev = Device(name, number, new_secret(self._random_bytes))
+        # Its versions start above every cursor, so above every version of a
+        # device of the same name removed before (restart.py: versions never
+        # exceed cursors): an ETag of that one never names a state of this one.
+        dev = Device(name, number, new_secret(self._random_bytes), self.cursor)
         self._insert(dev)
         self._bump(dev, "created", None, self._clock.seconds())
         d = self._store.write(("add", number, name, dev.secret, dev.version, dev.cursor, dev.state()),

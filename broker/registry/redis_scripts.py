@@ -205,11 +205,13 @@ ADD = CHECK + """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'exists', 0, 0} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken', 0, 0} end
 local c = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[1], 'v', 1, 'c', c, 'n', ARGV[1], 'k', ARGV[3], 's', ARGV[4])
+-- A new device's first version is its creation's cursor: never one its name's
+-- earlier incarnations had (an old ETag must not match it; restart.py).
+redis.call('HSET', KEYS[1], 'v', c, 'c', c, 'n', ARGV[1], 'k', ARGV[3], 's', ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], c .. '-*', 't', 'a', 'n', ARGV[2],
-           'v', 1, 'c', c, 'm', ARGV[1], 'k', ARGV[3], 's', ARGV[4], 'o', ARGV[5])
-return {'ok', c, 1}
+           'v', c, 'c', c, 'm', ARGV[1], 'k', ARGV[3], 's', ARGV[4], 'o', ARGV[5])
+return {'ok', c, c}
 """
 
 REMOVE = CHECK + """

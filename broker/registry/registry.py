@@ -219,6 +219,12 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
         dev = self._by_number.get(device_number)
         return None if dev is None else dev.secret
 
+    @property
+    def feed_horizon(self):
+        """Cursors below this (and above 0) are reset by ``changes_since``: a
+        reader must not stop a page below it (feed.py)."""
+        return self._feed.horizon
+
     def changes_since(self, cursor, limit=1000):
         """Latest state of each device changed after ``cursor``, in change order (a ChangeBatch)."""
         return self._feed.changes_since(cursor, self.cursor, max(1, limit))

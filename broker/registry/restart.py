@@ -45,6 +45,12 @@ so the loaded versions themselves were never wrong: clients holding one
 get a 412 on ``If-Match`` and the device again from the feed. Versions so
 stay at or near the cursors, and within the cursors' budget below 2**53.
 
+For the same reason a new device's version starts at the registry's
+cursor (``add_device``, the reload of a device broker-admin added, and
+``move_out`` for one no broker reloaded): a device removed and added
+again under its name never issues a version its predecessor issued, so
+an ETag of the removed device never names a state of the new one.
+
 broker-admin's changes (admin.py) are stored at PENDING_CURSOR, not at a
 cursor of their own: a running broker issues cursors broker-admin cannot
 know (those not yet durable), so any it chose could be issued twice. The
@@ -53,7 +59,8 @@ removal of a device replaces broker-admin's tombstone with its own
 (sqlite_plan.py); a removal of a device it never loaded (added and
 removed between two reloads) drops broker-admin's tombstone, as no client
 heard of that device. What no broker reloaded gets its cursor from
-``move_out`` at the next start, like an entry in a dead range: pending
+``move_out`` at the next start, like an entry in a dead range (a pending
+device's version too: it starts at that cursor), pending
 tombstones before every other moved entry, pending devices after them all,
 so that a name removed and added again ends present for every client (an
 existing device is its name's latest incarnation: any tombstone of its
@@ -160,6 +167,10 @@ def move_out(devices, tombstones, dead, cursor, unclean=False):
             item.cursor = cursor
             if unclean:
                 item.version = max(cursor, item.version + CURSOR_GAP)
+            elif old <= PENDING_CURSOR:
+                # broker-admin's device: its version starts at its cursor, above
+                # every version of a device of its name removed before.
+                item.version = max(cursor, item.version)
             moves.append((kind, item.number, old, cursor, item.version))
         else:
             stone = tombstones[item]

@@ -16,7 +16,12 @@ With several workers or brokers sharing a registry on Redis, the device's
 session may live in another process. When there is no session here but
 the shared registry says the device is online, the command is relayed:
 published on Redis, delivered by the process that holds the session
-(docs/scaling.md). Only a device the registry says is offline gets 409.
+(docs/scaling.md).
+
+A device the registry says is offline gets 409 device_offline; one it says
+is online but that no process holds an SSP session of (a device heard over
+HTTP, which has no session to carry commands) gets 409 no_ssp_session, so
+that nobody waits for it to come "online" to resend.
 """
 
 from __future__ import annotations
@@ -46,19 +51,22 @@ class CommandSender:
 
     ``endpoint`` is the broker's SSPEndpoint, or None when [ssp] is off
     (then every command is refused with ``ssp_disabled``).  ``counters``
-    counts queued commands and refusals by code.
+    counts queued commands and refusals by code.  ``relay``: whether the
+    commands other processes relay here go through this sender and count in
+    its counters; the registry keeps one target, so one sender per process
+    should (the broker's own, counted as ``via="relay"``: broker/service.py).
     """
 
     log = Logger()
 
-    def __init__(self, registry, endpoint=None) -> None:
+    def __init__(self, registry, endpoint=None, *, relay: bool = True) -> None:
         self.registry = registry
         self.endpoint = endpoint
         self.counters: Counter = Counter()
         self._settings = None
         self._validator = None
         relay_to = getattr(registry, "relay_to", None)
-        if endpoint is not None and relay_to is not None:
+        if relay and endpoint is not None and relay_to is not None:
             relay_to(self._deliver_relayed)
 
     def _deliver_relayed(self, device_number: int, command) -> bool:
@@ -107,8 +115,9 @@ class CommandSender:
         {"queued": True} once it is durable in the session record of this
         process's session and on its way; {"queued": True, "relayed": True}
         once another process heard the relayed command. Failures are
-        CommandRefused: 409 device_offline (no process holds a session, or it
-        ended meanwhile), 429 too_many_commands (the session already holds
+        CommandRefused: 409 device_offline (offline, or its session ended
+        meanwhile), 409 no_ssp_session (online, over HTTP, but no process
+        holds an SSP session of it), 429 too_many_commands (the session already holds
         the most unacknowledged commands it may), 503 relay_failed (Redis
         did not take it), 503 store_error (the record write failed; its fate
         is unknown, as after a timeout).
@@ -157,7 +166,9 @@ class CommandSender:
             self.counters["relayed"] += 1
             return relay(view.device_number, frozen).addCallbacks(
                 self._published, self._relay_failed, callbackArgs=(name,), errbackArgs=(name,)
-            ).addCallback(self.relay_answer, name)
+            ).addCallback(self.relay_answer, name).addErrback(_sessionless, name)
+        if view.online:
+            raise _no_session(name)
         raise _offline(name)
 
     def _local_answer(self, on_its_way: bool, name: str) -> dict:
@@ -199,5 +210,21 @@ class CommandSender:
 
 def _offline(name: str) -> CommandRefused:
     return CommandRefused(409, "device_offline",
-                          f"device {name[:64]!r} has no live SSP session to carry "
-                          "the command; send it when the device is connected")
+                          f"device {name[:64]!r} is offline: it has no live SSP session to "
+                          "carry the command; send it when the device is connected")
+
+
+def _no_session(name: str) -> CommandRefused:
+    return CommandRefused(409, "no_ssp_session",
+                          f"device {name[:64]!r} is online, but no broker holds an SSP "
+                          "session of it (a device that talks HTTP has none): commands travel "
+                          "only over SSP; send it once the device opens an SSP session, or "
+                          "write desired state, which HTTP devices read")
+
+
+def _sessionless(failure, name: str):
+    """A relay nobody took, for a device the registry shows online: no_ssp_session."""
+    failure.trap(CommandRefused)
+    if failure.value.code == "device_offline":
+        raise _no_session(name)
+    return failure

@@ -102,7 +102,7 @@ class ManyTests(SynchronousTestCase):
         self.assertEqual(results[0], UpdateResult("a", 2, 3))
         self.assertIsInstance(results[1], errors.UnknownDevice)
         self.assertEqual(results[1].token, "tok-1")
-        self.assertEqual(results[2], UpdateResult("b", 2, 4, "tok-2"))
+        self.assertEqual(results[2], UpdateResult("b", 3, 4, "tok-2"))   # b began at 2
         self.assertIsInstance(results[3], errors.InvalidKey)
         self.assertEqual(results[3].token, "tok-3")
         self.assertEqual(results[4], UpdateResult("a", 2, 3))
@@ -115,7 +115,7 @@ class ManyTests(SynchronousTestCase):
         d = self.registry.update_reported_many([("a", {"t": 1.0}), ("b", {"t": 2.0})])
         self.assertNoResult(d)
         self.store.release()
-        self.assertEqual([r.version for r in self.successResultOf(d)], [2, 2])
+        self.assertEqual([r.version for r in self.successResultOf(d)], [2, 3])
         self.assertEqual(self.store.devices[self.numbers[0]].version, 2)
 
     def test_observers_and_feed(self):
@@ -124,9 +124,9 @@ class ManyTests(SynchronousTestCase):
         self.registry.subscribe(["*"], lambda v: seen.append((v.name, v.version, v.events)))
         self.successResultOf(self.registry.update_reported_many(
             [("a", {"t": 1.0}), ("a", {"t": 2.0}, ("e",)), ("b", {"t": 3.0})]))
-        self.assertEqual(seen, [("a", 2, ()), ("a", 3, ("e",)), ("b", 2, ())])
+        self.assertEqual(seen, [("a", 2, ()), ("a", 3, ("e",)), ("b", 3, ())])
         batch = self.registry.changes_since(2)
-        self.assertEqual([(v.name, v.version) for v in batch.devices], [("a", 3), ("b", 2)])
+        self.assertEqual([(v.name, v.version) for v in batch.devices], [("a", 3), ("b", 3)])
 
 
 class SaveSessionsTests(SynchronousTestCase):

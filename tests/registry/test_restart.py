@@ -509,14 +509,15 @@ class ContinueCursorsTests(SynchronousTestCase):
 
     def test_move_out_gives_pending_entries_cursors(self):
         """Entries broker-admin stored (PENDING_CURSOR) move above the start, also on
-        a clean start, keeping their versions."""
+        a clean start; a tombstone keeps its version, a device's starts at its cursor."""
         from broker.registry.model import Device
         devs = [Device("a", 1, b"k" * 16, 1, PENDING_CURSOR), Device("b", 2, b"k" * 16, 4, 7)]
         stones = [(PENDING_CURSOR, "x", 9, 3), (5, "y", 8, 2)]
         top, moves = move_out(devs, stones, [], 20)
         self.assertEqual(top, 22)
-        self.assertEqual(moves, [("tombstone", 9, 0, 21, 3), ("device", 1, 0, 22, 1)])
-        self.assertEqual(devs[1].cursor, 7)
+        self.assertEqual(moves, [("tombstone", 9, 0, 21, 3), ("device", 1, 0, 22, 22)])
+        self.assertEqual((devs[0].cursor, devs[0].version), (22, 22))
+        self.assertEqual((devs[1].cursor, devs[1].version), (7, 4))
         self.assertEqual(stones[1], (5, "y", 8, 2))
 
     def test_move_out_sends_pending_tombstones_before_any_device_of_their_name(self):
@@ -530,7 +531,7 @@ class ContinueCursorsTests(SynchronousTestCase):
         self.assertEqual(top, 25)
         self.assertEqual(moves, [("tombstone", 9, 0, 21, 2), ("tombstone", 4, 0, 22, 2),
                                  ("device", 3, 7, 23, 2), ("tombstone", 8, 15, 24, 2),
-                                 ("device", 1, 0, 25, 1)])
+                                 ("device", 1, 0, 25, 25)])
 
     def test_merge(self):
         """Overlapping ranges merge; touching ones stay apart (their shared end is a

@@ -108,6 +108,24 @@ class SharedRegistryTestsMixin(TwoRegistries):
         self.assertEqual([v.removed for v in batch.devices if v.name == "dev-7"], [True])
 
     @defer.inlineCallbacks
+    def test_device_added_again_never_repeats_a_version(self):
+        """A device removed and added again under its name starts at its creation's
+        cursor, above every version its predecessor had, here and on the other process
+        (an ETag of the removed device never matches its successor)."""
+        yield self.a.add_device("dev-again")
+        for value in range(3):
+            yield self.a.update_desired("dev-again", {"v": value})
+        old = self.a.device("dev-again").version
+        yield self.a.remove_device("dev-again")
+        yield self.a.add_device("dev-again")
+        new = self.a.device("dev-again")
+        self.assertGreater(new.version, old)
+        self.assertEqual(new.version, new.cursor)
+        yield wait_until(self, lambda: getattr(self.b.device("dev-again"), "cursor", None)
+                         == new.cursor, what="the new device on B")
+        self.assertEqual(self.b.device("dev-again").version, new.version)
+
+    @defer.inlineCallbacks
     def test_update_reported_many_answers_each_update_in_order(self):
         """update_reported_many (the UDP endpoint's per-turn batch) applies each accepted
         update, answers a refused one and an unknown device in their places, and the

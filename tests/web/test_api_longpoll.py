@@ -280,6 +280,68 @@ class DevicePollTests(SynchronousTestCase):
         self.assertFalse(view.online)
         self.assertEqual(view.last_heard, START + 90.0)
 
+    def waiting_poll(self, key):
+        """A long poll of node-7 with ``key``, waiting (the device went online first)."""
+        self.m.call("GET", "/api/v1/devices/node-7", device_auth(key))
+        version = self.m.registry.device("node-7").version
+        poll = self.m.open("GET", f"/api/v1/devices/node-7?version={version}&wait=30",
+                           device_auth(key))
+        self.m.clock.advance(0)
+        self.assertFalse(poll.answered)
+        return poll
+
+    def test_removed_device_ends_its_own_poll_with_401(self):
+        """A device's own poll is answered 401 invalid_device_key when the device is
+        removed (its key matches no device now), as a new request with it would be."""
+        poll = self.waiting_poll(self.device.key)
+        self.m.result(self.m.registry.remove_device("node-7"))
+        status, headers, body = poll.response()
+        self.assertEqual((status, body["error"]["code"]), (401, "invalid_device_key"))
+        self.assertIn("Device", headers["WWW-Authenticate"])
+        self.assertEqual(len(self.m.api.room), 0)
+
+    def test_device_poll_never_gets_its_same_name_successor(self):
+        """A device removed and added again under its name in one reactor turn (a Redis
+        follower applying a batch): the old key's poll gets 401, never the new device's
+        document, and does not mark the new device online."""
+        poll = self.waiting_poll(self.device.key)
+        self.m.registry.remove_device("node-7")
+        successor = self.m.add_device("node-7")
+        self.m.clock.advance(0)
+        status, _, body = poll.response()
+        self.assertEqual((status, body["error"]["code"]), (401, "invalid_device_key"))
+        view = self.m.registry.device("node-7")
+        self.assertEqual(view.device_number, successor.device_number)
+        self.assertFalse(view.online)
+        self.m.clock.advance(120)                    # the presence sweep: nothing to flip
+        self.assertIsNone(self.m.registry.device("node-7").last_heard)
+
+    def test_poll_of_a_replaced_device_is_refused_in_the_wake_pass(self):
+        """A key holder whose device's number changed under its name (no key watch
+        heard of it) is answered 401 by the wake-up pass, not with the new device."""
+        self.m.api.room._key_changed = lambda number: None   # as if the key watch missed it
+        poll = self.waiting_poll(self.device.key)
+        self.m.registry.remove_device("node-7")
+        self.m.add_device("node-7")
+        self.m.clock.advance(0)
+        status, _, body = poll.response()
+        self.assertEqual((status, body["error"]["code"]), (401, "invalid_device_key"))
+        self.assertFalse(self.m.registry.device("node-7").online)
+
+    def test_token_poll_of_a_readded_device_gets_the_new_one(self):
+        """A token's poll reads by name: it gets the device now named so, whose version
+        is above every version of the removed one."""
+        version = self.m.registry.device("node-7").version
+        poll = self.m.open("GET", f"/api/v1/devices/node-7?version={version}&wait=30",
+                           bearer(self.m.token("read")))
+        self.m.registry.remove_device("node-7")
+        successor = self.m.add_device("node-7")
+        self.m.clock.advance(0)
+        self.assertTrue(poll.answered, "the poll missed the new device (same version)")
+        status, _, body = poll.response()
+        self.assertEqual((status, body["device_number"]), (200, str(successor.device_number)))
+        self.assertGreater(body["version"], version)
+
 
 class AnswerSliceTests(SynchronousTestCase):
 

@@ -1,9 +1,14 @@
 """Server-sent events at /api/v1/events: ids, resumption, flow control (task.Clock, memory transports)."""
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.web.api.settings import ApiSettings
-from tests.web.api_support import MemoryAPI, bearer, sse_messages
+from tests.web.api_support import Exchange, MemoryAPI, bearer, sse_messages
+
+#: what a TCP transport holds before it pauses its producer (FileDescriptor.bufferSize).
+TRANSPORT_BUFFER = 64 * 1024
 
 
 class EventStreamTests(SynchronousTestCase):
@@ -155,3 +160,122 @@ class EventStreamTests(SynchronousTestCase):
         messages = sse_messages(stream.stream_body())
         self.assertEqual([m.get("event") for m in messages if "event" in m], ["reset"])
         self.assertEqual(messages[-1], {"id": str(self.m.registry.cursor)})
+
+
+class PushbackTransport(StringTransport):
+    """A memory transport that pushes back as a TCP one does: past TRANSPORT_BUFFER
+    bytes not yet drained it pauses its streaming producer at once, in write()."""
+
+    def __init__(self, port):
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        self.drained = 0            # bytes of value() the client has read
+        self.full = False
+
+    def held(self) -> int:
+        """Bytes written and not yet read by the client."""
+        return len(self.value()) - self.drained
+
+    def writeSequence(self, data):
+        self.write(b"".join(data))
+
+    def write(self, data):
+        super().write(data)
+        if self.producer is not None and self.streaming and not self.full \
+                and self.held() > TRANSPORT_BUFFER:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """The client reads everything written; the producer may write again."""
+        self.drained = len(self.value())
+        if self.full:
+            self.full = False
+            self.producer.resumeProducing()
+
+
+class SlowReaderMemoryTests(SynchronousTestCase):
+    """What a stream whose reader does not keep up holds in the broker."""
+
+    def make(self, **registry):
+        # etc/broker.toml's registry limits: a device with a full history is ~250 kB.
+        self.m = MemoryAPI(self, ApiSettings(max_requests_per_second=0), history_size=32,
+                           max_state_bytes=8192, **registry)
+        self.auth = bearer(self.m.token("read"))
+
+    def big_devices(self, count):
+        for i in range(count):
+            name = f"big{i}"
+            self.m.add_device(name)
+            for r in range(33):
+                self.m.registry.update_desired(name, {"blob": f"{r}-" + "x" * 7500})
+        return [f"big{i}" for i in range(count)]
+
+    def open(self):
+        transport = PushbackTransport(41000)
+        channel = self.m.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/v1/events?since=0 HTTP/1.1\r\nHost: broker.test\r\n"
+                             b"Authorization: " + self.auth[b"Authorization"] + b"\r\n\r\n")
+        return Exchange(channel, transport), transport
+
+    def follow(self, transport, largest):
+        """Drain the stream until it writes nothing more; each time the broker must
+        hold at most the transport buffer plus one event."""
+        for _ in range(200):
+            self.assertLessEqual(transport.held(), TRANSPORT_BUFFER + largest + 4096)
+            before = len(transport.value())
+            transport.drain()
+            self.m.clock.advance(0)
+            if len(transport.value()) == before:
+                return
+        self.fail("the stream never caught up")
+
+    def device_events(self, stream):
+        return [(m["data"]["name"], int(m["id"])) for m in sse_messages(stream.stream_body())
+                if m.get("event") == "device"]
+
+    def test_non_reading_client_costs_one_buffer_and_one_event(self):
+        """A reader that stops reading makes the broker hold its transport buffer and
+        at most one more event, not a page of 50 devices (megabytes with big histories)."""
+        self.make()
+        names = self.big_devices(12)
+        largest = max(len(repr(self.m.registry.device(n).to_json())) for n in names)
+        stream, transport = self.open()
+        self.assertLessEqual(transport.held(), TRANSPORT_BUFFER + largest + 4096)
+        self.assertLess(transport.held(), 3 * largest)
+
+    def test_slow_reader_gets_every_device_once_in_order(self):
+        """Written event by event as the reader drains, the stream still sends each
+        device once, in cursor order, and then follows new changes."""
+        self.make()
+        names = self.big_devices(12)
+        largest = max(len(repr(self.m.registry.device(n).to_json())) for n in names)
+        stream, transport = self.open()
+        self.follow(transport, largest)
+        events = self.device_events(stream)
+        self.assertEqual(sorted(name for name, _ in events), sorted(names))
+        self.assertEqual([c for _, c in events], sorted(c for _, c in events))
+        self.m.registry.update_reported("big3", {"t": 1})
+        self.m.clock.advance(0)
+        self.assertEqual(self.device_events(stream)[-1],
+                         ("big3", self.m.registry.device("big3").cursor))
+
+    def test_never_stops_below_the_horizon(self):
+        """A stream is not stopped on a cursor the feed would reset (below its horizon,
+        once removals were forgotten): it would send the same snapshot forever."""
+        self.make(feed_retention=1)
+        names = self.big_devices(6)
+        for name in ("r0", "r1", "r2"):
+            self.m.add_device(name)
+            self.m.registry.remove_device(name)
+        horizon = self.m.registry.feed_horizon
+        self.assertGreater(horizon, self.m.registry.device("big5").cursor)
+        largest = max(len(repr(self.m.registry.device(n).to_json())) for n in names)
+        stream, transport = self.open()
+        self.assertGreater(transport.held(), 5 * largest)     # the whole snapshot at once
+        transport.drain()
+        self.m.clock.advance(0)
+        messages = sse_messages(stream.stream_body())
+        self.assertNotIn("reset", [m.get("event") for m in messages])
+        self.assertEqual(sorted(name for name, _ in self.device_events(stream)),
+                         sorted(names + ["r2"]))          # r2: its tombstone, past the horizon

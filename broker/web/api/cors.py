@@ -6,7 +6,7 @@ from broker.web.origins import Refused
 
 from .errors import forbidden
 
-ALLOW_HEADERS = b"authorization, content-type, if-match, last-event-id"
+ALLOW_HEADERS = b"authorization, content-type, if-match, if-none-match, last-event-id"
 EXPOSE_HEADERS = b"etag, retry-after, x-poll-interval, www-authenticate"
 PREFLIGHT_MAX_AGE = b"600"
 

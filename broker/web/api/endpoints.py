@@ -14,7 +14,8 @@ from broker.registry.errors import RegistryError
 from broker.web.commands import CommandRefused
 from broker.web.responses import json_bytes
 
-from .errors import ApiError, bad_request, etag, from_registry, not_found
+from .conditions import if_match, if_none_match, matches, not_modified, refuse_if_none_match
+from .errors import ApiError, bad_request, from_registry, not_found
 from .feed import changes_body, device_answer, name_matcher, select
 from .inputs import JSON_ONLY, bool_arg, int_arg, parse_int, read_json, text_arg, wait_arg
 from .ratelimit import retry_after
@@ -36,9 +37,12 @@ def _address(request):
 
 
 def _heard(api, request, principal, name):
-    """A device talking for itself is connected: record it as an SSP session would be."""
+    """A device talking for itself is connected: record it as an SSP session would be
+    (by its number: a device added later under its name is another one)."""
     if principal.device is not None:
-        api.presence.heard(name, _address(request))
+        view = api.registry.device(name)
+        if view is not None:
+            api.presence.heard(view.device_number, _address(request))
 
 
 def _wait(api, request) -> float:
@@ -92,11 +96,16 @@ def list_devices(api, request, principal, name):
 
 
 def get_device(api, request, principal, name):
-    """GET /devices/NAME[?version=V&wait=S]: the device; a long poll until its version is not V."""
+    """GET /devices/NAME[?version=V&wait=S]: the device; a long poll until its version is not V.
+
+    If-None-Match applies to the answer when it is given: 304 if it names
+    the version the answer would carry (a long poll waits as without it).
+    """
     _heard(api, request, principal, name)
     view = api.registry.device(name)
     if view is None:
         raise not_found("unknown_device", f"unknown device {name!r}")
+    unless = if_none_match(request)
     version = int_arg(request, b"version", None, 0, MAX_CURSOR)
     wait = _wait(api, request)
     if wait > 0:
@@ -109,36 +118,11 @@ def get_device(api, request, principal, name):
                 address = _address(request)
                 key = (view.device_number, api.registry.secret_for(view.device_number))
             api.room.wait_device(request, name, view.version, wait, address, principal.token,
-                                 key)
+                                 key, unless)
             return NOT_DONE_YET
+    if matches(unless, view):
+        return not_modified(view)
     return device_answer(view, name)
-
-
-def _if_match(request, api, name):
-    """The version an If-Match header requires (None if absent or "*"); 412 if stale."""
-    header = request.getHeader(b"if-match")
-    if header is None:
-        return None
-    view = api.registry.device(name)
-    if view is None:
-        raise not_found("unknown_device", f"unknown device {name!r}")
-    tags = [tag.strip(b" \t") for tag in header.split(b",")]
-    if tags == [b"*"]:
-        return None
-    versions = set()
-    for tag in tags:
-        if len(tag) >= 3 and tag[:1] == tag[-1:] == b'"':
-            tag = tag[1:-1]                 # an entity tag, "7"; a bare 7 is accepted too
-        if not tag.isdigit():
-            raise bad_request("invalid_parameter",
-                              'If-Match must be "*" or versions as entity tags, e.g. "7"')
-        versions.add(parse_int(tag, "If-Match", 0, MAX_CURSOR))
-    if view.version not in versions:
-        raise ApiError(412, "version_conflict",
-                       f"device {name!r} is at version {view.version}, not "
-                       f"{', '.join(str(v) for v in sorted(versions))}",
-                       headers={b"etag": etag(view.version)}, current_version=view.version)
-    return view.version
 
 
 def update_desired(api, request, principal, name):
@@ -146,7 +130,15 @@ def update_desired(api, request, principal, name):
     patch = read_json(request, api.settings.max_request_bytes)
     if not isinstance(patch, dict):
         raise bad_request("invalid_patch", "the body must be a JSON object (a merge patch)")
-    expected = _if_match(request, api, name)
+    view = api.registry.device(name)
+    if view is None:
+        raise not_found("unknown_device", f"unknown device {name!r}")
+    expected = if_match(request, view, name)
+    unless = if_none_match(request)
+    if unless is not None:
+        refuse_if_none_match(unless, view, name)
+        if expected is None:
+            expected = view.version     # the write happens on the state that was checked
     return _written(api.registry.update_desired(name, patch, expected_version=expected), api, name)
 
 
@@ -202,7 +194,7 @@ def changes(api, request, principal, name):
         headers = None
         if wait <= 0:
             headers = {b"x-poll-interval": b"%g" % api.settings.min_interval}
-        return 200, changes_body(batch, views, history), headers
+        return 200, changes_body(batch, views, history, api.registry.feed_horizon), headers
     _admit(api)
     api.room.wait_feed(request, batch.cursor, match, limit, wait, principal.token, history)
     return NOT_DONE_YET

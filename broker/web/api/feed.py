@@ -63,30 +63,63 @@ def device_body(view, history: bool = True) -> dict:
     return body
 
 
-def changes_body(batch, views, history: bool = True) -> bytes:
-    """The JSON answer of /changes for one batch (devices without history if asked)."""
-    return json_bytes({"devices": [device_body(view, history) for view in views],
-                       "cursor": batch.cursor, "more": batch.more, "reset": batch.reset})
+#: bytes of device JSON one /changes answer holds at most (it always holds one
+#: device): a short poll of a fleet with full histories (up to 250 kB a device
+#: with 32 entries of 8 kB) would otherwise build 1000 of them per answer. The
+#: answer ends early, with ``more: true`` and the cursor of its last device.
+MAX_PAGE_BYTES = 1 << 20
 
 
-def sse_events(batch, views, last_id: int, history: bool = True) -> tuple[bytes, int]:
-    """Server-sent events for one batch, and the last event id they carry.
+def _device_json(view, history: bool) -> bytes:
+    return json.dumps(device_body(view, history), separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
 
-    Each device is one ``device`` event whose id is its cursor; a reset comes
-    first as a ``reset`` event; if the batch ends elsewhere than the last
-    device sent (filtered out or compacted entries, or a reset from a cursor
-    the feed cannot serve, which may lie beyond the batch's end), an id-only
-    message moves the client's Last-Event-ID there without dispatching an
-    event, so a dead cursor is left behind once.
+
+def changes_body(batch, views, history: bool = True, horizon: int = 0,
+                 max_bytes: int = MAX_PAGE_BYTES) -> bytes:
+    """The JSON answer of /changes for one batch (devices without history if asked).
+
+    Past ``max_bytes`` of devices the answer ends after the device that
+    crossed it, at that device's cursor, with ``more: true``: the client
+    continues from there as after a full page. Never below ``horizon`` (the
+    feed's): from there the next request would be reset to this same page.
+    The bytes are json_bytes' of the whole answer.
     """
     parts = []
-    if batch.reset:
-        parts.append(b"event: reset\ndata: %s\n\n" % json.dumps({"cursor": batch.cursor}).encode())
-    for view in views:
-        data = json.dumps(device_body(view, history), separators=(",", ":"), ensure_ascii=False)
-        parts.append(b"id: %d\nevent: device\ndata: %s\n\n" % (view.cursor, data.encode("utf-8")))
-        last_id = view.cursor
+    size = 0
+    cursor, more = batch.cursor, batch.more
+    for i, view in enumerate(views):
+        part = _device_json(view, history)
+        parts.append(part)
+        size += len(part)
+        if size >= max_bytes and i + 1 < len(views) and view.cursor >= horizon:
+            cursor, more = view.cursor, True
+            break
+    return b'{"devices":[%s],"cursor":%d,"more":%s,"reset":%s}\n' % (
+        b",".join(parts), cursor, b"true" if more else b"false",
+        b"true" if batch.reset else b"false")
+
+
+def sse_reset(batch) -> bytes:
+    """The ``reset`` event that opens a batch whose cursor could not be served."""
+    return b"event: reset\ndata: %s\n\n" % json.dumps({"cursor": batch.cursor}).encode()
+
+
+def sse_event(view, history: bool = True) -> bytes:
+    """One device as a ``device`` event whose id is its cursor."""
+    return b"id: %d\nevent: device\ndata: %s\n\n" % (view.cursor, _device_json(view, history))
+
+
+def sse_tail(batch, last_id: int) -> tuple[bytes, int]:
+    """The id-only message ending a batch written whole, and the last id then.
+
+    If the batch ends elsewhere than the last device sent (filtered out or
+    compacted entries, or a reset from a cursor the feed cannot serve,
+    which may lie beyond the batch's end), an id-only message moves the
+    client's Last-Event-ID there without dispatching an event, so a dead
+    cursor is left behind once.
+    """
     if batch.cursor > last_id or (batch.reset and batch.cursor != last_id):
-        parts.append(b"id: %d\n\n" % batch.cursor)
-        last_id = batch.cursor
-    return b"".join(parts), last_id
+        return b"id: %d\n\n" % batch.cursor, batch.cursor
+    return b"", last_id
+

@@ -38,6 +38,10 @@ REVOKED = _error_answer(unauthorized(
 #: the answer of a device's long poll whose key was rotated while it waited.
 KEY_ROTATED = _error_answer(unauthorized(
     "invalid_device_key", "the device key was rotated while this request waited"))
+#: the answer of a device's long poll whose device was removed while it waited
+#: (its key matches no device: the 401 any request with it gets now).
+KEY_REMOVED = _error_answer(unauthorized(
+    "invalid_device_key", "the device of this key was removed while this request waited"))
 #: the answer of a waiter whose own answer failed (a bug; the log has it).
 FAILED = _error_answer(ApiError(500, "internal_error", "the broker failed; see its log"))
 

@@ -5,6 +5,9 @@ while one of its long polls waits; it goes offline once it has been silent
 for ``offline_after`` seconds, judged by the registry's ``last_heard`` so
 that a device also heard over UDP is not flipped by this side. One sweep
 timer serves every HTTP device, and it runs only while there are some.
+
+Devices are known by number, not name: a long poll of a removed device
+that ends must not mark online another device added under its name.
 """
 
 from __future__ import annotations
@@ -24,63 +27,63 @@ class HTTPPresence:
         self._registry = registry
         self._clock = clock
         self.offline_after = offline_after
-        self._seen: dict[str, float] = {}     # name -> when this side last heard it
-        self._holds: dict[str, int] = {}      # name -> long polls waiting
+        self._seen: dict[int, float] = {}     # device number -> when this side last heard it
+        self._holds: dict[int, int] = {}      # device number -> long polls waiting
         self._sweep = LoopingCall(self.sweep)
         self._sweep.clock = clock
 
-    def heard(self, name: str, address) -> None:
-        """The device ``name`` made an authenticated request from ``address`` (host, port)."""
+    def heard(self, number: int, address) -> None:
+        """The device ``number`` made an authenticated request from ``address`` (host, port)."""
         now = self._clock.seconds()
-        self._seen[name] = now
-        d = self._registry.set_connection(name, online=True, last_heard=now, address=address)
-        d.addErrback(self._lost, name)
+        self._seen[number] = now
+        d = self._registry.set_connection(number, online=True, last_heard=now, address=address)
+        d.addErrback(self._lost, number)
         if not self._sweep.running:
             self._sweep.start(max(0.05, self.offline_after / 4), now=False)
 
-    def hold(self, name: str) -> None:
-        """A long poll of ``name`` waits: the device counts as connected meanwhile."""
-        self._holds[name] = self._holds.get(name, 0) + 1
+    def hold(self, number: int) -> None:
+        """A long poll of device ``number`` waits: it counts as connected meanwhile."""
+        self._holds[number] = self._holds.get(number, 0) + 1
 
-    def release(self, name: str, address) -> None:
-        """A long poll of ``name`` ended; the device was heard until now."""
-        left = self._holds.get(name, 0) - 1
+    def release(self, number: int, address) -> None:
+        """A long poll of device ``number`` ended; the device was heard until now."""
+        left = self._holds.get(number, 0) - 1
         if left > 0:
-            self._holds[name] = left
+            self._holds[number] = left
         else:
-            self._holds.pop(name, None)
-        if name in self._seen:
-            self.heard(name, address)
+            self._holds.pop(number, None)
+        if number in self._seen:
+            self.heard(number, address)
 
     def sweep(self) -> None:
         """Flip to offline every HTTP device silent for offline_after seconds."""
         now = self._clock.seconds()
-        for name, seen in list(self._seen.items()):
-            if name in self._holds or now - seen < self.offline_after:
+        for number, seen in list(self._seen.items()):
+            if number in self._holds or now - seen < self.offline_after:
                 continue
-            view = self._registry.device(name)
+            view = self._registry.device_by_number(number)
             if view is None:
-                del self._seen[name]
+                del self._seen[number]
                 continue
             last = view.last_heard if view.last_heard is not None else seen
             if now - last < self.offline_after:
-                self._seen[name] = last        # heard meanwhile by another endpoint
+                self._seen[number] = last      # heard meanwhile by another endpoint
                 continue
-            del self._seen[name]
+            del self._seen[number]
             if view.online:
-                d = self._registry.set_connection(name, online=False, last_heard=last)
-                d.addErrback(self._lost, name)
+                d = self._registry.set_connection(number, online=False, last_heard=last)
+                d.addErrback(self._lost, number)
         if not self._seen and self._sweep.running:
             self._sweep.stop()
 
-    def _lost(self, failure, name):
+    def _lost(self, failure, number):
         failure.trap(registry_errors.RegistryError)
-        self._seen.pop(name, None)
-        self.log.debug("connection facts of {name} not recorded: {error}",
-                       name=name, error=failure.value)
+        self._seen.pop(number, None)
+        self.log.debug("connection facts of device {number} not recorded: {error}",
+                       number=number, error=failure.value)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._seen
+    def __contains__(self, number: int) -> bool:
+        return number in self._seen
 
     def stop(self) -> None:
         """Stop the sweep timer (the broker is stopping)."""

@@ -95,6 +95,12 @@ class ApiResource(Resource):
             self._later(request, result)
             return NOT_DONE_YET
         status, body, headers = result
+        if status == 304:
+            # Finished here: twisted.web would add "Content-Length: 0", which a
+            # 304 must not send (RFC 9110 8.6: only the 200's own length).
+            self._body(request, status, body, headers)
+            request.finish()
+            return NOT_DONE_YET
         return _headless(request, self._body(request, status, body, headers))
 
     def _dispatch(self, request):
@@ -126,7 +132,7 @@ class ApiResource(Resource):
     # -- answering ---------------------------------------------------------------
 
     def _body(self, request, status, body, headers):
-        if status == 204:
+        if status in (204, 304):
             set_status(request, status)
         else:
             json_headers(request, status)
@@ -164,6 +170,7 @@ class ApiResource(Resource):
 
     def respond(self, request, status, body, headers=None):
         """Answer a request that waited (the WaitingRoom calls this)."""
-        request.setHeader(b"content-length", b"%d" % len(body))
+        if status != 304:
+            request.setHeader(b"content-length", b"%d" % len(body))
         request.write(self._body(request, status, body, headers))
         request.finish()

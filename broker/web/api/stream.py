@@ -7,6 +7,12 @@ only remembers that something changed; when the transport drains
 latest state of each device changed meanwhile, once. So a slow reader
 costs one cursor, never a queue, and a reader that reconnects with
 ``Last-Event-ID`` (the cursor of the last event it got) misses nothing.
+
+Events are written one at a time and the stream stops as soon as the
+transport pushes back, its cursor at the last event written: a device's
+JSON can be a quarter of a megabyte (a full history), so writing a whole
+page before looking would leave megabytes in the buffer of a reader that
+stopped reading.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .feed import select, sse_events
+from .feed import select, sse_event, sse_reset, sse_tail
 
-#: feed entries per page; a pump writes pages until the transport pushes back.
+#: feed entries per page; a pump writes events until the transport pushes back.
 PAGE = 50
 #: pages one pump writes before it lets the reactor serve others.
 MAX_PAGES = 20
@@ -77,17 +83,38 @@ class EventStream:
         registry = self.room.registry
         for _ in range(MAX_PAGES):
             batch = registry.changes_since(self.cursor, PAGE)
-            chunk, self.cursor = sse_events(batch, select(batch, self.match), self.cursor,
-                                            self.history)
-            if chunk:
-                self.request.write(chunk)
-            if not batch.more or self.done:
+            if not self._write_batch(batch, registry.feed_horizon) or self.done:
                 return
-            if self.paused:
-                self.pending = True
+            if not batch.more:
                 return
         # A long backlog: continue in the next wake-up pass, so others get served.
         self.room.pump_later(self)
+
+    def _write_batch(self, batch, horizon) -> bool:
+        """Write ``batch`` event by event; False if the transport pushed back first.
+
+        The cursor is the id of the last event written, so the next pump
+        resumes right after it. It never stops below the feed's horizon,
+        from where the next pump would be reset to the same snapshot.
+        """
+        request = self.request
+        if batch.reset:
+            request.write(sse_reset(batch))
+        for view in select(batch, self.match):
+            request.write(sse_event(view, self.history))
+            self.cursor = view.cursor
+            if self.done:
+                return False
+            if self.paused and view.cursor >= horizon:
+                self.pending = True
+                return False
+        tail, self.cursor = sse_tail(batch, self.cursor)
+        if tail:
+            request.write(tail)
+        if self.paused:
+            self.pending = True
+            return False
+        return True
 
     def keepalive(self) -> None:
         """A comment line, so that proxies keep an idle stream open."""

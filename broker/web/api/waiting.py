@@ -22,9 +22,12 @@ request's notifyFinish errback. Decided answers are written by the outbox
 A request holds the access token it came with (revocation.TokenWatch): one
 once-a-second check ends every waiter and stream whose token was revoked,
 and the outbox checks every answer again just before it is written. A
-device polling itself holds the secret its key matched: a rotation (the
-registry's key watch, while such polls wait) ends those polls at once with
-401 invalid_device_key, as it ends the device's SSP session.
+device polling itself holds the number and secret its key matched: a
+rotation or a removal (the registry's key watch, while such polls wait)
+ends those polls at once with 401 invalid_device_key, as it ends the
+device's SSP session; such a poll is never answered with another device
+of its name (one removed and added again in one reactor turn, as a Redis
+follower applies a batch). Its presence is kept by number too.
 
 One answer that cannot be built ends only its own request(s), with a JSON 500.
 """
@@ -38,13 +41,14 @@ from twisted.logger import Logger
 
 from broker.scheduler import WakeupScheduler
 
+from .conditions import matches, not_modified
 from .feed import changes_body, device_answer, select
-from .outbox import FAILED, KEY_ROTATED, REVOKED, Outbox
+from .outbox import FAILED, KEY_REMOVED, KEY_ROTATED, REVOKED, Outbox
 from .revocation import TokenWatch
 
 
-def _changes_answer(batch, views, history):
-    return 200, changes_body(batch, views, history), None
+def _changes_answer(batch, views, history, horizon):
+    return 200, changes_body(batch, views, history, horizon), None
 
 
 class FeedWaiter:
@@ -69,9 +73,10 @@ class FeedWaiter:
 class DeviceWaiter:
     """A long poll of one device: answers once its version differs from the one the client has."""
 
-    __slots__ = ("room", "request", "name", "version", "address", "token", "key", "done")
+    __slots__ = ("room", "request", "name", "version", "address", "token", "key", "unless",
+                 "done")
 
-    def __init__(self, room, request, name, version, address, token, key):
+    def __init__(self, room, request, name, version, address, token, key, unless=None):
         self.room = room
         self.request = request
         self.name = name
@@ -79,6 +84,7 @@ class DeviceWaiter:
         self.address = address       # set for a device polling itself (presence), else None
         self.token = token           # the access token it came with (None: a device key)
         self.key = key               # (device number, secret) of a device key, else None
+        self.unless = unless         # its If-None-Match (conditions.py), else None
         self.done = False
 
     def expire(self):
@@ -195,19 +201,20 @@ class WaitingRoom:
         self._enter(waiter, wait)
 
     def wait_device(self, request, name, version, wait, address=None, token=None,
-                    key=None) -> None:
+                    key=None, unless=None) -> None:
         """Hold ``request`` until device ``name`` has a version other than ``version``.
 
         ``key``: (device number, secret) when the device polls with its own
-        key; the poll ends with 401 once that key is rotated.
+        key (``address`` is then set); the poll ends with 401 once that key
+        is rotated or its device removed. ``unless``: its If-None-Match.
         """
-        waiter = DeviceWaiter(self, request, name, version, address, token, key)
+        waiter = DeviceWaiter(self, request, name, version, address, token, key, unless)
         self._devices.setdefault(name, {})[waiter] = None
         self._device_count += 1
         if key is not None:
             self._keyed.setdefault(key[0], {})[waiter] = None
         if address is not None and self.presence is not None:
-            self.presence.hold(name)
+            self.presence.hold(key[0])
         self._enter(waiter, wait)
 
     def _enter(self, waiter, wait) -> None:
@@ -251,7 +258,7 @@ class WaitingRoom:
                 if not waiters:
                     del self._devices[waiter.name]
             if waiter.address is not None and self.presence is not None:
-                self.presence.release(waiter.name, waiter.address)
+                self.presence.release(waiter.key[0], waiter.address)
             if waiter.key is not None:
                 holders = self._keyed.get(waiter.key[0])
                 if holders is not None:
@@ -281,11 +288,24 @@ class WaitingRoom:
 
     def expire_device(self, waiter) -> None:
         """Deadline of a device waiter: answer its current state (same version)."""
-        self._answer(waiter, *self._built(self._device_answer, waiter.name))
+        view = self.registry.device(waiter.name)
+        if self._foreign(waiter, view):
+            self._answer(waiter, *KEY_REMOVED)
+        elif matches(waiter.unless, view):
+            self._answer(waiter, *not_modified(view))
+        else:
+            self._answer(waiter, *self._built(self._device_answer, waiter.name))
+
+    @staticmethod
+    def _foreign(waiter, view) -> bool:
+        """Whether a device polling itself with its key lost its device: removed,
+        or replaced by another device of the same name."""
+        return waiter.key is not None and (view is None or view.device_number != waiter.key[0])
 
     def _feed_answer(self, waiter):
         batch = self.registry.changes_since(waiter.cursor, waiter.limit)
-        return _changes_answer(batch, select(batch, waiter.match), waiter.history)
+        return _changes_answer(batch, select(batch, waiter.match), waiter.history,
+                               self.registry.feed_horizon)
 
     def _deadline(self, waiter, now) -> None:
         """The scheduler's callback: a waiter's time is up."""
@@ -323,7 +343,12 @@ class WaitingRoom:
             view = self.registry.device(name)
             answer = None
             for waiter in list(waiters):
-                if view is None or view.version != waiter.version:
+                if self._foreign(waiter, view):
+                    self._answer(waiter, *KEY_REMOVED)
+                elif view is None or view.version != waiter.version:
+                    if matches(waiter.unless, view):
+                        self._answer(waiter, *not_modified(view))
+                        continue
                     if answer is None:
                         answer = self._built(self._device_answer, name)
                     self._answer(waiter, *answer)
@@ -358,7 +383,7 @@ class WaitingRoom:
                 continue
             for history, waiters in kinds.items():
                 answer = FAILED if batch is None else self._built(
-                    _changes_answer, batch, views, history)
+                    _changes_answer, batch, views, history, self.registry.feed_horizon)
                 for waiter in waiters:
                     self._answer(waiter, *answer)
 
@@ -367,18 +392,16 @@ class WaitingRoom:
             stream.keepalive()
 
     def _key_changed(self, number) -> None:
-        """A device's key was rotated (or the device removed): end the polls of the old key.
-
-        A removed device's polls are left to the wake-up pass (404 unknown_device).
-        """
+        """A device's key was rotated, or the device removed: end the polls of the old key
+        (a device added again under the name is another device, with another key)."""
         holders = self._keyed.get(number)
         if not holders:
             return
         secret = self.registry.secret_for(number)
-        if secret is None:
-            return
         for waiter in list(holders):
-            if not hmac.compare_digest(secret, waiter.key[1]):
+            if secret is None:
+                self._answer(waiter, *KEY_REMOVED)
+            elif not hmac.compare_digest(secret, waiter.key[1]):
                 self._answer(waiter, *KEY_ROTATED)
         if self.outbox:
             self.outbox.drain()

@@ -1,0 +1,86 @@
+"""Conditional requests (RFC 9110 section 13) on a device's version.
+
+A device's ETag is its version as a strong entity tag (``"7"``).
+``If-Match`` guards a write: it happens only at one of the named versions
+(strong comparison, so a weak tag is refused). ``If-None-Match`` is the
+opposite: a read whose answer would name one of its versions (or any, for
+``*``) gets ``304 Not Modified`` without the device, and a write to a
+device at one of them gets 412 (weak comparison: ``W/"7"`` names 7 too).
+"""
+
+from __future__ import annotations
+
+from .errors import ApiError, bad_request, etag
+from .inputs import parse_int
+
+#: cursors and versions accepted (18 digits; the registry's sequence will not get there).
+MAX_VERSION = 10**18 - 1
+#: an If-None-Match of ``*``: any version of an existing device.
+ANY = "*"
+
+
+def _versions(header: bytes, field: str, weak: bool) -> frozenset | str:
+    """The versions a header names, or ANY for ``*``; 400 if malformed."""
+    tags = [tag.strip(b" \t") for tag in header.split(b",")]
+    if tags == [b"*"]:
+        return ANY
+    versions = set()
+    for tag in tags:
+        quoted = len(tag) >= 3 and tag[:1] == tag[-1:] == b'"'
+        if weak and tag[:2] == b"W/":
+            tag = tag[2:]                   # W/"7": only ever a quoted tag
+            quoted = len(tag) >= 3 and tag[:1] == tag[-1:] == b'"'
+            if not quoted:
+                tag = b""
+        if quoted:
+            tag = tag[1:-1]                 # an entity tag, "7"; a bare 7 is accepted too
+        if not tag.isdigit():
+            shape = 'versions as entity tags, e.g. "7" or W/"7"' if weak else \
+                'versions as entity tags, e.g. "7"'
+            raise bad_request("invalid_parameter", f'{field} must be "*" or {shape}')
+        versions.add(parse_int(tag, field, 0, MAX_VERSION))
+    return frozenset(versions)
+
+
+def if_none_match(request) -> frozenset | str | None:
+    """What an If-None-Match header names (None: no header); 400 if malformed."""
+    header = request.getHeader(b"if-none-match")
+    return None if header is None else _versions(header, "If-None-Match", True)
+
+
+def if_match(request, view, name) -> int | None:
+    """The version an If-Match header requires of ``view`` (None if absent or "*");
+    412 version_conflict if the device is at another."""
+    header = request.getHeader(b"if-match")
+    if header is None:
+        return None
+    versions = _versions(header, "If-Match", False)
+    if versions is ANY:
+        return None
+    if view.version not in versions:
+        raise conflict(view, f"device {name!r} is at version {view.version}, not "
+                             f"{', '.join(str(v) for v in sorted(versions))}")
+    return view.version
+
+
+def matches(tags, view) -> bool:
+    """Whether If-None-Match ``tags`` name the version of ``view`` (a device)."""
+    return tags is not None and view is not None and (tags is ANY or view.version in tags)
+
+
+def refuse_if_none_match(tags, view, name) -> None:
+    """412 for a write whose If-None-Match names the device's current version."""
+    if matches(tags, view):
+        named = "exists" if tags is ANY else f"is at version {view.version}"
+        raise conflict(view, f"device {name!r} {named} (If-None-Match)")
+
+
+def conflict(view, message: str) -> ApiError:
+    """412 version_conflict, with the current version in the body and the ETag."""
+    return ApiError(412, "version_conflict", message, headers={b"etag": etag(view.version)},
+                    current_version=view.version)
+
+
+def not_modified(view):
+    """(status, body, headers) of a read whose If-None-Match names the device's version."""
+    return 304, b"", {b"etag": etag(view.version), b"cache-control": b"no-store"}
