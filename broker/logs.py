@@ -9,6 +9,12 @@ whatever the format string says.
 twistd creates its logger only after options are parsed: `broker.tap`
 puts an `ObserverFactory` in twistd's "logger" option, which
 `twisted.application.app.AppLogger` calls instead of its own default.
+
+With ``[broker] workers``, a worker writes its events as JSON lines to a
+pipe (`make_relay_observer`) and its supervisor turns each line back into
+an event of its own (`WorkerLogRelay`), tagged with the worker's index: so
+the workers' lines go where the supervisor's go (its ``--logfile``, rotated,
+or its standard output), in its format.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from datetime import datetime, timezone
 
-from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel,
-                            LogLevelFilterPredicate, formatEvent, textFileLogObserver)
+from twisted.logger import (FilteringLogObserver, ILogObserver, InvalidLogLevelError, LogLevel,
+                            LogLevelFilterPredicate, formatEvent, globalLogPublisher,
+                            textFileLogObserver)
+from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
@@ -177,3 +186,119 @@ class ObserverFactory:
             from twisted.internet import reactor
             call = reactor.callFromThread
         signal.signal(signal.SIGUSR1, lambda number, frame: call(stream.rotate))
+
+
+# -- worker processes: their events through the supervisor's log ---------------
+
+
+class _PipeLinesObserver(JSONLinesObserver):
+    """JSON lines to the supervisor; once it is gone there is nowhere to write (and
+    the worker stops: broker.worker.SupervisorPipe)."""
+
+    def __call__(self, event: dict) -> None:
+        try:
+            super().__call__(event)
+        except (OSError, ValueError):
+            pass
+
+
+def make_relay_observer(control: LogControl, stream):
+    """A worker's observer: level filter and redaction here (no secret crosses the
+    pipe), then one JSON record per line on stream, for its supervisor's WorkerLogRelay."""
+    return FilteringLogObserver(RedactingObserver(_PipeLinesObserver(stream)),
+                                [control.predicate])
+
+
+class WorkerLogged(Exception):
+    """The failure a worker logged, as its supervisor relays it (its traceback text)."""
+
+
+class RelayedFailure(Failure):
+    """A worker's failure: what observers print of it is the worker's traceback."""
+
+    def __init__(self, traceback: str) -> None:
+        last = traceback.strip().splitlines()[-1:] or ["failure"]
+        super().__init__(WorkerLogged(last[0]), WorkerLogged)
+        self.traceback = traceback
+
+    def getTraceback(self, *args, **kwargs) -> str:
+        return self.traceback
+
+    def printTraceback(self, file=None, *args, **kwargs) -> None:
+        (file or sys.stderr).write(self.traceback)
+
+
+def _event_time(text) -> float:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
+def relayed_event(record: dict, index: int) -> dict:
+    """A worker's JSON record (json_record) as an event of the supervisor, tagged
+    with the worker's index: the field ``worker``, and ``[worker I ...]`` in text."""
+    try:
+        level = LogLevel.levelWithName(str(record.get("level")))
+    except InvalidLogLevelError:
+        level = LogLevel.info
+    namespace = str(record.get("namespace") or "broker.worker")
+    event = {key: value for key, value in record.items() if key not in _RECORD_KEYS}
+    event.update(worker=index, log_level=level, log_namespace=namespace,
+                 log_time=_event_time(record.get("time")), log_format="{log_relayed}",
+                 log_relayed=str(record.get("message", "")),
+                 log_system=f"worker {index} {namespace}#{level.name}")
+    failure = record.get("failure")
+    if isinstance(failure, str):
+        event["log_failure"] = RelayedFailure(failure)
+    return event
+
+
+class WorkerLogRelay:
+    """The supervisor's end of one worker's standard output (its JSON events) and
+    standard error (plain lines: a refusal, a crash's traceback), each line logged
+    here as an event tagged with the worker's index."""
+
+    #: longest line kept whole; a longer one is logged in pieces as it comes.
+    MAX_LINE = 1 << 20
+    STDOUT, STDERR = 1, 2
+
+    def __init__(self, index: int, publish=None) -> None:
+        self.index = index
+        self.publish = globalLogPublisher if publish is None else publish
+        self._partial = {}
+
+    def received(self, fd: int, data: bytes) -> None:
+        *lines, rest = (self._partial.get(fd, b"") + data).split(b"\n")
+        if len(rest) > self.MAX_LINE:
+            lines.append(rest)
+            rest = b""
+        self._partial[fd] = rest
+        for line in lines:
+            self._line(fd, line)
+
+    def closed(self, fd: int) -> None:
+        """The pipe closed: its last line, if it had no newline."""
+        rest = self._partial.pop(fd, b"")
+        if rest:
+            self._line(fd, rest)
+
+    def _line(self, fd: int, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        if not text.strip():
+            return
+        record = None
+        if fd == self.STDOUT and text.startswith("{"):
+            try:
+                record = json.loads(text)
+            except ValueError:
+                pass
+        if isinstance(record, dict):
+            event = relayed_event(record, self.index)
+        else:
+            stream = "stderr" if fd == self.STDERR else "stdout"
+            event = {"worker": self.index, "log_namespace": "broker.worker",
+                     "log_level": LogLevel.error if fd == self.STDERR else LogLevel.info,
+                     "log_time": time.time(), "log_format": "{log_relayed}",
+                     "log_relayed": text, "log_system": f"worker {self.index} {stream}"}
+        self.publish(event)

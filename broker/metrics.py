@@ -62,7 +62,7 @@ class Metrics:
                                  registry=registry)
 
         # UDP SSP endpoint.
-        self.ssp_sessions = Gauge("broker_ssp_sessions", "Live SSP sessions.", registry=registry)
+        self.ssp_sessions = Gauge("broker_ssp_sessions", "SSP sessions held in memory, live and parked.", registry=registry)
         self.datagrams_in = Counter("broker_ssp_datagrams_received", "UDP datagrams received.",
                                     registry=registry)
         self.datagrams_out = Counter("broker_ssp_datagrams_sent", "UDP datagrams sent.",

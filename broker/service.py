@@ -59,6 +59,7 @@ from broker.registry.sqlite_backup import LOCK_NAME
 from broker.systemd import INHERITED, Activation, Notifier
 from broker.web.dashboard.resource import RootResource
 from broker.web.health import HealthResource, ReadinessResource
+from broker.web.commands import CommandSender
 from broker.web.metrics import MetricsResource
 from broker.web.site import BrokerSite, ConnectionTracker
 
@@ -185,6 +186,13 @@ class BrokerService(MultiService):
         factory = getattr(self, "websocket_factory", None)
         if factory is not None:
             self.metrics.watch_commands("websocket", factory.commands.counters)
+        endpoint = getattr(self, "ssp_endpoint", None)
+        if endpoint is not None and hasattr(self.registry, "relay_to"):
+            # Commands other processes relay to this one's sessions: a sender of
+            # their own, registered after the endpoints' (the registry keeps the
+            # last target), so they count as via="relay", not under an endpoint.
+            self.relayed_commands = CommandSender(self.registry, endpoint)
+            self.metrics.watch_commands("relay", self.relayed_commands.counters)
 
     def _add_metrics(self) -> None:
         settings = self.config.metrics
@@ -386,14 +394,15 @@ class BrokerService(MultiService):
         try:
             loaded = load_config(self.config_path) if self.config_path else self.config
             config, kept = reloadable(self.config, loaded)
+            stage = "re-reading the registry's devices and tokens; nothing of the file applies"
+            yield self.registry.reload()
+            # Only now: a reload that failed applied nothing (/metrics reads
+            # require_token, a stop stop_timeout, from self.config live).
             if kept:
                 log.warn("reload: these settings need a restart and keep their running values: "
                          "{keys}", keys=", ".join(kept))
             self.config = config
             self.log_control.set_level(config.log.level)
-            stage = ("re-reading the registry's devices and tokens; the file's log level "
-                     "applies, the endpoints keep their running settings")
-            yield self.registry.reload()
             for reloader in list(self.reloaders):
                 try:
                     yield reloader(config)
@@ -412,8 +421,9 @@ class BrokerService(MultiService):
                         stage=stage)
         else:
             self.metrics.reloads.labels(outcome="applied").inc()
-            log.info("configuration reloaded from {path}", path=self.config_path or "<defaults>",
-                     log_level_now=config.log.level)
+            # Not "log_level": twisted.logger reserves the fields starting with "log_".
+            log.info("configuration reloaded from {path} (log level {level_now})",
+                     path=self.config_path or "<defaults>", level_now=config.log.level)
         finally:
             self.notifier.ready(status)
 

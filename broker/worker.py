@@ -3,9 +3,12 @@
 Its supervisor (broker/workers.py) passes it the steered UDP socket of its
 index (fd 3) and a status pipe (fd 4), and holds the other end of its
 stdin: the worker stops when that pipe closes (the supervisor is gone),
-and reads the supervisor's restart counts from it. A config file or port
-it cannot use is one line on stderr and exit status 2, which the
-supervisor counts as the worker's failure.
+and reads the supervisor's restart counts from it. With ``--log-relay``
+its stdout and stderr are pipes to the supervisor too: it logs JSON
+records there, which the supervisor writes to its own log (broker.logs,
+WorkerLogRelay). A config file or port it cannot use is one line on
+stderr and exit status 2, which the supervisor counts as the worker's
+failure.
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ def worker_main(argv=None):
     from twisted.logger import globalLogBeginner
 
     from broker.lifecycle import SignalHandlers
-    from broker.logs import LogControl, make_observer
+    from broker.logs import LogControl, make_observer, make_relay_observer
     from broker.registry.errors import StoreError
     from broker.service import make_service, tune_garbage_collector
     from broker.systemd import Activation
@@ -163,6 +166,8 @@ def worker_main(argv=None):
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--config")
+    parser.add_argument("--log-relay", action="store_true",
+                        help="log JSON records on stdout for the supervisor to relay")
     args = parser.parse_args(argv)
 
     def refuse(problem):
@@ -178,8 +183,14 @@ def worker_main(argv=None):
         refuse(problem)
         raise SystemExit(WORKER_REFUSED) from None
     control = LogControl(config.log.level)
-    globalLogBeginner.beginLoggingTo([make_observer(config.log, control, None)],
-                                     redirectStandardIO=False)
+    if args.log_relay:
+        # The supervisor writes these to its own log: its --logfile (a daemon's
+        # stdout is /dev/null), in its format, each line tagged with our index.
+        stream = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+        observer = make_relay_observer(control, stream)
+    else:
+        observer = make_observer(config.log, control, None)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         service = make_service(config, reactor=reactor, config_path=args.config,

@@ -25,6 +25,11 @@ would keep their sockets in the group, ahead of a new supervisor's. The
 same pipe carries the supervisor's restart counts, which every worker
 exports (broker_worker_restarts_total), whichever of them a scrape reaches.
 
+Logs: a worker's stdout and stderr are pipes to the supervisor, which
+writes every line to its own log, tagged with the worker's index
+(broker.logs.WorkerLogRelay): the workers' lines reach the supervisor's
+--logfile (rotated by it), or its stdout (the journal).
+
 HTTP: each worker listens on the HTTP port with its own SO_REUSEPORT
 socket, so the kernel spreads connections over the live workers; requests
 need no steering because all state is in the shared registry.
@@ -47,6 +52,7 @@ from twisted.python.failure import Failure
 from broker.config import ConfigError, load_config
 from broker.lifecycle import reloadable
 from broker.listeners import bind_failure
+from broker.logs import WorkerLogRelay
 from broker.steering import (parse_tcp_endpoint, reserve_tcp_port, steered_udp_sockets,
                              worker_metrics_address)
 from broker.systemd import INHERITED, Notifier
@@ -109,7 +115,7 @@ def exit_with_status_at_exit(status: int) -> None:
 
 
 class _Worker(protocol.ProcessProtocol):
-    """One worker process as the supervisor sees it: its status lines and its exit."""
+    """One worker process as the supervisor sees it: its status and log lines, its exit."""
 
     def __init__(self, supervisor, index, started):
         self.supervisor = supervisor
@@ -120,8 +126,13 @@ class _Worker(protocol.ProcessProtocol):
         #: why it ended (ProcessDone: exit status 0), once it has.
         self.reason = None
         self._buffer = b""
+        #: its stdout (JSON log records) and stderr, into the supervisor's log.
+        self.logs = WorkerLogRelay(index)
 
     def childDataReceived(self, fd, data):
+        if fd in (1, 2):
+            self.logs.received(fd, data)
+            return
         if fd != STATUS_FD:
             return
         self._buffer += data
@@ -132,6 +143,10 @@ class _Worker(protocol.ProcessProtocol):
             except ValueError:
                 continue
             self.supervisor.status_changed(self)
+
+    def childConnectionLost(self, fd):
+        if fd in (1, 2):
+            self.logs.closed(fd)
 
     def processEnded(self, reason):
         self.reason = reason.value
@@ -230,10 +245,12 @@ class SupervisorService(MultiService):
         # A new process reads the config file at its start: no older reload to pass on.
         self._reload_pending.discard(index)
         args = [sys.executable, "-m", "broker.worker", "--index", str(index),
-                "--http-port", str(self.http_port)]
+                "--http-port", str(self.http_port), "--log-relay"]
         if self.config_path:
             args += ["--config", os.path.abspath(self.config_path)]
-        fds = {0: "w", 1: 1, 2: 2, STATUS_FD: "r"}
+        # stdout and stderr are read into our log (_Worker.logs), not inherited:
+        # a daemon's are /dev/null, and --logfile (rotated) is ours to write.
+        fds = {0: "w", 1: "r", 2: "r", STATUS_FD: "r"}
         if self.udp_sockets:
             fds[UDP_FD] = self.udp_sockets[index].fileno()
         self.workers[index] = worker

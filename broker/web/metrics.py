@@ -18,6 +18,9 @@ from broker.metrics import CONTENT_TYPE_LATEST, Metrics
 from broker.web.credentials import bearer_token
 from broker.web.responses import json_error
 
+#: the methods /metrics answers (HEAD: twisted.web answers it with GET's headers).
+ALLOW = b"GET, HEAD"
+
 
 def is_loopback(address) -> bool:
     """Whether an IAddress is on 127.0.0.0/8 or ::1 (IPv4-mapped included); UNIX sockets count."""
@@ -44,6 +47,15 @@ class MetricsResource(Resource):
         self.metrics = metrics
         self.require_token = require_token
         self.check_token = check_token
+
+    def render(self, request):
+        """GET and HEAD; any other method gets the API's JSON 405, not twisted.web's HTML page."""
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", ALLOW)
+            method = request.method.decode("latin-1")[:16]
+            return json_error(request, 405, "method_not_allowed",
+                              f"{method} is not allowed here; use {ALLOW.decode()}")
+        return super().render(request)
 
     def render_GET(self, request):
         if self.require_token():

@@ -5,7 +5,9 @@ is dropped, as the WebSocket handshake sends none (docs/websocket.md).
 
 `BrokerSite` replaces twisted.web's access log (which writes full URIs,
 query strings included, where tokens could sit) with a debug event holding
-the path only, and counts every answer in `broker_http_requests_total`.
+the path only, and counts every answer in `broker_http_requests_total`
+(but WebSocket handshakes: Autobahn answers those, and the WebSocket
+endpoint counts them there).
 
 `ConnectionTracker` wraps the Site's factory and keeps the live connections,
 so a graceful stop can close the idle ones once their answers are written,

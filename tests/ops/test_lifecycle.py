@@ -450,3 +450,39 @@ class ReloadTests(TestCase):
         self.patch(self.service.registry, "reload", registry_reload)
         yield self.service.reload()
         self.assertEqual(sent[-1], ("READY=1", "STATUS=serving (reloaded)"))
+
+
+    @defer.inlineCallbacks
+    def test_a_failed_reload_applies_nothing_of_the_file(self):
+        """A reload whose registry re-read fails keeps the whole running configuration:
+        the log level, and [metrics] require_token (loopback scrapes still answered 200)."""
+        before = self.service.config
+        port = self.service.listening["http"].getHost().port
+        self.write(level="debug", require_token="true")
+        self.patch(self.service.registry, "reload",
+                   lambda: defer.fail(RuntimeError("store unreachable")))
+        yield self.service.reload()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIs(self.service.config, before)
+        self.assertEqual(self.service.log_control.level, "info")
+        code, _, _ = yield http_json(self, "GET", f"http://127.0.0.1:{port}/metrics")
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def test_the_reloaded_line_carries_the_new_log_level(self):
+        """"configuration reloaded" names the level now in force, in its text and as a
+        field the JSON format writes (no field starting "log_", which twisted.logger reserves)."""
+        from twisted.logger import formatEvent
+
+        from broker.logs import json_record
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.write(level="warn", require_token="false")
+        yield self.service.reload()
+        reloaded = [event for event in events
+                    if (event.get("log_format") or "").startswith("configuration reloaded")]
+        self.assertEqual(len(reloaded), 1)
+        self.assertIn("log level warn", formatEvent(reloaded[0]))
+        self.assertEqual(json_record(reloaded[0])["level_now"], "warn")

@@ -5,6 +5,7 @@ the integration tests scrape a real broker on loopback.
 """
 
 import collections
+import json
 import os
 import re
 import socket
@@ -146,6 +147,19 @@ class AccessTests(SynchronousTestCase):
         code, _, body = self.render(require_token=True, authorization=b"Bearer good",
                                     client=IPv4Address("TCP", "192.0.2.7", 5000))
         self.assertEqual(code, 200)
+
+    def test_other_methods_get_the_api_json_405(self):
+        """POST /metrics is answered 405 with Allow and the API's JSON error, not an HTML page."""
+        resource = MetricsResource(Metrics(), require_token=lambda: False,
+                                   check_token=lambda text: None)
+        request = DummyRequest([b""])
+        request.method = b"POST"
+        body = resource.render(request)
+        self.assertEqual(request.responseCode, 405)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"allow"), [b"GET, HEAD"])
+        self.assertEqual(json.loads(body)["error"]["code"], "method_not_allowed")
+        self.assertTrue(request.responseHeaders.getRawHeaders(b"content-type")[0]
+                        .startswith(b"application/json"))
 
     def test_loopback_addresses(self):
         """127.0.0.0/8, ::1, IPv4-mapped loopback and UNIX sockets are local; others are not."""
@@ -312,6 +326,40 @@ class EndpointFiguresTests(TestCase):
         yield client.closed
 
 
+class RelayedCommandFiguresTests(TestCase):
+    """Commands another process relays to this one count apart from this one's endpoints."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_relayed_commands_refused_count_as_via_relay(self):
+        """A relayed command refused for a full queue counts as via="relay", whatever
+        endpoints this broker runs: the relay target is the broker's own sender."""
+        import broker.service as service_module
+        from broker.udp.bridge import TooManyCommands
+
+        targets = []
+        opened = service_module.open_configured_registry
+
+        def with_relay(*args, **kwargs):
+            registry = opened(*args, **kwargs)
+            registry.relay_to = targets.append   # as a shared (Redis) registry has
+            return registry
+        self.patch(service_module, "open_configured_registry", with_relay)
+        running = yield start_broker(self, loopback_config(self, registry={"backend": "memory"}))
+
+        def full(device_number, *commands):
+            raise TooManyCommands(8, 8)
+        self.patch(running.service.ssp_endpoint, "send_command", full)
+        self.assertFalse(targets[-1](7, "blink"))
+        metrics = running.service.metrics
+        self.assertEqual(sample(metrics, "broker_commands_total", via="relay",
+                                outcome="too_many_commands"), 1)
+        for via in ("http", "websocket"):
+            self.assertEqual(sample(metrics, "broker_commands_total", via=via,
+                                    outcome="too_many_commands"), 0, via)
+
+
 @defer.inlineCallbacks
 def wait_for(condition, timeout=5.0):
     """Poll a condition on the real reactor (integration tests only)."""
@@ -354,6 +402,22 @@ class DocumentedMetricsTests(SynchronousTestCase):
         metrics.registry.register(WorkerRestarts())
         return {family.name + ("_total" if family.type == "counter" else "")
                 for family in metrics.registry.collect()}
+
+    def test_every_command_outcome_is_documented(self):
+        """Each outcome broker/web/commands.py counts (refusal codes included) is named in
+        the broker_commands_total row of docs/operations.md."""
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[2]
+        source = (root / "broker" / "web" / "commands.py").read_text()
+        counted = set(re.findall(r'CommandRefused\(\s*\d+,\s*"(\w+)"', source))
+        counted |= set(re.findall(r'counters\["(\w+)"\]', source))
+        self.assertTrue({"queued", "no_ssp_session", "too_many_commands"} <= counted, counted)
+        row = [line for line in (root / "docs" / "operations.md").read_text().splitlines()
+               if line.startswith("| `broker_commands_total")]
+        self.assertEqual(len(row), 1)
+        documented = set(re.findall(r"`(\w+)`", row[0]))
+        self.assertEqual(counted - documented, set())
 
     def test_every_documented_metric_is_exported_and_back(self):
         """Each metric named in docs/operations.md exists, and each exported metric is documented (broker_process_* as a group)."""

@@ -292,3 +292,78 @@ class FramingTests(unittest.TestCase):
         client.sendClose(1000)
         yield client.closed
         yield eventually(lambda: metrics.websocket_clients._value.get() == 0)
+
+
+BAD_TOKEN_HANDSHAKE = HANDSHAKE + b"Authorization: Bearer not-a-token\r\n\r\n"
+
+
+class RefusalAccountingTests(unittest.TestCase):
+    """Refused handshakes in the metrics and the log: counted each, logged sparingly."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_handshake_answers_counted_in_http_requests_total(self):
+        """Each handshake answer Autobahn writes (401, 426, 101) counts in
+        broker_http_requests_total under its status, as the Site's own answers do."""
+        fleet = yield start_fleet(self)
+
+        def answers(status):
+            return fleet.service.metrics.registry.get_sample_value(
+                "broker_http_requests_total", {"status": status}) or 0
+        for _ in range(3):
+            status, _ = yield raw_answer(fleet.port, BAD_TOKEN_HANDSHAKE)
+            self.assertEqual(status, 401)
+        status, _ = yield raw_answer(fleet.port, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(status, 426)
+        yield connected(self, fleet.url, fleet.read_token)
+        self.assertEqual((answers("401"), answers("426"), answers("101")), (3, 1, 1))
+
+    @defer.inlineCallbacks
+    def test_refused_handshakes_do_not_flood_the_log(self):
+        """30 handshakes with a wrong token write at most one info line a second (and none
+        of Autobahn's "failing WebSocket opening handshake"), the rest at debug level."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        fleet = yield start_fleet(self)
+        started = reactor.seconds()
+        for _ in range(30):
+            status, _ = yield raw_answer(fleet.port, BAD_TOKEN_HANDSHAKE)
+            self.assertEqual(status, 401)
+        elapsed = reactor.seconds() - started
+        about = [event for event in events if "handshake" in (event.get("log_format") or "")]
+        info = [event for event in about if event.get("log_level") >= LogLevel.info]
+        self.assertTrue(info)
+        self.assertLessEqual(len(info), 1 + int(elapsed), [formatEvent(e) for e in info])
+        self.assertEqual([e for e in info if "failing" in e["log_format"]], [])
+        debug = [event for event in about if event.get("log_level") == LogLevel.debug
+                 and "refused" in event["log_format"]]
+        self.assertEqual(len(info) + len(debug), 30)
+
+
+class RefusalLogTests(unittest.SynchronousTestCase):
+    """The refused handshakes' log on a Clock: one info line a second, with a count."""
+
+    def test_one_info_line_a_second_naming_the_others(self):
+        """Refusals within a second of an info line go to debug; the next info line says
+        how many there were."""
+        from twisted.internet.task import Clock
+        from twisted.logger import Logger
+
+        from broker.web.websocket.endpoint import RefusalLog
+
+        events = []
+        clock = Clock()
+        refusals = RefusalLog(clock, Logger(observer=events.append))
+        for _ in range(5):
+            refusals.refused("tcp:127.0.0.1:5000", 401, "invalid or revoked access token")
+            clock.advance(0.1)
+        clock.advance(0.5)
+        refusals.refused("tcp:127.0.0.1:5001", 403, "origin 'null' is not allowed")
+        levels = [event["log_level"] for event in events]
+        self.assertEqual(levels, [LogLevel.info] + [LogLevel.debug] * 4 + [LogLevel.info])
+        self.assertEqual(events[-1]["suppressed"], 4)
+        self.assertIn("4 more refused", formatEvent(events[-1]))
+        self.assertIn("403", formatEvent(events[-1]))
+        self.assertEqual(refusals.suppressed, 0)

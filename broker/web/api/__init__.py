@@ -35,7 +35,7 @@ class Api:
                  request_factory=None, ssp_endpoint=None) -> None:
         self.registry = registry
         #: queues commands on SSP sessions (refuses them all without an SSP endpoint).
-        self.commands = CommandSender(registry, ssp_endpoint)
+        self.commands = CommandSender(registry, ssp_endpoint, relay=False)
         self.clock = clock
         self.settings = settings
         self.origins = OriginPolicy.from_settings(settings.allowed_origins, settings.public_url)

@@ -57,6 +57,8 @@ MAX_TICK = 1.0
 #: Resolution of Autobahn's (txaio's batched) timers: deadlines are truncated
 #: to whole seconds, so they may fire up to this much early.
 TIMER_RESOLUTION = 1.0
+#: Seconds between two info lines about refused handshakes (the rest go to debug).
+REFUSAL_LOG_INTERVAL = 1.0
 
 
 def _check_ping(name: str, value: float) -> float:
@@ -65,6 +67,40 @@ def _check_ping(name: str, value: float) -> float:
                          f"{TIMER_RESOLUTION:g} s (Autobahn's timers have whole-second "
                          f"resolution), not {value!r}")
     return value
+
+
+class RefusalLog:
+    """Refused handshakes in the log: an info line at most once a second, saying
+    how many were refused since the previous one; the others at debug level.
+
+    Anyone can send handshakes (a wrong token, a scanner), and a line for
+    each would let them fill the journal.
+    """
+
+    _REFUSED = "WebSocket handshake from {peer} refused: {status} {reason}"
+
+    def __init__(self, clock, logger, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.clock = clock
+        self.logger = logger
+        self.interval = interval
+        self._logged_at = None
+        #: refusals logged at debug level since the last info line.
+        self.suppressed = 0
+
+    def refused(self, peer, status: int, reason: str) -> None:
+        now = self.clock.seconds()
+        if self._logged_at is not None and now - self._logged_at < self.interval:
+            self.suppressed += 1
+            self.logger.debug(self._REFUSED, peer=peer, status=status, reason=reason)
+            return
+        self._logged_at = now
+        suppressed, self.suppressed = self.suppressed, 0
+        if suppressed:
+            self.logger.info(self._REFUSED + " ({suppressed} more refused since the previous "
+                             "such line, logged at debug level)", peer=peer, status=status,
+                             reason=reason, suppressed=suppressed)
+        else:
+            self.logger.info(self._REFUSED, peer=peer, status=status, reason=reason)
 
 
 class DashboardFactory(WebSocketServerFactory):
@@ -89,7 +125,8 @@ class DashboardFactory(WebSocketServerFactory):
         super().__init__(server=None, reactor=clock)
         self.registry = registry
         #: queues the ``command`` op's commands on SSP sessions (none without an endpoint).
-        self.commands = CommandSender(registry, ssp_endpoint)
+        # Commands relayed from other processes are the service's, not this endpoint's.
+        self.commands = CommandSender(registry, ssp_endpoint, relay=False)
         self.clock = clock
         self.metrics = metrics
         self.max_reply_backlog = max_reply_backlog
@@ -103,6 +140,9 @@ class DashboardFactory(WebSocketServerFactory):
         self._message_counters = {}
         #: refusals, error codes and closes, by name (also in the log).
         self.counters = Counter()
+        #: the log of refused handshakes (rate-limited).
+        self.refusals = RefusalLog(clock, self.logger)
+        self._answer_counters = {}
         self.configure(**limits)
 
     def configure(self, *, max_message_bytes: int = 65536, max_subscriptions: int = 100,
@@ -171,6 +211,17 @@ class DashboardFactory(WebSocketServerFactory):
             self.clients.discard(client)
             if self.metrics is not None:
                 self.metrics.websocket_clients.dec()
+
+    def handshake_answered(self, status: int) -> None:
+        """Count a handshake's answer (101 or a refusal) in broker_http_requests_total:
+        Autobahn writes it, not twisted.web, so the Site never counts it."""
+        if self.metrics is None:
+            return
+        counter = self._answer_counters.get(status)
+        if counter is None:
+            counter = self.metrics.http_requests.labels(status=str(status))
+            self._answer_counters[status] = counter
+        counter.inc()
 
     def flush_metrics(self) -> None:
         """Add the messages counted since the last flush to the Prometheus counters.

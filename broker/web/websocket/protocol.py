@@ -65,22 +65,36 @@ class DashboardProtocol(WebSocketServerProtocol):
             role = authorize(endpoint.registry, token)
         except Refused as refusal:
             endpoint.counters[f"refused_{refusal.status}"] += 1
-            self.logger.info("WebSocket handshake from {peer} refused: {status} {reason}",
-                             peer=request.peer, status=refusal.status, reason=refusal.reason)
+            # failHandshake answers, counts and logs it.
             raise ConnectionDeny(refusal.status, refusal.reason) from None
         self.token, self.role = token, role
         return subprotocol
 
-    def failHandshake(self, reason, code=400, responseHeaders=None):
-        """Autobahn's refusal, with the headers its status requires (REFUSAL_HEADERS).
+    def succeedHandshake(self, res):
+        """Autobahn's 101 answer, counted as the Site counts its answers."""
+        super().succeedHandshake(res)
+        if self.state == self.STATE_OPEN:
+            self.factory.handshake_answered(101)
 
-        The refusal is the answer, so the connection then ends as a clean one:
-        Autobahn warns of every unclean drop, which would make each scanner or
-        expired token a warning (onConnect logs the refusal at info level).
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """Every refusal (ours from onConnect, Autobahn's for a malformed handshake or
+        max_clients): the status with the headers it requires (REFUSAL_HEADERS),
+        counted in broker_http_requests_total and logged through the endpoint's
+        rate limit.
+
+        Autobahn's own method is not called: it would add an info line of its
+        own for each refusal, and anyone can send handshakes. The refusal is
+        the answer, so the connection then ends as a clean one: Autobahn warns
+        of every unclean drop, which would make each scanner or expired token
+        a warning.
         """
         self.wasClean = True
+        self.wasNotCleanReason = reason
+        self.factory.handshake_answered(code)
+        self.factory.refusals.refused(self.peer, code, reason)
         extra = REFUSAL_HEADERS.get(code, ())
-        super().failHandshake(reason, code, [*(responseHeaders or ()), *extra] or None)
+        self.sendHttpErrorResponse(code, reason, [*(responseHeaders or ()), *extra] or None)
+        self.dropConnection(abort=False)
 
     def onOpen(self):
         # Autobahn applies its tcpNoDelay option before copying its options
