@@ -195,6 +195,9 @@ class SSPSettings:
     park_after: float = _setting(0.5, minimum=0.05, maximum=60.0)
     auth_failure_budget: int = _setting(8, minimum=1, maximum=1000)
     facts_interval: float = _setting(1.0, minimum=0.1, maximum=60.0)
+    # broker/udp/table.py: seconds a session's stored receive mark may lag
+    # before a park writes it again (0: at every park).
+    mark_interval: float = _setting(60.0, minimum=0.0, maximum=86400.0)
     # broker/udp/bridge.py MAX_PENDING_COMMANDS
     max_pending_commands: int = _setting(256, minimum=1, maximum=65536)
 

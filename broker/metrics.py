@@ -32,6 +32,11 @@ SAMPLE_EVERY = 16
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+#: the SSP endpoint's counters exported as broker_ssp_session_events_total{event}.
+SESSION_EVENTS = ("sessions_resumed", "sessions_on_probation", "sessions_verified",
+                  "datagrams_withheld", "marks_at_park")
+
+
 class Metrics:
     """The broker's collectors, grouped by the component that moves them."""
 
@@ -76,6 +81,11 @@ class Metrics:
                              registry=registry)
         self.retransmissions = Counter("broker_ssp_retransmissions",
                                        "States sent again for want of an ack.", registry=registry)
+        self.session_events = Counter("broker_ssp_session_events",
+                                      "Resumes after a restart and what guards them against "
+                                      "replays, by event.", ["event"], registry=registry)
+        for event in SESSION_EVENTS:
+            self.session_events.labels(event=event)
         self.reports_refused = Counter("broker_ssp_reports_refused",
                                        "Device reports the registry refused (acknowledged all "
                                        "the same, or the device would resend them forever), "

@@ -318,6 +318,10 @@ class SessionRecord(NamedTuple):
     ``remote_seq`` is the device's next expected datagram sequence number
     when the record was written: an older datagram of the session (a replay)
     can then neither resume it nor move it to the sender's address.
+    ``local_num`` is the UDP endpoint's flag for that mark: 1 when it was
+    written as the session left memory (evicted, or a clean stop), so every
+    later datagram is the device's own; 0 when the mark may lag (a crash),
+    and a session resumed from it starts on probation (broker/udp/probation.py).
     A named tuple, not a frozen dataclass: one is built for every report,
     and a frozen dataclass's ``__init__`` costs about four times as much.
     """

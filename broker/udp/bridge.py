@@ -24,6 +24,13 @@ from broker.udp.convert import (ContinuedStart, SessionStart, desired_state, enc
 REFUSALS = (errors.InvalidKey, errors.InvalidValue, errors.StateTooLarge)
 
 
+#: ``SessionRecord.local_num`` of a record whose receive mark was written as its
+#: session left memory (evicted, or a clean stop): every datagram above the
+#: mark was sent after it.  0 (every other record, written while the session
+#: lives) says the mark may lag (a crash), and a session resumed from it
+#: starts on probation (probation.py).  The endpoint used no other value.
+MARK_FINAL = 1
+
 #: ``_current_record``: the device's record belongs to another session.
 _OTHER_SESSION = object()
 #: what a new session's reported state is before its first report.
@@ -164,26 +171,43 @@ class RegistryBridge:
 
 
     def mark(self, device_number: int, session_id: int, expected_seq: int,
-             outgoing=None) -> None:
-        """Persist a session's device sequence mark as it leaves memory (evicted,
-        or the endpoint stops): a datagram captured before cannot resume it
-        later. ``outgoing`` is the session's own outgoing state (not the
-        record's, which may hold commands whose write failed); None keeps the
-        record's commands (a live session's may be on their way to it).
-        Best effort: the older mark holds if this fails."""
+             outgoing=None, final: bool = False) -> bool:
+        """Persist a session's device sequence mark: a datagram captured before
+        cannot resume it later.  ``final``: the session leaves memory (evicted,
+        or the endpoint stops) and its mark covers every datagram it took, so
+        one above it is the device's, sent since (MARK_FINAL); a mark written
+        while it stays (a park: table.py) is not.  ``outgoing`` is the
+        session's own outgoing state (not the record's, which may hold
+        commands whose write failed); None keeps the record's commands (a
+        live session's may be on their way to it).  Batched with the store's
+        next commit; best effort: the older mark holds if this fails.
+        Whether a write was queued."""
         try:
             current = self.registry.session_record(device_number)
         except errors.StoreError:
-            return
-        if current is None or current.session_id != session_id:
-            return
+            return False
+        if current is None or current.session_id != session_id or not current.resumable:
+            return False
         commands = current.local_state if outgoing is None else encode_commands(outgoing)
-        if current.remote_seq >= expected_seq and current.local_state == commands:
-            return
+        flag = MARK_FINAL if final else 0
+        if (current.remote_seq >= expected_seq and current.local_state == commands
+                and current.local_num == flag):
+            return False
         record = current._replace(remote_seq=max(expected_seq, current.remote_seq),
-                                  local_state=commands)
+                                  local_state=commands, local_num=flag)
         self.registry.save_session(device_number, record).addErrback(
             self._mark_failed, device_number)
+        return True
+
+    @staticmethod
+    def mark_is_final(record) -> bool:
+        """Whether ``record``'s mark was written as its session left memory (mark)."""
+        return record.local_num == MARK_FINAL
+
+    def address(self, device_number: int):
+        """The device's last known address (the registry's connection facts), or None."""
+        view = self.registry.device_by_number(device_number)
+        return None if view is None else view.address
 
     def _mark_failed(self, failure, device_number: int) -> None:
         self.log.failure("sequence mark of device {number} not written", failure,

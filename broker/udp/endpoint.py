@@ -39,6 +39,7 @@ from broker.udp.downstream import Downstream
 from broker.udp.drops import EndpointDrop, not_authentic
 from broker.udp.limits import WindowCounter
 from broker.udp.park import Parked
+from broker.udp.probation import Probation, same_address
 from broker.udp.profile import endpoint_profile
 from broker.udp.reports import SessionWrites
 from broker.udp.convert import session_start
@@ -127,6 +128,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
                                    park_after=settings.park_after,
                                    facts_interval=settings.facts_interval,
                                    max_assembly_bytes=assembly_bytes(registry),
+                                   mark_interval=settings.mark_interval,
                                    flush=self._flush, counters=self.counters)
         self._writes = SessionWrites(table=self._table, bridge=self._bridge, clock=clock,
                                      now=self._now, flush=self._flush,
@@ -154,6 +156,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         table.presence.offline_after = settings.offline_after
         table.park_after = settings.park_after
         table.facts_interval = settings.facts_interval
+        table.mark_interval = settings.mark_interval
 
     # -- the table --------------------------------------------------------------
 
@@ -274,6 +277,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         found = session.pop_events()
         if session.last_heard is now:
             # Authentic and in order: it counts against the device's rate.
+            if live.probation is not None:
+                found = self._on_probation(live, found, addr, len(data), now)
             if parked:
                 self._table.install(live)
                 self.counters["sessions_unparked"] += 1
@@ -365,9 +370,10 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             self._drop(EndpointDrop.NEW_SESSION_RATE_LIMITED)
             return
         admission.device_sessions.allow(number, now)
+        floor = clock_floor(self._wall_clock())
         try:
             session, remote, resume = first_session(
-                record, seq_floor=clock_floor(self._wall_clock()), secret=secret, device_number=number, session_id=session_id,
+                record, seq_floor=floor, secret=secret, device_number=number, session_id=session_id,
                 ciphers=self._ciphers, profile=self._profile, random_bytes=self._random_bytes,
                 now=now, max_assembly_bytes=self._table.max_assembly_bytes)
         except DatagramDropped:
@@ -386,11 +392,41 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         live = self._install(entry, number, session_id, session, remote, resume, record, now)
         if self._table.get(number) is not live:
             return   # its start was refused at once (another process started it)
+        if resume and not bridge.mark_is_final(record):
+            self._start_probation(live, record, floor, addr, len(data))
         admission.device_rate.allow(number, now)
         self._table.heard(live, addr, now)
         if found:
             self._handle(live, found, now)
         self._flush(live, now)
+
+    # -- probation (probation.py) -------------------------------------------------
+
+    def _start_probation(self, live: LiveSession, record, floor: int, addr,
+                         size: int) -> None:
+        """A session resumed from a record whose mark may lag (a crash): its first
+        datagram may be a replay, unless it comes from the device's last known
+        address."""
+        known = self._bridge.address(live.number)
+        if same_address(addr, known):
+            return
+        # Its first state number: above every number an earlier process used.
+        probation = live.probation = Probation(known, max(record.seq_reservation, floor) + 1)
+        probation.earned(addr, size)
+        self.counters["sessions_on_probation"] += 1
+
+    def _on_probation(self, live: LiveSession, found, addr, size: int, now: float):
+        """An in-order datagram of a session on probation: it verifies the session
+        (which then follows it as a roam would, facts included), or earns its
+        address one datagram back.  Returns the events left to handle."""
+        probation = live.probation
+        if not probation.verified_by(live.session, addr):
+            probation.earned(addr, size)
+            return found
+        live.probation = None
+        self.counters["sessions_verified"] += 1
+        self._table.moved(live, addr, now)
+        return [event for event in found if type(event) is not ssp_events.PeerRoamed]
 
     def _durable_event_end(self, old, record, number) -> int:
         """Where the device's stored events end, before its new session.
@@ -455,8 +491,9 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             elif kind is ssp_events.SequenceReservationRequested:
                 self._writes.reserve(live, event.limit)
             elif kind is ssp_events.PeerRoamed:
-                self.counters["roams"] += 1
-                self._table.moved(live, event.address, now)
+                if live.probation is None:   # (else the move may be a replay's)
+                    self.counters["roams"] += 1
+                    self._table.moved(live, event.address, now)
             elif kind is ssp_events.StateAcknowledged:
                 self.counters["states_acknowledged"] += 1
             elif kind in _SESSION_OVER:
@@ -478,6 +515,11 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             if session.newest_sent_num == sent_num:
                 # The same state number again: a retransmission for want of an ack.
                 self.counters["retransmissions"] += 1
+            probation = live.probation
+            if probation is not None:
+                # Unverified: what does not fit its allowance is lost (SSP resends).
+                out, withheld = probation.allowed(out)
+                self.counters["datagrams_withheld"] += withheld
             self._send(out)
         found = session.pop_events()
         if found:

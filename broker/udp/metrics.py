@@ -9,6 +9,8 @@ table sampled are observed.
 
 from __future__ import annotations
 
+from broker.metrics import SESSION_EVENTS
+
 _COUNTERS = {
     "datagrams_in": "datagrams_in",
     "datagrams_out": "datagrams_out",
@@ -38,6 +40,12 @@ class EndpointMetrics:
             if delta > 0:
                 getattr(metrics, attribute).inc(delta)
                 self._seen[key] = value
+        for event in SESSION_EVENTS:
+            value = counters.get(event, 0)
+            delta = value - self._seen.get(event, 0)
+            if delta > 0:
+                metrics.session_events.labels(event=event).inc(delta)
+                self._seen[event] = value
         for reason, value in list(endpoint.drops.items()):
             delta = value - self._seen_drops.get(reason, 0)
             if delta > 0:

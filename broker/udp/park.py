@@ -7,7 +7,8 @@ acknowledged both ways, nothing due) to plain values; this module packs
 those into one ``bytes`` value: the 16-byte key, session id, sequence
 numbers (the next one we send, the next one we expect: replay protection),
 our sequence reservation, the state numbers of both sides, the smoothed
-RTT, when the device was last heard and its port.  The device's own state
+RTT, when the device was last heard, its port, and when the session record's
+receive mark was last written (whole seconds: table.py).  The device's own state
 needs no copy: its content is the durable state in the session record.  Our
 acknowledged outgoing state is the device's desired values, usually the
 shared empty state.  ``unpark`` gives ``SSPSession.unpark`` its values back.
@@ -22,15 +23,17 @@ import sys
 from broker.ssp.framing import build_header
 from broker.ssp.session import ParkedSession, SSPSession
 
-from broker.udp.sessions import EMPTY, LiveSession
+from broker.udp.sessions import EMPTY, NEVER_MARKED, LiveSession
 
 # key, session id, next seq, expected seq, reserved seq, remote num, local num,
-# last heard, remote heard (a new state), srtt (-1: none yet), rttvar, port.
-# 90 bytes: a bytes object of up to 95 takes the same 128-byte block.
-_PACK = struct.Struct(">16sQQQQQQddffH")
+# last heard, remote heard (a new state), srtt (-1: none yet), rttvar, port,
+# marked at (whole seconds + 1; 0: never).
+# 94 bytes: a bytes object of up to 95 takes the same 128-byte block.
+_PACK = struct.Struct(">16sQQQQQQddffHI")
 _pack = _PACK.pack
 _unpack = _PACK.unpack
 _NO_RTT = -1.0
+_MAX_MARKED = (1 << 32) - 1
 
 
 class Parked:
@@ -62,6 +65,12 @@ class Parked:
         """The device's next datagram sequence number (see SSPSession.expected_seq)."""
         return _unpack(self.data)[3]
 
+    def marked_at(self) -> float:
+        """When the record's receive mark was last written (LiveSession.marked_at,
+        rounded down to the second)."""
+        marked = _unpack(self.data)[12]
+        return NEVER_MARKED if marked == 0 else float(marked - 1)
+
     def remote_address(self):
         return (self.host, _unpack(self.data)[11])
 
@@ -69,13 +78,16 @@ class Parked:
         return f"<Parked name={self.name!r} session={self.session_id}>"
 
 
-def park(live: LiveSession) -> Parked | None:
+def park(live: LiveSession, marked_at: float | None = None) -> Parked | None:
     """The packed form of an idle live session, or None if it is not idle.
 
     Idle for the endpoint too: every report durable (no write on its way,
-    none failed and waiting to be written again, reservations included).
+    none failed and waiting to be written again, reservations included),
+    and not on probation (probation.py: its proof must not be forgotten).
+    ``marked_at``: when the record's mark was written, if not ``live.marked_at``.
     """
-    if live.writes or live.unsaved_num or live.unreserved or not live.started:
+    if (live.writes or live.unsaved_num or live.unreserved or not live.started
+            or live.probation is not None):
         return None
     parked = live.session.park()
     if parked is None or parked.seq_reserved is None or parked.last_heard is None:
@@ -85,7 +97,8 @@ def park(live: LiveSession) -> Parked | None:
                  parked.seq_reserved, parked.remote_num, parked.local_num,
                  parked.last_heard, parked.remote_heard,
                  _NO_RTT if parked.srtt is None else parked.srtt,
-                 _NO_RTT if parked.rttvar is None else parked.rttvar, port)
+                 _NO_RTT if parked.rttvar is None else parked.rttvar, port,
+                 _packed_time(live.marked_at if marked_at is None else marked_at))
     local = parked.local_state
     return Parked(data, sys.intern(host) if type(host) is str else host, live.name,
                   EMPTY if local == EMPTY else local, live.online, live.wheel_slot)
@@ -102,7 +115,7 @@ def unpark(parked: Parked, number: int, *, remote_state, ciphers, profile, rando
     session parked before its first report starts from a SessionStart).
     """
     (key, session_id, next_seq, expected_seq, reserved, remote_num, local_num, last_heard,
-     remote_heard, srtt, rttvar, port) = _unpack(parked.data)
+     remote_heard, srtt, rttvar, port, marked) = _unpack(parked.data)
     values = ParkedSession(
         key=key, header=build_header(number, session_id), is_server=True,
         next_seq=next_seq, expected_seq=expected_seq, seq_reserved=reserved,
@@ -117,7 +130,15 @@ def unpark(parked: Parked, number: int, *, remote_state, ciphers, profile, rando
                        remote_state if reported is None else reported, reserved)
     live.online = parked.online
     live.wheel_slot = parked.wheel_slot
+    live.marked_at = NEVER_MARKED if marked == 0 else float(marked - 1)
     return live
+
+
+def _packed_time(seconds: float) -> int:
+    """``seconds`` (monotonic) as the packed whole seconds + 1 (0: never)."""
+    if seconds == NEVER_MARKED or seconds < 0:
+        return 0
+    return min(_MAX_MARKED, int(seconds) + 1)
 
 
 def _measured(seconds: float) -> float | None:

@@ -89,6 +89,9 @@ class SessionWrites:
             return
         self._counters["registry_writes"] += len(reports)
         handed = [live.reported for live, _, _ in reports]
+        now = self._now()
+        for live, _, _ in reports:
+            live.marked_at = now    # each record carries the device's receive mark
         try:
             answer = self._bridge.report_many(reports)
         except Exception:
@@ -105,7 +108,6 @@ class SessionWrites:
         answer.addCallbacks(self._reported, self._not_durable,
                             callbackArgs=(reports, counts), errbackArgs=(reports,))
         if flush:
-            now = self._now()
             for live, _, _ in reports:
                 if table.get(live.number) is not live:
                     continue
@@ -196,6 +198,7 @@ class SessionWrites:
         bridge._record: they are written after it, in order)."""
         live.requested, live.unreserved = limit, 0
         live.writes += 1
+        live.marked_at = self._now()   # the record carries the receive mark too
         expected = live.reserved if live.started else None
         self._bridge.reserve(live, limit, expected).addCallbacks(
             self._reserved, self._not_reserved,

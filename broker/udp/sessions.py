@@ -19,6 +19,8 @@ __all__ = ["LiveSession", "new_session", "resumed_session", "first_session",
            "record_states", "clock_floor", "SEQ_RESERVATION_BLOCK", "SEQ_PER_SECOND"]
 
 EMPTY = DeviceState.empty()
+#: ``LiveSession.marked_at`` of a session whose record this process has not written.
+NEVER_MARKED = float("-inf")
 
 #: Sequence numbers per wall-clock second below a session's first one
 #: (clock_floor): far more than any session sends in a second (it would
@@ -62,13 +64,17 @@ class LiveSession:
     ``wheel_slot``: the presence bucket holding it, -1 if none.
     ``unsaved_num``: the number of a report whose write failed and that no
     durable write has covered since (0: none); written again with the
-    session's next datagram (reports.py).
+    session's next datagram (reports.py).  ``marked_at``: when a record
+    holding the device's receive mark was last written (monotonic seconds;
+    -inf: not by this process), see table.py.  ``probation``: None, or the
+    ``Probation`` of a session resumed from a record whose mark may lag
+    (probation.py): it answers no unverified address with more than it got.
     """
 
     __slots__ = ("number", "name", "session_id", "session", "reported",
                  "reserved", "online", "facts_at", "wheel_slot", "writes",
                  "pending_state", "pending_num", "pending_count", "unsaved_num",
-                 "requested", "unreserved", "started")
+                 "requested", "unreserved", "started", "marked_at", "probation")
 
     def __init__(self, number: int, name: str, session_id: int, session: SSPSession,
                  reported: DeviceState, reserved: int, started: bool = True) -> None:
@@ -89,6 +95,8 @@ class LiveSession:
         self.requested = 0
         self.unreserved = 0
         self.started = started
+        self.marked_at = NEVER_MARKED
+        self.probation = None
 
     def __repr__(self) -> str:
         return (f"<LiveSession device={self.number} name={self.name!r} "

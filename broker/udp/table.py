@@ -6,6 +6,16 @@ The table maps a device number to its ``LiveSession`` (recently active) or
 without a timer per device), and the lifecycle: install, park after
 ``park_after`` idle seconds, unpark on demand, retire, evict offline
 sessions whose record says everything.
+
+The record's receive mark (the device's next expected sequence number:
+a datagram below it cannot resume the session) is written with every
+report, and besides by a session that parks when its device sent
+datagrams since the stored mark (heartbeats, acks) and the stored one is
+``mark_interval`` seconds old or more: after a crash a captured datagram
+can then resume the session only if the device sent it within about
+``mark_interval`` and a heartbeat of the crash (and probation.py keeps such
+a resume from answering the replayer).  No timer: a park is the moment a
+session's writes are all durable anyway.
 """
 
 from __future__ import annotations
@@ -43,13 +53,15 @@ class SessionTable:
 
     def __init__(self, *, bridge, ciphers, profile, random_bytes, clock, now,
                  offline_after: float, park_after: float | None, flush, counters: Counter,
-                 facts_interval: float = 1.0, max_assembly_bytes: int | None = None) -> None:
+                 facts_interval: float = 1.0, max_assembly_bytes: int | None = None,
+                 mark_interval: float = 60.0) -> None:
         self.bridge = bridge
         self.ciphers = ciphers
         self.profile = profile
         self.random_bytes = random_bytes
         self.park_after = park_after
         self.facts_interval = facts_interval
+        self.mark_interval = mark_interval
         self.max_assembly_bytes = max_assembly_bytes
         self.rtt_samples: list[float] = []
         self.counters = counters
@@ -138,12 +150,16 @@ class SessionTable:
                 return
             heard = session.last_heard
             parked = None
+            marking = now - live.marked_at >= self.mark_interval
             if heard is not None and now - heard >= self.park_after - 0.001:
-                parked = park(live)
+                parked = park(live, now if marking else None)
             if parked is not None:
                 self._sessions[live.number] = parked
                 self.ciphers.discard(session.key)
                 self.counters["sessions_parked"] += 1
+                if marking and self.bridge.mark(live.number, live.session_id,
+                                                session.expected_seq):
+                    self.counters["marks_at_park"] += 1
             else:
                 # Not idle yet (a write or a command on its way): look again
                 # later, less often the longer the device has been silent.
@@ -156,15 +172,17 @@ class SessionTable:
     # -- presence -----------------------------------------------------------------
 
     def heard(self, live: LiveSession, address, now: float) -> None:
-        """An authentic datagram: the device is online; facts refreshed at most once a second."""
+        """An authentic datagram: the device is online; facts refreshed at most once a
+        second (none while on probation: the datagram may be a replay)."""
         if not live.online:
             live.online = True
             live.facts_at = now
             heard = live.session.last_heard
             live.wheel_slot = self.presence.add(live.number, now if heard is None else heard)
             self._arm_presence()
-            self._facts(live, address)
-        elif now - live.facts_at >= self.facts_interval:
+            if live.probation is None:
+                self._facts(live, address)
+        elif now - live.facts_at >= self.facts_interval and live.probation is None:
             live.facts_at = now
             self._facts(live, address)
 
@@ -210,11 +228,14 @@ class SessionTable:
                 # resumes from it, and the memory goes back to the pool.
                 # The record keeps where the device's numbering stood.
                 if type(entry) is Parked:
-                    self.bridge.mark(number, entry.session_id, entry.expected_seq(), entry.local)
+                    self.bridge.mark(number, entry.session_id, entry.expected_seq(), entry.local,
+                                     final=True)
                 else:
+                    # (Final unless on probation: its mark covers only the
+                    # replays it took, not every captured datagram.)
                     session = entry.session
                     self.bridge.mark(number, entry.session_id, session.expected_seq,
-                                     session.local_state)
+                                     session.local_state, final=entry.probation is None)
                 self.drop(number)
                 self.counters["sessions_evicted"] += 1
         due = self.presence.next_due()
@@ -256,9 +277,10 @@ class SessionTable:
         mark = self.bridge.mark
         for number, entry in self._sessions.items():
             if type(entry) is Parked:
-                mark(number, entry.session_id, entry.expected_seq())
+                mark(number, entry.session_id, entry.expected_seq(), final=True)
             else:
-                mark(number, entry.session_id, entry.session.expected_seq)
+                mark(number, entry.session_id, entry.session.expected_seq,
+                     final=entry.probation is None)
 
     def stop(self) -> None:
         self.scheduler.stop()

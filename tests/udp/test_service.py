@@ -68,6 +68,26 @@ class EndpointMetricsTests(SynchronousTestCase):
         self.assertIn("broker_ssp_retransmissions_total 3.0", text)
 
 
+    def test_resume_guard_events_copied(self):
+        """Resumes, probation, verification, withheld datagrams and park marks are
+        exported by event, every event from the start (as 0)."""
+        endpoint, metrics = FakeEndpoint(), Metrics()
+        copier = EndpointMetrics(endpoint, metrics)
+        copier.update()
+        text = metrics.render().decode()
+        self.assertIn('broker_ssp_session_events_total{event="datagrams_withheld"} 0.0', text)
+        endpoint.counters.update(sessions_resumed=3, sessions_on_probation=2,
+                                 sessions_verified=1, datagrams_withheld=5, marks_at_park=7)
+        copier.update()
+        endpoint.counters["marks_at_park"] += 1
+        copier.update()
+        text = metrics.render().decode()
+        for event, value in (("sessions_resumed", 3), ("sessions_on_probation", 2),
+                             ("sessions_verified", 1), ("datagrams_withheld", 5),
+                             ("marks_at_park", 8)):
+            self.assertIn(f'broker_ssp_session_events_total{{event="{event}"}} {value}.0', text)
+
+
 class UDPServiceTests(TestCase):
     """attach_udp gives the broker a started "udp" child with a reload hook."""
 

@@ -1,0 +1,242 @@
+"""After a crash (kill -9: no clean stop writes the marks) a captured datagram of the
+live session can neither answer its replayer with more than it brought nor move the
+device's address (wire.md 3), and the window it has is bounded by ``mark_interval``."""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.udp.park import Parked
+from broker.udp.probation import Probation
+
+from .helpers import Harness
+
+ATTACKER = ("127.0.0.66", 6666)
+ELSEWHERE = ("127.0.0.3", 41000)
+#: The address Harness.node sends from.
+DEVICE = ("127.0.0.2", 40000)
+#: About 6 kB of desired values: many datagrams once a session sends them freely.
+BIG = {f"k{i}": os.urandom(60).hex() for i in range(50)}
+
+
+def crashed(h, **settings):
+    """A new registry and endpoint over the same store; the old endpoint is never
+    stopped (kill -9: no stopProtocol, so no marks written)."""
+    return Harness(h.testcase, store=h.store, clock=h.clock, **settings)
+
+
+def sent_to(harness, address):
+    """The datagrams the harness's endpoint wrote to ``address`` (and not yet delivered)."""
+    return [data for data, to in harness.transport.written if to == address]
+
+
+class CapturingTests(SynchronousTestCase):
+    """A device that reported, then only heartbeats, its datagrams captured."""
+
+    desired = None
+    settings = {}
+
+    def setUp(self):
+        self.h = Harness(self, **self.settings)
+        self.device = self.h.provision("dev")
+        self.number = self.device.device_number
+        self.node = self.h.node(self.device)
+        if self.desired is not None:
+            self.successResultOf(self.h.registry.update_desired("dev", self.desired))
+        self.node.report({"v": 1}, self.h.clock.seconds())
+        self.h.run(2.0)
+        self.captured = []
+        receive = self.h.endpoint.datagramReceived
+
+        def capture(data, addr):
+            self.captured.append(data)
+            receive(data, addr)
+        self.h.endpoint.datagramReceived = capture
+
+    def heartbeats(self, seconds):
+        """Let the device heartbeat (and park in between) for ``seconds``."""
+        self.h.run(seconds, dt=0.05)
+
+    def record(self, harness=None):
+        return (harness or self.h).registry.session_record(self.number)
+
+    def view(self, harness):
+        return harness.registry.device_by_number(self.number)
+
+
+class MarkAtParkTests(CapturingTests):
+    """Parking writes a lagging receive mark at most every ``mark_interval``."""
+
+    def test_park_within_the_interval_writes_no_mark(self):
+        """A heartbeat 25 s after the last record write moves the device's sequence
+        number, but its park writes nothing (the default interval is 60 s)."""
+        reported = self.record()
+        self.heartbeats(30.0)
+        entry = self.h.endpoint.entry_of(self.number)
+        self.assertIs(type(entry), Parked)
+        self.assertGreater(entry.expected_seq(), reported.remote_seq)
+        self.assertEqual(self.record(), reported)
+        self.assertEqual(self.h.endpoint.counters["marks_at_park"], 0)
+
+    def test_park_after_the_interval_writes_the_mark(self):
+        """The first park 60 s or more after the last record write stores the device's
+        next expected sequence number (the 75 s heartbeat's), and only that one."""
+        self.heartbeats(80.0)
+        entry = self.h.endpoint.entry_of(self.number)
+        self.assertIs(type(entry), Parked)
+        self.assertEqual(self.record().remote_seq, entry.expected_seq())
+        self.assertEqual(self.h.endpoint.counters["marks_at_park"], 1)
+
+
+class MarkEveryParkTests(CapturingTests):
+    """``mark_interval = 0``: every park writes a lagging mark."""
+
+    settings = {"mark_interval": 0.0}
+
+    def test_heartbeat_replayed_after_a_crash_is_dropped(self):
+        """With the mark written at the park after each heartbeat, a heartbeat replayed
+        after a kill -9 is dropped as a replay: no session, no answer."""
+        self.heartbeats(30.0)
+        self.assertEqual(self.record().remote_seq,
+                         self.h.endpoint.entry_of(self.number).expected_seq())
+        h2 = crashed(self.h, **self.settings)
+        h2.endpoint.datagramReceived(self.captured[-1], ATTACKER)
+        h2.clock.advance(1.0)
+        self.assertEqual(h2.transport.written, [])
+        self.assertIsNone(h2.endpoint.entry_of(self.number))
+        self.assertEqual(h2.endpoint.drops["replay"], 1)
+
+
+class ProbationTests(CapturingTests):
+    """A session resumed from a record whose mark may lag is on probation."""
+
+    desired = BIG
+
+    def replay_after_crash(self, seconds=20.0):
+        """Crash after a heartbeat, replay it from a stranger; what the stranger got."""
+        self.heartbeats(30.0)
+        self.h2 = h2 = crashed(self.h)
+        replayed = self.captured[-1]
+        h2.endpoint.datagramReceived(replayed, ATTACKER)
+        got = []
+        for _ in range(int(seconds * 10)):
+            h2.clock.advance(0.1)
+            got += sent_to(h2, ATTACKER)
+            h2.transport.written = []
+        return replayed, got
+
+    def test_replay_is_answered_with_no_more_than_it_brought(self):
+        """A heartbeat replayed from a stranger after a crash resumes the session on
+        probation: in 20 s the stranger gets at most one datagram, no larger than the
+        replay, and the registry keeps the device's address and offline state."""
+        replayed, got = self.replay_after_crash()
+        self.assertLessEqual(len(got), 1)
+        self.assertLessEqual(sum(map(len, got)), len(replayed))
+        view = self.view(self.h2)
+        self.assertEqual(view.address, self.h.address_of(self.node))
+        self.assertFalse(view.online)
+        self.assertEqual(self.h2.endpoint.counters["sessions_on_probation"], 1)
+
+    def test_device_takes_its_session_back_from_a_replayer(self):
+        """After a replay, the device's own next datagram (from its known address)
+        verifies the session: it gets its desired values, the stranger nothing more."""
+        _, got = self.replay_after_crash(seconds=1.0)
+        h2 = self.h2
+        h2.nodes = self.h.nodes
+        self.node.report({"v": 2}, h2.clock.seconds())
+        h2.run(3.0)
+        self.assertEqual(h2.endpoint.counters["sessions_verified"], 1)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 2})
+        self.assertEqual(self.node.desired, BIG)
+        self.assertTrue(self.view(h2).online)
+        self.assertEqual(self.view(h2).address, self.h.address_of(self.node))
+        self.assertEqual(h2.transport.sent[ATTACKER], len(got))
+        self.assertEqual(self.node.sessions_started, 1)
+
+    def test_device_at_its_known_address_sees_only_a_pause(self):
+        """A device that did not move resumes after a crash with no probation: its
+        first datagram comes from its known address."""
+        self.heartbeats(30.0)
+        h2 = crashed(self.h)
+        h2.nodes = self.h.nodes
+        self.node.report({"v": 2}, h2.clock.seconds())
+        h2.run(3.0)
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(h2.endpoint.counters["sessions_on_probation"], 0)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 2})
+        self.assertEqual(self.node.sessions_started, 1)
+
+    def test_eviction_on_probation_keeps_later_replays_on_probation(self):
+        """A session resumed by a replay and evicted unverified leaves a mark that does
+        not vouch for later datagrams: a later captured one, replayed, is again answered
+        with no more than it brought."""
+        self.heartbeats(60.0)                 # two heartbeats after the report
+        first, second = self.captured[-2], self.captured[-1]
+        h2 = crashed(self.h)
+        h2.endpoint.datagramReceived(first, ATTACKER)
+        h2.clock.advance(100.0)               # offline, evicted
+        self.assertIsNone(h2.endpoint.entry_of(self.number))
+        h2.transport.written = []
+        h2.endpoint.datagramReceived(second, ATTACKER)
+        got = []
+        for _ in range(200):
+            h2.clock.advance(0.1)
+            got += sent_to(h2, ATTACKER)
+            h2.transport.written = []
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 2)
+        self.assertLessEqual(len(got), 1)
+        self.assertLessEqual(sum(map(len, got)), len(second))
+
+
+class MovedDeviceTests(CapturingTests):
+    """A device whose address changed across the crash."""
+
+    def test_moved_device_is_verified_by_acknowledging_a_fresh_state(self):
+        """A device heard from a new address after a crash gets one small answer there
+        (its report acknowledged), and its next datagram, acknowledging that answer's
+        state, verifies the session: the registry then shows the new address."""
+        self.heartbeats(30.0)
+        h2 = crashed(self.h)
+        h2.nodes = self.h.nodes
+        h2.move(self.node, ELSEWHERE)
+        self.node.report({"v": 2}, h2.clock.seconds())
+        h2.run(3.0)
+        self.assertEqual(h2.endpoint.counters["sessions_on_probation"], 1)
+        self.assertEqual(h2.endpoint.counters["sessions_verified"], 0)
+        self.assertTrue(self.node.idle())       # its report was acknowledged
+        self.assertEqual(self.view(h2).address, DEVICE)
+        h2.run(25.0, dt=0.05)                   # its next heartbeat
+        self.assertEqual(h2.endpoint.counters["sessions_verified"], 1)
+        self.assertEqual(self.view(h2).address, ELSEWHERE)
+        self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 2})
+
+    def test_clean_stop_leaves_no_probation(self):
+        """After a clean stop every mark is final: a device resuming from a new address
+        roams there at once, as before."""
+        self.heartbeats(30.0)
+        h2 = self.h.restart()
+        h2.nodes = self.h.nodes
+        h2.move(self.node, ELSEWHERE)
+        self.node.report({"v": 2}, h2.clock.seconds())
+        h2.run(3.0)
+        self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
+        self.assertEqual(h2.endpoint.counters["sessions_on_probation"], 0)
+        self.assertEqual(self.view(h2).address, ELSEWHERE)
+
+
+class ProbationAllowanceTests(SynchronousTestCase):
+    """Probation.allowed: one datagram per datagram received, no larger, to its sender."""
+
+    def test_allowance_is_per_datagram_size_and_address(self):
+        """Each datagram earns its sender one datagram of at most its size; a datagram
+        from another address takes the place of the earlier allowance."""
+        probation = Probation(None, 10)
+        probation.earned(ATTACKER, 80)
+        kept, withheld = probation.allowed([(b"x" * 81, ATTACKER)])
+        self.assertEqual((kept, withheld), ([], 1))
+        kept, withheld = probation.allowed([(b"x" * 80, ATTACKER), (b"y", ATTACKER)])
+        self.assertEqual((len(kept), withheld), (1, 1))
+        probation.earned(ATTACKER, 80)
+        probation.earned(ELSEWHERE, 50)
+        kept, withheld = probation.allowed([(b"x" * 50, ATTACKER), (b"z" * 50, ELSEWHERE)])
+        self.assertEqual((kept, withheld), ([(b"z" * 50, ELSEWHERE)], 1))
