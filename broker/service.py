@@ -49,6 +49,7 @@ from twisted.logger import ILogObserver, Logger
 
 from broker.backend import RegistryService, open_configured_registry
 from broker.config import Config, ConfigError, load_config
+from broker.files import make_private_dirs
 from broker.lifecycle import reloadable, within
 from broker.listeners import (FRONT_DOORS, add_listener, config_error_on_bind_failure,
                               format_address, parse_endpoints, use_worker_udp_socket,
@@ -67,8 +68,9 @@ log = Logger()
 
 
 def ensure_private_directory(path: Path) -> Path:
-    """Create path with mode 0700 if it is missing; take group and other bits off one that exists."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create path with mode 0700 if it is missing (parents made on the way too);
+    take group and other bits off one that exists."""
+    make_private_dirs(path)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         os.chmod(path, mode & 0o700)

@@ -486,3 +486,20 @@ class ReloadTests(TestCase):
         self.assertEqual(len(reloaded), 1)
         self.assertIn("log level warn", formatEvent(reloaded[0]))
         self.assertEqual(json_record(reloaded[0])["level_now"], "warn")
+
+
+class DataDirectoryTests(SynchronousTestCase):
+    """The broker's data directory, made at start."""
+
+    def test_parents_made_for_the_data_directory_are_private(self):
+        """Under umask 000 the directories made on the way to data_dir are 0700 too
+        (Path.mkdir's mode covers the last one only)."""
+        import stat
+
+        from broker.service import ensure_private_directory
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        top = Path(self.mktemp())
+        ensure_private_directory(top / "a" / "data")
+        for path in (top, top / "a", top / "a" / "data"):
+            self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o700, path)

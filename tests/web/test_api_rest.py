@@ -9,6 +9,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from broker.config import replace
+from broker.logs import redact
 from broker.registry.errors import StoreError
 from broker.web.api import resource as api_resource
 from broker.web.commands import CommandSender
@@ -322,6 +323,10 @@ class RestTests(TestCase):
                   if "failed" in (event.get("log_format") or "")]
         self.assertTrue(logged)
         self.assertFalse([text for text in logged if token in text])
+        # Method and path as text: the log's redaction shows bytes only by length.
+        line = formatEvent(redact([event for event in events
+                                   if "failed" in (event.get("log_format") or "")][0]))
+        self.assertIn("API request GET /api/v1/devices failed", line)
 
     @defer.inlineCallbacks
     def test_query_tokens_off(self):

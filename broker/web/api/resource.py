@@ -69,6 +69,14 @@ def _headless(request, body: bytes) -> bytes:
     return b""
 
 
+
+def _named(request) -> dict:
+    """The method and path of a request for a log line, as text (the log's redaction
+    shows bytes values only by their length). The path, never the URI: its query may
+    hold a ?token=."""
+    return {"method": request.method.decode("ascii", "replace"),
+            "path": request.path.decode("utf-8", "replace")}
+
 class ApiResource(Resource):
     """Everything under /api."""
 
@@ -85,9 +93,7 @@ class ApiResource(Resource):
         except ApiError as error:
             return _headless(request, self._error(request, error))
         except Exception:
-            # The path, never the URI: its query may hold a ?token=.
-            self.log.failure("API request {method} {path} failed",
-                             method=request.method, path=request.path)
+            self.log.failure("API request {method} {path} failed", **_named(request))
             return _headless(request, self._error(request, INTERNAL_ERROR))
         if result is NOT_DONE_YET:
             return result
@@ -158,7 +164,7 @@ class ApiResource(Resource):
             if failure.check(ApiError):
                 return self._error(request, failure.value)
             self.log.failure("API request {method} {path} failed", failure,
-                             method=request.method, path=request.path)
+                             **_named(request))
             return self._error(request, INTERNAL_ERROR)
 
         def write(body):
