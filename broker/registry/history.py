@@ -129,8 +129,11 @@ class History:
     def with_cursors(self, version: int, cursor: int) -> "History":
         """This history with the cursor of its newest entries, written as 0
         by a writer that could not know it, taken from the change that has
-        ``version`` at ``cursor`` (one cursor per version in between).  Only
-        those entries are decoded and encoded again."""
+        ``version`` at ``cursor`` (one cursor per version in between).  A
+        version written as 0 is that change's own (a new device's "created"
+        entry: its first version is its creation's cursor, which the writer
+        could not know either).  Only those entries are decoded and encoded
+        again."""
         encoded = self.encoded
         index = len(encoded)
         fixed = []
@@ -139,6 +142,7 @@ class History:
             if c != 0:
                 break
             index -= 1
+            v = v or version
             fixed.append(encode_entry(v, cursor - (version - v), at, kind, data))
         if not fixed:
             return self

@@ -131,7 +131,7 @@ class RedisAdmin:
             secret = new_secret(self._random_bytes)
             dev = Device(name, number, secret, 1)
             if self._history:
-                dev.history = ((1, 0, self._now(), "created", None),)
+                dev.history = ((0, 0, self._now(), "created", None),)   # see with_cursors
             status, _, _ = store.run_now(
                 "add", [store.device_key(number), store.keys_names, store.key_seq, store.key_feed],
                 [name, number, secret, encode_state(dev.state()), self.origin,

@@ -28,7 +28,9 @@ class SharedProvisioning:
             return defer.fail(e)
         dev = Device(name, number, new_secret(self._random_bytes), 1)
         if self.settings.history_size:
-            dev.history = History.of(((1, 0, self._clock.seconds(), "created", None),))
+            # Version and cursor 0: the change's own, filled in as it is applied
+            # (History.with_cursors): the ADD script makes both the new cursor.
+            dev.history = History.of(((0, 0, self._clock.seconds(), "created", None),))
         store = self._store
         keys = [store.device_key(number), store.keys_names, store.key_seq, store.key_feed]
         args = [name, number, dev.secret, encode_state(dev.state()), self.origin,

@@ -124,6 +124,10 @@ class SharedRegistryTestsMixin(TwoRegistries):
         yield wait_until(self, lambda: getattr(self.b.device("dev-again"), "cursor", None)
                          == new.cursor, what="the new device on B")
         self.assertEqual(self.b.device("dev-again").version, new.version)
+        for registry in (self.a, self.b):     # its "created" entry names them too
+            entry = registry.device("dev-again").to_json()["history"][0]
+            self.assertEqual((entry["kind"], entry["version"], entry["cursor"]),
+                             ("created", new.version, new.cursor))
 
     @defer.inlineCallbacks
     def test_update_reported_many_answers_each_update_in_order(self):

@@ -50,6 +50,22 @@ class IfNoneMatchReadTests(SynchronousTestCase):
         """HEAD answers as GET: 304 when the tag matches."""
         self.assertEqual(self.get(self.etag, method="HEAD").response()[0], 304)
 
+    def test_foreign_entity_tags_match_nothing(self):
+        """A well-formed entity tag that is none of our versions (another server's,
+        empty, or digits spelled otherwise) is no match and no error (RFC 9110 13.1.2)."""
+        version = self.etag.strip(b'"')
+        for tags in (b'"abc"', b'""', b'W/"xyz"', b'"0' + version + b'"', b"0" + version):
+            self.assertEqual(self.get(tags).response()[0], 200, tags)
+        self.assertEqual(self.get(b'"abc", ' + self.etag).response()[0], 304)
+
+    def test_if_match_is_evaluated_on_a_read(self):
+        """A GET whose If-Match names another version is 412 before anything else, and
+        one naming the current version gets the device (RFC 9110 13.2.2)."""
+        stale = self.m.open("GET", "/api/v1/devices/a", {**self.auth, b"If-Match": b'"999"'})
+        self.assertEqual(stale.response()[0], 412)
+        current = self.m.open("GET", "/api/v1/devices/a", {**self.auth, b"If-Match": self.etag})
+        self.assertEqual(current.response()[0], 200)
+
     def test_malformed_header_is_400(self):
         """A value that is neither * nor entity tags of versions is 400 invalid_parameter."""
         status, _, body = self.get(b"yesterday").response()
@@ -125,6 +141,16 @@ class IfNoneMatchWriteTests(SynchronousTestCase):
         status, headers, body = self.patch({b"If-None-Match": b'"%d"' % (version - 1)})
         self.assertEqual((status, body["desired"]), (200, {"led": "on"}))
         self.assertEqual(headers["ETag"], '"%d"' % body["version"])
+
+    def test_if_match_compares_tags_as_text(self):
+        """If-Match "07" does not name version 7 (strong comparison is of the text), and
+        a foreign tag names no version: 412, nothing written."""
+        version = self.m.registry.device("a").version
+        for tag in (b'"0%d"' % version, b'"abc"'):
+            status, _, body = self.m.call("PATCH", "/api/v1/devices/a/desired",
+                                          {**self.auth, **JSON, b"If-Match": tag}, {"x": 2})
+            self.assertEqual((status, body["error"]["code"]), (412, "version_conflict"), tag)
+        self.assertEqual(self.m.registry.device("a").version, version)
 
     def test_if_match_is_evaluated_first(self):
         """A stale If-Match is 412 whatever If-None-Match says (RFC 9110 13.2.2)."""

@@ -192,7 +192,7 @@ class RestTests(TestCase):
         yield self.assertError(400, "invalid_key", "PATCH", "/devices/porch/desired", self.write,
                                body={"bad key!": 1})
         yield self.assertError(400, "invalid_parameter", "PATCH", "/devices/porch/desired",
-                               self.write, {"a": 1}, {b"if-match": b'"seven"'})
+                               self.write, {"a": 1}, {b"if-match": b"seven"})
 
     @defer.inlineCallbacks
     def test_text_that_is_not_unicode_is_invalid_json(self):

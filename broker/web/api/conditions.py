@@ -6,12 +6,17 @@ A device's ETag is its version as a strong entity tag (``"7"``).
 opposite: a read whose answer would name one of its versions (or any, for
 ``*``) gets ``304 Not Modified`` without the device, and a write to a
 device at one of them gets 412 (weak comparison: ``W/"7"`` names 7 too).
+
+Tags are compared as text, as RFC 9110 does: ``"07"`` is not version 7.
+A well-formed tag that is no version of ours (another server's, ``"abc"``)
+names none: it never matches, and is no error.
 """
 
 from __future__ import annotations
 
+import re
+
 from .errors import ApiError, bad_request, etag
-from .inputs import parse_int
 
 #: cursors and versions accepted (18 digits; the registry's sequence will not get there).
 MAX_VERSION = 10**18 - 1
@@ -19,27 +24,36 @@ MAX_VERSION = 10**18 - 1
 ANY = "*"
 
 
+#: one member of an entity-tag list: a weak prefix, a quoted tag (RFC 9110
+#: 8.8.3: printable ASCII but the quote, commas included), or bare digits
+#: (accepted for convenience), then the list's comma or its end.
+_MEMBER = re.compile(rb'[ \t]*(?:(W/)?"([\x21\x23-\x7e]*)"|([0-9]+))[ \t]*(?:,|\Z)')
+
+
 def _versions(header: bytes, field: str, weak: bool) -> frozenset | str:
     """The versions a header names, or ANY for ``*``; 400 if malformed."""
-    tags = [tag.strip(b" \t") for tag in header.split(b",")]
-    if tags == [b"*"]:
+    if header.strip(b" \t") == b"*":
         return ANY
     versions = set()
-    for tag in tags:
-        quoted = len(tag) >= 3 and tag[:1] == tag[-1:] == b'"'
-        if weak and tag[:2] == b"W/":
-            tag = tag[2:]                   # W/"7": only ever a quoted tag
-            quoted = len(tag) >= 3 and tag[:1] == tag[-1:] == b'"'
-            if not quoted:
-                tag = b""
-        if quoted:
-            tag = tag[1:-1]                 # an entity tag, "7"; a bare 7 is accepted too
-        if not tag.isdigit():
+    position = 0
+    while position < len(header) or not position:
+        member = _MEMBER.match(header, position)
+        if member is None or member.end() == position or (member[1] and not weak):
             shape = 'versions as entity tags, e.g. "7" or W/"7"' if weak else \
-                'versions as entity tags, e.g. "7"'
+                'versions as entity tags, e.g. "7" (a weak W/"7" never matches a write)'
             raise bad_request("invalid_parameter", f'{field} must be "*" or {shape}')
-        versions.add(parse_int(tag, field, 0, MAX_VERSION))
+        position = member.end()
+        tag = member[2] if member[3] is None else member[3]
+        if _canonical(tag):
+            versions.add(int(tag))
+        # else well formed, but none of our versions: it names nothing
     return frozenset(versions)
+
+
+def _canonical(text: bytes) -> bool:
+    """Digits as an ETag of ours spells a version: no sign, no leading zero."""
+    return (text.isdigit() and (text == b"0" or text[:1] != b"0")
+            and len(text) <= len(str(MAX_VERSION)))
 
 
 def if_none_match(request) -> frozenset | str | None:
@@ -58,8 +72,8 @@ def if_match(request, view, name) -> int | None:
     if versions is ANY:
         return None
     if view.version not in versions:
-        raise conflict(view, f"device {name!r} is at version {view.version}, not "
-                             f"{', '.join(str(v) for v in sorted(versions))}")
+        named = ", ".join(str(v) for v in sorted(versions)) or "a version the If-Match names"
+        raise conflict(view, f"device {name!r} is at version {view.version}, not {named}")
     return view.version
 
 

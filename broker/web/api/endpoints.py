@@ -98,6 +98,7 @@ def list_devices(api, request, principal, name):
 def get_device(api, request, principal, name):
     """GET /devices/NAME[?version=V&wait=S]: the device; a long poll until its version is not V.
 
+    If-Match is evaluated first (412 if it names another version); then
     If-None-Match applies to the answer when it is given: 304 if it names
     the version the answer would carry (a long poll waits as without it).
     """
@@ -105,6 +106,7 @@ def get_device(api, request, principal, name):
     view = api.registry.device(name)
     if view is None:
         raise not_found("unknown_device", f"unknown device {name!r}")
+    if_match(request, view, name)
     unless = if_none_match(request)
     version = int_arg(request, b"version", None, 0, MAX_CURSOR)
     wait = _wait(api, request)
