@@ -39,7 +39,7 @@ from broker.udp.downstream import Downstream
 from broker.udp.drops import EndpointDrop, not_authentic
 from broker.udp.limits import WindowCounter
 from broker.udp.park import Parked
-from broker.udp.probation import Probation, same_address
+from broker.udp.probation import Probation
 from broker.udp.profile import endpoint_profile
 from broker.udp.reports import SessionWrites
 from broker.udp.convert import session_start
@@ -80,6 +80,19 @@ def session_profile(settings, registry):
                          max_values=max(MAX_VALUES, 2 * limits.max_keys))
     return dataclasses.replace(endpoint_profile(settings), state_bounds=bounds,
                                received_states_cap=BROKER_RECEIVED_STATES)
+
+
+def own_address(entry, addr, parked: bool) -> bool:
+    """Whether ``addr`` is the address of the device's current session (admission:
+    its datagrams from there are not a stranger's).  On probation that is the
+    device's last known address, not the session's (a replayer's) one, if the
+    registry knows one (probation.py)."""
+    if parked:
+        return addr == entry.remote_address()
+    probation = entry.probation
+    if probation is not None and probation.known is not None:
+        return probation.is_known(addr)
+    return addr == entry.session.remote_address
 
 
 class SSPEndpoint(Downstream, DatagramProtocol):
@@ -238,9 +251,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
     def _receive_current(self, entry, number: int, data: bytes, addr, now: float) -> None:
         """A datagram of the device's current session, live or parked."""
         parked = type(entry) is Parked
-        address = entry.remote_address() if parked else entry.session.remote_address
         admission = self.admission
-        stranger = None if addr == address else addr[0]
+        stranger = None if own_address(entry, addr, parked) else addr[0]
         if stranger is not None:
             if not admission.stranger(number, stranger, now):
                 # Possibly spoofed: a decryption only within the budgets.
@@ -330,10 +342,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
                 self._drop(EndpointDrop.SESSION_CAP)
                 return
             stranger = addr[0]
-        elif type(entry) is Parked:
-            stranger = None if addr == entry.remote_address() else addr[0]
         else:
-            stranger = None if addr == entry.session.remote_address else addr[0]
+            stranger = None if own_address(entry, addr, type(entry) is Parked) else addr[0]
         admission = self.admission
         if admission.device_sessions.exhausted(number, now):
             # A device in a boot loop gets no more of the fleet's budget.
@@ -405,11 +415,9 @@ class SSPEndpoint(Downstream, DatagramProtocol):
     def _start_probation(self, live: LiveSession, record, floor: int, addr,
                          size: int) -> None:
         """A session resumed from a record whose mark may lag (a crash): its first
-        datagram may be a replay, unless it comes from the device's last known
-        address."""
+        datagram may be a replay, whatever address it comes from (a source can be
+        spoofed), so the session is on probation until the device proves itself."""
         known = self._bridge.address(live.number)
-        if same_address(addr, known):
-            return
         # Its first state number: above every number an earlier process used.
         probation = live.probation = Probation(known, max(record.seq_reservation, floor) + 1)
         probation.earned(addr, size)
@@ -420,7 +428,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         (which then follows it as a roam would, facts included), or earns its
         address one datagram back.  Returns the events left to handle."""
         probation = live.probation
-        if not probation.verified_by(live.session, addr):
+        if not probation.verified_by(live.session):
             probation.earned(addr, size)
             return found
         live.probation = None

@@ -68,7 +68,8 @@ class LiveSession:
     holding the device's receive mark was last written (monotonic seconds;
     -inf: not by this process), see table.py.  ``probation``: None, or the
     ``Probation`` of a session resumed from a record whose mark may lag
-    (probation.py): it answers no unverified address with more than it got.
+    (probation.py): it answers no address but the device's known one with
+    more than it got, and moves no registry facts.
     """
 
     __slots__ = ("number", "name", "session_id", "session", "reported",

@@ -6,6 +6,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from broker.udp.endpoint import own_address
 from broker.udp.park import Parked
 from broker.udp.probation import Probation
 
@@ -138,8 +139,9 @@ class ProbationTests(CapturingTests):
         self.assertEqual(self.h2.endpoint.counters["sessions_on_probation"], 1)
 
     def test_device_takes_its_session_back_from_a_replayer(self):
-        """After a replay, the device's own next datagram (from its known address)
-        verifies the session: it gets its desired values, the stranger nothing more."""
+        """After a replay, the device's own next datagrams (from its known address) are
+        answered in full and verify the session once they acknowledge an answer: it
+        gets its desired values, the stranger nothing more."""
         _, got = self.replay_after_crash(seconds=1.0)
         h2 = self.h2
         h2.nodes = self.h.nodes
@@ -154,17 +156,39 @@ class ProbationTests(CapturingTests):
         self.assertEqual(self.node.sessions_started, 1)
 
     def test_device_at_its_known_address_sees_only_a_pause(self):
-        """A device that did not move resumes after a crash with no probation: its
-        first datagram comes from its known address."""
+        """A device that did not move resumes after a crash on probation (its address
+        proves nothing), yet is answered in full there: its report is stored and
+        acknowledged at once in the same session, and its next datagram, acknowledging
+        that answer, verifies the session and brings the registry's facts."""
         self.heartbeats(30.0)
         h2 = crashed(self.h)
         h2.nodes = self.h.nodes
         self.node.report({"v": 2}, h2.clock.seconds())
         h2.run(3.0)
         self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
-        self.assertEqual(h2.endpoint.counters["sessions_on_probation"], 0)
+        self.assertEqual(h2.endpoint.counters["sessions_on_probation"], 1)
+        self.assertEqual(h2.endpoint.counters["datagrams_withheld"], 0)
+        self.assertTrue(self.node.idle())
         self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 2})
+        h2.run(25.0, dt=0.05)                   # its next heartbeat
+        self.assertEqual(h2.endpoint.counters["sessions_verified"], 1)
+        self.assertTrue(self.view(h2).online)
+        self.assertEqual(self.view(h2).address, DEVICE)
         self.assertEqual(self.node.sessions_started, 1)
+
+    def test_desired_change_reaches_an_unmoved_device_at_once(self):
+        """A desired value set after a crash reaches the device at its known address
+        in its first round trip, and its acknowledgement of it verifies the session
+        within a second."""
+        self.heartbeats(30.0)
+        h2 = crashed(self.h)
+        h2.nodes = self.h.nodes
+        self.successResultOf(h2.registry.update_desired("dev", {"late": 1}))
+        self.node.report({"v": 2}, h2.clock.seconds())
+        h2.run(1.0)
+        self.assertEqual(self.node.desired["late"], 1)
+        self.assertEqual(h2.endpoint.counters["sessions_verified"], 1)
+        self.assertTrue(self.view(h2).online)
 
     def test_eviction_on_probation_keeps_later_replays_on_probation(self):
         """A session resumed by a replay and evicted unverified leaves a mark that does
@@ -186,6 +210,97 @@ class ProbationTests(CapturingTests):
         self.assertEqual(h2.endpoint.counters["sessions_resumed"], 2)
         self.assertLessEqual(len(got), 1)
         self.assertLessEqual(sum(map(len, got)), len(second))
+
+
+class SpoofedKnownAddressTests(CapturingTests):
+    """A replay whose (spoofed) source is the device's known address."""
+
+    desired = BIG
+
+    def test_replay_from_the_known_address_moves_no_facts(self):
+        """A heartbeat replayed after a crash with the device's known address as its
+        source resumes the session on probation: the registry's device stays offline
+        and unverified."""
+        self.heartbeats(30.0)
+        h2 = crashed(self.h)
+        h2.endpoint.datagramReceived(self.captured[-1], DEVICE)
+        h2.clock.advance(1.0)
+        self.assertEqual(h2.endpoint.counters["sessions_on_probation"], 1)
+        self.assertEqual(h2.endpoint.counters["sessions_verified"], 0)
+        self.assertFalse(self.view(h2).online)
+
+    def test_later_replay_from_elsewhere_neither_roams_nor_amplifies(self):
+        """After a replay spoofing the known address, a later captured datagram
+        replayed from the replayer's own address is answered with no more than it
+        brought and moves neither the session's registry address nor a roam count."""
+        self.heartbeats(60.0)                 # two heartbeats after the report
+        first, second = self.captured[-2], self.captured[-1]
+        h2 = crashed(self.h)
+        h2.endpoint.datagramReceived(first, DEVICE)
+        h2.clock.advance(0.5)
+        h2.transport.written = []
+        h2.endpoint.datagramReceived(second, ATTACKER)
+        got = []
+        for _ in range(100):
+            h2.clock.advance(0.1)
+            got += sent_to(h2, ATTACKER)
+            h2.transport.written = []
+        self.assertLessEqual(len(got), 1)
+        self.assertLessEqual(sum(map(len, got)), len(second))
+        self.assertEqual(self.view(h2).address, DEVICE)
+        self.assertFalse(self.view(h2).online)
+        self.assertEqual(h2.endpoint.counters["roams"], 0)
+        self.assertEqual(h2.endpoint.counters["sessions_verified"], 0)
+
+
+class ProbationAdmissionTests(CapturingTests):
+    """On probation the device's known address stays its own in admission."""
+
+    def verified_after(self, forgeries):
+        """Crash, replay the last heartbeat from a stranger, then send ``forgeries``
+        garbage datagrams with the device's header from there each second while
+        the device runs: seconds until the session is verified (None: not in 120 s)."""
+        self.heartbeats(30.0)
+        replayed = self.captured[-1]
+        h2 = self.h2 = crashed(self.h)
+        h2.endpoint.datagramReceived(replayed, ATTACKER)
+        h2.nodes = self.h.nodes
+        forged = replayed[:17] + bytes(64)
+        start = h2.clock.seconds()
+        second = None
+        for _ in range(int(120 / 0.05)):
+            if int(h2.clock.seconds()) != second:
+                # At the start of each of the admission windows' seconds.
+                second = int(h2.clock.seconds())
+                for _ in range(forgeries):
+                    h2.endpoint.datagramReceived(forged, ATTACKER)
+            h2.step(0.05)
+            if h2.endpoint.counters["sessions_verified"]:
+                return h2.clock.seconds() - start
+        return None
+
+    def test_forgeries_from_the_replayer_do_not_lock_the_device_out(self):
+        """Nine forgeries a second from the replayer's address (over the failure
+        budget) do not delay the device at its known address: its session is
+        verified as soon as without them, within two heartbeats."""
+        quiet = self.verified_after(0)
+        self.setUp()
+        flooded = self.verified_after(9)
+        self.assertIsNotNone(quiet)
+        self.assertLess(quiet, 55.0)
+        self.assertEqual(flooded, quiet)
+        self.assertGreater(self.h2.endpoint.drops["auth_failed"], 0)
+
+    def test_known_address_is_own_and_the_replayers_is_not(self):
+        """While a replay has moved the session's address, the known address is the
+        session's own in admission and the replayer's is a stranger's."""
+        self.heartbeats(30.0)
+        h2 = crashed(self.h)
+        h2.endpoint.datagramReceived(self.captured[-1], ATTACKER)
+        live = h2.endpoint.entry_of(self.number)
+        self.assertEqual(live.session.remote_address, ATTACKER)
+        self.assertTrue(own_address(live, DEVICE, False))
+        self.assertFalse(own_address(live, ATTACKER, False))
 
 
 class MovedDeviceTests(CapturingTests):
@@ -240,3 +355,14 @@ class ProbationAllowanceTests(SynchronousTestCase):
         probation.earned(ELSEWHERE, 50)
         kept, withheld = probation.allowed([(b"x" * 50, ATTACKER), (b"z" * 50, ELSEWHERE)])
         self.assertEqual((kept, withheld), ([(b"z" * 50, ELSEWHERE)], 1))
+
+    def test_known_address_is_sent_to_freely(self):
+        """Datagrams to the known address pass whatever their number and size, and
+        take nothing from another address's allowance; one from there ends it."""
+        probation = Probation(list(DEVICE), 10)
+        probation.earned(ATTACKER, 80)
+        out = [(b"x" * 1000, DEVICE), (b"y" * 1000, DEVICE), (b"z" * 80, ATTACKER)]
+        self.assertEqual(probation.allowed(out), (out, 0))
+        probation.earned(ATTACKER, 80)
+        probation.earned(DEVICE, 80)
+        self.assertEqual(probation.allowed([(b"z" * 80, ATTACKER)]), ([], 1))
