@@ -4,7 +4,7 @@ The broker accepts a new session only with an id greater than the device's
 current one, so a device must remember the last id it used.  The id is
 ``epoch << 32 | tick << 20 | random19 << 1 | continues`` (wire.md's ``boot
 counter << 32 | random32`` is an example; the broker compares ids, and
-reads only the lowest bit):
+reads the low half as the boot's identity, below):
 
 * ``epoch`` is one more than the last stored one, and at least the
   wall-clock second, so even a device that lost its file (or a memory-only
@@ -20,9 +20,13 @@ reads only the lowest bit):
 * ``random19``: 19 random bits.
 * ``continues`` (``broker.ssp.framing.CONTINUES_BOOT``): 1 when the device
   starts the session without having rebooted, 0 in a boot's first session.
-  The broker reads it to tell a rebooted device's events, numbered from 0
-  again, from a device's events carried over from an earlier session that
-  never had any acknowledged (docs/protocol.md 5).  The low 32 bits are
+  The sessions of one boot share the first one's tick and random bits: the
+  low half, without this bit, names the boot (``framing.same_boot``).  The
+  broker reads both to tell a rebooted device's events, numbered from 0
+  again, from events carried over from an earlier session of the same
+  boot that never had any acknowledged (docs/protocol.md 5); a boot the
+  broker never heard (its first session lost) has another name, so its
+  events are never taken for ones stored already.  The low 32 bits are
   never all zero (0 becomes 2), so an id is never the epoch alone.
 
 Nonces: one id is one HKDF session key, and every session numbers its
@@ -36,7 +40,11 @@ the time field is coarse (12 bits, not 20 bits of microseconds beside 12
 random bits): the bound then holds whatever the clock's resolution and
 however closely two processes start, and ordering only needs ticks shorter
 than a process restart.  Ids ahead of the clock (tick 0) of two processes
-match with probability 2^-19 too.
+match with probability 2^-19 too.  A later session of a boot keeps its
+boot's tick: a forgetful process picking in the very second of that
+session's epoch may pick below it, and is refused until its next rekey
+(a delay, never a reused id).  Two boots share a name with probability
+2^-31.
 
 The new id is written (fsync, then rename) before it is used.  Processes
 may share one file (one device each): each write happens under an exclusive
@@ -55,7 +63,7 @@ import time
 from pathlib import Path
 
 from broker.files import make_private_dirs, replace_private_file
-from broker.ssp.framing import CONTINUES_BOOT
+from broker.ssp.framing import CONTINUES_BOOT, boot_of
 
 _MAX_EPOCH = (1 << 32) - 1
 #: The time within a second, in ticks of 1/TICKS_PER_SECOND s (12 bits).
@@ -66,22 +74,24 @@ _RANDOM_MASK = (1 << (LOW_BITS - 1)) - 1
 
 
 def next_session_id(last: int, random_bytes=os.urandom, wall_clock=time.time,
-                    continues: bool = False) -> int:
-    """An id strictly greater than last: a new epoch, the tick within the
-    second when the epoch is the clock's, 19 random bits and the boot bit
-    (``continues``: not the first session since the device booted); the low
-    half is never zero."""
+                    boot: int | None = None) -> int:
+    """An id strictly greater than last: a new epoch, then either a boot's first
+    low half (``boot`` None: the tick within the second when the epoch is the
+    clock's, 19 random bits, the boot bit clear; never zero) or, for a later
+    session of a boot, that boot's low half (``boot``, see ``boot_of``) with
+    the boot bit set."""
     wall = wall_clock()
     second = int(wall)
     epoch = max((last >> 32) + 1, second)
     if epoch > _MAX_EPOCH:
         raise ValueError("session id epochs exhausted for this device")
+    if boot is not None:
+        return (epoch << 32) | boot | CONTINUES_BOOT
     tick = 0
     if epoch == second:
         tick = min(int((wall - second) * TICKS_PER_SECOND), TICKS_PER_SECOND - 1)
     random = int.from_bytes(random_bytes(3), "big") & _RANDOM_MASK
-    low = tick << LOW_BITS | random << 1 | (CONTINUES_BOOT if continues else 0)
-    return (epoch << 32) | (low or 2)
+    return (epoch << 32) | (tick << LOW_BITS | random << 1 or 2)
 
 
 class SessionIds:
@@ -98,6 +108,8 @@ class SessionIds:
         self._random_bytes = random_bytes
         self._wall_clock = wall_clock
         self._last: dict[int, int] = {}
+        #: each device's boot name (its first id's low half) in this process.
+        self._boots: dict[int, int] = {}
         if self.path is not None and self.path.exists():
             self._last = self._read()
 
@@ -121,7 +133,8 @@ class SessionIds:
 
     def next(self, device_number: int, continues: bool = False) -> int:
         """A new id for device, strictly above every earlier one, stored before it is
-        returned; ``continues``: the device has not rebooted since its last session.
+        returned; ``continues``: the device has not rebooted since its last session
+        in this process (the id then names the same boot).
 
         OSError when it cannot be stored, ValueError when the file holds
         something else or no greater id exists (the id must not be used then).
@@ -138,8 +151,10 @@ class SessionIds:
         return session_id
 
     def _pick(self, device_number: int, continues: bool) -> int:
+        boot = self._boots.get(device_number) if continues else None
         session_id = next_session_id(self.last(device_number), self._random_bytes,
-                                     self._wall_clock, continues)
+                                     self._wall_clock, boot)
+        self._boots[device_number] = boot_of(session_id)
         self._last[device_number] = session_id
         return session_id
 

@@ -65,6 +65,25 @@ def continues_boot(session_id: int) -> bool:
     return bool(session_id & CONTINUES_BOOT)
 
 
+#: the low half of a session id but the boot bit: the same in every session
+#: of one boot of a device (broker.node.session_ids).
+_BOOT_MASK = 0xFFFFFFFF & ~CONTINUES_BOOT
+
+
+def boot_of(session_id: int) -> int:
+    """The name of the device's boot that started this session."""
+    return session_id & _BOOT_MASK
+
+
+def same_boot(earlier: int | None, session_id: int) -> bool:
+    """Whether ``session_id`` continues the boot of the ``earlier`` session: it
+    says it did not reboot, and names that session's boot. Events it carries
+    from index 0 are then that boot's, some perhaps stored already; otherwise
+    (its boot's first session never heard) they are all new."""
+    return (earlier is not None and continues_boot(session_id)
+            and boot_of(earlier) == boot_of(session_id))
+
+
 class BrokerFraming:
     """One session's header: built once, prefixed to every datagram sent."""
 

@@ -436,7 +436,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         self._table.moved(live, addr, now)
         return [event for event in found if type(event) is not ssp_events.PeerRoamed]
 
-    def _durable_event_end(self, old, record, number) -> int:
+    def _durable_event_end(self, old, record, number, session_id) -> int:
         """Where the device's stored events end, before its new session.
 
         0 (skip nothing: at least once) with a shared registry: a device's
@@ -452,14 +452,14 @@ class SSPEndpoint(Downstream, DatagramProtocol):
                 record = self._bridge.record(number)
             except StoreError:
                 return 0
-        return durable_event_end(old, record)
+        return durable_event_end(old, record, session_id)
 
     def _install(self, old, number, session_id, session, remote, resume, record, now):
         """Make an authenticated session the device's live one (wire.md 3 and 7)."""
         bridge = self._bridge
         table = self._table
         if not resume:
-            remote = session_start(self._durable_event_end(old, record, number),
+            remote = session_start(self._durable_event_end(old, record, number, session_id),
                                    continues_boot(session_id))
         if old is not None:
             table.retire(number, old, "replaced")

@@ -10,7 +10,7 @@ from the shared, bounded ``CipherCache`` while the device is active.
 from __future__ import annotations
 
 from broker.ssp.device_state import DeviceState
-from broker.ssp.framing import BrokerFraming, continues_boot
+from broker.ssp.framing import BrokerFraming, continues_boot, same_boot
 from broker.ssp.session import SEQ_RESERVATION_BLOCK, Resumption, SSPSession
 from broker.ssp.errors import DatagramDropped
 from broker.udp.convert import decode_state, session_start
@@ -136,12 +136,19 @@ def resumed_session(*, secret: bytes, device_number: int, session_id: int, ciphe
                       seq_reserved=seq_floor, max_assembly_bytes=max_assembly_bytes)
 
 
-def durable_event_end(old, record) -> int:
-    """Where the events the device's earlier sessions handed to the registry end:
-    the live session's report (its writes, if not yet durable, are kept and
-    written again until they are), else the session record's durable state
-    (or, before the session's first durable report, where its start found
-    them ending: bridge.reserve).  0 when unknown (a carried event may then be stored twice, never lost)."""
+def durable_event_end(old, record, session_id: int) -> int:
+    """Where the events the device's earlier sessions handed to the registry end,
+    as new session ``session_id`` takes over: the live session's report (its
+    writes, if not yet durable, are kept and written again until they are),
+    else the session record's durable state (or, before the session's first
+    durable report, where its start found them ending: bridge.reserve).  0
+    when unknown (a carried event may then be stored twice, never lost), and
+    for a session that says it continues a boot other than that earlier
+    session's (framing.same_boot): the broker never heard its boot's first
+    session, so its events, numbered from 0 again, are all new."""
+    earlier = old.session_id if type(old) is LiveSession else getattr(record, "session_id", None)
+    if continues_boot(session_id) and not same_boot(earlier, session_id):
+        return 0
     if type(old) is LiveSession:
         return old.reported.event_end
     if record is None or not record.acked_remote_state:

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from broker.node.session_ids import (LOW_BITS, TICKS_PER_SECOND, SessionIds,
                                      next_session_id)
-from broker.ssp.framing import continues_boot
+from broker.ssp.framing import boot_of, continues_boot, same_boot
 
 RANDOM_MASK = (1 << LOW_BITS) - 2     # the low bits but the boot bit
 
@@ -56,12 +56,16 @@ class NextSessionIdTests(SynchronousTestCase):
 
     def test_boot_bit_says_whether_the_device_rebooted(self):
         """The lowest bit is set only for a session that does not follow a boot, whatever
-        the random bits (the broker reads it to number carried events)."""
+        the random bits; a later session keeps its boot's low half, so it names the
+        boot (the broker reads both to number carried events)."""
         for fill in (b"\x00", b"\xff", b"\x5a"):
-            first = next_session_id(0, lambda n: fill * n, lambda: SECOND)
-            later = next_session_id(first, lambda n: fill * n, lambda: SECOND, continues=True)
+            first = next_session_id(0, lambda n: fill * n, lambda: SECOND + 0.3)
+            later = next_session_id(first, counting_random(), lambda: SECOND + 0.3,
+                                    boot=boot_of(first))
             self.assertEqual((continues_boot(first), continues_boot(later)), (False, True))
             self.assertGreater(later, first)
+            self.assertTrue(same_boot(first, later))
+            self.assertFalse(same_boot(first, first))      # a boot's first continues nothing
 
     def test_later_pick_in_the_same_second_is_greater(self):
         """A process that forgot every earlier id (last 0) still picks above an id picked
@@ -129,6 +133,21 @@ class NextSessionIdTests(SynchronousTestCase):
 
 class SessionIdsTests(SynchronousTestCase):
     """The file that makes a reboot start a strictly newer session."""
+
+    def test_sessions_of_one_process_name_its_boot(self):
+        """A process's later sessions of a device continue its boot; the next process
+        (a reboot, same file) names another boot, also in a continuing session."""
+        path = os.path.join(self.mktemp(), "ids.json")
+        first = SessionIds(path, random_bytes=counting_random())
+        a1 = first.next(5)
+        a2 = first.next(5, continues=True)
+        self.assertTrue(same_boot(a1, a2))
+        rebooted = SessionIds(path, random_bytes=lambda n: b"\x77" * n)
+        b1 = rebooted.next(5)
+        b2 = rebooted.next(5, continues=True)
+        self.assertLess(a2, b1)
+        self.assertTrue(same_boot(b1, b2))
+        self.assertFalse(same_boot(a2, b2))    # the broker heard only boot a: all new
 
     def test_survives_a_restart(self):
         """Ids handed out by a new instance over the same file are above the old ones."""

@@ -6,6 +6,7 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from broker.ssp.framing import boot_of
 from broker.udp.endpoint import SSPEndpoint
 from tests.udp.helpers import Deterministic, FakeTransport, Harness
 
@@ -382,3 +383,35 @@ class SessionWithoutReportTests(SynchronousTestCase):
         self.assertTrue(self.node.idle())
         self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
         self.assertEqual(stored_events(h2), ["e0"] + self.carried)
+
+
+class RebootDuringOutageTests(SynchronousTestCase):
+    """A device that reboots while the broker cannot hear it, and rekeys before the
+    broker ever acknowledged anything of the new boot."""
+
+    def test_events_of_a_boot_never_heard_are_stored(self):
+        """The rebooted device's first session goes unheard and it rekeys: its second
+        session must not claim to continue a boot the broker never heard (the stored
+        end is the old boot's), so the new boot's event 0 is stored, not skipped."""
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        ids = node._ids                                  # its state file
+        ids._random_bytes = lambda n: b"\x5a" * n       # the next boot draws another name
+        node.emit("old-0", now=h.clock.seconds())
+        h.run(2.0)
+        self.assertTrue(node.idle())
+        del h.nodes[h.address_of(node)]
+        rebooted = h.node(device, session_ids=ids)       # numbering from 0 again
+        self.assertNotEqual(boot_of(rebooted.session_id), boot_of(node.session_id))
+        rebooted.emit("new-0", "new-1", now=h.clock.seconds())   # ends above the old end
+        address = h.address_of(rebooted)
+        del h.nodes[address]
+        for _ in range(1600):                            # 80 s unheard: past rekey_after
+            rebooted.datagrams(h.clock.seconds())
+            h.clock.advance(0.05)
+        self.assertEqual(rebooted.sessions_started, 2)
+        h.nodes[address] = rebooted
+        h.run(30.0)
+        self.assertTrue(rebooted.idle())
+        self.assertEqual(stored_events(h), ["old-0", "new-0", "new-1"])
