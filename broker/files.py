@@ -12,6 +12,7 @@ directory for one of their own before the next start.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
@@ -20,23 +21,24 @@ __all__ = ["make_private_dirs", "replace_private_file"]
 
 def make_private_dirs(path: str | os.PathLike) -> None:
     """Make ``path`` and each missing parent, every one of them 0700 (existing
-    ones are left as they are)."""
-    path = os.path.abspath(os.fspath(path))
-    missing = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            if not os.path.isdir(directory):
-                raise
-            continue
-        os.chmod(directory, 0o700)    # mkdir's mode is masked by the umask
+    ones are left as they are). The path is followed as the system follows it
+    (``link/..`` is the link target's parent), not simplified as text."""
+    path = os.fspath(path)
+    try:
+        os.mkdir(path, 0o700)
+    except FileNotFoundError:
+        parent = os.path.dirname(path.rstrip(os.sep))
+        if not parent or parent == path:
+            raise
+        make_private_dirs(parent)
+        make_private_dirs(path)
+        return
+    except FileExistsError:
+        if not os.path.isdir(path):            # a file in the way: say so
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                     path) from None
+        return
+    os.chmod(path, 0o700)                      # mkdir's mode is masked by the umask
 
 
 def replace_private_file(path: str | os.PathLike, data: bytes) -> None:

@@ -94,3 +94,23 @@ class MakePrivateDirsTests(SynchronousTestCase):
         """replace_private_file makes the parents of its directory private as well."""
         replace_private_file(os.path.join(self.top, "x", "state", "ids.json"), b"{}")
         self.assertEqual(mode_of(os.path.join(self.top, "x")), 0o700)
+
+    def test_dot_dot_after_a_link_is_followed_as_the_system_does(self):
+        """``link/../data`` is made where every later open finds it: in the link
+        target's parent, not beside the link."""
+        os.makedirs(os.path.join(self.top, "real", "inner"))
+        os.symlink(os.path.abspath(os.path.join(self.top, "real", "inner")),
+                   os.path.join(self.top, "link"))
+        make_private_dirs(os.path.join(self.top, "link", "..", "data"))
+        self.assertTrue(os.path.isdir(os.path.join(self.top, "real", "data")))
+        self.assertFalse(os.path.exists(os.path.join(self.top, "data")))
+
+    def test_a_file_in_the_way_is_not_a_directory(self):
+        """A regular file where a parent should be is ENOTDIR, naming that file."""
+        os.makedirs(self.top)
+        blocker = os.path.join(self.top, "f")
+        with open(blocker, "w"):
+            pass
+        with self.assertRaises(NotADirectoryError) as caught:
+            make_private_dirs(os.path.join(blocker, "data"))
+        self.assertIn(caught.exception.filename, (blocker, os.path.join(blocker, "data")))

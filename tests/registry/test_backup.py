@@ -24,7 +24,7 @@ from broker.registry.admin import AdminDatabase
 from broker.registry.database import DB_NAME, SCHEMA_VERSION
 from broker.registry.restart import CURSOR_GAP
 from broker.registry.sqlite_store import SQLiteStore
-from tests.registry.test_cli import (NOBODY, admin_command, as_other_user, run,
+from tests.registry.test_cli import (NOBODY, admin_as_other_user, admin_command, run,
                                      shared_directory)
 
 
@@ -294,8 +294,8 @@ class ReadOnlyTests(Fixture, SynchronousTestCase):
         os.chmod(database, 0o400)
         os.chmod(data_dir, 0o500)
         self.addCleanup(os.chmod, data_dir, 0o700)
-        status, _, err = run(as_other_user(self, admin_command(
-            "--data-dir", data_dir, "backup", os.path.join(out, "b.sqlite3"))))
+        status, _, err = admin_as_other_user(
+            self, "--data-dir", data_dir, "backup", os.path.join(out, "b.sqlite3"))
         self.assertEqual((status, err), (
             1, f"broker-admin: cannot open {database}: this user may not write in {data_dir}, "
                "and SQLite must create registry.sqlite3-shm there to read a database in WAL "

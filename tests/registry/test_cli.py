@@ -1,6 +1,7 @@
 """Round trips through broker-admin as a real subprocess."""
 
 import errno
+import importlib
 import io
 import json
 import os
@@ -11,7 +12,7 @@ import sys
 import tempfile
 from argparse import Namespace
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from broker.config import parse_config
 from broker.registry import cli, database
@@ -28,16 +29,42 @@ def admin_command(*args):
     return [sys.executable, "-m", "broker.registry.cli", *args]
 
 
-def as_other_user(case, command):
-    """command run by a user the files' modes apply to: this one, or nobody when root
-    (setpriv, util-linux, which must be there in CI)."""
+def admin_as_other_user(case, *argv):
+    """broker-admin ``argv`` run by a user the files' modes apply to: (status, stdout,
+    stderr). Not root, this user, in a subprocess. Root bypasses file modes, so
+    then a forked child of this process drops to nobody and runs the command in
+    process: it needs no access to the checkout or its virtual environment
+    (which may sit in a directory only root may enter), as everything the
+    command uses is imported before the privileges go."""
     if os.getuid() != 0:
-        return command
-    if shutil.which("setpriv") is None:
-        if os.environ.get("CI"):
-            case.fail("setpriv (util-linux) is missing")
-        raise SkipTest("setpriv (util-linux) is needed to run as another user than root")
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command]
+        return run(admin_command(*argv))
+    for late in ("broker.config", "broker.registry.sqlite_backup"):
+        importlib.import_module(late)                  # what the commands import late
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                       # the child: never returns
+        status = 70
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out, err = io.StringIO(), io.StringIO()
+            try:
+                status = cli.main(list(argv), out, err)
+            except SystemExit as exit:
+                status = exit.code
+            os.write(writer, json.dumps([status, out.getvalue(), err.getvalue()]).encode())
+        finally:
+            os._exit(0 if status is not None else 70)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    if not answer:
+        case.fail("the child running as nobody reported nothing")
+    status, out, err = json.loads(answer)
+    return status, out, err
 
 
 def run(command, **kwargs):
@@ -341,8 +368,7 @@ class MessageTests(SynchronousTestCase):
         AdminDatabase(data_dir, create=True).close()
         os.chmod(data_dir, 0o600)
         self.addCleanup(os.chmod, data_dir, 0o700)
-        status, _, err = run(as_other_user(self, admin_command("--data-dir", data_dir,
-                                                                "device", "list")))
+        status, _, err = admin_as_other_user(self, "--data-dir", data_dir, "device", "list")
         self.assertEqual((status, err), (
             1, f"broker-admin: cannot read {database.database_path(data_dir)}: Permission "
                "denied (run as the broker's user)\n"))
@@ -355,8 +381,7 @@ class MessageTests(SynchronousTestCase):
         AdminDatabase(data_dir, create=True).close()
         os.chmod(os.path.dirname(data_dir), 0o600)
         self.addCleanup(os.chmod, os.path.dirname(data_dir), 0o700)
-        status, _, err = run(as_other_user(self, admin_command("--data-dir", data_dir,
-                                                                "device", "list")))
+        status, _, err = admin_as_other_user(self, "--data-dir", data_dir, "device", "list")
         self.assertEqual((status, err), (
             1, f"broker-admin: cannot read {data_dir}: Permission denied (run as the broker's "
                "user)\n"))
