@@ -41,26 +41,18 @@ def check_readable_files(config: Config, section: str, keys) -> None:
         try:
             with open(path, "rb"):
                 pass
-        except OSError as problem:
+        except (OSError, ValueError) as problem:
+            # ValueError: a NUL in the path (the config refuses one; a caller's Config may not).
+            reason = getattr(problem, "strerror", None) or problem
             raise ConfigError(f"{config.source}: {section}.{key}: cannot read {path!r}: "
-                              f"{problem.strerror or problem}") from None
+                              f"{reason}") from None
 
 
 def redis_options(config: Config):
     """How to reach Redis, from the [registry] redis_* settings (ConfigError: a file is unreadable)."""
     from broker.registry.redis_store import RedisOptions
     check_readable_files(config, "registry", REDIS_FILES)
-    section = config.registry
-    return RedisOptions(url=section.redis_url, cluster=section.redis_cluster,
-                        key_prefix=section.redis_key_prefix, username=section.redis_username,
-                        password_file=section.redis_password_file,
-                        tls_ca_file=section.redis_tls_ca_file,
-                        tls_cert_file=section.redis_tls_cert_file,
-                        tls_key_file=section.redis_tls_key_file,
-                        wait_replicas=section.redis_wait_replicas,
-                        wait_timeout=section.redis_wait_timeout,
-                        timeout=section.redis_timeout,
-                        stream_length=section.redis_stream_length)
+    return RedisOptions.of(config.registry)
 
 
 def open_configured_registry(config: Config, data_dir: Path, reactor,

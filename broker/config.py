@@ -50,6 +50,15 @@ def _ip_address(value: str) -> None:
                          ) from None
 
 
+def _off_or_at_least(least: float, off: str) -> Callable[[float], None]:
+    """0 turns the feature off; a positive value below ``least`` would mean absurd waits
+    (1e-320 requests a second: a wait of inf seconds) or a flood (a keepalive every 1e-300 s)."""
+    def check(value: float) -> None:
+        if value != 0 and value < least:
+            raise ValueError(f"must be 0 ({off}) or at least {least}, not {value!r}")
+    return check
+
+
 def _not_empty(value: str) -> None:
     """An empty path or endpoint would silently mean "here" or nothing at all."""
     if not value:
@@ -168,7 +177,8 @@ class HTTPSettings:
     public_url: str = _setting("", check=_http_url)
     allowed_origins: tuple = _setting((), item_type=str, check=_origins)
     max_request_bytes: int = _setting(65536, minimum=1024, maximum=16 * 1024 * 1024)
-    max_requests_per_second: float = _setting(50.0, minimum=0.0, maximum=1_000_000.0)
+    max_requests_per_second: float = _setting(50.0, minimum=0.0, maximum=1_000_000.0,
+                                              check=_off_or_at_least(0.01, "no limit"))
     query_tokens: bool = _setting(True)
 
 
@@ -249,7 +259,8 @@ class PollingSettings:
     max_wait: float = _setting(30.0, minimum=0.0, maximum=3600.0)
     min_interval: float = _setting(1.0, minimum=0.0, maximum=3600.0)
     max_waiters: int = _setting(10_000, minimum=1, maximum=10_000_000)
-    sse_keepalive: float = _setting(15.0, minimum=0.0, maximum=3600.0)
+    sse_keepalive: float = _setting(15.0, minimum=0.0, maximum=3600.0,
+                                    check=_off_or_at_least(1.0, "none"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,12 +328,16 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any) -> Any:
             if item_type is not None and not isinstance(item, item_type):
                 raise ValueError(f"every item must be {_TYPE_NAMES[item_type]}, "
                                  f"found {_toml_type(item)}")
+            if isinstance(item, str):
+                _no_nul(item)
         value = tuple(value)
         if meta["check"] is not None:
             meta["check"](value)
         return value
     if type(value) is not kind:
         raise ValueError(f"must be {_TYPE_NAMES[kind]}, not {_toml_type(value)}")
+    if kind is str:
+        _no_nul(value)
     if kind is float and math.isnan(value):
         # nan compares false with every bound, so the range checks below would pass it.
         raise ValueError("must be a number, not nan")
@@ -336,6 +351,13 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any) -> Any:
     if meta.get("check") is not None:
         meta["check"](value)
     return value
+
+
+def _no_nul(value: str) -> None:
+    """No path, endpoint or name holds a NUL: the system calls refuse one (ValueError
+    deep in os.mkdir, open() or a lock file), so it is refused here, in one line."""
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character (\\u0000)")
 
 
 def _shown(value: Any) -> str:
@@ -396,7 +418,13 @@ def _workers(config: Config) -> str | None:
 def _redis_url(config: Config) -> str | None:
     if config.registry.backend != "redis":
         return None
-    return _redis_url_problem(config.registry.redis_url, config.registry.redis_cluster)
+    problem = _redis_url_problem(config.registry.redis_url, config.registry.redis_cluster)
+    if problem is None:
+        # What redis-py itself refuses (a ?socket_timeout=abc, an option it does not
+        # know), found now rather than as a traceback when the broker connects.
+        from broker.registry.redis_connection import client_problem
+        problem = client_problem(config.registry)
+    return problem
 
 
 def _lease_check_interval(config: Config) -> str | None:

@@ -125,10 +125,14 @@ class JSONLinesObserver:
         self.stream = stream
 
     def __call__(self, event: dict) -> None:
-        line = json.dumps(json_record(event), ensure_ascii=False, separators=(",", ":"),
-                          default=str)
-        self.stream.write(line + "\n")
+        self.stream.write(json_line(event))
         self.stream.flush()
+
+
+def json_line(event: dict) -> str:
+    """An event as one line of JSON, its newline included."""
+    return json.dumps(json_record(event), ensure_ascii=False, separators=(",", ":"),
+                      default=str) + "\n"
 
 
 class LogControl:
@@ -192,8 +196,9 @@ class ObserverFactory:
 
 
 class _PipeLinesObserver(JSONLinesObserver):
-    """JSON lines to the supervisor; once it is gone there is nowhere to write (and
-    the worker stops: broker.worker.SupervisorPipe)."""
+    """JSON lines to the supervisor (through broker.worker.PipeWriter, which never
+    blocks); once it is gone there is nowhere to write (and the worker stops:
+    broker.worker.SupervisorPipe)."""
 
     def __call__(self, event: dict) -> None:
         try:
@@ -207,6 +212,13 @@ def make_relay_observer(control: LogControl, stream):
     pipe), then one JSON record per line on stream, for its supervisor's WorkerLogRelay."""
     return FilteringLogObserver(RedactingObserver(_PipeLinesObserver(stream)),
                                 [control.predicate])
+
+
+def dropped_lines_record(count: int) -> str:
+    """The line a worker writes once its pipe drained after dropping ``count`` lines."""
+    return json_line({"log_level": LogLevel.warn, "log_namespace": "broker.worker",
+                      "log_time": time.time(), "dropped": count,
+                      "log_format": "{dropped} log lines dropped: the supervisor did not read"})
 
 
 class WorkerLogged(Exception):

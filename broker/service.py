@@ -67,6 +67,14 @@ from broker.web.site import BrokerSite, ConnectionTracker
 log = Logger()
 
 
+class _ReloadersFailed(Exception):
+    """Reload hooks that raised: the reload is reported failed, not "reloaded"."""
+
+    def __init__(self, failed) -> None:
+        super().__init__(failed)
+        self.failed = failed
+
+
 def ensure_private_directory(path: Path) -> Path:
     """Create path with mode 0700 if it is missing (parents made on the way too);
     take group and other bits off one that exists."""
@@ -218,9 +226,11 @@ class BrokerService(MultiService):
         path = self.config.data_path
         try:
             return ensure_private_directory(path)
-        except OSError as problem:
+        except (OSError, ValueError) as problem:
+            # ValueError: a NUL in the path (the config refuses one; a caller's Config may not).
+            reason = getattr(problem, "strerror", None) or problem
             raise ConfigError(f"{self.config.source}: broker.data_dir: cannot create or use "
-                              f"{str(path)!r}: {problem.strerror or problem}") from None
+                              f"{str(path)!r}: {reason}") from None
 
     def _lock_data_directory(self) -> None:
         """Hold an exclusive lock on the data directory while running (SQLite only).
@@ -405,11 +415,23 @@ class BrokerService(MultiService):
                          "{keys}", keys=", ".join(kept))
             self.config = config
             self.log_control.set_level(config.log.level)
+            failed = []
             for reloader in list(self.reloaders):
                 try:
                     yield reloader(config)
                 except Exception:
+                    # The others still get the file: one endpoint's bug must not
+                    # leave the rest on the old limits.
                     log.failure("reload: {reloader!r} failed", reloader=reloader)
+                    failed.append(reloader)
+            if failed:
+                raise _ReloadersFailed(failed)
+        except _ReloadersFailed as problem:
+            status = "serving (reload failed: see the log)"
+            self.metrics.reloads.labels(outcome="failed").inc()
+            log.error("reload failed: {count} of the components could not apply the file "
+                      "(their tracebacks are above; the others did, and the log level "
+                      "changed): fix the cause, then reload again", count=len(problem.failed))
         except ConfigError as problem:
             status = "serving (reload refused, running configuration kept: see the log)"
             self.metrics.reloads.labels(outcome="refused").inc()

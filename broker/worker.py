@@ -6,22 +6,27 @@ stdin: the worker stops when that pipe closes (the supervisor is gone),
 and reads the supervisor's restart counts from it. With ``--log-relay``
 its stdout and stderr are pipes to the supervisor too: it logs JSON
 records there, which the supervisor writes to its own log (broker.logs,
-WorkerLogRelay). A config file or port it cannot use is one line on
-stderr and exit status 2, which the supervisor counts as the worker's
-failure.
+WorkerLogRelay). Those records and the status lines are written without
+ever blocking (PipeWriter): a supervisor that stops reading costs log
+lines, never the worker's service. A config file or port it cannot use is
+one line on stderr and exit status 2, which the supervisor counts as the
+worker's failure.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import stat
 import sys
+import threading
+import time
 
 from prometheus_client.core import CounterMetricFamily
 from twisted.internet import error, fdesc
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -36,6 +41,13 @@ UDP_FD = 3
 STATUS_FD = 4
 #: exit status of a worker whose configuration cannot be used (as broker.tap's REFUSED).
 WORKER_REFUSED = 2
+#: bytes of log lines a worker keeps waiting beyond what its pipe holds (64 KiB on
+#: Linux) while the supervisor does not read; lines beyond are dropped and counted.
+LOG_BACKLOG_BYTES = 1 << 20
+#: the same for status lines (a snapshot a second: a stale one is worth nothing).
+STATUS_BACKLOG_BYTES = 1 << 16
+#: seconds a stopping worker waits for the supervisor to take its last lines.
+FINAL_FLUSH_TIMEOUT = 1.0
 
 
 @implementer(IReadDescriptor)
@@ -103,6 +115,123 @@ def watch_supervisor(reactor, fd=0, on_message=None):
         reactor.addReader(SupervisorPipe(reactor, fd, on_message))
 
 
+@implementer(IWriteDescriptor)
+class PipeWriter:
+    """Lines to a pipe the supervisor reads, written without ever blocking the reactor.
+
+    A supervisor that does not read (stopped, in a debugger, blocked on its
+    own output) fills the pipe; a blocking write would then freeze this
+    worker's reactor, and its service with it. Here the descriptor is
+    non-blocking: what the pipe does not take waits in memory (up to
+    ``backlog`` bytes) and goes out when the reactor says the pipe is
+    writable; a line that does not fit is dropped whole and counted, and
+    once the backlog is written ``notice(count)`` (a line saying so) follows.
+    Loggers may call from any thread: the state is behind a lock.
+    """
+
+    def __init__(self, reactor, fd, backlog=LOG_BACKLOG_BYTES, notice=None):
+        self.reactor = reactor
+        self.fd = fd
+        self.backlog = backlog
+        self.notice = notice
+        #: lines dropped since the last notice, and in all.
+        self.dropped = 0
+        self.dropped_total = 0
+        self._pending = bytearray()
+        self._watching = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._home = threading.get_ident()
+        fdesc.setNonBlocking(fd)
+
+    # what JSONLinesObserver and the status writer call: one write per line
+    def write(self, text: str) -> None:
+        self.write_line(text.encode("utf-8", "backslashreplace"))
+
+    def flush(self) -> None:
+        pass
+
+    def write_line(self, data: bytes) -> bool:
+        """Write or queue one line; False if it was dropped (or nobody reads any more)."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._pending:
+                if len(self._pending) + len(data) > self.backlog:
+                    self.dropped += 1
+                    self.dropped_total += 1
+                    return False
+                self._pending += data
+                return True
+            written = self._write(data)
+            if written is None or written == len(data):
+                return written is not None
+            # The rest of a line the pipe took a part of is always kept: a line cut
+            # in two would garble the supervisor's next record.
+            self._pending += data[written:]
+            watch, self._watching = not self._watching, True
+        if watch:
+            if threading.get_ident() == self._home:
+                self.reactor.addWriter(self)
+            else:
+                self.reactor.callFromThread(self.reactor.addWriter, self)
+        return True
+
+    def _write(self, data) -> int | None:
+        """Bytes the pipe took now (0 when full); None once nobody reads (lock held)."""
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            # EPIPE: the supervisor is gone (and this worker stops: SupervisorPipe).
+            self._closed = True
+            self._pending.clear()
+            return None
+
+    def fileno(self):
+        return self.fd
+
+    def logPrefix(self):
+        return "supervisor-log-pipe"
+
+    def doWrite(self):
+        with self._lock:
+            written = self._write(self._pending) if self._pending else 0
+            if written:
+                del self._pending[:written]
+            if self._pending and not self._closed:
+                return None
+            self._watching = False
+            dropped, self.dropped = self.dropped, 0
+        self.reactor.removeWriter(self)
+        if dropped and self.notice is not None:
+            self.write_line(self.notice(dropped).encode("utf-8", "backslashreplace"))
+        return None
+
+    def connectionLost(self, reason):
+        # The reactor dropping its writers as it stops: what waits is left for flush_now().
+        with self._lock:
+            self._watching = False
+
+    def flush_now(self, timeout=FINAL_FLUSH_TIMEOUT) -> bool:
+        """Write what waits, for at most ``timeout`` seconds (a stopping worker's last
+        lines, the reactor gone); True if nothing is left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._pending and not self._closed:
+                    written = self._write(self._pending)
+                    if written:
+                        del self._pending[:written]
+                if not self._pending or self._closed:
+                    return not self._pending
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([], [self.fd], [], left)
+
+
 class WorkerRestarts:
     """``broker_worker_restarts_total{worker}``: the supervisor's restarts of each
     worker, as it last told this worker. Every worker exports all of them, so a
@@ -132,6 +261,36 @@ class WorkerRestarts:
                                    labels=["worker"])
 
 
+class LogLinesDropped:
+    """``broker_worker_log_lines_dropped_total``: this worker's log lines dropped because
+    the supervisor did not read its pipe (PipeWriter)."""
+
+    def __init__(self, relay) -> None:
+        self.relay = relay
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        family = self._family()
+        family.add_metric([], self.relay.dropped_total)
+        return [family]
+
+    @staticmethod
+    def _family():
+        return CounterMetricFamily("broker_worker_log_lines_dropped", "Log lines this worker "
+                                   "dropped: the supervisor did not read them in time.")
+
+
+def ignore_supervisor_signals():
+    """Signals meant for the supervisor that a worker must survive: SIGINT (a Ctrl-C in
+    a terminal reaches the whole process group; the supervisor stops us), and SIGUSR1
+    (log rotation: the supervisor writes the log; ``systemctl kill -s USR1`` signals
+    every process of the unit, and its default action would kill us)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _status_writer(service, index, stream):
     def write(ready=True):
         udp = getattr(service, "ssp_endpoint", None)
@@ -157,7 +316,8 @@ def worker_main(argv=None):
     from twisted.logger import globalLogBeginner
 
     from broker.lifecycle import SignalHandlers
-    from broker.logs import LogControl, make_observer, make_relay_observer
+    from broker.logs import (LogControl, dropped_lines_record, make_observer,
+                             make_relay_observer)
     from broker.registry.errors import StoreError
     from broker.service import make_service, tune_garbage_collector
     from broker.systemd import Activation
@@ -183,15 +343,16 @@ def worker_main(argv=None):
         refuse(problem)
         raise SystemExit(WORKER_REFUSED) from None
     control = LogControl(config.log.level)
+    relay = None
     if args.log_relay:
         # The supervisor writes these to its own log: its --logfile (a daemon's
         # stdout is /dev/null), in its format, each line tagged with our index.
-        stream = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-        observer = make_relay_observer(control, stream)
+        relay = PipeWriter(reactor, 1, notice=dropped_lines_record)
+        observer = make_relay_observer(control, relay)
     else:
         observer = make_observer(config.log, control, None)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_supervisor_signals()
     try:
         service = make_service(config, reactor=reactor, config_path=args.config,
                                log_control=control,
@@ -202,9 +363,11 @@ def worker_main(argv=None):
         raise SystemExit(WORKER_REFUSED) from None
     restarts = WorkerRestarts()
     service.metrics.registry.register(restarts)
+    if relay is not None:
+        service.metrics.registry.register(LogLinesDropped(relay))
     SignalHandlers(service).setServiceParent(service)
     tune_garbage_collector()
-    status = os.fdopen(STATUS_FD, "w")
+    status = PipeWriter(reactor, STATUS_FD, backlog=STATUS_BACKLOG_BYTES)
     write = _status_writer(service, args.index, status)
 
     refused = []
@@ -226,6 +389,8 @@ def worker_main(argv=None):
     reactor.callWhenRunning(started)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
+    if relay is not None:
+        relay.flush_now()
     if refused:
         raise SystemExit(WORKER_REFUSED)
 

@@ -265,6 +265,84 @@ class BadInputTests(SynchronousTestCase):
             config = parse_config({"registry": {"backend": "redis", "redis_url": url}})
             self.assertEqual(config.registry.redis_url, url)
 
+    def test_redis_url_options_redis_py_refuses(self):
+        """A redis_url option redis-py cannot parse or does not take (?socket_timeout=abc,
+        ?max_connections=-1, ?ssl_cert_reqs= on redis://) is refused naming
+        registry.redis_url, without repeating the URL or its password; what it takes passes."""
+        def refused(query, *words, cluster=False):
+            message = self.assertRefused(
+                {"registry": {"backend": "redis", "redis_cluster": cluster,
+                              "redis_url": f"redis://u:s3cret@127.0.0.1:6379/0?{query}"}},
+                "registry.redis_url: redis-py cannot use it: ", *words)
+            self.assertNotIn("s3cret", message)
+            self.assertNotIn("127.0.0.1", message)
+        refused("socket_timeout=abc", "'socket_timeout'")
+        refused("health_check_interval=x", "'health_check_interval'")
+        refused("max_connections=-1", "max_connections")
+        refused("protocol=7", "protocol must be either 2 or 3")
+        refused("ssl_cert_reqs=bogus", "no option ?ssl_cert_reqs=", "rediss://")
+        refused("socket_timeout=abc", "'socket_timeout'", cluster=True)
+        for url in ("redis://127.0.0.1:6379/0?socket_timeout=2&health_check_interval=10",
+                    "rediss://127.0.0.1:6380/0?ssl_cert_reqs=none",
+                    "unix:///run/redis.sock?db=2&socket_timeout=1.5"):
+            config = parse_config({"registry": {"backend": "redis", "redis_url": url}})
+            self.assertEqual(config.registry.redis_url, url)
+
+    def test_tls_settings_on_a_redis_url_make_tls_connections(self):
+        """redis_tls_ca_file with a redis:// URL gives TLS connections (redis-py's from_url
+        takes no ssl=True: the connection class says it), and the config accepts it;
+        with a unix:// socket it is refused."""
+        import redis
+
+        from broker.backend import redis_options
+        from broker.registry.redis_connection import Connector
+        ca = self.mktemp()
+        Path(ca).write_text("not read before a connection\n")
+        config = parse_config({"registry": {"backend": "redis", "redis_tls_ca_file": ca,
+                                            "redis_url": "redis://127.0.0.1:6379/0"}})
+        connector = Connector(redis_options(config))
+        self.addCleanup(connector.close)
+        pool = connector.client().connection_pool
+        self.assertIs(pool.connection_class, redis.SSLConnection)
+        connection = pool.connection_class(**pool.connection_kwargs)
+        self.assertEqual(connection.ca_certs, ca)
+        self.assertRefused({"registry": {"backend": "redis", "redis_tls_ca_file": ca,
+                                         "redis_url": "unix:///run/redis.sock"}},
+                           "registry.redis_url: a unix:// socket takes no TLS")
+
+    def test_nul_in_a_string_setting_is_refused(self):
+        """A NUL in a path, endpoint or any other string (data_dir, the Redis files, a
+        unix: endpoint, an origin) is refused in one line naming the key: the system
+        calls would raise ValueError (a traceback) when the broker starts."""
+        for section, key, value in (("broker", "data_dir", "a\0b"),
+                                    ("registry", "redis_password_file", "/p\0w"),
+                                    ("registry", "redis_tls_ca_file", "/c\0a"),
+                                    ("registry", "redis_url", "redis://h\0:6379/0"),
+                                    ("http", "endpoint", "unix:/tmp/x\0y"),
+                                    ("metrics", "endpoint", "unix:/tmp/m\0"),
+                                    ("http", "allowed_origins", ["http://a\0b"])):
+            message = self.assertRefused({section: {key: value}}, f"{section}.{key}: ",
+                                         "must not contain a NUL character")
+            self.assertNotIn("\0", message)
+
+    def test_rate_and_keepalive_are_off_or_sensible(self):
+        """http.max_requests_per_second and polling.sse_keepalive are 0 (off) or at least
+        0.01 and 1.0: 1e-320 requests a second waited inf seconds (a 500 per request),
+        a keepalive of 1e-300 s flooded every event stream."""
+        self.assertRefused({"http": {"max_requests_per_second": 1e-320}},
+                           "http.max_requests_per_second: must be 0 (no limit) or at least 0.01")
+        self.assertRefused({"polling": {"sse_keepalive": 1e-300}},
+                           "polling.sse_keepalive: must be 0 (none) or at least 1.0")
+        self.assertRefused({"polling": {"sse_keepalive": 0.5}}, "polling.sse_keepalive")
+        config = parse_config({"http": {"max_requests_per_second": 0.01},
+                               "polling": {"sse_keepalive": 1.0}})
+        self.assertEqual((config.http.max_requests_per_second, config.polling.sse_keepalive),
+                         (0.01, 1.0))
+        config = parse_config({"http": {"max_requests_per_second": 0},
+                               "polling": {"sse_keepalive": 0}})
+        self.assertEqual((config.http.max_requests_per_second, config.polling.sse_keepalive),
+                         (0.0, 0.0))
+
     def test_setting_outside_any_section(self):
         """A key written above every [section] header is called a setting, not an unknown section."""
         message = self.assertRefused({"port": 60001}, "port: ", "outside any [section]",

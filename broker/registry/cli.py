@@ -23,6 +23,7 @@ running broker, a restore is refused while one holds the data directory.
 """
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -72,6 +73,27 @@ class _Output:
             self._out.flush()
         except OSError as e:
             raise OutputFailed(e) from None
+
+
+class _ClosedStream:
+    """What stdout or stderr is when the process was started with it closed (``>&-``:
+    sys.stdout is None): every write fails as writing to a closed descriptor does."""
+
+    def write(self, text):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    def flush(self):
+        pass
+
+
+class _NoStream:
+    """A closed stderr: nothing can be said there, but the exit status still tells."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
 
 
 def _os_reason(error):
@@ -451,8 +473,10 @@ COMMANDS = {
 
 def main(argv=None, out=None, err=None):
     """Console entry point ``broker-admin``; returns the exit status."""
-    out = out or sys.stdout
-    err = err or sys.stderr
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    out = _ClosedStream() if out is None else out
+    err = _NoStream() if err is None else err
     parser = build_parser()
     args = parser.parse_args(argv)
     _refuse_empty(parser, args)

@@ -8,6 +8,7 @@ for a server without pulling in the store's threads.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,21 @@ class RedisOptions:
     #: seconds to connect, and to wait for a reply (more than the change
     #: stream reader's block, redis_follow.READ_BLOCK).
     timeout: float = 5.0
+
+    @classmethod
+    def of(cls, section, password_file: bool = True) -> "RedisOptions":
+        """The options of a config's ``[registry]`` section (RegistrySettings);
+        ``password_file`` False leaves the file out (nothing is read then)."""
+        return cls(url=section.redis_url, cluster=section.redis_cluster,
+                   key_prefix=section.redis_key_prefix, username=section.redis_username,
+                   password_file=section.redis_password_file if password_file else "",
+                   tls_ca_file=section.redis_tls_ca_file,
+                   tls_cert_file=section.redis_tls_cert_file,
+                   tls_key_file=section.redis_tls_key_file,
+                   wait_replicas=section.redis_wait_replicas,
+                   wait_timeout=section.redis_wait_timeout,
+                   timeout=section.redis_timeout,
+                   stream_length=section.redis_stream_length)
 
 
 def _client_options(options):
@@ -55,6 +71,53 @@ def _client_options(options):
         if not options.url.startswith("rediss://"):
             kwargs["ssl"] = True
     return kwargs
+
+
+def _single_server(url, kwargs):
+    """kwargs for ``Redis.from_url``: TLS on a redis:// URL is its connection class
+    (from_url hands ``ssl=True`` to the connection, which takes no such argument)."""
+    import redis
+    kwargs = dict(kwargs)
+    if url.startswith("redis://") and kwargs.pop("ssl", False):
+        kwargs["connection_class"] = redis.SSLConnection
+    return kwargs
+
+
+def client_problem(settings) -> str | None:
+    """What redis-py refuses in ``[registry]`` settings (``settings``: the config's
+    RegistrySettings), found without connecting: an option of redis_url it cannot
+    parse (``?socket_timeout=abc``) or does not take (``?ssl_cert_reqs=x`` on
+    redis://). One line that never repeats the URL (it may hold a password)."""
+    import redis
+    options = RedisOptions.of(settings, password_file=False)
+    kwargs = _client_options(options)      # no password_file: nothing is read
+    if options.url.startswith("unix://") and "ssl" in kwargs:
+        return ("a unix:// socket takes no TLS: registry.redis_tls_ca_file and "
+                "redis_tls_cert_file are for redis:// and rediss://")
+    try:
+        if options.cluster:
+            # RedisCluster.from_url connects at once; its node clients are built so.
+            from redis.cluster import cleanup_kwargs
+            from redis.connection import parse_url
+            kwargs.update(parse_url(options.url))
+            pool = redis.Redis(**cleanup_kwargs(**kwargs)).connection_pool
+        else:
+            pool = redis.ConnectionPool.from_url(options.url,
+                                                 **_single_server(options.url, kwargs))
+        # Built, never connected: the connection checks its own arguments.
+        pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError, redis.RedisError) as problem:
+        message = " ".join(str(problem).split()) or type(problem).__name__
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", message)
+        if unknown:
+            name = unknown.group(1)
+            message = f"it takes no option ?{name}= with this URL" + (
+                " (a TLS option: TLS is rediss:// or the redis_tls_* settings)"
+                if name.startswith("ssl") else "")
+        if redacted(options.url) != options.url:
+            message = message.replace(options.url, redacted(options.url))
+        return f"redis-py cannot use it: {message}"
+    return None
 
 
 def redacted(url: str) -> str:
@@ -110,6 +173,7 @@ class Connector:
             # run it (a change script would run twice). The caller fails instead.
             from redis.backoff import NoBackoff
             from redis.retry import Retry
+            kwargs = _single_server(options.url, kwargs)
             kwargs["retry"] = Retry(NoBackoff(), 0)
             self._cluster = None
             self._kwargs = kwargs

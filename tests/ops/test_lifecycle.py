@@ -453,6 +453,30 @@ class ReloadTests(TestCase):
 
 
     @defer.inlineCallbacks
+    def test_a_reloader_that_raises_makes_the_reload_failed(self):
+        """A reload hook that raises is logged with its traceback, the reload counted
+        failed and told "reload failed" (never "configuration reloaded"), while the
+        other hooks still get the new config."""
+        sent, events, got = [], [], []
+        self.patch(self.service.notifier, "send", lambda *lines: sent.append(lines))
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def broken(config):
+            raise KeyError("an endpoint's bug")
+        self.service.reloaders[:0] = [broken]
+        self.service.reloaders.append(got.append)
+        self.write(level="debug", require_token="false")
+        yield self.service.reload()
+        self.assertEqual(sent[-1], ("READY=1", "STATUS=serving (reload failed: see the log)"))
+        self.assertEqual((self.sample("failed"), self.sample("applied")), (1, 0))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual([config.log.level for config in got], ["debug"])
+        formats = [event.get("log_format") or "" for event in events]
+        self.assertFalse([text for text in formats if "configuration reloaded" in text])
+        self.assertTrue([text for text in formats if text.startswith("reload failed: ")])
+
+    @defer.inlineCallbacks
     def test_a_failed_reload_applies_nothing_of_the_file(self):
         """A reload whose registry re-read fails keeps the whole running configuration:
         the log level, and [metrics] require_token (loopback scrapes still answered 200)."""

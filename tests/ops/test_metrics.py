@@ -394,12 +394,15 @@ class DocumentedMetricsTests(SynchronousTestCase):
     @staticmethod
     def exported():
         """Every metric a worker-mode broker's registry renders (counters with their _total)."""
-        from broker.worker import WorkerRestarts
+        from types import SimpleNamespace
+
+        from broker.worker import LogLinesDropped, WorkerRestarts
 
         metrics = Metrics()
         metrics.watch_registry(DeviceRegistry(MemoryStore(), clock=Clock()))
         metrics.watch_commands("http", collections.Counter())
         metrics.registry.register(WorkerRestarts())
+        metrics.registry.register(LogLinesDropped(SimpleNamespace(dropped_total=0)))
         return {family.name + ("_total" if family.type == "counter" else "")
                 for family in metrics.registry.collect()}
 

@@ -11,7 +11,9 @@ import io
 import os
 import re
 import stat
+import subprocess
 import sys
+import threading
 
 from twisted.internet import defer, reactor
 from twisted.logger import (LogLevel, Logger, formatEvent, formatEventAsClassicLogText,
@@ -19,7 +21,9 @@ from twisted.logger import (LogLevel, Logger, formatEvent, formatEventAsClassicL
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.config import load_config
-from broker.logs import LogControl, WorkerLogRelay, json_record, make_relay_observer
+from broker.logs import (LogControl, WorkerLogRelay, dropped_lines_record, json_record,
+                         make_relay_observer)
+from broker.worker import PipeWriter
 from broker.workers import SupervisorService
 from tests.ops.test_lifecycle import wait_until
 from tests.ops.test_process import TWISTD, BrokerProcess, write_config
@@ -97,6 +101,159 @@ class WorkerLogRelayTests(SynchronousTestCase):
             ("printed by someone", LogLevel.info, 1),
             ("Traceback (most recent call last):", LogLevel.error, 1)])
         self.assertIn("[worker 1 stderr]", formatEventAsClassicLogText(events[0]))
+
+
+class WriterReactor:
+    """The part of a reactor a PipeWriter uses: the writers it watches, and the calls
+    handed over from other threads (run by run_handed_over)."""
+
+    def __init__(self):
+        self.writers = set()
+        self.handed_over = []
+
+    def addWriter(self, writer):
+        self.writers.add(writer)
+
+    def removeWriter(self, writer):
+        self.writers.discard(writer)
+
+    def callFromThread(self, function, *args):
+        self.handed_over.append((function, args))
+
+    def run_handed_over(self):
+        calls, self.handed_over = self.handed_over, []
+        for function, args in calls:
+            function(*args)
+
+
+def read_all(fd):
+    """Everything waiting in the non-blocking read end of a pipe."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class PipeWriterTests(SynchronousTestCase):
+    """A worker's log relay never blocks on a supervisor that does not read its pipe."""
+
+    def pipe(self):
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        os.set_blocking(read_end, False)
+        return read_end, write_end
+
+    def test_a_pipe_nobody_reads_costs_lines_not_the_reactor(self):
+        """Logging 3000 lines (600 KB) into a pipe nobody reads returns each time: the
+        pipe and a 16 KiB backlog fill, the rest is dropped and counted; once the
+        supervisor reads again the backlog goes out whole, then a warning saying how
+        many lines were dropped, and every line relays as a whole record."""
+        read_end, write_end = self.pipe()
+        reactor = WriterReactor()
+        writer = PipeWriter(reactor, write_end, backlog=16384, notice=dropped_lines_record)
+        self.assertFalse(os.get_blocking(write_end))
+        log = Logger(namespace="broker.web.site.BrokerSite",
+                     observer=make_relay_observer(LogControl("debug"), writer))
+        for number in range(3000):
+            log.debug("GET /healthz answered 200 ({number}) " + "x" * 150, number=number)
+        self.assertGreater(writer.dropped, 0)
+        self.assertEqual(writer.dropped, writer.dropped_total)
+        self.assertEqual(reactor.writers, {writer})
+        dropped = writer.dropped
+        data = read_all(read_end)
+        while reactor.writers:
+            writer.doWrite()
+            data += read_all(read_end)
+        events = []
+        relay = WorkerLogRelay(2, publish=events.append)
+        relay.received(1, data)
+        relay.closed(1)
+        numbers = [event["number"] for event in events[:-1]]
+        self.assertEqual(numbers, list(range(len(numbers))))
+        self.assertEqual(len(numbers) + dropped, 3000)
+        self.assertEqual(formatEvent(events[-1]),
+                         f"{dropped} log lines dropped: the supervisor did not read")
+        self.assertEqual((events[-1]["log_level"], events[-1]["worker"]), (LogLevel.warn, 2))
+        self.assertEqual((writer.dropped, writer.dropped_total), (0, dropped))
+
+    def test_a_line_the_pipe_took_in_part_is_finished_not_dropped(self):
+        """A line larger than what the pipe has room for is written in part and its rest
+        kept, whatever the backlog: the supervisor never reads half a record."""
+        read_end, write_end = self.pipe()
+        reactor = WriterReactor()
+        writer = PipeWriter(reactor, write_end, backlog=10)
+        line = b"y" * 200_000 + b"\n"
+        self.assertTrue(writer.write_line(line))
+        self.assertFalse(writer.write_line(b"next\n"))
+        data = b""
+        while reactor.writers:
+            data += read_all(read_end)
+            writer.doWrite()
+        data += read_all(read_end)
+        self.assertEqual(data, line)
+        self.assertEqual(writer.dropped_total, 1)
+
+    def test_a_thread_hands_the_watch_to_the_reactor_thread(self):
+        """A line logged from another thread that the pipe cannot take at once asks the
+        reactor thread to watch the pipe (callFromThread), never the reactor directly."""
+        read_end, write_end = self.pipe()
+        reactor = WriterReactor()
+        writer = PipeWriter(reactor, write_end)
+        line = b"z" * 100_000 + b"\n"
+        thread = threading.Thread(target=writer.write_line, args=(line,))
+        thread.start()
+        thread.join()
+        self.assertEqual(reactor.writers, set())
+        reactor.run_handed_over()
+        self.assertEqual(reactor.writers, {writer})
+        data = read_all(read_end)
+        writer.doWrite()
+        self.assertEqual(data + read_all(read_end), line)
+        self.assertEqual(reactor.writers, set())
+
+    def test_a_stopping_worker_flushes_what_waits_within_a_bound(self):
+        """After the reactor stopped, flush_now writes the backlog once the supervisor
+        reads, and gives up after its timeout when it does not."""
+        read_end, write_end = self.pipe()
+        writer = PipeWriter(WriterReactor(), write_end)
+        writer.write_line(b"a" * 100_000 + b"\n")
+        self.assertFalse(writer.flush_now(timeout=0))
+        got = read_all(read_end)
+        self.assertTrue(writer.flush_now(timeout=0))
+        self.assertEqual(got + read_all(read_end), b"a" * 100_000 + b"\n")
+
+    def test_a_closed_pipe_drops_silently(self):
+        """Once the supervisor is gone (EPIPE), lines are dropped without an exception."""
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        os.close(read_end)
+        writer = PipeWriter(WriterReactor(), write_end)
+        self.assertFalse(writer.write_line(b"lost\n"))
+        self.assertFalse(writer.write_line(b"lost too\n"))
+
+
+class WorkerSignalTests(SynchronousTestCase):
+    """Signals meant for the supervisor do not kill a worker."""
+
+    def test_sigusr1_and_sigint_do_not_kill_a_worker(self):
+        """A process that set a worker's signal dispositions survives SIGUSR1 (log
+        rotation: `systemctl kill -s USR1` signals every process of the unit) and SIGINT."""
+        code = ("import os, signal; from broker.worker import ignore_supervisor_signals; "
+                "ignore_supervisor_signals(); os.kill(os.getpid(), signal.SIGUSR1); "
+                "os.kill(os.getpid(), signal.SIGINT); print('alive')")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        process = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                 timeout=60, cwd=root, stdin=subprocess.DEVNULL,
+                                 env=dict(os.environ, PYTHONPATH=root))
+        self.assertEqual((process.returncode, process.stdout), (0, b"alive\n"),
+                         process.stderr.decode(errors="replace")[-1000:])
 
 
 class RecordingClock:

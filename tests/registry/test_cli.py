@@ -259,6 +259,46 @@ class OutputFailureTests(SynchronousTestCase):
                               " again for another\n")
         self.assertNotEqual(self.secret("dev1"), before)
 
+    def closed(self, *argv, close=(1,)):
+        """broker-admin run with the descriptors ``close`` closed (``>&-``): (status, stderr)."""
+        def closing():
+            for fd in close:
+                os.close(fd)
+        done = subprocess.run(admin_command("--data-dir", self.data_dir, *argv), cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.DEVNULL,
+                              stdout=None if 1 in close else subprocess.DEVNULL,
+                              stderr=None if 2 in close else subprocess.PIPE,
+                              preexec_fn=closing, timeout=60)
+        return done.returncode, (done.stderr or b"").decode(errors="replace")
+
+    def test_add_with_stdout_closed_says_the_device_exists(self):
+        """device add with stdout closed (``>&-``, sys.stdout is None) adds the device and
+        exits 3 with the line saying so and what to run, not a traceback and exit 1."""
+        status, err = self.closed("--json", "device", "add", "unseen")
+        self.assertEqual(status, cli.OUTPUT_LOST, err)
+        self.assertNotIn("Traceback", err)
+        problem = json.loads(err)
+        self.assertEqual(problem["error"], "secret_not_written")
+        self.assertIn("device unseen was added (number ", problem["message"])
+        self.assertIn("(Bad file descriptor)", problem["message"])
+        self.assertEqual(len(self.secret("unseen")), 16)
+
+    def test_add_with_stdout_and_stderr_closed_still_exits_3(self):
+        """With stderr closed too nothing can be said, but the device is added and the
+        exit status is still 3 (its key was lost), not a crash."""
+        status, err = self.closed("device", "add", "silent", close=(1, 2))
+        self.assertEqual(status, cli.OUTPUT_LOST)
+        self.assertEqual(len(self.secret("silent")), 16)
+
+    def test_no_stdout_in_process_is_a_lost_output(self):
+        """main() called with sys.stdout None (a closed stdout) answers exit 3 with
+        output_not_written for a list, through the same path as any failed write."""
+        err = io.StringIO()
+        self.patch(sys, "stdout", None)
+        status = cli.main(["--json", "--data-dir", self.data_dir, "device", "list"], None, err)
+        self.assertEqual(status, cli.OUTPUT_LOST)
+        self.assertEqual(json.loads(err.getvalue())["error"], "output_not_written")
+
     def test_token_not_written_says_to_revoke_it(self):
         """token add whose output fails names the token created and the commands to
         revoke it and make another."""

@@ -3,7 +3,7 @@
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from broker.web.api.ratelimit import MAX_BUCKETS, RateLimiter, retry_after
+from broker.web.api.ratelimit import MAX_BUCKETS, MAX_RETRY_AFTER, RateLimiter, retry_after
 
 
 class RateLimiterTests(SynchronousTestCase):
@@ -47,3 +47,18 @@ class RateLimiterTests(SynchronousTestCase):
         """Retry-After is whole seconds, at least one."""
         self.assertEqual(retry_after(0.01), b"1")
         self.assertEqual(retry_after(2.2), b"3")
+
+    def test_retry_after_is_capped(self):
+        """A wait longer than MAX_RETRY_AFTER, inf (a rate of 1e-320 gives 1/rate = inf)
+        or nan is told as MAX_RETRY_AFTER, never an OverflowError (a 500 per request)."""
+        cap = str(MAX_RETRY_AFTER).encode()
+        for wait in (MAX_RETRY_AFTER + 0.5, 1e308, float("inf"), float("nan")):
+            self.assertEqual(retry_after(wait), cap)
+        self.assertEqual(retry_after(MAX_RETRY_AFTER - 0.5), cap)
+
+    def test_the_slowest_rate_the_config_allows_waits_within_the_cap(self):
+        """At 0.01 requests a second (the least non-zero rate the config takes) a refused
+        caller waits 100 s, told as such in Retry-After."""
+        limiter = RateLimiter(0.01, self.clock)
+        self.assertEqual(limiter.check("a"), 0.0)
+        self.assertEqual(retry_after(limiter.check("a")), b"100")

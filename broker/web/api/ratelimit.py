@@ -10,6 +10,8 @@ import math
 
 #: buckets kept before full (idle) ones are swept out.
 MAX_BUCKETS = 10_000
+#: the longest Retry-After told (seconds): past it a client had better ask again.
+MAX_RETRY_AFTER = 3600
 
 
 class RateLimiter:
@@ -52,5 +54,8 @@ class RateLimiter:
 
 
 def retry_after(seconds: float) -> bytes:
-    """A Retry-After value (whole seconds, at least 1)."""
+    """A Retry-After value: whole seconds, at least 1 and at most MAX_RETRY_AFTER
+    (a wait that is huge, inf or nan is told as the most)."""
+    if not seconds <= MAX_RETRY_AFTER:
+        return str(MAX_RETRY_AFTER).encode("ascii")
     return str(max(1, math.ceil(seconds))).encode("ascii")
