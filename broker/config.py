@@ -46,7 +46,7 @@ def _ip_address(value: str) -> None:
         ipaddress.ip_address(value)
     except ValueError:
         raise ValueError(f"must be an IP address such as \"127.0.0.1\", \"0.0.0.0\" or \"::\" "
-                         f"(the UDP socket binds an address, not a host name), not {value!r}"
+                         f"(the UDP socket binds an address, not a host name), not {_shown(value)}"
                          ) from None
 
 
@@ -55,7 +55,7 @@ def _off_or_at_least(least: float, off: str) -> Callable[[float], None]:
     (1e-320 requests a second: a wait of inf seconds) or a flood (a keepalive every 1e-300 s)."""
     def check(value: float) -> None:
         if value != 0 and value < least:
-            raise ValueError(f"must be 0 ({off}) or at least {least}, not {value!r}")
+            raise ValueError(f"must be 0 ({off}) or at least {least}, not {_shown(value)}")
     return check
 
 
@@ -93,17 +93,17 @@ def _endpoint(value: str) -> None:
     port = named.get("port", positional[0] if positional else None)
     if port is None:
         raise ValueError(f"has no port: write {kind}:PORT first, e.g. {kind}:8080 "
-                         f"(in {value!r})")
+                         f"(in {_shown(value)})")
     try:
         number = int(port)
     except ValueError:
-        raise ValueError(f"port must be a number of 0 to 65535, not {port!r} "
-                         f"(in {value!r})") from None
+        raise ValueError(f"port must be a number of 0 to 65535, not {_shown(port)} "
+                         f"(in {_shown(value)})") from None
     if not 0 <= number <= 65535:
-        raise ValueError(f"port must be 0 to 65535, not {number} (in {value!r})")
+        raise ValueError(f"port must be 0 to 65535, not {number} (in {_shown(value)})")
     backlog = named.get("backlog")
     if backlog is not None and not backlog.strip().isdigit():
-        raise ValueError(f"backlog must be a whole number, not {backlog!r} (in {value!r})")
+        raise ValueError(f"backlog must be a whole number, not {_shown(backlog)} (in {_shown(value)})")
 
 
 def _optional_endpoint(value: str) -> None:
@@ -125,7 +125,7 @@ def _hash_tag(value: str) -> None:
     """The prefix goes in braces ({ssp}:...): empty or braced, keys would spread over Cluster slots."""
     _not_empty(value)
     if "{" in value or "}" in value:
-        raise ValueError(f"must not contain braces (it is put inside some), not {value!r}")
+        raise ValueError(f"must not contain braces (it is put inside some), not {_shown(value)}")
 
 
 def _http_url(value: str) -> None:
@@ -139,13 +139,13 @@ def _http_url(value: str) -> None:
                          "repeated here, it may hold one)")
     if parts.scheme.lower() not in ("http", "https"):
         raise ValueError(f"must be empty or a URL starting with http:// or https://, "
-                         f"not {value!r}")
+                         f"not {_shown(value)}")
     try:
         parts.port
     except ValueError:
-        raise ValueError(f"has an invalid port: {value!r}") from None
+        raise ValueError(f"has an invalid port: {_shown(value)}") from None
     if not parts.hostname:
-        raise ValueError(f"has no host: {value!r}")
+        raise ValueError(f"has no host: {_shown(value)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +343,7 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any) -> Any:
         raise ValueError("must be a number, not nan")
     if meta["choices"] is not None and value not in meta["choices"]:
         allowed = ", ".join(repr(choice) for choice in meta["choices"])
-        raise ValueError(f"must be one of {allowed}, not {value!r}")
+        raise ValueError(f"must be one of {allowed}, not {_shown(value)}")
     if meta["minimum"] is not None and value < meta["minimum"]:
         raise ValueError(f"must be at least {meta['minimum']}, not {_shown(value)}")
     if meta["maximum"] is not None and value > meta["maximum"]:
@@ -367,7 +367,14 @@ def _shown(value: Any) -> str:
         if abs(value) < 10 ** (digits - 1):
             digits -= 1
         return f"an integer of {digits} digits"
+    if isinstance(value, str) and len(value) > _SHOWN_CHARACTERS:
+        # A message stays a line to read: the start of a long value says which.
+        return f"{value[:_SHOWN_CHARACTERS]!r}... ({len(value)} characters)"
     return repr(value)
+
+
+#: characters of a string setting a message shows at most.
+_SHOWN_CHARACTERS = 80
 
 
 def _toml_type(value: Any) -> str:
@@ -404,7 +411,7 @@ def _ping(key: str) -> Callable[[Config], str | None]:
         value = getattr(config.websocket, key)
         if 0 < value < 1:
             # Autobahn truncates its ping deadlines to whole seconds.
-            return f"must be 0 (off) or at least 1.0, not {value!r}"
+            return f"must be 0 (off) or at least 1.0, not {_shown(value)}"
         return None
     return check
 
@@ -475,7 +482,7 @@ def _redis_url_problem(url: str, cluster: bool) -> str | None:
         port = host_port.rpartition("]")[2] if host_port.startswith("[") else host_port
         port = port.partition(":")[2] if ":" in port else None
         if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
-            return f"port must be a number of 1 to 65535, not {port!r}"
+            return f"port must be a number of 1 to 65535, not {_shown(port)}"
         if parts.path not in ("", "/"):
             databases.insert(0, ("path", parts.path))
     for where, value in databases:
@@ -483,7 +490,7 @@ def _redis_url_problem(url: str, cluster: bool) -> str | None:
         if not (number.isdigit() and number.isascii()):
             if where == "path":
                 return (f"the database must be a number such as /0 (redis://HOST:PORT/0), "
-                        f"not {value!r}")
+                        f"not {_shown(value)}")
             shown = "?db=" + value
             return f"the database must be a number such as ?db=0, not {shown!r}"
         if cluster and int(number) != 0:

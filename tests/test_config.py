@@ -186,6 +186,13 @@ class BadInputTests(SynchronousTestCase):
                                      "broker.workers: must be at most 64, not an integer of 401 digits")
         self.assertNotIn("0" * 40, message)
 
+    def test_long_string_is_shown_by_its_start(self):
+        """A 100 KB string refused is shown by its first characters and its length,
+        so the refusal stays a line to read."""
+        message = self.assertRefused({"log": {"format": "x" * 100_000}}, "log.format:",
+                                     "(100000 characters)")
+        self.assertLess(len(message), 400)
+
     def test_redis_url_with_an_unclosed_ipv6_bracket(self):
         """A redis_url whose IPv6 bracket is not closed (or not opened) is a ConfigError
         naming registry.redis_url, never urlsplit's ValueError."""
