@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import math
 import re
@@ -423,7 +424,7 @@ def _workers(config: Config) -> str | None:
 
 
 def _redis_url(config: Config) -> str | None:
-    if config.registry.backend != "redis":
+    if config.registry.backend != "redis" or importlib.util.find_spec("redis") is None:
         return None
     problem = _redis_url_problem(config.registry.redis_url, config.registry.redis_cluster)
     if problem is None:
@@ -440,6 +441,13 @@ def _lease_check_interval(config: Config) -> str | None:
     return None
 
 
+def _redis_package(config: Config) -> str | None:
+    if config.registry.backend == "redis" and importlib.util.find_spec("redis") is None:
+        return ('"redis" needs the redis package, an extra of the broker: '
+                "pip install '.[redis]' from the source tree")
+    return None
+
+
 def _metrics_endpoint(config: Config) -> str | None:
     if config.metrics.endpoint and config.http.endpoint == config.metrics.endpoint:
         return "must differ from http.endpoint"
@@ -451,6 +459,7 @@ _CROSS_CHECKS = (
     ("websocket.ping_interval", _ping("ping_interval")),
     ("websocket.ping_timeout", _ping("ping_timeout")),
     ("broker.workers", _workers),
+    ("registry.backend", _redis_package),
     ("registry.redis_url", _redis_url),
     ("registry.redis_lease_check_interval", _lease_check_interval),
     ("metrics.endpoint", _metrics_endpoint),

@@ -32,11 +32,13 @@ _FIRST_FD = 3  # SD_LISTEN_FDS_START
 
 
 class Activation:
-    """The descriptors systemd passed to this process (none when not socket-activated)."""
+    """The descriptors systemd passed to this process (none when not socket-activated),
+    or a supervisor to its worker (``origin`` says which, for the log)."""
 
-    def __init__(self, fds=(), names=()) -> None:
+    def __init__(self, fds=(), names=(), origin: str = "the socket-activated") -> None:
         self.fds = tuple(fds)
         self.names = tuple(names)
+        self.origin = origin
         self.adopted = set()
 
     def __repr__(self) -> str:
@@ -108,8 +110,9 @@ def listen_udp(reactor, activation: Activation, protocol, *, port: int, interfac
     os.close(fd)  # the port holds its own duplicate
     activation.adopted.add(fd)
     host = listening.getHost()
-    log.info("SSP: adopted the socket-activated UDP socket {host}:{port} "
-             "([ssp] host and port are not used)", host=host.host, port=host.port)
+    log.info("SSP: adopted {origin} UDP socket {host}:{port} "
+             "([ssp] host and port are not used)", origin=activation.origin,
+             host=host.host, port=host.port)
     return listening
 
 

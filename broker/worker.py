@@ -356,7 +356,8 @@ def worker_main(argv=None):
     try:
         service = make_service(config, reactor=reactor, config_path=args.config,
                                log_control=control,
-                               activation=Activation([UDP_FD] if config.ssp.enabled else []),
+                               activation=Activation([UDP_FD] if config.ssp.enabled else [],
+                                                     origin="the supervisor's"),
                                worker=(args.index, args.http_port))
     except (ConfigError, StoreError) as problem:
         refuse(problem)

@@ -186,6 +186,16 @@ class BadInputTests(SynchronousTestCase):
                                      "broker.workers: must be at most 64, not an integer of 401 digits")
         self.assertNotIn("0" * 40, message)
 
+    def test_redis_backend_without_the_redis_package(self):
+        """Without the redis extra installed, backend = "redis" is one line saying how to
+        install it (before: a traceback from the URL check's import)."""
+        import importlib.util
+        real = importlib.util.find_spec
+        self.patch(importlib.util, "find_spec",
+                   lambda name, *a: None if name == "redis" else real(name, *a))
+        self.assertRefused({"registry": {"backend": "redis"}},
+                           "registry.backend:", "pip install '.[redis]'")
+
     def test_long_string_is_shown_by_its_start(self):
         """A 100 KB string refused is shown by its first characters and its length,
         so the refusal stays a line to read."""

@@ -300,8 +300,8 @@ def run_node(args, reactor=None, stdin=None, out=None, err=None) -> int:
 
     def unanswered() -> str:
         return (f"no answer from the broker at {shown} (check --broker, --device "
-                "and the key (--secret-file, --secret): the broker never answers a "
-                "wrong one)")
+                "and the key (--secret-file, BROKER_NODE_SECRET, --secret): the broker "
+                "never answers a wrong one)")
 
     def warn_if_unanswered():
         if node.acknowledged == 0:

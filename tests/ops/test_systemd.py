@@ -7,7 +7,7 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.systemd import Activation, Notifier, listen_udp, notify, watchdog_interval
@@ -173,6 +173,24 @@ class ListenUDPTests(TestCase):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             sender.sendto(b"hello", address)
         return protocol.received.addCallback(self.assertEqual, b"hello")
+
+    def test_log_names_where_the_socket_came_from(self):
+        """The adoption line says "socket-activated" for systemd's socket and names the
+        supervisor for a worker's, so operators can trust it to tell them apart."""
+        lines = []
+        globalLogPublisher.addObserver(lines.append)
+        self.addCleanup(globalLogPublisher.removeObserver, lines.append)
+        for origin in (None, "the supervisor's"):
+            inherited = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            inherited.bind(("127.0.0.1", 0))
+            fd = inherited.detach()
+            activation = Activation([fd]) if origin is None else Activation([fd], origin=origin)
+            port = listen_udp(reactor, activation, Collector(), port=1, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+        adopted = [formatEvent(event) for event in lines if "adopted" in formatEvent(event)]
+        self.assertEqual(len(adopted), 2)
+        self.assertIn("adopted the socket-activated UDP socket 127.0.0.1:", adopted[0])
+        self.assertIn("adopted the supervisor's UDP socket 127.0.0.1:", adopted[1])
 
     def test_binds_without_activation(self):
         """Without an inherited socket listen_udp binds the configured interface and port."""

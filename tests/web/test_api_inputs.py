@@ -92,6 +92,15 @@ class HeadTests(SynchronousTestCase):
         self.assertEqual(headers["Content-Type"], "text/event-stream; charset=utf-8")
         self.assertEqual(len(self.m.api.room), 0)
 
+    def test_head_of_the_event_stream_claims_no_length(self):
+        """HEAD /events has the stream's headers and no Content-Length: a stream has none,
+        and "Content-Length: 0" would claim an empty body (RFC 9110 8.6)."""
+        raw = self.m.open("HEAD", "/api/v1/events", self.read).raw()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 "), raw[:80])
+        self.assertIn(b"Content-Type: text/event-stream; charset=utf-8\r\n", raw)
+        self.assertNotIn(b"Content-Length", raw)
+        self.assertTrue(raw.endswith(b"\r\n\r\n"))
+
     def test_head_errors_are_gets_errors_without_a_body(self):
         """A HEAD that GET would refuse gets the same status and headers (WWW-Authenticate), no body."""
         head, get = self.head_and_get("/api/v1/devices/a", {})

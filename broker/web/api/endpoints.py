@@ -216,7 +216,14 @@ def events(api, request, principal, name):
     match = name_matcher(text_arg(request, b"name", 128))
     history = bool_arg(request, b"history", True)
     if request.method == b"HEAD":
-        return 200, b"", dict(STREAM_HEADERS)
+        # The stream's headers, finished here: a stream has no length, and the
+        # usual HEAD answer would claim "Content-Length: 0" (an empty body).
+        request.setResponseCode(200)
+        for key, value in STREAM_HEADERS:
+            request.setHeader(key, value)
+        request.write(b"")
+        request.finish()
+        return NOT_DONE_YET
     _admit(api)
     request.setResponseCode(200)
     for key, value in STREAM_HEADERS:
