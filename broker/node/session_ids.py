@@ -15,8 +15,9 @@ reads the low half as the boot's identity, below):
   earlier in the same second (a second ``simulate`` run, a quick reboot
   without the file) still picks above them.  Processes start far more
   than a tick apart.  An epoch ahead of the clock (a second id within one
-  second) is above the last id by itself; its tick is 0, so a forgetful
-  pick later in that second is above it too.
+  second, or a clock behind: a device without a real-time clock before it
+  syncs, a clock set back) is above the last id by itself, and its time
+  field is random instead: it still names the boot with 31 random bits.
 * ``random19``: 19 random bits.
 * ``continues`` (``broker.ssp.framing.CONTINUES_BOOT``): 1 when the device
   starts the session without having rebooted, 0 in a boot's first session.
@@ -39,12 +40,12 @@ a second with 2^-12 * 2^-19 = 2^-31.  That is why
 the time field is coarse (12 bits, not 20 bits of microseconds beside 12
 random bits): the bound then holds whatever the clock's resolution and
 however closely two processes start, and ordering only needs ticks shorter
-than a process restart.  Ids ahead of the clock (tick 0) of two processes
-match with probability 2^-19 too.  A later session of a boot keeps its
-boot's tick: a forgetful process picking in the very second of that
-session's epoch may pick below it, and is refused until its next rekey
-(a delay, never a reused id).  Two boots share a name with probability
-2^-31.
+than a process restart.  Ids ahead of the clock (a random time field) of
+two processes match with probability 2^-31.  A later session of a boot,
+or an id ahead of the clock, has no time in its low half: a forgetful
+process picking in the very second of that id's epoch may pick below it,
+and is refused until its next rekey (a delay, never a reused id).  Two
+boots share a name with probability 2^-31.
 
 The new id is written (fsync, then rename) before it is used.  Processes
 may share one file (one device each): each write happens under an exclusive
@@ -67,7 +68,8 @@ from broker.ssp.framing import CONTINUES_BOOT, boot_of
 
 _MAX_EPOCH = (1 << 32) - 1
 #: The time within a second, in ticks of 1/TICKS_PER_SECOND s (12 bits).
-TICKS_PER_SECOND = 1 << 12
+_TICK_BITS = 12
+TICKS_PER_SECOND = 1 << _TICK_BITS
 #: The low bits of an id below the tick: random ones and the boot bit.
 LOW_BITS = 20
 _RANDOM_MASK = (1 << (LOW_BITS - 1)) - 1
@@ -77,9 +79,9 @@ def next_session_id(last: int, random_bytes=os.urandom, wall_clock=time.time,
                     boot: int | None = None) -> int:
     """An id strictly greater than last: a new epoch, then either a boot's first
     low half (``boot`` None: the tick within the second when the epoch is the
-    clock's, 19 random bits, the boot bit clear; never zero) or, for a later
-    session of a boot, that boot's low half (``boot``, see ``boot_of``) with
-    the boot bit set."""
+    clock's, else random bits, then 19 random bits, the boot bit clear; never
+    zero) or, for a later session of a boot, that boot's low half (``boot``,
+    see ``boot_of``) with the boot bit set."""
     wall = wall_clock()
     second = int(wall)
     epoch = max((last >> 32) + 1, second)
@@ -87,10 +89,14 @@ def next_session_id(last: int, random_bytes=os.urandom, wall_clock=time.time,
         raise ValueError("session id epochs exhausted for this device")
     if boot is not None:
         return (epoch << 32) | boot | CONTINUES_BOOT
-    tick = 0
+    drawn = int.from_bytes(random_bytes(4), "big")
     if epoch == second:
         tick = min(int((wall - second) * TICKS_PER_SECOND), TICKS_PER_SECOND - 1)
-    random = int.from_bytes(random_bytes(3), "big") & _RANDOM_MASK
+    else:
+        # Ahead of the clock: the epoch orders the id, so the time field names
+        # the boot at random (with the clock behind it would always be 0).
+        tick = drawn >> (32 - _TICK_BITS)
+    random = drawn & _RANDOM_MASK
     return (epoch << 32) | (tick << LOW_BITS | random << 1 or 2)
 
 

@@ -142,12 +142,18 @@ def durable_event_end(old, record, session_id: int) -> int:
     writes, if not yet durable, are kept and written again until they are),
     else the session record's durable state (or, before the session's first
     durable report, where its start found them ending: bridge.reserve).  0
-    when unknown (a carried event may then be stored twice, never lost), and
-    for a session that says it continues a boot other than that earlier
+    when unknown (a carried event may then be stored twice, never lost), for
+    a boot's first session (its events are numbered from 0 again: all new),
+    and for a session that says it continues a boot other than that earlier
     session's (framing.same_boot): the broker never heard its boot's first
-    session, so its events, numbered from 0 again, are all new."""
+    session, so its events are all new too."""
+    if not continues_boot(session_id):
+        # A boot's first session numbers its events from 0: all of them new.
+        # (Handing it the previous boot's end would let a later session of
+        # this boot take that end for its own, were this one never to report.)
+        return 0
     earlier = old.session_id if type(old) is LiveSession else getattr(record, "session_id", None)
-    if continues_boot(session_id) and not same_boot(earlier, session_id):
+    if not same_boot(earlier, session_id):
         return 0
     if type(old) is LiveSession:
         return old.reported.event_end

@@ -107,14 +107,23 @@ class NextSessionIdTests(SynchronousTestCase):
 
     def test_ahead_of_the_clock_orders_by_epoch(self):
         """A second id within one second takes the next epoch (ahead of the clock), above
-        the last whatever its bits; a process without memory picking later, in that
-        epoch's own second, is above it too."""
+        the last whatever its bits."""
         last = next_session_id(0, lambda n: b"\xff" * n, lambda: SECOND + 0.9)
         ahead = next_session_id(last, lambda n: b"\xff" * n, lambda: SECOND + 0.95)
         self.assertEqual(ahead >> 32, SECOND + 1)
         self.assertGreater(ahead, last)
-        forgetful = next_session_id(0, lambda n: bytes(n), lambda: SECOND + 1 + 2 * TICK)
-        self.assertGreater(forgetful, ahead)
+
+    def test_ahead_of_the_clock_the_boot_name_is_random(self):
+        """With the clock behind the stored ids (no real-time clock yet, a clock set
+        back) the time field is random too, so boot names keep 31 random bits (with
+        it always 0, two boots would share a name with probability 2^-19)."""
+        names = set()
+        last = (SECOND + 100) << 32                    # stored ids ahead of the clock
+        for _ in range(64):
+            first = next_session_id(last, os.urandom, lambda: SECOND)
+            names.add(boot_of(first))
+        self.assertEqual(len(names), 64)
+        self.assertTrue(any(name >= 1 << 20 for name in names))
 
     def test_zero_low_bits_at_a_second_boundary_become_two(self):
         """A boot's first pick at the exact start of a second with zero random bits is

@@ -415,3 +415,42 @@ class RebootDuringOutageTests(SynchronousTestCase):
         h.run(30.0)
         self.assertTrue(rebooted.idle())
         self.assertEqual(stored_events(h), ["old-0", "new-0", "new-1"])
+
+
+class RebootFirstSessionWithoutReportTests(SynchronousTestCase):
+    """A rebooted device whose boot's first session is heard, but none of its states
+    arrives whole, then rekeys: the new boot's events are all new."""
+
+    def test_first_session_heard_without_a_state(self):
+        """The boot's first session is installed by one fragment of its first state
+        (carrying events 0-6 of the new boot; the old boot's end at 5); the device
+        rekeys (same boot, bit set): the broker must not take the old boot's end as
+        this boot's, so all seven new events are stored."""
+        h = Harness(self)
+        device = h.provision("dev")
+        node = h.node(device)
+        ids = node._ids
+        ids._random_bytes = lambda n: b"\x5a" * n      # the next boot draws another name
+        node.emit(*[f"old-{i}" for i in range(5)], now=h.clock.seconds())
+        h.run(2.0)
+        self.assertTrue(node.idle())
+        address = h.address_of(node)
+        del h.nodes[address]
+        rebooted = h.node(device, session_ids=ids)
+        del h.nodes[address]
+        blobs = random.Random(4)
+        new = [blobs.randbytes(700) for _ in range(7)]
+        rebooted.emit(*new, now=h.clock.seconds())
+        fragments = rebooted.datagrams(h.clock.seconds())
+        self.assertGreater(len(fragments), 1)
+        h.endpoint.datagramReceived(fragments[0][0], address)   # heard: installed
+        self.assertEqual(h.endpoint.entry_of(device.device_number).session_id,
+                         rebooted.session_id)
+        for _ in range(1600):                                     # unheard past rekey_after
+            rebooted.datagrams(h.clock.seconds())
+            h.clock.advance(0.05)
+        self.assertEqual(rebooted.sessions_started, 2)
+        h.nodes[address] = rebooted
+        h.run(30.0)
+        self.assertTrue(rebooted.idle())
+        self.assertEqual(stored_events(h), [f"old-{i}" for i in range(5)] + new)
