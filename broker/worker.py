@@ -15,6 +15,7 @@ worker's failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -140,7 +141,12 @@ class PipeWriter:
         self._pending = bytearray()
         self._watching = False
         self._closed = False
-        self._lock = threading.Lock()
+        # Reentrant: the thread writing may log again from within (the garbage
+        # collector running a Deferred's __del__, a signal handler); such lines
+        # wait in _nested while _depth says a write is under way (write_line).
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._nested = []
         self._home = threading.get_ident()
         fdesc.setNonBlocking(fd)
 
@@ -154,27 +160,58 @@ class PipeWriter:
     def write_line(self, data: bytes) -> bool:
         """Write or queue one line; False if it was dropped (or nobody reads any more)."""
         with self._lock:
-            if self._closed:
-                return False
-            if self._pending:
-                if len(self._pending) + len(data) > self.backlog:
-                    self.dropped += 1
-                    self.dropped_total += 1
-                    return False
-                self._pending += data
+            if self._depth:
+                # Logged from within a write on this thread: written now, it could
+                # cut the outer line in two; it joins the backlog after it instead.
+                self._nested.append(data)
                 return True
-            written = self._write(data)
-            if written is None or written == len(data):
-                return written is not None
-            # The rest of a line the pipe took a part of is always kept: a line cut
-            # in two would garble the supervisor's next record.
-            self._pending += data[written:]
-            watch, self._watching = not self._watching, True
+            with self._held():
+                if self._closed:
+                    return False
+                if self._pending:
+                    return self._queue(data)
+                written = self._write(data)
+                if written is None or written == len(data):
+                    return written is not None
+                # The rest of a line the pipe took a part of is always kept: a line
+                # cut in two would garble the supervisor's next record.
+                self._pending += data[written:]
+                return True
+
+    @contextlib.contextmanager
+    def _held(self):
+        """The lock, with a write under way; on release, lines logged meanwhile
+        from within join the backlog, and the reactor watches the pipe if need be."""
+        with self._lock:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._merge_nested()
+                self._depth -= 1
+                watch = bool(self._pending) and not self._watching and not self._closed
+                if watch:
+                    self._watching = True
         if watch:
             if threading.get_ident() == self._home:
                 self.reactor.addWriter(self)
             else:
                 self.reactor.callFromThread(self.reactor.addWriter, self)
+
+    def _merge_nested(self) -> None:
+        """Lines logged from within a write join the backlog (lock held, depth > 0)."""
+        while self._nested:
+            line = self._nested.pop(0)
+            if not self._closed:
+                self._queue(line)
+
+    def _queue(self, data) -> bool:
+        """Add a line to the backlog, or drop and count it when it is full (lock held)."""
+        if len(self._pending) + len(data) > self.backlog:
+            self.dropped += 1
+            self.dropped_total += 1
+            return False
+        self._pending += data
         return True
 
     def _write(self, data) -> int | None:
@@ -196,23 +233,24 @@ class PipeWriter:
         return "supervisor-log-pipe"
 
     def doWrite(self):
-        with self._lock:
+        with self._held():
             written = self._write(self._pending) if self._pending else 0
             if written:
                 del self._pending[:written]
             if self._pending and not self._closed:
                 return None
+            # Under the lock: a line logged meanwhile makes _held watch again.
             self._watching = False
+            self.reactor.removeWriter(self)
             dropped, self.dropped = self.dropped, 0
-        self.reactor.removeWriter(self)
         if dropped and self.notice is not None:
             self.write_line(self.notice(dropped).encode("utf-8", "backslashreplace"))
         return None
 
     def connectionLost(self, reason):
-        # The reactor dropping its writers as it stops: what waits is left for flush_now().
-        with self._lock:
-            self._watching = False
+        # The reactor dropping its writers as it stops: what waits is left for
+        # flush_now(). (No lock: this may run inside a write, as the reactor stops.)
+        self._watching = False
 
     def flush_now(self, timeout=FINAL_FLUSH_TIMEOUT) -> bool:
         """Write what waits, for at most ``timeout`` seconds (a stopping worker's last
@@ -220,10 +258,15 @@ class PipeWriter:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                if self._pending and not self._closed:
-                    written = self._write(self._pending)
-                    if written:
-                        del self._pending[:written]
+                self._depth += 1
+                try:
+                    if self._pending and not self._closed:
+                        written = self._write(self._pending)
+                        if written:
+                            del self._pending[:written]
+                finally:
+                    self._merge_nested()
+                    self._depth -= 1
                 if not self._pending or self._closed:
                     return not self._pending
             left = deadline - time.monotonic()

@@ -150,6 +150,70 @@ class PipeWriterTests(SynchronousTestCase):
         os.set_blocking(read_end, False)
         return read_end, write_end
 
+    def reentering(self, writer, inner=b"inner\n"):
+        """Make the writer's next pipe write log a line first, from within, as the
+        garbage collector (a Deferred's __del__) or a signal handler may."""
+        write = writer._write
+        entered = []
+
+        def reentrant(data):
+            if not entered:
+                entered.append(writer.write_line(inner))
+            return write(data)
+        writer._write = reentrant
+        return entered
+
+    def test_a_line_logged_from_within_a_write_waits_its_turn(self):
+        """A log call made on the writing thread while it writes (GC, a signal) neither
+        waits for ever on the writer's own lock nor cuts the line being written: it
+        comes out whole, right after it."""
+        read_end, write_end = self.pipe()
+        reactor = WriterReactor()
+        writer = PipeWriter(reactor, write_end)
+        entered = self.reentering(writer)
+        # On a thread of its own, so that a deadlock fails the test instead of hanging it.
+        thread = threading.Thread(target=writer.write_line, args=(b"outer line\n",),
+                                  daemon=True)
+        thread.start()
+        thread.join(10)
+        self.assertFalse(thread.is_alive(), "the writer waited on its own lock")
+        self.assertEqual(entered, [True])
+        reactor.run_handed_over()
+        data = read_all(read_end)
+        while reactor.writers:
+            writer.doWrite()
+            data += read_all(read_end)
+        self.assertEqual(data, b"outer line\ninner\n")
+
+    def test_a_line_logged_from_within_a_drain_is_written_too(self):
+        """A line logged from within doWrite (the pipe draining) is not left behind with
+        the writer unwatched: it goes out with the next writable pipe."""
+        read_end, write_end = self.pipe()
+        reactor = WriterReactor()
+        writer = PipeWriter(reactor, write_end, backlog=1 << 20)
+        chunk = b"y" * 4095 + b"\n"
+        while writer._pending == bytearray():
+            writer.write_line(chunk)                 # until the pipe is full
+        self.assertEqual(reactor.writers, {writer})
+        read_all(read_end)
+        self.reentering(writer, b"from the drain\n")
+        out = []
+
+        def drain():
+            for _ in range(100):
+                if not reactor.writers:
+                    break
+                writer.doWrite()
+                reactor.run_handed_over()       # (this thread is not the reactor's)
+                out.append(read_all(read_end))
+        thread = threading.Thread(target=drain, daemon=True)   # a deadlock fails, not hangs
+        thread.start()
+        thread.join(10)
+        self.assertFalse(thread.is_alive(), "the writer waited on its own lock")
+        data = b"".join(out)
+        self.assertEqual(reactor.writers, set())
+        self.assertTrue(data.endswith(b"from the drain\n"), data[-40:])
+
     def test_a_pipe_nobody_reads_costs_lines_not_the_reactor(self):
         """Logging 3000 lines (600 KB) into a pipe nobody reads returns each time: the
         pipe and a 16 KiB backlog fill, the rest is dropped and counted; once the
