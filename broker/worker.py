@@ -182,28 +182,33 @@ class PipeWriter:
     def _held(self):
         """The lock, with a write under way; on release, lines logged meanwhile
         from within join the backlog, and the reactor watches the pipe if need be."""
-        with self._lock:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._merge_nested()
-                self._depth -= 1
-                watch = bool(self._pending) and not self._watching and not self._closed
-                if watch:
-                    self._watching = True
-        if watch:
-            if threading.get_ident() == self._home:
-                self.reactor.addWriter(self)
-            else:
-                self.reactor.callFromThread(self.reactor.addWriter, self)
+        watch = False
+        try:
+            with self._lock:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._merge_nested()
+                    self._depth -= 1
+                    watch = bool(self._pending) and not self._watching and not self._closed
+                    if watch:
+                        self._watching = True
+        finally:
+            # Also when the body raised: data that waits is always watched for.
+            if watch:
+                if threading.get_ident() == self._home:
+                    self.reactor.addWriter(self)
+                else:
+                    self.reactor.callFromThread(self.reactor.addWriter, self)
 
     def _merge_nested(self) -> None:
         """Lines logged from within a write join the backlog (lock held, depth > 0)."""
         while self._nested:
-            line = self._nested.pop(0)
-            if not self._closed:
-                self._queue(line)
+            lines, self._nested = self._nested, []
+            for line in lines:
+                if not self._closed:
+                    self._queue(line)
 
     def _queue(self, data) -> bool:
         """Add a line to the backlog, or drop and count it when it is full (lock held)."""

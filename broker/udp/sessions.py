@@ -159,6 +159,11 @@ def durable_event_end(old, record, session_id: int) -> int:
         return old.reported.event_end
     if record is None or not record.acked_remote_state:
         return 0
+    if not record.acked_remote_num and not continues_boot(record.session_id):
+        # A boot's first session that never reported: its start record holds
+        # no end of this boot's (one an older broker wrote holds the previous
+        # boot's, which must not be taken for this boot's).
+        return 0
     try:
         return decode_state(record.acked_remote_state).event_end
     except DatagramDropped:

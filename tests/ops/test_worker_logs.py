@@ -185,6 +185,20 @@ class PipeWriterTests(SynchronousTestCase):
             data += read_all(read_end)
         self.assertEqual(data, b"outer line\ninner\n")
 
+    def test_a_write_that_raises_leaves_its_nested_line_watched(self):
+        """Should a write raise after a line was logged from within it, that line still
+        waits with the pipe watched, never pending unwatched for good."""
+        read_end, write_end = self.pipe()
+        reactor = WriterReactor()
+        writer = PipeWriter(reactor, write_end)
+
+        def raising(data):
+            writer.write_line(b"nested\n")
+            raise RuntimeError("a signal handler that raised")
+        writer._write = raising
+        self.assertRaises(RuntimeError, writer.write_line, b"outer\n")
+        self.assertEqual((bytes(writer._pending), reactor.writers), (b"nested\n", {writer}))
+
     def test_a_line_logged_from_within_a_drain_is_written_too(self):
         """A line logged from within doWrite (the pipe draining) is not left behind with
         the writer unwatched: it goes out with the next writable pipe."""

@@ -454,3 +454,24 @@ class RebootFirstSessionWithoutReportTests(SynchronousTestCase):
         h.run(30.0)
         self.assertTrue(rebooted.idle())
         self.assertEqual(stored_events(h), [f"old-{i}" for i in range(5)] + new)
+
+
+class StoredStartRecordTests(SynchronousTestCase):
+    """durable_event_end on start records already in the store."""
+
+    def test_a_boot_first_start_record_gives_no_end(self):
+        """A start record of a boot's first session that never reported (one an older
+        broker wrote carried the previous boot's end) gives a later session of that
+        boot no end to skip: its events are all stored."""
+        from broker.registry import SessionRecord
+        from broker.ssp.device_state import DeviceState
+        from broker.ssp.framing import CONTINUES_BOOT
+        from broker.udp.convert import encode_state
+        from broker.udp.sessions import durable_event_end
+        first = (5 << 32) | 0x1234_5670                 # a boot's first id (bit clear)
+        later = (6 << 32) | 0x1234_5670 | CONTINUES_BOOT
+        old_mark = encode_state(DeviceState(event_base=5))
+        record = SessionRecord(first, acked_remote_state=old_mark)
+        self.assertEqual(durable_event_end(None, record, later), 0)
+        reported = SessionRecord(first, acked_remote_num=3, acked_remote_state=old_mark)
+        self.assertEqual(durable_event_end(None, reported, later), 5)   # its own report
