@@ -335,8 +335,8 @@ class BadInputTests(SynchronousTestCase):
                                     ("registry", "redis_password_file", "/p\0w"),
                                     ("registry", "redis_tls_ca_file", "/c\0a"),
                                     ("registry", "redis_url", "redis://h\0:6379/0"),
-                                    ("http", "endpoint", "unix:/tmp/x\0y"),
-                                    ("metrics", "endpoint", "unix:/tmp/m\0"),
+                                    ("http", "endpoint", "unix:broker.sock\0y"),
+                                    ("metrics", "endpoint", "unix:metrics.sock\0"),
                                     ("http", "allowed_origins", ["http://a\0b"])):
             message = self.assertRefused({section: {key: value}}, f"{section}.{key}: ",
                                          "must not contain a NUL character")

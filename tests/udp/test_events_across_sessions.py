@@ -30,6 +30,18 @@ def run_deaf(harness, seconds, dt=0.01):
         harness.clock.advance(dt)
 
 
+def rekey_unheard_then_reconnect(case, harness, node, address):
+    """The node runs unheard for 80 s (past rekey_after: it starts its second
+    session), then is heard again from ``address`` until everything is acknowledged."""
+    for _ in range(1600):
+        node.datagrams(harness.clock.seconds())
+        harness.clock.advance(0.05)
+    case.assertEqual(node.sessions_started, 2)
+    harness.nodes[address] = node
+    harness.run(30.0)
+    case.assertTrue(node.idle())
+
+
 class EventsAcrossSessionsTests(SynchronousTestCase):
 
     def setUp(self):
@@ -407,13 +419,7 @@ class RebootDuringOutageTests(SynchronousTestCase):
         rebooted.emit("new-0", "new-1", now=h.clock.seconds())   # ends above the old end
         address = h.address_of(rebooted)
         del h.nodes[address]
-        for _ in range(1600):                            # 80 s unheard: past rekey_after
-            rebooted.datagrams(h.clock.seconds())
-            h.clock.advance(0.05)
-        self.assertEqual(rebooted.sessions_started, 2)
-        h.nodes[address] = rebooted
-        h.run(30.0)
-        self.assertTrue(rebooted.idle())
+        rekey_unheard_then_reconnect(self, h, rebooted, address)
         self.assertEqual(stored_events(h), ["old-0", "new-0", "new-1"])
 
 
@@ -446,13 +452,7 @@ class RebootFirstSessionWithoutReportTests(SynchronousTestCase):
         h.endpoint.datagramReceived(fragments[0][0], address)   # heard: installed
         self.assertEqual(h.endpoint.entry_of(device.device_number).session_id,
                          rebooted.session_id)
-        for _ in range(1600):                                     # unheard past rekey_after
-            rebooted.datagrams(h.clock.seconds())
-            h.clock.advance(0.05)
-        self.assertEqual(rebooted.sessions_started, 2)
-        h.nodes[address] = rebooted
-        h.run(30.0)
-        self.assertTrue(rebooted.idle())
+        rekey_unheard_then_reconnect(self, h, rebooted, address)
         self.assertEqual(stored_events(h), [f"old-{i}" for i in range(5)] + new)
 
 
