@@ -15,3 +15,13 @@ def make_registry(store=None, **settings):
     registry = DeviceRegistry(store, clock=clock, settings=RegistrySettings(**settings))
     return registry, store, clock
 
+
+
+def admin_call(data_dir, method, *args):
+    """One broker-admin change (AdminDatabase ``method``) on data_dir, as its own process would."""
+    from broker.registry.admin import AdminDatabase
+    admin = AdminDatabase(data_dir)
+    try:
+        return getattr(admin, method)(*args)
+    finally:
+        admin.close()

@@ -18,6 +18,8 @@ from broker.registry.admin import AdminDatabase
 from broker.registry.database import DB_NAME
 from broker.registry.restart import PENDING_CURSOR
 
+from .helpers import admin_call
+
 
 class Follower:
     """A client of the change feed: what it holds, and every entry it was sent."""
@@ -65,11 +67,7 @@ class AdminBesideBrokerTests(TestCase):
         return registry
 
     def admin(self, method, *args):
-        admin = AdminDatabase(self.data_dir)
-        try:
-            return getattr(admin, method)(*args)
-        finally:
-            admin.close()
+        return admin_call(self.data_dir, method, *args)
 
     def query(self, sql):
         conn = sqlite3.connect(os.path.join(self.data_dir, DB_NAME))

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from broker.registry import RegistrySettings, open_registry
 from broker.registry.admin import AdminDatabase
 
-from .helpers import make_registry
+from .helpers import admin_call, make_registry
 
 
 class AddedAgainTests(SynchronousTestCase):
@@ -59,11 +59,7 @@ class AdminAddedAgainTests(TestCase):
         return registry
 
     def admin(self, method, *args):
-        admin = AdminDatabase(self.data_dir)
-        try:
-            return getattr(admin, method)(*args)
-        finally:
-            admin.close()
+        return admin_call(self.data_dir, method, *args)
 
     @defer.inlineCallbacks
     def old_device(self, registry):
