@@ -134,6 +134,10 @@ class DeviceState(EventQueue):
     __slots__ = ("_values", "_events", "_event_base")
     __hash__ = None  # equal states may hold unhashable maps
 
+    #: An empty map: a diff that changes nothing yet is not empty, so the
+    #: peer acknowledges it at once (state.py, docs/protocol.md 5.1).
+    ACK_REQUEST_DIFF = b"\xa0"
+
     def __init__(self, values=None, events=(), event_base=0):
         """Build from plain Python data (frozen and checked here)."""
         if type(event_base) is not int or not 0 <= event_base <= _INT_MAX:

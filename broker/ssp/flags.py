@@ -8,3 +8,4 @@ HOLD_ACKS = 4  # acknowledge a state only after confirm_durable()
 PEER_SHUTDOWN = 8  # the peer's shutdown state arrived (reported once)
 SEQ_REQUESTED = 16  # a SequenceReservationRequested awaits confirmation
 ACKS_OVERFLOWED = 32  # held acks: a state came with the arrival list full
+ASKS_ACKS = 64  # our empty diffs go as the state's ACK_REQUEST_DIFF (asks_acks)

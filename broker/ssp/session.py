@@ -31,7 +31,7 @@ import collections
 from broker.ssp import events
 from broker.ssp.crypto import TO_CLIENT, TO_SERVER
 from broker.ssp.datagram import DatagramLayer
-from broker.ssp.flags import (ACKS_OVERFLOWED, CLOSED, HOLD_ACKS,
+from broker.ssp.flags import (ACKS_OVERFLOWED, ASKS_ACKS, CLOSED, HOLD_ACKS,
                               PEER_SHUTDOWN, SEQ_REQUESTED, SERVER)
 from broker.ssp.fragment import DEFAULT_MAX_ASSEMBLY
 from broker.ssp.framing import BrokerFraming, parse_header
@@ -287,6 +287,17 @@ class SSPSession(Incoming, Parking, Outgoing):
         if now is not None:
             self._refresh(now)
 
+    def ask_acks(self, asking: bool) -> None:
+        """While ``asking``, send our empty diffs (acks, heartbeats) as the
+        state's ``ACK_REQUEST_DIFF``, so that the peer acknowledges them within
+        ACK_DELAY instead of with its next datagram: the owner wants proof
+        that the peer holds a state we sent (a session resumed on probation).
+        States without that attribute send ``b""`` as before."""
+        if asking and getattr(self._sender.current, "ACK_REQUEST_DIFF", None):
+            self._flags |= ASKS_ACKS
+        else:
+            self._flags &= ~ASKS_ACKS
+
     def start_shutdown(self, now: float) -> None:
         """Begin mosh's shutdown handshake (state number UINT64_MAX)."""
         self._sender.start_shutdown(now)
@@ -349,6 +360,8 @@ class SSPSession(Incoming, Parking, Outgoing):
         inst = sender.tick(now, link.rtt, self._random_bytes)
         if inst is None:
             return []
+        if flags & ASKS_ACKS and not inst.diff and inst.new_num != UINT64_MAX:
+            inst = inst._replace(diff=sender.current.ACK_REQUEST_DIFF)
         out = self._send_instruction(inst, address, now)
         if inst.ack_num == UINT64_MAX and not self._flags & CLOSED:
             self._close(events.PeerShutdownAcknowledged())

@@ -18,6 +18,11 @@ A state type provides (ssp-mosh.md section 9.1):
   ancestor) already delivered forgotten; may return ``self``.
 * ``==``: same state (decides "is there something new to send").
 * ``empty()``: state 0, identical at both ends; every diff chain starts there.
+
+Optionally, ``ACK_REQUEST_DIFF``: non-empty bytes that change nothing. A
+peer following mosh acknowledges a state within ACK_DELAY only when its
+diff is non-empty (mosh's ``set_data_ack``); a sender that needs an answer
+now sends these instead of ``b""`` (``SSPSession.ask_acks``).
 """
 
 from typing import Protocol, TypeVar, runtime_checkable

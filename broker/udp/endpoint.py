@@ -421,6 +421,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         # Its first state number: above every number an earlier process used.
         probation = live.probation = Probation(known, max(record.seq_reservation, floor) + 1)
         probation.earned(addr, size)
+        live.session.ask_acks(True)   # the device's proof comes within ACK_DELAY
         self.counters["sessions_on_probation"] += 1
 
     def _on_probation(self, live: LiveSession, found, addr, size: int, now: float):
@@ -432,6 +433,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             probation.earned(addr, size)
             return found
         live.probation = None
+        live.session.ask_acks(False)
         self.counters["sessions_verified"] += 1
         self._table.moved(live, addr, now)
         return [event for event in found if type(event) is not ssp_events.PeerRoamed]

@@ -165,19 +165,19 @@ class ProbationTests(CapturingTests):
     def test_device_at_its_known_address_sees_only_a_pause(self):
         """A device that did not move resumes after a crash on probation (its address
         proves nothing), yet is answered in full there: its report is stored and
-        acknowledged at once in the same session, and its next datagram, acknowledging
-        that answer, verifies the session and brings the registry's facts."""
+        acknowledged at once in the same session, and the device's acknowledgement of
+        that answer verifies the session and brings the registry's facts within a
+        second."""
         self.heartbeats(30.0)
         h2 = crashed(self.h)
         h2.nodes = self.h.nodes
         self.node.report({"v": 2}, h2.clock.seconds())
-        h2.run(3.0)
+        h2.run(1.0)
         self.assertEqual(h2.endpoint.counters["sessions_resumed"], 1)
         self.assertEqual(h2.endpoint.counters["sessions_on_probation"], 1)
         self.assertEqual(h2.endpoint.counters["datagrams_withheld"], 0)
         self.assertTrue(self.node.idle())
         self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 2})
-        h2.run(25.0, dt=0.05)                   # its next heartbeat
         self.assertEqual(h2.endpoint.counters["sessions_verified"], 1)
         self.assertTrue(self.view(h2).online)
         self.assertEqual(self.view(h2).address, DEVICE)
@@ -302,27 +302,65 @@ class ProbationAdmissionTests(CapturingTests):
         self.assertFalse(own_address(live, ATTACKER, False))
 
 
+class HeartbeatOnlyTests(CapturingTests):
+    """A device with no desired values that only heartbeats across the crash."""
+
+    def test_heartbeat_only_device_is_verified_within_a_second(self):
+        """A device that only heartbeats is verified by its first heartbeat after the
+        crash, within a second of it: the broker has nothing new to send it (no desired
+        values), yet its empty answer asks for an acknowledgement (a non-empty diff
+        that changes nothing), so the registry shows it online again without waiting
+        for the next heartbeat."""
+        self.heartbeats(30.0)
+        h2 = crashed(self.h)
+        h2.nodes = self.h.nodes
+        first_heard = None
+        for _ in range(int(30.0 / 0.05)):
+            h2.step(0.05)
+            if first_heard is None and h2.endpoint.entry_of(self.number) is not None:
+                first_heard = h2.clock.seconds()
+            if h2.endpoint.counters["sessions_verified"]:
+                break
+        self.assertIsNotNone(first_heard)
+        self.assertEqual(h2.endpoint.counters["sessions_verified"], 1)
+        self.assertLess(h2.clock.seconds() - first_heard, 1.0)
+        self.assertTrue(self.view(h2).online)
+        self.assertEqual(h2.endpoint.counters["datagrams_withheld"], 0)
+
+
 class MovedDeviceTests(CapturingTests):
     """A device whose address changed across the crash."""
 
     def test_moved_device_is_verified_by_acknowledging_a_fresh_state(self):
         """A device heard from a new address after a crash gets one small answer there
-        (its report acknowledged), and its next datagram, acknowledging that answer's
-        state, verifies the session: the registry then shows the new address."""
+        (its report acknowledged, an acknowledgement asked for), and its
+        acknowledgement of that answer's state verifies the session within a second:
+        the registry then shows the new address."""
         self.heartbeats(30.0)
         h2 = crashed(self.h)
         h2.nodes = self.h.nodes
         h2.move(self.node, ELSEWHERE)
         self.node.report({"v": 2}, h2.clock.seconds())
-        h2.run(3.0)
+        h2.run(1.0)
         self.assertEqual(h2.endpoint.counters["sessions_on_probation"], 1)
-        self.assertEqual(h2.endpoint.counters["sessions_verified"], 0)
         self.assertTrue(self.node.idle())       # its report was acknowledged
-        self.assertEqual(self.view(h2).address, DEVICE)
-        h2.run(25.0, dt=0.05)                   # its next heartbeat
         self.assertEqual(h2.endpoint.counters["sessions_verified"], 1)
         self.assertEqual(self.view(h2).address, ELSEWHERE)
         self.assertEqual(dict(h2.registry.device("dev").reported), {"v": 2})
+
+    def test_moved_heartbeat_only_device_is_verified(self):
+        """A device that only heartbeats, heard from a new address after a crash, is
+        verified there without a new session: the broker's answer that asks for an
+        acknowledgement fits the allowance its heartbeats earned."""
+        self.heartbeats(30.0)
+        h2 = crashed(self.h)
+        h2.nodes = self.h.nodes
+        h2.move(self.node, ELSEWHERE)
+        h2.run(60.0, dt=0.05)
+        self.assertEqual(h2.endpoint.counters["sessions_verified"], 1)
+        self.assertEqual(self.view(h2).address, ELSEWHERE)
+        self.assertTrue(self.view(h2).online)
+        self.assertEqual(self.node.sessions_started, 1)
 
     def test_clean_stop_leaves_no_probation(self):
         """After a clean stop every mark is final: a device resuming from a new address
