@@ -34,7 +34,7 @@ _COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1
 
 #: the SSP endpoint's counters exported as broker_ssp_session_events_total{event}.
 SESSION_EVENTS = ("sessions_resumed", "sessions_on_probation", "sessions_verified",
-                  "datagrams_withheld", "marks_at_park")
+                  "datagrams_withheld", "probes_sent", "marks_at_park")
 
 
 class Metrics:

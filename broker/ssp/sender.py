@@ -444,8 +444,22 @@ class Sender:
             PROTOCOL_VERSION, old_num, new_num, self.ack_num,
             self._sent[_NUM], diff, make_chaff(random_bytes)))
 
-    def _add_sent_state(self, now: float, num: int) -> None:
-        sent = self._sent + [now, num, self.current]
+    def probe(self, now: float, diff: bytes) -> Instruction | None:
+        """A path challenge: the state the peer acknowledged, under a new number,
+        sent with ``diff`` (a state's ACK_REQUEST_DIFF, so the peer acknowledges it
+        at once) and no chaff.  Small whatever our current state holds; the peer's
+        acknowledgement of the number proves it received a datagram we sent now.
+        None during a shutdown (its numbers are spoken for)."""
+        if self._shutdown is not None:
+            return None
+        sent = self._sent
+        num = self._next_num()
+        self._add_sent_state(now, num, sent[_STATE])
+        return _new_instruction(Instruction, (
+            PROTOCOL_VERSION, sent[_NUM], num, self.ack_num, sent[_NUM], diff, b""))
+
+    def _add_sent_state(self, now: float, num: int, state=None) -> None:
+        sent = self._sent + [now, num, self.current if state is None else state]
         cap = self._profile.sent_states_cap
         if len(sent) > cap * _STRIDE:
             # Limit on the state queue: erase one from the middle (the

@@ -298,6 +298,22 @@ class SSPSession(Incoming, Parking, Outgoing):
         else:
             self._flags &= ~ASKS_ACKS
 
+    def probe(self, now: float) -> list:
+        """The datagram of a path challenge (Sender.probe) to the peer's address, as
+        a one-item list; [] when none can go (no address or state to ask with, a
+        shutdown, the sequence reservation used up)."""
+        link = self._link
+        address = link.remote_address
+        ask = getattr(self._sender.current, "ACK_REQUEST_DIFF", None)
+        if self._flags & CLOSED or address is None or not ask:
+            return []
+        if (self._seq_reserved is not None
+                and link.next_seq >= self._seq_reserved):
+            self._request_seqs()
+            return []
+        inst = self._sender.probe(now, ask)
+        return [] if inst is None else self._send_instruction(inst, address, now)
+
     def start_shutdown(self, now: float) -> None:
         """Begin mosh's shutdown handshake (state number UINT64_MAX)."""
         self._sender.start_shutdown(now)

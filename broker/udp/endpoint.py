@@ -39,7 +39,7 @@ from broker.udp.downstream import Downstream
 from broker.udp.drops import EndpointDrop, not_authentic
 from broker.udp.limits import WindowCounter
 from broker.udp.park import Parked
-from broker.udp.probation import Probation
+from broker.udp.probation import Probation, same_address
 from broker.udp.profile import endpoint_profile
 from broker.udp.reports import SessionWrites
 from broker.udp.convert import session_start
@@ -402,8 +402,9 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         live = self._install(entry, number, session_id, session, remote, resume, record, now)
         if self._table.get(number) is not live:
             return   # its start was refused at once (another process started it)
-        if resume and not bridge.mark_is_final(record):
-            self._start_probation(live, record, floor, addr, len(data))
+        if self._unproven(number, addr, resume, record):
+            first = max(record.seq_reservation, floor) if resume else floor
+            self._start_probation(live, first + 1, addr, len(data))
         admission.device_rate.allow(number, now)
         self._table.heard(live, addr, now)
         if found:
@@ -412,14 +413,23 @@ class SSPEndpoint(Downstream, DatagramProtocol):
 
     # -- probation (probation.py) -------------------------------------------------
 
-    def _start_probation(self, live: LiveSession, record, floor: int, addr,
-                         size: int) -> None:
-        """A session resumed from a record whose mark may lag (a crash): its first
-        datagram may be a replay, whatever address it comes from (a source can be
-        spoofed), so the session is on probation until the device proves itself."""
+    def _unproven(self, number: int, addr, resume: bool, record) -> bool:
+        """Whether a session's first datagram here may be a replay: a resumed session
+        whose record's mark may lag (a crash), whatever address it comes from (a
+        source can be spoofed); or any session, new or resumed, heard first from
+        elsewhere than the device's known address, since a datagram lost on the
+        way (a failing link, a session no broker heard) is above every mark."""
+        if resume and not self._bridge.mark_is_final(record):
+            return True
+        known = self._bridge.address(number)
+        return known is not None and not same_address(addr, known)
+
+    def _start_probation(self, live: LiveSession, fresh_from: int, addr, size: int) -> None:
+        """The session is on probation until the device proves itself by acknowledging
+        a state numbered from ``fresh_from``: above every number an earlier process
+        used in the session (probation.py)."""
         known = self._bridge.address(live.number)
-        # Its first state number: above every number an earlier process used.
-        probation = live.probation = Probation(known, max(record.seq_reservation, floor) + 1)
+        probation = live.probation = Probation(known, fresh_from)
         probation.earned(addr, size)
         live.session.ask_acks(True)   # the device's proof comes within ACK_DELAY
         self.counters["sessions_on_probation"] += 1
@@ -527,9 +537,14 @@ class SSPEndpoint(Downstream, DatagramProtocol):
                 self.counters["retransmissions"] += 1
             probation = live.probation
             if probation is not None:
-                # Unverified: what does not fit its allowance is lost (SSP resends).
+                # Unverified: what does not fit its allowance is lost (SSP resends)
+                # and a probe goes instead, small enough to fit (probation.py).
                 out, withheld = probation.allowed(out)
                 self.counters["datagrams_withheld"] += withheld
+                if withheld and probation.owed():
+                    probe, _ = probation.allowed(session.probe(now))
+                    out += probe
+                    self.counters["probes_sent"] += len(probe)
             self._send(out)
         found = session.pop_events()
         if found:

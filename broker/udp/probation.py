@@ -20,14 +20,27 @@ fresh the session is on probation:
   anyway), and that address stays the session's own in admission (a
   replayer's address does not displace it);
 * any other address gets, for each authentic in-order datagram from it,
-  one datagram no larger than that one (what does not fit is withheld, as
-  loss: SSP sends it again);
+  one datagram at most ``AMPLIFICATION_LIMIT`` times as large (QUIC's
+  limit for an unvalidated address); what does not fit is withheld, as
+  loss (SSP sends it again), and a *probe* goes instead: the state the
+  device acknowledged under a fresh number, with a diff that asks for an
+  acknowledgement (``SSPSession.probe``), small enough to fit, so that a
+  device that did move proves itself within a round trip;
 * the registry's address and online flag are left as they were.
+
+A session is put on probation when its first datagram may be a replay:
+after a crash (its record's mark may lag), and whenever that datagram comes
+from elsewhere than the known address (endpoint.py ``_unproven``): a
+datagram that never reached the broker, lost on a failing link or sent in
+a session no broker heard, is above every mark a broker wrote.
 """
 
 from __future__ import annotations
 
-__all__ = ["Probation", "same_address"]
+__all__ = ["AMPLIFICATION_LIMIT", "Probation", "same_address"]
+
+#: Bytes an unverified address may be sent per byte it sent (RFC 9000 8.1).
+AMPLIFICATION_LIMIT = 3
 
 
 def same_address(address, known) -> bool:
@@ -65,29 +78,40 @@ class Probation:
 
     def earned(self, address, size: int) -> None:
         """An authentic in-order datagram of ``size`` bytes came from ``address``:
-        one datagram of at most that size may go back there (another address's
-        allowance is forgotten: the session sends only to the newest; the known
-        address needs none)."""
+        one datagram of at most AMPLIFICATION_LIMIT times that size may go back
+        there (another address's allowance is forgotten: the session sends only
+        to the newest; the known address needs none)."""
         if same_address(address, self.known):
             self.address, self.datagrams, self.budget = None, 0, 0
             return
         if address != self.address:
             self.address, self.datagrams, self.budget = address, 0, 0
         self.datagrams += 1
-        self.budget += size
+        self.budget += size * AMPLIFICATION_LIMIT
+
+    def owed(self) -> bool:
+        """Whether the address the session last heard from has an allowance left
+        (worth a probe when what the session had due did not fit)."""
+        return self.address is not None and self.datagrams > 0
 
     def allowed(self, out) -> tuple[list, int]:
-        """The datagrams of ``out`` that go to the known address or fit the
-        allowance (taken from it), and how many were withheld."""
-        kept = []
+        """The datagrams of ``out`` (the fragments of one instruction) that may go:
+        those to the known address, and the others only if they all fit the
+        allowance together (taken from it: a part of an instruction is of no use
+        to the peer); and how many were withheld."""
         known = self.known
-        for data, address in out:
-            if known is not None and tuple(address[:2]) == known:
-                kept.append((data, address))
-                continue
-            size = len(data)
-            if self.datagrams and size <= self.budget and address == self.address:
-                self.datagrams -= 1
-                self.budget -= size
-                kept.append((data, address))
-        return kept, len(out) - len(kept)
+        kept, others = [], []
+        for pair in out:
+            if known is not None and tuple(pair[1][:2]) == known:
+                kept.append(pair)
+            else:
+                others.append(pair)
+        if not others:
+            return kept, 0
+        size = sum(len(data) for data, _ in others)
+        if (len(others) <= self.datagrams and size <= self.budget
+                and all(address == self.address for _, address in others)):
+            self.datagrams -= len(others)
+            self.budget -= size
+            return kept + others, 0
+        return kept, len(others)

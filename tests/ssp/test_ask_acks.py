@@ -110,3 +110,39 @@ class AskAcksTests(SynchronousTestCase):
         inst, _, _ = broker_answer(broker, START)
         self.assertEqual(inst.new_num, UINT64_MAX)
         self.assertEqual(inst.diff, b"")
+
+
+class ProbeTests(SynchronousTestCase):
+    """SSPSession.probe: a path challenge, small whatever the session's state holds."""
+
+    def test_probe_is_small_acknowledged_at_once_and_keeps_the_sender_consistent(self):
+        """With 6 kB of values due, a probe is one datagram under 200 bytes carrying
+        the acknowledged state under a new number; the device acknowledges it within
+        ACK_DELAY without a state change, and the broker's next sends still bring the
+        device every value."""
+        device, broker = heard_pair()
+        big = DeviceState.empty().with_values({f"k{i}": "x" * 100 for i in range(60)})
+        broker.set_local_state(big, START)
+        out = broker.probe(START)
+        self.assertEqual(len(out), 1)
+        self.assertLess(len(out[0][0]), 200)
+        inst = decode_out(broker, out[0][0])
+        self.assertEqual((inst.old_num, inst.diff, inst.chaff),
+                         (broker.acknowledged_num, DeviceState.ACK_REQUEST_DIFF, b""))
+        acked_at, found = device_ack_time(device, out, START, inst.new_num)
+        self.assertIsNotNone(acked_at)
+        self.assertLessEqual(acked_at - START, FLEET.ack_delay + 2 * STEP)
+        self.assertEqual([e for e in found if type(e) is events.StateReceived], [])
+        now = acked_at
+        for _ in range(300):
+            deliver(device, broker, now, DEVICE_ADDRESS)
+            deliver(broker, device, now, BROKER_ADDRESS)
+            now = round(now + STEP, 3)
+        self.assertEqual(device.latest_remote_state, big)
+
+    def test_no_probe_during_a_shutdown(self):
+        """Once the shutdown handshake began, probe sends nothing (its state numbers
+        are the handshake's)."""
+        _, broker = heard_pair()
+        broker.start_shutdown(START)
+        self.assertEqual(broker.probe(START), [])
