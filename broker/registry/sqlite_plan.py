@@ -11,9 +11,13 @@ number)`` deletes the one of a device the registry never loaded.
 from .database import encode_device, encode_state, session_params
 from .restart import PENDING_CURSOR
 from .sqlite_retry import Group
-from .sqlite_rows import HORIZON_SQL, SESSION_SQL, STATE_SQL, rows_statements
+from .sqlite_rows import CHUNK, HORIZON_SQL, SESSION_SQL, STATE_SQL, rows_statements
 
 __all__ = ["first_cursor", "flush_steps", "latest_records", "plan_steps"]
+
+#: A state row that updates nothing (device numbers are never 0): the padding
+#: of a multi-row statement (see ``_padded``).
+NO_STATE_ROW = (0, 0, None, 0)
 
 
 def latest_records(ops) -> dict:
@@ -169,6 +173,25 @@ def flush_steps(steps, states, sessions, encode=encode_device):
         if cursor > top:
             top = cursor
     states.clear()
+    if _padded(len(params) // 4) > len(params) // 4:
+        # rows_statements pads its last statement by repeating the final
+        # row: let that be a row matching no device rather than a device's
+        # state (a few KiB with its history) written again.
+        params += NO_STATE_ROW
     steps += rows_statements(STATE_SQL, params)
     return top
+
+
+def _padded(rows):
+    """How many rows ``rows_statements`` writes for ``rows`` (it pads its
+    last statement to a power of two)."""
+    start, size = 0, CHUNK
+    while start < rows:
+        left = rows - start
+        if start and left < size:
+            size = 1 << (left - 1).bit_length()
+        else:
+            size = min(CHUNK, 1 << (left.bit_length() - 1))
+        start += size
+    return start
 
