@@ -29,10 +29,10 @@ from twisted.logger import (FilteringLogObserver, ILogObserver, InvalidLogLevelE
                             LogLevelFilterPredicate, formatEvent, globalLogPublisher,
                             textFileLogObserver)
 from twisted.python.failure import Failure
-from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from broker.config import LogSettings
+from broker.logfile import AppendingLogFile
 
 #: field names whose values are never written.
 SENSITIVE_FIELDS = frozenset({"secret", "token", "password", "authorization", "cookie",
@@ -164,7 +164,8 @@ class ObserverFactory:
 
     A --logfile behaves as twistd's own: rotated at 1 MB and on SIGUSR1
     (which would otherwise kill the process), but created 0600, as the
-    first-run line carries a dashboard token.
+    first-run line carries a dashboard token, and opened for appending, so
+    that logrotate's copytruncate or create + SIGUSR1 work (broker.logfile).
     """
 
     def __init__(self, settings: LogSettings, control: LogControl, path: str | None = None) -> None:
@@ -178,11 +179,11 @@ class ObserverFactory:
         stream = None
         if self.path and self.path != "-":
             # Unbuffered: a crash loses no complete line.
-            stream = LogFile.fromFullPath(self.path, defaultMode=0o600)
+            stream = AppendingLogFile.fromFullPath(self.path, defaultMode=0o600)
             self._rotate_on_sigusr1(stream)
         return make_observer(self.settings, self.control, stream)
 
-    def _rotate_on_sigusr1(self, stream: LogFile) -> None:
+    def _rotate_on_sigusr1(self, stream: AppendingLogFile) -> None:
         if signal.getsignal(signal.SIGUSR1):
             return  # someone else's handler, or ignored: leave it, as twistd does
         call = self.call_from_thread
