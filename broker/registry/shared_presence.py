@@ -18,6 +18,13 @@ meanwhile came online on another process stays online. A process's own
 offline writes carry "only if I or nobody holds it", so an old session
 ending on one host cannot mark offline a device now online on another.
 
+A device heard over HTTP has no session to hold, and the kernel hands its
+requests to any process: such a request claims the device only when the
+registry shows it offline (``claim=False``), so a device online elsewhere
+keeps its holder, and no version, whatever process its requests reach. Its
+holder marks it offline once it has not heard it for ``offline_after``;
+another process's offline write for it is answered "moved".
+
 A process whose lease lapsed while alive (a long stall) sees its devices
 marked offline on the stream and claims them again at once (or, if those
 entries were trimmed before it read them, when it catches up:
@@ -61,23 +68,39 @@ class SharedPresence:
 
     __slots__ = ()
 
-    def set_connection(self, name, *, online, **facts):
+    def set_connection(self, name, *, online, claim=True, **facts):
         """As DeviceRegistry.set_connection; going online also claims a device
         that the registry shows online but another process holds, and going
         offline is written after a claim of ours still on its way (the replica
         shows the device offline until the stream brings the claim, or the
         claim failed and is kept to be sent again, shared_retry.py).
 
+        ``claim=False``: the device is heard without a session to hold here (a
+        request over HTTP, which the kernel may hand to any process). Only
+        offline -> online is then a change (a claim: a process that dies
+        leaves it to the reaping); an online device, whoever holds it, gets
+        its facts updated in place, as on one process. Claimed at every
+        request, it would take a new version each time its requests changed
+        process, and its long poll would never wait.
+
         A connection write of the device kept from a failed call and not in
         doubt is superseded by this one and dropped (``_supersede``)."""
         dev = self._lookup(name)
+        dropped = False     # a claim kept from a failed call: this one replaces it
         if dev is not None:
-            self._supersede(dev.number)
+            dropped = self._supersede(dev.number)
+            if online and not claim and not dev.online and not dropped and (
+                    dev.number in self._held or self._claim_pending(dev.number)):
+                # Our claim is on its way (the replica shows the device offline
+                # until the stream brings it): one claim, not one per request.
+                if facts.get("last_heard") is None:
+                    facts["last_heard"] = self._clock.seconds()
+                return super().set_connection(name, online=dev.online, **facts)
         d = super().set_connection(name, online=online, **facts)
         if dev is None:
             return d
         if online:
-            if dev.number not in self._held:
+            if (claim or dropped) and dev.number not in self._held:
                 return self._set_online(dev, True)
         elif not dev.online and (dev.number in self._held or self._claim_pending(dev.number)):
             return self._set_online(dev, False)     # queued behind the claim
@@ -87,17 +110,18 @@ class SharedPresence:
         """Drop the device's connection writes kept from a failed call (claims
         and our own offline writes) that a newer one replaces: counted, never
         sent again. A write in doubt (Redis may have run it) stays: the newer
-        one is queued behind it, so it cannot land after the newer one."""
+        one is queued behind it, so it cannot land after the newer one.
+        Whether a claim was dropped."""
         queue = self._queues.get(number)
         if not queue:
-            return
+            return False
         attempt = self._attempts.get(number)
         doubt = {id(op) for op in attempt.ops} if attempt is not None and attempt.failed else ()
         own = "~" + self.origin
         stale = [op for op in queue if op.d is None and id(op) not in doubt
                  and (op.kind == "claim" or (op.kind == "connection" and op.cond == own))]
         if not stale:
-            return
+            return False
         self.counters["presence_write_superseded"] += len(stale)
         gone = {id(op) for op in stale}
         rest = [op for op in queue if id(op) not in gone]
@@ -105,6 +129,7 @@ class SharedPresence:
         queue.extend(rest)
         if not queue:
             del self._queues[number]
+        return any(op.kind == "claim" for op in stale)
 
     def _claim_pending(self, number):
         """Whether a claim of the device is queued, in flight or in doubt here."""

@@ -8,14 +8,25 @@ timer serves every HTTP device, and it runs only while there are some.
 
 Devices are known by number, not name: a long poll of a removed device
 that ends must not mark online another device added under its name.
+
+On a registry shared by several processes (Redis), the kernel hands each
+request to any of them: a request marks the device online without claiming
+it (``claim=False``, shared_presence.py), so only offline -> online is a
+change, as on one process. A request heard while this side's offline write
+is on its way marks the device online again once that write is done (the
+replica shows it online until then).
 """
 
 from __future__ import annotations
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from broker.registry import errors as registry_errors
+
+#: in ``_leaving``: not heard since the offline write was sent.
+_NOT_HEARD = object()
 
 
 class HTTPPresence:
@@ -29,6 +40,9 @@ class HTTPPresence:
         self.offline_after = offline_after
         self._seen: dict[int, float] = {}     # device number -> when this side last heard it
         self._holds: dict[int, int] = {}      # device number -> long polls waiting
+        self._leaving: dict[int, object] = {}  # number -> address heard since its offline write
+        # No SSP session to hold: never claim a device online elsewhere.
+        self._heard = {"claim": False} if getattr(registry, "shared", False) else {}
         self._sweep = LoopingCall(self.sweep)
         self._sweep.clock = clock
 
@@ -36,10 +50,16 @@ class HTTPPresence:
         """The device ``number`` made an authenticated request from ``address`` (host, port)."""
         now = self._clock.seconds()
         self._seen[number] = now
-        d = self._registry.set_connection(number, online=True, last_heard=now, address=address)
-        d.addErrback(self._lost, number)
+        if number in self._leaving:
+            self._leaving[number] = address
+        self._mark(number, now, address)
         if not self._sweep.running:
             self._sweep.start(max(0.05, self.offline_after / 4), now=False)
+
+    def _mark(self, number, when, address):
+        d = self._registry.set_connection(number, online=True, last_heard=when, address=address,
+                                          **self._heard)
+        d.addErrback(self._lost, number)
 
     def hold(self, number: int) -> None:
         """A long poll of device ``number`` waits: it counts as connected meanwhile."""
@@ -71,10 +91,22 @@ class HTTPPresence:
                 continue
             del self._seen[number]
             if view.online:
+                self._leaving[number] = _NOT_HEARD
                 d = self._registry.set_connection(number, online=False, last_heard=last)
-                d.addErrback(self._lost, number)
+                d.addBoth(self._left, number)
         if not self._seen and self._sweep.running:
             self._sweep.stop()
+
+    def _left(self, result, number):
+        """This side's offline write of device ``number`` is done (or failed): a
+        request heard meanwhile marks it online again."""
+        address = self._leaving.pop(number, _NOT_HEARD)
+        if isinstance(result, Failure):
+            result.trap(registry_errors.RegistryError)
+            self.log.debug("device {number} not marked offline: {error}",
+                           number=number, error=result.value)
+        if address is not _NOT_HEARD and number in self._seen:
+            self._mark(number, self._seen[number], address)
 
     def _lost(self, failure, number):
         failure.trap(registry_errors.RegistryError)
