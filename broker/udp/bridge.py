@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from broker.registry import SessionRecord, errors
 from broker.udp.convert import (ContinuedStart, SessionStart, desired_state, encode_commands, encode_state,
                                 first_report_base, new_events, reported_patch)
+from broker.udp.store_outage_log import StoreOutageLog
 
 #: Registry refusals of a device's (authentic) report: counted, logged and
 #: acknowledged anyway, or the device would resend the refused state forever.
@@ -79,6 +80,9 @@ class RegistryBridge:
         #: device number -> outgoing state with commands whose record write
         #: is on its way (not on the session yet); empty when none are.
         self._unsent: dict = {}
+        #: where store write failures are logged, once per outage (the
+        #: endpoint's SessionWrites gives it one on the endpoint's time source).
+        self.outage_log = StoreOutageLog()
 
     # -- reads -----------------------------------------------------------------
 
@@ -195,8 +199,8 @@ class RegistryBridge:
             return False
         record = current._replace(remote_seq=max(expected_seq, current.remote_seq),
                                   local_state=commands, local_num=flag)
-        self.registry.save_session(device_number, record).addErrback(
-            self._mark_failed, device_number)
+        self.registry.save_session(device_number, record).addCallbacks(
+            self._mark_written, self._mark_failed, errbackArgs=(device_number,))
         return True
 
     @staticmethod
@@ -209,9 +213,11 @@ class RegistryBridge:
         view = self.registry.device_by_number(device_number)
         return None if view is None else view.address
 
+    def _mark_written(self, _) -> None:
+        self.outage_log.succeeded()
+
     def _mark_failed(self, failure, device_number: int) -> None:
-        self.log.failure("sequence mark of device {number} not written", failure,
-                         number=device_number)
+        self.outage_log.failed(failure, "sequence mark", f"device {device_number}")
 
     def reserve(self, live, limit: int, expected) -> defer.Deferred:
         """Persist a higher sequence reservation ``limit`` of the live session as a
@@ -335,9 +341,10 @@ class RegistryBridge:
 
     def _not_stored(self, failure, failed) -> None:
         # A store failure: the records queued after the reports are not
-        # confirmed either, so nothing of them is acknowledged; logged once here.
+        # confirmed either, so nothing of them is acknowledged (their records
+        # fail with it: SessionWrites counts them).
         failed.append(failure)
-        self.log.failure("reports not stored", failure)
+        self.outage_log.failed(failure, "reports of a turn")
 
     def connection(self, live, *, online: bool, address=None, rtt=None) -> None:
         """Refresh the registry's connection facts (only a flip of online is a write)."""
@@ -349,6 +356,7 @@ class RegistryBridge:
         """connection() by device number and session id."""
         d = self.registry.set_connection(number, online=online, address=address, rtt=rtt,
                                          session_id=session_id)
+        # Its success ends no outage: most are not store writes (only a flip is).
         d.addErrback(self._connection_failed, number)
 
     def _connection_failed(self, failure, number) -> None:
@@ -358,12 +366,7 @@ class RegistryBridge:
         # shows the device as written at once, and reloads it offline).
         if failure.check(errors.UnknownDevice):
             return None
-        if failure.check(errors.StoreError):
-            self.log.warn("connection facts of device {number} not stored yet: {error}",
-                          number=number, error=failure.getErrorMessage())
-            return None
-        self.log.failure("connection facts of device {number} not stored", failure,
-                         number=number)
+        self.outage_log.failed(failure, "connection facts", f"device {number}")
         return None
 
     # -- notifications ---------------------------------------------------------

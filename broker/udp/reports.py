@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from broker.registry.provisioning import SessionConflict
 from broker.udp.sessions import SEQ_RESERVATION_BLOCK, LiveSession
+from broker.udp.store_outage_log import StoreOutageLog
 
 __all__ = ["SessionWrites"]
 
@@ -31,12 +32,14 @@ class SessionWrites:
 
     A report whose write failed stays unacknowledged and is written again
     (``retry``): the registry keeps its changes, and a device that gave up
-    on the session would send its events again in a new one.
+    on the session would send its events again in a new one.  Failures are
+    counted one by one, but logged once per outage (store_outage_log.py).
     """
 
     log = Logger()
 
-    __slots__ = ("_table", "_bridge", "_clock", "_now", "_flush", "_counters", "_pending")
+    __slots__ = ("_table", "_bridge", "_clock", "_now", "_flush", "_counters", "_pending",
+                 "_outage")
 
     def __init__(self, *, table, bridge, clock, now, flush, counters) -> None:
         self._table = table
@@ -46,6 +49,9 @@ class SessionWrites:
         self._flush = flush
         self._counters = counters
         self._pending: list[LiveSession] = []   # sessions with a report to write this turn
+        # One outage log for the endpoint's writes, the bridge's too, on the
+        # endpoint's time source.
+        self._outage = bridge.outage_log = StoreOutageLog(now)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -99,7 +105,7 @@ class SessionWrites:
             # nor taking its states as handed over: unacknowledged, they come
             # again, and their events then still count as new.
             self._counters["store_failures"] += 1
-            self.log.failure("the reports of a turn could not be written")
+            self._outage.failed(Failure(), "the reports of a turn")
             for (live, _, _), reported in zip(reports, handed):
                 live.writes -= 1
                 live.reported = reported
@@ -149,6 +155,8 @@ class SessionWrites:
                     # One broken session must not keep the others unacknowledged.
                     self.log.failure("acknowledging a report of {name} failed", name=live.name)
         self._counters["updates_durable"] += durable
+        if durable:
+            self._outage.succeeded()
 
     def _not_durable(self, failure, reports) -> None:
         for live, _, num in reports:
@@ -211,6 +219,7 @@ class SessionWrites:
         if limit > live.reserved:
             live.reserved = limit
         live.started = True
+        self._outage.succeeded()
         if self._current(live):
             live.session.confirm_seq_reservation(limit)
             self._table.settle(live, self._now())
@@ -242,5 +251,4 @@ class SessionWrites:
     def _failed(self, failure, live: LiveSession, what: str) -> None:
         live.writes -= 1
         self._counters["store_failures"] += 1
-        self.log.failure("{what} of {name} not durable: nothing is acknowledged",
-                         failure, what=what, name=live.name)
+        self._outage.failed(failure, what, live.name)
