@@ -33,7 +33,9 @@ Stop order (SIGTERM), steps 1-4 within [broker] stop_timeout seconds:
 4. idle HTTP connections are closed as soon as their answers are written,
    the rest (WebSocket close handshakes) are awaited, then cut off;
 5. the registry commits everything queued and closes the store, and the
-   data directory's lock (one broker per SQLite store) is released.
+   data directory's lock (one broker per SQLite store) is released. The
+   last line says whether the store holds every change: if not, it names
+   the devices whose changes are lost, and twistd exits with UNSTORED.
 """
 
 from __future__ import annotations
@@ -57,14 +59,22 @@ from broker.listeners import (FRONT_DOORS, add_listener, config_error_on_bind_fa
 from broker.logs import LogControl
 from broker.metrics import Metrics
 from broker.registry.sqlite_backup import LOCK_NAME
+from broker.registry.sqlite_retry import CloseReport
 from broker.systemd import INHERITED, Activation, Notifier
 from broker.web.dashboard.resource import RootResource
 from broker.web.health import HealthResource, ReadinessResource
 from broker.web.commands import CommandSender
 from broker.web.metrics import MetricsResource
 from broker.web.site import BrokerSite, ConnectionTracker
+from broker.workers import exit_with_status_at_exit
 
 log = Logger()
+
+#: exit status of a broker that stopped with changes its store could not hold
+#: (systemd then shows the unit failed); a clean or merely unclean stop exits 0.
+UNSTORED = 1
+#: device names the stop's last line lists at most ("and N more").
+NAMES_SHOWN = 20
 
 
 class _ReloadersFailed(Exception):
@@ -168,11 +178,17 @@ class BrokerService(MultiService):
         self.connections = ConnectionTracker(self.site, reactor)
         add_listener(self, "http", self._endpoints["http"], self.connections)
 
+    #: whether a stop that lost changes sets the exit status (UNSTORED): true under
+    #: twistd (an Application parent); elsewhere (tests) the process runs on.
+    exit_on_loss = False
+
     def setServiceParent(self, parent) -> None:
         """Under twistd, hand our log observer to the Application, where its AppLogger looks."""
         super().setServiceParent(parent)
-        if self.log_observer is not None and hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, self.log_observer)
+        if hasattr(parent, "setComponent"):
+            self.exit_on_loss = True
+            if self.log_observer is not None:
+                parent.setComponent(ILogObserver, self.log_observer)
 
     def _attach_endpoints(self) -> None:
         from broker.udp.service import attach_udp
@@ -491,10 +507,40 @@ class BrokerService(MultiService):
         if aborted:
             log.warn("stopping: cut off {count} connection(s) still open after {timeout} s",
                      count=aborted, timeout=timeout)
-        yield self._stop_children([self.registry_service])
+        report = yield self._stop_registry()
         self._unlock_data_directory()
-        log.info("stopped: store committed and closed after {seconds} s",
-                 seconds=round(clock.seconds() - started, 3))
+        self._say_stopped(report, round(clock.seconds() - started, 3))
+
+    def _stop_registry(self) -> defer.Deferred:
+        """Stop the registry service: the store's CloseReport, None (a store that
+        reports nothing), or False (stopping failed, logged)."""
+        if not self.registry_service.running:
+            return defer.succeed(None)
+
+        def failed(failure):
+            log.failure("stopping {name} failed", failure, name=self.registry_service.name)
+            return False
+        return defer.maybeDeferred(self.registry_service.stopService).addErrback(failed)
+
+    def _say_stopped(self, report, seconds) -> None:
+        """The stop's last line: it claims a committed store only if that is so."""
+        if report is False:
+            log.error("stopped after {seconds} s; the store may not hold every change "
+                      "(stopping the registry failed, see above)", seconds=seconds)
+        elif not isinstance(report, CloseReport) or report.clean:
+            log.info("stopped: store committed and closed after {seconds} s", seconds=seconds)
+        elif not report.unstored:
+            log.warn("stopped: store committed and closed after {seconds} s; the next start "
+                     "is unclean (a commit failed during this run: {error})",
+                     seconds=seconds, error=report.error or "see above")
+        else:
+            names = report.unstored
+            log.error("stopped after {seconds} s, but the changes of {count} device(s) could "
+                      "not be stored ({error}) and are lost: {devices}; the next start is "
+                      "unclean", seconds=seconds, count=len(names), error=report.error,
+                      devices=name_devices(names), exit_status=UNSTORED)
+            if self.exit_on_loss:
+                exit_with_status_at_exit(UNSTORED)
 
     @staticmethod
     def _stop_children(children) -> defer.Deferred:
@@ -507,6 +553,14 @@ class BrokerService(MultiService):
 
         stops = [defer.maybeDeferred(child.stopService) for child in running]
         return defer.DeferredList(stops, consumeErrors=True).addCallback(report)
+
+
+def name_devices(names, shown=NAMES_SHOWN) -> str:
+    """The first ``shown`` names, then how many more: a bounded log line."""
+    text = ", ".join(names[:shown])
+    if len(names) > shown:
+        text += f" and {len(names) - shown} more"
+    return text
 
 
 def _unbind(child) -> None:

@@ -11,6 +11,10 @@ store, doubling while storage keeps failing), and once more at close (also
 those of a commit that fails while the store closes). A
 session record queued meanwhile takes its device's state into its commit:
 the record must never be durable before the state it acknowledges.
+
+A device whose last try fails too is given up: its change stays unstored.
+The store's close says so (CloseReport), and the broker's last line names
+those devices instead of claiming a committed store.
 """
 
 from collections import Counter
@@ -21,6 +25,23 @@ RETRY_DELAY = 1.0
 #: the delay doubles with each failed commit, up to this; a commit that
 #: succeeds brings it back to RETRY_DELAY.
 RETRY_DELAY_MAX = 30.0
+
+
+class CloseReport:
+    """What a closing store could not store, for the broker's last log line."""
+
+    __slots__ = ("clean", "unstored", "error")
+
+    def __init__(self, clean, unstored=(), error=None):
+        #: the clean-stop mark was written: the next start is clean (restart.py).
+        self.clean = clean
+        #: names (sorted) of the devices whose last change the last try could not store.
+        self.unstored = list(unstored)
+        #: the last storage error of this run ("storage failed: ..."), or None.
+        self.error = error
+
+    def __repr__(self):
+        return f"CloseReport({self.clean!r}, {self.unstored!r}, {self.error!r})"
 
 
 class Group:
@@ -54,16 +75,21 @@ class UnsavedDevices:
         self._delay = RETRY_DELAY
         self._closed = False
         self._tried = set()          # devices given their last try (closing)
+        self._given_up = {}          # device number -> Device whose last try failed
         #: commits that failed, and devices written again after one.
         self.failed_commits = 0
         self.rewritten_devices = 0
+        #: the error of the last failed commit, or None.
+        self.last_error = None
 
     def __bool__(self):
         return bool(self._devices)
 
-    def failed(self, ops):
-        """A commit of ``ops`` failed: keep its devices, arm the timer."""
+    def failed(self, ops, error=None):
+        """A commit of ``ops`` failed (with ``error``): keep its devices, arm the timer."""
         self.failed_commits += 1
+        if error is not None:
+            self.last_error = getattr(error, "message", None) or str(error)
         self._counters["store_commit_failed"] += 1
         unsaved = self._devices
         for dev in _devices(ops):
@@ -77,11 +103,13 @@ class UnsavedDevices:
     def saved(self, ops):
         """A commit of ``ops`` succeeded: forget the devices it wrote as they are."""
         self._delay = RETRY_DELAY
-        unsaved = self._devices
-        if not unsaved:
+        unsaved, given_up = self._devices, self._given_up
+        if not unsaved and not given_up:
             return
         for dev in _devices(ops):
             unsaved.pop(dev.number, None)
+            # (given up after a failed commit, then stored by a later one of the close)
+            given_up.pop(dev.number, None)
         if not unsaved:
             self.cancel()
 
@@ -122,7 +150,16 @@ class UnsavedDevices:
         self._last_try()
 
     def _last_try(self):
-        self._tried.update(dev.number for dev in self.flush(self._tried))
+        tried = self._tried
+        for number, dev in self._devices.items():
+            if number in tried and dev.cursor:      # (cursor 0: removed, nothing to store)
+                self._given_up[number] = dev
+        tried.update(dev.number for dev in self.flush(tried))
+
+    def unstored(self):
+        """Names (sorted) of the devices whose last try failed: their changes
+        are not stored, and are lost when the broker exits."""
+        return sorted(dev.name for dev in self._given_up.values())
 
     def cancel(self):
         if self._timer is not None:

@@ -31,6 +31,10 @@ reactor thread, the writer thread runs (almost) only SQLite's C code.
   commit advances the ``durable`` mark (every change at or below it is
   stored) unless ``max_batch`` cut an earlier change off, or a commit of
   this run failed; ``close`` writes the clean-stop mark last.
+* Closing is bounded: another process holding the write lock (an sqlite3
+  shell left in a transaction) is waited for CLOSE_LOCK_WAIT seconds in
+  all, not BUSY_TIMEOUT_MS per commit, and ``close`` reports what could not
+  be stored (a CloseReport: the broker's last line names those devices).
 
 Why multi-row statements: ``executemany`` binds each row holding the GIL
 and releases it around each step, two GIL hand-overs per row; while the
@@ -40,6 +44,7 @@ reactor thread is busy each hand-over may wait a switch interval (the
 
 import sqlite3
 import threading
+import time
 from array import array
 from collections import Counter, deque
 
@@ -47,16 +52,25 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .database import (SESSION_COLUMNS, connect, database_path, decode_state,
-                       prepare_directory, session_from_row)
+from .database import (BUSY_TIMEOUT_MS, SESSION_COLUMNS, connect, database_path,
+                       decode_state, prepare_directory, session_from_row)
 from .errors import DeviceExists, StoreError
 from .model import UpdateResult
 from .settings import RegistrySettings
 from .sqlite_plan import first_cursor, latest_records, plan_steps
 from .sqlite_rows import CLEAN_STOP_SQL, DURABLE_SQL, MOVE_SQL, SEQUENCE_SQL, rows_statements
+from .sqlite_retry import CloseReport, UnsavedDevices
 from .sqlite_retry import Group as _Group
-from .sqlite_retry import UnsavedDevices
 from .store import DeviceRow, Loaded, Store
+
+#: seconds a closing store waits in all (every commit of the close together)
+#: for another process's write lock: the stop must end well within systemd's
+#: TimeoutStopSec=30s after the clients' stop_timeout.
+CLOSE_LOCK_WAIT = 2.0
+#: pauses (seconds; the last repeats) between tries for that lock, as SQLite's
+#: own busy handler makes them.
+LOCK_PAUSES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
 
 class _Exit:
     """The writer thread's last job: close the database, after the clean-stop mark if ``clean``."""
@@ -71,6 +85,9 @@ class SQLiteStore(Store):
     """The embedded default store (see module docstring)."""
 
     log = Logger()
+    #: CLOSE_LOCK_WAIT, and how the writer pauses between tries for the lock (tests).
+    close_lock_wait = CLOSE_LOCK_WAIT
+    lock_sleep = staticmethod(time.sleep)
 
     def __init__(self, path, *, reactor, settings=None, clock=None):
         settings = settings or RegistrySettings()
@@ -94,6 +111,9 @@ class SQLiteStore(Store):
         self._wake = threading.Event()
         self._closing = False
         self._closed = None
+        self._close_wait_left = 0.0   # of close_lock_wait, once closing (writer thread)
+        self._own_lock_waits = False  # busy_timeout 0: _begin_write pauses itself
+        self._marked = False          # the clean-stop mark is written
         self._thread = None
         self._begun = False           # begin() recorded that a registry runs
         self._durable = 0             # the durable mark planned last (restart.py)
@@ -255,8 +275,10 @@ class SQLiteStore(Store):
             conn.execute("SELECT token_id, digest, role, created_at FROM tokens")])
 
     def close(self):
-        """Commit everything queued, stop the writer thread, close the database."""
+        """Commit everything queued, stop the writer thread, close the database:
+        a Deferred firing with a CloseReport (what could not be stored)."""
         if self._closed is None:
+            self._close_wait_left = self.close_lock_wait
             self._closing = True
             self._closed = defer.Deferred()
             # One last try for the devices of failed commits (also of one that
@@ -265,8 +287,11 @@ class SQLiteStore(Store):
             if not self._busy:
                 self._next()              # commit what is queued, then exit
         done = defer.Deferred()
-        self._closed.addBoth(lambda r: (done.callback(None), r)[1])
+        self._closed.addBoth(lambda r: (done.callback(self._close_report()), r)[1])
         return done
+
+    def _close_report(self):
+        return CloseReport(self._marked, self.unsaved.unstored(), self.unsaved.last_error)
 
     def _hand_over(self):
         """Turn what is queued into a plan and give it to the writer thread."""
@@ -357,7 +382,7 @@ class SQLiteStore(Store):
         self.commits += 1
         self.operations += len(batch[1])
         if isinstance(failures, Failure):
-            self.unsaved.failed(batch[0])
+            self.unsaved.failed(batch[0], failures.value)
         else:
             self.unsaved.saved(batch[0])
         self._fire(batch, failures, results)
@@ -429,10 +454,45 @@ class SQLiteStore(Store):
         """The last commit: the clean-stop mark (either thread; the other is idle)."""
         conn = self._conn
         try:
+            self._begin_write(conn)
             conn.execute(CLEAN_STOP_SQL)
+            conn.execute("COMMIT")
         except sqlite3.Error as e:
+            self._roll_back()
             # The next start is unclean: it skips a gap, harmless.
             self.log.error("registry clean-stop mark not written: {error}", error=e)
+        else:
+            self._marked = True
+
+    def _begin_write(self, conn):
+        """BEGIN IMMEDIATE, waiting for another process's write lock up to
+        BUSY_TIMEOUT_MS; once the store closes, only what is left of
+        ``close_lock_wait`` for the whole close (either thread; the other is idle).
+
+        The pauses are ours, not SQLite's busy handler's: nothing cuts that
+        one short, so a stop would wait BUSY_TIMEOUT_MS for the commit under
+        way and again for each one after it."""
+        if not self._own_lock_waits:
+            conn.execute("PRAGMA busy_timeout = 0")
+            self._own_lock_waits = True
+        waited = 0.0
+        pauses = iter(LOCK_PAUSES)
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                closing = self._closing
+                left = self._close_wait_left if closing else BUSY_TIMEOUT_MS / 1000 - waited
+                if left <= 0:
+                    raise
+                pause = min(next(pauses, LOCK_PAUSES[-1]), left)
+                self.lock_sleep(pause)
+                waited += pause
+                if closing:
+                    self._close_wait_left -= pause
 
     # -- writer thread ------------------------------------------------------
 
@@ -471,7 +531,7 @@ class SQLiteStore(Store):
         try:
             if conn.in_transaction:          # left open by a failed ROLLBACK
                 conn.execute("ROLLBACK")
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin_write(conn)
             for step in steps:
                 kind = step[0]
                 if kind == "sql":
