@@ -5,12 +5,24 @@
 // included, so a refusal alone does not mean another writer touched the
 // key: the editor reads the device again, and only when the key's desired
 // value is no longer the one the user started from does it show a
-// conflict. Otherwise it retries with the new version.
+// conflict. Otherwise it retries with the new version. Every copy of the
+// device read or answered on the way goes into the page's fleet, so the page
+// is not left with an older one while its feed is down.
+//
+// A write whose answer never came (the connection dropped) may or may not
+// have been applied: the editor reads the device to find out, and says
+// "Saved" only if the key holds the value.
 
-import {editable, h, parseValue, place, same, show, unsavable} from "./dom.js";
+import {editable, h, own, parseValue, place, same, show, unsavable} from "./dom.js";
 
 /** Writes tried before giving up on a device that keeps changing. */
 const MAX_ATTEMPTS = 3;
+
+/** `copy`, or `other` if that is a later version of the same device. */
+function newer(copy, other) {
+  return other && other.device_number === copy.device_number && other.version > copy.version
+    ? other : copy;
+}
 
 /** One desired key: its input keeps what the user types across updates. */
 class DesiredRow {
@@ -28,13 +40,13 @@ class DesiredRow {
     this.input = h("input", {type: "text", "aria-label": `desired value of ${key}`,
                              spellcheck: "false"});
     this.input.addEventListener("input", () => {
-      if (!this.editing) this.base = editor.device?.desired[key];
+      if (!this.editing) this.base = own(editor.device?.desired, key);
       this.editing = this.input.value !== this._original;
     });
     const save = () => {
       const problem = unsavable(this.input.value);
       if (problem) return editor.say(`Not saved: ${problem}`, true);
-      const base = this.editing ? this.base : editor.device?.desired[key];
+      const base = this.editing ? this.base : own(editor.device?.desired, key);
       editor.write(key, parseValue(this.input.value), base, () => { this.editing = false; });
     };
     this.input.addEventListener("keydown", (event) => { if (event.key === "Enter") save(); });
@@ -43,14 +55,15 @@ class DesiredRow {
       h("button", {type: "button", class: "save", "aria-label": `Save ${key}`, onclick: save},
         "Save"),
       h("button", {type: "button", class: "delete", "aria-label": `Delete ${key}`,
-                   onclick: () => editor.write(key, null, editor.device?.desired[key], () => {})},
+                   onclick: () => editor.write(key, null, own(editor.device?.desired, key),
+                                           () => {})},
         "Delete")));
   }
 
   refresh(device) {
     const key = this.key;
-    const present = key in device.desired;
-    const pending = key in device.delta;
+    const present = Object.hasOwn(device.desired, key);
+    const pending = Object.hasOwn(device.delta, key);
     this.row.className = !present ? "removed" : pending ? "has-delta" : "";
     if (!this.input) {
       this._desired.textContent = present ? show(device.desired[key]) : "";
@@ -61,7 +74,8 @@ class DesiredRow {
       const problem = unsavable(this._original);
       this.input.title = problem ? `Shown rounded: ${problem}` : "";
     }
-    this._reported.textContent = key in device.reported ? show(device.reported[key]) : "\u2014";
+    this._reported.textContent = Object.hasOwn(device.reported, key)
+      ? show(device.reported[key]) : "\u2014";
     this._state.replaceChildren(
       !present ? h("span", {class: "badge"}, "deleted elsewhere")
         : pending ? h("span", {class: "badge pending",
@@ -73,14 +87,16 @@ class DesiredRow {
 export class DesiredEditor {
   /**
    * `current()` gives the page's copy of the device; writes go through `link`,
-   * re-reads after a refusal through `api`; `changed()` redraws the page.
+   * re-reads after a refusal through `api`; `learn(device)` hands the page a copy read
+   * or answered outside its feed; `changed()` redraws the page.
    */
-  constructor(name, {readOnly, link, api, current, changed}) {
+  constructor(name, {readOnly, link, api, current, learn, changed}) {
     this.name = name;
     this.readOnly = readOnly;
     this.link = link;
     this.api = api;
     this._current = current;
+    this._learn = learn;
     this._changed = changed;
     this._rows = new Map();
     this._body = h("tbody");
@@ -106,7 +122,7 @@ export class DesiredEditor {
   /** Redraw for the device's latest state (rows being edited keep their input). */
   refresh(device) {
     for (const [key, row] of this._rows) {
-      if (!(key in device.desired) && !row.editing) this._rows.delete(key);
+      if (!Object.hasOwn(device.desired, key) && !row.editing) this._rows.delete(key);
     }
     for (const key of Object.keys(device.desired)) {
       if (!this._rows.has(key)) this._rows.set(key, new DesiredRow(key, this));
@@ -133,7 +149,7 @@ export class DesiredEditor {
       if (!name) return this.say("Type a key first.", true);
       const problem = unsavable(value.value);
       if (problem) return this.say(`Not saved: ${problem}`, true);
-      this.write(name, parseValue(value.value), this.device?.desired[name], () => {
+      this.write(name, parseValue(value.value), own(this.device?.desired, name), () => {
         key.value = "";
         value.value = "";
       });
@@ -144,32 +160,75 @@ export class DesiredEditor {
   }
 
   /**
-   * Set `key` to `value` (null deletes) if its desired value is still `base`.
-   * `done` runs once the broker accepted the write (or the user kept theirs).
+   * Set `key` to `value` (null deletes) if its desired value is still `base`, starting
+   * from the copy `device` (by default the page's). `done` runs once the broker accepted
+   * the write (or the user kept theirs).
    */
-  async write(key, value, base, done) {
+  async write(key, value, base, done, device = this.device) {
     this.conflict.hidden = true;
-    let device = this.device;
     for (let attempt = 1; device && attempt <= MAX_ATTEMPTS; attempt++) {
       // Already there (this page's own earlier write, a double click): nothing to do.
-      if (same(device.desired[key], value ?? undefined)) return this._saved(key, value, done);
-      if (!same(device.desired[key], base)) return this._showConflict(key, value, device, done);
+      if (same(own(device.desired, key), value ?? undefined)) return this._saved(key, value, done);
+      if (!same(own(device.desired, key), base)) {
+        return this._showConflict(key, value, device, done);
+      }
       this.say(`Sending ${key}\u2026`);
       try {
-        await this.link.setDesired(this.name, {[key]: value}, device.version);
+        this._take(await this.link.setDesired(this.name, {[key]: value}, device.version));
         return this._saved(key, value, done);
       } catch (error) {
+        // No answer (status 0): sent or not, applied or not, only the device can tell.
+        if (error.status === 0) return this._check(key, value, error, done);
         if (error.code !== "version_conflict") return this.say(`Not saved: ${error.message}`, true);
       }
       // The device changed since the page saw it: was it this key?
       try {
-        device = await this.api.device(this.name);
+        device = this._fresher(await this.api.device(this.name));
       } catch (error) {
         return this.say(`Not saved: ${error.message}`, true);
       }
     }
     this.say(device ? `Not saved: ${this.name} keeps changing; try again.`
       : `Not saved: there is no device ${this.name}.`, true);
+  }
+
+  /** Hand the page a device copy (an HTTP write's answer; a set_desired result is none). */
+  _take(answer) {
+    if (answer && typeof answer === "object" && answer.name === this.name && answer.desired) {
+      this._learn(answer);
+    }
+  }
+
+  /** The newer of `read` (just read from the broker) and the page's copy, once it has both. */
+  _fresher(read) {
+    this._take(read);
+    return newer(read, this.device);
+  }
+
+  /** The write's answer was lost: read the device to learn whether it was applied. */
+  async _check(key, value, lost, done) {
+    const what = value === null ? `the delete of ${key}` : `${key} = ${show(value)}`;
+    this.say(`No answer for ${what} (${lost.message}); reading ${this.name} again\u2026`);
+    let device;
+    try {
+      device = this._fresher(await this.api.device(this.name));
+    } catch (error) {
+      this._follow(key);
+      return this.say(`Not known whether ${what} was saved: ${lost.message}, and ${this.name}`
+        + ` could not be read again (${error.message}).`, true);
+    }
+    if (same(own(device.desired, key), value ?? undefined)) return this._saved(key, value, done);
+    const now = own(device.desired, key);
+    this._follow(key);
+    this.say(`Not known whether ${what} was saved (${lost.message}): ${key} is now `
+      + `${now === undefined ? "deleted" : show(now)}.`, true);
+  }
+
+  /** Let the row of `key` show the device's value again (not what was typed). */
+  _follow(key) {
+    const row = this._rows.get(key);
+    if (row) row.editing = false;
+    this._changed();
   }
 
   _saved(key, value, done) {
@@ -179,12 +238,14 @@ export class DesiredEditor {
   }
 
   _showConflict(key, value, device, done) {
-    const now = device.desired[key];
+    const now = own(device.desired, key);
     const theirs = now === undefined ? "it deleted the key" : `it is now ${JSON.stringify(now)}`;
     const mine = value === null ? "Your delete" : `Your value ${JSON.stringify(value)}`;
     const overwrite = () => {
       this.conflict.hidden = true;
-      this.write(key, value, now, done);
+      // From the copy the conflict was found in (or a newer one the feed brought since),
+      // never the page's older copy: that would only meet the same conflict again.
+      this.write(key, value, now, done, newer(device, this.device));
     };
     const discard = () => {
       this.conflict.hidden = true;

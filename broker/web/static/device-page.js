@@ -1,7 +1,7 @@
 // The device view: connection facts, reported state with a sparkline per
 // numeric reading, and the desired values (desired-editor.js).
 
-import {ago, brokerNow, h, rtt, show, when} from "./dom.js";
+import {ago, brokerNow, h, own, rtt, show, when} from "./dom.js";
 import {DesiredEditor} from "./desired-editor.js";
 import {series, sparkline} from "./sparkline.js";
 
@@ -43,6 +43,7 @@ export class DevicePage {
     this._history = null;
     this._historyOf = -1;
     this.editor = new DesiredEditor(name, {readOnly, link, api, current: () => this.device,
+                                           learn: (device) => this.fleet.refresh(device),
                                            changed: () => { if (this.name === name) this.update(); }});
     this.status = h("span", {class: "status"});
     this.missing = h("p", {class: "missing", hidden: true});
@@ -154,8 +155,8 @@ export class DevicePage {
       device = {...device, history: this._history ?? []};
     }
     const rows = Object.keys(device.reported).sort().map((key) => {
-      const at = device.updated_at?.reported?.[key];
-      return h("tr", {class: key in device.delta ? "has-delta" : "", "data-key": key},
+      const at = own(device.updated_at?.reported, key);
+      return h("tr", {class: Object.hasOwn(device.delta, key) ? "has-delta" : "", "data-key": key},
         h("th", {scope: "row"}, key),
         h("td", {class: "value"}, show(device.reported[key])),
         h("td", {class: "heard", "data-at": at ?? "", title: when(at)}, ago(at)),

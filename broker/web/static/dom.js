@@ -116,6 +116,9 @@ export function parseValue(text) {
   }
 }
 
+/** A JSON string or number (matchAll copies it: the `g` state is never shared). */
+const JSON_TOKEN = /"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?/g;
+
 /**
  * The first integer in JSON `text` that a browser cannot hold exactly (beyond
  * ±Number.MAX_SAFE_INTEGER, 2^53 - 1), or null. The registry keeps integers up to 2^64;
@@ -124,8 +127,7 @@ export function parseValue(text) {
  * an exponent are floats on both sides: they are not integers here.
  */
 export function unsafeInteger(text) {
-  const token = /"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?/g;
-  for (const [found] of text.matchAll(token)) {
+  for (const [found] of text.matchAll(JSON_TOKEN)) {
     if (found.startsWith('"') || /[.eE]/.test(found)) continue;
     if (!Number.isSafeInteger(Number(found))) return found;
   }
@@ -133,11 +135,29 @@ export function unsafeInteger(text) {
 }
 
 /**
- * Why text typed in the editor cannot be saved as it reads (null if it can): it holds an
- * integer the browser would round. Text that is not JSON is saved as text: nothing rounds.
+ * The first number in JSON `text` too large for a browser at all (1e400, -1e999), or null.
+ * JSON.parse reads it as Infinity, which JSON has no word for: JSON.stringify would send
+ * it as null, and in a merge patch null deletes the key.
+ */
+export function overflowingNumber(text) {
+  for (const [found] of text.matchAll(JSON_TOKEN)) {
+    if (!found.startsWith('"') && !Number.isFinite(Number(found))) return found;
+  }
+  return null;
+}
+
+/**
+ * Why text typed in the editor cannot be saved as it reads (null if it can): it holds a
+ * number beyond the browser's range, or an integer the browser would round. Text that is
+ * not JSON is saved as text: nothing rounds.
  */
 export function unsavable(text) {
   if (typeof parseValue(text) === "string") return null;
+  const huge = overflowingNumber(text);
+  if (huge !== null) {
+    return `${huge} is beyond the numbers a browser holds (\u00b1${Number.MAX_VALUE}),`
+      + " so it cannot be saved as a number. Put it in quotes to save it as text.";
+  }
   const found = unsafeInteger(text);
   return found === null ? null
     : `${found} is beyond the integers a browser holds exactly (\u00b1${Number.MAX_SAFE_INTEGER}),`
@@ -151,11 +171,17 @@ export function unsavable(text) {
  * JSON.stringify writes such a double as bare digits, which the registry reads as an
  * integer: a float typed as 1e17 would be stored as the integer 10^17, and 1e20 refused as
  * an integer beyond 64 bits. Integers that large never get here (unsavable refuses them).
+ * Infinity and NaN throw a RangeError: JSON.stringify would write them as null, which in a
+ * merge patch deletes the key.
  */
 export function toJson(value) {
   const marks = new Map();
   const tag = `\u0000${Math.random().toString(36).slice(2)}:`;
   const text = JSON.stringify(value, (key, item) => {
+    if (typeof item === "number" && !Number.isFinite(item)) {
+      throw new RangeError(`${key ? `"${key}" is ` : ""}${item}, which JSON cannot carry`
+        + " (it would be sent as null, and null deletes)");
+    }
     if (typeof item !== "number" || Number.isSafeInteger(item) || !Number.isInteger(item)) {
       return item;
     }
@@ -172,6 +198,16 @@ export function toJson(value) {
 export function editable(value) {
   if (typeof value !== "string") return JSON.stringify(value);
   return parseValue(value) === value ? value : JSON.stringify(value);
+}
+
+/**
+ * `object[key]` if `object` has that key of its own, else undefined. A key read from the
+ * registry may be named like a member every object inherits ("constructor", "toString"):
+ * `key in object` and a bare `object[key]` would find the inherited one.
+ */
+export function own(object, key) {
+  return object !== null && typeof object === "object" && Object.hasOwn(object, key)
+    ? object[key] : undefined;
 }
 
 /** Whether two JSON values are equal (as the registry compares them). */

@@ -2,7 +2,7 @@
 // change history the registry keeps for each device (registry.history_size
 // entries) plus the current value.
 
-import {svg} from "./dom.js";
+import {own, svg} from "./dom.js";
 
 const WIDTH = 120;
 const HEIGHT = 28;
@@ -14,8 +14,9 @@ function reportedIn(entry, key) {
     return undefined;
   }
   // A report that carried events keeps its patch under "patch".
-  const patch = "patch" in entry.data && "events" in entry.data ? entry.data.patch : entry.data;
-  return patch?.[key];
+  const data = entry.data;
+  const patch = Object.hasOwn(data, "patch") && Object.hasOwn(data, "events") ? data.patch : data;
+  return own(patch, key);
 }
 
 /** [[time, value], ...] of a numeric reported key, oldest first. */
@@ -25,8 +26,8 @@ export function series(device, key) {
     const value = reportedIn(entry, key);
     if (typeof value === "number" && Number.isFinite(value)) points.push([entry.at, value]);
   }
-  const current = device.reported[key];
-  const at = device.updated_at?.reported?.[key];
+  const current = own(device.reported, key);
+  const at = own(device.updated_at?.reported, key);
   if (typeof current === "number" && Number.isFinite(current)
       && (points.length === 0 || (at !== undefined && at > points[points.length - 1][0]))) {
     points.push([at ?? points[points.length - 1]?.[0] ?? 0, current]);

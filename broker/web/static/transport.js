@@ -13,7 +13,8 @@ const TOKEN_SUBPROTOCOL_PREFIX = "bearer.";
 const CLOSE_TOKEN_REVOKED = 4001;
 /**
  * The broker closes with this code when it shuts down (or restarts): not the WebSocket's
- * fault, so it does not count towards the fallback to polling.
+ * fault, so it does not count as a failure, unless it keeps coming soon after every
+ * snapshot (a proxy that cuts WebSockets so): see TIMING.goingAwayFallbackAfter.
  */
 const CLOSE_GOING_AWAY = 1001;
 /** Why the page stops: a token refused after it was accepted can only have been revoked. */
@@ -27,6 +28,12 @@ export const TIMING = Object.freeze({
   stableAfterMs: 10_000,
   /** Consecutive WebSocket failures after which the page switches to long polling. */
   fallbackAfter: 2,
+  /**
+   * Consecutive 1001 (going away) closes, each sooner than stableAfterMs after going live,
+   * after which the page switches to long polling: more quick restarts in a row than a
+   * broker makes, so a proxy that closes every WebSocket so.
+   */
+  goingAwayFallbackAfter: 4,
   /** While long polling, try the WebSocket again this often. */
   probeIntervalMs: 5 * 60_000,
   /** An application ping this often; no pong by the next one: the link is dead. */
@@ -114,8 +121,9 @@ class WebSocketFeed {
   _request(message) {
     const id = `r${this._nextId++}`;
     return new Promise((resolve, reject) => {
+      const text = toJson({...message, id});    // throws (rejects) before anything is pending
       this._pending.set(id, {resolve, reject});
-      this.socket.send(toJson({...message, id}));
+      this.socket.send(text);
     });
   }
 
@@ -317,6 +325,7 @@ export class Link extends EventTarget {
     this._feed = null;
     this._failures = 0;
     this._unreachable = 0;
+    this._goingAway = 0;        // 1001 closes in a row, each soon after going live
     this._liveSince = 0;
     this._timer = null;
     this._stopped = false;
@@ -371,18 +380,28 @@ export class Link extends EventTarget {
   async _webSocketClosed({code, reason, live}) {
     if (this._stopped) return;
     if (code === CLOSE_TOKEN_REVOKED) return this._unauthorized(REVOKED);
+    const lasted = live && Date.now() - this._liveSince >= this.timing.stableAfterMs;
+    if (lasted) this._goingAway = 0;
     if (code === CLOSE_GOING_AWAY && live) {
       // A restart: polling would meet the same broker. Keep to the WebSocket (while the
-      // broker is down, the handshake fails and the session check says so, as below).
-      // Before any snapshot it is no restart but a WebSocket that does not work (a
-      // proxy closing it so): a failure like any other, or the page would retry forever.
-      const delay = backoff(++this._unreachable);
-      this._report("websocket", "retrying",
-        `${reason || "the broker went away"}; reconnecting in ${delay} s`);
+      // broker is down, the handshake fails and the session check says so, as below),
+      // backing off more with each 1001 in a row: only a connection that lasted starts
+      // over. One 1001 after another, each soon after the snapshot, is no restart but a
+      // proxy closing WebSockets so: polling then, or the page would reconnect forever.
+      // Before any snapshot it is a failure like any other (below).
+      const why = reason || "the broker went away";
+      this._goingAway += 1;
+      if (this._goingAway >= this.timing.goingAwayFallbackAfter && this.polling) {
+        return this._usePolling(`WebSocket closed as going away ${this._goingAway} times in a`
+          + ` row, each within ${this.timing.stableAfterMs / 1000} s (${why})`);
+      }
+      // While the broker is down, the reconnects go on backing off from here.
+      this._unreachable = this._goingAway;
+      const delay = backoff(this._goingAway);
+      this._report("websocket", "retrying", `${why}; reconnecting in ${delay} s`);
       this._timer = setTimeout(() => this._useWebSocket(), delay * 1000);
       return;
     }
-    const lasted = live && Date.now() - this._liveSince >= this.timing.stableAfterMs;
     if (!live) {
       // A browser cannot see why a handshake was refused: ask whether the token is the
       // reason, or the broker (down, restarting, or a proxy without it: 502-504).
@@ -429,6 +448,7 @@ export class Link extends EventTarget {
   _probe() {
     this._feed.stop();
     this._failures = this.timing.fallbackAfter - 1;
+    if (this._goingAway > 0) this._goingAway = this.timing.goingAwayFallbackAfter - 1;
     this._useWebSocket();
   }
 }
