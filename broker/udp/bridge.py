@@ -342,9 +342,8 @@ class RegistryBridge:
     def _not_stored(self, failure, failed) -> None:
         # A store failure: the records queued after the reports are not
         # confirmed either, so nothing of them is acknowledged (their records
-        # fail with it: SessionWrites counts them).
+        # fail with it: SessionWrites counts them, and logs each device's).
         failed.append(failure)
-        self.outage_log.failed(failure, "reports of a turn")
 
     def connection(self, live, *, online: bool, address=None, rtt=None) -> None:
         """Refresh the registry's connection facts (only a flip of online is a write)."""

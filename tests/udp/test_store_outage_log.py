@@ -1,6 +1,8 @@
 """Store outages in the log (broker.udp.store_outage_log): one warning when
 writes start failing, a summary line per interval while they fail, one line
-when they land again; never a traceback per device for the store's own errors.
+when they land again after an interval without failure; never a traceback
+per device for the store's own errors, nor a pair of lines per failure when
+only some writes fail.
 
 Unit tests on a task.Clock with a MemoryStore that fails on demand, and one
 integration test with a real redis-server stopped for a few seconds."""
@@ -17,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.registry import MemoryStore
 from broker.registry.errors import StoreError
-from broker.udp.store_outage_log import StoreOutageLog
+from broker.udp.store_outage_log import NAMED_DEVICES, StoreOutageLog
 
 from .helpers import Harness
 
@@ -51,6 +53,14 @@ def recoveries(events) -> list:
             and "succeed again" in e.get("log_format", "")]
 
 
+def unexpected_failure(error):
+    """A Failure with a traceback, as an errback gets for a bug's exception."""
+    try:
+        raise error
+    except Exception:
+        return Failure()
+
+
 class OutageStore(MemoryStore):
     """A MemoryStore whose state and session record writes fail while ``failing`` is set."""
 
@@ -59,6 +69,19 @@ class OutageStore(MemoryStore):
     def write(self, op, result=None):
         if self.failing and op[0] in ("state", "session"):
             return defer.fail(StoreError("the disk is failing"))
+        return super().write(op, result)
+
+
+class DeviceOutageStore(MemoryStore):
+    """A MemoryStore whose state and session record writes fail for the device
+    numbers in ``failing`` (one store shard down), while the others' land."""
+
+    failing = frozenset()
+
+    def write(self, op, result=None):
+        number = op[4] if op[0] == "state" else op[1] if op[0] == "session" else None
+        if number in self.failing:
+            return defer.fail(StoreError("the shard of this device is down"))
         return super().write(op, result)
 
 
@@ -98,18 +121,21 @@ class StoreOutageLogTests(SynchronousTestCase):
         self.assertTrue(all(e.get("log_failure") is None for e in self.events))
 
     def test_recovery_is_one_line_and_a_new_outage_warns_again(self):
-        """The first success after failures logs one line with their count; later
-        successes log nothing; a failure after it starts a new outage."""
+        """The first success an interval after the last failure logs one line with
+        their count and when the last one was; later successes log nothing; a
+        failure after it starts a new outage."""
         self.outage.succeeded()
         self.assertEqual(self.events, [])
         for _ in range(5):
             self.outage.failed(store_failure(), "reservation", "dev")
-        self.clock.advance(3.0)
+            self.clock.advance(1.0)
+        self.clock.advance(9.5)
         self.outage.succeeded()
         self.outage.succeeded()
         self.assertEqual(len(self.events), 2)
         self.assertEqual(self.events[1]["total"], 5)
-        self.assertIn("succeed again after 5 failures in 3.0 s", formatEvent(self.events[1]))
+        self.assertIn("succeed again, none failed in the last 10.5 s: 5 failures in the "
+                      "4.0 s", formatEvent(self.events[1]))
         self.assertFalse(self.outage.failing)
         self.outage.failed(store_failure("again"), "report", "dev")
         self.assertEqual(len(self.events), 3)
@@ -128,6 +154,70 @@ class StoreOutageLogTests(SynchronousTestCase):
         self.assertEqual(len(tracebacks), 1)
         self.assertEqual(tracebacks[0]["log_level"], LogLevel.error)
         self.assertIsInstance(tracebacks[0]["log_failure"].value, RuntimeError)
+
+
+    def test_success_soon_after_a_failure_does_not_end_the_outage(self):
+        """A write landing less than an interval after the last failure logs nothing
+        and keeps the outage on; the first one an interval after it ends it."""
+        self.outage.failed(store_failure(), "report", "dev-1")
+        self.clock.advance(9.9)
+        self.outage.succeeded()
+        self.assertEqual(len(self.events), 1)
+        self.assertTrue(self.outage.failing)
+        self.clock.advance(0.1)
+        self.outage.succeeded()
+        self.assertEqual(len(self.events), 2)
+        self.assertFalse(self.outage.failing)
+
+    def test_alternating_failures_and_successes_are_one_outage(self):
+        """Writes that fail and land in turn every 0.1 s for 30 s (a partial outage)
+        are one warning, a summary every 10 s and one recovery line, not a pair of
+        lines per failure."""
+        for _ in range(300):
+            self.outage.failed(store_failure(), "report", "dev-7")
+            self.outage.succeeded()            # another device's write landed
+            self.clock.advance(0.1)
+        self.clock.advance(10.0)
+        self.outage.succeeded()
+        levels = [e["log_level"] for e in self.events]
+        self.assertEqual(levels, [LogLevel.warn] * 3 + [LogLevel.info], [
+            formatEvent(e) for e in self.events])
+        self.assertEqual(self.events[-1]["total"], 300)
+        summary = formatEvent(self.events[1])
+        self.assertIn("devices dev-7;", summary)
+        self.assertIn(f"{self.events[1]['landed']} writes landed", summary)
+        self.assertGreater(self.events[1]["landed"], 90)
+
+    def test_summary_names_the_first_failing_devices_and_counts_the_rest(self):
+        """A summary names the first few devices whose writes failed since the last
+        line, each once, and counts the failures of the others."""
+        self.outage.failed(store_failure(), "report", "dev-first")
+        for _ in range(3):
+            for i in range(30):
+                self.outage.failed(store_failure(), "report", f"dev-{i}")
+        self.outage.failed(store_failure(), "the reports of a turn")
+        self.clock.advance(10.0)
+        self.outage.failed(store_failure(), "report", "dev-0")
+        self.assertEqual(len(self.events), 2)
+        text = formatEvent(self.events[1])
+        named = ", ".join(f"dev-{i}" for i in range(NAMED_DEVICES))
+        self.assertIn(f"devices {named} and {3 * (30 - NAMED_DEVICES) + 1} other writes;",
+                      text)
+        self.assertNotIn("dev-first", text)     # the warning named it
+        self.assertEqual(self.events[1]["count"], 3 * 30 + 2)
+
+    def test_outage_begun_by_another_error_warns_on_its_first_store_error(self):
+        """An outage whose first failure is not the store's own (a bug, a removed
+        device) still gets its warning with the store's reason at its first
+        StoreError, once."""
+        self.outage.failed(unexpected_failure(ValueError("a bug")), "report", "dev-1")
+        self.outage.failed(store_failure("database is locked"), "report", "dev-2")
+        self.outage.failed(store_failure("database is locked"), "report", "dev-3")
+        warnings = [e for e in self.events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("report of dev-2 not durable): database is locked",
+                      formatEvent(warnings[0]))
+        self.assertEqual(len([e for e in self.events if e.get("log_failure")]), 1)
 
 
 class EndpointOutageLogTests(SynchronousTestCase):
@@ -169,9 +259,42 @@ class EndpointOutageLogTests(SynchronousTestCase):
             if all(node.idle() for node in nodes):
                 break
         self.assertTrue(all(node.idle() for node in nodes))
+        h.run(10.0, dt=0.5)     # no failure for an interval: the next write ends the outage
+        nodes[0].report({"after": True}, h.clock.seconds())
+        h.run(1.0, dt=0.05)
         self.assertEqual(len(recoveries(events)), 1, recoveries(events))
         self.assertEqual(dict(h.registry.device("dev-7").reported), {"step": 4})
         self.assertEqual(counters["store_failures"] - failures, failed)
+
+    def test_one_failing_device_among_many_logs_a_few_lines_naming_it(self):
+        """One device whose writes fail for 25 s while nine others report normally
+        logs a warning and a summary per 10 s naming it, then one recovery line,
+        not a warning and a recovery line for each of its failed writes."""
+        store = DeviceOutageStore()
+        h = Harness(self, store=store)
+        nodes = self.connected(h, 10)
+        events = capture_events(self)
+        counters = h.endpoint.counters
+        failures = counters["store_failures"]
+        store.failing = frozenset({h.registry.device("dev-3").device_number})
+        for step in range(25):
+            for node in nodes:           # each device reports in its own reactor turn
+                node.report({"step": step}, h.clock.seconds())
+                h.run(0.1, dt=0.05)
+        self.assertGreater(counters["store_failures"] - failures, 10)
+        store.failing = frozenset()
+        for step in range(25, 40):
+            for node in nodes:
+                node.report({"step": step}, h.clock.seconds())
+                h.run(0.1, dt=0.05)
+        lines = [formatEvent(e) for e in events
+                 if e.get("log_namespace", "").startswith("broker.udp.store_outage_log")]
+        self.assertLessEqual(len(lines), 5, lines)
+        self.assertEqual(len(recoveries(events)), 1, lines)
+        self.assertIn("dev-3", lines[0])
+        self.assertTrue(all("dev-3" in line for line in lines[1:-1]), lines)
+        h.run(2.0, dt=0.05)
+        self.assertTrue(all(node.idle() for node in nodes))
 
 
 class RedisOutageLogTests(TestCase):
@@ -182,7 +305,8 @@ class RedisOutageLogTests(TestCase):
     @defer.inlineCallbacks
     def test_redis_outage_logs_no_traceback_per_device(self):
         """Twenty real nodes reporting while Redis is stopped for 3 s give no traceback
-        and a bounded number of endpoint lines, then one recovery line once it answers."""
+        and a bounded number of endpoint lines, then one recovery line once writes
+        land an interval (here 2 s) after the last failure."""
         from broker.node.client import SSPNode
         from tests.helpers import loopback_config, start_broker
         from tests.scale.redis_support import start_server_process
@@ -205,7 +329,9 @@ class RedisOutageLogTests(TestCase):
             node.report({"i": 0})
         yield task.deferLater(reactor, 1.0, lambda: None)
         events = capture_events(self)
-        counters = broker.service.ssp_endpoint.counters
+        endpoint = broker.service.ssp_endpoint
+        endpoint.bridge.outage_log.interval = 2.0     # a short quiet time ends the outage
+        counters = endpoint.counters
         failures = counters["store_failures"]
         os.kill(process.pid, signal.SIGSTOP)
         for step in range(1, 7):
@@ -214,10 +340,11 @@ class RedisOutageLogTests(TestCase):
             yield task.deferLater(reactor, 0.5, lambda: None)
         os.kill(process.pid, signal.SIGCONT)
         self.assertGreater(counters["store_failures"] - failures, len(nodes))
-        for _ in range(100):
+        for step in range(100, 140):     # writes keep coming until one ends the outage
             if recoveries(events):
                 break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+            nodes[0].report({"i": step})
+            yield task.deferLater(reactor, 0.25, lambda: None)
         self.assertEqual(len(recoveries(events)), 1)
         lines = udp_lines(events)
         self.assertEqual([e for e in lines if e.get("log_failure") is not None], [])
