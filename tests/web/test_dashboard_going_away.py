@@ -1,5 +1,6 @@
-"""WebSockets closed with 1001 (going away) again and again: a broker restarting, or a
-proxy that closes every WebSocket so soon after the snapshot.
+"""WebSockets closed with 1001 (going away) again and again: a broker restarting (its
+own reason, or any time after going live), or a proxy that closes every WebSocket so
+right after the snapshot.
 
 Real headless Chromium against a real broker on loopback (SSP off), as in
 test_dashboard_modules; the 1001 closes are made by Playwright's WebSocket
@@ -97,3 +98,95 @@ class GoingAwayLoopTests(ModulesTestCase):
             self.assertLessEqual(max(delays(page)), 1.25)
         d = in_browser(scenario, self.url)
         return d.addCallback(lambda _: self.assertEqual(len(sockets), 6))
+
+
+
+def closed_after(sockets, page, times, delay_ms, reason):
+    """Close each of the page's first `times` WebSockets with 1001 and `reason`, delay_ms
+    after the page went live on it; return once the page reacted to the last close."""
+    for number in range(1, times + 1):
+        wait_until(page, lambda: len(sockets) == number, f"WebSocket {number}")
+        wait_for(page, "window.link.status.state === 'live'", "live on it")
+        page.wait_for_timeout(delay_ms)
+        before = len(statuses(page))
+        sockets[-1].close(code=1001, reason=reason)
+        wait_until(page, lambda: len(statuses(page)) > before, "the close")
+
+
+class RollingRestartTests(ModulesTestCase):
+    """1001 closes that are no proxy loop: the broker's own, or later than a proxy's."""
+
+    timeout = 90
+
+    def test_rolling_restart_stays_on_the_websocket(self):
+        """Four 1001 closes with the broker's reason, each 4 s after going live (a rolling
+        restart of four brokers, default timing), leave the page reconnecting to the
+        WebSocket, where the fourth used to put it on long polling for 5 minutes."""
+        sockets = []
+
+        def socket(ws):
+            sockets.append(ws)
+            ws.connect_to_server()
+
+        def scenario(page, url):
+            page.route_web_socket(re.compile(r"/ws$"), socket)
+            page.goto(url)
+            page.evaluate(LINK, [self.token, {}])
+            closed_after(sockets, page, 4, 4000, "broker shutting down")
+            self.assertEqual(page.evaluate("window.link.status.transport"), "websocket",
+                             page.evaluate("window.link.status"))
+            self.assertNotIn("polling", {transport for transport, _ in statuses(page)})
+            self.assertEqual(len(delays(page)), 4)
+        d = in_browser(scenario, self.url)
+        return d.addCallback(lambda _: self.assertEqual(len(sockets), 4))
+
+    def test_broker_reason_right_after_the_snapshot_does_not_count(self):
+        """1001 closes with the broker's reason right after every snapshot (a broker
+        stopping just as the page reached it) never count towards the fallback, where
+        the same closes with a proxy's reason put the page on long polling."""
+        sockets = []
+
+        def socket(ws):
+            sockets.append(ws)
+            server = ws.connect_to_server()
+
+            def from_broker(message):
+                ws.send(message)
+                if '"snapshot"' in message and re.search(r'"done":\s*true', message):
+                    ws.close(code=1001, reason="broker shutting down")
+            server.on_message(from_broker)
+
+        def scenario(page, url):
+            page.route_web_socket(re.compile(r"/ws$"), socket)
+            page.goto(url)
+            page.evaluate(LINK, [self.token, {}])
+            wait_until(page, lambda: statuses(page).count(("websocket", "live")) == 4,
+                       "four times live")
+            wait_until(page, lambda: statuses(page)[-1] != ("websocket", "live"),
+                       "the fourth close")
+            seen = statuses(page)
+            self.assertEqual(seen[-1], ("websocket", "retrying"), seen)
+            self.assertNotIn("polling", {transport for transport, _ in seen})
+        d = in_browser(scenario, self.url)
+        return d.addCallback(lambda _: self.assertEqual(len(sockets), 4))
+
+    def test_proxy_close_after_the_quick_window_does_not_count(self):
+        """1001 closes without the broker's reason that come later than goingAwayWithinMs
+        after going live (though within stableAfterMs) are no proxy loop: four in a row
+        leave the page on the WebSocket."""
+        sockets = []
+
+        def socket(ws):
+            sockets.append(ws)
+            ws.connect_to_server()
+
+        def scenario(page, url):
+            page.route_web_socket(re.compile(r"/ws$"), socket)
+            page.goto(url)
+            page.evaluate(LINK, [self.token, {"goingAwayWithinMs": 200}])
+            closed_after(sockets, page, 4, 600, "proxy going away")
+            self.assertEqual(page.evaluate("window.link.status.transport"), "websocket",
+                             page.evaluate("window.link.status"))
+            self.assertNotIn("polling", {transport for transport, _ in statuses(page)})
+        d = in_browser(scenario, self.url)
+        return d.addCallback(lambda _: self.assertEqual(len(sockets), 4))

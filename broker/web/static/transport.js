@@ -13,10 +13,15 @@ const TOKEN_SUBPROTOCOL_PREFIX = "bearer.";
 const CLOSE_TOKEN_REVOKED = 4001;
 /**
  * The broker closes with this code when it shuts down (or restarts): not the WebSocket's
- * fault, so it does not count as a failure, unless it keeps coming soon after every
+ * fault, so it does not count as a failure, unless it keeps coming right after every
  * snapshot (a proxy that cuts WebSockets so): see TIMING.goingAwayFallbackAfter.
  */
 const CLOSE_GOING_AWAY = 1001;
+/**
+ * The reason the broker gives with its own 1001 (docs/websocket.md, close codes): a real
+ * stop, so it never counts towards a fallback, however soon it comes.
+ */
+const BROKER_STOPPING = "broker shutting down";
 /** Why the page stops: a token refused after it was accepted can only have been revoked. */
 const REVOKED = "The access token was revoked.";
 
@@ -29,11 +34,17 @@ export const TIMING = Object.freeze({
   /** Consecutive WebSocket failures after which the page switches to long polling. */
   fallbackAfter: 2,
   /**
-   * Consecutive 1001 (going away) closes, each sooner than stableAfterMs after going live,
-   * after which the page switches to long polling: more quick restarts in a row than a
-   * broker makes, so a proxy that closes every WebSocket so.
+   * Consecutive 1001 (going away) closes, each within goingAwayWithinMs of going live and
+   * without the broker's own reason, after which the page switches to long polling: a
+   * proxy that closes every WebSocket right after the snapshot.
    */
   goingAwayFallbackAfter: 4,
+  /**
+   * A 1001 counts towards goingAwayFallbackAfter only this soon after going live: a proxy
+   * loop closes at once, a broker restart comes any time (a rolling restart of several
+   * brokers, a few seconds apart, must leave the page on the WebSocket).
+   */
+  goingAwayWithinMs: 2_000,
   /** While long polling, try the WebSocket again this often. */
   probeIntervalMs: 5 * 60_000,
   /** An application ping this often; no pong by the next one: the link is dead. */
@@ -325,7 +336,8 @@ export class Link extends EventTarget {
     this._feed = null;
     this._failures = 0;
     this._unreachable = 0;
-    this._goingAway = 0;        // 1001 closes in a row, each soon after going live
+    this._goingAway = 0;        // proxy-like 1001 closes in a row (see goingAwayWithinMs)
+    this._goneAway = 0;         // any 1001 closes since a connection lasted: the backoff
     this._liveSince = 0;
     this._timer = null;
     this._stopped = false;
@@ -380,24 +392,30 @@ export class Link extends EventTarget {
   async _webSocketClosed({code, reason, live}) {
     if (this._stopped) return;
     if (code === CLOSE_TOKEN_REVOKED) return this._unauthorized(REVOKED);
-    const lasted = live && Date.now() - this._liveSince >= this.timing.stableAfterMs;
-    if (lasted) this._goingAway = 0;
-    if (code === CLOSE_GOING_AWAY && live) {
+    const uptime = live ? Date.now() - this._liveSince : 0;
+    const lasted = live && uptime >= this.timing.stableAfterMs;
+    if (lasted) this._goingAway = this._goneAway = 0;
+    const stopping = code === CLOSE_GOING_AWAY && reason === BROKER_STOPPING;
+    if (stopping || (code === CLOSE_GOING_AWAY && live)) {
       // A restart: polling would meet the same broker. Keep to the WebSocket (while the
       // broker is down, the handshake fails and the session check says so, as below),
       // backing off more with each 1001 in a row: only a connection that lasted starts
-      // over. One 1001 after another, each soon after the snapshot, is no restart but a
-      // proxy closing WebSockets so: polling then, or the page would reconnect forever.
-      // Before any snapshot it is a failure like any other (below).
+      // over. A 1001 that comes right after the snapshot, again and again, without the
+      // broker's reason, is no restart but a proxy closing WebSockets so: polling then, or
+      // the page would reconnect forever. The broker's own 1001 never counts (a rolling
+      // restart of several brokers), nor does one that comes later than a proxy loop's.
+      // Any other 1001 before the snapshot is a failure like any other (below).
       const why = reason || "the broker went away";
-      this._goingAway += 1;
+      const quick = live && !stopping && uptime < this.timing.goingAwayWithinMs;
+      this._goingAway = quick ? this._goingAway + 1 : 0;
+      this._goneAway += 1;
       if (this._goingAway >= this.timing.goingAwayFallbackAfter && this.polling) {
         return this._usePolling(`WebSocket closed as going away ${this._goingAway} times in a`
-          + ` row, each within ${this.timing.stableAfterMs / 1000} s (${why})`);
+          + ` row, each within ${this.timing.goingAwayWithinMs / 1000} s of going live (${why})`);
       }
       // While the broker is down, the reconnects go on backing off from here.
-      this._unreachable = this._goingAway;
-      const delay = backoff(this._goingAway);
+      this._unreachable = this._goneAway;
+      const delay = backoff(this._goneAway);
       this._report("websocket", "retrying", `${why}; reconnecting in ${delay} s`);
       this._timer = setTimeout(() => this._useWebSocket(), delay * 1000);
       return;
@@ -449,6 +467,7 @@ export class Link extends EventTarget {
     this._feed.stop();
     this._failures = this.timing.fallbackAfter - 1;
     if (this._goingAway > 0) this._goingAway = this.timing.goingAwayFallbackAfter - 1;
+    this._goneAway = 0;
     this._useWebSocket();
   }
 }
