@@ -444,19 +444,34 @@ class Sender:
             PROTOCOL_VERSION, old_num, new_num, self.ack_num,
             self._sent[_NUM], diff, make_chaff(random_bytes)))
 
-    def probe(self, now: float, diff: bytes) -> Instruction | None:
-        """A path challenge: the state the peer acknowledged, under a new number,
-        sent with ``diff`` (a state's ACK_REQUEST_DIFF, so the peer acknowledges it
-        at once) and no chaff.  Small whatever our current state holds; the peer's
-        acknowledgement of the number proves it received a datagram we sent now.
-        None during a shutdown (its numbers are spoken for)."""
+    def probe(self, now: float, ask: bytes, went_out: int = 0) -> Instruction | None:
+        """A path challenge: a state the peer may hold, under a new number, with no
+        chaff, and ``ask`` (a state's ACK_REQUEST_DIFF) as the diff when it needs
+        none, so that the peer acknowledges it at once.  Its acknowledgement
+        proves the peer received a datagram we sent now.
+
+        The state is the first sent one numbered ``went_out`` or above (the
+        newest state the owner let go out; 0: none, the acknowledged one), as a
+        diff from the acknowledged one: never older than a state the peer may
+        hold, so a probe cannot take the peer back (its events would come
+        again), and small as long as what went out was.  None during a shutdown
+        (its numbers are spoken for)."""
         if self._shutdown is not None:
             return None
         sent = self._sent
+        front = sent[_STATE]
+        state = front
+        if went_out > sent[_NUM]:
+            for index in range(_STRIDE, len(sent), _STRIDE):
+                if sent[index + _NUM] >= went_out:
+                    state = sent[index + _STATE]
+                    break
+        diff = state.diff_from(front) if state is not front else b""
         num = self._next_num()
-        self._add_sent_state(now, num, sent[_STATE])
+        self._add_sent_state(now, num, state)
         return _new_instruction(Instruction, (
-            PROTOCOL_VERSION, sent[_NUM], num, self.ack_num, sent[_NUM], diff, b""))
+            PROTOCOL_VERSION, sent[_NUM], num, self.ack_num, sent[_NUM],
+            diff or ask, b""))
 
     def _add_sent_state(self, now: float, num: int, state=None) -> None:
         sent = self._sent + [now, num, self.current if state is None else state]

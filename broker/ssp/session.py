@@ -298,10 +298,11 @@ class SSPSession(Incoming, Parking, Outgoing):
         else:
             self._flags &= ~ASKS_ACKS
 
-    def probe(self, now: float) -> list:
-        """The datagram of a path challenge (Sender.probe) to the peer's address, as
-        a one-item list; [] when none can go (no address or state to ask with, a
-        shutdown, the sequence reservation used up)."""
+    def probe(self, now: float, went_out: int = 0) -> list:
+        """The datagrams of a path challenge (Sender.probe: ``went_out`` is the
+        number of the newest state the owner let go out) to the peer's address;
+        [] when none can go (no address or state to ask with, a shutdown, the
+        sequence reservation used up)."""
         link = self._link
         address = link.remote_address
         ask = getattr(self._sender.current, "ACK_REQUEST_DIFF", None)
@@ -311,7 +312,7 @@ class SSPSession(Incoming, Parking, Outgoing):
                 and link.next_seq >= self._seq_reserved):
             self._request_seqs()
             return []
-        inst = self._sender.probe(now, ask)
+        inst = self._sender.probe(now, ask, went_out)
         return [] if inst is None else self._send_instruction(inst, address, now)
 
     def start_shutdown(self, now: float) -> None:

@@ -285,12 +285,20 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         else:
             live = entry
         session = live.session
+        before = session.remote_address
         session.receive_datagram(data, addr, now)
         found = session.pop_events()
         if session.last_heard is now:
             # Authentic and in order: it counts against the device's rate.
             if live.probation is not None:
                 found = self._on_probation(live, found, addr, len(data), now)
+            elif addr != before and self._roams_unproven(live, before, addr):
+                # A roam (or a detached session attached again elsewhere), as mosh's
+                # rule has it; but the datagram may be one the device lost on a
+                # failing link, replayed: the new address is unproven until the
+                # device answers there (QUIC's path validation).
+                self._start_probation(live, session.newest_sent_num + 1, addr, len(data),
+                                      known=before or self._bridge.address(number))
             if parked:
                 self._table.install(live)
                 self.counters["sessions_unparked"] += 1
@@ -424,12 +432,25 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         known = self._bridge.address(number)
         return known is not None and not same_address(addr, known)
 
-    def _start_probation(self, live: LiveSession, fresh_from: int, addr, size: int) -> None:
+    def _roams_unproven(self, live: LiveSession, before, addr) -> bool:
+        """Whether a session in memory heard from ``addr``, not its address
+        ``before`` (None: detached), moves to an address not yet proven: not the
+        same host and port, nor (detached) the device's known address."""
+        if before is None:
+            known = self._bridge.address(live.number)
+            return known is not None and not same_address(addr, known)
+        return not same_address(addr, before)
+
+    def _start_probation(self, live: LiveSession, fresh_from: int, addr, size: int,
+                         known=None) -> None:
         """The session is on probation until the device proves itself by acknowledging
-        a state numbered from ``fresh_from``: above every number an earlier process
-        used in the session (probation.py)."""
-        known = self._bridge.address(live.number)
-        probation = live.probation = Probation(known, fresh_from)
+        a state numbered from ``fresh_from``: above every number sent in the session
+        before (probation.py).  ``known``: the session's address before it roamed
+        (else the registry's address of the device)."""
+        roamed = known is not None
+        if not roamed:
+            known = self._bridge.address(live.number)
+        probation = live.probation = Probation(known, fresh_from, roamed)
         probation.earned(addr, size)
         live.session.ask_acks(True)   # the device's proof comes within ACK_DELAY
         self.counters["sessions_on_probation"] += 1
@@ -445,6 +466,8 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         live.probation = None
         live.session.ask_acks(False)
         self.counters["sessions_verified"] += 1
+        if probation.roamed and not probation.is_known(addr):
+            self.counters["roams"] += 1
         self._table.moved(live, addr, now)
         return [event for event in found if type(event) is not ssp_events.PeerRoamed]
 
@@ -539,10 +562,11 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             if probation is not None:
                 # Unverified: what does not fit its allowance is lost (SSP resends)
                 # and a probe goes instead, small enough to fit (probation.py).
-                out, withheld = probation.allowed(out)
+                out, withheld = probation.allowed(out, session.newest_sent_num)
                 self.counters["datagrams_withheld"] += withheld
                 if withheld and probation.owed():
-                    probe, _ = probation.allowed(session.probe(now))
+                    probe = session.probe(now, probation.went_out)
+                    probe, _ = probation.allowed(probe, session.newest_sent_num)
                     out += probe
                     self.counters["probes_sent"] += len(probe)
             self._send(out)

@@ -77,7 +77,8 @@ class EndToEndTests(TestCase):
 
     @defer.inlineCallbacks
     def test_source_port_change_keeps_the_session(self):
-        """A node whose source port changes mid-session keeps its session and is followed."""
+        """A node whose source port changes mid-session keeps its session and is followed
+        (the registry's address once the node answered there: probation)."""
         device = yield self.registry.add_device("roamer")
         node = self.node(device)
         node.report({"n": 1})
@@ -91,10 +92,12 @@ class EndToEndTests(TestCase):
         yield wait_until(self, lambda: self.registry.device("roamer").reported.get("n") == 2)
         yield self.registry.update_desired("roamer", {"mode": "eco"})
         yield wait_until(self, lambda: node.desired == {"mode": "eco"}, what="desired after move")
+        yield wait_until(self, lambda: self.registry.device("roamer").address
+                         == ("127.0.0.1", new_port), what="address after move")
         live = self.endpoint.session_of(device.device_number)
         self.assertEqual(live.session_id, session_id)
         self.assertEqual(live.session.remote_address, ("127.0.0.1", new_port))
-        self.assertEqual(self.registry.device("roamer").address, ("127.0.0.1", new_port))
+        self.assertEqual(self.endpoint.counters["sessions_verified"], 1)
         self.assertEqual(node.session.sessions_started, 1)
 
     @defer.inlineCallbacks
