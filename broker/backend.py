@@ -27,6 +27,7 @@ def registry_settings(config: Config) -> RegistrySettings:
     """The registry's own settings from the [registry] section."""
     section = config.registry
     return RegistrySettings(history_size=section.history_size,
+                            history_bytes=section.history_bytes,
                             max_state_bytes=section.max_state_bytes,
                             feed_retention=section.feed_retention)
 

@@ -219,6 +219,8 @@ class RegistrySettings:
 
     backend: str = _setting("sqlite", choices=("sqlite", "memory", "redis"))
     history_size: int = _setting(32, minimum=0, maximum=10_000)
+    # broker/registry/history.py HISTORY_BYTES (a quarter of it: the largest entry)
+    history_bytes: int = _setting(131072, minimum=4096, maximum=1 << 26)
     max_state_bytes: int = _setting(8192, minimum=256, maximum=1 << 20)
     feed_retention: int = _setting(1_000_000, minimum=1000, maximum=1 << 40)
     redis_url: str = _setting("redis://127.0.0.1:6379/0")

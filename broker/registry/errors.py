@@ -92,3 +92,12 @@ class StoreError(RegistryError):
     """The storage failed or holds something we must not touch (damaged or foreign database)."""
 
     code = "store_error"
+
+
+class NotDurable(StoreError):
+    """A change the store failed to write that is not lost: applied in memory (visible
+    to every reader and subscriber) and kept by the store, or (Redis) kept to be sent
+    again, until it lands; a crash before then loses it. Sending it again would apply
+    it twice."""
+
+    code = "not_durable"

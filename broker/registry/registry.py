@@ -138,7 +138,8 @@ class DeviceRegistry(Observers, StateUpdates, Provisioning, AdminReload):
         dev.rkeys = self._shapes.intern(dev.rkeys)
         dev.dkeys = self._shapes.intern(dev.dkeys)
         size = self.settings.history_size
-        dev.history = dev.history[-size:] if size else EMPTY_HISTORY
+        dev.history = (dev.history.bounded(size, self.settings.history_bytes)
+                       if size else EMPTY_HISTORY)
 
     def _load_feed(self, devices, tombstones, horizon, sequence):
         """A new feed of the loaded devices and tombstones, in cursor order; sets the cursor."""

@@ -6,6 +6,8 @@ section; tests and tools construct it directly.
 
 from dataclasses import dataclass
 
+from .history import HISTORY_BYTES
+
 
 @dataclass(frozen=True, slots=True)
 class RegistrySettings:
@@ -13,6 +15,10 @@ class RegistrySettings:
 
     #: changes kept per device in its history; 0 turns history off.
     history_size: int = 16
+    #: bytes of history kept per device, each entry counted with what its
+    #: JSON adds (history.ENTRY_OVERHEAD): the oldest entries go first, an
+    #: entry over a quarter of it is kept shortened (``"truncated": true``).
+    history_bytes: int = HISTORY_BYTES
     #: encoded size limit of ``reported`` and of ``desired``, each.
     max_state_bytes: int = 8192
     #: longest key name (characters).
@@ -38,12 +44,15 @@ class RegistrySettings:
     max_batch: int = 50_000
 
     def __post_init__(self):
-        for name in ("history_size", "max_state_bytes", "max_key_length",
+        for name in ("history_size", "history_bytes", "max_state_bytes", "max_key_length",
                      "max_keys", "max_depth", "max_items", "max_events",
                      "feed_retention", "max_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"registry setting {name} must be an integer >= 0, got {value!r}")
+        if self.history_bytes < 4096:
+            raise ValueError(f"registry setting history_bytes must be at least 4096 "
+                             f"(a quarter of it holds one entry), got {self.history_bytes!r}")
         if self.max_key_length < 1 or self.max_state_bytes < 64 or self.max_batch < 1:
             raise ValueError("registry settings max_key_length >= 1, max_state_bytes >= 64, max_batch >= 1")
         if self.reload_interval < 0:

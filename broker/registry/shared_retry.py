@@ -24,7 +24,20 @@ re-read that failed (shared.py, ``_tokens_changed``).
 
 from collections import deque
 
+from twisted.python.failure import Failure
+
+from . import errors
 from .values import FrozenMap
+
+def _kept(failure, op):
+    """The failure of a write kept to be sent again: NotDurable, for its writer must
+    not send it again (it would land twice)."""
+    if not failure.check(errors.StoreError) or failure.check(errors.NotDurable):
+        return failure
+    return Failure(errors.NotDurable(
+        f"the change is kept and sent to Redis again until it lands ({failure.value.message}): "
+        "do not send it again", token=getattr(op, "token", None)))
+
 
 #: seconds before writes of a failed call are sent again when the device
 #: writes nothing meanwhile (one timer for the registry, not one per device).
@@ -165,12 +178,13 @@ class SharedRetries:
             queue.extend(kept)
             queue.extend(coalesce([op for op in behind if _retained(op)],
                                   self.settings.max_events))
+        sent_again = {id(op) for op in kept}
         for op in failing:
             if op.kind == "claim":
                 self._held.discard(number)    # not claimed: the next refresh tries again
             d, op.d = op.d, None
             if d is not None:
-                d.errback(failure)
+                d.errback(_kept(failure, op) if id(op) in sent_again else failure)
         if kept:
             self.counters["retried_failed"] += 1
             self._busy.pop(number, None)

@@ -2,8 +2,9 @@
 
 Each write changes memory at once (version and cursor assigned in call
 order), tells observers, and returns the store's Deferred that fires once
-the change is durable. The common report (known keys, numbers replacing
-numbers) is checked and merged in one pass. The UDP endpoint writes the
+the change is durable, or fails with NotDurable (applied, not stored yet).
+The common report (known keys, numbers replacing numbers) is checked and
+merged in one pass. The UDP endpoint writes the
 reports of a reactor turn, and their session records, in two batches.
 """
 
@@ -14,6 +15,19 @@ from .model import EMPTY, DeviceView, UpdateResult, merge_map, replace_numbers
 from .provisioning import SessionConflict, record_refusal
 from .store import gathered
 from .values import FrozenMap, map_size, value_size
+
+
+NotDurable = errors.NotDurable   # (broker.web imports it from here)
+
+
+def _not_durable(failure, token):
+    """The StoreError of a write whose change memory already holds, as NotDurable."""
+    failure.trap(errors.StoreError)
+    if failure.check(NotDurable):
+        return failure
+    raise NotDurable(f"the change is applied but not stored yet ({failure.value.message}); "
+                     "it is stored once the store recovers: do not send it again",
+                     token=token)
 
 
 class StateUpdates:
@@ -37,7 +51,8 @@ class StateUpdates:
         """Append a history entry to ``dev`` (kept to ``history_size``)."""
         size = self.settings.history_size
         if size:
-            dev.history = dev.history.appended(dev.version, cursor, now, kind, data, size)
+            dev.history = dev.history.appended(dev.version, cursor, now, kind, data, size,
+                                               self.settings.history_bytes)
 
     def _merge_reported(self, dev, patch, now):
         """Merge a validated patch into ``dev.reported``; StateTooLarge leaves it as it was."""
@@ -89,14 +104,19 @@ class StateUpdates:
         self._feed.append(dev, replaced)
         size = self.settings.history_size      # (_remember, inline: once per change)
         if size:
-            dev.history = dev.history.appended(dev.version, cursor, now, kind, data, size)
+            dev.history = dev.history.appended(dev.version, cursor, now, kind, data, size,
+                                               self.settings.history_bytes)
 
     def _persist(self, dev, result):
         return self._store.write(("state", dev.version, dev.cursor, dev.state(), dev.number), result)
 
     def _changed(self, dev, token, events=EMPTY):
-        """Queue the durable write of a changed device, then tell its observers."""
-        d = self._store.write_state(dev, token)
+        """Queue the durable write of a changed device, then tell its observers.
+
+        The change is in memory from here on, whatever the store does: its
+        failure is NotDurable (the store keeps the change to write it again).
+        """
+        d = self._store.write_state(dev, token).addErrback(_not_durable, token)
         if self._subs.watching:
             self._subs.notify(dev.name, lambda: DeviceView.of(dev, events))
         return d

@@ -162,6 +162,23 @@ class RedisFailureTests(TestCase):
         self.assertEqual(dict(registry.device("dev-b").reported), {"a": 1, "b": 2})
 
     @defer.inlineCallbacks
+    def test_a_kept_report_fails_as_not_durable_and_lands_once(self):
+        """A report whose call failed and that is kept to be sent again fails as
+        NotDurable, not as a plain store error (its writer must not send it again: an
+        HTTP client gets 503 not_durable), and its events land once, by the retry."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port)
+        number = (yield registry.add_device("dev-k")).device_number
+        proxy.cut_request(b"kept-event")
+        failure = yield self.assertFailure(
+            registry.update_reported("dev-k", {"a": 1}, events=["kept-event"], token=7),
+            errors.NotDurable)
+        self.assertEqual((failure.code, failure.token), ("not_durable", 7))
+        yield wait_until(self, lambda: self.stored(number)[1] == ["kept-event"], timeout=10,
+                         what="the kept report written again")
+        self.assertEqual(self.stored(number), ({"a": 1}, ["kept-event"]))
+
+    @defer.inlineCallbacks
     def test_writes_behind_a_report_failing_again_fail_too_and_are_kept(self):
         """When a kept report fails again, the device's write waiting behind it fails
         at once too (no waiting for Redis to be back), and both are written later,

@@ -11,7 +11,8 @@ from tests.web.api_support import MemoryAPI, bearer
 class ChangesPageBytesTests(SynchronousTestCase):
 
     def make(self, **registry):
-        # etc/broker.toml's registry limits: a device with a full history is ~250 kB.
+        # etc/broker.toml's registry limits: a device with a full history is ~130 kB
+        # (history_bytes).
         self.m = MemoryAPI(self, ApiSettings(max_requests_per_second=0), history_size=32,
                            max_state_bytes=8192, **registry)
         self.auth = bearer(self.m.token("read"))
@@ -51,7 +52,7 @@ class ChangesPageBytesTests(SynchronousTestCase):
         """A client that follows cursor and more through capped pages gets each device
         once, in cursor order, as from one big page, and ends at the feed's cursor."""
         self.make()
-        names = self.big_devices(12)
+        names = self.big_devices(24)
         cursor, seen, pages = 0, [], 0
         while True:
             _, body = self.poll(cursor, "&history=true")

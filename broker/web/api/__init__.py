@@ -17,6 +17,7 @@ from broker.web.commands import CommandSender
 from broker.web.origins import OriginPolicy
 
 from .bodylimit import limit_bodies
+from .idempotency import IdempotencyKeys
 from .presence import HTTPPresence
 from .ratelimit import RateLimiter
 from .resource import ApiResource
@@ -41,6 +42,8 @@ class Api:
         self.origins = OriginPolicy.from_settings(settings.allowed_origins, settings.public_url)
         self.limiter = RateLimiter(settings.max_requests_per_second, clock)
         self.presence = HTTPPresence(registry, clock, settings.offline_after)
+        #: recent Idempotency-Keys of writes: a retry is answered, not applied again.
+        self.idempotency = IdempotencyKeys(clock)
         self.resource = ApiResource(self)
         #: the Site's request class, if it is ours (its body limit follows reloads).
         self.request_factory = request_factory

@@ -6,8 +6,10 @@ from broker.web.origins import Refused
 
 from .errors import forbidden
 
-ALLOW_HEADERS = b"authorization, content-type, if-match, if-none-match, last-event-id"
-EXPOSE_HEADERS = b"etag, retry-after, x-poll-interval, www-authenticate"
+ALLOW_HEADERS = (b"authorization, content-type, if-match, if-none-match, last-event-id, "
+                 b"idempotency-key")
+EXPOSE_HEADERS = (b"etag, retry-after, x-poll-interval, www-authenticate, "
+                  b"idempotent-replayed")
 PREFLIGHT_MAX_AGE = b"600"
 
 

@@ -17,6 +17,7 @@ from broker.web.responses import json_bytes
 from .conditions import if_match, if_none_match, matches, not_modified, refuse_if_none_match
 from .errors import ApiError, bad_request, from_registry, not_found
 from .feed import changes_body, device_answer, name_matcher, select
+from .idempotency import fingerprint, idempotency_key
 from .inputs import JSON_ONLY, bool_arg, int_arg, parse_int, read_json, text_arg, wait_arg
 from .ratelimit import retry_after
 from .stream import EventStream
@@ -81,6 +82,21 @@ def _written(d, api, name):
     return d.addCallbacks(done, failed)
 
 
+def _write_once(api, request, principal, name, key, write):
+    """The answer of ``write()`` (a registry write of device ``name``), carried out once
+    per Idempotency-Key ``key`` (idempotency.py); without one, as it comes."""
+    if key is None:
+        return _written(write(), api, name)
+    view = api.registry.device(name)
+    if view is None:
+        raise not_found("unknown_device", f"unknown device {name!r}")
+    # A no-op report is the registry's barrier: it answers once the device is stored.
+    return api.idempotency.once((view.device_number, principal.key, key), fingerprint(request),
+                                lambda: _written(write(), api, name),
+                                lambda: _written(api.registry.update_reported(name, {}), api,
+                                                 name))
+
+
 # -- devices ----------------------------------------------------------------------
 
 def list_devices(api, request, principal, name):
@@ -135,13 +151,27 @@ def update_desired(api, request, principal, name):
     view = api.registry.device(name)
     if view is None:
         raise not_found("unknown_device", f"unknown device {name!r}")
-    expected = if_match(request, view, name)
     unless = if_none_match(request)
-    if unless is not None:
-        refuse_if_none_match(unless, view, name)
-        if expected is None:
-            expected = view.version     # the write happens on the state that was checked
-    return _written(api.registry.update_desired(name, patch, expected_version=expected), api, name)
+    refusal = None
+    try:
+        expected = if_match(request, view, name)
+        if unless is not None:
+            refuse_if_none_match(unless, view, name)
+            if expected is None:
+                expected = view.version     # the write happens on the state that was checked
+    except ApiError as error:
+        if error.status != 412:
+            raise
+        # The write's own answer: a retry with the first try's Idempotency-Key is
+        # answered as that try was, though the version has moved since (because of it).
+        refusal = error
+
+    def write():
+        if refusal is not None:
+            raise refusal
+        return api.registry.update_desired(name, patch, expected_version=expected)
+
+    return _write_once(api, request, principal, name, idempotency_key(request), write)
 
 
 def post_reported(api, request, principal, name):
@@ -149,8 +179,10 @@ def post_reported(api, request, principal, name):
     patch = read_json(request, api.settings.max_request_bytes)
     if not isinstance(patch, dict):
         raise bad_request("invalid_patch", "the body must be a JSON object (a merge patch)")
+    key = idempotency_key(request)
     _heard(api, request, principal, name)
-    return _written(api.registry.update_reported(name, patch), api, name)
+    return _write_once(api, request, principal, name, key,
+                       lambda: api.registry.update_reported(name, patch))
 
 
 def post_events(api, request, principal, name):
@@ -159,8 +191,14 @@ def post_events(api, request, principal, name):
     events = body.get("events") if isinstance(body, dict) else None
     if not isinstance(events, list) or not events or set(body) != {"events"}:
         raise bad_request("invalid_events", 'the body must be {"events": [one or more values]}')
+    most = api.registry.settings.max_events
+    if len(events) > most:
+        raise bad_request("invalid_events", f"at most {most} events per request, not "
+                          f'{len(events)}: the body must be {{"events": [1 to {most} values]}}')
+    key = idempotency_key(request)
     _heard(api, request, principal, name)
-    return _written(api.registry.update_reported(name, {}, events=events), api, name)
+    return _write_once(api, request, principal, name, key,
+                       lambda: api.registry.update_reported(name, {}, events=events))
 
 
 def post_command(api, request, principal, name):

@@ -8,6 +8,7 @@ in one table, so that every endpoint answers the same failure the same way.
 from __future__ import annotations
 
 from broker.registry import errors as registry_errors
+from broker.registry.updates import NotDurable
 
 
 class ApiError(Exception):
@@ -42,9 +43,25 @@ def from_registry(error: registry_errors.RegistryError) -> ApiError:
         return ApiError(status, error.code, error.message,
                         headers={b"etag": etag(error.current_version)},
                         current_version=error.current_version)
+    if isinstance(error, NotDurable):
+        return not_durable()
     if status == 503:
+        # store_error: nothing of the request was applied; sending it again is safe.
         return ApiError(status, error.code, error.message, headers={b"retry-after": b"1"})
     return ApiError(status, error.code, error.message)
+
+
+def not_durable() -> ApiError:
+    """503 for a write applied in memory whose store write failed (NotDurable).
+
+    No Retry-After: sending the request again would apply it twice; the
+    same request with its Idempotency-Key is safe, and answers 200 once
+    the change is stored (idempotency.py).
+    """
+    return ApiError(503, "not_durable",
+                    "the change is applied and visible, but the store failed: it is stored "
+                    "once the store recovers (lost if the broker stops before). Do not send "
+                    "it again, unless with the same Idempotency-Key", applied=True)
 
 
 def etag(version: int) -> bytes:

@@ -64,8 +64,8 @@ def device_body(view, history: bool = True) -> dict:
 
 
 #: bytes of device JSON one /changes answer holds at most (it always holds one
-#: device): a short poll of a fleet with full histories (up to 250 kB a device
-#: with 32 entries of 8 kB) would otherwise build 1000 of them per answer. The
+#: device): a short poll of a fleet with full histories (about 170 KiB a device
+#: at most, docs/http-api.md) would otherwise build 1000 of them per answer. The
 #: answer ends early, with ``more: true`` and the cursor of its last device.
 MAX_PAGE_BYTES = 1 << 20
 

@@ -10,9 +10,10 @@ costs one cursor, never a queue, and a reader that reconnects with
 
 Events are written one at a time and the stream stops as soon as the
 transport pushes back, its cursor at the last event written: a device's
-JSON can be a quarter of a megabyte (a full history), so writing a whole
-page before looking would leave megabytes in the buffer of a reader that
-stopped reading.
+JSON can be about 170 KiB (a full history: ``[registry] history_bytes``
+and the state limits, docs/http-api.md), so writing a whole page before
+looking would leave megabytes in the buffer of a reader that stopped
+reading.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.registry.errors import RegistryError, VersionConflict
+from broker.registry.updates import NotDurable
 from broker.web.commands import CommandRefused
 from broker.web.origins import Refused
 
@@ -343,6 +344,8 @@ class DashboardProtocol(WebSocketServerProtocol):
             details = {}
             if isinstance(problem, VersionConflict):
                 details["current_version"] = problem.current_version
+            elif isinstance(problem, NotDurable):
+                details["applied"] = True   # in memory and sent to subscribers: not again
             self.factory.counters["error_" + problem.code] += 1
             self.reply(error_message(problem.code, problem.message, request.request_id,
                                      "set_desired", **details))
