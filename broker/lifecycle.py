@@ -1,10 +1,14 @@
-"""Signals: SIGTERM stops gracefully (exit status 0), SIGHUP reloads the configuration
-(except once a stop has begun).
+"""Signals: SIGTERM and SIGINT stop gracefully (exit status 0, or 1 when the
+store lost changes: service.py), SIGHUP reloads the configuration (except once
+a stop has begun).
 
-Twisted's own SIGTERM handler records the signal and twistd then kills
-itself with it, so a clean stop would look like a crash to anything that
-reads the exit status. Ours asks the reactor to stop and lets twistd exit 0
-once BrokerService.stopService has drained clients and committed the store.
+Twisted's own SIGTERM and SIGINT handlers record the signal and twistd then
+kills itself with it, so a clean stop would look like a crash to anything
+that reads the exit status, and a stop that lost changes could not say so
+(the exit status it set is never reached). Ours asks the reactor to stop and
+lets twistd exit once BrokerService.stopService has drained clients and
+closed the store. A SIGINT that is ignored (a worker: the supervisor stops
+it, broker/worker.py) stays ignored.
 
 Handlers run the real work on the reactor thread (`callFromThread`), never
 inside the signal handler, and are installed only once the reactor runs
@@ -80,7 +84,8 @@ def within(d: defer.Deferred, seconds: float, clock, what: str) -> defer.Deferre
 
 
 class SignalHandlers(Service):
-    """SIGTERM: graceful stop, exit 0. SIGHUP: broker.reload(). Only twistd adds this service."""
+    """SIGTERM, SIGINT: graceful stop, exit 0 (1: changes lost). SIGHUP: broker.reload().
+    Only twistd (and a worker) adds this service."""
 
     name = "signals"
 
@@ -97,8 +102,11 @@ class SignalHandlers(Service):
     def _install(self) -> None:
         if not self.running:
             return
-        for number, handler in ((signal.SIGTERM, self._on_term), (signal.SIGHUP, self._on_hup)):
+        for number, handler in ((signal.SIGTERM, self._on_term), (signal.SIGINT, self._on_term),
+                                (signal.SIGHUP, self._on_hup)):
             self._previous[number] = self.signals.signal(number, handler)
+        if self._previous[signal.SIGINT] is signal.SIG_IGN:
+            self.signals.signal(signal.SIGINT, signal.SIG_IGN)   # ignored on purpose: kept
 
     def stopService(self):
         super().stopService()
@@ -107,7 +115,7 @@ class SignalHandlers(Service):
             self.signals.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def _on_term(self, number, frame) -> None:
-        self.broker.reactor.callFromThread(self._terminate)
+        self.broker.reactor.callFromThread(self._terminate, signal.Signals(number).name)
 
     def _on_hup(self, number, frame) -> None:
         self.broker.reactor.callFromThread(self._reload)
@@ -119,10 +127,10 @@ class SignalHandlers(Service):
             return
         self.broker.reload()
 
-    def _terminate(self) -> None:
+    def _terminate(self, name="SIGTERM") -> None:
         if self._terminating:
-            log.info("SIGTERM: already stopping")
+            log.info("{signal}: already stopping", signal=name)
             return
         self._terminating = True
-        log.info("SIGTERM: stopping gracefully")
+        log.info("{signal}: stopping gracefully", signal=name)
         self.broker.reactor.stop()

@@ -59,7 +59,7 @@ from broker.listeners import (FRONT_DOORS, add_listener, config_error_on_bind_fa
 from broker.logs import LogControl
 from broker.metrics import Metrics
 from broker.registry.sqlite_backup import LOCK_NAME
-from broker.registry.sqlite_retry import CloseReport
+from broker.registry.close_report import CloseReport
 from broker.systemd import INHERITED, Activation, Notifier
 from broker.web.dashboard.resource import RootResource
 from broker.web.health import HealthResource, ReadinessResource
@@ -512,8 +512,8 @@ class BrokerService(MultiService):
         self._say_stopped(report, round(clock.seconds() - started, 3))
 
     def _stop_registry(self) -> defer.Deferred:
-        """Stop the registry service: the store's CloseReport, None (a store that
-        reports nothing), or False (stopping failed, logged)."""
+        """Stop the registry service: its CloseReport (SQLite, Redis), None (a store
+        that reports nothing: memory), or False (stopping failed, logged)."""
         if not self.registry_service.running:
             return defer.succeed(None)
 
@@ -523,24 +523,34 @@ class BrokerService(MultiService):
         return defer.maybeDeferred(self.registry_service.stopService).addErrback(failed)
 
     def _say_stopped(self, report, seconds) -> None:
-        """The stop's last line: it claims a committed store only if that is so."""
+        """The stop's last line: it claims a committed store only if the store said so."""
         if report is False:
             log.error("stopped after {seconds} s; the store may not hold every change "
                       "(stopping the registry failed, see above)", seconds=seconds)
-        elif not isinstance(report, CloseReport) or report.clean:
+        elif not isinstance(report, CloseReport):
+            # Nothing known (the memory store keeps nothing anyway): never "committed".
+            log.info("stopped after {seconds} s; store closed (it reports nothing of "
+                     "what it holds)", seconds=seconds)
+        elif report.unstored:
+            names = report.unstored
+            unclean = "; the next start is unclean" if report.restart_mark else ""
+            log.error("stopped after {seconds} s, but the changes of {count} device(s) could "
+                      "not be stored ({error}) and are lost: {devices}{unclean}",
+                      seconds=seconds, count=len(names), error=report.error or "see above",
+                      devices=name_devices(names), unclean=unclean, exit_status=UNSTORED)
+            if self.exit_on_loss:
+                exit_with_status_at_exit(UNSTORED)
+        elif report.clean:
             log.info("stopped: store committed and closed after {seconds} s", seconds=seconds)
-        elif not report.unstored:
+        elif report.restart_mark:
             log.warn("stopped: store committed and closed after {seconds} s; the next start "
                      "is unclean (a commit failed during this run: {error})",
                      seconds=seconds, error=report.error or "see above")
         else:
-            names = report.unstored
-            log.error("stopped after {seconds} s, but the changes of {count} device(s) could "
-                      "not be stored ({error}) and are lost: {devices}; the next start is "
-                      "unclean", seconds=seconds, count=len(names), error=report.error,
-                      devices=name_devices(names), exit_status=UNSTORED)
-            if self.exit_on_loss:
-                exit_with_status_at_exit(UNSTORED)
+            # (Redis did not answer the last call, but no change was waiting for it.)
+            log.warn("stopped after {seconds} s; the store holds every change it "
+                     "acknowledged and none was left to store, but its last call failed "
+                     "({error})", seconds=seconds, error=report.error or "see above")
 
     @staticmethod
     def _stop_children(children) -> defer.Deferred:

@@ -47,6 +47,7 @@ import cbor2
 from twisted.internet import defer
 
 from . import errors
+from .close_report import CloseReport
 from .model import ChangeBatch
 from .redis_layout import decode_record
 from .registry import DeviceRegistry
@@ -60,6 +61,9 @@ from .shared_writes import SharedWrites
 from .values import thaw
 
 __all__ = ["OrderedFeed", "SharedRegistry", "open_shared_registry"]
+
+#: the kinds of write whose loss the stop reports (shared_writes._Op).
+_CHANGES = frozenset({"reported", "desired", "session"})
 
 #: seconds between records, in the data directory, of how far this process
 #: followed the data set while it runs (besides its start and clean stop).
@@ -117,6 +121,7 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._progress_interval = progress_interval
         self._progress_due = None  # clock time of the next record of the cursor
         self._progress_busy = False
+        self._last_error = None    # of the last failed call (the stop's report)
         super().__init__(store, clock=clock, settings=settings, random_bytes=random_bytes)
         self._store.on_incarnation_lost(self._incarnation_lost)
         self._held_key = self._store.held_key(self.origin)
@@ -155,8 +160,10 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
 
     @defer.inlineCallbacks
     def stop(self):
-        """Send queued writes, wait until Redis has them, then close (the
-        lease is left to expire: the survivors then mark offline what is held)."""
+        """Send queued writes (kept ones get their last try), wait until Redis
+        has them, then close; fires with a CloseReport naming the devices whose
+        changes Redis never took (the broker's last line, service.py). The
+        lease is left to expire: the survivors then mark offline what is held."""
         if self.presence is not None:
             self.presence.stop()
         if self._retry_call:
@@ -164,15 +171,43 @@ class SharedRegistry(ChangeStream, SharedPresence, SharedWrites, SharedProvision
         self._retry()           # failed writes get one more try
         self._retry_call = False
         self._flush()
+        barrier_error = None
         try:
             yield self._store.barrier()
-        except errors.StoreError:
-            pass
+        except errors.StoreError as e:
+            barrier_error = str(e)
         # Acknowledged by Redis, so durable, even if not applied here any more.
         waiters, self._waiters = self._waiters, deque()
         for _, d, result in waiters:
             d.callback(result)
         yield self._store.close()
+        unstored = self._unstored()
+        # (the failed last try of those devices, else why Redis did not answer)
+        error = (unstored and self._last_error) or barrier_error
+        return CloseReport(barrier_error is None and not unstored, unstored, error,
+                           restart_mark=False)
+
+    def _unstored(self):
+        """Names (sorted) of the devices with changes Redis never took: writes kept
+        after a failed call whose last try failed too, writes never sent, calls
+        never answered. Connection writes do not count: once the lease expires,
+        the survivors (or the next process to start) mark the device offline."""
+        names = []
+        for number in set(self._queues) | set(self._attempts):
+            dev = self._by_number.get(number)
+            if dev is None:
+                continue                    # (removed: nothing to store)
+            ops = list(self._queues.get(number, ()))
+            attempt = self._attempts.get(number)
+            if attempt is not None and self._busy.get(number) == "reply":
+                ops += attempt.ops          # (sent, never answered)
+            if any(op.kind in _CHANGES for op in ops):
+                names.append(dev.name)
+        return sorted(names)
+
+    def _failed(self, failure, number, ops, base):
+        self._last_error = failure.getErrorMessage()    # for the stop's report
+        super()._failed(failure, number, ops, base)
 
     def reload(self):
         """Re-read the tokens (devices are kept current by the change stream).

@@ -13,11 +13,16 @@ session record queued meanwhile takes its device's state into its commit:
 the record must never be durable before the state it acknowledges.
 
 A device whose last try fails too is given up: its change stays unstored.
-The store's close says so (CloseReport), and the broker's last line names
-those devices instead of claiming a committed store.
+The store's close says so (CloseReport, close_report.py), and the broker's
+last line names those devices instead of claiming a committed store.
 """
 
 from collections import Counter
+
+from .close_report import CloseReport
+
+#: CloseReport stays importable from here (sqlite_store.py).
+__all__ = ["CloseReport", "Group", "UnsavedDevices", "RETRY_DELAY", "RETRY_DELAY_MAX"]
 
 #: seconds before the devices of a failed commit are written again, when no
 #: other commit has written them meanwhile.
@@ -25,23 +30,6 @@ RETRY_DELAY = 1.0
 #: the delay doubles with each failed commit, up to this; a commit that
 #: succeeds brings it back to RETRY_DELAY.
 RETRY_DELAY_MAX = 30.0
-
-
-class CloseReport:
-    """What a closing store could not store, for the broker's last log line."""
-
-    __slots__ = ("clean", "unstored", "error")
-
-    def __init__(self, clean, unstored=(), error=None):
-        #: the clean-stop mark was written: the next start is clean (restart.py).
-        self.clean = clean
-        #: names (sorted) of the devices whose last change the last try could not store.
-        self.unstored = list(unstored)
-        #: the last storage error of this run ("storage failed: ..."), or None.
-        self.error = error
-
-    def __repr__(self):
-        return f"CloseReport({self.clean!r}, {self.unstored!r}, {self.error!r})"
 
 
 class Group:

@@ -127,7 +127,7 @@ class SignalHandlersTests(SynchronousTestCase):
         service.startService()
         self.assertEqual(signals.handlers, {})
         broker.reactor.run()
-        self.assertEqual(set(signals.handlers), {signal.SIGTERM, signal.SIGHUP})
+        self.assertEqual(set(signals.handlers), {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
     def test_term_stops_reactor_hup_reloads(self):
         """SIGTERM stops the reactor once (no exit signal recorded); SIGHUP calls reload."""

@@ -1,18 +1,34 @@
 """Tests for the broker's last line on stop (broker.service): it claims a committed
-store only when the store holds every change, and names the devices it lost."""
+store only when the store holds every change, and names the devices it lost; and
+for the exit status of such a stop, after SIGTERM or SIGINT (broker.lifecycle).
+With Redis: tests/scale/test_redis_stop_report.py."""
 
 import os
+import signal
 import sqlite3
 
 from twisted.application.service import Application
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker import service as service_module
+from broker.lifecycle import SignalHandlers
 from broker.registry import errors
+from broker.registry.admin import AdminDatabase
 from broker.registry.database import DB_NAME
 from tests.helpers import loopback_config, start_broker
+from tests.ops.test_lifecycle import FakeBroker, FakeSignals
+from tests.ops.test_process import WAIT, absolute_temp, http_url, request, start, write_config
+
+
+def break_storage(data_dir, testcase):
+    """Make every write of a device's row fail, as a full disk would."""
+    conn = sqlite3.connect(os.path.join(data_dir, DB_NAME), isolation_level=None)
+    testcase.addCleanup(conn.close)
+    conn.execute("CREATE TRIGGER full_disk BEFORE UPDATE ON devices"
+                 " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    return conn
 
 
 class StopReportTests(TestCase):
@@ -33,12 +49,7 @@ class StopReportTests(TestCase):
         self.patch(service_module, "exit_with_status_at_exit", self.exits.append)
 
     def break_storage(self):
-        """Make every write of a device's row fail, as a full disk would."""
-        conn = sqlite3.connect(os.path.join(self.service.data_dir, DB_NAME), isolation_level=None)
-        self.addCleanup(conn.close)
-        conn.execute("CREATE TRIGGER full_disk BEFORE UPDATE ON devices"
-                     " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
-        return conn
+        return break_storage(self.service.data_dir, self)
 
     def last_line(self):
         """(level, text) of the stop's last line."""
@@ -99,6 +110,94 @@ class StopReportTests(TestCase):
         self.assertIn("stopped: store committed and closed after", text)
         self.assertIn("the next start is unclean", text)
         self.assertEqual(self.exits, [])
+
+
+class UnknownReportTests(TestCase):
+    """A store that reports nothing of what it holds is never said to be committed."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_memory_store_is_not_called_committed(self):
+        """The memory store's close fires with None (nothing known): the last line
+        says the store closed and that it reports nothing, never "committed"."""
+        config = loopback_config(self, ssp={"enabled": False}, registry={"backend": "memory"})
+        service = (yield start_broker(self, config)).service
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        yield service.registry.add_device("pump-1")
+        yield service.stopService()
+        lines = [(event["log_level"], formatEvent(event)) for event in events
+                 if event.get("log_namespace") == "broker.service"]
+        level, text = lines[-1]
+        self.assertEqual(level, LogLevel.info)
+        self.assertTrue(text.startswith("stopped after"), text)
+        self.assertIn("store closed (it reports nothing of what it holds)", text)
+        self.assertNotIn("committed", text)
+
+
+class SigintTests(SynchronousTestCase):
+    """SIGINT stops the broker as SIGTERM does, so the exit status is the stop's."""
+
+    def installed(self, sigint=None):
+        broker, signals = FakeBroker(), FakeSignals()
+        if sigint is not None:
+            signals.handlers[signal.SIGINT] = sigint
+        SignalHandlers(broker, signals).startService()
+        broker.reactor.run()
+        return broker, signals
+
+    def test_sigint_stops_gracefully_without_an_exit_signal(self):
+        """SIGINT (twice) stops the reactor once, through our handler: no exit signal is
+        recorded, which twistd would re-raise, killing the process before the exit
+        status the stop set."""
+        broker, signals = self.installed()
+        stops = []
+        broker.reactor.stop = lambda: stops.append("stop")
+        signals.handlers[signal.SIGINT](signal.SIGINT, None)
+        signals.handlers[signal.SIGINT](signal.SIGINT, None)
+        self.assertEqual(stops, [], "stopped inside the signal handler")
+        broker.reactor.run_thread_calls()
+        self.assertEqual(stops, ["stop"])
+        self.assertIsNone(getattr(broker.reactor, "_exitSignal", None))
+
+    def test_an_ignored_sigint_stays_ignored(self):
+        """A process that ignores SIGINT (a worker: its supervisor stops it) keeps
+        ignoring it once the handlers are installed."""
+        _, signals = self.installed(sigint=signal.SIG_IGN)
+        self.assertIs(signals.handlers[signal.SIGINT], signal.SIG_IGN)
+        self.assertNotEqual(signals.handlers[signal.SIGTERM], signal.SIG_IGN)
+
+
+class LostChangesExitStatusTests(TestCase):
+    """A real `twistd broker` (SQLite) whose storage fails, stopped with a signal."""
+
+    timeout = 150
+
+    @defer.inlineCallbacks
+    def test_sigint_after_lost_changes_exits_with_status_1(self):
+        """SIGINT to a broker whose last try could not store a device's change ends
+        with the error line naming the device and exit status 1, not a death by
+        SIGINT that hides it."""
+        workdir = absolute_temp(self)
+        data_dir = os.path.join(workdir, "data")
+        admin = AdminDatabase(data_dir, create=True)
+        admin.add_device("pump-1")
+        _, token = admin.add_token("write")
+        admin.close()
+        broker = start(self, write_config(workdir, data_dir, ssp={"enabled": False}))
+        url = http_url((yield broker.wait_for("broker ready")))
+        break_storage(data_dir, self)
+        code, _ = yield request("PATCH", url + "/api/v1/devices/pump-1/desired", token,
+                                body={"fan": "on"})
+        self.assertEqual(code, 503)
+        broker.signal("INT")
+        ended = yield broker.ended.addTimeout(WAIT, reactor)
+        self.assertEqual(ended, (service_module.UNSTORED, None))
+        record = yield broker.wait_for("stopped after")
+        self.assertIn("could not be stored", record["message"])
+        self.assertIn("lost: pump-1;", record["message"])
 
 
 class UnderTwistdTests(TestCase):
