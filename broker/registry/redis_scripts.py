@@ -98,7 +98,11 @@ end
 # devices it holds. A state with flag 4 (claim) makes the writer the
 # holder; a state with the online bit clear leaves the device without one.
 # ARGV after the record: a condition ('' none; '=X': only if X holds the
-# device; '~X': only if X or nobody does, else the answer is 'moved').
+# device; '~X': only if X or nobody does, else the answer is 'moved'; '~?X':
+# as '~X', and if X holds the device and another process heard it lately
+# (field hu, HEARD below, compared with Redis's own clock) the answer is
+# {'heard', milliseconds hu has left, version}: an HTTP device's holder
+# does not mark it offline while it talks to another process).
 # KEYS: the device, {p}:seq, {p}:feed, the writer's held set, and the held
 # set of the holder '=X' names (else the writer's again). A claim does not
 # touch the previous holder's set (its name is Redis data, not declared):
@@ -127,7 +131,8 @@ if tonumber(ARGV[1]) ~= v then return {'stale', 0, v} end
 local number, origin, maxlen, k = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local first, c, blob = 0, 0, nil
 local record, cond = ARGV[7 + 3 * k], ARGV[8 + 3 * k]
-local named = string.sub(cond, 2)
+local quiet = string.sub(cond, 1, 2) == '~?'
+local named = string.sub(cond, quiet and 3 or 2)
 local old, known = nil, false
 if cond ~= '' then
   old, known = redis.call('HGET', KEYS[1], 'h'), true
@@ -135,6 +140,14 @@ if cond ~= '' then
     if string.sub(cond, 1, 1) == '=' then redis.call('SREM', KEYS[5], number)
     else redis.call('SREM', KEYS[4], number) end
     return {'moved', 0, v}
+  end
+  if quiet and old then
+    local heard = redis.call('HGET', KEYS[1], 'hu')
+    if heard then
+      local t = redis.call('TIME')
+      local left = tonumber(heard) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+      if left > 0 then return {'heard', left, v} end
+    end
   end
 end
 local refused, rid, rres = nil, nil, nil
@@ -181,6 +194,7 @@ elseif k > 0 then redis.call('HSET', KEYS[1], 'v', v, 'c', c, 's', blob) end
 if holder then
   if not known then old = redis.call('HGET', KEYS[1], 'h') end
   if holder == '' then
+    redis.call('HDEL', KEYS[1], 'hu')
     if old then
       if old == origin then redis.call('SREM', KEYS[4], number)
       elseif old == named then redis.call('SREM', KEYS[5], number) end
@@ -248,6 +262,28 @@ if ARGV[1] == 'add' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 else redis.call('HDEL', KEYS[1], ARGV[2]) end
 local top = redis.call('GET', KEYS[2]) or '0'
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], top .. '-*', 't', 't', 'o', ARGV[4])
+return {'ok', 0, 0}
+"""
+
+# A device heard over HTTP by a process that does not hold it
+# (shared_presence.py, share_heard): KEYS the device; ARGV the process,
+# then milliseconds. Field hu becomes Redis's time now plus those
+# milliseconds (never earlier than it was): until then the holder's HTTP
+# offline write ('~?X', CHANGE) is answered 'heard'; any offline state
+# clears it. Not a change: no version, no cursor, no stream entry, and not
+# in redis_writer.DURABLE (a share lost with a failover is made again
+# within half offline_after). Nothing is written for a device nobody holds
+# (offline, or gone) or held by the caller. Answers {'ok'}, {'idle'} or
+# {'holder'}, then 0, 0. (TIME before a write needs Redis to replicate a
+# script's effects, its default since Redis 5, which streams need anyway.)
+HEARD = CHECK + """
+local h = redis.call('HGET', KEYS[1], 'h')
+if not h then return {'idle', 0, 0} end
+if h == ARGV[1] then return {'holder', 0, 0} end
+local t = redis.call('TIME')
+local heard = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local was = tonumber(redis.call('HGET', KEYS[1], 'hu') or '0')
+if heard > was then redis.call('HSET', KEYS[1], 'hu', string.format('%.0f', heard)) end
 return {'ok', 0, 0}
 """
 
@@ -348,5 +384,5 @@ return false
 
 #: The scripts the store runs with the marker appended (CHECK), by name.
 SCRIPTS = {"change": CHANGE, "add": ADD, "remove": REMOVE, "secret": SECRET,
-           "tokens": TOKENS, "lease": LEASE, "expired": EXPIRED, "held": HELD,
+           "tokens": TOKENS, "heard": HEARD, "lease": LEASE, "expired": EXPIRED, "held": HELD,
            "restored": RESTORED}

@@ -23,7 +23,14 @@ requests to any process: such a request claims the device only when the
 registry shows it offline (``claim=False``), so a device online elsewhere
 keeps its holder, and no version, whatever process its requests reach. Its
 holder marks it offline once it has not heard it for ``offline_after``;
-another process's offline write for it is answered "moved".
+another process's offline write for it is answered "moved". So that the
+holder does not mark it offline while it talks to another process only,
+that process tells Redis it heard it (``share_heard``, the HEARD script:
+a time on the device's hash, no change, no version, at most about twice
+per ``offline_after``), and the holder's HTTP offline write
+(``unless_heard``) is answered "heard" until that time passed (Redis's
+clock, on both sides: processes' clocks differ); the holder keeps the
+device and looks again then (``HeardElsewhere``).
 
 A process whose lease lapsed while alive (a long stall) sees its devices
 marked offline on the stream and claims them again at once (or, if those
@@ -63,12 +70,27 @@ _ONLINE = FrozenMap({"online": True})
 _OFFLINE = FrozenMap({"online": False})
 
 
+class HeardElsewhere:
+    """The answer to an HTTP offline write (``unless_heard``) that Redis did not
+    apply: another process heard the device, and that holds ``remaining``
+    seconds more; this process still holds it (no change was made)."""
+
+    __slots__ = ("name", "version", "cursor", "token", "remaining")
+
+    def __init__(self, name, version, cursor, remaining, token=None):
+        self.name = name
+        self.version = version
+        self.cursor = cursor
+        self.remaining = remaining
+        self.token = token
+
+
 class SharedPresence:
     """SharedRegistry's presence half (a mixin: see shared.py): who holds what."""
 
     __slots__ = ()
 
-    def set_connection(self, name, *, online, claim=True, **facts):
+    def set_connection(self, name, *, online, claim=True, unless_heard=False, **facts):
         """As DeviceRegistry.set_connection; going online also claims a device
         that the registry shows online but another process holds, and going
         offline is written after a claim of ours still on its way (the replica
@@ -83,12 +105,21 @@ class SharedPresence:
         request, it would take a new version each time its requests changed
         process, and its long poll would never wait.
 
+        ``unless_heard`` (going offline: HTTP presence's sweep): not applied
+        while another process's ``share_heard`` of the device holds; the
+        Deferred then fires with HeardElsewhere, and this process keeps it.
+
         A connection write of the device kept from a failed call and not in
         doubt is superseded by this one and dropped (``_supersede``)."""
         dev = self._lookup(name)
         dropped = False     # a claim kept from a failed call: this one replaces it
         if dev is not None:
             dropped = self._supersede(dev.number)
+            if not online and unless_heard and dev.online:
+                if facts.get("last_heard") is None and dev.last_heard is not None:
+                    facts["last_heard"] = dev.last_heard
+                super().set_connection(name, online=True, **facts)    # its facts, in place
+                return self._set_online(dev, False, quiet=True)
             if online and not claim and not dev.online and not dropped and (
                     dev.number in self._held or self._claim_pending(dev.number)):
                 # Our claim is on its way (the replica shows the device offline
@@ -103,8 +134,22 @@ class SharedPresence:
             if (claim or dropped) and dev.number not in self._held:
                 return self._set_online(dev, True)
         elif not dev.online and (dev.number in self._held or self._claim_pending(dev.number)):
-            return self._set_online(dev, False)     # queued behind the claim
+            return self._set_online(dev, False, quiet=unless_heard)    # behind the claim
         return d
+
+    def share_heard(self, number, seconds):
+        """This process heard device ``number`` (over HTTP) and does not hold it:
+        its holder's HTTP offline write (``unless_heard``) is not applied for
+        ``seconds`` from now (Redis's clock). No change, no version: one
+        field of the device in Redis (the HEARD script). Nothing is sent for
+        a device this process holds or is claiming. Deferred: whether Redis
+        took it (False: nobody else holds the device)."""
+        if (number in self._held or self._claim_pending(number) or self._lost is not None
+                or number not in self._by_number):
+            return defer.succeed(False)
+        store = self._store
+        d = store.call("heard", [store.device_key(number)], [self.origin, int(seconds * 1000)])
+        return d.addCallback(lambda reply: reply[0] == "ok")
 
     def _supersede(self, number):
         """Drop the device's connection writes kept from a failed call (claims
@@ -117,9 +162,9 @@ class SharedPresence:
             return False
         attempt = self._attempts.get(number)
         doubt = {id(op) for op in attempt.ops} if attempt is not None and attempt.failed else ()
-        own = "~" + self.origin
+        own = ("~" + self.origin, "~?" + self.origin)
         stale = [op for op in queue if op.d is None and id(op) not in doubt
-                 and (op.kind == "claim" or (op.kind == "connection" and op.cond == own))]
+                 and (op.kind == "claim" or (op.kind == "connection" and op.cond in own))]
         if not stale:
             return False
         self.counters["presence_write_superseded"] += len(stale)
@@ -139,13 +184,36 @@ class SharedPresence:
         attempt = self._attempts.get(number)
         return attempt is not None and any(op.kind == "claim" for op in attempt.ops)
 
-    def _set_online(self, dev, online):
+    def _set_online(self, dev, online, quiet=False):
         if online:
             self._hold(dev.number)
             return self._enqueue(dev, _Op("claim", _ONLINE))
         self._held.discard(dev.number)
-        d = self._enqueue(dev, _Op("connection", _OFFLINE, cond="~" + self.origin))
+        cond = ("~?" if quiet else "~") + self.origin    # (redis_scripts.CHANGE)
+        d = self._enqueue(dev, _Op("connection", _OFFLINE, cond=cond))
         return d.addErrback(self._maybe_left, dev.number)
+
+    def _replied(self, reply, number, ops, base, checked=False):
+        """As SharedWrites._replied, and Redis's "heard" answer to an HTTP offline
+        write (``~?``): not applied, like "moved", but Redis shows this process
+        still holding the device: it is held here again, unless the replica
+        already applied a later change (whose holder it then went by)."""
+        if reply[0] != "heard" or self._lost is not None:
+            return super()._replied(reply, number, ops, base, checked)
+        _, left, version = reply[:3]
+        attempt = self._attempts.get(number)
+        if attempt is not None and attempt.base == base and attempt.ops is ops:
+            del self._attempts[number]      # answered: not applied
+        self._forget_own(number, ops, base)
+        dev = self._by_number.get(number)
+        if dev is not None and dev.version <= version:
+            self._hold(number)
+        self.counters["connection_heard_elsewhere"] += 1
+        for op in ops:
+            if op.d is not None:
+                op.d.callback(HeardElsewhere(dev.name if dev else number, version,
+                                             dev.cursor if dev else 0, left / 1000.0, op.token))
+        self._mark_ready(number)
 
     def _maybe_left(self, failure, number):
         """An offline write that failed, or found the device removed, did not drop it

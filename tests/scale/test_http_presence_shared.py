@@ -4,20 +4,21 @@ one real Redis (as the kernel spreads connections over workers or hosts).
 Each request marks the device online without claiming it (it has no SSP
 session to hold): only offline -> online is a change, as on one broker,
 so its long poll waits whichever process answers it. The holder (the
-process that marked it online) marks it offline once silent.
+process that marked it online) marks it offline once silent, unless another
+process told Redis it heard the device (a share): then it keeps it.
 """
 
 import time
 
 import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from broker.registry.secrets import format_key
 from broker.registry.shared import open_shared_registry
-from broker.web.api.presence import HTTPPresence
-from tests.helpers import http_pool
+from broker.web.api.presence import SHARE_HOLDS, HTTPPresence
+from tests.helpers import http_pool, loopback_config, start_broker
 
 from .support import SingleRedis, redis_options, start_two_brokers, wait_until
 from .test_presence_lease import MANUAL, LateStream, redis_client
@@ -27,14 +28,11 @@ ADDRESS = ("127.0.0.1", 40000)
 OFFLINE_AFTER = 60.0
 
 
-class HTTPDeviceOnTwoBrokersTests(SingleRedis, TestCase):
-    """Two whole brokers on one Redis: a device long-polls each in turn."""
-
-    timeout = 60
+class _DevicePolls:
+    """Mixin: device h1, added through A, and its requests to either broker."""
 
     @defer.inlineCallbacks
-    def setUp(self):
-        yield start_two_brokers(self)
+    def add_h1(self):
         self.device = yield self.ra.add_device("h1")
         self.headers = {b"authorization": [b"Device " + format_key(self.device.secret).encode()]}
         self.pool = http_pool(self)
@@ -51,6 +49,21 @@ class HTTPDeviceOnTwoBrokersTests(SingleRedis, TestCase):
 
     def in_step(self):
         return wait_until(self, lambda: self.ra.cursor == self.rb.cursor, what="in step")
+
+    def connection_changes(self):
+        return [dict(entry[4])["online"] for entry in self.ra.device("h1").history
+                if entry[3] == "connection"]
+
+
+class HTTPDeviceOnTwoBrokersTests(_DevicePolls, SingleRedis, TestCase):
+    """Two whole brokers on one Redis: a device long-polls each in turn."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield start_two_brokers(self)
+        yield self.add_h1()
 
     @defer.inlineCallbacks
     def test_long_polls_alternating_between_brokers_wait(self):
@@ -76,6 +89,60 @@ class HTTPDeviceOnTwoBrokersTests(SingleRedis, TestCase):
             self.assertEqual((view.version, view.online), (version, True))
             self.assertEqual(len(view.history), history)
         self.assertEqual((self.ra._held, self.rb._held), ({self.device.device_number}, set()))
+
+
+#: a short offline_after (real seconds) for two whole brokers.
+SHORT_OFFLINE_AFTER = 1.5
+
+
+class HTTPDeviceHeldElsewhereTests(_DevicePolls, SingleRedis, TestCase):
+    """Two whole brokers on one Redis (offline_after 1.5 s): a device marked online
+    through A (its holder) that then talks to B only."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        url = self.start_redis()
+        registry = {"backend": "redis", "redis_url": url, "redis_cluster": False}
+        ssp = {"device_heartbeat": 1.0, "offline_after": SHORT_OFFLINE_AFTER}
+        self.a = yield start_broker(self, loopback_config(self, registry=registry, ssp=ssp))
+        self.b = yield start_broker(self, loopback_config(self, registry=registry, ssp=ssp))
+        self.ra = self.a.service.registry
+        self.rb = self.b.service.registry
+        yield self.add_h1()
+        code, _, _ = yield self.poll(self.a, 0, 0)
+        self.assertEqual(code, 200)
+        yield wait_until(self, lambda: self.rb.device("h1").online, what="online on B")
+        yield self.in_step()
+
+    @defer.inlineCallbacks
+    def test_long_poll_waiting_on_b_keeps_the_device_online(self):
+        """A 4 s long poll on B (more than twice offline_after without a request to A)
+        waits its 4 s and answers the same version: A keeps the device online."""
+        version = self.rb.device("h1").version
+        code, answered, took = yield self.poll(self.b, version, 4)
+        self.assertEqual((code, answered), (200, version))
+        self.assertGreater(took, 3.5)
+        self.assertEqual(self.connection_changes(), [True])
+        self.assertTrue(self.ra.device("h1").online)
+
+    @defer.inlineCallbacks
+    def test_device_polling_b_stays_online(self):
+        """A device polling B every 0.5 s for 4 s is never shown offline, by either
+        broker, and its version stays: one connection change in all."""
+        version = self.rb.device("h1").version
+        seen = []
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            code, _, _ = yield self.poll(self.b, 0, 0)
+            self.assertEqual(code, 200)
+            seen.append((self.ra.device("h1").online, self.rb.device("h1").online))
+            yield task.deferLater(reactor, 0.5, lambda: None)
+        yield self.in_step()
+        self.assertEqual(set(seen), {(True, True)})
+        self.assertEqual(self.connection_changes(), [True])
+        self.assertEqual(self.rb.device("h1").version, version)
 
 
 class HTTPPresenceSharedTests(SingleRedis, TestCase):
@@ -120,9 +187,22 @@ class HTTPPresenceSharedTests(SingleRedis, TestCase):
         yield self.rb.update_desired("h1", {})
         yield self.in_step()
 
-    def holder(self):
-        value = self.raw.hget("{ssp}:d:%d" % self.number, "h")
+    def field(self, name):
+        value = self.raw.hget("{ssp}:d:%d" % self.number, name)
         return None if value is None else value.decode()
+
+    def holder(self):
+        return self.field("h")
+
+    def shared(self):
+        """Wait until a share of h1 is in Redis (settled() does not wait for it: it
+        goes to Redis beside the device's writes, not with them)."""
+        return wait_until(self, lambda: self.field("hu") not in (None, "0"), what="h1 shared")
+
+    def expire_share(self):
+        """As if the shares of h1 had run out on Redis's clock (they hold real
+        seconds; the test's clocks are not Redis's)."""
+        self.raw.hset("{ssp}:d:%d" % self.number, "hu", 0)
 
     def connection_changes(self):
         return [dict(entry[4])["online"] for entry in self.ra.device("h1").history
@@ -153,38 +233,134 @@ class HTTPPresenceSharedTests(SingleRedis, TestCase):
 
     @defer.inlineCallbacks
     def go_silent(self, first, second):
-        """h1 heard by ``first`` (which marks it online) then by ``second``, then
-        silent: both sweeps run, the second process's first (its offline write is
-        answered "moved"), then the holder's: one offline change."""
+        """h1 heard by ``first`` (which marks it online) then by ``second`` (which
+        shares it), then silent: the second process's sweep comes first (its
+        offline write is answered "moved"), then the holder's, answered "heard"
+        while the share holds; once it ran out, the holder's next look marks the
+        device offline: one offline change."""
         (p1, c1, r1), (p2, c2, r2) = first, second
         p1.heard(self.number, ADDRESS)
         yield self.settled()
+        version = self.ra.device("h1").version
         c2.advance(10)
         p2.heard(self.number, ADDRESS)
+        yield self.shared()
         yield self.settled()
         c2.advance(OFFLINE_AFTER)
         yield wait_until(self, lambda: r2.counters["connection_moved"] == 1, what="moved")
         self.assertTrue(r1.device("h1").online and r2.device("h1").online)
         c1.advance(OFFLINE_AFTER + 10)
+        yield wait_until(self, lambda: r1.counters["connection_heard_elsewhere"] == 1,
+                         what="heard elsewhere")
+        yield self.settled()
+        self.assertEqual((self.ra.device("h1").online, self.rb.device("h1").online,
+                          self.rb.device("h1").version), (True, True, version))
+        self.assertEqual(self.holder(), r1.origin)
+        self.assertEqual(r1._held, {self.number})
+        self.assertIn(self.number, p1)     # it looks again when the share runs out
+        self.expire_share()
+        c1.advance(OFFLINE_AFTER * SHARE_HOLDS)
         yield wait_until(self, lambda: not self.ra.device("h1").online
                          and not self.rb.device("h1").online, what="h1 offline")
         yield self.settled()
         self.assertEqual(self.connection_changes(), [True, False])
-        self.assertIsNone(self.holder())
+        self.assertEqual((self.holder(), self.field("hu")), (None, None))
         self.assertFalse(self.number in self.pa or self.number in self.pb)
         self.assertFalse(self.pa._sweep.running or self.pb._sweep.running)
 
     @defer.inlineCallbacks
     def test_silent_device_goes_offline_once_when_held_by_a(self):
-        """Heard by A then B, then silent: A (its holder) marks it offline, once; B's
-        offline write is answered "moved"."""
+        """Heard by A then B, then silent: A (its holder) marks it offline, once, after
+        B's share ran out; B's offline write is answered "moved"."""
         yield self.go_silent((self.pa, self.clock_a, self.ra), (self.pb, self.clock_b, self.rb))
 
     @defer.inlineCallbacks
     def test_silent_device_goes_offline_once_when_held_by_b(self):
-        """Heard by B then A, then silent: B (its holder) marks it offline, once; A's
-        offline write is answered "moved"."""
+        """Heard by B then A, then silent: B (its holder) marks it offline, once, after
+        A's share ran out; A's offline write is answered "moved"."""
         yield self.go_silent((self.pb, self.clock_b, self.rb), (self.pa, self.clock_a, self.ra))
+
+    @defer.inlineCallbacks
+    def test_holder_keeps_a_device_heard_by_another_process(self):
+        """A holds h1 and stops hearing it while B hears it: A's sweep, after
+        offline_after, changes nothing (no version, A still holds it), and again at
+        its next look while B goes on hearing it."""
+        self.pa.heard(self.number, ADDRESS)
+        yield self.settled()
+        version = self.ra.device("h1").version
+        for round_ in (1, 2):
+            self.expire_share()
+            self.clock_b.advance(OFFLINE_AFTER / 2)
+            self.pb.heard(self.number, ADDRESS)
+            yield self.shared()
+            yield self.settled()
+            self.clock_a.advance(OFFLINE_AFTER * SHARE_HOLDS + 1)
+            yield wait_until(self, lambda: self.ra.counters["connection_heard_elsewhere"]
+                             == round_, what="heard elsewhere")
+        yield self.settled()
+        for registry in (self.ra, self.rb):
+            self.assertEqual((registry.device("h1").version, registry.device("h1").online),
+                             (version, True))
+        self.assertEqual((self.holder(), self.ra._held), ("aaaa", {self.number}))
+        self.assertEqual(self.connection_changes(), [True])
+
+    @defer.inlineCallbacks
+    def test_long_poll_waiting_on_another_process_shares_from_its_sweep(self):
+        """A long poll of h1 waiting on B (no request meanwhile) shares again from B's
+        sweep once half offline_after passed: A's offline write after its share ran
+        out is still answered "heard"."""
+        self.pa.heard(self.number, ADDRESS)
+        yield self.settled()
+        self.pb.heard(self.number, ADDRESS)
+        self.pb.hold(self.number)
+        yield self.shared()
+        yield self.settled()
+        self.expire_share()
+        self.clock_b.advance(OFFLINE_AFTER / 2 + 1)      # B's sweep: the poll still waits
+        yield self.shared()     # again
+        self.clock_a.advance(OFFLINE_AFTER + 1)
+        yield wait_until(self, lambda: self.ra.counters["connection_heard_elsewhere"] == 1,
+                         what="heard elsewhere")
+        yield self.settled()
+        self.assertTrue(self.rb.device("h1").online)
+        self.assertEqual(self.connection_changes(), [True])
+
+    @defer.inlineCallbacks
+    def test_requests_share_at_most_once_per_half_offline_after(self):
+        """Requests of h1 on B, a second apart, share it once per half offline_after;
+        requests on A, its holder, send Redis no share."""
+        shared = []
+        share = self.rb.share_heard
+        self.rb.share_heard = lambda number, seconds: shared.append(seconds) or share(
+            number, seconds)
+        scripts_a = []
+        call = self.ra._store.call
+        self.ra._store.call = lambda script, *args: scripts_a.append(script) or call(
+            script, *args)
+        self.pa.heard(self.number, ADDRESS)
+        yield self.settled()
+        for _ in range(int(OFFLINE_AFTER) + 1):
+            self.pb.heard(self.number, ADDRESS)
+            self.pa.heard(self.number, ADDRESS)
+            self.clock_b.advance(1)
+            self.clock_a.advance(1)
+        yield self.settled()
+        self.assertEqual(shared, [OFFLINE_AFTER * SHARE_HOLDS] * 3)
+        self.assertNotIn("heard", scripts_a)
+        self.assertIn("change", scripts_a)      # (the spy saw A's writes)
+
+    @defer.inlineCallbacks
+    def test_a_session_ending_is_not_held_back_by_a_share(self):
+        """A share of h1 by B holds back only A's HTTP offline write: A's SSP-side
+        offline write (no ``unless_heard``) is applied, and clears the share."""
+        yield self.ra.set_connection("h1", online=True)
+        yield self.settled()
+        self.pb.heard(self.number, ADDRESS)
+        yield self.shared()
+        yield self.ra.set_connection("h1", online=False)
+        yield self.settled()
+        self.assertEqual(self.connection_changes(), [True, False])
+        self.assertEqual((self.holder(), self.field("hu")), (None, None))
 
     @defer.inlineCallbacks
     def test_online_again_on_the_other_process_is_claimed_there(self):

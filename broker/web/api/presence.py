@@ -15,6 +15,16 @@ it (``claim=False``, shared_presence.py), so only offline -> online is a
 change, as on one process. A request heard while this side's offline write
 is on its way marks the device online again once that write is done (the
 replica shows it online until then).
+
+Facts that are not changes stay in the process that heard them, so a
+process that hears a device it does not hold tells Redis so
+(``share_heard``, no version) at most once per ``offline_after / 2`` (no
+timer: compared on each request; the sweep does it for a long poll waiting
+here), for ``SHARE_HOLDS`` times ``offline_after``: as long as that holds,
+the holder's offline write is answered "heard" (HeardElsewhere) and it
+looks again when it ends. A device heard only by another process is shown
+offline between ``offline_after`` and ``SHARE_HOLDS`` times it after its
+last request (a share may be up to half ``offline_after`` older than it).
 """
 
 from __future__ import annotations
@@ -24,9 +34,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broker.registry import errors as registry_errors
+from broker.registry.shared_presence import HeardElsewhere
 
 #: in ``_leaving``: not heard since the offline write was sent.
 _NOT_HEARD = object()
+#: a share (module docstring) holds this many times ``offline_after``: shared at
+#: most every half of it, it must outlast the requests heard after it.
+SHARE_HOLDS = 1.5
 
 
 class HTTPPresence:
@@ -41,8 +55,14 @@ class HTTPPresence:
         self._seen: dict[int, float] = {}     # device number -> when this side last heard it
         self._holds: dict[int, int] = {}      # device number -> long polls waiting
         self._leaving: dict[int, object] = {}  # number -> address heard since its offline write
-        # No SSP session to hold: never claim a device online elsewhere.
-        self._heard = {"claim": False} if getattr(registry, "shared", False) else {}
+        self._shared: dict[int, float] | None = None  # number -> when last shared (Redis)
+        self._heard = self._quiet = {}
+        if getattr(registry, "shared", False):
+            # No SSP session to hold: never claim a device online elsewhere;
+            # going offline yields to another process hearing the device.
+            self._heard = {"claim": False}
+            self._quiet = {"unless_heard": True}
+            self._shared = {}
         self._sweep = LoopingCall(self.sweep)
         self._sweep.clock = clock
 
@@ -53,8 +73,22 @@ class HTTPPresence:
         if number in self._leaving:
             self._leaving[number] = address
         self._mark(number, now, address)
+        self._share(number, now)
+        self._start()
+
+    def _start(self):
         if not self._sweep.running:
             self._sweep.start(max(0.05, self.offline_after / 4), now=False)
+
+    def _share(self, number, now):
+        """Tell the device's holder (through Redis) that this process heard it, if
+        not done in the last half ``offline_after`` (module docstring)."""
+        if self._shared is None or now - self._shared.get(number, now - self.offline_after) \
+                < self.offline_after / 2:
+            return
+        self._shared[number] = now
+        d = self._registry.share_heard(number, self.offline_after * SHARE_HOLDS)
+        d.addErrback(self._not_shared, number)
 
     def _mark(self, number, when, address):
         d = self._registry.set_connection(number, online=True, last_heard=when, address=address,
@@ -79,38 +113,64 @@ class HTTPPresence:
         """Flip to offline every HTTP device silent for offline_after seconds."""
         now = self._clock.seconds()
         for number, seen in list(self._seen.items()):
-            if number in self._holds or now - seen < self.offline_after:
+            if number in self._holds:
+                self._share(number, now)     # a long poll waiting here keeps it online
+                continue
+            if now - seen < self.offline_after:
                 continue
             view = self._registry.device_by_number(number)
             if view is None:
-                del self._seen[number]
+                self._forget(number)
                 continue
             last = view.last_heard if view.last_heard is not None else seen
             if now - last < self.offline_after:
                 self._seen[number] = last      # heard meanwhile by another endpoint
                 continue
-            del self._seen[number]
+            self._forget(number)
             if view.online:
                 self._leaving[number] = _NOT_HEARD
-                d = self._registry.set_connection(number, online=False, last_heard=last)
+                d = self._registry.set_connection(number, online=False, last_heard=last,
+                                                  **self._quiet)
                 d.addBoth(self._left, number)
         if not self._seen and self._sweep.running:
             self._sweep.stop()
 
+    def _forget(self, number):
+        del self._seen[number]
+        if self._shared is not None:
+            self._shared.pop(number, None)
+
     def _left(self, result, number):
         """This side's offline write of device ``number`` is done (or failed): a
-        request heard meanwhile marks it online again."""
+        request heard meanwhile marks it online again. Not applied because
+        another process heard the device (HeardElsewhere), or failed (it is
+        sent again, but may then meet a share): looked at again later."""
         address = self._leaving.pop(number, _NOT_HEARD)
         if isinstance(result, Failure):
             result.trap(registry_errors.RegistryError)
             self.log.debug("device {number} not marked offline: {error}",
                            number=number, error=result.value)
+            again = self.offline_after / 2 if self._shared is not None else None
+        else:
+            again = result.remaining if isinstance(result, HeardElsewhere) else None
         if address is not _NOT_HEARD and number in self._seen:
             self._mark(number, self._seen[number], address)
+        elif again is not None and number not in self._seen:
+            # Not heard here: the sweep looks again once ``again`` seconds passed.
+            self._seen[number] = self._clock.seconds() - self.offline_after + again
+            self._start()
+
+    def _not_shared(self, failure, number):
+        failure.trap(registry_errors.RegistryError)
+        if self._shared is not None:
+            self._shared.pop(number, None)     # the next request tries again
+        self.log.debug("device {number}: hearing it not shared: {error}",
+                       number=number, error=failure.value)
 
     def _lost(self, failure, number):
         failure.trap(registry_errors.RegistryError)
-        self._seen.pop(number, None)
+        if number in self._seen:
+            self._forget(number)
         self.log.debug("connection facts of device {number} not recorded: {error}",
                        number=number, error=failure.value)
 
