@@ -10,6 +10,7 @@ steering: each worker listens with its own SO_REUSEPORT socket.
 from __future__ import annotations
 
 import ctypes
+import errno
 import socket
 import struct
 
@@ -113,13 +114,28 @@ def steered_udp_sockets(host: str, port: int, workers: int) -> list[socket.socke
 
 def reserve_tcp_port(host: str, port: int) -> socket.socket:
     """A bound, not listening, SO_REUSEPORT socket holding the HTTP port for the workers
-    (OSError when another process holds the port, also with SO_REUSEPORT)."""
+    (OSError when another process holds the port, also with SO_REUSEPORT).
+
+    Connections of an earlier run in TIME_WAIT on the port (a single-process
+    broker's have no SO_REUSEPORT) refuse a bind with SO_REUSEPORT alone: the
+    bind is then made with SO_REUSEADDR, as a listener's, which is cleared
+    once bound, so that another broker's probe (refuse_port_in_use) still
+    finds the port held.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     refuse_port_in_use(family, socket.SOCK_STREAM, host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as problem:
+            if problem.errno != errno.EADDRINUSE:
+                raise
+            # The probe passed: only sockets that allow SO_REUSEADDR hold the port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
     except OSError:
         sock.close()
         raise

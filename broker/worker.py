@@ -10,7 +10,8 @@ WorkerLogRelay). Those records and the status lines are written without
 ever blocking (PipeWriter): a supervisor that stops reading costs log
 lines, never the worker's service. A config file or port it cannot use is
 one line on stderr and exit status 2, which the supervisor counts as the
-worker's failure.
+worker's failure. A stop that lost changes exits 1 (broker.service.UNSTORED),
+which the supervisor makes its own exit status.
 """
 
 from __future__ import annotations
@@ -410,6 +411,9 @@ def worker_main(argv=None):
     except (ConfigError, StoreError) as problem:
         refuse(problem)
         raise SystemExit(WORKER_REFUSED) from None
+    # No Application parent here: a stop that lost changes must still exit with
+    # UNSTORED, the status the supervisor passes on to systemd (broker/workers.py).
+    service.exit_on_loss = True
     restarts = WorkerRestarts()
     service.metrics.registry.register(restarts)
     if relay is not None:

@@ -19,6 +19,8 @@ seconds without a stable run, the supervisor gives up, stops the other
 workers and makes the broker exit with status 1 (GAVE_UP), so that systemd
 sees a failure instead of an "active" service flapping inside. Under
 systemd the supervisor, not a worker, says READY=1 and pets the watchdog.
+For the same reason a worker whose stop fails (exit status 1: changes lost)
+makes the broker exit with that status (``stop_status``).
 
 A worker stops when its supervisor is gone (broker.worker.SupervisorPipe): orphans
 would keep their sockets in the group, ahead of a new supervisor's. The
@@ -69,6 +71,10 @@ RESTART_DELAY_MAX = 10.0
 STABLE_AFTER = 60.0
 #: exit status of a broker whose supervisor gave up on a failing worker.
 GAVE_UP = 1
+#: exit status of a broker whose worker was killed during the stop (its changes
+#: may be lost); a worker that exits non-zero during the stop gives its own
+#: (broker.service.UNSTORED, 1, when it lost changes).
+STOP_KILLED = 1
 #: the one critical line of a supervisor that gives up on a worker.
 GIVE_UP_MESSAGE = (
     "worker {index} failed {failures} times in {span} s without a stable run (last: "
@@ -185,6 +191,8 @@ class SupervisorService(MultiService):
         self._restarting = {}    # index -> the pending restart call
         self._reload_pending = set()   # indexes of workers to send SIGHUP once ready
         self._stopping = False
+        #: the first non-zero exit status of a worker during the stop, if any.
+        self.stop_status = None
         #: the critical line, once the supervisor gave up on a worker.
         self.gave_up = None
         #: fires with that line once the supervisor gave up and has stopped.
@@ -214,6 +222,8 @@ class SupervisorService(MultiService):
     #: whether giving up stops the reactor and sets the exit status: true under
     #: twistd (an Application parent); elsewhere (tests) only this service stops.
     exit_on_give_up = False
+    #: whether a worker's failed stop (stop_status) sets the exit status: the same.
+    exit_on_loss = False
 
     @property
     def restarts(self):
@@ -223,7 +233,7 @@ class SupervisorService(MultiService):
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
         if hasattr(parent, "setComponent"):
-            self.exit_on_give_up = True
+            self.exit_on_give_up = self.exit_on_loss = True
             if self.log_observer is not None:
                 from twisted.logger import ILogObserver
                 parent.setComponent(ILogObserver, self.log_observer)
@@ -236,6 +246,7 @@ class SupervisorService(MultiService):
     def startService(self):
         super().startService()
         self._stopping = False
+        self.stop_status = None
         for index in range(self.count):
             self._spawn(index)
         self._tell_restarts()
@@ -282,7 +293,7 @@ class SupervisorService(MultiService):
             return
         status = describe_exit(reason)
         if self._stopping:
-            log.info("worker {index} stopped ({status})", index=worker.index, status=status)
+            self._stopped(worker.index, reason, status)
             return
         now = self.reactor.seconds()
         failures = self._failures.setdefault(worker.index, collections.deque())
@@ -306,6 +317,25 @@ class SupervisorService(MultiService):
                   limit=self.failure_limit, window=self.failure_window)
         self._restarting[worker.index] = self.reactor.callLater(delay, self._restart,
                                                                 worker.index)
+
+    def _stopped(self, index, reason, status):
+        """A worker ended during the stop. Exit status 0 is a clean stop, and so is
+        SIGTERM's default action (a worker still starting, that served nothing);
+        any other end is the broker's failure too: a worker that lost changes
+        exits 1, and systemd watches the supervisor, not the workers."""
+        code = getattr(reason, "exitCode", None)
+        number = getattr(reason, "signal", None)
+        failed = code if code else (STOP_KILLED if number and number != signal.SIGTERM
+                                    else None)
+        if failed is None:
+            log.info("worker {index} stopped ({status})", index=index, status=status)
+            return
+        if self.stop_status is None:
+            self.stop_status = failed
+        log.error("worker {index} stopped ({status}): its stop failed, its own lines above "
+                  "say why (exit status 1: changes it could not store are lost); the broker "
+                  "exits with status {exit_status}", index=index, status=status,
+                  exit_status=self.stop_status if self.gave_up is None else GAVE_UP)
 
     def _restart(self, index):
         del self._restarting[index]
@@ -411,6 +441,8 @@ class SupervisorService(MultiService):
         for sock in self.udp_sockets:
             sock.close()
         self.http_reservation.close()
+        if self.stop_status is not None and self.gave_up is None and self.exit_on_loss:
+            exit_with_status_at_exit(self.stop_status)
         if self.gave_up is not None and not self.given_up.called:
             self.given_up.callback(self.gave_up)
 

@@ -176,6 +176,12 @@ class SharedPresence:
             del self._queues[number]
         return any(op.kind == "claim" for op in stale)
 
+    def holds_or_claims(self, number) -> bool:
+        """Whether this process holds the device or has a claim of it on its way
+        (the replica may still show it offline: an HTTP sweep must still write
+        its offline, queued behind the claim)."""
+        return number in self._held or self._claim_pending(number)
+
     def _claim_pending(self, number):
         """Whether a claim of the device is queued, in flight or in doubt here."""
         queue = self._queues.get(number)

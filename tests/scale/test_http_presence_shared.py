@@ -416,3 +416,48 @@ class HTTPPresenceSharedTests(SingleRedis, TestCase):
         yield self.settled()
         self.assertEqual(self.connection_changes(), [True, False, True])
         self.assertTrue(self.rb.device("h1").online)
+
+    @defer.inlineCallbacks
+    def test_a_claim_kept_longer_than_offline_after_is_followed_by_its_offline(self):
+        """A device heard once by A while Redis refuses writes for longer than
+        offline_after: A's sweep finds it silent while its claim is still kept (the
+        replica shows it offline) and queues its offline behind the claim, so once
+        Redis takes writes again the device ends offline and held by nobody."""
+        self.raw.config_set("min-replicas-to-write", 1)
+        self.addCleanup(self.raw.config_set, "min-replicas-to-write", 0)
+        self.pa.heard(self.number, ADDRESS)
+        yield wait_until(self, lambda: self.ra.counters["retried_failed"] >= 1,
+                         what="A's claim refused and kept")
+        self.assertFalse(self.ra.device("h1").online)
+        self.clock_a.advance(OFFLINE_AFTER + 1)
+        self.raw.config_set("min-replicas-to-write", 0)
+        yield wait_until(self, lambda: self.holder() is None
+                         and self.connection_changes() == [True, False]
+                         and not self.rb.device("h1").online, what="h1 claimed, then offline")
+        yield self.settled()
+        self.assertEqual(self.connection_changes(), [True, False])
+        self.assertFalse(self.ra.device("h1").online)
+
+    @defer.inlineCallbacks
+    def test_a_claim_kept_through_a_refused_write_is_marked_offline_once_silent(self):
+        """A device heard once by A while Redis refuses writes stays tracked by A's
+        presence (its claim is kept and sent again), so once the claim landed and the
+        device stayed silent, A's sweep marks it offline; before, A forgot it at the
+        refusal and it stayed online, held by A, for as long as A ran."""
+        self.raw.config_set("min-replicas-to-write", 1)
+        self.addCleanup(self.raw.config_set, "min-replicas-to-write", 0)
+        self.pa.heard(self.number, ADDRESS)
+        yield wait_until(self, lambda: self.ra.counters["retried_failed"] >= 1,
+                         what="A's claim refused and kept")
+        self.assertIn(self.number, self.pa)
+        self.raw.config_set("min-replicas-to-write", 0)
+        yield wait_until(self, lambda: self.holder() == "aaaa" and self.ra.device("h1").online
+                         and self.rb.device("h1").online, what="the kept claim landed")
+        yield self.settled()
+        self.clock_a.advance(OFFLINE_AFTER + 1)
+        yield wait_until(self, lambda: not self.ra.device("h1").online
+                         and not self.rb.device("h1").online, what="h1 offline")
+        yield self.settled()
+        self.assertEqual(self.connection_changes(), [True, False])
+        self.assertEqual(self.holder(), None)
+        self.assertNotIn(self.number, self.pa)

@@ -127,13 +127,20 @@ class HTTPPresence:
                 self._seen[number] = last      # heard meanwhile by another endpoint
                 continue
             self._forget(number)
-            if view.online:
+            if view.online or self._claimed(number):
                 self._leaving[number] = _NOT_HEARD
                 d = self._registry.set_connection(number, online=False, last_heard=last,
                                                   **self._quiet)
                 d.addBoth(self._left, number)
         if not self._seen and self._sweep.running:
             self._sweep.stop()
+
+    def _claimed(self, number) -> bool:
+        """Whether a shared registry holds the device here or has a claim of it on
+        its way although its replica shows it offline (a claim kept through a
+        store outage lands later: it must not leave the device online)."""
+        holds = getattr(self._registry, "holds_or_claims", None)
+        return holds is not None and holds(number)
 
     def _forget(self, number):
         del self._seen[number]
@@ -168,8 +175,13 @@ class HTTPPresence:
                        number=number, error=failure.value)
 
     def _lost(self, failure, number):
+        """The online write of device ``number`` failed. A store failure leaves the
+        device online in memory and the write kept to land later (NotDurable), or
+        even applied (a Redis call in doubt): the device stays tracked, so the
+        sweep (which reads the registry's view first) marks it offline once
+        silent. Only a device the registry does not know is forgotten."""
         failure.trap(registry_errors.RegistryError)
-        if number in self._seen:
+        if not failure.check(registry_errors.StoreError) and number in self._seen:
             self._forget(number)
         self.log.debug("connection facts of device {number} not recorded: {error}",
                        number=number, error=failure.value)
