@@ -25,6 +25,9 @@ reactor thread, the writer thread runs (almost) only SQLite's C code.
   change is durable -- it survives ``kill -9`` and, with FULL, power loss.
 * A commit that fails fails its Deferreds; its devices are written again
   later as they are then (sqlite_retry.py), so none stays behind on disk.
+  Its device-state writes (``write_state``: changes the registry applied)
+  fail with NotDurable, made once for the commit (once per writer token),
+  the rest (barriers, batches, other operations) with the StoreError.
 * Restarts (restart.py): ``begin`` commits, on the reactor thread before
   the writer starts, the dead cursor ranges, the loaded entries moved out
   of them (new cursors) and that a registry runs; each
@@ -61,7 +64,7 @@ from .sqlite_plan import first_cursor, latest_records, plan_steps
 from .sqlite_rows import CLEAN_STOP_SQL, DURABLE_SQL, MOVE_SQL, SEQUENCE_SQL, rows_statements
 from .sqlite_retry import CloseReport, UnsavedDevices
 from .sqlite_retry import Group as _Group
-from .store import DeviceRow, Loaded, Store
+from .store import DeviceRow, Loaded, Store, not_durable
 
 #: seconds a closing store waits in all (every commit of the close together)
 #: for another process's write lock: the stop must end well within systemd's
@@ -79,6 +82,24 @@ class _Exit:
 
     def __init__(self, clean):
         self.clean = clean
+
+
+def _fail(batch, failure):
+    """Fail the Deferreds of a failed commit: the device-state writes (Devices,
+    changes the registry applied) with NotDurable, one Failure shared by those
+    without a token; the others with ``failure`` (a barrier applied nothing)."""
+    ops, deferreds, tokens = batch[:3]
+    applied = None
+    store_error = failure.check(StoreError) is not None
+    for d, op, token in zip(deferreds, ops, tokens):
+        if type(op) is tuple or type(op) is _Group or not store_error:
+            d.errback(failure)
+        elif token is None:
+            if applied is None:
+                applied = Failure(not_durable(failure.value))
+            d.errback(applied)
+        else:
+            d.errback(Failure(not_durable(failure.value, token)))
 
 
 class SQLiteStore(Store):
@@ -224,7 +245,7 @@ class SQLiteStore(Store):
     def write_state(self, dev, token=None):
         """Queue the device itself: its latest state is read and encoded at plan time."""
         if self._closing:
-            return defer.fail(StoreError("the registry store is closed"))
+            return defer.fail(not_durable(StoreError("the registry store is closed"), token))
         d = defer.Deferred()
         self._ops.append(dev)
         self._deferreds.append(d)
@@ -405,8 +426,7 @@ class SQLiteStore(Store):
         if results is None:
             results = tokens
         if isinstance(failures, Failure):
-            for d in deferreds:
-                d.errback(failures)
+            _fail(batch, failures)
             return
         if failures:
             for i, (d, op, result, version, cursor) in enumerate(

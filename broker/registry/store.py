@@ -26,13 +26,37 @@ entries moved to new cursors (and versions), and that a registry runs (so
 that a stop without ``close`` reads as unclean).
 
 ``state`` is ``Device.state()``: a tuple of plain values the store encodes.
+
+A failed state write (``write_state``) fails with NotDurable, not a plain
+StoreError: the registry applied the change before writing it, and the
+store keeps it to write again, so its writer must not send it again. The
+store makes that error itself, once per failed commit (not an errback per
+write: ``update_reported`` is the hot path).
 """
 
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
+from .errors import NotDurable, StoreError
 from .model import UpdateResult
+
+
+def not_durable(error, token=None):
+    """The NotDurable answering a change the registry applied whose store
+    write failed with the StoreError ``error``; ``token``: its writer's."""
+    return NotDurable(f"the change is applied but not stored yet ({error.message}); "
+                      "it is stored once the store recovers: do not send it again",
+                      token=token)
+
+
+def as_not_durable(failure, token=None):
+    """Errback: a state write's StoreError as NotDurable (other failures pass)."""
+    failure.trap(StoreError)
+    if failure.check(NotDurable):
+        return failure
+    return Failure(not_durable(failure.value, token))
 
 
 def gathered(writes, result):
@@ -107,9 +131,14 @@ class Store:
         The registry's hot path. This default queues a ``("state", ...)``
         write; a store may override it to keep less per write (the SQLite
         store reads the device's latest state when it plans the commit).
+        A failure is NotDurable carrying ``token`` (module docstring): a
+        write durable at once (the memory store's) gets no errback.
         """
-        return self.write(("state", dev.version, dev.cursor, dev.state(), dev.number),
-                          UpdateResult(dev.name, dev.version, dev.cursor, token))
+        d = self.write(("state", dev.version, dev.cursor, dev.state(), dev.number),
+                       UpdateResult(dev.name, dev.version, dev.cursor, token))
+        if d.called and not isinstance(d.result, Failure):
+            return d
+        return d.addErrback(as_not_durable, token)
 
     def write_states(self, devs, result=None):
         """Queue the states of several changed Devices: ONE Deferred, firing

@@ -2,7 +2,8 @@
 
 Each write changes memory at once (version and cursor assigned in call
 order), tells observers, and returns the store's Deferred that fires once
-the change is durable, or fails with NotDurable (applied, not stored yet).
+the change is durable, or fails with NotDurable (applied, not stored yet:
+the store's ``write_state`` makes that error itself, store.py).
 The common report (known keys, numbers replacing numbers) is checked and
 merged in one pass. The UDP endpoint writes the
 reports of a reactor turn, and their session records, in two batches.
@@ -18,16 +19,6 @@ from .values import FrozenMap, map_size, value_size
 
 
 NotDurable = errors.NotDurable   # (broker.web imports it from here)
-
-
-def _not_durable(failure, token):
-    """The StoreError of a write whose change memory already holds, as NotDurable."""
-    failure.trap(errors.StoreError)
-    if failure.check(NotDurable):
-        return failure
-    raise NotDurable(f"the change is applied but not stored yet ({failure.value.message}); "
-                     "it is stored once the store recovers: do not send it again",
-                     token=token)
 
 
 class StateUpdates:
@@ -114,9 +105,10 @@ class StateUpdates:
         """Queue the durable write of a changed device, then tell its observers.
 
         The change is in memory from here on, whatever the store does: its
-        failure is NotDurable (the store keeps the change to write it again).
+        failure is NotDurable (the store keeps the change to write it again),
+        made by the store once per failed commit, not by an errback per write.
         """
-        d = self._store.write_state(dev, token).addErrback(_not_durable, token)
+        d = self._store.write_state(dev, token)
         if self._subs.watching:
             self._subs.notify(dev.name, lambda: DeviceView.of(dev, events))
         return d
