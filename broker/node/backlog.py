@@ -16,12 +16,23 @@ is blocked for good).  What the broker takes, at its defaults:
 
 So a diff is kept within ``DIFF_BUDGET`` (32 KiB): ``MAX_VALUES_BYTES`` of
 values (the whole map, which a new session's first diff carries) plus at
-most ``EVENTS_IN_FLIGHT_BYTES`` of events (or one event of at most
-``MAX_EVENT_BYTES`` when none is in flight, so the queue always moves).
+most ``EVENTS_IN_FLIGHT_BYTES`` of events, or one event of at most
+``MAX_EVENT_BYTES`` when none is in flight (so the queue always moves).
 zlib adds a few bytes at worst, so a state leaves in at most 29 fragments:
 half the assembly cap, and within one window of the rate limit with room
 left for heartbeats and acks.  (Deleting many keys in one state adds their
 names on top; even then the diff stays under the cap.)
+
+Why so few events in flight: a state is one instruction, and losing any
+one of its fragments loses all of it; its resend is a new instruction
+(fragments do not add up across tries).  A state of n fragments gets
+through a link that loses a share p of datagrams with chance (1 - p)^n:
+at 20% loss, 0.8 for one fragment, 0.04 for fifteen.  So events go out in
+states of a few datagrams (``EVENTS_IN_FLIGHT_BYTES``, 4 KiB: four
+fragments at most, fewer as events compress), the next ones joining as the
+broker acknowledges.  The price is on a clean link: one window per
+acknowledgement (the broker's ACK_DELAY, 100 ms), about 40 KB of events a
+second (docs/ssp-endpoint.md, "The node side").
 
 The backlog continues the state's event queue: its first event's index is
 the state's ``event_end``, and events only join at its end and leave from
@@ -43,10 +54,12 @@ from collections import deque
 DIFF_BUDGET = 32 * 1024
 #: Encoded bytes of all reported values together, at most.
 MAX_VALUES_BYTES = DIFF_BUDGET // 2
-#: Encoded bytes of the events in the SSP state (unacknowledged), at most.
-EVENTS_IN_FLIGHT_BYTES = DIFF_BUDGET - MAX_VALUES_BYTES
-#: Encoded bytes of one event, at most.
-MAX_EVENT_BYTES = EVENTS_IN_FLIGHT_BYTES
+#: Encoded bytes of one event, at most (it leaves alone when that large).
+MAX_EVENT_BYTES = DIFF_BUDGET - MAX_VALUES_BYTES
+#: Encoded bytes of the events in the SSP state (unacknowledged), at most,
+#: unless one larger event is alone: a state of a few datagrams, so that a
+#: lossy link still gets it through (see the module docstring).
+EVENTS_IN_FLIGHT_BYTES = 4 * 1024
 #: Events held beyond the state, at most (by default): hours of one event a
 #: second through an outage.
 MAX_BACKLOG = 100_000

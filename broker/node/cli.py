@@ -14,7 +14,8 @@ devices from one process (their numbers and keys from ``broker-admin
 ``--keys FILE``) and prints a JSON summary.
 
 Bad usage exits with status 2 and one line on stderr.  A bad line on
-stdin is reported on stderr and skipped.  An unreachable broker is not an
+stdin (one the broker's registry would refuse too) is reported on stderr
+and skipped, and ``run`` then exits 3.  An unreachable broker is not an
 error while running (SSP keeps trying), but ``run`` exits 1 with a message
 if what it read was not acknowledged when it stops.
 """
@@ -29,6 +30,8 @@ import socket
 import sys
 from pathlib import Path
 
+from broker.node.backlog import MAX_BACKLOG
+from broker.node.session import MAX_STATE_BYTES
 from broker.ssp.keys import parse_key
 
 DEFAULT_PORT = 60001
@@ -39,6 +42,9 @@ DEFAULT_PORT = 60001
 #: node with a shorter one starts a new session before any acknowledgement
 #: can arrive, and delivers nothing.
 MIN_HEARTBEAT = 1.0
+#: Bytes: the range of the registry's max_state_bytes (broker/config.py).
+MIN_STATE_BYTES = 256
+MAX_STATE_BYTES_SETTING = 1 << 20
 #: The environment variable that may hold the device key (not shown by ps).
 SECRET_ENV = "BROKER_NODE_SECRET"
 #: The warning for a key on the command line.
@@ -166,6 +172,30 @@ def not_negative(text: str) -> float:
     return value
 
 
+def state_bytes(text: str) -> int:
+    """An argparse type: the registry's max_state_bytes range (broker/config.py)."""
+    value = _whole(text)
+    if not MIN_STATE_BYTES <= value <= MAX_STATE_BYTES_SETTING:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be {MIN_STATE_BYTES}..{MAX_STATE_BYTES_SETTING}")
+    return value
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or more")
+    return value
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -200,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--linger", type=not_negative, default=5.0,
                      help="seconds to wait for acknowledgements after end of input "
                           "or a signal (default 5)")
+    run.add_argument("--max-state-bytes", type=state_bytes, default=MAX_STATE_BYTES,
+                     help="the broker's [registry] max_state_bytes: all values together, "
+                          "and one event, at most this many bytes as the registry counts "
+                          f"them; a larger line is skipped (default {MAX_STATE_BYTES})")
+    run.add_argument("--max-backlog", type=at_least_one, default=MAX_BACKLOG,
+                     help="events held while the broker has not acknowledged earlier ones; "
+                          f"when full, input is read no further (default {MAX_BACKLOG})")
 
     sim = commands.add_parser("simulate", help="many simulated devices from one process")
     sim.add_argument("--devices", type=int, required=True, help="how many devices to run")

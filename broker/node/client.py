@@ -36,9 +36,20 @@ __all__ = ["NodeEndpoint", "SSPNode", "node_profile"]
 _HEADER = struct.Struct(">BQQ")
 
 
-def node_profile(heartbeat: float = FLEET.ack_interval):
-    """The device's timing: FLEET with its heartbeat (wire.md 6)."""
-    return dataclasses.replace(FLEET, ack_interval=heartbeat)
+def node_profile(heartbeat: float = FLEET.ack_interval, rekey_after: float | None = None):
+    """The device's timing: FLEET with its heartbeat (wire.md 6), retrying a state
+    the broker has not acknowledged (backed off, at most ``backoff_max`` apart) for
+    as long as the session lasts: ``rekey_after`` (default three heartbeats, as
+    SSPNode's) since the broker was last heard.
+
+    FLEET's ``active_retry_timeout`` (mosh's 10 s) would leave a lossy link to the
+    heartbeat: a broker says nothing until it has a whole state, so after 10 s of
+    lost tries the node would try once a heartbeat (25 s) while events wait.
+    """
+    if rekey_after is None:
+        rekey_after = 3 * heartbeat
+    return dataclasses.replace(FLEET, ack_interval=heartbeat, active_retry_timeout=max(
+        FLEET.active_retry_timeout, rekey_after))
 
 
 def _bind_address(broker_host: str) -> str:
@@ -271,7 +282,7 @@ class SSPNode:
             session_ids = SessionIds(state_path, random_bytes=random_bytes)
         self.session = NodeSession(
             device_number, secret, self.endpoint.broker_address, session_ids=session_ids,
-            profile=node_profile(heartbeat), ciphers=self.endpoint.ciphers,
+            profile=node_profile(heartbeat, rekey_after), ciphers=self.endpoint.ciphers,
             rekey_after=rekey_after,
             random_bytes=random_bytes, on_desired=on_desired, on_command=on_command,
             max_backlog=max_backlog)

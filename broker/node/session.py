@@ -21,12 +21,24 @@ import cbor2
 from twisted.logger import Logger
 
 from broker.node.backlog import MAX_BACKLOG, MAX_EVENT_BYTES, MAX_VALUES_BYTES, Backlog
+from broker.registry.errors import InvalidKey, InvalidValue
+from broker.registry.settings import RegistrySettings
+from broker.registry.values import Validator, map_size, thaw as registry_thaw, value_size
 from broker.ssp import events as ssp_events
 from broker.ssp.device_state import DeviceState, encode, freeze, same
 from broker.ssp.framing import BrokerFraming
 from broker.ssp.session import SSPSession
 
 EMPTY = DeviceState.empty()
+#: The registry's checks at its default limits (key names, kinds of value,
+#: nesting, item counts).  It refuses a report whole, with every other value
+#: and event the state carried, and the device never hears of it: so the
+#: node refuses what the registry would, before it joins the state.  One
+#: object for every session (its cache of key names is bounded).
+REGISTRY_RULES = Validator(RegistrySettings())
+#: The registry's default ``max_state_bytes``: its size estimate of the
+#: reported map (and of one event), at most.
+MAX_STATE_BYTES = RegistrySettings().max_state_bytes
 
 
 def sendable(item) -> None:
@@ -51,6 +63,34 @@ def sendable(item) -> None:
             sendable(value)
 
 
+#: The registry's size estimate of an empty map (``map_size``).
+EMPTY_MAP_SIZE = map_size((), ())
+
+
+def entry_size(key: str, value) -> int:
+    """What one top-level entry adds to the registry's size estimate of the
+    reported map (``map_size``), which it compares with ``max_state_bytes``."""
+    return len(key) + 3 + value_size(_registry_form(value))
+
+
+def _registry_form(value):
+    """A frozen device-state value as the registry freezes it (its sizes count
+    its own tuples and maps only)."""
+    kind = type(value)
+    if kind is tuple or kind is MappingProxyType or kind is dict:
+        return registry_thaw(plain(value))
+    return value
+
+
+def registry_refusal(check, *args):
+    """``check(*args)`` of the registry's rules; its refusal as a ValueError."""
+    try:
+        return check(*args)
+    except (InvalidKey, InvalidValue) as problem:
+        raise ValueError(f"{problem.message}: the registry refuses it, and the whole "
+                         "report with it") from None
+
+
 def plain(value):
     """A frozen device-state value as plain JSON-like data (maps -> dict, arrays -> list)."""
     if isinstance(value, Mapping):
@@ -66,8 +106,10 @@ class NodeSession:
     ``on_desired(values: dict)`` is called when the desired values change
     (a change of type, 1 to true, is a change); ``on_command(command)`` once
     per command, in order (what they raise is logged).  ``max_backlog``:
-    events held beyond the SSP state at most (backlog.py).  Times are
-    monotonic seconds passed in by the owner.
+    events held beyond the SSP state at most (backlog.py).
+    ``max_state_bytes``: the broker's ``[registry] max_state_bytes``, the
+    registry's estimate of all values together and of one event, at most.
+    Times are monotonic seconds passed in by the owner.
     """
 
     log = Logger()
@@ -76,11 +118,12 @@ class NodeSession:
                  "on_command", "session", "session_id", "sessions_started",
                  "_secret", "_ids", "_profile", "_ciphers", "_random_bytes", "_pending",
                  "_desired", "_events_end", "_acked", "_acked_at", "_rekey_not_before",
-                 "_backlog")
+                 "_backlog", "max_state_bytes", "_values_size")
 
     def __init__(self, device_number: int, secret: bytes, broker_address, *, session_ids,
                  profile, ciphers, rekey_after: float, random_bytes=os.urandom,
-                 on_desired=None, on_command=None, max_backlog: int = MAX_BACKLOG) -> None:
+                 on_desired=None, on_command=None, max_backlog: int = MAX_BACKLOG,
+                 max_state_bytes: int = MAX_STATE_BYTES) -> None:
         if len(secret) != 16:
             raise ValueError("a device secret is 16 bytes")
         self.device_number = device_number
@@ -103,6 +146,8 @@ class NodeSession:
         self._acked_at = 0.0  # when the session started or the broker last acknowledged
         self._rekey_not_before = 0.0  # after a new session id could not be stored
         self._backlog = Backlog(max_backlog)
+        self.max_state_bytes = max_state_bytes
+        self._values_size = EMPTY_MAP_SIZE  # the registry's estimate of our values
 
     # -- what the application does ----------------------------------------------
 
@@ -128,8 +173,10 @@ class NodeSession:
 
     def report(self, values: Mapping, now: float) -> None:
         """Merge values into the reported state (None deletes a key); TypeError or
-        ValueError (nothing changed) for values a device state cannot carry, or
-        all values together over MAX_VALUES_BYTES encoded."""
+        ValueError (nothing changed) for values a device state cannot carry,
+        a key or value the registry refuses (naming it), all values together
+        over MAX_VALUES_BYTES encoded or over max_state_bytes as the registry
+        counts them."""
         self.update(values, (), now)
 
     def emit(self, *events, now: float) -> None:
@@ -142,11 +189,14 @@ class NodeSession:
         """report(values) and emit(*events) together: both or neither (the errors
         of each)."""
         state = before = self.state
+        size = self._values_size
         if values:
             state = state.with_values(values)
             if state is not before:
                 current = state.values
                 sendable([(key, current.get(key)) for key in values])   # as frozen
+                registry_refusal(REGISTRY_RULES.patch,
+                                 {key: plain(current.get(key)) for key in values})
                 # cbor2's plain encoding is never shorter than the canonical one
                 # (only its floats may be longer), and four times faster.
                 if len(cbor2.dumps(dict(current))) > MAX_VALUES_BYTES:
@@ -154,6 +204,13 @@ class NodeSession:
                     if size > MAX_VALUES_BYTES:
                         raise ValueError(f"values of {size} bytes encoded, all together; "
                                          f"a node sends at most {MAX_VALUES_BYTES}")
+                old = before.values
+                for key in values:   # (the estimate kept up to date: no walk of the map)
+                    if key in old:
+                        size -= entry_size(key, old[key])
+                    if key in current:
+                        size += entry_size(key, current[key])
+                self._check_registry_size(state.value_count, size)
         if events:
             frozen = [freeze(event) for event in events]
             sendable(frozen)
@@ -163,9 +220,28 @@ class NodeSession:
                 if size > MAX_EVENT_BYTES and len(encode(event)) > MAX_EVENT_BYTES:
                     raise ValueError(f"an event of {len(encode(event))} bytes encoded; "
                                      f"a node sends at most {MAX_EVENT_BYTES}")
+            for event in frozen:
+                size = value_size(registry_refusal(REGISTRY_RULES.value, plain(event), 1,
+                                                   "events"))
+                if size > self.max_state_bytes:
+                    raise ValueError(f"an event of {size} bytes as the registry counts it; "
+                                     f"it takes at most {self.max_state_bytes} "
+                                     "(max_state_bytes)")
             self._backlog.add(frozen, sizes)
             state = self._fill(state)
         self._set(state, now)
+        self._values_size = size
+
+    def _check_registry_size(self, count: int, size: int) -> None:
+        """ValueError for a reported map the registry refuses as a whole: more
+        keys than it takes, or over max_state_bytes as it counts them."""
+        most = REGISTRY_RULES.max_keys
+        if count > most:
+            raise ValueError(f"{count} values; the registry takes at most {most} keys")
+        if size > self.max_state_bytes:
+            raise ValueError(f"values of {size} bytes all together, as the registry counts "
+                             f"them; it takes at most {self.max_state_bytes} "
+                             "(max_state_bytes)")
 
     def _fill(self, state: DeviceState) -> DeviceState:
         """State with the backlog's events the budget has room for."""
@@ -200,6 +276,7 @@ class NodeSession:
             now=now, profile=self._profile,
             framing=BrokerFraming(self.device_number, session_id),
             remote_address=self.broker_address)
+        session.count_peer_heard(now)   # resend actively even if no answer comes
         self.session_id, self.session = session_id, session
         carry = self._fill(carry)
         if carry is not EMPTY:
@@ -273,7 +350,7 @@ class NodeSession:
         if session is None:
             self.start(now)
             session = self.session
-        if now - self._acked_at >= self.rekey_after and now >= self._rekey_not_before:
+        if now >= self._acked_at + self.rekey_after and now >= self._rekey_not_before:
             try:
                 self.start(now)
             except (OSError, ValueError) as problem:

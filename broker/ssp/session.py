@@ -287,6 +287,13 @@ class SSPSession(Incoming, Parking, Outgoing):
         if now is not None:
             self._refresh(now)
 
+    def count_peer_heard(self, now: float) -> None:
+        """Count the peer as heard at ``now``: a client starting a session then
+        resends its first states actively (every RTO, backed off) for the
+        profile's active_retry_timeout, as mosh's client does from its start,
+        rather than only with its heartbeat when the peer's first answer is lost."""
+        self._sender.remote_heard(now)
+
     def ask_acks(self, asking: bool) -> None:
         """While ``asking``, send our empty diffs (acks, heartbeats) as the
         state's ``ACK_REQUEST_DIFF``, so that the peer acknowledges them within

@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import pty
 import socket
 import sys
 
@@ -14,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broker.node.cli import (MIN_HEARTBEAT, UsageError, build_parser, main, parse_broker,
                              read_keys)
-from broker.node.run import parse_line, run_node
+from broker.node.run import SKIPPED_LINES, parse_line, run_node
 from broker.ssp.keys import format_key
 from tests.helpers import loopback_config, start_broker
 from tests.udp.loopback import pause, wait_until
@@ -290,7 +291,9 @@ class CommandTests(TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.broker = yield start_broker(self, loopback_config(self))
+        # (A long history: a test reads every event stored back from it.)
+        self.broker = yield start_broker(self, loopback_config(
+            self, registry={"history_size": 10_000}))
         self.registry = self.broker.service.registry
         self.address = f"127.0.0.1:{self.broker.udp_port}"
 
@@ -315,8 +318,59 @@ class CommandTests(TestCase):
                          what="desired printed, bytes as the API writes them")
         process.closeChildFD(0)
         code = yield child.ended
-        self.assertEqual(code, 0)
-        self.assertIn(b"line skipped", child.err)
+        self.assertEqual(code, SKIPPED_LINES)
+        self.assertIn(b"line skipped: not JSON", child.err)
+        self.assertIn(b"1 input line(s) skipped", child.err)
+
+    @defer.inlineCallbacks
+    def test_a_key_the_registry_refuses_skips_its_line_only(self):
+        """A line with a key the registry refuses is skipped with a message naming it and
+        the exit status says lines were skipped; the good lines around it reach the
+        registry (it would refuse a report holding the bad key whole)."""
+        args = yield self.run_args("cli-bad-key")
+        process, child = self.spawn(*args)
+        process.writeToChild(0, b'{"humidity": 40}\n{"temp C": 21.5}\n{"pressure": 1013}\n')
+        process.closeChildFD(0)
+        code = yield child.ended
+        self.assertEqual(code, SKIPPED_LINES, child.err)
+        self.assertIn(b"line skipped: key 'temp C'", child.err)
+        self.assertEqual(dict(self.registry.device("cli-bad-key").reported),
+                         {"humidity": 40, "pressure": 1013})
+
+    @defer.inlineCallbacks
+    def test_signal_with_end_of_input_stops_quietly(self):
+        """SIGTERM or SIGINT arriving with end of input (Ctrl-C on a pipeline kills the
+        producer too) stops the node once: status 0 and nothing on stderr."""
+        for number, signal_name in enumerate(("TERM", "INT")):
+            args = yield self.run_args(f"cli-signal-eof-{number}")
+            process, child = self.spawn(*args)
+            process.writeToChild(0, b'{"t": 1}\n')
+            yield wait_until(self, lambda: self.registry.device(
+                f"cli-signal-eof-{number}").reported.get("t") == 1, what="reported")
+            yield pause(0.3)  # the node hears the acknowledgement
+            process.signalProcess(signal_name)
+            process.closeChildFD(0)
+            code = yield child.ended
+            self.assertEqual((code, child.err), (0, b""))
+
+    @defer.inlineCallbacks
+    def test_terminal_input_is_left_blocking(self):
+        """With a terminal as standard input (and output to a pipe), the terminal is
+        blocking again after the node exits: the shell and the next program reading it
+        would otherwise fail (EAGAIN)."""
+        args = yield self.run_args("cli-tty")
+        master, terminal = pty.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, terminal)
+        self.assertTrue(os.get_blocking(terminal))
+        process, child = spawn_node(self, *args, fds={0: terminal, 1: "r", 2: "r"})
+        os.write(master, b'{"t": 1}\n')
+        yield wait_until(self, lambda: self.registry.device("cli-tty").reported.get("t") == 1,
+                         what="reported from the terminal")
+        os.write(master, b"\x04")  # Ctrl-D: end of input
+        code = yield child.ended
+        self.assertEqual(code, 0, child.err)
+        self.assertTrue(os.get_blocking(terminal))
 
     @defer.inlineCallbacks
     def test_signal_stops_quietly_after_acknowledgement(self):
@@ -441,6 +495,25 @@ class CommandTests(TestCase):
         yield wait_until(self, lambda: codes, what="the node's exit")
         self.assertEqual(codes, [0], child.err.decode())
         self.assertEqual(child.err, b"")
+
+    @defer.inlineCallbacks
+    def test_full_backlog_pushes_back_on_input(self):
+        """More events than the backlog holds, written at once: the node stops reading
+        while its backlog is full and goes on as the broker acknowledges, so every event
+        is stored once, in order, no line is skipped, and the status is 0."""
+        args = yield self.run_args("cli-backlog")
+        process, child = self.spawn(*args, "--max-backlog", "5")
+        count = 600
+        process.writeToChild(0, b"".join(b'{"$event": "%04d%s"}\n' % (i, b"x" * 100)
+                                         for i in range(count)))
+        process.closeChildFD(0)
+        code = yield child.ended
+        self.assertEqual((code, child.err), (0, b""))
+        view = self.registry.device("cli-backlog")
+        stored = [event for entry in view.history if entry[3] in ("reported", "events")
+                  for event in (entry[4].get("events", ()) if hasattr(entry[4], "get")
+                                else entry[4])]
+        self.assertEqual(stored, [f"{i:04d}" + "x" * 100 for i in range(count)])
 
     @defer.inlineCallbacks
     def test_simulate_fleet(self):

@@ -9,7 +9,9 @@ from broker.node.client import NodeEndpoint, SSPNode, node_profile
 from broker.node.session import NodeSession
 from broker.node.session_ids import SessionIds
 from broker.ssp.framing import HEADER_SIZE, build_header, parse_header
+from broker.ssp.profile import FLEET
 from tests.helpers import loopback_config, start_broker
+from tests.node.test_session import DEVICE, SECRET, Broker
 from tests.udp.loopback import wait_until
 
 
@@ -59,6 +61,48 @@ class TimingTests(SynchronousTestCase):
                           str(caught.exception))
         node = SSPNode(7, bytes(16), ("127.0.0.1", 1), reactor=reactor, heartbeat=2.0)
         self.assertEqual(node.session.rekey_after, 6.0)
+
+
+class RetryTests(SynchronousTestCase):
+    """A node keeps resending a state the broker has not acknowledged, backed off."""
+
+    def test_profile_retries_for_the_whole_session(self):
+        """node_profile keeps retrying for rekey_after (three heartbeats by default), not
+        for mosh's 10 s; FLEET, which the broker's sessions use, keeps its 10 s."""
+        self.assertEqual(node_profile(25.0).active_retry_timeout, 75.0)
+        self.assertEqual(node_profile(1.0, 30.0).active_retry_timeout, 30.0)
+        self.assertEqual(node_profile(1.0, 2.0).active_retry_timeout,
+                         FLEET.active_retry_timeout)
+        self.assertEqual(FLEET.active_retry_timeout, 10.0)
+
+    def test_unacknowledged_state_is_resent_past_ten_seconds_of_silence(self):
+        """After the broker falls silent, an SSPNode resends its unacknowledged state at
+        most backoff_max (plus the ack delay) apart until it rekeys, instead of once a
+        heartbeat (25 s) after 10 s without an answer."""
+        node = SSPNode(DEVICE, SECRET, ("127.0.0.1", 60001), reactor=reactor,
+                       heartbeat=25.0, rekey_after=75.0).session
+        now = 100.0
+        node.start(now)
+        broker = Broker(node.session_id, now)
+        for _ in range(50):   # the broker hears the node and answers
+            for data, _ in node.datagrams(now):
+                broker.receive(data, now)
+            for data, _ in broker.session.datagrams_to_send(now):
+                node.receive(data, ("127.0.0.1", 60001), now)
+            now += 0.01
+        self.assertTrue(node.idle())
+        first, silent_from = node.session_id, now
+        node.emit("lost", now=now)
+        sent = []
+        while node.session_id == first:
+            for _ in node.datagrams(now):
+                sent.append(now)
+            now = max(now + 0.001, node.next_wakeup())
+        self.assertGreaterEqual(now - silent_from, 75.0)   # it rekeyed on time
+        gaps = [later - earlier for earlier, later in zip(sent, sent[1:])]
+        limit = FLEET.backoff_max + FLEET.ack_delay + 0.01
+        self.assertLessEqual(max(gaps), limit)
+        self.assertGreater(sent[-1] - silent_from, 75.0 - limit)
 
 
 class Catcher(DatagramProtocol):

@@ -2,10 +2,12 @@
 
 import os
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.node.client import node_profile
-from broker.node.session import NodeSession
+from broker.node.session import MAX_STATE_BYTES, NodeSession, plain
+from broker.registry import DeviceRegistry, MemoryStore
 from broker.node.session_ids import SessionIds
 from broker.ssp.crypto import CipherCache
 from broker.ssp.device_state import DeviceState
@@ -232,7 +234,7 @@ class RekeyFailureTests(SynchronousTestCase):
         rekey_after before trying again (no busy loop), then rekeys once it can."""
         ids = FailingIds()
         node = NodeSession(DEVICE, SECRET, ("127.0.0.1", 60001), session_ids=ids,
-                           profile=node_profile(25.0), ciphers=CipherCache(8),
+                           profile=node_profile(25.0, 60.0), ciphers=CipherCache(8),
                            rekey_after=60.0)
         now = 100.0
         node.start(now)
@@ -325,3 +327,113 @@ class RebootNonceTests(SynchronousTestCase):
         self.assertLess(len({nonce for _, nonce in ciphers.sealed}), len(ciphers.sealed))
         self.assertEqual(len({key for key, _ in ciphers.sealed}), 4)
         self.assertEqual(len(ciphers.sealed), len(set(ciphers.sealed)))
+
+
+class RegistryRulesTests(SynchronousTestCase):
+    """What the registry would refuse never joins the node's state: the registry refuses a
+    report whole, with every other value and event in it, and the device never hears."""
+
+    def setUp(self):
+        self.node = self.make_node()
+        self.node.report({"ok": 0}, 100.0)
+
+    def make_node(self, **options):
+        return NodeSession(DEVICE, SECRET, ("127.0.0.1", 60001),
+                           session_ids=SessionIds(None, wall_clock=lambda: 1),
+                           profile=node_profile(25.0), ciphers=CipherCache(8),
+                           rekey_after=60.0, **options)
+
+    def assertRefused(self, values, events, named):
+        """update(values, events) raises ValueError naming ``named``; nothing changed."""
+        before = self.node.state
+        error = self.assertRaises(ValueError, self.node.update, values, events, 100.0)
+        self.assertIn(named, str(error))
+        self.assertIs(self.node.state, before)
+        self.assertEqual(self.node.backlog, 0)
+
+    def test_keys_outside_the_registry_rule_are_refused_by_name(self):
+        """A key the registry refuses (a space, empty, a leading dot, too long, inside a
+        nested map) raises ValueError naming it, and the values and events beside it
+        are not taken either."""
+        long_key = "k" * 65
+        for values, named in (({"temp C": 21.5}, "'temp C'"), ({"": 1}, "empty key"),
+                              ({".x": 1}, "'.x'"), ({long_key: 1}, long_key[:20]),
+                              ({"m": {"a b": 1}}, "'a b'")):
+            self.assertRefused({"good": 1, **values}, ["event"], named)
+        self.assertEqual(dict(self.node.state.values), {"ok": 0})
+
+    def test_values_of_kinds_the_registry_refuses_are_refused(self):
+        """Infinity, nesting deeper than the registry's 4, more than its 64 items in a
+        list, or more than its 256 keys raise ValueError; a value within them is taken."""
+        self.assertRefused({"t": float("inf")}, (), "finite")
+        self.assertRefused({"t": [[[[[1]]]]]}, (), "deeper")
+        self.assertRefused({"t": list(range(65))}, (), "64 items")
+        self.node.report({"t": [[[[1]]]], "u": list(range(64))}, 100.0)
+        self.assertEqual(self.node.state.values["u"], tuple(range(64)))
+        self.node.report({f"k{i}": i for i in range(253)}, 100.0)   # 256 keys in all
+        self.assertRefused({"one_more": 1}, (), "256 keys")
+
+    def test_events_the_registry_refuses_are_refused(self):
+        """An event with a key the registry refuses, nested too deep, or larger than
+        max_state_bytes as the registry counts it raises ValueError; the values beside
+        it are not taken."""
+        self.assertRefused({"t": 1}, [{"kind": "boot", "bad key": 1}], "'bad key'")
+        self.assertRefused({"t": 1}, [[[[[["deep"]]]]]], "deeper")
+        self.assertRefused({"t": 1}, ["x" * MAX_STATE_BYTES], str(MAX_STATE_BYTES))
+        self.node.emit("x" * (MAX_STATE_BYTES - 100), now=100.0)
+        self.assertEqual(self.node.state.event_end, 1)
+
+    def test_values_over_max_state_bytes_are_refused(self):
+        """All values together over max_state_bytes (the registry's default, 8192) as
+        the registry counts them raise ValueError naming the limit; a node given the
+        broker's larger limit takes them."""
+        self.node.report({"a": "x" * 5000}, 100.0)
+        self.assertRefused({"b": "y" * 5000}, (), "8192")
+        self.assertRefused({"a": "x" * 4000, "b": "y" * 4200}, (), "8192")
+        self.assertEqual(set(self.node.state.values), {"ok", "a"})
+        self.node.report({"a": None, "b": "y" * 5000}, 100.0)   # room made in the same report
+        self.node.report({"b": "y" * 4000, "c": "z" * 4000}, 100.0)
+        self.assertEqual(set(self.node.state.values), {"ok", "b", "c"})
+        larger = self.make_node(max_state_bytes=16000)
+        larger.report({"a": "x" * 5000, "b": "y" * 5000}, 100.0)
+        self.assertEqual(set(larger.state.values), {"a", "b"})
+
+    def test_the_whole_map_the_node_sends_is_taken_by_the_registry(self):
+        """After good and refused reports alike, the node's whole map (what a new
+        session's first state carries) is taken by a real registry, with its events."""
+        registry = DeviceRegistry(MemoryStore(), clock=Clock())
+        self.successResultOf(registry.add_device("sensor"))
+        self.node.report({"humidity": 40}, 100.0)
+        for values in ({"temp C": 21.5}, {"nested": {"a:b": 1, "c d": 2}},
+                       {"big": "z" * 9000}):
+            self.assertRaises(ValueError, self.node.report, values, 100.0)
+        self.assertRaises(ValueError, self.node.emit, {"x y": 1}, now=100.0)
+        self.node.update({"pressure": 1013, "nested": {"a:b": 1}}, [{"kind": "boot"}], 100.0)
+        state = self.node.state
+        self.successResultOf(registry.update_reported(
+            "sensor", plain(state.values), [plain(event) for event in state.events]))
+        self.assertEqual(dict(registry.device("sensor").reported),
+                         {"ok": 0, "humidity": 40, "pressure": 1013, "nested": {"a:b": 1}})
+
+
+class FirstAnswerLostTests(SynchronousTestCase):
+    """A session whose broker never answers its first state."""
+
+    def test_first_state_is_resent_before_the_heartbeat(self):
+        """With the broker's first answer lost, the node resends its first state on
+        its retransmission timeout (backed off), several times in the first 20 s,
+        not only with its 25 s heartbeat."""
+        node = NodeSession(DEVICE, SECRET, ("127.0.0.1", 60001),
+                           session_ids=SessionIds(None, wall_clock=lambda: 1_700_000_000.0),
+                           profile=node_profile(25.0, 75.0), ciphers=CipherCache(8),
+                           rekey_after=75.0)
+        now = 100.0
+        node.start(now)
+        node.report({"v": 1}, now)
+        sent = []
+        while now < 120.0:
+            sent += [now for _ in node.datagrams(now)]
+            now = round(now + 0.05, 2)
+        self.assertEqual(node.sessions_started, 1)
+        self.assertGreaterEqual(len(sent), 3)
+        self.assertLess(sent[1] - sent[0], 10.0)

@@ -1,11 +1,12 @@
 """Tests for broker.node.simulate against a real broker on loopback (bounded in time)."""
 
+import random
 import time
 
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.node.simulate import simulate
+from broker.node.simulate import MAX_CATCH_UP, TICK, Pacer, simulate
 from tests.helpers import loopback_config, start_broker
 
 DEVICES = 20
@@ -53,3 +54,29 @@ class ConsecutiveRunsTests(TestCase):
         self.assertEqual(self.endpoint.drops["old_session"], refused)
         # Acknowledged well before the run's 5 s wait for pending devices ran out.
         self.assertLess(time.monotonic() - started, 5.0)
+
+
+class PacerTests(SynchronousTestCase):
+    """The rate a simulation makes reports (and sessions) at, on a fake clock."""
+
+    def test_rate_counts_the_time_that_passed(self):
+        """Turns that last longer than TICK (by 20-60%, as on a busy machine) still make
+        rate x duration reports, within a report: the credit is for time passed."""
+        chance = random.Random(3)
+        now = 1000.0
+        pacer = Pacer(4000.0, now)
+        credit = made = 0.0
+        while now < 1005.0:
+            now = min(now + TICK * chance.uniform(1.2, 1.6), 1005.0)
+            credit += pacer.due(now)
+            made += int(credit)
+            credit -= int(credit)
+        self.assertAlmostEqual(made, 4000.0 * 5, delta=1)
+
+    def test_stall_does_not_burst(self):
+        """A long gap (a stalled process) makes up at most MAX_CATCH_UP seconds of
+        reports; a clock going back makes none."""
+        pacer = Pacer(1000.0, 50.0)
+        self.assertEqual(pacer.due(53.0), 1000.0 * MAX_CATCH_UP)
+        self.assertEqual(pacer.due(52.0), 0.0)
+        self.assertAlmostEqual(pacer.due(52.01), 10.0)

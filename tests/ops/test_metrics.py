@@ -296,7 +296,11 @@ class EndpointFiguresTests(TestCase):
         """A report the registry refuses (a key it does not take) is acknowledged, logged
         and counted under its error code."""
         node = yield self.started_node("node-8")
-        node.report({"bad key": 1})
+        # (A device that does not check: SSPNode refuses such a key itself.)
+        session = node.session
+        session.session.set_local_state(session.state.with_values({"bad key": 1}),
+                                        node.endpoint.now())
+        node.endpoint.kick(session)
         yield wait_for(lambda: node.acknowledged > 0)
         yield wait_for(lambda: sample(self.metrics, "broker_ssp_reports_refused_total",
                                       code="invalid_key") == 1)
