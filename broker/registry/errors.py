@@ -101,3 +101,13 @@ class NotDurable(StoreError):
     it twice."""
 
     code = "not_durable"
+
+
+class OutcomeUnknown(StoreError):
+    """A write whose store call failed without telling whether the store applied it
+    (Redis: the connection dropped or no reply came in time) and that is not sent
+    again (an expected version is its writer's to check): it may or may not be
+    applied, so neither "send it again" nor "do not" is safe to say. Read the
+    device to tell."""
+
+    code = "outcome_unknown"

@@ -12,7 +12,9 @@ has fails with ``IncarnationLost``, never passes for a normal one.
 
 With ``redis_wait_replicas`` the pipeline ends with a ``WAIT``, and its
 verdict (too few replicas in time) fails only the items whose durability
-it stands for: the scripts that change the registry (``DURABLE``). A
+it stands for: the scripts that change the registry (``DURABLE``), with
+``NotReplicated`` carrying the script's reply (it ran: the registry must
+not take the failure for "nothing applied", shared_retry.py). A
 PUBLISH was delivered whatever the replicas did (failing it would make the
 sender relay the command again, delivered twice), and reads (the tokens,
 the sequence) and the presence lease's scripts are answered from their
@@ -47,6 +49,16 @@ class IncarnationLost(StoreError):
         self.found = found
         super().__init__("Redis lost data: its data set marker is "
                          + ("gone" if found is None else f"now {found}"))
+
+
+class NotReplicated(StoreError):
+    """A script Redis ran, but that fewer replicas than ``redis_wait_replicas``
+    acknowledged in time (a failover may lose it): ``reply`` is its decoded
+    reply, which says what it did."""
+
+    def __init__(self, message, reply):
+        super().__init__(message)
+        self.reply = reply
 
 
 class PipelineWriter:
@@ -153,8 +165,8 @@ class PipelineWriter:
         if waiting:
             acked = replies.pop()
             if isinstance(acked, Exception) or acked < options.wait_replicas:
-                problem = StoreError(f"only {acked} of {options.wait_replicas} replicas "
-                                     "acknowledged in time")
+                problem = (f"only {acked} of {options.wait_replicas} replicas "
+                           "acknowledged in time")
         outcomes = []
         replies = iter(replies)
         for (script, _, _, d), kind in zip(batch, slots):
@@ -179,7 +191,7 @@ class PipelineWriter:
             if found != marker:
                 outcomes.append((d, Failure(IncarnationLost(found))))
             elif problem is not None and kind in DURABLE:
-                outcomes.append((d, Failure(problem)))
+                outcomes.append((d, Failure(NotReplicated(problem, _decoded(kind, reply)))))
             else:
                 outcomes.append((d, _decoded(kind, reply)))
         return outcomes

@@ -12,6 +12,12 @@ the stream says which process took the version after the base: if it was
 this one, the failed call was applied and the writes are dropped instead
 of being applied twice (``Attempt``).
 
+A failed write's Deferred says what is known of it: NotDurable when Redis
+applied it (the stream said so, or only ``WAIT`` failed: redis_writer.py)
+or when it is kept to be sent again (do not send it again), the plain
+StoreError when it was not applied (send it again), OutcomeUnknown when
+it is in doubt and not kept (an expected version: read the device).
+
 Connection writes are kept the same way, claims and this process's own
 offline writes alike (a device that went silent while Redis was away must
 not stay online there), until a newer connection write of the device
@@ -24,19 +30,48 @@ re-read that failed (shared.py, ``_tokens_changed``).
 
 from collections import deque
 
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from . import errors
+from .redis_writer import NotReplicated
 from .values import FrozenMap
+
+def _as(failure, kind, message, op):
+    """A write's StoreError as ``kind`` (NotDurable, OutcomeUnknown) with its token;
+    any other failure (a refusal, a bug) unchanged."""
+    if not failure.check(errors.StoreError) or failure.check(kind):
+        return failure
+    return Failure(kind(f"{message} ({failure.value.message})",
+                        token=getattr(op, "token", None)))
+
 
 def _kept(failure, op):
     """The failure of a write kept to be sent again: NotDurable, for its writer must
     not send it again (it would land twice)."""
-    if not failure.check(errors.StoreError) or failure.check(errors.NotDurable):
-        return failure
-    return Failure(errors.NotDurable(
-        f"the change is kept and sent to Redis again until it lands ({failure.value.message}): "
-        "do not send it again", token=getattr(op, "token", None)))
+    return _as(failure, errors.NotDurable, "the change is kept and sent to Redis again "
+               "until it lands: do not send it again", op)
+
+
+def _applied(failure, op):
+    """The failure of a write Redis ran (the stream showed it, or only WAIT failed):
+    NotDurable, not a StoreError that says "nothing applied, send it again"."""
+    return _as(failure, errors.NotDurable, "Redis applied the change but the call "
+               "failed: do not send it again", op)
+
+
+def _unknown(failure, op):
+    """The failure of a write Redis may or may not have run, not sent again."""
+    return _as(failure, errors.OutcomeUnknown, "Redis may or may not have applied the "
+               "change: read the device before sending it again", op)
+
+
+def _failed_once_applied(d, failure, op):
+    """A Deferred for ``op`` in place of ``d``: its success (the change reached
+    this process's replica) fails ``d`` as NotDurable; its failure fails ``d``."""
+    relay = Deferred()
+    relay.addCallbacks(lambda _: d.errback(_applied(failure, op)), d.errback)
+    return relay
 
 
 #: seconds before writes of a failed call are sent again when the device
@@ -144,11 +179,18 @@ class SharedRetries:
 
     def _failed(self, failure, number, ops, base):
         """The call's outcome is unknown: fail its writes, keep them to send again
-        (module docstring) unless the stream already told they were applied."""
+        (module docstring) unless the stream already told they were applied.
+        Each writer is told what is known: applied (NotDurable), kept to be sent
+        again (NotDurable), not applied (the StoreError), or in doubt and not
+        kept (OutcomeUnknown)."""
         if self._lost is not None:
             self._refuse(number, ops, base)     # nothing is kept: Redis lost data
             return
+        if failure.check(NotReplicated):
+            self._not_replicated(failure, number, ops, base)
+            return
         self._forget_own(number, ops, base)
+        refused = {id(op): op.error for op in ops if op.error is not None}
         kept = [op for op in ops if _retained(op)] if number in self._by_number else []
         if kept:
             queue = self._queues.setdefault(number, deque())
@@ -156,41 +198,75 @@ class SharedRetries:
                 op.index = op.error = None
                 queue.appendleft(op)
         attempt = self._attempts.get(number)
+        applied = None
         if attempt is not None and attempt.base == base and attempt.ops is ops:
             attempt.failed = True
             attempt.ops = kept
+            applied = attempt.applied
             if attempt.applied is not None or not kept:
                 self._conclude(number, attempt)     # known after all: no doubt left
                 if attempt.applied:
                     kept = []
+        elif attempt is None or attempt.ops is not ops:
+            # No states in the call (no Attempt): only a session record may have been written.
+            applied = None if any(op.kind == "session" for op in ops) else False
         if any(op.cond is not None for op in kept):
             # (counted before the Deferreds fire: their callers may look)
             self.counters["presence_offline_retried"] += 1
-        failing = ops
+        behind = []
         if kept and any(op.d is None for op in kept):
             # Kept writes failed again (Redis is away): the writes waiting behind
-            # them fail now too, not once Redis is back; they are kept as well.
+            # them fail now too, not once Redis is back; they are kept as well
+            # (all but those with an expected version: never sent, they fail).
             queue = self._queues[number]
             ahead = {id(op) for op in kept}
             behind = [op for op in queue if id(op) not in ahead]
-            failing = ops + behind
             queue.clear()
             queue.extend(kept)
             queue.extend(coalesce([op for op in behind if _retained(op)],
                                   self.settings.max_events))
         sent_again = {id(op) for op in kept}
-        for op in failing:
+        for op in ops:
             if op.kind == "claim":
                 self._held.discard(number)    # not claimed: the next refresh tries again
             d, op.d = op.d, None
+            if d is None:
+                continue
+            if id(op) in refused and id(op) not in sent_again:
+                d.errback(refused[id(op)])      # refused before the call: not in it
+            elif applied:
+                d.errback(_applied(failure, op))
+            elif id(op) in sent_again:
+                d.errback(_kept(failure, op))
+            elif applied is None and op.kind != "barrier":
+                d.errback(_unknown(failure, op))
+            else:
+                # Known not applied, or a barrier (it applies nothing): may be sent again.
+                d.errback(failure)
+        for op in behind:
+            if op.kind == "claim":
+                self._held.discard(number)
+            d, op.d = op.d, None
             if d is not None:
-                d.errback(_kept(failure, op) if id(op) in sent_again else failure)
+                d.errback(_kept(failure, op) if _retained(op) else failure)
         if kept:
             self.counters["retried_failed"] += 1
             self._busy.pop(number, None)
             self._retry_later(number)
         else:
             self._mark_ready(number)
+
+    def _not_replicated(self, failure, number, ops, base):
+        """Redis ran the call but too few replicas acknowledged it (redis_writer.py):
+        its reply is handled as any reply, and the writes it changed fail as
+        NotDurable (applied; do not send again) once the stream brought them."""
+        reply = failure.value.reply
+        status, _, version = reply[:3]
+        if status == "ok" and (version > base or any(op.kind == "session" for op in ops)):
+            for op in ops:
+                if op.d is not None:
+                    op.d = _failed_once_applied(op.d, failure, op)
+        self._replied(reply, number, ops, base)
 
     def _refuse(self, number, ops, base):
         """Fail a call's writes, keeping none: Redis lost data (shared.py)."""

@@ -200,6 +200,108 @@ class RedisFailureTests(TestCase):
         self.assertEqual(len(self.state_entries(number)), 2)
 
     @defer.inlineCallbacks
+    def test_writes_kept_behind_a_report_failing_again_fail_as_not_durable(self):
+        """The writes failed behind a kept report whose retry failed again are told
+        NotDurable when they are kept (sending them again would land them twice), and
+        plain StoreError when they are not (an expected version: never sent, dropped)."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port)
+        number = (yield registry.add_device("dev-e")).device_number
+        proxy.cut_request(b"lost-event")
+        yield self.assertFailure(
+            registry.update_reported("dev-e", {"a": 1}, events=["lost-event"]),
+            errors.NotDurable)
+        proxy.cut_request(b"lost-event")
+        behind = registry.update_reported("dev-e", {"b": 2}, events=["tick"], token=8)
+        checked = registry.update_desired("dev-e", {"mode": "eco"}, expected_version=1)
+        kept = yield self.assertFailure(behind, errors.StoreError)
+        dropped = yield self.assertFailure(checked, errors.StoreError)
+        self.assertEqual((type(kept), kept.token), (errors.NotDurable, 8))
+        self.assertEqual(type(dropped), errors.StoreError)
+        yield wait_until(self, lambda: len(self.stored(number)[1]) == 2, timeout=10,
+                         what="both reports written again")
+        self.assertEqual(self.stored(number), ({"a": 1, "b": 2}, ["lost-event", "tick"]))
+        self.assertEqual(len(self.state_entries(number)), 2)
+        yield wait_until(self, lambda: registry.device("dev-e").version == 3,
+                         what="the replica")
+        self.assertEqual(dict(registry.device("dev-e").desired), {})
+
+    @defer.inlineCallbacks
+    def test_a_report_the_stream_showed_applied_before_its_call_failed_is_not_durable(self):
+        """A report Redis ran whose connection dropped before the reply, and whose change
+        the stream brought before the failure, fails as NotDurable (applied: do not send
+        it again), not as a store error that asks for it again; it lands once."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port)
+        number = (yield registry.add_device("dev-s")).device_number
+        store, write = registry._store, registry._store.write
+
+        def after_the_stream(failure):
+            # The failure reaches the registry after the stream's entry, as when the
+            # stream is quicker than the writer's reconnection.
+            waited = wait_until(self, lambda: registry.device("dev-s").version == 2,
+                                what="the change on the stream")
+            return waited.addCallback(lambda _: failure)
+
+        store.write = lambda *args: write(*args).addErrback(after_the_stream)
+        self.addCleanup(setattr, store, "write", write)
+        proxy.cut_reply(OK_REPLY)
+        failure = yield self.assertFailure(
+            registry.update_reported("dev-s", {"a": 1}, events=["once"], token=9),
+            errors.StoreError)
+        self.assertEqual((type(failure), failure.token), (errors.NotDurable, 9))
+        self.assertEqual(proxy.cuts, 1)
+        self.assertEqual(registry.counters["retry_already_applied"], 1)
+        result = yield registry.update_reported("dev-s", {"b": 2})
+        self.assertEqual(result.version, 3)
+        self.assertEqual(self.stored(number), ({"a": 1, "b": 2}, ["once"]))
+
+    @defer.inlineCallbacks
+    def test_changes_too_few_replicas_acknowledged_fail_as_not_durable_once_applied(self):
+        """With redis_wait_replicas and no replica, a report and a desired patch with an
+        expected version that Redis ran fail as NotDurable (applied, on the stream and
+        in this replica by then; do not send again), each stored once; a version check
+        that changes nothing succeeds."""
+        admin = RedisAdmin.open(RedisOptions(url=f"redis://127.0.0.1:{self.redis_port}/0"))
+        self.addCleanup(admin.close)
+        admin.add_device("dev-w")
+        registry = self.open_registry(self.redis_port, wait_replicas=1, wait_timeout=0.1)
+        number = registry.device("dev-w").device_number
+        report = yield self.assertFailure(
+            registry.update_reported("dev-w", {"a": 1}, events=["press"], token=3),
+            errors.StoreError)
+        self.assertEqual((type(report), report.token), (errors.NotDurable, 3))
+        self.assertEqual(registry.device("dev-w").version, 2)      # the replica has it
+        desired = yield self.assertFailure(
+            registry.update_desired("dev-w", {"mode": "eco"}, expected_version=2),
+            errors.StoreError)
+        self.assertEqual(type(desired), errors.NotDurable)
+        self.assertEqual(dict(registry.device("dev-w").desired), {"mode": "eco"})
+        checked = yield registry.update_desired("dev-w", {}, expected_version=3)
+        self.assertEqual(checked.version, 3)
+        self.assertEqual(self.stored(number), ({"a": 1}, ["press"]))
+        self.assertEqual(len(self.state_entries(number)), 2)
+
+    @defer.inlineCallbacks
+    def test_a_desired_patch_with_an_expected_version_in_doubt_fails_as_outcome_unknown(self):
+        """A desired patch with an expected version whose call failed with its outcome
+        unknown (it is not sent again: the version is its writer's to check) fails as
+        OutcomeUnknown: neither "applied" nor "nothing applied, send it again"."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = self.open_registry(proxy.port)
+        yield registry.add_device("dev-u")
+        proxy.cut_request(b"in-doubt")
+        failure = yield self.assertFailure(
+            registry.update_desired("dev-u", {"mode": "in-doubt"}, expected_version=1,
+                                    token=5),
+            errors.StoreError)
+        self.assertEqual((type(failure), failure.code, failure.token),
+                         (errors.OutcomeUnknown, "outcome_unknown", 5))
+        self.assertEqual(proxy.cuts, 1)
+        result = yield registry.update_desired("dev-u", {"mode": "eco"}, expected_version=1)
+        self.assertEqual(result.version, 2)     # it was not applied (nor sent again)
+
+    @defer.inlineCallbacks
     def test_a_lost_report_is_written_on_its_own_when_the_device_says_nothing_more(self):
         """A report whose script never reached Redis is sent again after a short delay
         even if the device writes nothing more, exactly once."""

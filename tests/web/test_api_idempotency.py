@@ -1,16 +1,22 @@
 """Idempotency-Key on the API's writes: a retry is answered as the first try, never applied twice.
 
-Real HTTP against brokers on loopback (memory registry, and SQLite with a
-store that fails as a full disk would); the bounds of the remembered keys
+Real HTTP against brokers on loopback (memory registry, SQLite with a store
+that fails as a full disk would, and Redis with too few replicas or a
+connection cut mid-write); the bounds of the remembered keys
 are checked on IdempotencyKeys itself with a task.Clock.
 """
 
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.web.api.errors import ApiError, not_durable
+from broker.registry.errors import StoreError
+from broker.registry.redis_admin import RedisAdmin
+from broker.registry.redis_connection import RedisOptions
+from broker.ssp.keys import format_key
+from broker.web.api.errors import ApiError, not_durable, outcome_unknown
 from broker.web.api.idempotency import ENTRY_BYTES, IdempotencyKeys
 from tests.helpers import start_broker
+from tests.scale.redis_support import CuttingProxy, start_server
 from tests.web.test_api_not_durable import break_storage, events_in, repair
 from tests.web.test_api_rest import ORIGIN, Client, broker_config, header
 
@@ -172,6 +178,68 @@ class NotDurableRetryTests(TestCase):
         self.assertEqual(events_in(device), [[2]])
 
 
+class RedisStoreFailureTests(TestCase):
+    """Writes with a key on a broker over Redis whose calls fail (a real redis-server)."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def start(self, port, **registry):
+        """A broker on Redis at ``port`` (through a proxy, maybe) with device "porch";
+        returns (its registry, a Client, the device's credential, a write token's)."""
+        url = f"redis://127.0.0.1:{self.redis_port}/0"
+        admin = RedisAdmin.open(RedisOptions(url=url))
+        self.addCleanup(admin.close)
+        _, secret = admin.add_device("porch")
+        _, token = admin.add_token("write")
+        config = broker_config(self, registry={"backend": "redis",
+                                               "redis_url": f"redis://127.0.0.1:{port}/0",
+                                               **registry})
+        broker = yield start_broker(self, config)
+        return (broker.service.registry, Client(self, broker.http_url),
+                b"Device " + format_key(secret).encode(), b"Bearer " + token.encode())
+
+    @defer.inlineCallbacks
+    def test_events_redis_ran_without_replicas_are_not_durable_and_stored_once(self):
+        """Events Redis applied but no replica acknowledged (redis_wait_replicas) are
+        answered 503 not_durable, "applied", no Retry-After (not store_error: "send it
+        again"), and the retry with their key does not apply them a second time."""
+        self.redis_port = start_server(self)
+        registry, client, auth, _ = yield self.start(
+            self.redis_port, redis_wait_replicas=1, redis_wait_timeout=0.1)
+        key = {b"idempotency-key": b"batch-1"}
+        status, headers, body = yield client.call("POST", "/devices/porch/events", auth,
+                                                  {"events": ["press"]}, key)
+        self.assertEqual((status, body["error"]["code"], body["error"].get("applied")),
+                         (503, "not_durable", True))
+        self.assertIsNone(header(headers, b"retry-after"))
+        version = registry.device("porch").version
+        yield client.call("POST", "/devices/porch/events", auth, {"events": ["press"]}, key)
+        _, _, device = yield client.call("GET", "/devices/porch", auth)
+        self.assertEqual((events_in(device), device["version"]), ([["press"]], version))
+        # (the dashboard's first-run token misses WAIT too)
+        self.flushLoggedErrors(StoreError)
+
+    @defer.inlineCallbacks
+    def test_desired_patch_with_if_match_in_doubt_is_outcome_unknown_until_the_key_expires(self):
+        """A desired patch with If-Match whose Redis call was cut (Redis may or may not
+        have it) is answered 503 outcome_unknown without Retry-After, and its retry with
+        the same key is answered so again without being run: it applies nothing."""
+        self.redis_port = start_server(self)
+        proxy = CuttingProxy(self, self.redis_port)
+        registry, client, _, write = yield self.start(proxy.port)
+        key = {b"idempotency-key": b"mode-1", b"if-match": b'"1"'}
+        proxy.cut_request(b"in-doubt")
+        for _ in range(2):
+            status, headers, body = yield client.call(
+                "PATCH", "/devices/porch/desired", write, {"mode": "in-doubt"}, key)
+            self.assertEqual((status, body["error"]["code"]), (503, "outcome_unknown"))
+            self.assertIsNone(header(headers, b"retry-after"))
+            self.assertNotIn("applied", body["error"])
+        self.assertEqual(proxy.cuts, 1)
+        self.assertEqual(registry.device("porch").version, 1)
+
+
 class KeyBoundsTests(SynchronousTestCase):
     """What IdempotencyKeys remembers: bounded in age, count per device and bytes."""
 
@@ -241,3 +309,16 @@ class KeyBoundsTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(answer), (200, b"now", None))
         self.assertEqual(keys.once((1, "device:a", b"k"), b"print", self.fail, self.fail),
                          (200, b"now", {b"idempotent-replayed": b"true"}))
+
+    def test_outcome_unknown_retry_is_answered_so_again_and_never_runs(self):
+        """A retry of a write answered outcome_unknown (maybe applied) gets outcome_unknown
+        again: it neither writes again nor confirms (nothing could tell it stored)."""
+        keys = IdempotencyKeys(self.clock)
+        self.failureResultOf(keys.once((1, "device:a", b"k"), b"print",
+                                       lambda: defer.fail(outcome_unknown()), self.fail),
+                             ApiError)
+        with self.assertRaises(ApiError) as raised:
+            keys.once((1, "device:a", b"k"), b"print", self.fail, self.fail)
+        self.assertEqual((raised.exception.status, raised.exception.code,
+                          raised.exception.headers), (503, "outcome_unknown", {}))
+        self.assertEqual(len(keys), 1)

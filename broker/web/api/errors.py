@@ -45,6 +45,8 @@ def from_registry(error: registry_errors.RegistryError) -> ApiError:
                         current_version=error.current_version)
     if isinstance(error, NotDurable):
         return not_durable()
+    if isinstance(error, registry_errors.OutcomeUnknown):
+        return outcome_unknown()
     if status == 503:
         # store_error: nothing of the request was applied; sending it again is safe.
         return ApiError(status, error.code, error.message, headers={b"retry-after": b"1"})
@@ -62,6 +64,19 @@ def not_durable() -> ApiError:
                     "the change is applied and visible, but the store failed: it is stored "
                     "once the store recovers (lost if the broker stops before). Do not send "
                     "it again, unless with the same Idempotency-Key", applied=True)
+
+
+def outcome_unknown() -> ApiError:
+    """503 for a write the store may or may not have applied (OutcomeUnknown).
+
+    Neither "nothing applied" nor "applied": no Retry-After, for sending it
+    again blindly could apply it twice. A retry with its Idempotency-Key is
+    answered the same (idempotency.py); the client reads the device to tell.
+    """
+    return ApiError(503, "outcome_unknown",
+                    "the store failed before it said whether the change was applied: it may "
+                    "or may not be. Read the device to see, before sending it again (with an "
+                    "If-Match naming the version read, it is applied at most once)")
 
 
 def etag(version: int) -> bytes:

@@ -12,6 +12,10 @@ key, and gets the first one's answer instead of a second change:
 * the first answered ``not_durable``: the retry waits for the device's
   state to be stored (a store barrier), then answers 200 with the device
   as it is then, or ``not_durable`` again while the store still fails;
+* the first answered ``outcome_unknown`` (the store may or may not have
+  applied it): ``outcome_unknown`` again, for as long as the key is
+  remembered. Only reading the device tells, and running it again could
+  apply it twice;
 * the first is still waiting for its answer: 409 ``idempotency_key_in_use``;
 * the same key with another request (method, path or body): 409
   ``idempotency_key_reused``;
@@ -32,7 +36,7 @@ from collections import Counter, OrderedDict
 
 from twisted.internet import defer
 
-from .errors import ApiError, bad_request, not_durable
+from .errors import ApiError, bad_request, not_durable, outcome_unknown
 
 HEADER = b"idempotency-key"
 #: seconds a key is remembered (a retry after that runs as a new request).
@@ -45,7 +49,9 @@ MAX_BYTES = 8 * 1024 * 1024
 ENTRY_BYTES = 400
 MAX_KEY_LENGTH = 255
 
-_PENDING, _KEPT, _DONE = "pending", "kept", "done"
+_PENDING, _KEPT, _UNKNOWN, _DONE = "pending", "kept", "unknown", "done"
+#: the codes of a confirmation (a store barrier) that found the store still failing.
+_STORE_FAILED = ("store_error", "not_durable", "outcome_unknown")
 
 
 def idempotency_key(request) -> bytes | None:
@@ -126,6 +132,9 @@ class IdempotencyKeys:
         if entry.state == _DONE:
             self.counters["replayed"] += 1
             return _replayed(entry.answer)
+        if entry.state == _UNKNOWN:
+            self.counters["replayed"] += 1
+            raise outcome_unknown()
         entry.state = _PENDING          # _KEPT: applied once, stored?
         return confirm().addCallbacks(self._confirmed, self._unconfirmed, (entry,), None,
                                       (entry,))
@@ -143,8 +152,11 @@ class IdempotencyKeys:
         return answer
 
     def _failed(self, failure, entry):
-        if failure.check(ApiError) and failure.value.code == "not_durable":
+        code = failure.value.code if failure.check(ApiError) else None
+        if code == "not_durable":
             entry.state = _KEPT         # applied: a retry must not apply it again
+        elif code == "outcome_unknown":
+            entry.state = _UNKNOWN      # maybe applied: a retry must not apply it again
         else:
             self._forget(entry)         # refused: nothing applied, a retry runs anew
         return failure
@@ -154,7 +166,7 @@ class IdempotencyKeys:
         return self._done(answer, entry)
 
     def _unconfirmed(self, failure, entry):
-        if failure.check(ApiError) and failure.value.code in ("store_error", "not_durable"):
+        if failure.check(ApiError) and failure.value.code in _STORE_FAILED:
             entry.state = _KEPT
             raise not_durable()
         self._forget(entry)             # the device is gone (404), or a bug
