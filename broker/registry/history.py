@@ -17,18 +17,35 @@ Loading takes the entries' bytes as they are, without decoding them.
 
 The history is bounded in bytes as well as in entries: one events entry
 can be as large as a request, and every read, feed page and update sends
-the device whole.  Each entry counts its bytes plus ``ENTRY_OVERHEAD``
-(what its JSON adds around its data); appending drops the oldest entries
-until the whole fits the budget, and an entry over a quarter of the budget
-is stored shortened (``shortened_entry``: ``"truncated": true``, the
-counts, and the first keys and events that fit), so that a few entries
+the device whole.  Each entry weighs the larger of its JSON as the API
+sends it (names, escapes and ``{"$bytes": ...}`` included; a float counted
+at its longest, 24 characters) and its stored bytes (``entry_weight``);
+appending drops the oldest entries until the weights fit the budget, so the
+history's JSON and its stored form both do.  An entry over a quarter of
+the budget is stored shortened (``shortened_entry``: ``"truncated": true``,
+the counts, and the first keys and events that fit), so that a few entries
 always fit.  A shortened entry is an ordinary entry: the stores keep it,
-and histories stored before load as they were.
+and ``bounded`` trims a history loaded from one (stored before the budget,
+or under a larger one) the same way.
+
+Weighing an entry means walking its data (and, for one stored, decoding
+it), so appends avoid it while they can: no CBOR byte weighs more than
+``JSON_PER_BYTE``, so a history whose stored bytes times that fits the
+budget needs no weighing (most do).  A history past that is weighed once
+and keeps each entry's weight (``History.weights``, 4 bytes an entry), each
+append then weighing only the entry it adds.
 """
+
+from array import array
 
 import cbor2
 
-from broker.registry.values import thaw
+from broker.registry.history_entry import (  # (some re-exported for the tests)
+    ENTRY_OVERHEAD, JSON_PER_BYTE, _weight_of, decode_entry, encode_entry, entry_weight,
+    json_size, shortened_entry)
+
+__all__ = ["EMPTY_HISTORY", "ENTRY_OVERHEAD", "HISTORY_BYTES", "History", "JSON_PER_BYTE",
+           "decode_entry", "encode_entry", "entry_weight", "json_size", "shortened_entry"]
 
 _dumps = cbor2.dumps
 _loads = cbor2.loads
@@ -37,83 +54,9 @@ _loads = cbor2.loads
 #: with the other default limits a device's JSON stays under a quarter of a
 #: megabyte, the change that made it (an update's ``events``) included.
 HISTORY_BYTES = 128 * 1024
-#: bytes each entry counts beside its own CBOR: what its JSON adds around its
-#: data (the names and values of version, cursor, at and kind: 47 bytes of
-#: names and punctuation, a time of about 18 digits, numbers written longer
-#: than in CBOR), so that the budget bounds many small entries' JSON too.
-ENTRY_OVERHEAD = 80
-#: heads the stored form may add to the bytes counted: the array's (up to 3
-#: bytes for up to 65535 entries) and the new entry's (up to 5).
+#: slack for the heads and brackets of the whole: the stored array's (up to 5
+#: bytes) and the JSON list's ``[]`` (2, less the comma the last entry lacks)
 _HEADS = 8
-
-
-def encode_entry(version: int, cursor: int, at: float, kind: str, data) -> bytes:
-    """The CBOR of one history entry."""
-    return _dumps((version, cursor, at, kind, data))
-
-
-def decode_entry(blob: bytes) -> tuple:
-    """One entry as ``(version, cursor, at, kind, data)``, data frozen."""
-    version, cursor, at, kind, data = _loads(blob)
-    return version, cursor, at, kind, thaw(data)
-
-
-def shortened_entry(version: int, cursor: int, at: float, kind: str, data,
-                    limit: int) -> bytes:
-    """The CBOR of an entry too large to keep whole, in about ``limit`` bytes.
-
-    Its data becomes a map saying so: ``"truncated": true``; for a patch
-    (``reported``, ``desired``) ``"keys"``, how many it had, and ``"patch"``,
-    its first keys that fit; for events (``events``, ``reported`` with
-    events) ``"count"``, how many, and ``"events"``, the first that fit.  A
-    shortened ``reported`` entry always has both ``patch`` and ``events``,
-    the shape of a report with events, which readers already know.
-    """
-    patch, events = _parts(kind, data)
-    short = {"truncated": True}
-    if patch is not None:
-        short["keys"] = len(patch)
-        short["patch"] = {}
-    if events is not None:
-        short["count"] = len(events)
-        short["events"] = ()
-    # 4: the heads of the patch map and the events array as they grow
-    spare = limit - len(encode_entry(version, cursor, at, kind, short)) - 4
-    if patch:
-        kept = {}
-        for key, value in patch.items():
-            spare -= len(_dumps(key)) + len(_dumps(value))
-            if spare < 0:
-                break
-            kept[key] = value
-        short["patch"] = kept
-    if events and spare > 0:
-        kept = []
-        for event in events:
-            spare -= len(_dumps(event))
-            if spare < 0:
-                break
-            kept.append(event)
-        short["events"] = kept
-    return encode_entry(version, cursor, at, kind, short)
-
-
-def _parts(kind: str, data) -> tuple:
-    """``(patch, events)`` an entry's data carries, None for a part it has not."""
-    if kind == "events":
-        return None, (data if isinstance(data, (tuple, list)) else ())
-    if not isinstance(data, dict):
-        return None, None
-    if kind == "desired":
-        return data, None
-    if kind == "reported":
-        if (data.keys() == {"patch", "events"} and isinstance(data["patch"], dict)
-                and isinstance(data["events"], (tuple, list))):
-            return data["patch"], data["events"]
-        return data, ()
-    return None, None
-
-
 def _head(major: int, n: int) -> bytes:
     """CBOR head of major type ``major`` (shifted) with argument ``n``."""
     if n < 24:
@@ -144,6 +87,21 @@ def _entry_end(data: bytes, pos: int) -> int:
     return pos + length
 
 
+def _first_entry(data: bytes) -> int:
+    """The position of the first entry of a stored array (after its head)."""
+    return _argument(data, 0)[1]
+
+
+def _measured(data: bytes, pos: int) -> array:
+    """The weight of each stored entry from ``pos`` on."""
+    weights = array("I")
+    while pos < len(data):
+        length, pos = _argument(data, pos)
+        weights.append(entry_weight(data[pos:pos + length]))
+        pos += length
+    return weights
+
+
 #: the heads of arrays and byte strings of fewer than 256 items (bytes)
 _ARRAY_HEADS = tuple(_head(0x80, n) for n in range(256))
 _BSTR_HEADS = tuple(_head(0x40, n) for n in range(256))
@@ -157,10 +115,12 @@ class History:
     with the same bytes, and to a tuple of the same decoded entries.
     """
 
-    __slots__ = ("stored",)
+    __slots__ = ("stored", "weights")
 
-    def __init__(self, stored: bytes = b"\x80"):
+    def __init__(self, stored: bytes = b"\x80", weights=None):
         self.stored = stored
+        #: each entry's weight once measured (near the budget), else None
+        self.weights = weights
 
     @classmethod
     def of(cls, entries) -> "History":
@@ -185,63 +145,100 @@ class History:
         """Each entry's CBOR, oldest first."""
         return tuple(_loads(self.stored))
 
+    def weight(self) -> int:
+        """The sum of the entries' weights: what the history counts against
+        its budget (its JSON list and its stored array are at most that plus
+        8 bytes)."""
+        weights = self.weights
+        return sum(_measured(self.stored, _first_entry(self.stored)) if weights is None
+                   else weights)
+
     def appended(self, version, cursor, at, kind, data, size: int,
                  budget: int = HISTORY_BYTES) -> "History":
         """This history plus one entry, keeping the newest ``size`` entries
-        that fit in ``budget`` bytes (each counted with ENTRY_OVERHEAD); an
-        entry over a quarter of the budget is kept shortened."""
+        whose weights fit in ``budget``; an entry weighing over a quarter of
+        the budget is kept shortened."""
         entry = encode_entry(version, cursor, at, kind, data)
         n = len(entry)
-        if n + ENTRY_OVERHEAD > budget >> 2:       # rare: a big batch of events
-            entry = shortened_entry(version, cursor, at, kind, data,
-                                    (budget >> 2) - ENTRY_OVERHEAD)
-            n = len(entry)
+        quarter = budget >> 2
+        weight = None                               # the new entry's, once measured
+        if n * JSON_PER_BYTE + ENTRY_OVERHEAD > quarter:     # it may be over a quarter
+            weight = _weight_of((version, cursor, at, kind, data), n)
+            if weight > quarter:                    # rare: a big batch of events
+                entry = shortened_entry(version, cursor, at, kind, data, quarter)
+                n = len(entry)
+                weight = entry_weight(entry)
         stored = self.stored
         head = stored[0]                            # (heads of one or two bytes inline)
         if head < 0x98:
             count, start = head - 0x7f, 1
         else:
             count, start = _argument(stored, 0)
-            count += 1
-        room = budget - n - _HEADS                  # for the entries kept, overheads included
-        end = len(stored)
-        if end + count * ENTRY_OVERHEAD > room:     # near the budget: drop by bytes too
-            while count > 1 and (count > size or end - start + count * ENTRY_OVERHEAD > room):
-                start = _entry_end(stored, start)
-                count -= 1
-        while count > size:                         # drop the oldest entries
-            head = stored[start]
-            if head == 0x58:
-                start += 2 + stored[start + 1]
-            elif head < 0x58:
-                start += head - 0x3f
-            else:
-                length, start = _argument(stored, start)
-                start += length
+            count += 1                              # (count: the new entry included)
+        room = budget - _HEADS
+        weights = self.weights
+        if weights is None:                         # not measured: most histories
+            if (len(stored) - start + n) * JSON_PER_BYTE + count * ENTRY_OVERHEAD <= room:
+                while count > size:                 # far from the budget: drop by count
+                    head = stored[start]
+                    if head == 0x58:
+                        start += 2 + stored[start + 1]
+                    elif head < 0x58:
+                        start += head - 0x3f
+                    else:
+                        start = _entry_end(stored, start)
+                    count -= 1
+                return History(b"".join((
+                    _ARRAY_HEADS[count] if count < 256 else _head(0x80, count),
+                    stored[start:],
+                    _BSTR_HEADS[n] if n < 256 else _head(0x40, n), entry)))
+            weights = _measured(stored, start)      # near the budget: measured from now on
+        if weight is None:
+            weight = _weight_of((version, cursor, at, kind, data), n)
+        total = sum(weights) + weight
+        first = 0
+        while count > 1 and (count > size or total > room):
+            total -= weights[first]                 # drop the oldest entry
+            first += 1
+            start = _entry_end(stored, start)
             count -= 1
+        weights = weights[first:]
+        weights.append(weight)
         return History(b"".join((
             _ARRAY_HEADS[count] if count < 256 else _head(0x80, count),
             stored[start:],
-            _BSTR_HEADS[n] if n < 256 else _head(0x40, n), entry)))
+            _BSTR_HEADS[n] if n < 256 else _head(0x40, n), entry)), weights)
 
     def bounded(self, size: int, budget: int = HISTORY_BYTES) -> "History":
         """The newest entries within ``size`` and ``budget`` as ``appended``
-        keeps them (for a history stored under larger limits, or before
-        there was a budget); this very history if it is within them."""
+        keeps them, any weighing over a quarter of the budget shortened (for
+        a history stored under larger limits, or before there was a budget);
+        this very history if it is within them."""
         count = len(self)
-        if count <= size and len(self.stored) + count * ENTRY_OVERHEAD <= budget:
+        room = budget - _HEADS
+        if count <= size and len(self.stored) * JSON_PER_BYTE + count * ENTRY_OVERHEAD <= room:
             return self                             # (loading: most need no decoding)
-        encoded = self.encoded
-        total = 3                                   # the array's head
-        kept = 0
-        for blob in reversed(encoded):
-            total += len(_head(0x40, len(blob))) + len(blob) + ENTRY_OVERHEAD
-            if kept == size or total > budget:
+        quarter = budget >> 2
+        kept = []
+        weights = array("I")
+        total = 0
+        for blob in reversed(self.encoded):
+            if len(kept) == size:
                 break
-            kept += 1
-        if kept == len(encoded):
+            weight = entry_weight(blob)
+            if weight > quarter:                    # shortened, as appended keeps it
+                blob = shortened_entry(*decode_entry(blob), quarter)
+                weight = entry_weight(blob)
+            if total + weight > room:
+                break
+            total += weight
+            kept.append(blob)
+            weights.append(weight)
+        kept.reverse()
+        weights.reverse()
+        if kept == list(self.encoded):
             return self
-        return History.of_encoded(encoded[len(encoded) - kept:])
+        return History(_dumps(kept), weights)
 
     def with_cursors(self, version: int, cursor: int) -> "History":
         """This history with the cursor of its newest entries, written as 0

@@ -15,9 +15,10 @@ class RegistrySettings:
 
     #: changes kept per device in its history; 0 turns history off.
     history_size: int = 16
-    #: bytes of history kept per device, each entry counted with what its
-    #: JSON adds (history.ENTRY_OVERHEAD): the oldest entries go first, an
-    #: entry over a quarter of it is kept shortened (``"truncated": true``).
+    #: bytes of history kept per device, each entry counted by its JSON, at
+    #: least its stored size (history_entry.entry_weight): the oldest entries
+    #: go first, an entry over a quarter of it is kept shortened
+    #: (``"truncated": true``).
     history_bytes: int = HISTORY_BYTES
     #: encoded size limit of ``reported`` and of ``desired``, each.
     max_state_bytes: int = 8192
