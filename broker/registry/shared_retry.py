@@ -191,7 +191,10 @@ class SharedRetries:
             return
         self._forget_own(number, ops, base)
         refused = {id(op): op.error for op in ops if op.error is not None}
-        kept = [op for op in ops if _retained(op)] if number in self._by_number else []
+        # (a write refused before the call was never in it: it is not sent again,
+        # and its writer gets the refusal, whatever became of the call)
+        kept = ([op for op in ops if _retained(op) and id(op) not in refused]
+                if number in self._by_number else [])
         if kept:
             queue = self._queues.setdefault(number, deque())
             for op in reversed(kept):
@@ -232,7 +235,7 @@ class SharedRetries:
             d, op.d = op.d, None
             if d is None:
                 continue
-            if id(op) in refused and id(op) not in sent_again:
+            if id(op) in refused:
                 d.errback(refused[id(op)])      # refused before the call: not in it
             elif applied:
                 d.errback(_applied(failure, op))

@@ -162,6 +162,28 @@ class RedisFailureTests(TestCase):
         self.assertEqual(dict(registry.device("dev-b").reported), {"a": 1, "b": 2})
 
     @defer.inlineCallbacks
+    def test_a_report_refused_in_a_failed_call_gets_its_refusal(self):
+        """A report the registry refuses (state_too_large) queued with one whose call
+        fails is answered with its refusal, not not_durable ("applied, do not send
+        again"), and is never sent: the kept report lands, the refused one does not."""
+        proxy = CuttingProxy(self, self.redis_port)
+        registry = open_shared_registry(
+            RedisOptions(url=f"redis://127.0.0.1:{proxy.port}/0"), reactor=reactor,
+            lease_ttl=0, settings=RegistrySettings(max_state_bytes=1024))
+        registry.start()
+        self.addCleanup(registry.stop)
+        number = (yield registry.add_device("dev-r")).device_number
+        proxy.cut_request(b"marker-cut")
+        first = registry.update_reported("dev-r", {"a": "x" * 600}, events=["marker-cut"])
+        second = registry.update_reported("dev-r", {"b": "y" * 600}, token=7)
+        yield self.assertFailure(first, errors.NotDurable)
+        error = yield self.assertFailure(second, errors.RegistryError)
+        self.assertEqual((type(error), error.token), (errors.StateTooLarge, 7))
+        yield wait_until(self, lambda: registry.device("dev-r").version == 2, timeout=10,
+                         what="the kept report landed")
+        self.assertEqual(self.stored(number), ({"a": "x" * 600}, ["marker-cut"]))
+
+    @defer.inlineCallbacks
     def test_a_kept_report_fails_as_not_durable_and_lands_once(self):
         """A report whose call failed and that is kept to be sent again fails as
         NotDurable, not as a plain store error (its writer must not send it again: an
