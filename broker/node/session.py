@@ -189,7 +189,7 @@ class NodeSession:
         """report(values) and emit(*events) together: both or neither (the errors
         of each)."""
         state = before = self.state
-        size = self._values_size
+        values_size = self._values_size   # the registry's count of the values
         if values:
             state = state.with_values(values)
             if state is not before:
@@ -200,37 +200,37 @@ class NodeSession:
                 # cbor2's plain encoding is never shorter than the canonical one
                 # (only its floats may be longer), and four times faster.
                 if len(cbor2.dumps(dict(current))) > MAX_VALUES_BYTES:
-                    size = len(encode(current))
-                    if size > MAX_VALUES_BYTES:
-                        raise ValueError(f"values of {size} bytes encoded, all together; "
+                    encoded = len(encode(current))
+                    if encoded > MAX_VALUES_BYTES:
+                        raise ValueError(f"values of {encoded} bytes encoded, all together; "
                                          f"a node sends at most {MAX_VALUES_BYTES}")
                 old = before.values
                 for key in values:   # (the estimate kept up to date: no walk of the map)
                     if key in old:
-                        size -= entry_size(key, old[key])
+                        values_size -= entry_size(key, old[key])
                     if key in current:
-                        size += entry_size(key, current[key])
-                self._check_registry_size(state.value_count, size)
+                        values_size += entry_size(key, current[key])
+                self._check_registry_size(state.value_count, values_size)
         if events:
             frozen = [freeze(event) for event in events]
             sendable(frozen)
             # (Plain sizes: a bound of the canonical ones, as for the values.)
             sizes = [len(cbor2.dumps(event)) for event in frozen]
-            for size, event in zip(sizes, frozen):
-                if size > MAX_EVENT_BYTES and len(encode(event)) > MAX_EVENT_BYTES:
+            for encoded, event in zip(sizes, frozen):
+                if encoded > MAX_EVENT_BYTES and len(encode(event)) > MAX_EVENT_BYTES:
                     raise ValueError(f"an event of {len(encode(event))} bytes encoded; "
                                      f"a node sends at most {MAX_EVENT_BYTES}")
             for event in frozen:
-                size = value_size(registry_refusal(REGISTRY_RULES.value, plain(event), 1,
-                                                   "events"))
-                if size > self.max_state_bytes:
-                    raise ValueError(f"an event of {size} bytes as the registry counts it; "
-                                     f"it takes at most {self.max_state_bytes} "
+                counted = value_size(registry_refusal(REGISTRY_RULES.value, plain(event), 1,
+                                                      "events"))
+                if counted > self.max_state_bytes:
+                    raise ValueError(f"an event of {counted} bytes as the registry counts "
+                                     f"it; it takes at most {self.max_state_bytes} "
                                      "(max_state_bytes)")
             self._backlog.add(frozen, sizes)
             state = self._fill(state)
         self._set(state, now)
-        self._values_size = size
+        self._values_size = values_size
 
     def _check_registry_size(self, count: int, size: int) -> None:
         """ValueError for a reported map the registry refuses as a whole: more

@@ -437,3 +437,29 @@ class FirstAnswerLostTests(SynchronousTestCase):
         self.assertEqual(node.sessions_started, 1)
         self.assertGreaterEqual(len(sent), 3)
         self.assertLess(sent[1] - sent[0], 10.0)
+
+
+class ValuesSizeAfterEventsTests(SynchronousTestCase):
+    """The node's count of its values, as the registry counts them, survives events."""
+
+    def node(self):
+        return NodeSession(DEVICE, SECRET, ("127.0.0.1", 60001),
+                           session_ids=SessionIds(None, wall_clock=lambda: 1_700_000_000.0),
+                           profile=node_profile(25.0), ciphers=CipherCache(8), rekey_after=60.0)
+
+    def test_small_report_after_a_large_event_is_taken(self):
+        """After an event close to max_state_bytes, a small report is taken: the event's
+        size does not stand in for the values' (it did, refusing a valid report)."""
+        node = self.node()
+        node.emit({"blob": "x" * 8170}, now=1.0)
+        node.report({"temp": 21}, 2.0)
+        self.assertEqual(node.state.values["temp"], 21)
+
+    def test_values_over_the_limit_after_a_small_event_are_refused(self):
+        """After a small event, values that together exceed max_state_bytes are still
+        refused at the node (the registry would refuse the whole report)."""
+        node = self.node()
+        node.report({"a": "x" * 5000}, 1.0)
+        node.emit({"n": 1}, now=2.0)
+        self.assertRaises(ValueError, node.report, {"b": "y" * 5000}, 3.0)
+        self.assertNotIn("b", node.state.values)
