@@ -31,7 +31,25 @@ def break_storage(data_dir, testcase):
     return conn
 
 
-class StopReportTests(TestCase):
+class StopCapture:
+    """A TestCase mixin: the log lines and the exit status a broker's stop sets."""
+
+    def capture_stop(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.exits = []
+        self.patch(service_module, "exit_with_status_at_exit", self.exits.append)
+
+    def last_line(self):
+        """(level, text) of the stop's last line."""
+        lines = [(event["log_level"], formatEvent(event)) for event in self.events
+                 if event.get("log_namespace") == "broker.service"]
+        self.assertTrue(lines and lines[-1][1].startswith("stopped"), lines)
+        return lines[-1]
+
+
+class StopReportTests(StopCapture, TestCase):
     """A broker over SQLite stopped on the real reactor, its log lines captured."""
 
     timeout = 60
@@ -42,21 +60,10 @@ class StopReportTests(TestCase):
         self.running = yield start_broker(self, config)
         self.service = self.running.service
         self.registry = self.service.registry
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-        self.exits = []
-        self.patch(service_module, "exit_with_status_at_exit", self.exits.append)
+        self.capture_stop()
 
     def break_storage(self):
         return break_storage(self.service.data_dir, self)
-
-    def last_line(self):
-        """(level, text) of the stop's last line."""
-        lines = [(event["log_level"], formatEvent(event)) for event in self.events
-                 if event.get("log_namespace") == "broker.service"]
-        self.assertTrue(lines and lines[-1][1].startswith("stopped"), lines)
-        return lines[-1]
 
     @defer.inlineCallbacks
     def test_clean_stop_says_committed(self):

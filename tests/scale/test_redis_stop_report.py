@@ -4,17 +4,18 @@ devices whose kept writes Redis never took (killed, or refusing writes), and
 then sets exit status 1, as with SQLite (tests/ops/test_stop_report.py)."""
 
 from twisted.internet import defer
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from broker import service as service_module
 from broker.registry import errors
 from tests.helpers import loopback_config, start_broker
+from tests.ops.test_stop_report import StopCapture
 
 from .redis_support import start_server_process
 
 
-class RedisStopReportTests(TestCase):
+class RedisStopReportTests(StopCapture, TestCase):
     """A broker over Redis stopped on the real reactor, its log lines captured."""
 
     timeout = 60
@@ -32,11 +33,7 @@ class RedisStopReportTests(TestCase):
         self.service = (yield start_broker(self, config)).service
         self.service.exit_on_loss = True           # as under twistd's Application
         self.registry = self.service.registry
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-        self.exits = []
-        self.patch(service_module, "exit_with_status_at_exit", self.exits.append)
+        self.capture_stop()
         for name in ("pump-2", "pump-1", "valve"):
             yield self.registry.add_device(name)
         yield self.registry.update_desired("valve", {"open": True})
@@ -44,13 +41,6 @@ class RedisStopReportTests(TestCase):
     def kill_redis(self):
         self.redis_process.kill()
         self.redis_process.wait(10)
-
-    def last_line(self):
-        """(level, text) of the stop's last line."""
-        lines = [(event["log_level"], formatEvent(event)) for event in self.events
-                 if event.get("log_namespace") == "broker.service"]
-        self.assertTrue(lines and lines[-1][1].startswith("stopped"), lines)
-        return lines[-1]
 
     @defer.inlineCallbacks
     def fail_writes(self, *names):
