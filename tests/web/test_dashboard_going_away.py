@@ -25,7 +25,7 @@ def delays(page):
             if s["state"] == "retrying"]
 
 
-def closed_after_snapshot(sockets):
+def closed_after_snapshot(sockets, reason="proxy going away"):
     """A WebSocket route that closes with 1001 as soon as the broker's snapshot is through."""
     def route(ws):
         sockets.append(ws)
@@ -34,9 +34,31 @@ def closed_after_snapshot(sockets):
         def from_broker(message):
             ws.send(message)
             if '"snapshot"' in message and re.search(r'"done":\s*true', message):
-                ws.close(code=1001, reason="proxy going away")
+                ws.close(code=1001, reason=reason)
         server.on_message(from_broker)
     return route
+
+
+def passing_through(sockets):
+    """A WebSocket route that only records each connection (to close it at will)."""
+    def route(ws):
+        sockets.append(ws)
+        ws.connect_to_server()
+    return route
+
+
+def open_link(page, url, route, token, timing):
+    """The page at ``url`` with its WebSockets through ``route``, linked with ``timing``."""
+    page.route_web_socket(re.compile(r"/ws$"), route)
+    page.goto(url)
+    page.evaluate(LINK, [token, timing])
+
+
+def assert_on_the_websocket(testcase, page):
+    """The page is on the WebSocket and never went to polling."""
+    testcase.assertEqual(page.evaluate("window.link.status.transport"), "websocket",
+                         page.evaluate("window.link.status"))
+    testcase.assertNotIn("polling", {transport for transport, _ in statuses(page)})
 
 
 class GoingAwayLoopTests(ModulesTestCase):
@@ -49,9 +71,7 @@ class GoingAwayLoopTests(ModulesTestCase):
         sockets, seen = [], {}
 
         def scenario(page, url):
-            page.route_web_socket(re.compile(r"/ws$"), closed_after_snapshot(sockets))
-            page.goto(url)
-            page.evaluate(LINK, [self.token, {}])
+            open_link(page, url, closed_after_snapshot(sockets), self.token, {})
             wait_for(page, "window.link.status.transport === 'polling'"
                            " && window.link.status.state === 'live'", "live by polling")
             seen["delays"] = delays(page)
@@ -77,14 +97,8 @@ class GoingAwayLoopTests(ModulesTestCase):
         the WebSocket."""
         sockets = []
 
-        def socket(ws):
-            sockets.append(ws)
-            ws.connect_to_server()
-
         def scenario(page, url):
-            page.route_web_socket(re.compile(r"/ws$"), socket)
-            page.goto(url)
-            page.evaluate(LINK, [self.token, {"stableAfterMs": 300}])
+            open_link(page, url, passing_through(sockets), self.token, {"stableAfterMs": 300})
             for restart in range(1, 6):
                 wait_until(page, lambda: len(sockets) == restart, f"WebSocket {restart}")
                 wait_for(page, "window.link.status.state === 'live'", "live on it")
@@ -124,18 +138,10 @@ class RollingRestartTests(ModulesTestCase):
         WebSocket, where the fourth used to put it on long polling for 5 minutes."""
         sockets = []
 
-        def socket(ws):
-            sockets.append(ws)
-            ws.connect_to_server()
-
         def scenario(page, url):
-            page.route_web_socket(re.compile(r"/ws$"), socket)
-            page.goto(url)
-            page.evaluate(LINK, [self.token, {}])
+            open_link(page, url, passing_through(sockets), self.token, {})
             closed_after(sockets, page, 4, 4000, "broker shutting down")
-            self.assertEqual(page.evaluate("window.link.status.transport"), "websocket",
-                             page.evaluate("window.link.status"))
-            self.assertNotIn("polling", {transport for transport, _ in statuses(page)})
+            assert_on_the_websocket(self, page)
             self.assertEqual(len(delays(page)), 4)
         d = in_browser(scenario, self.url)
         return d.addCallback(lambda _: self.assertEqual(len(sockets), 4))
@@ -146,20 +152,9 @@ class RollingRestartTests(ModulesTestCase):
         the same closes with a proxy's reason put the page on long polling."""
         sockets = []
 
-        def socket(ws):
-            sockets.append(ws)
-            server = ws.connect_to_server()
-
-            def from_broker(message):
-                ws.send(message)
-                if '"snapshot"' in message and re.search(r'"done":\s*true', message):
-                    ws.close(code=1001, reason="broker shutting down")
-            server.on_message(from_broker)
-
         def scenario(page, url):
-            page.route_web_socket(re.compile(r"/ws$"), socket)
-            page.goto(url)
-            page.evaluate(LINK, [self.token, {}])
+            open_link(page, url, closed_after_snapshot(sockets, "broker shutting down"),
+                      self.token, {})
             wait_until(page, lambda: statuses(page).count(("websocket", "live")) == 4,
                        "four times live")
             wait_until(page, lambda: statuses(page)[-1] != ("websocket", "live"),
@@ -176,17 +171,9 @@ class RollingRestartTests(ModulesTestCase):
         leave the page on the WebSocket."""
         sockets = []
 
-        def socket(ws):
-            sockets.append(ws)
-            ws.connect_to_server()
-
         def scenario(page, url):
-            page.route_web_socket(re.compile(r"/ws$"), socket)
-            page.goto(url)
-            page.evaluate(LINK, [self.token, {"goingAwayWithinMs": 200}])
+            open_link(page, url, passing_through(sockets), self.token, {"goingAwayWithinMs": 200})
             closed_after(sockets, page, 4, 600, "proxy going away")
-            self.assertEqual(page.evaluate("window.link.status.transport"), "websocket",
-                             page.evaluate("window.link.status"))
-            self.assertNotIn("polling", {transport for transport, _ in statuses(page)})
+            assert_on_the_websocket(self, page)
         d = in_browser(scenario, self.url)
         return d.addCallback(lambda _: self.assertEqual(len(sockets), 4))

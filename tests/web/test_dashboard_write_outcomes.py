@@ -186,6 +186,18 @@ class LostAnswerTests(ModulesTestCase):
             server.on_message(ws.send)
         return route
 
+    def save_over_a_cut_link(self, page, url, token, forward):
+        """Open the device page with writes cut as cut_after_write(forward) does, save
+        fan = 2, and return the message the page shows for it."""
+        page.route_web_socket(re.compile(r"/ws$"), self.cut_after_write(forward))
+        page.goto(f"{url}#token={token}")
+        wait_live(page)
+        show_device(page, "1")
+        save_fan(page, "2")
+        wait_for(page, f"{EDITED}.startsWith('Saved') || {EDITED}.startsWith('Not')",
+                 "the outcome")
+        return page.inner_text("#device p.message")
+
     @defer.inlineCallbacks
     def test_applied_write_without_answer_over_the_websocket_is_saved(self):
         """A set_desired the broker applied, whose answer the dropped WebSocket lost, is
@@ -195,14 +207,7 @@ class LostAnswerTests(ModulesTestCase):
         said = []
 
         def scenario(page, url):
-            page.route_web_socket(re.compile(r"/ws$"), self.cut_after_write(forward=True))
-            page.goto(f"{url}#token={token}")
-            wait_live(page)
-            show_device(page, "1")
-            save_fan(page, "2")
-            wait_for(page, f"{EDITED}.startsWith('Saved') || {EDITED}.startsWith('Not')",
-                     "the outcome")
-            said.append(page.inner_text("#device p.message"))
+            said.append(self.save_over_a_cut_link(page, url, token, forward=True))
         yield in_browser(scenario, self.url)
         self.assertEqual(said, ["Saved fan = 2."])
         self.assertEqual(self.registry.device("porch").desired["fan"], 2)
@@ -216,14 +221,7 @@ class LostAnswerTests(ModulesTestCase):
         seen = {}
 
         def scenario(page, url):
-            page.route_web_socket(re.compile(r"/ws$"), self.cut_after_write(forward=False))
-            page.goto(f"{url}#token={token}")
-            wait_live(page)
-            show_device(page, "1")
-            save_fan(page, "2")
-            wait_for(page, f"{EDITED}.startsWith('Saved') || {EDITED}.startsWith('Not')",
-                     "the outcome")
-            seen["message"] = page.inner_text("#device p.message")
+            seen["message"] = self.save_over_a_cut_link(page, url, token, forward=False)
             wait_for(page, f"document.querySelector('{FAN}').value === '1'", "fan's value")
             on_reactor(self.registry.update_desired, "porch", {"fan": 5})
             wait_for(page, f"document.querySelector('{FAN}').value === '5'",
