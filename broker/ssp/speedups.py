@@ -1,0 +1,102 @@
+"""The compiled receive path, if there is one (``broker.ssp._speedups``).
+
+``SSPSession.receive_datagram`` calls ``fast_receive`` (through
+``broker.ssp.incoming._fast_receive``) for each datagram: a C function that
+takes the usual datagram (one fragment, a small diff of values and events,
+in order, from the known address) whole, and hands anything else over to
+the Python code, the reference, before changing anything. It ends every
+datagram it takes in exactly the state the Python code would
+(tests/ssp/test_speedups.py).
+
+The extension (broker/ssp/_speedups*.c, one file per part: see
+_speedups.h) is optional (setup.py builds it where a compiler is found);
+without it, or with ``SSP_BROKER_PURE_PYTHON`` set to a non-empty value,
+``fast_receive`` is None and ``unavailable_reason`` says why. The C code
+imports no broker module: it is given here, once, every Python object it
+uses (classes, for their slots; constants; the functions it calls).
+"""
+
+import os
+import zlib
+from collections import OrderedDict
+
+from cryptography.exceptions import InvalidTag
+
+from broker.ssp import events, flags
+from broker.ssp.bounds import _ARRAY_HEAD_GROWTH, StateBounds
+from broker.ssp.crypto import OVERHEAD, CipherCache
+from broker.ssp.datagram import NO_TIMESTAMP, DatagramLayer, RTTEstimator
+from broker.ssp.device_state import (_EMPTY_MAP, _NO_VALUES, MAX_DEPTH,
+                                     DeviceState)
+from broker.ssp.errors import DropReason
+from broker.ssp.fragment import FINAL_BIT
+from broker.ssp.framing import HEADER_SIZE
+from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
+                                    PROTOCOL_VERSION)
+from broker.ssp.profile import Profile
+from broker.ssp.receiver import Receiver
+from broker.ssp.sender import NEVER, Sender
+
+__all__ = ["fast_receive", "unavailable_reason", "counts"]
+
+#: Set to a non-empty value, the broker runs the Python receive path only.
+PURE_PYTHON_VARIABLE = "SSP_BROKER_PURE_PYTHON"
+
+#: What broker.ssp.incoming holds back for itself (MAX_ACKS_WAITING, the
+#: arrival list of held acks): the same figure, kept in step by a test.
+_MAX_ACKS_WAITING = 8
+
+
+def _session_class():
+    """SSPSession, given to the C code on its first receive: the session
+    module imports this one (through incoming), so it cannot be imported
+    here at import time."""
+    from broker.ssp.session import SSPSession
+    return SSPSession
+
+
+def _load():
+    """(the C entry point, None) or (None, why not)."""
+    if os.environ.get(PURE_PYTHON_VARIABLE):
+        return None, f"{PURE_PYTHON_VARIABLE} is set"
+    try:
+        from broker.ssp import _speedups
+    except ImportError as error:
+        return None, f"broker.ssp._speedups is not built ({error})"
+    _speedups.setup(
+        session_class=_session_class,
+        link_class=DatagramLayer, rtt_class=RTTEstimator,
+        sender_class=Sender, receiver_class=Receiver,
+        state_class=DeviceState, profile_class=Profile,
+        bounds_class=StateBounds,
+        cipher_cache_class=CipherCache, ordered_dict_class=OrderedDict,
+        invalid_tag=InvalidTag,
+        decompress=zlib.decompress,
+        state_received_class=events.StateReceived,
+        state_acknowledged_class=events.StateAcknowledged,
+        datagram_rejected=events.datagram_rejected,
+        auth_failed=DropReason.AUTH_FAILED,
+        no_values=_NO_VALUES, empty_map=_EMPTY_MAP, never=NEVER,
+        max_depth=MAX_DEPTH, array_head_growth=_ARRAY_HEAD_GROWTH,
+        header_size=HEADER_SIZE, overhead=OVERHEAD, no_timestamp=NO_TIMESTAMP, final_bit=FINAL_BIT,
+        inflate_at_once=DEFAULT_MAX_INFLATED // MAX_DEFLATE_RATIO,
+        protocol_version=PROTOCOL_VERSION,
+        max_acks_waiting=_MAX_ACKS_WAITING,
+        closed=flags.CLOSED, server=flags.SERVER,
+        hold_acks=flags.HOLD_ACKS, acks_overflowed=flags.ACKS_OVERFLOWED,
+        alpha=RTTEstimator.ALPHA, beta=RTTEstimator.BETA,
+        max_sample_ms=RTTEstimator.MAX_SAMPLE * 1000,
+        min_rto=RTTEstimator.MIN_RTO, max_rto=RTTEstimator.MAX_RTO)
+    return _speedups.receive, None
+
+
+fast_receive, unavailable_reason = _load()
+
+
+def counts() -> tuple[int, int]:
+    """(taken, handed over): datagrams the compiled path took whole and
+    handed to the Python code since import; (0, 0) without it."""
+    if fast_receive is None:
+        return (0, 0)
+    from broker.ssp import _speedups
+    return _speedups.counts()
