@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from broker import __version__
+from broker.ssp import speedups
 
 __all__ = ["Metrics", "InstrumentedStore", "CONTENT_TYPE_LATEST"]
 
@@ -46,9 +47,12 @@ class Metrics:
 
         # Process: memory, CPU, open descriptors (a socket per HTTP client counts).
         ProcessCollector(namespace="broker", registry=registry)
-        self.build_info = Gauge("broker_build_info", "Always 1; the version as a label.",
-                                ["version"], registry=registry)
-        self.build_info.labels(version=__version__).set(1)
+        self.build_info = Gauge("broker_build_info",
+                                "Always 1; the version and the SSP receive path "
+                                "(compiled or python) as labels.",
+                                ["version", "ssp_receive"], registry=registry)
+        receive = "python" if speedups.fast_receive is None else "compiled"
+        self.build_info.labels(version=__version__, ssp_receive=receive).set(1)
         self.reloads = Counter("broker_config_reloads", "SIGHUP reloads, by outcome.",
                                ["outcome"], registry=registry)
         for outcome in ("applied", "refused", "failed"):

@@ -60,6 +60,7 @@ from broker.logs import LogControl
 from broker.metrics import Metrics
 from broker.registry.sqlite_backup import LOCK_NAME
 from broker.registry.close_report import CloseReport
+from broker.ssp import speedups
 from broker.systemd import INHERITED, Activation, Notifier
 from broker.web.dashboard.resource import RootResource
 from broker.web.health import HealthResource, ReadinessResource
@@ -401,6 +402,10 @@ class BrokerService(MultiService):
         where = {name: format_address(port.getHost()) for name, port in ports.items()}
         status = "serving " + ", ".join(f"{name} on {address}" for name, address in where.items())
         log.info("broker ready: {status}", status=status, **where)
+        if self.config.ssp.enabled and speedups.fast_receive is None:
+            log.warn("the SSP receive path runs in pure Python, several times slower per "
+                     "datagram ({reason}); docs/operations.md says how to build the "
+                     "compiled one", reason=speedups.unavailable_reason)
         if self.activation.fds and self.config.ssp.enabled:
             left = self.activation.datagram_socket()
             if left is not None:

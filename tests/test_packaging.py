@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 PROJECT = Path(__file__).resolve().parent.parent
 _NOT_SOURCE = shutil.ignore_patterns(".venv", "_trial_temp*", "build", "dist", "*.egg-info",
                                      ".git", "__pycache__", "dropin.cache", "broker-data",
-                                     ".hypothesis")
+                                     ".hypothesis", "*.so")
 
 
 def run(command, **kwargs):
@@ -108,6 +108,20 @@ class InstallTests(SynchronousTestCase):
         self.assertTrue((plugins / "broker_plugin.py").exists())
         self.assertFalse((plugins / "__init__.py").exists())
         self.assertTwistdRunsBroker(home)
+        self.assertCompiledReceivePath(python)
+
+    def assertCompiledReceivePath(self, python):
+        """Where a C compiler is found (always in CI), the install built the SSP core's
+        compiled receive path, and the installed broker uses it."""
+        if shutil.which("gcc") is None and shutil.which("cc") is None and not os.environ.get("CI"):
+            return
+        elsewhere = Path(self.mktemp()).absolute()
+        elsewhere.mkdir()  # not the work tree: the installed broker is imported
+        found = run([str(python), "-c",
+                     "from broker.ssp import speedups; print(speedups.unavailable_reason)"],
+                    env={**os.environ, "PYTHONPATH": "", "SSP_BROKER_PURE_PYTHON": ""},
+                    cwd=elsewhere)
+        self.assertEqual((found.returncode, found.stdout.strip()), (0, "None"), found.stderr)
 
     def test_editable_install(self):
         """An editable (compat mode) install exposes the plugin from the work tree."""
@@ -115,3 +129,4 @@ class InstallTests(SynchronousTestCase):
         self.install(python, "--config-settings", "editable_mode=compat", "-e",
                      str(self.project_copy()))
         self.assertTwistdRunsBroker(home)
+        self.assertCompiledReceivePath(python)

@@ -19,7 +19,7 @@ import time
 import treq
 from twisted.internet import defer, error, reactor, task
 from twisted.internet.protocol import ProcessProtocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from broker.node.client import SSPNode
 from broker.registry.admin import AdminDatabase
@@ -453,6 +453,56 @@ class StartupTests(TestCase):
         self.assertEqual(exit_code, 2)
         self.assertIn(b"http.endpoint", broker.output)
         self.assertIn(b"no socket was passed by systemd", broker.output)
+
+
+class ReceivePathTests(TestCase):
+    """Which SSP receive path a broker runs is logged and exported."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def _ready_broker(self, env):
+        workdir = absolute_temp(self)
+        config = write_config(workdir, os.path.join(workdir, "data"),
+                              registry={"backend": "memory"})
+        broker = start(self, config, env=env)
+        ready = yield broker.wait_for("broker ready")
+        code, body = yield request("GET", http_url(ready) + "/metrics")
+        self.assertEqual(code, 200)
+        info = [line for line in body.decode().splitlines()
+                if line.startswith("broker_build_info{")]
+        broker.signal("TERM")
+        yield broker.ended.addTimeout(WAIT, reactor)
+        return broker, info
+
+    @defer.inlineCallbacks
+    def test_pure_python_path_is_logged_and_labelled(self):
+        """A broker told to run the pure-Python receive path warns once at start, naming
+        why, and labels broker_build_info with ssp_receive="python"."""
+        broker, info = yield self._ready_broker({"SSP_BROKER_PURE_PYTHON": "1"})
+        warnings = [record for record in broker.records
+                    if "receive path runs in pure Python" in str(record.get("message"))]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("SSP_BROKER_PURE_PYTHON", warnings[0]["message"])
+        self.assertEqual(len(info), 1)
+        self.assertIn('ssp_receive="python"', info[0])
+
+    @defer.inlineCallbacks
+    def test_compiled_path_runs_when_built(self):
+        """Where the extension is built (always in CI), a broker runs the compiled receive
+        path: no warning, and ssp_receive="compiled"."""
+        from broker.ssp import speedups
+        if speedups.fast_receive is None:
+            if os.environ.get("CI"):
+                self.fail(f"the compiled receive path is not built in CI: "
+                          f"{speedups.unavailable_reason}")
+            raise SkipTest(f"not built here: {speedups.unavailable_reason}")
+        environ = {"SSP_BROKER_PURE_PYTHON": ""}
+        broker, info = yield self._ready_broker(environ)
+        self.assertFalse([record for record in broker.records
+                          if "pure Python" in str(record.get("message"))])
+        self.assertEqual(len(info), 1)
+        self.assertIn('ssp_receive="compiled"', info[0])
 
 
 class DaemonTests(TestCase):
