@@ -61,7 +61,12 @@ check_process(const State *st, Work *w, PyObject *session, PyObject *now)
     int answering = 0;
     if (w->flags & st->server) {
         PyObject *answer = SLOT(w->profile, st->p.answer_heartbeats);
-        if (answer == NULL || (answering = PyObject_IsTrue(answer)) < 0)
+        if (answer == NULL)
+            return HAND_OVER;
+        Py_INCREF(answer);  /* __bool__ may run Python code */
+        answering = PyObject_IsTrue(answer);
+        Py_DECREF(answer);
+        if (answering < 0)
             return HAND_OVER;
     }
     /* wants_ack = answering or inst.diff */
@@ -89,10 +94,16 @@ check_process(const State *st, Work *w, PyObject *session, PyObject *now)
         PyObject *next = SLOT(w->sender, st->snd.next_ack_time);
         if (delay == NULL || next == NULL)
             return HAND_OVER;
+        /* held: the addition may run Python code that replaces them */
+        Py_INCREF(delay);
+        Py_INCREF(next);
         PyObject *due = PyNumber_Add(now, delay);
+        int earlier = due == NULL ? -1
+            : PyObject_RichCompareBool(due, next, Py_LT);
+        Py_DECREF(delay);
+        Py_DECREF(next);
         if (due == NULL)
             return HAND_OVER;
-        int earlier = PyObject_RichCompareBool(due, next, Py_LT);
         if (earlier > 0)
             w->ack_due = due;
         else
@@ -183,15 +194,85 @@ finish_timers(const State *st, PyObject *session, PyObject *now)
 int
 emit(const State *st, PyObject *session, PyObject *event)
 {
-    PyObject *found = SLOT(session, st->s.events);
-    if (found != NULL && found != Py_None)
+    /* read afresh: the event's allocation may have run the GC */
+    PyObject *found = get_slot(session, st->s.events, "_events");
+    if (found == NULL)
+        return -1;
+    if (PyList_CheckExact(found))
         return PyList_Append(found, event);
+    if (found != Py_None) {
+        Py_INCREF(found);
+        PyObject *done = PyObject_CallMethod(found, "append", "O", event);
+        Py_DECREF(found);
+        Py_XDECREF(done);
+        return done == NULL ? -1 : 0;
+    }
     PyObject *list = PyList_New(1);
     if (list == NULL)
         return -1;
     PyList_SET_ITEM(list, 0, Py_NewRef(event));
     slot_set(session, st->s.events, list);
     Py_DECREF(list);
+    return 0;
+}
+
+/* The held ack (incoming.py, "held until durable"), decided again on the
+ * slots as they are now: the allocations and Python calls since the
+ * checks (the GC, __del__, an events list's append) may have replaced
+ * them, and the Python code reads them here. 0, or -1 with an error. */
+static int
+hold_ack(const State *st, Work *w, PyObject *session, PyObject *now)
+{
+    PyObject *waiting = get_slot(session, st->s.ack_waiting,
+                                 "_ack_waiting");
+    if (waiting == NULL)
+        return -1;
+    if (waiting == Py_None) {
+        /* self._ack_waiting = [num, now] */
+        PyObject *list = w->new_waiting != NULL
+            ? Py_NewRef(w->new_waiting) : PyList_New(2);
+        if (list == NULL)
+            return -1;
+        if (w->new_waiting == NULL) {
+            PyList_SET_ITEM(list, 0, Py_NewRef(w->num));
+            PyList_SET_ITEM(list, 1, Py_NewRef(now));
+        }
+        slot_set(session, st->s.ack_waiting, list);
+        Py_DECREF(list);
+        return 0;
+    }
+    Py_INCREF(waiting);
+    Py_ssize_t size = PyObject_Size(waiting);
+    int failed = size < 0;
+    if (!failed && size < st->max_acks_waiting * 2) {
+        /* waiting += (num, now) */
+        if (PyList_CheckExact(waiting))
+            failed = PyList_Append(waiting, w->num) < 0
+                || PyList_Append(waiting, now) < 0;
+        else {
+            PyObject *pair = PyTuple_Pack(2, w->num, now);
+            PyObject *sum = pair ? PyNumber_InPlaceAdd(waiting, pair) : NULL;
+            failed = sum == NULL;
+            Py_XDECREF(pair);
+            Py_XDECREF(sum);
+        }
+        Py_DECREF(waiting);
+        return failed ? -1 : 0;
+    }
+    Py_DECREF(waiting);
+    if (failed)
+        return -1;
+    /* self._flags |= ACKS_OVERFLOWED */
+    PyObject *flags = get_slot(session, st->s.flags, "_flags");
+    if (flags == NULL)
+        return -1;
+    PyObject *bit = PyLong_FromLong(st->acks_overflowed);
+    PyObject *result = bit ? PyNumber_InPlaceOr(flags, bit) : NULL;
+    Py_XDECREF(bit);
+    if (result == NULL)
+        return -1;
+    slot_set(session, st->s.flags, result);
+    Py_DECREF(result);
     return 0;
 }
 
@@ -246,25 +327,8 @@ change(const State *st, Work *w, PyObject *session, PyObject *now)
         if (w->ack_due != NULL)
             slot_set(sender, st->snd.next_ack_time, w->ack_due);
     }
-    else if (w->hold == 1)
-        /* self._ack_waiting = [num, now] */
-        slot_set(session, st->s.ack_waiting, w->new_waiting);
-    else if (w->hold == 2) {
-        /* waiting += (num, now) */
-        PyObject *waiting = SLOT(session, st->s.ack_waiting);
-        if (PyList_Append(waiting, w->num) < 0
-                || PyList_Append(waiting, now) < 0)
-            return -1;
-    }
-    else if (w->hold == 3) {
-        /* self._flags |= ACKS_OVERFLOWED */
-        PyObject *flags = PyLong_FromLong(
-            PyLong_AsLong(SLOT(session, st->s.flags)) | st->acks_overflowed);
-        if (flags == NULL)
-            return -1;
-        slot_set(session, st->s.flags, flags);
-        Py_DECREF(flags);
-    }
+    else if (w->hold && hold_ack(st, w, session, now) < 0)
+        return -1;
     return finish_timers(st, session, now);
 }
 
@@ -292,6 +356,7 @@ work_clear(Work *w)
     Py_CLEAR(w->sender);
     Py_CLEAR(w->receiver);
     Py_CLEAR(w->profile);
+    Py_CLEAR(w->bounds);
     Py_CLEAR(w->states);
     Py_CLEAR(w->reference);
     Py_CLEAR(w->plaintext);
@@ -419,6 +484,39 @@ counts(PyObject *module, PyObject *unused)
     return Py_BuildValue("(KK)", st->taken, st->handed_over);
 }
 
+PyDoc_STRVAR(send_doc,
+"send(session, now) -> list or None\n\n"
+"SSPSession.datagrams_to_send's usual empty ack (see _speedups_send.c):\n"
+"the list of (datagram, address) pairs when taken whole, None to hand\n"
+"over untouched (Python does it all).");
+
+static PyObject *
+send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    State *st = get_state(module);
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "send() takes 2 arguments (%zd "
+                     "given)", nargs);
+        return NULL;
+    }
+    if (!st->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "call setup() first");
+        return NULL;
+    }
+    return send_fast(st, args[0], args[1]);
+}
+
+PyDoc_STRVAR(send_counts_doc,
+"send_counts() -> (taken, handed_over): datagrams_to_send calls since\n"
+"import.");
+
+static PyObject *
+send_counts(PyObject *module, PyObject *unused)
+{
+    State *st = get_state(module);
+    return Py_BuildValue("(KK)", st->sends_taken, st->sends_handed_over);
+}
+
 PyDoc_STRVAR(setup_doc,
 "setup(**objects): the classes, constants and functions receive() uses\n"
 "(broker/ssp/speedups.py gives them).");
@@ -437,6 +535,8 @@ static PyMethodDef methods[] = {
     {"receive", (PyCFunction)(void (*)(void))receive, METH_FASTCALL,
      receive_doc},
     {"counts", counts, METH_NOARGS, counts_doc},
+    {"send", (PyCFunction)(void (*)(void))send, METH_FASTCALL, send_doc},
+    {"send_counts", send_counts, METH_NOARGS, send_counts_doc},
     {"timers", (PyCFunction)(void (*)(void))timers, METH_FASTCALL,
      timers_doc},
     {"setup", (PyCFunction)(void (*)(void))setup,
@@ -470,6 +570,9 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->no_values);
     Py_VISIT(st->empty_map);
     Py_VISIT(st->never);
+    Py_VISIT(st->make_chaff);
+    Py_VISIT(st->deflate);
+    Py_VISIT(st->instruction_class);
     return 0;
 }
 
@@ -485,6 +588,10 @@ clear_names(State *st)
     Py_CLEAR(st->str_rtt);
     Py_CLEAR(st->str_front_num);
     Py_CLEAR(st->str_move_to_end);
+    Py_CLEAR(st->str_encrypt);
+    Py_CLEAR(st->str_send_instruction);
+    Py_CLEAR(st->str_join);
+    Py_CLEAR(st->str_encode);
 }
 
 static int
@@ -495,6 +602,7 @@ module_clear(PyObject *module)
         return 0;
     state_clear_objects(st);
     clear_names(st);
+    send_free(st);
     return 0;
 }
 
@@ -535,6 +643,10 @@ PyInit__speedups(void)
     INTERN(str_rtt, "rtt");
     INTERN(str_front_num, "front_num");
     INTERN(str_move_to_end, "move_to_end");
+    INTERN(str_encrypt, "encrypt");
+    INTERN(str_send_instruction, "_send_instruction");
+    INTERN(str_join, "join");
+    INTERN(str_encode, "encode");
     /* HAVE_ZLIB: whether setup.py linked zlib (inflate_small), so that CI
      * can tell a silently left-out zlib from a built one */
 #ifdef SP_HAVE_ZLIB

@@ -10,6 +10,8 @@
  *   _speedups_cbor.c      the diff's CBOR and DeviceState.apply (freeze)
  *   _speedups_receiver.c  Receiver.receive, StateBounds, subtract
  *   _speedups_sender.c    the sender: acks, _rationalize, calculate_timers
+ *   _speedups_send.c      the send path: SSPSession.datagrams_to_send's
+ *                         usual empty ack (send())
  */
 
 #ifndef BROKER_SSP_SPEEDUPS_H
@@ -52,12 +54,13 @@
 /* The slots used, per class (offsets of their member descriptors). */
 typedef struct {
     Py_ssize_t key, ciphers, header, link, sender, receiver, assembly,
-        events, flags, ack_waiting, emitted_num;
+        events, flags, ack_waiting, emitted_num, random_bytes, seq_reserved;
 } SessionSlots;
 
 typedef struct {
     Py_ssize_t direction_in, expected_seq, saved_timestamp,
-        saved_timestamp_at, rtt, remote_address, last_heard;
+        saved_timestamp_at, rtt, remote_address, last_heard, next_seq,
+        direction_out;
 } LinkSlots;
 
 typedef struct {
@@ -66,7 +69,7 @@ typedef struct {
 
 typedef struct {
     Py_ssize_t profile, sent, current, ack_num, last_heard, next_ack_time,
-        next_send_time, mindelay_clock, shutdown, backoff;
+        next_send_time, mindelay_clock, shutdown, backoff, first_num;
 } SenderSlots;
 
 typedef struct {
@@ -80,7 +83,8 @@ typedef struct {
 typedef struct {
     Py_ssize_t answer_heartbeats, received_states_cap, state_bounds,
         ack_delay, send_interval_min, send_interval_max, send_mindelay,
-        active_retry_timeout, retransmit_backoff, backoff_max;
+        active_retry_timeout, retransmit_backoff, backoff_max, ack_interval,
+        sent_states_cap, server_association_timeout;
 } ProfileSlots;
 
 typedef struct {
@@ -106,15 +110,25 @@ typedef struct {
     /* exceptions, functions and shared objects */
     PyObject *invalid_tag, *decompress, *datagram_rejected, *auth_failed,
         *no_values, *empty_map, *never;
+    /* the send path's: make_chaff, instruction.deflate, Instruction */
+    PyObject *make_chaff, *deflate, *instruction_class;
     /* interned method and attribute names */
     PyObject *str_get, *str_decrypt, *str_emit, *str_rationalize,
         *str_subtract, *str_calculate_timers, *str_rtt, *str_front_num,
-        *str_move_to_end;
+        *str_move_to_end, *str_encrypt, *str_send_instruction, *str_join,
+        *str_encode;
     /* constants */
     Py_ssize_t header_size, overhead, inflate_at_once, max_acks_waiting;
     long no_timestamp, final_bit, protocol_version, max_depth,
         array_head_growth;
-    long closed, server, hold_acks, acks_overflowed;
+    long closed, server, hold_acks, acks_overflowed, asks_acks;
+    /* the send path: SEQ_RESERVATION_BLOCK, SMALL_INSTRUCTION, the
+     * smallest fragment payload without and with the header, ECHO_WINDOW
+     * in ms */
+    long long seq_reservation_block;
+    Py_ssize_t small_instruction, smallest_payload_plain,
+        smallest_payload_framed;
+    double echo_window_ms;
     double alpha, beta, max_sample_ms, min_rto, max_rto;
     SessionSlots s;
     LinkSlots l;
@@ -128,6 +142,12 @@ typedef struct {
     CipherCacheSlots cc;
     /* datagrams taken whole and handed over since import */
     unsigned long long taken, handed_over;
+    /* datagrams_to_send calls taken whole and handed over */
+    unsigned long long sends_taken, sends_handed_over;
+    /* the send path's deflate stream (a z_stream when zlib is linked),
+     * made once and reset per instruction: setting one up costs more
+     * than compressing an ack (freed with the module) */
+    void *deflater;
 } State;
 
 /* ---------------------------------------------------------------------
@@ -259,6 +279,7 @@ typedef struct {
 typedef struct {
     /* the session and its parts */
     PyObject *link, *rtt, *sender, *receiver, *profile, *states, *reference;
+    PyObject *bounds;          /* profile.state_bounds, held */
     long flags;
     double now;                /* `now` as a double */
     uint64_t nonce_value;
@@ -303,6 +324,8 @@ SP_INTERNAL int check_framing(State *st, Work *w, PyObject *session,
                               Py_ssize_t *offset);
 SP_INTERNAL int decrypt(const State *st, Work *w, PyObject *session,
                         PyObject *data, Py_ssize_t offset);
+SP_INTERNAL PyObject *cipher_for(const State *st, PyObject *ciphers,
+                                  PyObject *key);
 SP_INTERNAL int check_accept(const State *st, Work *w, PyObject *address);
 SP_INTERNAL int check_instruction(const State *st, Work *w);
 
@@ -322,6 +345,10 @@ SP_INTERNAL int fast_timers(const State *st, PyObject *sender,
                             PyObject *now, PyObject *rtt);
 SP_INTERNAL int calculate_timers(const State *st, PyObject *sender,
                                  PyObject *now, PyObject *rtt);
+
+/* _speedups_send.c */
+SP_INTERNAL PyObject *send_fast(State *st, PyObject *session, PyObject *now);
+SP_INTERNAL void send_free(State *st);
 
 /* _speedups_setup.c */
 SP_INTERNAL PyObject *setup_state(State *st, PyObject *args,

@@ -262,11 +262,14 @@ apply_events(const State *st, PyObject *reference, PyObject *first_object,
     /* end = self._event_base + len(self._events) */
     uint64_t end = base + (uint64_t)PyTuple_GET_SIZE(events);
     if (first == end) {
-        /* return self._event_base, self._events + added */
-        *events_out = PySequence_Concat(events, added);
-        if (*events_out == NULL)
-            return -1;
+        /* return self._event_base, self._events + added (the base held
+         * across the allocation: the GC may run code) */
         *base_out = Py_NewRef(base_object);
+        *events_out = PySequence_Concat(events, added);
+        if (*events_out == NULL) {
+            Py_CLEAR(*base_out);
+            return -1;
+        }
         return 0;
     }
     /* first > end and self._is_blank(): not self._values, event_base 0,
@@ -317,6 +320,8 @@ apply_diff(const State *st, Work *w)
     PyObject *old_values = SLOT(reference, st->ds.values);
     if (old_values == NULL || !PyDict_CheckExact(old_values))
         return HAND_OVER;
+    /* held: the patch allocates (the GC may run code) */
+    Py_INCREF(old_values);
     for (uint64_t i = 0; i < count; i++) {
         uint64_t key, length;
         /* apply: type(key) is not int or key not in _DIFF_KEYS (also 0.0
@@ -358,6 +363,7 @@ apply_diff(const State *st, Work *w)
         goto hand_over;  /* OneItemDecoder: bytes after the item */
     if (count == 0) {
         /* apply: no key 0, 1 or 2: nothing changes (ACK_REQUEST_DIFF) */
+        Py_DECREF(old_values);
         w->new_state = Py_NewRef(reference);
         return GO;
     }
@@ -373,8 +379,10 @@ apply_diff(const State *st, Work *w)
             goto hand_over;
     }
     else {
-        base = Py_NewRef(SLOT(reference, st->ds.event_base));
-        events = Py_NewRef(SLOT(reference, st->ds.events));
+        base = Py_XNewRef(SLOT(reference, st->ds.event_base));
+        events = Py_XNewRef(SLOT(reference, st->ds.events));
+        if (base == NULL || events == NULL)
+            goto hand_over;
     }
     if (patch_values == NULL)
         patch_values = Py_NewRef(old_values);  /* no key 0: self._values */
@@ -389,12 +397,15 @@ apply_diff(const State *st, Work *w)
         Py_DECREF(patch_values);
         Py_DECREF(events);
         Py_DECREF(base);
+        Py_DECREF(old_values);
         w->new_state = Py_NewRef(reference);
         return GO;
     }
+    Py_DECREF(old_values);
     w->new_state = make_state(st, patch_values, events, base);
     return w->new_state == NULL ? HAND_OVER : GO;
 hand_over:
+    Py_DECREF(old_values);
     Py_XDECREF(patch_values);
     Py_XDECREF(first_object);
     Py_XDECREF(added);

@@ -103,7 +103,10 @@ check_bounds(const State *st, Work *w, PyObject *bounds, PyObject *base,
             goto hand_over;  /* encode(state.events_since(start)) */
         if ((size = PyLong_FromLongLong(diff_size)) == NULL)
             goto hand_over;
+        Py_INCREF(start_object);  /* a slot of state: held across the
+                                   * allocation */
         w->held = PyTuple_Pack(3, state, start_object, size);
+        Py_DECREF(start_object);
     }
     else {
         /* known is not None and known[0] is reference and known[1] <=
@@ -211,6 +214,9 @@ check_receive(const State *st, Work *w)
         return HAND_OVER;
     if (bounds != Py_None && Py_TYPE(bounds) != st->bounds_type)
         return HAND_OVER;
+    /* held: apply_diff allocates (the GC may run code that replaces the
+     * profile's bounds) */
+    w->bounds = Py_NewRef(bounds);
     if ((long long)((size - keep_from) / 2) > cap) {
         /* receive: quench, or QUEUE_FULL, without state_bounds */
         if (bounds == Py_None)
@@ -236,6 +242,10 @@ check_receive(const State *st, Work *w)
     }
     else
         w->new_state = Py_NewRef(reference);
+    /* Python holds the list it read; code run meanwhile (the GC) must not
+     * have changed it in place */
+    if (PyList_GET_SIZE(states) != size)
+        return HAND_OVER;
 
     /* receive: new_state is reference and reference is not newest (and
      * maybe equal to it: DeviceState.__eq__) */
@@ -256,7 +266,13 @@ check_receive(const State *st, Work *w)
          *     len(diff), self._held_events) */
         PyObject *base = keep_from < size
             ? PyList_GET_ITEM(states, keep_from + 1) : NULL;
-        if (check_bounds(st, w, bounds, base, known) != GO)
+        /* held: check_bounds allocates tuples of known's items */
+        Py_INCREF(known);
+        Py_XINCREF(base);
+        int checked = check_bounds(st, w, bounds, base, known);
+        Py_DECREF(known);
+        Py_XDECREF(base);
+        if (checked != GO)
             return HAND_OVER;
         w->set_held = 1;
     }
@@ -301,6 +317,7 @@ subtract(const State *st, PyObject *self, PyObject *prefix)
         PyObject *args[2] = {self, prefix};
         return PyObject_VectorcallMethod(st->str_subtract, args, 2, NULL);
     }
+    Py_INCREF(values);  /* held across the allocations (the GC) */
     PyObject *kept = PyTuple_GetSlice(events, (Py_ssize_t)(cut - base),
                                       PyTuple_GET_SIZE(events));
     PyObject *cut_object = PyLong_FromUnsignedLongLong(cut);
@@ -311,6 +328,7 @@ subtract(const State *st, PyObject *self, PyObject *prefix)
         slot_set(state, st->ds.events, kept);
         slot_set(state, st->ds.event_base, cut_object);
     }
+    Py_DECREF(values);
     Py_XDECREF(kept);
     Py_XDECREF(cut_object);
     return state;
@@ -323,8 +341,10 @@ rationalize_received(const State *st, PyObject *states)
 {
     PyObject *oldest = Py_NewRef(PyList_GET_ITEM(states, 1));
     for (Py_ssize_t index = 1; index < PyList_GET_SIZE(states); index += 2) {
-        PyObject *result = subtract(st, PyList_GET_ITEM(states, index),
-                                    oldest);
+        /* held: subtract may run code that replaces states[index] */
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(states, index));
+        PyObject *result = subtract(st, item, oldest);
+        Py_DECREF(item);
         if (result == NULL) {
             Py_DECREF(oldest);
             return -1;
@@ -381,8 +401,10 @@ change_receiver(const State *st, Work *w)
     PyObject *held = SLOT(receiver, st->rcv.held_events);
     if (held != NULL && PyTuple_CheckExact(held) && PyTuple_GET_SIZE(held) == 3
             && PyTuple_GET_ITEM(held, 0) == w->new_state) {
+        Py_INCREF(held);  /* its items are read after the allocation */
         PyObject *again = PyTuple_Pack(3, state, PyTuple_GET_ITEM(held, 1),
                                        PyTuple_GET_ITEM(held, 2));
+        Py_DECREF(held);
         if (again == NULL)
             goto error;
         slot_set(receiver, st->rcv.held_events, again);
@@ -394,6 +416,12 @@ change_receiver(const State *st, Work *w)
     PyObject *states = PyList_New(size - skip + 2);
     if (states == NULL)
         goto error;
+    if (PyList_GET_SIZE(kept) != size) {
+        /* code run by subtract or the GC changed the list in place */
+        Py_DECREF(states);
+        PyErr_SetString(PyExc_RuntimeError, "received states list changed");
+        goto error;
+    }
     Py_ssize_t to = 0;
     for (Py_ssize_t from = 0; from < size; from++) {
         if (from >= 2 && from < 2 + skip)

@@ -66,32 +66,47 @@ rationalize_sent(const State *st, PyObject *sender)
         Py_XDECREF(done);
         return done == NULL ? -1 : 0;
     }
+    /* held, and every slot read afresh: subtract() allocates and may run
+     * Python code (the GC, __del__, a subclass), which may replace the
+     * sender's slots or change the list as the Python code would see */
+    Py_INCREF(sent);
     PyObject *front = Py_NewRef(PyList_GET_ITEM(sent, 2));
     PyObject *result;
+    int status = -1;
     if (size == SENT_STRIDE) {
         /* Everything sent is acknowledged (the usual case):
          * result = sent[_STATE] = front.subtract(front); self.current =
          * result if current is front else current.subtract(front) */
         if ((result = subtract(st, front, front)) == NULL)
             goto error;
-        PyList_SetItem(sent, 2, Py_NewRef(result));
+        if (PyList_SetItem(sent, 2, Py_NewRef(result)) < 0
+                || (current = get_slot(sender, st->snd.current,
+                                       "current")) == NULL) {
+            Py_DECREF(result);
+            goto error;
+        }
         if (current != front) {
             Py_DECREF(result);
-            current = SLOT(sender, st->snd.current);
-            if ((result = subtract(st, current, front)) == NULL)
+            Py_INCREF(current);
+            result = subtract(st, current, front);
+            Py_DECREF(current);
+            if (result == NULL)
                 goto error;
         }
         slot_set(sender, st->snd.current, result);
         Py_DECREF(result);
-        Py_DECREF(front);
-        return 0;
+        status = 0;
+        goto error;
     }
     /* for index in range(_STATE, len(sent), _STRIDE): the memo holds the
      * original states (alive: no id is reused meanwhile) */
     PyObject *originals[RATIONALIZE_MAX], *results[RATIONALIZE_MAX];
     Py_ssize_t count = 0;
-    for (Py_ssize_t index = 2; index < size; index += SENT_STRIDE) {
-        PyObject *state = PyList_GET_ITEM(sent, index);
+    for (Py_ssize_t index = 2; index < PyList_GET_SIZE(sent);
+         index += SENT_STRIDE) {
+        PyObject *state = PyList_GetItem(sent, index);
+        if (state == NULL)
+            goto memo_error;
         result = NULL;
         for (Py_ssize_t i = 0; i < count; i++) {
             if (originals[i] == state) {
@@ -100,16 +115,29 @@ rationalize_sent(const State *st, PyObject *sender)
             }
         }
         if (result == NULL) {
-            if ((result = subtract(st, state, front)) == NULL)
+            if (count >= RATIONALIZE_MAX) {
+                /* the list grew meanwhile: Python's _rationalize */
+                PyErr_SetString(PyExc_RuntimeError,
+                                "sent states changed while rationalized");
                 goto memo_error;
-            originals[count] = Py_NewRef(state);
+            }
+            Py_INCREF(state);
+            result = subtract(st, state, front);
+            if (result == NULL) {
+                Py_DECREF(state);
+                goto memo_error;
+            }
+            originals[count] = state;
             results[count++] = Py_NewRef(result);
         }
-        PyList_SetItem(sent, index, result);  /* steals result */
+        if (PyList_SetItem(sent, index, result) < 0)  /* steals result */
+            goto memo_error;
     }
     /* current = self.current = done.get(id(current)) or
      * current.subtract(front) */
-    current = SLOT(sender, st->snd.current);
+    current = get_slot(sender, st->snd.current, "current");
+    if (current == NULL)
+        goto memo_error;
     result = NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
         if (originals[i] == current) {
@@ -117,8 +145,13 @@ rationalize_sent(const State *st, PyObject *sender)
             break;
         }
     }
-    if (result == NULL && (result = subtract(st, current, front)) == NULL)
-        goto memo_error;
+    if (result == NULL) {
+        Py_INCREF(current);
+        result = subtract(st, current, front);
+        Py_DECREF(current);
+        if (result == NULL)
+            goto memo_error;
+    }
     slot_set(sender, st->snd.current, result);
     Py_DECREF(result);
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -128,17 +161,25 @@ rationalize_sent(const State *st, PyObject *sender)
     Py_DECREF(front);
     /* front = sent[_STATE]; if current is not front and current == front:
      * if sent[-1] is current: sent[-1] = front; self.current = front */
-    current = Py_NewRef(SLOT(sender, st->snd.current));
-    front = Py_NewRef(PyList_GET_ITEM(sent, 2));
+    current = get_slot(sender, st->snd.current, "current");
+    front = PyList_GetItem(sent, 2);
+    if (current == NULL || front == NULL) {
+        Py_DECREF(sent);
+        return -1;
+    }
+    Py_INCREF(current);
+    Py_INCREF(front);
     int equal = current == front
         ? 0 : PyObject_RichCompareBool(current, front, Py_EQ);
     if (equal > 0) {
-        if (PyList_GET_ITEM(sent, PyList_GET_SIZE(sent) - 1) == current)
-            PyList_SetItem(sent, PyList_GET_SIZE(sent) - 1, Py_NewRef(front));
+        Py_ssize_t last = PyList_GET_SIZE(sent) - 1;
+        if (last >= 0 && PyList_GET_ITEM(sent, last) == current)
+            PyList_SetItem(sent, last, Py_NewRef(front));
         slot_set(sender, st->snd.current, front);
     }
     Py_DECREF(current);
     Py_DECREF(front);
+    Py_DECREF(sent);
     return equal < 0 ? -1 : 0;
 memo_error:
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -147,7 +188,8 @@ memo_error:
     }
 error:
     Py_DECREF(front);
-    return -1;
+    Py_DECREF(sent);
+    return status;
 }
 
 /* Sender.process_acknowledgment_through, the front moved: drop the

@@ -45,6 +45,8 @@ session_offsets(State *st, PyTypeObject *cls)
     OFFSET(cls, "_flags", st->s.flags);
     OFFSET(cls, "_ack_waiting", st->s.ack_waiting);
     OFFSET(cls, "_emitted_num", st->s.emitted_num);
+    OFFSET(cls, "_random_bytes", st->s.random_bytes);
+    OFFSET(cls, "_seq_reserved", st->s.seq_reserved);
     return 0;
 }
 
@@ -58,6 +60,8 @@ other_offsets(State *st)
     OFFSET(st->link_type, "rtt", st->l.rtt);
     OFFSET(st->link_type, "remote_address", st->l.remote_address);
     OFFSET(st->link_type, "last_heard", st->l.last_heard);
+    OFFSET(st->link_type, "next_seq", st->l.next_seq);
+    OFFSET(st->link_type, "direction_out", st->l.direction_out);
     OFFSET(st->rtt_type, "_srtt_ms", st->r.srtt_ms);
     OFFSET(st->rtt_type, "_rttvar_ms", st->r.rttvar_ms);
     OFFSET(st->rtt_type, "hit", st->r.hit);
@@ -71,6 +75,7 @@ other_offsets(State *st)
     OFFSET(st->sender_type, "_next_send_time", st->snd.next_send_time);
     OFFSET(st->sender_type, "_mindelay_clock", st->snd.mindelay_clock);
     OFFSET(st->sender_type, "_shutdown", st->snd.shutdown);
+    OFFSET(st->sender_type, "_first_num", st->snd.first_num);
     OFFSET(st->receiver_type, "_states", st->rcv.states);
     OFFSET(st->receiver_type, "_held_events", st->rcv.held_events);
     OFFSET(st->state_type, "_values", st->ds.values);
@@ -89,6 +94,10 @@ other_offsets(State *st)
     OFFSET(st->profile_type, "retransmit_backoff",
            st->p.retransmit_backoff);
     OFFSET(st->profile_type, "backoff_max", st->p.backoff_max);
+    OFFSET(st->profile_type, "ack_interval", st->p.ack_interval);
+    OFFSET(st->profile_type, "sent_states_cap", st->p.sent_states_cap);
+    OFFSET(st->profile_type, "server_association_timeout",
+           st->p.server_association_timeout);
     OFFSET(st->bounds_type, "max_diff_bytes", st->b.max_diff_bytes);
     OFFSET(st->bounds_type, "max_values", st->b.max_values);
     OFFSET(st->bounds_type, "max_events", st->b.max_events);
@@ -151,6 +160,9 @@ state_clear_objects(State *st)
     Py_CLEAR(st->no_values);
     Py_CLEAR(st->empty_map);
     Py_CLEAR(st->never);
+    Py_CLEAR(st->make_chaff);
+    Py_CLEAR(st->deflate);
+    Py_CLEAR(st->instruction_class);
 }
 
 /* kwargs[name] as a new reference, or TypeError. */
@@ -247,6 +259,9 @@ setup_state(State *st, PyObject *args, PyObject *kwargs)
     GIVEN(no_values);
     GIVEN(empty_map);
     GIVEN(never);
+    GIVEN(make_chaff);
+    GIVEN(deflate);
+    GIVEN(instruction_class);
     GIVEN_LONG("header_size", value);
     st->header_size = value;
     GIVEN_LONG("overhead", value);
@@ -264,6 +279,16 @@ setup_state(State *st, PyObject *args, PyObject *kwargs)
     GIVEN_LONG("server", st->server);
     GIVEN_LONG("hold_acks", st->hold_acks);
     GIVEN_LONG("acks_overflowed", st->acks_overflowed);
+    GIVEN_LONG("asks_acks", st->asks_acks);
+    GIVEN_LONG("seq_reservation_block", value);
+    st->seq_reservation_block = value;
+    GIVEN_LONG("small_instruction", value);
+    st->small_instruction = value;
+    GIVEN_LONG("smallest_payload_plain", value);
+    st->smallest_payload_plain = value;
+    GIVEN_LONG("smallest_payload_framed", value);
+    st->smallest_payload_framed = value;
+    GIVEN_DOUBLE("echo_window_ms", st->echo_window_ms);
     GIVEN_DOUBLE("alpha", st->alpha);
     GIVEN_DOUBLE("beta", st->beta);
     GIVEN_DOUBLE("max_sample_ms", st->max_sample_ms);

@@ -175,11 +175,26 @@ check_framing(State *st, Work *w, PyObject *session, PyObject *data,
     return GO;
 }
 
+static PyObject *cipher_lookup(const State *, PyObject *, PyObject *);
+
 /* self._ciphers.get(self._key) (new reference): CipherCache.get's hit
  * done here (ciphers.get(key), then move_to_end(key): the cache's order
  * stays exactly Python's); a miss, or another provider, calls get(). */
-static PyObject *
+PyObject *
 cipher_for(const State *st, PyObject *ciphers, PyObject *key)
+{
+    /* the callers' references are borrowed from the session's slots,
+     * which the calls below (Python code, the GC) may replace */
+    Py_INCREF(ciphers);
+    Py_INCREF(key);
+    PyObject *cipher = cipher_lookup(st, ciphers, key);
+    Py_DECREF(ciphers);
+    Py_DECREF(key);
+    return cipher;
+}
+
+static PyObject *
+cipher_lookup(const State *st, PyObject *ciphers, PyObject *key)
 {
     if (Py_TYPE(ciphers) == st->cipher_cache_type) {
         PyObject *cache = SLOT(ciphers, st->cc.ciphers);
@@ -191,9 +206,11 @@ cipher_for(const State *st, PyObject *ciphers, PyObject *key)
             if (cipher != NULL && cipher != Py_None) {
                 /* if cipher is not None: ciphers.move_to_end(key) */
                 Py_INCREF(cipher);
+                Py_INCREF(cache);
                 PyObject *args[2] = {cache, key};
                 PyObject *done = PyObject_VectorcallMethod(
                     st->str_move_to_end, args, 2, NULL);
+                Py_DECREF(cache);
                 if (done == NULL) {
                     Py_DECREF(cipher);
                     return NULL;
@@ -286,7 +303,9 @@ check_accept(const State *st, Work *w, PyObject *address)
         PyObject *remote = SLOT(link, st->l.remote_address);
         if (remote == NULL || remote == Py_None)
             return HAND_OVER;
+        Py_INCREF(remote);  /* the comparison may run Python code */
         PyObject *differs = PyObject_RichCompare(address, remote, Py_NE);
+        Py_DECREF(remote);
         if (differs == NULL)
             return HAND_OVER;
         int moved = PyObject_IsTrue(differs);

@@ -13,8 +13,9 @@ import struct
 
 from cryptography.exceptions import InvalidTag
 
-from broker.ssp.crypto import (NONCE_SIZE, OVERHEAD, SEQ_MASK, TO_CLIENT,
-                               TO_SERVER, aead_nonce, nonce_value_from, seal)
+from broker.ssp.crypto import (NONCE_SIZE, OVERHEAD, SEQ_LIMIT, SEQ_MASK,
+                               TO_CLIENT, TO_SERVER, aead_nonce,
+                               nonce_value_from, seal)
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.fragment import FRAGMENT_HEADER_SIZE
 
@@ -190,11 +191,15 @@ class DatagramLayer:
             # for an idle session: small ints are shared).
             self.saved_timestamp = -1
             self.saved_timestamp_at = 0
+        # Take the number before the seal: a cipher whose encrypt re-enters
+        # and sends gets the next one, never this one (a failed encrypt
+        # burns it, which is safe).
         seq = self.next_seq
-        datagram = seal(cipher, self.direction_out, seq,
-                        _ts_pack(timestamp, reply) + payload, prefix)
+        if not 0 <= seq < SEQ_LIMIT:  # refused, and no number burnt
+            raise ValueError(f"sequence number {seq} outside 0..2**63-1")
         self.next_seq = seq + 1
-        return datagram
+        return seal(cipher, self.direction_out, seq,
+                    _ts_pack(timestamp, reply) + payload, prefix)
 
     def decode(self, cipher, data: bytes, address, now: float, *,
                offset: int = 0,

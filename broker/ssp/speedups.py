@@ -1,4 +1,4 @@
-"""The compiled receive path, if there is one (``broker.ssp._speedups``).
+"""The compiled receive and send paths, if built (``broker.ssp._speedups``).
 
 ``SSPSession.receive_datagram`` calls ``fast_receive`` (through
 ``broker.ssp.incoming._fast_receive``) for each datagram: a C function that
@@ -8,10 +8,17 @@ the Python code, the reference, before changing anything. It ends every
 datagram it takes in exactly the state the Python code would
 (tests/ssp/test_speedups.py).
 
+``SSPSession.datagrams_to_send`` calls ``fast_send`` (through
+``broker.ssp.session._fast_send``): the broker's usual send, an empty ack
+or heartbeat from a sender with nothing unacknowledged, in C (protobuf,
+deflate, fragment header, timestamps, seal); anything else it hands over
+(returns None) before changing anything (tests/ssp/test_speedups_send.py).
+
 The extension (broker/ssp/_speedups*.c, one file per part: see
 _speedups.h) is optional (setup.py builds it where a compiler is found);
 without it, or with ``SSP_BROKER_PURE_PYTHON`` set to a non-empty value,
-``fast_receive`` is None and ``unavailable_reason`` says why. The C code
+``fast_receive`` and ``fast_send`` are None and ``unavailable_reason``
+says why. The C code
 imports no broker module: it is given here, once, every Python object it
 uses (classes, for their slots; constants; the functions it calls).
 """
@@ -31,13 +38,17 @@ from broker.ssp.device_state import (_EMPTY_MAP, _NO_VALUES, MAX_DEPTH,
 from broker.ssp.errors import DropReason
 from broker.ssp.fragment import FINAL_BIT
 from broker.ssp.framing import HEADER_SIZE
+from broker.ssp.datagram import ECHO_WINDOW
 from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
-                                    PROTOCOL_VERSION)
+                                    PROTOCOL_VERSION, SMALL_INSTRUCTION,
+                                    Instruction, deflate)
+from broker.ssp.outgoing import _SMALLEST_PAYLOAD, SEQ_RESERVATION_BLOCK
 from broker.ssp.profile import Profile
 from broker.ssp.receiver import Receiver
-from broker.ssp.sender import NEVER, Sender
+from broker.ssp.sender import NEVER, Sender, make_chaff
 
-__all__ = ["fast_receive", "unavailable_reason", "counts"]
+__all__ = ["fast_receive", "fast_send", "unavailable_reason", "counts",
+           "send_counts"]
 
 #: Set to a non-empty value, the broker runs the Python receive path only.
 PURE_PYTHON_VARIABLE = "SSP_BROKER_PURE_PYTHON"
@@ -56,13 +67,14 @@ def _session_class():
 
 
 def _load():
-    """(the C entry point, None) or (None, why not)."""
+    """(the receive entry point, the send entry point, None) or (None,
+    None, why not)."""
     if os.environ.get(PURE_PYTHON_VARIABLE):
-        return None, f"{PURE_PYTHON_VARIABLE} is set"
+        return None, None, f"{PURE_PYTHON_VARIABLE} is set"
     try:
         from broker.ssp import _speedups
     except ImportError as error:
-        return None, f"broker.ssp._speedups is not built ({error})"
+        return None, None, f"broker.ssp._speedups is not built ({error})"
     _speedups.setup(
         session_class=_session_class,
         link_class=DatagramLayer, rtt_class=RTTEstimator,
@@ -86,11 +98,18 @@ def _load():
         hold_acks=flags.HOLD_ACKS, acks_overflowed=flags.ACKS_OVERFLOWED,
         alpha=RTTEstimator.ALPHA, beta=RTTEstimator.BETA,
         max_sample_ms=RTTEstimator.MAX_SAMPLE * 1000,
-        min_rto=RTTEstimator.MIN_RTO, max_rto=RTTEstimator.MAX_RTO)
-    return _speedups.receive, None
+        min_rto=RTTEstimator.MIN_RTO, max_rto=RTTEstimator.MAX_RTO,
+        make_chaff=make_chaff, deflate=deflate, instruction_class=Instruction,
+        asks_acks=flags.ASKS_ACKS,
+        seq_reservation_block=SEQ_RESERVATION_BLOCK,
+        small_instruction=SMALL_INSTRUCTION,
+        smallest_payload_plain=_SMALLEST_PAYLOAD[0],
+        smallest_payload_framed=_SMALLEST_PAYLOAD[HEADER_SIZE],
+        echo_window_ms=ECHO_WINDOW * 1000)
+    return _speedups.receive, _speedups.send, None
 
 
-fast_receive, unavailable_reason = _load()
+fast_receive, fast_send, unavailable_reason = _load()
 
 
 def counts() -> tuple[int, int]:
@@ -100,3 +119,13 @@ def counts() -> tuple[int, int]:
         return (0, 0)
     from broker.ssp import _speedups
     return _speedups.counts()
+
+
+def send_counts() -> tuple[int, int]:
+    """(taken, handed over): ``datagrams_to_send`` calls the compiled path
+    answered whole and handed to the Python code since import; (0, 0)
+    without it."""
+    if fast_send is None:
+        return (0, 0)
+    from broker.ssp import _speedups
+    return _speedups.send_counts()

@@ -15,6 +15,7 @@ import dataclasses
 import heapq
 
 from broker.ssp import events, incoming
+from broker.ssp import session as session_module
 from broker.ssp.bounds import BROKER_RECEIVED_STATES, StateBounds
 from broker.ssp.crypto import CipherCache
 from broker.ssp.device_state import DeviceState
@@ -67,18 +68,30 @@ _UNBOUND = object()
 
 
 @contextlib.contextmanager
-def pure_path():
-    """``incoming._fast_receive`` set to None (the pure path), restored
-    after."""
-    saved = vars(incoming).get("_fast_receive", _UNBOUND)
-    incoming._fast_receive = None
+def unbound(module, name: str):
+    """``module.name`` set to None (a compiled path's hook: the pure path),
+    restored after."""
+    saved = vars(module).get(name, _UNBOUND)
+    setattr(module, name, None)
     try:
         yield
     finally:
         if saved is _UNBOUND:
-            vars(incoming).pop("_fast_receive", None)
+            vars(module).pop(name, None)
         else:
-            incoming._fast_receive = saved
+            setattr(module, name, saved)
+
+
+def pure_path():
+    """``incoming._fast_receive`` set to None (the pure receive path),
+    restored after."""
+    return unbound(incoming, "_fast_receive")
+
+
+def pure_send_path():
+    """``session._fast_send`` set to None (the pure send path), restored
+    after."""
+    return unbound(session_module, "_fast_send")
 
 
 def _speedups():
@@ -132,7 +145,7 @@ class World:
 
     def call(self, action):
         if self.pure:
-            with pure_path():
+            with pure_path(), pure_send_path():
                 return action(self)
         return action(self)
 

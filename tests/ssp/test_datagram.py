@@ -423,3 +423,49 @@ class OpenTests(SynchronousTestCase):
         self.assertIs(one._srtt_ms, two._srtt_ms)
         self.assertIs(one._rttvar_ms, two._rttvar_ms)
         self.assertEqual((one.srtt, one.rttvar), (1.0, 0.5))
+
+
+class _RaisingCipher:
+    """A cipher whose encrypt fails (a broken or revoked key)."""
+
+    def encrypt(self, nonce, plaintext, ad):
+        raise RuntimeError("encrypt failed")
+
+
+class _ReentrantCipher:
+    """A cipher whose first encrypt first seals another datagram on the
+    same layer (code that sends from within the seal)."""
+
+    def __init__(self, layer):
+        self.layer, self.inner = layer, None
+
+    def encrypt(self, nonce, plaintext, ad):
+        if self.inner is None:
+            self.inner = b""
+            self.inner = self.layer.encode(CIPHER, PAYLOAD, 1.0)
+        return CIPHER.encrypt(nonce, plaintext, ad)
+
+
+class SequenceTakenTests(SynchronousTestCase):
+    """The sequence number (the nonce) is taken before the seal."""
+
+    def test_reentrant_encrypt_gets_the_next_number(self):
+        """An encrypt that seals again on the same layer: the inner and
+        outer datagrams carry distinct sequence numbers."""
+        layer = DatagramLayer(TO_SERVER)
+        cipher = _ReentrantCipher(layer)
+        outer = layer.encode(cipher, PAYLOAD, 1.0)
+        seqs = [open_sealed(CIPHER, wire)[1]
+                for wire in (cipher.inner, outer)]
+        self.assertEqual(sorted(seqs), [0, 1])
+        self.assertEqual(layer.next_seq, 2)
+
+    def test_failed_encrypt_burns_its_number(self):
+        """A failed encrypt leaves its number used: the next datagram
+        takes the one after."""
+        layer = DatagramLayer(TO_SERVER)
+        self.assertRaises(RuntimeError, layer.encode, _RaisingCipher(),
+                          PAYLOAD, 1.0)
+        self.assertEqual(layer.next_seq, 1)
+        wire = layer.encode(CIPHER, PAYLOAD, 1.0)
+        self.assertEqual(open_sealed(CIPHER, wire)[1], 1)

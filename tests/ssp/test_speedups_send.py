@@ -1,0 +1,704 @@
+"""Differential tests of the compiled send path (broker.ssp._speedups.send).
+
+THE RULE (docs of broker.ssp.speedups): ``datagrams_to_send`` through the
+compiled path returns the same datagrams, byte for byte, and leaves every
+slot as the pure path would; anything outside its usual case (an empty
+ack from a sender holding only its acknowledged state) is handed over
+before anything changes. Every scenario runs in twin worlds
+(tests.ssp.speedups_twins.Twin, whose pure world forces both the receive
+and the send path pure), compared after every step. Without the C module
+both worlds run pure and the tests still pass; with it, the send counts
+prove the fast path ran.
+"""
+
+import contextlib
+import dataclasses
+import gc
+import linecache
+import os
+import random
+import sys
+import tracemalloc
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broker.ssp import session as session_module
+from broker.ssp.crypto import CipherCache, open_sealed
+from broker.ssp.device_state import DeviceState
+from broker.ssp.framing import HEADER_SIZE, BrokerFraming
+from broker.ssp.instruction import (UINT64_MAX, decode_instruction,
+                                    encode_instruction)
+from broker.ssp.outgoing import SEQ_RESERVATION_BLOCK
+from broker.ssp.profile import FLEET, MOSH
+from broker.ssp.sender import NEVER
+from broker.ssp.session import SSPSession
+
+from tests.ssp.linksim import BROKER_ADDRESS, DEVICE_ADDRESS, DEVICE_SECRET
+from tests.ssp.speedups_send_twins import (fast_send_available,
+                                           pure_send_path, send_counts)
+from tests.ssp.speedups_twins import (CONFIGS, Config, Divergence, Twin,
+                                      TwinLink)
+
+EMPTY = DeviceState.empty()
+IPV6_DEVICE = ("2001:db8::10", 40000, 0, 0)
+#: Plain mosh framing both ways, with the broker's sessions answering
+#: only (no heartbeat): its sends are acks of the device's states.
+MOSH_CAPPED = dataclasses.replace(MOSH, sent_states_cap=4)
+
+
+def established(config, now=10.0, seed=0, device_address=None):
+    """Twins whose device state {"a": 1} the broker holds (and confirmed,
+    when it holds acks) and whose broker state {"cmd": 1} the device
+    holds, all acknowledged. Returns (twin, link, now)."""
+    twin = Twin(config, now=now, seed=seed)
+    link = TwinLink(twin, random.Random(seed))
+    if device_address is not None:
+        link.device_address = device_address
+    twin.set_state("device", {"a": 1}, (), now)
+    twin.set_state("broker", {"cmd": 1}, (), now)
+    now = link.run_until(now + 3.0, now)
+    return twin, link, now
+
+
+def device_sends(twin, link, patch, now):
+    """The device sets ``patch`` and sends it when due (after the send
+    mindelay); the broker receives it. Returns now."""
+    twin.set_state("device", patch, (), now)
+    now = max(now, twin.fast.device.next_wakeup())
+    out = twin.send("device", now)
+    assert out, "the device sent nothing"
+    for data, address in out:
+        twin.receive("broker", data, link.device_address, now + 0.01)
+    return now + 0.01
+
+
+def broker_acks(test, twin, link, now, rounds, step=0.5, echo=True):
+    """``rounds`` times: a new device state reaches the broker, which
+    acknowledges it when due; each ack leaves the broker through the
+    compiled path (counted) and reaches the device. ``echo`` False waits
+    past ECHO_WINDOW before the ack. Returns now."""
+    for number in range(rounds):
+        now = device_sends(twin, link, {"n": number}, now)
+        fast = twin.fast.broker
+        if twin.config.hold_acks:
+            twin.confirm(fast.latest_remote_num)
+        now += 0.01 if echo else 1.5
+        due = fast.next_wakeup()
+        if due is not None and due > now:
+            now = due
+        before = send_counts()
+        out = twin.send("broker", now)
+        test.assertEqual(len(out), 1)
+        test.assert_taken(before)
+        for data, address in out:
+            test.assertEqual(address, link.device_address)
+            twin.receive("device", data, BROKER_ADDRESS, now + 0.01)
+        now += step
+    return now
+
+
+class SendTestCase(SynchronousTestCase):
+    """Helpers: the compiled path ran (or was handed over) once."""
+
+    def setUp(self):
+        if os.environ.get("CI") and not os.environ.get(
+                "SSP_BROKER_PURE_PYTHON"):
+            self.assertTrue(fast_send_available(),
+                            "CI must build the compiled send path")
+
+    def assert_taken(self, before):
+        """One send taken whole since ``before`` (when compiled)."""
+        after = send_counts()
+        if fast_send_available():
+            self.assertEqual(after[0], before[0] + 1)
+            self.assertEqual(after[1], before[1])
+
+    def assert_handed_over(self, before):
+        """One send handed over since ``before`` (when compiled)."""
+        after = send_counts()
+        if fast_send_available():
+            self.assertEqual(after[0], before[0])
+            self.assertEqual(after[1], before[1] + 1)
+
+
+class AckSendTests(SendTestCase):
+    """The broker's acks go out fast and identical in every framing."""
+
+    def test_broker_framing_acks(self):
+        """Acks of received states, broker framing with held acks: the
+        same datagrams and slots as the pure path, and all taken fast."""
+        twin, link, now = established(CONFIGS["broker"])
+        broker_acks(self, twin, link, now, 12)
+
+    def test_broker_unheld_acks(self):
+        """Acks without held acks (broker framing)."""
+        twin, link, now = established(CONFIGS["broker-unheld"], seed=3)
+        broker_acks(self, twin, link, now, 12)
+
+    def test_plain_mosh_acks(self):
+        """Acks in plain mosh framing (no header), mosh's profile."""
+        twin, link, now = established(CONFIGS["mosh"], seed=5)
+        broker_acks(self, twin, link, now, 12)
+
+    def test_plain_fleet_acks(self):
+        """Acks in plain framing with the fleet profile."""
+        twin, link, now = established(CONFIGS["fleet"], seed=7)
+        broker_acks(self, twin, link, now, 12)
+
+    def test_ipv6_peer(self):
+        """A peer on IPv6: the same datagrams to the same address."""
+        twin, link, now = established(CONFIGS["broker"], seed=9,
+                                      device_address=IPV6_DEVICE)
+        self.assertEqual(twin.fast.broker.remote_address, IPV6_DEVICE)
+        broker_acks(self, twin, link, now, 6)
+
+    def test_stale_timestamps(self):
+        """An ack more than ECHO_WINDOW after the datagram it answers
+        echoes no timestamp (and forgets it), as the pure path."""
+        twin, link, now = established(CONFIGS["broker-unheld"], seed=11)
+        broker_acks(self, twin, link, now, 6, echo=False)
+
+    def test_echoed_timestamp_bytes(self):
+        """The fast ack carries the echoed timestamp, corrected by the
+        time held, and an empty diff; the device reads it."""
+        twin, link, now = established(CONFIGS["broker-unheld"], seed=13)
+        now = device_sends(twin, link, {"x": 2}, now)
+        now = twin.fast.broker.next_wakeup()
+        broker = twin.fast.broker
+        saved = broker._link.saved_timestamp
+        held = int(now * 1000) - broker._link.saved_timestamp_at
+        before = send_counts()
+        [(data, _)] = twin.send("broker", now)
+        self.assert_taken(before)
+        cipher = CipherCache().get(broker.key)
+        direction, seq, plain = open_sealed(cipher, data, HEADER_SIZE)
+        self.assertEqual(direction, 1)
+        self.assertEqual(int.from_bytes(plain[2:4], "big"),
+                         (saved + held) & 0xFFFF)
+        inst = decode_instruction(plain[14:])
+        self.assertEqual(inst.diff, b"")
+        self.assertEqual(inst.new_num, inst.throwaway_num + 1)
+        self.assertEqual(inst.ack_num, broker.latest_remote_num)
+        self.assertLessEqual(len(inst.chaff), 16)
+        self.assertEqual(int.from_bytes(plain[4:12], "big"), seq + 1)
+        self.assertEqual(broker._link.saved_timestamp, -1)
+
+
+def heartbeats(test, config, count, seed=17):
+    """``count`` heartbeats of the device (each taken fast), after one to
+    settle (it may follow an unacknowledged one: handed over), each
+    answered by the broker. Returns the twin."""
+    twin, link, now = established(config, seed=seed)
+    for number in range(count + 1):
+        device = twin.fast.device
+        due = device.next_wakeup()
+        test.assertIsNotNone(due)
+        if number == count:
+            return twin
+        before = send_counts()
+        out = twin.send("device", due)
+        test.assertEqual(len(out), 1)
+        if number:
+            test.assert_taken(before)
+        # The broker acknowledges the heartbeat's number: the device
+        # holds only its acknowledged state again.
+        for data, _ in out:
+            twin.receive("broker", data, link.device_address, due)
+        if twin.config.hold_acks:
+            twin.confirm(twin.fast.broker.latest_remote_num)
+        now = due + 0.02
+        for data, _ in twin.send("broker", twin.fast.broker.next_wakeup()
+                                 or now):
+            twin.receive("device", data, BROKER_ADDRESS, now)
+
+
+class HeartbeatTests(SendTestCase):
+    """Heartbeats (empty acks on the ack interval) go out fast."""
+
+    def test_mosh_heartbeats(self):
+        """The device's heartbeats every ack_interval, plain mosh."""
+        heartbeats(self, CONFIGS["mosh"], 5)
+
+    def test_broker_framing_heartbeats(self):
+        """The device's heartbeats, broker framing (fleet profile)."""
+        heartbeats(self, CONFIGS["broker-unheld"], 5)
+
+
+class LargeNumberTests(SendTestCase):
+    """Sequence and state numbers of every varint width serialize alike."""
+
+    def test_large_first_seq(self):
+        """A broker starting at 2**62 (nonces and state numbers of nine
+        varint bytes): the same bytes as the pure path."""
+        config = dataclasses.replace(
+            CONFIGS["broker-unheld"], name="first-seq",
+            broker_options=(("first_seq", 2**62),))
+        twin, link, now = established(config, seed=19)
+        broker_acks(self, twin, link, now, 4)
+
+    def test_protobuf_matches_encode_instruction(self):
+        """For each chaff length and number width, C's deflated protobuf is
+        encode_instruction's (read back from the sealed datagram)."""
+        if not fast_send_available():
+            raise self.skipTest("the compiled send path is not built")
+        for width in (0, 1, 7, 14, 35, 62):
+            for chaff_length in range(17):
+                session, cipher = _lone_device(2**width, chaff_length)
+                [(data, _)] = session.datagrams_to_send(20.0)
+                _, _, plain = open_sealed(cipher, data)
+                inst = decode_instruction(plain[14:])
+                self.assertEqual(len(inst.chaff), chaff_length)
+                self.assertEqual(plain[14:], encode_instruction(inst))
+
+
+def _lone_device(first_seq, chaff_length):
+    """A plain-framing device session due at 20.0 whose chaff is
+    ``chaff_length`` bytes; (session, cipher)."""
+    def random_bytes(n):
+        return bytes([chaff_length]) + bytes(range(1, n))
+    ciphers = CipherCache()
+    session = SSPSession(
+        key=DEVICE_SECRET, cipher_provider=ciphers, is_server=False,
+        local_state=EMPTY, remote_state=EMPTY, random_bytes=random_bytes,
+        now=20.0, profile=MOSH, remote_address=BROKER_ADDRESS,
+        first_seq=first_seq)
+    session._sender.ack_num = first_seq * 3 + 1
+    return session, ciphers.get(session.key)
+
+
+class ReservationTests(SendTestCase):
+    """The sequence reservation: fast while it allows one datagram
+    without a request; the Python code asks (or burns) otherwise."""
+
+    def test_reservation_near_limit(self):
+        """Acks with the reservation running out: fast while at least
+        SEQ_RESERVATION_BLOCK // 2 remain, then handed over (the request
+        event), confirmed, fast again; identical throughout."""
+        half = SEQ_RESERVATION_BLOCK // 2
+        config = dataclasses.replace(
+            CONFIGS["broker-unheld"], name="reserved",
+            broker_options=(("seq_reserved", half + 8),))
+        twin, link, now = established(config, seed=23)
+        fast = twin.fast.broker
+        taken_some = handed_some = False
+        for number in range(16):
+            now = device_sends(twin, link, {"r": number}, now)
+            now = max(now, fast.next_wakeup() or now)
+            reserved = fast.seq_reservation
+            room = reserved - (fast.next_seq + 1) >= half
+            before = send_counts()
+            for data, _ in twin.send("broker", now):
+                twin.receive("device", data, BROKER_ADDRESS, now + 0.01)
+            if room:
+                self.assert_taken(before)
+                taken_some = True
+            else:
+                self.assert_handed_over(before)
+                handed_some = True
+            if number == 10:
+                limit = fast.seq_reservation + SEQ_RESERVATION_BLOCK
+                twin.call("confirm", lambda world:
+                          world.broker.confirm_seq_reservation(limit))
+            now += 0.5
+        self.assertTrue(taken_some and handed_some)
+
+    def test_reservation_exhausted(self):
+        """A reservation with no number left: the Python code burns one
+        and asks (handed over), identical in both worlds."""
+        config = dataclasses.replace(
+            CONFIGS["broker-unheld"], name="exhausted",
+            broker_options=(("seq_reserved", 4),))
+        twin, link, now = established(config, seed=29)
+        for number in range(6):
+            now = device_sends(twin, link, {"e": number}, now)
+            now = max(now, twin.fast.broker.next_wakeup() or now)
+            before = send_counts()
+            twin.send("broker", now)
+            self.assert_handed_over(before)
+            now += 0.5
+
+
+class HandOverTests(SendTestCase):
+    """Outside the usual case the Python code does it all, identically."""
+
+    def test_unacknowledged_states(self):
+        """A sender with states in flight (the cap on sent states at its
+        least, 4): handed over, and the later acks fast again."""
+        config = Config("capped", False, MOSH_CAPPED, MOSH_CAPPED, False)
+        twin, link, now = established(config, seed=31)
+        for number in range(8):
+            twin.set_state("broker", {"s": number}, (), now)
+            before = send_counts()
+            twin.send("broker", now)  # a new state: never fast
+            self.assert_handed_over(before)
+            now += 0.3
+        self.assertGreater(twin.fast.broker._sender.sent_count, 1)
+        now = link.run_until(now + 5.0, now)
+        self.assertLessEqual(twin.fast.broker._sender.sent_count, 2)
+        broker_acks(self, twin, link, now, 4)
+
+    def test_not_due(self):
+        """A tick that is not due: handed over, nothing sent."""
+        twin, link, now = established(CONFIGS["mosh"], seed=37)
+        before = send_counts()
+        self.assertEqual(twin.send("device", now), [])
+        self.assert_handed_over(before)
+
+    def test_asks_acks(self):
+        """ASKS_ACKS set: handed over (the diff is the state's ask)."""
+        twin, link, now = established(CONFIGS["broker-unheld"], seed=41)
+        twin.call("ask", lambda world: world.device.ask_acks(True))
+        due = twin.fast.device.next_wakeup()
+        before = send_counts()
+        out = twin.send("device", due)
+        self.assertEqual(len(out), 1)
+        if twin.fast.device._flags & 64:
+            self.assert_handed_over(before)
+
+    def test_shutdown(self):
+        """Our shutdown, and the peer's acknowledged: handed over."""
+        twin, link, now = established(CONFIGS["mosh"], seed=43)
+        twin.call("shutdown", lambda world: world.device.start_shutdown(now))
+        before = send_counts()
+        twin.send("device", now)
+        self.assert_handed_over(before)
+        now = link.run_until(now + 3.0, now)
+        self.assertTrue(twin.fast.device.closed)
+        self.assertEqual(twin.fast.broker.ack_num, UINT64_MAX)
+        before = send_counts()
+        twin.send("broker", now + 5.0)
+        self.assert_handed_over(before)
+
+    def test_closed_and_no_address(self):
+        """A closed session and a server without an address: handed over,
+        nothing sent."""
+        twin = Twin(CONFIGS["broker"], now=10.0)
+        before = send_counts()
+        self.assertEqual(twin.send("broker", 10.0), [])
+        self.assert_handed_over(before)
+        twin.call("close", lambda world: world.device._close(None))
+        before = send_counts()
+        self.assertEqual(twin.send("device", 10.0), [])
+        self.assert_handed_over(before)
+
+    def test_detach(self):
+        """A server not heard for the association timeout detaches after
+        sending: handed over, the same PeerDetached."""
+        profile = dataclasses.replace(FLEET, server_association_timeout=2.0)
+        config = Config("detach", True, FLEET, profile, False)
+        twin, link, now = established(config, seed=47)
+        now = device_sends(twin, link, {"d": 1}, now)
+        before = send_counts()
+        late = now + 2.5
+        twin.call("due", lambda world: setattr(
+            world.broker._sender, "_next_ack_time", late))
+        out = twin.send("broker", late)
+        self.assertEqual(len(out), 1)
+        self.assert_handed_over(before)
+        self.assertIsNone(twin.fast.broker.remote_address)
+
+    def test_int_now(self):
+        """An int ``now`` (exact milliseconds) goes fast and alike."""
+        twin = heartbeats(self, CONFIGS["mosh"], 2, seed=53)
+        due = int(twin.fast.device.next_wakeup()) + 1
+        before = send_counts()
+        self.assertEqual(len(twin.send("device", due)), 1)
+        self.assert_taken(before)
+
+    def test_twin_notices_a_wrong_send(self):
+        """A fast send that left one slot different (next_seq) is caught
+        by the twin: the comparison covers the send path."""
+        twin = heartbeats(self, CONFIGS["mosh"], 1, seed=71)
+        def wrong(session, now):
+            with pure_send_path():
+                out = session.datagrams_to_send(now)
+            session._link.next_seq += 1
+            return out
+        self.patch(session_module, "_fast_send", wrong)
+        with self.assertRaises(Divergence):
+            twin.send("device", twin.fast.device.next_wakeup())
+
+    def test_reentrant_random_bytes(self):
+        """random_bytes that sends on the session (next_seq moves) while
+        the chaff is made: the nonce is the fresh next_seq, as Python's."""
+        twin = heartbeats(self, CONFIGS["mosh"], 1, seed=73)
+        start = twin.fast.device.next_seq
+
+        def arm(world):
+            session = world.device
+            inner = session._random_bytes
+
+            def random_bytes(n):
+                session._link.next_seq += 5
+                session._random_bytes = inner
+                return inner(n)
+            session._random_bytes = random_bytes
+        twin.call("arm random_bytes", arm)
+        [(data, _)] = twin.send("device", twin.fast.device.next_wakeup())
+        cipher = CipherCache().get(twin.fast.device.key)
+        self.assertEqual(open_sealed(cipher, data)[1], start + 5)
+        self.assertEqual(twin.fast.device.next_seq, start + 6)
+
+    def test_reentrant_cipher_provider(self):
+        """A cipher provider that sends on the session (next_seq moves)
+        while the cipher is looked up: the nonce is the fresh next_seq,
+        the fragment id the one read before, as Python's."""
+        twin = heartbeats(self, CONFIGS["mosh"], 1, seed=79)
+        start = twin.fast.device.next_seq
+
+        class Provider:
+            def __init__(self, session):
+                self.session = session
+                self.ciphers = session._ciphers
+
+            def get(self, key):
+                self.session._link.next_seq += 3
+                self.session._ciphers = self.ciphers
+                return self.ciphers.get(key)
+
+        def arm(world):
+            world.device._ciphers = Provider(world.device)
+        twin.call("arm the cipher provider", arm)
+        [(data, _)] = twin.send("device", twin.fast.device.next_wakeup())
+        cipher = CipherCache().get(twin.fast.device.key)
+        _, seq, plain = open_sealed(cipher, data)
+        self.assertEqual(seq, start + 3)
+        self.assertEqual(int.from_bytes(plain[4:12], "big"), start + 1)
+
+    def test_pure_send_path(self):
+        """pure_send_path() forces the pure path and restores the global."""
+        saved = session_module._fast_send
+        with pure_send_path():
+            self.assertIsNone(session_module._fast_send)
+        self.assertIs(session_module._fast_send, saved)
+
+
+class StreamTests(SendTestCase):
+    """Lossy, duplicating streams of updates: the twins stay identical
+    while the compiled path sends many of the acks."""
+
+    def stream(self, name, seed):
+        twin = Twin(CONFIGS[name], now=10.0, seed=seed)
+        rng = random.Random(seed)
+        link = TwinLink(twin, rng, loss=0.1, duplicate=0.05,
+                        delay=(0.002, 0.05))
+        before = send_counts()
+        now = 10.0
+        for number in range(40):
+            twin.set_state("device", {"t": number}, (), now)
+            now = link.run_until(now + rng.choice((0.05, 0.3, 1.2)), now)
+        now = link.run_until(now + 30.0, now)
+        if fast_send_available():
+            self.assertGreater(send_counts()[0], before[0] + 5)
+
+    def test_broker_stream(self):
+        """Broker framing, held acks."""
+        self.stream("broker", 61)
+
+    def test_mosh_stream(self):
+        """Plain mosh framing, heartbeats both ways."""
+        self.stream("mosh", 67)
+
+
+class ResourceTests(SendTestCase):
+    """The compiled send path keeps nothing it should not."""
+
+    def test_no_leak(self):
+        """200,000 fast sends (each then acknowledged) leave traced memory
+        and the shared objects' reference counts flat."""
+        if not fast_send_available():
+            raise self.skipTest("the compiled send path is not built")
+        session, _ = _lone_device(1, 5)
+        sender = session._sender
+        address = session.remote_address
+        now = 20.0
+
+        def run(count, now):
+            for _ in range(count):
+                out = session.datagrams_to_send(now)
+                if len(out) != 1:
+                    raise AssertionError(f"no datagram at {now}")
+                sender.process_acknowledgment_through(sender.back_num)
+                now += 3.0
+            return now
+        before = send_counts()
+        now = run(2000, now)
+        self.assertEqual(send_counts()[0], before[0] + 2000)
+        gc.collect()
+        counts = (sys.getrefcount(NEVER), sys.getrefcount(address),
+                  sys.getrefcount(EMPTY))
+        tracemalloc.start()
+        try:
+            first, _ = tracemalloc.get_traced_memory()
+            now = run(200_000, now)
+            gc.collect()
+            last, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertLess(last - first, 64 * 1024)
+        self.assertEqual((sys.getrefcount(NEVER), sys.getrefcount(address),
+                          sys.getrefcount(EMPTY)), counts)
+
+
+class FramingTests(SendTestCase):
+    """The framed datagram carries the session's header as the prefix."""
+
+    def test_header_prefix(self):
+        """A broker-framed fast ack starts with the session header."""
+        twin, link, now = established(CONFIGS["broker-unheld"], seed=59)
+        due = twin.fast.device.next_wakeup()
+        [(data, address)] = twin.send("device", due)
+        self.assertEqual(address, BROKER_ADDRESS)
+        self.assertEqual(data[:HEADER_SIZE],
+                         BrokerFraming(42, 7).header)
+        self.assertEqual(DEVICE_ADDRESS, link.device_address)
+
+
+def _lone_session(cipher_provider=None, random_bytes=bytes):
+    """A client session due to send its empty heartbeat at 20.0 (the
+    compiled path's usual case)."""
+    return SSPSession(key=bytes(range(16)),
+                      cipher_provider=cipher_provider or CipherCache(),
+                      is_server=False, local_state=EMPTY,
+                      remote_state=EMPTY, random_bytes=random_bytes,
+                      now=20.0, profile=MOSH,
+                      remote_address=DEVICE_ADDRESS)
+
+
+def _is_compiled_send_frame(frame) -> bool:
+    """Whether ``frame`` is datagrams_to_send inside the compiled call."""
+    return (frame.f_code.co_name == "datagrams_to_send"
+            and frame.f_code.co_filename == session_module.__file__
+            and "fast(self, now)" in linecache.getline(
+                frame.f_code.co_filename, frame.f_lineno))
+
+
+class ReentryTests(SendTestCase):
+    """Code run in the middle of a send (the cyclic GC, random_bytes, the
+    cipher) that sends on, or changes, the same session: never a crash,
+    a freed object read, or a nonce used twice."""
+
+    def gc_reentry(self, inner_send):
+        """Sessions sent on until a GC pass starts inside the compiled
+        call (its first tracked allocation grows the sent list) and
+        ``inner_send(session)`` runs from the gc callback there. Returns
+        (session, outer datagrams, inner datagrams)."""
+        state = {"armed": False, "inner": None, "session": None}
+
+        def callback(phase, info):
+            if phase == "start" and state["armed"] and \
+                    _is_compiled_send_frame(sys._getframe(1)):
+                state["armed"] = False
+                state["inner"] = inner_send(state["session"])
+                # reuse what the inner send freed, as a later allocation
+                [[i] * 3 for i in range(2000)]
+
+        thresholds = gc.get_threshold()
+        gc.callbacks.append(callback)
+        self.addCleanup(gc.callbacks.remove, callback)
+        self.addCleanup(gc.set_threshold, *thresholds)
+        holds = []
+        for extra in range(40):
+            session = _lone_session()
+            state["session"] = session
+            holds.append([[] for _ in range(200)])  # empty the free list
+            gc.set_threshold(1, 1000, 1000)
+            more = []
+            for _ in range(extra):
+                more.append([])
+            holds.append(more)
+            state["armed"] = True
+            outer = session.datagrams_to_send(20.0)
+            state["armed"] = False
+            gc.set_threshold(*thresholds)
+            if state["inner"] is not None:
+                return session, outer, state["inner"]
+        self.fail("no GC pass started inside the compiled send")
+
+    def test_gc_callback_sends_while_sent_grows(self):
+        """A GC pass inside the compiled send whose callback sends on the
+        same session (replacing, and freeing, its sent list): the outer
+        send still builds its sent list from the list it checked."""
+        if not fast_send_available():
+            raise self.skipTest("the compiled send path is not in use")
+        session, outer, inner = self.gc_reentry(
+            lambda s: s.datagrams_to_send(20.0))
+        sent = session._sender._sent
+        self.assertEqual(len(sent) % 3, 0)
+        for index in range(0, len(sent), 3):
+            self.assertEqual(
+                [type(x) for x in sent[index:index + 3]],
+                [float, int, DeviceState])
+        cipher = CipherCache().get(session.key)
+        seqs = [open_sealed(cipher, data)[1] for data, _ in inner + outer]
+        self.assertEqual(len(set(seqs)), len(seqs))
+
+    def test_random_bytes_deletes_a_slot(self):
+        """random_bytes deleting the session's cipher provider or key:
+        both paths raise the same AttributeError (never a crash)."""
+        for slot in ("_ciphers", "_key"):
+            errors = []
+            for pure in (False, True):
+                holder = {}
+
+                def random_bytes(n, holder=holder, slot=slot):
+                    delattr(holder["session"], slot)
+                    return bytes(n)
+                session = _lone_session(random_bytes=random_bytes)
+                holder["session"] = session
+                with contextlib.ExitStack() as stack:
+                    if pure:
+                        stack.enter_context(pure_send_path())
+                    error = self.assertRaises(
+                        AttributeError, session.datagrams_to_send, 20.0)
+                errors.append(str(error))
+            self.assertEqual(errors[0], errors[1])
+            self.assertIn(slot, errors[0])
+
+    def test_reentrant_encrypt_uses_fresh_nonces(self):
+        """A cipher whose encrypt sends on the same session: the inner
+        and outer datagrams carry distinct nonces, on both paths."""
+        for pure in (False, True):
+            provider = _ReentrantProvider()
+            session = _lone_session(cipher_provider=provider)
+            provider.session = session
+            with contextlib.ExitStack() as stack:
+                if pure:
+                    stack.enter_context(pure_send_path())
+                outer = session.datagrams_to_send(20.0)
+            datagrams = provider.inner + outer
+            self.assertEqual(len(datagrams), 2)
+            nonces = [data[:8] for data, _ in datagrams]
+            self.assertEqual(len(set(nonces)), 2, f"pure={pure}")
+            cipher = CipherCache().get(session.key)
+            for data, _ in datagrams:
+                open_sealed(cipher, data)  # authentic under the key
+
+
+class _ReentrantProvider:
+    """A cipher provider whose ciphers send on ``session`` (once) from
+    within their first encrypt."""
+
+    def __init__(self):
+        self.cache = CipherCache()
+        self.session = None
+        self.inner = None
+
+    def get(self, key):
+        return _ReentrantCipher(self, self.cache.get(key))
+
+
+class _ReentrantCipher:
+    """An AEAD cipher that sends on the session before its first seal."""
+
+    def __init__(self, provider, real):
+        self.provider, self.real = provider, real
+
+    def encrypt(self, nonce, plaintext, ad):
+        provider = self.provider
+        if provider.inner is None:
+            provider.inner = []
+            session = provider.session
+            session.set_local_state(EMPTY.with_values({"x": 1}), 20.0)
+            provider.inner = session.datagrams_to_send(25.0)
+        return self.real.encrypt(nonce, plaintext, ad)
