@@ -5,8 +5,9 @@ Run from the repository root:  .venv/bin/python -m bench.wire_receive
 Both figures come from the same run: the baseline decrypts the same
 ciphertext with an already-built AESOCB3; the path is what the broker does
 for one single-fragment heartbeat datagram (header check, cipher cache hit,
-datagram layer, fragment, inflate, protobuf), as ``SSPSession`` does it,
-and for a plain mosh datagram.  Timed hot, in a loop: bench.ssp_core
+datagram layer, fragment, inflate, protobuf), as ``SSPSession``'s Python
+path does it (the compiled one, broker/ssp/_speedups*.c, takes the usual
+datagram instead), and for a plain mosh datagram.  Timed hot, in a loop: bench.ssp_core
 times the whole path, state and acknowledgements included.
 """
 
