@@ -13,6 +13,10 @@ Three figures, each against a baseline measured in the same run:
   ``datagrams_to_send`` (diff, protobuf, deflate, fragment, encrypt) as a
   ratio to a bare AESOCB3 encrypt of the same plaintexts under the same
   nonces;
+* acks: time per datagram of the broker session's own sends in the same
+  run (``datagrams_to_send``: its acknowledgements of those states, each
+  call timed, calls that sent nothing included), against the same bare
+  encrypt;
 * floor: the library calls of the same receives alone (decrypt, inflate,
   protobuf parse, CBOR decode of the diff, no Python glue), as a ratio to
   the bare decrypt: the least any receive path in Python can cost;
@@ -131,7 +135,7 @@ def record(count: int, warmup: int):
             if drops:
                 raise RuntimeError(f"the broker dropped a datagram: {drops}")
         now += STEP
-        broker_steps.append(("send", None, now, False))
+        broker_steps.append(("send", None, now, timed))
         for data, _ in broker.datagrams_to_send(now):
             device.receive_datagram(data, BROKER_ADDRESS, now)
             device_steps.append(("receive", data, now, False))
@@ -240,11 +244,19 @@ def rates(count: int, warmup: int, repeat: int) -> None:
     device_steps, broker_steps, key = record(count, warmup)
     datagrams = [data for kind, data, _, timed in broker_steps
                  if kind == "receive" and timed]
-    receives, sends, decrypts, encrypts, floors = [], [], [], [], []
+    timed_broker_steps = [step for step in broker_steps if step[3]]
+    receives, sends, decrypts, encrypts, floors, acks = [], [], [], [], [], []
     for _ in range(repeat):
         device, broker = pair(42, 30370212813, CipherCache(), 1000.0)
-        times, _ = replay(broker, broker_steps, DEVICE_ADDRESS)
-        receives.append(times)
+        times, counts_by_step = replay(broker, broker_steps, DEVICE_ADDRESS)
+        # The broker's timed steps: receives, and its sends (acknowledgements)
+        in_times = [t for (kind, *_), t in zip(timed_broker_steps, times)
+                    if kind == "receive"]
+        receives.append(in_times)
+        acks.append([t for (kind, *_), t in zip(timed_broker_steps, times)
+                     if kind == "send"])
+        acked = sum(count for (kind, *_), count
+                    in zip(timed_broker_steps, counts_by_step) if kind == "send")
         times, counts = replay(device, device_steps, BROKER_ADDRESS)
         sends.append(times)
         times = bare_crypto(datagrams, key)
@@ -275,6 +287,11 @@ def rates(count: int, warmup: int, repeat: int) -> None:
           f"(decrypt, inflate, protobuf, CBOR)   ratio {floor / decrypt:5.1f}x")
     print(f"send     {send * 1e6:6.2f} us/datagram   bare encrypt "
           f"{encrypt * 1e6:5.2f} us   ratio {send / encrypt:5.1f}x")
+    if acked:
+        ack = per_datagram(acks, acked)
+        print(f"  acks   {ack * 1e6:6.2f} us/datagram   the broker's sends "
+              f"({acked} acknowledgements, calls that sent none included)   "
+              f"ratio {ack / encrypt:5.1f}x")
 
 
 def idle_sessions(count: int) -> None:
