@@ -424,6 +424,25 @@ take(State *st, Work *w, PyObject *session, PyObject *data,
     Py_RETURN_NONE;
 }
 
+/* The module state for an entry point called with ``given`` arguments, or
+ * NULL with a TypeError (not ``wanted``) or a RuntimeError (no setup yet). */
+static State *
+entry_state(PyObject *module, const char *name, Py_ssize_t wanted,
+            Py_ssize_t given)
+{
+    State *st = get_state(module);
+    if (given != wanted) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)",
+                     name, wanted, given);
+        return NULL;
+    }
+    if (!st->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "call setup() first");
+        return NULL;
+    }
+    return st;
+}
+
 PyDoc_STRVAR(receive_doc,
 "receive(session, data, address, now) -> None, False or (nonce, plaintext)\n\n"
 "SSPSession.receive_datagram's usual case (see broker/ssp/speedups.py):\n"
@@ -433,16 +452,9 @@ PyDoc_STRVAR(receive_doc,
 static PyObject *
 receive(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    State *st = get_state(module);
-    if (nargs != 4) {
-        PyErr_Format(PyExc_TypeError, "receive() takes 4 arguments (%zd "
-                     "given)", nargs);
+    State *st = entry_state(module, "receive", 4, nargs);
+    if (st == NULL)
         return NULL;
-    }
-    if (!st->ready) {
-        PyErr_SetString(PyExc_RuntimeError, "call setup() first");
-        return NULL;
-    }
     Work w;
     memset(&w, 0, offsetof(Work, inflated));
     PyObject *result = take(st, &w, args[0], args[1], args[2], args[3]);
@@ -458,15 +470,9 @@ PyDoc_STRVAR(timers_doc,
 static PyObject *
 timers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    State *st = get_state(module);
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "timers() takes 3 arguments");
+    State *st = entry_state(module, "timers", 3, nargs);
+    if (st == NULL)
         return NULL;
-    }
-    if (!st->ready) {
-        PyErr_SetString(PyExc_RuntimeError, "call setup() first");
-        return NULL;
-    }
     int in_c = Py_TYPE(args[0]) == st->sender_type
         && fast_timers(st, args[0], args[1], args[2]) == GO;
     if (!in_c && calculate_timers(st, args[0], args[1], args[2]) < 0)
@@ -493,16 +499,9 @@ PyDoc_STRVAR(send_doc,
 static PyObject *
 send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    State *st = get_state(module);
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "send() takes 2 arguments (%zd "
-                     "given)", nargs);
+    State *st = entry_state(module, "send", 2, nargs);
+    if (st == NULL)
         return NULL;
-    }
-    if (!st->ready) {
-        PyErr_SetString(PyExc_RuntimeError, "call setup() first");
-        return NULL;
-    }
     return send_fast(st, args[0], args[1]);
 }
 
