@@ -48,6 +48,19 @@ check_ack(const State *st, Work *w)
     return GO;
 }
 
+/* _rationalize's memo (done.get(id(state))): the result kept for
+ * ``state`` (a new reference), or NULL when it has none yet. */
+static PyObject *
+memo_find(PyObject *const *originals, PyObject *const *results,
+          Py_ssize_t count, PyObject *state)
+{
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (originals[i] == state)
+            return Py_NewRef(results[i]);
+    }
+    return NULL;
+}
+
 /* Sender._rationalize: every kept state less what the acknowledged one
  * holds, equal states kept one object (done: id -> subtracted), and the
  * new front swapped in for an equal current state. */
@@ -107,13 +120,7 @@ rationalize_sent(const State *st, PyObject *sender)
         PyObject *state = PyList_GetItem(sent, index);
         if (state == NULL)
             goto memo_error;
-        result = NULL;
-        for (Py_ssize_t i = 0; i < count; i++) {
-            if (originals[i] == state) {
-                result = Py_NewRef(results[i]);
-                break;
-            }
-        }
+        result = memo_find(originals, results, count, state);
         if (result == NULL) {
             if (count >= RATIONALIZE_MAX) {
                 /* the list grew meanwhile: Python's _rationalize */
@@ -138,13 +145,7 @@ rationalize_sent(const State *st, PyObject *sender)
     current = get_slot(sender, st->snd.current, "current");
     if (current == NULL)
         goto memo_error;
-    result = NULL;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (originals[i] == current) {
-            result = Py_NewRef(results[i]);
-            break;
-        }
-    }
+    result = memo_find(originals, results, count, current);
     if (result == NULL) {
         Py_INCREF(current);
         result = subtract(st, current, front);
