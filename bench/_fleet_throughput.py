@@ -141,14 +141,16 @@ def measure_ssp_load(devices: int, seconds: float, workdir: str, history_size: i
                         devices, "load", seconds)
         try:
             clients.read()  # connected
-            first = broker.ask("stats")["counters"]
+            first_stats = broker.ask("stats")
+            first = first_stats["counters"]
             cpu = cpu_seconds(broker.pid), cpu_seconds(clients.pid)
             begin = time.monotonic()
             load = clients.read()
             elapsed = time.monotonic() - begin
             broker_cpu = cpu_seconds(broker.pid) - cpu[0]
             client_cpu = cpu_seconds(clients.pid) - cpu[1]
-            last = broker.ask("stats")["counters"]
+            last_stats = broker.ask("stats")
+            last = last_stats["counters"]
         finally:
             clients.stop()
     finally:
@@ -158,6 +160,12 @@ def measure_ssp_load(devices: int, seconds: float, workdir: str, history_size: i
         return last.get(name, 0) - first.get(name, 0)
 
     durable = grown("updates_durable")
+
+    def compiled_share(name):
+        """The share of the run's receives (or sends) the compiled path took whole."""
+        taken = last_stats[name][0] - first_stats[name][0]
+        handed = last_stats[name][1] - first_stats[name][1]
+        return round(taken / (taken + handed), 3) if taken + handed else 0.0
     updates = max(1, durable)
     offered = load["reports"] / load["seconds"]
     rate = durable / elapsed
@@ -172,6 +180,8 @@ def measure_ssp_load(devices: int, seconds: float, workdir: str, history_size: i
             "broker_cpu_share": broker_cpu / elapsed,
             "clients_cpu_us_per_update": client_cpu / updates * 1e6,
             "clients_cpu_share": client_cpu / elapsed,
+            "compiled_receive_share": compiled_share("compiled_receives"),
+            "compiled_send_share": compiled_share("compiled_sends"),
             "host_rcvbuf_errors": rcvbuf_errors() - errors}
 
 
@@ -207,6 +217,10 @@ def measure_throughput(devices: int, seconds: float, workdir: str,
         "ssp_datagrams_in_per_update": round(ssp["datagrams_in_per_update"], 2),
         "ssp_datagrams_out_per_update": round(ssp["datagrams_out_per_update"], 2),
         "ssp_host_rcvbuf_errors": ssp["host_rcvbuf_errors"],
+        # The broker's receives and sends the compiled SSP paths took whole
+        # (0.0 on the pure-Python path, SSP_BROKER_PURE_PYTHON=1).
+        "ssp_compiled_receive_share": ssp["compiled_receive_share"],
+        "ssp_compiled_send_share": ssp["compiled_send_share"],
         "bare_replies_per_second_before": before["replies_per_second"],
         "bare_replies_per_second_after": after["replies_per_second"],
         "bare_replies_per_second": round(bare_rate),

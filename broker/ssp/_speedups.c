@@ -505,6 +505,29 @@ send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return send_fast(st, args[0], args[1]);
 }
 
+PyDoc_STRVAR(deflate_doc,
+"deflate(raw) -> bytes or None\n\n"
+"zlib.compress(raw)'s bytes for an instruction of at most\n"
+"SMALL_INSTRUCTION bytes, from one zlib stream kept for the module; None\n"
+"where it cannot say (no zlib linked, an input longer than setup()'s\n"
+"small_instruction).");
+
+static PyObject *
+deflate_entry(PyObject *module, PyObject *raw)
+{
+    if (!PyBytes_CheckExact(raw)) {
+        PyErr_Format(PyExc_TypeError, "deflate() takes bytes, not %.100s",
+                     Py_TYPE(raw)->tp_name);
+        return NULL;
+    }
+    PyObject *result = deflate_short(
+        get_state(module), (const unsigned char *)PyBytes_AS_STRING(raw),
+        PyBytes_GET_SIZE(raw));
+    if (result != NULL || PyErr_Occurred())
+        return result;
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(send_counts_doc,
 "send_counts() -> (taken, handed_over): datagrams_to_send calls since\n"
 "import.");
@@ -536,6 +559,7 @@ static PyMethodDef methods[] = {
     {"counts", counts, METH_NOARGS, counts_doc},
     {"send", (PyCFunction)(void (*)(void))send, METH_FASTCALL, send_doc},
     {"send_counts", send_counts, METH_NOARGS, send_counts_doc},
+    {"deflate", deflate_entry, METH_O, deflate_doc},
     {"timers", (PyCFunction)(void (*)(void))timers, METH_FASTCALL,
      timers_doc},
     {"setup", (PyCFunction)(void (*)(void))setup,

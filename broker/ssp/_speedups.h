@@ -349,6 +349,8 @@ SP_INTERNAL int calculate_timers(const State *st, PyObject *sender,
 /* _speedups_send.c */
 SP_INTERNAL PyObject *send_fast(State *st, PyObject *session, PyObject *now);
 SP_INTERNAL void send_free(State *st);
+SP_INTERNAL PyObject *deflate_short(State *st, const unsigned char *raw,
+                                    Py_ssize_t size);
 
 /* _speedups_setup.c */
 SP_INTERNAL PyObject *setup_state(State *st, PyObject *args,

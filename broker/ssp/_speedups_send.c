@@ -375,17 +375,20 @@ serialize(const State *st, const Send *s, const char *chaff,
     return p - out;
 }
 
-/* instruction.deflate(raw): zlib at level 6, window 15, memLevel 1 for a
- * short instruction (the C library when linked, else the Python
- * function). A new reference, or NULL with an exception. */
-static PyObject *
-deflate_raw(State *st, const unsigned char *raw, Py_ssize_t size)
+/* zlib at level 6, window 15, memLevel 1 for a short instruction, from
+ * the module's one stream (deflateInit2 as compressobj(6, DEFLATED, 15, 1)
+ * once, then deflateReset: a fresh stream's bytes each time, without
+ * setting one up per instruction). A new reference; or NULL, with an
+ * exception if one was raised, or without one where this cannot say: no
+ * zlib linked, an instruction too long, no stream, no room. */
+PyObject *
+deflate_short(State *st, const unsigned char *raw, Py_ssize_t size)
 {
 #ifdef SP_HAVE_ZLIB
+    if (size > st->small_instruction)
+        return NULL;
     z_stream *stream = (z_stream *)st->deflater;
-    if (size <= st->small_instruction && stream == NULL) {
-        /* deflateInit2 as compressobj(6, DEFLATED, 15, 1) sets it up;
-         * deflateReset then gives a fresh stream's bytes each time */
+    if (stream == NULL) {
         stream = PyMem_Calloc(1, sizeof(z_stream));
         if (stream != NULL && deflateInit2(stream, 6, Z_DEFLATED, 15, 1,
                                            Z_DEFAULT_STRATEGY) != Z_OK) {
@@ -394,8 +397,7 @@ deflate_raw(State *st, const unsigned char *raw, Py_ssize_t size)
         }
         st->deflater = stream;
     }
-    if (size <= st->small_instruction && stream != NULL
-            && deflateReset(stream) == Z_OK) {
+    if (stream != NULL && deflateReset(stream) == Z_OK) {
         unsigned char out[DEFLATED_SIZE];
         stream->next_in = (Bytef *)raw;
         stream->avail_in = (uInt)size;
@@ -407,13 +409,28 @@ deflate_raw(State *st, const unsigned char *raw, Py_ssize_t size)
         stream->next_out = NULL;
         if (status == Z_STREAM_END)
             return PyBytes_FromStringAndSize((const char *)out, done);
-        /* no room (cannot happen for an ack): Python's zlib decides */
     }
+#else
+    (void)st;
+    (void)raw;
+    (void)size;
 #endif
+    return NULL;
+}
+
+/* instruction.deflate(raw): deflate_short's bytes, or where it cannot say,
+ * the Python function's (which decides as zlib.compress() would). A new
+ * reference, or NULL with an exception. */
+static PyObject *
+deflate_raw(State *st, const unsigned char *raw, Py_ssize_t size)
+{
+    PyObject *result = deflate_short(st, raw, size);
+    if (result != NULL || PyErr_Occurred())
+        return result;
     PyObject *bytes = PyBytes_FromStringAndSize((const char *)raw, size);
     if (bytes == NULL)
         return NULL;
-    PyObject *result = PyObject_CallOneArg(st->deflate, bytes);
+    result = PyObject_CallOneArg(st->deflate, bytes);
     Py_DECREF(bytes);
     return result;
 }

@@ -112,10 +112,28 @@ _DEFAULT_LEVEL = 6  # zlib's Z_DEFAULT_COMPRESSION, as mosh's compress2()
 _WINDOW_BITS = 15
 
 
+#: The compiled module's deflate (broker.ssp.speedups installs it): the
+#: same bytes from one zlib stream it keeps and resets, where setting one up
+#: here costs several times the compressing. None: not built, or turned off.
+_compiled_deflate = None
+
+
+def install_compiled_deflate(compiled) -> None:
+    """Use ``compiled(raw)`` (bytes, or None where it cannot say) for short
+    instructions; None goes back to Python's zlib alone."""
+    global _compiled_deflate
+    _compiled_deflate = compiled
+
+
 def deflate(raw: bytes) -> bytes:
     """One zlib stream at zlib's default level and window, as mosh makes."""
     if len(raw) > SMALL_INSTRUCTION:
         return zlib.compress(raw)
+    compiled = _compiled_deflate
+    if compiled is not None:
+        deflated = compiled(raw)
+        if deflated is not None:
+            return deflated
     compressor = _compressobj(_DEFAULT_LEVEL, _DEFLATED, _WINDOW_BITS,
                               _SMALL_MEM_LEVEL)
     return compressor.compress(raw) + compressor.flush()

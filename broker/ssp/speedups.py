@@ -8,6 +8,10 @@ the Python code, the reference, before changing anything. It ends every
 datagram it takes in exactly the state the Python code would
 (tests/ssp/test_speedups.py).
 
+``broker.ssp.instruction.deflate`` deflates a short instruction (any
+sender's, the node's too) with the extension's ``deflate``: the same bytes
+from one zlib stream kept and reset, not one set up for each.
+
 ``SSPSession.datagrams_to_send`` calls ``fast_send`` (through
 ``broker.ssp.session._fast_send``): the broker's usual send, an empty ack
 or heartbeat from a sender with nothing unacknowledged, in C (protobuf,
@@ -41,7 +45,7 @@ from broker.ssp.framing import HEADER_SIZE
 from broker.ssp.datagram import ECHO_WINDOW
 from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
                                     PROTOCOL_VERSION, SMALL_INSTRUCTION,
-                                    Instruction, deflate)
+                                    Instruction, deflate, install_compiled_deflate)
 from broker.ssp.outgoing import _SMALLEST_PAYLOAD, SEQ_RESERVATION_BLOCK
 from broker.ssp.profile import Profile
 from broker.ssp.receiver import Receiver
@@ -106,6 +110,8 @@ def _load():
         smallest_payload_plain=_SMALLEST_PAYLOAD[0],
         smallest_payload_framed=_SMALLEST_PAYLOAD[HEADER_SIZE],
         echo_window_ms=ECHO_WINDOW * 1000)
+    # Every short instruction (the node's states too) from the kept stream.
+    install_compiled_deflate(_speedups.deflate)
     return _speedups.receive, _speedups.send, None
 
 

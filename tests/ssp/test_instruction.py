@@ -1,10 +1,12 @@
 """Tests for broker.ssp.instruction: protobuf, zlib, limits, MTU sizes."""
 
+import contextlib
 import zlib
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from broker.ssp import instruction
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.framing import HEADER_SIZE
 from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MTU_IPV4, MTU_IPV6,
@@ -16,6 +18,17 @@ from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MTU_IPV4, MTU_IPV6,
 from broker.ssp.transportinstruction_pb2 import Instruction as PBInstruction
 
 u64 = st.integers(0, UINT64_MAX)
+
+
+@contextlib.contextmanager
+def _compiled(compiled):
+    """Deflate with ``compiled`` installed (None: Python's zlib alone)."""
+    kept = instruction._compiled_deflate
+    instruction.install_compiled_deflate(compiled)
+    try:
+        yield
+    finally:
+        instruction.install_compiled_deflate(kept)
 
 
 class SerializeTests(SynchronousTestCase):
@@ -49,6 +62,35 @@ class SerializeTests(SynchronousTestCase):
         """The cheaper deflate of short instructions gives zlib.compress()'s bytes,
         random, two-letter and repeating inputs alike."""
         self.assertEqual(deflate(raw), zlib.compress(raw))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=SMALL_INSTRUCTION))
+    def test_small_deflate_without_compiled(self, raw):
+        """Without the compiled module's deflate, Python's zlib gives the
+        same bytes."""
+        with _compiled(None):
+            self.assertEqual(deflate(raw), zlib.compress(raw))
+
+    def test_compiled_deflate_used_when_it_answers(self):
+        """A short instruction goes to the compiled deflate first; its None
+        hands it back to Python's zlib; a long one never goes there."""
+        asked = []
+
+        def answers(raw):
+            asked.append(raw)
+            return b"compiled"
+
+        def cannot(raw):
+            asked.append(raw)
+            return None
+
+        short, long = b"x" * SMALL_INSTRUCTION, b"x" * (SMALL_INSTRUCTION + 1)
+        with _compiled(answers):
+            self.assertEqual(deflate(short), b"compiled")
+            self.assertEqual(deflate(long), zlib.compress(long))
+        with _compiled(cannot):
+            self.assertEqual(deflate(short), zlib.compress(short))
+        self.assertEqual(asked, [short, short])
 
     def test_long_deflate_is_zlib_compress(self):
         """Longer instructions take zlib.compress() itself."""

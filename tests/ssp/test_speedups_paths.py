@@ -668,8 +668,9 @@ class AvailabilityTests(SynchronousTestCase):
         """SSP_BROKER_PURE_PYTHON set to a non-empty value leaves the
         compiled path out (a fresh interpreter)."""
         import subprocess
-        code = ("from broker.ssp import speedups, incoming; "
+        code = ("from broker.ssp import speedups, incoming, instruction; "
                 "print(speedups.fast_receive, incoming._fast_receive, "
+                "instruction._compiled_deflate, "
                 "speedups.counts(), speedups.unavailable_reason)")
         env = dict(os.environ, SSP_BROKER_PURE_PYTHON="1")
         root = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -679,7 +680,27 @@ class AvailabilityTests(SynchronousTestCase):
                                 timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.strip(),
-                         "None None (0, 0) SSP_BROKER_PURE_PYTHON is set")
+                         "None None None (0, 0) SSP_BROKER_PURE_PYTHON is set")
+
+    def test_compiled_deflate(self):
+        """With the compiled path, every short instruction is deflated by
+        the extension's kept stream: zlib.compress()'s bytes, again and
+        again from the one stream; None past SMALL_INSTRUCTION (Python then
+        compresses), TypeError for anything but bytes."""
+        if speedups.fast_receive is None:
+            raise self.skipTest(speedups.unavailable_reason)
+        from broker.ssp import _speedups, instruction
+        self.assertIs(instruction._compiled_deflate, _speedups.deflate)
+        generator = random.Random(7)
+        for size in (0, 1, 2, 30, instruction.SMALL_INSTRUCTION) * 3:
+            raw = generator.randbytes(size)
+            self.assertEqual(_speedups.deflate(raw), zlib.compress(raw), size)
+            self.assertEqual(_speedups.deflate(b"ab" * (size // 2)),
+                             zlib.compress(b"ab" * (size // 2)), size)
+        self.assertIsNone(_speedups.deflate(
+            bytes(instruction.SMALL_INSTRUCTION + 1)))
+        for wrong in (bytearray(b"x"), "x", None):
+            self.assertRaises(TypeError, _speedups.deflate, wrong)
 
     def test_acks_waiting_in_step(self):
         """The compiled path's held-ack list bound is incoming's."""
