@@ -323,16 +323,24 @@ def _array(items, dumps):
     readings); cbor2 for anything else."""
     if _FLOAT.issuperset(map(type, items)):
         return _array_packer(len(items))(items)
+    return _numbers(items, dumps)
+
+
+def _numbers(items, dumps):
+    """``_array`` of a tuple known not to hold only floats."""
     n = len(items)
-    parts = [_head(0x80, n)]
+    parts = [_BYTE[0x80 | n] if n < 24 else _head(0x80, n)]
+    append = parts.append
     for v in items:
         tv = type(v)
         if tv is float:
-            parts.append(_FLOAT64(0xfb, v))
+            append(_FLOAT64(0xfb, v))
         elif tv is not int or not -_U64 <= v < _U64:
             return dumps(items)
+        elif 0 <= v < 24:
+            append(_BYTE[v])              # (a small counter: its one byte)
         else:
-            parts.append(_head(0, v) if v >= 0 else _head(0x20, -1 - v))
+            append(_head(0, v) if v >= 0 else _head(0x20, -1 - v))
     return b"".join(parts)
 
 
@@ -370,6 +378,47 @@ _EMPTY_ARRAY = b"\x80"
 _EMPTY_MAP = b"\x80\x80\x80"
 _KEYS_CACHE = {}
 _KEYS_CACHE_SIZE = 10_000
+#: number_map_cbor's CBOR of a key (ASCII text keys only, as many as key tuples)
+_TEXTS = {}
+
+
+def number_map_cbor(mapping):
+    """``cbor2.dumps(dict(mapping))`` for a map of text keys to numbers and
+    bools (a device's usual readings), written here because cbor2's setup
+    per call costs more than these few bytes; None for any other map (the
+    caller uses cbor2 then: its bytes, and its errors)."""
+    n = len(mapping)
+    parts = [_BYTE[0xa0 | n] if n < 24 else _head(0xa0, n)]
+    append = parts.append
+    texts = _TEXTS
+    for key, value in mapping.items():
+        text = texts.get(key)
+        if text is None:
+            if type(key) is not str or not key.isascii():
+                return None
+            text = _head(0x60, len(key)) + key.encode("ascii")
+            if len(texts) < _KEYS_CACHE_SIZE:
+                texts[key] = text
+        append(text)
+        tv = type(value)
+        if tv is float:
+            if value - value != 0.0:        # NaN or infinity: cbor2's own form
+                return None
+            append(_FLOAT64(0xfb, value))
+        elif tv is int:
+            if 0 <= value < 24:
+                append(_BYTE[value])
+            elif 0 <= value < _U64:
+                append(_head(0, value))
+            elif -_U64 <= value < 0:
+                append(_head(0x20, -1 - value))
+            else:
+                return None
+        elif tv is bool:
+            append(b"\xf5" if value else b"\xf4")
+        else:
+            return None
+    return b"".join(parts)
 
 
 def _keys_cbor(keys, dumps=cbor2.dumps):
@@ -389,7 +438,7 @@ def _map_cbor(keys, values, times, dumps=cbor2.dumps):
     if _FLOAT.issuperset(map(type, times)):
         if _FLOAT.issuperset(map(type, values)):
             return _keys_cbor(keys) + _pair_packer(len(keys))(values, times)
-        return _keys_cbor(keys) + _array(values, dumps) + _array_packer(len(keys))(times)
+        return _keys_cbor(keys) + _numbers(values, dumps) + _array_packer(len(keys))(times)
     return _keys_cbor(keys) + _array(values, dumps) + _array(times, dumps)
 
 
@@ -421,8 +470,10 @@ def _encode(rkeys, rvals, rtimes, dkeys, dvals, dtimes, online, last_heard, addr
     elif len(address) == 2:
         host, port = address
         if type(host) is str and type(port) is int and 0 <= port < 0x10000 and host.isascii():
-            where = b"".join((b"\x82", _head(0x60, len(host)), host.encode("ascii"),
-                              _head(0, port)))
+            n = len(host)
+            where = b"".join((b"\x82", _BYTE[0x60 | n] if n < 24 else _head(0x60, n),
+                              host.encode("ascii"),
+                              _H16(0x19, port) if port >= 0x100 else _head(0, port)))
         else:
             where = b"\x82" + _scalar(host) + _scalar(port)
     else:
@@ -495,13 +546,16 @@ SESSION_COLUMNS = ("number, session_id, acked_remote_num, acked_remote_state, lo
                    " local_state, seq_reservation, remote_seq")
 
 
-def session_params(number, record, top=1 << 63, wrap=1 << 64):
-    """The row of a session record (u64 fields as i64: ``to_i64`` inline, as
-    the store writes one row per report)."""
-    sid, arn, ars, ln, ls, res, rseq = record
-    return (number, sid - wrap if sid >= top else sid, arn - wrap if arn >= top else arn, ars,
-            ln - wrap if ln >= top else ln, ls, res - wrap if res >= top else res,
-            rseq - wrap if rseq >= top else rseq)
+def session_params(records, top=1 << 63, wrap=1 << 64):
+    """The rows of ``(number, SessionRecord)`` pairs, one after the other in
+    one list (a multi-row statement's parameters), u64 fields as i64
+    (``to_i64`` inline: the store writes one row per report)."""
+    params = []
+    for number, (sid, arn, ars, ln, ls, res, rseq) in records:
+        params += (number, sid - wrap if sid >= top else sid,
+                   arn - wrap if arn >= top else arn, ars, ln - wrap if ln >= top else ln, ls,
+                   res - wrap if res >= top else res, rseq - wrap if rseq >= top else rseq)
+    return params
 
 
 def session_from_row(row):

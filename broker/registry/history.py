@@ -172,6 +172,8 @@ class History:
         head = stored[0]                            # (heads of one or two bytes inline)
         if head < 0x98:
             count, start = head - 0x7f, 1
+        elif head == 0x98:
+            count, start = stored[1] + 1, 2
         else:
             count, start = _argument(stored, 0)
             count += 1                              # (count: the new entry included)

@@ -156,9 +156,7 @@ def flush_steps(steps, states, sessions, encode=encode_device):
     Returns the highest cursor written.
     """
     if sessions:
-        params = []
-        for number, record in sessions.items():
-            params += session_params(number, record)
+        params = session_params(sessions.items())
         sessions.clear()
         steps += rows_statements(SESSION_SQL, params)
     params = []

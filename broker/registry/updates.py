@@ -93,10 +93,11 @@ class StateUpdates:
         self.cursor = cursor = self.cursor + 1
         dev.cursor = cursor
         self._feed.append(dev, replaced)
-        size = self.settings.history_size      # (_remember, inline: once per change)
+        settings = self.settings
+        size = settings.history_size      # (_remember, inline: once per change)
         if size:
             dev.history = dev.history.appended(dev.version, cursor, now, kind, data, size,
-                                               self.settings.history_bytes)
+                                               settings.history_bytes)
 
     def _persist(self, dev, result):
         return self._store.write(("state", dev.version, dev.cursor, dev.state(), dev.number), result)
@@ -191,9 +192,8 @@ class StateUpdates:
             fast = replace_numbers(self._shapes, dev.rkeys, dev.rvals, dev.rtimes, patch, now)
             if fast is not None:
                 dev.rvals, dev.rtimes = fast
-                if self.settings.history_size:
-                    pos = self._shapes.positions(dev.rkeys)
-                    patch = {dev.rkeys[pos[k]]: v for k, v in patch.items()}   # interned keys
+                # (the history keeps the patch encoded at once: its key
+                # objects need not be the interned ones)
                 self._bump(dev, "reported", patch, now)
                 return EMPTY
         try:

@@ -58,6 +58,9 @@ class TooManyCommands(ValueError):
         self.limit = limit
 
 
+_new = tuple.__new__
+
+
 def _unless_failed(result, failed):
     """The records' Deferred: fails if the reports committed before them did not store."""
     if failed:
@@ -125,9 +128,13 @@ class RegistryBridge:
         """The session record: id, the device's newest durable state, the
         commands not yet acknowledged, reservation, and the device's sequence
         mark (replays stay out)."""
-        return SessionRecord(live.session_id, num, state, 0,
-                             encode_commands(self._outgoing(live)),
-                             max(live.reserved, live.requested), live.session.expected_seq)
+        reserved, requested = live.reserved, live.requested
+        # (tuple.__new__: a record per report, without the named tuple's
+        # __new__ frame; max inline)
+        return _new(SessionRecord, (live.session_id, num, state, 0,
+                                    encode_commands(self._outgoing(live)),
+                                    requested if requested > reserved else reserved,
+                                    live.session.expected_seq))
 
     def _save(self, live, num: int, state: bytes) -> defer.Deferred:
         """Write the session record (see _record)."""
@@ -299,8 +306,12 @@ class RegistryBridge:
                 previous = first_report_base(previous, state, self._reported_now(live.number))
             live.reported = state
             patch = reported_patch(previous, state)
-            events = new_events(previous, state) if state.event_end != previous.event_end \
-                else ()
+            if state.event_end == previous.event_end:
+                if patch:                       # the usual report: values only
+                    updates.append((live.number, patch, ()))
+                    lives.append(live)
+                continue
+            events = new_events(previous, state)
             if patch or events:
                 number = live.number
                 if patch and events:
