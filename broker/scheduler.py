@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Hashable
+from heapq import heappush
 
 from twisted.logger import Logger
 
@@ -90,10 +91,13 @@ class WakeupScheduler:
             self._arm()
 
     def _push(self, key, when: float) -> None:
-        self._queued[key] = when
-        self._counter += 1
-        heapq.heappush(self._heap, (when, self._counter, key))
-        self._maybe_compact()
+        queued = self._queued
+        queued[key] = when
+        self._counter = counter = self._counter + 1
+        heap = self._heap
+        heappush(heap, (when, counter, key))
+        if len(heap) > MIN_COMPACT and len(heap) > 2 * len(queued):   # (_maybe_compact)
+            self._compact()
 
     def cancel(self, key: Hashable) -> None:
         """Forget key's wake-up (a retired session): its heap entry is stale from now."""

@@ -48,6 +48,7 @@ from broker.ssp.crypto import TO_SERVER, open_sealed
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.framing import HEADER_SIZE
 from broker.ssp.keys import derive_session_key
+from broker.udp.drops import EndpointDrop
 from broker.udp.limits import TokenBucket, WindowCounter
 
 __all__ = ["Admission", "AUTH_ATTEMPTS_PER_NEW_SESSION", "NEW_SESSIONS_PER_DEVICE",
@@ -113,6 +114,26 @@ class Admission:
         if self.host_failures.exhausted(source(host), now):
             return False
         return self.attempts.allow(now)
+
+    def current(self, number: int, stranger, now: float):
+        """Why a datagram of device ``number``'s current session is dropped unopened
+        (an EndpointDrop), or None if it may cost a decryption (charged to
+        ``datagrams``).  ``stranger``: the host it came from, None if from the
+        session's own address.  One call for every datagram of a live session."""
+        if stranger is not None:
+            if not self.stranger(number, stranger, now):
+                # Possibly spoofed: a decryption only within the budgets.
+                return EndpointDrop.RATE_LIMITED
+        elif self.own_failures.exhausted(number, now):
+            # Forgeries copying the device's own address spent its budget
+            # this second: they get no more of the port's rate.
+            return EndpointDrop.RATE_LIMITED
+        if self.device_rate.exhausted(number, now):
+            return EndpointDrop.DEVICE_RATE_LIMITED
+        if not self.datagrams.allow(now):
+            # Over the port's rate: no crypto work, whoever sent it.
+            return EndpointDrop.GLOBAL_RATE_LIMITED
+        return None
 
     def failed(self, number: int, host, now: float, per_device: bool = True) -> None:
         """A datagram naming ``number`` did not authenticate (``host``: the stranger

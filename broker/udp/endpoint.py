@@ -61,6 +61,12 @@ _unpack_header = _HEADER.unpack_from
 
 _SESSION_OVER = (ssp_events.ShutdownAcknowledged, ssp_events.PeerShutdownAcknowledged,
                  ssp_events.ShutdownTimedOut)
+# (Module globals for _handle's tests, run for every event.)
+_STATE_RECEIVED = ssp_events.StateReceived
+_DATAGRAM_REJECTED = ssp_events.DatagramRejected
+_RESERVATION_REQUESTED = ssp_events.SequenceReservationRequested
+_PEER_ROAMED = ssp_events.PeerRoamed
+_STATE_ACKNOWLEDGED = ssp_events.StateAcknowledged
 
 
 def assembly_bytes(registry) -> int:
@@ -252,23 +258,16 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         """A datagram of the device's current session, live or parked."""
         parked = type(entry) is Parked
         admission = self.admission
-        stranger = None if own_address(entry, addr, parked) else addr[0]
-        if stranger is not None:
-            if not admission.stranger(number, stranger, now):
-                # Possibly spoofed: a decryption only within the budgets.
-                self._drop(EndpointDrop.RATE_LIMITED)
-                return
-        elif admission.own_address_closed(number, now):
-            # Forgeries copying the device's own address spent its budget
-            # this second: they get no more of the port's rate.
-            self._drop(EndpointDrop.RATE_LIMITED)
-            return
-        if admission.device_rate.exhausted(number, now):
-            self._drop(EndpointDrop.DEVICE_RATE_LIMITED)
-            return
-        if not self._admit(now):
-            # Over the port's rate: no crypto work, whoever sent it.
-            self._drop(EndpointDrop.GLOBAL_RATE_LIMITED)
+        if parked or entry.probation is not None:
+            stranger = None if own_address(entry, addr, parked) else addr[0]
+            before = None
+        else:
+            # (own_address of a live session not on probation, inline: every datagram.)
+            before = entry.session.remote_address
+            stranger = None if addr == before else addr[0]
+        refused = admission.current(number, stranger, now)
+        if refused is not None:
+            self._drop(refused)
             return
         if parked:
             failure = parked_datagram_fails(entry, data)
@@ -285,10 +284,13 @@ class SSPEndpoint(Downstream, DatagramProtocol):
         else:
             live = entry
         session = live.session
-        before = session.remote_address
+        if before is None:
+            before = session.remote_address
         session.receive_datagram(data, addr, now)
         found = session.pop_events()
-        if session.last_heard is now:
+        # (Nothing below receives a datagram: the session's last_heard stays.)
+        authentic = session.last_heard is now
+        if authentic:
             # Authentic and in order: it counts against the device's rate.
             if live.probation is not None:
                 found = self._on_probation(live, found, addr, len(data), now)
@@ -303,7 +305,9 @@ class SSPEndpoint(Downstream, DatagramProtocol):
                 self._table.install(live)
                 self.counters["sessions_unparked"] += 1
             admission.device_rate.allow(number, now)
-            self._table.heard(live, addr, now)
+            if not live.online or now - live.facts_at >= self._table.facts_interval:
+                # (Else heard has nothing to do: the facts are fresh.)
+                self._table.heard(live, addr, now)
         elif parked:
             # Not authentic, or an old datagram: the parked form stays as it was.
             if stranger is not None or not_authentic(found):
@@ -318,7 +322,7 @@ class SSPEndpoint(Downstream, DatagramProtocol):
             admission.failed_current(number, stranger, now)
         if found:
             self._handle(live, found, now)
-        if session.last_heard is now:
+        if authentic:
             # Authentic: a forgery never causes a write.
             if live.unsaved_num:
                 self._writes.retry(live)
@@ -527,18 +531,18 @@ class SSPEndpoint(Downstream, DatagramProtocol):
     def _handle(self, live: LiveSession, found, now: float) -> None:
         for event in found:
             kind = type(event)
-            if kind is ssp_events.StateReceived:
+            if kind is _STATE_RECEIVED:
                 self._writes.report(live, event.state, event.num)
-            elif kind is ssp_events.DatagramRejected:
+            elif kind is _STATE_ACKNOWLEDGED:    # (the two events of nearly every datagram)
+                self.counters["states_acknowledged"] += 1
+            elif kind is _DATAGRAM_REJECTED:
                 self._drop(event.reason)
-            elif kind is ssp_events.SequenceReservationRequested:
+            elif kind is _RESERVATION_REQUESTED:
                 self._writes.reserve(live, event.limit)
-            elif kind is ssp_events.PeerRoamed:
+            elif kind is _PEER_ROAMED:
                 if live.probation is None:   # (else the move may be a replay's)
                     self.counters["roams"] += 1
                     self._table.moved(live, event.address, now)
-            elif kind is ssp_events.StateAcknowledged:
-                self.counters["states_acknowledged"] += 1
             elif kind in _SESSION_OVER:
                 self.counters["sessions_shut_down"] += 1
 

@@ -26,7 +26,10 @@ class TokenBucket:
         tokens = self._tokens
         elapsed = now - self._stamp
         if elapsed > 0:
-            tokens = min(self.burst, tokens + elapsed * self.rate)
+            tokens += elapsed * self.rate
+            burst = self.burst
+            if not tokens < burst:    # (min(burst, tokens) without the call)
+                tokens = burst
             self._stamp = now
         if tokens >= cost:
             self._tokens = tokens - cost

@@ -77,27 +77,30 @@ class SessionWrites:
     def write_reports(self, flush: bool = True) -> None:
         """Hand the reports gathered this turn to the registry (called at its end),
         then send what those sessions have due (once per session, not per datagram)."""
-        pending, self._pending = self._pending, []
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
         reports = []
         counts = []
-        table = self._table
+        handed = []
+        current = self._table.get
+        now = self._now()
         for live in pending:
             state, num, count = live.pending_state, live.pending_num, live.pending_count
             live.pending_state, live.pending_num, live.pending_count = None, 0, 0
-            if table.get(live.number) is not live:
+            if current(live.number) is not live:
                 # Retired meanwhile (replaced, key changed): its record must
                 # not overwrite the new session's, and it is never acknowledged.
                 live.writes -= 1
                 continue
             reports.append((live, state, num))
             counts.append(count)
+            handed.append(live.reported)
+            live.marked_at = now    # each record carries the device's receive mark
         if not reports:
             return
         self._counters["registry_writes"] += len(reports)
-        handed = [live.reported for live, _, _ in reports]
-        now = self._now()
-        for live, _, _ in reports:
-            live.marked_at = now    # each record carries the device's receive mark
         try:
             answer = self._bridge.report_many(reports)
         except Exception:
@@ -114,8 +117,9 @@ class SessionWrites:
         answer.addCallbacks(self._reported, self._not_durable,
                             callbackArgs=(reports, counts), errbackArgs=(reports,))
         if flush:
+            table = self._table
             for live, _, _ in reports:
-                if table.get(live.number) is not live:
+                if current(live.number) is not live:
                     continue
                 wakeup = live.session.next_wakeup()
                 if wakeup is None or wakeup > now:
@@ -123,7 +127,7 @@ class SessionWrites:
                     # turn; computed again now they come no earlier before
                     # that wake-up has passed, so a tick would send nothing.
                     # Only its wake-up is set (the ack waits for durability).
-                    table.settle(live, now)
+                    table.settle(live, now, wakeup)
                 else:
                     self._flush(live, now)
 
@@ -134,13 +138,13 @@ class SessionWrites:
         now = self._now()
         durable = 0
         for (live, _, num), count, result in zip(reports, counts, results):
-            if isinstance(result, SessionConflict):
-                # The record is another process's now (or a newer session's).
-                live.writes -= 1
-                self.conflict(live, result)
-                continue
-            if isinstance(result, Exception):
-                self._report_failed(Failure(result), live, num)
+            if isinstance(result, Exception):    # (a record, nearly always)
+                if isinstance(result, SessionConflict):
+                    # The record is another process's now (or a newer session's).
+                    live.writes -= 1
+                    self.conflict(live, result)
+                else:
+                    self._report_failed(Failure(result), live, num)
                 continue
             live.writes -= 1
             if num >= live.unsaved_num:

@@ -37,6 +37,8 @@ PRESENCE = "presence"
 MAX_RECHECK = 60.0
 #: Smoothed RTTs kept between two metric updates (the rest of a burst is not sampled).
 MAX_RTT_SAMPLES = 4096
+#: ``settle``'s default: read the session's wake-up (None is a wake-up: none).
+_ASK = object()
 
 
 class SessionTable:
@@ -68,15 +70,14 @@ class SessionTable:
         self._now = now
         self._flush = flush
         self._sessions: dict[int, LiveSession | Parked] = {}
+        #: ``get(number)``: the device's LiveSession or Parked entry, or None
+        #: (the dict's own method: a lookup for every datagram, no Python frame).
+        self.get = self._sessions.get
         self.scheduler = WakeupScheduler(clock, self._wakeup, now)
         self.presence = PresenceWheel(offline_after)
 
     def __len__(self) -> int:
         return len(self._sessions)
-
-    def get(self, number: int):
-        """The device's LiveSession or Parked entry, or None."""
-        return self._sessions.get(number)
 
     def parked_count(self) -> int:
         return sum(1 for entry in self._sessions.values() if type(entry) is Parked)
@@ -128,17 +129,19 @@ class SessionTable:
         """Make live the device's session (replacing any other entry)."""
         self._sessions[live.number] = live
 
-    def settle(self, live: LiveSession, now: float) -> None:
-        """Set the live session's next wake-up: its own timer, or a park check."""
-        session = live.session
-        wakeup = session.next_wakeup()
+    def settle(self, live: LiveSession, now: float, wakeup=_ASK) -> None:
+        """Set the live session's next wake-up: its own timer, or a park check.
+        ``wakeup``: the session's ``next_wakeup()`` if the caller just read it
+        (nothing ran on the session since), to save reading it again."""
+        if wakeup is _ASK:
+            wakeup = live.session.next_wakeup()
         if wakeup is None and self.park_after is not None:
             wakeup = now + self.park_after
         self.scheduler.schedule(live.number, wakeup)
 
     def _wakeup(self, key, now: float) -> None:
         """The scheduler's callback: a session's timer, a park check, or the presence wheel."""
-        if key == PRESENCE and type(key) is str:
+        if type(key) is str and key == PRESENCE:
             self._expire(now)
             return
         live = self._sessions.get(key)
