@@ -23,7 +23,8 @@ from twisted.logger import Logger
 from broker.node.backlog import MAX_BACKLOG, MAX_EVENT_BYTES, MAX_VALUES_BYTES, Backlog
 from broker.registry.errors import InvalidKey, InvalidValue
 from broker.registry.settings import RegistrySettings
-from broker.registry.values import Validator, map_size, thaw as registry_thaw, value_size
+from broker.registry.values import (NUMBER_SIZE, Validator, map_size, thaw as registry_thaw,
+                                    value_size)
 from broker.ssp import events as ssp_events
 from broker.ssp.device_state import DeviceState, encode, freeze, same
 from broker.ssp.framing import BrokerFraming
@@ -63,6 +64,12 @@ def sendable(item) -> None:
             sendable(value)
 
 
+#: Frozen values that are their own plain form and that ``sendable`` passes
+#: (text is not: it may hold an unpaired surrogate).
+_INERT = frozenset((int, float, bool, bytes, type(None)))
+#: Frozen values that are their own plain form.
+_PLAIN_SCALARS = _INERT | {str}
+
 #: The registry's size estimate of an empty map (``map_size``).
 EMPTY_MAP_SIZE = map_size((), ())
 
@@ -70,6 +77,9 @@ EMPTY_MAP_SIZE = map_size((), ())
 def entry_size(key: str, value) -> int:
     """What one top-level entry adds to the registry's size estimate of the
     reported map (``map_size``), which it compares with ``max_state_bytes``."""
+    kind = type(value)
+    if kind is int or kind is float:   # (the usual reading: no registry form to make)
+        return len(key) + 3 + NUMBER_SIZE
     return len(key) + 3 + value_size(_registry_form(value))
 
 
@@ -93,6 +103,8 @@ def registry_refusal(check, *args):
 
 def plain(value):
     """A frozen device-state value as plain JSON-like data (maps -> dict, arrays -> list)."""
+    if type(value) in _PLAIN_SCALARS:   # (no Mapping check, an ABC's, for a number)
+        return value
     if isinstance(value, Mapping):
         return {key: plain(item) for key, item in value.items()}
     if type(value) is tuple:
@@ -194,22 +206,33 @@ class NodeSession:
             state = state.with_values(values)
             if state is not before:
                 current = state.values
-                sendable([(key, current.get(key)) for key in values])   # as frozen
-                registry_refusal(REGISTRY_RULES.patch,
-                                 {key: plain(current.get(key)) for key in values})
-                # cbor2's plain encoding is never shorter than the canonical one
-                # (only its floats may be longer), and four times faster.
-                if len(cbor2.dumps(dict(current))) > MAX_VALUES_BYTES:
-                    encoded = len(encode(current))
-                    if encoded > MAX_VALUES_BYTES:
-                        raise ValueError(f"values of {encoded} bytes encoded, all together; "
-                                         f"a node sends at most {MAX_VALUES_BYTES}")
+                patch = {}
+                for key in values:   # each key, then its value, as frozen
+                    value = current.get(key)
+                    if not key.isascii():   # (keys are text: with_values checked)
+                        sendable(key)
+                    if type(value) not in _INERT:
+                        sendable(value)
+                        value = plain(value)
+                    patch[key] = value
+                registry_refusal(REGISTRY_RULES.patch, patch)
                 old = before.values
                 for key in values:   # (the estimate kept up to date: no walk of the map)
                     if key in old:
                         values_size -= entry_size(key, old[key])
                     if key in current:
                         values_size += entry_size(key, current[key])
+                # The registry's estimate bounds any CBOR encoding of the values
+                # below 64 KiB (its headers are the longest such, its numbers 9
+                # bytes, its keys ASCII): within MAX_VALUES_BYTES, no encoding.
+                # cbor2's plain encoding is never shorter than the canonical one
+                # (only its floats may be longer), and four times faster.
+                if (values_size > MAX_VALUES_BYTES
+                        and len(cbor2.dumps(dict(current))) > MAX_VALUES_BYTES):
+                    encoded = len(encode(current))
+                    if encoded > MAX_VALUES_BYTES:
+                        raise ValueError(f"values of {encoded} bytes encoded, all together; "
+                                         f"a node sends at most {MAX_VALUES_BYTES}")
                 self._check_registry_size(state.value_count, values_size)
         if events:
             frozen = [freeze(event) for event in events]
@@ -363,7 +386,9 @@ class NodeSession:
                                problem=problem)
             session = self.session
         out = session.datagrams_to_send(now)
-        self._handle(session.pop_events(), now)
+        found = session.pop_events()
+        if found:   # (usually none: nothing to handle)
+            self._handle(found, now)
         return out
 
     def next_wakeup(self) -> float | None:
@@ -372,5 +397,9 @@ class NodeSession:
         if session is None:
             return None
         wakeup = session.next_wakeup()
-        rekey = max(self._acked_at + self.rekey_after, self._rekey_not_before)
-        return rekey if wakeup is None else min(wakeup, rekey)
+        rekey = self._acked_at + self.rekey_after
+        if rekey < self._rekey_not_before:
+            rekey = self._rekey_not_before
+        if wakeup is None or rekey < wakeup:
+            return rekey
+        return wakeup
