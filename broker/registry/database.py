@@ -17,6 +17,8 @@ from broker.files import make_private_dirs
 
 from .errors import StoreError
 from .history import History
+# (the hand-written CBOR shared with history entries)
+from .history_entry import _BYTE, _FLOAT64, _H16, _U64, cbor_head as _head
 from .model import SessionRecord
 from .values import thaw
 
@@ -266,15 +268,8 @@ def _read_only_file_system(directory):
 #: update times are mostly floats, and packing them is much faster.
 TAG_FLOAT64 = 86
 _FLOAT = frozenset((float,))
-_FLOAT64 = struct.Struct(">Bd").pack
-_U64 = 1 << 64
 _PAIRS = {}
 _ARRAYS = {}
-_BYTE = tuple(bytes((b,)) for b in range(256))   # one-byte CBOR heads and items
-_H8 = struct.Struct(">BB").pack
-_H16 = struct.Struct(">BH").pack
-_H32 = struct.Struct(">BI").pack
-_H64 = struct.Struct(">BQ").pack
 #: the connection facts in their common form: a float, then (after the
 #: address) a float and an unsigned integer of 8 bytes (session ids are).
 _AFTER_ADDRESS = struct.Struct(">BdBQ").pack
@@ -344,19 +339,6 @@ def _numbers(items, dumps):
     return b"".join(parts)
 
 
-def _head(major, n):
-    """CBOR head of major type ``major`` (shifted) with argument ``n`` (0 <= n < 2**64)."""
-    if n < 24:
-        return _BYTE[major | n]
-    if n < 0x100:
-        return _H8(major | 24, n)
-    if n < 0x10000:
-        return _H16(major | 25, n)
-    if n < 0x100000000:
-        return _H32(major | 26, n)
-    return _H64(major | 27, n)
-
-
 def _scalar(v, dumps=cbor2.dumps):
     """CBOR of one connection fact (float, int, text, None, bool); others via cbor2."""
     tv = type(v)
@@ -374,51 +356,14 @@ def _scalar(v, dumps=cbor2.dumps):
     return dumps(v)
 
 
+#: one float64 typed array of one item (its head), then one float or two
+_F64_ONE = _f64_head(1)
+_ONE_TIME = struct.Struct(">3sd").pack
+_ONE_PAIR = struct.Struct(">3sd3sd").pack
 _EMPTY_ARRAY = b"\x80"
 _EMPTY_MAP = b"\x80\x80\x80"
 _KEYS_CACHE = {}
 _KEYS_CACHE_SIZE = 10_000
-#: number_map_cbor's CBOR of a key (ASCII text keys only, as many as key tuples)
-_TEXTS = {}
-
-
-def number_map_cbor(mapping):
-    """``cbor2.dumps(dict(mapping))`` for a map of text keys to numbers and
-    bools (a device's usual readings), written here because cbor2's setup
-    per call costs more than these few bytes; None for any other map (the
-    caller uses cbor2 then: its bytes, and its errors)."""
-    n = len(mapping)
-    parts = [_BYTE[0xa0 | n] if n < 24 else _head(0xa0, n)]
-    append = parts.append
-    texts = _TEXTS
-    for key, value in mapping.items():
-        text = texts.get(key)
-        if text is None:
-            if type(key) is not str or not key.isascii():
-                return None
-            text = _head(0x60, len(key)) + key.encode("ascii")
-            if len(texts) < _KEYS_CACHE_SIZE:
-                texts[key] = text
-        append(text)
-        tv = type(value)
-        if tv is float:
-            if value - value != 0.0:        # NaN or infinity: cbor2's own form
-                return None
-            append(_FLOAT64(0xfb, value))
-        elif tv is int:
-            if 0 <= value < 24:
-                append(_BYTE[value])
-            elif 0 <= value < _U64:
-                append(_head(0, value))
-            elif -_U64 <= value < 0:
-                append(_head(0x20, -1 - value))
-            else:
-                return None
-        elif tv is bool:
-            append(b"\xf5" if value else b"\xf4")
-        else:
-            return None
-    return b"".join(parts)
 
 
 def _keys_cbor(keys, dumps=cbor2.dumps):
@@ -433,6 +378,17 @@ def _keys_cbor(keys, dumps=cbor2.dumps):
 
 def _map_cbor(keys, values, times, dumps=cbor2.dumps):
     """CBOR of one map kept as parallel tuples: three array items."""
+    if len(keys) == 1 and type(times[0]) is float:
+        # One reading (the usual device): the bytes of the loops below, without them.
+        value = values[0]
+        tv = type(value)
+        if tv is float:
+            return ((_KEYS_CACHE.get(keys) or _keys_cbor(keys))
+                    + _ONE_PAIR(_F64_ONE, value, _F64_ONE, times[0]))
+        if tv is int and 0 <= value < _U64:
+            return b"".join((_KEYS_CACHE.get(keys) or _keys_cbor(keys), b"\x81",
+                             _BYTE[value] if value < 24 else _head(0, value),
+                             _ONE_TIME(_F64_ONE, times[0])))
     if not keys:
         return _EMPTY_MAP
     if _FLOAT.issuperset(map(type, times)):
@@ -485,7 +441,7 @@ def _encode(rkeys, rvals, rtimes, dkeys, dvals, dtimes, online, last_heard, addr
             b"\x8c", _map_cbor(rkeys, rvals, rtimes), _map_cbor(dkeys, dvals, dtimes),
             b"\xf5" if online is True else _scalar(online), _FLOAT64(0xfb, last_heard), where,
             _AFTER_ADDRESS(0xfb, rtt, 0x1b, session_id),
-            _history_cbor(history) if history else _EMPTY_ARRAY))
+            history.stored if type(history) is History else _history_cbor(history)))
     return b"".join((
         b"\x8c", _map_cbor(rkeys, rvals, rtimes), _map_cbor(dkeys, dvals, dtimes),
         b"\xf5" if online is True else _scalar(online), _scalar(last_heard), where,

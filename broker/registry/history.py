@@ -41,8 +41,8 @@ from array import array
 import cbor2
 
 from broker.registry.history_entry import (  # (some re-exported for the tests)
-    ENTRY_OVERHEAD, JSON_PER_BYTE, _weight_of, decode_entry, encode_entry, entry_weight,
-    json_size, shortened_entry)
+    ENTRY_OVERHEAD, JSON_PER_BYTE, _weight_of, cbor_head as _head, decode_entry, encode_entry,
+    entry_weight, json_size, shortened_entry)
 
 __all__ = ["EMPTY_HISTORY", "ENTRY_OVERHEAD", "HISTORY_BYTES", "History", "JSON_PER_BYTE",
            "decode_entry", "encode_entry", "entry_weight", "json_size", "shortened_entry"]
@@ -57,17 +57,6 @@ HISTORY_BYTES = 128 * 1024
 #: slack for the heads and brackets of the whole: the stored array's (up to 5
 #: bytes) and the JSON list's ``[]`` (2, less the comma the last entry lacks)
 _HEADS = 8
-def _head(major: int, n: int) -> bytes:
-    """CBOR head of major type ``major`` (shifted) with argument ``n``."""
-    if n < 24:
-        return bytes((major | n,))
-    if n < 0x100:
-        return bytes((major | 24, n))
-    if n < 0x10000:
-        return bytes((major | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((major | 26,)) + n.to_bytes(4, "big")
-    return bytes((major | 27,)) + n.to_bytes(8, "big")
 
 
 def _argument(data: bytes, pos: int) -> tuple:

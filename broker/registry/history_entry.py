@@ -7,15 +7,16 @@ characters), and its stored bytes.
 """
 
 import json
+import struct
 from itertools import takewhile
 
 import cbor2
 
 from broker.json_bytes import bytes_default
-from broker.registry.values import thaw
+from broker.registry.values import FrozenMap, thaw
 
-__all__ = ["ENTRY_OVERHEAD", "JSON_PER_BYTE", "decode_entry", "encode_entry",
-           "entry_weight", "json_size", "shortened_entry"]
+__all__ = ["ENTRY_OVERHEAD", "JSON_PER_BYTE", "cbor_head", "decode_entry", "encode_entry",
+           "entry_weight", "json_size", "number_map_cbor", "shortened_entry"]
 
 _dumps = cbor2.dumps
 _loads = cbor2.loads
@@ -99,8 +100,113 @@ def entry_weight(blob: bytes) -> int:
     return _weight_of(_loads(blob), len(blob))
 
 
+# -- hand-written CBOR (database.py's fast paths use it too) ----------------
+
+_U64 = 1 << 64
+_BYTE = tuple(bytes((b,)) for b in range(256))   # one-byte CBOR heads and items
+_FLOAT64 = struct.Struct(">Bd").pack
+_H8 = struct.Struct(">BB").pack
+_H16 = struct.Struct(">BH").pack
+_H32 = struct.Struct(">BI").pack
+_H64 = struct.Struct(">BQ").pack
+#: most texts number_map_cbor keeps encoded
+_TEXTS_SIZE = 10_000
+#: number_map_cbor's CBOR of a key (ASCII text keys only, as many as key tuples)
+_TEXTS = {}
+
+
+def cbor_head(major, n):
+    """CBOR head of major type ``major`` (shifted) with argument ``n`` (0 <= n < 2**64)."""
+    if n < 24:
+        return _BYTE[major | n]
+    if n < 0x100:
+        return _H8(major | 24, n)
+    if n < 0x10000:
+        return _H16(major | 25, n)
+    if n < 0x100000000:
+        return _H32(major | 26, n)
+    return _H64(major | 27, n)
+
+
+def number_map_cbor(mapping):
+    """``cbor2.dumps(dict(mapping))`` for a map of text keys to numbers and
+    bools (a device's usual readings), written here because cbor2's setup
+    per call costs more than these few bytes; None for any other map (the
+    caller uses cbor2 then: its bytes, and its errors)."""
+    n = len(mapping)
+    parts = [_BYTE[0xa0 | n] if n < 24 else cbor_head(0xa0, n)]
+    append = parts.append
+    texts = _TEXTS
+    for key, value in mapping.items():
+        text = texts.get(key)
+        if text is None:
+            if type(key) is not str or not key.isascii():
+                return None
+            text = cbor_head(0x60, len(key)) + key.encode("ascii")
+            if len(texts) < _TEXTS_SIZE:
+                texts[key] = text
+        append(text)
+        tv = type(value)
+        if tv is float:
+            if value - value != 0.0:        # NaN or infinity: cbor2's own form
+                return None
+            append(_FLOAT64(0xfb, value))
+        elif tv is int:
+            if 0 <= value < 24:
+                append(_BYTE[value])
+            elif 0 <= value < _U64:
+                append(cbor_head(0, value))
+            elif -_U64 <= value < 0:
+                append(cbor_head(0x20, -1 - value))
+            else:
+                return None
+        elif tv is bool:
+            append(b"\xf5" if value else b"\xf4")
+        else:
+            return None
+    return b"".join(parts)
+
+
+def _uint(n):
+    """CBOR of an int ``0 <= n < 2**64`` (a version or cursor: mostly 4 bytes)."""
+    if 0x10000 <= n < 0x100000000:
+        return _H32(0x1a, n)
+    return _BYTE[n] if n < 24 else cbor_head(0, n)
+
+
 def encode_entry(version: int, cursor: int, at: float, kind: str, data) -> bytes:
-    """The CBOR of one history entry."""
+    """The CBOR of one history entry: written here for the usual one (a map
+    of numbers at a finite float time: cbor2's setup costs more than these
+    few bytes), cbor2's for any other."""
+    if (type(data) is dict or type(data) is FrozenMap) and type(at) is float \
+            and at - at == 0.0 and type(version) is int and type(cursor) is int \
+            and 0 <= version < _U64 and 0 <= cursor < _U64 and type(kind) is str:
+        text = _TEXTS.get(kind)
+        if text is None:
+            if not kind.isascii():
+                return _dumps((version, cursor, at, kind, data))
+            text = cbor_head(0x60, len(kind)) + kind.encode("ascii")
+            if len(_TEXTS) < _TEXTS_SIZE:
+                _TEXTS[kind] = text
+        if len(data) == 1:                  # one reading: its two items here
+            (key, value), = data.items()
+            name = _TEXTS.get(key)
+            tv = type(value)
+            if name is not None and (tv is float and value - value == 0.0
+                                     or tv is int and 0 <= value < 0x100000000):
+                return b"".join((
+                    b"\x85",
+                    _BYTE[version] if version < 24 else _H32(0x1a, version)
+                    if 0x10000 <= version < 0x100000000 else cbor_head(0, version),
+                    _H32(0x1a, cursor) if 0x10000 <= cursor < 0x100000000
+                    else cbor_head(0, cursor),
+                    _FLOAT64(0xfb, at), text, b"\xa1", name,
+                    _FLOAT64(0xfb, value) if tv is float else _BYTE[value] if value < 24
+                    else _H32(0x1a, value) if value >= 0x10000 else cbor_head(0, value)))
+        body = number_map_cbor(data)
+        if body is not None:
+            return b"".join((b"\x85", _uint(version), _uint(cursor), _FLOAT64(0xfb, at), text,
+                             body))
     return _dumps((version, cursor, at, kind, data))
 
 

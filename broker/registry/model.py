@@ -70,6 +70,21 @@ def replace_numbers(shapes, keys, values, times, patch, now):
     the precise error. Existing keys were validated when they were added.
     """
     n = len(patch)
+    if n == 1 and len(keys) == 1:
+        # One reading (the usual device): the checks below, on its one item.
+        (key, value), = patch.items()
+        if key != keys[0]:
+            return None
+        tv = type(value)
+        if tv is float:
+            if value - value != 0.0:
+                return None
+        elif tv is not int or not INT_MIN <= value <= INT_MAX:
+            return None
+        tv = type(values[0])
+        if tv is not float and tv is not int:
+            return None
+        return (value,), (now,)
     if n == len(keys) and tuple(patch) == keys:
         # Every reading at once, in the stored order, all floats: C loops only.
         vals = tuple(patch.values())

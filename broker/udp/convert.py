@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import cbor2
 
-from broker.registry.database import number_map_cbor
+from broker.registry.history_entry import number_map_cbor
 from broker.ssp.device_state import (EVENTS_KEY, FIRST_EVENT_KEY, VALUES_KEY, DeviceState,
                                       same)
 

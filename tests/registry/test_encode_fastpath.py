@@ -5,7 +5,8 @@ import random
 import cbor2
 from twisted.trial.unittest import TestCase
 
-from broker.registry.database import _encode, _map_cbor, number_map_cbor
+from broker.registry.database import _encode, _map_cbor
+from broker.registry.history_entry import number_map_cbor
 
 #: values of every kind a fast path takes or must refuse, at their edges
 VALUES = [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63, 2**64 - 1,
