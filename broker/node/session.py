@@ -67,6 +67,8 @@ def sendable(item) -> None:
 #: Frozen values that are their own plain form and that ``sendable`` passes
 #: (text is not: it may hold an unpaired surrogate).
 _INERT = frozenset((int, float, bool, bytes, type(None)))
+#: Values the registry counts at NUMBER_SIZE whatever they hold (entry_size).
+_NUMBERS = frozenset((int, float))
 #: Frozen values that are their own plain form.
 _PLAIN_SCALARS = _INERT | {str}
 
@@ -207,6 +209,10 @@ class NodeSession:
             if state is not before:
                 current = state.values
                 patch = {}
+                # The usual reading (a known key, a number) needs no patch
+                # check of the registry's: passes() knows that it takes it.
+                checked = len(values) <= REGISTRY_RULES.max_keys
+                passes = REGISTRY_RULES.passes
                 for key in values:   # each key, then its value, as frozen
                     value = current.get(key)
                     if not key.isascii():   # (keys are text: with_values checked)
@@ -214,14 +220,21 @@ class NodeSession:
                     if type(value) not in _INERT:
                         sendable(value)
                         value = plain(value)
+                    if checked and not passes(key, value):
+                        checked = False
                     patch[key] = value
-                registry_refusal(REGISTRY_RULES.patch, patch)
+                if not checked:
+                    registry_refusal(REGISTRY_RULES.patch, patch)
                 old = before.values
                 for key in values:   # (the estimate kept up to date: no walk of the map)
-                    if key in old:
-                        values_size -= entry_size(key, old[key])
-                    if key in current:
-                        values_size += entry_size(key, current[key])
+                    # (get() is None for no value: a state holds no null value.)
+                    was, now_is = old.get(key), current.get(key)
+                    if type(was) in _NUMBERS and type(now_is) in _NUMBERS:
+                        continue   # a number for a number: the same estimate
+                    if was is not None:
+                        values_size -= entry_size(key, was)
+                    if now_is is not None:
+                        values_size += entry_size(key, now_is)
                 # The registry's estimate bounds any CBOR encoding of the values
                 # below 64 KiB (its headers are the longest such, its numbers 9
                 # bytes, its keys ASCII): within MAX_VALUES_BYTES, no encoding.
@@ -233,7 +246,9 @@ class NodeSession:
                     if encoded > MAX_VALUES_BYTES:
                         raise ValueError(f"values of {encoded} bytes encoded, all together; "
                                          f"a node sends at most {MAX_VALUES_BYTES}")
-                self._check_registry_size(state.value_count, values_size)
+                if (values_size > self.max_state_bytes
+                        or state.value_count > REGISTRY_RULES.max_keys):
+                    self._check_registry_size(state.value_count, values_size)
         if events:
             frozen = [freeze(event) for event in events]
             sendable(frozen)

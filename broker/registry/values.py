@@ -74,6 +74,22 @@ class Validator:
         self._keys[key] = key
         return key
 
+    def passes(self, key, value) -> bool:
+        """Whether ``patch`` would take ``{key: value}`` as it is, known without
+        its walk: a key it took before (cached), a value that is null, a
+        boolean, a 64-bit integer or a finite float.  False says nothing (ask
+        ``patch``): a caller that checked every entry so may skip it."""
+        kind = type(value)
+        if kind is int:
+            if not INT_MIN <= value <= INT_MAX:
+                return False
+        elif kind is float:
+            if value - value != 0.0:    # NaN or infinity
+                return False
+        elif kind is not bool and value is not None:
+            return False
+        return type(key) is str and key in self._keys
+
     def patch(self, patch):
         """Check a top-level patch: returns ``(frozen patch dict, size)``.
 

@@ -240,18 +240,21 @@ class DeviceState(EventQueue):
         """The diff that turns ``existing`` (an ancestor) into this state."""
         if existing is self:
             return EMPTY_DIFF
-        start = existing.event_end
-        if start > self.event_end:
+        # (event_end from the slots: no property calls, this runs per send.)
+        base, events = self._event_base, self._events
+        start = existing._event_base + len(existing._events)
+        if start > base + len(events):
             raise ValueError(f"not an ancestor: it ends at event {start}, "
                              f"this state at {self.event_end}")
-        skipped = start < self._event_base
+        skipped = start < base
         if skipped:
             if not existing._is_blank():
-                raise ValueError(f"events {start}..{self._event_base - 1} "
+                raise ValueError(f"events {start}..{base - 1} "
                                  "were dropped; only state 0 may skip them")
-            start = self._event_base
+            start = base
         changed = self._changed_since(existing._values)
-        events = self._events[start - self._event_base:]
+        if start != base:
+            events = events[start - base:]
         # The diff map's head and its one-byte keys 0, 1, 2 are written
         # here, in canonical order: cbor2's canonical form costs about a
         # microsecond per map (it sorts), as much again as the values map.
@@ -283,16 +286,25 @@ class DeviceState(EventQueue):
         if old is mine:
             return {}
         changed = {}
+        fresh = 0   # our keys that ``old`` lacks
         for key, value in mine.items():
             previous = old.get(key, _MISSING)
             # (Unchanged values are mostly the very same object: states
             # share them.)
-            if previous is not value and (previous is _MISSING
-                                          or not same(previous, value)):
-                changed[key] = value
-        for key in old:
-            if key not in mine:
-                changed[key] = None
+            if previous is not value:
+                if type(value) is int and type(previous) is int:
+                    if previous != value:   # (a reading: same() compares ints)
+                        changed[key] = value
+                elif previous is _MISSING:
+                    changed[key] = value
+                    fresh += 1
+                elif not same(previous, value):
+                    changed[key] = value
+        # Every other key of ``old`` is one of ours: only more means deletions.
+        if len(old) > len(mine) - fresh:
+            for key in old:
+                if key not in mine:
+                    changed[key] = None
         return changed
 
     def apply(self, diff: bytes) -> "DeviceState":
@@ -377,12 +389,14 @@ class DeviceState(EventQueue):
     def __eq__(self, other):
         if self is other:
             return True
-        if not isinstance(other, DeviceState):
+        if type(other) is not DeviceState and not isinstance(other, DeviceState):
             return NotImplemented
         mine, theirs = self._values, other._values
-        if (self._event_base != other._event_base
+        # The values first: a new report's state differs there (the sender
+        # compares it with up to three states).
+        if (mine != theirs or self._event_base != other._event_base
                 or len(self._events) != len(other._events)
-                or mine != theirs or self._events != other._events):
+                or self._events != other._events):
             # Python's == first (fast): wire-equal values are also ==.
             return False
         if mine is not theirs and not all(

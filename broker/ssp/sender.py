@@ -313,11 +313,13 @@ class Sender:
         current = self.current
         back_time = sent[-_STRIDE + _TIME]
         if current is not sent[-1]:
-            if self._mindelay_clock is None:
-                self._mindelay_clock = now
-            self._next_send_time = max(
-                self._mindelay_clock + profile.send_mindelay,
-                back_time + self.send_interval(rtt.srtt))
+            clock = self._mindelay_clock
+            if clock is None:
+                clock = self._mindelay_clock = now
+            # (max()'s choice without its call: the first of equal times.)
+            earliest = clock + profile.send_mindelay
+            paced = back_time + self.send_interval(rtt.srtt)
+            self._next_send_time = paced if paced > earliest else earliest
         elif (current is sent[_STATE]
               # mosh's form of the test (last_heard + ACTIVE_RETRY_TIMEOUT
               # > now), so a time on the boundary goes the same way.
@@ -363,7 +365,11 @@ class Sender:
 
     def next_wakeup(self) -> float | None:
         """The earlier timer from the last calculation, None if neither."""
-        wakeup = min(self._next_ack_time, self._next_send_time)
+        # (min()'s choice without its call: the first of equal times.)
+        wakeup = self._next_ack_time
+        send = self._next_send_time
+        if send < wakeup:
+            wakeup = send
         return None if wakeup == NEVER else wakeup
 
     # -- sending -----------------------------------------------------------
