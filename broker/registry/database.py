@@ -22,6 +22,12 @@ from .history_entry import _BYTE, _FLOAT64, _H16, _U64, cbor_head as _head
 from .model import SessionRecord
 from .values import thaw
 
+# Python's sqlite3 module takes an int, float or str parameter as it is, but
+# looks for an adapter of every bytes one the long way (two attribute
+# lookups, one raising AttributeError inside) unless one is registered: the
+# store binds three blobs per report. bytes(blob) is the blob itself.
+sqlite3.register_adapter(bytes, bytes)
+
 APPLICATION_ID = 0x53535042      # "SSPB"
 SCHEMA_VERSION = 2
 #: Schema changes a broker applies to an older file of ours: version -> SQL

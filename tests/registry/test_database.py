@@ -111,3 +111,19 @@ class DataDirectoryTests(SynchronousTestCase):
         prepare_directory(os.path.join(top, "data", "sub"))
         for path in (top, os.path.join(top, "data"), os.path.join(top, "data", "sub")):
             self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700, path)
+
+
+class BlobBindingTests(SynchronousTestCase):
+    """The store binds its blobs through the identity adapter it registers."""
+
+    def test_bytes_have_the_identity_adapter(self):
+        """Loading the store registers bytes' own adapter (a dictionary hit per
+        blob instead of sqlite3's search), which gives the blob itself."""
+        import sqlite3
+        adapter = sqlite3.adapters.get((bytes, sqlite3.PrepareProtocol))
+        self.assertIs(adapter, bytes)
+        blob = b"\x00\xffstate"
+        self.assertIs(adapter(blob), blob)
+        conn = sqlite3.connect(":memory:")
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("SELECT ?", (blob,)).fetchone()[0], blob)
