@@ -111,6 +111,10 @@ _H32 = struct.Struct(">BI").pack
 _H64 = struct.Struct(">BQ").pack
 #: most texts number_map_cbor keeps encoded
 _TEXTS_SIZE = 10_000
+#: the longest text kept (the registry's default longest key): keys also come
+#: from devices' own states, which may hold longer ones, and the cache must
+#: stay small whatever a device sends
+_TEXT_KEPT = 64
 #: number_map_cbor's CBOR of a key (ASCII text keys only, as many as key tuples)
 _TEXTS = {}
 
@@ -143,7 +147,7 @@ def number_map_cbor(mapping):
             if type(key) is not str or not key.isascii():
                 return None
             text = cbor_head(0x60, len(key)) + key.encode("ascii")
-            if len(texts) < _TEXTS_SIZE:
+            if len(texts) < _TEXTS_SIZE and len(key) <= _TEXT_KEPT:
                 texts[key] = text
         append(text)
         tv = type(value)
@@ -186,7 +190,7 @@ def encode_entry(version: int, cursor: int, at: float, kind: str, data) -> bytes
             if not kind.isascii():
                 return _dumps((version, cursor, at, kind, data))
             text = cbor_head(0x60, len(kind)) + kind.encode("ascii")
-            if len(_TEXTS) < _TEXTS_SIZE:
+            if len(_TEXTS) < _TEXTS_SIZE and len(kind) <= _TEXT_KEPT:
                 _TEXTS[kind] = text
         if len(data) == 1:                  # one reading: its two items here
             (key, value), = data.items()

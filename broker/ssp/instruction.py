@@ -130,7 +130,7 @@ def deflate(raw: bytes) -> bytes:
     if len(raw) > SMALL_INSTRUCTION:
         return zlib.compress(raw)
     compiled = _compiled_deflate
-    if compiled is not None:
+    if compiled is not None and type(raw) is bytes:   # (it takes bytes only)
         deflated = compiled(raw)
         if deflated is not None:
             return deflated

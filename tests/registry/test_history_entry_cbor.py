@@ -6,7 +6,8 @@ import cbor2
 from twisted.trial.unittest import TestCase
 
 from broker.registry.history import History
-from broker.registry.history_entry import encode_entry
+from broker.registry import history_entry
+from broker.registry.history_entry import encode_entry, number_map_cbor
 from broker.registry.values import FrozenMap
 
 #: values of every kind a map may hold, at the edges of each CBOR form
@@ -62,3 +63,18 @@ class EncodeEntryTests(TestCase):
             entries = (entries + [entry])[-32:]
             self.assertEqual(history.cbor(), cbor2.dumps([cbor2.dumps(e) for e in entries]))
             self.assertEqual(tuple(history), tuple(entries))
+
+
+class KeyTextCacheTests(TestCase):
+    """The cache of encoded key texts holds short keys only: keys also come
+    from devices' own states, which may be long."""
+
+    def test_long_keys_are_encoded_not_kept(self):
+        long_key, short_key = "k" * 65, "reading_" + "s" * 20
+        self.assertEqual(number_map_cbor({long_key: 1, short_key: 2}),
+                         cbor2.dumps({long_key: 1, short_key: 2}))
+        self.assertEqual(encode_entry(30, 31, 1.5, "x" * 200, {long_key: 3}),
+                         cbor2.dumps((30, 31, 1.5, "x" * 200, {long_key: 3})))
+        self.assertNotIn(long_key, history_entry._TEXTS)
+        self.assertNotIn("x" * 200, history_entry._TEXTS)
+        self.assertIn(short_key, history_entry._TEXTS)

@@ -92,6 +92,13 @@ class SerializeTests(SynchronousTestCase):
             self.assertEqual(deflate(short), zlib.compress(short))
         self.assertEqual(asked, [short, short])
 
+    def test_deflate_takes_any_bytes_like(self):
+        """A bytearray or memoryview is deflated as its bytes, as zlib takes it
+        (the compiled deflate, which takes bytes only, is not asked)."""
+        raw = b"abcabc" * 8
+        for like in (bytearray(raw), memoryview(raw)):
+            self.assertEqual(deflate(like), zlib.compress(raw))
+
     def test_long_deflate_is_zlib_compress(self):
         """Longer instructions take zlib.compress() itself."""
         raw = bytes(range(256)) * 3
