@@ -34,11 +34,21 @@ def rss_of(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (s), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+def _stat_cpu_seconds(path: str) -> float:
+    """User + system CPU time (s) of a /proc stat file (a process's or a thread's)."""
+    with open(path, encoding="ascii") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, all its threads (s)."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process's main thread (the reactor's) so far (s)."""
+    return _stat_cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
 
 
 class _MallInfo2(ctypes.Structure):

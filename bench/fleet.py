@@ -66,8 +66,7 @@ from bench._fleet_memory import (
     child_ws_server, measure_mosquitto, measure_ssp, measure_websocket)
 from bench._fleet_million import child_million, measure_million
 from bench._fleet_ssp import child_broker, child_provision, child_ssp_clients, provision
-from bench._fleet_throughput import (
-    THROUGHPUT_DEVICES, child_bare_clients, child_bare_server, measure_throughput)
+from bench._fleet_throughput import child_bare_clients, child_bare_server, measure_throughput
 
 # bench/soak_*.py take these from here (the soak's children are fleet's kin).
 __all__ = ["CHILDREN", "ROOT", "Child", "_emit", "cpu_seconds", "main", "provision",
@@ -126,7 +125,7 @@ def main(argv=None) -> int:
         if "throughput" in only:
             run = os.path.join(workdir, "throughput")
             os.makedirs(run)
-            report["throughput"] = measure_throughput(THROUGHPUT_DEVICES, seconds, run, history)
+            report["throughput"] = measure_throughput(seconds, run, history)
             print(json.dumps(report["throughput"]), file=sys.stderr)
         if "million" in only:
             report["million"] = measure_million(million, history)
