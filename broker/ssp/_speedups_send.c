@@ -12,9 +12,10 @@
  * with Sender.tick, calculate_timers, _send, _add_sent_state, make_chaff
  * (called), serialize_instruction, deflate, Outgoing._send_instruction
  * and DatagramLayer.encode, for a session that: is not closed, not
- * shutting down (ours or the peer's), has an address, is due, holds only
- * its acknowledged state with nothing new to send (an empty diff), does
- * not ask for acks, has the sequence numbers for one datagram without
+ * shutting down (ours or the peer's), has an address, is due, has
+ * nothing new to send (an empty diff: its current state is the
+ * acknowledged one, and so is every state in flight, i.e. earlier empty
+ * acks not acknowledged yet), does not ask for acks, has the sequence numbers for one datagram without
  * asking for more, and stays attached. It returns the list of (datagram,
  * address) pairs, or None to hand over before changing anything.
  *
@@ -47,6 +48,7 @@ typedef struct {
     uint64_t next_seq, old, new, ack, reserved;
     int direction, has_reserved;
     long long saved, saved_at;
+    long long cap;
     long long now_ms;
     long timestamp, reply;
     int clear_saved;
@@ -207,24 +209,50 @@ check_send(const State *st, Send *s, PyObject *session, PyObject *now)
         s->has_reserved = 1;
         s->reserved = reserved;
     }
-    /* Sender.tick: only the acknowledged state, and it is current (the
-     * diff from it is EMPTY_DIFF: DeviceState.diff_from of itself) */
+    /* Sender.tick: the acknowledged state is current (the diff from it
+     * is EMPTY_DIFF: DeviceState.diff_from of itself), and every state
+     * in flight after it is that state too: earlier empty acks the peer
+     * has not acknowledged yet. tick then computes an assumed index
+     * (_assumed_index, retransmit_timeout: reads only, of the times, the
+     * profile, _backoff and rtt.rto), but the diff from the front is
+     * empty, shorter than PROSPECTIVE_RESEND_SLACK, so it sends that one:
+     * old_num is the front's whatever the index. */
     PyObject *sent = SLOT(sender, st->snd.sent);
     PyObject *current = SLOT(sender, st->snd.current);
+    Py_ssize_t size;
     if (sent == NULL || !PyList_CheckExact(sent)
-            || PyList_GET_SIZE(sent) != SENT_STRIDE || current == NULL
+            || (size = PyList_GET_SIZE(sent)) < SENT_STRIDE
+            || size % SENT_STRIDE != 0 || current == NULL
             || current != PyList_GET_ITEM(sent, 2)
             || Py_TYPE(current) != st->state_type)
         return HAND_OVER;
+    if (size > SENT_STRIDE) {
+        PyObject *rtt = SLOT(link, st->l.rtt);
+        PyObject *backoff = SLOT(sender, st->snd.backoff);
+        long long backoff_value;
+        if (rtt == NULL || Py_TYPE(rtt) != st->rtt_type
+                || as_i64(backoff, &backoff_value) < 0
+                || backoff_value < 0 || backoff_value > 62)
+            return HAND_OVER;
+        for (Py_ssize_t i = SENT_STRIDE; i < size; i += SENT_STRIDE) {
+            PyObject *time = PyList_GET_ITEM(sent, i);
+            if (!(PyFloat_CheckExact(time) || PyLong_CheckExact(time))
+                    || PyList_GET_ITEM(sent, i + 2) != current)
+                return HAND_OVER;
+        }
+    }
     s->sent = Py_NewRef(sent);
     s->current = Py_NewRef(current);
     /* the numbers: old_num = sent[1]; _next_num() = max(back + 1,
-     * _first_num); the ack, not the peer's shutdown (UINT64_MAX) */
+     * _first_num) with back = sent[-2]; the ack, not the peer's shutdown
+     * (UINT64_MAX) */
     PyObject *first = SLOT(sender, st->snd.first_num);
-    uint64_t first_num;
+    uint64_t first_num, back;
     s->old_num = Py_NewRef(PyList_GET_ITEM(sent, 1));
     s->ack_num = Py_XNewRef(SLOT(sender, st->snd.ack_num));
-    if (as_u64(s->old_num, &s->old) < 0 || s->old >= UINT64_MAX_VALUE - 1
+    if (as_u64(s->old_num, &s->old) < 0
+            || as_u64(PyList_GET_ITEM(sent, size - 2), &back) < 0
+            || back >= UINT64_MAX_VALUE - 1
             || as_u64(first, &first_num) < 0
             || first_num >= UINT64_MAX_VALUE
             || as_u64(s->ack_num, &s->ack) < 0
@@ -235,8 +263,8 @@ check_send(const State *st, Send *s, PyObject *session, PyObject *now)
     if (less_than(now, SLOT(sender, st->snd.next_ack_time)) != 0)
         return HAND_OVER;
     /* _send: interval = profile.ack_interval; NEVER or now + interval.
-     * _add_sent_state: three entries grow to six, which the cap (at least
-     * 2) keeps whole. */
+     * _add_sent_state: the entries grow by three; past the cap (at least
+     * 2) one is erased from the middle (change_send). */
     PyObject *profile = SLOT(sender, st->snd.profile);
     if (profile == NULL || Py_TYPE(profile) != st->profile_type)
         return HAND_OVER;
@@ -247,6 +275,7 @@ check_send(const State *st, Send *s, PyObject *session, PyObject *now)
                               || PyLong_CheckExact(interval))
             || as_i64(cap, &cap_value) < 0 || cap_value < 2)
         return HAND_OVER;
+    s->cap = cap_value;
     int never = PyObject_RichCompareBool(interval, st->never, Py_EQ);
     if (never < 0) {
         PyErr_Clear();
@@ -258,10 +287,10 @@ check_send(const State *st, Send *s, PyObject *session, PyObject *now)
         PyErr_Clear();
         return HAND_OVER;
     }
-    if (first_num > s->old + 1)
+    if (first_num > back + 1)
         s->new = first_num, s->new_num = Py_NewRef(first);
     else {
-        s->new = s->old + 1;
+        s->new = back + 1;
         s->new_num = PyLong_FromUnsignedLongLong(s->new);
         if (s->new_num == NULL) {
             PyErr_Clear();
@@ -642,15 +671,32 @@ change_send(State *st, Send *s, PyObject *session, PyObject *now)
      * self._mindelay_clock = None */
     slot_set(sender, st->snd.next_send_time, st->never);
     slot_set(sender, st->snd.mindelay_clock, Py_None);
-    /* _send -> _add_sent_state: self._sent = sent + [now, num, current] */
-    PyObject *grown = PyList_New(2 * SENT_STRIDE);
+    /* _send -> _add_sent_state: self._sent = sent + [now, num, current],
+     * then, past cap * STRIDE entries, the entry at start = len - (cap //
+     * 2) * STRIDE erased (never the front: start >= 2 * STRIDE; the new
+     * one itself when cap // 2 is 1, as in the Python code) */
+    Py_ssize_t size = PyList_GET_SIZE(sent);
+    Py_ssize_t full = size + SENT_STRIDE, start = full;
+    if (full > s->cap * SENT_STRIDE)
+        start = full - (Py_ssize_t)(s->cap / 2) * SENT_STRIDE;
+    PyObject *grown = PyList_New(start < full ? full - SENT_STRIDE : full);
     if (grown == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i < SENT_STRIDE; i++)
-        PyList_SET_ITEM(grown, i, Py_NewRef(PyList_GET_ITEM(sent, i)));
-    PyList_SET_ITEM(grown, 3, Py_NewRef(now));
-    PyList_SET_ITEM(grown, 4, Py_NewRef(s->new_num));
-    PyList_SET_ITEM(grown, 5, Py_NewRef(s->current));
+    if (PyList_GET_SIZE(sent) != size) {
+        /* (no code resizes a published sent list: never seen) */
+        Py_DECREF(grown);
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the sent states changed size during a send");
+        return NULL;
+    }
+    PyObject *added[SENT_STRIDE] = {now, s->new_num, s->current};
+    Py_ssize_t to = 0;
+    for (Py_ssize_t i = 0; i < full; i++) {
+        if (i >= start && i < start + SENT_STRIDE)
+            continue;
+        PyObject *item = i < size ? PyList_GET_ITEM(sent, i) : added[i - size];
+        PyList_SET_ITEM(grown, to++, Py_NewRef(item));
+    }
     slot_set(sender, st->snd.sent, grown);
     Py_DECREF(grown);
     /* _next_ack_time = NEVER or now + interval; _next_send_time = NEVER */

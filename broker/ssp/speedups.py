@@ -14,7 +14,8 @@ from one zlib stream kept and reset, not one set up for each.
 
 ``SSPSession.datagrams_to_send`` calls ``fast_send`` (through
 ``broker.ssp.session._fast_send``): the broker's usual send, an empty ack
-or heartbeat from a sender with nothing unacknowledged, in C (protobuf,
+or heartbeat from a sender with nothing new to send (earlier empty acks may
+still be unacknowledged), in C (protobuf,
 deflate, fragment header, timestamps, seal); anything else it hands over
 (returns None) before changing anything (tests/ssp/test_speedups_send.py).
 

@@ -3,7 +3,8 @@
 THE RULE (docs of broker.ssp.speedups): ``datagrams_to_send`` through the
 compiled path returns the same datagrams, byte for byte, and leaves every
 slot as the pure path would; anything outside its usual case (an empty
-ack from a sender holding only its acknowledged state) is handed over
+ack from a sender whose states, the acknowledged one and any in flight,
+are all its current state) is handed over
 before anything changes. Every scenario runs in twin worlds
 (tests.ssp.speedups_twins.Twin, whose pure world forces both the receive
 and the send path pure), compared after every step. Without the C module
@@ -316,6 +317,70 @@ class ReservationTests(SendTestCase):
             twin.send("broker", now)
             self.assert_handed_over(before)
             now += 0.5
+
+
+def acks_unheard(test, twin, now, rounds):
+    """``rounds`` times: a new device state reaches the broker, whose ack
+    (taken whole by the compiled path) never reaches the device, so each
+    ack joins the earlier ones in flight. Returns now."""
+    link_address = twin.fast.broker.remote_address
+    for number in range(rounds):
+        twin.set_state("device", {"u": number}, (), now)
+        now = max(now, twin.fast.device.next_wakeup())
+        for data, _ in twin.send("device", now):
+            twin.receive("broker", data, link_address, now + 0.01)
+        now += 0.01
+        fast = twin.fast.broker
+        if twin.config.hold_acks:
+            twin.confirm(fast.latest_remote_num)
+        due = fast.next_wakeup()
+        if due is not None and due > now:
+            now = due
+        before = send_counts()
+        test.assertEqual(len(twin.send("broker", now)), 1)  # (lost on the way)
+        test.assert_taken(before)
+        now += 0.05
+    return now
+
+
+class InFlightAckTests(SendTestCase):
+    """Acks sent while earlier acks are unacknowledged (every state in
+    flight the acknowledged one) are taken whole too, the cap on sent
+    states included."""
+
+    def test_acks_pile_up(self):
+        """Broker framing, held acks: each ack numbers the next state after
+        the last one sent, and the broker's sent states grow, as in the
+        pure path; once the device hears one, both paths trim alike."""
+        twin, link, now = established(CONFIGS["broker"], seed=71)
+        now = acks_unheard(self, twin, now, 5)
+        self.assertEqual(twin.fast.broker._sender.sent_count, 6)
+        sender = twin.fast.broker._sender
+        self.assertEqual(sender.sent_nums, list(range(sender.front_num, sender.front_num + 6)))
+        broker_acks(self, twin, link, now, 3)   # heard: both paths trim alike
+        self.assertLessEqual(sender.sent_count, 2)
+
+    def test_cap_erases_from_the_middle(self):
+        """Past the cap (4 here) one state is erased from the middle, the
+        same one in both paths; plain mosh framing."""
+        config = Config("capped", False, MOSH_CAPPED, MOSH_CAPPED, False)
+        twin, link, now = established(config, seed=73)
+        acks_unheard(self, twin, now, 9)
+        self.assertEqual(twin.fast.broker._sender.sent_count, 4)
+
+    def test_odd_cap(self):
+        """A cap of 5 erases as one of 4 does (at len - (cap // 2) * 3: the
+        state sent before the new one): the same numbers in both paths."""
+        profile = dataclasses.replace(MOSH, sent_states_cap=5)
+        config = Config("cap-5", False, profile, profile, False)
+        twin, link, now = established(config, seed=83)
+        acks_unheard(self, twin, now, 7)
+        sender = twin.fast.broker._sender
+        self.assertEqual(sender.sent_count, 5)
+        front = sender.front_num
+        # states front+1 .. front+7 went out; past the cap each send
+        # erased the one sent just before it
+        self.assertEqual(sender.sent_nums, [front, front + 1, front + 2, front + 3, front + 7])
 
 
 class HandOverTests(SendTestCase):
