@@ -492,7 +492,8 @@ counts(PyObject *module, PyObject *unused)
 
 PyDoc_STRVAR(send_doc,
 "send(session, now) -> list or None\n\n"
-"SSPSession.datagrams_to_send's usual empty ack (see _speedups_send.c):\n"
+"SSPSession.datagrams_to_send's usual empty ack or new state (see\n"
+"_speedups_send.c):\n"
 "the list of (datagram, address) pairs when taken whole, None to hand\n"
 "over untouched (Python does it all).");
 
@@ -615,6 +616,7 @@ clear_names(State *st)
     Py_CLEAR(st->str_send_instruction);
     Py_CLEAR(st->str_join);
     Py_CLEAR(st->str_encode);
+    Py_CLEAR(st->str_diff_from);
 }
 
 static int
@@ -670,6 +672,7 @@ PyInit__speedups(void)
     INTERN(str_send_instruction, "_send_instruction");
     INTERN(str_join, "join");
     INTERN(str_encode, "encode");
+    INTERN(str_diff_from, "diff_from");
     /* HAVE_ZLIB: whether setup.py linked zlib (inflate_small), so that CI
      * can tell a silently left-out zlib from a built one */
 #ifdef SP_HAVE_ZLIB

@@ -11,7 +11,7 @@
  *   _speedups_receiver.c  Receiver.receive, StateBounds, subtract
  *   _speedups_sender.c    the sender: acks, _rationalize, calculate_timers
  *   _speedups_send.c      the send path: SSPSession.datagrams_to_send's
- *                         usual empty ack (send())
+ *                         usual empty ack or new state (send())
  */
 
 #ifndef BROKER_SSP_SPEEDUPS_H
@@ -116,7 +116,7 @@ typedef struct {
     PyObject *str_get, *str_decrypt, *str_emit, *str_rationalize,
         *str_subtract, *str_calculate_timers, *str_rtt, *str_front_num,
         *str_move_to_end, *str_encrypt, *str_send_instruction, *str_join,
-        *str_encode;
+        *str_encode, *str_diff_from;
     /* constants */
     Py_ssize_t header_size, overhead, inflate_at_once, max_acks_waiting;
     long no_timestamp, final_bit, protocol_version, max_depth,
@@ -129,6 +129,9 @@ typedef struct {
     Py_ssize_t small_instruction, smallest_payload_plain,
         smallest_payload_framed;
     double echo_window_ms;
+    /* Sender.tick's prospective resend: PROSPECTIVE_RESEND_SLACK and
+     * PROSPECTIVE_RESEND_LIMIT (bytes of diff) */
+    Py_ssize_t prospective_resend_slack, prospective_resend_limit;
     double alpha, beta, max_sample_ms, min_rto, max_rto;
     SessionSlots s;
     LinkSlots l;
@@ -338,13 +341,28 @@ SP_INTERNAL PyObject *subtract(const State *st, PyObject *self,
                                PyObject *prefix);
 SP_INTERNAL PyObject *change_receiver(const State *st, Work *w);
 
-/* _speedups_sender.c */
+/* _speedups_sender.c: the profile's timings as doubles (timing_of) */
+typedef struct {
+    double send_interval_min, send_interval_max, send_mindelay,
+        active_retry_timeout, ack_delay, backoff_max;
+    int retransmit_backoff;
+} Timing;
+
 SP_INTERNAL int check_ack(const State *st, Work *w);
 SP_INTERNAL int change_sender(const State *st, Work *w, PyObject *session);
 SP_INTERNAL int fast_timers(const State *st, PyObject *sender,
                             PyObject *now, PyObject *rtt);
 SP_INTERNAL int calculate_timers(const State *st, PyObject *sender,
                                  PyObject *now, PyObject *rtt);
+SP_INTERNAL int time_of(PyObject *obj, double *out);
+SP_INTERNAL int timing_of(const State *st, PyObject *profile, Timing *t);
+SP_INTERNAL int send_interval(const State *st, const Timing *t,
+                              PyObject *rtt, double *out);
+SP_INTERNAL int retransmit_timeout(const State *st, const Timing *t,
+                                   PyObject *sender, PyObject *rtt,
+                                   double *out);
+SP_INTERNAL Py_ssize_t assumed_index(const Timing *t, PyObject *sent,
+                                     double now, double rto);
 
 /* _speedups_send.c */
 SP_INTERNAL PyObject *send_fast(State *st, PyObject *session, PyObject *now);

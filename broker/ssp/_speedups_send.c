@@ -1,23 +1,30 @@
 /*
  * broker/ssp/_speedups_send.c: the compiled send path of SSPSession, its
- * usual case only: the broker's empty acknowledgement (or heartbeat).
+ * two usual cases only: the broker's empty acknowledgement (or
+ * heartbeat), and a node's new state (a report: a small diff).
  *
  * Why: in the fleet throughput benchmark (issue #5) the send path
  * (datagrams_to_send -> Sender.tick -> Outgoing._send_instruction:
  * protobuf, deflate, fragment header, timestamps, encrypt) is the largest
  * SSP share of the broker's CPU, and nearly every datagram it sends is an
- * empty ack.
+ * empty ack; the node process spends most of a core on its reports.
  *
  * What: send(session, now) is SSPSession.datagrams_to_send (session.py)
  * with Sender.tick, calculate_timers, _send, _add_sent_state, make_chaff
  * (called), serialize_instruction, deflate, Outgoing._send_instruction
  * and DatagramLayer.encode, for a session that: is not closed, not
- * shutting down (ours or the peer's), has an address, is due, has
- * nothing new to send (an empty diff: its current state is the
- * acknowledged one, and so is every state in flight, i.e. earlier empty
- * acks not acknowledged yet), does not ask for acks, has the sequence numbers for one datagram without
- * asking for more, and stays attached. It returns the list of (datagram,
- * address) pairs, or None to hand over before changing anything.
+ * shutting down (ours or the peer's), has an address, is due, has the
+ * sequence numbers for one datagram without asking for more, stays
+ * attached, and either
+ *   - has nothing new to send (an empty diff: its current state is the
+ *     acknowledged one, and so is every state in flight, i.e. earlier
+ *     empty acks not acknowledged yet) and does not ask for acks, or
+ *   - has a new state (current is not the last sent: not a
+ *     retransmission) whose diff, as tick chooses it (the prospective
+ *     resend included; DeviceState.diff_from is called, it is pure), is
+ *     not empty and makes an instruction of at most RAW_SIZE bytes.
+ * It returns the list of (datagram, address) pairs, or None to hand over
+ * before changing anything.
  *
  * The rule and the two phases are the receive path's (_speedups.c): every
  * check first; then the changes in the Python code's order. The chaff
@@ -33,9 +40,13 @@
 #include <zlib.h>
 #endif
 
-/* The widest protobuf of an empty ack: 7 tags, version, four u64 varints,
- * an empty diff and at most 16 bytes of chaff (66 bytes); room to spare. */
-#define RAW_SIZE 96
+/* The longest protobuf written here (7 tags, version, four u64 varints,
+ * the diff with its length, at most 16 bytes of chaff): a new state whose
+ * instruction could be longer is handed over. Past SMALL_INSTRUCTION the
+ * bytes are deflated by instruction.deflate (zlib.compress), as Python
+ * does; deflated they still fit one fragment of either framing. */
+#define RAW_SIZE 512
+#define CHAFF_MAX 16
 #define DEFLATED_SIZE 256
 #define FRAGMENT_HEADER 10
 
@@ -45,7 +56,11 @@ typedef struct {
      * the cipher) and the session's slots may be replaced meanwhile */
     PyObject *link, *sender, *address, *header, *next_ack, *new_num,
         *old_num, *ack_num, *sent, *current;
-    uint64_t next_seq, old, new, ack, reserved;
+    /* a new state: its diff (NULL: the empty ack's EMPTY_DIFF), the
+     * front's number (throwaway_num; old_num is the assumed state's) and
+     * tick's calculate_timers' _next_send_time */
+    PyObject *diff, *throwaway_num, *next_send;
+    uint64_t next_seq, old, new, ack, reserved, throwaway;
     int direction, has_reserved;
     long long saved, saved_at;
     long long cap;
@@ -67,6 +82,9 @@ send_clear(Send *s)
     Py_CLEAR(s->ack_num);
     Py_CLEAR(s->sent);
     Py_CLEAR(s->current);
+    Py_CLEAR(s->diff);
+    Py_CLEAR(s->throwaway_num);
+    Py_CLEAR(s->next_send);
 }
 
 /* An exact int that fits a long long: 0, or -1 (no exception). */
@@ -139,10 +157,183 @@ less_than(PyObject *a, PyObject *b)
     return result;
 }
 
-/* Every check of the fast case; fills *s. GO or HAND_OVER (nothing
- * changed either way). */
+/* Sender.tick with nothing new to send: the acknowledged state is
+ * current (the diff from it is EMPTY_DIFF: DeviceState.diff_from of
+ * itself), and every state in flight after it is that state too: earlier
+ * empty acks the peer has not acknowledged yet. tick then computes an
+ * assumed index (_assumed_index, retransmit_timeout: reads only, of the
+ * times, the profile, _backoff and rtt.rto), but the diff from the front
+ * is empty, shorter than PROSPECTIVE_RESEND_SLACK, so it sends that one:
+ * old_num is the front's whatever the index. No ASKS_ACKS (datagrams_to_
+ * send replaces the empty diff with the state's ask). */
 static int
-check_send(const State *st, Send *s, PyObject *session, PyObject *now)
+check_empty_ack(const State *st, PyObject *sender, PyObject *link,
+                PyObject *sent, Py_ssize_t size, PyObject *current,
+                long flags, PyObject *now)
+{
+    if ((flags & st->asks_acks) || current != PyList_GET_ITEM(sent, 2))
+        return HAND_OVER;
+    if (size > SENT_STRIDE) {
+        PyObject *rtt = SLOT(link, st->l.rtt);
+        PyObject *backoff = SLOT(sender, st->snd.backoff);
+        long long backoff_value;
+        if (rtt == NULL || Py_TYPE(rtt) != st->rtt_type
+                || as_i64(backoff, &backoff_value) < 0
+                || backoff_value < 0 || backoff_value > 62)
+            return HAND_OVER;
+        for (Py_ssize_t i = SENT_STRIDE; i < size; i += SENT_STRIDE) {
+            PyObject *time = PyList_GET_ITEM(sent, i);
+            if (!(PyFloat_CheckExact(time) || PyLong_CheckExact(time))
+                    || PyList_GET_ITEM(sent, i + 2) != current)
+                return HAND_OVER;
+        }
+    }
+    /* tick: calculate_timers sets _next_send_time = NEVER here (current
+     * is the front), so the tick is due unless now < _next_ack_time */
+    if (less_than(now, SLOT(sender, st->snd.next_ack_time)) != 0)
+        return HAND_OVER;
+    return GO;
+}
+
+/* Sender.tick with a new state to send (current is not sent[-1]), up to
+ * the diff: calculate_timers' _next_send_time (the first branch:
+ * max(clock + send_mindelay, back_time + send_interval(srtt)), the clock
+ * now where none is set; the ack time is left alone without a shutdown,
+ * ours or the peer's, which the caller checks), the tick due (not now <
+ * both times), and the assumed index (_assumed_index(now,
+ * retransmit_timeout(rtt)) when states are in flight, else 0). */
+static int
+check_new_state(const State *st, Send *s, PyObject *sender, PyObject *link,
+                PyObject *profile, PyObject *sent, Py_ssize_t size,
+                PyObject *now, Py_ssize_t *assumed)
+{
+    Timing t;
+    double now_value, back_time, clock, interval, rto;
+    PyObject *rtt = SLOT(link, st->l.rtt);
+    PyObject *clock_object = SLOT(sender, st->snd.mindelay_clock);
+    if (timing_of(st, profile, &t) < 0
+            || rtt == NULL || Py_TYPE(rtt) != st->rtt_type
+            || clock_object == NULL || time_of(now, &now_value) < 0
+            || time_of(PyList_GET_ITEM(sent, size - SENT_STRIDE),
+                       &back_time) < 0
+            || send_interval(st, &t, rtt, &interval) < 0)
+        return HAND_OVER;
+    if (clock_object == Py_None)
+        clock = now_value;
+    else if (time_of(clock_object, &clock) < 0)
+        return HAND_OVER;
+    /* (max()'s choice without its call: the first of equal times.) */
+    double earliest = clock + t.send_mindelay;
+    double paced = back_time + interval;
+    double next_send = paced > earliest ? paced : earliest;
+    /* if now < self._next_ack_time and now < self._next_send_time:
+     * return None (the clock set: the Python code does it) */
+    int early = less_than(now, SLOT(sender, st->snd.next_ack_time));
+    if (early < 0 || (early && now_value < next_send))
+        return HAND_OVER;
+    *assumed = 0;
+    if (size > SENT_STRIDE
+            && (retransmit_timeout(st, &t, sender, rtt, &rto) < 0
+                || (*assumed = assumed_index(&t, sent, now_value, rto)) < 0))
+        return HAND_OVER;
+    s->next_send = PyFloat_FromDouble(next_send);
+    return s->next_send == NULL ? HAND_OVER : GO;
+}
+
+/* current.diff_from(base): exact bytes (a new reference), or NULL (no
+ * exception: an error is cleared, the Python code meets it again). */
+static PyObject *
+diff_from(const State *st, PyObject *current, PyObject *base)
+{
+    Py_INCREF(base);
+    PyObject *args[2] = {current, base};
+    PyObject *diff = PyObject_VectorcallMethod(
+        st->str_diff_from, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(base);
+    if (diff == NULL || !PyBytes_CheckExact(diff)) {
+        PyErr_Clear();
+        Py_XDECREF(diff);
+        return NULL;
+    }
+    return diff;
+}
+
+static Py_ssize_t
+varint_size(uint64_t value)
+{
+    Py_ssize_t size = 1;
+    while (value >= 0x80) {
+        value >>= 7;
+        size++;
+    }
+    return size;
+}
+
+/* The last check of a new state: tick's diff, as it chooses it (pure
+ * Python calls of DeviceState.diff_from, in tick's order: from the front,
+ * then, when that one is not shorter than the slack, from the assumed
+ * state), sets s->diff and old_num. HAND_OVER for an empty diff, one
+ * that raised, or an instruction longer than RAW_SIZE. */
+static int
+check_diff(const State *st, Send *s, Py_ssize_t assumed)
+{
+    PyObject *sent = s->sent, *current = s->current;
+    Py_ssize_t size = PyList_GET_SIZE(sent);
+    PyObject *diff = diff_from(st, current, PyList_GET_ITEM(sent, 2));
+    if (diff == NULL)
+        return HAND_OVER;
+    if (assumed) {
+        /* prospective resend: resend = the diff from the front */
+        Py_ssize_t resend = PyBytes_GET_SIZE(diff);
+        if (resend < st->prospective_resend_slack)
+            assumed = 0;
+        else {
+            /* (the held list cannot shrink but by code run meanwhile) */
+            if (PyList_GET_SIZE(sent) != size) {
+                Py_DECREF(diff);
+                return HAND_OVER;
+            }
+            PyObject *other = diff_from(st, current,
+                                        PyList_GET_ITEM(sent, assumed + 2));
+            if (other == NULL) {
+                Py_DECREF(diff);
+                return HAND_OVER;
+            }
+            Py_ssize_t length = PyBytes_GET_SIZE(other);
+            if (resend <= length
+                    || (resend < st->prospective_resend_limit
+                        && resend - length < st->prospective_resend_slack)) {
+                assumed = 0;
+                Py_DECREF(other);
+            }
+            else {
+                Py_DECREF(diff);
+                diff = other;
+            }
+        }
+    }
+    s->diff = diff;
+    Py_ssize_t length = PyBytes_GET_SIZE(diff);
+    /* not diff: tick's empty ack (the Python code) */
+    if (length == 0 || PyList_GET_SIZE(sent) != size)
+        return HAND_OVER;
+    s->old_num = Py_NewRef(PyList_GET_ITEM(sent, assumed + 1));
+    if (as_u64(s->old_num, &s->old) < 0)
+        return HAND_OVER;
+    /* serialize(): 7 tags, the varints, the diff and its length, the
+     * chaff's length byte and at most CHAFF_MAX bytes */
+    Py_ssize_t raw = 7 + varint_size((uint64_t)st->protocol_version)
+        + varint_size(s->old) + varint_size(s->new) + varint_size(s->ack)
+        + varint_size(s->throwaway) + varint_size((uint64_t)length) + length
+        + 1 + CHAFF_MAX;
+    return raw <= RAW_SIZE ? GO : HAND_OVER;
+}
+
+/* Every check of the fast case but the diff (check_diff); fills *s.
+ * GO or HAND_OVER (nothing changed either way). */
+static int
+check_send(const State *st, Send *s, PyObject *session, PyObject *now,
+           Py_ssize_t *assumed)
 {
     if (Py_TYPE(session) != st->session_type)
         return HAND_OVER;
@@ -153,8 +344,7 @@ check_send(const State *st, Send *s, PyObject *session, PyObject *now)
     long flags = PyLong_AsLong(flags_object);
     if (flags == -1 && PyErr_Occurred())
         return HAND_OVER;
-    /* datagrams_to_send's ASKS_ACKS replacement of the empty diff */
-    if (flags & (st->closed | st->asks_acks))
+    if (flags & st->closed)
         return HAND_OVER;
     PyObject *sender = SLOT(session, st->s.sender);
     PyObject *link = SLOT(session, st->s.link);
@@ -209,48 +399,35 @@ check_send(const State *st, Send *s, PyObject *session, PyObject *now)
         s->has_reserved = 1;
         s->reserved = reserved;
     }
-    /* Sender.tick: the acknowledged state is current (the diff from it
-     * is EMPTY_DIFF: DeviceState.diff_from of itself), and every state
-     * in flight after it is that state too: earlier empty acks the peer
-     * has not acknowledged yet. tick then computes an assumed index
-     * (_assumed_index, retransmit_timeout: reads only, of the times, the
-     * profile, _backoff and rtt.rto), but the diff from the front is
-     * empty, shorter than PROSPECTIVE_RESEND_SLACK, so it sends that one:
-     * old_num is the front's whatever the index. */
     PyObject *sent = SLOT(sender, st->snd.sent);
     PyObject *current = SLOT(sender, st->snd.current);
+    PyObject *profile = SLOT(sender, st->snd.profile);
     Py_ssize_t size;
     if (sent == NULL || !PyList_CheckExact(sent)
             || (size = PyList_GET_SIZE(sent)) < SENT_STRIDE
             || size % SENT_STRIDE != 0 || current == NULL
-            || current != PyList_GET_ITEM(sent, 2)
-            || Py_TYPE(current) != st->state_type)
+            || Py_TYPE(current) != st->state_type
+            || profile == NULL || Py_TYPE(profile) != st->profile_type)
         return HAND_OVER;
-    if (size > SENT_STRIDE) {
-        PyObject *rtt = SLOT(link, st->l.rtt);
-        PyObject *backoff = SLOT(sender, st->snd.backoff);
-        long long backoff_value;
-        if (rtt == NULL || Py_TYPE(rtt) != st->rtt_type
-                || as_i64(backoff, &backoff_value) < 0
-                || backoff_value < 0 || backoff_value > 62)
+    if (current != PyList_GET_ITEM(sent, size - 1)) {
+        /* a new state (current is not sent[-1]) */
+        if (check_new_state(st, s, sender, link, profile, sent, size, now,
+                            assumed) != GO)
             return HAND_OVER;
-        for (Py_ssize_t i = SENT_STRIDE; i < size; i += SENT_STRIDE) {
-            PyObject *time = PyList_GET_ITEM(sent, i);
-            if (!(PyFloat_CheckExact(time) || PyLong_CheckExact(time))
-                    || PyList_GET_ITEM(sent, i + 2) != current)
-                return HAND_OVER;
-        }
     }
+    else if (check_empty_ack(st, sender, link, sent, size, current, flags,
+                             now) != GO)
+        return HAND_OVER;
     s->sent = Py_NewRef(sent);
     s->current = Py_NewRef(current);
-    /* the numbers: old_num = sent[1]; _next_num() = max(back + 1,
-     * _first_num) with back = sent[-2]; the ack, not the peer's shutdown
-     * (UINT64_MAX) */
+    /* the numbers: throwaway_num = sent[1] (the front); _next_num() =
+     * max(back + 1, _first_num) with back = sent[-2]; the ack, not the
+     * peer's shutdown (UINT64_MAX) */
     PyObject *first = SLOT(sender, st->snd.first_num);
     uint64_t first_num, back;
-    s->old_num = Py_NewRef(PyList_GET_ITEM(sent, 1));
+    s->throwaway_num = Py_NewRef(PyList_GET_ITEM(sent, 1));
     s->ack_num = Py_XNewRef(SLOT(sender, st->snd.ack_num));
-    if (as_u64(s->old_num, &s->old) < 0
+    if (as_u64(s->throwaway_num, &s->throwaway) < 0
             || as_u64(PyList_GET_ITEM(sent, size - 2), &back) < 0
             || back >= UINT64_MAX_VALUE - 1
             || as_u64(first, &first_num) < 0
@@ -258,16 +435,14 @@ check_send(const State *st, Send *s, PyObject *session, PyObject *now)
             || as_u64(s->ack_num, &s->ack) < 0
             || s->ack == UINT64_MAX_VALUE)
         return HAND_OVER;
-    /* tick: calculate_timers sets _next_send_time = NEVER here (current
-     * is the front), so the tick is due unless now < _next_ack_time */
-    if (less_than(now, SLOT(sender, st->snd.next_ack_time)) != 0)
-        return HAND_OVER;
+    if (s->next_send == NULL) {
+        /* the empty ack: old_num is the front's too */
+        s->old_num = Py_NewRef(s->throwaway_num);
+        s->old = s->throwaway;
+    }
     /* _send: interval = profile.ack_interval; NEVER or now + interval.
      * _add_sent_state: the entries grow by three; past the cap (at least
      * 2) one is erased from the middle (change_send). */
-    PyObject *profile = SLOT(sender, st->snd.profile);
-    if (profile == NULL || Py_TYPE(profile) != st->profile_type)
-        return HAND_OVER;
     PyObject *interval = SLOT(profile, st->p.ack_interval);
     PyObject *cap = SLOT(profile, st->p.sent_states_cap);
     long long cap_value;
@@ -379,11 +554,13 @@ put_varint(unsigned char *p, uint64_t value)
 }
 
 /* serialize_instruction: all seven fields in order (proto2: set means
- * present, an empty diff too). Returns the length. */
+ * present, an empty diff too), into RAW_SIZE bytes (check_diff bounds a
+ * diff). Returns the length. */
 static Py_ssize_t
 serialize(const State *st, const Send *s, const char *chaff,
           Py_ssize_t chaff_len, unsigned char *out)
 {
+    Py_ssize_t diff_len = s->diff == NULL ? 0 : PyBytes_GET_SIZE(s->diff);
     unsigned char *p = out;
     *p++ = 0x08;
     p = put_varint(p, (uint64_t)st->protocol_version);
@@ -394,9 +571,13 @@ serialize(const State *st, const Send *s, const char *chaff,
     *p++ = 0x20;
     p = put_varint(p, s->ack);
     *p++ = 0x28;
-    p = put_varint(p, s->old);  /* throwaway: the front, sent[1] */
+    p = put_varint(p, s->throwaway);  /* the front, sent[1] */
     *p++ = 0x32;
-    *p++ = 0x00;  /* diff: EMPTY_DIFF */
+    p = put_varint(p, (uint64_t)diff_len);  /* 0: EMPTY_DIFF */
+    if (diff_len) {
+        memcpy(p, PyBytes_AS_STRING(s->diff), (size_t)diff_len);
+        p += diff_len;
+    }
     *p++ = 0x3a;
     *p++ = (unsigned char)chaff_len;
     memcpy(p, chaff, (size_t)chaff_len);
@@ -484,19 +665,20 @@ send_free(State *st)
 
 /* The Python continuation after the sender's changes, for what C does
  * not write out (a chaff that is not bytes, an instruction too long for
- * one fragment; neither happens with make_chaff and an empty diff):
+ * one fragment; neither happens with make_chaff and the diffs taken):
  * self._send_instruction(inst, address, now). New reference or NULL. */
 static PyObject *
 send_in_python(const State *st, const Send *s, PyObject *session,
                PyObject *now, PyObject *chaff)
 {
     PyObject *version = PyLong_FromLong(st->protocol_version);
-    PyObject *diff = PyBytes_FromStringAndSize("", 0);
+    PyObject *diff = s->diff != NULL ? Py_NewRef(s->diff)
+        : PyBytes_FromStringAndSize("", 0);
     PyObject *fields = NULL, *inst = NULL, *out = NULL;
     if (version == NULL || diff == NULL)
         goto done;
     fields = PyTuple_Pack(7, version, s->old_num, s->new_num, s->ack_num,
-                          s->old_num, diff, chaff);
+                          s->throwaway_num, diff, chaff);
     if (fields == NULL)
         goto done;
     /* tuple.__new__(Instruction, fields), as Sender._send builds it */
@@ -667,9 +849,11 @@ change_send(State *st, Send *s, PyObject *session, PyObject *now)
 {
     PyObject *sender = s->sender;
     PyObject *sent = s->sent;  /* held: the allocation below may run code */
-    /* tick: calculate_timers (_next_send_time = NEVER), then
-     * self._mindelay_clock = None */
-    slot_set(sender, st->snd.next_send_time, st->never);
+    /* tick: calculate_timers (_next_send_time = NEVER, or for a new state
+     * its send time: its _mindelay_clock, when it sets one, is None again
+     * before anything runs), then self._mindelay_clock = None */
+    slot_set(sender, st->snd.next_send_time,
+             s->next_send != NULL ? s->next_send : st->never);
     slot_set(sender, st->snd.mindelay_clock, Py_None);
     /* _send -> _add_sent_state: self._sent = sent + [now, num, current],
      * then, past cap * STRIDE entries, the entry at start = len - (cap //
@@ -715,7 +899,7 @@ change_send(State *st, Send *s, PyObject *session, PyObject *now)
     PyObject *out = NULL, *datagram = NULL, *compressed = NULL;
     Py_ssize_t limit = s->header == Py_None ? st->smallest_payload_plain
         : st->smallest_payload_framed;
-    if (PyBytes_CheckExact(chaff) && PyBytes_GET_SIZE(chaff) <= 16) {
+    if (PyBytes_CheckExact(chaff) && PyBytes_GET_SIZE(chaff) <= CHAFF_MAX) {
         unsigned char raw[RAW_SIZE];
         Py_ssize_t size = serialize(st, s, PyBytes_AS_STRING(chaff),
                                     PyBytes_GET_SIZE(chaff), raw);
@@ -773,8 +957,10 @@ send_fast(State *st, PyObject *session, PyObject *now)
     if (st->session_type == NULL && bind_session_type(st) < 0)
         return NULL;
     Send s;
+    Py_ssize_t assumed = 0;
     memset(&s, 0, sizeof(s));
-    if (check_send(st, &s, session, now) != GO) {
+    if (check_send(st, &s, session, now, &assumed) != GO
+            || (s.next_send != NULL && check_diff(st, &s, assumed) != GO)) {
         PyErr_Clear();
         send_clear(&s);
         st->sends_handed_over++;

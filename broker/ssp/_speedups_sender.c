@@ -238,7 +238,7 @@ change_sender(const State *st, Work *w, PyObject *session)
  * ------------------------------------------------------------------ */
 
 /* A time slot as a double (see the top of the file). */
-static int
+int
 time_of(PyObject *obj, double *out)
 {
     if (obj != NULL && PyFloat_CheckExact(obj)) {
@@ -262,13 +262,9 @@ ceil_ms(double value, double *out)
     return 0;
 }
 
-typedef struct {
-    double send_interval_min, send_interval_max, send_mindelay,
-        active_retry_timeout, ack_delay, backoff_max;
-    int retransmit_backoff;
-} Timing;
-
-static int
+/* The profile's timings as doubles (Timing: _speedups.h); -1 when one is
+ * not an exact float (the caller lets Python compute). */
+int
 timing_of(const State *st, PyObject *profile, Timing *t)
 {
     if (profile == NULL || Py_TYPE(profile) != st->profile_type)
@@ -293,7 +289,7 @@ timing_of(const State *st, PyObject *profile, Timing *t)
 }
 
 /* Sender.send_interval(rtt.srtt) */
-static int
+int
 send_interval(const State *st, const Timing *t, PyObject *rtt, double *out)
 {
     double srtt_ms, interval;
@@ -311,7 +307,7 @@ send_interval(const State *st, const Timing *t, PyObject *rtt, double *out)
 }
 
 /* Sender.retransmit_timeout(rtt): rtt.rto, doubled per backoff step. */
-static int
+int
 retransmit_timeout(const State *st, const Timing *t, PyObject *sender,
                    PyObject *rtt, double *out)
 {
@@ -347,8 +343,9 @@ retransmit_timeout(const State *st, const Timing *t, PyObject *sender,
 }
 
 /* Sender._assumed_index(now, rto): the index of the state the peer
- * probably has (a multiple of 3). -1: a time Python must read. */
-static Py_ssize_t
+ * probably has (a multiple of 3). -1: a time Python must read. (Also
+ * Sender.tick's, in the send path.) */
+Py_ssize_t
 assumed_index(const Timing *t, PyObject *sent, double now, double rto)
 {
     double limit = rto + t->ack_delay, time;

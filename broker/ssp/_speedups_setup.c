@@ -288,6 +288,10 @@ setup_state(State *st, PyObject *args, PyObject *kwargs)
     st->smallest_payload_plain = value;
     GIVEN_LONG("smallest_payload_framed", value);
     st->smallest_payload_framed = value;
+    GIVEN_LONG("prospective_resend_slack", value);
+    st->prospective_resend_slack = value;
+    GIVEN_LONG("prospective_resend_limit", value);
+    st->prospective_resend_limit = value;
     GIVEN_DOUBLE("echo_window_ms", st->echo_window_ms);
     GIVEN_DOUBLE("alpha", st->alpha);
     GIVEN_DOUBLE("beta", st->beta);

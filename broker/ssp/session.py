@@ -48,7 +48,8 @@ __all__ = ["SSPSession", "Resumption", "ParkedSession",
            "SEQ_RESERVATION_BLOCK"]
 
 #: The compiled send path (None: this module's code for every call; tests
-#: set it to None to force it): the usual empty ack, or None to hand over.
+#: set it to None to force it): the usual empty ack or new state, or None
+#: to hand over.
 _fast_send = speedups.fast_send
 
 
@@ -373,7 +374,7 @@ class SSPSession(Incoming, Parking, Outgoing):
         if fast is not None:
             out = fast(self, now)
             if out is not None:
-                return out  # the usual empty ack, timers included
+                return out  # the usual empty ack or new state, timers included
         flags = self._flags
         if flags & CLOSED:
             return []

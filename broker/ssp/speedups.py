@@ -15,9 +15,11 @@ from one zlib stream kept and reset, not one set up for each.
 ``SSPSession.datagrams_to_send`` calls ``fast_send`` (through
 ``broker.ssp.session._fast_send``): the broker's usual send, an empty ack
 or heartbeat from a sender with nothing new to send (earlier empty acks may
-still be unacknowledged), in C (protobuf,
-deflate, fragment header, timestamps, seal); anything else it hands over
-(returns None) before changing anything (tests/ssp/test_speedups_send.py).
+still be unacknowledged), and a node's usual one, a new state with a small
+diff (Sender.tick's choice, ``DeviceState.diff_from`` called from C), in C
+(protobuf, deflate, fragment header, timestamps, seal); anything else (a
+retransmission, a shutdown, a large diff, ...) it hands over (returns None)
+before changing anything (tests/ssp/test_speedups_send.py).
 
 The extension (broker/ssp/_speedups*.c, one file per part: see
 _speedups.h) is optional (setup.py builds it where a compiler is found);
@@ -50,7 +52,8 @@ from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
 from broker.ssp.outgoing import _SMALLEST_PAYLOAD, SEQ_RESERVATION_BLOCK
 from broker.ssp.profile import Profile
 from broker.ssp.receiver import Receiver
-from broker.ssp.sender import NEVER, Sender, make_chaff
+from broker.ssp.sender import (NEVER, PROSPECTIVE_RESEND_LIMIT,
+                               PROSPECTIVE_RESEND_SLACK, Sender, make_chaff)
 
 __all__ = ["fast_receive", "fast_send", "unavailable_reason", "counts",
            "send_counts"]
@@ -110,7 +113,9 @@ def _load():
         small_instruction=SMALL_INSTRUCTION,
         smallest_payload_plain=_SMALLEST_PAYLOAD[0],
         smallest_payload_framed=_SMALLEST_PAYLOAD[HEADER_SIZE],
-        echo_window_ms=ECHO_WINDOW * 1000)
+        echo_window_ms=ECHO_WINDOW * 1000,
+        prospective_resend_slack=PROSPECTIVE_RESEND_SLACK,
+        prospective_resend_limit=PROSPECTIVE_RESEND_LIMIT)
     # Every short instruction (the node's states too) from the kept stream.
     install_compiled_deflate(_speedups.deflate)
     return _speedups.receive, _speedups.send, None

@@ -2,10 +2,13 @@
 
 THE RULE (docs of broker.ssp.speedups): ``datagrams_to_send`` through the
 compiled path returns the same datagrams, byte for byte, and leaves every
-slot as the pure path would; anything outside its usual case (an empty
+slot as the pure path would; anything outside its usual cases (an empty
 ack from a sender whose states, the acknowledged one and any in flight,
-are all its current state) is handed over
-before anything changes. Every scenario runs in twin worlds
+are all its current state; a new state, not a retransmission) is handed
+over
+before anything changes. A new state (the device's reports) is taken too:
+its diff as Sender.tick chooses it, the prospective resend included
+(NewStateTests). Every scenario runs in twin worlds
 (tests.ssp.speedups_twins.Twin, whose pure world forces both the receive
 and the send path pure), compared after every step. Without the C module
 both worlds run pure and the tests still pass; with it, the send counts
@@ -96,6 +99,28 @@ def broker_acks(test, twin, link, now, rounds, step=0.5, echo=True):
             twin.receive("device", data, BROKER_ADDRESS, now + 0.01)
         now += step
     return now
+
+
+def assert_flat(test, run, shared, warmup, rounds):
+    """``run(count, now)`` (returning now) from now = 20.0: its ``warmup``
+    sends all taken whole, then ``rounds`` more under tracemalloc grow the
+    traced memory by less than 64 KiB and leave the reference counts of the
+    ``shared`` objects where they were."""
+    before = send_counts()
+    now = run(warmup, 20.0)
+    test.assertEqual(send_counts()[0], before[0] + warmup)
+    gc.collect()
+    counts = [sys.getrefcount(obj) for obj in shared]
+    tracemalloc.start()
+    try:
+        first, _ = tracemalloc.get_traced_memory()
+        run(rounds, now)
+        gc.collect()
+        last, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    test.assertLess(last - first, 64 * 1024)
+    test.assertEqual([sys.getrefcount(obj) for obj in shared], counts)
 
 
 class SendTestCase(SynchronousTestCase):
@@ -319,6 +344,16 @@ class ReservationTests(SendTestCase):
             now += 0.5
 
 
+def broker_due(twin, now):
+    """The broker confirms what it received (when it holds acks); returns
+    when its next send is due (``now`` if it already is)."""
+    fast = twin.fast.broker
+    if twin.config.hold_acks:
+        twin.confirm(fast.latest_remote_num)
+    due = fast.next_wakeup()
+    return due if due is not None and due > now else now
+
+
 def acks_unheard(test, twin, now, rounds):
     """``rounds`` times: a new device state reaches the broker, whose ack
     (taken whole by the compiled path) never reaches the device, so each
@@ -329,13 +364,7 @@ def acks_unheard(test, twin, now, rounds):
         now = max(now, twin.fast.device.next_wakeup())
         for data, _ in twin.send("device", now):
             twin.receive("broker", data, link_address, now + 0.01)
-        now += 0.01
-        fast = twin.fast.broker
-        if twin.config.hold_acks:
-            twin.confirm(fast.latest_remote_num)
-        due = fast.next_wakeup()
-        if due is not None and due > now:
-            now = due
+        now = broker_due(twin, now + 0.01)
         before = send_counts()
         test.assertEqual(len(twin.send("broker", now)), 1)  # (lost on the way)
         test.assert_taken(before)
@@ -383,19 +412,255 @@ class InFlightAckTests(SendTestCase):
         self.assertEqual(sender.sent_nums, [front, front + 1, front + 2, front + 3, front + 7])
 
 
+#: The fleet profile with the sent-state cap at 4 (the device's).
+FLEET_CAPPED = dataclasses.replace(FLEET, sent_states_cap=4)
+
+
+def instruction_of(session, data):
+    """The instruction in ``session``'s one-fragment datagram ``data``."""
+    cipher = CipherCache().get(session.key)
+    _, _, plain = open_sealed(cipher, data, len(session._header or b""))
+    return decode_instruction(plain[14:])
+
+
+def broker_answers(twin, link, now):
+    """The broker acknowledges what it received (confirmed first when it
+    holds acks) when due, and the device hears it. Returns now."""
+    now = broker_due(twin, now)
+    for data, _ in twin.send("broker", now):
+        twin.receive("device", data, BROKER_ADDRESS, now + 0.01)
+    return now + 0.01
+
+
+class NewStateTests(SendTestCase):
+    """The device's reports (a new state with a small diff) go out through
+    the compiled path, identical to the pure path's."""
+
+    def report(self, twin, link, now, patch, added=(), deliver=True,
+               taken=True):
+        """The device sets ``patch`` (and appends ``added`` events) and
+        sends it when due, taken whole (or handed over); the broker gets
+        it if ``deliver``. Returns (now, the instruction sent, the index
+        of the assumed state tick read)."""
+        twin.set_state("device", patch, added, now)
+        device = twin.fast.device
+        now = max(now, device.next_wakeup())
+        sender = device._sender
+        assumed = (sender._assumed_index(
+            now, sender.retransmit_timeout(device._link.rtt))
+            if sender.sent_count > 1 else 0)
+        before = send_counts()
+        out = twin.send("device", now)
+        self.assertEqual(len(out), 1)
+        if taken:
+            self.assert_taken(before)
+        else:
+            self.assert_handed_over(before)
+        [(data, address)] = out
+        self.assertEqual(address, BROKER_ADDRESS)
+        if deliver:
+            twin.receive("broker", data, link.device_address, now + 0.005)
+        return now + 0.005, instruction_of(device, data), assumed
+
+    def reports(self, config, seed, rounds=12):
+        """Reports with values and, every third, an event, each answered
+        by the broker."""
+        twin, link, now = established(config, seed=seed)
+        for number in range(rounds):
+            added = ({"kind": "tick", "i": number},) if number % 3 == 0 else ()
+            now, inst, _ = self.report(
+                twin, link, now, {"n": number, "temp": 20.0 + number / 10},
+                added)
+            self.assertTrue(inst.diff)
+            self.assertEqual(inst.old_num, inst.throwaway_num)
+            self.assertGreater(inst.new_num, inst.old_num)
+            now = broker_answers(twin, link, now + 0.02) + 0.3
+        return twin
+
+    def test_broker_framing_reports(self):
+        """Broker framing, held acks: values and events, all taken."""
+        self.reports(CONFIGS["broker"], 101)
+
+    def test_broker_unheld_reports(self):
+        """Broker framing without held acks."""
+        self.reports(CONFIGS["broker-unheld"], 103)
+
+    def test_plain_mosh_reports(self):
+        """Plain mosh framing and profile (no backoff)."""
+        self.reports(CONFIGS["mosh"], 107)
+
+    def test_asks_acks(self):
+        """ASKS_ACKS does not touch a non-empty diff: taken."""
+        twin, link, now = established(CONFIGS["broker-unheld"], seed=109)
+        twin.call("ask", lambda world: world.device.ask_acks(True))
+        for number in range(4):
+            now, inst, _ = self.report(twin, link, now, {"q": number})
+            self.assertNotEqual(inst.diff,
+                                twin.fast.device._sender.current
+                                .ACK_REQUEST_DIFF)
+            now = broker_answers(twin, link, now + 0.02) + 0.3
+
+    def test_states_in_flight(self):
+        """Reports while the broker hears none: several states in flight,
+        each diff from the acknowledged state (shorter than the slack), in
+        both framings; then the link delivers and both paths trim alike."""
+        for name, seed in (("broker", 113), ("mosh", 127)):
+            twin, link, now = established(CONFIGS[name], seed=seed)
+            front = twin.fast.device._sender.front_num
+            count = twin.fast.device._sender.sent_count
+            in_flight = False
+            for number in range(6):
+                added = ({"e": number},) if number % 2 else ()
+                now, inst, assumed = self.report(
+                    twin, link, now, {"f": number}, added, deliver=False)
+                in_flight = in_flight or bool(assumed)
+                self.assertEqual(inst.old_num, front)
+                self.assertLess(len(inst.diff), 100)
+                now += 0.03
+            self.assertTrue(in_flight)
+            self.assertEqual(twin.fast.device._sender.sent_count, count + 6)
+            twin.set_state("device", {"f": "last"}, (), now)
+            now = link.run_until(now + 5.0, now)
+            self.assertEqual(twin.fast.device._sender.sent_count, 1)
+
+    def test_prospective_resend_both_ways(self):
+        """States in flight whose diff from the acknowledged state is 100
+        bytes or more: from the assumed state when that is shorter by the
+        slack or more, else still from the acknowledged one (diff_from
+        called twice); plain mosh and broker framing."""
+        for name, seed, size in (("mosh", 131, 30), ("broker", 137, 30),
+                                 ("mosh", 139, 120), ("broker", 149, 120)):
+            twin, link, now = established(CONFIGS[name], seed=seed)
+            seen = set()
+            for number in range(4):
+                patch = {f"k{number}": "x" * size, "n": number}
+                now, inst, assumed = self.report(twin, link, now, patch,
+                                                 deliver=False)
+                front = twin.fast.device._sender.front_num
+                if not assumed:
+                    seen.add("nothing assumed")
+                elif inst.old_num != front:
+                    seen.add("from assumed")
+                elif len(inst.diff) >= 100:
+                    seen.add("long resend")
+                else:
+                    seen.add("short resend")
+                now += 0.03
+            self.assertIn("long resend" if size == 30 else "from assumed",
+                          seen, f"{name} {size}")
+            link.run_until(now + 5.0, now)
+
+    def test_sent_state_cap(self):
+        """Past the device's cap (4) one state is erased from the middle,
+        as in the pure path; both framings."""
+        for framing, seed in ((True, 151), (False, 157)):
+            config = Config(f"device-capped-{framing}", framing,
+                            FLEET_CAPPED, FLEET, False)
+            twin, link, now = established(config, seed=seed)
+            for number in range(9):
+                now, _, _ = self.report(twin, link, now, {"c": number},
+                                        deliver=False)
+                now += 0.03
+            sender = twin.fast.device._sender
+            self.assertEqual(sender.sent_count, 4)
+            front = sender.front_num
+            self.assertEqual(sender.sent_nums,
+                             [front, front + 1, front + 2, front + 9])
+            link.run_until(now + 5.0, now)
+
+    def test_medium_diff(self):
+        """A diff past SMALL_INSTRUCTION (deflated as zlib.compress does)
+        but within one fragment: taken."""
+        twin, link, now = established(CONFIGS["broker"], seed=163)
+        for number in range(3):
+            now, inst, _ = self.report(twin, link, now,
+                                       {"m": "y" * (150 + 100 * number)})
+            self.assertGreater(len(inst.diff), 96)
+            now = broker_answers(twin, link, now + 0.02) + 0.3
+
+    def test_large_diff(self):
+        """A diff that may not fit the compiled path's buffer: handed
+        over, the same datagrams (also several fragments)."""
+        twin, link, now = established(CONFIGS["broker"], seed=167)
+        rng = random.Random(5)
+        for size in (600, 3000):
+            value = rng.randbytes(size)
+            twin.set_state("device", {"big": value}, (), now)
+            now = max(now, twin.fast.device.next_wakeup())
+            before = send_counts()
+            out = twin.send("device", now)
+            self.assert_handed_over(before)
+            self.assertEqual(len(out), 1 if size < 1000 else 3)
+            for data, _ in out:
+                twin.receive("broker", data, link.device_address, now + 0.005)
+            now = broker_answers(twin, link, now + 0.02) + 0.3
+        self.report(twin, link, now, {"big": None})
+
+    def test_retransmission(self):
+        """A state lost on the way is sent again (a retransmission):
+        handed over; the next report fast again."""
+        twin, link, now = established(CONFIGS["broker-unheld"], seed=173)
+        now, first, _ = self.report(twin, link, now, {"r": 1}, deliver=False)
+        due = twin.fast.device.next_wakeup()
+        before = send_counts()
+        [(data, _)] = twin.send("device", due)
+        self.assert_handed_over(before)
+        self.assertEqual(instruction_of(twin.fast.device, data).new_num,
+                         first.new_num)
+        twin.receive("broker", data, link.device_address, due + 0.005)
+        now = broker_answers(twin, link, due + 0.02) + 0.3
+        self.report(twin, link, now, {"r": 2})
+
+    def test_diff_from_raises(self):
+        """DeviceState.diff_from raising: handed over before any change,
+        and the Python code raises the same error (both worlds alike)."""
+        twin, link, now = established(CONFIGS["broker"], seed=179)
+        twin.set_state("device", {"z": 1}, (), now)
+        now = max(now, twin.fast.device.next_wakeup())
+        original = DeviceState.diff_from
+
+        def diff_from(state, base):
+            raise ValueError("no diff today")
+        self.patch(DeviceState, "diff_from", diff_from)
+
+        def send(world):
+            try:
+                world.device.datagrams_to_send(now)
+            except ValueError as error:
+                return str(error)
+            return None
+        before = send_counts()
+        self.assertEqual(twin.call("send, diff_from raising", send),
+                         "no diff today")
+        self.assert_handed_over(before)
+        self.patch(DeviceState, "diff_from", original)
+        self.report(twin, link, now + 0.01, {"z": 2})
+
+    def test_int_now(self):
+        """An int ``now``: taken, alike."""
+        twin, link, now = established(CONFIGS["mosh"], seed=181)
+        twin.set_state("device", {"i": 1}, (), now)
+        due = int(twin.fast.device.next_wakeup()) + 1
+        before = send_counts()
+        self.assertEqual(len(twin.send("device", due)), 1)
+        self.assert_taken(before)
+
+
 class HandOverTests(SendTestCase):
     """Outside the usual case the Python code does it all, identically."""
 
     def test_unacknowledged_states(self):
         """A sender with states in flight (the cap on sent states at its
-        least, 4): handed over, and the later acks fast again."""
+        least, 4): its new states (taken) and retransmissions (handed
+        over) alike, and the later acks fast again."""
         config = Config("capped", False, MOSH_CAPPED, MOSH_CAPPED, False)
         twin, link, now = established(config, seed=31)
         for number in range(8):
             twin.set_state("broker", {"s": number}, (), now)
             before = send_counts()
-            twin.send("broker", now)  # a new state: never fast
-            self.assert_handed_over(before)
+            twin.send("broker", now)
+            if fast_send_available():
+                self.assertEqual(sum(send_counts()), sum(before) + 1)
             now += 0.3
         self.assertGreater(twin.fast.broker._sender.sent_count, 1)
         now = link.run_until(now + 5.0, now)
@@ -576,7 +841,6 @@ class ResourceTests(SendTestCase):
         session, _ = _lone_device(1, 5)
         sender = session._sender
         address = session.remote_address
-        now = 20.0
 
         def run(count, now):
             for _ in range(count):
@@ -586,23 +850,35 @@ class ResourceTests(SendTestCase):
                 sender.process_acknowledgment_through(sender.back_num)
                 now += 3.0
             return now
-        before = send_counts()
-        now = run(2000, now)
-        self.assertEqual(send_counts()[0], before[0] + 2000)
-        gc.collect()
-        counts = (sys.getrefcount(NEVER), sys.getrefcount(address),
-                  sys.getrefcount(EMPTY))
-        tracemalloc.start()
-        try:
-            first, _ = tracemalloc.get_traced_memory()
-            now = run(200_000, now)
-            gc.collect()
-            last, _ = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        self.assertLess(last - first, 64 * 1024)
-        self.assertEqual((sys.getrefcount(NEVER), sys.getrefcount(address),
-                          sys.getrefcount(EMPTY)), counts)
+        assert_flat(self, run, (NEVER, address, EMPTY), 2000, 200_000)
+
+
+class NewStateResourceTests(SendTestCase):
+    """The new-state send keeps nothing either (its diffs, the states)."""
+
+    def test_no_leak(self):
+        """50,000 fast reports (each with a value and an event, then
+        acknowledged) leave traced memory and the reference counts of the
+        shared objects flat."""
+        if not fast_send_available():
+            raise self.skipTest("the compiled send path is not built")
+        session, _ = _lone_device(1, 5)
+        sender = session._sender
+        address = session.remote_address
+        value = "shared value"
+
+        def run(count, now):
+            for number in range(count):
+                state = sender.current.with_values(
+                    {"n": number, "s": value}).with_events({"i": number})
+                session.set_local_state(state, now)
+                out = session.datagrams_to_send(now + 1.0)
+                if len(out) != 1:
+                    raise AssertionError(f"no datagram at {now}")
+                sender.process_acknowledgment_through(sender.back_num)
+                now += 3.0
+            return now
+        assert_flat(self, run, (NEVER, address, value), 2000, 50_000)
 
 
 class FramingTests(SendTestCase):
