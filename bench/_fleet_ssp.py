@@ -114,6 +114,7 @@ def child_ssp_clients(port: int, keys_path: str, devices: int, mode: str,
     from broker.node.cli import read_keys
     from broker.node.client import NodeEndpoint
     from broker.node.simulate import Fleet
+    from broker.ssp.speedups import send_counts
 
     raise_fd_limit()
     with open(keys_path, encoding="ascii") as handle:
@@ -150,6 +151,7 @@ def child_ssp_clients(port: int, keys_path: str, devices: int, mode: str,
         # it missed instead of bursting: the offered rate says what it did.
         begin = due = time.monotonic()
         acknowledged = fleet.acknowledged()
+        sends = send_counts()
         updates = skipped = 0
         nodes = fleet.nodes
         while time.monotonic() - begin < seconds:
@@ -165,8 +167,10 @@ def child_ssp_clients(port: int, keys_path: str, devices: int, mode: str,
                 skipped += missed
                 due += missed * LOAD_PERIOD
             yield task.deferLater(reactor, max(0.0, due - time.monotonic()), lambda: None)
+        taken, handed = (after - before for after, before in zip(send_counts(), sends))
         emit(reports=updates, seconds=time.monotonic() - begin, rounds_skipped=skipped,
-              acknowledged=fleet.acknowledged() - acknowledged)
+             acknowledged=fleet.acknowledged() - acknowledged,
+             compiled_send_share=round(taken / (taken + handed), 3) if taken + handed else 0.0)
 
     answer_commands(reactor, {})
     reactor.callWhenRunning(lambda: task.cooperate(connect()))

@@ -185,6 +185,7 @@ def measure_ssp_load(devices: int, seconds: float, workdir: str, history_size: i
     rate = durable / elapsed
     return {"durable_per_second": rate, "offered_per_second": offered,
             "reports_offered": load["reports"], "load_rounds_skipped": load["rounds_skipped"],
+            "clients_compiled_send_share": load["compiled_send_share"],
             "acknowledged": load["acknowledged"],
             "acknowledged_per_second": load["acknowledged"] / load["seconds"],
             "registry_writes_per_second": grown("registry_writes") / elapsed,
@@ -240,6 +241,8 @@ def measure_throughput(seconds: float, workdir: str, history_size: int | None = 
         # (0.0 on the pure-Python path, SSP_BROKER_PURE_PYTHON=1).
         "ssp_compiled_receive_share": ssp["compiled_receive_share"],
         "ssp_compiled_send_share": ssp["compiled_send_share"],
+        # The same for the simulated nodes' sends (their reports, their acks).
+        "ssp_clients_compiled_send_share": ssp["clients_compiled_send_share"],
         "bare_replies_per_second_before": before["replies_per_second"],
         "bare_replies_per_second_after": after["replies_per_second"],
         "bare_replies_per_second": round(bare_rate),
