@@ -51,6 +51,9 @@ __all__ = ["SSPSession", "Resumption", "ParkedSession",
 #: set it to None to force it): the usual empty ack or new state, or None
 #: to hand over.
 _fast_send = speedups.fast_send
+#: The sender's timers in C (None: Sender.calculate_timers; tests set it to
+#: None with _fast_send).
+_fast_timers = speedups.fast_timers
 
 
 def _assembly_cap(max_bytes: int | None) -> int:
@@ -428,7 +431,11 @@ class SSPSession(Incoming, Parking, Outgoing):
         """Recompute the sender's timers (mosh: before every wait)."""
         if self._flags & CLOSED:
             return
-        self._sender.calculate_timers(now, self._link.rtt)
+        timers = _fast_timers
+        if timers is not None:
+            timers(self._sender, now, self._link.rtt)
+        else:
+            self._sender.calculate_timers(now, self._link.rtt)
 
 
 def _still_waiting(waiting: list, num: int, overflowed) -> list | None:

@@ -55,7 +55,7 @@ from broker.ssp.receiver import Receiver
 from broker.ssp.sender import (NEVER, PROSPECTIVE_RESEND_LIMIT,
                                PROSPECTIVE_RESEND_SLACK, Sender, make_chaff)
 
-__all__ = ["fast_receive", "fast_send", "unavailable_reason", "counts",
+__all__ = ["fast_receive", "fast_send", "fast_timers", "unavailable_reason", "counts",
            "send_counts"]
 
 #: Set to a non-empty value, the broker runs the Python receive path only.
@@ -122,6 +122,15 @@ def _load():
 
 
 fast_receive, fast_send, unavailable_reason = _load()
+
+#: ``fast_timers(sender, now, rtt)``: ``sender.calculate_timers(now, rtt)``
+#: computed in C (the receive and send paths' own code), or by the method
+#: where C cannot say exactly; None without the extension.
+fast_timers = None
+if fast_send is not None:
+    from broker.ssp import _speedups
+    fast_timers = _speedups.timers
+    del _speedups
 
 
 def counts() -> tuple[int, int]:

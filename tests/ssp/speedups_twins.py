@@ -88,10 +88,12 @@ def pure_path():
     return unbound(incoming, "_fast_receive")
 
 
+@contextlib.contextmanager
 def pure_send_path():
-    """``session._fast_send`` set to None (the pure send path), restored
-    after."""
-    return unbound(session_module, "_fast_send")
+    """``session._fast_send`` and ``_fast_timers`` set to None (the pure
+    send path, and the sender's timers in Python), restored after."""
+    with unbound(session_module, "_fast_send"), unbound(session_module, "_fast_timers"):
+        yield
 
 
 def _speedups():

@@ -796,11 +796,16 @@ class HandOverTests(SendTestCase):
         self.assertEqual(int.from_bytes(plain[4:12], "big"), start + 1)
 
     def test_pure_send_path(self):
-        """pure_send_path() forces the pure path and restores the global."""
-        saved = session_module._fast_send
+        """pure_send_path() forces the pure path (the sender's timers in
+        Python too) and restores the globals; with the extension the
+        sessions' timers are the compiled ones."""
+        saved = session_module._fast_send, session_module._fast_timers
+        if fast_send_available():
+            self.assertIsNotNone(saved[1])
         with pure_send_path():
             self.assertIsNone(session_module._fast_send)
-        self.assertIs(session_module._fast_send, saved)
+            self.assertIsNone(session_module._fast_timers)
+        self.assertEqual((session_module._fast_send, session_module._fast_timers), saved)
 
 
 class StreamTests(SendTestCase):
