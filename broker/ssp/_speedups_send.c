@@ -317,6 +317,14 @@ check_diff(const State *st, Send *s, Py_ssize_t assumed)
     /* not diff: tick's empty ack (the Python code) */
     if (length == 0 || PyList_GET_SIZE(sent) != size)
         return HAND_OVER;
+    /* diff_from's allocations may run Python code (a gc callback, a
+     * finalizer) that sends on this session: tick reads _next_num() and
+     * self._sent after the diff, so numbers and entries taken from the
+     * list read before would be stale (the new state would get the number
+     * that send just used). Hand over: nothing has changed yet. */
+    if (SLOT(s->sender, st->snd.sent) != sent
+            || SLOT(s->sender, st->snd.current) != current)
+        return HAND_OVER;
     s->old_num = Py_NewRef(PyList_GET_ITEM(sent, assumed + 1));
     if (as_u64(s->old_num, &s->old) < 0)
         return HAND_OVER;

@@ -414,7 +414,7 @@ class Sender:
             # again every send interval until its 3 s heartbeat; a sender
             # without heartbeats would never stop, so we ack now instead.
             return self._send(now, old_num, self._next_num(), diff,
-                              random_bytes, empty=True)
+                              random_bytes, empty=True, state=current)
         if self._shutdown is not None:
             new_num = UINT64_MAX
         elif current is sent[-1]:
@@ -422,7 +422,7 @@ class Sender:
         else:
             new_num = self._next_num()
         return self._send(now, old_num, new_num, diff, random_bytes,
-                          empty=False)
+                          empty=False, state=current)
 
     def _next_num(self) -> int:
         if self._shutdown is not None:
@@ -430,7 +430,7 @@ class Sender:
         return max(self._sent[-_STRIDE + _NUM] + 1, self._first_num)
 
     def _send(self, now, old_num, new_num, diff, random_bytes,
-              empty) -> Instruction:
+              empty, state=None) -> Instruction:
         sent = self._sent
         if new_num == UINT64_MAX and self._shutdown is not None:
             self._shutdown[1] += 1
@@ -440,7 +440,9 @@ class Sender:
                     and self._profile.retransmit_backoff):
                 self._backoff += 1
         else:
-            self._add_sent_state(now, new_num)
+            # the state the diff was made for (code run inside diff_from
+            # may have set a newer self.current)
+            self._add_sent_state(now, new_num, state)
         interval = self._profile.ack_interval
         self._next_ack_time = NEVER if interval == NEVER else now + interval
         self._next_send_time = NEVER

@@ -924,6 +924,44 @@ class ReentryTests(SendTestCase):
     cipher) that sends on, or changes, the same session: never a crash,
     a freed object read, or a nonce used twice."""
 
+    def test_send_inside_diff_from(self):
+        """A report sent from inside the diff of another (code that
+        DeviceState.diff_from's allocations run: a GC callback, a
+        finalizer), compiled and pure: no state number goes out with two
+        different diffs, and each number sent is kept for the state whose
+        diff went out under it."""
+        for pure in (False, True):
+            session = _lone_session()
+            real = DeviceState.diff_from
+            inner = []
+
+            def diff_from(state, other, session=session, inner=inner):
+                if not inner:
+                    inner.append(None)
+                    session.set_local_state(EMPTY.with_values({"x": 2}), 20.0)
+                    inner[:] = session.datagrams_to_send(25.0)
+                return real(state, other)
+            session.set_local_state(EMPTY.with_values({"x": 1}), 20.0)
+            with contextlib.ExitStack() as stack:
+                if pure:
+                    stack.enter_context(pure_send_path())
+                DeviceState.diff_from = diff_from
+                try:
+                    outer = session.datagrams_to_send(25.0)
+                finally:
+                    DeviceState.diff_from = real
+            self.assertEqual(len(inner), 1)
+            cipher = CipherCache().get(session.key)
+            sent = {}
+            for data, _ in inner + outer:
+                inst = decode_instruction(open_sealed(cipher, data)[2][14:])
+                self.assertEqual(inst.old_num, 0)   # from the front, EMPTY
+                self.assertEqual(sent.setdefault(inst.new_num, inst.diff), inst.diff,
+                                 f"pure={pure}: state {inst.new_num} sent twice")
+            states = dict(zip(session._sender.sent_nums, session._sender._sent[2::3]))
+            for num, diff in sent.items():
+                self.assertEqual(states[num].diff_from(EMPTY), diff, f"pure={pure}")
+
     def gc_reentry(self, inner_send):
         """Sessions sent on until a GC pass starts inside the compiled
         call (its first tracked allocation grows the sent list) and
