@@ -67,7 +67,8 @@ def child_broker(workdir: str, history_size: int) -> None:
     """The real broker service over the provisioned store (loaded at start, as in production)."""
     from twisted.internet import defer, reactor
 
-    from broker.service import make_service, tune_garbage_collector
+    from broker.collector import tune_garbage_collector
+    from broker.service import make_service
 
     raise_fd_limit()
     service = make_service(_broker_config(workdir, history_size), reactor=reactor)
@@ -112,6 +113,7 @@ def child_ssp_clients(port: int, keys_path: str, devices: int, mode: str,
     from twisted.internet import reactor, task
 
     from broker.node.cli import read_keys
+    from broker.collector import tune_garbage_collector
     from broker.node.client import NodeEndpoint
     from broker.node.simulate import Fleet
     from broker.ssp.speedups import send_counts
@@ -139,6 +141,7 @@ def child_ssp_clients(port: int, keys_path: str, devices: int, mode: str,
         while fleet.connected() < len(keys) and time.monotonic() < end:
             yield task.deferLater(reactor, 0.05, lambda: None)
         emit(connected=fleet.connected(), seconds=time.monotonic() - started)
+        tune_garbage_collector()  # as broker-node simulate does once connected
         if mode == "load":
             yield from load()
 

@@ -118,14 +118,14 @@ def broker_figures(service, reactor) -> dict:
     return {
         "sessions": len(table), "parked": table.parked_count(),
         "cipher_cache": len(table.ciphers), "udp_scheduler": len(table.scheduler),
-        "udp_scheduler_heap": len(table.scheduler._heap),
+        "udp_scheduler_heap": table.scheduler.heap_size(),
         "devices": len(registry), "feed": len(registry._feed),
         "feed_tombstones": len(registry._feed._tombstones),
         "subscriptions": sum(len(v) for v in subs._exact.values()) + len(subs._globs),
         "ws_clients": len(ws.clients) if hasattr(ws, "clients") else None,
         "waiting_feed": len(room._feed), "waiting_streams": len(room._streams),
         "waiting_devices": sum(len(v) for v in room._devices.values()),
-        "room_scheduler": len(room.scheduler), "room_scheduler_heap": len(room.scheduler._heap),
+        "room_scheduler": len(room.scheduler), "room_scheduler_heap": room.scheduler.heap_size(),
         "held_tokens": len(room.tokens), "rate_buckets": len(service.api.limiter),
         "http_connections": len(service.connections),
         "delayed_calls": len(reactor.getDelayedCalls()), "readers": len(reactor.getReaders()),
@@ -143,7 +143,8 @@ def child_broker(config_path: str, log_path: str) -> None:
 
     from broker.config import load_config
     from broker.logs import LogControl, make_observer
-    from broker.service import make_service, tune_garbage_collector
+    from broker.collector import tune_garbage_collector
+    from broker.service import make_service
 
     raise_fd_limit()
     config = load_config(config_path)

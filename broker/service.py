@@ -41,7 +41,6 @@ Stop order (SIGTERM), steps 1-4 within [broker] stop_timeout seconds:
 from __future__ import annotations
 
 import fcntl
-import gc
 import os
 from pathlib import Path
 
@@ -94,19 +93,6 @@ def ensure_private_directory(path: Path) -> Path:
     if mode & 0o077:
         os.chmod(path, mode & 0o700)
     return path
-
-
-def tune_garbage_collector() -> None:
-    """Make the collector cheap for a process that holds a large, long-lived registry.
-
-    Every write in flight holds a few objects until its group commit, which
-    with the default thresholds triggers full collections that walk every
-    device (measured: a third of the registry's CPU at 10,000 devices).
-    Objects alive after startup are moved out of the collector's sight.
-    Process-wide, so only the twistd entry points call it, never library code.
-    """
-    gc.freeze()
-    gc.set_threshold(10_000, 50, 10)
 
 
 class BrokerService(MultiService):

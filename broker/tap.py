@@ -19,11 +19,12 @@ from typing import NoReturn
 
 from twisted.python import usage
 
+from broker.collector import tune_garbage_collector
 from broker.config import ConfigError, load_config
 from broker.lifecycle import SignalHandlers
 from broker.logs import LogControl, ObserverFactory
 from broker.registry.errors import StoreError
-from broker.service import BrokerService, tune_garbage_collector
+from broker.service import BrokerService
 
 #: exit status of a broker that refused to start.
 REFUSED = 2

@@ -368,7 +368,8 @@ def worker_main(argv=None):
     from broker.logs import (LogControl, dropped_lines_record, make_observer,
                              make_relay_observer)
     from broker.registry.errors import StoreError
-    from broker.service import make_service, tune_garbage_collector
+    from broker.collector import tune_garbage_collector
+    from broker.service import make_service
     from broker.systemd import Activation
 
     parser = argparse.ArgumentParser(prog="broker.worker")

@@ -109,9 +109,11 @@ class Fleet:
 @defer.inlineCallbacks
 def simulate(reactor, broker, keys, *, devices: int, rate: float, duration: float,
              sockets: int, heartbeat: float, connect_rate: float, err=None,
-             wall_clock=time.time):
+             wall_clock=time.time, when_connected=None):
     """Run the fleet; returns the summary dict.  ``wall_clock`` orders the session
-    ids (session_ids.py): a run keeps them in memory only."""
+    ids (session_ids.py): a run keeps them in memory only.  ``when_connected``
+    (no argument) is called once every device has started its session, before
+    the reports begin."""
     endpoint = NodeEndpoint(broker, reactor=reactor, sockets=sockets)
     endpoint.listen()
     fleet = Fleet(endpoint, keys[:devices], heartbeat=heartbeat, wall_clock=wall_clock)
@@ -124,6 +126,8 @@ def simulate(reactor, broker, keys, *, devices: int, rate: float, duration: floa
         credit -= int(credit)
         yield task.deferLater(reactor, TICK, lambda: None)
     connect_time = time.monotonic() - started
+    if when_connected is not None:
+        when_connected()
     acked_before = fleet.acknowledged()
     reports_before = fleet.reports
     begin = time.monotonic()
@@ -164,6 +168,7 @@ def simulate(reactor, broker, keys, *, devices: int, rate: float, duration: floa
 
 
 def run_simulation(args, reactor=None, out=None, err=None) -> int:
+    from broker.collector import tune_garbage_collector
     from broker.node.cli import UsageError, parse_broker, read_keys
 
     if reactor is None:
@@ -197,7 +202,9 @@ def run_simulation(args, reactor=None, out=None, err=None) -> int:
     def start():
         d = simulate(reactor, broker, keys, devices=args.devices, rate=args.rate,
                      duration=args.duration, sockets=args.sockets, heartbeat=args.heartbeat,
-                     connect_rate=args.connect_rate, err=err)
+                     connect_rate=args.connect_rate, err=err,
+                     # The fleet is long-lived; each report makes short-lived garbage.
+                     when_connected=tune_garbage_collector)
         d.addCallbacks(done, failed)
         d.addBoth(lambda _: reactor.stop())
 

@@ -1,12 +1,18 @@
 """Tests for broker.node.simulate against a real broker on loopback (bounded in time)."""
 
+import io
+import json
 import random
 import time
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broker.node.simulate import MAX_CATCH_UP, TICK, Pacer, simulate
+from broker.collector import tune_garbage_collector
+from broker.node import simulate as simulate_module
+from broker.node.cli import build_parser
+from broker.node.simulate import MAX_CATCH_UP, TICK, Pacer, run_simulation, simulate
+from broker.ssp.keys import format_key
 from tests.helpers import loopback_config, start_broker
 
 DEVICES = 20
@@ -27,10 +33,21 @@ class ConsecutiveRunsTests(TestCase):
             device = yield registry.add_device(f"sim-{i}")
             self.keys.append((device.device_number, device.secret))
 
-    def run_once(self, wall_clock):
+    def run_once(self, wall_clock, when_connected=None):
         return simulate(reactor, ("127.0.0.1", self.broker.udp_port), self.keys,
                         devices=DEVICES, rate=0.0, duration=0.1, sockets=2, heartbeat=25.0,
-                        connect_rate=1000.0, wall_clock=wall_clock)
+                        connect_rate=1000.0, wall_clock=wall_clock,
+                        when_connected=when_connected)
+
+    @defer.inlineCallbacks
+    def test_when_connected_is_called_once_every_session_started(self):
+        """when_connected runs once, when every device has started its session,
+        and the run goes on to its summary."""
+        started = []
+        summary = yield self.run_once(
+            time.time, when_connected=lambda: started.append(len(self.keys)))
+        self.assertEqual(len(started), 1)
+        self.assertEqual(summary["connected"], DEVICES)
 
     @defer.inlineCallbacks
     def test_second_run_in_the_same_second_gets_every_device_acknowledged(self):
@@ -80,3 +97,39 @@ class PacerTests(SynchronousTestCase):
         self.assertEqual(pacer.due(53.0), 1000.0 * MAX_CATCH_UP)
         self.assertEqual(pacer.due(52.0), 0.0)
         self.assertAlmostEqual(pacer.due(52.01), 10.0)
+
+
+class RunSimulationTests(SynchronousTestCase):
+    """broker-node simulate's entry point."""
+
+    def test_collector_tuned_once_the_fleet_is_connected(self):
+        """The command (a process of its own) makes the collector cheap for its
+        long-lived fleet once connected: each report's garbage then costs no
+        collection that walks every session."""
+        given = {}
+
+        def fake_simulate(reactor, broker, keys, **options):
+            given.update(options, keys=keys)
+            return defer.succeed({"devices": len(keys)})
+
+        class Reactor:
+            def callWhenRunning(self, call):
+                call()
+
+            def run(self):
+                pass
+
+            def stop(self):
+                pass
+
+        path = self.mktemp()
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(json.dumps({"device_number": "7", "key": format_key(bytes(16))}) + "\n")
+        self.patch(simulate_module, "simulate", fake_simulate)
+        args = build_parser().parse_args(["simulate", "--devices", "1", "--broker",
+                                          "127.0.0.1:1", "--keys", path])
+        out = io.StringIO()
+        self.assertEqual(run_simulation(args, reactor=Reactor(), out=out, err=io.StringIO()), 0)
+        self.assertIs(given["when_connected"], tune_garbage_collector)
+        self.assertEqual(given["keys"], [(7, bytes(16))])
+        self.assertEqual(json.loads(out.getvalue()), {"devices": 1})
