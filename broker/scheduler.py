@@ -11,27 +11,31 @@ times in one binary heap and arms a single ``IDelayedCall`` for the earliest.
 A session without a wake-up (an idle device: the broker only answers) costs
 the scheduler nothing at all.
 
-Entries are never removed from the middle of the heap.  A key has at most
-one live entry: an earlier wake-up pushes a new entry (the old one is
-skipped when it comes up), a later one pushes nothing (the old entry comes
-up first and is put back at the wanted time), a cancelled key's entry is
-stale at once; the heap is rebuilt when stale entries outnumber live ones,
-so a cancelled key (an answered long poll) is not held until its time.
+The heap itself (what is stale, when it is compacted) is broker.deadlines'
+DeadlineQueue, or its compiled twin where the extension is built.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Hashable
-from heapq import heappush
 
 from twisted.logger import Logger
+
+from broker import deadlines
+from broker.ssp.speedups import CompiledDeadlineQueue
 
 #: Timers closer together than this fire in one reactor call (seconds).  The
 #: protocol's finest interval is mosh's 8 ms SEND_MINDELAY.
 COALESCE = 0.001
 #: The heap is compacted when stale entries exceed live ones and this many.
-MIN_COMPACT = 4096
+MIN_COMPACT = deadlines.MIN_COMPACT
+
+
+def new_queue(min_compact: int):
+    """The compiled DeadlineQueue where it is built, else the Python one."""
+    if CompiledDeadlineQueue is not None:
+        return CompiledDeadlineQueue(min_compact)
+    return deadlines.DeadlineQueue(min_compact)
 
 
 class WakeupScheduler:
@@ -49,10 +53,7 @@ class WakeupScheduler:
         self._clock = clock
         self._callback = callback
         self._now = now or clock.seconds
-        self._heap: list[tuple[float, int, Hashable]] = []
-        self._due: dict[Hashable, float] = {}      # the time each key wants
-        self._queued: dict[Hashable, float] = {}   # the time of its live heap entry
-        self._counter = 0  # tie-breaker: keys need not be comparable
+        self._queue = new_queue(MIN_COMPACT)
         self._call = None
         self._call_time = None
         self._running = False
@@ -61,14 +62,22 @@ class WakeupScheduler:
 
     def __len__(self) -> int:
         """How many keys have a pending wake-up."""
-        return len(self._due)
+        return len(self._queue)
 
     def __contains__(self, key) -> bool:
-        return key in self._due
+        return key in self._queue
 
     def when(self, key) -> float | None:
         """The pending wake-up time of key, or None."""
-        return self._due.get(key)
+        return self._queue.when(key)
+
+    def keys(self) -> list:
+        """The keys with a pending wake-up."""
+        return self._queue.keys()
+
+    def heap_size(self) -> int:
+        """Heap entries, live and stale (compaction bounds them)."""
+        return self._queue.heap_size()
 
     def schedule(self, key: Hashable, when: float | None) -> None:
         """Wake key at ``when`` (monotonic seconds); None cancels its wake-up.
@@ -78,37 +87,14 @@ class WakeupScheduler:
         postpone far more often than they advance, so the heap (and the
         garbage it makes) stays small.
         """
-        due = self._due
         if when is None:
-            self.cancel(key)
-            return
-        due[key] = when
-        queued = self._queued.get(key)
-        if queued is not None and queued <= when:
-            return
-        self._push(key, when)
-        if not self._running:
+            self._queue.cancel(key)
+        elif self._queue.schedule(key, when) and not self._running:
             self._arm()
-
-    def _push(self, key, when: float) -> None:
-        queued = self._queued
-        queued[key] = when
-        self._counter = counter = self._counter + 1
-        heap = self._heap
-        heappush(heap, (when, counter, key))
-        if len(heap) > MIN_COMPACT and len(heap) > 2 * len(queued):   # (_maybe_compact)
-            self._compact()
 
     def cancel(self, key: Hashable) -> None:
         """Forget key's wake-up (a retired session): its heap entry is stale from now."""
-        self._due.pop(key, None)
-        if self._queued.pop(key, None) is not None:
-            self._maybe_compact()
-
-    def _maybe_compact(self) -> None:
-        heap = self._heap
-        if len(heap) > MIN_COMPACT and len(heap) > 2 * len(self._queued):
-            self._compact()
+        self._queue.cancel(key)
 
     def stop(self) -> None:
         """Cancel the one reactor timer for good (the service is stopping)."""
@@ -118,33 +104,11 @@ class WakeupScheduler:
         self._call = None
         self._call_time = None
 
-    def _compact(self) -> None:
-        """Rebuild the heap from the live entries (one per queued key)."""
-        queued = self._queued
-        for key in [key for key in queued if key not in self._due]:
-            del queued[key]
-        heap = [(when, self._counter + i, key) for i, (key, when) in enumerate(queued.items())]
-        self._counter += len(heap)
-        heapq.heapify(heap)
-        self._heap = heap
-
-    def _earliest(self) -> float | None:
-        """The earliest live heap entry, dropping stale ones on the way."""
-        heap, queued, due = self._heap, self._queued, self._due
-        while heap:
-            when, _, key = heap[0]
-            if queued.get(key) == when:
-                if key in due:
-                    return when
-                del queued[key]  # cancelled
-            heapq.heappop(heap)
-        return None
-
     def _arm(self) -> None:
         """Point the single reactor timer at the earliest wake-up."""
         if self._stopped:
             return
-        earliest = self._earliest()
+        earliest = self._queue.earliest()
         call = self._call
         if earliest is None:
             if call is not None and call.active():
@@ -174,22 +138,11 @@ class WakeupScheduler:
 
     def run_due(self, now: float) -> int:
         """Call back every key due at ``now``; returns how many ran."""
-        heap, due, queued, callback = self._heap, self._due, self._queued, self._callback
+        pop_due, callback = self._queue.pop_due, self._callback
         limit = now + COALESCE
-        newest = self._counter  # wake-ups scheduled while running wait for the next turn
+        newest = self._queue.counter  # wake-ups scheduled while running wait for the next turn
         ran = 0
-        while heap and heap[0][0] <= limit and heap[0][1] <= newest:
-            when, _, key = heapq.heappop(heap)
-            if queued.get(key) != when:
-                continue  # superseded by an earlier entry
-            del queued[key]
-            wanted = due.get(key)
-            if wanted is None:
-                continue  # cancelled
-            if wanted > limit:
-                self._push(key, wanted)  # postponed meanwhile
-                continue
-            del due[key]
+        while (key := pop_due(limit, newest)) is not None:
             ran += 1
             try:
                 callback(key, now)

@@ -8,11 +8,14 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker import scheduler as scheduler_module
+from broker.deadlines import DeadlineQueue
 from broker.scheduler import COALESCE, MIN_COMPACT, WakeupScheduler
 
 
 class WakeupSchedulerTests(SynchronousTestCase):
-    """The heap of wake-up times behind a single IDelayedCall."""
+    """The heap of wake-up times behind a single IDelayedCall (the compiled
+    DeadlineQueue where it is built: PureWakeupSchedulerTests runs the
+    Python one)."""
 
     def setUp(self):
         self.clock = Clock()
@@ -110,7 +113,7 @@ class WakeupSchedulerTests(SynchronousTestCase):
         """Bringing one key's wake-up forward over and over keeps the heap bounded."""
         for i in range(3 * MIN_COMPACT):
             self.scheduler.schedule("a", 100_000.0 - i)
-        self.assertLessEqual(len(self.scheduler._heap), MIN_COMPACT + 2)
+        self.assertLessEqual(self.scheduler.heap_size(), MIN_COMPACT + 2)
         earliest = 100_000.0 - (3 * MIN_COMPACT - 1)
         self.clock.advance(earliest - 0.5)
         self.assertEqual(self.calls, [])
@@ -123,7 +126,7 @@ class WakeupSchedulerTests(SynchronousTestCase):
         self.scheduler.schedule("a", 1.0)
         for i in range(100):
             self.scheduler.schedule("a", 2.0 + i / 100)
-        self.assertEqual(len(self.scheduler._heap), 1)
+        self.assertEqual(self.scheduler.heap_size(), 1)
         self.clock.advance(2.98)
         self.assertEqual(self.calls, [])
         self.clock.advance(0.02)
@@ -167,7 +170,7 @@ class WakeupSchedulerTests(SynchronousTestCase):
             self.scheduler.cancel(key)
         del key
         gc.collect()
-        self.assertLessEqual(len(self.scheduler._heap), MIN_COMPACT + 2)
+        self.assertLessEqual(self.scheduler.heap_size(), MIN_COMPACT + 2)
         self.assertLessEqual(sum(ref() is not None for ref in refs), MIN_COMPACT + 1)
         self.clock.advance(100.0)
         self.assertEqual([key for key, _ in self.calls], ["live"])
@@ -198,6 +201,18 @@ class WakeupSchedulerTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class PureWakeupSchedulerTests(WakeupSchedulerTests):
+    """The same, on broker.deadlines' Python DeadlineQueue."""
+
+    def setUp(self):
+        self.patch(scheduler_module, "CompiledDeadlineQueue", None)
+        super().setUp()
+
+    def test_python_queue(self):
+        """These tests run on the Python queue."""
+        self.assertIsInstance(self.scheduler._queue, DeadlineQueue)
+
+
 #: Operations on a scheduler: schedule key at now + offset, cancel key, advance the
 #: clock, or have key's next callback reschedule it at its now + offset.
 OPERATIONS = st.lists(st.one_of(
@@ -218,6 +233,20 @@ class WakeupSchedulerModelTests(SynchronousTestCase):
         themselves (with compaction made frequent): exactly one reactor timer is armed,
         no later than the earliest wake-up, whenever a key waits, none otherwise; each
         key fires once per wake-up, never early, and nothing is left at the end."""
+        self.check_model(operations)
+
+    @settings(max_examples=300, deadline=None)
+    @given(OPERATIONS)
+    def test_one_timer_armed_whenever_a_key_waits_python_queue(self, operations):
+        """The same on broker.deadlines' Python DeadlineQueue."""
+        compiled = scheduler_module.CompiledDeadlineQueue
+        scheduler_module.CompiledDeadlineQueue = None
+        try:
+            self.check_model(operations)
+        finally:
+            scheduler_module.CompiledDeadlineQueue = compiled
+
+    def check_model(self, operations):
         self.patch(scheduler_module, "MIN_COMPACT", 8)
         clock = Clock()
         model = {}
@@ -254,9 +283,10 @@ class WakeupSchedulerModelTests(SynchronousTestCase):
                 self.assertEqual(len(calls), 1)
                 earliest = max(min(model.values()), clock.seconds())
                 self.assertLessEqual(calls[0].getTime(), earliest + COALESCE + 1e-9)
-            self.assertEqual(set(scheduler._due), set(model))
+            self.assertEqual(set(scheduler.keys()), set(model))
         again.clear()
         clock.advance(100.0)
         settle()
         self.assertEqual(model, {})
         self.assertEqual(clock.getDelayedCalls(), [])
+

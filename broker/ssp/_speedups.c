@@ -673,6 +673,10 @@ PyInit__speedups(void)
     INTERN(str_join, "join");
     INTERN(str_encode, "encode");
     INTERN(str_diff_from, "diff_from");
+    if (PyType_Ready(&DeadlineQueueType) < 0
+            || PyModule_AddObjectRef(module, "DeadlineQueue",
+                                     (PyObject *)&DeadlineQueueType) < 0)
+        goto error;
     /* HAVE_ZLIB: whether setup.py linked zlib (inflate_small), so that CI
      * can tell a silently left-out zlib from a built one */
 #ifdef SP_HAVE_ZLIB

@@ -12,6 +12,8 @@
  *   _speedups_sender.c    the sender: acks, _rationalize, calculate_timers
  *   _speedups_send.c      the send path: SSPSession.datagrams_to_send's
  *                         usual empty ack or new state (send())
+ *   _speedups_deadlines.c DeadlineQueue, broker.scheduler's heap
+ *                         (broker/deadlines.py's twin)
  */
 
 #ifndef BROKER_SSP_SPEEDUPS_H
@@ -375,6 +377,9 @@ SP_INTERNAL PyObject *setup_state(State *st, PyObject *args,
                                   PyObject *kwargs);
 SP_INTERNAL void state_clear_objects(State *st);
 SP_INTERNAL int bind_session_type(State *st);
+
+/* _speedups_deadlines.c */
+extern SP_INTERNAL PyTypeObject DeadlineQueueType;
 
 /* _speedups.c */
 SP_INTERNAL PyObject *new_event(PyTypeObject *cls, Py_ssize_t first,

@@ -21,6 +21,9 @@ diff (Sender.tick's choice, ``DeviceState.diff_from`` called from C), in C
 retransmission, a shutdown, a large diff, ...) it hands over (returns None)
 before changing anything (tests/ssp/test_speedups_send.py).
 
+``CompiledDeadlineQueue`` is broker.deadlines.DeadlineQueue in C: the heap
+of wake-up times of broker.scheduler (tests/test_deadlines.py).
+
 The extension (broker/ssp/_speedups*.c, one file per part: see
 _speedups.h) is optional (setup.py builds it where a compiler is found);
 without it, or with ``SSP_BROKER_PURE_PYTHON`` set to a non-empty value,
@@ -55,7 +58,8 @@ from broker.ssp.receiver import Receiver
 from broker.ssp.sender import (NEVER, PROSPECTIVE_RESEND_LIMIT,
                                PROSPECTIVE_RESEND_SLACK, Sender, make_chaff)
 
-__all__ = ["fast_receive", "fast_send", "fast_timers", "unavailable_reason", "counts",
+__all__ = ["fast_receive", "fast_send", "fast_timers", "CompiledDeadlineQueue",
+           "unavailable_reason", "counts",
            "send_counts"]
 
 #: Set to a non-empty value, the broker runs the Python receive path only.
@@ -127,9 +131,13 @@ fast_receive, fast_send, unavailable_reason = _load()
 #: computed in C (the receive and send paths' own code), or by the method
 #: where C cannot say exactly; None without the extension.
 fast_timers = None
+#: broker.deadlines.DeadlineQueue's compiled twin (broker.scheduler's heap);
+#: None without the extension.
+CompiledDeadlineQueue = None
 if fast_send is not None:
     from broker.ssp import _speedups
     fast_timers = _speedups.timers
+    CompiledDeadlineQueue = _speedups.DeadlineQueue
     del _speedups
 
 
