@@ -533,6 +533,27 @@ PyDoc_STRVAR(send_counts_doc,
 "send_counts() -> (taken, handed_over): datagrams_to_send calls since\n"
 "import.");
 
+PyDoc_STRVAR(deflate_tiny_doc,
+"deflate_tiny(raw) -> bytes or None\n\n"
+"zlib.compress(raw)'s bytes computed without zlib (_speedups_deflate.c),\n"
+"or None where zlib's choice of block cannot be known so (or raw is longer\n"
+"than 96 bytes). For the tests: deflate() calls it first.");
+
+static PyObject *
+deflate_tiny_entry(PyObject *module, PyObject *raw)
+{
+    if (!PyBytes_CheckExact(raw)) {
+        PyErr_Format(PyExc_TypeError, "deflate_tiny() takes bytes, not %.100s",
+                     Py_TYPE(raw)->tp_name);
+        return NULL;
+    }
+    PyObject *deflated = deflate_tiny((const unsigned char *)PyBytes_AS_STRING(raw),
+                                      PyBytes_GET_SIZE(raw));
+    if (deflated == NULL && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return deflated;
+}
+
 static PyObject *
 send_counts(PyObject *module, PyObject *unused)
 {
@@ -561,6 +582,7 @@ static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))send, METH_FASTCALL, send_doc},
     {"send_counts", send_counts, METH_NOARGS, send_counts_doc},
     {"deflate", deflate_entry, METH_O, deflate_doc},
+    {"deflate_tiny", deflate_tiny_entry, METH_O, deflate_tiny_doc},
     {"timers", (PyCFunction)(void (*)(void))timers, METH_FASTCALL,
      timers_doc},
     {"setup", (PyCFunction)(void (*)(void))setup,

@@ -12,6 +12,8 @@
  *   _speedups_sender.c    the sender: acks, _rationalize, calculate_timers
  *   _speedups_send.c      the send path: SSPSession.datagrams_to_send's
  *                         usual empty ack or new state (send())
+ *   _speedups_deflate.c   a short instruction deflated as zlib does,
+ *                         without zlib's trees (deflate_tiny)
  *   _speedups_deadlines.c DeadlineQueue, broker.scheduler's heap
  *                         (broker/deadlines.py's twin)
  */
@@ -377,6 +379,9 @@ SP_INTERNAL PyObject *setup_state(State *st, PyObject *args,
                                   PyObject *kwargs);
 SP_INTERNAL void state_clear_objects(State *st);
 SP_INTERNAL int bind_session_type(State *st);
+
+/* _speedups_deflate.c */
+SP_INTERNAL PyObject *deflate_tiny(const unsigned char *raw, Py_ssize_t size);
 
 /* _speedups_deadlines.c */
 extern SP_INTERNAL PyTypeObject DeadlineQueueType;

@@ -602,9 +602,13 @@ serialize(const State *st, const Send *s, const char *chaff,
 PyObject *
 deflate_short(State *st, const unsigned char *raw, Py_ssize_t size)
 {
-#ifdef SP_HAVE_ZLIB
     if (size > st->small_instruction)
         return NULL;
+    /* Nearly always: zlib's bytes without zlib (_speedups_deflate.c). */
+    PyObject *tiny = deflate_tiny(raw, size);
+    if (tiny != NULL || PyErr_Occurred())
+        return tiny;
+#ifdef SP_HAVE_ZLIB
     z_stream *stream = (z_stream *)st->deflater;
     if (stream == NULL) {
         stream = PyMem_Calloc(1, sizeof(z_stream));

@@ -9,8 +9,10 @@ datagram it takes in exactly the state the Python code would
 (tests/ssp/test_speedups.py).
 
 ``broker.ssp.instruction.deflate`` deflates a short instruction (any
-sender's, the node's too) with the extension's ``deflate``: the same bytes
-from one zlib stream kept and reset, not one set up for each.
+sender's, the node's too) with the extension's ``deflate``: zlib's bytes,
+nearly always computed without zlib (_speedups_deflate.c: a fixed or stored
+block, where zlib would write one), else from one zlib stream kept and
+reset, not one set up for each.
 
 ``SSPSession.datagrams_to_send`` calls ``fast_send`` (through
 ``broker.ssp.session._fast_send``): the broker's usual send, an empty ack
