@@ -509,29 +509,39 @@ send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 PyDoc_STRVAR(deflate_doc,
 "deflate(raw) -> bytes or None\n\n"
 "zlib.compress(raw)'s bytes for an instruction of at most\n"
-"SMALL_INSTRUCTION bytes, from one zlib stream kept for the module; None\n"
-"where it cannot say (no zlib linked, an input longer than setup()'s\n"
-"small_instruction).");
+"SMALL_INSTRUCTION bytes: deflate_tiny's where it can say, else from one\n"
+"zlib stream kept for the module; None where it cannot say (no zlib\n"
+"linked, an input longer than setup()'s small_instruction).");
 
-static PyObject *
-deflate_entry(PyObject *module, PyObject *raw)
+/* 0 if raw is bytes, else -1 with a TypeError naming the function. */
+static int
+check_bytes(PyObject *raw, const char *name)
 {
-    if (!PyBytes_CheckExact(raw)) {
-        PyErr_Format(PyExc_TypeError, "deflate() takes bytes, not %.100s",
-                     Py_TYPE(raw)->tp_name);
-        return NULL;
-    }
-    PyObject *result = deflate_short(
-        get_state(module), (const unsigned char *)PyBytes_AS_STRING(raw),
-        PyBytes_GET_SIZE(raw));
+    if (PyBytes_CheckExact(raw))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes bytes, not %.100s", name,
+                 Py_TYPE(raw)->tp_name);
+    return -1;
+}
+
+/* result; or None where the callee could not say (NULL, no exception). */
+static PyObject *
+or_none(PyObject *result)
+{
     if (result != NULL || PyErr_Occurred())
         return result;
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(send_counts_doc,
-"send_counts() -> (taken, handed_over): datagrams_to_send calls since\n"
-"import.");
+static PyObject *
+deflate_entry(PyObject *module, PyObject *raw)
+{
+    if (check_bytes(raw, "deflate") < 0)
+        return NULL;
+    return or_none(deflate_short(get_state(module),
+                                 (const unsigned char *)PyBytes_AS_STRING(raw),
+                                 PyBytes_GET_SIZE(raw)));
+}
 
 PyDoc_STRVAR(deflate_tiny_doc,
 "deflate_tiny(raw) -> bytes or None\n\n"
@@ -542,17 +552,15 @@ PyDoc_STRVAR(deflate_tiny_doc,
 static PyObject *
 deflate_tiny_entry(PyObject *module, PyObject *raw)
 {
-    if (!PyBytes_CheckExact(raw)) {
-        PyErr_Format(PyExc_TypeError, "deflate_tiny() takes bytes, not %.100s",
-                     Py_TYPE(raw)->tp_name);
+    if (check_bytes(raw, "deflate_tiny") < 0)
         return NULL;
-    }
-    PyObject *deflated = deflate_tiny((const unsigned char *)PyBytes_AS_STRING(raw),
-                                      PyBytes_GET_SIZE(raw));
-    if (deflated == NULL && !PyErr_Occurred())
-        Py_RETURN_NONE;
-    return deflated;
+    return or_none(deflate_tiny((const unsigned char *)PyBytes_AS_STRING(raw),
+                                PyBytes_GET_SIZE(raw)));
 }
+
+PyDoc_STRVAR(send_counts_doc,
+"send_counts() -> (taken, handed_over): datagrams_to_send calls since\n"
+"import.");
 
 static PyObject *
 send_counts(PyObject *module, PyObject *unused)
