@@ -77,21 +77,79 @@ dist_code(int dist)
     return code;
 }
 
-/* f * log2(f) for the symbol counts an input this short can have. */
+/* Built once: f * log2(f) for the symbol counts an input this short can
+ * have; the fixed code of each literal/length symbol and distance code
+ * (RFC 1951 3.2.6), bit-reversed as deflate sends Huffman codes. */
 static double f_log2_f[TINY_INPUT + 2];
-static int f_log2_f_ready;
+static uint16_t fixed_code[288];
+static uint8_t fixed_length[288];
+static uint8_t dist_code_reversed[D_CODES];
+static int tables_ready;
 
-static double
-entropy_bits(const uint8_t *freq, int count, int total)
+static unsigned
+reversed(unsigned code, int length)
 {
-    if (!f_log2_f_ready) {
-        for (int f = 1; f < TINY_INPUT + 2; f++)
-            f_log2_f[f] = f * log2((double)f);
-        f_log2_f_ready = 1;
+    unsigned result = 0;
+    while (length-- > 0) {
+        result = (result << 1) | (code & 1);
+        code >>= 1;
     }
+    return result;
+}
+
+static void
+build_tables(void)
+{
+    for (int f = 1; f < TINY_INPUT + 2; f++)
+        f_log2_f[f] = f * log2((double)f);
+    for (int symbol = 0; symbol < 288; symbol++) {
+        unsigned code;
+        int length;
+        if (symbol < 144)
+            code = 0x30 + symbol, length = 8;
+        else if (symbol < 256)
+            code = 0x190 + symbol - 144, length = 9;
+        else if (symbol < 280)
+            code = symbol - 256, length = 7;
+        else
+            code = 0xC0 + symbol - 280, length = 8;
+        fixed_code[symbol] = (uint16_t)reversed(code, length);
+        fixed_length[symbol] = (uint8_t)length;
+    }
+    for (int code = 0; code < D_CODES; code++)
+        dist_code_reversed[code] = (uint8_t)reversed((unsigned)code, 5);
+    tables_ready = 1;
+}
+
+/* The symbols of a tree, as a bit set: words[i / 64] bit i % 64. */
+#define SET_WORDS 5
+#define SET_ADD(words, i) ((words)[(i) >> 6] |= (uint64_t)1 << ((i) & 63))
+
+static int
+lowest_bit(uint64_t word)
+{
+#if defined(__GNUC__)
+    return __builtin_ctzll(word);
+#else
+    int i = 0;
+    while (!(word & 1)) {
+        word >>= 1;
+        i++;
+    }
+    return i;
+#endif
+}
+
+/* -(sum of f * log2(f / total)) over the counts of the set's symbols: the
+ * least bits any prefix code spends on them (their entropy). */
+static double
+entropy_bits(const uint64_t *words, const uint8_t *freq, int total)
+{
     double sum = 0.0;
-    for (int i = 0; i < count; i++)
-        sum += f_log2_f[freq[i]];
+    for (int w = 0; w < SET_WORDS; w++) {
+        for (uint64_t word = words[w]; word; word &= word - 1)
+            sum += f_log2_f[freq[(w << 6) + lowest_bit(word)]];
+    }
     return f_log2_f[total] - sum;
 }
 
@@ -130,32 +188,41 @@ longest_match(const unsigned char *buf, const int16_t *prev, int cur,
     return best <= lookahead ? best : lookahead;
 }
 
-/* The code-length sequence 0..max_code of a tree whose used entries are
- * flagged: the least bits its run-length coding takes (zlib's scan_tree:
- * runs of zeros by 138, 3-10 and 11-138 in one code with 3 or 7 extra
- * bits; a code of at least one bit covers at most six equal lengths). */
+/* The least bits of a run of zero code lengths in zlib's scan_tree: runs
+ * by 138; 3-10 or 11-138 in one code with 3 or 7 extra bits; else one code
+ * each. */
 static double
-lengths_bits(const uint8_t *used, int max_code)
+zeros_bits(int zeros)
+{
+    int rest = zeros % 138;
+    return 8.0 * (zeros / 138) + (rest < 3 ? rest : (rest <= 10 ? 4 : 8));
+}
+
+/* The code-length sequence 0..max_code of a tree whose used entries (the
+ * set; max_code its largest) have lengths above zero: the least bits its
+ * run-length coding takes (zero runs as zeros_bits; a code of at least one
+ * bit covers at most six equal lengths, a lone length takes one). */
+static double
+lengths_bits(const uint64_t *words)
 {
     double bits = 0.0;
-    int i = 0;
-    while (i <= max_code) {
-        int j = i;
-        if (used[i]) {
-            while (j <= max_code && used[j])
-                j++;
-            bits += (j - i) < 2 ? 1.0 : (j - i) / 2.0;
+    int next = 0;   /* the first entry not yet counted */
+    int run = 0;    /* used entries in a row, up to next */
+    for (int w = 0; w < SET_WORDS; w++) {
+        for (uint64_t word = words[w]; word; word &= word - 1) {
+            int i = (w << 6) + lowest_bit(word);
+            if (i != next || run == 0) {
+                if (run)
+                    bits += run < 2 ? 1.0 : run / 2.0;
+                bits += zeros_bits(i - next);
+                run = 0;
+            }
+            run++;
+            next = i + 1;
         }
-        else {
-            while (j <= max_code && !used[j])
-                j++;
-            int zeros = j - i;
-            bits += 8.0 * (zeros / 138);
-            int rest = zeros % 138;
-            bits += rest < 3 ? rest : (rest <= 10 ? 4 : 8);
-        }
-        i = j;
     }
+    if (run)
+        bits += run < 2 ? 1.0 : run / 2.0;
     return bits;
 }
 
@@ -178,29 +245,11 @@ put_bits(BitWriter *w, unsigned value, int length)
     }
 }
 
-static unsigned
-reversed(unsigned code, int length)
-{
-    unsigned result = 0;
-    while (length-- > 0) {
-        result = (result << 1) | (code & 1);
-        code >>= 1;
-    }
-    return result;
-}
-
-/* A literal/length symbol in the fixed code (RFC 1951 3.2.6). */
+/* A literal/length symbol in the fixed code. */
 static void
 put_fixed(BitWriter *w, int symbol)
 {
-    if (symbol < 144)
-        put_bits(w, reversed(0x30 + symbol, 8), 8);
-    else if (symbol < 256)
-        put_bits(w, reversed(0x190 + symbol - 144, 9), 9);
-    else if (symbol < 280)
-        put_bits(w, reversed(symbol - 256, 7), 7);
-    else
-        put_bits(w, reversed(0xC0 + symbol - 280, 8), 8);
+    put_bits(w, fixed_code[symbol], fixed_length[symbol]);
 }
 
 SP_INTERNAL PyObject *
@@ -208,6 +257,8 @@ deflate_tiny(const unsigned char *raw, Py_ssize_t size)
 {
     if (size < 0 || size > TINY_INPUT)
         return NULL;
+    if (!tables_ready)
+        build_tables();
     int n = (int)size;
     unsigned char buf[TINY_INPUT + PAD];
     memcpy(buf, raw, (size_t)n);
@@ -308,37 +359,37 @@ deflate_tiny(const unsigned char *raw, Py_ssize_t size)
      * symbols' entropy, their extra bits, the header (5+5+4 bits, at
      * least four 3-bit code-length codes) and its code-length sequences,
      * in which zlib gives a tree of fewer than two codes a second one. */
-    uint8_t used_l[L_CODES], used_d[D_CODES], counts[L_CODES];
-    int lmax = 0, lused = 0, dmax = -1, dused = 0;
+    uint64_t used_l[SET_WORDS] = {0}, used_d[SET_WORDS] = {0};
+    int lused = 0, dused = 0, dmax = -1, dtotal = 0;
     for (int i = 0; i < L_CODES; i++) {
-        used_l[i] = lfreq[i] != 0;
-        if (used_l[i]) {
-            counts[lused++] = lfreq[i];
-            lmax = i;
+        if (lfreq[i]) {
+            SET_ADD(used_l, i);
+            lused++;
         }
     }
-    if (lused < 2)
-        used_l[0] = 1;   /* (max_code is END_BLOCK's: the new code is 0) */
-    double bound = 14 + 12 + entropy_bits(counts, lused, nsymbols + 1)
+    double bound = 14 + 12 + entropy_bits(used_l, lfreq, nsymbols + 1)
                    + (double)extra_bits;
-    int dtotal = 0;
+    if (lused < 2)
+        SET_ADD(used_l, 0);   /* (max_code is END_BLOCK's: the new code is 0) */
     for (int i = 0; i < D_CODES; i++) {
-        used_d[i] = dfreq[i] != 0;
-        if (used_d[i]) {
-            counts[dused++] = dfreq[i];
+        if (dfreq[i]) {
+            SET_ADD(used_d, i);
+            dused++;
             dtotal += dfreq[i];
             dmax = i;
         }
     }
     if (dused)
-        bound += entropy_bits(counts, dused, dtotal);
+        bound += entropy_bits(used_d, dfreq, dtotal);
     for (int added = dused; added < 2; added++) {
-        if (dmax < 2)
-            used_d[++dmax] = 1;
+        if (dmax < 2) {
+            dmax++;
+            SET_ADD(used_d, dmax);
+        }
         else
-            used_d[0] = 1;
+            SET_ADD(used_d, 0);
     }
-    bound += lengths_bits(used_l, lmax) + lengths_bits(used_d, dmax);
+    bound += lengths_bits(used_l) + lengths_bits(used_d);
     long least_dynamic = (long)ceil(bound - 1e-6);
     long fixed_bytes = (fixed_bits + 3 + 7) >> 3;
     if (fixed_bytes > ((least_dynamic + 3 + 7) >> 3))
@@ -370,7 +421,7 @@ deflate_tiny(const unsigned char *raw, Py_ssize_t size)
             put_fixed(&w, 257 + lc);
             if (length_extra[lc])
                 put_bits(&w, (unsigned)(value - length_base[lc]), length_extra[lc]);
-            put_bits(&w, reversed((unsigned)dc, 5), 5);
+            put_bits(&w, dist_code_reversed[dc], 5);
             if (dist_extra[dc])
                 put_bits(&w, (unsigned)(dist - dist_base[dc]), dist_extra[dc]);
         }
