@@ -134,9 +134,9 @@ static int pop_key(PyObject *dict, PyObject *key);
 static int
 push(Queue *q, PyObject *key, double when, PyObject *when_obj)
 {
-    if (PyDict_SetItem(q->queued, key, when_obj) < 0)
-        return -1;
-    if (reserve(q, q->size + 1) < 0)
+    /* Room first: a key queued without its entry would never fire. */
+    if (reserve(q, q->size + 1) < 0
+            || PyDict_SetItem(q->queued, key, when_obj) < 0)
         return -1;
     q->counter++;
     Entry *slot = &q->heap[q->size];
@@ -393,15 +393,17 @@ queue_earliest(Queue *q, PyObject *unused)
             if (due < 0 || PyDict_DelItem(q->queued, key) < 0)
                 live = -1;   /* cancelled: del queued[key] */
         }
-        Py_DECREF(key);
-        if (live < 0)
+        if (live < 0) {
+            Py_DECREF(key);
             return NULL;
+        }
         /* The top may have changed meanwhile (a key's __eq__): pop only the
          * entry looked at, as the reference's heappop would. */
         if (q->size > 0 && q->heap[0].key == key && q->heap[0].when == when) {
             Entry top = pop_top(q);
             Py_DECREF(top.key);
         }
+        Py_DECREF(key);
     }
     Py_RETURN_NONE;
 }
