@@ -480,6 +480,19 @@ timers(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(in_c);
 }
 
+PyDoc_STRVAR(set_state_doc,
+"set_state(sender, state, now) -> None\n\n"
+"sender.set_current_state(state, now), its state comparisons in C.");
+
+static PyObject *
+set_state_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    State *st = entry_state(module, "set_state", 3, nargs);
+    if (st == NULL)
+        return NULL;
+    return set_state(st, args[0], args[1], args[2]);
+}
+
 PyDoc_STRVAR(counts_doc,
 "counts() -> (taken, handed_over): datagrams since import.");
 
@@ -593,6 +606,8 @@ static PyMethodDef methods[] = {
     {"deflate_tiny", deflate_tiny_entry, METH_O, deflate_tiny_doc},
     {"timers", (PyCFunction)(void (*)(void))timers, METH_FASTCALL,
      timers_doc},
+    {"set_state", (PyCFunction)(void (*)(void))set_state_entry, METH_FASTCALL,
+     set_state_doc},
     {"setup", (PyCFunction)(void (*)(void))setup,
      METH_VARARGS | METH_KEYWORDS, setup_doc},
     {NULL, NULL, 0, NULL},
@@ -647,6 +662,7 @@ clear_names(State *st)
     Py_CLEAR(st->str_join);
     Py_CLEAR(st->str_encode);
     Py_CLEAR(st->str_diff_from);
+    Py_CLEAR(st->str_set_current_state);
 }
 
 static int
@@ -703,6 +719,7 @@ PyInit__speedups(void)
     INTERN(str_join, "join");
     INTERN(str_encode, "encode");
     INTERN(str_diff_from, "diff_from");
+    INTERN(str_set_current_state, "set_current_state");
     if (PyType_Ready(&DeadlineQueueType) < 0
             || PyModule_AddObjectRef(module, "DeadlineQueue",
                                      (PyObject *)&DeadlineQueueType) < 0)

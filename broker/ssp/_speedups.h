@@ -9,7 +9,8 @@
  *                         fragment, inflate and the protobuf parse
  *   _speedups_cbor.c      the diff's CBOR and DeviceState.apply (freeze)
  *   _speedups_receiver.c  Receiver.receive, StateBounds, subtract
- *   _speedups_sender.c    the sender: acks, _rationalize, calculate_timers
+ *   _speedups_sender.c    the sender: acks, _rationalize, calculate_timers,
+ *                         set_current_state
  *   _speedups_send.c      the send path: SSPSession.datagrams_to_send's
  *                         usual empty ack or new state (send())
  *   _speedups_deflate.c   a short instruction deflated as zlib does,
@@ -120,7 +121,7 @@ typedef struct {
     PyObject *str_get, *str_decrypt, *str_emit, *str_rationalize,
         *str_subtract, *str_calculate_timers, *str_rtt, *str_front_num,
         *str_move_to_end, *str_encrypt, *str_send_instruction, *str_join,
-        *str_encode, *str_diff_from;
+        *str_encode, *str_diff_from, *str_set_current_state;
     /* constants */
     Py_ssize_t header_size, overhead, inflate_at_once, max_acks_waiting;
     long no_timestamp, final_bit, protocol_version, max_depth,
@@ -353,6 +354,9 @@ typedef struct {
 } Timing;
 
 SP_INTERNAL int check_ack(const State *st, Work *w);
+SP_INTERNAL int states_equal(const State *st, PyObject *a, PyObject *b);
+SP_INTERNAL PyObject *set_state(const State *st, PyObject *sender,
+                                PyObject *state, PyObject *now);
 SP_INTERNAL int change_sender(const State *st, Work *w, PyObject *session);
 SP_INTERNAL int fast_timers(const State *st, PyObject *sender,
                             PyObject *now, PyObject *rtt);

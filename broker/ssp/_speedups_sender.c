@@ -170,8 +170,7 @@ rationalize_sent(const State *st, PyObject *sender)
     }
     Py_INCREF(current);
     Py_INCREF(front);
-    int equal = current == front
-        ? 0 : PyObject_RichCompareBool(current, front, Py_EQ);
+    int equal = current == front ? 0 : states_equal(st, current, front);
     if (equal > 0) {
         Py_ssize_t last = PyList_GET_SIZE(sent) - 1;
         if (last >= 0 && PyList_GET_ITEM(sent, last) == current)
@@ -491,4 +490,108 @@ calculate_timers(const State *st, PyObject *sender, PyObject *now,
         return -1;
     Py_DECREF(result);
     return 0;
+}
+
+/* state == other as DeviceState.__eq__ answers it: 1, 0, or -1 with an
+ * exception. The method's first test, in C: two exact DeviceStates whose
+ * values (Python's ==), event base or events differ are unequal (a new
+ * report's state, against the states the sender keeps). Anything else
+ * (equal-looking values: the method then compares them as the wire does;
+ * another type) calls ==. */
+int
+states_equal(const State *st, PyObject *a, PyObject *b)
+{
+    if (a == b)
+        return 1;
+    if (Py_TYPE(a) == st->state_type && Py_TYPE(b) == st->state_type) {
+        PyObject *values_a = SLOT(a, st->ds.values);
+        PyObject *values_b = SLOT(b, st->ds.values);
+        PyObject *events_a = SLOT(a, st->ds.events);
+        PyObject *events_b = SLOT(b, st->ds.events);
+        PyObject *base_a = SLOT(a, st->ds.event_base);
+        PyObject *base_b = SLOT(b, st->ds.event_base);
+        if (values_a != NULL && values_b != NULL && base_a != NULL
+                && base_b != NULL && events_a != NULL && events_b != NULL
+                && PyTuple_CheckExact(events_a) && PyTuple_CheckExact(events_b)) {
+            int differ = PyObject_RichCompareBool(values_a, values_b, Py_NE);
+            if (differ == 0)
+                differ = PyObject_RichCompareBool(base_a, base_b, Py_NE);
+            if (differ == 0)
+                differ = PyTuple_GET_SIZE(events_a) != PyTuple_GET_SIZE(events_b)
+                    || PyObject_RichCompareBool(events_a, events_b, Py_NE);
+            if (differ != 0)
+                return differ < 0 ? -1 : 0;
+        }
+    }
+    return PyObject_RichCompareBool(a, b, Py_EQ);
+}
+
+/* a is b or a == b (states_equal): 1, 0 or -1. */
+static int
+same_state(const State *st, PyObject *a, PyObject *b)
+{
+    return a == b ? 1 : states_equal(st, a, b);
+}
+
+/* Sender.set_current_state(state, now), its comparisons in C
+ * (states_equal) and its subtract too where it can (subtract()). None,
+ * or NULL with the exception Python would raise; a sender not of the
+ * exact class, or not as the Python code leaves it, calls the method. */
+PyObject *
+set_state(const State *st, PyObject *sender, PyObject *state, PyObject *now)
+{
+    PyObject *sent = Py_TYPE(sender) == st->sender_type
+        ? SLOT(sender, st->snd.sent) : NULL;
+    PyObject *current = Py_TYPE(sender) == st->sender_type
+        ? SLOT(sender, st->snd.current) : NULL;
+    if (sent == NULL || current == NULL || !PyList_CheckExact(sent)
+            || PyList_GET_SIZE(sent) < SENT_STRIDE) {
+        PyObject *args[3] = {sender, state, now};
+        return PyObject_VectorcallMethod(st->str_set_current_state, args, 3,
+                                         NULL);
+    }
+    /* (held: the comparisons may run code that changes the sender) */
+    Py_INCREF(sent);
+    Py_INCREF(current);
+    PyObject *front = Py_NewRef(PyList_GET_ITEM(sent, 2));
+    PyObject *subtracted = subtract(st, state, front);
+    PyObject *back = Py_NewRef(PyList_GET_ITEM(sent, PyList_GET_SIZE(sent) - 1));
+    PyObject *result = NULL;
+    if (subtracted == NULL)
+        goto done;
+    PyObject *chosen = subtracted;
+    int found = same_state(st, subtracted, current);
+    if (found > 0)
+        chosen = current;
+    else if (found == 0 && back != current) {
+        found = same_state(st, subtracted, back);
+        if (found > 0)
+            chosen = back;
+    }
+    if (found == 0 && front != current && front != back) {
+        found = same_state(st, subtracted, front);
+        if (found > 0)
+            chosen = front;
+    }
+    if (found < 0)
+        goto done;
+    slot_set(sender, st->snd.current, chosen);
+    if (now != Py_None) {
+        PyObject *clock = get_slot(sender, st->snd.mindelay_clock,
+                                   "_mindelay_clock");
+        if (clock == NULL)
+            goto done;
+        Py_ssize_t size = PyList_GET_SIZE(sent);
+        if (clock == Py_None
+                && (size == 0 || chosen != PyList_GET_ITEM(sent, size - 1)))
+            slot_set(sender, st->snd.mindelay_clock, now);
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(subtracted);
+    Py_DECREF(back);
+    Py_DECREF(front);
+    Py_DECREF(current);
+    Py_DECREF(sent);
+    return result;
 }

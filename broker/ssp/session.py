@@ -54,6 +54,9 @@ _fast_send = speedups.fast_send
 #: The sender's timers in C (None: Sender.calculate_timers; tests set it to
 #: None with _fast_send).
 _fast_timers = speedups.fast_timers
+#: Sender.set_current_state with its state comparisons in C (None: the
+#: method; tests set it to None with _fast_send).
+_fast_set_state = speedups.fast_set_state
 
 
 def _assembly_cap(max_bytes: int | None) -> int:
@@ -290,7 +293,11 @@ class SSPSession(Incoming, Parking, Outgoing):
     def set_local_state(self, state, now: float | None = None) -> None:
         """The application's current outgoing state; pass ``now`` so the
         send timer starts at the change (then ``next_wakeup`` is exact)."""
-        self._sender.set_current_state(state, now)
+        fast = _fast_set_state
+        if fast is not None:
+            fast(self._sender, state, now)
+        else:
+            self._sender.set_current_state(state, now)
         if now is not None:
             self._refresh(now)
 

@@ -60,7 +60,8 @@ from broker.ssp.receiver import Receiver
 from broker.ssp.sender import (NEVER, PROSPECTIVE_RESEND_LIMIT,
                                PROSPECTIVE_RESEND_SLACK, Sender, make_chaff)
 
-__all__ = ["fast_receive", "fast_send", "fast_timers", "CompiledDeadlineQueue",
+__all__ = ["fast_receive", "fast_send", "fast_timers", "fast_set_state",
+           "CompiledDeadlineQueue",
            "unavailable_reason", "counts",
            "send_counts"]
 
@@ -136,9 +137,13 @@ fast_timers = None
 #: broker.deadlines.DeadlineQueue's compiled twin (broker.scheduler's heap);
 #: None without the extension.
 CompiledDeadlineQueue = None
+#: ``fast_set_state(sender, state, now)``: ``sender.set_current_state(state,
+#: now)`` with its state comparisons in C; None without the extension.
+fast_set_state = None
 if fast_send is not None:
     from broker.ssp import _speedups
     fast_timers = _speedups.timers
+    fast_set_state = _speedups.set_state
     CompiledDeadlineQueue = _speedups.DeadlineQueue
     del _speedups
 

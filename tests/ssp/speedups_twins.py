@@ -90,9 +90,11 @@ def pure_path():
 
 @contextlib.contextmanager
 def pure_send_path():
-    """``session._fast_send`` and ``_fast_timers`` set to None (the pure
-    send path, and the sender's timers in Python), restored after."""
-    with unbound(session_module, "_fast_send"), unbound(session_module, "_fast_timers"):
+    """``session._fast_send``, ``_fast_timers`` and ``_fast_set_state`` set
+    to None (the pure send path, the sender's timers and its state
+    comparisons in Python), restored after."""
+    with unbound(session_module, "_fast_send"), unbound(session_module, "_fast_timers"), \
+            unbound(session_module, "_fast_set_state"):
         yield
 
 
