@@ -571,6 +571,21 @@ deflate_tiny_entry(PyObject *module, PyObject *raw)
                                 PyBytes_GET_SIZE(raw)));
 }
 
+PyDoc_STRVAR(diff_doc,
+"diff(current, base) -> bytes or None\n\n"
+"current.diff_from(base) written in C (_speedups_diff.c) for a diff of\n"
+"values only, or None where the method must say. For the tests: the send\n"
+"path calls it first.");
+
+static PyObject *
+diff_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    State *st = entry_state(module, "diff", 2, nargs);
+    if (st == NULL)
+        return NULL;
+    return or_none(diff_values(st, args[0], args[1]));
+}
+
 PyDoc_STRVAR(send_counts_doc,
 "send_counts() -> (taken, handed_over): datagrams_to_send calls since\n"
 "import.");
@@ -608,6 +623,8 @@ static PyMethodDef methods[] = {
      timers_doc},
     {"set_state", (PyCFunction)(void (*)(void))set_state_entry, METH_FASTCALL,
      set_state_doc},
+    {"diff", (PyCFunction)(void (*)(void))diff_entry, METH_FASTCALL,
+     diff_doc},
     {"setup", (PyCFunction)(void (*)(void))setup,
      METH_VARARGS | METH_KEYWORDS, setup_doc},
     {NULL, NULL, 0, NULL},
@@ -632,6 +649,7 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->acknowledged_type);
     Py_VISIT(st->cipher_cache_type);
     Py_VISIT(st->ordered_dict_type);
+    Py_VISIT(st->buffered_random_type);
     Py_VISIT(st->invalid_tag);
     Py_VISIT(st->decompress);
     Py_VISIT(st->datagram_rejected);

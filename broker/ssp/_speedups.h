@@ -13,6 +13,7 @@
  *                         set_current_state
  *   _speedups_send.c      the send path: SSPSession.datagrams_to_send's
  *                         usual empty ack or new state (send())
+ *   _speedups_diff.c      DeviceState.diff_from's usual diff (values)
  *   _speedups_deflate.c   a short instruction deflated as zlib does,
  *                         without zlib's trees (deflate_tiny)
  *   _speedups_deadlines.c DeadlineQueue, broker.scheduler's heap
@@ -103,6 +104,9 @@ typedef struct {
 typedef struct {
     Py_ssize_t ciphers;
 } CipherCacheSlots;
+typedef struct {
+    Py_ssize_t buffer, position;
+} RandomSlots;
 
 typedef struct {
     int ready;
@@ -111,7 +115,8 @@ typedef struct {
     PyTypeObject *session_type;
     PyTypeObject *link_type, *rtt_type, *sender_type, *receiver_type,
         *state_type, *profile_type, *bounds_type, *received_type,
-        *acknowledged_type, *cipher_cache_type, *ordered_dict_type;
+        *acknowledged_type, *cipher_cache_type, *ordered_dict_type,
+        *buffered_random_type;
     /* exceptions, functions and shared objects */
     PyObject *invalid_tag, *decompress, *datagram_rejected, *auth_failed,
         *no_values, *empty_map, *never;
@@ -148,6 +153,7 @@ typedef struct {
     BoundsSlots b;
     EventSlots e;
     CipherCacheSlots cc;
+    RandomSlots br;
     /* datagrams taken whole and handed over since import */
     unsigned long long taken, handed_over;
     /* datagrams_to_send calls taken whole and handed over */
@@ -340,6 +346,9 @@ SP_INTERNAL int check_instruction(const State *st, Work *w);
 /* _speedups_cbor.c */
 SP_INTERNAL int apply_diff(const State *st, Work *w);
 
+/* _speedups_diff.c */
+SP_INTERNAL PyObject *diff_values(const State *st, PyObject *current,
+                                  PyObject *base);
 /* _speedups_receiver.c */
 SP_INTERNAL int check_receive(const State *st, Work *w);
 SP_INTERNAL PyObject *subtract(const State *st, PyObject *self,

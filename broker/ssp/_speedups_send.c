@@ -241,13 +241,19 @@ check_new_state(const State *st, Send *s, PyObject *sender, PyObject *link,
 }
 
 /* current.diff_from(base): exact bytes (a new reference), or NULL (no
- * exception: an error is cleared, the Python code meets it again). */
+ * exception: an error is cleared, the Python code meets it again). The
+ * usual diff, values only, is written in C (diff_values). */
 static PyObject *
 diff_from(const State *st, PyObject *current, PyObject *base)
 {
     Py_INCREF(base);
+    PyObject *diff = diff_values(st, current, base);
+    if (diff != NULL) {
+        Py_DECREF(base);
+        return diff;
+    }
     PyObject *args[2] = {current, base};
-    PyObject *diff = PyObject_VectorcallMethod(
+    diff = PyObject_VectorcallMethod(
         st->str_diff_from, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     Py_DECREF(base);
     if (diff == NULL || !PyBytes_CheckExact(diff)) {
@@ -256,6 +262,40 @@ diff_from(const State *st, PyObject *current, PyObject *base)
         return NULL;
     }
     return diff;
+}
+
+/* make_chaff(random_bytes): a new reference, or NULL with an exception.
+ * From a BufferedRandom whose block holds the CHAFF_MAX + 1 bytes asked,
+ * they are taken here as its __call__ takes them (the same bytes, the
+ * same position after); anything else calls make_chaff. */
+static PyObject *
+take_chaff(const State *st, PyObject *random_bytes)
+{
+    if (Py_TYPE(random_bytes) == st->buffered_random_type) {
+        PyObject *buffer = SLOT(random_bytes, st->br.buffer);
+        PyObject *position = SLOT(random_bytes, st->br.position);
+        Py_ssize_t start = -1;
+        if (buffer != NULL && PyBytes_CheckExact(buffer)
+                && position != NULL && PyLong_CheckExact(position)) {
+            start = PyLong_AsSsize_t(position);
+            if (start == -1)
+                PyErr_Clear();
+        }
+        if (start >= 0 && start <= PyBytes_GET_SIZE(buffer) - (CHAFF_MAX + 1)) {
+            const unsigned char *data =
+                (const unsigned char *)PyBytes_AS_STRING(buffer) + start;
+            PyObject *end = PyLong_FromSsize_t(start + CHAFF_MAX + 1);
+            if (end == NULL)
+                return NULL;
+            PyObject *chaff = PyBytes_FromStringAndSize(
+                (const char *)data + 1, data[0] % (CHAFF_MAX + 1));
+            if (chaff != NULL)
+                slot_set(random_bytes, st->br.position, end);
+            Py_DECREF(end);
+            return chaff;
+        }
+    }
+    return PyObject_CallOneArg(st->make_chaff, random_bytes);
 }
 
 static Py_ssize_t
@@ -904,7 +944,7 @@ change_send(State *st, Send *s, PyObject *session, PyObject *now)
     if (random_bytes == NULL)
         return NULL;
     Py_INCREF(random_bytes);
-    PyObject *chaff = PyObject_CallOneArg(st->make_chaff, random_bytes);
+    PyObject *chaff = take_chaff(st, random_bytes);
     Py_DECREF(random_bytes);
     if (chaff == NULL)
         return NULL;

@@ -103,6 +103,8 @@ other_offsets(State *st)
     OFFSET(st->bounds_type, "max_events", st->b.max_events);
     OFFSET(st->bounds_type, "max_event_bytes", st->b.max_event_bytes);
     OFFSET(st->cipher_cache_type, "_ciphers", st->cc.ciphers);
+    OFFSET(st->buffered_random_type, "_buffer", st->br.buffer);
+    OFFSET(st->buffered_random_type, "_position", st->br.position);
     OFFSET(st->received_type, "state", st->e.received_state);
     OFFSET(st->received_type, "num", st->e.received_num);
     OFFSET(st->acknowledged_type, "num", st->e.acknowledged_num);
@@ -153,6 +155,7 @@ state_clear_objects(State *st)
     Py_CLEAR(st->acknowledged_type);
     Py_CLEAR(st->cipher_cache_type);
     Py_CLEAR(st->ordered_dict_type);
+    Py_CLEAR(st->buffered_random_type);
     Py_CLEAR(st->invalid_tag);
     Py_CLEAR(st->decompress);
     Py_CLEAR(st->datagram_rejected);
@@ -250,7 +253,9 @@ setup_state(State *st, PyObject *args, PyObject *kwargs)
             || given_type(kwargs, "cipher_cache_class",
                           &st->cipher_cache_type) < 0
             || given_type(kwargs, "ordered_dict_class",
-                          &st->ordered_dict_type) < 0)
+                          &st->ordered_dict_type) < 0
+            || given_type(kwargs, "buffered_random_class",
+                          &st->buffered_random_type) < 0)
         goto error;
     GIVEN(invalid_tag);
     GIVEN(decompress);

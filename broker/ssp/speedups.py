@@ -56,6 +56,7 @@ from broker.ssp.instruction import (DEFAULT_MAX_INFLATED, MAX_DEFLATE_RATIO,
                                     Instruction, deflate, install_compiled_deflate)
 from broker.ssp.outgoing import _SMALLEST_PAYLOAD, SEQ_RESERVATION_BLOCK
 from broker.ssp.profile import Profile
+from broker.ssp.randomness import BufferedRandom
 from broker.ssp.receiver import Receiver
 from broker.ssp.sender import (NEVER, PROSPECTIVE_RESEND_LIMIT,
                                PROSPECTIVE_RESEND_SLACK, Sender, make_chaff)
@@ -97,6 +98,7 @@ def _load():
         state_class=DeviceState, profile_class=Profile,
         bounds_class=StateBounds,
         cipher_cache_class=CipherCache, ordered_dict_class=OrderedDict,
+        buffered_random_class=BufferedRandom,
         invalid_tag=InvalidTag,
         decompress=zlib.decompress,
         state_received_class=events.StateReceived,

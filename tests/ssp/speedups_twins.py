@@ -21,6 +21,7 @@ from broker.ssp.crypto import CipherCache
 from broker.ssp.device_state import DeviceState
 from broker.ssp.framing import BrokerFraming
 from broker.ssp.profile import FLEET, MOSH
+from broker.ssp.randomness import BufferedRandom
 from broker.ssp.session import SSPSession
 
 from tests.ssp.linksim import (BROKER_ADDRESS, DEVICE_ADDRESS, DEVICE_SECRET,
@@ -131,14 +132,17 @@ class World:
         common = dict(key=DEVICE_SECRET, cipher_provider=ciphers,
                       local_state=empty, remote_state=empty, now=now,
                       framing=framing)
+        # Randomness through BufferedRandom, as the endpoints give it, with
+        # a block of three chaffs less a byte: the compiled send takes its
+        # chaff from the block, and calls make_chaff for a new block.
         self.device = SSPSession(
             is_server=False, profile=config.device_profile,
-            random_bytes=seeded_random_bytes(seed),
+            random_bytes=BufferedRandom(seeded_random_bytes(seed), block=50),
             remote_address=BROKER_ADDRESS, **common,
             **dict(config.device_options))
         self.broker = SSPSession(
             is_server=True, profile=config.broker_profile,
-            random_bytes=seeded_random_bytes(seed + 1),
+            random_bytes=BufferedRandom(seeded_random_bytes(seed + 1), block=50),
             ack_requires_confirm=config.hold_acks, **common,
             **dict(config.broker_options))
         # What each application last set (a copy per world: nothing shared).

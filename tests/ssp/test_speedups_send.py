@@ -613,9 +613,10 @@ class NewStateTests(SendTestCase):
 
     def test_diff_from_raises(self):
         """DeviceState.diff_from raising: handed over before any change,
-        and the Python code raises the same error (both worlds alike)."""
+        and the Python code raises the same error (both worlds alike). (An
+        array value: C leaves its diff to the method.)"""
         twin, link, now = established(CONFIGS["broker"], seed=179)
-        twin.set_state("device", {"z": 1}, (), now)
+        twin.set_state("device", {"z": [1]}, (), now)
         now = max(now, twin.fast.device.next_wakeup())
         original = DeviceState.diff_from
 
@@ -929,7 +930,8 @@ class ReentryTests(SendTestCase):
         DeviceState.diff_from's allocations run: a GC callback, a
         finalizer), compiled and pure: no state number goes out with two
         different diffs, and each number sent is kept for the state whose
-        diff went out under it."""
+        diff went out under it. (Array values: C leaves their diffs to the
+        method; a diff C writes runs no Python code.)"""
         for pure in (False, True):
             session = _lone_session()
             real = DeviceState.diff_from
@@ -938,10 +940,10 @@ class ReentryTests(SendTestCase):
             def diff_from(state, other, session=session, inner=inner):
                 if not inner:
                     inner.append(None)
-                    session.set_local_state(EMPTY.with_values({"x": 2}), 20.0)
+                    session.set_local_state(EMPTY.with_values({"x": [2]}), 20.0)
                     inner[:] = session.datagrams_to_send(25.0)
                 return real(state, other)
-            session.set_local_state(EMPTY.with_values({"x": 1}), 20.0)
+            session.set_local_state(EMPTY.with_values({"x": [1]}), 20.0)
             with contextlib.ExitStack() as stack:
                 if pure:
                     stack.enter_context(pure_send_path())
