@@ -213,6 +213,37 @@ class DeviceState(EventQueue):
         return DeviceState._make(values or _NO_VALUES, self._events,
                                  self._event_base)
 
+    def with_numbers(self, patch: Mapping):
+        """``with_values(patch)`` when every value of ``patch`` is a number
+        (an integer in range, a finite float) for a key that holds one: a
+        sensor's usual reading, which changes neither the keys nor the kinds
+        of values the state holds. None for any other patch (ask
+        ``with_values``)."""
+        mine = self._values
+        values = None
+        for key, value in patch.items():
+            if type(key) is not str:
+                return None
+            kind = type(value)
+            if kind is int:
+                if not _INT_MIN <= value <= _INT_MAX:
+                    return None
+            elif kind is not float or value - value != 0.0:   # (NaN, infinity)
+                return None
+            current = mine.get(key)
+            held = type(current)
+            if held is not int and held is not float:
+                return None
+            if held is kind and current == value and (
+                    kind is int or copysign(1.0, current) == copysign(1.0, value)):
+                continue   # the same on the wire (same(), for two numbers)
+            if values is None:
+                values = dict(mine)
+            values[key] = value
+        if values is None:
+            return self
+        return DeviceState._make(values, self._events, self._event_base)
+
     def with_events(self, *events) -> "DeviceState":
         """This state with ``events`` appended to the queue."""
         if not events:

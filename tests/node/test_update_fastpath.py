@@ -1,6 +1,7 @@
 """The shortcuts of a report: the same refusals, estimates and diffs as the long way."""
 
 import cbor2
+from hypothesis import example, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from broker.node.backlog import MAX_VALUES_BYTES
@@ -102,3 +103,63 @@ class WithValuesTests(SynchronousTestCase):
         """plain() of a scalar is itself; maps (a FrozenMap too) still become dicts."""
         self.assertEqual(plain(FrozenMap({"a": (1, 2)})), {"a": [1, 2]})
         self.assertIs(type(plain(FrozenMap({"a": 1}))), dict)
+
+
+#: Readings and what a report may also carry: numbers at the edges of
+#: their ranges and past them, zeros of both signs, infinities, a boolean,
+#: text, a deletion.
+READINGS = [0, 1, -1, 2**64 - 1, 2**64, -(2**64), -(2**64) - 1, 0.0, -0.0, 1.5, 1,
+            float("inf"), True, "x", None]
+
+
+class ReadingShortcutTests(SynchronousTestCase):
+    """A report of numbers for keys that hold numbers takes a shortcut
+    (DeviceState.with_numbers, no checks): the same states, estimates and
+    refusals as the long way."""
+
+    def run_reports(self, reports):
+        """Each report's outcome on a fresh node: the state's values as the
+        wire has them, the registry's estimate, or the refusal."""
+        session = node()
+        outcomes = []
+        for values in reports:
+            try:
+                session.report(values, 100.0)
+            except (TypeError, ValueError) as error:
+                outcomes.append(("refused", str(error)))
+            state = session.state
+            outcomes.append((encode(dict(state.values)), session._values_size,
+                             [type(v).__name__ for v in state.values.values()]))
+        return outcomes
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.dictionaries(st.sampled_from(["a", "b", "c"]),
+                                    st.sampled_from(READINGS), min_size=1, max_size=3),
+                    min_size=1, max_size=8))
+    @example([{"a": 0.0}, {"a": -0.0}, {"a": 0}, {"a": 0.0}])
+    @example([{"a": 1}, {"a": 2**64}, {"a": float("inf")}, {"a": True}, {"a": 1.0}])
+    def test_same_outcomes_as_the_long_way(self, reports):
+        shortcut = self.run_reports(reports)
+        with_numbers = DeviceState.with_numbers
+        try:
+            DeviceState.with_numbers = lambda state, patch: None
+            long_way = self.run_reports(reports)
+        finally:
+            DeviceState.with_numbers = with_numbers
+        self.assertEqual(shortcut, long_way)
+
+    def test_the_usual_reading_takes_it(self):
+        """A number replacing a number takes the shortcut; a new key does not."""
+        calls = []
+        original = DeviceState.with_numbers
+
+        def counted(state, patch):
+            calls.append(original(state, patch))
+            return calls[-1]
+        self.patch(DeviceState, "with_numbers", counted)
+        session = node()
+        session.report({"value": 1}, 100.0)
+        self.assertEqual(calls, [None])             # a new key: the long way
+        session.report({"value": 2.5}, 100.0)
+        self.assertEqual(dict(session.state.values), {"value": 2.5})
+        self.assertIs(calls[-1], session.state)     # the shortcut's state was set

@@ -421,3 +421,38 @@ class DeviceStatePropertyTests(SynchronousTestCase):
         chain = build_chain([({"a": 1}, ["x"]), ({"a": None, "b": [2]}, [])])
         diffs = [new.diff_from(old) for old, new in zip(chain, chain[1:])]
         self.assertEqual(replay_diffs(DeviceState.empty(), diffs), chain[-1])
+
+
+#: Values of a state and of a patch: numbers at their edges and past them,
+#: zeros of both signs, an infinity, and values that are not numbers.
+_NUMBERISH = st.sampled_from([0, 1, -1, 2**64 - 1, 2**64, -(2**64), -(2**64) - 1, 0.0, -0.0,
+                              1.0, 2.5, float("inf"), True, False, "1", b"1", (1,), None])
+
+
+class WithNumbersTests(SynchronousTestCase):
+    """with_numbers: with_values's state for a reading, or None."""
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.dictionaries(st.sampled_from("abc"), _NUMBERISH.filter(lambda v: v is not None)
+                           .filter(lambda v: not (type(v) is int and not -(2**64) <= v < 2**64)),
+                           max_size=3),
+           st.dictionaries(st.sampled_from("abcd"), _NUMBERISH, max_size=3))
+    def test_with_values_state_or_none(self, values, patch):
+        state = DeviceState(values)
+        quick = state.with_numbers(patch)
+        if all(type(v) in (int, float) and v - v == 0 and -(2**64) <= v < 2**64
+               and type(values.get(k)) in (int, float) for k, v in patch.items()):
+            self.assertIsNotNone(quick)
+        if quick is None:
+            return
+        slow = state.with_values(patch)
+        self.assertEqual(quick is state, slow is state)
+        self.assertEqual(encode(dict(quick.values)), encode(dict(slow.values)))
+        self.assertEqual([type(v) for v in quick.values.values()],
+                         [type(v) for v in slow.values.values()])
+
+    def test_keys_and_kinds_refused(self):
+        state = DeviceState({"a": 1, "t": "x"})
+        for patch in ({"b": 1}, {"t": 1}, {"a": "1"}, {"a": None}, {"a": True},
+                      {"a": float("nan")}, {"a": 2**64}, {1: 1}):
+            self.assertIsNone(state.with_numbers(patch), patch)
