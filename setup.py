@@ -58,7 +58,7 @@ setup(
          "broker/ssp/_speedups_cbor.c", "broker/ssp/_speedups_receiver.c",
          "broker/ssp/_speedups_sender.c", "broker/ssp/_speedups_send.c",
          "broker/ssp/_speedups_setup.c", "broker/ssp/_speedups_deadlines.c",
-         "broker/ssp/_speedups_deflate.c", "broker/ssp/_speedups_diff.c"],
+         "broker/ssp/_speedups_deflate.c", "broker/ssp/_speedups_values.c"],
         depends=["broker/ssp/_speedups.h"], optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

@@ -573,7 +573,7 @@ deflate_tiny_entry(PyObject *module, PyObject *raw)
 
 PyDoc_STRVAR(diff_doc,
 "diff(current, base) -> bytes or None\n\n"
-"current.diff_from(base) written in C (_speedups_diff.c) for a diff of\n"
+"current.diff_from(base) written in C (_speedups_values.c) for a diff of\n"
 "values only, or None where the method must say. For the tests: the send\n"
 "path calls it first.");
 
@@ -584,6 +584,48 @@ diff_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (st == NULL)
         return NULL;
     return or_none(diff_values(st, args[0], args[1]));
+}
+
+PyDoc_STRVAR(with_numbers_doc,
+"with_numbers(state, patch) -> DeviceState or None\n\n"
+"DeviceState.with_numbers(patch) in C (_speedups_values.c); None also\n"
+"where C cannot say (a subclass, a patch that is not a dict).");
+
+static PyObject *
+with_numbers_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    State *st = entry_state(module, "with_numbers", 2, nargs);
+    if (st == NULL)
+        return NULL;
+    return or_none(with_numbers(st, args[0], args[1]));
+}
+
+PyDoc_STRVAR(values_patch_doc,
+"values_patch(old, new) -> dict or None\n\n"
+"broker.udp.convert.reported_patch(old, new) in C for scalar values\n"
+"(_speedups_values.c), or None where the Python code must make it.");
+
+static PyObject *
+values_patch_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    State *st = entry_state(module, "values_patch", 2, nargs);
+    if (st == NULL)
+        return NULL;
+    return or_none(values_patch(st, args[0], args[1]));
+}
+
+PyDoc_STRVAR(state_record_doc,
+"state_record(state) -> bytes or None\n\n"
+"broker.udp.convert.encode_state(state) in C for a state holding no\n"
+"events and scalar values (_speedups_values.c), else None.");
+
+static PyObject *
+state_record_entry(PyObject *module, PyObject *state)
+{
+    State *st = entry_state(module, "state_record", 1, 1);
+    if (st == NULL)
+        return NULL;
+    return or_none(state_record(st, state));
 }
 
 PyDoc_STRVAR(send_counts_doc,
@@ -625,6 +667,11 @@ static PyMethodDef methods[] = {
      set_state_doc},
     {"diff", (PyCFunction)(void (*)(void))diff_entry, METH_FASTCALL,
      diff_doc},
+    {"with_numbers", (PyCFunction)(void (*)(void))with_numbers_entry,
+     METH_FASTCALL, with_numbers_doc},
+    {"values_patch", (PyCFunction)(void (*)(void))values_patch_entry,
+     METH_FASTCALL, values_patch_doc},
+    {"state_record", state_record_entry, METH_O, state_record_doc},
     {"setup", (PyCFunction)(void (*)(void))setup,
      METH_VARARGS | METH_KEYWORDS, setup_doc},
     {NULL, NULL, 0, NULL},

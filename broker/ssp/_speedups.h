@@ -13,7 +13,9 @@
  *                         set_current_state
  *   _speedups_send.c      the send path: SSPSession.datagrams_to_send's
  *                         usual empty ack or new state (send())
- *   _speedups_diff.c      DeviceState.diff_from's usual diff (values)
+ *   _speedups_values.c    device states' values compared and written:
+ *                         diff_from's usual diff, with_numbers, a
+ *                         report's registry patch, a session record
  *   _speedups_deflate.c   a short instruction deflated as zlib does,
  *                         without zlib's trees (deflate_tiny)
  *   _speedups_deadlines.c DeadlineQueue, broker.scheduler's heap
@@ -346,9 +348,14 @@ SP_INTERNAL int check_instruction(const State *st, Work *w);
 /* _speedups_cbor.c */
 SP_INTERNAL int apply_diff(const State *st, Work *w);
 
-/* _speedups_diff.c */
+/* _speedups_values.c */
 SP_INTERNAL PyObject *diff_values(const State *st, PyObject *current,
                                   PyObject *base);
+SP_INTERNAL PyObject *with_numbers(const State *st, PyObject *state,
+                                   PyObject *patch);
+SP_INTERNAL PyObject *values_patch(const State *st, PyObject *old,
+                                   PyObject *new);
+SP_INTERNAL PyObject *state_record(const State *st, PyObject *state);
 /* _speedups_receiver.c */
 SP_INTERNAL int check_receive(const State *st, Work *w);
 SP_INTERNAL PyObject *subtract(const State *st, PyObject *self,

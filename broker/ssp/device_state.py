@@ -218,7 +218,15 @@ class DeviceState(EventQueue):
         (an integer in range, a finite float) for a key that holds one: a
         sensor's usual reading, which changes neither the keys nor the kinds
         of values the state holds. None for any other patch (ask
-        ``with_values``)."""
+        ``with_values``); the compiled twin may say None for more (a
+        subclass, a patch that is not a dict)."""
+        compiled = _compiled_with_numbers
+        if compiled is not None:
+            return compiled(self, patch)
+        return self._numbers_merged(patch)
+
+    def _numbers_merged(self, patch: Mapping):
+        """with_numbers in Python: the reference."""
         mine = self._values
         values = None
         for key, value in patch.items():
@@ -445,3 +453,13 @@ class DeviceState(EventQueue):
 
 _make = DeviceState._make
 _EMPTY = _make(_NO_VALUES, (), 0)
+
+#: DeviceState.with_numbers's compiled twin (broker.ssp.speedups installs it).
+_compiled_with_numbers = None
+
+
+def install_compiled_with_numbers(compiled) -> None:
+    """Use ``compiled(state, patch)`` for DeviceState.with_numbers; None goes
+    back to the Python code."""
+    global _compiled_with_numbers
+    _compiled_with_numbers = compiled

@@ -46,7 +46,7 @@ from broker.ssp.bounds import _ARRAY_HEAD_GROWTH, StateBounds
 from broker.ssp.crypto import OVERHEAD, CipherCache
 from broker.ssp.datagram import NO_TIMESTAMP, DatagramLayer, RTTEstimator
 from broker.ssp.device_state import (_EMPTY_MAP, _NO_VALUES, MAX_DEPTH,
-                                     DeviceState)
+                                     DeviceState, install_compiled_with_numbers)
 from broker.ssp.errors import DropReason
 from broker.ssp.fragment import FINAL_BIT
 from broker.ssp.framing import HEADER_SIZE
@@ -62,6 +62,7 @@ from broker.ssp.sender import (NEVER, PROSPECTIVE_RESEND_LIMIT,
                                PROSPECTIVE_RESEND_SLACK, Sender, make_chaff)
 
 __all__ = ["fast_receive", "fast_send", "fast_timers", "fast_set_state",
+           "fast_values_patch", "fast_state_record",
            "CompiledDeadlineQueue",
            "unavailable_reason", "counts",
            "send_counts"]
@@ -142,10 +143,18 @@ CompiledDeadlineQueue = None
 #: ``fast_set_state(sender, state, now)``: ``sender.set_current_state(state,
 #: now)`` with its state comparisons in C; None without the extension.
 fast_set_state = None
+#: ``fast_values_patch(old, new)``: broker.udp.convert.reported_patch for
+#: scalar values, None where the Python code must make it; and
+#: ``fast_state_record(state)``: its encode_state for a state holding no
+#: events. Both None without the extension.
+fast_values_patch = fast_state_record = None
 if fast_send is not None:
     from broker.ssp import _speedups
     fast_timers = _speedups.timers
     fast_set_state = _speedups.set_state
+    fast_values_patch = _speedups.values_patch
+    fast_state_record = _speedups.state_record
+    install_compiled_with_numbers(_speedups.with_numbers)
     CompiledDeadlineQueue = _speedups.DeadlineQueue
     del _speedups
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import cbor2
 
 from broker.registry.history_entry import number_map_cbor
+from broker.ssp import speedups
 from broker.ssp.device_state import (EVENTS_KEY, FIRST_EVENT_KEY, VALUES_KEY, DeviceState,
                                       same)
 
@@ -51,6 +52,9 @@ def _merge_patch(old, new):
 
 
 _SCALARS = frozenset((int, float, str, bytes, bool))
+#: reported_patch's and encode_state's compiled twins (None: Python only).
+_compiled_patch = speedups.fast_values_patch
+_compiled_record = speedups.fast_state_record
 
 
 def _unchanged(previous, value) -> bool:
@@ -65,6 +69,11 @@ def _unchanged(previous, value) -> bool:
 
 def reported_patch(old: DeviceState, new: DeviceState) -> dict:
     """The registry patch from the values of old to those of new."""
+    compiled = _compiled_patch
+    if compiled is not None:
+        patch = compiled(old, new)
+        if patch is not None:
+            return patch   # (scalar values: this code's own dict, made in C)
     old_values, new_values = old.values, new.values
     patch = {}
     get = old_values.get
@@ -189,6 +198,11 @@ def encode_state(state: DeviceState) -> bytes:
     CBOR: the canonical form (sorted keys) costs twice as much and nothing
     compares these bytes.
     """
+    compiled = _compiled_record
+    if compiled is not None:
+        record = compiled(state)
+        if record is not None:
+            return record   # (no events, scalar values: these bytes, written in C)
     base, events, values = state.event_base, state.events, state.values
     if not events and 0 <= base < 24 and values:
         # The usual report (readings, no events held): the bytes cbor2 would

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from broker.ssp import transportinstruction_pb2
+from broker.ssp import speedups, transportinstruction_pb2
 from broker.ssp.device_state import (MAX_DEPTH, DeviceState, encode,
                                       freeze, same, thaw)
 from broker.ssp.errors import DatagramDropped, DropReason
@@ -54,6 +54,11 @@ def example_states():
     s4 = s2.with_values({"temp": 22.25})
     return s1, s2, s3, s4
 
+
+try:
+    from broker.ssp import _speedups
+except ImportError:     # not built: the twin comparisons are skipped
+    _speedups = None
 
 class DeviceStateTests(SynchronousTestCase):
     """Values, events and subtract of DeviceState."""
@@ -439,7 +444,15 @@ class WithNumbersTests(SynchronousTestCase):
            st.dictionaries(st.sampled_from("abcd"), _NUMBERISH, max_size=3))
     def test_with_values_state_or_none(self, values, patch):
         state = DeviceState(values)
-        quick = state.with_numbers(patch)
+        quick = state._numbers_merged(patch)     # the Python code, the reference
+        if _speedups is not None and speedups.fast_send is not None:
+            # the compiled twin: the same state (or None), made the same way
+            twin = _speedups.with_numbers(state, patch)
+            self.assertEqual(twin is None, quick is None)
+            self.assertEqual(twin is state, quick is state)
+            if twin is not None:
+                self.assertEqual(repr(twin), repr(quick))
+                self.assertIs(type(twin), DeviceState)
         if all(type(v) in (int, float) and v - v == 0 and -(2**64) <= v < 2**64
                and type(values.get(k)) in (int, float) for k, v in patch.items()):
             self.assertIsNotNone(quick)
@@ -454,5 +467,14 @@ class WithNumbersTests(SynchronousTestCase):
     def test_keys_and_kinds_refused(self):
         state = DeviceState({"a": 1, "t": "x"})
         for patch in ({"b": 1}, {"t": 1}, {"a": "1"}, {"a": None}, {"a": True},
-                      {"a": float("nan")}, {"a": 2**64}, {1: 1}):
+                      {"a": float("nan")}, {"a": 2**64}, {"a": -(2**64) - 1}, {1: 1}):
             self.assertIsNone(state.with_numbers(patch), patch)
+            self.assertIsNone(state._numbers_merged(patch), patch)
+
+    def test_compiled_shares_the_events(self):
+        """A new state keeps the very events of the old (as _make does)."""
+        state = DeviceState({"a": 1}, ["e"], event_base=3)
+        new = state.with_numbers({"a": -(2**64)})
+        self.assertEqual(new.values, {"a": -(2**64)})
+        self.assertIs(new.events_since(0), state.events_since(0))
+        self.assertEqual(new.event_end, 4)

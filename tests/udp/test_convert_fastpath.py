@@ -8,9 +8,11 @@ import random
 import cbor2
 from twisted.trial.unittest import TestCase
 
+from broker.ssp import speedups
 from broker.ssp.device_state import EVENTS_KEY, FIRST_EVENT_KEY, VALUES_KEY, DeviceState
-from broker.udp.convert import _MISSING, _merge_patch, _unchanged, encode_state, plain, \
-    reported_patch
+from broker.udp import convert
+from broker.udp.convert import _MISSING, _merge_patch, _unchanged, decode_state, encode_state, \
+    plain, reported_patch
 
 #: values of every kind a fast path takes or must refuse, at their edges
 VALUES = [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63, 2**64 - 1,
@@ -70,3 +72,49 @@ class FastPathTests(TestCase):
             self.assertEqual(repr(fast), repr(general))      # order and types too
             self.assertEqual([type(v) for v in fast.values()],
                              [type(v) for v in general.values()])
+
+    def test_python_shortcuts_without_the_extension(self):
+        """The same answers from the Python code alone (the compiled twins
+        unbound, as where the extension is not built)."""
+        self.patch(convert, "_compiled_patch", None)
+        self.patch(convert, "_compiled_record", None)
+        self.test_encode_state_is_cbor2s()
+        self.test_reported_patch_is_the_merge_patch()
+
+
+class CompiledTwinTests(TestCase):
+    """The extension's encode_state and reported_patch (speedups) take the
+    usual states: no events held, scalar values."""
+
+    def setUp(self):
+        if speedups.fast_state_record is None:
+            raise self.skipTest(speedups.unavailable_reason or "not built")
+
+    def test_scalar_states_are_taken(self):
+        taken = 0
+        for state in states(random.Random(3), 3000):
+            record = speedups.fast_state_record(state)
+            scalars = all(type(v) in (int, float, str, bytes, bool)
+                          and not (type(v) is int and v < -2**63)
+                          for v in state.values.values())
+            if not state.events and scalars:
+                self.assertIsNotNone(record, state)
+            if record is not None:
+                taken += 1
+                self.assertEqual(record, general_encode_state(state), state)
+                self.assertEqual(decode_state(record), state)
+        self.assertGreater(taken, 500)
+
+    def test_scalar_patches_are_taken(self):
+        made = states(random.Random(4), 300)
+        taken = 0
+        for old, new in itertools.islice(itertools.product(made, made), 20000):
+            patch = speedups.fast_values_patch(old, new)
+            changed = general_patch(old, new)
+            if all(type(v) in (int, float, str, bytes, bool)
+                   for v in (*old.values.values(), *new.values.values())):
+                self.assertIsNotNone(patch, (old, new))
+            if patch is not None:
+                taken += 1
+                self.assertEqual(repr(patch), repr(changed))
+        self.assertGreater(taken, 5000)
