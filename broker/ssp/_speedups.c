@@ -628,6 +628,20 @@ state_record_entry(PyObject *module, PyObject *state)
     return or_none(state_record(st, state));
 }
 
+PyDoc_STRVAR(next_wakeup_doc,
+"next_wakeup(session) -> float, None or NotImplemented\n\n"
+"SSPSession.next_wakeup() in C (_speedups_sender.c), or NotImplemented\n"
+"where the Python code must say.");
+
+static PyObject *
+next_wakeup_entry(PyObject *module, PyObject *session)
+{
+    State *st = entry_state(module, "next_wakeup", 1, 1);
+    if (st == NULL)
+        return NULL;
+    return session_wakeup(st, session);
+}
+
 PyDoc_STRVAR(send_counts_doc,
 "send_counts() -> (taken, handed_over): datagrams_to_send calls since\n"
 "import.");
@@ -672,6 +686,7 @@ static PyMethodDef methods[] = {
     {"values_patch", (PyCFunction)(void (*)(void))values_patch_entry,
      METH_FASTCALL, values_patch_doc},
     {"state_record", state_record_entry, METH_O, state_record_doc},
+    {"next_wakeup", next_wakeup_entry, METH_O, next_wakeup_doc},
     {"setup", (PyCFunction)(void (*)(void))setup,
      METH_VARARGS | METH_KEYWORDS, setup_doc},
     {NULL, NULL, 0, NULL},

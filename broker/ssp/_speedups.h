@@ -133,7 +133,8 @@ typedef struct {
     Py_ssize_t header_size, overhead, inflate_at_once, max_acks_waiting;
     long no_timestamp, final_bit, protocol_version, max_depth,
         array_head_growth;
-    long closed, server, hold_acks, acks_overflowed, asks_acks;
+    long closed, server, hold_acks, acks_overflowed, asks_acks,
+        seq_requested;
     /* the send path: SEQ_RESERVATION_BLOCK, SMALL_INSTRUCTION, the
      * smallest fragment payload without and with the header, ECHO_WINDOW
      * in ms */
@@ -371,6 +372,7 @@ typedef struct {
 
 SP_INTERNAL int check_ack(const State *st, Work *w);
 SP_INTERNAL int states_equal(const State *st, PyObject *a, PyObject *b);
+SP_INTERNAL PyObject *session_wakeup(State *st, PyObject *session);
 SP_INTERNAL PyObject *set_state(const State *st, PyObject *sender,
                                 PyObject *state, PyObject *now);
 SP_INTERNAL int change_sender(const State *st, Work *w, PyObject *session);

@@ -595,3 +595,65 @@ done:
     Py_DECREF(sent);
     return result;
 }
+
+/* SSPSession.next_wakeup() with Sender.next_wakeup() (session.py,
+ * sender.py): the earlier of the sender's two deadlines, None for NEVER,
+ * a closed session, no address, or sequence numbers awaited. A new
+ * reference, or NotImplemented where the Python code must say (another
+ * class, a slot not as the Python code leaves it). */
+PyObject *
+session_wakeup(State *st, PyObject *session)
+{
+    if (st->session_type == NULL && bind_session_type(st) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    if (Py_TYPE(session) != st->session_type)
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *flags_object = SLOT(session, st->s.flags);
+    PyObject *link = SLOT(session, st->s.link);
+    PyObject *sender = SLOT(session, st->s.sender);
+    if (flags_object == NULL || !PyLong_CheckExact(flags_object)
+            || link == NULL || Py_TYPE(link) != st->link_type
+            || sender == NULL || Py_TYPE(sender) != st->sender_type)
+        Py_RETURN_NOTIMPLEMENTED;
+    long flags = PyLong_AsLong(flags_object);
+    if (flags == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *address = SLOT(link, st->l.remote_address);
+    if (address == NULL)
+        Py_RETURN_NOTIMPLEMENTED;
+    if ((flags & st->closed) || address == Py_None)
+        Py_RETURN_NONE;
+    if (flags & st->seq_requested) {
+        /* link.next_seq >= self._seq_reserved: waiting for the confirm */
+        PyObject *next_seq = SLOT(link, st->l.next_seq);
+        PyObject *reserved = SLOT(session, st->s.seq_reserved);
+        if (next_seq == NULL || reserved == NULL
+                || !PyLong_CheckExact(next_seq) || !PyLong_CheckExact(reserved))
+            Py_RETURN_NOTIMPLEMENTED;
+        int waiting = PyObject_RichCompareBool(next_seq, reserved, Py_GE);
+        if (waiting < 0) {
+            PyErr_Clear();
+            Py_RETURN_NOTIMPLEMENTED;
+        }
+        if (waiting)
+            Py_RETURN_NONE;
+    }
+    PyObject *ack = SLOT(sender, st->snd.next_ack_time);
+    PyObject *send = SLOT(sender, st->snd.next_send_time);
+    double ack_value, send_value;
+    /* exact floats: compared as doubles, as Python compares them */
+    if (ack == NULL || send == NULL || !PyFloat_CheckExact(ack)
+            || !PyFloat_CheckExact(send) || !PyFloat_CheckExact(st->never))
+        Py_RETURN_NOTIMPLEMENTED;
+    ack_value = PyFloat_AS_DOUBLE(ack);
+    send_value = PyFloat_AS_DOUBLE(send);
+    /* (min()'s choice without its call: the first of equal times) */
+    PyObject *wakeup = send_value < ack_value ? send : ack;
+    if (PyFloat_AS_DOUBLE(wakeup) == PyFloat_AS_DOUBLE(st->never))
+        Py_RETURN_NONE;
+    return Py_NewRef(wakeup);
+}

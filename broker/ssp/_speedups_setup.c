@@ -285,6 +285,7 @@ setup_state(State *st, PyObject *args, PyObject *kwargs)
     GIVEN_LONG("hold_acks", st->hold_acks);
     GIVEN_LONG("acks_overflowed", st->acks_overflowed);
     GIVEN_LONG("asks_acks", st->asks_acks);
+    GIVEN_LONG("seq_requested", st->seq_requested);
     GIVEN_LONG("seq_reservation_block", value);
     st->seq_reservation_block = value;
     GIVEN_LONG("small_instruction", value);

@@ -57,6 +57,9 @@ _fast_timers = speedups.fast_timers
 #: Sender.set_current_state with its state comparisons in C (None: the
 #: method; tests set it to None with _fast_send).
 _fast_set_state = speedups.fast_set_state
+#: SSPSession.next_wakeup in C (the method's own code where it cannot say;
+#: tests set it to None with _fast_send).
+_fast_wakeup = speedups.fast_next_wakeup
 
 
 def _assembly_cap(max_bytes: int | None) -> int:
@@ -370,6 +373,11 @@ class SSPSession(Incoming, Parking, Outgoing):
 
     def next_wakeup(self) -> float | None:
         """When ``datagrams_to_send`` next has work (None: only on input)."""
+        fast = _fast_wakeup
+        if fast is not None:
+            wakeup = fast(self)
+            if wakeup is not NotImplemented:
+                return wakeup
         flags = self._flags
         if flags & CLOSED or self._link.remote_address is None:
             return None

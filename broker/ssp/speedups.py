@@ -62,7 +62,7 @@ from broker.ssp.sender import (NEVER, PROSPECTIVE_RESEND_LIMIT,
                                PROSPECTIVE_RESEND_SLACK, Sender, make_chaff)
 
 __all__ = ["fast_receive", "fast_send", "fast_timers", "fast_set_state",
-           "fast_values_patch", "fast_state_record",
+           "fast_values_patch", "fast_state_record", "fast_next_wakeup",
            "CompiledDeadlineQueue",
            "unavailable_reason", "counts",
            "send_counts"]
@@ -118,7 +118,7 @@ def _load():
         max_sample_ms=RTTEstimator.MAX_SAMPLE * 1000,
         min_rto=RTTEstimator.MIN_RTO, max_rto=RTTEstimator.MAX_RTO,
         make_chaff=make_chaff, deflate=deflate, instruction_class=Instruction,
-        asks_acks=flags.ASKS_ACKS,
+        asks_acks=flags.ASKS_ACKS, seq_requested=flags.SEQ_REQUESTED,
         seq_reservation_block=SEQ_RESERVATION_BLOCK,
         small_instruction=SMALL_INSTRUCTION,
         smallest_payload_plain=_SMALLEST_PAYLOAD[0],
@@ -148,12 +148,17 @@ fast_set_state = None
 #: ``fast_state_record(state)``: its encode_state for a state holding no
 #: events. Both None without the extension.
 fast_values_patch = fast_state_record = None
+#: ``fast_next_wakeup(session)``: ``SSPSession.next_wakeup()`` in C, or
+#: NotImplemented where the method's own code must say; None without the
+#: extension.
+fast_next_wakeup = None
 if fast_send is not None:
     from broker.ssp import _speedups
     fast_timers = _speedups.timers
     fast_set_state = _speedups.set_state
     fast_values_patch = _speedups.values_patch
     fast_state_record = _speedups.state_record
+    fast_next_wakeup = _speedups.next_wakeup
     install_compiled_with_numbers(_speedups.with_numbers)
     CompiledDeadlineQueue = _speedups.DeadlineQueue
     del _speedups

@@ -91,11 +91,12 @@ def pure_path():
 
 @contextlib.contextmanager
 def pure_send_path():
-    """``session._fast_send``, ``_fast_timers`` and ``_fast_set_state`` set
-    to None (the pure send path, the sender's timers and its state
-    comparisons in Python), restored after."""
+    """``session._fast_send``, ``_fast_timers``, ``_fast_set_state`` and
+    ``_fast_wakeup`` set to None (the pure send path, the sender's timers,
+    its state comparisons and the next wake-up in Python), restored after."""
     with unbound(session_module, "_fast_send"), unbound(session_module, "_fast_timers"), \
-            unbound(session_module, "_fast_set_state"):
+            unbound(session_module, "_fast_set_state"), \
+            unbound(session_module, "_fast_wakeup"):
         yield
 
 
@@ -190,7 +191,8 @@ class Twin:
             self._same(what, f"{side} events", canon(popped[0], memos[0]),
                        canon(popped[1], memos[1]))
             self.events[side] += popped[0]
-            shots = [snapshot(world.session(side), memo)
+            # (taken inside each world's paths: next_wakeup() in C or not)
+            shots = [world.call(lambda w, memo=memo: snapshot(w.session(side), memo))
                      for world, memo in zip(self.worlds, memos)]
             for name, value in shots[0].items():
                 self._same(what, f"{side}.{name}", value, shots[1].get(name))
