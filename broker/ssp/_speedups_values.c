@@ -407,21 +407,35 @@ int_in_range(PyObject *value)
 static PyObject *
 state_with(const State *st, PyObject *state, PyObject *values)
 {
-    PyObject *events = SLOT(state, st->ds.events);
-    PyObject *base = SLOT(state, st->ds.event_base);
-    if (events == NULL || base == NULL)
-        return NULL;
-    PyObject *made = st->state_type->tp_alloc(st->state_type, 0);
-    if (made == NULL)
-        return NULL;
-    slot_set(made, st->ds.values, values);
-    slot_set(made, st->ds.events, events);
-    slot_set(made, st->ds.event_base, base);
+    PyObject *events = Py_XNewRef(SLOT(state, st->ds.events));
+    PyObject *base = Py_XNewRef(SLOT(state, st->ds.event_base));
+    PyObject *made = NULL;
+    /* (held: the allocation may run the cyclic GC, and code that it runs) */
+    if (events != NULL && base != NULL
+            && (made = st->state_type->tp_alloc(st->state_type, 0)) != NULL) {
+        slot_set(made, st->ds.values, values);
+        slot_set(made, st->ds.events, events);
+        slot_set(made, st->ds.event_base, base);
+    }
+    Py_XDECREF(events);
+    Py_XDECREF(base);
     return made;
 }
 
+/* The held references of changes[0..count). */
+static void
+release_changes(Change *changes, Py_ssize_t count)
+{
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_DECREF(changes[i].key);
+        Py_XDECREF(changes[i].value);
+    }
+}
+
 /* state.with_numbers(patch): a new reference (state itself, a new state,
- * or None), or NULL (an exception, or none: None is the caller's). */
+ * or None), or NULL (an exception, or none: None is the caller's). The
+ * patch is read whole before anything is allocated (an allocation may
+ * run the cyclic GC, and code that changes the patch). */
 PyObject *
 with_numbers(const State *st, PyObject *state, PyObject *patch)
 {
@@ -430,8 +444,9 @@ with_numbers(const State *st, PyObject *state, PyObject *patch)
     PyObject *mine = SLOT(state, st->ds.values);
     if (mine == NULL || !PyDict_CheckExact(mine))
         return NULL;
-    PyObject *values = NULL, *key, *value;
-    Py_ssize_t pos = 0;
+    Change changes[MAX_CHANGED];
+    Py_ssize_t count = 0, pos = 0;
+    PyObject *key, *value, *result = NULL;
     while (PyDict_Next(patch, &pos, &key, &value)) {
         if (!PyUnicode_CheckExact(key))
             goto none;
@@ -439,7 +454,7 @@ with_numbers(const State *st, PyObject *state, PyObject *patch)
         if (kind == &PyLong_Type) {
             int fits = int_in_range(value);
             if (fits < 0)
-                goto error;
+                goto done;
             if (!fits)
                 goto none;
         }
@@ -448,7 +463,7 @@ with_numbers(const State *st, PyObject *state, PyObject *patch)
         PyObject *current = PyDict_GetItemWithError(mine, key);
         if (current == NULL) {
             if (PyErr_Occurred())
-                goto error;
+                goto done;
             goto none;
         }
         PyTypeObject *held = Py_TYPE(current);
@@ -459,7 +474,7 @@ with_numbers(const State *st, PyObject *state, PyObject *patch)
             if (kind == &PyLong_Type) {
                 same = PyObject_RichCompareBool(current, value, Py_EQ);
                 if (same < 0)
-                    goto error;
+                    goto done;
             }
             else {
                 double x = PyFloat_AS_DOUBLE(current), y = PyFloat_AS_DOUBLE(value);
@@ -468,22 +483,33 @@ with_numbers(const State *st, PyObject *state, PyObject *patch)
             if (same)
                 continue;
         }
-        if (values == NULL && (values = PyDict_Copy(mine)) == NULL)
-            goto error;
-        if (PyDict_SetItem(values, key, value) < 0)
-            goto error;
+        if (count == MAX_CHANGED)
+            goto none;
+        changes[count].key = Py_NewRef(key);
+        changes[count++].value = Py_NewRef(value);
     }
+    if (count == 0) {
+        result = Py_NewRef(state);
+        goto done;
+    }
+    Py_INCREF(mine);
+    PyObject *values = PyDict_Copy(mine);
+    Py_DECREF(mine);
     if (values == NULL)
-        return Py_NewRef(state);
-    PyObject *made = state_with(st, state, values);
+        goto done;
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (PyDict_SetItem(values, changes[i].key, changes[i].value) < 0) {
+            Py_DECREF(values);
+            goto done;
+        }
+    result = state_with(st, state, values);
     Py_DECREF(values);
-    return made;
+    goto done;
 none:
-    Py_XDECREF(values);
-    Py_RETURN_NONE;
-error:
-    Py_XDECREF(values);
-    return NULL;
+    result = Py_NewRef(Py_None);
+done:
+    release_changes(changes, count);
+    return result;
 }
 
 /* ---------------------------------------------------------------------
@@ -514,21 +540,22 @@ values_patch(const State *st, PyObject *old, PyObject *new)
                 && !PyBool_Check(value))
             return NULL;
     }
-    PyObject *patch = PyDict_New();
-    if (patch == NULL)
-        goto error;
+    /* held from here: the new dict's allocation may run the cyclic GC */
     for (Py_ssize_t i = 0; i < count; i++) {
+        Py_INCREF(changes[i].key);
+        Py_XINCREF(changes[i].value);
+    }
+    PyObject *patch = PyDict_New();
+    for (Py_ssize_t i = 0; patch != NULL && i < count; i++) {
         PyObject *value = changes[i].value;
         if (PyDict_SetItem(patch, changes[i].key,
-                           value == NULL ? Py_None : value) < 0) {
-            Py_DECREF(patch);
-            goto error;
-        }
+                           value == NULL ? Py_None : value) < 0)
+            Py_CLEAR(patch);
     }
+    release_changes(changes, count);
+    if (patch == NULL)
+        PyErr_Clear();
     return patch;
-error:
-    PyErr_Clear();
-    return NULL;
 }
 
 /* ---------------------------------------------------------------------

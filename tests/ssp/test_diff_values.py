@@ -168,3 +168,30 @@ class DiffValuesTests(SynchronousTestCase):
             for value in (half, math.nextafter(half, math.inf), math.nextafter(half, -math.inf)):
                 new = old.with_values({"f": value})
                 self.assertEqual(_speedups.diff(new, old), new.diff_from(old), (bits, value))
+
+    def test_no_leak(self):
+        """Each compiled function called many times: no memory kept (each
+        result, new dict, new state and bytes freed)."""
+        import gc
+        import tracemalloc
+        old = DeviceState({"v": 1, "f": 0.5, "t": "x" * 40})
+        new = old.with_values({"v": 2**40, "f": -1.5, "t": "y" * 40})
+
+        def run(times):
+            for number in range(times):
+                _speedups.diff(new, old)
+                _speedups.with_numbers(old, {"v": number, "f": 0.25})
+                _speedups.with_numbers(old, {"v": "not a number"})
+                _speedups.values_patch(old, new)
+                _speedups.state_record(new)
+        run(1000)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            run(20000)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        self.assertLess(grown, 64 * 1024)
