@@ -32,7 +32,8 @@
 #define MAX_CHANGED 32
 
 typedef struct {
-    PyObject *key, *value;          /* borrowed; value NULL: deleted */
+    PyObject *key, *value;          /* value NULL: deleted; borrowed, and
+                                     * held before an allocation */
     const char *text;               /* the key's UTF-8 */
     Py_ssize_t text_size, encoded_size;
     /* the value's head (major type, argument) and the bytes after it
