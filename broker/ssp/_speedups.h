@@ -348,6 +348,8 @@ SP_INTERNAL int check_instruction(const State *st, Work *w);
 
 /* _speedups_cbor.c */
 SP_INTERNAL int apply_diff(const State *st, Work *w);
+SP_INTERNAL PyObject *make_state(const State *st, PyObject *values,
+                                 PyObject *events, PyObject *base);
 
 /* _speedups_values.c */
 SP_INTERNAL PyObject *diff_values(const State *st, PyObject *current,

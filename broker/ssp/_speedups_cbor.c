@@ -284,8 +284,9 @@ apply_events(const State *st, PyObject *reference, PyObject *first_object,
     return -1;
 }
 
-/* DeviceState._make(values, events, event_base), stealing the three. */
-static PyObject *
+/* DeviceState._make(values, events, event_base), stealing the three (so
+ * they are held across the allocation, which may run the cyclic GC). */
+PyObject *
 make_state(const State *st, PyObject *values, PyObject *events,
            PyObject *base)
 {

@@ -321,17 +321,13 @@ subtract(const State *st, PyObject *self, PyObject *prefix)
     PyObject *kept = PyTuple_GetSlice(events, (Py_ssize_t)(cut - base),
                                       PyTuple_GET_SIZE(events));
     PyObject *cut_object = PyLong_FromUnsignedLongLong(cut);
-    PyObject *state = NULL;
-    if (kept != NULL && cut_object != NULL
-            && (state = st->state_type->tp_alloc(st->state_type, 0)) != NULL) {
-        slot_set(state, st->ds.values, values);
-        slot_set(state, st->ds.events, kept);
-        slot_set(state, st->ds.event_base, cut_object);
+    if (kept == NULL || cut_object == NULL) {
+        Py_DECREF(values);
+        Py_XDECREF(kept);
+        Py_XDECREF(cut_object);
+        return NULL;
     }
-    Py_DECREF(values);
-    Py_XDECREF(kept);
-    Py_XDECREF(cut_object);
-    return state;
+    return make_state(st, values, kept, cut_object);
 }
 
 /* Receiver._rationalize: every held state less what the oldest holds

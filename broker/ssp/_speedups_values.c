@@ -404,23 +404,16 @@ int_in_range(PyObject *value)
     return 1;
 }
 
-/* A new DeviceState of values and state's events (DeviceState._make). */
+/* A new DeviceState of values and state's events (make_state). */
 static PyObject *
 state_with(const State *st, PyObject *state, PyObject *values)
 {
-    PyObject *events = Py_XNewRef(SLOT(state, st->ds.events));
-    PyObject *base = Py_XNewRef(SLOT(state, st->ds.event_base));
-    PyObject *made = NULL;
-    /* (held: the allocation may run the cyclic GC, and code that it runs) */
-    if (events != NULL && base != NULL
-            && (made = st->state_type->tp_alloc(st->state_type, 0)) != NULL) {
-        slot_set(made, st->ds.values, values);
-        slot_set(made, st->ds.events, events);
-        slot_set(made, st->ds.event_base, base);
-    }
-    Py_XDECREF(events);
-    Py_XDECREF(base);
-    return made;
+    PyObject *events = SLOT(state, st->ds.events);
+    PyObject *base = SLOT(state, st->ds.event_base);
+    if (events == NULL || base == NULL)
+        return NULL;
+    return make_state(st, Py_NewRef(values), Py_NewRef(events),
+                      Py_NewRef(base));
 }
 
 /* The held references of changes[0..count). */
