@@ -12,40 +12,53 @@ from setuptools.command.build_ext import build_ext
 
 class BuildExt(build_ext):
     """No fused multiply-add where gcc or clang builds it: the RTT must round
-    as Python's float arithmetic does. zlib linked where its header is found
-    (Debian: zlib1g-dev): the usual small instruction is then inflated
-    without a call to Python's zlib module, which it otherwise uses;
-    ``broker.ssp._speedups.HAVE_ZLIB`` says whether it was (CI requires
-    it: tests/ssp/test_speedups_paths.py)."""
+    as Python's float arithmetic does. Two libraries linked where their
+    headers are found, each said by a flag of the module (CI requires both:
+    tests/ssp/test_speedups_paths.py):
+
+    * zlib (Debian: zlib1g-dev, ``HAVE_ZLIB``): the usual small instruction
+      is then inflated without a call to Python's zlib module;
+    * OpenSSL's libcrypto (Debian: libssl-dev, ``HAVE_OPENSSL``): the
+      module's ``OCBCipher`` seals and opens datagrams with contexts keyed
+      once, where cryptography's AESOCB3 copies one for every call."""
+
+    #: (macro, library, a C file using it) for each optional library.
+    OPTIONAL_LIBRARIES = (
+        ("SP_HAVE_ZLIB", "z",
+         "#include <zlib.h>\n"
+         "const char *has_zlib(void) { return zlibVersion(); }\n"),
+        ("SP_HAVE_OPENSSL", "crypto",
+         "#include <openssl/evp.h>\n"
+         "const void *has_ocb(void) { return EVP_aes_128_ocb(); }\n"),
+    )
 
     def build_extensions(self):
         if self.compiler.compiler_type == "unix":
             for extension in self.extensions:
                 extension.extra_compile_args.append("-ffp-contract=off")
-        if self._has_zlib():
-            for extension in self.extensions:
-                extension.define_macros.append(("SP_HAVE_ZLIB", "1"))
-                extension.libraries.append("z")
+        for macro, library, probe in self.OPTIONAL_LIBRARIES:
+            if self._links(library, probe):
+                for extension in self.extensions:
+                    extension.define_macros.append((macro, "1"))
+                    extension.libraries.append(library)
         super().build_extensions()
 
-    def _has_zlib(self) -> bool:
-        """Whether code including zlib.h links with -lz, built as the
-        extension is (compiler and shared-object linker with the
+    def _links(self, library: str, probe: str) -> bool:
+        """Whether ``probe`` compiles and links with ``-l<library>``, built as
+        the extension is (compiler and shared-object linker with the
         environment's CFLAGS, CPPFLAGS and LDFLAGS: linking a program
         would leave LDFLAGS and CFLAGS out, so e.g. --coverage would fail
         the check); in a temporary directory, so the work tree gains
         nothing."""
         with tempfile.TemporaryDirectory() as scratch:
-            source = os.path.join(scratch, "has_zlib.c")
+            source = os.path.join(scratch, f"has_{library}.c")
             with open(source, "w") as file:
-                file.write("#include <zlib.h>\n"
-                           "const char *has_zlib(void) "
-                           "{ return zlibVersion(); }\n")
+                file.write(probe)
             try:
                 objects = self.compiler.compile([source], output_dir=scratch)
                 self.compiler.link_shared_object(
-                    objects, os.path.join(scratch, "has_zlib.so"),
-                    libraries=["z"])
+                    objects, os.path.join(scratch, f"has_{library}.so"),
+                    libraries=[library])
             except (CompileError, LinkError):
                 return False
         return True
@@ -58,7 +71,8 @@ setup(
          "broker/ssp/_speedups_cbor.c", "broker/ssp/_speedups_receiver.c",
          "broker/ssp/_speedups_sender.c", "broker/ssp/_speedups_send.c",
          "broker/ssp/_speedups_setup.c", "broker/ssp/_speedups_deadlines.c",
-         "broker/ssp/_speedups_deflate.c", "broker/ssp/_speedups_values.c"],
+         "broker/ssp/_speedups_deflate.c", "broker/ssp/_speedups_values.c",
+         "broker/ssp/_speedups_ocb.c"],
         depends=["broker/ssp/_speedups.h"], optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

@@ -48,11 +48,14 @@ class Metrics:
         # Process: memory, CPU, open descriptors (a socket per HTTP client counts).
         ProcessCollector(namespace="broker", registry=registry)
         self.build_info = Gauge("broker_build_info",
-                                "Always 1; the version and the SSP receive path "
-                                "(compiled or python) as labels.",
-                                ["version", "ssp_receive"], registry=registry)
+                                "Always 1; the version, the SSP receive path "
+                                "(compiled or python) and the datagrams' cipher "
+                                "library (openssl or cryptography) as labels.",
+                                ["version", "ssp_receive", "ssp_cipher"],
+                                registry=registry)
         receive = "python" if speedups.fast_receive is None else "compiled"
-        self.build_info.labels(version=__version__, ssp_receive=receive).set(1)
+        self.build_info.labels(version=__version__, ssp_receive=receive,
+                               ssp_cipher=speedups.cipher_library).set(1)
         self.reloads = Counter("broker_config_reloads", "SIGHUP reloads, by outcome.",
                                ["outcome"], registry=registry)
         for outcome in ("applied", "refused", "failed"):

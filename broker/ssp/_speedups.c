@@ -777,6 +777,17 @@ static struct PyModuleDef speedups_module = {
 #define INTERN(field, text) \
     if ((st->field = PyUnicode_InternFromString(text)) == NULL) goto error
 
+#ifdef SP_HAVE_OPENSSL
+#define OPENSSL_LINKED Py_True
+#else
+#define OPENSSL_LINKED Py_False
+#endif
+#ifdef SP_HAVE_ZLIB
+#define ZLIB_LINKED Py_True
+#else
+#define ZLIB_LINKED Py_False
+#endif
+
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
@@ -804,13 +815,12 @@ PyInit__speedups(void)
             || PyModule_AddObjectRef(module, "DeadlineQueue",
                                      (PyObject *)&DeadlineQueueType) < 0)
         goto error;
-    /* HAVE_ZLIB: whether setup.py linked zlib (inflate_small), so that CI
-     * can tell a silently left-out zlib from a built one */
-#ifdef SP_HAVE_ZLIB
-    if (PyModule_AddObjectRef(module, "HAVE_ZLIB", Py_True) < 0)
-#else
-    if (PyModule_AddObjectRef(module, "HAVE_ZLIB", Py_False) < 0)
-#endif
+    /* OCBCipher where setup.py linked OpenSSL; HAVE_OPENSSL and HAVE_ZLIB
+     * (inflate_small) say what it linked, so that CI can tell a silently
+     * left-out library from a built one */
+    if (add_ocb_cipher(module) < 0
+            || PyModule_AddObjectRef(module, "HAVE_OPENSSL", OPENSSL_LINKED) < 0
+            || PyModule_AddObjectRef(module, "HAVE_ZLIB", ZLIB_LINKED) < 0)
         goto error;
     return module;
 error:

@@ -20,6 +20,8 @@
  *                         without zlib's trees (deflate_tiny)
  *   _speedups_deadlines.c DeadlineQueue, broker.scheduler's heap
  *                         (broker/deadlines.py's twin)
+ *   _speedups_ocb.c       OCBCipher: AES-128-OCB3 through OpenSSL, keyed
+ *                         once (where setup.py finds OpenSSL)
  */
 
 #ifndef BROKER_SSP_SPEEDUPS_H
@@ -409,6 +411,23 @@ SP_INTERNAL PyObject *deflate_tiny(const unsigned char *raw, Py_ssize_t size);
 
 /* _speedups_deadlines.c */
 extern SP_INTERNAL PyTypeObject DeadlineQueueType;
+
+/* _speedups_ocb.c: seal writes size + 16 bytes to out; open reads size
+ * bytes (the tag last) and writes size - 16, answering 0, 1 for a tag
+ * that does not match (or too short), -1 with an exception. */
+SP_INTERNAL int is_ocb_cipher(PyObject *obj);
+SP_INTERNAL int ocb_seal(PyObject *cipher, const unsigned char *nonce,
+                         const unsigned char *aad, Py_ssize_t aad_size,
+                         const unsigned char *in, Py_ssize_t size,
+                         unsigned char *out);
+SP_INTERNAL int ocb_open(PyObject *cipher, const unsigned char *nonce,
+                         const unsigned char *aad, Py_ssize_t aad_size,
+                         const unsigned char *in, Py_ssize_t size,
+                         unsigned char *out);
+SP_INTERNAL int add_ocb_cipher(PyObject *module);
+#ifdef SP_HAVE_OPENSSL
+extern SP_INTERNAL PyTypeObject OCBCipherType;
+#endif
 
 /* _speedups.c */
 SP_INTERNAL PyObject *new_event(PyTypeObject *cls, Py_ssize_t first,

@@ -752,6 +752,33 @@ done:
     return out;
 }
 
+/* An OCBCipher's seal, written into the datagram: prefix | nonce (the
+ * last 8 bytes of the AEAD nonce) | ciphertext | tag. Takes the cipher's
+ * and the plaintext's references. */
+static PyObject *
+seal_in_place(const Send *s, PyObject *cipher, PyObject *plaintext,
+              const unsigned char *nonce)
+{
+    Py_ssize_t prefix = s->header == Py_None ? 0
+        : PyBytes_GET_SIZE(s->header);
+    Py_ssize_t size = PyBytes_GET_SIZE(plaintext);
+    PyObject *datagram = PyBytes_FromStringAndSize(
+        NULL, prefix + NONCE_SIZE + size + 16);
+    if (datagram != NULL) {
+        unsigned char *d = (unsigned char *)PyBytes_AS_STRING(datagram);
+        if (prefix)
+            memcpy(d, PyBytes_AS_STRING(s->header), (size_t)prefix);
+        memcpy(d + prefix, nonce + 4, NONCE_SIZE);
+        if (ocb_seal(cipher, nonce, NULL, 0,
+                     (const unsigned char *)PyBytes_AS_STRING(plaintext),
+                     size, d + prefix + NONCE_SIZE) < 0)
+            Py_CLEAR(datagram);
+    }
+    Py_DECREF(cipher);
+    Py_DECREF(plaintext);
+    return datagram;
+}
+
 /* DatagramLayer.encode and seal for the one fragment: the datagram (new
  * reference) or NULL with the exception the Python code would raise. */
 static PyObject *
@@ -846,6 +873,8 @@ encode(const State *st, const Send *s, PyObject *session, PyObject *now,
     unsigned char nonce[12] = {0};
     for (int i = 0; i < 8; i++)
         nonce[4 + i] = (unsigned char)(nonce_value >> (56 - 8 * i));
+    if (is_ocb_cipher(cipher))
+        return seal_in_place(s, cipher, plaintext, nonce);
     PyObject *nonce_bytes = PyBytes_FromStringAndSize((const char *)nonce,
                                                       12);
     PyObject *sealed = NULL;

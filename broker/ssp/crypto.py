@@ -28,6 +28,24 @@ KEY_SIZE = 16
 _NONCE_VALUE = struct.Struct(">Q")
 _AEAD_NONCE = struct.Struct(">4xQ")  # crypto.cc Nonce::Nonce(uint64_t)
 
+#: The class every CipherCache builds (``new_cipher``): AESOCB3, or the
+#: compiled OCBCipher that broker.ssp.speedups installs (same methods and
+#: bytes, keyed once rather than per call).
+_cipher_class = AESOCB3
+
+
+def install_cipher_class(cipher_class) -> None:
+    """Build ciphers from now on with ``cipher_class(key)`` (AESOCB3's
+    methods); None goes back to AESOCB3. Ciphers already built stay."""
+    global _cipher_class
+    _cipher_class = AESOCB3 if cipher_class is None else cipher_class
+
+
+def new_cipher(key: bytes):
+    """An AES-128-OCB3 cipher for ``key``, of the installed class."""
+    return _cipher_class(key)
+
+
 # aead_nonce(nonce_value) -> the 12-byte OCB nonce for a wire nonce value
 # (direction << 63 | seq); a bound method, as it runs for every datagram.
 aead_nonce = _AEAD_NONCE.pack
@@ -79,7 +97,7 @@ def open_sealed(cipher: AESOCB3, data: bytes,
 
 
 class CipherCache:
-    """A bounded LRU of AESOCB3 objects keyed by the 16-byte key.
+    """A bounded LRU of ciphers (``new_cipher``'s) keyed by the 16-byte key.
 
     Shared by all sessions: building the key schedule costs far more than a
     lookup, and an idle session keeps only its 16-byte key.
@@ -97,7 +115,7 @@ class CipherCache:
     def __len__(self) -> int:
         return len(self._ciphers)
 
-    def get(self, key: bytes) -> AESOCB3:
+    def get(self, key: bytes):
         """The cipher for ``key``, built on a miss (evicting the oldest)."""
         ciphers = self._ciphers
         cipher = ciphers.get(key)
@@ -108,7 +126,7 @@ class CipherCache:
             raise ValueError(f"AES-128 key must be {KEY_SIZE} bytes, "
                              f"got {len(key)}")
         key = bytes(key)
-        cipher = AESOCB3(key)
+        cipher = _cipher_class(key)
         self.misses += 1
         ciphers[key] = cipher
         if len(ciphers) > self.capacity:

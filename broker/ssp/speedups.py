@@ -43,7 +43,7 @@ from cryptography.exceptions import InvalidTag
 
 from broker.ssp import events, flags
 from broker.ssp.bounds import _ARRAY_HEAD_GROWTH, StateBounds
-from broker.ssp.crypto import OVERHEAD, CipherCache
+from broker.ssp.crypto import OVERHEAD, CipherCache, install_cipher_class
 from broker.ssp.datagram import NO_TIMESTAMP, DatagramLayer, RTTEstimator
 from broker.ssp.device_state import (_EMPTY_MAP, _NO_VALUES, MAX_DEPTH,
                                      DeviceState, install_compiled_with_numbers)
@@ -62,6 +62,7 @@ from broker.ssp.sender import (NEVER, PROSPECTIVE_RESEND_LIMIT,
                                PROSPECTIVE_RESEND_SLACK, Sender, make_chaff)
 
 __all__ = ["fast_receive", "fast_send", "fast_timers", "fast_set_state",
+           "cipher_library",
            "fast_values_patch", "fast_state_record", "fast_next_wakeup",
            "CompiledDeadlineQueue",
            "unavailable_reason", "counts",
@@ -128,9 +129,17 @@ def _load():
         prospective_resend_limit=PROSPECTIVE_RESEND_LIMIT)
     # Every short instruction (the node's states too) from the kept stream.
     install_compiled_deflate(_speedups.deflate)
+    # Every cipher keyed once, where OpenSSL was linked.
+    global cipher_library
+    if _speedups.HAVE_OPENSSL:
+        install_cipher_class(_speedups.OCBCipher)
+        cipher_library = "openssl"
     return _speedups.receive, _speedups.send, None
 
 
+#: Who seals and opens datagrams: "openssl" (the extension's OCBCipher,
+#: installed by _load) or "cryptography" (its AESOCB3).
+cipher_library = "cryptography"
 fast_receive, fast_send, unavailable_reason = _load()
 
 #: ``fast_timers(sender, now, rtt)``: ``sender.calculate_timers(now, rtt)``

@@ -42,9 +42,7 @@ from __future__ import annotations
 
 from socket import AF_INET6, inet_pton
 
-from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
-
-from broker.ssp.crypto import TO_SERVER, open_sealed
+from broker.ssp.crypto import TO_SERVER, new_cipher, open_sealed
 from broker.ssp.errors import DatagramDropped, DropReason
 from broker.ssp.framing import HEADER_SIZE
 from broker.ssp.keys import derive_session_key
@@ -168,7 +166,7 @@ def first_datagram_fails(secret: bytes, number: int, session_id: int, data: byte
     an authentic datagram below it is a replay of a captured one (REPLAY),
     which must not resume the session at the replayer's address.
     """
-    return _opening_fails(AESOCB3(derive_session_key(secret, number, session_id)), data,
+    return _opening_fails(new_cipher(derive_session_key(secret, number, session_id)), data,
                           expected_seq)
 
 
@@ -178,7 +176,7 @@ def parked_datagram_fails(parked, data: bytes):
     parked key and sequence mark.  Rebuilding a session costs far more than
     this decryption, so a forgery or replay (also one spoofing the device's
     own address, which no attempts budget covers) must not get that far."""
-    return _opening_fails(AESOCB3(parked.session_key), data, parked.expected_seq())
+    return _opening_fails(new_cipher(parked.session_key), data, parked.expected_seq())
 
 
 def _opening_fails(cipher, data: bytes, expected_seq: int):

@@ -478,7 +478,8 @@ class ReceivePathTests(TestCase):
     @defer.inlineCallbacks
     def test_pure_python_path_is_logged_and_labelled(self):
         """A broker told to run the pure-Python receive path warns once at start, naming
-        why, and labels broker_build_info with ssp_receive="python"."""
+        why, and labels broker_build_info with ssp_receive="python" (and the cipher
+        cryptography's)."""
         broker, info = yield self._ready_broker({"SSP_BROKER_PURE_PYTHON": "1"})
         warnings = [record for record in broker.records
                     if "receive path runs in pure Python" in str(record.get("message"))]
@@ -486,11 +487,13 @@ class ReceivePathTests(TestCase):
         self.assertIn("SSP_BROKER_PURE_PYTHON", warnings[0]["message"])
         self.assertEqual(len(info), 1)
         self.assertIn('ssp_receive="python"', info[0])
+        self.assertIn('ssp_cipher="cryptography"', info[0])
 
     @defer.inlineCallbacks
     def test_compiled_path_runs_when_built(self):
         """Where the extension is built (always in CI), a broker runs the compiled receive
-        path: no warning, and ssp_receive="compiled"."""
+        path: no warning, and ssp_receive="compiled" (and the cipher OpenSSL's where
+        linked, as in CI)."""
         from broker.ssp import speedups
         if speedups.fast_receive is None:
             if os.environ.get("CI"):
@@ -503,6 +506,9 @@ class ReceivePathTests(TestCase):
                           if "pure Python" in str(record.get("message"))])
         self.assertEqual(len(info), 1)
         self.assertIn('ssp_receive="compiled"', info[0])
+        from broker.ssp import _speedups
+        self.assertIn('ssp_cipher="openssl"' if _speedups.HAVE_OPENSSL
+                      else 'ssp_cipher="cryptography"', info[0])
 
 
 class DaemonTests(TestCase):

@@ -4,6 +4,10 @@ A :class:`Twin` runs one scenario in two identical worlds (a device and a
 broker session each: same keys, same seeded chaff, same ``now``s): in the
 fast world ``receive_datagram`` uses ``broker.ssp.incoming._fast_receive``
 as imported, in the pure world it is forced to None around every call.
+The pure world's ciphers are cryptography's AESOCB3, the reference; the
+fast world's are the installed class's (the compiled OCBCipher, where the
+extension has OpenSSL), so every datagram compared checks one against the
+other.
 After every step it compares what each call returned, the events popped
 and every slot of both sessions (tests.ssp.speedups_canon), and raises
 :class:`Divergence` at the first difference. :class:`TwinLink` carries
@@ -14,7 +18,7 @@ import contextlib
 import dataclasses
 import heapq
 
-from broker.ssp import events, incoming
+from broker.ssp import crypto, events, incoming
 from broker.ssp import session as session_module
 from broker.ssp.bounds import BROKER_RECEIVED_STATES, StateBounds
 from broker.ssp.crypto import CipherCache
@@ -90,13 +94,26 @@ def pure_path():
 
 
 @contextlib.contextmanager
+def reference_ciphers():
+    """CipherCaches build cryptography's AESOCB3 (the reference) rather
+    than the installed class, restored after."""
+    saved = crypto._cipher_class
+    crypto.install_cipher_class(None)
+    try:
+        yield
+    finally:
+        crypto.install_cipher_class(saved)
+
+
+@contextlib.contextmanager
 def pure_send_path():
     """``session._fast_send``, ``_fast_timers``, ``_fast_set_state`` and
     ``_fast_wakeup`` set to None (the pure send path, the sender's timers,
-    its state comparisons and the next wake-up in Python), restored after."""
+    its state comparisons and the next wake-up in Python), and new ciphers
+    AESOCB3, restored after."""
     with unbound(session_module, "_fast_send"), unbound(session_module, "_fast_timers"), \
             unbound(session_module, "_fast_set_state"), \
-            unbound(session_module, "_fast_wakeup"):
+            unbound(session_module, "_fast_wakeup"), reference_ciphers():
         yield
 
 
@@ -128,6 +145,9 @@ class World:
                  seed: int = 0) -> None:
         self.pure = pure
         ciphers = CipherCache()
+        if pure:
+            with reference_ciphers():
+                ciphers.get(DEVICE_SECRET)
         framing = BrokerFraming(42, 7) if config.framing else None
         empty = DeviceState.empty()
         common = dict(key=DEVICE_SECRET, cipher_provider=ciphers,

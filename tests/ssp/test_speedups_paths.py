@@ -650,27 +650,47 @@ class AvailabilityTests(SynchronousTestCase):
             self.assertIsNone(speedups.unavailable_reason)
             self.assertIs(incoming._fast_receive, speedups.fast_receive)
 
-    def test_ci_has_zlib(self):
-        """In CI (zlib1g-dev installed) the compiled path is built with zlib
-        linked, whatever CFLAGS the build had; elsewhere HAVE_ZLIB says
-        whether it was."""
+    def _built(self):
+        """The extension, where it is built; in CI its absence fails the
+        test, elsewhere it skips."""
         if speedups.fast_receive is None:
             if os.environ.get("CI") and not os.environ.get(
                     speedups.PURE_PYTHON_VARIABLE):
                 self.fail(speedups.unavailable_reason)
             raise self.skipTest(speedups.unavailable_reason)
         from broker.ssp import _speedups
+        return _speedups
+
+    def test_ci_has_zlib(self):
+        """In CI (zlib1g-dev installed) the compiled path is built with zlib
+        linked, whatever CFLAGS the build had; elsewhere HAVE_ZLIB says
+        whether it was."""
+        _speedups = self._built()
         self.assertIsInstance(_speedups.HAVE_ZLIB, bool)
         if os.environ.get("CI"):
             self.assertTrue(_speedups.HAVE_ZLIB, "zlib was not linked")
+
+    def test_ci_has_openssl(self):
+        """In CI (libssl-dev installed) the compiled path is built with
+        OpenSSL's libcrypto, and every CipherCache builds its OCBCipher;
+        elsewhere HAVE_OPENSSL says whether it was."""
+        _speedups = self._built()
+        from broker.ssp import crypto
+        self.assertIsInstance(_speedups.HAVE_OPENSSL, bool)
+        if os.environ.get("CI"):
+            self.assertTrue(_speedups.HAVE_OPENSSL, "OpenSSL was not linked")
+        if _speedups.HAVE_OPENSSL:
+            self.assertIs(type(crypto.CipherCache().get(bytes(16))),
+                          _speedups.OCBCipher)
 
     def test_pure_python_variable(self):
         """SSP_BROKER_PURE_PYTHON set to a non-empty value leaves the
         compiled path out (a fresh interpreter)."""
         import subprocess
-        code = ("from broker.ssp import speedups, incoming, instruction; "
+        code = ("from broker.ssp import speedups, incoming, instruction, crypto; "
                 "print(speedups.fast_receive, incoming._fast_receive, "
                 "instruction._compiled_deflate, "
+                "type(crypto.CipherCache().get(bytes(16))).__name__, "
                 "speedups.counts(), speedups.unavailable_reason)")
         env = dict(os.environ, SSP_BROKER_PURE_PYTHON="1")
         root = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -680,7 +700,7 @@ class AvailabilityTests(SynchronousTestCase):
                                 timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.strip(),
-                         "None None None (0, 0) SSP_BROKER_PURE_PYTHON is set")
+                         "None None None AESOCB3 (0, 0) SSP_BROKER_PURE_PYTHON is set")
 
     def test_compiled_deflate(self):
         """With the compiled path, every short instruction is deflated by
