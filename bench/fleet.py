@@ -66,7 +66,8 @@ from bench._fleet_memory import (
     child_ws_server, measure_mosquitto, measure_ssp, measure_websocket)
 from bench._fleet_million import child_million, measure_million
 from bench._fleet_ssp import child_broker, child_provision, child_ssp_clients, provision
-from bench._fleet_throughput import child_bare_clients, child_bare_server, measure_throughput
+from bench._fleet_throughput import (BARE_CIPHER_VARIABLE, BARE_CIPHERS, child_bare_clients,
+                                     child_bare_server, measure_throughput)
 
 # bench/soak_*.py take these from here (the soak's children are fleet's kin).
 __all__ = ["CHILDREN", "ROOT", "Child", "_emit", "cpu_seconds", "main", "provision",
@@ -97,7 +98,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="comma list of: memory,throughput,million")
     parser.add_argument("--history-size", type=int,
                         help="registry history_size (default: the product's, from the config)")
+    parser.add_argument("--bare-cipher", choices=BARE_CIPHERS, default="cryptography",
+                        help="the bare loop's cipher: cryptography's AESOCB3 (issue #5's "
+                             "baseline) or the extension's OCBCipher (openssl), the broker's")
     args = parser.parse_args(argv)
+    os.environ[BARE_CIPHER_VARIABLE] = args.bare_cipher   # (the children inherit it)
     sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else (
         [2000] if args.quick else [10_000, 100_000])
     million = args.million or (20_000 if args.quick else 1_000_000)
