@@ -27,9 +27,10 @@ class BuildExt(build_ext):
         ("SP_HAVE_ZLIB", "z",
          "#include <zlib.h>\n"
          "const char *has_zlib(void) { return zlibVersion(); }\n"),
-        ("SP_HAVE_OPENSSL", "crypto",
+        ("SP_HAVE_OPENSSL", "crypto",     # (OpenSSL 3: EVP_CIPHER_fetch)
          "#include <openssl/evp.h>\n"
-         "const void *has_ocb(void) { return EVP_aes_128_ocb(); }\n"),
+         "void *has_ocb(void) "
+         "{ return EVP_CIPHER_fetch(NULL, \"AES-128-OCB\", NULL); }\n"),
     )
 
     def build_extensions(self):

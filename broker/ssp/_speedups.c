@@ -777,11 +777,6 @@ static struct PyModuleDef speedups_module = {
 #define INTERN(field, text) \
     if ((st->field = PyUnicode_InternFromString(text)) == NULL) goto error
 
-#ifdef SP_HAVE_OPENSSL
-#define OPENSSL_LINKED Py_True
-#else
-#define OPENSSL_LINKED Py_False
-#endif
 #ifdef SP_HAVE_ZLIB
 #define ZLIB_LINKED Py_True
 #else
@@ -815,11 +810,10 @@ PyInit__speedups(void)
             || PyModule_AddObjectRef(module, "DeadlineQueue",
                                      (PyObject *)&DeadlineQueueType) < 0)
         goto error;
-    /* OCBCipher where setup.py linked OpenSSL; HAVE_OPENSSL and HAVE_ZLIB
-     * (inflate_small) say what it linked, so that CI can tell a silently
-     * left-out library from a built one */
+    /* OCBCipher where setup.py linked OpenSSL (HAVE_OPENSSL says whether
+     * it is there); HAVE_ZLIB whether zlib was linked (inflate_small): so
+     * that CI can tell a silently left-out library from a built one */
     if (add_ocb_cipher(module) < 0
-            || PyModule_AddObjectRef(module, "HAVE_OPENSSL", OPENSSL_LINKED) < 0
             || PyModule_AddObjectRef(module, "HAVE_ZLIB", ZLIB_LINKED) < 0)
         goto error;
     return module;

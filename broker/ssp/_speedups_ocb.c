@@ -14,9 +14,10 @@
  * Its Python methods take AESOCB3's arguments and raise what it raises
  * (cryptography's InvalidTag), so every caller of a cipher in
  * broker.ssp.crypto's CipherCache may get one; tests/ssp/test_ocb.py
- * checks it against AESOCB3. Built only where setup.py finds OpenSSL's
- * headers and libcrypto (SP_HAVE_OPENSSL); without them the module has
- * no OCBCipher and AESOCB3 is used. The nonce is the caller's, as with
+ * checks it against AESOCB3. Built only where setup.py finds OpenSSL 3's
+ * headers and libcrypto (SP_HAVE_OPENSSL); without them, or where that
+ * libcrypto offers no AES-128-OCB, the module has no OCBCipher and
+ * AESOCB3 is used. The nonce is the caller's, as with
  * AESOCB3: nothing here counts or chooses one.
  */
 
@@ -40,6 +41,9 @@ typedef struct {
 
 /* cryptography.exceptions.InvalidTag, imported when the module is. */
 static PyObject *invalid_tag;
+/* AES-128-OCB fetched from its provider once: EVP_aes_128_ocb() would be
+ * looked up again by each context's setup (OpenSSL 3's implicit fetch). */
+static EVP_CIPHER *ocb_algorithm;
 
 /* An OpenSSL failure as a Python exception; its error queue emptied
  * (Python's ssl and hashlib modules share this libcrypto and its queue). */
@@ -63,7 +67,7 @@ keyed_context(const unsigned char *key, int encrypting)
         raise_openssl("context");
         return NULL;
     }
-    if (EVP_CipherInit_ex(ctx, EVP_aes_128_ocb(), NULL, NULL, NULL,
+    if (EVP_CipherInit_ex(ctx, ocb_algorithm, NULL, NULL, NULL,
                           encrypting) != 1
             || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN,
                                    OCB_NONCE_SIZE, NULL) != 1
@@ -312,6 +316,9 @@ SP_INTERNAL PyTypeObject OCBCipherType = {
     .tp_methods = cipher_methods,
 };
 
+/* OCBCipher and HAVE_OPENSSL (whether it is there): a libcrypto without
+ * AES-128-OCB (a FIPS-only configuration, say) leaves it out, and the
+ * module is imported all the same. */
 SP_INTERNAL int
 add_ocb_cipher(PyObject *module)
 {
@@ -324,10 +331,17 @@ add_ocb_cipher(PyObject *module)
         if (invalid_tag == NULL)
             return -1;
     }
-    if (PyType_Ready(&OCBCipherType) < 0)
+    if (ocb_algorithm == NULL)
+        ocb_algorithm = EVP_CIPHER_fetch(NULL, "AES-128-OCB", NULL);
+    if (ocb_algorithm == NULL) {
+        ERR_clear_error();
+        return PyModule_AddObjectRef(module, "HAVE_OPENSSL", Py_False);
+    }
+    if (PyType_Ready(&OCBCipherType) < 0
+            || PyModule_AddObjectRef(module, "OCBCipher",
+                                     (PyObject *)&OCBCipherType) < 0)
         return -1;
-    return PyModule_AddObjectRef(module, "OCBCipher",
-                                 (PyObject *)&OCBCipherType);
+    return PyModule_AddObjectRef(module, "HAVE_OPENSSL", Py_True);
 }
 
 #else   /* no OpenSSL: AESOCB3 is every session's cipher */
@@ -361,8 +375,7 @@ ocb_open(PyObject *cipher, const unsigned char *nonce,
 SP_INTERNAL int
 add_ocb_cipher(PyObject *module)
 {
-    (void)module;
-    return 0;
+    return PyModule_AddObjectRef(module, "HAVE_OPENSSL", Py_False);
 }
 
 #endif

@@ -9,6 +9,8 @@ show here.
 """
 
 import os
+import subprocess
+import sys
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
@@ -180,3 +182,32 @@ class InstalledTests(CipherTestCase):
                       OCBCipher)
         self.assertIs(type(twin.pure.device._ciphers.get(DEVICE_SECRET)),
                       AESOCB3)
+
+
+class WithoutOCBTests(CipherTestCase):
+    """A libcrypto that does not offer AES-128-OCB (here: only OpenSSL's base
+    provider, as a FIPS-only configuration would leave it) leaves OCBCipher
+    out; the extension and every other compiled path still load, and the
+    sessions seal with AESOCB3 (cryptography's own OpenSSL)."""
+
+    def test_base_provider_only(self):
+        if speedups.fast_send is None:
+            raise self.skipTest(speedups.unavailable_reason)
+        config = self.mktemp()
+        with open(config, "w", encoding="ascii") as handle:
+            handle.write("openssl_conf = init\n[init]\nproviders = providers\n"
+                         "[providers]\nbase = base\n[base]\nactivate = 1\n")
+        code = ("from broker.ssp import _speedups, speedups, crypto; "
+                "cipher = crypto.CipherCache(2).get(bytes(16)); "
+                "print(_speedups.HAVE_OPENSSL, hasattr(_speedups, 'OCBCipher'), "
+                "speedups.fast_send is not None, speedups.cipher_library, "
+                "type(cipher).__name__, cipher.encrypt(bytes(12), b'x', None).hex())")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, OPENSSL_CONF=os.path.abspath(config))
+        env.pop(speedups.PURE_PYTHON_VARIABLE, None)
+        result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        sealed = AESOCB3(bytes(16)).encrypt(bytes(12), b"x", None).hex()
+        self.assertEqual(result.stdout.split(),
+                         ["False", "False", "True", "cryptography", "AESOCB3", sealed])
