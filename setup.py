@@ -27,8 +27,14 @@ class BuildExt(build_ext):
         ("SP_HAVE_ZLIB", "z",
          "#include <zlib.h>\n"
          "const char *has_zlib(void) { return zlibVersion(); }\n"),
-        ("SP_HAVE_OPENSSL", "crypto",     # (OpenSSL 3: EVP_CIPHER_fetch)
+        # OpenSSL 3 (EVP_CIPHER_fetch): 1.1 headers fail here, not at import
+        # (a shared object may link with an undefined symbol)
+        ("SP_HAVE_OPENSSL", "crypto",
          "#include <openssl/evp.h>\n"
+         "#include <openssl/opensslv.h>\n"
+         "#if OPENSSL_VERSION_NUMBER < 0x30000000L\n"
+         "#error OpenSSL 3 is needed\n"
+         "#endif\n"
          "void *has_ocb(void) "
          "{ return EVP_CIPHER_fetch(NULL, \"AES-128-OCB\", NULL); }\n"),
     )

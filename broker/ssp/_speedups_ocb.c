@@ -33,6 +33,9 @@
 #define OCB_NONCE_SIZE 12
 #define OCB_TAG_SIZE 16
 
+/* Each call runs from its nonce to its tag with the GIL held and no Python
+ * code in between: a cipher is shared by every session of its key, and
+ * its contexts hold one call's state at a time. */
 typedef struct {
     PyObject_HEAD
     EVP_CIPHER_CTX *seal;   /* keyed to encrypt */
@@ -134,8 +137,11 @@ ocb_open(PyObject *cipher, const unsigned char *nonce,
     EVP_CIPHER_CTX *ctx = ((OCBCipher *)cipher)->open;
     Py_ssize_t plain = size - OCB_TAG_SIZE;
     int written = 0, last = 0;
+    unsigned char nothing[OCB_TAG_SIZE];
     if (plain < 0)
         return 1;
+    if (plain == 0)
+        out = nothing;   /* (an empty bytes object is shared: never its buffer) */
     if (!fits(plain) || !fits(aad_size))
         return -1;
     if (!start_call(ctx, nonce, aad, aad_size, 0)
