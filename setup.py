@@ -1,6 +1,8 @@
-"""Builds the optional compiled receive path (broker/ssp/_speedups*.c); the
-project's metadata is in setup.cfg. Without a compiler the build goes on
-and the broker runs the pure-Python path (broker/ssp/speedups.py)."""
+"""Builds the optional compiled paths: SSP's receive and send
+(broker/ssp/_speedups*.c) and the registry's history append and row
+encoding (broker/registry/_speedups.c); the project's metadata is in
+setup.cfg. Without a compiler the build goes on and the broker runs the
+pure-Python paths (broker/ssp/speedups.py, broker/registry/speedups.py)."""
 
 import os
 import tempfile
@@ -12,9 +14,9 @@ from setuptools.command.build_ext import build_ext
 
 class BuildExt(build_ext):
     """No fused multiply-add where gcc or clang builds it: the RTT must round
-    as Python's float arithmetic does. Two libraries linked where their
-    headers are found, each said by a flag of the module (CI requires both:
-    tests/ssp/test_speedups_paths.py):
+    as Python's float arithmetic does. Two libraries linked into the SSP
+    module where their headers are found, each said by a flag of the module
+    (CI requires both: tests/ssp/test_speedups_paths.py):
 
     * zlib (Debian: zlib1g-dev, ``HAVE_ZLIB``): the usual small instruction
       is then inflated without a call to Python's zlib module;
@@ -22,6 +24,8 @@ class BuildExt(build_ext):
       module's ``OCBCipher`` seals and opens datagrams with contexts keyed
       once, where cryptography's AESOCB3 copies one for every call."""
 
+    #: the extension that uses them
+    LIBRARY_USER = "broker.ssp._speedups"
     #: (macro, library, a C file using it) for each optional library.
     OPTIONAL_LIBRARIES = (
         ("SP_HAVE_ZLIB", "z",
@@ -43,9 +47,11 @@ class BuildExt(build_ext):
         if self.compiler.compiler_type == "unix":
             for extension in self.extensions:
                 extension.extra_compile_args.append("-ffp-contract=off")
+        users = [extension for extension in self.extensions
+                 if extension.name == self.LIBRARY_USER]
         for macro, library, probe in self.OPTIONAL_LIBRARIES:
-            if self._links(library, probe):
-                for extension in self.extensions:
+            if users and self._links(library, probe):
+                for extension in users:
                     extension.define_macros.append((macro, "1"))
                     extension.libraries.append(library)
         super().build_extensions()
@@ -80,6 +86,8 @@ setup(
          "broker/ssp/_speedups_setup.c", "broker/ssp/_speedups_deadlines.c",
          "broker/ssp/_speedups_deflate.c", "broker/ssp/_speedups_values.c",
          "broker/ssp/_speedups_ocb.c"],
-        depends=["broker/ssp/_speedups.h"], optional=True)],
+        depends=["broker/ssp/_speedups.h"], optional=True),
+        Extension("broker.registry._speedups", ["broker/registry/_speedups.c"],
+                  optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from broker import __version__
+from broker.registry import speedups as registry_speedups
 from broker.ssp import speedups
 
 __all__ = ["Metrics", "InstrumentedStore", "CONTENT_TYPE_LATEST"]
@@ -49,13 +50,16 @@ class Metrics:
         ProcessCollector(namespace="broker", registry=registry)
         self.build_info = Gauge("broker_build_info",
                                 "Always 1; the version, the SSP receive path "
-                                "(compiled or python) and the datagrams' cipher "
-                                "library (openssl or cryptography) as labels.",
-                                ["version", "ssp_receive", "ssp_cipher"],
+                                "(compiled or python), the datagrams' cipher "
+                                "library (openssl or cryptography) and the "
+                                "registry's history and row encoding (compiled "
+                                "or python) as labels.",
+                                ["version", "ssp_receive", "ssp_cipher", "registry_encode"],
                                 registry=registry)
         receive = "python" if speedups.fast_receive is None else "compiled"
-        self.build_info.labels(version=__version__, ssp_receive=receive,
-                               ssp_cipher=speedups.cipher_library).set(1)
+        self.build_info.labels(
+            version=__version__, ssp_receive=receive, ssp_cipher=speedups.cipher_library,
+            registry_encode="compiled" if registry_speedups.compiled else "python").set(1)
         self.reloads = Counter("broker_config_reloads", "SIGHUP reloads, by outcome.",
                                ["outcome"], registry=registry)
         for outcome in ("applied", "refused", "failed"):

@@ -4,7 +4,7 @@
 tests use ``DeviceRegistry(MemoryStore(), clock=Clock())``.
 """
 
-from . import errors
+from . import errors, speedups  # (speedups: installs the compiled paths, where built)
 from .model import (ChangeBatch, DeviceView, Provisioned, SessionRecord,
                     TokenInfo, UpdateResult)
 from .registry import DeviceRegistry
@@ -36,4 +36,4 @@ def open_registry(data_dir, *, clock=None, settings=None, reactor=None, **kwargs
 
 __all__ = ["ChangeBatch", "DeviceRegistry", "DeviceView", "MemoryStore",
            "Provisioned", "RegistrySettings", "SessionRecord", "Store",
-           "TokenInfo", "UpdateResult", "errors", "open_registry"]
+           "TokenInfo", "UpdateResult", "errors", "open_registry", "speedups"]

@@ -416,6 +416,18 @@ def encode_device(dev):
                    dev.history)
 
 
+#: The SQLite store's row encoder: ``encode_device``, or the compiled one
+#: broker/registry/speedups.py installs (the usual device in C, the
+#: others handed to ``encode_device``).
+encode_row = encode_device
+
+
+def install_compiled_encode(compiled) -> None:
+    """Use ``compiled`` as ``encode_row``; None goes back to ``encode_device``."""
+    global encode_row
+    encode_row = compiled or encode_device
+
+
 def _encode(rkeys, rvals, rtimes, dkeys, dvals, dtimes, online, last_heard, address,
             rtt, session_id, history, dumps=cbor2.dumps):
     """CBOR array of the 12 items of a device state.

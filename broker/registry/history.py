@@ -45,7 +45,8 @@ from broker.registry.history_entry import (  # (some re-exported for the tests)
     entry_weight, json_size, shortened_entry)
 
 __all__ = ["EMPTY_HISTORY", "ENTRY_OVERHEAD", "HISTORY_BYTES", "History", "JSON_PER_BYTE",
-           "decode_entry", "encode_entry", "entry_weight", "json_size", "shortened_entry"]
+           "append_entry", "decode_entry", "encode_entry", "entry_weight",
+           "install_compiled_append", "json_size", "shortened_entry"]
 
 _dumps = cbor2.dumps
 _loads = cbor2.loads
@@ -290,3 +291,15 @@ class History:
 
 
 EMPTY_HISTORY = History()
+
+#: ``append_entry(history, version, cursor, at, kind, data, size, budget)``
+#: is ``history.appended(...)``, the call the registry makes for every
+#: change: broker/registry/speedups.py installs the compiled one, which
+#: does the usual append in C and hands the others to the method.
+append_entry = History.appended
+
+
+def install_compiled_append(compiled) -> None:
+    """Use ``compiled`` as ``append_entry``; None goes back to the method."""
+    global append_entry
+    append_entry = compiled or History.appended

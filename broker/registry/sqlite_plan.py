@@ -8,7 +8,8 @@ them, a removal of their device replaces them, and ``("drop_pending",
 number)`` deletes the one of a device the registry never loaded.
 """
 
-from .database import encode_device, encode_state, session_params
+from . import database
+from .database import encode_state, session_params
 from .restart import PENDING_CURSOR
 from .sqlite_retry import Group
 from .sqlite_rows import CHUNK, HORIZON_SQL, SESSION_SQL, STATE_SQL, rows_statements
@@ -142,7 +143,7 @@ def plan_steps(ops, cursors, later_records=None):
     return steps, top
 
 
-def flush_steps(steps, states, sessions, encode=encode_device):
+def flush_steps(steps, states, sessions, encode=None):
     """Steps writing the latest state of each device changed since the last
     flush, and the latest session record of each device given one.
 
@@ -153,8 +154,11 @@ def flush_steps(steps, states, sessions, encode=encode_device):
     A removed device (cursor 0) keeps the cursor of its queued change.
     Session records (one per device: last wins, as INSERT OR REPLACE
     would) go in multi-row statements too, not one statement each.
+    ``encode``: a Device's row (default: ``database.encode_row``).
     Returns the highest cursor written.
     """
+    if encode is None:
+        encode = database.encode_row
     if sessions:
         params = session_params(sessions.items())
         sessions.clear()

@@ -11,7 +11,7 @@ reports of a reactor turn, and their session records, in two batches.
 
 from twisted.internet import defer
 
-from . import errors
+from . import errors, history
 from .model import EMPTY, DeviceView, UpdateResult, merge_map, replace_numbers
 from .provisioning import SessionConflict, record_refusal
 from .store import gathered
@@ -42,8 +42,8 @@ class StateUpdates:
         """Append a history entry to ``dev`` (kept to ``history_size``)."""
         size = self.settings.history_size
         if size:
-            dev.history = dev.history.appended(dev.version, cursor, now, kind, data, size,
-                                               self.settings.history_bytes)
+            dev.history = history.append_entry(dev.history, dev.version, cursor, now, kind,
+                                               data, size, self.settings.history_bytes)
 
     def _merge_reported(self, dev, patch, now):
         """Merge a validated patch into ``dev.reported``; StateTooLarge leaves it as it was."""
@@ -96,8 +96,8 @@ class StateUpdates:
         settings = self.settings
         size = settings.history_size      # (_remember, inline: once per change)
         if size:
-            dev.history = dev.history.appended(dev.version, cursor, now, kind, data, size,
-                                               settings.history_bytes)
+            dev.history = history.append_entry(dev.history, dev.version, cursor, now, kind,
+                                               data, size, settings.history_bytes)
 
     def _persist(self, dev, result):
         return self._store.write(("state", dev.version, dev.cursor, dev.state(), dev.number), result)

@@ -488,6 +488,7 @@ class ReceivePathTests(TestCase):
         self.assertEqual(len(info), 1)
         self.assertIn('ssp_receive="python"', info[0])
         self.assertIn('ssp_cipher="cryptography"', info[0])
+        self.assertIn('registry_encode="python"', info[0])
 
     @defer.inlineCallbacks
     def test_compiled_path_runs_when_built(self):
@@ -506,6 +507,7 @@ class ReceivePathTests(TestCase):
                           if "pure Python" in str(record.get("message"))])
         self.assertEqual(len(info), 1)
         self.assertIn('ssp_receive="compiled"', info[0])
+        self.assertIn('registry_encode="compiled"', info[0])
         from broker.ssp import _speedups
         self.assertIn('ssp_cipher="openssl"' if _speedups.HAVE_OPENSSL
                       else 'ssp_cipher="cryptography"', info[0])
