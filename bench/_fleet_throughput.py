@@ -221,13 +221,13 @@ def measure_ssp_load(devices: int, seconds: float, workdir: str, history_size: i
 
 
 def measure_throughput(seconds: float, workdir: str, history_size: int | None = None,
-                       least_devices: int = THROUGHPUT_DEVICES) -> dict:
+                       least_devices: int = THROUGHPUT_DEVICES, fleet: int | None = None) -> dict:
     """The bare loop, the broker under a fleet sized from the bare loop's rate
-    (``fleet_size``), the bare loop again."""
+    (``fleet_size``), or of ``fleet`` devices, the bare loop again."""
     if history_size is None:
         history_size = shipped_history_size()
     before = measure_bare(least_devices, seconds)
-    devices = fleet_size(before["replies_per_second"], least_devices)
+    devices = fleet or fleet_size(before["replies_per_second"], least_devices)
     ssp = measure_ssp_load(devices, seconds, workdir, history_size)
     after = measure_bare(least_devices, seconds)
     bare_rate = (before["replies_per_second"] + after["replies_per_second"]) / 2
