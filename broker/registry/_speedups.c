@@ -416,6 +416,8 @@ read_head(const unsigned char *data, Py_ssize_t len, Py_ssize_t *pos, unsigned c
     return (int64_t)n;
 }
 
+/* A History of ``stored``, unweighed: what History.__init__(stored) makes
+ * (it only sets the two slots). */
 static PyObject *
 new_history(const State *st, PyObject *stored)
 {
@@ -466,7 +468,9 @@ append_fast(const State *st, PyObject *const *args)
     Py_ssize_t len = PyBytes_GET_SIZE(stored), start = 0;
     int64_t held = read_head(data, len, &start, 0x80);
     long long count = held + 1;
-    if (held < 0
+    /* (every entry takes a byte at least: a larger count is not a history
+     * this code made, and the sums below must not overflow) */
+    if (held < 0 || held > len - start
             || (len - start + n) * st->json_per_byte + count * st->entry_overhead
                > budget - st->heads) {
         out_free(&entry);               /* near the budget: weighed in Python */
@@ -514,7 +518,10 @@ append_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = append_fast(st, args);
     if (result != Py_None)
         return result;
-    return PyObject_Vectorcall(st->appended, args, 8, NULL);
+    PyObject *reference = Py_NewRef(st->appended);    /* (setup() may run meanwhile) */
+    result = PyObject_Vectorcall(reference, args, 8, NULL);
+    Py_DECREF(reference);
+    return result;
 }
 
 /* The row, NULL with an error, or Py_None (borrowed) to hand over. */
@@ -585,7 +592,10 @@ encode_device(PyObject *module, PyObject *dev)
     PyObject *row = encode_fast(st, dev);
     if (row != Py_None)
         return row;
-    return PyObject_CallOneArg(st->encode_device, dev);
+    PyObject *reference = Py_NewRef(st->encode_device);
+    row = PyObject_CallOneArg(reference, dev);
+    Py_DECREF(reference);
+    return row;
 }
 
 /* ---------------------------------------------------------------------
@@ -600,6 +610,7 @@ slot_offset(PyTypeObject *cls, const char *name, Py_ssize_t *offset)
     if (descr == NULL)
         return -1;
     int plain = Py_IS_TYPE(descr, &PyMemberDescr_Type)
+        && PyType_IsSubtype(cls, PyDescr_TYPE(descr))
         && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
     if (plain)
         *offset = ((PyMemberDescrObject *)descr)->d_member->offset;
@@ -649,6 +660,10 @@ setup(PyObject *module, PyObject *args, PyObject *kwargs)
             || require_class(frozen_map_class, "frozen_map_class") < 0
             || require_class(device_class, "device_class") < 0)
         return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)frozen_map_class, &PyDict_Type)) {
+        PyErr_SetString(PyExc_TypeError, "frozen_map_class must be a dict subclass");
+        return NULL;
+    }
     if (!PyCallable_Check(appended) || !PyCallable_Check(encoder)) {
         PyErr_SetString(PyExc_TypeError, "appended and encode_device must be callable");
         return NULL;
@@ -675,19 +690,20 @@ setup(PyObject *module, PyObject *args, PyObject *kwargs)
         return NULL;
     }
 
-    State *st = get_state(module);
-    Py_XDECREF(st->history_class);
-    Py_XDECREF(st->frozen_map_class);
-    Py_XDECREF(st->device_class);
-    Py_XDECREF(st->appended);
-    Py_XDECREF(st->encode_device);
     fresh.history_class = (PyTypeObject *)Py_NewRef(history_class);
     fresh.frozen_map_class = (PyTypeObject *)Py_NewRef(frozen_map_class);
     fresh.device_class = (PyTypeObject *)Py_NewRef(device_class);
     fresh.appended = Py_NewRef(appended);
     fresh.encode_device = Py_NewRef(encoder);
     fresh.ready = 1;
+    /* The new state in place first: releasing the old one may run Python. */
+    State *st = get_state(module), old = *st;
     *st = fresh;
+    Py_XDECREF(old.history_class);
+    Py_XDECREF(old.frozen_map_class);
+    Py_XDECREF(old.device_class);
+    Py_XDECREF(old.appended);
+    Py_XDECREF(old.encode_device);
     Py_RETURN_NONE;
 }
 

@@ -184,7 +184,12 @@ class AppendTests(CompiledTestCase):
                 (base, (2, 3, 4.0, "reported", {"value": 1}), 0, HISTORY_BYTES),
                 (base, (2, 3, 4.0, "reported", {"value": 1}), 2**70, HISTORY_BYTES),
                 (base, (2, 3, 4.0, "events", ({"e": 1},)), 32, HISTORY_BYTES),
-                (base, (2, 3, 4.0, "reported", {"value": object()}), 32, HISTORY_BYTES)]:
+                (base, (2, 3, 4.0, "reported", {"value": object()}), 32, HISTORY_BYTES),
+                # counts no history of that length can hold (hand-made bytes)
+                (History(b"\x9b\x7f" + b"\xff" * 7), (1, 1, 1.0, "reported", {"value": 1}),
+                 32, HISTORY_BYTES),
+                (History(b"\x9b\x04" + b"\x00" * 7), (1, 1, 1.0, "reported", {"value": 1}),
+                 2**62, HISTORY_BYTES)]:
             self.assertAppendsAlike(history_, entry, size, budget)
 
     def test_arguments(self):
@@ -326,6 +331,11 @@ class SetupTests(CompiledTestCase):
     def test_refuses_bad_arguments(self):
         good = setup_arguments()
         for name, value, error in [("history_class", 1, TypeError),
+                                   ("frozen_map_class", tuple, TypeError),
+                                   # (slots of another class, borrowed)
+                                   ("device_class", type("Borrowed", (), {
+                                       name: getattr(Device, name)
+                                       for name in Device.__slots__}), TypeError),
                                    ("device_class", dict, AttributeError),
                                    ("appended", 1, TypeError),
                                    ("json_per_byte", -1, ValueError),
