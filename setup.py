@@ -86,8 +86,8 @@ setup(
          "broker/ssp/_speedups_setup.c", "broker/ssp/_speedups_deadlines.c",
          "broker/ssp/_speedups_deflate.c", "broker/ssp/_speedups_values.c",
          "broker/ssp/_speedups_ocb.c"],
-        depends=["broker/ssp/_speedups.h"], optional=True),
+        depends=["broker/ssp/_speedups.h", "broker/ssp/_speedups_slots.h"], optional=True),
         Extension("broker.registry._speedups", ["broker/registry/_speedups.c"],
-                  optional=True)],
+                  depends=["broker/ssp/_speedups_slots.h"], optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

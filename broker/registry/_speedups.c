@@ -32,6 +32,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../ssp/_speedups_slots.h"
+
 /* Device's slots this code reads, in encode_state's order. */
 enum { RKEYS, RVALS, RTIMES, DKEYS, DVALS, DTIMES, ONLINE, LAST_HEARD, ADDRESS,
        RTT, SESSION_ID, HISTORY, DEVICE_SLOTS };
@@ -601,26 +603,6 @@ encode_device(PyObject *module, PyObject *dev)
 /* ---------------------------------------------------------------------
  * setup(): the classes, constants and reference functions, once.
  * ------------------------------------------------------------------ */
-
-/* The offset of cls.<name>, which must be a plain object slot. */
-static int
-slot_offset(PyTypeObject *cls, const char *name, Py_ssize_t *offset)
-{
-    PyObject *descr = PyObject_GetAttrString((PyObject *)cls, name);
-    if (descr == NULL)
-        return -1;
-    int plain = Py_IS_TYPE(descr, &PyMemberDescr_Type)
-        && PyType_IsSubtype(cls, PyDescr_TYPE(descr))
-        && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
-    if (plain)
-        *offset = ((PyMemberDescrObject *)descr)->d_member->offset;
-    Py_DECREF(descr);
-    if (!plain) {
-        PyErr_Format(PyExc_TypeError, "%s.%s is not a __slots__ slot", cls->tp_name, name);
-        return -1;
-    }
-    return 0;
-}
 
 static int
 require_class(PyObject *cls, const char *what)

@@ -22,6 +22,8 @@
  *                         (broker/deadlines.py's twin)
  *   _speedups_ocb.c       OCBCipher: AES-128-OCB3 through OpenSSL, keyed
  *                         once (where setup.py finds OpenSSL)
+ *   _speedups_slots.h     slot_offset(), which broker/registry/_speedups.c
+ *                         uses too
  */
 
 #ifndef BROKER_SSP_SPEEDUPS_H

@@ -4,29 +4,11 @@
  */
 
 #include "_speedups.h"
+#include "_speedups_slots.h"
 
 /* ---------------------------------------------------------------------
  * The slots' offsets, read once from the classes.
  * ------------------------------------------------------------------ */
-
-/* The offset of cls.<name>, which must be a plain object slot. */
-static int
-slot_offset(PyTypeObject *cls, const char *name, Py_ssize_t *offset)
-{
-    PyObject *descr = PyObject_GetAttrString((PyObject *)cls, name);
-    if (descr == NULL)
-        return -1;
-    if (Py_TYPE(descr) != &PyMemberDescr_Type
-            || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
-        PyErr_Format(PyExc_TypeError, "%s.%s is not a __slots__ entry",
-                     cls->tp_name, name);
-        Py_DECREF(descr);
-        return -1;
-    }
-    *offset = ((PyMemberDescrObject *)descr)->d_member->offset;
-    Py_DECREF(descr);
-    return 0;
-}
 
 #define OFFSET(cls, name, field) \
     if (slot_offset((cls), (name), &(field)) < 0) return -1
